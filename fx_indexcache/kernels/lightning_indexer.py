@@ -1,0 +1,528 @@
+"""Fused lightning-indexer logits (Triton) and its top-k, for DeepSeek-Sparse-Attention indexers.
+
+Math (DeepSeek-V3.2 indexer, transformers layout)::
+
+    q        [B, S, H, D]   bf16 or fp16 (any strides)
+    k        [B, T, D]      same dtype as q (any strides)
+    weights  [B, S, H]      any float dtype (per-head weights, already scaled)
+    logit[b, s, t] = sum_h weights[b, s, h] * relu(scale * <q[b, s, h, :], k[b, t, :]>)
+
+``scale`` must be >= 0 (then ``relu(scale * x) == scale * relu(x)`` and the kernel folds it into the
+weights). Query ``s`` sits at absolute position ``s + L_b - S`` where ``L_b`` is ``kv_lens[b]`` (or
+``T`` when no lengths are given): key ``t`` is visible iff ``t < L_b`` and, when ``causal``,
+``t <= s + L_b - S``. Invisible keys get ``-inf``. A query row that sees no key is all ``-inf``.
+
+The Triton kernel never materialises ``[S, H, T]``: each program owns an (s-tile, t-tile) block of the
+output, keeps the k tile on chip, loops over heads doing one bf16 tensor-core product per head with
+fp32 accumulation, and applies ReLU, the head weight, the head sum and the mask in registers.
+Blocks that the mask hides completely are written as ``-inf`` without any arithmetic. For a few
+queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
+tensor-core work is wasted on padding rows.
+
+Top-k: ``torch.topk`` on the fp32 logits (measured against the logits kernel in
+``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). Ties and ``-inf``:
+the result has ``min(topk, T)`` columns (as transformers' indexer); with ``sorted=True`` the columns
+are in descending score order, so masked (``-inf``) keys come after every visible key; which of
+several equal scores is listed first is unspecified (torch.topk's choice). ``invalid_index=-1``
+replaces the index of every selected ``-inf`` key, for consumers that want an explicit marker.
+
+Triton is imported lazily: this module imports (and its reference runs) on a machine without CUDA
+or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "LogitsConfig",
+    "default_config",
+    "indexer_logits",
+    "indexer_logits_reference",
+    "indexer_topk",
+    "is_supported",
+    "lightning_indexer",
+    "lightning_indexer_reference",
+]
+
+# Queries per row-block at or below which the decode kernel (heads on the M side) is used.
+DECODE_MAX_S = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton, imported lazily
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """Import triton and build the kernels once; None when Triton is unusable here."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # pragma: no cover - depends on the machine
+        return None
+    return _build_kernels(triton, tl)
+
+
+def _build_kernels(triton, tl):
+    @triton.jit
+    def _logits_prefill_kernel(
+        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr,
+        S, T, H, scale,
+        sqb, sqs, sqh, sqd,
+        skb, skt, skd,
+        swb, sws, swh,
+        sob, sos, sot,
+        CAUSAL: tl.constexpr,
+        HAS_KVLEN: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        s0 = pid_s * BLOCK_S
+        t0 = pid_t * BLOCK_T
+        rs = s0 + tl.arange(0, BLOCK_S)
+        rt = t0 + tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, D)
+        if HAS_KVLEN:
+            kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), T)
+        else:
+            kv_len = T
+        off = kv_len - S  # query s sits at absolute position s + off
+        # exclusive upper bound of the keys any row of this tile can see
+        t_hi = kv_len
+        if CAUSAL:
+            t_hi = tl.minimum(t_hi, s0 + BLOCK_S + off)
+        rs64 = rs.to(tl.int64)
+        o_ptrs = o_ptr + b * sob + rs64[:, None] * sos + rt.to(tl.int64)[None, :] * sot
+        o_mask = (rs[:, None] < S) & (rt[None, :] < T)
+        if t0 >= t_hi:
+            ninf = tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32)
+            tl.store(o_ptrs, ninf, mask=o_mask)
+        else:
+            k_ptrs = k_ptr + b * skb + rt.to(tl.int64)[:, None] * skt + rd[None, :] * skd
+            kt = tl.load(k_ptrs, mask=rt[:, None] < T, other=0.0)
+            kt_t = tl.trans(kt)
+            s_ok = rs < S
+            q_ptrs = q_ptr + b * sqb + rs64[:, None] * sqs + rd[None, :] * sqd
+            w_ptrs = w_ptr + b * swb + rs64 * sws
+            acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
+            for h in range(0, H):
+                qh = tl.load(q_ptrs + h * sqh, mask=s_ok[:, None], other=0.0)
+                wh = tl.load(w_ptrs + h * swh, mask=s_ok, other=0.0).to(tl.float32) * scale
+                d = tl.dot(qh, kt_t)
+                acc += tl.maximum(d, 0.0) * wh[:, None]
+            valid = rt[None, :] < kv_len
+            if CAUSAL:
+                valid = valid & (rt[None, :] <= rs[:, None] + off)
+            tl.store(o_ptrs, tl.where(valid, acc, float("-inf")), mask=o_mask)
+
+    @triton.jit
+    def _logits_decode_kernel(
+        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr,
+        S, T, H, scale,
+        sqb, sqs, sqh, sqd,
+        skb, skt, skd,
+        swb, sws, swh,
+        sob, sos, sot,
+        CAUSAL: tl.constexpr,
+        HAS_KVLEN: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        SQ: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        t0 = pid_t * BLOCK_T
+        rt = t0 + tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, D)
+        rh = tl.arange(0, BLOCK_H)
+        if HAS_KVLEN:
+            kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), T)
+        else:
+            kv_len = T
+        off = kv_len - S
+        s_first = pid_s * SQ
+        t_hi = kv_len
+        if CAUSAL:
+            t_hi = tl.minimum(t_hi, tl.minimum(s_first + SQ, S) + off)
+        rt64 = rt.to(tl.int64)
+        if t0 >= t_hi:
+            ninf = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            for i in range(SQ):
+                s = s_first + i
+                t_end = tl.where(s < S, T, 0)  # rows past S store nothing
+                tl.store(o_ptr + b * sob + s.to(tl.int64) * sos + rt64 * sot, ninf, mask=rt < t_end)
+        else:
+            k_ptrs = k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd
+            kt = tl.load(k_ptrs, mask=rt[:, None] < T, other=0.0)
+            kt_t = tl.trans(kt)
+            h_ok = rh < H
+            for i in range(SQ):
+                s = s_first + i
+                t_end = tl.where(s < S, T, 0)  # rows past S store nothing
+                s64 = tl.minimum(s, S - 1).to(tl.int64)  # and load a valid row
+                q_ptrs = q_ptr + b * sqb + s64 * sqs + rh[:, None] * sqh + rd[None, :] * sqd
+                qs = tl.load(q_ptrs, mask=h_ok[:, None], other=0.0)
+                ws = tl.load(w_ptr + b * swb + s64 * sws + rh * swh, mask=h_ok, other=0.0)
+                ws = ws.to(tl.float32) * scale
+                d = tl.dot(qs, kt_t)
+                logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+                valid = rt < kv_len
+                if CAUSAL:
+                    valid = valid & (rt <= s + off)
+                tl.store(
+                    o_ptr + b * sob + s64 * sos + rt64 * sot,
+                    tl.where(valid, logit, float("-inf")),
+                    mask=rt < t_end,
+                )
+
+    return {"triton": triton, "prefill": _logits_prefill_kernel, "decode": _logits_decode_kernel}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsConfig:
+    """Launch shape of the logits kernel.
+
+    kind "prefill": programs own BLOCK_S queries x BLOCK_T keys, loop over heads.
+    kind "decode": programs own ``block_s`` queries (looped) x BLOCK_T keys, heads on the M side.
+    """
+
+    kind: str = "prefill"
+    block_s: int = 128
+    block_t: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def name(self) -> str:
+        return f"{self.kind}-s{self.block_s}-t{self.block_t}-w{self.num_warps}-st{self.num_stages}"
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
+    """The launch configuration used when none is given (picked from measurements on an H100)."""
+    if S <= DECODE_MAX_S:
+        try:
+            sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
+        except Exception:
+            sms = 132
+        block_t = 128
+        if B * math.ceil(T / 128) < 2 * sms:
+            block_t = 64
+        return LogitsConfig(kind="decode", block_s=S, block_t=block_t, num_warps=4, num_stages=2)
+    if D > 128:
+        return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=2)
+    if S <= 64:
+        return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=3)
+    return LogitsConfig(kind="prefill", block_s=128, block_t=128, num_warps=8, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Support predicate
+# ----------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _static_int(x) -> Optional[int]:
+    try:
+        return int(x) if isinstance(x, int) else None
+    except Exception:
+        return None
+
+
+def unsupported_reason(q, k, weights, kv_lens=None, *, scale: float = 1.0) -> Optional[str]:
+    """Why the fused kernel cannot take these inputs, or None when it can.
+
+    Works on real and fake (meta / FakeTensor) tensors; sizes may be symbolic except H and D.
+    """
+    try:
+        if q.dim() != 4 or k.dim() != 3 or weights.dim() != 3:
+            return "expects q [B,S,H,D], k [B,T,D], weights [B,S,H]"
+        if q.device.type != "cuda" or k.device != q.device or weights.device != q.device:
+            return "inputs must all be on one CUDA device"
+        if q.dtype not in _KERNEL_DTYPES or k.dtype != q.dtype:
+            return f"q and k must both be bf16 or fp16 (got {q.dtype}, {k.dtype})"
+        if not weights.dtype.is_floating_point:
+            return "weights must be floating point"
+        H, D = _static_int(q.shape[2]), _static_int(q.shape[3])
+        if H is None or D is None:
+            return "head count and head dim must be static"
+        if D < 16 or D > 256 or (D & (D - 1)) != 0:
+            return f"head dim {D} must be a power of two in [16, 256]"
+        if H < 1 or H > 256:
+            return f"head count {H} must be in [1, 256]"
+        if _static_int(k.shape[2]) != D:
+            return "k's last dim must equal q's head dim"
+        for a, bb, what in ((q.shape[0], k.shape[0], "batch of k"), (q.shape[0], weights.shape[0], "batch of weights"),
+                            (q.shape[1], weights.shape[1], "S of weights"), (q.shape[2], weights.shape[2], "H of weights")):
+            if _static_int(a) is not None and _static_int(bb) is not None and a != bb:
+                return f"{what} does not match q"
+        if kv_lens is not None:
+            if kv_lens.dim() != 1 or kv_lens.device != q.device or kv_lens.dtype not in (torch.int32, torch.int64):
+                return "kv_lens must be a 1-D int32/int64 tensor on q's device"
+        if not (scale >= 0.0):
+            return "scale must be >= 0 (it is folded into the weights past the ReLU)"
+        if (q.requires_grad or k.requires_grad or weights.requires_grad) and torch.is_grad_enabled():
+            return "the kernel has no backward"
+        if _triton() is None:
+            return "Triton is not importable"
+        major, _ = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return "needs compute capability >= 8.0"
+    except Exception as e:  # pragma: no cover - defensive: never let the predicate raise
+        return f"check failed: {type(e).__name__}: {e}"
+    return None
+
+
+def is_supported(q, k, weights, kv_lens=None, *, scale: float = 1.0) -> bool:
+    """True when ``indexer_logits`` can run the fused Triton kernel on these inputs."""
+    return unsupported_reason(q, k, weights, kv_lens, scale=scale) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits
+# ----------------------------------------------------------------------------------------------
+
+
+def indexer_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float = 1.0,
+    kv_lens: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[LogitsConfig] = None,
+) -> torch.Tensor:
+    """Masked indexer logits ``[B, S, T]`` fp32 through the fused Triton kernel (see module doc)."""
+    why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
+    if why is not None:
+        raise ValueError(f"indexer_logits: unsupported inputs: {why}")
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    if out is None:
+        out = torch.empty((B, S, T), dtype=torch.float32, device=q.device)
+    elif out.shape != (B, S, T) or out.dtype != torch.float32 or out.device != q.device:
+        raise ValueError(f"out must be fp32 [{B}, {S}, {T}] on {q.device}")
+    if B == 0 or S == 0 or T == 0:
+        return out
+    if kv_lens is not None and kv_lens.shape[0] != B:
+        raise ValueError("kv_lens must have one entry per batch row")
+    cfg = config or default_config(B, S, T, H, D, q.device)
+    with torch.cuda.device(q.device):
+        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg)
+    return out
+
+
+def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig) -> None:
+    """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET)."""
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    kern = _triton()
+    kv_arg = kv_lens if kv_lens is not None else out  # dummy pointer when unused
+    args = (
+        q, k, weights, out, kv_arg,
+        S, T, H, scale,
+        *q.stride(), *k.stride(), *weights.stride(), *out.stride(),
+    )
+    if cfg.kind == "decode":
+        sq = max(1, min(cfg.block_s, S))
+        block_h = max(16, 1 << (H - 1).bit_length())
+        grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
+        kern["decode"][grid](
+            *args,
+            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
+            BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.kind == "prefill":
+        grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, cfg.block_s), B)
+        kern["prefill"][grid](
+            *args,
+            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
+            BLOCK_S=cfg.block_s, BLOCK_T=cfg.block_t,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        raise ValueError(f"unknown config kind {cfg.kind!r}")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _visible_mask(B: int, S: int, T: int, causal: bool, kv_lens, device) -> torch.Tensor:
+    """[B, S, T] bool: key t visible to query s (see module doc)."""
+    t = torch.arange(T, device=device)
+    s = torch.arange(S, device=device)
+    if kv_lens is None:
+        L = torch.full((B,), T, device=device, dtype=torch.long)
+    else:
+        L = kv_lens.to(device=device, dtype=torch.long).clamp(0, T)
+    vis = t.view(1, 1, T) < L.view(B, 1, 1)
+    if causal:
+        vis = vis & (t.view(1, 1, T) <= s.view(1, S, 1) + (L - S).view(B, 1, 1))
+    return vis
+
+
+def indexer_logits_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float = 1.0,
+    kv_lens: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_elems: int = 1 << 26,
+) -> torch.Tensor:
+    """Plain-torch logits in ``dtype`` (fp32 or fp64) from the upcast inputs, chunked over queries.
+
+    Computes exactly ``sum_h w * relu(scale * q.k)`` (no assumption on the sign of ``scale``);
+    returns ``[B, S, T]`` in ``dtype`` with ``-inf`` at invisible keys.
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    kf = k.to(dtype)
+    out = torch.empty((B, S, T), dtype=dtype, device=q.device)
+    step = max(1, chunk_elems // max(1, H * T))
+    for s0 in range(0, S, step):
+        s1 = min(S, s0 + step)
+        qf = q[:, s0:s1].to(dtype)
+        wf = weights[:, s0:s1].to(dtype)
+        sc = torch.relu(torch.einsum("bshd,btd->bsht", qf, kf) * scale)
+        out[:, s0:s1] = torch.einsum("bsht,bsh->bst", sc, wf)
+    vis = _visible_mask(B, S, T, causal, kv_lens, q.device)
+    return out.masked_fill_(~vis, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k
+# ----------------------------------------------------------------------------------------------
+
+
+def indexer_topk(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    sorted: bool = True,
+    invalid_index: Optional[int] = None,
+) -> torch.Tensor:
+    """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
+
+    ``sorted=True``: descending score order, masked (-inf) keys after all visible ones. The order
+    among equal scores is torch.topk's (unspecified). ``invalid_index`` (e.g. -1), when given,
+    replaces the index of every selected key whose logit is -inf.
+    """
+    T = logits.shape[-1]
+    kk = min(int(topk), T)
+    vals, idx = torch.topk(logits, kk, dim=-1, largest=True, sorted=sorted)
+    idx = idx.to(torch.int32)
+    if invalid_index is not None:
+        idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))
+    return idx
+
+
+def lightning_indexer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    causal: bool = True,
+    scale: float = 1.0,
+    kv_lens: Optional[torch.Tensor] = None,
+    sorted: bool = True,
+    invalid_index: Optional[int] = None,
+    return_logits: bool = False,
+    config: Optional[LogitsConfig] = None,
+):
+    """Indexer top-k indices (int32 ``[B, S, min(topk, T)]``) through the fused logits kernel.
+
+    With ``return_logits=True`` returns ``(indices, logits)``.
+    """
+    logits = indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, config=config)
+    idx = indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index)
+    return (idx, logits) if return_logits else idx
+
+
+def lightning_indexer_reference(
+    q, k, weights, topk, *, causal=True, scale=1.0, kv_lens=None, sorted=True, invalid_index=None,
+    dtype=torch.float32,
+):
+    """Reference indices from ``indexer_logits_reference`` (same tie/-inf rules as the kernel path)."""
+    logits = indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, dtype=dtype)
+    return indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops, for graph passes: the kernel on supported CUDA inputs, the reference elsewhere
+# ----------------------------------------------------------------------------------------------
+
+
+def _logits_any(q, k, weights, causal, scale, kv_lens):
+    if is_supported(q, k, weights, kv_lens, scale=scale):
+        return indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
+    return indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
+
+
+def _register_custom_ops() -> bool:
+    """Define ``torch.ops.fx_indexcache.indexer_logits`` and ``...lightning_indexer`` (idempotent)."""
+    try:
+        ns = torch.ops.fx_indexcache
+        if hasattr(ns, "indexer_logits") and hasattr(ns, "lightning_indexer"):
+            return True
+    except Exception:
+        pass
+    try:
+        from torch.library import custom_op
+    except Exception:  # pragma: no cover - very old torch
+        return False
+
+    @custom_op("fx_indexcache::indexer_logits", mutates_args=())
+    def _op_logits(
+        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: bool, scale: float,
+        kv_lens: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return _logits_any(q, k, weights, causal, scale, kv_lens)
+
+    @_op_logits.register_fake
+    def _(q, k, weights, causal, scale, kv_lens):
+        return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=torch.float32)
+
+    @custom_op("fx_indexcache::lightning_indexer", mutates_args=())
+    def _op_indexer(
+        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int, causal: bool, scale: float,
+        kv_lens: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return indexer_topk(_logits_any(q, k, weights, causal, scale, kv_lens), topk)
+
+    @_op_indexer.register_fake
+    def _(q, k, weights, topk, causal, scale, kv_lens):
+        kk = torch.sym_min(topk, k.shape[1])
+        return q.new_empty((q.shape[0], q.shape[1], kk), dtype=torch.int32)
+
+    return True
+
+
+CUSTOM_OPS_REGISTERED = _register_custom_ops()
