@@ -1,0 +1,57 @@
+"""``indexcache_backend``: Inductor with the IndexCache pass as its post-grad custom pass.
+
+``torch.compile(model, backend=indexcache_backend, options={...})``: IndexCache keys in
+``options`` configure the pass (freq 4 when none is given), every other key is an Inductor
+option passed through unchanged. Also registered as ``backend="indexcache"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .config import IndexCacheConfig
+from .graph_pass import IndexCachePass
+
+
+class _Chain(CustomGraphPass):
+    """Our pass followed by a post-grad pass the user already set, with a joint uuid."""
+
+    def __init__(self, *passes) -> None:
+        self.passes = passes
+
+    def __call__(self, graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self):
+        uuids = [getattr(p, "uuid", lambda: None)() for p in self.passes]
+        return None if None in uuids else repr(uuids)
+
+
+def indexcache_inductor_patches(
+    options: Mapping[str, Any] | None,
+) -> tuple[IndexCachePass, dict[str, Any]]:
+    """The pass configured from ``options`` and the Inductor config patches that install it."""
+    config, inductor_options = IndexCacheConfig.from_options(options)
+    graph_pass = IndexCachePass(config)
+    user_pass = inductor_options.pop("post_grad_custom_post_pass", None)
+    if user_pass is None:
+        user_pass = torch._inductor.config.post_grad_custom_post_pass
+    inductor_options["post_grad_custom_post_pass"] = graph_pass if user_pass is None else _Chain(graph_pass, user_pass)
+    return graph_pass, inductor_options
+
+
+def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, **kw):
+    """A ``torch.compile`` backend: Inductor (C++ on CPU, Triton on GPU) plus the IndexCache pass."""
+    from torch._inductor.compile_fx import compile_fx
+
+    merged = dict(options or {})
+    merged.update(kw.pop("config_patches", {}) or {})
+    if kw.get("mode") not in (None, "default"):
+        raise ValueError(f"indexcache_backend: mode={kw['mode']!r} is not supported; use options instead")
+    _, patches = indexcache_inductor_patches(merged)
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,173 @@
+"""IndexCache configuration: which DSA layers compute their top-k (F) and which reuse it (S).
+
+The keys and their meaning follow vLLM and SGLang exactly, so a model config or an
+``--hf-overrides`` dict written for them drives this pass unchanged:
+
+* ``index_topk_freq`` / ``index_skip_topk_offset``: layer ``i`` is F iff
+  ``max(i - offset + 1, 0) % freq == 0`` (the default offset 2 makes layers 0 and 1 F);
+* ``index_topk_pattern``: one ``F``/``S`` character per decoder layer, overrides freq/offset;
+* ``indexer_types``: ``"full"``/``"shared"`` per layer, overrides everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+FULL, SHARED = "F", "S"
+
+#: The keys this config reads from a model config, a dict or backend options.
+CONFIG_KEYS = (
+    "use_index_cache",
+    "index_topk_freq",
+    "index_skip_topk_offset",
+    "index_topk_pattern",
+    "indexer_types",
+    "drop_shared_indexer_cache_writes",
+)
+
+_INDEXER_TYPES = {"full": FULL, "shared": SHARED}
+
+
+def _bad(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"IndexCache config: {key}={value!r} is not allowed; {key} must be {allowed}")
+
+
+def _check_positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(key, value, "an int >= 1")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexCacheConfig:
+    """Validated IndexCache settings; see the module docstring for the semantics.
+
+    ``num_layers`` is the model's decoder-layer count when a model config tells it; a
+    pattern of another length is then rejected. ``drop_shared_indexer_cache_writes`` lets
+    the pass also delete the S layers' indexer key-cache writes, which nothing reads once
+    those layers share indices (off by default: the cache then stays complete for a caller
+    that runs the unrewritten model on it).
+    """
+
+    use_index_cache: bool = False
+    index_topk_freq: int = 1
+    index_skip_topk_offset: int = 2
+    index_topk_pattern: str | None = None
+    indexer_types: tuple[str, ...] | None = None
+    num_layers: int | None = None
+    drop_shared_indexer_cache_writes: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_index_cache, bool):
+            raise _bad("use_index_cache", self.use_index_cache, "a bool")
+        if not isinstance(self.drop_shared_indexer_cache_writes, bool):
+            raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes, "a bool")
+        _check_positive_int("index_topk_freq", self.index_topk_freq)
+        _check_positive_int("index_skip_topk_offset", self.index_skip_topk_offset)
+        if self.num_layers is not None:
+            _check_positive_int("num_layers", self.num_layers)
+        if self.index_topk_pattern is not None:
+            pattern = self.index_topk_pattern
+            if not isinstance(pattern, str) or not pattern or set(pattern) - {FULL, SHARED}:
+                raise _bad("index_topk_pattern", pattern, "a non-empty string of 'F' and 'S' characters")
+            self._check_length("index_topk_pattern", pattern, len(pattern))
+        if self.indexer_types is not None:
+            types = self.indexer_types
+            if isinstance(types, str) or not isinstance(types, Sequence) or not types:
+                raise _bad("indexer_types", types, 'a non-empty list of "full" / "shared"')
+            for entry in types:
+                if entry not in _INDEXER_TYPES:
+                    raise _bad("indexer_types", types, f'a list of "full" / "shared" (found {entry!r})')
+            object.__setattr__(self, "indexer_types", tuple(types))
+            self._check_length("indexer_types", types, len(types))
+
+    def _check_length(self, key: str, value: Any, length: int) -> None:
+        if self.num_layers is not None and length != self.num_layers:
+            raise _bad(key, value, f"one entry per decoder layer: {self.num_layers} entries, not {length}")
+
+    # ------------------------------------------------------------------ semantics
+    @property
+    def explicit_pattern(self) -> str | None:
+        """The per-layer pattern given by ``indexer_types`` or ``index_topk_pattern`` (in that precedence)."""
+        if self.indexer_types is not None:
+            return "".join(_INDEXER_TYPES[t] for t in self.indexer_types)
+        return self.index_topk_pattern
+
+    def layer_kind(self, layer: int) -> str:
+        """``"F"`` or ``"S"`` for global decoder-layer index ``layer``, before any safety demotion."""
+        if layer < 0:
+            raise ValueError(f"IndexCache config: layer index {layer} is negative; layer indices start at 0")
+        if not self.use_index_cache:
+            return FULL
+        pattern = self.explicit_pattern
+        if pattern is not None:
+            if layer >= len(pattern):
+                source = "indexer_types" if self.indexer_types is not None else "index_topk_pattern"
+                raise _bad(source, pattern, f"at least {layer + 1} entries: the graph holds DSA layer {layer}")
+            return pattern[layer]
+        phase = max(layer - self.index_skip_topk_offset + 1, 0)
+        return FULL if phase % self.index_topk_freq == 0 else SHARED
+
+    def pattern_for(self, num_layers: int) -> str:
+        """The F/S string for layers ``0..num_layers-1`` as the config states it."""
+        return "".join(self.layer_kind(i) for i in range(num_layers))
+
+    def source_layer(self, layer: int) -> int | None:
+        """The F layer whose indices S layer ``layer`` reuses: the nearest preceding F, or None."""
+        for candidate in range(layer - 1, -1, -1):
+            if self.layer_kind(candidate) == FULL:
+                return candidate
+        return None
+
+    def fingerprint(self) -> str:
+        """A stable string covering every field; part of the pass's cache key."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf_config(cls, config: Any, **overrides: Any) -> IndexCacheConfig:
+        """Read the IndexCache keys from a transformers config, its ``text_config``, or a dict.
+
+        A plain dict (vLLM's ``--hf-overrides``) and config objects are both accepted; keys
+        absent everywhere keep their defaults. ``num_layers`` comes from
+        ``num_hidden_layers`` when present, so a pattern of the wrong length is rejected.
+        """
+        sources = [config]
+        nested = _get(config, "text_config")
+        if nested is not None:
+            sources.append(nested)
+        values: dict[str, Any] = {}
+        for key in (*CONFIG_KEYS, "num_hidden_layers"):
+            for source in sources:
+                value = _get(source, key)
+                if value is not None:
+                    values[key] = value
+                    break
+        num_layers = values.pop("num_hidden_layers", None)
+        if num_layers is not None:
+            values["num_layers"] = num_layers
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> tuple[IndexCacheConfig, dict[str, Any]]:
+        """Split backend ``options`` into an IndexCache config and the remaining Inductor options.
+
+        Without any IndexCache key the paper's 1/4 setting applies (freq 4); passing options
+        to this backend means the user wants IndexCache, so ``use_index_cache`` defaults to True.
+        """
+        options = dict(options or {})
+        mine = {key: options.pop(key) for key in (*CONFIG_KEYS, "num_layers") if key in options}
+        mine.setdefault("use_index_cache", True)
+        if not any(k in mine for k in ("index_topk_freq", "index_topk_pattern", "indexer_types")):
+            mine["index_topk_freq"] = 4
+        return cls(**mine), options
+
+
+def _get(source: Any, key: str) -> Any:
+    if isinstance(source, Mapping):
+        return source.get(key)
+    return getattr(source, key, None)

@@ -1,0 +1,228 @@
+"""Detect lightning-indexer top-k written in plain torch (``aten.topk`` in the graph).
+
+A DSA graph holds other top-k too: MoE routers pick experts, samplers pick vocabulary
+entries. What marks an indexer is its score, not its name: the top-k reduces the key axis of
+``ReLU(q · kᵀ)``, a product of two activations (a router or sampler scores with a weight
+matrix), reached from the top-k through at most one more contraction (the per-head weighted
+sum). Module paths that say "indexer" count as supporting evidence only, so graphs traced
+without ``nn_module_stack`` (functional code, export) are handled the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch import fx
+
+from .graph_utils import (
+    CONTRACTIONS,
+    VIEW_LIKE,
+    dead_if_removed,
+    fake_value,
+    is_call,
+    numel_hint,
+    packet,
+    same_size,
+)
+from .layers import module_path, module_types
+from .sites import CacheWrite, IndexerSite, same_arguments
+
+aten = torch.ops.aten
+
+_RELU = {aten.relu, aten.relu_}
+_CLAMP_MIN = {aten.clamp_min, aten.clamp}
+#: Ops allowed between the q·k product and the ReLU (scaling, casting, re-viewing).
+_SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
+#: Functional cache updates whose result is written back into a graph input by ``copy_``.
+_CACHE_UPDATES = {aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_copy, aten.scatter}
+_MAX_VISITS = 4000
+
+
+@dataclasses.dataclass(eq=False)
+class TopkIndexerSite(IndexerSite):
+    """An indexer whose indices are ``getitem(aten.topk(score, k, dim, ...), 1)``."""
+
+    kind = "aten.topk"
+
+    def _topk_arguments(self) -> tuple:
+        node = self.anchor
+        names = ("input", "k", "dim", "largest", "sorted")
+        defaults = (None, None, -1, True, True)
+        values = list(defaults)
+        for i, arg in enumerate(node.args):
+            values[i] = arg
+        for key, arg in node.kwargs.items():
+            values[names.index(key)] = arg
+        return tuple(values)
+
+    def refusal(self) -> str | None:
+        values = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
+        if values:
+            return "the top-k values are used too; sharing only the indices would change them"
+        readers = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(readers) != 1:
+            return f"the indices are read through {len(readers)} getitem nodes"
+        return None
+
+    def incompatibility(self, source: IndexerSite) -> str | None:
+        reason = super().incompatibility(source)
+        if reason is not None:
+            return reason
+        assert isinstance(source, TopkIndexerSite)
+        _, k, dim, largest, ordered = self._topk_arguments()
+        score = fake_value(self.anchor.args[0])
+        _, k2, dim2, largest2, ordered2 = source._topk_arguments()
+        score2 = fake_value(source.anchor.args[0])
+        if not same_arguments(k, k2):
+            return f"k={k} differs from layer {source.layer}'s k={k2}"
+        ndim = score.dim()
+        if dim % ndim != dim2 % score2.dim() or largest != largest2 or ordered != ordered2:
+            return f"top-k dim/largest/sorted differ from layer {source.layer}'s"
+        if not same_size(score.shape[dim], score2.shape[dim2]):
+            return f"scores {score.shape[dim]} keys wide, layer {source.layer}'s {score2.shape[dim2]}"
+        return None
+
+    def cache_writes(self) -> list[CacheWrite]:
+        """Writes of our keys into a cache input that only our (now dead) scoring reads."""
+        dead = dead_if_removed([self.anchor, *self.anchor.users])
+        writes = []
+        for node in dead:
+            for arg in node.all_input_nodes:
+                if arg in dead or not is_call(arg, _CACHE_UPDATES):
+                    continue
+                cache = arg.args[0]
+                others = [u for u in arg.users if u not in dead]
+                if cache.op != "placeholder" or len(others) != 1:
+                    continue
+                (write,) = others
+                if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
+                    continue
+                source = arg.args[2] if packet(arg) is aten.index_put else arg.args[1]
+                if packet(arg) in (aten.index_copy, aten.scatter):
+                    source = arg.args[3]
+                value = fake_value(source)
+                nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
+                writes.append(CacheWrite(write=write, nbytes=nbytes))
+        return writes
+
+
+def _is_relu(node: fx.Node) -> bool:
+    if is_call(node, _RELU):
+        return True
+    if is_call(node, _CLAMP_MIN):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return low == 0
+    return False
+
+
+def _is_weight_like(node: fx.Node) -> bool:
+    """True when ``node`` is a static-shaped graph input seen through views and casts only."""
+    while is_call(node, VIEW_LIKE):
+        node = node.args[0]
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    value = fake_value(node)
+    return value is not None and not any(isinstance(s, torch.SymInt) for s in value.shape)
+
+
+def _product_under_relu(relu: fx.Node) -> fx.Node | None:
+    """The contraction that the ReLU's input is a scaled/re-viewed copy of, if any."""
+    frontier, seen = [relu.args[0]], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if is_call(node, CONTRACTIONS):
+            return node
+        if is_call(node, _SCORE_SCALING) and len(seen) < 16:
+            frontier.extend(node.all_input_nodes)
+    return None
+
+
+def _product_operands(product: fx.Node) -> list[fx.Node]:
+    if is_call(product, {aten.addmm, aten.baddbmm}):
+        return [product.args[1], product.args[2]]
+    return [a for a in product.args[:2] if isinstance(a, fx.Node)]
+
+
+@dataclasses.dataclass
+class TopkVerdict:
+    """Why a top-k is (or is not) an indexer site."""
+
+    node: fx.Node
+    is_indexer: bool
+    evidence: tuple[str, ...]
+    reason: str  # for rejected top-k: what it is taken for
+
+
+def classify_topk(node: fx.Node) -> TopkVerdict:
+    """Decide whether one ``aten.topk`` node is a lightning indexer's top-k."""
+    score = node.args[0]
+    score_value = fake_value(score)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    path = module_path(node)
+    named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
+    if score_value is None:
+        return TopkVerdict(node, False, (), "top-k input carries no shape metadata")
+    axis = score_value.shape[dim]
+
+    found = None
+    frontier = [(score, 0)]
+    seen: set[tuple[fx.Node, int]] = set()
+    while frontier and len(seen) < _MAX_VISITS and found is None:
+        current, crossed = frontier.pop()
+        if (current, crossed) in seen or current.op != "call_function":
+            continue
+        seen.add((current, crossed))
+        if _is_relu(current):
+            product = _product_under_relu(current)
+            value = fake_value(product) if product is not None else None
+            if value is not None and any(same_size(axis, s) for s in value.shape):
+                found = product
+                break
+        if is_call(current, {aten.topk}) and current is not node:
+            continue
+        if is_call(current, CONTRACTIONS):
+            if crossed >= 1:
+                continue
+            crossed += 1
+        frontier.extend((arg, crossed) for arg in current.all_input_nodes)
+
+    evidence = []
+    if named:
+        evidence.append(f"module path {path!r}")
+    if found is None:
+        reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
+        if named:
+            reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
+        return TopkVerdict(node, False, tuple(evidence), reason)
+    activations = not any(_is_weight_like(op) for op in _product_operands(found))
+    evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
+    if activations:
+        evidence.insert(1, "score is a product of two activations (q·k)")
+    if not (activations or named):
+        return TopkVerdict(node, False, tuple(evidence), "ReLU score multiplies a weight: a projection, not q·k")
+    return TopkVerdict(node, True, tuple(evidence), "")
+
+
+def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
+    """Every indexer top-k in ``graph``, and the verdicts on the top-k left alone."""
+    sites: list[IndexerSite] = []
+    ignored: list[TopkVerdict] = []
+    for node in graph.nodes:
+        if not is_call(node, {aten.topk}):
+            continue
+        verdict = classify_topk(node)
+        readers = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        if verdict.is_indexer and not readers:
+            verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")
+        if not verdict.is_indexer:
+            ignored.append(verdict)
+            continue
+        sites.append(TopkIndexerSite(node, readers[0], module_path(node), verdict.evidence))
+    return sites, ignored

@@ -1,0 +1,34 @@
+"""The same rewrite on a ``torch.export`` program."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.export import ExportedProgram
+
+from .config import IndexCacheConfig
+from .graph_pass import IndexCachePass
+from .report import IndexCacheReport
+
+
+def apply_index_cache_to_exported_program(
+    program: ExportedProgram, config: IndexCacheConfig | None = None, **keys: Any
+) -> IndexCacheReport:
+    """Rewrite ``program``'s graph in place (S layers reuse F indices) and return the report.
+
+    Works on the ATen graph ``torch.export.export`` produces (``aten.topk`` is kept by both
+    the training and inference IRs). Cache writes stay: in an exported program they are
+    buffer-mutation outputs that belong to its signature.
+    """
+    if config is None:
+        config, rest = IndexCacheConfig.from_options(keys)
+        if rest:
+            raise ValueError(f"apply_index_cache_to_exported_program: unknown keys {sorted(rest)}")
+    if config.drop_shared_indexer_cache_writes:
+        raise ValueError(
+            "drop_shared_indexer_cache_writes=True is not allowed for an exported program: "
+            "its cache writes are part of the program's signature"
+        )
+    report = IndexCachePass(config).run(program.graph_module.graph, graph_name="exported program")
+    program.graph_module.recompile()
+    return report

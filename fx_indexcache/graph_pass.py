@@ -1,0 +1,68 @@
+"""``IndexCachePass``: the post-grad Inductor pass that composes detection, rewrite and report."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from torch import fx
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .config import IndexCacheConfig
+from .detection import detect
+from .report import IndexCacheReport, publish
+from .rewrite import LEFT, apply_index_cache
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _source_digest() -> str:
+    """Hash of the package's own code (not the reference model or kernels): any edit → new uuid."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class IndexCachePass(CustomGraphPass):
+    """Rewrites a post-grad ATen graph in place so S layers reuse their F layer's indices.
+
+    Use it as Inductor's ``post_grad_custom_post_pass`` (``indexcache_backend`` does that),
+    or call it on any ``fx.Graph``. ``uuid()`` covers the config and this package's source,
+    so the FX graph cache never serves a graph rewritten under another pattern.
+    """
+
+    def __init__(self, config: IndexCacheConfig | None = None, **keys) -> None:
+        if config is None:
+            config = IndexCacheConfig(**keys)
+        elif keys:
+            raise TypeError("IndexCachePass takes a config or keyword keys, not both")
+        self.config = config
+        self.reports: list[IndexCacheReport] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.run(graph)
+
+    def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
+        """Detect, rewrite (when ``use_index_cache``), DCE, lint; returns and publishes the report."""
+        detection = detect(graph)
+        if self.config.use_index_cache:
+            decisions = apply_index_cache(graph, detection, self.config)
+        else:
+            off = IndexCacheConfig(use_index_cache=False)
+            decisions = apply_index_cache(graph, detection, off)
+        report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
+        stats = counters["fx_indexcache"]
+        stats["graphs"] += 1
+        stats["indexer_sites"] += len(decisions)
+        stats["indexers_removed"] += report.indexers_removed
+        stats["layers_left"] += sum(d.action == LEFT for d in decisions)
+        stats["other_topk"] += report.router_topk
+        self.reports.append(report)
+        publish(report)
+        return report
+
+    def uuid(self) -> str:
+        return hashlib.sha256(f"{self.config.fingerprint()}|{_source_digest()}".encode()).hexdigest()

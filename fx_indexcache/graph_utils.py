@@ -1,0 +1,112 @@
+"""Small FX helpers shared by detection and rewrite: op classes, symbolic shape equality."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+#: Ops that multiply two operands and reduce over a shared axis (post-grad ATen spellings).
+CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm}
+
+#: Ops that only re-view, re-type or copy one tensor: they carry a weight through unchanged.
+VIEW_LIKE = {
+    aten.view,
+    aten.reshape,
+    aten._unsafe_view,
+    aten.permute,
+    aten.transpose,
+    aten.t,
+    aten.expand,
+    aten.squeeze,
+    aten.unsqueeze,
+    aten.clone,
+    aten.contiguous,
+    aten._to_copy,
+    aten.alias,
+    aten.slice,
+    aten.select,
+    torch.ops.prims.convert_element_type,
+}
+
+
+def packet(node: fx.Node):
+    """The overload packet of an ATen call (``aten.mm`` for ``aten.mm.default``), else the target."""
+    return getattr(node.target, "_overloadpacket", node.target)
+
+
+def is_call(node: fx.Node, ops: Iterable) -> bool:
+    return node.op == "call_function" and packet(node) in ops
+
+
+def tensor_inputs(node: fx.Node) -> Iterator[fx.Node]:
+    """Every node argument of ``node``, including those inside lists (``cat``'s inputs)."""
+    for arg in node.all_input_nodes:
+        yield arg
+
+
+def fake_value(node: fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _expr(size):
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return size
+
+
+def same_size(a, b) -> bool:
+    """Equality of two sizes that may be symbolic: same int, or the same sympy expression."""
+    try:
+        return bool(_expr(a) == _expr(b))
+    except TypeError:
+        return False
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def size_hint(size) -> int:
+    """A concrete value for a possibly symbolic size: its hint from the traced example."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            from torch.fx.experimental.symbolic_shapes import hint_int
+
+            return int(hint_int(size, fallback=1))
+        return int(hint)
+    return int(size)
+
+
+def numel_hint(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size_hint(size)
+    return total
+
+
+def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def dead_if_removed(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """The nodes that become dead code once ``roots`` lose all their users.
+
+    Walks up from ``roots``: an input joins when every one of its users is already in the set
+    and it is pure (mutations and placeholders never join).
+    """
+    dead = set(roots)
+    frontier = list(dead)
+    while frontier:
+        node = frontier.pop()
+        for arg in node.all_input_nodes:
+            if arg in dead or arg.op != "call_function" or arg.is_impure():
+                continue
+            if all(user in dead for user in arg.users):
+                dead.add(arg)
+                frontier.append(arg)
+    return dead

@@ -1,0 +1,101 @@
+"""The per-graph report: one row per DSA layer, the totals, and where a user can read it.
+
+Reports are kept in memory (``reports()``, newest last) and logged through the
+``fx_indexcache`` logger, so both a script and ``TORCH_LOGS``-style log capture see them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from .config import IndexCacheConfig
+from .detection import Detection
+from .rewrite import LEFT, SHARED, LayerDecision
+
+log = logging.getLogger("fx_indexcache")
+
+_LOCK = threading.Lock()
+_REPORTS: list[IndexCacheReport] = []
+_MAX_KEPT = 256
+
+
+@dataclasses.dataclass
+class IndexCacheReport:
+    """What the pass found and did in one compiled graph."""
+
+    config: IndexCacheConfig
+    decisions: list[LayerDecision]
+    layer_source: str
+    router_topk: int  # top-k the detector recognised as not-an-indexer and left alone
+    other_notes: list[str] = dataclasses.field(default_factory=list)
+    graph_name: str = ""
+
+    @property
+    def indexers_removed(self) -> int:
+        return sum(d.action == SHARED for d in self.decisions)
+
+    @property
+    def layers_left(self) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.action == LEFT]
+
+    @property
+    def flops_saved_per_token(self) -> float:
+        return sum(d.flops_removed_per_token for d in self.decisions)
+
+    @property
+    def cache_bytes_saved(self) -> int:
+        return sum(d.cache_bytes_saved for d in self.decisions)
+
+    @property
+    def pattern(self) -> str:
+        """The F/S string as executed: S only where the indexer was actually removed."""
+        return "".join("S" if d.action == SHARED else "F" for d in self.decisions)
+
+    def format(self) -> str:
+        lines = [
+            f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
+            f"{len(self.decisions)} DSA layers (layer index from {self.layer_source}), "
+            f"{self.router_topk} other top-k left alone",
+            f"{'layer':>5}  {'F/S':>3}  {'uses':>4}  {'removed':>7}  note",
+        ]
+        for d in self.decisions:
+            lines.append(f"{d.layer:>5}  {d.marked:>3}  {d.source_layer!s:>4}  {d.nodes_removed:>7}  {d.note}")
+        lines.append(
+            f"indexers removed: {self.indexers_removed} of {len(self.decisions)}; "
+            f"~{self.flops_saved_per_token:,.0f} FLOPs saved per query token at the traced length"
+        )
+        if self.cache_bytes_saved:
+            lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
+        lines.extend(self.other_notes)
+        return "\n".join(lines)
+
+    @classmethod
+    def build(cls, config, detection: Detection, decisions, graph_name: str = "") -> IndexCacheReport:
+        notes = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
+                 for site, why in detection.unplaced]
+        notes += [f"indexer inside a shared nested_compile_region body {name}: one body serves several "
+                  "layers, so no layer in it can be rewritten" for name in detection.nested_regions]
+        ambiguous = [v for v in detection.ignored if v.evidence]
+        notes += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
+        return cls(config, decisions, detection.layer_source, len(detection.ignored), notes, graph_name)
+
+
+def publish(report: IndexCacheReport) -> None:
+    """Keep the report for ``reports()`` and log it."""
+    with _LOCK:
+        _REPORTS.append(report)
+        del _REPORTS[:-_MAX_KEPT]
+    log.info("%s", report.format())
+
+
+def reports() -> list[IndexCacheReport]:
+    """Reports of the graphs rewritten in this process, oldest first."""
+    with _LOCK:
+        return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    with _LOCK:
+        _REPORTS.clear()

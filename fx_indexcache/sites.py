@@ -1,0 +1,81 @@
+"""What a detected indexer site is, and how one site takes over another's indices.
+
+A site is one lightning indexer's top-k in a graph. Each kind of site (a plain ``aten.topk``,
+vLLM's opaque indexer op, ...) knows three things about itself: whether its indices may be
+replaced at all, whether another site's indices are a drop-in replacement, and how to make
+the replacement. The rewrite driver (``rewrite.py``) only ever talks to this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+from torch import fx
+
+from .graph_utils import fake_value, node_order, same_shape, same_size
+
+
+@dataclasses.dataclass
+class CacheWrite:
+    """An S layer's indexer key-cache write that nothing reads once the layer shares indices."""
+
+    write: fx.Node  # the mutation (``copy_`` into the cache input)
+    nbytes: int  # bytes it writes per call, at the traced sizes
+
+
+@dataclasses.dataclass(eq=False)
+class IndexerSite(abc.ABC):
+    """One indexer top-k in a graph; ``layer`` is its global decoder-layer index."""
+
+    anchor: fx.Node
+    indices: fx.Node
+    module_path: str | None
+    evidence: tuple[str, ...]
+    layer: int | None = None
+    layer_source: str = ""
+
+    kind = "abstract"
+
+    @abc.abstractmethod
+    def refusal(self) -> str | None:
+        """Why this site's own indices cannot be replaced by another's, or None."""
+
+    def incompatibility(self, source: IndexerSite) -> str | None:
+        """Why ``source``'s indices are not a drop-in replacement for ours, or None."""
+        if type(source) is not type(self):
+            return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
+        mine, theirs = fake_value(self.indices), fake_value(source.indices)
+        if mine is None or theirs is None:
+            return "indices carry no shape metadata to compare"
+        if mine.dtype != theirs.dtype:
+            return f"indices dtype {mine.dtype} differs from layer {source.layer}'s {theirs.dtype}"
+        if not same_shape(mine.shape, theirs.shape):
+            return f"indices shape {tuple(mine.shape)} differs from layer {source.layer}'s {tuple(theirs.shape)}"
+        if mine.device != theirs.device:
+            return f"indices live on {mine.device}, layer {source.layer}'s on {theirs.device}"
+        order = node_order(self.indices.graph)
+        first_use = min((order[user] for user in self.indices.users), default=None)
+        if first_use is not None and order[source.indices] > first_use:
+            return f"layer {source.layer}'s indices are computed after this layer first uses its own"
+        return None
+
+    def reuse(self, source: IndexerSite) -> None:
+        """Point every consumer of our indices at ``source``'s; our indexer becomes dead code."""
+        self.indices.replace_all_uses_with(source.indices)
+
+    def cache_writes(self) -> list[CacheWrite]:
+        """This site's own indexer key-cache writes (droppable once it shares), if it can tell."""
+        return []
+
+
+def same_arguments(a: object, b: object) -> bool:
+    """Compare top-k style scalar arguments that may be SymInt nodes or plain values."""
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        va, vb = fake_value(a), fake_value(b)
+        return a is b or (va is not None and vb is not None and same_size(va, vb))
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        value = fake_value(a if isinstance(a, fx.Node) else b)
+        other = b if isinstance(a, fx.Node) else a
+        return value is not None and same_size(value, other)
+    return a == b
