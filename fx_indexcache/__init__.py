@@ -4,7 +4,7 @@ Layers marked F compute their lightning-indexer top-k; layers marked S reuse the
 the nearest preceding F layer, and the pass deletes their indexers from the compiled graph.
 """
 
-from .backend import indexcache_backend
+from .backend import indexcache_backend, indexcache_eager_backend
 from .config import IndexCacheConfig
 from .detection import detect, register_site_finder
 from .export import apply_index_cache_to_exported_program
@@ -19,6 +19,7 @@ __all__ = [
     "clear_reports",
     "detect",
     "indexcache_backend",
+    "indexcache_eager_backend",
     "register_site_finder",
     "reports",
 ]

@@ -55,3 +55,25 @@ def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mappin
         raise ValueError(f"indexcache_backend: mode={kw['mode']!r} is not supported; use options instead")
     _, patches = indexcache_inductor_patches(merged)
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def indexcache_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):
+    """The same rewrite on AOTAutograd's ATen graph, run eagerly (no Inductor codegen).
+
+    For debugging and fast tests: the graph the pass sees is the pre-Inductor ATen graph,
+    so a difference between this and ``indexcache_backend`` points at Inductor, not the pass.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    config, rest = IndexCacheConfig.from_options(options)
+    if rest:
+        raise ValueError(f"indexcache_eager_backend: unknown options {sorted(rest)}; only IndexCache keys apply")
+    graph_pass = IndexCachePass(config)
+
+    def forward_compiler(module: torch.fx.GraphModule, inputs):
+        graph_pass(module.graph)
+        module.recompile()
+        return make_boxed_func(module.forward)
+
+    return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
