@@ -1,0 +1,129 @@
+"""The config table: semantics identical to vLLM/SGLang, every precedence rule, every bad value."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fx_indexcache import IndexCacheConfig
+
+
+def on(**keys):
+    return IndexCacheConfig(use_index_cache=True, **keys)
+
+
+def test_v32_freq4_marks_16_of_61_layers_full():
+    pattern = on(index_topk_freq=4).pattern_for(61)
+    full = [i for i, c in enumerate(pattern) if c == "F"]
+    assert full == [0, 1, *range(5, 58, 4)]
+    assert len(full) == 16 and pattern.count("S") == 45
+
+
+@given(freq=st.integers(1, 9), offset=st.integers(1, 9), layer=st.integers(0, 200))
+def test_freq_offset_formula_matches_vllm(freq, offset, layer):
+    expected = "F" if max(layer - offset + 1, 0) % freq == 0 else "S"
+    assert on(index_topk_freq=freq, index_skip_topk_offset=offset).layer_kind(layer) == expected
+
+
+def test_defaults_compute_every_layer():
+    assert IndexCacheConfig().pattern_for(8) == "F" * 8
+    assert on().pattern_for(8) == "F" * 8  # freq 1
+
+
+def test_use_index_cache_false_ignores_everything_else():
+    config = IndexCacheConfig(use_index_cache=False, index_topk_freq=4, index_topk_pattern="FSSS")
+    assert config.pattern_for(4) == "FFFF"
+
+
+def test_pattern_overrides_freq_and_offset():
+    assert on(index_topk_freq=4, index_topk_pattern="FSFS").pattern_for(4) == "FSFS"
+
+
+def test_indexer_types_override_pattern():
+    config = on(index_topk_pattern="FFFF", indexer_types=["full", "shared", "shared", "full"])
+    assert config.pattern_for(4) == "FSSF"
+
+
+def test_source_layer_is_nearest_preceding_full():
+    config = on(index_topk_pattern="FSSFSF")
+    assert config.source_layer(0) is None and config.source_layer(5) == 3
+    assert config.source_layer(1) == 0 and config.source_layer(2) == 0 and config.source_layer(4) == 3
+    assert on(index_topk_pattern="SSF").source_layer(1) is None
+
+
+def test_from_hf_config_reads_dict_object_and_text_config():
+    overrides = {"use_index_cache": True, "index_topk_freq": 4}
+    assert IndexCacheConfig.from_hf_config(overrides).index_topk_freq == 4
+
+    class Text:
+        use_index_cache = True
+        index_topk_pattern = "FS"
+        num_hidden_layers = 2
+
+    class Outer:
+        text_config = Text()
+
+    config = IndexCacheConfig.from_hf_config(Outer())
+    assert config.pattern_for(2) == "FS" and config.num_layers == 2
+
+
+def test_from_hf_config_with_transformers_config():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV32Config(num_hidden_layers=4, use_index_cache=True, index_topk_freq=2)
+    config = IndexCacheConfig.from_hf_config(hf)
+    assert config.num_layers == 4
+    assert config.pattern_for(4) == on(index_topk_freq=2).pattern_for(4)
+
+
+def test_backend_options_default_to_the_papers_quarter():
+    config, rest = IndexCacheConfig.from_options({"max_autotune": False})
+    assert config.use_index_cache and config.index_topk_freq == 4
+    assert rest == {"max_autotune": False}
+    config, _ = IndexCacheConfig.from_options({"index_topk_pattern": "FS"})
+    assert config.index_topk_freq == 1 and config.pattern_for(2) == "FS"
+
+
+@pytest.mark.parametrize(
+    "keys, field, allowed",
+    [
+        ({"index_topk_freq": 0}, "index_topk_freq", "int >= 1"),
+        ({"index_topk_freq": -2}, "index_topk_freq", "int >= 1"),
+        ({"index_topk_freq": 2.0}, "index_topk_freq", "int >= 1"),
+        ({"index_topk_freq": True}, "index_topk_freq", "int >= 1"),
+        ({"index_skip_topk_offset": 0}, "index_skip_topk_offset", "int >= 1"),
+        ({"index_skip_topk_offset": "2"}, "index_skip_topk_offset", "int >= 1"),
+        ({"index_topk_pattern": "FSX"}, "index_topk_pattern", "'F' and 'S'"),
+        ({"index_topk_pattern": "fs"}, "index_topk_pattern", "'F' and 'S'"),
+        ({"index_topk_pattern": ""}, "index_topk_pattern", "non-empty"),
+        ({"index_topk_pattern": ["F", "S"]}, "index_topk_pattern", "string"),
+        ({"indexer_types": ["full", "sparse"]}, "indexer_types", "'sparse'"),
+        ({"indexer_types": []}, "indexer_types", "non-empty"),
+        ({"indexer_types": "full"}, "indexer_types", "list"),
+        ({"use_index_cache": "yes"}, "use_index_cache", "bool"),
+        ({"index_topk_pattern": "FSF", "num_layers": 4}, "index_topk_pattern", "4 entries, not 3"),
+        ({"indexer_types": ["full"], "num_layers": 2}, "indexer_types", "2 entries, not 1"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(keys, field, allowed):
+    with pytest.raises(ValueError) as error:
+        IndexCacheConfig(**keys)
+    message = str(error.value)
+    assert field in message and allowed in message
+    assert repr(next(iter(keys.values()))) in message
+
+
+def test_pattern_too_short_for_the_graph_names_the_key():
+    config = on(index_topk_pattern="FS")
+    with pytest.raises(ValueError, match=r"index_topk_pattern='FS'.*at least 3 entries"):
+        config.layer_kind(2)
+
+
+def test_fingerprint_changes_with_every_field():
+    base = on(index_topk_freq=4)
+    variants = [
+        on(index_topk_freq=2),
+        on(index_topk_freq=4, index_skip_topk_offset=3),
+        on(index_topk_freq=4, index_topk_pattern="FS"),
+        on(index_topk_freq=4, drop_shared_indexer_cache_writes=True),
+        IndexCacheConfig(index_topk_freq=4),
+    ]
+    assert len({base.fingerprint(), *(v.fingerprint() for v in variants)}) == 1 + len(variants)
