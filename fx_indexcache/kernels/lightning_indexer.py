@@ -334,8 +334,11 @@ def indexer_logits(
     return out
 
 
-def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig) -> None:
-    """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET)."""
+def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig):
+    """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET).
+
+    Returns Triton's handle of the compiled kernel (registers, spills, PTX: see the benchmark).
+    """
     B, S, H, D = q.shape
     T = k.shape[1]
     kern = _triton()
@@ -349,7 +352,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         sq = max(1, min(cfg.block_s, S))
         block_h = max(16, 1 << (H - 1).bit_length())
         grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
-        kern["decode"][grid](
+        return kern["decode"][grid](
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq,
@@ -357,7 +360,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         )
     elif cfg.kind == "prefill":
         grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, cfg.block_s), B)
-        kern["prefill"][grid](
+        return kern["prefill"][grid](
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
             BLOCK_S=cfg.block_s, BLOCK_T=cfg.block_t,
