@@ -1,0 +1,31 @@
+"""``fx-indexcache``: the command line. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: subcommand → (module holding ``add_arguments`` and ``main``, one-line help)
+SUBCOMMANDS = {
+    "demo": ("fx_indexcache.demo", "compile the built-in reference model with IndexCache and check it"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fx-indexcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return module.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
