@@ -1,0 +1,187 @@
+"""Detect vLLM's opaque lightning-indexer op and make S layers skip it.
+
+vLLM runs each DSA layer's indexer as one custom op, ``vllm::sparse_attn_indexer`` (or its
+ROCm twin), that writes the top-k into a model-wide ``topk_indices_buffer`` and returns
+nothing the model reads. In a functionalized post-grad graph the call sits inside
+``auto_functionalized`` (v1: the buffer is a keyword argument, its new version is output 1)
+or ``auto_functionalized_v2`` (the buffer is one of ``_all_bases``, its new version is
+output ``1 + base index``). Each layer's call takes the version the previous call produced;
+a final ``copy_`` writes the last version back, and attention reads the buffer outside the
+graph. So "layer S reuses layer F's indices" means: S's call is taken out of that chain,
+every reader of the version S produced reads the version S received instead, and S's call,
+with the indexer key-cache insert it does inside, becomes dead code.
+
+Matching is by operator name, so this module never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch import fx
+
+from .detect_topk import TopkVerdict
+from .detection import register_site_finder
+from .graph_utils import fake_value, same_size
+from .layers import module_path, normalise_module_path
+from .sites import IndexerSite, same_arguments
+
+#: Qualified names of vLLM ops that compute an indexer top-k into ``topk_indices_buffer``.
+INDEXER_OPS = ("vllm::sparse_attn_indexer", "vllm::rocm_aiter_sparse_attn_indexer")
+BUFFER = "topk_indices_buffer"
+
+_HOPS = {
+    torch.ops.higher_order.auto_functionalized: "auto_functionalized",
+    torch.ops.higher_order.auto_functionalized_v2: "auto_functionalized_v2",
+}
+INPLACE = "in-place call"
+
+#: Arguments two layers must agree on for one's buffer contents to stand in for the other's.
+_SAME = ("topk_tokens", "head_dim", "dcp_world_size", "dcp_rank", "use_pcp")
+
+
+def _op_name(target) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def _is_indexer_op(target) -> bool:
+    return _op_name(target) in INDEXER_OPS
+
+
+def _schema_defaults(op) -> dict:
+    """The schema's default values, so a keyword the caller left out still compares."""
+    return {a.name: a.default_value for a in op._schema.arguments if a.has_default_value()}
+
+
+def _vllm_layer_name(value) -> str | None:
+    """The vLLM layer name behind ``k_cache_prefix``: a str, a ``LayerName``, or a graph input holding one."""
+    if isinstance(value, fx.Node):
+        value = value.meta.get("val", value.meta.get("example_value"))
+        value = getattr(value, "real_obj", value)  # a FakeScriptObject wraps the hoisted LayerName
+    value = getattr(value, "value", value)
+    return value if isinstance(value, str) and value else None
+
+
+@dataclasses.dataclass(eq=False)
+class VllmIndexerSite(IndexerSite):
+    """One ``vllm::sparse_attn_indexer`` call; ``indices`` is the buffer version it produces."""
+
+    form: str = ""  # "auto_functionalized", "auto_functionalized_v2" or INPLACE
+    op: object = None  # the OpOverload inside the wrapper
+    buffer_in: fx.Node | None = None  # the buffer version this call receives
+    arguments: dict = dataclasses.field(default_factory=dict)  # the op's arguments by name
+
+    kind = "vllm.sparse_attn_indexer"
+
+    # ------------------------------------------------------------------ checks
+    def refusal(self) -> str | None:
+        if self.form == INPLACE:
+            return "the indexer op is called in place (graph not functionalized): no buffer versions to rewire"
+        if self.buffer_in is None:
+            return "the top-k buffer passed to the op is not a tensor in the graph"
+        returned = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
+        if returned:
+            return "the op's return value is read in the graph; only the buffer version can be redirected"
+        if self.arguments.get("candidate_blocks") is not None or self.arguments.get("candidate_write"):
+            return "the op reads or writes candidate blocks (two-level selection): it does more than fill the buffer"
+        if self.form == "auto_functionalized_v2" and len(self.anchor.kwargs.get("_all_bases", ())) != 1:
+            return "the op mutates more than the top-k buffer"
+        return None
+
+    def incompatibility(self, source: IndexerSite) -> str | None:
+        if not isinstance(source, VllmIndexerSite):
+            return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
+        if source.op is not self.op:
+            return f"layer {source.layer} calls {_op_name(source.op)}, this layer {_op_name(self.op)}"
+        if self.buffer_in is not source.indices:
+            writer = self.buffer_in.args[0] if self.buffer_in is not None and self.buffer_in.args else None
+            between = f" ({writer.name} writes it)" if isinstance(writer, fx.Node) else ""
+            return (
+                f"the top-k buffer this layer receives is not the version layer {source.layer} produced: "
+                f"another write lies between{between}"
+            )
+        for name in _SAME:
+            if not same_arguments(self.arguments.get(name), source.arguments.get(name)):
+                return f"{name}={self.arguments.get(name)} differs from layer {source.layer}'s"
+        mine, theirs = fake_value(self.arguments["hidden_states"]), fake_value(source.arguments["hidden_states"])
+        if mine is None or theirs is None:
+            return "hidden states carry no shape metadata to compare token counts"
+        if not same_size(mine.shape[0], theirs.shape[0]):
+            return f"{mine.shape[0]} tokens here, {theirs.shape[0]} in layer {source.layer}: the buffer rows differ"
+        return None
+
+    # ------------------------------------------------------------------ rewrite
+    def reuse(self, source: IndexerSite) -> None:
+        """Take this call out of the buffer's version chain; its readers see what it received."""
+        assert self.buffer_in is source.indices
+        self.indices.replace_all_uses_with(self.buffer_in)
+
+
+def _site(node: fx.Node) -> VllmIndexerSite | None:
+    if node.op != "call_function":
+        return None
+    form = _HOPS.get(node.target)
+    if form is not None:
+        if not node.args or not _is_indexer_op(node.args[0]):
+            return None
+        op = node.args[0]
+        arguments = {**_schema_defaults(op), **node.kwargs}
+        if form == "auto_functionalized":
+            mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+            output = 1 + mutated.index(BUFFER)
+            buffer_in = arguments.get(BUFFER)
+        else:
+            base = arguments.get(f"_{BUFFER}_base_index")
+            bases = node.kwargs.get("_all_bases", [])
+            if base is None or base >= len(bases):
+                return None
+            output = 1 + base
+            buffer_in = bases[base]
+        readers = [u for u in node.users if u.target is operator.getitem and u.args[1] == output]
+        if len(readers) != 1:
+            return None  # nothing reads the new buffer version: Inductor would already drop the call
+        indices = readers[0]
+    elif _is_indexer_op(node.target):
+        form, op, indices = INPLACE, node.target, node
+        names = [a.name for a in op._schema.arguments]
+        arguments = {**_schema_defaults(op), **dict(zip(names, node.args)), **node.kwargs}
+        buffer_in = arguments.get(BUFFER)
+    else:
+        return None
+    if not isinstance(buffer_in, fx.Node):
+        buffer_in = None
+
+    layer_name = _vllm_layer_name(arguments.get("k_cache_prefix"))
+    traced = module_path(node)
+    path = normalise_module_path(layer_name) if layer_name else traced
+    evidence = [f"{_op_name(op)} in {form}"]
+    if layer_name:
+        evidence.append(f"vLLM layer {layer_name!r}")
+    if traced:
+        evidence.append(f"module path {traced!r}")
+    return VllmIndexerSite(
+        anchor=node,
+        indices=indices,
+        module_path=path,
+        evidence=tuple(evidence),
+        form=form,
+        op=op,
+        buffer_in=buffer_in,
+        arguments=arguments,
+    )
+
+
+def find_vllm_indexer_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
+    """Every vLLM indexer-op call in ``graph``, in graph order."""
+    sites: list[IndexerSite] = []
+    for node in graph.nodes:
+        site = _site(node)
+        if site is not None:
+            sites.append(site)
+    return sites, []
+
+
+register_site_finder("vllm.sparse_attn_indexer", find_vllm_indexer_sites)

@@ -1,0 +1,182 @@
+"""IndexCache as a vLLM post-grad pass (the only module of this package that imports vLLM).
+
+Two ways to install it (see ``examples/vllm_serve.md``):
+
+* by name, which is what ``--compilation-config`` JSON can carry::
+
+    CompilationConfig(inductor_passes={"post_grad_custom_post_pass":
+                                       "fx_indexcache.vllm_pass.vllm_index_cache_pass"})
+
+* as an object::
+
+    CompilationConfig(inductor_compile_config={"post_grad_custom_post_pass":
+                                               VllmIndexCachePass(index_topk_freq=4)})
+
+With no IndexCache keys given, the pass reads them at compile time from the model's
+``hf_config`` (so ``--hf-overrides '{"use_index_cache": true, "index_topk_freq": 4}'``
+configures it). vLLM resolves a pass name as ``__import__(module).__dict__[name]``, which
+looks only at the top-level package's namespace; importing this module therefore also puts
+its public names there (``fx_indexcache.vllm_index_cache_pass``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import sys
+from typing import Any
+
+from torch import fx
+from vllm.compilation.passes.inductor_pass import InductorPass
+
+from . import detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
+from .config import FULL, IndexCacheConfig
+from .graph_pass import IndexCachePass, _source_digest
+from .report import IndexCacheReport
+
+log = logging.getLogger("fx_indexcache")
+
+
+@dataclasses.dataclass(frozen=True)
+class VllmIndexCacheConfig(IndexCacheConfig):
+    """``IndexCacheConfig`` plus vLLM's rule for MTP/next-n layers.
+
+    vLLM numbers a speculative (MTP) layer after the backbone (``layer_id >=
+    num_hidden_layers``) and always builds its indexer; such a layer is F here too, and a
+    pattern shorter than the layer index does not make it an error.
+    """
+
+    def layer_kind(self, layer: int) -> str:
+        if self.num_layers is not None and layer >= self.num_layers:
+            return FULL
+        return super().layer_kind(layer)
+
+
+def _current_vllm_config():
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
+def config_from_vllm(vllm_config: Any) -> VllmIndexCacheConfig | None:
+    """The IndexCache keys of ``vllm_config``'s model (hf_config after ``--hf-overrides``), or None."""
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_config", None)
+    if hf_config is None:
+        return None
+    return VllmIndexCacheConfig.from_hf_config(hf_config)
+
+
+class VllmIndexCachePass(InductorPass):
+    """vLLM ``InductorPass`` running :class:`~fx_indexcache.IndexCachePass` on each post-grad graph.
+
+    ``VllmIndexCachePass()`` takes its config from the current vLLM config's model
+    ``hf_config`` each time it runs (it remembers the last one it saw, for compiles that
+    happen outside vLLM's config context). ``VllmIndexCachePass(config)`` or
+    ``VllmIndexCachePass(index_topk_freq=4, ...)`` fixes it; keyword keys switch
+    ``use_index_cache`` on unless it is given.
+
+    ``uuid()`` covers the config in force and this package's source, so neither vLLM's
+    compile cache nor Inductor's FX graph cache serves a graph rewritten under another pattern.
+    """
+
+    def __init__(self, config: IndexCacheConfig | None = None, **keys: Any) -> None:
+        if config is not None and keys:
+            raise TypeError("VllmIndexCachePass takes a config or keyword keys, not both")
+        if keys:
+            keys.setdefault("use_index_cache", True)
+            config = VllmIndexCacheConfig(**keys)
+        elif config is not None and not isinstance(config, VllmIndexCacheConfig):
+            config = VllmIndexCacheConfig(**dataclasses.asdict(config))
+        self.explicit_config: VllmIndexCacheConfig | None = config
+        self._last_seen: VllmIndexCacheConfig | None = None
+
+    # ------------------------------------------------------------------ config
+    @property
+    def from_model(self) -> bool:
+        """True when the config comes from vLLM's model config rather than from the constructor."""
+        return self.explicit_config is None
+
+    def config(self) -> VllmIndexCacheConfig | None:
+        """The config in force now: explicit, else the current vLLM model's, else the last one seen."""
+        if self.explicit_config is not None:
+            return self.explicit_config
+        vllm_config = _current_vllm_config()
+        if vllm_config is not None:
+            found = config_from_vllm(vllm_config)
+            if found is not None:
+                self._last_seen = found
+                return found
+        return self._last_seen
+
+    # ------------------------------------------------------------------ pass
+    def __call__(self, graph: fx.Graph) -> None:
+        self.run(graph)
+
+    def run(self, graph: fx.Graph) -> IndexCacheReport:
+        config = self.config()
+        if config is None:
+            log.warning(
+                "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
+                "in context); the graph is left unchanged"
+            )
+            config = VllmIndexCacheConfig()
+        report = IndexCachePass(config).run(graph, graph_name=f"vLLM {_graph_name(graph)}")
+        report.other_notes.extend(_native_notes(config, report))
+        return report
+
+    def uuid(self) -> str:
+        config = self.config()
+        state = config.fingerprint() if config is not None else "config unresolved"
+        source = "explicit" if self.explicit_config is not None else "vllm hf_config"
+        text = f"{type(self).__qualname__}|{source}|{state}|{_source_digest()}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        source = repr(self.explicit_config) if self.explicit_config is not None else "from vLLM hf_config"
+        return f"{type(self).__name__}({source})"
+
+    def __getstate__(self) -> dict:
+        return {"explicit_config": self.explicit_config, "_last_seen": self._last_seen}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _graph_name(graph: fx.Graph) -> str:
+    owner = graph.owning_module
+    return type(owner).__name__ if owner is not None else "graph"
+
+
+def _native_notes(config: IndexCacheConfig, report: IndexCacheReport) -> list[str]:
+    """Say so when layers the config marks S have no indexer op at all: vLLM already skipped them."""
+    layers = [d.layer for d in report.decisions]
+    if not config.use_index_cache or not layers:
+        return []
+    missing = [
+        layer
+        for layer in range(min(layers), max(layers) + 1)
+        if layer not in layers and config.layer_kind(layer) != FULL
+    ]
+    if not missing:
+        return []
+    shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+    return [
+        f"layers {shown} (marked S) have no indexer op in this graph: the model already skips "
+        "them (vLLM's own IndexCache reads the same hf_config keys); nothing to do there"
+    ]
+
+
+#: The instance to name in ``CompilationConfig.inductor_passes``: config from the model's hf_config.
+vllm_index_cache_pass = VllmIndexCachePass()
+
+__all__ = ["VllmIndexCacheConfig", "VllmIndexCachePass", "config_from_vllm", "vllm_index_cache_pass"]
+
+# vLLM resolves "fx_indexcache.vllm_pass.vllm_index_cache_pass" (and "fx_indexcache.<name>")
+# as __import__(module).__dict__[name]: a lookup in the top-level package's namespace, which a
+# module __getattr__ never sees. Publish the names there once this module is imported.
+_package = sys.modules[__name__.rpartition(".")[0]]
+for _name in ("VllmIndexCachePass", "vllm_index_cache_pass"):
+    _package.__dict__.setdefault(_name, globals()[_name])
+del _package, _name
