@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from fx_indexcache.kernels import topk as tk  # noqa: E402
 from fx_indexcache.kernels.lightning_indexer import (  # noqa: E402
     LogitsConfig,
     _launch,
@@ -43,29 +44,29 @@ SCALE = D**-0.5
 PREFILL = [(1, S, T) for S in (1024, 2048, 4096) for T in (8192, 32768, 65536)]
 DECODE = [(B, 1, T) for B in (1, 16, 64) for T in (8192, 32768, 65536)]
 
+# run 1 (H100, 2026-11-27) swept 128x128/8w st2-4, 64x256/8w st2-4, 64x128/4w st3-4, 128x64/8w, 64x64/4w:
+# 64x128/4w/st4 and 64x256/8w/st4 were best; this run re-times those two and one more stage each.
 SWEEP_CONFIGS_PREFILL = [
-    LogitsConfig("prefill", 128, 128, 8, 3),
-    LogitsConfig("prefill", 128, 128, 8, 4),
-    LogitsConfig("prefill", 64, 256, 8, 4),
-    LogitsConfig("prefill", 128, 128, 8, 2),
-    LogitsConfig("prefill", 64, 128, 4, 3),
     LogitsConfig("prefill", 64, 128, 4, 4),
-    LogitsConfig("prefill", 64, 256, 8, 3),
-    LogitsConfig("prefill", 64, 256, 8, 2),
-    LogitsConfig("prefill", 128, 64, 8, 3),
-    LogitsConfig("prefill", 64, 64, 4, 3),
+    LogitsConfig("prefill", 64, 128, 4, 5),
+    LogitsConfig("prefill", 64, 256, 8, 4),
+    LogitsConfig("prefill", 64, 256, 8, 5),
+    LogitsConfig("prefill", 128, 128, 8, 3),
 ]
-SWEEP_SHAPES_PREFILL = [(1, 1024, 32768), (1, 4096, 8192)]
+SWEEP_SHAPES_PREFILL = [(1, 1024, 32768), (1, 2048, 65536), (1, 4096, 8192)]
 SWEEP_CONFIGS_DECODE = [
-    LogitsConfig("decode", 1, 32, 4, 2),
     LogitsConfig("decode", 1, 64, 4, 2),
     LogitsConfig("decode", 1, 128, 4, 2),
-    LogitsConfig("decode", 1, 128, 8, 2),
-    LogitsConfig("decode", 1, 256, 8, 2),
-    LogitsConfig("prefill", 16, 128, 4, 3),
 ]
-SWEEP_SHAPES_DECODE = [(1, 1, 32768), (16, 1, 32768), (64, 1, 65536)]
-SWEEP_SHAPES_SMALL_S = [(4, 4, 32768), (2, 16, 32768), (1, 64, 32768)]
+SWEEP_SHAPES_DECODE = [(64, 1, 65536)]
+SWEEP_SHAPES_SMALL_S = [(2, 16, 32768), (1, 32, 32768), (1, 64, 32768)]
+SWEEP_CONFIGS_SMALL_S = [
+    LogitsConfig("decode", 1, 128, 4, 2),
+    LogitsConfig("decode", 4, 128, 4, 2),
+    LogitsConfig("prefill", 64, 128, 4, 4),
+    LogitsConfig("prefill", 64, 256, 8, 4),
+]
+SWEEP_TOPK = [(1024, 8192, 4), (1024, 8192, 8), (1024, 8192, 16), (1024, 32768, 16), (64, 32768, 16), (4096, 16384, 16)]
 
 
 def bench(fn, warmup=25, rep=100):
@@ -182,7 +183,7 @@ def run_sweep(shapes, configs, rows, log, deadline):
                 info = kernel_info(q, k, w, out, cfg)
                 torch.cuda.synchronize()
                 unwritten = bool(out.isnan().any())
-                err = spot_check(q, k, w, out, [0, S // 2, S - 1])
+                err = spot_check(q, k, w, out, sorted({0, S // 2, S - 1}))
                 ms = bench(lambda: _launch(q, k, w, out, True, SCALE, None, cfg))
             except Exception as e:  # a config that does not compile is reported, not fatal
                 log(f"sweep {B}x{S}x{T} {cfg.name()}: FAILED {type(e).__name__}: {str(e)[:200]}")
@@ -228,9 +229,22 @@ def main():
         sweep_deadline = t_start + args.budget_s * 0.4
         run_sweep(SWEEP_SHAPES_PREFILL, SWEEP_CONFIGS_PREFILL, sweep_rows, log, sweep_deadline)
         run_sweep(SWEEP_SHAPES_DECODE, SWEEP_CONFIGS_DECODE, sweep_rows, log, sweep_deadline)
-        run_sweep(SWEEP_SHAPES_SMALL_S, SWEEP_CONFIGS_DECODE[2:4] + SWEEP_CONFIGS_PREFILL[2:3]
-                  + [LogitsConfig("decode", 4, 128, 4, 2), LogitsConfig("decode", 8, 128, 4, 2)],
-                  sweep_rows, log, sweep_deadline)
+        run_sweep(SWEEP_SHAPES_SMALL_S, SWEEP_CONFIGS_SMALL_S, sweep_rows, log, sweep_deadline)
+        for (R, T, nw) in SWEEP_TOPK:
+            g = torch.Generator(device="cuda").manual_seed(R + T)
+            x = torch.randn(R, T, device="cuda", generator=g)
+            o = torch.full((R, TOPK), -1, dtype=torch.int32, device="cuda")
+            h = tk._launch(x, o, TOPK, nw)
+            ok = torch.equal(torch.gather(x, 1, o.long()).sort(-1, descending=True).values,
+                             torch.topk(x, TOPK, dim=-1).values)
+            ms = bench(lambda: tk._launch(x, o, TOPK, nw))
+            ms_torch = bench(lambda: torch.topk(x, TOPK, dim=-1, sorted=False))
+            sweep_rows.append(dict(B=R, S=1, T=T, config=f"row_topk-w{nw}", ms=ms, rel_err=0.0 if ok else 1.0,
+                                   unwritten=False, n_regs=getattr(h, "n_regs", None),
+                                   n_spills=getattr(h, "n_spills", None), torch_topk_unsorted_ms=ms_torch))
+            log(f"sweep topk rows {R}x{T} w{nw}: triton {ms:.4f} ms (exact {ok}, regs {getattr(h, 'n_regs', None)},"
+                f" spills {getattr(h, 'n_spills', None)}) torch.topk unsorted {ms_torch:.4f} ms")
+            del x, o
         with open(os.path.join(args.out, "indexer_kernel_sweep.csv"), "w", newline="") as f:
             keys = sorted({k for r in sweep_rows for k in r})
             wr = csv.DictWriter(f, fieldnames=keys)
@@ -256,11 +270,20 @@ def main():
         indexer_logits(q, k, w, scale=SCALE, out=out)
         torch.cuda.synchronize()
         unwritten = bool(out.isnan().any())
-        err = spot_check(q, k, w, out, sorted({0, 1, S // 3, S // 2, S - 1}))
+        err = spot_check(q, k, w, out, sorted({r for r in (0, 1, S // 3, S // 2, S - 1) if r < S}))
         t_logits = bench(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
-        t_topk = bench(lambda: indexer_topk(out, TOPK))
-        t_topk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False))
+        t_topk = bench(lambda: indexer_topk(out, TOPK, method="torch"))
+        t_topk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="torch"))
+        t_tk = t_tk_uns = None
+        tk_exact = None
+        if tk.supported(out, min(TOPK, T)):
+            t_tk = bench(lambda: indexer_topk(out, TOPK, method="triton"))
+            t_tk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="triton"))
+            kk = min(TOPK, T)
+            tk_exact = torch.equal(torch.gather(out, -1, indexer_topk(out, TOPK, method="triton").long()),
+                                   torch.topk(out, kk, dim=-1).values)
         t_fused = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK))
+        t_fused_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
         t_graph = None
         if S <= 8:  # launch-bound sizes: also time CUDA-graph replays (no L2 flush there)
             try:
@@ -273,7 +296,9 @@ def main():
         flops, f_comp, f_mem, f_topk = floors(B, S, T, peak, bw)
         floor = max(f_comp, f_mem)
         row = dict(B=B, S=S, T=T, H=H, D=D, topk=TOPK, config=cfg.name(), logits_ms=t_logits,
-                   logits_graph_ms=t_graph, topk_sorted_ms=t_topk, topk_unsorted_ms=t_topk_uns, fused_ms=t_fused,
+                   logits_graph_ms=t_graph, topk_sorted_ms=t_topk, topk_unsorted_ms=t_topk_uns,
+                   topk_triton_sorted_ms=t_tk, topk_triton_unsorted_ms=t_tk_uns, topk_triton_exact=tk_exact,
+                   fused_ms=t_fused, fused_unsorted_ms=t_fused_uns,
                    floor_compute_ms=f_comp, floor_memory_ms=f_mem, floor_ms=floor,
                    pct_roofline=100.0 * floor / t_logits, tflops=flops / (t_logits * 1e-3) / 1e12,
                    topk_floor_ms=f_topk, rel_err=err, unwritten=unwritten,
@@ -305,7 +330,8 @@ def main():
                 row["inductor_note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
         rows.append(row)
         log(f"{B}x{S}x{T} [{cfg.name()}] logits {t_logits:.4f} ms (floor {floor:.4f}, {row['pct_roofline']:.1f}% roofline,"
-            f" {row['tflops']:.0f} TFLOP/s) topk {t_topk:.4f}/{t_topk_uns:.4f} ms fused {t_fused:.4f} ms"
+            f" {row['tflops']:.0f} TFLOP/s) topk torch {t_topk:.4f}/{t_topk_uns:.4f} triton {t_tk}/{t_tk_uns} exact {tk_exact}"
+            f" fused {t_fused:.4f}/{t_fused_uns:.4f} ms"
             f" inductor {row['inductor_ms']} {row['inductor_note']} err {err:.1e} unwritten {unwritten}")
         del q, k, w, out
         torch.cuda.empty_cache()
@@ -328,8 +354,9 @@ def main():
         f"H={H}, D={D}, top-k {TOPK}, causal (queries are the last S of T), bf16 q/k/w, fp32 logits. "
         "Times: do_bench medians, ms. Floor = max(compute, memory) of the logits; % roofline = floor / logits time.",
         "",
-        "| B×S×T | config | logits | logits (graph) | floor | % roofline | TFLOP/s | top-k sorted | top-k unsorted |"
-        " fused (logits+top-k) | Inductor (transformers code) | speedup | max rel err |",
+        "| B×S×T | config | logits | logits (graph) | floor | % roofline | TFLOP/s | torch.topk sorted / unsorted |"
+        " Triton top-k sorted / unsorted | fused sorted / unsorted | Inductor (transformers code) |"
+        " speedup (fused sorted) | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -337,15 +364,17 @@ def main():
         lines.append(
             f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {fmt(r['logits_ms'])} | {fmt(r['logits_graph_ms'])} | "
             f"{fmt(r['floor_ms'])} | "
-            f"{r['pct_roofline']:.1f} | {r['tflops']:.0f} | {fmt(r['topk_sorted_ms'])} | {fmt(r['topk_unsorted_ms'])} | "
-            f"{fmt(r['fused_ms'])} | {ind} | {fmt(r['speedup_vs_inductor'], 1) if r['speedup_vs_inductor'] else '—'} | "
+            f"{r['pct_roofline']:.1f} | {r['tflops']:.0f} | {fmt(r['topk_sorted_ms'])} / {fmt(r['topk_unsorted_ms'])} | "
+            f"{fmt(r['topk_triton_sorted_ms'])} / {fmt(r['topk_triton_unsorted_ms'])} | "
+            f"{fmt(r['fused_ms'])} / {fmt(r['fused_unsorted_ms'])} | {ind} | {fmt(r['speedup_vs_inductor'], 1) if r['speedup_vs_inductor'] else '—'} | "
             f"{r['rel_err']:.1e} |")
     if sweep_rows:
         lines += ["", "## Config sweep (logits kernel only)", "", "| B×S×T | config | ms | regs | spills | smem | wgmma |",
                   "|---|---|---|---|---|---|---|"]
         for r in sweep_rows:
             lines.append(f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {r['ms']:.4f} | {r.get('n_regs')} | "
-                         f"{r.get('n_spills')} | {r.get('shared')} | {r.get('wgmma')} |")
+                         f"{r.get('n_spills')} | {r.get('shared')} | {r.get('wgmma')} |"
+                         + (f" torch.topk unsorted {r['torch_topk_unsorted_ms']:.4f} ms" if r.get('torch_topk_unsorted_ms') else ""))
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "indexer_kernel.md"), "w") as f:
         f.write(md)

@@ -15,6 +15,7 @@ from .lightning_indexer import (
     unsupported_reason,
 )
 from .lightning_indexer import lightning_indexer as fused_lightning_indexer
+from .topk import row_topk
 
 __all__ = [
     "LogitsConfig",
@@ -25,5 +26,6 @@ __all__ = [
     "indexer_topk",
     "is_supported",
     "lightning_indexer_reference",
+    "row_topk",
     "unsupported_reason",
 ]

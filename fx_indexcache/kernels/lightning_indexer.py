@@ -19,12 +19,15 @@ Blocks that the mask hides completely are written as ``-inf`` without any arithm
 queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
 tensor-core work is wasted on padding rows.
 
-Top-k: ``torch.topk`` on the fp32 logits (measured against the logits kernel in
-``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). Ties and ``-inf``:
-the result has ``min(topk, T)`` columns (as transformers' indexer); with ``sorted=True`` the columns
-are in descending score order, so masked (``-inf``) keys come after every visible key; which of
-several equal scores is listed first is unspecified (torch.topk's choice). ``invalid_index=-1``
-replaces the index of every selected ``-inf`` key, for consumers that want an explicit marker.
+Top-k (``indexer_topk``): rows of at most 32K keys go to ``topk.row_topk``, a Triton kernel that
+finds the exact k-th score by a bitwise search over register-resident keys; longer rows to
+``torch.topk`` (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see
+``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
+indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
+(``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
+the k-th score towards the lowest key index (torch.topk's tie choice is unspecified).
+``invalid_index=-1`` replaces the index of every selected ``-inf`` key, for consumers that want an
+explicit marker.
 
 Triton is imported lazily: this module imports (and its reference runs) on a machine without CUDA
 or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
@@ -48,8 +51,8 @@ __all__ = [
     "lightning_indexer_reference",
 ]
 
-# Queries per row-block at or below which the decode kernel (heads on the M side) is used.
-DECODE_MAX_S = 8
+# Query count at or below which the decode kernel (heads on the M side) is used.
+DECODE_MAX_S = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +221,8 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
-    """The launch configuration used when none is given (picked from measurements on an H100)."""
+    """The launch configuration used when none is given (picked from measurements on an H100, see
+    docs/notes/indexer_kernel.md)."""
     if S <= DECODE_MAX_S:
         try:
             sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
@@ -227,12 +231,10 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
         block_t = 128
         if B * math.ceil(T / 128) < 2 * sms:
             block_t = 64
-        return LogitsConfig(kind="decode", block_s=S, block_t=block_t, num_warps=4, num_stages=2)
+        return LogitsConfig(kind="decode", block_s=1 if S <= 8 else 4, block_t=block_t, num_warps=4, num_stages=2)
     if D > 128:
         return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=2)
-    if S <= 64:
-        return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=3)
-    return LogitsConfig(kind="prefill", block_s=128, block_t=128, num_warps=8, num_stages=3)
+    return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,15 +432,31 @@ def indexer_topk(
     *,
     sorted: bool = True,
     invalid_index: Optional[int] = None,
+    method: str = "auto",
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
-    ``sorted=True``: descending score order, masked (-inf) keys after all visible ones. The order
-    among equal scores is torch.topk's (unspecified). ``invalid_index`` (e.g. -1), when given,
-    replaces the index of every selected key whose logit is -inf.
+    ``method``: "triton" (``topk.row_topk``: exact bitwise threshold search, CUDA fp32 rows of at most
+    32K), "torch" (``torch.topk``) or "auto" (triton where it applies, else torch).
+    ``sorted=True``: descending score order, so masked (-inf) keys come after all visible ones.
+    Unsorted: with "triton", keys above the k-th score in index order, then the threshold ties; with
+    "torch", torch's order. Ties at the k-th score: "triton" takes the lowest indices; "torch" is
+    unspecified. ``invalid_index`` (e.g. -1), when given, replaces the index of every selected key whose
+    logit is -inf.
     """
+    from . import topk as _tk
+
     T = logits.shape[-1]
     kk = min(int(topk), T)
+    use_triton = method == "triton" or (method == "auto" and _tk.supported(logits, kk))
+    if method not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown top-k method {method!r}")
+    if use_triton:
+        idx = _tk.row_topk(logits, kk, sorted=sorted)
+        if invalid_index is not None:
+            vals = torch.gather(logits, -1, idx.long())
+            idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))
+        return idx
     vals, idx = torch.topk(logits, kk, dim=-1, largest=True, sorted=sorted)
     idx = idx.to(torch.int32)
     if invalid_index is not None:
@@ -459,13 +477,14 @@ def lightning_indexer(
     invalid_index: Optional[int] = None,
     return_logits: bool = False,
     config: Optional[LogitsConfig] = None,
+    topk_method: str = "auto",
 ):
     """Indexer top-k indices (int32 ``[B, S, min(topk, T)]``) through the fused logits kernel.
 
-    With ``return_logits=True`` returns ``(indices, logits)``.
+    With ``return_logits=True`` returns ``(indices, logits)``. See ``indexer_topk`` for order and ties.
     """
     logits = indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, config=config)
-    idx = indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index)
+    idx = indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index, method=topk_method)
     return (idx, logits) if return_logits else idx
 
 
@@ -473,9 +492,9 @@ def lightning_indexer_reference(
     q, k, weights, topk, *, causal=True, scale=1.0, kv_lens=None, sorted=True, invalid_index=None,
     dtype=torch.float32,
 ):
-    """Reference indices from ``indexer_logits_reference`` (same tie/-inf rules as the kernel path)."""
+    """Reference indices: torch.topk over ``indexer_logits_reference`` (same -inf rule as the kernel path)."""
     logits = indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, dtype=dtype)
-    return indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index)
+    return indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index, method="torch")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from fx_indexcache.kernels import topk as tk
 from fx_indexcache.kernels.lightning_indexer import (
     LogitsConfig,
     indexer_logits,
@@ -26,7 +27,7 @@ from fx_indexcache.kernels.lightning_indexer import (
 
 def _has_triton() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability probe)
     except Exception:
         return False
     return True
@@ -305,6 +306,77 @@ def test_custom_ops_run_the_kernel():
     vals_i = torch.gather(b, -1, i.long()).sort(-1).values
     vals_j = torch.gather(b, -1, j.long()).sort(-1).values
     assert torch.equal(vals_i, vals_j)
+
+
+def _row_logits(R, T, kind, g):
+    x = torch.randn(R, T, device="cuda", generator=g)
+    if kind == "ties":
+        x = torch.randint(-4, 4, (R, T), device="cuda", generator=g).float()
+    elif kind == "masked":
+        x[:, T // 3:] = float("-inf")
+    elif kind == "allmasked":
+        x[:] = float("-inf")
+    elif kind == "zeros":
+        x[:, ::3] = 0.0
+        x[:, 1::3] = -0.0
+    elif kind == "wide":
+        x = x * torch.exp2(torch.randint(-60, 60, (R, T), device="cuda", generator=g).float())
+    return x
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["randn", "ties", "masked", "allmasked", "zeros", "wide"])
+@pytest.mark.parametrize("R,T,k", [(5, 1, 1), (7, 100, 100), (3, 777, 64), (9, 5000, 2048), (4, 8192, 2048),
+                                   (3, 16384, 2048), (2, 32768, 2048), (2, 20000, 7), (2, 4097, 4096)])
+def test_row_topk_exact(kind, R, T, k):
+    seed = _seed()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = _row_logits(R, T, kind, g)
+    out = torch.full((R, k), -7, dtype=torch.int32, device="cuda")
+    tk._launch(x, out, k)
+    torch.cuda.synchronize()
+    where = f"R={R} T={T} k={k} {kind} seed={seed}"
+    assert bool(((out >= 0) & (out < T)).all()), f"unwritten or out of range: {where}"
+    srt = out.sort(-1).values
+    assert not bool((srt[:, 1:] == srt[:, :-1]).any()), f"duplicates: {where}"
+    got = torch.gather(x, 1, out.long())
+    want = torch.topk(x, k, dim=-1).values
+    assert torch.equal(got.sort(-1, descending=True).values, want), f"values differ: {where}"
+    # order: keys above the k-th value in index order, then the lowest-indexed ties
+    thr = want[:, -1:]
+    n_gt = (got > thr).sum(-1)
+    for r in range(R):
+        o = out[r].long()
+        m = int(n_gt[r])
+        assert bool((got[r, :m] > thr[r]).all()) and bool((got[r, m:] == thr[r]).all()), where
+        assert torch.equal(o[:m], o[:m].sort().values) and torch.equal(o[m:], o[m:].sort().values), where
+        eq_idx = (x[r] == thr[r]).nonzero().flatten()
+        assert torch.equal(o[m:], eq_idx[: k - m]), f"tie rule (lowest indices first): {where}"
+
+
+@gpu
+def test_row_topk_sorted_and_dispatch():
+    g = torch.Generator(device="cuda").manual_seed(_seed())
+    x = torch.randint(-50, 50, (3, 4, 3000), device="cuda", generator=g).float()
+    x[..., 2500:] = float("-inf")
+    idx = tk.row_topk(x, 2048, sorted=True)
+    assert idx.shape == (3, 4, 2048) and idx.dtype == torch.int32
+    vals = torch.gather(x, -1, idx.long())
+    assert torch.equal(vals, torch.topk(x, 2048, dim=-1).values)
+    # stable: equal scores are listed by ascending index
+    same = vals[..., 1:] == vals[..., :-1]
+    assert bool((~same | (idx[..., 1:] > idx[..., :-1])).all())
+    # dispatch: rows over MAX_ROW go to torch.topk; both give the same score profile
+    long_rows = torch.randn(2, tk.MAX_ROW + 5, device="cuda", generator=g)
+    assert not tk.supported(long_rows, 2048)
+    a = torch.gather(long_rows, -1, indexer_topk(long_rows, 2048).long())
+    assert torch.equal(a, torch.topk(long_rows, 2048, dim=-1).values)
+    short = long_rows[:, : tk.MAX_ROW]
+    assert tk.supported(short, 2048)
+    b = torch.gather(short, -1, indexer_topk(short, 2048, method="triton").long())
+    c = torch.gather(short, -1, indexer_topk(short, 2048, method="torch").long())
+    assert torch.equal(b, c)
+    assert not tk.supported(short.double(), 2048) and not tk.supported(short.cpu(), 2048)
 
 
 # ----------------------------------------------------------------------------------------------
