@@ -115,6 +115,13 @@ class IndexCacheConfig:
         """The F/S string for layers ``0..num_layers-1`` as the config states it."""
         return "".join(self.layer_kind(i) for i in range(num_layers))
 
+    def executed_pattern(self, num_layers: int) -> str:
+        """The pattern a whole-model graph runs: an S with no F before it is computed as F.
+
+        This is what the hand-written model-level IndexCache must run to match the pass.
+        """
+        return "".join(FULL if self.source_layer(i) is None else self.layer_kind(i) for i in range(num_layers))
+
     def source_layer(self, layer: int) -> int | None:
         """The F layer whose indices S layer ``layer`` reuses: the nearest preceding F, or None."""
         for candidate in range(layer - 1, -1, -1):

@@ -20,15 +20,6 @@ from .reference import DSAModelConfig, ReferenceDSAModel
 from .report import clear_reports, reports
 
 
-def _oracle_pattern(config: IndexCacheConfig, num_layers: int) -> str:
-    """The pattern the hand-written IndexCache runs: the config's, with leading S computed as F."""
-    pattern = list(config.pattern_for(num_layers))
-    for i, kind in enumerate(pattern):
-        if kind == "S" and "F" not in pattern[:i]:
-            pattern[i] = "F"
-    return "".join(pattern)
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -54,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pattern:
         options = {"index_topk_pattern": args.pattern}
     config, _ = IndexCacheConfig.from_options(options)
-    oracle_pattern = _oracle_pattern(config, model_config.num_layers)
+    oracle_pattern = config.executed_pattern(model_config.num_layers)
     print(f"reference model: {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
           f"hidden {model_config.hidden_size}, {args.dtype}; IndexCache options {options}")
     print(f"pattern as configured: {config.pattern_for(model_config.num_layers)}  "

@@ -127,3 +127,8 @@ def test_fingerprint_changes_with_every_field():
         IndexCacheConfig(index_topk_freq=4),
     ]
     assert len({base.fingerprint(), *(v.fingerprint() for v in variants)}) == 1 + len(variants)
+
+
+def test_executed_pattern_computes_every_s_without_an_f_before_it():
+    assert on(index_topk_pattern="SSFSF").executed_pattern(5) == "FFFSF"
+    assert on(index_topk_freq=4).executed_pattern(8) == on(index_topk_freq=4).pattern_for(8)
