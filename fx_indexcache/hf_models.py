@@ -1,0 +1,428 @@
+"""Tiny, randomly initialised DSA models from transformers, and an IndexCache oracle for them.
+
+Nothing here is downloaded: each builder makes a 4-layer model (hidden size 32) from the model's
+own config class. ``TINY_DSA_MODELS`` holds the models with a DeepSeek-Sparse-Attention lightning
+indexer (one ``ReLU(q·k)``-scored top-k per DSA layer); ``TINY_OTHER_INDEXER_MODELS`` holds models
+whose sparse-attention "indexer" is not that shape, on which the pass must change nothing.
+
+``index_cache_oracle(model, pattern)`` gives the IndexCache semantics without any graph pass: it
+patches each DSA layer's indexer module so that a layer marked ``S`` returns the output of the
+nearest preceding DSA layer marked ``F`` (the indexer of an ``S`` layer still runs, so its cache
+writes happen exactly as in the compiled graph, where the pass keeps them). Where a model's indexer
+post-processes its top-k (masks, pooling, ``-1`` padding) with layer-independent data, returning the
+F layer's whole output equals reusing its top-k indices, which is what the pass does.
+
+The model-specific knowledge (where the decoder layers and their indexers live, how many top-k
+one MoE router holds) is in ``SPECS``, one row per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Hidden sizes shared by the tiny configs (kept small: tests compile each model several times).
+_TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=None,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+#: DeepSeek-V3-style MLA + DSA indexer + group-limited MoE router (V3.2, GLM-MoE-DSA, AXK2, HY-V4).
+_MLA_DSA = dict(
+    _TINY,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_key_value_heads=2,
+    n_shared_experts=1,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    index_topk=4,
+    index_head_dim=16,
+    index_n_heads=2,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build one tiny model and where its DSA indexers are."""
+
+    name: str
+    module: str  # transformers.models.<module>
+    config_class: str
+    model_class: str
+    config: dict[str, Any]
+    layers_path: str  # attribute path from the model to its decoder-layer ModuleList
+    indexer_path: str  # attribute path from a decoder layer to its indexer (None where the layer has none)
+    router_topk_per_moe_layer: int  # aten.topk nodes one MoE router holds in the graph
+    moe_layer_types: tuple[str, ...] = ("sparse",)  # mlp_layer_types entries that are MoE layers
+    output: str = "logits"  # the output field compared by the checks
+    #: torch._dynamo config patches the model needs to trace into one graph (data-dependent shapes).
+    dynamo_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Why the pass cannot (or must not) share indices in this model; None where it does.
+    limitation: str | None = None
+
+    @property
+    def transformers_module(self):
+        return importlib.import_module(f"transformers.models.{self.module}")
+
+    def config_object(self, **overrides: Any):
+        module = importlib.import_module(f"transformers.models.{self.module}.configuration_{self.module}")
+        config = getattr(module, self.config_class)(**{**self.config, **overrides})
+        config._attn_implementation = "eager"
+        return config
+
+    def moe_layers(self, config) -> int:
+        types = getattr(config, "mlp_layer_types", None)
+        if types is None:  # every layer is MoE
+            return config.num_hidden_layers
+        return sum(t in self.moe_layer_types for t in types)
+
+    def expected_router_topk(self, config) -> int:
+        return self.router_topk_per_moe_layer * self.moe_layers(config)
+
+
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "deepseek_v32", "deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM",
+            dict(_MLA_DSA, first_k_dense_replace=1),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
+        ),
+        ModelSpec(
+            "glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+            # indexer_types all "full": the model's own cross-layer sharing is off, the pass does it.
+            dict(_MLA_DSA, first_k_dense_replace=1, indexer_types=["full"] * 4),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
+        ),
+        ModelSpec(
+            "axk2", "axk2", "AXK2Config", "AXK2ForCausalLM",
+            dict(_MLA_DSA, first_k_dense_replace=1),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
+        ),
+        ModelSpec(
+            "hy_v4", "hy_v4", "HYV4Config", "HYV4ForCausalLM",
+            # HY-V4's default indexer_types already shares (F at 0, 1, 5, ...): make every layer full.
+            dict(_MLA_DSA, indexer_types=["full"] * 4, hc_mult=2),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
+        ),
+        ModelSpec(
+            "deepseek_v4", "deepseek_v4", "DeepseekV4Config", "DeepseekV4ForCausalLM",
+            dict(
+                _TINY,
+                moe_intermediate_size=16, num_key_value_heads=1, head_dim=16, q_lora_rank=16,
+                num_experts_per_tok=2, n_routed_experts=4, hc_mult=2, hc_sinkhorn_iters=2,
+                sliding_window=8, o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=16,
+                index_topk=2, compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 8},
+                # every layer compressed-sparse (the layers with an indexer); hash-routed MoE off
+                layer_types=["compressed_sparse_attention"] * 4, mlp_layer_types=["moe"] * 4,
+            ),
+            "model.layers", "self_attn.compressor.indexer", router_topk_per_moe_layer=1,
+            moe_layer_types=("moe",),
+        ),
+        ModelSpec(
+            "glm5_next", "glm5_next", "Glm5NextTextConfig", "Glm5NextTextModel",
+            dict(
+                _MLA_DSA, qk_rope_head_dim=0, qk_nope_head_dim=16, index_kpool=2, hc_mult=2,
+                linear_head_dim=8, linear_num_heads=2, first_k_dense_replace=1,
+                layer_types=["indexed_attention"] * 4, indexer_types=["full"] * 4,
+                mlp_layer_types=["dense"] + ["sparse"] * 3,
+            ),
+            "layers", "self_attn.indexer", router_topk_per_moe_layer=3, output="last_hidden_state",
+            dynamo_config=dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True),
+            limitation=(
+                "k-pool indexer: the pool count comes from a boolean-mask index (`pool_keys[:, keep]`), "
+                "a data-dependent size; each layer's top-k width is its own unbacked symbol, so the pass "
+                "cannot prove two layers' indices interchangeable and leaves S layers as they are "
+                "(without capture_dynamic_output_shape_ops the model graph-breaks inside every indexer)"
+            ),
+        ),
+    ]
+}
+
+#: Sparse-attention models whose selection is not a DSA lightning indexer the pass may share.
+OTHER_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "minimax_m3_vl", "minimax_m3_vl", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM",
+            dict(
+                _TINY, intermediate_size=32, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
+                num_local_experts=4, dense_intermediate_size=32, shared_intermediate_size=16, rotary_dim=8,
+                index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2,
+                index_local_blocks=1, layer_types=["minimax_m3_sparse"] * 4,
+            ),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=1,
+            limitation=(
+                "block-sparse indexer without ReLU: max-pooled q·k block scores, one selection per "
+                "indexer head, and the top-k values are read (to mark empty blocks -1); not a DSA "
+                "lightning indexer, so the pass must not touch it"
+            ),
+        ),
+        ModelSpec(
+            "qwen4_exp", "qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM",
+            dict(
+                _TINY, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=2, moe_intermediate_size=16,
+                shared_expert_intermediate_size=16, num_experts_per_tok=2, num_experts=4,
+                layer_types=["indexed_attention"] * 4, hc_count=2, hc_lowrank=8, indexer_n_heads=2,
+                indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
+            ),
+            "model.layers", "self_attn.indexer", router_topk_per_moe_layer=1,
+            limitation=(
+                "QSA indexer: a Python loop over batch and query positions with torch.nonzero, one "
+                "block top-k per query, returning a mask; torch.compile graph-breaks inside it, so no "
+                "graph holds a per-layer indexer top-k"
+            ),
+        ),
+    ]
+}
+
+
+def _get_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        if root is None:
+            return None
+        root = root[int(part)] if part.isdigit() else getattr(root, part, None)
+    return root
+
+
+def indexer_modules(model: nn.Module, spec: ModelSpec) -> dict[int, nn.Module]:
+    """The indexer module of every decoder layer that has one, by global layer index."""
+    layers = _get_path(model, spec.layers_path)
+    found = {}
+    for index, layer in enumerate(layers):
+        indexer = _get_path(layer, spec.indexer_path)
+        if indexer is not None:
+            found[index] = indexer
+    return found
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The ``SPECS`` / ``OTHER_SPECS`` row whose model class ``model`` is."""
+    for spec in (*SPECS.values(), *OTHER_SPECS.values()):
+        if type(model).__name__ == spec.model_class:
+            return spec
+    raise KeyError(f"no spec for {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def index_cache_oracle(model: nn.Module, pattern: str) -> Iterator[dict[int, int]]:
+    """Run ``model`` with IndexCache semantics by patching its indexer modules (no graph pass).
+
+    ``pattern[i]`` marks global decoder layer ``i``; an ``S`` DSA layer returns the output of the
+    nearest preceding DSA layer marked ``F``; an ``S`` with no such layer computes its own (and, being
+    marked S, serves no later layer). Yields ``{S layer: source layer}`` for the layers that share.
+    The indexer of an S layer still runs (its cache writes stay), and its result is discarded.
+    Patches are instance attributes, removed on exit.
+
+    Layers without an indexer are skipped when looking for the source; in the tiny models every
+    layer has one, so this equals "the nearest preceding layer marked F".
+    """
+    spec = spec_of(model)
+    indexers = indexer_modules(model, spec)
+    if len(pattern) < max(indexers, default=-1) + 1:
+        raise ValueError(f"pattern {pattern!r} is shorter than the model's {max(indexers) + 1} layers")
+    sources: dict[int, int] = {}
+    last_full = None
+    for layer in sorted(indexers):
+        if pattern[layer] != "S":
+            last_full = layer
+        elif last_full is not None:
+            sources[layer] = last_full
+    outputs: dict[int, Any] = {}
+
+    def patched(layer: int, original: Callable, *args, **kwargs):
+        result = original(*args, **kwargs)
+        if layer in sources:
+            return outputs[sources[layer]]
+        outputs[layer] = result
+        return result
+
+    for layer, indexer in indexers.items():
+        indexer.forward = functools.partial(patched, layer, indexer.forward)
+    try:
+        yield dict(sources)
+    finally:
+        for indexer in indexers.values():
+            del indexer.forward
+
+
+@dataclasses.dataclass
+class TinyModel:
+    """One built tiny model: ``model``, ``make_inputs(seq_len, seed)``, ``oracle(pattern)``, and facts."""
+
+    spec: ModelSpec
+    model: nn.Module
+    config: Any
+    make_inputs: Callable[..., dict[str, torch.Tensor]]
+    oracle: Callable[[str], contextlib.AbstractContextManager]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def dsa_layers(self) -> list[int]:
+        return sorted(indexer_modules(self.model, self.spec))
+
+    @property
+    def expected_router_topk(self) -> int:
+        return self.spec.expected_router_topk(self.config)
+
+    def __iter__(self):  # ``model, make_inputs, oracle = builder()``
+        return iter((self.model, self.make_inputs, self.oracle))
+
+
+def build(spec: ModelSpec, seed: int = 0, num_layers: int | None = None, **config_overrides: Any) -> TinyModel:
+    """Build ``spec``'s tiny model in eval mode with weights from ``torch.manual_seed(seed)``.
+
+    ``num_layers`` keeps only the first layers (per-layer lists in the config are cut to match).
+    """
+    if num_layers is not None:
+        config_overrides.setdefault("num_hidden_layers", num_layers)
+        for key, value in spec.config.items():
+            if isinstance(value, list) and len(value) == spec.config["num_hidden_layers"]:
+                config_overrides.setdefault(key, value[:num_layers])
+    config = spec.config_object(**config_overrides)
+    torch.manual_seed(seed)
+    model = getattr(spec.transformers_module, spec.model_class)(config).eval()
+    vocab = config.vocab_size
+
+    def make_inputs(seq_len: int = 12, seed: int = 0, batch: int = 1) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(1000 + seed)
+        # ids >= 2 so that no bos/eos/pad id appears mid-sequence
+        return {"input_ids": torch.randint(2, vocab, (batch, seq_len), generator=generator)}
+
+    return TinyModel(spec, model, config, make_inputs, functools.partial(index_cache_oracle, model))
+
+
+TINY_DSA_MODELS: dict[str, Callable[[], TinyModel]] = {
+    name: functools.partial(build, spec) for name, spec in SPECS.items()
+}
+TINY_OTHER_INDEXER_MODELS: dict[str, Callable[[], TinyModel]] = {
+    name: functools.partial(build, spec) for name, spec in OTHER_SPECS.items()
+}
+
+
+def output_of(result: Any, spec: ModelSpec) -> torch.Tensor:
+    return getattr(result, spec.output)
+
+
+@torch.no_grad()
+def prefill_and_decode(model: Callable, tiny: TinyModel, prompt_len: int = 12, steps: int = 2) -> list[torch.Tensor]:
+    """Prefill ``prompt_len`` tokens with a fresh cache, then ``steps`` one-token decode steps.
+
+    ``model`` is the eager model or a compiled one; the decode tokens are fixed (not sampled),
+    so two runs see the same inputs whatever their outputs. Returns every step's output tensor.
+    """
+    result = model(**tiny.make_inputs(prompt_len), use_cache=True)
+    cache = result.past_key_values
+    outputs = [output_of(result, tiny.spec)]
+    for step in range(steps):
+        token = tiny.make_inputs(1, seed=100 + step)
+        result = model(**token, past_key_values=cache, use_cache=True)
+        cache = result.past_key_values
+        outputs.append(output_of(result, tiny.spec))
+    return outputs
+
+
+@torch.no_grad()
+def prefill(model: Callable, tiny: TinyModel, prompt_len: int = 12) -> torch.Tensor:
+    """One forward pass without a cache."""
+    return output_of(model(**tiny.make_inputs(prompt_len), use_cache=False), tiny.spec)
+
+
+def dynamo_config(tiny: TinyModel) -> contextlib.AbstractContextManager:
+    """``torch._dynamo.config.patch`` with the model's tracing needs (a no-op for most)."""
+    return torch._dynamo.config.patch(**tiny.spec.dynamo_config)
+
+
+def _graph_module_copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``module``'s graph (node metadata copied shallowly)."""
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(module.graph, {})
+    graph.output(output)
+    return torch.fx.GraphModule(module, graph)
+
+
+class PatternSwitchBackend:
+    """A ``torch.compile`` backend that traces once and runs any of several IndexCache configs.
+
+    Each graph AOTAutograd hands over is copied once per config and rewritten by ``IndexCachePass``
+    (exactly what ``indexcache_eager_backend`` does to its one graph); ``use(key)`` picks the
+    variant every compiled graph runs. Dynamo and AOT trace a model once for all patterns, which
+    keeps a pattern × (prefill, decode, decode) matrix affordable on CPU. ``reports[key]`` lists
+    that config's report for each traced graph, ``detections`` the detection on each original graph.
+    """
+
+    def __init__(self, configs: dict[str, Any]) -> None:
+        from .config import IndexCacheConfig
+
+        self.configs = {
+            key: cfg if isinstance(cfg, IndexCacheConfig) else IndexCacheConfig(use_index_cache=True, **cfg)
+            for key, cfg in configs.items()
+        }
+        self.current: str | None = None
+        self.reports: dict[str, list] = {key: [] for key in self.configs}
+        self.detections: list = []
+
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[None]:
+        if key not in self.configs:
+            raise KeyError(key)
+        previous, self.current = self.current, key
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        from .detection import detect
+        from .graph_pass import IndexCachePass
+
+        def forward_compiler(module: torch.fx.GraphModule, inputs):
+            self.detections.append(detect(_graph_module_copy(module).graph))
+            variants = {}
+            for key, config in self.configs.items():
+                variant = _graph_module_copy(module)
+                self.reports[key].append(IndexCachePass(config).run(variant.graph, graph_name=key))
+                variant.recompile()
+                variants[key] = variant
+
+            def run(*args):
+                if self.current is None:
+                    raise RuntimeError("PatternSwitchBackend: call inside `with backend.use(key):`")
+                return variants[self.current](*args)
+
+            return make_boxed_func(run)
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+
+def freq_pattern(num_layers: int, freq: int, offset: int = 2) -> str:
+    """The F/S string vLLM's ``index_topk_freq`` / ``index_skip_topk_offset`` give (written out here,
+    independently of ``IndexCacheConfig``, so tests compare two implementations)."""
+    return "".join("F" if max(i - offset + 1, 0) % freq == 0 else "S" for i in range(num_layers))

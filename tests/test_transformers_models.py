@@ -1,0 +1,248 @@
+"""IndexCache on the DSA models transformers ships, built tiny and random (no downloads).
+
+For every model with a DSA lightning indexer (``hf_models.SPECS``):
+
+* detection finds exactly one indexer top-k per DSA layer, in the indexer module, and leaves
+  every MoE-router top-k alone (counts derived from the config);
+* for several patterns the compiled model equals ``index_cache_oracle`` (indexer modules patched
+  so S layers return their F layer's output) exactly, in prefill and over two decode steps with
+  the model's own cache; all-F equals the untouched model;
+* one Inductor run and a ``torch.export`` program agree with the oracle too.
+
+Dynamo and AOTAutograd trace each model once (``PatternSwitchBackend`` holds one rewrite per
+pattern), so the pattern × step matrix costs three traces per model. Models where the pass must
+refuse (``limitation`` set) or that have no DSA indexer must come out unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fx_indexcache as fic
+from fx_indexcache import hf_models as H
+
+SUPPORTED = [name for name, spec in H.SPECS.items() if spec.limitation is None]
+REFUSED = [name for name, spec in H.SPECS.items() if spec.limitation is not None]
+OTHER = list(H.OTHER_SPECS)
+
+
+def _patterns(n: int) -> dict[str, str]:
+    return {
+        "all-F": "F" * n,
+        "FS": ("FS" * n)[:n],
+        "freq2": H.freq_pattern(n, 2),  # FFSF for 4 layers
+        "leading-S": "SF" + "S" * (n - 2),  # layer 0 marked S: computed, serves nobody
+    }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Shared 2-core machine: one intra-op thread keeps tiny-op timings sane under contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _executed(pattern: str, sources: dict[int, int], layers: list[int]) -> str:
+    return "".join("S" if layer in sources else "F" for layer in layers)
+
+
+@functools.lru_cache(maxsize=None)
+def _matrix(name: str):
+    """Trace ``name`` once, run every pattern (prefill + 2 decode steps), and the oracle for each."""
+    tiny = H.TINY_DSA_MODELS[name]()
+    patterns = _patterns(tiny.num_layers)
+    untouched = H.prefill_and_decode(tiny.model, tiny)
+    oracle, sources = {}, {}
+    for key, pattern in patterns.items():
+        with tiny.oracle(pattern) as shared:
+            oracle[key] = H.prefill_and_decode(tiny.model, tiny)
+        sources[key] = shared
+    torch._dynamo.reset()
+    counters.clear()
+    backend = H.PatternSwitchBackend({key: {"index_topk_pattern": p} for key, p in patterns.items()})
+    compiled = torch.compile(tiny.model, backend=backend)
+    got = {}
+    for key in patterns:
+        with backend.use(key):
+            got[key] = H.prefill_and_decode(compiled, tiny)
+    stats = dict(counters["fx_indexcache"])
+    return tiny, patterns, untouched, oracle, sources, backend, got, stats
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_detection_one_site_per_dsa_layer_and_no_router(name):
+    tiny, patterns, _, _, _, backend, _, stats = _matrix(name)
+    spec = tiny.spec
+    assert len(backend.detections) == 3, "prefill + two decode steps should be three graphs"
+    expected_routers = tiny.expected_router_topk
+    assert expected_routers > 0 and len(tiny.dsa_layers) == tiny.config.num_hidden_layers
+    for detection in backend.detections:
+        assert not detection.unplaced and not detection.nested_regions
+        assert [site.layer for site in detection.sites] == tiny.dsa_layers
+        for site in detection.sites:
+            assert site.module_path.endswith(f"{site.layer}.{spec.indexer_path}"), site.module_path
+        assert len(detection.ignored) == expected_routers
+        for verdict in detection.ignored:
+            path = _path(verdict.node)
+            assert "indexer" not in path, f"an indexer top-k was left alone: {path} ({verdict.reason})"
+            assert not verdict.is_indexer
+    for key in patterns:
+        for report in backend.reports[key]:
+            assert report.router_topk == expected_routers
+            assert [d.layer for d in report.decisions] == tiny.dsa_layers
+    runs = len(patterns) * 3
+    assert stats["graphs"] == runs
+    assert stats["indexer_sites"] == runs * len(tiny.dsa_layers)
+    assert stats["other_topk"] == runs * expected_routers
+    assert stats["indexers_removed"] == sum(r.indexers_removed for rs in backend.reports.values() for r in rs)
+    assert stats["layers_left"] == 0
+
+
+def _path(node) -> str:
+    from fx_indexcache.layers import module_path
+
+    return module_path(node) or ""
+
+
+@pytest.mark.parametrize("key", ["all-F", "FS", "freq2", "leading-S"])
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_compiled_equals_oracle_prefill_and_decode(name, key):
+    tiny, patterns, untouched, oracle, sources, backend, got, _ = _matrix(name)
+    pattern = patterns[key]
+    executed = _executed(pattern, sources[key], tiny.dsa_layers)
+    for step, (mine, theirs) in enumerate(zip(got[key], oracle[key])):
+        assert torch.equal(mine, theirs), f"{name} {pattern} step {step}: max diff {(mine - theirs).abs().max()}"
+    for report in backend.reports[key]:
+        assert report.pattern == executed
+        for decision in report.decisions:
+            assert decision.source_layer == sources[key].get(decision.layer, decision.layer)
+            assert decision.action == ("shared" if decision.layer in sources[key] else "computed")
+    if key == "all-F":
+        assert not sources[key]
+        for step, (mine, base) in enumerate(zip(got[key], untouched)):
+            assert torch.equal(mine, base), f"{name} all-F differs from the untouched model at step {step}"
+    else:
+        assert sources[key], "pattern shares nothing: the check would be vacuous"
+        # Sharing must change the output, or the equality above proves nothing.
+        assert any(not torch.equal(a, b) for a, b in zip(oracle[key], untouched))
+    if key == "leading-S":
+        decision = backend.reports[key][0].decisions[0]
+        assert decision.marked == "S" and decision.action == "computed" and "no F layer before it" in decision.note
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_inductor_equals_oracle(name):
+    tiny = H.TINY_DSA_MODELS[name]()
+    pattern = _patterns(tiny.num_layers)["FS"]
+    with tiny.oracle(pattern) as sources:
+        expected = H.prefill(tiny.model, tiny)
+    untouched = H.prefill(tiny.model, tiny)
+    torch._dynamo.reset()
+    fic.clear_reports()
+    # No FX-graph-cache hit: on a hit Inductor skips post-grad passes, so there would be no report.
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = torch.compile(tiny.model, backend=fic.indexcache_backend, options={"index_topk_pattern": pattern})
+        got = H.prefill(compiled, tiny)
+    (report,) = fic.reports()
+    assert report.pattern == _executed(pattern, sources, tiny.dsa_layers)
+    assert report.router_topk == tiny.expected_router_topk
+    tolerance = 1e-5
+    assert (expected - untouched).abs().max() > 100 * tolerance
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+def _export(tiny):
+    inputs = tiny.make_inputs(12)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(tiny.model, (), dict(inputs, use_cache=False), strict=False)
+    except Exception as error:  # noqa: BLE001 - the reason is the point
+        pytest.skip(f"{tiny.spec.name} does not export: {type(error).__name__}: {str(error).splitlines()[0]}")
+    return program, inputs
+
+
+def _run_program(program, inputs, tiny):
+    result = program.module()(**inputs, use_cache=False)
+    return H.output_of(result, tiny.spec)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_export_equals_oracle(name):
+    tiny = H.TINY_DSA_MODELS[name]()
+    program, inputs = _export(tiny)
+    for key, pattern in _patterns(tiny.num_layers).items():
+        with tiny.oracle(pattern) as sources:
+            expected = H.prefill(tiny.model, tiny)
+        rewritten = copy.deepcopy(program)
+        config = fic.IndexCacheConfig.from_hf_config(tiny.config, use_index_cache=True, index_topk_pattern=pattern,
+                                                     indexer_types=None)
+        report = fic.apply_index_cache_to_exported_program(rewritten, config)
+        assert [d.layer for d in report.decisions] == tiny.dsa_layers
+        assert report.pattern == _executed(pattern, sources, tiny.dsa_layers), key
+        assert report.router_topk == tiny.expected_router_topk
+        got = _run_program(rewritten, inputs, tiny)
+        assert torch.equal(got, expected), f"{name} {pattern}: max diff {(got - expected).abs().max()}"
+
+
+def test_export_with_grad_enabled_leaves_no_grad_indexers_alone():
+    """V3.2's indexer is ``@torch.no_grad()``: exported with grad on, each indexer sits in a
+    ``wrap_with_set_grad_enabled`` body; the pass must not rewrite (and the output stays intact)."""
+    tiny = H.TINY_DSA_MODELS["deepseek_v32"]()
+    inputs = tiny.make_inputs(12)
+    program = torch.export.export(tiny.model, (), dict(inputs, use_cache=False), strict=False)
+    untouched = H.prefill(tiny.model, tiny)
+    config = fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern="FS" * (tiny.num_layers // 2))
+    report = fic.apply_index_cache_to_exported_program(program, config)
+    assert report.indexers_removed == 0
+    assert len(report.other_notes) >= len(tiny.dsa_layers)  # each wrapped indexer is reported
+    assert torch.equal(_run_program(program, inputs, tiny), untouched)
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_model_is_left_unchanged(name):
+    spec = H.SPECS[name]
+    tiny = H.build(spec, num_layers=2)
+    pattern = "FS"
+    with tiny.oracle(pattern) as sources:
+        shared = H.prefill(tiny.model, tiny)
+    untouched = H.prefill(tiny.model, tiny)
+    assert sources and not torch.equal(shared, untouched)
+    torch._dynamo.reset()
+    backend = H.PatternSwitchBackend({pattern: {"index_topk_pattern": pattern}})
+    with H.dynamo_config(tiny), backend.use(pattern):
+        got = H.prefill(torch.compile(tiny.model, backend=backend), tiny)
+    assert torch.equal(got, untouched)
+    (report,) = backend.reports[pattern]
+    assert [d.layer for d in report.decisions] == tiny.dsa_layers  # found: one site per DSA layer
+    assert report.router_topk == tiny.expected_router_topk
+    (left,) = report.layers_left
+    assert left.layer == 1 and left.marked == "S" and "differs from layer 0" in left.note
+
+
+@pytest.mark.parametrize("name", OTHER)
+def test_non_dsa_indexer_model_is_left_unchanged(name):
+    tiny = H.build(H.OTHER_SPECS[name], num_layers=2)
+    with tiny.oracle("FS") as sources:
+        shared = H.prefill(tiny.model, tiny)
+    untouched = H.prefill(tiny.model, tiny)
+    assert sources and not torch.equal(shared, untouched)
+    torch._dynamo.reset()
+    backend = H.PatternSwitchBackend({"FS": {"index_topk_pattern": "FS"}})
+    with backend.use("FS"):
+        got = H.prefill(torch.compile(tiny.model, backend=backend), tiny)
+    assert torch.equal(got, untouched)
+    reports = backend.reports["FS"]
+    assert reports and all(not r.decisions for r in reports), "no top-k of this model is a DSA indexer"
+    if len(reports) == 1:  # traced into one graph: every top-k was seen and left alone
+        (report,) = reports
+        indexers = len(H.indexer_modules(tiny.model, tiny.spec))
+        assert report.router_topk == tiny.expected_router_topk + indexers
+        named = [note for note in report.other_notes if "module path says indexer" in note]
+        assert len(named) == indexers
