@@ -71,10 +71,19 @@ class VllmIndexerSite(IndexerSite):
 
     form: str = ""  # "auto_functionalized", "auto_functionalized_v2" or INPLACE
     op: object = None  # the OpOverload inside the wrapper
-    buffer_in: fx.Node | None = None  # the buffer version this call receives
-    arguments: dict = dataclasses.field(default_factory=dict)  # the op's arguments by name
 
     kind = "vllm.sparse_attn_indexer"
+
+    # Read from the node each time: rewiring an earlier layer changes what this call receives.
+    @property
+    def arguments(self) -> dict:
+        """The op's arguments by name, schema defaults filled in."""
+        return _arguments(self.anchor, self.form, self.op)
+
+    @property
+    def buffer_in(self) -> fx.Node | None:
+        """The buffer version this call receives."""
+        return _buffer_in(self.anchor, self.form, self.op)
 
     # ------------------------------------------------------------------ checks
     def refusal(self) -> str | None:
@@ -85,7 +94,8 @@ class VllmIndexerSite(IndexerSite):
         returned = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
         if returned:
             return "the op's return value is read in the graph; only the buffer version can be redirected"
-        if self.arguments.get("candidate_blocks") is not None or self.arguments.get("candidate_write"):
+        arguments = self.arguments
+        if arguments.get("candidate_blocks") is not None or arguments.get("candidate_write"):
             return "the op reads or writes candidate blocks (two-level selection): it does more than fill the buffer"
         if self.form == "auto_functionalized_v2" and len(self.anchor.kwargs.get("_all_bases", ())) != 1:
             return "the op mutates more than the top-k buffer"
@@ -96,17 +106,19 @@ class VllmIndexerSite(IndexerSite):
             return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
         if source.op is not self.op:
             return f"layer {source.layer} calls {_op_name(source.op)}, this layer {_op_name(self.op)}"
-        if self.buffer_in is not source.indices:
-            writer = self.buffer_in.args[0] if self.buffer_in is not None and self.buffer_in.args else None
+        received = self.buffer_in
+        if received is not source.indices:
+            writer = received.args[0] if received is not None and received.args else None
             between = f" ({writer.name} writes it)" if isinstance(writer, fx.Node) else ""
             return (
                 f"the top-k buffer this layer receives is not the version layer {source.layer} produced: "
                 f"another write lies between{between}"
             )
+        mine, theirs = self.arguments, source.arguments
         for name in _SAME:
-            if not same_arguments(self.arguments.get(name), source.arguments.get(name)):
-                return f"{name}={self.arguments.get(name)} differs from layer {source.layer}'s"
-        mine, theirs = fake_value(self.arguments["hidden_states"]), fake_value(source.arguments["hidden_states"])
+            if not same_arguments(mine.get(name), theirs.get(name)):
+                return f"{name}={mine.get(name)} differs from layer {source.layer}'s"
+        mine, theirs = fake_value(mine["hidden_states"]), fake_value(theirs["hidden_states"])
         if mine is None or theirs is None:
             return "hidden states carry no shape metadata to compare token counts"
         if not same_size(mine.shape[0], theirs.shape[0]):
@@ -116,8 +128,35 @@ class VllmIndexerSite(IndexerSite):
     # ------------------------------------------------------------------ rewrite
     def reuse(self, source: IndexerSite) -> None:
         """Take this call out of the buffer's version chain; its readers see what it received."""
-        assert self.buffer_in is source.indices
-        self.indices.replace_all_uses_with(self.buffer_in)
+        received = self.buffer_in
+        assert received is source.indices
+        self.indices.replace_all_uses_with(received)
+
+
+def _arguments(node: fx.Node, form: str, op) -> dict:
+    if form == INPLACE:
+        names = [a.name for a in op._schema.arguments]
+        return {**_schema_defaults(op), **dict(zip(names, node.args)), **node.kwargs}
+    return {**_schema_defaults(op), **node.kwargs}
+
+
+def _buffer_in(node: fx.Node, form: str, op) -> fx.Node | None:
+    if form == "auto_functionalized_v2":
+        base = node.kwargs.get(f"_{BUFFER}_base_index")
+        bases = node.kwargs.get("_all_bases", [])
+        value = bases[base] if base is not None and base < len(bases) else None
+    else:
+        value = _arguments(node, form, op).get(BUFFER)
+    return value if isinstance(value, fx.Node) else None
+
+
+def _buffer_output(node: fx.Node, form: str, op) -> int | None:
+    """Which output of the wrapper is the buffer's new version."""
+    if form == "auto_functionalized":
+        mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        return 1 + mutated.index(BUFFER)
+    base = node.kwargs.get(f"_{BUFFER}_base_index")
+    return None if base is None else 1 + base
 
 
 def _site(node: fx.Node) -> VllmIndexerSite | None:
@@ -128,33 +167,17 @@ def _site(node: fx.Node) -> VllmIndexerSite | None:
         if not node.args or not _is_indexer_op(node.args[0]):
             return None
         op = node.args[0]
-        arguments = {**_schema_defaults(op), **node.kwargs}
-        if form == "auto_functionalized":
-            mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-            output = 1 + mutated.index(BUFFER)
-            buffer_in = arguments.get(BUFFER)
-        else:
-            base = arguments.get(f"_{BUFFER}_base_index")
-            bases = node.kwargs.get("_all_bases", [])
-            if base is None or base >= len(bases):
-                return None
-            output = 1 + base
-            buffer_in = bases[base]
+        output = _buffer_output(node, form, op)
         readers = [u for u in node.users if u.target is operator.getitem and u.args[1] == output]
-        if len(readers) != 1:
+        if output is None or len(readers) != 1:
             return None  # nothing reads the new buffer version: Inductor would already drop the call
         indices = readers[0]
     elif _is_indexer_op(node.target):
         form, op, indices = INPLACE, node.target, node
-        names = [a.name for a in op._schema.arguments]
-        arguments = {**_schema_defaults(op), **dict(zip(names, node.args)), **node.kwargs}
-        buffer_in = arguments.get(BUFFER)
     else:
         return None
-    if not isinstance(buffer_in, fx.Node):
-        buffer_in = None
 
-    layer_name = _vllm_layer_name(arguments.get("k_cache_prefix"))
+    layer_name = _vllm_layer_name(_arguments(node, form, op).get("k_cache_prefix"))
     traced = module_path(node)
     path = normalise_module_path(layer_name) if layer_name else traced
     evidence = [f"{_op_name(op)} in {form}"]
@@ -163,14 +186,7 @@ def _site(node: fx.Node) -> VllmIndexerSite | None:
     if traced:
         evidence.append(f"module path {traced!r}")
     return VllmIndexerSite(
-        anchor=node,
-        indices=indices,
-        module_path=path,
-        evidence=tuple(evidence),
-        form=form,
-        op=op,
-        buffer_in=buffer_in,
-        arguments=arguments,
+        anchor=node, indices=indices, module_path=path, evidence=tuple(evidence), form=form, op=op
     )
 
 
