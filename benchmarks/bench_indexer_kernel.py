@@ -44,29 +44,22 @@ SCALE = D**-0.5
 PREFILL = [(1, S, T) for S in (1024, 2048, 4096) for T in (8192, 32768, 65536)]
 DECODE = [(B, 1, T) for B in (1, 16, 64) for T in (8192, 32768, 65536)]
 
-# run 1 (H100, 2026-11-27) swept 128x128/8w st2-4, 64x256/8w st2-4, 64x128/4w st3-4, 128x64/8w, 64x64/4w:
-# 64x128/4w/st4 and 64x256/8w/st4 were best; this run re-times those two and one more stage each.
+# Runs 1-2 (H100, 2026-11-27) swept 128x128/8w st2-4, 64x256/8w st2-5, 64x128/4w st3-5, 128x64/8w, 64x64/4w
+# (prefill), decode block_t 32-256 / 4-8 warps / 1-8 queries a program, and the small-S crossover; the
+# defaults in lightning_indexer.default_config come from them. This sweep re-times the two best prefill configs.
 SWEEP_CONFIGS_PREFILL = [
-    LogitsConfig("prefill", 64, 128, 4, 4),
-    LogitsConfig("prefill", 64, 128, 4, 5),
     LogitsConfig("prefill", 64, 256, 8, 4),
-    LogitsConfig("prefill", 64, 256, 8, 5),
-    LogitsConfig("prefill", 128, 128, 8, 3),
+    LogitsConfig("prefill", 64, 128, 4, 4),
 ]
 SWEEP_SHAPES_PREFILL = [(1, 1024, 32768), (1, 2048, 65536), (1, 4096, 8192)]
-SWEEP_CONFIGS_DECODE = [
-    LogitsConfig("decode", 1, 64, 4, 2),
-    LogitsConfig("decode", 1, 128, 4, 2),
-]
-SWEEP_SHAPES_DECODE = [(64, 1, 65536)]
-SWEEP_SHAPES_SMALL_S = [(2, 16, 32768), (1, 32, 32768), (1, 64, 32768)]
-SWEEP_CONFIGS_SMALL_S = [
-    LogitsConfig("decode", 1, 128, 4, 2),
-    LogitsConfig("decode", 4, 128, 4, 2),
-    LogitsConfig("prefill", 64, 128, 4, 4),
-    LogitsConfig("prefill", 64, 256, 8, 4),
-]
-SWEEP_TOPK = [(1024, 8192, 4), (1024, 8192, 8), (1024, 8192, 16), (1024, 32768, 16), (64, 32768, 16), (4096, 16384, 16)]
+SWEEP_CONFIGS_DECODE = []
+SWEEP_SHAPES_DECODE = []
+SWEEP_SHAPES_SMALL_S = []
+SWEEP_CONFIGS_SMALL_S = []
+# (rows, T, algo, num_warps, chunk)
+SWEEP_TOPK = [(1024, 8192, "bitsearch", 8, 0), (1024, 32768, "bitsearch", 16, 0)] + [
+    (R, T, "radix", nw, ch) for (R, T) in ((1024, 8192), (1024, 32768), (1024, 65536), (64, 32768), (1, 32768))
+    for (nw, ch) in ((8, 4096), (8, 8192), (4, 2048))]
 
 
 def bench(fn, warmup=25, rep=100):
@@ -230,19 +223,29 @@ def main():
         run_sweep(SWEEP_SHAPES_PREFILL, SWEEP_CONFIGS_PREFILL, sweep_rows, log, sweep_deadline)
         run_sweep(SWEEP_SHAPES_DECODE, SWEEP_CONFIGS_DECODE, sweep_rows, log, sweep_deadline)
         run_sweep(SWEEP_SHAPES_SMALL_S, SWEEP_CONFIGS_SMALL_S, sweep_rows, log, sweep_deadline)
-        for (R, T, nw) in SWEEP_TOPK:
+        for (R, T, algo, nw, ch) in SWEEP_TOPK:
+            if time.time() > sweep_deadline + 60:
+                log("top-k sweep: budget spent")
+                break
             g = torch.Generator(device="cuda").manual_seed(R + T)
             x = torch.randn(R, T, device="cuda", generator=g)
             o = torch.full((R, TOPK), -1, dtype=torch.int32, device="cuda")
-            h = tk._launch(x, o, TOPK, nw)
+            if algo == "bitsearch":
+                def fn():
+                    return tk._launch(x, o, TOPK, nw)
+            else:
+                def fn():
+                    return tk._launch_radix(x, o, TOPK, nw, ch)
+            h = fn()
             ok = torch.equal(torch.gather(x, 1, o.long()).sort(-1, descending=True).values,
                              torch.topk(x, TOPK, dim=-1).values)
-            ms = bench(lambda: tk._launch(x, o, TOPK, nw))
+            ms = bench(fn)
             ms_torch = bench(lambda: torch.topk(x, TOPK, dim=-1, sorted=False))
-            sweep_rows.append(dict(B=R, S=1, T=T, config=f"row_topk-w{nw}", ms=ms, rel_err=0.0 if ok else 1.0,
+            name = f"{algo}-w{nw}" + (f"-c{ch}" if ch else "")
+            sweep_rows.append(dict(B=R, S=1, T=T, config=name, ms=ms, rel_err=0.0 if ok else 1.0,
                                    unwritten=False, n_regs=getattr(h, "n_regs", None),
                                    n_spills=getattr(h, "n_spills", None), torch_topk_unsorted_ms=ms_torch))
-            log(f"sweep topk rows {R}x{T} w{nw}: triton {ms:.4f} ms (exact {ok}, regs {getattr(h, 'n_regs', None)},"
+            log(f"sweep topk rows {R}x{T} {name}: triton {ms:.4f} ms (exact {ok}, regs {getattr(h, 'n_regs', None)},"
                 f" spills {getattr(h, 'n_spills', None)}) torch.topk unsorted {ms_torch:.4f} ms")
             del x, o
         with open(os.path.join(args.out, "indexer_kernel_sweep.csv"), "w", newline="") as f:
@@ -276,7 +279,7 @@ def main():
         t_topk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="torch"))
         t_tk = t_tk_uns = None
         tk_exact = None
-        if tk.supported(out, min(TOPK, T)):
+        if tk.supported(out, min(TOPK, T), "radix"):
             t_tk = bench(lambda: indexer_topk(out, TOPK, method="triton"))
             t_tk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="triton"))
             kk = min(TOPK, T)

@@ -19,10 +19,10 @@ Blocks that the mask hides completely are written as ``-inf`` without any arithm
 queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
 tensor-core work is wasted on padding rows.
 
-Top-k (``indexer_topk``): rows of at most 32K keys go to ``topk.row_topk``, a Triton kernel that
-finds the exact k-th score by a bitwise search over register-resident keys; longer rows to
-``torch.topk`` (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see
-``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
+Top-k (``indexer_topk``): unsorted requests on rows of at most 32K keys go to ``topk.row_topk``, a
+Triton kernel that finds the exact k-th score by a bitwise search over register-resident keys; sorted
+requests and longer rows go to ``torch.topk`` (measured against each other in
+``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
 the k-th score towards the lowest key index (torch.topk's tie choice is unspecified).
@@ -234,7 +234,7 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
         return LogitsConfig(kind="decode", block_s=1 if S <= 8 else 4, block_t=block_t, num_warps=4, num_stages=2)
     if D > 128:
         return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=2)
-    return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=4)
+    return LogitsConfig(kind="prefill", block_s=64, block_t=256, num_warps=8, num_stages=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,8 +436,9 @@ def indexer_topk(
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
-    ``method``: "triton" (``topk.row_topk``: exact bitwise threshold search, CUDA fp32 rows of at most
-    32K), "torch" (``torch.topk``) or "auto" (triton where it applies, else torch).
+    ``method``: "triton" (``topk.row_topk``: exact threshold search; "bitsearch" for rows of at most
+    32K, else "radix"), "torch" (``torch.topk``) or "auto": triton for unsorted results where it applies, else torch
+    (sorted, triton + a torch sort measured no faster than torch.topk's own sorted path).
     ``sorted=True``: descending score order, so masked (-inf) keys come after all visible ones.
     Unsorted: with "triton", keys above the k-th score in index order, then the threshold ties; with
     "torch", torch's order. Ties at the k-th score: "triton" takes the lowest indices; "torch" is
@@ -448,11 +449,12 @@ def indexer_topk(
 
     T = logits.shape[-1]
     kk = min(int(topk), T)
-    use_triton = method == "triton" or (method == "auto" and _tk.supported(logits, kk))
+    use_triton = method == "triton" or (method == "auto" and not sorted and _tk.supported(logits, kk))
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown top-k method {method!r}")
     if use_triton:
-        idx = _tk.row_topk(logits, kk, sorted=sorted)
+        algo = "bitsearch" if _tk.supported(logits, kk, "bitsearch") else "radix"
+        idx = _tk.row_topk(logits, kk, sorted=sorted, algo=algo)
         if invalid_index is not None:
             vals = torch.gather(logits, -1, idx.long())
             idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))
