@@ -1,7 +1,7 @@
 """Tests of the built-in DeepSeek-V3.2-shaped reference model and its hand-written IndexCache oracle.
 
-Kept small (4-layer tiny model, CPU) so the whole file runs in about a minute on 2 cores; the one
-Inductor compile dominates.
+Kept small (4-layer tiny model, CPU). The one Inductor compile (prefill + decode in one graph) dominates:
+it is marked `slow` (deselect with -m "not slow"); the rest runs in about 30 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def test_deepseek_v32_preset_has_real_dims():
     assert dense.dense_mlp_instead_of_moe and dense.num_moe_layers == 0
     assert dense.dense_equivalent_intermediate_size == 2048 * 9
     assert DSAModelConfig.deepseek_v32(num_layers=2).first_k_dense_layers == 2
+    assert DSAModelConfig.tiny(num_layers=1).first_k_dense_layers == 1
 
 
 def test_dense_mlp_instead_of_moe_builds_no_router():
@@ -317,6 +318,23 @@ def test_traced_graph_holds_indexer_and_router_topk_and_pattern_recompiles(ids):
     torch._dynamo.reset()
 
 
+def test_decode_recompiles_once_then_start_pos_is_symbolic(ids):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = ReferenceDSAModel(small_config())
+    counter = CompileCounter()
+    cm = torch.compile(m, fullgraph=True, backend=counter)
+    cache = m.new_cache(B)
+    cm(ids[:, :4], cache=cache)
+    for p in range(4, 12):  # T crosses index_topk (8) on the way: K = min(topk, T) stays symbolic
+        out = cm(ids[:, p : p + 1], cache=cache, start_pos=p)
+    assert counter.frame_count == 2  # prefill, then one dynamic-start_pos decode graph
+    torch.testing.assert_close(out, m(ids[:, 11:12], cache=cache.clone(), start_pos=11), rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~10 s with a warm Inductor cache, 1-2 min cold on 2 busy cores
 def test_inductor_prefill_and_decode_match_eager(model, ids):
     torch._dynamo.reset()
     prompt = 20

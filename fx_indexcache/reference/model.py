@@ -167,8 +167,14 @@ class DSAModelConfig:
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def tiny(cls, **overrides) -> "DSAModelConfig":
-        """Default demo size: 8 layers (2 dense + 6 MoE with 8 experts, top-2), hidden 64, top-k 16."""
+        """Default demo size: 8 layers (2 dense + 6 MoE with 8 experts, top-2), hidden 64, top-k 16.
+
+        With ``num_layers`` below 2 and no explicit ``first_k_dense_layers``, every layer is dense.
+        """
         _check_overrides(overrides)
+        n = overrides.get("num_layers", cls.num_layers)
+        if "first_k_dense_layers" not in overrides and isinstance(n, int) and not isinstance(n, bool):
+            overrides["first_k_dense_layers"] = max(0, min(cls.first_k_dense_layers, n))
         return cls(**overrides)
 
     @classmethod
@@ -193,7 +199,7 @@ class DSAModelConfig:
             index_n_heads=64,
             index_head_dim=128,
             index_topk=2048,
-            first_k_dense_layers=min(3, num_layers) if isinstance(num_layers, int) else 3,
+            first_k_dense_layers=max(0, min(3, num_layers)) if isinstance(num_layers, int) else 3,
             intermediate_size=18432,
             n_routed_experts=256,
             num_experts_per_tok=8,
