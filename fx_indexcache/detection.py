@@ -43,13 +43,13 @@ def _subgraph_modules(graph: fx.Graph) -> list[tuple[str, fx.GraphModule]]:
     owner = graph.owning_module
     if owner is None:
         return []
-    found = []
+    found = {}
     for node in graph.nodes:
         if node.op == "get_attr":
             target = getattr(owner, str(node.target), None)
             if isinstance(target, fx.GraphModule):
-                found.append((str(node.target), target))
-    return found
+                found[str(node.target)] = target
+    return list(found.items())
 
 
 def find_sites(graph: fx.Graph) -> list[IndexerSite]:
