@@ -1,7 +1,7 @@
 """Tests of the built-in DeepSeek-V3.2-shaped reference model and its hand-written IndexCache oracle.
 
 Kept small (4-layer tiny model, CPU). The one Inductor compile (prefill + decode in one graph) dominates:
-it is marked `slow` (deselect with -m "not slow"); the rest runs in about 30 s on 2 cores.
+it is marked `slow` (deselect with -m "not slow"); the rest runs in 30-55 s on 2 shared cores.
 """
 
 from __future__ import annotations
