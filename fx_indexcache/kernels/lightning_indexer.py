@@ -436,8 +436,8 @@ def indexer_topk(
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
-    ``method``: "triton" (``topk.row_topk``: exact threshold search; "bitsearch" for rows of at most
-    32K, else "radix"), "torch" (``torch.topk``) or "auto": triton for unsorted results where it applies, else torch
+    ``method``: "triton" (``topk.row_topk``: exact bitwise threshold search, CUDA fp32 rows of at most
+    32K), "torch" (``torch.topk``) or "auto": triton for unsorted results where it applies, else torch
     (sorted, triton + a torch sort measured no faster than torch.topk's own sorted path).
     ``sorted=True``: descending score order, so masked (-inf) keys come after all visible ones.
     Unsorted: with "triton", keys above the k-th score in index order, then the threshold ties; with
@@ -453,8 +453,7 @@ def indexer_topk(
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown top-k method {method!r}")
     if use_triton:
-        algo = "bitsearch" if _tk.supported(logits, kk, "bitsearch") else "radix"
-        idx = _tk.row_topk(logits, kk, sorted=sorted, algo=algo)
+        idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:
             vals = torch.gather(logits, -1, idx.long())
             idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))

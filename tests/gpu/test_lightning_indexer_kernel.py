@@ -326,24 +326,17 @@ def _row_logits(R, T, kind, g):
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["bitsearch", "radix", "radix-nomask"])
 @pytest.mark.parametrize("kind", ["randn", "ties", "masked", "allmasked", "zeros", "wide"])
 @pytest.mark.parametrize("R,T,k", [(5, 1, 1), (7, 100, 100), (3, 777, 64), (9, 5000, 2048), (4, 8192, 2048),
-                                   (3, 16384, 2048), (2, 32768, 2048), (2, 20000, 7), (2, 4097, 4096),
-                                   (2, 70001, 2048)])
-def test_row_topk_exact(algo, kind, R, T, k):
-    if algo == "bitsearch" and T > tk.MAX_ROW:
-        pytest.skip("bitsearch takes rows up to MAX_ROW")
+                                   (3, 16384, 2048), (2, 32768, 2048), (2, 20000, 7), (2, 4097, 4096)])
+def test_row_topk_exact(kind, R, T, k):
     seed = _seed()
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = _row_logits(R, T, kind, g)
     out = torch.full((R, k), -7, dtype=torch.int32, device="cuda")
-    if algo == "bitsearch":
-        tk._launch(x, out, k)
-    else:
-        tk._launch_radix(x, out, k, hist_mask=None if algo == "radix" else False)
+    tk._launch(x, out, k)
     torch.cuda.synchronize()
-    where = f"{algo} R={R} T={T} k={k} {kind} seed={seed}"
+    where = f"R={R} T={T} k={k} {kind} seed={seed}"
     assert bool(((out >= 0) & (out < T)).all()), f"unwritten or out of range: {where}"
     srt = out.sort(-1).values
     assert not bool((srt[:, 1:] == srt[:, :-1]).any()), f"duplicates: {where}"
@@ -384,11 +377,11 @@ def test_row_topk_sorted_and_dispatch():
     b = torch.gather(short, -1, indexer_topk(short, 2048, method="triton").long())
     c = torch.gather(short, -1, indexer_topk(short, 2048, method="torch").long())
     assert torch.equal(b, c)
-    r = tk.row_topk(long_rows, 2048, algo="radix", sorted=True)
-    assert torch.equal(torch.gather(long_rows, -1, r.long()), torch.topk(long_rows, 2048, dim=-1).values)
-    u = indexer_topk(long_rows, 2048, method="triton", sorted=False)  # falls to radix past MAX_ROW
-    assert torch.equal(torch.gather(long_rows, -1, u.long()).sort(-1, descending=True).values,
-                       torch.topk(long_rows, 2048, dim=-1).values)
+    u = indexer_topk(short, 2048, sorted=False)  # auto: Triton for unsorted rows <= MAX_ROW
+    assert torch.equal(torch.gather(short, -1, u.long()).sort(-1, descending=True).values,
+                       torch.topk(short, 2048, dim=-1).values)
+    with pytest.raises(ValueError):
+        tk.row_topk(long_rows, 2048)
     assert not tk.supported(short.double(), 2048) and not tk.supported(short.cpu(), 2048)
 
 
