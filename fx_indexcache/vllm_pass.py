@@ -91,6 +91,7 @@ class VllmIndexCachePass(InductorPass):
             config = VllmIndexCacheConfig(**dataclasses.asdict(config))
         self.explicit_config: VllmIndexCacheConfig | None = config
         self._last_seen: VllmIndexCacheConfig | None = None
+        self._warned_split = False
 
     # ------------------------------------------------------------------ config
     @property
@@ -122,8 +123,14 @@ class VllmIndexCachePass(InductorPass):
                 "in context); the graph is left unchanged"
             )
             config = VllmIndexCacheConfig()
-        report = IndexCachePass(config).run(graph, graph_name=f"vLLM {_graph_name(graph)}")
+        report = IndexCachePass(config).run(graph, graph_name=_graph_name())
         report.other_notes.extend(_native_notes(config, report))
+        split = _split_at_indexer(_current_vllm_config())
+        if config.use_index_cache and split:
+            report.other_notes.append(split)
+            if not self._warned_split:
+                self._warned_split = True
+                log.warning("fx_indexcache: %s", split)
         return report
 
     def uuid(self) -> str:
@@ -141,12 +148,36 @@ class VllmIndexCachePass(InductorPass):
         return {"explicit_config": self.explicit_config, "_last_seen": self._last_seen}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(state, _warned_split=False)
 
 
-def _graph_name(graph: fx.Graph) -> str:
-    owner = graph.owning_module
-    return type(owner).__name__ if owner is not None else "graph"
+def _graph_name() -> str:
+    """vLLM compiles one graph per compile range; name the graph by it when vLLM says which."""
+    try:
+        from vllm.compilation.passes.inductor_pass import get_pass_context
+
+        return f"vLLM graph for token range {get_pass_context().compile_range}"
+    except (AssertionError, ImportError):
+        return "vLLM graph"
+
+
+def _split_at_indexer(vllm_config: Any) -> str | None:
+    """Why no layer can share when vLLM splits the model at the indexer op, or None."""
+    compilation = getattr(vllm_config, "compilation_config", None)
+    if compilation is None or compilation.use_inductor_graph_partition:
+        return None
+    from vllm.config import CompilationMode
+
+    if compilation.mode != CompilationMode.VLLM_COMPILE:
+        return None
+    split = [op for op in detect_vllm.INDEXER_OPS if op in (compilation.splitting_ops or ())]
+    if not split:
+        return None
+    return (
+        f"splitting_ops contains {', '.join(split)}: vLLM runs each indexer call between "
+        "compiled pieces, outside every graph this pass sees, so no layer can reuse another's "
+        "indices. Use splitting_ops=[] or use_inductor_graph_partition=True."
+    )
 
 
 def _native_notes(config: IndexCacheConfig, report: IndexCacheReport) -> list[str]:

