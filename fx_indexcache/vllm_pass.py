@@ -68,6 +68,20 @@ def config_from_vllm(vllm_config: Any) -> VllmIndexCacheConfig | None:
     return VllmIndexCacheConfig.from_hf_config(hf_config)
 
 
+def _with_layer_count(config: VllmIndexCacheConfig, vllm_config: Any) -> VllmIndexCacheConfig:
+    """An explicit config completed with the model's layer count, when vLLM knows it.
+
+    The count makes a pattern of the wrong length an error and makes MTP layers (numbered past
+    the backbone) compute, as vLLM's own code does.
+    """
+    if config.num_layers is not None or vllm_config is None:
+        return config
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    return dataclasses.replace(config, num_layers=layers) if isinstance(layers, int) else config
+
+
 class VllmIndexCachePass(InductorPass):
     """vLLM ``InductorPass`` running :class:`~fx_indexcache.IndexCachePass` on each post-grad graph.
 
@@ -101,9 +115,9 @@ class VllmIndexCachePass(InductorPass):
 
     def config(self) -> VllmIndexCacheConfig | None:
         """The config in force now: explicit, else the current vLLM model's, else the last one seen."""
-        if self.explicit_config is not None:
-            return self.explicit_config
         vllm_config = _current_vllm_config()
+        if self.explicit_config is not None:
+            return _with_layer_count(self.explicit_config, vllm_config)
         if vllm_config is not None:
             found = config_from_vllm(vllm_config)
             if found is not None:
@@ -123,8 +137,16 @@ class VllmIndexCachePass(InductorPass):
                 "in context); the graph is left unchanged"
             )
             config = VllmIndexCacheConfig()
+        inserting = any(not site.arguments.get("skip_k_cache_insert", True)
+                        for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
         report = IndexCachePass(config).run(graph, graph_name=_graph_name())
         report.other_notes.extend(_native_notes(config, report))
+        if inserting and report.indexers_removed:
+            report.other_notes.append(
+                "the removed indexer calls also inserted their layers' keys into the indexer K-cache "
+                "(skip_k_cache_insert=False): those caches are no longer written and nothing reads "
+                "them, but vLLM still allocates them (its own IndexCache builds no cache for S layers)"
+            )
         split = _split_at_indexer(_current_vllm_config())
         if config.use_index_cache and split:
             report.other_notes.append(split)

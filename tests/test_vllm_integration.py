@@ -120,7 +120,8 @@ class ToyDSALayer(nn.Module):
             torch.ops.vllm.sparse_attn_indexer(
                 h, _encode_layer_name(self.k_cache_name), self.kv_cache, q, None, h @ self.wk.T, h @ self.ww.T,
                 128, None, TOPK, HEAD_DIM, MAX_TOKENS, MAX_TOKENS, buffer, True, False, False, _encode_layer_name(""),
-                candidate_blocks=self.candidate_blocks, candidate_block_size=16 if self.candidate_blocks is not None else 0,
+                candidate_blocks=self.candidate_blocks,
+                candidate_block_size=0 if self.candidate_blocks is None else 16,
             )
         values = h @ self.wv.T
         if self.reads == "graph":
@@ -348,14 +349,24 @@ def _model_config(tmp_path_factory, **overrides) -> ModelConfig:
 
 
 def test_pass_resolves_by_name_and_as_object():
-    by_name = CompilationConfig(inductor_passes={"post_grad_custom_post_pass": "fx_indexcache.vllm_pass.vllm_index_cache_pass"})
-    assert by_name.inductor_compile_config["post_grad_custom_post_pass"] is vllm_index_cache_pass
-    top_level = CompilationConfig(inductor_passes={"post_grad_custom_post_pass": "fx_indexcache.vllm_index_cache_pass"})
-    assert top_level.inductor_compile_config["post_grad_custom_post_pass"] is vllm_index_cache_pass
+    for name in ("fx_indexcache.vllm_pass.vllm_index_cache_pass", "fx_indexcache.vllm_index_cache_pass"):
+        by_name = CompilationConfig(inductor_passes={"post_grad_custom_post_pass": name})
+        assert by_name.inductor_compile_config["post_grad_custom_post_pass"] is vllm_index_cache_pass
     mine = VllmIndexCachePass(index_topk_freq=4)
     as_object = CompilationConfig(inductor_compile_config={"post_grad_custom_post_pass": mine})
     assert as_object.inductor_compile_config["post_grad_custom_post_pass"] is mine
     assert isinstance(mine, InductorPass) and isinstance(vllm_index_cache_pass, InductorPass)
+
+
+def test_pass_survives_pickling():
+    """vLLM ships its config (pass included) to the engine process by pickling it."""
+    import pickle
+
+    for graph_pass in (vllm_index_cache_pass, VllmIndexCachePass(index_topk_pattern="FFS")):
+        config = CompilationConfig(inductor_compile_config={"post_grad_custom_post_pass": graph_pass})
+        restored = pickle.loads(pickle.dumps(config)).inductor_compile_config["post_grad_custom_post_pass"]
+        assert type(restored) is VllmIndexCachePass and restored.explicit_config == graph_pass.explicit_config
+        assert restored.uuid() == graph_pass.uuid()
 
 
 def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
@@ -373,6 +384,10 @@ def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
         assert graph_pass.config().pattern_for(6) == "FFSFSF"
         assert VllmIndexCachePass().uuid() == uuids["2"]
     assert graph_pass.config().index_topk_freq == 2  # remembered outside the context
+    with set_current_vllm_config(freq2):  # explicit keys get the model's layer count: MTP rule, length check
+        assert VllmIndexCachePass(index_topk_freq=4).config().num_layers == 6
+        with pytest.raises(ValueError, match="one entry per decoder layer"):
+            VllmIndexCachePass(index_topk_pattern="FFS").config()
     explicit = [VllmIndexCachePass(index_topk_freq=f).uuid() for f in (2, 2, 4)]
     assert explicit[0] == explicit[1] != explicit[2]
     assert explicit[0] != uuids["2"]  # an explicit config is keyed apart from the model's
