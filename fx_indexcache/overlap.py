@@ -155,13 +155,21 @@ class IndexProbe:
             if reason is not None:
                 info.fixed[site.layer] = reason
                 continue
-            choices = []
+            choices, why_not = [], ""
             for source in sites:
                 if source.layer >= site.layer:
                     continue
-                if order[source.indices] < order[site.indices] and site.incompatibility(source) is None:
+                if order[source.indices] > order[site.indices]:
+                    why_not = f"layer {source.layer}'s indices are computed after this layer's"
+                    continue
+                reason = site.incompatibility(source)
+                if reason is None:
                     choices.append(source.layer)
+                else:
+                    why_not = reason
             info.switchable[site.layer] = choices
+            if not choices and why_not:
+                info.fixed[site.layer] = f"no earlier layer's indices can replace its own ({why_not})"
 
         # Selectors: each consumer of layer i's indices reads _select(i, earlier..., own).
         if self.switchable:
@@ -286,10 +294,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=48, help="tokens per sequence (default 48, top-k is 16)")
     parser.add_argument("--seed", type=int, default=0, help="weights and calibration tokens (default 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: fastest for tiny models on a shared CPU; 0 keeps torch's)")
 
 
 def build_target(args: argparse.Namespace) -> ProbeTarget:
     """The reference model (default) or ``--hf-model NAME``, with random calibration tokens."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if args.hf_model:
         try:
             from . import hf_models

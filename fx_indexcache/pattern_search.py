@@ -78,7 +78,7 @@ class PatternScorer:
         for graph in self.probe.graphs:
             for layer, choices in graph.switchable.items():
                 if not choices and layer != self.layers[0]:
-                    fixed.setdefault(layer, "no earlier layer's indices are interchangeable with its own here")
+                    fixed.setdefault(layer, "no earlier DSA layer in the same graph (graph break?)")
         return fixed
 
     @torch.no_grad()
@@ -197,7 +197,7 @@ def save_plot(steps: list[SearchStep], path: str, metric: str, title: str) -> No
     ys = [s.score for s in steps]
     ax.plot(xs, ys, marker="o")
     for s in steps:
-        label = "all F" if s.turned is None else f"-{s.turned}"
+        label = "all F" if s.turned is None else f"L{s.turned}→S"
         ax.annotate(label, (s.step, s.score), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xlabel("step (layers turned to S)")
     ax.set_ylabel(metric)
@@ -266,6 +266,8 @@ def main(args: argparse.Namespace) -> int:
         tried = " ".join(f"{layer}:{value:.3g}" for layer, value in sorted(s.candidates.items()))
         print(f"step {s.step}: layer {s.turned} -> S  {s.pattern}  {scorer.metric} = {s.score:.6g}   [tried {tried}]")
     final = steps[-1]
+    if final.pattern.count("F") > target_f:
+        print(f"note: stopped at {final.pattern.count('F')} F layers; the other layers must stay F (see above)")
     print(f"\n{scorer.evaluations} pattern evaluations in {time.perf_counter() - search_start:.1f} s, no recompilation")
     uniform = uniform_pattern(target.num_layers, final.pattern.count("F"))
     if uniform is not None and uniform != final.pattern and all(uniform[i] == "F" for i in fixed):

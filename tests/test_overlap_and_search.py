@@ -170,11 +170,29 @@ def test_overlap_is_one_exactly_between_layers_with_the_same_indexer():
     assert torch.equal(result.matrix, result.matrix.T) and torch.all(result.matrix.diagonal() == 1)
 
 
-def test_search_keeps_exactly_the_layers_whose_indexer_differs():
+def test_search_keeps_exactly_the_layers_whose_indexer_differs(tmp_path, capsys, monkeypatch):
+    import fx_indexcache.pattern_search as search
+
     target = toy_target(6, copies=(2, 4, 5))
-    scorer = PatternScorer(target, "kl")
+    scorers = []
+
+    class Keep(PatternScorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scorers.append(self)
+
+    monkeypatch.setattr(search, "build_target", lambda args: target)
+    monkeypatch.setattr(search, "PatternScorer", Keep)
+    plot = tmp_path / "search.png"
+    assert cli.main(["search", "--target", "0.5", "--out", str(plot)]) == 0
+    text = capsys.readouterr().out
+    # F at 0, 1, 3: the layers whose indexer differs from the one before
+    assert "best pattern (3 F of 6 DSA layers): FFSFSS" in text
+    assert """--hf-overrides '{"use_index_cache": true, "index_topk_pattern": "FFSFSS"}'""" in text
+    assert plot.stat().st_size > 1000
+    (scorer,) = scorers
     steps = greedy_search(scorer, 6, scorer.layers, target_f=3, fixed=scorer.fixed)
-    assert steps[-1].pattern == "FFSFSS"  # F at 0, 1, 3: the layers whose indexer differs from the one before
+    assert steps[-1].pattern == "FFSFSS"
     assert [s.score for s in steps] == [0.0, 0.0, 0.0, 0.0]  # sharing identical selections changes nothing
     # making a layer with its own indexer S does change the output
     assert all(steps[1].candidates[layer] > 1e-6 for layer in (1, 3))
@@ -203,7 +221,7 @@ def test_switched_graph_equals_the_hand_written_index_cache():
         for layer in range(3):  # every layer's own top-k is recorded, F layers' equal the oracle's
             if pattern[layer] == "F":
                 assert torch.equal(scorer.probe.records[layer].indices, want_indices[layer])
-    assert scorer("FFF") == 0.0 and scorer("FSS") > scorer("FFS") * 0 and scorer("FSS") > 1e-6
+    assert scorer("FFF") == 0.0 and scorer("FSS") > 1e-6 and scorer("FFS") > 1e-6
     assert len(scorer.probe.graphs) == 1
 
 
@@ -231,3 +249,20 @@ def test_overlap_cli_on_reference_with_an_inert_layer_and_a_copied_indexer(tmp_p
     assert "layer  1 ->  2:  1.000" in text
     value01 = float(text.split("layer  0 ->  1:")[1].split()[0])
     assert value01 < 0.95
+
+
+def test_hf_model_switched_graph_equals_the_indexer_patching_oracle():
+    H = pytest.importorskip("fx_indexcache.hf_models")
+    tiny = H.build(H.SPECS["deepseek_v32"], num_layers=2)
+    inputs = tiny.make_inputs(12)
+    target = ProbeTarget("v32", tiny.model, 2, [inputs], lambda fn, batch: fn(**batch, use_cache=False).logits)
+    scorer = PatternScorer(target, "kl")
+    assert scorer.layers == [0, 1] and not scorer.fixed
+    with torch.no_grad():
+        with tiny.oracle("FS"):
+            want = tiny.model(**inputs, use_cache=False).logits
+        with scorer.probe.use("FS"):
+            got = scorer.compiled(**inputs, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, scorer.reference[0])  # sharing changed the output: the switch acted
+    assert scorer("FS") > 0 and len(scorer.probe.graphs) == 1
