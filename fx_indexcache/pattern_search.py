@@ -144,14 +144,18 @@ def greedy_search(
     target_f: int,
     fixed: dict[int, str] | None = None,
     progress: Callable[[int, int, int, int], None] | None = None,
+    on_step: Callable[[SearchStep], None] | None = None,
 ) -> list[SearchStep]:
     """Greedy removal of F layers until ``target_f`` DSA layers are F; one step per removal.
 
     Ties go to the later layer. Layers in ``fixed`` and the first DSA layer stay F, so fewer steps
-    than asked are taken when not enough layers may become S.
+    than asked are taken when not enough layers may become S. ``progress(step, steps, done, total)``
+    is called after each candidate, ``on_step`` after each step (and for the all-F start).
     """
     pattern = ["F"] * num_layers
     steps = [SearchStep(0, "".join(pattern), evaluate("".join(pattern)), None, {})]
+    if on_step is not None:
+        on_step(steps[0])
     movable = [layer for layer in dsa_layers[1:] if layer not in (fixed or {})]
     total_steps = min(len(dsa_layers) - target_f, len(movable))
     for step in range(1, total_steps + 1):
@@ -166,6 +170,8 @@ def greedy_search(
         pattern[best] = "S"
         movable.remove(best)
         steps.append(SearchStep(step, "".join(pattern), candidates[best], best, candidates))
+        if on_step is not None:
+            on_step(steps[-1])
     return steps
 
 
@@ -251,20 +257,16 @@ def main(args: argparse.Namespace) -> int:
     for layer, why in sorted(fixed.items()):
         print(f"  layer {layer} stays F: {why}")
 
-    def evaluate(pattern: str) -> float:
-        return scorer(pattern)
-
-    progress = _progress_printer()
-    steps = []
-    search_start = time.perf_counter()
-    for step in greedy_search(evaluate, target.num_layers, layers, target_f, fixed, progress):
-        steps.append(step)
-    for s in steps:
+    def show(s: SearchStep) -> None:
         if s.turned is None:
-            print(f"step 0: {s.pattern}  {scorer.metric} = {s.score:.6g}")
-            continue
+            print(f"step 0: {s.pattern}  {scorer.metric} = {s.score:.6g}", flush=True)
+            return
         tried = " ".join(f"{layer}:{value:.3g}" for layer, value in sorted(s.candidates.items()))
-        print(f"step {s.step}: layer {s.turned} -> S  {s.pattern}  {scorer.metric} = {s.score:.6g}   [tried {tried}]")
+        print(f"step {s.step}: layer {s.turned} -> S  {s.pattern}  {scorer.metric} = {s.score:.6g}"
+              f"   [tried {tried}] ({time.perf_counter() - search_start:.1f} s)", flush=True)
+
+    search_start = time.perf_counter()
+    steps = greedy_search(scorer, target.num_layers, layers, target_f, fixed, _progress_printer(), show)
     final = steps[-1]
     if final.pattern.count("F") > target_f:
         print(f"note: stopped at {final.pattern.count('F')} F layers; the other layers must stay F (see above)")

@@ -9,8 +9,6 @@ previous layer inert so both see the same one.)
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,6 @@ from torch import nn
 from fx_indexcache import cli
 from fx_indexcache.overlap import (
     IndexProbe,
-    LayerRecord,
     ProbeTarget,
     overlap_fraction,
     overlap_from_records,
