@@ -152,6 +152,8 @@ class IndexProbe:
         # Decide eligibility before adding anything (our own value reads would look like a use).
         for site in sites:
             reason = site.refusal()
+            if site.kind != "aten.topk":  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
+                reason = f"{site.kind} indexer sites are recorded, not switched"
             if reason is not None:
                 info.fixed[site.layer] = reason
                 continue
@@ -171,7 +173,7 @@ class IndexProbe:
             if not choices and why_not:
                 info.fixed[site.layer] = f"no earlier layer's indices can replace its own ({why_not})"
 
-        # Selectors: each consumer of layer i's indices reads _select(i, earlier..., own).
+        # Selectors: each consumer of layer i's indices reads select(i, earlier layers' indices..., own).
         if self.switchable:
             by_layer = {site.layer: site for site in sites}
             for site in sites:
@@ -193,7 +195,7 @@ class IndexProbe:
             for site in sites:
                 extras.append(site.indices)
                 anchor = site.anchor
-                if anchor.target is torch.ops.aten.topk.default or getattr(anchor.target, "__name__", "") == "topk":
+                if anchor.target is torch.ops.aten.topk.default:  # other site kinds: no values to read
                     values = graph.call_function(operator.getitem, (anchor, 0))
                     extras.append(graph.call_function(_finite_mask, (values,)))
                 else:
