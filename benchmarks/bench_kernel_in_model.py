@@ -1,0 +1,393 @@
+"""The fused indexer kernel inside compiled reference-model code: with vs without ``substitute_fused_indexer``.
+
+Run from the repository root on a CUDA machine::
+
+    PYTHONPATH=. python benchmarks/bench_kernel_in_model.py --out "$OUT" [--budget-s 300]
+
+Everything is bf16 at DeepSeek-V3.2's indexer dims (64 heads x 128, top-k 2048), one prefill chunk of
+S queries at the end of a T-key cache (start_pos = T - S, so the causal mask hides nothing of the
+first T - S keys). Each case compiles the same code twice with Inductor: once with a post-grad pass
+that only detects the sites ("inductor"), once with the same pass plus the substitution ("fused"),
+then checks and times both (triton.testing.do_bench medians):
+
+  * ``indexer``: the reference ``LightningIndexer`` math (``fx_indexcache.reference``) wrapped so that
+    the masked score is returned too: logits compared on their finite entries (relative norm error,
+    max |diff| / max |score|; -inf positions must agree), top-k sets compared (mean overlap, and the
+    largest "tie gap": how far below the K-th best score, by the inductor logits, any key picked only
+    by the fused variant lies, over max |score|);
+  * ``layer``: one whole ``DSADecoderLayer`` (MLA absorbed attention over the top-k + dense MLP at V3.2
+    dims): layer outputs compared (relative norm error; bf16), indices compared as above;
+  * ``model`` (if time is left): a 4-layer reference model (real indexer/attention dims, hidden 2048)
+    under IndexCache "FSFS" with and without substitution: final logits and per-layer indices.
+
+Writes kernel_in_model.{csv,md,json} and a log under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
+
+from fx_indexcache import IndexCacheConfig, IndexCachePass, detect  # noqa: E402
+from fx_indexcache.kernel_substitution import substitute_fused_indexer  # noqa: E402
+from fx_indexcache.reference import DSADecoderLayer, DSAModelConfig, LightningIndexer, ReferenceDSAModel  # noqa: E402
+from fx_indexcache.reference.model import _write_rows, rope_tables  # noqa: E402
+
+S_DEFAULT = 1024
+T_LIST = (32768, 16384, 8192)
+RESULTS: list[dict] = []
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+class BenchPass(CustomGraphPass):
+    """Post-grad pass: optional IndexCache rewrite, then (optionally) the kernel substitution."""
+
+    def __init__(self, substitute: bool, pattern: str | None = None) -> None:
+        self.substitute = substitute
+        self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)) if pattern else None
+        self.notes: list[str] = []
+
+    def __call__(self, graph) -> None:
+        if self.index_cache is not None:
+            self.index_cache.run(graph)
+        sites = detect(graph).sites
+        if self.substitute:
+            self.notes += substitute_fused_indexer(graph, sites, force=SMOKE)
+        else:
+            self.notes.append(f"{len(sites)} site(s) left to Inductor")
+
+    def uuid(self):
+        return None  # never cache: the two variants must both compile
+
+
+def compiled(fn, substitute: bool, pattern: str | None = None):
+    graph_pass = BenchPass(substitute, pattern)
+    if SMOKE:
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def fw(module, inputs):
+            graph_pass(module.graph)
+            module.recompile()
+            return make_boxed_func(module.forward)
+
+        return torch.compile(fn, backend=aot_autograd(fw_compiler=fw), dynamic=False), graph_pass
+    opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False}
+    return torch.compile(fn, backend="inductor", options=opts, dynamic=False), graph_pass
+
+
+class IndexerProbe(nn.Module):
+    """``LightningIndexer.forward`` (reference model) returning the masked score next to its top-k."""
+
+    def __init__(self, indexer: nn.Module) -> None:
+        super().__init__()
+        self.ix = indexer
+
+    def forward(self, x, q_latent, cos, sin, query_slot, key_cache, start_pos: int):
+        ix = self.ix
+        B, S, _ = x.shape
+        q = ix._rope(ix.wq_b(q_latent).view(B, S, ix.n_heads, ix.head_dim), cos, sin)
+        k = ix._rope(ix.k_norm(ix.wk(x)), cos, sin)
+        keys = _write_rows(key_cache, k, start_pos)
+        T = keys.shape[1]
+        w = ix.weights_proj(x).float() * ix.weight_scale
+        logits = torch.einsum("bshd,btd->bsht", q.float(), keys.float())
+        score = torch.einsum("bsh,bsht->bst", w, F.relu(logits))
+        future = torch.arange(T, device=x.device)[None, :] > query_slot[:, None]
+        score = score.masked_fill(future, float("-inf"))
+        return score, score.topk(min(ix.topk, T), dim=-1).indices
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare_scores(fused: torch.Tensor, base: torch.Tensor) -> dict:
+    fin_f, fin_b = torch.isfinite(fused), torch.isfinite(base)
+    same_mask = bool(torch.equal(fin_f, fin_b))
+    a, b = fused[fin_b], base[fin_b]
+    scale = float(b.abs().max().clamp_min(1e-30))
+    return {
+        "mask_equal": same_mask,
+        "logits_rel_err": rel_err(a, b),
+        "logits_max_diff_over_max": float((a.double() - b.double()).abs().max()) / scale,
+        "nan": bool(torch.isnan(fused).any()),
+    }
+
+
+def compare_topk(idx_f: torch.Tensor, idx_b: torch.Tensor, base_score: torch.Tensor) -> dict:
+    """Set overlap and the largest tie gap (by the baseline's logits) of keys only the fused variant picked."""
+    K = idx_b.shape[-1]
+    rows_f = idx_f.reshape(-1, K).long()
+    rows_b = idx_b.reshape(-1, K).long()
+    sc = base_score.reshape(rows_b.shape[0], -1).float()
+    kth = torch.gather(sc, 1, rows_b).min(dim=1).values  # the K-th best score of the baseline's picks
+    picked_f = torch.gather(sc, 1, rows_f)
+    both = torch.zeros_like(sc, dtype=torch.int8)
+    both.scatter_(1, rows_b, 1)
+    in_b = torch.gather(both, 1, rows_f).bool()
+    overlap = float(in_b.float().mean())
+    fin = torch.isfinite(kth)
+    gap = (kth[:, None] - picked_f).masked_fill(in_b, 0.0)
+    gap = gap[fin].clamp_min(0.0)
+    gap_max = float(gap.max()) if gap.numel() else 0.0
+    scale = float(sc[torch.isfinite(sc)].abs().max().clamp_min(1e-30))
+    return {
+        "topk_overlap": overlap,
+        "rows_differing": int((~in_b).any(dim=1).sum()),
+        "rows": int(rows_b.shape[0]),
+        "tie_gap_over_max": gap_max / scale,
+    }
+
+
+def record(row: dict, out: str) -> None:
+    RESULTS.append(row)
+    log(json.dumps(row))
+    write(out)
+
+
+def write(out: str) -> None:
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    keys: list[str] = []
+    for r in RESULTS:
+        keys += [k for k in r if k not in keys]
+    with open(os.path.join(out, "kernel_in_model.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(RESULTS)
+    with open(os.path.join(out, "kernel_in_model.json"), "w") as f:
+        json.dump({"env": ENV, "results": RESULTS}, f, indent=1)
+    with open(os.path.join(out, "kernel_in_model_log.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    md = [f"# Fused indexer kernel inside compiled reference code ({ENV.get('gpu')}, torch {ENV.get('torch')}, "
+          f"Triton {ENV.get('triton')})", "",
+          "| case | B | S | T | inductor ms | fused ms | speed-up | saved ms | logits rel err | topk overlap | tie gap/max | out rel err |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in RESULTS:
+        if "inductor_ms" not in r:
+            continue
+        md.append(
+            f"| {r['case']} | {r['B']} | {r['S']} | {r['T']} | {r['inductor_ms']:.3f} | {r['fused_ms']:.3f} | "
+            f"{r['inductor_ms'] / r['fused_ms']:.2f}x | {r['inductor_ms'] - r['fused_ms']:.3f} | "
+            f"{r.get('logits_rel_err', float('nan')):.2e} | {r.get('topk_overlap', float('nan')):.5f} | "
+            f"{r.get('tie_gap_over_max', float('nan')):.1e} | {r.get('out_rel_err', float('nan')):.2e} |"
+        )
+    with open(os.path.join(out, "kernel_in_model.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
+ENV: dict = {}
+
+
+DEV = "cuda"
+SMOKE = False
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def v32_config(**overrides) -> DSAModelConfig:
+    if SMOKE:  # CPU dry run of the script's code paths (tiny dims, AOT graph, no timing value)
+        return DSAModelConfig.tiny(**{"num_layers": 4, "first_k_dense_layers": 4, **overrides})
+    return DSAModelConfig.deepseek_v32(num_layers=4, moe=False, **overrides)
+
+
+def rope_inputs(cfg: DSAModelConfig, S: int, start: int, dev):
+    pos = torch.arange(S, device=dev) + start
+    cos, sin = rope_tables(pos, cfg.qk_rope_head_dim, cfg.rope_theta)
+    return cos, sin, pos
+
+
+def case_indexer(T: int, S: int, out: str) -> None:
+    dev = DEV
+    cfg = v32_config()
+    torch.manual_seed(T)
+    with torch.device(DEV):
+        indexer = LightningIndexer(cfg)
+    probe = IndexerProbe(indexer).to(torch.bfloat16).eval()
+    B = 1
+    x = torch.randn(B, S, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    ql = torch.randn(B, S, cfg.q_lora_rank, device=dev, dtype=torch.bfloat16)
+    cache = torch.randn(B, T, cfg.index_head_dim, device=dev, dtype=torch.bfloat16)
+    cos, sin, slot = rope_inputs(cfg, S, T - S, dev)
+    args = (x, ql, cos, sin, slot, cache, T - S)
+    row = {"case": "indexer", "B": B, "S": S, "T": T}
+    with torch.no_grad():
+        f_base, p_base = compiled(probe, False)
+        f_fused, p_fused = compiled(probe, True)
+        t0 = time.time()
+        s_b, i_b = f_base(*args)
+        row["compile_inductor_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        s_f, i_f = f_fused(*args)
+        row["compile_fused_s"] = round(time.time() - t0, 1)
+        sync()
+        row["notes"] = " | ".join(p_fused.notes)
+        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        row.update(compare_scores(s_f, s_b))
+        row.update(compare_topk(i_f, i_b, s_b))
+        del s_b, i_b, s_f, i_f
+        torch.cuda.empty_cache()
+        row["inductor_ms"] = bench(lambda: f_base(*args))
+        row["fused_ms"] = bench(lambda: f_fused(*args))
+    record(row, out)
+    del f_base, f_fused, probe
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def case_layer(T: int, S: int, out: str) -> None:
+    dev = DEV
+    cfg = v32_config()
+    torch.manual_seed(1000 + T)
+    with torch.device(dev):
+        layer = DSADecoderLayer(cfg, 3)
+    layer = layer.to(torch.bfloat16).eval()
+    B = 1
+    h = torch.randn(B, S, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(B, T, cfg.kv_cache_dim, device=dev, dtype=torch.bfloat16)
+    ic = torch.randn(B, T, cfg.index_head_dim, device=dev, dtype=torch.bfloat16)
+    cos, sin, slot = rope_inputs(cfg, S, T - S, dev)
+    args = (h, cos, sin, slot, kv, ic, T - S)
+    row = {"case": "layer", "B": B, "S": S, "T": T}
+    with torch.no_grad():
+        f_base, _ = compiled(layer, False)
+        f_fused, p_fused = compiled(layer, True)
+        t0 = time.time()
+        o_b, i_b = f_base(*args)
+        row["compile_inductor_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        o_f, i_f = f_fused(*args)
+        row["compile_fused_s"] = round(time.time() - t0, 1)
+        sync()
+        row["notes"] = " | ".join(p_fused.notes)
+        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        row["out_rel_err"] = rel_err(o_f, o_b)
+        row["topk_overlap"] = float(
+            torch.zeros(1).new_tensor(
+                [len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(i_f.reshape(-1, i_f.shape[-1])[:64],
+                                                                                    i_b.reshape(-1, i_b.shape[-1])[:64])]
+            ).mean()
+        )
+        del o_b, i_b, o_f, i_f
+        torch.cuda.empty_cache()
+        row["inductor_ms"] = bench(lambda: f_base(*args))
+        row["fused_ms"] = bench(lambda: f_fused(*args))
+    record(row, out)
+    del f_base, f_fused, layer
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def case_model(T: int, S: int, out: str) -> None:
+    dev = DEV
+    small = dict(hidden_size=2048, vocab_size=4096, intermediate_size=4096, moe_intermediate_size=512)
+    cfg = v32_config(first_k_dense_layers=4, max_seq_len=T, **({} if SMOKE else small))
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.bfloat16, device=dev)
+    B = 1
+    ids = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
+    cache = model.new_cache(B, max_seq_len=T)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    for t in (*cache.kv, *cache.index_k):
+        t.copy_(torch.randn(t.shape, generator=gen, device=dev, dtype=torch.float32))
+    args = (ids, cache, T - S, True)
+    row = {"case": "model FSFS", "B": B, "S": S, "T": T}
+    with torch.no_grad():
+        f_base, _ = compiled(model, False, pattern="FSFS")
+        f_fused, p_fused = compiled(model, True, pattern="FSFS")
+        l_b, i_b = f_base(*args)
+        l_f, i_f = f_fused(*args)
+        sync()
+        row["notes"] = " | ".join(p_fused.notes)
+        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        row["out_rel_err"] = rel_err(l_f, l_b)
+        ov = []
+        for a, b in zip(i_f, i_b):
+            a, b = a.reshape(-1, a.shape[-1])[:64], b.reshape(-1, b.shape[-1])[:64]
+            ov += [len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)]
+        row["topk_overlap"] = sum(ov) / len(ov)
+        del l_b, i_b, l_f, i_f
+        torch.cuda.empty_cache()
+        row["inductor_ms"] = bench(lambda: f_base(*args))
+        row["fused_ms"] = bench(lambda: f_fused(*args))
+    record(row, out)
+    del f_base, f_fused, model, cache
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--S", type=int, default=S_DEFAULT)
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run at tiny dims (code paths only)")
+    args = ap.parse_args()
+    global DEV, SMOKE, T_LIST
+    if args.smoke:
+        DEV, SMOKE, T_LIST = "cpu", True, (64, 48, 32)
+        args.S = 16
+        ENV.update(gpu="cpu smoke", torch=torch.__version__, triton="-")
+    else:
+        import triton
+
+        ENV.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    ENV["date"] = time.strftime("%Y-%m-%d %H:%M")
+    log(json.dumps(ENV))
+    start = time.time()
+    plan = [(case_indexer, T_LIST[0]), (case_layer, T_LIST[0]), (case_indexer, T_LIST[2]),
+            (case_model, T_LIST[2]), (case_indexer, T_LIST[1]), (case_layer, T_LIST[2])]
+    est = {case_indexer: 40, case_layer: 80, case_model: 120}
+    for fn, T in plan:
+        left = args.budget_s - (time.time() - start)
+        if left < est[fn]:
+            log(f"skip {fn.__name__} T={T}: {left:.0f}s left")
+            continue
+        try:
+            fn(T, args.S, args.out)
+        except Exception as e:  # keep going: one failure must not lose the other rows
+            import traceback
+
+            log(f"FAILED {fn.__name__} T={T}: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+    write(args.out)
+    if args.out:
+        print(open(os.path.join(args.out, "kernel_in_model.md")).read())
+
+
+if __name__ == "__main__":
+    main()

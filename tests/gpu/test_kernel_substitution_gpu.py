@@ -1,0 +1,116 @@
+"""GPU checks of ``substitute_fused_indexer`` inside Inductor-compiled models (skipped without CUDA + Triton).
+
+Each test compiles the same model twice with Inductor (post-grad pass: IndexCache rewrite, then
+detection, with and without the substitution) and checks that every F layer's score went to the fused
+kernel, that the generated code calls it, and that outputs agree to bf16 tolerance with top-k sets
+that agree except at (near-)ties.
+"""
+
+import pytest
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.utils import run_and_get_code
+
+from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
+from fx_indexcache.kernel_substitution import substitute_fused_indexer
+from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401  (availability probe)
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and Triton")
+
+
+class _Pass(CustomGraphPass):
+    def __init__(self, substitute: bool, pattern: str | None) -> None:
+        self.substitute = substitute
+        self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)) if pattern else None
+        self.notes: list[str] = []
+
+    def __call__(self, graph) -> None:
+        if self.index_cache is not None:
+            self.index_cache.run(graph)
+        if self.substitute:
+            self.notes += substitute_fused_indexer(graph, detect(graph).sites)
+
+    def uuid(self):
+        return None
+
+
+def _compile(model, substitute: bool, pattern: str | None):
+    graph_pass = _Pass(substitute, pattern)
+    opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False}
+    return torch.compile(model, backend="inductor", options=opts, dynamic=False), graph_pass
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.reshape(-1, a.shape[-1]).cpu(), b.reshape(-1, b.shape[-1]).cpu()
+    return sum(len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)) / a.shape[0]
+
+
+@pytest.mark.parametrize("pattern", [None, "FSFS"])
+def test_reference_model_bf16_fused_equals_inductor(pattern):
+    cfg = DSAModelConfig.tiny(
+        num_layers=4, first_k_dense_layers=4, index_n_heads=16, index_head_dim=64, index_topk=64, max_seq_len=512
+    )
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 192), device="cuda")
+    with torch.no_grad():
+        base, _ = _compile(model, False, pattern)
+        fused, graph_pass = _compile(model, True, pattern)
+        want_logits, want_idx = base(ids, None, 0, True)
+        (got_logits, got_idx), code = run_and_get_code(fused, ids, None, 0, True)
+    f_layers = [i for i in range(4) if pattern is None or pattern[i] == "F"]
+    assert sum("fused indexer_logits" in n for n in graph_pass.notes) == len(f_layers), graph_pass.notes
+    assert any("indexer_logits" in src for src in code)
+    rel = (got_logits.double() - want_logits.double()).norm() / want_logits.double().norm()
+    assert rel < 2e-2, rel
+    for layer in f_layers:
+        assert _overlap(got_idx[layer], want_idx[layer]) > 0.98
+
+
+def test_unsupported_dims_are_left_with_a_note():
+    cfg = DSAModelConfig.tiny(num_layers=2, first_k_dense_layers=2, index_head_dim=24, qk_rope_head_dim=16)
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), device="cuda")
+    with torch.no_grad():
+        fused, graph_pass = _compile(model, True, None)
+        fused(ids)
+    assert graph_pass.notes and all("left as is" in n and "head dim 24" in n for n in graph_pass.notes), graph_pass.notes
+
+
+def test_fp32_model_is_left_with_a_note():
+    cfg = DSAModelConfig.tiny(num_layers=2, first_k_dense_layers=2)
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.float32, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), device="cuda")
+    with torch.no_grad():
+        fused, graph_pass = _compile(model, True, None)
+        fused(ids)
+    assert graph_pass.notes and all("bf16 or fp16" in n for n in graph_pass.notes), graph_pass.notes
+
+
+def test_transformers_v32_bf16_fused():
+    pytest.importorskip("transformers")
+    from fx_indexcache import hf_models
+
+    try:
+        tiny = hf_models.build(hf_models.SPECS["deepseek_v32"], index_n_heads=4, index_head_dim=32, index_topk=8)
+    except Exception as e:  # transformers without DeepSeek-V3.2
+        pytest.skip(f"no DeepseekV32 in this transformers: {e}")
+    model = tiny.model.to(device="cuda", dtype=torch.bfloat16)
+    ids = tiny.make_inputs(40)["input_ids"].cuda()
+    with torch.no_grad():
+        base, _ = _compile(model, False, None)
+        fused, graph_pass = _compile(model, True, None)
+        want = base(input_ids=ids, use_cache=False).logits
+        got = fused(input_ids=ids, use_cache=False).logits
+    assert sum("fused indexer_logits" in n for n in graph_pass.notes) == len(tiny.dsa_layers), graph_pass.notes
+    rel = (got.double() - want.double()).norm() / want.double().norm()
+    assert rel < 2e-2, rel
