@@ -10,6 +10,7 @@ without ``nn_module_stack`` (functional code, export) are handled the same way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
 
@@ -147,7 +148,45 @@ def _product_under_relu(relu: fx.Node) -> fx.Node | None:
 def _product_operands(product: fx.Node) -> list[fx.Node]:
     if is_call(product, {aten.addmm, aten.baddbmm}):
         return [product.args[1], product.args[2]]
+    if is_call(product, {aten.einsum}):
+        return [a for a in product.args[1] if isinstance(a, fx.Node)]
     return [a for a in product.args[:2] if isinstance(a, fx.Node)]
+
+
+def _carries_data(node: fx.Node) -> bool:
+    """False for nodes that hold no input data: constants, factories (arange, full), size symbols."""
+    if node.op == "get_attr":
+        return False
+    if node.op == "placeholder":
+        return isinstance(fake_value(node), torch.Tensor)
+    return bool(node.all_input_nodes)
+
+
+def _share_an_input(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` and ``b`` are computed from a common data-carrying node.
+
+    q and k of an index score both derive from the layer's hidden states (k also from the key
+    cache); a weight, even one rescaled or merged in the graph (``w * gain``, ``w + A @ B``),
+    derives from parameters only, which the activation it multiplies never reads. Both ancestries
+    are walked in turn, so for q and k the search stops a few nodes up, where they meet.
+    """
+    if a is b:
+        return _carries_data(a)
+    seen = ({a}, {b})
+    frontiers = (collections.deque([a]), collections.deque([b]))
+    while frontiers[0] or frontiers[1]:
+        for side in (0, 1):
+            if not frontiers[side]:
+                continue
+            node = frontiers[side].popleft()
+            for arg in node.all_input_nodes:
+                if arg in seen[side]:
+                    continue
+                if arg in seen[1 - side] and _carries_data(arg):
+                    return True
+                seen[side].add(arg)
+                frontiers[side].append(arg)
+    return False
 
 
 @dataclasses.dataclass
@@ -201,12 +240,17 @@ def classify_topk(node: fx.Node) -> TopkVerdict:
         if named:
             reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
         return TopkVerdict(node, False, tuple(evidence), reason)
-    activations = not any(_is_weight_like(op) for op in _product_operands(found))
+    operands = _product_operands(found)
+    activations = not any(_is_weight_like(op) for op in operands)
+    shared = activations and len(operands) == 2 and _share_an_input(*operands)
     evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
-    if activations:
+    if shared:
         evidence.insert(1, "score is a product of two activations (q·k)")
-    if not (activations or named):
-        return TopkVerdict(node, False, tuple(evidence), "ReLU score multiplies a weight: a projection, not q·k")
+    if not (shared or named):
+        reason = "ReLU score multiplies a weight: a projection, not q·k"
+        if activations:
+            reason = "ReLU score multiplies two tensors computed from disjoint inputs (a derived weight): a projection, not q·k"
+        return TopkVerdict(node, False, tuple(evidence), reason)
     return TopkVerdict(node, True, tuple(evidence), "")
 
 
