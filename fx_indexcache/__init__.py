@@ -23,3 +23,22 @@ __all__ = [
     "register_site_finder",
     "reports",
 ]
+
+import sys as _sys
+
+from . import detect_vllm  # noqa: E402,F401  (finder for vLLM's indexer op; imports no vLLM)
+
+
+def __getattr__(name):
+    # The vLLM pass loads on first use, so importing fx_indexcache never imports vLLM.
+    if name in ("VllmIndexCachePass", "vllm_index_cache_pass"):
+        from . import vllm_pass
+
+        return getattr(vllm_pass, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# vLLM resolves a pass name as __import__("fx_indexcache").__dict__[name], which never calls
+# __getattr__: when vLLM is already loaded (it is the one asking), bind the names for real.
+if "vllm.config" in _sys.modules:
+    from .vllm_pass import VllmIndexCachePass, vllm_index_cache_pass  # noqa: E402,F401
