@@ -1,0 +1,276 @@
+"""``substitute_fused_indexer``: matching the indexer score in ATen graphs and swapping in the fused op.
+
+CPU only (GPU checks: tests/gpu/test_kernel_substitution_gpu.py). Off CUDA the kernel is unsupported,
+so the real path leaves every site with a note; ``force=True`` (test-only) makes the substitution
+anyway, and the op then runs its fp32 reference, so the rewritten graph must give the same logits and
+the same top-k as the original. Graphs: the AOT forward graph of the tiny reference model and of the
+tiny transformers DeepSeek-V3.2 (prefill and decode with the cache), synthetic ``make_fx`` graphs for
+the shapes that must be refused, and one Inductor post-grad graph (slow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
+from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
+from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+
+def _fused_nodes(gm) -> list:
+    return [n for n in gm.graph.nodes if "indexer_logits" in str(n.target)]
+
+
+class _Backend:
+    """AOT forward graph, optional IndexCache rewrite, then the substitution; runs the graph eagerly."""
+
+    def __init__(self, force: bool, pattern: str | None = None, substitute: bool = True) -> None:
+        self.force, self.substitute = force, substitute
+        self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)) if pattern else None
+        self.notes: list[str] = []
+        self.matches: list = []
+        self.graphs: list = []
+
+    def __call__(self, gm, example_inputs):
+        def forward_compiler(module, inputs):
+            if self.index_cache is not None:
+                self.index_cache.run(module.graph)
+            sites = detect(module.graph).sites
+            self.matches += [(site.layer, match_indexer_score(site)) for site in sites]
+            if self.substitute:
+                self.notes += substitute_fused_indexer(module.graph, sites, force=self.force)
+            module.recompile()
+            self.graphs.append(module)
+            return make_boxed_func(module.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+
+TINY = DSAModelConfig.tiny(num_layers=3, first_k_dense_layers=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_model_every_site_matched_and_forced_substitution_is_exact(dtype):
+    model = ReferenceDSAModel(TINY, seed=0, dtype=dtype)
+    backend = _Backend(force=True)
+    ids = torch.randint(0, TINY.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_logits, want_idx = model(ids, None, 0, True)
+        got_logits, got_idx = torch.compile(model, backend=backend)(ids, None, 0, True)
+    assert len(backend.matches) == TINY.num_layers
+    for layer, match in backend.matches:
+        assert not isinstance(match, str), match
+        assert (match.q_roles, match.k_roles, match.w_roles) == (tuple("bshd"), tuple("btd"), tuple("bsh"))
+        q, k, w = (m.meta["val"] for m in (match.q, match.k, match.w))
+        # the kernel's q and k are the model-dtype tensors ahead of the .float() casts
+        assert q.dtype == k.dtype == dtype
+        assert tuple(q.shape) == (2, 20, TINY.index_n_heads, TINY.index_head_dim)
+        assert tuple(k.shape) == (2, 20, TINY.index_head_dim)
+        assert tuple(w.shape) == (2, 20, TINY.index_n_heads) and w.dtype == torch.float32
+        assert match.scale == 1.0
+    assert all("fused indexer_logits" in n for n in backend.notes) and len(backend.notes) == TINY.num_layers
+    (gm,) = backend.graphs
+    assert len(_fused_nodes(gm)) == TINY.num_layers
+    assert not [n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default]
+    for got, want in zip(got_idx, want_idx):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_model_decode_with_cache_and_index_cache_pattern():
+    """IndexCache "FSF" first: only the two F layers keep a score to swap; prefill + one decode step."""
+    model = ReferenceDSAModel(TINY, seed=0)
+    oracle = ReferenceDSAModel(TINY, seed=0)
+    oracle.set_index_cache_pattern("FSF")
+    backend = _Backend(force=True, pattern="FSF")
+    compiled = torch.compile(model, backend=backend)
+    ids = torch.randint(0, TINY.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    step = torch.randint(0, TINY.vocab_size, (1, 1), generator=torch.Generator().manual_seed(2))
+    cache, ref_cache = model.new_cache(1, max_seq_len=64), oracle.new_cache(1, max_seq_len=64)
+    with torch.no_grad():
+        for tokens, pos in ((ids, 0), (step, 24)):
+            got_logits, got_idx = compiled(tokens, cache, pos, True)
+            want_logits, want_idx = oracle(tokens, ref_cache, pos, True)
+            for got, want in zip(got_idx, want_idx):
+                assert torch.equal(got, want)
+            torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    fused = [n for n in backend.notes if "fused indexer_logits" in n]
+    assert len(fused) == 2 * len(backend.graphs) and all(n.startswith(("layer 0", "layer 2")) for n in fused)
+    decode_notes = [n for n in fused if "(1, 1, " in n]  # q of one query (decode graph)
+    assert decode_notes
+
+
+def test_cpu_sites_are_left_with_a_note():
+    model = ReferenceDSAModel(TINY, seed=0, dtype=torch.bfloat16)
+    backend = _Backend(force=False)
+    ids = torch.randint(0, TINY.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids)
+    assert len(backend.notes) == TINY.num_layers
+    assert all("left as is" in n and "CUDA" in n for n in backend.notes), backend.notes
+    (gm,) = backend.graphs
+    assert not _fused_nodes(gm)
+
+
+def test_transformers_v32_matched_and_forced_substitution_is_exact():
+    pytest.importorskip("transformers")
+    from fx_indexcache import hf_models as H
+
+    try:
+        tiny = H.TINY_DSA_MODELS["deepseek_v32"]()
+    except Exception as e:  # transformers without DeepSeek-V3.2
+        pytest.skip(f"no DeepseekV32 in this transformers: {e}")
+    want = H.prefill_and_decode(tiny.model, tiny, 12, 1)
+    backend = _Backend(force=True)
+    got = H.prefill_and_decode(torch.compile(tiny.model, backend=backend), tiny, 12, 1)
+    n = len(tiny.dsa_layers)
+    assert len(backend.matches) == 2 * n  # prefill graph + decode graph
+    for _, match in backend.matches:
+        assert not isinstance(match, str), match
+        assert match.scale == pytest.approx(tiny.config.index_head_dim**-0.5)  # softmax_scale, before the ReLU
+        assert "".join(match.k_roles).replace("1", "") in ("td", "btd")
+    assert sum("fused indexer_logits" in x for x in backend.notes) == 2 * n
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ---- synthetic graphs: what must match (other layouts) and what must be refused ----------------
+
+
+def _graph(fn, *args):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    topk = [n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default]
+    assert len(topk) == 1
+    return gm, topk[0]
+
+
+def _inputs(B=2, S=8, T=8, H=4, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, H, D, generator=g), torch.randn(B, T, D, generator=g), torch.rand(B, S, H, generator=g))
+
+
+def test_head_major_q_and_additive_mask_get_a_permute():
+    """q laid out [B, H, S, D], a matmul form with a scale before the ReLU and an additive mask."""
+
+    def fn(q_bhsd, k, w, mask):
+        s = torch.matmul(q_bhsd.unsqueeze(2).float(), k.transpose(1, 2).float()[:, None, None]).squeeze(2)
+        s = F.relu(s * 0.25)  # [B, H, S, T]
+        score = (s * w.permute(0, 2, 1).unsqueeze(-1)).sum(1) + mask
+        return score.topk(3, dim=-1).indices
+
+    q, k, w = _inputs()
+    args = (q.permute(0, 2, 1, 3).contiguous(), k, w, torch.randn(8, 8))
+    gm, topk = _graph(fn, *args)
+    match = match_indexer_score(topk)
+    assert not isinstance(match, str), match
+    assert match.q_roles == tuple("bhsd") and match.scale == 0.25
+    notes = substitute_fused_indexer(gm.graph, [topk], force=True)
+    assert "fused" in notes[0]
+    gm.recompile()
+    assert any(n.target == torch.ops.aten.permute.default for n in gm.graph.nodes)
+    assert torch.equal(gm(*args), fn(*args))
+
+
+@pytest.mark.parametrize(
+    "kind, expect",
+    [
+        ("weights_indexed_by_keys", "of w plays no role"),
+        ("negative_scale", "non-negative"),
+        ("narrowing_cast", "casts"),
+        ("no_relu", "ReLU"),
+        ("q_broadcast_over_heads", "broadcast"),
+        ("weights_broadcast_over_queries", "broadcast"),
+        ("relu_after_head_sum", "head-weighted"),
+    ],
+)
+def test_other_scores_are_left_alone(kind, expect):
+    def fn(q, k, w):
+        qk = torch.einsum("bshd,btd->bsht", q, k)
+        if kind == "weights_indexed_by_keys":  # w[b, t, h]: not a per-query head weight
+            score = torch.einsum("bth,bsht->bst", w, F.relu(qk))
+        elif kind == "negative_scale":
+            score = torch.einsum("bsh,bsht->bst", w, F.relu(qk * -0.5))
+        elif kind == "narrowing_cast":
+            qk = torch.einsum("bshd,btd->bsht", q.to(torch.bfloat16).float(), k.float())
+            score = torch.einsum("bsh,bsht->bst", w, F.relu(qk.to(torch.bfloat16)).float())
+        elif kind == "no_relu":
+            score = torch.einsum("bsh,bsht->bst", w, qk.sigmoid())
+        elif kind == "q_broadcast_over_heads":
+            qk = torch.einsum("bsd,btd->bst", q[:, :, 0], k)[:, :, None].expand(-1, -1, q.shape[2], -1)
+            score = torch.einsum("bsh,bsht->bst", w, F.relu(qk))
+        elif kind == "weights_broadcast_over_queries":
+            score = torch.einsum("bh,bsht->bst", w[:, 0], F.relu(qk))
+        else:  # relu_after_head_sum
+            score = F.relu(torch.einsum("bsh,bsht->bst", w, qk))
+        return score.topk(3, dim=-1).indices
+
+    args = _inputs()
+    gm, topk = _graph(fn, *args)
+    match = match_indexer_score(topk)
+    assert isinstance(match, str) and expect in match, match
+    before = len(gm.graph.nodes)
+    notes = substitute_fused_indexer(gm.graph, [topk], force=True)
+    assert "left as is" in notes[0] and len(gm.graph.nodes) == before
+
+
+def test_roles_are_proven_not_assumed():
+    """Summing over the queries instead of the heads is the same function with s and h swapped:
+    the labels find that reading (q viewed [B, H, S, D]) and the swap stays exact."""
+
+    def fn(q, k, w):
+        score = torch.einsum("bsh,bsht->bht", w, F.relu(torch.einsum("bshd,btd->bsht", q, k)))
+        return score.topk(3, dim=-1).indices
+
+    args = _inputs(H=8)
+    gm, topk = _graph(fn, *args)
+    match = match_indexer_score(topk)
+    assert not isinstance(match, str) and match.q_roles == tuple("bhsd"), match
+    substitute_fused_indexer(gm.graph, [topk], force=True)
+    gm.recompile()
+    assert torch.equal(gm(*args), fn(*args))
+
+
+def test_decode_shapes_one_query_match():
+    def fn(q, k, w):
+        score = torch.einsum("bsh,bsht->bst", w, F.relu(torch.einsum("bshd,btd->bsht", q, k)))
+        return score.topk(3, dim=-1).indices
+
+    args = _inputs(B=1, S=1, T=40, H=8, D=32)
+    gm, topk = _graph(fn, *args)
+    match = match_indexer_score(topk)
+    assert not isinstance(match, str), match
+    substitute_fused_indexer(gm.graph, [topk], force=True)
+    gm.recompile()
+    assert _fused_nodes(gm)
+    assert torch.equal(gm(*args), fn(*args))
+
+
+@pytest.mark.slow  # one Inductor compile on CPU: ~1 min on 2 busy cores
+def test_inductor_post_grad_graph_forced_substitution():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Capture(CustomGraphPass):
+        notes: list[str] = []
+
+        def __call__(self, graph):
+            self.notes += substitute_fused_indexer(graph, detect(graph).sites, force=True)
+
+        def uuid(self):
+            return None
+
+    cfg = DSAModelConfig.tiny(num_layers=2, first_k_dense_layers=2)
+    model = ReferenceDSAModel(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    graph_pass = Capture()
+    with torch.no_grad():
+        want_logits, want_idx = model(ids, None, 0, True)
+        opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False}
+        got_logits, got_idx = torch.compile(model, backend="inductor", options=opts)(ids, None, 0, True)
+    assert len(graph_pass.notes) == 2 and all("fused indexer_logits" in n for n in graph_pass.notes), graph_pass.notes
+    for got, want in zip(got_idx, want_idx):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
