@@ -56,6 +56,7 @@ import traceback
 from unittest import mock
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -140,7 +141,7 @@ class Runner:
             self.cfg = DSAModelConfig.tiny(num_layers=a.layers, first_k_dense_layers=min(3, a.layers),
                                            dense_mlp_instead_of_moe=True, max_seq_len=4096)
             dtype = torch.float32
-            self.prefill_points = [(16, 64), (32, 128)]
+            self.prefill_points = [(16, 64), (16, 128), (32, 128), (16, 256)]
             self.decode_points = [(2, 128), (4, 128), (1, 128)]
         else:
             self.cfg = DSAModelConfig.deepseek_v32(num_layers=a.layers, moe=False, max_seq_len=65536)
@@ -193,19 +194,33 @@ class Runner:
 
     # ------------------------------------------------------------------ variants
     def make(self, name: str):
+        """The callable for a variant: ``fn(ids, cache, start_pos)``.
+
+        Compiled variants get ``start_pos`` as the length of a small CPU tensor: a plain int argument is
+        specialised by dynamo on the first call (run 1 recompiled at every prefill point because of it),
+        a tensor dimension is symbolic from the first compile under ``dynamic=True``.
+        """
         torch._dynamo.reset()
         clear_reports()
         if name == "eager":
-            return self.model
-        if name == "inductor":
-            return torch.compile(self.model, backend="inductor", dynamic=True)
-        f = int(name.split("_f")[1])
+            model = self.model
+            return lambda ids, cache, start: model(ids, cache, start, logits_to_keep=1)
+        if name.startswith("hand"):
+            model = copy.copy(self.model)  # shares the parameters, has its own pattern attribute
+            model.set_index_cache_pattern(executed_pattern(int(name.split("_f")[1]), self.L))
+        else:
+            model = self.model
+
+        def step(ids, cache, start_len):
+            return model(ids, cache, start_len.shape[0], logits_to_keep=1)
+
         if name.startswith("ours"):
-            return torch.compile(self.model, backend=indexcache_backend, dynamic=True,
-                                 options={"index_topk_freq": f, "index_skip_topk_offset": OFFSET})
-        hand = copy.copy(self.model)  # shares the parameters, has its own pattern attribute
-        hand.set_index_cache_pattern(executed_pattern(f, self.L))
-        return torch.compile(hand, backend="inductor", dynamic=True)
+            f = int(name.split("_f")[1])
+            compiled = torch.compile(step, backend=indexcache_backend, dynamic=True,
+                                     options={"index_topk_freq": f, "index_skip_topk_offset": OFFSET})
+        else:
+            compiled = torch.compile(step, backend="inductor", dynamic=True)
+        return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
 
     def first_call_with_code(self, name, phase, fn):
         """Run fn (which compiles) capturing Inductor's output code; record compile time and top-k count."""
@@ -241,7 +256,7 @@ class Runner:
 
         def fn():
             with torch.no_grad():
-                return model(ids, cache, start, logits_to_keep=1)
+                return model(ids, cache, start)
 
         row = dict(variant=name, phase=phase, B=B, S=S, T=T, point=self.label(phase, B, S, T))
         try:
@@ -252,14 +267,17 @@ class Runner:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             ms, reps, warm_ms = self.time_calls(fn)
+            row["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             out = fn().float().cpu()
             self.outputs[(name, row["point"])] = out
             row.update(ms=round(ms, 4), reps=reps, warmup_first_ms=round(warm_ms, 2))
             if self.dev.type == "cuda":
                 peak = torch.cuda.max_memory_allocated()
                 row.update(peak_gib=round(peak / 2**30, 2), act_peak_gib=round((peak - base) / 2**30, 2))
-            self.log(f"{name:9s} {row['point']:16s} {ms:9.3f} ms  (reps {reps}, first warm-up {warm_ms:.1f} ms)"
+            self.log(f"{name:9s} {row['point']:16s} {ms:9.3f} ms  (reps {reps}, first warm-up {warm_ms:.1f} ms, "
+                     f"new graphs {row['recompiled']})"
                      f"  peak {row.get('peak_gib', '-')} GiB (activations {row.get('act_peak_gib', '-')})")
         except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
             row.update(ms=None, error="OOM")
@@ -432,6 +450,7 @@ class Runner:
             torch._dynamo.config.accumulated_cache_size_limit = 256
         except Exception:  # noqa: BLE001
             pass
+        fx_config.use_duck_shape = False  # no equal-value symbol merging between points
         torch._inductor.config.fx_graph_cache = False  # so every compile's code is generated (and captured)
         torch.backends.cuda.matmul.allow_tf32 = False
         self.build()
@@ -446,13 +465,17 @@ class Runner:
         for (_, S, T) in pre_fit:
             if (1, T) not in caches:
                 caches[(1, T)] = self.filled_cache(1, T)
-        self.run_phase("prefill", pre_fit, caches, until=0.62 * self.args.budget_s)
+        prefill_until = (0.62 if "decode" in self.args.phases else 1.0) * self.args.budget_s
+        if "prefill" in self.args.phases:
+            self.run_phase("prefill", pre_fit, caches, until=prefill_until)
         del caches
         gc.collect()
         self.plot()
         dec_main = [(B, 1, T) for (B, T) in self.decode_points if B != 1]
         dec_one = [(B, 1, T) for (B, T) in self.decode_points if B == 1]
         for pts, until in ((dec_main, 0.9 * self.args.budget_s), (dec_one, self.args.budget_s)):
+            if "decode" not in self.args.phases:
+                break
             if not pts or self.left() < 30:
                 if pts:
                     self.notes.append(f"decode {pts}: skipped (budget)")
@@ -482,6 +505,7 @@ def main():
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny config: checks the script only")
     ap.add_argument("--variants", default=None, help="comma list (default: all)")
+    ap.add_argument("--phases", default="prefill,decode", help="comma list of prefill, decode")
     args = ap.parse_args()
     if args.variants:
         VARIANTS[:] = [v for v in VARIANTS if v in args.variants.split(",")]
