@@ -212,6 +212,7 @@ ENV: dict = {}
 
 DEV = "cuda"
 SMOKE = False
+EXTRA_CHECKS = False
 
 
 def sync() -> None:
@@ -259,6 +260,20 @@ def case_indexer(T: int, S: int, out: str) -> None:
         row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
         row.update(compare_scores(s_f, s_b))
         row.update(compare_topk(i_f, i_b, s_b))
+        if EXTRA_CHECKS:
+            # eager (q, k rounded to bf16 before the fp32 product, as the model code says) and Inductor with
+            # emulate_precision_casts (keeps that rounding inside fused kernels): which one does fused match?
+            s_e, _ = probe(*args)
+            fin = torch.isfinite(s_b)
+            row["rel_err_fused_vs_eager"] = rel_err(s_f[fin], s_e[fin])
+            row["rel_err_inductor_vs_eager"] = rel_err(s_b[fin], s_e[fin])
+            del s_e
+            graph_pass = BenchPass(False)
+            opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False, "emulate_precision_casts": True}
+            f_emul = torch.compile(probe, backend="inductor", options=opts, dynamic=False)
+            s_m, _ = f_emul(*args)
+            row["rel_err_fused_vs_inductor_emulated_casts"] = rel_err(s_f[fin], s_m[fin])
+            del s_m, f_emul
         del s_b, i_b, s_f, i_f
         torch.cuda.empty_cache()
         row["inductor_ms"] = bench(lambda: f_base(*args))
@@ -355,8 +370,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--S", type=int, default=S_DEFAULT)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run at tiny dims (code paths only)")
+    ap.add_argument("--plan", default="", help="e.g. indexer:32768,layer:8192 (default: the full plan)")
+    ap.add_argument("--extra-checks", action="store_true", help="indexer: also compare with eager and emulated casts")
     args = ap.parse_args()
-    global DEV, SMOKE, T_LIST
+    global DEV, SMOKE, T_LIST, EXTRA_CHECKS
+    EXTRA_CHECKS = args.extra_checks
     if args.smoke:
         DEV, SMOKE, T_LIST = "cpu", True, (64, 48, 32)
         args.S = 16
@@ -371,6 +389,9 @@ def main() -> None:
     plan = [(case_indexer, T_LIST[0]), (case_layer, T_LIST[0]), (case_indexer, T_LIST[2]),
             (case_model, T_LIST[2]), (case_indexer, T_LIST[1]), (case_layer, T_LIST[2])]
     est = {case_indexer: 40, case_layer: 80, case_model: 120}
+    if args.plan:
+        cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model}
+        plan = [(cases[c.split(":")[0]], int(c.split(":")[1])) for c in args.plan.split(",")]
     for fn, T in plan:
         left = args.budget_s - (time.time() - start)
         if left < est[fn]:
