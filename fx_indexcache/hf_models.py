@@ -1,6 +1,6 @@
 """Tiny, randomly initialised DSA models from transformers, and an IndexCache oracle for them.
 
-Nothing here is downloaded: each builder makes a 4-layer model (hidden size 32) from the model's
+Nothing here is downloaded: each builder makes a 3-layer model (hidden size 32) from the model's
 own config class. ``TINY_DSA_MODELS`` holds the models with a DeepSeek-Sparse-Attention lightning
 indexer (one ``ReLU(q·k)``-scored top-k per DSA layer); ``TINY_OTHER_INDEXER_MODELS`` holds models
 whose sparse-attention "indexer" is not that shape, on which the pass must change nothing.
@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+#: Decoder layers of every tiny model: enough for F, S and a second F (tests compile each model).
+_LAYERS = 3
 #: Hidden sizes shared by the tiny configs (kept small: tests compile each model several times).
 _TINY = dict(
     vocab_size=96,
     hidden_size=32,
-    num_hidden_layers=4,
+    num_hidden_layers=_LAYERS,
     num_attention_heads=2,
     max_position_embeddings=256,
     pad_token_id=None,
@@ -111,7 +113,7 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
             # indexer_types all "full": the model's own cross-layer sharing is off, the pass does it.
-            dict(_MLA_DSA, first_k_dense_replace=1, indexer_types=["full"] * 4),
+            dict(_MLA_DSA, first_k_dense_replace=1, indexer_types=["full"] * _LAYERS),
             "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
         ),
         ModelSpec(
@@ -122,7 +124,7 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "hy_v4", "hy_v4", "HYV4Config", "HYV4ForCausalLM",
             # HY-V4's default indexer_types already shares (F at 0, 1, 5, ...): make every layer full.
-            dict(_MLA_DSA, indexer_types=["full"] * 4, hc_mult=2),
+            dict(_MLA_DSA, indexer_types=["full"] * _LAYERS, hc_mult=2),
             "model.layers", "self_attn.indexer", router_topk_per_moe_layer=3,
         ),
         ModelSpec(
@@ -134,7 +136,7 @@ SPECS: dict[str, ModelSpec] = {
                 sliding_window=8, o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=16,
                 index_topk=2, compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 8},
                 # every layer compressed-sparse (the layers with an indexer); hash-routed MoE off
-                layer_types=["compressed_sparse_attention"] * 4, mlp_layer_types=["moe"] * 4,
+                layer_types=["compressed_sparse_attention"] * _LAYERS, mlp_layer_types=["moe"] * _LAYERS,
             ),
             "model.layers", "self_attn.compressor.indexer", router_topk_per_moe_layer=1,
             moe_layer_types=("moe",),
@@ -144,8 +146,8 @@ SPECS: dict[str, ModelSpec] = {
             dict(
                 _MLA_DSA, qk_rope_head_dim=0, qk_nope_head_dim=16, index_kpool=2, hc_mult=2,
                 linear_head_dim=8, linear_num_heads=2, first_k_dense_replace=1,
-                layer_types=["indexed_attention"] * 4, indexer_types=["full"] * 4,
-                mlp_layer_types=["dense"] + ["sparse"] * 3,
+                layer_types=["indexed_attention"] * _LAYERS, indexer_types=["full"] * _LAYERS,
+                mlp_layer_types=["dense"] + ["sparse"] * (_LAYERS - 1),
             ),
             "layers", "self_attn.indexer", router_topk_per_moe_layer=3, output="last_hidden_state",
             dynamo_config=dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True),
@@ -169,7 +171,7 @@ OTHER_SPECS: dict[str, ModelSpec] = {
                 _TINY, intermediate_size=32, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
                 num_local_experts=4, dense_intermediate_size=32, shared_intermediate_size=16, rotary_dim=8,
                 index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2,
-                index_local_blocks=1, layer_types=["minimax_m3_sparse"] * 4,
+                index_local_blocks=1, layer_types=["minimax_m3_sparse"] * _LAYERS,
             ),
             "model.layers", "self_attn.indexer", router_topk_per_moe_layer=1,
             limitation=(
@@ -184,7 +186,7 @@ OTHER_SPECS: dict[str, ModelSpec] = {
                 _TINY, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
                 linear_num_key_heads=2, linear_num_value_heads=2, moe_intermediate_size=16,
                 shared_expert_intermediate_size=16, num_experts_per_tok=2, num_experts=4,
-                layer_types=["indexed_attention"] * 4, hc_count=2, hc_lowrank=8, indexer_n_heads=2,
+                layer_types=["indexed_attention"] * _LAYERS, hc_count=2, hc_lowrank=8, indexer_n_heads=2,
                 indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
             ),
             "model.layers", "self_attn.indexer", router_topk_per_moe_layer=1,

@@ -35,7 +35,7 @@ def _patterns(n: int) -> dict[str, str]:
     return {
         "all-F": "F" * n,
         "FS": ("FS" * n)[:n],
-        "freq2": H.freq_pattern(n, 2),  # FFSF for 4 layers
+        "freq2": H.freq_pattern(n, 2),  # FFS for 3 layers
         "leading-S": "SF" + "S" * (n - 2),  # layer 0 marked S: computed, serves nobody
     }
 
@@ -139,8 +139,8 @@ def test_compiled_equals_oracle_prefill_and_decode(name, key):
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_inductor_equals_oracle(name):
-    tiny = H.TINY_DSA_MODELS[name]()
-    pattern = _patterns(tiny.num_layers)["FS"]
+    tiny = H.build(H.SPECS[name], num_layers=2)  # C++ codegen is the slow part: two layers suffice
+    pattern = "FS"
     with tiny.oracle(pattern) as sources:
         expected = H.prefill(tiny.model, tiny)
     untouched = H.prefill(tiny.model, tiny)
@@ -177,7 +177,9 @@ def _run_program(program, inputs, tiny):
 def test_export_equals_oracle(name):
     tiny = H.TINY_DSA_MODELS[name]()
     program, inputs = _export(tiny)
-    for key, pattern in _patterns(tiny.num_layers).items():
+    patterns = _patterns(tiny.num_layers)
+    for key in ("FS", "leading-S"):  # the compiled matrix covers the rest; each copy costs seconds
+        pattern = patterns[key]
         with tiny.oracle(pattern) as sources:
             expected = H.prefill(tiny.model, tiny)
         rewritten = copy.deepcopy(program)
@@ -198,7 +200,7 @@ def test_export_with_grad_enabled_leaves_no_grad_indexers_alone():
     inputs = tiny.make_inputs(12)
     program = torch.export.export(tiny.model, (), dict(inputs, use_cache=False), strict=False)
     untouched = H.prefill(tiny.model, tiny)
-    config = fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern="FS" * (tiny.num_layers // 2))
+    config = fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern=("FS" * tiny.num_layers)[: tiny.num_layers])
     report = fic.apply_index_cache_to_exported_program(program, config)
     assert report.indexers_removed == 0
     assert len(report.other_notes) >= len(tiny.dsa_layers)  # each wrapped indexer is reported
@@ -229,14 +231,15 @@ def test_refused_model_is_left_unchanged(name):
 @pytest.mark.parametrize("name", OTHER)
 def test_non_dsa_indexer_model_is_left_unchanged(name):
     tiny = H.build(H.OTHER_SPECS[name], num_layers=2)
+    prompt = 6  # qwen4_exp graph-breaks once per query position
     with tiny.oracle("FS") as sources:
-        shared = H.prefill(tiny.model, tiny)
-    untouched = H.prefill(tiny.model, tiny)
+        shared = H.prefill(tiny.model, tiny, prompt)
+    untouched = H.prefill(tiny.model, tiny, prompt)
     assert sources and not torch.equal(shared, untouched)
     torch._dynamo.reset()
     backend = H.PatternSwitchBackend({"FS": {"index_topk_pattern": "FS"}})
     with backend.use("FS"):
-        got = H.prefill(torch.compile(tiny.model, backend=backend), tiny)
+        got = H.prefill(torch.compile(tiny.model, backend=backend), tiny, prompt)
     assert torch.equal(got, untouched)
     reports = backend.reports["FS"]
     assert reports and all(not r.decisions for r in reports), "no top-k of this model is a DSA indexer"
