@@ -48,7 +48,7 @@ def check(name: str, spec: H.ModelSpec, dsa: bool) -> dict:
     pattern = _pattern(layers)
     prompt = 12 if spec.name != "qwen4_exp" else 6  # qwen4_exp graph-breaks once per query position
     steps = 2 if dsa else 0
-    row = {"name": name, "class": spec.model_class, "layers": layers, "pattern": pattern, "notes": []}
+    row = {"name": name, "class": spec.model_class, "layers": layers, "pattern": pattern, "prompt": prompt}
     row["indexer_modules"] = len(H.indexer_modules(tiny.model, spec))
     row["expected_routers"] = tiny.expected_router_topk
 
@@ -68,7 +68,10 @@ def check(name: str, spec: H.ModelSpec, dsa: bool) -> dict:
     row["sites_per_graph"] = sorted({len(r.decisions) for r in reports})
     row["routers"] = sorted({r.router_topk for r in reports}) if len(reports) <= 3 else None
     row["shared"] = sorted({d.layer for r in reports for d in r.decisions if d.action == "shared"})
-    row["left"] = sorted({(d.layer, d.note) for r in reports for d in r.layers_left})
+    row["left"] = {}
+    for report in reports:
+        for decision in report.layers_left:
+            row["left"].setdefault(decision.layer, []).append(decision.note)
     row["executed"] = sorted({r.pattern for r in reports if r.decisions})
     row["expected_executed"] = "".join("S" if layer in sources else "F" for layer in tiny.dsa_layers)
     row["prefill_oracle"] = torch.equal(got[0], oracle[0])
@@ -77,18 +80,20 @@ def check(name: str, spec: H.ModelSpec, dsa: bool) -> dict:
     row["decode_untouched"] = _same(got[1:], untouched[1:]) if steps else None
     row["max_diff"] = _max_diff(got, oracle)
 
-    row["export"], row["export_note"] = _check_export(tiny, pattern, prompt)
+    row["export"], row["export_untouched"], row["export_note"] = _check_export(tiny, pattern, prompt)
+    row["hidden"] = tiny.config.hidden_size
     row["seconds"] = time.perf_counter() - started
     return row
 
 
-def _check_export(tiny: H.TinyModel, pattern: str, prompt: int) -> tuple[bool | None, str]:
+def _check_export(tiny: H.TinyModel, pattern: str, prompt: int) -> tuple[bool | None, bool | None, str]:
+    """(rewritten program = oracle, rewritten program = model without the pass, note)."""
     inputs = tiny.make_inputs(prompt)
     try:
         with torch.no_grad():
             program = torch.export.export(tiny.model, (), dict(inputs, use_cache=False), strict=False)
     except Exception as error:  # noqa: BLE001 - the reason goes into the table
-        return None, f"does not export: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return None, None, f"does not export: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
     config = fic.IndexCacheConfig.from_hf_config(
         tiny.config, use_index_cache=True, index_topk_pattern=pattern, indexer_types=None
     )
@@ -96,7 +101,9 @@ def _check_export(tiny: H.TinyModel, pattern: str, prompt: int) -> tuple[bool | 
     with tiny.oracle(pattern):
         expected = H.prefill(tiny.model, tiny, prompt)
     got = H.output_of(program.module()(**inputs, use_cache=False), tiny.spec)
-    return torch.equal(got, expected), f"executed pattern {report.pattern or '(no DSA layer)'}"
+    untouched = H.prefill(tiny.model, tiny, prompt)
+    note = f"executed pattern {report.pattern or '(no DSA layer)'}"
+    return torch.equal(got, expected), torch.equal(got, untouched), note
 
 
 def _mark(value: bool | None) -> str:
@@ -112,7 +119,8 @@ def render(rows: list[dict], seconds: float) -> str:
         f"{transformers.__version__}, {platform.machine()} CPU, {seconds:.0f} s). Do not edit by hand.",
         "",
         "Each model is built from its transformers config class, tiny and randomly initialised "
-        "(hidden size 32, 3 decoder layers, 4 experts), compiled once, and run with the pattern "
+        f"(hidden size {'/'.join(sorted({str(r['hidden']) for r in rows}))}, "
+        f"{'/'.join(sorted({str(r['layers']) for r in rows}))} decoder layers), compiled once, and run with the pattern "
         "shown: a prefill of 12 tokens and two decode steps with the model's own cache. ✓ means "
         "bitwise equal to the oracle: the eager model with each S layer's indexer module patched "
         "to return its F layer's output (`fx_indexcache.hf_models.index_cache_oracle`). Export: "
@@ -135,16 +143,20 @@ def render(rows: list[dict], seconds: float) -> str:
         if row["left"]:
             prefill = f"{NO} (= untouched {_mark(row['prefill_untouched'])})"
             decode = f"{NO} (= untouched {_mark(row['decode_untouched'])})"
+            export = f"{_mark(row['export'])} (= untouched {_mark(row['export_untouched'])})"
             shared = "none: left as is"
         else:
             prefill, decode = _mark(row["prefill_oracle"]), _mark(row["decode_oracle"])
-        export = _mark(row["export"])
+            export = _mark(row["export"])
         lines.append(
             f"| `{row['name']}` | `{row['class']}` | {row['pattern']} | {found} | {routers} | {shared} "
             f"| {prefill} | {decode} | {export} |"
         )
-        for layer, note in row["left"]:
-            notes.append(f"- `{row['name']}` layer {layer} left as is by the pass: {note}.")
+        for layer, why in row["left"].items():
+            notes.append(
+                f"- `{row['name']}` layer {layer} left as is by the pass in {len(why)} of {row['graphs']} "
+                f"graphs, e.g. {why[0]}."
+            )
         if row["limitation"]:
             notes.append(f"- `{row['name']}`: {row['limitation']}.")
         if row["export"] is None:
@@ -157,17 +169,26 @@ def render(rows: list[dict], seconds: float) -> str:
     lines += [
         "## Sparse-attention models without a DSA lightning indexer (the pass must change nothing)",
         "",
-        "| model | class | indexer modules | top-k the pass rewrote | compiled graphs | output = model without the pass | why not DSA |",
-        "|---|---|---|---|---|---|---|",
+        "| model | class | indexer modules | indexer top-k detected | compiled graphs "
+        "| output = model without the pass | export = model without the pass | why not DSA |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    notes_other = []
     for row in rows:
         if row["dsa"]:
             continue
+        if row["prompt"] != 12:
+            notes_other.append(f"- `{row['name']}`: prefill of {row['prompt']} tokens (it graph-breaks per query).")
+        if row["export"] is None:
+            notes_other.append(f"- `{row['name']}` export: {row['export_note']}.")
         lines.append(
             f"| `{row['name']}` | `{row['class']}` | {row['indexer_modules']} | {len(row['dsa_found'])} "
-            f"| {row['graphs']} | {_mark(row['prefill_untouched'])} | {row['limitation']} |"
+            f"| {row['graphs']} | {_mark(row['prefill_untouched'])} | {_mark(row['export_untouched'])} "
+            f"| {row['limitation']} |"
         )
     lines += [
+        "",
+        *notes_other,
         "",
         "Checked and not sparse-attention models at all (no indexer module in their modeling code): "
         "`step3p7` (its config names sparse-indexer fields, but its attention has no indexer), "
