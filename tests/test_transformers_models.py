@@ -249,3 +249,30 @@ def test_non_dsa_indexer_model_is_left_unchanged(name):
         assert report.router_topk == tiny.expected_router_topk + indexers
         named = [note for note in report.other_notes if "module path says indexer" in note]
         assert len(named) == indexers
+
+
+def test_deepseek_v4_mixed_layer_types_never_a_wrong_rewrite():
+    """Real V4 interleaves compressed-sparse layers (indexer) with heavily-compressed ones (none).
+    With ``FFS`` on CSA/HCA/CSA, layer 2's nearest F layer (1) has no indexer: whatever the pass
+    decides, the result must be the oracle's (layer 2 reuses layer 0) or the untouched model's,
+    matching what the report says."""
+    tiny = H.build(
+        H.SPECS["deepseek_v4"],
+        layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "compressed_sparse_attention"],
+    )
+    assert tiny.dsa_layers == [0, 2]
+    pattern = "FFS"
+    with tiny.oracle(pattern) as sources:
+        expected = H.prefill(tiny.model, tiny)
+    untouched = H.prefill(tiny.model, tiny)
+    assert sources == {2: 0} and not torch.equal(expected, untouched)
+    backend = H.PatternSwitchBackend({pattern: {"index_topk_pattern": pattern}})
+    with backend.use(pattern):
+        got = H.prefill(torch.compile(tiny.model, backend=backend), tiny)
+    (report,) = backend.reports[pattern]
+    assert [d.layer for d in report.decisions] == [0, 2]
+    decision = report.decisions[1]
+    if decision.action == "shared":
+        assert decision.source_layer == 0 and torch.equal(got, expected)
+    else:
+        assert decision.action == "left as is" and decision.note and torch.equal(got, untouched)
