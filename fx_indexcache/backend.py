@@ -53,8 +53,24 @@ def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mappin
     merged.update(kw.pop("config_patches", {}) or {})
     if kw.get("mode") not in (None, "default"):
         raise ValueError(f"indexcache_backend: mode={kw['mode']!r} is not supported; use options instead")
-    _, patches = indexcache_inductor_patches(merged)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    graph_pass, patches = indexcache_inductor_patches(merged)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if not graph_pass.reports:
+        _report_cache_hit(graph_pass)
+    return compiled
+
+
+def _report_cache_hit(graph_pass: IndexCachePass) -> None:
+    """Inductor served the graph from its FX graph cache, so the pass did not run: say so."""
+    from .report import IndexCacheReport, publish
+
+    note = (
+        "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
+        f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
+    )
+    report = IndexCacheReport(graph_pass.config, [], "FX graph cache", 0, [note], "cached graph")
+    graph_pass.reports.append(report)
+    publish(report)
 
 
 def indexcache_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):

@@ -26,6 +26,7 @@ CONFIG_KEYS = (
     "index_topk_pattern",
     "indexer_types",
     "drop_shared_indexer_cache_writes",
+    "fuse_indexer_kernel",
 )
 
 _INDEXER_TYPES = {"full": FULL, "shared": SHARED}
@@ -49,7 +50,9 @@ class IndexCacheConfig:
     pattern of another length is then rejected. ``drop_shared_indexer_cache_writes`` lets
     the pass also delete the S layers' indexer key-cache writes, which nothing reads once
     those layers share indices (off by default: the cache then stays complete for a caller
-    that runs the unrewritten model on it).
+    that runs the unrewritten model on it). ``fuse_indexer_kernel`` lets the F layers' scoring
+    run as one fused Triton kernel where it is proven equivalent and supported (CUDA, bf16/fp16);
+    elsewhere Inductor's code stays.
     """
 
     use_index_cache: bool = False
@@ -59,12 +62,15 @@ class IndexCacheConfig:
     indexer_types: tuple[str, ...] | None = None
     num_layers: int | None = None
     drop_shared_indexer_cache_writes: bool = False
+    fuse_indexer_kernel: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.use_index_cache, bool):
             raise _bad("use_index_cache", self.use_index_cache, "a bool")
         if not isinstance(self.drop_shared_indexer_cache_writes, bool):
             raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes, "a bool")
+        if not isinstance(self.fuse_indexer_kernel, bool):
+            raise _bad("fuse_indexer_kernel", self.fuse_indexer_kernel, "a bool")
         _check_positive_int("index_topk_freq", self.index_topk_freq)
         _check_positive_int("index_skip_topk_offset", self.index_skip_topk_offset)
         if self.num_layers is not None:

@@ -11,6 +11,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import IndexCacheConfig
 from .detection import detect
+from .graph_utils import fake_value
+from .kernel_substitution import FUSED_NOTE, substitute_fused_indexer
 from .report import IndexCacheReport, publish
 from .rewrite import LEFT, apply_index_cache
 
@@ -68,8 +70,11 @@ class IndexCachePass(CustomGraphPass):
         else:
             off = IndexCacheConfig(use_index_cache=False)
             decisions = apply_index_cache(graph, detection, off)
+        kernel_notes = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
+        report.other_notes.extend(kernel_notes)
         stats = counters["fx_indexcache"]
+        stats["indexers_fused"] += sum(FUSED_NOTE in note for note in kernel_notes)
         stats["graphs"] += 1
         stats["indexer_sites"] += len(decisions)
         stats["indexers_removed"] += report.indexers_removed
@@ -78,6 +83,15 @@ class IndexCachePass(CustomGraphPass):
         self.reports.append(report)
         publish(report)
         return report
+
+    def _fuse_indexers(self, graph: fx.Graph, sites) -> list[str]:
+        """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA."""
+        if not self.config.fuse_indexer_kernel:
+            return []
+        on_cuda = [s for s in sites if getattr(fake_value(s.indices), "is_cuda", False)]
+        if not on_cuda:
+            return []
+        return substitute_fused_indexer(graph, on_cuda)
 
     def uuid(self) -> str:
         return hashlib.sha256(f"{self.config.fingerprint()}|{_source_digest()}".encode()).hexdigest()

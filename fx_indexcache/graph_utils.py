@@ -93,6 +93,15 @@ def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
+def comes_after(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` stands after ``b`` in their graph: O(1) with FX's sort keys, else a scan."""
+    try:
+        return bool(a > b)
+    except TypeError:  # a torch whose nodes do not compare
+        order = node_order(a.graph)
+        return order[a] > order[b]
+
+
 def dead_if_removed(roots: Iterable[fx.Node]) -> set[fx.Node]:
     """The nodes that become dead code once ``roots`` lose all their users.
 

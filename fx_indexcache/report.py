@@ -75,8 +75,10 @@ class IndexCacheReport:
     def build(cls, config, detection: Detection, decisions, graph_name: str = "") -> IndexCacheReport:
         notes = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
-        notes += [f"indexer inside a shared nested_compile_region body {name}: one body serves several "
-                  "layers, so no layer in it can be rewritten" for name in detection.nested_regions]
+        notes += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
+                  "block such as export's set_grad_enabled wrapper): left alone; export under "
+                  "torch.no_grad() or compile whole layers to let the pass see it"
+                  for name in detection.nested_regions]
         ambiguous = [v for v in detection.ignored if v.evidence]
         notes += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
         return cls(config, decisions, detection.layer_source, len(detection.ignored), notes, graph_name)

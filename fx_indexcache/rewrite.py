@@ -56,16 +56,25 @@ def _queries(site: IndexerSite) -> int:
 
 
 def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes: bool) -> LayerDecision:
+    """Rewire one S layer and erase exactly the nodes that only its indexer needed.
+
+    Erasing the dead cone directly (not a whole-graph DCE per layer) keeps the pass linear in
+    the graph size for deep models.
+    """
+    roots = [site.anchor, *site.anchor.users, site.indices]
     site.reuse(source)
     saved = 0
     if drop_writes:
         for write in site.cache_writes():
+            roots.extend(write.write.all_input_nodes)
             graph.erase_node(write.write)
             saved += write.nbytes
-    unused = [n for n in graph.nodes if n.op == "call_function" and not n.users and not n.is_impure()]
-    removed = dead_if_removed(unused)
+    candidates = [node for node in dict.fromkeys(roots) if node.graph is graph and not node.users]
+    removed = dead_if_removed(node for node in candidates if not node.is_impure())
     flops = sum(_flops(node) for node in removed) / _queries(site)
-    graph.eliminate_dead_code()
+    for node in sorted(removed, key=lambda n: n._sort_key if hasattr(n, "_sort_key") else 0, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
     return LayerDecision(
         site.layer, "S", SHARED, source.layer, len(removed), flops, saved, f"uses layer {source.layer}'s indices"
     )
@@ -88,12 +97,16 @@ def apply_index_cache(graph: fx.Graph, detection: Detection, config: IndexCacheC
         source = by_layer.get(source_layer)
         reason = None
         if source is None:
-            reason = f"its F layer {source_layer} is not in this graph (graph break, pipeline stage or region)"
+            reason = (
+                f"its F layer {source_layer} has no indexer site in this graph "
+                "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
+            )
         else:
             reason = site.refusal() or site.incompatibility(source)
         if reason is not None:
             decisions.append(LayerDecision(layer, "S", LEFT, layer, note=reason))
             continue
         decisions.append(_share(graph, site, source, config.drop_shared_indexer_cache_writes))
+    graph.eliminate_dead_code()
     graph.lint()
     return decisions

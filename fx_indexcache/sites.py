@@ -13,7 +13,7 @@ import dataclasses
 
 from torch import fx
 
-from .graph_utils import fake_value, node_order, same_shape, same_size
+from .graph_utils import comes_after, fake_value, same_shape, same_size
 
 
 @dataclasses.dataclass
@@ -54,9 +54,7 @@ class IndexerSite(abc.ABC):
             return f"indices shape {tuple(mine.shape)} differs from layer {source.layer}'s {tuple(theirs.shape)}"
         if mine.device != theirs.device:
             return f"indices live on {mine.device}, layer {source.layer}'s on {theirs.device}"
-        order = node_order(self.indices.graph)
-        first_use = min((order[user] for user in self.indices.users), default=None)
-        if first_use is not None and order[source.indices] > first_use:
+        if any(comes_after(source.indices, user) for user in self.indices.users):
             return f"layer {source.layer}'s indices are computed after this layer first uses its own"
         return None
 
