@@ -45,6 +45,20 @@ class _Abort(Exception):
     pass
 
 
+def _pass_source_digest() -> str:
+    """Short hash of fx_indexcache/*.py: which version of the pass a row measured (the code moves)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pkg = os.path.join(ROOT, "fx_indexcache")
+    for name in sorted(os.listdir(pkg)):
+        if name.endswith(".py"):
+            h.update(name.encode())
+            with open(os.path.join(pkg, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:10]
+
+
 def child(n_layers: int, mode: str) -> dict:
     import torch
 
@@ -56,7 +70,7 @@ def child(n_layers: int, mode: str) -> dict:
     cfg = DSAModelConfig.deepseek_v32(num_layers=n_layers, moe=True, **SMALL)
     model = ReferenceDSAModel(cfg, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (1, 64))
-    rec: dict = dict(layers=n_layers, mode=mode)
+    rec: dict = dict(layers=n_layers, mode=mode, pass_source=_pass_source_digest())
     orig = IndexCachePass.run
     t_call = [0.0]
 
@@ -108,7 +122,7 @@ def run_child(n: int, mode: str, timeout: float) -> dict:
 
 def write(rows: list[dict], env: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    cols = ["layers", "mode", "post_grad_nodes", "nodes_after", "pass_s", "before_pass_s", "wall_s", "pattern",
+    cols = ["layers", "mode", "pass_source", "post_grad_nodes", "nodes_after", "pass_s", "before_pass_s", "wall_s", "pattern",
             "router_topk", "error"]
     with open(os.path.join(out, "pass_cost.csv"), "w", newline="") as f:
         f.write("# " + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n")
