@@ -22,13 +22,6 @@ import fx_indexcache as fic
 B, S, D, H, HD, K, E = 1, 8, 16, 2, 8, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _causal(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu(1)

@@ -29,15 +29,6 @@ from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
 HIDDEN, TOPK, SEQ, VOCAB = 16, 4, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is ~10x faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyIndexer(nn.Module):
     def __init__(self, heads: int = 2, dim: int = 8) -> None:
         super().__init__()

@@ -7,7 +7,6 @@ it is marked `slow` (deselect with -m "not slow"); the rest runs in 30-55 s on 2
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import pytest
 import torch

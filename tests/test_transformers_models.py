@@ -40,14 +40,6 @@ def _patterns(n: int) -> dict[str, str]:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared 2-core machine: one intra-op thread keeps tiny-op timings sane under contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _executed(pattern: str, sources: dict[int, int], layers: list[int]) -> str:
     return "".join("S" if layer in sources else "F" for layer in layers)
