@@ -162,6 +162,7 @@ def main():
     ap.add_argument("--full-layers", default="8,16")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--append", action="store_true", help="keep the rows of --out/pass_cost.jsonl and add these")
     args = ap.parse_args()
     if args.child:
         n, mode = args.child.split(":")
@@ -173,7 +174,11 @@ def main():
                python=platform.python_version(), threads=torch.get_num_threads(),
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     rows: list[dict] = []
-    jobs = [(int(n), "pass") for n in args.layers.split(",")]
+    store = os.path.join(args.out, "pass_cost.jsonl")
+    if args.append and os.path.exists(store):
+        with open(store) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    jobs = [(int(n), "pass") for n in args.layers.split(",") if n]
     for n in args.full_layers.split(","):
         if n:
             jobs += [(int(n), "full"), (int(n), "plain")]
@@ -182,6 +187,8 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
         write(rows, env, args.out)
+        with open(store, "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":
