@@ -35,6 +35,11 @@ Writes under --out: gpu_indexcache.csv, gpu_indexcache.md, gpu_indexcache.json, 
 gpu_indexcache_log.txt; the CSV/MD/JSON are rewritten after every point, so a run cut short keeps
 what it measured. Work that would not fit the time budget is skipped (and said so).
 
+Known issue (runs 1-2, H100, torch 2.11): even with ``dynamic=True`` and ``start_pos`` passed as a tensor length,
+the prefill graph recompiled at the first 1Kx32K and again at the first 2Kx32K call (30-65 s each); the third graph
+served 1Kx64K without a recompile. Decode (batch 16 -> 64) reused its graph. Not diagnosed yet: run once with
+``TORCH_LOGS=recompiles`` before spending a full budget (see docs/notes/gpu_benchmark.md).
+
 ``--smoke`` runs the same code on the CPU with the tiny config (a check of the script, not a benchmark).
 """
 
