@@ -35,10 +35,11 @@ Writes under --out: gpu_indexcache.csv, gpu_indexcache.md, gpu_indexcache.json, 
 gpu_indexcache_log.txt; the CSV/MD/JSON are rewritten after every point, so a run cut short keeps
 what it measured. Work that would not fit the time budget is skipped (and said so).
 
-Known issue (runs 1-2, H100, torch 2.11): even with ``dynamic=True`` and ``start_pos`` passed as a tensor length,
-the prefill graph recompiled at the first 1Kx32K and again at the first 2Kx32K call (30-65 s each); the third graph
-served 1Kx64K without a recompile. Decode (batch 16 -> 64) reused its graph. Not diagnosed yet: run once with
-``TORCH_LOGS=recompiles`` before spending a full budget (see docs/notes/gpu_benchmark.md).
+Runs 1-2 (H100, torch 2.11) compiled prefill first at 1Kx8K and recompiled at the first 1Kx32K and 2Kx32K calls
+(30-65 s each); the third graph served 1Kx64K. Most likely cause (not yet confirmed by a recompile log): Inductor's
+32-bit indexing guards -- the [S, 64, T] logits reach 2^31 elements at 1Kx32K and the gathered [S, 2048, 576] latents
+pass it at 2Kx32K. The prefill points are therefore now run largest first (2Kx32K), so that the first graph indexes
+with int64 everywhere; check the "new graphs" column of the log.
 
 ``--smoke`` runs the same code on the CPU with the tiny config (a check of the script, not a benchmark).
 """
@@ -151,7 +152,10 @@ class Runner:
         else:
             self.cfg = DSAModelConfig.deepseek_v32(num_layers=a.layers, moe=False, max_seq_len=65536)
             dtype = torch.bfloat16
-            self.prefill_points = [(1024, 8192), (1024, 32768), (2048, 32768), (1024, 65536)]
+            # Largest first: Inductor indexes with int32 where a buffer's numel fits and guards on it, so a graph first
+            # compiled at 1Kx8K recompiles when [S,64,T] passes 2^31 elements (1Kx32K) and again when the gathered
+            # [S,2048,576] latents do (2Kx32K) -- what runs 1-2 did. Compiled first at 2Kx32K it is int64 throughout.
+            self.prefill_points = [(2048, 32768), (1024, 65536), (1024, 32768), (1024, 8192)]
             self.decode_points = [(16, 32768), (64, 32768), (1, 32768)]
         self.L = self.cfg.num_layers
         t = time.time()
@@ -425,6 +429,8 @@ class Runner:
             if not pts:
                 ax.set_visible(False)
                 continue
+            order = {r["point"]: (r["T"], r["S"], r["B"]) for r in self.rows}
+            pts.sort(key=lambda p: order.get(p, (0, 0, 0)))
             x = list(range(len(pts)))
             colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green"}
             for f in FREQS:
