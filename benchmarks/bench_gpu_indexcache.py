@@ -14,6 +14,8 @@ Variants (each compiled once with ``dynamic=True``, ``torch._dynamo.reset()`` be
   ours_f{2,4,8}    ``indexcache_backend`` with ``index_topk_freq=f, index_skip_topk_offset=1``: layer i is F
                    iff i % f == 0, so over L=6 layers f2 = FSFSFS, f4 = FSSSFS, f8 = FSSSSS (all three distinct)
                    (offset 1 instead of the default 2, so that a few layers show the periodic pattern)
+  fused_f4         ours_f4 with ``fuse_indexer_kernel=True`` (the backend's default since commit 5ff6ec7: the F layers'
+                   scoring runs as the fused Triton kernel); ours_* set it False to measure IndexCache alone
   hand_f{2,4,8}    the hand-written model-level IndexCache (``set_index_cache_pattern`` with the executed
                    pattern of the same config), compiled with plain Inductor
 
@@ -29,7 +31,8 @@ one layer's indexer (hand_f8 runs every layer but the first without it), share =
 Amdahl ideal for a pattern with n_S shared layers: 1 / (1 - share * n_S / L); for f8 it equals
 hand_f8's speedup by construction, for f2 and f4 it is a prediction.
 The generated code of every compiled variant is captured (GraphLowering.save_output_code) and its
-``aten.topk.default(`` calls counted: it must equal the number of F layers.
+``aten.topk.default(`` calls counted: it must equal the number of F layers (for fused_* the F layers' top-k may run
+inside the fused custom op instead, so its count can be lower: read it with the pass report's pattern).
 
 Writes under --out: gpu_indexcache.csv, gpu_indexcache.md, gpu_indexcache.json, gpu_indexcache.png,
 gpu_indexcache_log.txt; the CSV/MD/JSON are rewritten after every point, so a run cut short keeps
@@ -72,7 +75,7 @@ from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E
 FREQS = (2, 4, 8)
 OFFSET = 1
 # Priority order: the baseline, then hand_f8 (needed for the indexer share), then the rest.
-VARIANTS = ["inductor", "hand_f8", "ours_f4", "hand_f4", "ours_f8", "ours_f2", "hand_f2", "eager"]
+VARIANTS = ["inductor", "hand_f8", "ours_f4", "hand_f4", "ours_f8", "ours_f2", "hand_f2", "eager", "fused_f4"]
 
 
 def executed_pattern(freq: int, n: int) -> str:
@@ -223,10 +226,13 @@ class Runner:
         def step(ids, cache, start_len):
             return model(ids, cache, start_len.shape[0], logits_to_keep=1)
 
-        if name.startswith("ours"):
+        if name.startswith(("ours", "fused")):
             f = int(name.split("_f")[1])
+            # ours_*: IndexCache alone (the F layers keep Inductor's indexer code, like the baselines);
+            # fused_*: the backend's default since 5ff6ec7, F layers' scoring as the fused Triton kernel.
             compiled = torch.compile(step, backend=indexcache_backend, dynamic=True,
-                                     options={"index_topk_freq": f, "index_skip_topk_offset": OFFSET})
+                                     options={"index_topk_freq": f, "index_skip_topk_offset": OFFSET,
+                                              "fuse_indexer_kernel": name.startswith("fused")})
         else:
             compiled = torch.compile(step, backend="inductor", dynamic=True)
         return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
@@ -357,7 +363,7 @@ class Runner:
                     ideal = 1.0 / (1.0 - share * n_s / self.L)
                     d["amdahl_ideal"] = round(ideal, 3)
                     d["frac_of_ideal"] = round(d["speedup_vs_inductor"] / ideal, 3) if d["speedup_vs_inductor"] else None
-                if name.startswith("ours"):
+                if name.startswith(("ours", "fused")):
                     h = by.get(("hand_" + name.split("_")[1], p))
                     d["ours_vs_hand"] = round(h["ms"] / r["ms"], 3) if h else None
                     ref = self.outputs.get(("hand_" + name.split("_")[1], p))
