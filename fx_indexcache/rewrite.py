@@ -40,11 +40,28 @@ def _flops(node: fx.Node) -> int:
     if not isinstance(value, torch.Tensor):
         return 0
     out = numel_hint(value.shape)
+    if is_call(node, {torch.ops.aten.einsum}):
+        return _einsum_flops(node)
     if is_call(node, CONTRACTIONS):
-        first = fake_value(node.args[1] if len(node.args) > 2 else node.args[0])
+        operands = node.all_input_nodes
+        first = fake_value(operands[1] if len(operands) > 2 else operands[0])
         if isinstance(first, torch.Tensor) and first.dim() > 0:
             return 2 * out * numel_hint(first.shape[-1:])
     return out
+
+
+def _einsum_flops(node: fx.Node) -> int:
+    """2 × the product of every index's size: the multiply-adds of a plain einsum."""
+    equation, operands = node.args[0], node.args[1]
+    sizes: dict[str, int] = {}
+    for letters, operand in zip(equation.split("->")[0].split(","), operands):
+        value = fake_value(operand)
+        for letter, size in zip(letters.strip(), value.shape if value is not None else ()):
+            sizes[letter] = numel_hint([size])
+    total = 2
+    for size in sizes.values():
+        total *= size
+    return total
 
 
 def _queries(site: IndexerSite) -> int:

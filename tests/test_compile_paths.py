@@ -223,3 +223,38 @@ def test_uuid_covers_the_config():
     b = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=2)).uuid()
     c = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4)).uuid()
     assert a != b and a == c
+
+
+def test_backend_is_registered_by_name_after_install():
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("fx-indexcache")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("fx-indexcache is not installed (./run installs it); entry points need an install")
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("indexcache") is indexcache_backend
+    model, oracle = model_pair(TINY)
+    oracle.set_index_cache_pattern("FSFS")
+    tokens = torch.randint(0, TINY.vocab_size, (1, 24))
+    with torch.no_grad():
+        got = torch.compile(model, backend="indexcache", options={"index_topk_pattern": "FSFS"})(tokens)
+        torch.testing.assert_close(got, oracle(tokens), rtol=1e-4, atol=1e-4)
+    assert reports()[-1].indexers_removed == 2
+
+
+def test_exported_reference_model_rewritten_equals_the_oracle():
+    from fx_indexcache import apply_index_cache_to_exported_program
+
+    model, oracle = model_pair(TINY)
+    oracle.set_index_cache_pattern("FSSF")
+    tokens = torch.randint(0, TINY.vocab_size, (2, 24))
+    with torch.no_grad():
+        program = torch.export.export(model, (tokens,), strict=False)
+        report = apply_index_cache_to_exported_program(program, index_topk_pattern="FSSF")
+        got = program.module()(tokens)
+        torch.testing.assert_close(got, oracle(tokens))
+    assert report.pattern == "FSSF" and report.indexers_removed == 2
+    topk = [n for n in program.graph.nodes if n.target == torch.ops.aten.topk.default]
+    assert len(topk) == 2 + report.router_topk
