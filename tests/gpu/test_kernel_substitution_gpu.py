@@ -114,3 +114,33 @@ def test_transformers_v32_bf16_fused():
     assert sum("fused indexer_logits" in n for n in graph_pass.notes) == len(tiny.dsa_layers), graph_pass.notes
     rel = (got.double() - want.double()).norm() / want.double().norm()
     assert rel < 2e-2, rel
+
+
+def test_backend_default_fuses_f_layers_and_drops_s_layers():
+    """What a user gets from ``backend=indexcache_backend`` on CUDA: fused F layers, S layers gone."""
+    import fx_indexcache
+    from fx_indexcache import indexcache_backend
+
+    cfg = DSAModelConfig.tiny(
+        num_layers=4, first_k_dense_layers=4, index_n_heads=16, index_head_dim=64, index_topk=64, max_seq_len=512
+    )
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (2, 192), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    options = {"index_topk_pattern": "FSFS", "fx_graph_cache": False}
+    fx_indexcache.clear_reports()
+    with torch.no_grad():
+        base, _ = _compile(model, False, "FSFS")
+        want_logits, want_idx = base(ids, None, 0, True)
+        torch._dynamo.reset()
+        fused = torch.compile(model, backend=indexcache_backend, options=options, dynamic=False)
+        (got_logits, got_idx), code = run_and_get_code(fused, ids, None, 0, True)
+    (report,) = fx_indexcache.reports()
+    assert report.pattern == "FSFS" and report.indexers_removed == 2
+    assert sum("fused indexer_logits" in n for n in report.other_notes) == 2, report.other_notes
+    assert sum(src.count("indexer_logits") > 0 for src in code) >= 1
+    rel = (got_logits.double() - want_logits.double()).norm() / want_logits.double().norm()
+    assert rel < 2e-2, rel
+    for layer in (1, 3):  # S layers hold exactly their F layer's indices
+        assert torch.equal(got_idx[layer], got_idx[layer - 1])
+    for layer in (0, 2):
+        assert _overlap(got_idx[layer], want_idx[layer]) > 0.98
