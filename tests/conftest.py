@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
+import atexit
+import os
+import shutil
+import tempfile
 
-from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+# A session-private Inductor cache: a warm cache from an earlier run of the same code would serve
+# graphs without rewriting them, and the tests read this run's per-layer reports. Set before torch
+# compiles anything; subprocesses inherit it.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="fx_indexcache_tests_inductor_")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from functorch.compile import make_boxed_func  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+
+from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
+from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
 torch.set_num_threads(1)
