@@ -15,6 +15,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import IndexCacheConfig
 from .graph_pass import IndexCachePass
+from .report import IndexCacheReport, publish
 
 
 class _Chain(CustomGraphPass):
@@ -62,8 +63,6 @@ def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mappin
 
 def _report_cache_hit(graph_pass: IndexCachePass) -> None:
     """Inductor served the graph from its FX graph cache, so the pass did not run: say so."""
-    from .report import IndexCacheReport, publish
-
     note = (
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
         f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import operator
 
 import torch
 from torch import fx
@@ -22,6 +21,7 @@ from .graph_utils import (
     VIEW_LIKE,
     dead_if_removed,
     fake_value,
+    getitem_users,
     is_call,
     numel_hint,
     packet,
@@ -36,8 +36,9 @@ _RELU = {aten.relu, aten.relu_}
 _CLAMP_MIN = {aten.clamp_min, aten.clamp}
 #: Ops allowed between the q·k product and the ReLU (scaling, casting, re-viewing).
 _SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
-#: Functional cache updates whose result is written back into a graph input by ``copy_``.
-_CACHE_UPDATES = {aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_copy, aten.scatter}
+#: Functional cache updates whose result is written back into a graph input by ``copy_``,
+#: with the position of the argument that holds the written rows.
+_CACHE_UPDATES = {aten.slice_scatter: 1, aten.select_scatter: 1, aten.index_put: 2, aten.index_copy: 3, aten.scatter: 3}
 _MAX_VISITS = 4000
 
 
@@ -47,22 +48,10 @@ class TopkIndexerSite(IndexerSite):
 
     kind = "aten.topk"
 
-    def _topk_arguments(self) -> tuple:
-        node = self.anchor
-        names = ("input", "k", "dim", "largest", "sorted")
-        defaults = (None, None, -1, True, True)
-        values = list(defaults)
-        for i, arg in enumerate(node.args):
-            values[i] = arg
-        for key, arg in node.kwargs.items():
-            values[names.index(key)] = arg
-        return tuple(values)
-
     def refusal(self) -> str | None:
-        values = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
-        if values:
+        if any(value.users for value in getitem_users(self.anchor, 0)):
             return "the top-k values are used too; sharing only the indices would change them"
-        readers = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 1]
+        readers = getitem_users(self.anchor, 1)
         if len(readers) != 1:
             return f"the indices are read through {len(readers)} getitem nodes"
         return None
@@ -72,9 +61,9 @@ class TopkIndexerSite(IndexerSite):
         if reason is not None:
             return reason
         assert isinstance(source, TopkIndexerSite)
-        _, k, dim, largest, ordered = self._topk_arguments()
+        _, k, dim, largest, ordered = _topk_arguments(self.anchor)
         score = fake_value(self.anchor.args[0])
-        _, k2, dim2, largest2, ordered2 = source._topk_arguments()
+        _, k2, dim2, largest2, ordered2 = _topk_arguments(source.anchor)
         score2 = fake_value(source.anchor.args[0])
         if not same_arguments(k, k2):
             return f"k={k} differs from layer {source.layer}'s k={k2}"
@@ -100,13 +89,21 @@ class TopkIndexerSite(IndexerSite):
                 (write,) = others
                 if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
                     continue
-                source = arg.args[2] if packet(arg) is aten.index_put else arg.args[1]
-                if packet(arg) in (aten.index_copy, aten.scatter):
-                    source = arg.args[3]
-                value = fake_value(source)
+                value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
                 nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
                 writes.append(CacheWrite(write=write, nbytes=nbytes))
         return writes
+
+
+def _topk_arguments(node: fx.Node) -> tuple:
+    """``(input, k, dim, largest, sorted)`` of an ``aten.topk`` call, defaults filled in."""
+    names = ("input", "k", "dim", "largest", "sorted")
+    values = [None, None, -1, True, True]
+    for i, arg in enumerate(node.args):
+        values[i] = arg
+    for key, arg in node.kwargs.items():
+        values[names.index(key)] = arg
+    return tuple(values)
 
 
 def _is_relu(node: fx.Node) -> bool:
@@ -201,9 +198,8 @@ class TopkVerdict:
 
 def classify_topk(node: fx.Node) -> TopkVerdict:
     """Decide whether one ``aten.topk`` node is a lightning indexer's top-k."""
-    score = node.args[0]
+    score, _, dim, _, _ = _topk_arguments(node)
     score_value = fake_value(score)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
     if score_value is None:
@@ -262,7 +258,7 @@ def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdic
         if not is_call(node, {aten.topk}):
             continue
         verdict = classify_topk(node)
-        readers = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
             verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")
         if not verdict.is_indexer:

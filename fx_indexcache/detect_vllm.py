@@ -17,14 +17,13 @@ Matching is by operator name, so this module never imports vLLM.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 from torch import fx
 
 from .detect_topk import TopkVerdict
 from .detection import register_site_finder
-from .graph_utils import fake_value, same_size
+from .graph_utils import fake_value, getitem_users, same_size
 from .layers import module_path, normalise_module_path
 from .sites import IndexerSite, same_arguments
 
@@ -59,7 +58,7 @@ def _schema_defaults(op) -> dict:
 def _vllm_layer_name(value) -> str | None:
     """The vLLM layer name behind ``k_cache_prefix``: a str, a ``LayerName``, or a graph input holding one."""
     if isinstance(value, fx.Node):
-        value = value.meta.get("val", value.meta.get("example_value"))
+        value = fake_value(value)
         value = getattr(value, "real_obj", value)  # a FakeScriptObject wraps the hoisted LayerName
     value = getattr(value, "value", value)
     return value if isinstance(value, str) and value else None
@@ -91,8 +90,7 @@ class VllmIndexerSite(IndexerSite):
             return "the indexer op is called in place (graph not functionalized): no buffer versions to rewire"
         if self.buffer_in is None:
             return "the top-k buffer passed to the op is not a tensor in the graph"
-        returned = [u for u in self.anchor.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
-        if returned:
+        if any(returned.users for returned in getitem_users(self.anchor, 0)):
             return "the op's return value is read in the graph; only the buffer version can be redirected"
         arguments = self.arguments
         if arguments.get("candidate_blocks") is not None or arguments.get("candidate_write"):
@@ -168,7 +166,7 @@ def _site(node: fx.Node) -> VllmIndexerSite | None:
             return None
         op = node.args[0]
         output = _buffer_output(node, form, op)
-        readers = [u for u in node.users if u.target is operator.getitem and u.args[1] == output]
+        readers = getitem_users(node, output)
         if output is None or len(readers) != 1:
             return None  # nothing reads the new buffer version: Inductor would already drop the call
         indices = readers[0]

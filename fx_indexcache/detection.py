@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import fx
 
 from .detect_topk import TopkVerdict, find_topk_sites
+from .graph_utils import node_order
 from .layers import layer_index_from_path
 from .sites import IndexerSite
 
@@ -52,12 +53,6 @@ def _subgraph_modules(graph: fx.Graph) -> list[tuple[str, fx.GraphModule]]:
     return list(found.items())
 
 
-def find_sites(graph: fx.Graph) -> list[IndexerSite]:
-    """All sites of every registered form, in graph order, with no layer assigned yet."""
-    sites, _ = _find_all(graph)
-    return sites
-
-
 def _find_all(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     sites: list[IndexerSite] = []
     ignored: list[TopkVerdict] = []
@@ -65,7 +60,7 @@ def _find_all(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
         found, skipped = finder(graph)
         sites.extend(found)
         ignored.extend(skipped)
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    order = node_order(graph)
     sites.sort(key=lambda site: order[site.anchor])
     return sites, ignored
 

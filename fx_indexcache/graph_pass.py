@@ -14,7 +14,7 @@ from .detection import detect
 from .graph_utils import fake_value
 from .kernel_substitution import FUSED_NOTE, substitute_fused_indexer
 from .report import IndexCacheReport, publish
-from .rewrite import LEFT, apply_index_cache
+from .rewrite import apply_index_cache
 
 _PACKAGE = Path(__file__).resolve().parent
 #: The modules whose code decides what the rewritten graph is: an edit to any of them → new uuid.
@@ -65,11 +65,7 @@ class IndexCachePass(CustomGraphPass):
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
         """Detect, rewrite (when ``use_index_cache``), DCE, lint; returns and publishes the report."""
         detection = detect(graph)
-        if self.config.use_index_cache:
-            decisions = apply_index_cache(graph, detection, self.config)
-        else:
-            off = IndexCacheConfig(use_index_cache=False)
-            decisions = apply_index_cache(graph, detection, off)
+        decisions = apply_index_cache(graph, detection, self.config)  # all F when use_index_cache is off
         kernel_notes = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
         report.other_notes.extend(kernel_notes)
@@ -78,7 +74,7 @@ class IndexCachePass(CustomGraphPass):
         stats["graphs"] += 1
         stats["indexer_sites"] += len(decisions)
         stats["indexers_removed"] += report.indexers_removed
-        stats["layers_left"] += sum(d.action == LEFT for d in decisions)
+        stats["layers_left"] += len(report.layers_left)
         stats["other_topk"] += report.router_topk
         self.reports.append(report)
         publish(report)

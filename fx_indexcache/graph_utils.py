@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Iterable
 
 import torch
 from torch import fx
@@ -42,10 +43,9 @@ def is_call(node: fx.Node, ops: Iterable) -> bool:
     return node.op == "call_function" and packet(node) in ops
 
 
-def tensor_inputs(node: fx.Node) -> Iterator[fx.Node]:
-    """Every node argument of ``node``, including those inside lists (``cat``'s inputs)."""
-    for arg in node.all_input_nodes:
-        yield arg
+def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
+    """The ``getitem(node, index)`` nodes that read output ``index`` of a multi-output node."""
+    return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
 
 
 def fake_value(node: fx.Node):
@@ -119,3 +119,19 @@ def dead_if_removed(roots: Iterable[fx.Node]) -> set[fx.Node]:
                 dead.add(arg)
                 frontier.append(arg)
     return dead
+
+
+def erase_dead(graph: fx.Graph, dead: Iterable[fx.Node]) -> None:
+    """Erase a dead cone (as ``dead_if_removed`` gives it) users first; a node still read stays.
+
+    Ordered by FX's per-node sort keys where torch has them, so erasing stays linear in the cone.
+    """
+    dead = list(dead)
+    try:
+        position = {node: node._sort_key for node in dead}
+    except AttributeError:  # a torch without sort keys
+        order = node_order(graph)
+        position = {node: order[node] for node in dead}
+    for node in sorted(dead, key=position.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)

@@ -34,6 +34,7 @@ agrees with the fused path to 7e-6 as well. Top-k sets then agree except at near
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
@@ -42,7 +43,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph_utils import dead_if_removed, fake_value, is_call, packet
+from .graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -493,17 +494,15 @@ def match_indexer_score(site) -> ScoreMatch | str:
 
 
 def _fake_mode(values):
+    """The fake mode the leaves' values live in (a no-op context where there is none)."""
     from torch._guards import detect_fake_mode
 
-    return detect_fake_mode(values)
+    return detect_fake_mode(values) or contextlib.nullcontext()
 
 
 def _call(graph: fx.Graph, target, args: tuple, fake_args: tuple, mode) -> fx.Node:
     node = graph.call_function(target, args)
-    if mode is not None:
-        with mode:
-            node.meta["val"] = target(*fake_args)
-    else:
+    with mode:
         node.meta["val"] = target(*fake_args)
     return node
 
@@ -526,10 +525,7 @@ def _canonical_steps(roles: tuple[str, ...], order: str) -> list[tuple]:
 
 def _apply_fake(value, steps, mode):
     for target, extra in steps:
-        if mode is not None:
-            with mode:
-                value = target(value, *extra)
-        else:
+        with mode:
             value = target(value, *extra)
     return value
 
@@ -615,10 +611,7 @@ def substitute_fused_indexer(graph: fx.Graph, sites, *, force: bool = False) -> 
             fused.meta["nn_module_stack"] = x.meta["nn_module_stack"]
         x.replace_all_uses_with(fused)
         dead = dead_if_removed([x])
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for node in sorted(dead, key=order.__getitem__, reverse=True):
-            if not node.users:
-                graph.erase_node(node)
+        erase_dead(graph, dead)
         changed = True
         notes.append(f"{name}: {FUSED_NOTE} ({_describe(match)}; {len(dead)} nodes replaced)")
     if changed:

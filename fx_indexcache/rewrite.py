@@ -14,7 +14,7 @@ from torch import fx
 
 from .config import FULL, IndexCacheConfig
 from .detection import Detection
-from .graph_utils import CONTRACTIONS, dead_if_removed, fake_value, is_call, numel_hint
+from .graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
 from .sites import IndexerSite
 
 COMPUTED, SHARED, LEFT = "computed", "shared", "left as is"
@@ -39,9 +39,9 @@ def _flops(node: fx.Node) -> int:
     value = fake_value(node)
     if not isinstance(value, torch.Tensor):
         return 0
-    out = numel_hint(value.shape)
     if is_call(node, {torch.ops.aten.einsum}):
         return _einsum_flops(node)
+    out = numel_hint(value.shape)
     if is_call(node, CONTRACTIONS):
         operands = node.all_input_nodes
         first = fake_value(operands[1] if len(operands) > 2 else operands[0])
@@ -89,9 +89,7 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     candidates = [node for node in dict.fromkeys(roots) if node.graph is graph and not node.users]
     removed = dead_if_removed(node for node in candidates if not node.is_impure())
     flops = sum(_flops(node) for node in removed) / _queries(site)
-    for node in sorted(removed, key=lambda n: n._sort_key if hasattr(n, "_sort_key") else 0, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
+    erase_dead(graph, removed)
     return LayerDecision(
         site.layer, "S", SHARED, source.layer, len(removed), flops, saved, f"uses layer {source.layer}'s indices"
     )
@@ -112,7 +110,6 @@ def apply_index_cache(graph: fx.Graph, detection: Detection, config: IndexCacheC
             decisions.append(LayerDecision(layer, "S", COMPUTED, layer, note=note))
             continue
         source = by_layer.get(source_layer)
-        reason = None
         if source is None:
             reason = (
                 f"its F layer {source_layer} has no indexer site in this graph "
