@@ -7,7 +7,7 @@ from the all-F model's (default), or the LM loss on the calibration tokens (``--
 averaged over every position of every calibration batch.
 
 How a candidate is evaluated without recompiling: the model is traced once with
-``overlap.IndexProbe``, which leaves every indexer in the graph and routes each layer's indices
+``probe.IndexProbe``, which leaves every indexer in the graph and routes each layer's indices
 through a run-time selector that follows ``probe.pattern``. Setting the pattern and calling the
 compiled model runs exactly the IndexCache semantics (an S layer attends with its nearest F
 layer's indices, F layers recompute theirs on the hidden states this pattern produces), so one
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import IndexCacheConfig
-from .overlap import ProbeTarget, add_model_arguments, build_target, compile_probe
+from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe
 
 # ----------------------------------------------------------------------------------- scoring
 

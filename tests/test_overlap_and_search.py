@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_indexcache import cli
-from fx_indexcache.overlap import (
-    IndexProbe,
-    ProbeTarget,
-    overlap_fraction,
-    overlap_from_records,
-    record_batches,
-    source_layers,
-)
+from fx_indexcache.calibration import ProbeTarget, record_batches
+from fx_indexcache.overlap import overlap_fraction, overlap_from_records
+from fx_indexcache.probe import IndexProbe, source_layers
 from fx_indexcache.pattern_search import PatternScorer, greedy_search, resolve_target
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
 

@@ -1,0 +1,210 @@
+"""``IndexProbe``: a ``torch.compile`` backend that records, and can swap, every DSA layer's top-k.
+
+Nothing in the model is edited. On the ATen graph that AOTAutograd hands over, the probe runs
+``detect`` and then
+
+* adds every site's indices (and a flag per selected slot: is its score finite, i.e. a real key and
+  not padding chosen because k exceeds the visible keys) to the graph's outputs; the compiled
+  function strips those extra outputs again and keeps them in ``probe.records``;
+* puts a selector between each site's indices and their consumers that, at run time, hands the
+  consumers either the layer's own indices or those of another earlier layer, following
+  ``probe.pattern`` (an F/S string read on every call). All indexers stay in the graph, so one
+  trace serves every pattern: ``pattern_search`` uses this to score candidates without recompiling.
+
+The graph runs eagerly (no Inductor), like ``indexcache_eager_backend``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import operator
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import fx
+
+from .detection import detect
+from .graph_utils import comes_after
+
+
+@dataclasses.dataclass
+class ProbedGraph:
+    """What the probe found in one compiled graph."""
+
+    layers: list[int]  # DSA layers whose indices this graph records
+    switchable: dict[int, list[int]]  # layer -> earlier layers whose indices it may take at run time
+    fixed: dict[int, str]  # layer -> why it cannot take another layer's indices (stays F)
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One layer's selection in one call: indices ``[..., k]`` and which slots hold a real key."""
+
+    indices: torch.Tensor
+    valid: torch.Tensor | None  # bool, same shape; None where the top-k values were not reachable
+
+
+def source_layers(pattern: str | None, layers: list[int]) -> dict[int, int]:
+    """``{S layer: nearest preceding F layer}`` among ``layers``; an S with no F before it stays own."""
+    sources: dict[int, int] = {}
+    if pattern is None:
+        return sources
+    last_full = None
+    for layer in sorted(layers):
+        kind = pattern[layer] if layer < len(pattern) else "F"
+        if kind == "S" and last_full is not None:
+            sources[layer] = last_full
+        else:
+            last_full = layer
+    return sources
+
+
+def _finite_mask(values: torch.Tensor) -> torch.Tensor:
+    """Slots whose top-k score is a real score (masked keys score -inf or the dtype's lowest value)."""
+    if not values.is_floating_point():
+        return torch.ones_like(values, dtype=torch.bool)
+    return torch.isfinite(values) & (values > torch.finfo(values.dtype).min / 2)
+
+
+class IndexProbe:
+    """``torch.compile`` backend that records every DSA layer's top-k and can swap them by pattern.
+
+    ``probe.pattern`` (None: every layer uses its own indices) is read on every call; set it with
+    ``with probe.use(pattern):``. ``probe.records`` maps layer -> ``LayerRecord`` of the last call
+    (cleared by ``probe.clear()``; a model split over several graphs fills it from each).
+    """
+
+    def __init__(self, switchable: bool = True) -> None:
+        self.switchable = switchable
+        self.graphs: list[ProbedGraph] = []
+        self.records: dict[int, LayerRecord] = {}
+        self._pattern: str | None = None
+        self.sources: dict[int, int] = {}
+
+    # ---- pattern ----------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for graph in self.graphs for layer in graph.layers})
+
+    @property
+    def fixed(self) -> dict[int, str]:
+        """Layers that cannot be made S (in some graph), with the reason."""
+        out: dict[int, str] = {}
+        for graph in self.graphs:
+            out.update(graph.fixed)
+        return out
+
+    @property
+    def pattern(self) -> str | None:
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, pattern: str | None) -> None:
+        if pattern is not None and (not pattern or set(pattern) - {"F", "S"}):
+            raise ValueError(f"pattern {pattern!r} must be a non-empty F/S string")
+        self._pattern = pattern
+        self.sources = source_layers(pattern, self.layers)
+
+    @contextlib.contextmanager
+    def use(self, pattern: str | None) -> Iterator[None]:
+        previous = self._pattern
+        self.pattern = pattern
+        try:
+            yield
+        finally:
+            self.pattern = previous
+
+    def clear(self) -> None:
+        self.records = {}
+
+    def select(self, layer: int, choices: tuple[int, ...], *indices: torch.Tensor) -> torch.Tensor:
+        """Run-time selector (a graph node): the indices ``layer`` attends with under ``self.pattern``.
+
+        ``choices`` names the layer of each tensor in ``indices``; the last one is the layer's own.
+        """
+        source = self.sources.get(layer)
+        if source is not None and source in choices:
+            return indices[choices.index(source)]
+        return indices[-1]
+
+    # ---- compile ----------------------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=self._instrument)(gm, example_inputs)
+
+    def _instrument(self, module: fx.GraphModule, inputs) -> Callable:
+        from functorch.compile import make_boxed_func
+
+        graph = module.graph
+        detection = detect(graph)
+        sites = detection.sites
+        info = ProbedGraph([site.layer for site in sites], {}, {})
+
+        # Decide eligibility before adding anything (our own value reads would look like a use).
+        for site in sites:
+            reason = site.refusal()
+            if site.kind != "aten.topk":  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
+                reason = f"{site.kind} indexer sites are recorded, not switched"
+            if reason is not None:
+                info.fixed[site.layer] = reason
+                continue
+            choices, why_not = [], ""
+            for source in sites:
+                if source.layer >= site.layer:
+                    continue
+                if comes_after(source.indices, site.indices):
+                    why_not = f"layer {source.layer}'s indices are computed after this layer's"
+                    continue
+                reason = site.incompatibility(source)
+                if reason is None:
+                    choices.append(source.layer)
+                else:
+                    why_not = reason
+            info.switchable[site.layer] = choices
+            if not choices and why_not:
+                info.fixed[site.layer] = f"no earlier layer's indices can replace its own ({why_not})"
+
+        # Selectors: each consumer of layer i's indices reads select(i, earlier layers' indices..., own).
+        if self.switchable:
+            by_layer = {site.layer: site for site in sites}
+            for site in sites:
+                choices = info.switchable.get(site.layer)
+                if not choices:
+                    continue
+                own = site.indices
+                with graph.inserting_after(own):
+                    args = (site.layer, (*choices, site.layer), *[by_layer[c].indices for c in choices], own)
+                    chosen = graph.call_function(self.select, args)
+                chosen.meta.update(own.meta)
+                own.replace_all_uses_with(chosen, delete_user_cb=lambda user, chosen=chosen: user is not chosen)
+
+        # Extra outputs: each layer's own indices and whether each selected slot is a real key.
+        output = next(node for node in graph.nodes if node.op == "output")
+        original = output.args[0]
+        extras, keys = [], []
+        with graph.inserting_before(output):
+            for site in sites:
+                extras.append(site.indices)
+                anchor = site.anchor
+                if anchor.target is torch.ops.aten.topk.default:  # other site kinds: no values to read
+                    values = graph.call_function(operator.getitem, (anchor, 0))
+                    extras.append(graph.call_function(_finite_mask, (values,)))
+                else:
+                    extras.append(None)
+                keys.append(site.layer)
+        n_out = len(original)
+        output.args = ((*original, *extras),)
+        graph.lint()
+        module.recompile()
+        self.graphs.append(info)
+
+        def run(*args):
+            results = module(*args)
+            for i, layer in enumerate(keys):
+                indices, valid = results[n_out + 2 * i], results[n_out + 2 * i + 1]
+                self.records[layer] = LayerRecord(indices, valid)
+            return list(results[:n_out])
+
+        return make_boxed_func(run)
