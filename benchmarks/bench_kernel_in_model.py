@@ -232,6 +232,29 @@ def rope_inputs(cfg: DSAModelConfig, S: int, start: int, dev):
     return cos, sin, pos
 
 
+def compile_pair(module, args, row: dict, pattern: str | None = None):
+    """Compile ``module`` with Inductor alone and with the substitution, run each once (timing the
+    compile) and note in ``row`` what was fused. Returns both compiled functions and both outputs."""
+    f_base, _ = compiled(module, False, pattern)
+    f_fused, p_fused = compiled(module, True, pattern)
+    t0 = time.time()
+    out_base = f_base(*args)
+    row["compile_inductor_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    out_fused = f_fused(*args)
+    row["compile_fused_s"] = round(time.time() - t0, 1)
+    sync()
+    row["notes"] = " | ".join(p_fused.notes)
+    row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+    return f_base, f_fused, out_base, out_fused
+
+
+def row_overlaps(a: torch.Tensor, b: torch.Tensor, rows: int = 64) -> list[float]:
+    """Per query row (the first ``rows``): the fraction of ``b``'s selected keys that ``a`` selects too."""
+    a, b = a.reshape(-1, a.shape[-1])[:rows], b.reshape(-1, b.shape[-1])[:rows]
+    return [len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)]
+
+
 def case_indexer(T: int, S: int, out: str) -> None:
     dev = DEV
     cfg = v32_config()
@@ -247,17 +270,7 @@ def case_indexer(T: int, S: int, out: str) -> None:
     args = (x, ql, cos, sin, slot, cache, T - S)
     row = {"case": "indexer", "B": B, "S": S, "T": T}
     with torch.no_grad():
-        f_base, p_base = compiled(probe, False)
-        f_fused, p_fused = compiled(probe, True)
-        t0 = time.time()
-        s_b, i_b = f_base(*args)
-        row["compile_inductor_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        s_f, i_f = f_fused(*args)
-        row["compile_fused_s"] = round(time.time() - t0, 1)
-        sync()
-        row["notes"] = " | ".join(p_fused.notes)
-        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        f_base, f_fused, (s_b, i_b), (s_f, i_f) = compile_pair(probe, args, row)
         row.update(compare_scores(s_f, s_b))
         row.update(compare_topk(i_f, i_b, s_b))
         if EXTRA_CHECKS:
@@ -299,24 +312,10 @@ def case_layer(T: int, S: int, out: str) -> None:
     args = (h, cos, sin, slot, kv, ic, T - S)
     row = {"case": "layer", "B": B, "S": S, "T": T}
     with torch.no_grad():
-        f_base, _ = compiled(layer, False)
-        f_fused, p_fused = compiled(layer, True)
-        t0 = time.time()
-        o_b, i_b = f_base(*args)
-        row["compile_inductor_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        o_f, i_f = f_fused(*args)
-        row["compile_fused_s"] = round(time.time() - t0, 1)
-        sync()
-        row["notes"] = " | ".join(p_fused.notes)
-        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        f_base, f_fused, (o_b, i_b), (o_f, i_f) = compile_pair(layer, args, row)
         row["out_rel_err"] = rel_err(o_f, o_b)
-        row["topk_overlap"] = float(
-            torch.zeros(1).new_tensor(
-                [len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(i_f.reshape(-1, i_f.shape[-1])[:64],
-                                                                                    i_b.reshape(-1, i_b.shape[-1])[:64])]
-            ).mean()
-        )
+        overlaps = row_overlaps(i_f, i_b)
+        row["topk_overlap"] = sum(overlaps) / len(overlaps)
         del o_b, i_b, o_f, i_f
         torch.cuda.empty_cache()
         row["inductor_ms"] = bench(lambda: f_base(*args))
@@ -341,19 +340,10 @@ def case_model(T: int, S: int, out: str) -> None:
     args = (ids, cache, T - S, True)
     row = {"case": "model FSFS", "B": B, "S": S, "T": T}
     with torch.no_grad():
-        f_base, _ = compiled(model, False, pattern="FSFS")
-        f_fused, p_fused = compiled(model, True, pattern="FSFS")
-        l_b, i_b = f_base(*args)
-        l_f, i_f = f_fused(*args)
-        sync()
-        row["notes"] = " | ".join(p_fused.notes)
-        row["fused_sites"] = sum("fused indexer_logits" in n for n in p_fused.notes)
+        f_base, f_fused, (l_b, i_b), (l_f, i_f) = compile_pair(model, args, row, pattern="FSFS")
         row["out_rel_err"] = rel_err(l_f, l_b)
-        ov = []
-        for a, b in zip(i_f, i_b):
-            a, b = a.reshape(-1, a.shape[-1])[:64], b.reshape(-1, b.shape[-1])[:64]
-            ov += [len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)]
-        row["topk_overlap"] = sum(ov) / len(ov)
+        overlaps = [value for a, b in zip(i_f, i_b) for value in row_overlaps(a, b)]
+        row["topk_overlap"] = sum(overlaps) / len(overlaps)
         del l_b, i_b, l_f, i_f
         torch.cuda.empty_cache()
         row["inductor_ms"] = bench(lambda: f_base(*args))
