@@ -81,15 +81,14 @@ class BenchPass(CustomGraphPass):
 def compiled(fn, substitute: bool, pattern: str | None = None):
     graph_pass = BenchPass(substitute, pattern)
     if SMOKE:
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
+        from fx_indexcache.backend import aten_graph_backend
 
-        def fw(module, inputs):
+        def rewrite(module):
             graph_pass(module.graph)
             module.recompile()
-            return make_boxed_func(module.forward)
+            return module.forward
 
-        return torch.compile(fn, backend=aot_autograd(fw_compiler=fw), dynamic=False), graph_pass
+        return torch.compile(fn, backend=aten_graph_backend(rewrite), dynamic=False), graph_pass
     opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False}
     return torch.compile(fn, backend="inductor", options=opts, dynamic=False), graph_pass
 

@@ -7,7 +7,7 @@ option passed through unchanged. Also registered as ``backend="indexcache"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,23 +72,40 @@ def _report_cache_hit(graph_pass: IndexCachePass) -> None:
     publish(report)
 
 
+def aten_graph_backend(compile_graph: Callable[[torch.fx.GraphModule], Callable], **aot_options: Any):
+    """A ``torch.compile`` backend that runs AOTAutograd's forward ATen graph eagerly, no Inductor.
+
+    ``compile_graph(module)`` may inspect or edit the graph module and returns what to call
+    instead (usually ``module.forward`` after ``module.recompile()``). The debugging backend,
+    the pattern tools and the tests all build on it.
+    """
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def forward_compiler(module: torch.fx.GraphModule, inputs):
+            return make_boxed_func(compile_graph(module))
+
+        return aot_autograd(fw_compiler=forward_compiler, **aot_options)(gm, example_inputs)
+
+    return backend
+
+
 def indexcache_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):
     """The same rewrite on AOTAutograd's ATen graph, run eagerly (no Inductor codegen).
 
     For debugging and fast tests: the graph the pass sees is the pre-Inductor ATen graph,
     so a difference between this and ``indexcache_backend`` points at Inductor, not the pass.
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     config, rest = IndexCacheConfig.from_options(options)
     if rest:
         raise ValueError(f"indexcache_eager_backend: unknown options {sorted(rest)}; only IndexCache keys apply")
     graph_pass = IndexCachePass(config)
 
-    def forward_compiler(module: torch.fx.GraphModule, inputs):
+    def rewrite(module: torch.fx.GraphModule):
         graph_pass(module.graph)
         module.recompile()
-        return make_boxed_func(module.forward)
+        return module.forward
 
-    return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+    return aten_graph_backend(rewrite)(gm, example_inputs)

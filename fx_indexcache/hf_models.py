@@ -399,13 +399,11 @@ class PatternSwitchBackend:
             self.current = previous
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
+        from .backend import aten_graph_backend
         from .detection import detect
         from .graph_pass import IndexCachePass
 
-        def forward_compiler(module: torch.fx.GraphModule, inputs):
+        def with_variants(module: torch.fx.GraphModule):
             self.detections.append(detect(_graph_module_copy(module).graph))
             variants = {}
             for key, config in self.configs.items():
@@ -419,9 +417,9 @@ class PatternSwitchBackend:
                     raise RuntimeError("PatternSwitchBackend: call inside `with backend.use(key):`")
                 return variants[self.current](*args)
 
-            return make_boxed_func(run)
+            return run
 
-        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+        return aten_graph_backend(with_variants)(gm, example_inputs)
 
 
 def freq_pattern(num_layers: int, freq: int, offset: int = 2) -> str:

@@ -130,13 +130,11 @@ class IndexProbe:
 
     # ---- compile ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        from torch._dynamo.backends.common import aot_autograd
+        from .backend import aten_graph_backend
 
-        return aot_autograd(fw_compiler=self._instrument)(gm, example_inputs)
+        return aten_graph_backend(self._instrument)(gm, example_inputs)
 
-    def _instrument(self, module: fx.GraphModule, inputs) -> Callable:
-        from functorch.compile import make_boxed_func
-
+    def _instrument(self, module: fx.GraphModule) -> Callable:
         graph = module.graph
         detection = detect(graph)
         sites = detection.sites
@@ -207,4 +205,4 @@ class IndexProbe:
                 self.records[layer] = LayerRecord(indices, valid)
             return list(results[:n_out])
 
-        return make_boxed_func(run)
+        return run

@@ -16,10 +16,8 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from functorch.compile import make_boxed_func  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
+from fx_indexcache.backend import aten_graph_backend  # noqa: E402
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
@@ -41,13 +39,13 @@ class CapturingBackend:
         self.graphs: list[torch.fx.GraphModule] = []
 
     def __call__(self, gm, example_inputs):
-        def forward_compiler(module, inputs):
+        def rewrite(module):
             self.graph_pass(module.graph)
             module.recompile()
             self.graphs.append(module)
-            return make_boxed_func(module.forward)
+            return module.forward
 
-        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+        return aten_graph_backend(rewrite)(gm, example_inputs)
 
     @property
     def reports(self):

@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
+from fx_indexcache.backend import aten_graph_backend
 from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
 
@@ -36,7 +35,7 @@ class _Backend:
         self.graphs: list = []
 
     def __call__(self, gm, example_inputs):
-        def forward_compiler(module, inputs):
+        def rewrite(module):
             if self.index_cache is not None:
                 self.index_cache.run(module.graph)
             sites = detect(module.graph).sites
@@ -45,9 +44,9 @@ class _Backend:
                 self.notes += substitute_fused_indexer(module.graph, sites, force=self.force)
             module.recompile()
             self.graphs.append(module)
-            return make_boxed_func(module.forward)
+            return module.forward
 
-        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+        return aten_graph_backend(rewrite)(gm, example_inputs)
 
 
 TINY = DSAModelConfig.tiny(num_layers=3, first_k_dense_layers=3)

@@ -273,15 +273,14 @@ def test_pattern_decode_equals_pattern_prefill(model, ids):
 
 
 def _recording_backend(graphs):
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from fx_indexcache.backend import aten_graph_backend
 
-    def fw(gm, example_inputs):
+    def record(gm):
         graphs.append(gm)
-        return make_boxed_func(gm.forward)
+        return gm.forward
 
     # keep_inference_input_mutations: cache writes stay in the graph as copy_ nodes, as under Inductor.
-    return aot_autograd(fw_compiler=fw, keep_inference_input_mutations=True)
+    return aten_graph_backend(record, keep_inference_input_mutations=True)
 
 
 def _topk_owners(gm):

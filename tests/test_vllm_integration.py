@@ -27,8 +27,6 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.filterwarnings("ignore:.*must not also be an input to this custom operator")
 
 import vllm.model_executor.layers.sparse_attn_indexer  # noqa: E402,F401  (registers the op)
-from functorch.compile import make_boxed_func  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.compilation.passes.inductor_pass import InductorPass  # noqa: E402
 from vllm.config import (  # noqa: E402
@@ -42,6 +40,7 @@ from vllm.utils.torch_utils import _encode_layer_name  # noqa: E402
 
 import fx_indexcache  # noqa: E402
 from fx_indexcache import detection  # noqa: E402
+from fx_indexcache.backend import aten_graph_backend  # noqa: E402
 from fx_indexcache.detect_vllm import VllmIndexerSite, find_vllm_indexer_sites  # noqa: E402
 from fx_indexcache.rewrite import COMPUTED, LEFT, SHARED  # noqa: E402
 from fx_indexcache.vllm_pass import (  # noqa: E402
@@ -217,13 +216,13 @@ class CapturingVllmBackend:
         self.graph_pass, self.graphs, self.reports = graph_pass, [], []
 
     def __call__(self, gm, example_inputs):
-        def forward_compiler(module, inputs):
+        def rewrite(module):
             self.reports.append(self.graph_pass.run(module.graph))
             module.recompile()
             self.graphs.append(module)
-            return make_boxed_func(_defunctionalized(module).forward)
+            return _defunctionalized(module).forward
 
-        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+        return aten_graph_backend(rewrite)(gm, example_inputs)
 
 
 def _indexer_calls(graph: torch.fx.Graph) -> list[torch.fx.Node]:
