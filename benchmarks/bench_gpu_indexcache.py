@@ -20,12 +20,15 @@ Variants (each compiled once with ``dynamic=True``, ``torch._dynamo.reset()`` be
                    pattern of the same config), compiled with plain Inductor
 
 Points: prefill of a chunk of S tokens at the end of a context of T tokens (the KV and indexer-key
-caches hold T - S random rows; ``start_pos = T - S``): 1Kx8K, 1Kx32K, 2Kx32K, 1Kx64K (4Kx64K would need
-~130 GB for the [S, 64, T] fp32 indexer logits: not run). Decode: one token per sequence at batch
-16, 64 (one dynamic graph) and 1 (batch 1 is specialised by dynamo: a second graph) against a 32K
-context. Filling the caches is not timed (random rows: the timing does not depend on their values).
+caches hold T - S random rows; ``start_pos = T - S``): 4Kx16K, 1Kx128K, 1Kx64K, 2Kx32K, 1Kx32K, 1Kx8K
+(a point whose [S, 64, T] fp32 indexer logits do not fit is skipped: 4Kx64K would need 64 GiB for them alone;
+eager also materialises their ReLU, so it is skipped where twice that does not fit).
+Decode (phase ``decode``): one token per sequence at batch 16 and 64 against 8K, 32K and 64K contexts (one dynamic
+graph); phase ``decode1``: batch 1 at 32K and 128K (dynamo specialises a size-1 batch: a second graph per variant,
+so it is a phase of its own that can be given fewer variants). Filling the caches is not timed (random rows: the
+timing does not depend on their values).
 
-Times are medians over CUDA-event-timed calls after warm-up calls (compilation excluded).
+Times are medians over at least 5 CUDA-event-timed calls after two warm-up calls (compilation excluded).
 Indexer share (of the stack's time, per point): i = (t_inductor - t_hand_f8) / (L - 1) is the time of
 one layer's indexer (hand_f8 runs every layer but the first without it), share = L * i / t_inductor.
 Amdahl ideal for a pattern with n_S shared layers: 1 / (1 - share * n_S / L); for f8 it equals
@@ -38,13 +41,20 @@ Writes under --out: gpu_indexcache.csv, gpu_indexcache.md, gpu_indexcache.json, 
 gpu_indexcache_log.txt; the CSV/MD/JSON are rewritten after every point, so a run cut short keeps
 what it measured. Work that would not fit the time budget is skipped (and said so).
 
-Runs 1-2 (H100, torch 2.11) compiled prefill first at 1Kx8K and recompiled at the first 1Kx32K and 2Kx32K calls
-(30-65 s each); the third graph served 1Kx64K. Most likely cause (not yet confirmed by a recompile log): Inductor's
-32-bit indexing guards -- the [S, 64, T] logits reach 2^31 elements at 1Kx32K and the gathered [S, 2048, 576] latents
-pass it at 2Kx32K. The prefill points are therefore now run largest first (2Kx32K), so that the first graph indexes
-with int64 everywhere; check the "new graphs" column of the log.
+One device command may run for 10 minutes, less than all variants and phases need, so a measurement can be split
+over several runs on the same card: each run labels its rows (``--run-label``) and ``--merge earlier.json`` folds an
+earlier run's rows in (refused if the card or the torch version differs). Every ratio is taken against the
+baseline of the row's own run; where a run did not measure hand_f8, the indexer share comes from another run of the
+same point, and the table says which run each number comes from.
 
-``--smoke`` runs the same code on the CPU with the tiny config (a check of the script, not a benchmark).
+Runs 1-2 (H100, torch 2.11) compiled prefill first at 1Kx8K and recompiled at the first 1Kx32K and 2Kx32K calls
+(30-65 s each); the third graph served 1Kx64K. Most likely cause: Inductor's 32-bit indexing guards -- the [S, 64, T]
+logits reach 2^31 elements at 1Kx32K and the gathered [S, 2048, 576] latents pass it at 2Kx32K. The first prefill
+point is therefore one where both pass 2^31 (4Kx16K), so that the first graph indexes with int64 everywhere; the
+"new graphs" column of the log shows whether a point recompiled.
+
+``--phases ''`` with ``--merge`` measures nothing and writes the combined tables and plot of earlier runs (no GPU
+needed). ``--smoke`` runs the same code on the CPU with the tiny config (a check of the script, not a benchmark).
 """
 
 from __future__ import annotations
@@ -75,7 +85,8 @@ from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E
 FREQS = (2, 4, 8)
 OFFSET = 1
 # Priority order: the baseline, then hand_f8 (needed for the indexer share), then the rest.
-VARIANTS = ["inductor", "hand_f8", "ours_f4", "hand_f4", "ours_f8", "ours_f2", "hand_f2", "eager", "fused_f4"]
+ALL_VARIANTS = ("inductor", "hand_f8", "ours_f4", "hand_f4", "ours_f8", "ours_f2", "hand_f2", "eager", "fused_f4")
+PHASES = ("prefill", "decode", "decode1")
 
 
 def executed_pattern(freq: int, n: int) -> str:
@@ -95,7 +106,9 @@ class Runner:
         self.deadline = self.t0 + args.budget_s
         os.makedirs(args.out, exist_ok=True)
         self.log_f = open(os.path.join(args.out, "gpu_indexcache_log.txt"), "a")
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # this run's
+        self.merged_rows: list[dict] = []  # earlier runs' (--merge)
+        self.merged_env: list[dict] = []
         self.compiles: list[dict] = []
         self.notes: list[str] = []
         self.outputs: dict = {}
@@ -116,7 +129,7 @@ class Runner:
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_calls(self, fn, target_s: float = 1.2, max_reps: int = 25, min_reps: int = 3) -> tuple[float, int, float]:
+    def time_calls(self, fn, target_s: float = 1.2, max_reps: int = 25, min_reps: int = 5) -> tuple[float, int, float]:
         """(median ms, reps, first warm-up ms). Two warm-up calls (the first may compile), then events."""
         self.sync()
         t = time.perf_counter()
@@ -150,16 +163,19 @@ class Runner:
             self.cfg = DSAModelConfig.tiny(num_layers=a.layers, first_k_dense_layers=min(3, a.layers),
                                            dense_mlp_instead_of_moe=True, max_seq_len=4096)
             dtype = torch.float32
-            self.prefill_points = [(16, 64), (16, 128), (32, 128), (16, 256)]
-            self.decode_points = [(2, 128), (4, 128), (1, 128)]
+            self.prefill_points = [(64, 128), (16, 512), (16, 256), (32, 128), (16, 128), (16, 64)]
+            self.decode_points = [(4, 128), (2, 256), (2, 128), (4, 64), (2, 64)]
+            self.decode1_points = [(1, 512), (1, 128)]
         else:
-            self.cfg = DSAModelConfig.deepseek_v32(num_layers=a.layers, moe=False, max_seq_len=65536)
+            self.cfg = DSAModelConfig.deepseek_v32(num_layers=a.layers, moe=False, max_seq_len=131072)
             dtype = torch.bfloat16
-            # Largest first: Inductor indexes with int32 where a buffer's numel fits and guards on it, so a graph first
-            # compiled at 1Kx8K recompiles when [S,64,T] passes 2^31 elements (1Kx32K) and again when the gathered
-            # [S,2048,576] latents do (2Kx32K) -- what runs 1-2 did. Compiled first at 2Kx32K it is int64 throughout.
-            self.prefill_points = [(2048, 32768), (1024, 65536), (1024, 32768), (1024, 8192)]
-            self.decode_points = [(16, 32768), (64, 32768), (1, 32768)]
+            # First point past 2^31 elements in both [S,64,T] logits and gathered [S,2048,576] latents: Inductor indexes
+            # with int32 where a buffer's numel fits and guards on it, so a graph first compiled at 1Kx8K recompiled at
+            # 1Kx32K and again at 2Kx32K in runs 1-2. Compiled first at 4Kx16K it is int64 throughout.
+            self.prefill_points = [(4096, 16384), (1024, 131072), (1024, 65536), (2048, 32768), (1024, 32768), (1024, 8192)]
+            # decode caches of every point are allocated together (about 36 GiB for these five)
+            self.decode_points = [(64, 32768), (16, 65536), (16, 32768), (64, 8192), (16, 8192)]
+            self.decode1_points = [(1, 131072), (1, 32768)]
         self.L = self.cfg.num_layers
         t = time.time()
         self.model = ReferenceDSAModel(self.cfg, seed=0, dtype=dtype, device=self.dev)
@@ -197,11 +213,21 @@ class Runner:
             t.copy_(torch.randn(t.shape, generator=g, device=self.dev, dtype=torch.float32).to(t.dtype))
         return cache
 
-    def fits(self, S: int, T: int, B: int = 1) -> bool:
+    def filled_caches(self, points: list[tuple[int, int, int]]) -> dict:
+        caches = {}
+        for (B, _, T) in points:
+            if (B, T) not in caches:
+                caches[(B, T)] = self.filled_cache(B, T)
+        return caches
+
+    def fits(self, S: int, T: int, B: int = 1, variant: str = "inductor") -> bool:
+        """Whether the [B*S, 64, T] fp32 indexer logits fit: once for compiled code (Inductor fuses the ReLU and
+        the weighted head sum into one reduction), twice for eager (logits and their ReLU), plus slack."""
         if self.dev.type != "cuda":
             return True
         free, total = torch.cuda.mem_get_info()
-        need = 2.2 * B * S * self.cfg.index_n_heads * T * 4  # fp32 logits + relu(logits), plus slack
+        copies = 2.2 if variant == "eager" else 1.3
+        need = copies * B * S * self.cfg.index_n_heads * T * 4
         return need < free * 0.92
 
     # ------------------------------------------------------------------ variants
@@ -253,7 +279,7 @@ class Runner:
         n_topk = sum(len(re.findall(r"aten\.topk\.default\(", c)) for c in codes)
         rep = [r for r in reports() if r.decisions]
         pattern = variant_pattern(name, self.L)
-        rec = dict(variant=name, phase=phase, first_call_s=round(dt, 1), graphs=len(codes), topk_calls=n_topk if codes else None,
+        rec = dict(run=self.args.run_label, variant=name, phase=phase, first_call_s=round(dt, 1), graphs=len(codes), topk_calls=n_topk if codes else None,
                    f_layers=pattern.count("F"), pattern=pattern,
                    pass_pattern=rep[-1].pattern if rep else "", indexers_removed=rep[-1].indexers_removed if rep else None)
         if name != "eager":
@@ -273,7 +299,13 @@ class Runner:
             with torch.no_grad():
                 return model(ids, cache, start)
 
-        row = dict(variant=name, phase=phase, B=B, S=S, T=T, point=self.label(phase, B, S, T))
+        row = dict(variant=name, phase=phase, B=B, S=S, T=T, point=self.label(phase, B, S, T), run=self.args.run_label)
+        if not self.fits(S, T, B, variant=name):
+            row.update(ms=None, error="skipped: its indexer logits would not fit in memory")
+            self.log(f"{name} {row['point']}: {row['error']}")
+            self.rows.append(row)
+            self.write()
+            return row
         try:
             if first:
                 self.first_call_with_code(name, phase, fn)
@@ -285,8 +317,8 @@ class Runner:
             graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             ms, reps, warm_ms = self.time_calls(fn)
             row["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-            out = fn().float().cpu()
-            self.outputs[(name, row["point"])] = out
+            self.outputs[(name, row["point"])] = fn().float().cpu()
+            self.compare_with_hand(name, row)
             row.update(ms=round(ms, 4), reps=reps, warmup_first_ms=round(warm_ms, 2))
             if self.dev.type == "cuda":
                 peak = torch.cuda.max_memory_allocated()
@@ -304,6 +336,23 @@ class Runner:
         self.write()
         return row
 
+    def compare_with_hand(self, name: str, row: dict) -> None:
+        """Relative error of ours/fused logits against the hand-written IndexCache of the same pattern, stored in
+        the ours/fused row as soon as both have run at this point (in either order)."""
+        point = row["point"]
+        if name.startswith("hand"):
+            pairs = [(self.outputs[(name, point)], v, r) for r in self.rows if r["point"] == point
+                     for v in [r["variant"]] if v.startswith(("ours", "fused")) and v.split("_")[1] == name.split("_")[1]]
+            pairs = [(ref, self.outputs.get((v, point)), r) for ref, v, r in pairs]
+        elif name.startswith(("ours", "fused")):
+            pairs = [(self.outputs.get(("hand_" + name.split("_")[1], point)), self.outputs[(name, point)], row)]
+        else:
+            return
+        for ref, got, target in pairs:
+            if ref is not None and got is not None:
+                err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                target["logits_rel_err_vs_hand"] = float(f"{err:.3g}")
+
     @staticmethod
     def label(phase, B, S, T):
         k = lambda n: f"{n // 1024}K" if n >= 1024 else str(n)  # noqa: E731
@@ -313,8 +362,8 @@ class Runner:
         """points: (B, S, T). One compile per variant (first point), then every point.
 
         A variant starts only if its compile and points fit before ``until`` (seconds from the start)."""
-        for name in VARIANTS:
-            need = (0 if name == "eager" else self.max_compile_s) + 5 * len(points)
+        for name in (self.args.decode1_variants if phase == "decode1" else self.args.variants):
+            need = (0 if name == "eager" else self.max_compile_s) + 6 * len(points)
             if min(self.left(), self.t0 + until - time.time()) < need:
                 self.notes.append(f"{phase}: skipped {name} (budget: {self.left():.0f}s left, needs ~{need:.0f}s)")
                 self.log(self.notes[-1])
@@ -327,7 +376,8 @@ class Runner:
                     self.log(self.notes[-1])
                     break
                 r = self.measure(name, phase, model, B, S, T, caches[(B, T)], first)
-                first = False
+                if not str(r.get("error", "")).startswith("skipped"):
+                    first = False  # the compile (and its code capture) happened at this point
             del model
             torch._dynamo.reset()
             gc.collect()
@@ -335,51 +385,83 @@ class Runner:
                 torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ derived numbers
+    def all_rows(self) -> list[dict]:
+        return self.merged_rows + self.rows
+
     def derived(self) -> list[dict]:
-        by = {(r["variant"], r["point"]): r for r in self.rows if r.get("ms")}
+        """One line per measured (run, variant, point), with every ratio taken inside the row's own run.
+
+        The indexer share of a point comes from its own run's inductor and hand_f8; where that run lacks one of
+        them, from the first run that has both (``share_run`` names it)."""
+        rows = [r for r in self.all_rows() if r.get("ms")]
+        by = {(r.get("run", ""), r["variant"], r["point"]): r for r in rows}
+        shares: dict[tuple[str, str], float] = {}
+        for (run, name, p), r in by.items():
+            base, h8 = by.get((run, "inductor", p)), by.get((run, "hand_f8", p))
+            if name == "inductor" and h8:
+                shares[(run, p)] = self.L * (base["ms"] - h8["ms"]) / (self.L - 1) / base["ms"]
         points = []
-        for r in self.rows:
+        for r in self.all_rows():
             if r["point"] not in points:
                 points.append(r["point"])
+        order = {v: i for i, v in enumerate(ALL_VARIANTS)}
         out = []
         for p in points:
-            base = by.get(("inductor", p))
-            h8 = by.get(("hand_f8", p))
-            share = None
-            if base and h8:
-                i = (base["ms"] - h8["ms"]) / (self.L - 1)
-                share = self.L * i / base["ms"]
-            for name in VARIANTS:
-                r = by.get((name, p))
-                if not r:
-                    continue
+            for (run, name, _), r in sorted(((k, v) for k, v in by.items() if k[2] == p), key=lambda kv: (order[kv[0][1]], kv[0][0])):
+                base = by.get((run, "inductor", p))
+                share_run = run if (run, p) in shares else next((rr for (rr, pp) in shares if pp == p), None)
+                share = shares.get((share_run, p))
                 pat = variant_pattern(name, self.L)
                 n_s = pat.count("S")
-                d = dict(point=p, variant=name, pattern=pat, ms=r["ms"], peak_gib=r.get("peak_gib"),
-                         act_peak_gib=r.get("act_peak_gib"))
+                d = dict(point=p, run=run, variant=name, pattern=pat, ms=r["ms"], peak_gib=r.get("peak_gib"),
+                         act_peak_gib=r.get("act_peak_gib"), share_run=share_run)
                 d["speedup_vs_inductor"] = round(base["ms"] / r["ms"], 3) if base else None
                 d["indexer_share"] = round(share, 3) if share is not None else None
-                if share is not None:
+                if share is not None and not name.startswith("fused"):
+                    # fused_* also speeds up its F layers: IndexCache's Amdahl ideal does not bound it
                     ideal = 1.0 / (1.0 - share * n_s / self.L)
                     d["amdahl_ideal"] = round(ideal, 3)
                     d["frac_of_ideal"] = round(d["speedup_vs_inductor"] / ideal, 3) if d["speedup_vs_inductor"] else None
                 if name.startswith(("ours", "fused")):
-                    h = by.get(("hand_" + name.split("_")[1], p))
+                    hand = "hand_" + name.split("_")[1]
+                    h = by.get((run, hand, p)) or next((v for k, v in by.items() if k[1:] == (hand, p)), None)
                     d["ours_vs_hand"] = round(h["ms"] / r["ms"], 3) if h else None
-                    ref = self.outputs.get(("hand_" + name.split("_")[1], p))
-                    got = self.outputs.get((name, p))
-                    if ref is not None and got is not None:
-                        d["logits_rel_err_vs_hand"] = float(f"{((got - ref).norm() / ref.norm().clamp_min(1e-30)).item():.3g}")
+                    if h is not None and h.get("run", "") != run:
+                        d["hand_run"] = h.get("run", "")
+                    d["logits_rel_err_vs_hand"] = r.get("logits_rel_err_vs_hand")
                 out.append(d)
         return out
+
+    def merge(self, paths: list[str]) -> None:
+        """Fold in rows and compile records of earlier runs on the same card and torch (see the module docstring)."""
+        for path in paths:
+            with open(path) as f:
+                prev = json.load(f)
+            for key in ("card", "torch", "triton", "layers"):
+                if prev["env"].get(key) != self.env.get(key):
+                    raise SystemExit(f"--merge {path}: env field {key!r} is {prev['env'].get(key)!r} there and "
+                                     f"{self.env.get(key)!r} here; only runs on the same card, torch, Triton and depth merge")
+            labels = {r.get("run", "") for r in prev["raw"]}
+            if self.args.phases and self.args.run_label in labels:
+                raise SystemExit(f"--run-label {self.args.run_label!r} is already used in {path} ({sorted(labels)}); "
+                                 "give this run a label of its own")
+            known = {r.get("run", "") for r in self.merged_rows}  # a combined file repeats the runs it merged
+            new = sorted(labels - known)
+            self.merged_rows += [r for r in prev["raw"] if r.get("run", "") in new]
+            self.compiles += [c for c in prev["compiles"] if c.get("run", "") in new]
+            self.notes += [n for n in prev["notes"] if n not in self.notes]
+            self.merged_env.append(prev["env"] | {"runs": new})
+            self.log(f"merged runs {new} from {path} ({sorted(labels & known)} already in)")
 
     def write(self):
         a = self.args
         derived = self.derived()
         with open(os.path.join(a.out, "gpu_indexcache.json"), "w") as f:
-            json.dump(dict(env=self.env, raw=self.rows, derived=derived, compiles=self.compiles, notes=self.notes), f, indent=1)
-        cols = ["point", "variant", "pattern", "ms", "speedup_vs_inductor", "indexer_share", "amdahl_ideal",
-                "frac_of_ideal", "ours_vs_hand", "logits_rel_err_vs_hand", "peak_gib", "act_peak_gib"]
+            json.dump(dict(env=self.env | {"runs": sorted({r.get("run", "") for r in self.all_rows()})},
+                           merged_env=self.merged_env, raw=self.all_rows(), derived=derived, compiles=self.compiles,
+                           notes=self.notes), f, indent=1)
+        cols = ["point", "run", "variant", "pattern", "ms", "speedup_vs_inductor", "indexer_share", "share_run",
+                "amdahl_ideal", "frac_of_ideal", "ours_vs_hand", "logits_rel_err_vs_hand", "peak_gib", "act_peak_gib"]
         with open(os.path.join(a.out, "gpu_indexcache.csv"), "w", newline="") as f:
             f.write("# " + ", ".join(f"{k}={v}" for k, v in self.env.items()) + "\n")
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -390,28 +472,32 @@ class Runner:
             "# IndexCache end-to-end GPU benchmark",
             "",
             "Environment: " + ", ".join(f"{k}={v}" for k, v in self.env.items()),
+            *[f"Merged run(s) {', '.join(e['runs'])}: " + ", ".join(f"{k}={v}" for k, v in e.items() if k != "runs")
+              for e in self.merged_env],
             "",
             f"Stack of {self.L} layers; freq f with index_skip_topk_offset={OFFSET}: "
             + ", ".join(f"f{f} = {executed_pattern(f, self.L)}" for f in FREQS)
-            + ". Median ms; speedup over plain Inductor (all F); indexer share of the stack's time from "
-            "inductor vs hand_f8; Amdahl ideal = 1/(1 - share * n_S/L) (for f8 it equals hand_f8 by construction).",
+            + ". Median ms; speedup over plain Inductor (all F) of the same run; indexer share of the stack's time from "
+            "inductor vs hand_f8 (of the run named in 'share from'); Amdahl ideal = 1/(1 - share * n_S/L) (for f8 it "
+            "equals hand_f8 by construction; none for fused_*, whose F layers are faster too).",
             "",
-            "| point | variant | pattern | ms | speedup | indexer share | ideal | of ideal | ours/hand | logits rel err vs hand | peak GiB | activation peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| point | run | variant | pattern | ms | speedup | indexer share | share from | ideal | of ideal | ours/hand | "
+            "logits rel err vs hand | peak GiB | activation peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
         for d in derived:
             lines.append("| " + " | ".join(fmt(d.get(c)) for c in cols) + " |")
         lines += ["", "## Compiles and generated code (aten.topk calls must equal F layers)", "",
-                  "| variant | phase | first call s | graphs | aten.topk in code | F layers | ok | pass pattern | indexers removed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| run | variant | phase | first call s | graphs | aten.topk in code | F layers | ok | pass pattern | indexers removed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in self.compiles:
-            lines.append(f"| {c['variant']} | {c['phase']} | {c['first_call_s']} | {c['graphs']} | {c['topk_calls']} | "
-                         f"{c['f_layers']} | {c.get('topk_ok')} | {c['pass_pattern']} | {c['indexers_removed']} |")
-        errs = [r for r in self.rows if r.get("error")]
+            lines.append(f"| {c.get('run', '')} | {c['variant']} | {c['phase']} | {c['first_call_s']} | {c['graphs']} | "
+                         f"{c['topk_calls']} | {c['f_layers']} | {c.get('topk_ok')} | {c['pass_pattern']} | {c['indexers_removed']} |")
+        errs = [r for r in self.all_rows() if r.get("error")]
         if errs or self.notes:
             lines += ["", "## Skipped / failed", ""]
-            lines += [f"- {r['variant']} {r['point']}: {r['error']}" for r in errs]
+            lines += [f"- {r.get('run', '')} {r['variant']} {r['point']}: {r['error']}" for r in errs]
             lines += [f"- {n}" for n in self.notes]
         with open(os.path.join(a.out, "gpu_indexcache.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -435,8 +521,9 @@ class Runner:
             if not pts:
                 ax.set_visible(False)
                 continue
-            order = {r["point"]: (r["T"], r["S"], r["B"]) for r in self.rows}
-            pts.sort(key=lambda p: order.get(p, (0, 0, 0)))
+            # prefill: by context, then chunk; decode: by batch, then context
+            order = {r["point"]: (r["T"], r["S"]) if phase == "prefill" else (r["B"], r["T"]) for r in self.all_rows()}
+            pts.sort(key=lambda p: order.get(p, (0, 0)))
             x = list(range(len(pts)))
             colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green"}
             for f in FREQS:
@@ -445,8 +532,11 @@ class Runner:
                     ax.plot(x, ys, style, color=colors[f], label=f"{kind} f{f}", alpha=0.9 if kind == "ours" else 0.6)
                 ideal = [next((d.get("amdahl_ideal", math.nan) for d in derived if d["point"] == p and d["variant"] == f"ours_f{f}"), math.nan) for p in pts]
                 ax.plot(x, ideal, ":", color=colors[f], lw=2, label=f"Amdahl ideal f{f}")
-            ys = [next((d["speedup_vs_inductor"] for d in derived if d["point"] == p and d["variant"] == "eager"), math.nan) for p in pts]
-            ax.plot(x, ys, "x-", color="gray", label="eager")
+            for name, style, color in (("fused_f4", "D-", "tab:red"), ("eager", "x-", "gray")):
+                ys = [next((d["speedup_vs_inductor"] for d in derived if d["point"] == p and d["variant"] == name), math.nan)
+                      for p in pts]
+                label = "ours f4 + fused F-layer kernel (default)" if name == "fused_f4" else name
+                ax.plot(x, ys, style, color=color, label=label)
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_xticks(x)
             ax.set_xticklabels([p.split(" ", 1)[1] for p in pts])
@@ -470,49 +560,48 @@ class Runner:
         fx_config.use_duck_shape = False  # no equal-value symbol merging between points
         torch._inductor.config.fx_graph_cache = False  # so every compile's code is generated (and captured)
         torch.backends.cuda.matmul.allow_tf32 = False
+        phases = self.args.phases
+        if not phases:  # combine only: tables and plot of earlier runs, no device needed
+            with open(self.args.merge[0]) as f:
+                self.env = {k: v for k, v in json.load(f)["env"].items() if k != "runs"}
+            self.L = self.env["layers"]
+            self.merge(self.args.merge)
+            self.write()
+            self.plot()
+            return
         self.build()
-        # prefill caches: B=1, capacity T, all allocated up front (small: ~0.1 GB per layer at 64K)
-        pre = [(1, S, T) for (S, T) in self.prefill_points]
-        pre_fit = [p for p in pre if self.fits(p[1], p[2])]
-        for p in pre:
-            if p not in pre_fit:
-                self.notes.append(f"prefill {p[1]}x{p[2]}: skipped, its [S, 64, T] fp32 indexer logits do not fit")
-                self.log(self.notes[-1])
-        caches = {}
-        for (_, S, T) in pre_fit:
-            if (1, T) not in caches:
-                caches[(1, T)] = self.filled_cache(1, T)
-        prefill_until = (0.62 if "decode" in self.args.phases else 1.0) * self.args.budget_s
-        if "prefill" in self.args.phases:
-            self.run_phase("prefill", pre_fit, caches, until=prefill_until)
-        del caches
-        gc.collect()
-        self.plot()
-        dec_main = [(B, 1, T) for (B, T) in self.decode_points if B != 1]
-        dec_one = [(B, 1, T) for (B, T) in self.decode_points if B == 1]
-        for pts, until in ((dec_main, 0.9 * self.args.budget_s), (dec_one, self.args.budget_s)):
-            if "decode" not in self.args.phases:
-                break
-            if not pts or self.left() < 30:
-                if pts:
-                    self.notes.append(f"decode {pts}: skipped (budget)")
+        self.merge(self.args.merge)
+        if "prefill" in phases:
+            # prefill caches: B=1, capacity T, all allocated up front (about 1.1 GiB for 6 layers at 128K)
+            pre = [(1, S, T) for (S, T) in self.prefill_points]
+            pre_fit = [p for p in pre if self.fits(p[1], p[2])]
+            for p in pre:
+                if p not in pre_fit:
+                    self.notes.append(f"prefill {p[1]}x{p[2]}: skipped, its [S, 64, T] fp32 indexer logits do not fit")
+                    self.log(self.notes[-1])
+            later = [ph for ph in phases if ph != "prefill"]
+            self.run_phase("prefill", pre_fit, self.filled_caches(pre_fit),
+                           until=(0.62 if later else 1.0) * self.args.budget_s)
+            self.plot()
+        for phase, points, until in (("decode", self.decode_points, 0.85 if "decode1" in phases else 1.0),
+                                     ("decode1", self.decode1_points, 1.0)):
+            if phase not in phases:
                 continue
-            caches = {(B, T): self.filled_cache(B, T) for (B, _, T) in pts}
-            self.run_phase("decode", pts, caches, until=until)
-            del caches
-            gc.collect()
-            if self.dev.type == "cuda":
-                torch.cuda.empty_cache()
+            pts = [(B, 1, T) for (B, T) in points]
+            if self.left() < 30:
+                self.notes.append(f"{phase} {pts}: skipped (budget)")
+                continue
+            self.run_phase(phase, pts, self.filled_caches(pts), until=until * self.args.budget_s)
         self.write()
         self.plot()
         self.log(f"done in {time.time() - self.t0:.0f}s")
         # short table last (the reply carries the end of the output)
         for d in self.derived():
-            print(f"{d['point']:18s} {d['variant']:9s} {d['ms']:9.3f} ms  x{d.get('speedup_vs_inductor')}  "
+            print(f"{d['point']:18s} {d['run']:6s} {d['variant']:9s} {d['ms']:9.3f} ms  x{d.get('speedup_vs_inductor')}  "
                   f"share {d.get('indexer_share')} ideal {d.get('amdahl_ideal')} of-ideal {d.get('frac_of_ideal')} "
                   f"vs-hand {d.get('ours_vs_hand')} peak {d.get('peak_gib')}")
         for c in self.compiles:
-            print(f"compile {c['variant']:9s} {c['phase']:8s} {c['first_call_s']:6.1f}s topk {c['topk_calls']} F {c['f_layers']} ok {c.get('topk_ok')}")
+            print(f"compile {c.get('run', ''):6s} {c['variant']:9s} {c['phase']:8s} {c['first_call_s']:6.1f}s topk {c['topk_calls']} F {c['f_layers']} ok {c.get('topk_ok')}")
 
 
 def main():
@@ -522,10 +611,27 @@ def main():
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny config: checks the script only")
     ap.add_argument("--variants", default=None, help="comma list (default: all)")
-    ap.add_argument("--phases", default="prefill,decode", help="comma list of prefill, decode")
+    ap.add_argument("--decode1-variants", default=None,
+                    help="comma list for phase decode1 (default: as --variants); batch 1 costs a compile of its own")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
+    ap.add_argument("--run-label", default=time.strftime("%H%M"), help="names this run's rows (default: the time)")
+    ap.add_argument("--merge", action="append", default=[], metavar="JSON",
+                    help="gpu_indexcache.json of an earlier run on the same card to fold in (repeatable)")
     args = ap.parse_args()
-    if args.variants:
-        VARIANTS[:] = [v for v in VARIANTS if v in args.variants.split(",")]
+    args.phases = [ph for ph in args.phases.split(",") if ph]
+    if not args.phases and not args.merge:
+        ap.error("--phases is empty (combine only): name the runs to combine with --merge")
+    for ph in args.phases:
+        if ph not in PHASES:
+            ap.error(f"--phases: {ph!r} is not a phase; allowed: {', '.join(PHASES)}")
+    for flag in ("variants", "decode1_variants"):
+        chosen = getattr(args, flag)
+        unknown = [v for v in (chosen or "").split(",") if v and v not in ALL_VARIANTS]
+        if unknown:
+            ap.error(f"--{flag.replace('_', '-')}: {unknown} unknown; allowed: {', '.join(ALL_VARIANTS)}")
+        setattr(args, flag, [v for v in ALL_VARIANTS if chosen is None or v in chosen.split(",")])
+    if args.decode1_variants == list(ALL_VARIANTS):
+        args.decode1_variants = args.variants
     Runner(args).main()
 
 
