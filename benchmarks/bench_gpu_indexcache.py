@@ -300,6 +300,9 @@ class Runner:
                 return model(ids, cache, start)
 
         row = dict(variant=name, phase=phase, B=B, S=S, T=T, point=self.label(phase, B, S, T), run=self.args.run_label)
+        if self.dev.type == "cuda":  # blocks the last point left in the allocator's cache are free for this one
+            gc.collect()
+            torch.cuda.empty_cache()
         if not self.fits(S, T, B, variant=name):
             row.update(ms=None, error="skipped: its indexer logits would not fit in memory")
             self.log(f"{name} {row['point']}: {row['error']}")
