@@ -632,7 +632,8 @@ def main():
         unknown = [v for v in (chosen or "").split(",") if v and v not in ALL_VARIANTS]
         if unknown:
             ap.error(f"--{flag.replace('_', '-')}: {unknown} unknown; allowed: {', '.join(ALL_VARIANTS)}")
-        setattr(args, flag, [v for v in ALL_VARIANTS if chosen is None or v in chosen.split(",")])
+        # in the order given: when the time budget runs out, the last ones are skipped
+        setattr(args, flag, list(ALL_VARIANTS) if chosen is None else [v for v in chosen.split(",") if v])
     if args.decode1_variants == list(ALL_VARIANTS):
         args.decode1_variants = args.variants
     Runner(args).main()
