@@ -394,8 +394,8 @@ class Runner:
     def derived(self) -> list[dict]:
         """One line per measured (run, variant, point), with every ratio taken inside the row's own run.
 
-        The indexer share of a point comes from its own run's inductor and hand_f8; where that run lacks one of
-        them, from the first run that has both (``share_run`` names it)."""
+        Where that run lacks the point's inductor baseline (or inductor and hand_f8, for the indexer share), they
+        come from the first run that has them, and ``base_run`` / ``share_run`` name it."""
         rows = [r for r in self.all_rows() if r.get("ms")]
         by = {(r.get("run", ""), r["variant"], r["point"]): r for r in rows}
         shares: dict[tuple[str, str], float] = {}
@@ -412,12 +412,14 @@ class Runner:
         for p in points:
             for (run, name, _), r in sorted(((k, v) for k, v in by.items() if k[2] == p), key=lambda kv: (order[kv[0][1]], kv[0][0])):
                 base = by.get((run, "inductor", p))
+                base_run = run if base else next((rr for (rr, v, pp) in by if v == "inductor" and pp == p), None)
+                base = base or by.get((base_run, "inductor", p))
                 share_run = run if (run, p) in shares else next((rr for (rr, pp) in shares if pp == p), None)
                 share = shares.get((share_run, p))
                 pat = variant_pattern(name, self.L)
                 n_s = pat.count("S")
                 d = dict(point=p, run=run, variant=name, pattern=pat, ms=r["ms"], peak_gib=r.get("peak_gib"),
-                         act_peak_gib=r.get("act_peak_gib"), share_run=share_run)
+                         act_peak_gib=r.get("act_peak_gib"), base_run=base_run, share_run=share_run)
                 d["speedup_vs_inductor"] = round(base["ms"] / r["ms"], 3) if base else None
                 d["indexer_share"] = round(share, 3) if share is not None else None
                 if share is not None and not name.startswith("fused"):
@@ -463,7 +465,7 @@ class Runner:
             json.dump(dict(env=self.env | {"runs": sorted({r.get("run", "") for r in self.all_rows()})},
                            merged_env=self.merged_env, raw=self.all_rows(), derived=derived, compiles=self.compiles,
                            notes=self.notes), f, indent=1)
-        cols = ["point", "run", "variant", "pattern", "ms", "speedup_vs_inductor", "indexer_share", "share_run",
+        cols = ["point", "run", "variant", "pattern", "ms", "speedup_vs_inductor", "base_run", "indexer_share", "share_run",
                 "amdahl_ideal", "frac_of_ideal", "ours_vs_hand", "logits_rel_err_vs_hand", "peak_gib", "act_peak_gib"]
         with open(os.path.join(a.out, "gpu_indexcache.csv"), "w", newline="") as f:
             f.write("# " + ", ".join(f"{k}={v}" for k, v in self.env.items()) + "\n")
@@ -480,13 +482,14 @@ class Runner:
             "",
             f"Stack of {self.L} layers; freq f with index_skip_topk_offset={OFFSET}: "
             + ", ".join(f"f{f} = {executed_pattern(f, self.L)}" for f in FREQS)
-            + ". Median ms; speedup over plain Inductor (all F) of the same run; indexer share of the stack's time from "
+            + ". Median ms; speedup over plain Inductor (all F) of the same run (else of the run named in 'baseline "
+            "from'); indexer share of the stack's time from "
             "inductor vs hand_f8 (of the run named in 'share from'); Amdahl ideal = 1/(1 - share * n_S/L) (for f8 it "
             "equals hand_f8 by construction; none for fused_*, whose F layers are faster too).",
             "",
-            "| point | run | variant | pattern | ms | speedup | indexer share | share from | ideal | of ideal | ours/hand | "
-            "logits rel err vs hand | peak GiB | activation peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| point | run | variant | pattern | ms | speedup | baseline from | indexer share | share from | ideal | of ideal | "
+            "ours/hand | logits rel err vs hand | peak GiB | activation peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
         for d in derived:
@@ -529,15 +532,19 @@ class Runner:
             pts.sort(key=lambda p: order.get(p, (0, 0)))
             x = list(range(len(pts)))
             colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green"}
+            def value(p, variant, key="speedup_vs_inductor"):
+                """The first run's value at this point (runs without the number are passed over)."""
+                return next((d[key] for d in derived if d["point"] == p and d["variant"] == variant
+                             and d.get(key) is not None), math.nan)
+
             for f in FREQS:
                 for kind, style in (("ours", "o-"), ("hand", "s--")):
-                    ys = [next((d["speedup_vs_inductor"] for d in derived if d["point"] == p and d["variant"] == f"{kind}_f{f}"), math.nan) for p in pts]
+                    ys = [value(p, f"{kind}_f{f}") for p in pts]
                     ax.plot(x, ys, style, color=colors[f], label=f"{kind} f{f}", alpha=0.9 if kind == "ours" else 0.6)
-                ideal = [next((d.get("amdahl_ideal", math.nan) for d in derived if d["point"] == p and d["variant"] == f"ours_f{f}"), math.nan) for p in pts]
+                ideal = [value(p, f"hand_f{f}", "amdahl_ideal") for p in pts]
                 ax.plot(x, ideal, ":", color=colors[f], lw=2, label=f"Amdahl ideal f{f}")
             for name, style, color in (("fused_f4", "D-", "tab:red"), ("eager", "x-", "gray")):
-                ys = [next((d["speedup_vs_inductor"] for d in derived if d["point"] == p and d["variant"] == name), math.nan)
-                      for p in pts]
+                ys = [value(p, name) for p in pts]
                 label = "ours f4 + fused F-layer kernel (default)" if name == "fused_f4" else name
                 ax.plot(x, ys, style, color=color, label=label)
             ax.axhline(1.0, color="black", lw=0.8)
