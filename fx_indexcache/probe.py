@@ -46,17 +46,23 @@ class LayerRecord:
 
 
 def source_layers(pattern: str | None, layers: list[int]) -> dict[int, int]:
-    """``{S layer: nearest preceding F layer}`` among ``layers``; an S with no F before it stays own."""
-    sources: dict[int, int] = {}
+    """``{S layer: the F layer whose indices it reuses}``, by the pass's rule, so a probed pattern runs as compiled.
+
+    The source is the nearest preceding layer marked F (``IndexCacheConfig.source_layer``; layers past the pattern
+    count as F). An S layer with no F before it computes its own indices and serves nobody; one whose F layer has no
+    indexer among ``layers`` (DeepSeek-V4's indexer-less layers) is left computing its own, as the pass leaves it.
+    """
     if pattern is None:
-        return sources
-    last_full = None
+        return {}
+    kind = lambda layer: pattern[layer] if layer < len(pattern) else "F"  # noqa: E731
+    present = set(layers)
+    sources: dict[int, int] = {}
     for layer in sorted(layers):
-        kind = pattern[layer] if layer < len(pattern) else "F"
-        if kind == "S" and last_full is not None:
-            sources[layer] = last_full
-        else:
-            last_full = layer
+        if kind(layer) != "S":
+            continue
+        source = next((c for c in range(layer - 1, -1, -1) if kind(c) == "F"), None)
+        if source in present:
+            sources[layer] = source
     return sources
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fx_indexcache import cli
+from fx_indexcache import IndexCacheConfig, cli
 from fx_indexcache.calibration import ProbeTarget, record_batches
 from fx_indexcache.overlap import overlap_fraction, overlap_from_records
 from fx_indexcache.probe import IndexProbe, source_layers
@@ -111,7 +111,16 @@ def test_overlap_fraction_counts_common_keys_and_ignores_padding():
 def test_source_layers_follow_nearest_preceding_f():
     assert source_layers("FSSFS", [0, 1, 2, 3, 4]) == {1: 0, 2: 0, 4: 3}
     assert source_layers(None, [0, 1]) == {}
-    assert source_layers("SSF", [0, 1, 2]) == {1: 0}  # a leading S computes its own and serves later S
+    assert source_layers("SSF", [0, 1, 2]) == {}  # a leading S computes its own and, as in the pass, serves nobody
+    # layer 2 is F without an indexer (DeepSeek-V4): the S layer after it keeps its own indices, as the pass leaves it
+    assert source_layers("FSFS", [0, 1, 3]) == {1: 0}
+
+
+def test_source_layers_agree_with_the_config_the_pass_uses():
+    for pattern in ("SSF", "FSSFS", "SFSS", "FFSS", "SSSS"):
+        config = IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)
+        expected = {i: config.source_layer(i) for i in range(len(pattern)) if pattern[i] == "S" and config.source_layer(i) is not None}
+        assert source_layers(pattern, list(range(len(pattern)))) == expected, pattern
 
 
 def test_resolve_target():
