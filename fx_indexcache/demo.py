@@ -12,6 +12,8 @@ import re
 import time
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
 from .backend import indexcache_backend
@@ -56,7 +58,11 @@ def main(args: argparse.Namespace) -> int:
     compiled = torch.compile(model, backend=indexcache_backend, options=options, dynamic=True)
     clear_reports()
     worst = {"logits": 0.0, "indices": 0}
-    with torch.no_grad():
+    # The demo shows the pass at work: a warm Inductor/AOTAutograd cache from an earlier run would serve the
+    # graphs without running it, and the per-layer tables would be empty.
+    no_cache = torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False)
+    no_autograd_cache = torch._functorch.config.patch(enable_autograd_cache=False)
+    with torch.no_grad(), no_cache, no_autograd_cache:
         cache, oracle_cache = model.new_cache(args.batch), model.new_cache(args.batch)
         start = time.perf_counter()
         (logits, indices), code = run_and_get_code(compiled, prompt, cache, 0, True)
