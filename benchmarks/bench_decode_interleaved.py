@@ -23,7 +23,6 @@ Variants (pattern FSSSSS: ``index_topk_freq=8``, ``index_skip_topk_offset=1`` ov
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -35,34 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from benchmarks.bench_gpu_indexcache import OFFSET, Runner, executed_pattern  # noqa: E402
-from fx_indexcache import indexcache_backend  # noqa: E402
+from benchmarks.bench_gpu_indexcache import Runner, compile_variant  # noqa: E402
 
-FREQ = 8
 VARIANTS = ("hand_f8", "ours_f8", "ours_f8_drop")
-
-
-def compiled_step(name: str, model, layers: int):
-    """The variant's compiled ``fn(ids, cache, start)``, with a code object of its own.
-
-    Dynamo keeps compiled code on the code object; giving each variant its own lets all three stay compiled
-    side by side (no ``torch._dynamo.reset()`` between them) without their guards being tried in turn.
-    """
-    model = copy.copy(model)  # shares the parameters; its own pattern attribute and identity
-    if name.startswith("hand"):
-        model.set_index_cache_pattern(executed_pattern(FREQ, layers))
-
-    def step(ids, cache, start_len):
-        return model(ids, cache, start_len.shape[0], logits_to_keep=1)
-
-    step.__code__ = step.__code__.replace(co_name=f"step_{name}")
-    if name.startswith("ours"):
-        options = {"index_topk_freq": FREQ, "index_skip_topk_offset": OFFSET, "fuse_indexer_kernel": False,
-                   "drop_shared_indexer_cache_writes": name.endswith("_drop")}
-        compiled = torch.compile(step, backend=indexcache_backend, dynamic=True, options=options)
-    else:
-        compiled = torch.compile(step, backend="inductor", dynamic=True)
-    return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
 
 
 def device_time_ms(fn, calls: int) -> tuple[float | None, float | None]:
@@ -97,7 +71,7 @@ def main():
     caches = {(B, T): runner.filled_cache(B, T) for (B, T) in points}
     fns, compile_s = {}, {}
     for name in VARIANTS:
-        fns[name] = compiled_step(name, runner.model, runner.L)
+        fns[name] = compile_variant(name, runner.model, runner.L, own_code=True)  # all three stay compiled
         B, T = points[0]
         ids = torch.zeros(B, 1, dtype=torch.long, device=runner.dev)
         t = time.time()

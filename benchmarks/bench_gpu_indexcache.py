@@ -44,8 +44,8 @@ what it measured. Work that would not fit the time budget is skipped (and said s
 One device command may run for 10 minutes, less than all variants and phases need, so a measurement can be split
 over several runs on the same card: each run labels its rows (``--run-label``) and ``--merge earlier.json`` folds an
 earlier run's rows in (refused if the card or the torch version differs). Every ratio is taken against the
-baseline of the row's own run; where a run did not measure hand_f8, the indexer share comes from another run of the
-same point, and the table says which run each number comes from.
+baseline of the row's own run; where a run did not measure the point's Inductor baseline (or hand_f8, for the indexer
+share), it comes from another run of the same point, and the table says which run each number comes from.
 
 Runs 1-2 (H100, torch 2.11) compiled prefill first at 1Kx8K and recompiled at the first 1Kx32K and 2Kx32K calls
 (30-65 s each); the third graph served 1Kx64K. Most likely cause: Inductor's 32-bit indexing guards -- the [S, 64, T]
@@ -93,10 +93,50 @@ def executed_pattern(freq: int, n: int) -> str:
     return IndexCacheConfig(use_index_cache=True, index_topk_freq=freq, index_skip_topk_offset=OFFSET).executed_pattern(n)
 
 
+def variant_freq(name: str) -> int:
+    """``index_topk_freq`` of a variant name (``ours_f4`` -> 4, ``ours_f8_drop`` -> 8)."""
+    return int(re.search(r"_f(\d+)", name).group(1))
+
+
+def hand_of(name: str) -> str:
+    """The hand-written variant with the same pattern as an ours/fused one."""
+    return f"hand_f{variant_freq(name)}"
+
+
 def variant_pattern(name: str, n: int) -> str:
     if name in ("eager", "inductor"):
         return "F" * n
-    return executed_pattern(int(name.split("_f")[1]), n)
+    return executed_pattern(variant_freq(name), n)
+
+
+def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_code: bool = False):
+    """The compiled callable ``fn(ids, cache, start_pos)`` of a variant other than eager.
+
+    ``start_pos`` reaches the compiled function as the length of a small CPU tensor: a plain int argument is
+    specialised by dynamo on the first call (run 1 recompiled at every prefill point because of it), a tensor
+    dimension is symbolic from the first compile under ``dynamic=True``. ``ours_*`` measures IndexCache alone
+    (``fuse_indexer_kernel=False``: the F layers keep Inductor's indexer code, like the baselines); ``fused_*`` is the
+    backend's CUDA default; a ``_drop`` suffix adds ``drop_shared_indexer_cache_writes=True``. ``own_code`` gives the
+    variant a code object of its own, so that several variants stay compiled side by side (dynamo keeps compiled code
+    on the code object) without their guards being tried in turn.
+    """
+    if name.startswith("hand"):
+        model = copy.copy(model)  # shares the parameters, has its own pattern attribute
+        model.set_index_cache_pattern(variant_pattern(name, layers))
+
+    def step(ids, cache, start_len):
+        return model(ids, cache, start_len.shape[0], logits_to_keep=1)
+
+    if own_code:
+        step.__code__ = step.__code__.replace(co_name=f"step_{name}")
+    if name.startswith(("ours", "fused")):
+        options = {"index_topk_freq": variant_freq(name), "index_skip_topk_offset": OFFSET,
+                   "fuse_indexer_kernel": name.startswith("fused"),
+                   "drop_shared_indexer_cache_writes": name.endswith("_drop")}
+        compiled = torch.compile(step, backend=indexcache_backend, dynamic=True, options=options)
+    else:
+        compiled = torch.compile(step, backend="inductor", dynamic=True)
+    return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
 
 
 class Runner:
@@ -232,36 +272,13 @@ class Runner:
 
     # ------------------------------------------------------------------ variants
     def make(self, name: str):
-        """The callable for a variant: ``fn(ids, cache, start_pos)``.
-
-        Compiled variants get ``start_pos`` as the length of a small CPU tensor: a plain int argument is
-        specialised by dynamo on the first call (run 1 recompiled at every prefill point because of it),
-        a tensor dimension is symbolic from the first compile under ``dynamic=True``.
-        """
+        """The callable for a variant: ``fn(ids, cache, start_pos)``, after a dynamo reset."""
         torch._dynamo.reset()
         clear_reports()
         if name == "eager":
             model = self.model
             return lambda ids, cache, start: model(ids, cache, start, logits_to_keep=1)
-        if name.startswith("hand"):
-            model = copy.copy(self.model)  # shares the parameters, has its own pattern attribute
-            model.set_index_cache_pattern(executed_pattern(int(name.split("_f")[1]), self.L))
-        else:
-            model = self.model
-
-        def step(ids, cache, start_len):
-            return model(ids, cache, start_len.shape[0], logits_to_keep=1)
-
-        if name.startswith(("ours", "fused")):
-            f = int(name.split("_f")[1])
-            # ours_*: IndexCache alone (the F layers keep Inductor's indexer code, like the baselines);
-            # fused_*: the backend's default since 5ff6ec7, F layers' scoring as the fused Triton kernel.
-            compiled = torch.compile(step, backend=indexcache_backend, dynamic=True,
-                                     options={"index_topk_freq": f, "index_skip_topk_offset": OFFSET,
-                                              "fuse_indexer_kernel": name.startswith("fused")})
-        else:
-            compiled = torch.compile(step, backend="inductor", dynamic=True)
-        return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
+        return compile_variant(name, self.model, self.L)
 
     def first_call_with_code(self, name, phase, fn):
         """Run fn (which compiles) capturing Inductor's output code; record compile time and top-k count."""
@@ -321,7 +338,6 @@ class Runner:
             ms, reps, warm_ms = self.time_calls(fn)
             row["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             self.outputs[(name, row["point"])] = fn().float().cpu()
-            self.compare_with_hand(name, row)
             row.update(ms=round(ms, 4), reps=reps, warmup_first_ms=round(warm_ms, 2))
             if self.dev.type == "cuda":
                 peak = torch.cuda.max_memory_allocated()
@@ -336,25 +352,20 @@ class Runner:
             row.update(ms=None, error=f"{type(e).__name__}: {str(e)[:200]}")
             self.log(f"{name} {row['point']}: FAILED {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         self.rows.append(row)
+        self.compare_with_hand(row["point"])
         self.write()
         return row
 
-    def compare_with_hand(self, name: str, row: dict) -> None:
-        """Relative error of ours/fused logits against the hand-written IndexCache of the same pattern, stored in
-        the ours/fused row as soon as both have run at this point (in either order)."""
-        point = row["point"]
-        if name.startswith("hand"):
-            pairs = [(self.outputs[(name, point)], v, r) for r in self.rows if r["point"] == point
-                     for v in [r["variant"]] if v.startswith(("ours", "fused")) and v.split("_")[1] == name.split("_")[1]]
-            pairs = [(ref, self.outputs.get((v, point)), r) for ref, v, r in pairs]
-        elif name.startswith(("ours", "fused")):
-            pairs = [(self.outputs.get(("hand_" + name.split("_")[1], point)), self.outputs[(name, point)], row)]
-        else:
-            return
-        for ref, got, target in pairs:
-            if ref is not None and got is not None:
+    def compare_with_hand(self, point: str) -> None:
+        """Relative error of each ours/fused output at ``point`` against the hand-written IndexCache of the same
+        pattern, stored in the ours/fused row once both have run here (in either order)."""
+        for row in self.rows:
+            if row["point"] != point or not row["variant"].startswith(("ours", "fused")):
+                continue
+            got, ref = self.outputs.get((row["variant"], point)), self.outputs.get((hand_of(row["variant"]), point))
+            if got is not None and ref is not None:
                 err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                target["logits_rel_err_vs_hand"] = float(f"{err:.3g}")
+                row["logits_rel_err_vs_hand"] = float(f"{err:.3g}")
 
     @staticmethod
     def label(phase, B, S, T):
@@ -398,6 +409,13 @@ class Runner:
         come from the first run that has them, and ``base_run`` / ``share_run`` name it."""
         rows = [r for r in self.all_rows() if r.get("ms")]
         by = {(r.get("run", ""), r["variant"], r["point"]): r for r in rows}
+
+        def own_or_first(table: dict, run: str, *key):
+            """``(run, entry)`` of ``table[(run, *key)]``, else of the first run that has ``key``; ``(None, None)``."""
+            if (run, *key) in table:
+                return run, table[(run, *key)]
+            return next(((k[0], v) for k, v in table.items() if k[1:] == key), (None, None))
+
         shares: dict[tuple[str, str], float] = {}
         for (run, name, p), r in by.items():
             base, h8 = by.get((run, "inductor", p)), by.get((run, "hand_f8", p))
@@ -411,11 +429,8 @@ class Runner:
         out = []
         for p in points:
             for (run, name, _), r in sorted(((k, v) for k, v in by.items() if k[2] == p), key=lambda kv: (order[kv[0][1]], kv[0][0])):
-                base = by.get((run, "inductor", p))
-                base_run = run if base else next((rr for (rr, v, pp) in by if v == "inductor" and pp == p), None)
-                base = base or by.get((base_run, "inductor", p))
-                share_run = run if (run, p) in shares else next((rr for (rr, pp) in shares if pp == p), None)
-                share = shares.get((share_run, p))
+                base_run, base = own_or_first(by, run, "inductor", p)
+                share_run, share = own_or_first(shares, run, p)
                 pat = variant_pattern(name, self.L)
                 n_s = pat.count("S")
                 d = dict(point=p, run=run, variant=name, pattern=pat, ms=r["ms"], peak_gib=r.get("peak_gib"),
@@ -428,11 +443,10 @@ class Runner:
                     d["amdahl_ideal"] = round(ideal, 3)
                     d["frac_of_ideal"] = round(d["speedup_vs_inductor"] / ideal, 3) if d["speedup_vs_inductor"] else None
                 if name.startswith(("ours", "fused")):
-                    hand = "hand_" + name.split("_")[1]
-                    h = by.get((run, hand, p)) or next((v for k, v in by.items() if k[1:] == (hand, p)), None)
+                    hand_run, h = own_or_first(by, run, hand_of(name), p)
                     d["ours_vs_hand"] = round(h["ms"] / r["ms"], 3) if h else None
-                    if h is not None and h.get("run", "") != run:
-                        d["hand_run"] = h.get("run", "")
+                    if hand_run not in (None, run):
+                        d["hand_run"] = hand_run
                     d["logits_rel_err_vs_hand"] = r.get("logits_rel_err_vs_hand")
                 out.append(d)
         return out
@@ -634,15 +648,18 @@ def main():
     for ph in args.phases:
         if ph not in PHASES:
             ap.error(f"--phases: {ph!r} is not a phase; allowed: {', '.join(PHASES)}")
-    for flag in ("variants", "decode1_variants"):
-        chosen = getattr(args, flag)
-        unknown = [v for v in (chosen or "").split(",") if v and v not in ALL_VARIANTS]
+    def variant_list(flag: str, given: str | None, default: list[str]) -> list[str]:
+        """In the order given: when the time budget runs out, the last ones are skipped."""
+        if given is None:
+            return default
+        chosen = [v for v in given.split(",") if v]
+        unknown = [v for v in chosen if v not in ALL_VARIANTS]
         if unknown:
-            ap.error(f"--{flag.replace('_', '-')}: {unknown} unknown; allowed: {', '.join(ALL_VARIANTS)}")
-        # in the order given: when the time budget runs out, the last ones are skipped
-        setattr(args, flag, list(ALL_VARIANTS) if chosen is None else [v for v in chosen.split(",") if v])
-    if args.decode1_variants == list(ALL_VARIANTS):
-        args.decode1_variants = args.variants
+            ap.error(f"{flag}: {unknown} unknown; allowed: {', '.join(ALL_VARIANTS)}")
+        return chosen
+
+    args.variants = variant_list("--variants", args.variants, list(ALL_VARIANTS))
+    args.decode1_variants = variant_list("--decode1-variants", args.decode1_variants, args.variants)
     Runner(args).main()
 
 

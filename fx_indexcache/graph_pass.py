@@ -63,7 +63,8 @@ class IndexCachePass(CustomGraphPass):
         self.run(graph)
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
-        """Detect, rewrite (when ``use_index_cache``), DCE, lint; returns and publishes the report."""
+        """Detect, rewrite (every layer F when ``use_index_cache`` is off), fuse F-layer scoring where enabled and on
+        CUDA; returns and publishes the report."""
         detection = detect(graph)
         decisions = apply_index_cache(graph, detection, self.config)  # all F when use_index_cache is off
         kernel_notes = self._fuse_indexers(graph, detection.sites)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import fx
 
+from .config import FULL, SHARED, IndexCacheConfig
 from .detection import detect
 from .graph_utils import comes_after
 
@@ -46,24 +47,19 @@ class LayerRecord:
 
 
 def source_layers(pattern: str | None, layers: list[int]) -> dict[int, int]:
-    """``{S layer: the F layer whose indices it reuses}``, by the pass's rule, so a probed pattern runs as compiled.
+    """``{S layer: the F layer whose indices it reuses}``, by the pass's own rule, so a probed pattern runs as compiled.
 
-    The source is the nearest preceding layer marked F (``IndexCacheConfig.source_layer``; layers past the pattern
-    count as F). An S layer with no F before it computes its own indices and serves nobody; one whose F layer has no
-    indexer among ``layers`` (DeepSeek-V4's indexer-less layers) is left computing its own, as the pass leaves it.
+    ``IndexCacheConfig.source_layer`` decides (layers past the pattern count as F). An S layer with no F before it
+    computes its own indices and serves nobody; one whose F layer has no indexer among ``layers`` (DeepSeek-V4's
+    indexer-less layers) is left computing its own, as the pass leaves it.
     """
-    if pattern is None:
+    if pattern is None or not layers:
         return {}
-    kind = lambda layer: pattern[layer] if layer < len(pattern) else "F"  # noqa: E731
+    padded = pattern + FULL * (max(layers) + 1 - len(pattern))
+    config = IndexCacheConfig(use_index_cache=True, index_topk_pattern=padded)
     present = set(layers)
-    sources: dict[int, int] = {}
-    for layer in sorted(layers):
-        if kind(layer) != "S":
-            continue
-        source = next((c for c in range(layer - 1, -1, -1) if kind(c) == "F"), None)
-        if source in present:
-            sources[layer] = source
-    return sources
+    sources = {layer: config.source_layer(layer) for layer in layers if config.layer_kind(layer) == SHARED}
+    return {layer: source for layer, source in sorted(sources.items()) if source in present}
 
 
 def _finite_mask(values: torch.Tensor) -> torch.Tensor:

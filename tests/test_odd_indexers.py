@@ -22,7 +22,6 @@ import fx_indexcache as fic
 B, S, D, H, HD, K, E = 1, 8, 16, 2, 8, 3, 4
 
 
-
 def _causal(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu(1)
 

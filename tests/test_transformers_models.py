@@ -40,7 +40,6 @@ def _patterns(n: int) -> dict[str, str]:
     }
 
 
-
 def _executed(pattern: str, sources: dict[int, int], layers: list[int]) -> str:
     return "".join("S" if layer in sources else "F" for layer in layers)
 

@@ -90,15 +90,13 @@ def reference_kernel():
     # vLLM's op returns the buffer it mutates; torch flags that alias on a compiled graph's first
     # call, as a warning, or as an error where the environment sets CI. The alias is vLLM's
     # design, not what this module tests, so the check warns here (and the warning is filtered).
-    aliasing = torch._functorch.config.patch(error_on_custom_op_aliasing=False)
-    aliasing.__enter__()
-    library = torch.library.Library("vllm", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        library.impl("sparse_attn_indexer", _reference_indexer, "CPU")
-    yield
-    library._destroy()
-    aliasing.__exit__(None, None, None)
+    with torch._functorch.config.patch(error_on_custom_op_aliasing=False):
+        library = torch.library.Library("vllm", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            library.impl("sparse_attn_indexer", _reference_indexer, "CPU")
+        yield
+        library._destroy()
 
 
 # ---------------------------------------------------------------------- a DSA-like model
