@@ -12,7 +12,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .config import IndexCacheConfig
 from .detection import detect
 from .graph_utils import fake_value
-from .kernel_substitution import FUSED_NOTE, substitute_fused_indexer
+from .kernel_substitution import FusionRecord, substitute_fused_indexer
 from .report import IndexCacheReport, publish
 from .rewrite import apply_index_cache
 
@@ -67,11 +67,11 @@ class IndexCachePass(CustomGraphPass):
         CUDA; returns and publishes the report."""
         detection = detect(graph)
         decisions = apply_index_cache(graph, detection, self.config)  # all F when use_index_cache is off
-        kernel_notes = self._fuse_indexers(graph, detection.sites)
+        kernel_records = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
-        report.other_notes.extend(kernel_notes)
+        report.other_notes.extend(r.note() for r in kernel_records)
         stats = counters["fx_indexcache"]
-        stats["indexers_fused"] += sum(FUSED_NOTE in note for note in kernel_notes)
+        stats["indexers_fused"] += sum(r.fused for r in kernel_records)
         stats["graphs"] += 1
         stats["indexer_sites"] += len(decisions)
         stats["indexers_removed"] += report.indexers_removed
@@ -81,7 +81,7 @@ class IndexCachePass(CustomGraphPass):
         publish(report)
         return report
 
-    def _fuse_indexers(self, graph: fx.Graph, sites) -> list[str]:
+    def _fuse_indexers(self, graph: fx.Graph, sites) -> list[FusionRecord]:
         """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA."""
         if not self.config.fuse_indexer_kernel:
             return []

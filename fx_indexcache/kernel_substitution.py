@@ -4,22 +4,30 @@ After the IndexCache rewrite, each remaining indexer site is an ``aten.topk`` wh
 
     X[b, s, t] = sum_h  w[b, s, h] * relu(c * sum_d q[b, s, h, d] * k[b, t, d])
 
-(reached through views, permutes, dtype casts and the batched products that einsum/matmul lower
-to), optionally followed by a mask (``where`` / ``masked_fill`` / an additive mask). This module
-finds ``X`` (the unmasked score), recovers the leaves ``q``, ``k`` and ``w`` and replaces ``X`` by one
-``indexer_logits(q', k', w', causal=False, scale=c)`` call, where ``q'``, ``k'``, ``w'`` are the leaves
-re-viewed as ``[B, S, H, D]``, ``[B, T, D]`` and ``[B, S, H]``. The graph keeps its own mask and top-k,
-so any mask (causal, padding, additive) stays exactly as the model wrote it.
+written any way a model writes it: batched ``[B, S, T]`` or unbatched ``[S, T]`` (no b), the head axis
+anywhere in the intermediate (``[S, H, T]``, ``[H, S, T]``, ``[B, S, T, H]``, ...), k a whole cache
+buffer, a slice or a gather of it (any such op is a *leaf*: the kernel reads its value), with or
+without unit axes, q/k/w upcast to fp32 before the products, the products as ``bmm``/``mm`` (what einsum
+and matmul lower to) or broadcast ``mul`` + ``sum``, and fp32 scalar factors anywhere (on q, on k,
+between product and ReLU, after the ReLU, on the weights or on the score: all fold into ``c``;
+those after the ReLU must be >= 0). The mask (``where`` / ``masked_fill`` / an additive mask) under the
+top-k stays in the graph exactly as written. This module finds ``X`` (the unmasked score), recovers
+the leaves ``q``, ``k`` and ``w`` and replaces ``X`` by one ``indexer_logits(q', k', w', causal=False,
+scale=c)`` call on the leaves re-viewed as ``[B, S, H, D]``, ``[B, T, D]``, ``[B, S, H]`` (unit axes
+added where a role is absent), re-viewed back to ``X``'s own layout. Each site gets a ``FusionRecord``.
 
 Matching is proof-carrying, not by shape guess: each leaf dimension gets an index label, every
 view / permute / expand / reshape between the leaves and ``X`` is replayed on those labels (a
-reshape may only merge or split groups of whole labels), each product unifies the labels it pairs
-(batch and contracted axes) and records what it sums over. The rewrite is made only when the
-labels prove that ``X``'s three axes are (b, s, t), the inner product sums exactly over one axis
-``d`` shared by q and k, the outer sum exactly over one axis ``h`` shared by w and the ReLU'd
-product, and that every non-unit leaf axis plays exactly one of those roles. Anything else (an op
-the replay does not know, a narrowing cast, a slice inside a chain, a negative scale, a diagonal,
-a broadcast that is summed over) leaves the site untouched with a note.
+reshape may only merge groups of whole labels; a leaf whose chain splits an axis is moved past the
+split), each product unifies the labels it pairs (batch and contracted axes) and records what it
+sums over. The roles are then read off the labels: d is the one axis the inner product sums, h the
+one the weighted sum sums, q is the product operand that carries h, and each axis of ``X`` is b (in q
+and k), s (q only) or t (k only). The rewrite is made only when every non-unit leaf axis plays exactly
+one allowed role (q: b s h d, k: b t d, w: b s h), no leaf is broadcast along a role it needs, the
+summed axes are real, and the products are computed in fp32 (a product the model rounds to bf16 is
+not the kernel's math). Anything else (an op the replay does not know, a narrowing cast, a negative
+factor after the ReLU, a diagonal, a broadcast that is summed over) leaves the site untouched, and
+its record says why.
 
 Rounding: the models cast bf16 q and k to fp32 before the product; the kernel reads the bf16
 tensors before those casts (``q'``/``k'`` are the tensors ahead of the casts), multiplies them on the
@@ -36,8 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import sympy
 import torch
@@ -48,9 +57,13 @@ from .graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packe
 aten = torch.ops.aten
 prims = torch.ops.prims
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "FUSED_NOTE",
+    "FusionRecord",
     "ScoreMatch",
+    "kernel_refusal",
     "match_indexer_score",
     "substitute_fused_indexer",
 ]
@@ -65,12 +78,18 @@ _CHAIN = _RESHAPES | _PERMUTES | _IDENTITIES | _CASTS | _EXPANDS
 _WIDE = (torch.float32, torch.float64)
 _MASKS = {aten.where, aten.masked_fill, aten.add, aten.sub, aten.mul}
 _MAX_CHAIN = 48
+#: How many mask ops / views between the top-k input and the score the candidate search walks through.
+_MAX_MASK_DEPTH = 3
 #: Text in a returned note when the site was rewritten (``"layer 3: fused indexer_logits (...)"``).
 FUSED_NOTE = "fused indexer_logits"
 
 
 class _NoMatch(Exception):
     """The scoring subgraph is not (provably) the indexer score; the message says why."""
+
+
+class _Split(_NoMatch):
+    """A reshape splits one label into several (the replay only regroups whole labels)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,10 +181,10 @@ def _regroup(labels: _Labels, tracked: _Tracked, out_shape: tuple) -> _Tracked:
             prod = prod * labels.size[atoms[i]]
             i += 1
         if not _eq(prod, size):
-            raise _NoMatch("a reshape splits an axis of q, k or w")
+            raise _Split("a reshape splits an axis of q, k or w")
         dims.append(group)
     if i != len(atoms):
-        raise _NoMatch("a reshape splits an axis of q, k or w")
+        raise _Split("a reshape splits an axis of q, k or w")
     return _Tracked(dims, tuple(out_shape))
 
 
@@ -228,24 +247,19 @@ def _align(labels: _Labels, a: Sequence[int], b: Sequence[int]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _chain_back(node: fx.Node, extra: Iterable = ()) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk up through chain ops (and ``extra`` scalar ops); return the first other node and the chain."""
-    chain = []
-    extra = set(extra)
-    while isinstance(node, fx.Node) and node.op == "call_function" and len(chain) < _MAX_CHAIN:
-        op = packet(node)
-        if op in _CHAIN or (op in extra and _scalar_factor(node) is not None):
-            chain.append(node)
-            node = node.args[0]
-            continue
-        break
-    return node, chain[::-1]  # forward order
+def _is_wide(node: fx.Node) -> bool:
+    value = fake_value(node)
+    return isinstance(value, torch.Tensor) and value.dtype in _WIDE
 
 
 def _scalar_factor(node: fx.Node) -> float | None:
-    """For ``mul(x, c)`` / ``div(x, c)`` with a Python number ``c``: the factor on x; else None."""
+    """For ``mul(x, c)`` / ``div(x, c)`` with a Python number ``c`` computed in fp32/fp64: the factor on x.
+
+    A factor applied in bf16/fp16 rounds x to that dtype, which the kernel would not do: such a node is
+    not a factor (it ends the chain and becomes a leaf, read by the kernel as it is).
+    """
     op = packet(node)
-    if op not in (aten.mul, aten.div) or len(node.args) != 2 or node.kwargs:
+    if op not in (aten.mul, aten.div) or len(node.args) != 2 or node.kwargs or not _is_wide(node):
         return None
     c = node.args[1]
     if isinstance(c, bool) or not isinstance(c, (int, float)):
@@ -253,6 +267,18 @@ def _scalar_factor(node: fx.Node) -> float | None:
     if op is aten.div:
         return None if c == 0 else 1.0 / float(c)
     return float(c)
+
+
+def _chain_back(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk up through chain ops and fp32 scalar factors; return the first other node and the chain."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and len(chain) < _MAX_CHAIN:
+        if packet(node) in _CHAIN or _scalar_factor(node) is not None:
+            chain.append(node)
+            node = node.args[0]
+            continue
+        break
+    return node, chain[::-1]  # forward order
 
 
 def _is_relu(node: fx.Node) -> bool:
@@ -319,7 +345,8 @@ class ScoreMatch:
     """A proven indexer score: ``score`` = sum_h w * relu(scale * q.k) over the leaves' roles.
 
     ``*_roles`` give, per leaf dimension, its role letter (``b s h d`` for q, ``b t d`` for k,
-    ``b s h`` for w) or ``"1"`` for a unit dimension that plays none.
+    ``b s h`` for w; ``b`` may be absent: an unbatched model) or ``"1"`` for a unit dimension that
+    plays none; ``score_roles`` the same for the score's own dimensions (``b s t`` in some order).
     """
 
     score: fx.Node
@@ -329,99 +356,168 @@ class ScoreMatch:
     q_roles: tuple[str, ...]
     k_roles: tuple[str, ...]
     w_roles: tuple[str, ...]
+    score_roles: tuple[str, ...]
     scale: float
     inner: fx.Node
     outer: fx.Node
     relu: fx.Node
 
 
-def _match_at(x: fx.Node) -> ScoreMatch:
+@dataclasses.dataclass
+class _Scale:
+    """The scalar factors met on the way: ``pre`` before the ReLU (any sign), ``post`` after it (each >= 0)."""
+
+    pre: float = 1.0
+    post: float = 1.0
+
+    def total(self) -> float:
+        value = self.pre * self.post
+        if not (math.isfinite(value) and value >= 0.0):
+            raise _NoMatch(f"scale {value} before the ReLU is not a finite non-negative number")
+        return value
+
+
+def _replay_chain(labels: _Labels, chain: list[fx.Node], tracked: _Tracked, scale: _Scale, post: bool) -> _Tracked:
+    """Replay ``chain`` on ``tracked``'s labels, folding fp32 scalar factors into ``scale``."""
+    for node in chain:
+        factor = _scalar_factor(node)
+        if factor is None:
+            tracked = _replay(labels, node, tracked)
+        elif post:
+            if not factor >= 0.0:
+                raise _NoMatch(f"{node.name} scales the ReLU'd score by {factor} (< 0)")
+            scale.post *= factor
+        else:
+            scale.pre *= factor
+    return tracked
+
+
+def _settle_leaf(leaf: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]]:
+    """Move the leaf down its chain past every reshape that splits one of its axes.
+
+    A leaf is an opaque tensor the kernel reads as it is, so any node of the chain may serve as the
+    leaf; taking a later one only keeps the replay to whole-label regrouping (e.g. the ``view`` of a
+    projection's ``[B*S, H*D]`` output as ``[B, S, H, D]`` becomes the leaf, not the ``mm``).
+    """
+    while True:
+        labels, tracked = _Labels(), None
+        try:
+            tracked = _leaf(labels, leaf)
+            for i, node in enumerate(chain):
+                if _scalar_factor(node) is None:
+                    tracked = _replay(labels, node, tracked)
+            return leaf, chain
+        except _Split:
+            leaf, chain = chain[i], chain[i + 1:]
+
+
+def _score_value(x: fx.Node) -> torch.Tensor:
     value = fake_value(x)
-    if not isinstance(value, torch.Tensor) or value.dim() != 3:
-        raise _NoMatch("the score is not a 3-D tensor")
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
+        raise _NoMatch("the score is not a 2-D [S, T] or 3-D [B, S, T] tensor")
     if value.dtype != torch.float32:
         raise _NoMatch(f"the score is {value.dtype}, the kernel writes float32")
-    outer, x_chain = _chain_back(x)
-    outer_parts = _product_parts(outer)
-    if outer_parts is None:
-        raise _NoMatch(f"the score comes from {outer.name} ({outer.target}), not a head-weighted sum")
-    sides = []
-    for operand in outer_parts[1:3]:
-        root, chain = _chain_back(operand)
-        sides.append((root, chain))
+    return value
+
+
+def _outer_sides(outer: fx.Node, parts):
+    """``(relu, relu_chain, w_leaf, w_chain, relu_is_first)`` of the head-weighted sum."""
+    sides = [_chain_back(operand) for operand in parts[1:3]]
     relu_sides = [i for i, (root, _) in enumerate(sides) if _is_relu(root)]
     if len(relu_sides) != 1:
         raise _NoMatch("the head-weighted sum does not weight exactly one ReLU")
     ri = relu_sides[0]
-    relu, relu_chain = sides[ri]
-    w_leaf, w_chain = sides[1 - ri]
-    inner, scaled_chain = _chain_back(relu.args[0], extra=(aten.mul, aten.div))
+    (relu, relu_chain), (w_leaf, w_chain) = sides[ri], sides[1 - ri]
+    return relu, relu_chain, w_leaf, w_chain, ri == 0
+
+
+def _require_wide(node: fx.Node, what: str) -> None:
+    value = fake_value(node)
+    if not _is_wide(node):
+        dtype = getattr(value, "dtype", None)
+        raise _NoMatch(f"{what} is computed in {dtype}; the kernel multiplies exactly and accumulates in fp32")
+
+
+def _match_at(x: fx.Node) -> ScoreMatch:
+    _score_value(x)
+    outer, x_chain = _chain_back(x)
+    outer_parts = _product_parts(outer)
+    if outer_parts is None:
+        raise _NoMatch(f"the score comes from {outer.name} ({outer.target}), not a head-weighted sum")
+    _require_wide(outer, "the head-weighted sum")
+    relu, relu_chain, w_leaf, w_chain, relu_first = _outer_sides(outer, outer_parts)
+    inner, pre_chain = _chain_back(relu.args[0])
     inner_parts = _product_parts(inner)
     if inner_parts is None:
         raise _NoMatch(f"the ReLU's input comes from {inner.name} ({inner.target}), not a q.k product")
-    (qa, qa_chain), (kb, kb_chain) = (_chain_back(o) for o in inner_parts[1:3])
+    _require_wide(inner, "the q.k product")
+    (qa, qa_chain), (kb, kb_chain) = (_settle_leaf(*_chain_back(o)) for o in inner_parts[1:3])
+    w_leaf, w_chain = _settle_leaf(w_leaf, w_chain)
     leaves = [qa, kb, w_leaf]
     if len({id(n) for n in leaves}) != 3:
         raise _NoMatch("q, k and w are not three distinct tensors")
-    for leaf in leaves:
-        if _is_relu(leaf) or _product_parts(leaf) is not None:
-            raise _NoMatch(f"{leaf.name} is itself a ReLU or product")
 
-    labels = _Labels()
+    labels, scale = _Labels(), _Scale()
     t_a, t_b, t_w = _leaf(labels, qa), _leaf(labels, kb), _leaf(labels, w_leaf)
     leaf_dims = [list(t.dims) for t in (t_a, t_b, t_w)]
-    for node in qa_chain:
-        t_a = _replay(labels, node, t_a)
-    for node in kb_chain:
-        t_b = _replay(labels, node, t_b)
+    t_a = _replay_chain(labels, qa_chain, t_a, scale, post=False)
+    t_b = _replay_chain(labels, kb_chain, t_b, scale, post=False)
     prod, inner_sum = _combine(labels, inner_parts, t_a, t_b, inner)
-    scale = 1.0
-    for node in scaled_chain:
-        factor = _scalar_factor(node)
-        if factor is not None and packet(node) in (aten.mul, aten.div):
-            scale *= factor
-            prod = _Tracked(prod.dims, _shape(node))
-        else:
-            prod = _replay(labels, node, prod)
-    if not (math.isfinite(scale) and scale >= 0.0):
-        raise _NoMatch(f"scale {scale} before the ReLU is not a finite non-negative number")
-    r = _Tracked(prod.dims, _shape(relu))
-    for node in relu_chain:
-        r = _replay(labels, node, r)
-    for node in w_chain:
-        t_w = _replay(labels, node, t_w)
-    ops = (r, t_w) if ri == 0 else (t_w, r)
-    score, outer_sum = _combine(labels, outer_parts, *ops, outer)
-    for node in x_chain:
-        score = _replay(labels, node, score)
+    prod = _replay_chain(labels, pre_chain, prod, scale, post=False)
+    r = _replay_chain(labels, relu_chain, _Tracked(prod.dims, _shape(relu)), scale, post=True)
+    t_w = _replay_chain(labels, w_chain, t_w, scale, post=True)
+    score, outer_sum = _combine(labels, outer_parts, *((r, t_w) if relu_first else (t_w, r)), outer)
+    score = _replay_chain(labels, x_chain, score, scale, post=True)
+    roles = _prove_roles(labels, inner_sum, outer_sum, score, leaf_dims)
+    swap = roles.pop("swap")
+    q_node, k_node = (kb, qa) if swap else (qa, kb)
+    return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"],
+                      scale.total(), inner, outer, relu)
 
-    # --- what the labels prove ---
+
+def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_dims) -> dict:
+    """Role letters per leaf dimension, read off the labels (never off positions or sizes).
+
+    d: the one axis the q.k product sums; h: the one axis the weighted sum sums; q: the product
+    operand that carries h; then over the score's axes, b is in q and k, s in q only, t in k only.
+    """
     cls = labels.find
-    d_set = {cls(a) for a in inner_sum}
-    h_set = {cls(a) for a in outer_sum}
+    d_set, h_set = {cls(a) for a in inner_sum}, {cls(a) for a in outer_sum}
     if len(d_set) != 1 or len(inner_sum) != 1:
         raise _NoMatch("the q.k product does not sum over exactly one axis")
     if len(h_set) != 1 or len(outer_sum) != 1:
         raise _NoMatch("the weighted sum does not sum over exactly one (head) axis")
     (d,), (h,) = d_set, h_set
-    out = []
+    if d == h:
+        raise _NoMatch("two roles share one axis (a diagonal)")
+    classes = [{cls(a) for dim in dims for a in dim} for dims in leaf_dims]
+    if (h in classes[0]) == (h in classes[1]):
+        where = "both q and k" if h in classes[0] else "neither q nor k (q is broadcast over the heads)"
+        raise _NoMatch(f"cannot tell q from k: the head axis is on {where}")
+    swap = h in classes[1]
+    q_cls, k_cls = (classes[1], classes[0]) if swap else (classes[0], classes[1])
+    roles = {d: "d", h: "h"}
+    score_roles = []
     for dim in score.dims:
         if len(dim) > 1:
             raise _NoMatch("a score axis merges several axes")
-        out.append(cls(dim[0]) if dim else None)
-    b, s, t = out
-    roles = {c: name for c, name in ((b, "b"), (s, "s"), (t, "t"), (h, "h"), (d, "d")) if c is not None}
-    if len(roles) != sum(c is not None for c in (b, s, t, h, d)):
-        raise _NoMatch("two roles share one axis (a diagonal)")
+        if not dim:
+            score_roles.append("1")
+            continue
+        c = cls(dim[0])
+        role = "b" if c in q_cls and c in k_cls else "s" if c in q_cls else "t" if c in k_cls else None
+        if role is None or c in roles:
+            raise _NoMatch("a score axis is neither a batch, query nor key axis of q and k")
+        roles[c] = role
+        score_roles.append(role)
+    if len(set(roles.values())) != len(roles):
+        raise _NoMatch("two score axes play one role")
 
     def role_tuple(dims, needed: str, what: str) -> tuple[str, ...]:
         got = []
         for dim in dims:
-            if not dim:
-                got.append("1")
-                continue
-            role = roles.get(cls(dim[0]))
-            if role is None or role not in needed:
+            role = roles.get(cls(dim[0])) if dim else "1"
+            if role is None or (role != "1" and role not in needed):
                 raise _NoMatch(f"an axis of {what} plays no role of {needed!r}")
             got.append(role)
         real = [g for g in got if g != "1"]
@@ -429,43 +525,33 @@ def _match_at(x: fx.Node) -> ScoreMatch:
             raise _NoMatch(f"{what} uses one role on two axes")
         return tuple(got)
 
-    ra = role_tuple(leaf_dims[0], "bshdt", "the first product operand")
-    rb = role_tuple(leaf_dims[1], "bshdt", "the second product operand")
-    # q is the operand with the query (s) or head (h) axis, k the one with the key (t) axis
-    qa_like = ("t" not in ra, bool(set(ra) & {"s", "h"}))
-    kb_like = ("t" not in rb, bool(set(rb) & {"s", "h"}))
-    if "t" in rb and "t" not in ra or ("t" not in ra and "t" not in rb and qa_like[1] and not kb_like[1]):
-        q_node, k_node, q_dims, k_dims = qa, kb, leaf_dims[0], leaf_dims[1]
-    elif "t" in ra and "t" not in rb or ("t" not in ra and "t" not in rb and kb_like[1] and not qa_like[1]):
-        q_node, k_node, q_dims, k_dims = kb, qa, leaf_dims[1], leaf_dims[0]
-    else:
-        raise _NoMatch("cannot tell q from k")
-    q_roles = role_tuple(q_dims, "bshd", "q")
-    k_roles = role_tuple(k_dims, "btd", "k")
-    w_roles = role_tuple(leaf_dims[2], "bsh", "w")
-    sizes = {"b": value.shape[0], "s": value.shape[1], "t": value.shape[2], "h": labels.size[h], "d": labels.size[d]}
-    for leaf_roles, needed, what in ((q_roles, "bshd", "q"), (k_roles, "btd", "k"), (w_roles, "bsh", "w")):
+    first, second = leaf_dims[:2] if not swap else leaf_dims[1::-1]
+    out = {"q": role_tuple(first, "bshd", "q"), "k": role_tuple(second, "btd", "k"),
+           "w": role_tuple(leaf_dims[2], "bsh", "w"), "score": tuple(score_roles), "swap": swap}
+    present = {r for r in roles.values()}
+    for what, needed in (("q", "bshd"), ("k", "btd"), ("w", "bsh")):
         for role in needed:
-            if role not in leaf_roles and not _is_one(sizes[role]):
+            if role in present and role not in out[what]:
                 raise _NoMatch(f"{what} is broadcast along its {role} axis")
     # broadcast atoms may pair with real ones, but a summed axis must be real on both sides
     for c in (h, d):
         if not any(labels.origin[a] == "leaf" and cls(a) == c for a in range(len(labels.parent))):
             raise _NoMatch("a summed axis is a broadcast")
-    return ScoreMatch(x, q_node, k_node, w_leaf, q_roles, k_roles, w_roles, scale, inner, outer, relu)
+    return out
 
 
 def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
-    """The top-k input and, through at most two mask ops, the [B, S, T] tensors they mask."""
+    """The top-k input and, through mask ops and views, the earlier 2-D/3-D fp32 tensors it is made of."""
     found, frontier = [topk_input], [topk_input]
-    for _ in range(2):
+    for _ in range(_MAX_MASK_DEPTH):
         nxt = []
         for node in frontier:
-            if not is_call(node, _MASKS):
+            if not (is_call(node, _MASKS) or is_call(node, _CHAIN)):
                 continue
             for arg in node.all_input_nodes:
                 value = fake_value(arg)
-                if isinstance(value, torch.Tensor) and value.dim() == 3 and arg not in found:
+                is_score = isinstance(value, torch.Tensor) and value.dim() in (2, 3) and value.dtype == torch.float32
+                if is_score and arg not in found:
                     found.append(arg)
                     nxt.append(arg)
         frontier = nxt
@@ -491,6 +577,21 @@ def match_indexer_score(site) -> ScoreMatch | str:
 # ----------------------------------------------------------------------------------------------
 # Rewrite
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionRecord:
+    """What the substitution did at one indexer site: fused, or left as is and why."""
+
+    site: str  # "layer 3", or the top-k node's name where the layer is unknown
+    layer: int | None
+    fused: bool
+    detail: str  # fused: the leaves and scale; not fused: the reason
+
+    def note(self) -> str:
+        if self.fused:
+            return f"{self.site}: {FUSED_NOTE} ({self.detail})"
+        return f"{self.site}: left as is: {self.detail}"
 
 
 def _fake_mode(values):
@@ -523,6 +624,23 @@ def _canonical_steps(roles: tuple[str, ...], order: str) -> list[tuple]:
     return steps
 
 
+def _restore_steps(order: str, roles: tuple[str, ...]) -> list[tuple]:
+    """The inverse re-view: from ``[order...]`` (unit sizes where a role is absent) to per-dim ``roles``."""
+    kept = [r for r in roles if r != "1"]
+    steps = []
+    absent = [i for i, r in enumerate(order) if r not in kept]
+    if absent:
+        steps.append((aten.squeeze.dims, (absent,)))
+    remaining = [r for r in order if r in kept]
+    perm = [remaining.index(r) for r in kept]
+    if perm != list(range(len(perm))):
+        steps.append((aten.permute.default, (perm,)))
+    for i, r in enumerate(roles):
+        if r == "1":
+            steps.append((aten.unsqueeze.default, (i,)))
+    return steps
+
+
 def _apply_fake(value, steps, mode):
     for target, extra in steps:
         with mode:
@@ -530,9 +648,9 @@ def _apply_fake(value, steps, mode):
     return value
 
 
-def _canonical(graph: fx.Graph, leaf: fx.Node, steps, mode) -> fx.Node:
-    """Insert the re-view ``steps`` after ``leaf`` (at the current insertion point)."""
-    node, val = leaf, fake_value(leaf)
+def _insert_steps(graph: fx.Graph, node: fx.Node, steps, mode) -> fx.Node:
+    """Insert the re-view ``steps`` after ``node`` (at the current insertion point)."""
+    val = fake_value(node)
     for target, extra in steps:
         node = _call(graph, target, (node, *extra), (val, *extra), mode)
         val = node.meta["val"]
@@ -545,75 +663,99 @@ def _fused_op():
     return torch.ops.fx_indexcache.indexer_logits.default
 
 
+def kernel_refusal(q, k, w, scale: float) -> str | None:
+    """Why the fused kernel cannot take these (fake) canonical leaves, or None (tests replace this off CUDA)."""
+    from .kernels.lightning_indexer import unsupported_reason
+
+    return unsupported_reason(q, k, w, scale=scale)
+
+
 def _describe(m: ScoreMatch) -> str:
     q, k = fake_value(m.q), fake_value(m.k)
-    return f"q {q.dtype} {tuple(q.shape)} [{''.join(m.q_roles)}], k {tuple(k.shape)} [{''.join(m.k_roles)}], scale {m.scale:g}"
+    return (f"q {q.dtype} {tuple(q.shape)} [{''.join(m.q_roles)}], k {tuple(k.shape)} [{''.join(m.k_roles)}], "
+            f"score [{''.join(m.score_roles)}], scale {m.scale:g}")
 
 
-def substitute_fused_indexer(graph: fx.Graph, sites, *, force: bool = False) -> list[str]:
+def _leaf_steps(match: ScoreMatch) -> list[list[tuple]]:
+    return [_canonical_steps(match.q_roles, "bshd"), _canonical_steps(match.k_roles, "btd"),
+            _canonical_steps(match.w_roles, "bsh")]
+
+
+def _refusal(match: ScoreMatch) -> str | None:
+    """Why this proven site still cannot be rewritten (stride readers, kernel support), or None."""
+    if any(packet(u) is aten.as_strided for u in match.score.users):
+        return "the score is read through as_strided (stride-dependent)"
+    values = [fake_value(n) for n in (match.q, match.k, match.w)]
+    mode = _fake_mode(values)
+    try:
+        views = [_apply_fake(v, st, mode) for v, st in zip(values, _leaf_steps(match))]
+        why = kernel_refusal(*views, scale=match.scale)
+    except Exception as e:  # never let the check break compilation
+        why = f"check failed: {type(e).__name__}: {e}"
+    return None if why is None else f"fused kernel unsupported: {why}"
+
+
+def _rewrite(graph: fx.Graph, match: ScoreMatch) -> int:
+    """Replace ``match.score`` by the fused op (re-viewed to the score's layout); returns nodes removed."""
+    x = match.score
+    mode = _fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
+    before = set(graph.nodes)
+    try:
+        with graph.inserting_before(x):
+            q, k, w = (_insert_steps(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), _leaf_steps(match)))
+            args = (q, k, w, False, float(match.scale), None)
+            fake_args = (q.meta["val"], k.meta["val"], w.meta["val"], False, float(match.scale), None)
+            fused = _call(graph, _fused_op(), args, fake_args, mode)
+            result = _insert_steps(graph, fused, _restore_steps("bst", match.score_roles), mode)
+        if tuple(result.meta["val"].shape) != tuple(fake_value(x).shape):
+            raise RuntimeError(f"re-viewed result {tuple(result.meta['val'].shape)} is not the score's shape")
+    except Exception:  # undo the inserted nodes; the site keeps its own scoring
+        for node in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(node)
+        raise
+    fused.meta["stack_trace"] = x.meta.get("stack_trace")
+    if "nn_module_stack" in x.meta:
+        fused.meta["nn_module_stack"] = x.meta["nn_module_stack"]
+    x.replace_all_uses_with(result)
+    dead = dead_if_removed([x])
+    erase_dead(graph, dead)
+    return len(dead)
+
+
+def _site_name(site) -> tuple[str, int | None]:
+    layer = getattr(site, "layer", None)
+    anchor = getattr(site, "anchor", site)
+    return (f"layer {layer}" if layer is not None else anchor.name), layer
+
+
+def substitute_fused_indexer(graph: fx.Graph, sites) -> list[FusionRecord]:
     """Replace each live site's unmasked indexer score by one ``fx_indexcache::indexer_logits`` call.
 
     ``sites``: ``TopkIndexerSite`` objects (e.g. ``detect(graph).sites``; sites whose top-k the
     IndexCache rewrite already deleted are skipped) or ``aten.topk`` nodes. A site is rewritten only
-    when its score is proven to be the indexer score (see the module doc) and the kernel supports the
-    leaves (``is_supported`` on their fake values: CUDA, bf16/fp16 q and k, static H and D with D a
-    power of two in [16, 256]). ``force=True`` skips the support check (tests only: off CUDA the op
-    runs its reference). Returns one note per site saying what was done or why not.
+    when its score is proven to be the indexer score (see the module doc) and ``kernel_refusal`` finds
+    nothing against the leaves (CUDA, bf16/fp16 q and k, static H and D with D a power of two in
+    [16, 256]). Returns one record per live site. Refused sites on CUDA are logged as warnings.
     """
-    notes: list[str] = []
-    changed = False
+    records: list[FusionRecord] = []
     for site in sites:
         anchor = getattr(site, "anchor", site)
-        name = f"layer {site.layer}" if getattr(site, "layer", None) is not None else anchor.name
         if getattr(anchor, "_erased", False) or anchor.graph is not graph:
             continue
+        name, layer = _site_name(site)
         match = match_indexer_score(site)
-        if isinstance(match, str):
-            notes.append(f"{name}: left as is: {match}")
-            continue
-        if any(packet(u) is aten.as_strided for u in match.score.users):
-            notes.append(f"{name}: left as is: the score is read through as_strided (stride-dependent)")
-            continue
-        from .kernels.lightning_indexer import unsupported_reason
-
-        qv, kv, wv = fake_value(match.q), fake_value(match.k), fake_value(match.w)
-        mode = _fake_mode([qv, kv, wv])
-        steps = [
-            _canonical_steps(match.q_roles, "bshd"),
-            _canonical_steps(match.k_roles, "btd"),
-            _canonical_steps(match.w_roles, "bsh"),
-        ]
-        if not force:
+        why = match if isinstance(match, str) else _refusal(match)
+        if why is None:
             try:
-                views = [_apply_fake(v, st, mode) for v, st in zip((qv, kv, wv), steps)]
-                why = unsupported_reason(*views, scale=match.scale)
-            except Exception as e:  # never let the check break compilation
-                why = f"check failed: {type(e).__name__}: {e}"
-            if why is not None:
-                notes.append(f"{name}: left as is: fused kernel unsupported: {why}")
-                continue
-        x = match.score
-        before = set(graph.nodes)
-        try:
-            op = _fused_op()
-            with graph.inserting_before(x):
-                q, k, w = (_canonical(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), steps))
-                args = (q, k, w, False, float(match.scale), None)
-                fake_args = (q.meta["val"], k.meta["val"], w.meta["val"], False, float(match.scale), None)
-                fused = _call(graph, op, args, fake_args, mode)
-        except Exception as e:  # undo the inserted nodes; the site keeps its own scoring
-            for node in reversed([n for n in graph.nodes if n not in before]):
-                graph.erase_node(node)
-            notes.append(f"{name}: left as is: inserting the fused op failed: {type(e).__name__}: {e}")
+                removed = _rewrite(graph, match)
+            except Exception as e:
+                why = f"inserting the fused op failed: {type(e).__name__}: {e}"
+        if why is not None:
+            records.append(FusionRecord(name, layer, False, why))
+            if getattr(fake_value(anchor.args[0]), "is_cuda", False):
+                logger.warning("fx_indexcache: %s keeps its unfused indexer scoring: %s", name, why)
             continue
-        fused.meta["stack_trace"] = x.meta.get("stack_trace")
-        if "nn_module_stack" in x.meta:
-            fused.meta["nn_module_stack"] = x.meta["nn_module_stack"]
-        x.replace_all_uses_with(fused)
-        dead = dead_if_removed([x])
-        erase_dead(graph, dead)
-        changed = True
-        notes.append(f"{name}: {FUSED_NOTE} ({_describe(match)}; {len(dead)} nodes replaced)")
-    if changed:
+        records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced"))
+    if any(r.fused for r in records):
         graph.lint()
-    return notes
+    return records

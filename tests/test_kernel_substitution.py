@@ -1,11 +1,13 @@
 """``substitute_fused_indexer``: matching the indexer score in ATen graphs and swapping in the fused op.
 
 CPU only (GPU checks: tests/gpu/test_kernel_substitution_gpu.py). Off CUDA the kernel is unsupported,
-so the real path leaves every site with a note; ``force=True`` (test-only) makes the substitution
-anyway, and the op then runs its fp32 reference, so the rewritten graph must give the same logits and
-the same top-k as the original. Graphs: the AOT forward graph of the tiny reference model and of the
-tiny transformers DeepSeek-V3.2 (prefill and decode with the cache), synthetic ``make_fx`` graphs for
-the shapes that must be refused, and one Inductor post-grad graph (slow).
+so the real path leaves every site with a record saying so; the ``kernel_ok`` fixture replaces the
+support check (``kernel_substitution.kernel_refusal``) so the substitution is made anyway, and the op
+then runs its fp32 reference: the rewritten graph must give the same logits and the same top-k as
+the original. Graphs: the AOT forward graph of the tiny reference model and of the tiny transformers
+DeepSeek-V3.2 (prefill and decode with the cache), ``make_fx`` graphs of DSA indexers written in other
+layouts (tests/test_indexer_layouts.py has the zoo), synthetic graphs for the shapes that must be
+refused, and one Inductor post-grad graph (slow).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
 from fx_indexcache.backend import aten_graph_backend
+from fx_indexcache import kernel_substitution
 from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
 
@@ -24,13 +27,19 @@ def _fused_nodes(gm) -> list:
     return [n for n in gm.graph.nodes if "indexer_logits" in str(n.target)]
 
 
+@pytest.fixture
+def kernel_ok(monkeypatch):
+    """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
+    monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)
+
+
 class _Backend:
     """AOT forward graph, optional IndexCache rewrite, then the substitution; runs the graph eagerly."""
 
-    def __init__(self, force: bool, pattern: str | None = None, substitute: bool = True) -> None:
-        self.force, self.substitute = force, substitute
+    def __init__(self, pattern: str | None = None, substitute: bool = True) -> None:
+        self.substitute = substitute
         self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)) if pattern else None
-        self.notes: list[str] = []
+        self.records: list = []
         self.matches: list = []
         self.graphs: list = []
 
@@ -41,7 +50,7 @@ class _Backend:
             sites = detect(module.graph).sites
             self.matches += [(site.layer, match_indexer_score(site)) for site in sites]
             if self.substitute:
-                self.notes += substitute_fused_indexer(module.graph, sites, force=self.force)
+                self.records += substitute_fused_indexer(module.graph, sites)
             module.recompile()
             self.graphs.append(module)
             return module.forward
@@ -53,9 +62,9 @@ TINY = DSAModelConfig.tiny(num_layers=3, first_k_dense_layers=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_model_every_site_matched_and_forced_substitution_is_exact(dtype):
+def test_reference_model_every_site_matched_and_forced_substitution_is_exact(dtype, kernel_ok):
     model = ReferenceDSAModel(TINY, seed=0, dtype=dtype)
-    backend = _Backend(force=True)
+    backend = _Backend()
     ids = torch.randint(0, TINY.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want_logits, want_idx = model(ids, None, 0, True)
@@ -69,9 +78,11 @@ def test_reference_model_every_site_matched_and_forced_substitution_is_exact(dty
         assert q.dtype == k.dtype == dtype
         assert tuple(q.shape) == (2, 20, TINY.index_n_heads, TINY.index_head_dim)
         assert tuple(k.shape) == (2, 20, TINY.index_head_dim)
-        assert tuple(w.shape) == (2, 20, TINY.index_n_heads) and w.dtype == torch.float32
-        assert match.scale == 1.0
-    assert all("fused indexer_logits" in n for n in backend.notes) and len(backend.notes) == TINY.num_layers
+        assert tuple(w.shape) == (2, 20, TINY.index_n_heads) and w.dtype == dtype  # ahead of .float() too
+        # the fp32 weight scale is folded into the kernel's scale (the w leaf is the unscaled projection)
+        assert match.scale == pytest.approx(TINY.index_n_heads**-0.5 * TINY.index_head_dim**-0.5)
+    assert [r.layer for r in backend.records] == list(range(TINY.num_layers))
+    assert all(r.fused and "fused indexer_logits" in r.note() for r in backend.records), backend.records
     (gm,) = backend.graphs
     assert len(_fused_nodes(gm)) == TINY.num_layers
     assert not [n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default]
@@ -80,12 +91,12 @@ def test_reference_model_every_site_matched_and_forced_substitution_is_exact(dty
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_model_decode_with_cache_and_index_cache_pattern():
+def test_reference_model_decode_with_cache_and_index_cache_pattern(kernel_ok):
     """IndexCache "FSF" first: only the two F layers keep a score to swap; prefill + one decode step."""
     model = ReferenceDSAModel(TINY, seed=0)
     oracle = ReferenceDSAModel(TINY, seed=0)
     oracle.set_index_cache_pattern("FSF")
-    backend = _Backend(force=True, pattern="FSF")
+    backend = _Backend(pattern="FSF")
     compiled = torch.compile(model, backend=backend)
     ids = torch.randint(0, TINY.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     step = torch.randint(0, TINY.vocab_size, (1, 1), generator=torch.Generator().manual_seed(2))
@@ -97,25 +108,24 @@ def test_reference_model_decode_with_cache_and_index_cache_pattern():
             for got, want in zip(got_idx, want_idx):
                 assert torch.equal(got, want)
             torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
-    fused = [n for n in backend.notes if "fused indexer_logits" in n]
-    assert len(fused) == 2 * len(backend.graphs) and all(n.startswith(("layer 0", "layer 2")) for n in fused)
-    decode_notes = [n for n in fused if "(1, 1, " in n]  # q of one query (decode graph)
-    assert decode_notes
+    fused = [r for r in backend.records if r.fused]
+    assert len(fused) == 2 * len(backend.graphs) and {r.layer for r in fused} == {0, 2}
+    assert any("(1, 1, " in r.detail for r in fused)  # q of one query (decode graph)
 
 
 def test_cpu_sites_are_left_with_a_note():
     model = ReferenceDSAModel(TINY, seed=0, dtype=torch.bfloat16)
-    backend = _Backend(force=False)
+    backend = _Backend()
     ids = torch.randint(0, TINY.vocab_size, (1, 12))
     with torch.no_grad():
         torch.compile(model, backend=backend)(ids)
-    assert len(backend.notes) == TINY.num_layers
-    assert all("left as is" in n and "CUDA" in n for n in backend.notes), backend.notes
+    assert len(backend.records) == TINY.num_layers
+    assert all(not r.fused and "CUDA" in r.detail and "left as is" in r.note() for r in backend.records), backend.records
     (gm,) = backend.graphs
     assert not _fused_nodes(gm)
 
 
-def test_transformers_v32_matched_and_forced_substitution_is_exact():
+def test_transformers_v32_matched_and_forced_substitution_is_exact(kernel_ok):
     pytest.importorskip("transformers")
     from fx_indexcache import hf_models as H
 
@@ -124,15 +134,17 @@ def test_transformers_v32_matched_and_forced_substitution_is_exact():
     except Exception as e:  # transformers without DeepSeek-V3.2
         pytest.skip(f"no DeepseekV32 in this transformers: {e}")
     want = H.prefill_and_decode(tiny.model, tiny, 12, 1)
-    backend = _Backend(force=True)
+    backend = _Backend()
     got = H.prefill_and_decode(torch.compile(tiny.model, backend=backend), tiny, 12, 1)
     n = len(tiny.dsa_layers)
     assert len(backend.matches) == 2 * n  # prefill graph + decode graph
     for _, match in backend.matches:
         assert not isinstance(match, str), match
-        assert match.scale == pytest.approx(tiny.config.index_head_dim**-0.5)  # softmax_scale, before the ReLU
+        # softmax_scale before the ReLU times the fp32 n_heads**-0.5 on the weights
+        cfg = tiny.config
+        assert match.scale == pytest.approx(cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
         assert "".join(match.k_roles).replace("1", "") in ("td", "btd")
-    assert sum("fused indexer_logits" in x for x in backend.notes) == 2 * n
+    assert sum(r.fused for r in backend.records) == 2 * n
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
@@ -152,7 +164,7 @@ def _inputs(B=2, S=8, T=8, H=4, D=16, seed=0):
     return (torch.randn(B, S, H, D, generator=g), torch.randn(B, T, D, generator=g), torch.rand(B, S, H, generator=g))
 
 
-def test_head_major_q_and_additive_mask_get_a_permute():
+def test_head_major_q_and_additive_mask_get_a_permute(kernel_ok):
     """q laid out [B, H, S, D], a matmul form with a scale before the ReLU and an additive mask."""
 
     def fn(q_bhsd, k, w, mask):
@@ -167,8 +179,8 @@ def test_head_major_q_and_additive_mask_get_a_permute():
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
     assert match.q_roles == tuple("bhsd") and match.scale == 0.25
-    notes = substitute_fused_indexer(gm.graph, [topk], force=True)
-    assert "fused" in notes[0]
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert record.fused, record
     gm.recompile()
     assert any(n.target == torch.ops.aten.permute.default for n in gm.graph.nodes)
     assert torch.equal(gm(*args), fn(*args))
@@ -186,7 +198,7 @@ def test_head_major_q_and_additive_mask_get_a_permute():
         ("relu_after_head_sum", "head-weighted"),
     ],
 )
-def test_other_scores_are_left_alone(kind, expect):
+def test_other_scores_are_left_alone(kind, expect, kernel_ok):
     def fn(q, k, w):
         qk = torch.einsum("bshd,btd->bsht", q, k)
         if kind == "weights_indexed_by_keys":  # w[b, t, h]: not a per-query head weight
@@ -212,11 +224,11 @@ def test_other_scores_are_left_alone(kind, expect):
     match = match_indexer_score(topk)
     assert isinstance(match, str) and expect in match, match
     before = len(gm.graph.nodes)
-    notes = substitute_fused_indexer(gm.graph, [topk], force=True)
-    assert "left as is" in notes[0] and len(gm.graph.nodes) == before
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert not record.fused and expect in record.detail and len(gm.graph.nodes) == before
 
 
-def test_roles_are_proven_not_assumed():
+def test_roles_are_proven_not_assumed(kernel_ok):
     """Summing over the queries instead of the heads is the same function with s and h swapped:
     the labels find that reading (q viewed [B, H, S, D]) and the swap stays exact."""
 
@@ -228,12 +240,12 @@ def test_roles_are_proven_not_assumed():
     gm, topk = _graph(fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str) and match.q_roles == tuple("bhsd"), match
-    substitute_fused_indexer(gm.graph, [topk], force=True)
+    assert substitute_fused_indexer(gm.graph, [topk])[0].fused
     gm.recompile()
     assert torch.equal(gm(*args), fn(*args))
 
 
-def test_decode_shapes_one_query_match():
+def test_decode_shapes_one_query_match(kernel_ok):
     def fn(q, k, w):
         score = torch.einsum("bsh,bsht->bst", w, F.relu(torch.einsum("bshd,btd->bsht", q, k)))
         return score.topk(3, dim=-1).indices
@@ -242,21 +254,21 @@ def test_decode_shapes_one_query_match():
     gm, topk = _graph(fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
-    substitute_fused_indexer(gm.graph, [topk], force=True)
+    assert substitute_fused_indexer(gm.graph, [topk])[0].fused
     gm.recompile()
     assert _fused_nodes(gm)
     assert torch.equal(gm(*args), fn(*args))
 
 
 @pytest.mark.slow  # one Inductor compile on CPU: ~1 min on 2 busy cores
-def test_inductor_post_grad_graph_forced_substitution():
+def test_inductor_post_grad_graph_forced_substitution(kernel_ok):
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class Capture(CustomGraphPass):
-        notes: list[str] = []
+        records: list = []
 
         def __call__(self, graph):
-            self.notes += substitute_fused_indexer(graph, detect(graph).sites, force=True)
+            self.records += substitute_fused_indexer(graph, detect(graph).sites)
 
         def uuid(self):
             return None
@@ -269,7 +281,7 @@ def test_inductor_post_grad_graph_forced_substitution():
         want_logits, want_idx = model(ids, None, 0, True)
         opts = {"post_grad_custom_post_pass": graph_pass, "fx_graph_cache": False}
         got_logits, got_idx = torch.compile(model, backend="inductor", options=opts)(ids, None, 0, True)
-    assert len(graph_pass.notes) == 2 and all("fused indexer_logits" in n for n in graph_pass.notes), graph_pass.notes
+    assert len(graph_pass.records) == 2 and all(r.fused for r in graph_pass.records), graph_pass.records
     for got, want in zip(got_idx, want_idx):
         assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)

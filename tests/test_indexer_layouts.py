@@ -1,0 +1,119 @@
+"""The matcher proves and fuses the indexer score however it is written (CPU; the op's reference path).
+
+Each layout of ``indexer_layouts.LAYOUTS`` is traced to an ATen graph (``make_fx``), matched, and
+substituted with the support check replaced (off CUDA the op runs its fp32 reference); the rewritten
+graph must return the same masked scores (to fp32 rounding) and the same top-k indices as the code
+itself, and the scoring nodes must be gone. Refusals: near-misses that are *not* the indexer score.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from indexer_layouts import LAYOUTS, future, make_inputs
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fx_indexcache import kernel_substitution
+from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
+
+aten = torch.ops.aten
+
+
+@pytest.fixture
+def kernel_ok(monkeypatch):
+    """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
+    monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)
+
+
+def _trace(fn, args):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    (topk,) = [n for n in gm.graph.nodes if n.target == aten.topk.default]
+    return gm, topk
+
+
+def _ops(gm, *targets) -> int:
+    return sum(n.target in targets for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
+@pytest.mark.parametrize("S", [6, 1], ids=["prefill", "decode"])
+def test_layout_is_proven_fused_and_exact(layout, S, kernel_ok):
+    args = make_inputs(layout, S=S, seed=S)
+    gm, topk = _trace(layout.fn, args)
+    match = match_indexer_score(topk)
+    assert not isinstance(match, str), match
+    q_roles = "".join(r for r in match.q_roles if r != "1")
+    want_roles = layout.q_roles if S > 1 else layout.q_roles.replace("s", "")  # S=1: the query axis is a unit
+    assert q_roles == want_roles, match
+    assert fake_dtype(match.q) == fake_dtype(match.k) == torch.bfloat16  # the leaves ahead of the upcasts
+    products = _ops(gm, aten.bmm.default, aten.mm.default, aten.sum.dim_IntList)
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert record.fused, record
+    gm.recompile()
+    assert _ops(gm, torch.ops.fx_indexcache.indexer_logits.default) == 1
+    assert _ops(gm, aten.relu.default) == 0
+    assert _ops(gm, aten.bmm.default, aten.mm.default, aten.sum.dim_IntList) < products
+    got_score, got_idx = gm(*args)
+    want_score, want_idx = layout.fn(*args)
+    assert got_score.shape == want_score.shape and got_score.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got_score), torch.isneginf(want_score))
+    torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_idx, want_idx)
+
+
+def fake_dtype(node):
+    return node.meta["val"].dtype
+
+
+def test_unsupported_support_check_leaves_a_record_not_a_rewrite():
+    """Off CUDA the real support check refuses: one record, the reason, the graph untouched."""
+    layout = LAYOUTS[0]
+    args = make_inputs(layout)
+    gm, topk = _trace(layout.fn, args)
+    before = len(gm.graph.nodes)
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert not record.fused and "CUDA" in record.detail and record.layer is None
+    assert record.note().startswith(f"{topk.name}: left as is: fused kernel unsupported")
+    assert len(gm.graph.nodes) == before
+
+
+def _unbatched(seed=0, S=5, T=12, H=3, D=16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(S, H, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16(),
+            torch.rand(S, H, generator=g))
+
+
+@pytest.mark.parametrize(
+    "kind, expect",
+    [
+        ("product_in_bf16", "computed in torch.bfloat16"),
+        ("negative_factor_after_relu", "< 0"),
+        ("keys_summed_not_heads", "not a head-weighted sum"),
+        ("score_over_keys_and_heads", "not a 2-D"),
+        ("weights_per_key", "plays no role"),
+    ],
+)
+def test_near_misses_are_refused(kind, expect, kernel_ok):
+    def fn(q, k, w):
+        qk = torch.einsum("shd,td->sht", q.float(), k.float())
+        if kind == "product_in_bf16":  # rounded to bf16 by the model: not the kernel's fp32 math
+            score = torch.einsum("sht,sh->st", F.relu(torch.einsum("shd,td->sht", q, k)).float(), w)
+        elif kind == "negative_factor_after_relu":
+            score = torch.einsum("sht,sh->st", F.relu(qk) * -2.0, w)
+        elif kind == "keys_summed_not_heads":  # sums over t: [S, H] is no indexer score
+            score = torch.einsum("sht,sh->sh", F.relu(qk), w)
+        elif kind == "score_over_keys_and_heads":
+            score = (F.relu(qk) * w[..., None]).unsqueeze(0)
+        else:  # weights_per_key
+            score = torch.einsum("sht,th->st", F.relu(qk), w.new_ones(k.shape[0], q.shape[1]))
+        score = score.masked_fill(future(*score.shape[-2:], score.device), float("-inf")) if score.dim() == 2 else score
+        return score.topk(2, dim=-1).indices
+
+    args = _unbatched()
+    gm, topk = _trace(fn, args)
+    match = match_indexer_score(topk)
+    assert isinstance(match, str) and expect in match, match
+    before = len(gm.graph.nodes)
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert not record.fused and len(gm.graph.nodes) == before
