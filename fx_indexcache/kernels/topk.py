@@ -1,125 +1,126 @@
-"""Row-wise top-k of fp32 logits by an exact bitwise threshold search (Triton), for rows up to 32K long.
+"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, one filtering pass, an exact select on chip.
 
-One program owns one row and keeps it in registers as order-preserving int32 keys (a float's bits,
-with the magnitude bits of negatives flipped, compare like the floats; -0.0 is mapped to +0.0). It finds the k-th largest key
-bit by bit from the top, counting at each step how many keys reach the candidate (32 counting passes
-over registers, no re-reads), then writes the indices: every key above the threshold in index order,
-then the lowest-indexed keys equal to it until k are written. So ties at the threshold go to the lowest
-indices, and ``-inf`` (masked) keys, which can only be selected as threshold ties, come after every
-finite one. The result is unsorted unless ``sorted=True`` (then a stable descending sort by value
-follows, in torch).
+One program owns one row. Scores become order-preserving int32 keys (a float's bits with the magnitude
+bits of negatives flipped compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in
+``torch.topk``). Rows of at most ``cap`` keys are selected directly in registers. Longer rows:
 
-Rows longer than ``MAX_ROW`` (or non-CUDA tensors) are left to ``torch.topk`` by the caller. (A chunked
-8-bit radix variant built on ``tl.histogram``, which takes any row length, measured 1.3-1.5x slower than
-torch.topk on an H100 and was dropped: see docs/notes/indexer_kernel.md.)
+1. **Sample.** ``NB`` blocks of ``SB`` contiguous keys spread evenly over the row; the ``r``-th largest
+   sample key is a threshold ``L`` that, for ``r`` a few standard deviations above the expected count
+   ``k * NS / T``, has at least ``k`` and at most ``cap`` keys of the row above it (exact 32-step bitwise
+   search of the sample in registers).
+2. **Filter.** One pass over the row: keys ``> L`` go, in index order, to a per-row candidate buffer
+   (capacity ``cap``); keys ``== L`` to a tie buffer (the first ``k``, in index order).
+3. **Select.** If at least ``k`` keys lie above ``L``, the exact k-th key among the candidates is found
+   by the bitwise search in registers; else the k-th key is ``L`` itself and the ties fill up.
+   If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it), the program
+   falls back to the exact bitwise search over the whole row read from memory (slow, never wrong).
+
+Output (int32 indices): every key above the k-th key in index order, then the lowest-indexed keys equal
+to it. **Tie rule**: among keys equal to the k-th largest, the lowest indices are taken (torch.topk's
+choice is unspecified), so the *set* equals torch.topk's except at exact ties. ``-inf`` (masked) keys
+can only be selected as ties and come after every finite one. ``sorted=True`` sorts the k selected in
+the same program (descending score, ties by ascending index: a stable sort).
+
+Everything stays on the device (no host sync, fixed-size buffers allocated per call): safe to capture
+in a CUDA graph. Measured against torch.topk in ``benchmarks/bench_indexer_kernel.py``.
 """
 
 import functools
+import math
 from typing import Optional
 
 import torch
 
-MAX_ROW = 32768
+#: Longest row the kernel takes (indices are int32 and the scratch is per row).
+MAX_ROW = 1 << 22
+#: Largest k the kernel takes (the sorted path sorts k entries in registers).
+MAX_K = 8192
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
     try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover
+        from . import _topk_triton
+    except Exception:  # pragma: no cover - no usable Triton here
         return None
+    return {"topk": _topk_triton._topk_kernel}
 
-    @triton.jit
-    def _row_topk_kernel(
-        x_ptr, idx_ptr, T, K,
-        sxr, sxt, sir, sik,
-        BLOCK: tl.constexpr,
-        CHUNK: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * sxr
-        offs = tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs * sxt, mask=offs < T, other=0.0)
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = tl.where(x == 0.0, 0, key)  # -0.0 ties with +0.0, as the floats do
-        # lanes past the row end get the smallest int32, below every real key (-inf included)
-        key = tl.where(offs < T, key, -2147483648)
 
-        # k-th largest key: sign bit, then bits 30..0
-        n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
-        thr = tl.where(n_nonneg >= K, 0, -2147483648)
-        for i in range(31):
-            cand = thr + (1 << (30 - i))
-            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-            thr = tl.where(cnt >= K, cand, thr)
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
-        n_gt = tl.sum((key > thr).to(tl.int32), axis=0)
-        need_eq = K - n_gt
 
-        # write: keys above thr in index order, then the first need_eq keys equal to thr (re-read in chunks)
-        base_gt = n_gt * 0
-        base_eq = n_gt * 0
-        o_row = idx_ptr + row * sir
-        for c in range(0, tl.cdiv(T, CHUNK)):
-            co = c * CHUNK + tl.arange(0, CHUNK)
-            ok = co < T
-            xc = tl.load(x_row + co * sxt, mask=ok, other=0.0)
-            bc = xc.to(tl.int32, bitcast=True)
-            kc = tl.where(bc < 0, bc ^ 0x7FFFFFFF, bc)
-            kc = tl.where(xc == 0.0, 0, kc)
-            gt = ok & (kc > thr)
-            eq = ok & (kc == thr)
-            gt_i = gt.to(tl.int32)
-            eq_i = eq.to(tl.int32)
-            pos_gt = base_gt + tl.cumsum(gt_i, axis=0) - 1
-            pos_eq = base_eq + tl.cumsum(eq_i, axis=0) - 1
-            take_eq = eq & (pos_eq < need_eq)
-            dest = tl.where(gt, pos_gt, n_gt + pos_eq)
-            tl.store(o_row + dest.to(tl.int64) * sik, co, mask=gt | take_eq)
-            base_gt += tl.sum(gt_i, axis=0)
-            base_eq += tl.sum(eq_i, axis=0)
+def plan(T: int, k: int, *, cap: Optional[int] = None, sample: Optional[int] = None) -> dict:
+    """Launch constants for rows of T keys: candidate capacity, sample shape and rank (see module doc).
 
-    return {"row_topk": _row_topk_kernel}
+    The sample rank ``r`` is 4 standard deviations (plus one) above the expected number of sampled keys
+    among the row's top k, so a threshold below the k-th key is the rule; the capacity holds about
+    twice the expected survivors. Both only decide speed: a missed estimate falls back, exactly.
+    """
+    kp = _pow2(k)
+    if cap is None:
+        cap = max(4096, 2 * kp) if T <= 65536 else max(8192, 2 * kp)
+    if sample is None:
+        sample = 2048 if T <= 65536 else 4096
+    cap, sample = _pow2(cap), _pow2(sample)
+    direct = T <= cap
+    sb = min(32, sample)
+    nb = sample // sb
+    if not direct and T < sample:  # the sample must fit: take the whole row instead
+        direct = True
+    if direct:
+        cap = _pow2(T)
+    p = k / T
+    mu = sample * p
+    r = min(sample, int(math.ceil(mu + 4.0 * math.sqrt(mu * (1.0 - p)) + 1.0)))
+    return dict(DIRECT=direct, NB=nb, SB=sb, CAP=cap, KP=kp, R_SAMPLE=max(1, r), CHUNK=min(2048, cap))
 
 
 def supported(logits: torch.Tensor, k: int) -> bool:
-    """Whether ``row_topk`` takes this input (CUDA fp32, rows of at most MAX_ROW, 1 <= k <= row length)."""
+    """Whether ``row_topk`` takes this input (CUDA fp32, 1 <= k <= min(row length, MAX_K), rows <= MAX_ROW)."""
     if not (isinstance(logits, torch.Tensor) and logits.is_cuda and logits.dtype == torch.float32):
         return False
     if logits.dim() < 1 or logits.numel() == 0:
         return False
     T = logits.shape[-1]
-    return 1 <= k <= T <= MAX_ROW and _kernels() is not None
+    return 1 <= k <= min(T, MAX_K) and T <= MAX_ROW and _kernels() is not None
 
 
-def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None):
+def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
+            sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
+            path: Optional[torch.Tensor] = None):
+    """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
+
+    ``path`` (int32 ``[R]``), when given, receives the way each row went: 0 direct, 1 candidates above the
+    sampled threshold, 2 the threshold is the k-th key (ties fill up), 3 the exact fallback.
+    """
     R, T = x2d.shape
-    block = max(16, 1 << (T - 1).bit_length())
+    p = plan(T, k, cap=cap, sample=sample)
     if num_warps is None:
-        num_warps = 4 if block <= 4096 else (8 if block <= 8192 else 16)
-    chunk = min(block, 4096)
-    return _kernels()["row_topk"][(R,)](
-        x2d, out2d, T, k,
+        num_warps = 8 if R < 256 else 4  # few rows: one program must go fast; many: more programs per SM
+    scratch_rows = 1 if p["DIRECT"] else R
+    cand_key = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
+    cand_idx = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
+    tie_idx = torch.empty((scratch_rows, p["KP"]), dtype=torch.int32, device=x2d.device)
+    r_sample = p.pop("R_SAMPLE")
+    return _kernels()["topk"][(R,)](
+        x2d, out2d, cand_key, cand_idx, tie_idx, out2d if path is None else path,
+        T, k, r_sample,
         x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
-        BLOCK=block, CHUNK=chunk, num_warps=num_warps,
+        SORTED=bool(sorted), RECORD_PATH=path is not None, num_warps=num_warps, **p,
     )
 
 
 def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None) -> torch.Tensor:
     """int32 indices ``[..., k]`` of the k largest entries of each row (see module doc for order and ties)."""
     if not supported(logits, k):
-        raise ValueError("row_topk: needs a CUDA fp32 tensor with 1 <= k <= row length <= %d" % MAX_ROW)
+        raise ValueError(f"row_topk: needs a CUDA fp32 tensor with 1 <= k <= min(row length, {MAX_K}), "
+                         f"rows of at most {MAX_ROW} (got {tuple(logits.shape)} {logits.dtype} k={k})")
     lead = logits.shape[:-1]
     T = logits.shape[-1]
     x2d = logits.reshape(-1, T)
     out = torch.empty((x2d.shape[0], k), dtype=torch.int32, device=logits.device)
     if x2d.shape[0]:
         with torch.cuda.device(logits.device):
-            _launch(x2d, out, k, num_warps)
-    if sorted:
-        vals = torch.gather(x2d, 1, out.long())
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-        out = torch.gather(out, 1, order)
+            _launch(x2d, out, k, num_warps, sorted=sorted)
     return out.reshape(*lead, k)

@@ -1,0 +1,160 @@
+"""The Triton code of ``topk.row_topk`` (module level, so the jit functions can call each other, also under
+``TRITON_INTERPRET=1``). Imported only when a kernel is launched; see ``topk.py`` for the algorithm."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _key(x):
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x == 0.0, 0, key)  # -0.0 ties with +0.0, as the floats do
+
+@triton.jit
+def _kth_key(keys, K):
+    """The K-th largest of ``keys`` (int32; padding lanes hold INT_MIN, below every real key)."""
+    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
+    thr = tl.where(n_nonneg >= K, 0, -2147483648)
+    for i in range(31):
+        cand = thr + (1 << (30 - i))
+        cnt = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= K, cand, thr)
+    return thr
+
+@triton.jit
+def _write_selected(o_row, sok, keys, idxs, thr, K):
+    """Store the indices of keys > thr (in the order given), then the first ties, K in all."""
+    gt = keys > thr
+    eq = keys == thr
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    pos_gt = tl.cumsum(gt.to(tl.int32), axis=0) - 1
+    pos_eq = tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    take = gt | (eq & (pos_eq < K - n_gt))
+    dest = tl.where(gt, pos_gt, n_gt + pos_eq)
+    tl.store(o_row + dest.to(tl.int64) * sok, idxs, mask=take)
+
+@triton.jit
+def _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK: tl.constexpr):
+    """Fallback: the bitwise search with every count a pass over the row in memory; then the write."""
+    thr = tl.full([], -2147483648, tl.int32)
+    for i in range(32):
+        if i == 0:
+            cand = thr * 0
+        else:
+            cand = thr + (1 << (31 - i))
+        cnt = thr * 0
+        for c in range(0, tl.cdiv(T, CHUNK)):
+            co = c * CHUNK + tl.arange(0, CHUNK)
+            ok = co < T
+            kc = _key(tl.load(x_row + co.to(tl.int64) * sxt, mask=ok, other=0.0))
+            cnt += tl.sum((ok & (kc >= cand)).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= K, cand, thr)
+    n_gt = thr * 0
+    for c in range(0, tl.cdiv(T, CHUNK)):
+        co = c * CHUNK + tl.arange(0, CHUNK)
+        ok = co < T
+        kc = _key(tl.load(x_row + co.to(tl.int64) * sxt, mask=ok, other=0.0))
+        n_gt += tl.sum((ok & (kc > thr)).to(tl.int32), axis=0)
+    base_gt = n_gt * 0
+    base_eq = n_gt * 0
+    for c in range(0, tl.cdiv(T, CHUNK)):
+        co = c * CHUNK + tl.arange(0, CHUNK)
+        ok = co < T
+        kc = _key(tl.load(x_row + co.to(tl.int64) * sxt, mask=ok, other=0.0))
+        gt = ok & (kc > thr)
+        eq = ok & (kc == thr)
+        pos_gt = base_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+        pos_eq = base_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+        take = gt | (eq & (pos_eq < K - n_gt))
+        dest = tl.where(gt, pos_gt, n_gt + pos_eq)
+        tl.store(o_row + dest.to(tl.int64) * sok, co, mask=take)
+        base_gt += tl.sum(gt.to(tl.int32), axis=0)
+        base_eq += tl.sum(eq.to(tl.int32), axis=0)
+
+@triton.jit
+def _sort_selected(x_row, sxt, o_row, sok, K, KP: tl.constexpr):
+    """Sort the K written indices by descending score, ties by ascending index (one packed int64 sort)."""
+    kk = tl.arange(0, KP)
+    okk = kk < K
+    sel = tl.load(o_row + kk.to(tl.int64) * sok, mask=okk, other=0)
+    sv = _key(tl.load(x_row + sel.to(tl.int64) * sxt, mask=okk, other=0.0))
+    low = tl.full([KP], 0xFFFFFFFF, tl.int64)
+    packed = (sv.to(tl.int64) << 32) | (low - sel.to(tl.int64))
+    packed = tl.where(okk, packed, tl.full([KP], 1, tl.int64) << 63)  # INT64_MIN: after every real entry
+    srt = tl.sort(packed, descending=True)
+    idx = (low - (srt & low)).to(tl.int32)
+    tl.store(o_row + kk.to(tl.int64) * sok, idx, mask=okk)
+
+@triton.jit
+def _topk_kernel(
+    x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, path_ptr,
+    T, K, R_SAMPLE,
+    sxr, sxt, sor, sok,
+    DIRECT: tl.constexpr,
+    NB: tl.constexpr,
+    SB: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CAP: tl.constexpr,
+    KP: tl.constexpr,
+    SORTED: tl.constexpr,
+    RECORD_PATH: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sxr
+    o_row = out_ptr + row * sor
+    offs = tl.arange(0, CAP)
+    if DIRECT:  # the whole row is the candidate set
+        ok = offs < T
+        keys = tl.where(ok, _key(tl.load(x_row + offs * sxt, mask=ok, other=0.0)), -2147483648)
+        _write_selected(o_row, sok, keys, offs, _kth_key(keys, K), K)
+        path = 0
+    else:
+        # 1. threshold from an evenly spread sample of NB blocks of SB keys
+        starts = (tl.arange(0, NB).to(tl.int64) * T) // NB
+        pos = starts[:, None] + tl.arange(0, SB)[None, :]
+        sample = tl.reshape(_key(tl.load(x_row + pos * sxt)), [NB * SB])
+        L = _kth_key(sample, R_SAMPLE)
+        # 2. filter: keys > L to the candidate buffer, the first K keys == L to the tie buffer
+        ck = cand_key_ptr + row * CAP
+        ci = cand_idx_ptr + row * CAP
+        ti = tie_idx_ptr + row * KP
+        n_gt = L * 0
+        n_eq = L * 0
+        for c in range(0, tl.cdiv(T, CHUNK)):
+            co = c * CHUNK + tl.arange(0, CHUNK)
+            ok = co < T
+            kc = _key(tl.load(x_row + co.to(tl.int64) * sxt, mask=ok, other=0.0))
+            gt = ok & (kc > L)
+            eq = ok & (kc == L)
+            p_gt = n_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+            p_eq = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            tl.store(ck + p_gt, kc, mask=gt & (p_gt < CAP))
+            tl.store(ci + p_gt, co, mask=gt & (p_gt < CAP))
+            tl.store(ti + p_eq, co, mask=eq & (p_eq < K))
+            n_gt += tl.sum(gt.to(tl.int32), axis=0)
+            n_eq += tl.sum(eq.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the buffers are read back by other threads of this program
+        if (n_gt <= CAP) & (n_gt >= K):
+            # 3a. the K-th key lies above L: select among the candidates (index order kept)
+            okc = offs < n_gt
+            keys = tl.load(ck + offs, mask=okc, other=-2147483648)
+            idxs = tl.load(ci + offs, mask=okc, other=0)
+            _write_selected(o_row, sok, keys, idxs, _kth_key(keys, K), K)
+            path = 1
+        elif (n_gt <= CAP) & (n_gt + n_eq >= K):
+            # 3b. the K-th key is L: every candidate, then the lowest-indexed ties
+            okc = offs < n_gt
+            tl.store(o_row + offs.to(tl.int64) * sok, tl.load(ci + offs, mask=okc, other=0), mask=okc)
+            kk = tl.arange(0, KP)
+            okt = kk < K - n_gt
+            tl.store(o_row + (n_gt + kk).to(tl.int64) * sok, tl.load(ti + kk, mask=okt, other=0), mask=okt)
+            path = 2
+        else:
+            _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK)
+            path = 3
+    if RECORD_PATH:  # which way the row went: 0 direct, 1 candidates, 2 threshold ties, 3 fallback
+        tl.store(path_ptr + row, path)
+    if SORTED:
+        tl.debug_barrier()  # the indices just written are read back by other threads
+        _sort_selected(x_row, sxt, o_row, sok, K, KP)

@@ -1,0 +1,88 @@
+"""Checks of ``kernels.topk`` shared by the CPU interpreter test and the GPU tests.
+
+``check(x, k, sorted)`` runs the kernel on fresh rows and asserts: every index in range and distinct;
+the selected scores equal torch.topk's (as multisets, so the set differs at most at exact ties); the
+tie rule (the lowest-indexed keys equal to the k-th score); the order (unsorted: the keys above the
+k-th score in index order, then the ties; sorted: descending, equal scores by ascending index).
+Run as a script under ``TRITON_INTERPRET=1`` it checks every path of the kernel on small rows on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from fx_indexcache.kernels import topk as tk
+
+#: (name, rows, T, k, cap, sample, row kinds, expected paths on randn rows) -- small capacities, so that
+#: short rows take every path of the kernel.
+CASES = [
+    ("direct", 3, 50, 7, None, None, ("randn", "zeros", "ties"), {0}),
+    ("candidates", 2, 1000, 16, 256, 64, ("randn", "masked", "ties", "allmasked"), {1}),
+    ("fallback_capacity", 2, 1000, 40, 64, 64, ("randn",), {3}),
+    ("k_equals_T", 2, 300, 300, 64, 64, ("allmasked", "wide"), None),
+]
+
+
+def rows(kind: str, R: int, T: int, g: torch.Generator, device="cpu") -> torch.Tensor:
+    x = torch.randn(R, T, generator=g, device=device)
+    if kind == "ties":
+        x = torch.randint(-4, 4, (R, T), generator=g, device=device).float()
+    elif kind == "masked":
+        x[:, T // 3:] = float("-inf")
+    elif kind == "allmasked":
+        x[:] = float("-inf")
+    elif kind == "zeros":
+        x[:, ::3] = 0.0
+        x[:, 1::3] = -0.0
+    elif kind == "wide":
+        x = x * torch.exp2(torch.randint(-60, 60, (R, T), generator=g, device=device).float())
+    return x
+
+
+def check(x: torch.Tensor, k: int, sorted_: bool, where: str = "", **launch) -> torch.Tensor:
+    """Run the kernel on rows ``x [R, T]``; assert the selection, tie rule and order; return the paths."""
+    R, T = x.shape
+    out = torch.full((R, k), -7, dtype=torch.int32, device=x.device)
+    path = torch.full((R,), -1, dtype=torch.int32, device=x.device)
+    tk._launch(x, out, k, sorted=sorted_, path=path, **launch)
+    out, xc = out.cpu(), x.cpu()
+    assert bool(((out >= 0) & (out < T)).all()), f"unwritten or out of range: {where}"
+    srt = out.sort(-1).values
+    assert not bool((srt[:, 1:] == srt[:, :-1]).any()), f"duplicates: {where}"
+    got = torch.gather(xc, 1, out.long())
+    want = torch.topk(xc, k, dim=-1).values
+    assert torch.equal(got.sort(-1, descending=True).values, want), f"selected scores differ: {where}"
+    thr = want[:, -1:]
+    for r in range(R):
+        o, v = out[r].long(), got[r]
+        ties = (xc[r] == thr[r]).nonzero().flatten()
+        m = int((v > thr[r]).sum())
+        assert torch.equal(o[m:].sort().values, ties[: k - m]), f"tie rule (lowest indices): {where} row {r}"
+        if sorted_:
+            assert bool((v[1:] <= v[:-1]).all()), f"not descending: {where}"
+            assert bool(((v[1:] != v[:-1]) | (o[1:] > o[:-1])).all()), f"equal scores not by index: {where}"
+        else:
+            assert torch.equal(o[:m], o[:m].sort().values) and torch.equal(o[m:], ties[: k - m]), where
+    return path.cpu()
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    seen = set()
+    for name, R, T, k, cap, sample, kinds, paths in CASES:
+        for kind in kinds:
+            for sorted_ in (False, True):
+                where = f"{name} {kind} sorted={sorted_} R={R} T={T} k={k} cap={cap} sample={sample}"
+                got = check(rows(kind, R, T, g), k, sorted_, where, cap=cap, sample=sample)
+                if paths is not None and kind == "randn":
+                    assert set(got.tolist()) <= paths, f"{where}: paths {got.tolist()}, expected {paths}"
+                seen |= set(got.tolist())
+    assert seen == {0, 1, 2, 3}, f"paths exercised: {sorted(seen)}"  # not passing vacuously
+    print("ok", sorted(seen))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
