@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import operator
 from collections.abc import Sequence
 
 import sympy
@@ -722,6 +723,45 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch) -> int:
     return len(dead)
 
 
+def _topk_args(node: fx.Node):
+    """``(x, k, dim, largest, sorted)`` of an ``aten.topk`` call, defaults filled in."""
+    names = ("self", "k", "dim", "largest", "sorted")
+    defaults = {"dim": -1, "largest": True, "sorted": True}
+    values = dict(zip(names, node.args))
+    for name in names[2:]:
+        values.setdefault(name, node.kwargs.get(name, defaults[name]))
+    return values["self"], values.get("k", node.kwargs.get("k")), values["dim"], values["largest"], values["sorted"]
+
+
+def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
+    """Replace ``aten.topk`` over the last dim by ``fx_indexcache::topk_indices`` (the Triton top-k where it
+    applies at run time, torch.topk elsewhere) keeping the graph's ``sorted``; values, if read, are gathered.
+    Returns None when swapped, else why not."""
+    x, k, dim, largest, keep_sorted = _topk_args(topk)
+    xv = fake_value(x)
+    if not isinstance(k, int) or not largest or _norm_dim(dim, xv.dim()) != xv.dim() - 1:
+        return "top-k kept as aten.topk: not the largest-k over the last dim with a static k"
+    users = list(topk.users)
+    if any(u.target is not operator.getitem for u in users):
+        return "top-k kept as aten.topk: its pair is read whole"
+    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
+
+    mode = _fake_mode([xv])
+    with graph.inserting_before(topk):
+        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (x, k, bool(keep_sorted)),
+                      (xv, k, bool(keep_sorted)), mode)
+        idx = _call(graph, prims.convert_element_type.default, (idx32, torch.int64),
+                    (idx32.meta["val"], torch.int64), mode)
+        vals = None
+        if any(u.args[1] == 0 and u.users for u in users):
+            vals = _call(graph, aten.gather.default, (x, xv.dim() - 1, idx), (xv, xv.dim() - 1, idx.meta["val"]), mode)
+    for u in users:
+        u.replace_all_uses_with(idx if u.args[1] == 1 else vals)
+        graph.erase_node(u)
+    graph.erase_node(topk)
+    return None
+
+
 def _site_name(site) -> tuple[str, int | None]:
     layer = getattr(site, "layer", None)
     anchor = getattr(site, "anchor", site)
@@ -755,7 +795,9 @@ def substitute_fused_indexer(graph: fx.Graph, sites) -> list[FusionRecord]:
             if getattr(fake_value(anchor.args[0]), "is_cuda", False):
                 logger.warning("fx_indexcache: %s keeps its unfused indexer scoring: %s", name, why)
             continue
-        records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced"))
+        kept = _swap_topk(graph, anchor)
+        topk_note = "top-k fx_indexcache::topk_indices" if kept is None else kept
+        records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}"))
     if any(r.fused for r in records):
         graph.lint()
     return records

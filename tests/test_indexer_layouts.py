@@ -53,6 +53,7 @@ def test_layout_is_proven_fused_and_exact(layout, S, kernel_ok):
     gm.recompile()
     assert _ops(gm, torch.ops.fx_indexcache.indexer_logits.default) == 1
     assert _ops(gm, aten.relu.default) == 0
+    assert _ops(gm, aten.topk.default) == 0 and _ops(gm, torch.ops.fx_indexcache.topk_indices.default) == 1
     assert _ops(gm, aten.bmm.default, aten.mm.default, aten.sum.dim_IntList) < products
     got_score, got_idx = gm(*args)
     want_score, want_idx = layout.fn(*args)
@@ -117,3 +118,22 @@ def test_near_misses_are_refused(kind, expect, kernel_ok):
     before = len(gm.graph.nodes)
     (record,) = substitute_fused_indexer(gm.graph, [topk])
     assert not record.fused and len(gm.graph.nodes) == before
+
+
+def test_topk_values_are_gathered_and_order_kept(kernel_ok):
+    """A model that reads the top-k values too: they come back by a gather, in the graph's sorted order."""
+
+    def fn(q, k, w):
+        score = torch.einsum("sht,sh->st", F.relu(torch.einsum("shd,td->sht", q.float(), k.float())), w)
+        vals, idx = score.masked_fill(future(*score.shape, score.device), float("-inf")).topk(4, dim=-1)
+        return vals * 2.0, idx
+
+    args = _unbatched(seed=3)
+    gm, topk = _trace(fn, args)
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert record.fused and "topk_indices" in record.detail, record
+    gm.recompile()
+    assert _ops(gm, aten.topk.default) == 0 and _ops(gm, aten.gather.default) == 1
+    (got_v, got_i), (want_v, want_i) = gm(*args), fn(*args)
+    assert torch.equal(got_i, want_i) and got_i.dtype == torch.int64
+    torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-6)

@@ -19,10 +19,9 @@ Blocks that the mask hides completely are written as ``-inf`` without any arithm
 queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
 tensor-core work is wasted on padding rows.
 
-Top-k (``indexer_topk``): unsorted requests on rows of at most 32K keys go to ``topk.row_topk``, a
-Triton kernel that finds the exact k-th score by a bitwise search over register-resident keys; sorted
-requests and longer rows go to ``torch.topk`` (measured against each other in
-``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
+Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, one filtering
+pass, an exact select held on chip, sorted in the same kernel when asked), others to ``torch.topk``
+(measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
 the k-th score towards the lowest key index (torch.topk's tie choice is unspecified).
@@ -436,22 +435,21 @@ def indexer_topk(
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
-    ``method``: "triton" (``topk.row_topk``: exact bitwise threshold search, CUDA fp32 rows of at most
-    32K), "torch" (``torch.topk``) or "auto": triton for unsorted results where it applies, else torch
-    (sorted, triton + a torch sort measured no faster than torch.topk's own sorted path).
-    ``sorted=True``: descending score order, so masked (-inf) keys come after all visible ones.
-    Unsorted: with "triton", keys above the k-th score in index order, then the threshold ties; with
-    "torch", torch's order. Ties at the k-th score: "triton" takes the lowest indices; "torch" is
-    unspecified. ``invalid_index`` (e.g. -1), when given, replaces the index of every selected key whose
+    ``method``: "triton" (``topk.row_topk``: sampled threshold, one filtering pass, exact select on chip;
+    CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies, else torch.
+    ``sorted=True``: descending score order (with "triton": equal scores by ascending index), so masked
+    (-inf) keys come after all visible ones. Unsorted: with "triton", keys above the k-th score in index
+    order, then the threshold ties; with "torch", torch's order. Ties at the k-th score: "triton" takes
+    the lowest indices; "torch" is unspecified. ``invalid_index`` (e.g. -1), when given, replaces the index of every selected key whose
     logit is -inf.
     """
     from . import topk as _tk
 
     T = logits.shape[-1]
     kk = min(int(topk), T)
-    use_triton = method == "triton" or (method == "auto" and not sorted and _tk.supported(logits, kk))
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown top-k method {method!r}")
+    use_triton = method == "triton" or (method == "auto" and _tk.supported(logits, kk))
     if use_triton:
         idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:
@@ -510,10 +508,10 @@ def _logits_any(q, k, weights, causal, scale, kv_lens):
 
 
 def _register_custom_ops() -> bool:
-    """Define ``torch.ops.fx_indexcache.indexer_logits`` and ``...lightning_indexer`` (idempotent)."""
+    """Define ``torch.ops.fx_indexcache.{indexer_logits, lightning_indexer, topk_indices}`` (idempotent)."""
     try:
         ns = torch.ops.fx_indexcache
-        if hasattr(ns, "indexer_logits") and hasattr(ns, "lightning_indexer"):
+        if all(hasattr(ns, name) for name in ("indexer_logits", "lightning_indexer", "topk_indices")):
             return True
     except Exception:
         pass
@@ -544,6 +542,15 @@ def _register_custom_ops() -> bool:
     def _(q, k, weights, topk, causal, scale, kv_lens):
         kk = torch.sym_min(topk, k.shape[1])
         return q.new_empty((q.shape[0], q.shape[1], kk), dtype=torch.int32)
+
+    @custom_op("fx_indexcache::topk_indices", mutates_args=())
+    def _op_topk(x: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
+        """int32 indices of the k largest along the last dim: the Triton top-k where it applies, else torch."""
+        return indexer_topk(x, k, sorted=sorted)
+
+    @_op_topk.register_fake
+    def _(x, k, sorted):
+        return x.new_empty((*x.shape[:-1], torch.sym_min(k, x.shape[-1])), dtype=torch.int32)
 
     return True
 

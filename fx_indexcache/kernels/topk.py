@@ -57,19 +57,21 @@ def plan(T: int, k: int, *, cap: Optional[int] = None, sample: Optional[int] = N
     among the row's top k, so a threshold below the k-th key is the rule; the capacity holds about
     twice the expected survivors. Both only decide speed: a missed estimate falls back, exactly.
     """
-    kp = _pow2(k)
+    kp = max(16, _pow2(k))  # tiny blocks make odd layouts: never below 16 lanes
     if cap is None:
         cap = max(4096, 2 * kp) if T <= 65536 else max(8192, 2 * kp)
-    if sample is None:
-        sample = 2048 if T <= 65536 else 4096
+    if sample is None:  # about 32 sampled keys expected in the top k (a relative spread of ~18 %)
+        sample = min(16384, max(2048, _pow2(math.ceil(32 * T / k))))
     cap, sample = _pow2(cap), _pow2(sample)
+    while sample > T:
+        sample //= 2
     direct = T <= cap
     sb = min(32, sample)
     nb = sample // sb
     if not direct and T < sample:  # the sample must fit: take the whole row instead
         direct = True
     if direct:
-        cap = _pow2(T)
+        cap = max(16, _pow2(T))
     p = k / T
     mu = sample * p
     r = min(sample, int(math.ceil(mu + 4.0 * math.sqrt(mu * (1.0 - p)) + 1.0)))
@@ -96,8 +98,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     """
     R, T = x2d.shape
     p = plan(T, k, cap=cap, sample=sample)
-    if num_warps is None:
-        num_warps = 8 if R < 256 else 4  # few rows: one program must go fast; many: more programs per SM
+    if num_warps is None:  # few rows: one program must go fast; many: more programs per SM
+        num_warps = 8 if R < 256 or p["NB"] * p["SB"] > 4096 or p["CAP"] > 8192 else 4
     scratch_rows = 1 if p["DIRECT"] else R
     cand_key = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
     cand_idx = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
