@@ -137,3 +137,33 @@ def test_topk_values_are_gathered_and_order_kept(kernel_ok):
     (got_v, got_i), (want_v, want_i) = gm(*args), fn(*args)
     assert torch.equal(got_i, want_i) and got_i.dtype == torch.int64
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
+    """A whole unbatched stack (tests/indexer_stack.py): IndexCache FSFS removes the S indexers, the two
+    F layers are fused (score and top-k), and the compiled stack equals the hand-written IndexCache."""
+    from indexer_stack import UnbatchedDSAStack
+
+    from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
+    from fx_indexcache.backend import aten_graph_backend
+
+    torch.manual_seed(0)
+    model = UnbatchedDSAStack(num_layers=4, hidden=64, heads=4, head_dim=16, topk=8)
+    past_k, past_v = model.empty_cache(20)
+    x = torch.randn(12, 64)
+    graph_pass = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern="FSFS"))
+    reports, records = [], []
+
+    def rewrite(module):
+        reports.append(graph_pass.run(module.graph))
+        records.extend(substitute_fused_indexer(module.graph, detect(module.graph).sites))
+        module.recompile()
+        return module.forward
+
+    with torch.no_grad():
+        got_x, got_idx = torch.compile(model, backend=aten_graph_backend(rewrite))(x, past_k, past_v)
+        want_x, want_idx = model(x, past_k, past_v, pattern="FSFS")
+    assert [r.indexers_removed for r in reports] == [2]
+    assert [(r.layer, r.fused) for r in records] == [(0, True), (2, True)], records
+    assert all(torch.equal(a, b) for a, b in zip(got_idx, want_idx))
+    torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)

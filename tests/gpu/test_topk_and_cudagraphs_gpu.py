@@ -1,0 +1,129 @@
+"""GPU checks of the Triton top-k (``kernels.topk``) and of CUDA-graph replay (skipped without CUDA + Triton).
+
+Top-k: fresh random rows at prefill sizes (1024 x 32K, rows up to 300K keys) and decode batches (1-64),
+k = 2048 and others, -inf padding, all-masked rows, repeated values, k = T; the selection, tie rule and
+order are checked by ``tests/topk_cases.check`` against torch.topk, and random rows must take a fast
+path (the exact fallback only where the sample misleads). CUDA graphs: the fused logits + top-k replay
+under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
+Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import topk_cases  # noqa: E402
+
+from fx_indexcache.kernels import topk as tk  # noqa: E402
+from fx_indexcache.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401  (availability probe)
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and Triton")
+
+
+def _gen(seed=None):
+    import os
+
+    return torch.Generator(device="cuda").manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize(
+    "R,T,k",
+    [(1024, 32768, 2048), (64, 32768, 2048), (1, 32768, 2048), (4, 262144, 2048), (2, 300000, 2048),
+     (3, 65536, 512), (5, 8192, 2048), (7, 5000, 100), (16, 32768, 64), (2, 32768, 8192), (2, 4097, 4096),
+     (3, 1, 1)],
+)
+@pytest.mark.parametrize("kind", ["randn", "masked", "ties", "allmasked", "wide"])
+@pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
+def test_row_topk_exact(R, T, k, kind, sorted_):
+    if R > 64 and kind != "randn":
+        pytest.skip("large batches: random rows only (the per-row checks run on the host)")
+    g = _gen()
+    x = topk_cases.rows(kind, R, T, g, device="cuda")
+    paths = topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {kind} sorted={sorted_} seed={g.initial_seed()}")
+    if kind == "randn":
+        fallback = float((paths == 3).float().mean())
+        assert fallback <= 0.02, f"{fallback:.1%} of random rows took the exact fallback"
+
+
+def test_indexer_topk_k_above_T_and_invalid_index():
+    g = _gen()
+    x = torch.randn(3, 40, 700, device="cuda", generator=g)
+    x[..., 500:] = float("-inf")
+    idx = indexer_topk(x, 2048, invalid_index=-1)
+    assert idx.shape == (3, 40, 700)
+    assert torch.equal((idx == -1).sum(-1), torch.full((3, 40), 200, device="cuda"))
+    assert bool((idx[..., :500] >= 0).all())  # sorted: every visible key before the masked ones
+
+
+def _stack_inputs(B=2, S=64, T=4096, H=64, D=128, seed=0):
+    g = _gen(seed)
+    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = torch.randn(B, S, H, device="cuda", generator=g) * H**-0.5
+    return q, k, w
+
+
+def test_fused_logits_and_topk_replay_in_a_cuda_graph():
+    q, k, w = _stack_inputs()
+    static = [t.clone() for t in (q, k, w)]
+
+    def step():
+        logits = indexer_logits(*static, causal=True, scale=0.1)
+        return logits, indexer_topk(logits, 512, sorted=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_logits, out_idx = step()
+    for seed in (1, 2):
+        for dst, src in zip(static, _stack_inputs(seed=seed)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_logits = indexer_logits(*static, causal=True, scale=0.1)
+        assert torch.equal(out_logits, want_logits)
+        assert torch.equal(out_idx, indexer_topk(want_logits, 512, sorted=True))
+        assert torch.equal(torch.gather(want_logits, -1, out_idx.long()), torch.topk(want_logits, 512, dim=-1).values)
+
+
+def test_unbatched_stack_under_inductor_cudagraph_trees():
+    """indexcache_backend + cudagraph trees: fused F layers replay the same indices as eager."""
+    import fx_indexcache
+    from fx_indexcache import indexcache_backend
+    from indexer_stack import UnbatchedDSAStack
+
+    torch.manual_seed(0)
+    model = UnbatchedDSAStack(num_layers=4, hidden=256, heads=16, head_dim=64, topk=128).cuda().bfloat16()
+    fx_indexcache.clear_reports()
+    compiled = torch.compile(model, backend=indexcache_backend, dynamic=False,
+                             options={"index_topk_pattern": "FSFS", "triton.cudagraphs": True,
+                                      "fx_graph_cache": False})
+    for seed in (1, 2, 3):  # the 2nd+ calls replay the recorded graph
+        x = torch.randn(192, 256, device="cuda", generator=_gen(seed)).bfloat16()
+        with torch.no_grad():
+            got = [t.clone() for t in compiled(x)[1]]
+            want = model(x, pattern="FSFS")[1]
+        for layer, (a, b) in enumerate(zip(got, want)):
+            overlap = (torch.zeros(a.shape[0], 192, device="cuda").scatter_(1, a.long(), 1.0)
+                       * torch.zeros(b.shape[0], 192, device="cuda").scatter_(1, b.long(), 1.0)).sum() / b.numel()
+            assert overlap > 0.98, (layer, float(overlap))
+    report = fx_indexcache.reports()[-1]
+    assert report.indexers_removed == 2
+    assert sum("fused indexer_logits" in n for n in report.other_notes) == 2, report.other_notes
