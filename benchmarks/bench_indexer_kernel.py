@@ -2,7 +2,17 @@
 
 Run from the repository root on a CUDA machine::
 
-    PYTHONPATH=. python benchmarks/bench_indexer_kernel.py --out "$OUT" [--sweep] [--budget-s 420]
+    PYTHONPATH=. python benchmarks/bench_indexer_kernel.py --out "$OUT" [--sections topk,prefill,decode,table]
+        [--sweep] [--quick] [--budget-s 420]
+
+Sections (each writes its rows as it goes; one failing section does not stop the others):
+  * ``topk``: the Triton top-k (``kernels/topk.py``) against torch.topk on the kernel's own logits,
+    sorted and unsorted, prefill rows up to 256K keys and decode batches, k = 2048 and others; exactness
+    of the selected scores, the share of rows that took each kernel path, the read-once floor;
+  * ``prefill``: logits + top-k against the logits roofline (the target: >= 65 % at S >= 1024, T >= 32K);
+  * ``decode``: logits + top-k replayed in a CUDA graph (the target: <= 25 us at 1 x 32K, <= 0.25 ms at
+    64 x 32K), with torch.topk for comparison;
+  * ``table``: the per-shape table of runs 1-3 (logits, top-k, fused, Inductor-compiled transformers code).
 
 Measures, on the card it runs on and in the same process:
   * the card's bf16 matrix-product rate (8192^3, random data) and device-to-device copy bandwidth
@@ -52,13 +62,6 @@ SWEEP_CONFIGS_PREFILL = [
     LogitsConfig("prefill", 64, 128, 4, 4),
 ]
 SWEEP_SHAPES_PREFILL = [(1, 1024, 32768), (1, 2048, 65536), (1, 4096, 8192)]
-SWEEP_CONFIGS_DECODE = []
-SWEEP_SHAPES_DECODE = []
-SWEEP_SHAPES_SMALL_S = []
-SWEEP_CONFIGS_SMALL_S = []
-# (rows, T, num_warps) for the Triton row top-k. Run 3 also timed a chunked radix variant (tl.histogram,
-# any row length): 1.3-1.5x slower than torch.topk, dropped (docs/notes/indexer_kernel.md).
-SWEEP_TOPK = [(1024, 8192, 8), (1024, 8192, 16), (1024, 32768, 16), (64, 32768, 16), (1, 32768, 16)]
 
 
 def bench(fn, warmup=25, rep=100):
@@ -186,24 +189,28 @@ def run_sweep(shapes, configs, rows, log, deadline):
         torch.cuda.empty_cache()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--sweep", action="store_true", help="time every candidate launch config first")
-    ap.add_argument("--no-inductor", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="skip optional work past this many seconds")
-    ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    t_start = time.time()
-    deadline = t_start + args.budget_s
-    log_f = open(os.path.join(args.out, "indexer_kernel_log.txt"), "a")
+TOPK_SHAPES = [  # (rows, T, k): prefill rows (R = S queries of one sequence) and decode batches
+    (1024, 32768, 2048), (1024, 65536, 2048), (1024, 131072, 2048), (256, 262144, 2048), (4096, 8192, 2048),
+    (1024, 32768, 512), (1, 32768, 2048), (16, 32768, 2048), (64, 32768, 2048), (4, 131072, 2048),
+]
+PREFILL_SHAPES = [(1, 1024, 32768), (1, 2048, 32768), (1, 1024, 65536), (1, 1024, 131072)]
+DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (64, 131072)]
 
-    def log(msg):
+
+class Log:
+    """Prints and appends to ``indexer_kernel_log.txt``."""
+
+    def __init__(self, out: str) -> None:
+        self.f = open(os.path.join(out, "indexer_kernel_log.txt"), "a")
+
+    def __call__(self, msg: str) -> None:
         print(msg, flush=True)
-        log_f.write(msg + "\n")
-        log_f.flush()
+        self.f.write(msg + "\n")
+        self.f.flush()
 
+
+def environment(log) -> dict:
+    """The card, the versions and the measured ceilings every floor is computed from."""
     import triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -215,172 +222,306 @@ def main():
     peak, bw, t_mm, t_cp = measure_ceilings()
     env.update(bf16_tflops=round(peak, 1), copy_tbs=round(bw, 3))
     log(f"ceilings: bf16 mm 8192^3 {t_mm:.3f} ms = {peak:.1f} TFLOP/s; copy 1 GiB {t_cp:.3f} ms = {bw:.3f} TB/s (r+w)")
+    return env
 
-    sweep_rows = []
-    if args.sweep:
-        sweep_deadline = t_start + args.budget_s * 0.4
-        run_sweep(SWEEP_SHAPES_PREFILL, SWEEP_CONFIGS_PREFILL, sweep_rows, log, sweep_deadline)
-        run_sweep(SWEEP_SHAPES_DECODE, SWEEP_CONFIGS_DECODE, sweep_rows, log, sweep_deadline)
-        run_sweep(SWEEP_SHAPES_SMALL_S, SWEEP_CONFIGS_SMALL_S, sweep_rows, log, sweep_deadline)
-        for (R, T, nw) in SWEEP_TOPK:
-            if time.time() > sweep_deadline + 60:
-                log("top-k sweep: budget spent")
-                break
-            g = torch.Generator(device="cuda").manual_seed(R + T)
-            x = torch.randn(R, T, device="cuda", generator=g)
-            o = torch.full((R, TOPK), -1, dtype=torch.int32, device="cuda")
 
-            def fn():
-                return tk._launch(x, o, TOPK, nw)
+def causal_logits(B, S, T, seed=0):
+    """The kernel's own logits for S queries at the end of T keys (realistic rows: -inf past the diagonal)."""
+    q, k, w = make_inputs(B, S, T, seed=seed)
+    return indexer_logits(q, k, w, scale=SCALE)
 
-            h = fn()
-            ok = torch.equal(torch.gather(x, 1, o.long()).sort(-1, descending=True).values,
-                             torch.topk(x, TOPK, dim=-1).values)
-            ms = bench(fn)
-            ms_torch = bench(lambda: torch.topk(x, TOPK, dim=-1, sorted=False))
-            name = f"row_topk-w{nw}"
-            sweep_rows.append(dict(B=R, S=1, T=T, config=name, ms=ms, rel_err=0.0 if ok else 1.0,
-                                   unwritten=False, n_regs=getattr(h, "n_regs", None),
-                                   n_spills=getattr(h, "n_spills", None), torch_topk_unsorted_ms=ms_torch))
-            log(f"sweep topk rows {R}x{T} {name}: triton {ms:.4f} ms (exact {ok}, regs {getattr(h, 'n_regs', None)},"
-                f" spills {getattr(h, 'n_spills', None)}) torch.topk unsorted {ms_torch:.4f} ms")
-            del x, o
-        with open(os.path.join(args.out, "indexer_kernel_sweep.csv"), "w", newline="") as f:
-            keys = sorted({k for r in sweep_rows for k in r})
-            wr = csv.DictWriter(f, fieldnames=keys)
-            wr.writeheader()
-            wr.writerows(sweep_rows)
 
+def topk_exact(x, idx, k) -> bool:
+    """The selected scores equal torch.topk's (sorted both ways): the set differs at most at exact ties."""
+    got = torch.gather(x, -1, idx.long()).sort(-1, descending=True).values
+    return bool(torch.equal(got, torch.topk(x, k, dim=-1).values))
+
+
+def path_shares(x2d, k) -> dict:
+    out = torch.empty(x2d.shape[0], k, dtype=torch.int32, device=x2d.device)
+    path = torch.full((x2d.shape[0],), -1, dtype=torch.int32, device=x2d.device)
+    tk._launch(x2d, out, k, path=path)
+    counts = torch.bincount(path.long(), minlength=4).tolist()
+    return {name: c / x2d.shape[0] for name, c in zip(("direct", "candidates", "ties", "fallback"), counts)}
+
+
+def section_topk(env, log, quick: bool) -> list[dict]:
+    rows = []
+    shapes = TOPK_SHAPES[:1] + TOPK_SHAPES[6:9] if quick else TOPK_SHAPES
+    for R, T, k in shapes:
+        x = causal_logits(1, R, T, seed=R + T) if R > 64 else causal_logits(R, 1, T, seed=R + T)
+        x2d = x.reshape(-1, T)
+        row = dict(R=R, T=T, k=k, floor_ms=(R * T * 4 + R * k * 4) / (env["copy_tbs"] / 2 * 1e12) * 1e3)
+        for name, fn in (
+            ("torch_sorted", lambda: torch.topk(x2d, k, dim=-1, sorted=True)),
+            ("torch_unsorted", lambda: torch.topk(x2d, k, dim=-1, sorted=False)),
+            ("triton_sorted", lambda: tk.row_topk(x2d, k, sorted=True)),
+            ("triton_unsorted", lambda: tk.row_topk(x2d, k, sorted=False)),
+        ):
+            row[name + "_ms"] = bench(fn)
+        row["exact_sorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=True), k)
+        row["exact_unsorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=False), k)
+        row.update(path_shares(x2d, k))
+        row["speedup_sorted"] = row["torch_sorted_ms"] / row["triton_sorted_ms"]
+        rows.append(row)
+        log(f"topk {R}x{T} k={k}: torch {row['torch_sorted_ms']:.4f}/{row['torch_unsorted_ms']:.4f} triton "
+            f"{row['triton_sorted_ms']:.4f}/{row['triton_unsorted_ms']:.4f} ms (sorted/unsorted), floor "
+            f"{row['floor_ms']:.4f}, exact {row['exact_sorted']}/{row['exact_unsorted']}, paths "
+            f"{ {n: round(row[n], 3) for n in ('direct', 'candidates', 'ties', 'fallback')} }")
+        del x, x2d
+        torch.cuda.empty_cache()
+    return rows
+
+
+def section_prefill(env, log, quick: bool) -> list[dict]:
+    rows = []
+    for B, S, T in PREFILL_SHAPES[:1] if quick else PREFILL_SHAPES:
+        q, k, w = make_inputs(B, S, T, seed=S + T)
+        out = torch.empty(B, S, T, device="cuda")
+        _, f_comp, f_mem, _ = floors(B, S, T, env["bf16_tflops"], env["copy_tbs"])
+        floor = max(f_comp, f_mem)
+        t_logits = bench(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
+        t_sorted = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK))
+        t_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
+        t_torch = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="torch"))
+        row = dict(B=B, S=S, T=T, logits_ms=t_logits, logits_floor_ms=floor, fused_sorted_ms=t_sorted,
+                   fused_unsorted_ms=t_uns, fused_torch_topk_ms=t_torch,
+                   pct_logits_roofline_sorted=100 * floor / t_sorted, pct_logits_roofline_unsorted=100 * floor / t_uns,
+                   pct_logits_roofline_torch_topk=100 * floor / t_torch)
+        rows.append(row)
+        log(f"prefill {B}x{S}x{T}: logits {t_logits:.4f} (floor {floor:.4f}); logits+top-k sorted {t_sorted:.4f} "
+            f"({row['pct_logits_roofline_sorted']:.0f}% of floor), unsorted {t_uns:.4f}, with torch.topk {t_torch:.4f}")
+        del q, k, w, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def graph_ms(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def section_decode(env, log, quick: bool) -> list[dict]:
+    rows = []
+    for B, T in DECODE_SHAPES[:3] if quick else DECODE_SHAPES:
+        q, k, w = make_inputs(B, 1, T, seed=B + T)
+        out = torch.empty(B, 1, T, device="cuda")
+        row = dict(B=B, T=T, k_read_floor_ms=B * T * D * 2 / (env["copy_tbs"] / 2 * 1e12) * 1e3)
+        for name, fn in (
+            ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
+            ("fused_sorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK)),
+            ("fused_unsorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
+            ("fused_torch_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="torch")),
+        ):
+            try:
+                row[name + "_graph_ms"] = graph_ms(fn)
+            except Exception as e:  # reported, not fatal
+                row[name + "_graph_ms"] = None
+                log(f"decode {B}x{T} {name}: graph timing failed: {type(e).__name__}: {str(e)[:160]}")
+        rows.append(row)
+        log(f"decode {B}x1x{T} (CUDA graph): logits {row['logits_graph_ms']} ms; logits+top-k sorted "
+            f"{row['fused_sorted_graph_ms']} unsorted {row['fused_unsorted_graph_ms']} torch.topk {row['fused_torch_topk_graph_ms']}")
+        del q, k, w, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(x, nd=3):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(env, sections: dict) -> str:
+    lines = ["# Lightning-indexer kernel benchmark", "",
+             f"card {env['card']} ({env['sms']} SMs), torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
+             f"{env['date']}; measured bf16 mm {env['bf16_tflops']} TFLOP/s, copy {env['copy_tbs']} TB/s (read+write).",
+             f"H={H}, D={D}, causal (queries are the last S of T), bf16 q/k/w, fp32 logits. "
+             "Times: ms, do_bench medians (L2 flushed) unless marked 'CUDA graph'.", ""]
+    if sections.get("topk"):
+        lines += ["## Top-k: Triton (kernels/topk.py) vs torch.topk, on the kernel's own causal logits", "",
+                  "| rows × T | k | torch sorted / unsorted | Triton sorted / unsorted | speed-up (sorted) | read-once floor |"
+                  " exact | rows: candidates / ties / fallback / direct |", "|---|---|---|---|---|---|---|---|"]
+        for r in sections["topk"]:
+            lines.append(f"| {r['R']}×{r['T']} | {r['k']} | {fmt(r['torch_sorted_ms'])} / {fmt(r['torch_unsorted_ms'])} | "
+                         f"{fmt(r['triton_sorted_ms'])} / {fmt(r['triton_unsorted_ms'])} | {r['speedup_sorted']:.1f}× | "
+                         f"{fmt(r['floor_ms'])} | {r['exact_sorted'] and r['exact_unsorted']} | "
+                         f"{r['candidates']:.3f} / {r['ties']:.3f} / {r['fallback']:.3f} / {r['direct']:.3f} |")
+        lines.append("")
+    if sections.get("prefill"):
+        lines += ["## Prefill: logits + top-k (k = 2048) against the logits roofline", "",
+                  "| B×S×T | logits | logits floor | + Triton top-k sorted (% of floor) | + unsorted (%) | + torch.topk sorted (%) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sections["prefill"]:
+            lines.append(f"| {r['B']}×{r['S']}×{r['T']} | {fmt(r['logits_ms'])} | {fmt(r['logits_floor_ms'])} | "
+                         f"{fmt(r['fused_sorted_ms'])} ({r['pct_logits_roofline_sorted']:.0f}) | "
+                         f"{fmt(r['fused_unsorted_ms'])} ({r['pct_logits_roofline_unsorted']:.0f}) | "
+                         f"{fmt(r['fused_torch_topk_ms'])} ({r['pct_logits_roofline_torch_topk']:.0f}) |")
+        lines.append("")
+    if sections.get("decode"):
+        lines += ["## Decode (S = 1): logits + top-k (k = 2048) replayed in a CUDA graph", "",
+                  "| B×T | logits | + Triton top-k sorted | + unsorted | + torch.topk sorted | k-read floor |",
+                  "|---|---|---|---|---|---|"]
+        for r in sections["decode"]:
+            lines.append(f"| {r['B']}×{r['T']} | {fmt(r['logits_graph_ms'], 4)} | {fmt(r['fused_sorted_graph_ms'], 4)} | "
+                         f"{fmt(r['fused_unsorted_graph_ms'], 4)} | {fmt(r['fused_torch_topk_graph_ms'], 4)} | "
+                         f"{fmt(r['k_read_floor_ms'], 4)} |")
+        lines.append("")
+    if sections.get("table"):
+        lines += table_markdown(sections["table"])
+    if sections.get("sweep"):
+        lines += ["", "## Config sweep (logits kernel only)", "", "| B×S×T | config | ms | regs | spills | smem | wgmma |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sections["sweep"]:
+            lines.append(f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {r['ms']:.4f} | {r.get('n_regs')} | "
+                         f"{r.get('n_spills')} | {r.get('shared')} | {r.get('wgmma')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: str, env: dict, sections: dict) -> None:
+    for name, rows in sections.items():
+        if rows:
+            with open(os.path.join(out, f"indexer_kernel_{name}.csv"), "w", newline="") as f:
+                keys = list(rows[0].keys()) + sorted({k for r in rows for k in r} - set(rows[0].keys()))
+                wr = csv.DictWriter(f, fieldnames=keys)
+                wr.writeheader()
+                wr.writerows(rows)
+    with open(os.path.join(out, "indexer_kernel.json"), "w") as f:
+        json.dump(dict(env=env, **sections), f, indent=1, default=str)
+    with open(os.path.join(out, "indexer_kernel.md"), "w") as f:
+        f.write(markdown(env, sections))
+
+
+def section_table(env, log, args, deadline) -> list[dict]:
+    """Runs 1-3's per-shape table: logits, top-k both ways, fused, and Inductor on transformers-style code."""
     for knob in ("cache_size_limit", "recompile_limit"):
         try:
             setattr(torch._dynamo.config, knob, 64)
         except Exception:
             pass
     compiled = torch.compile(hf_style_indexer, dynamic=False)
-
-    shapes = PREFILL + DECODE
-    if args.quick:
-        shapes = [(1, 1024, 8192), (1, 1024, 32768), (16, 1, 32768)]
-    free_bytes = torch.cuda.mem_get_info()[0]
+    shapes = [(1, 1024, 8192), (1, 1024, 32768), (16, 1, 32768)] if args.quick else PREFILL + DECODE
     rows = []
-    for (B, S, T) in shapes:
-        q, k, w = make_inputs(B, S, T, seed=S + T + B)
-        cfg = default_config(B, S, T, H, D, q.device)
-        out = torch.full((B, S, T), float("nan"), device="cuda")
-        indexer_logits(q, k, w, scale=SCALE, out=out)
-        torch.cuda.synchronize()
-        unwritten = bool(out.isnan().any())
-        err = spot_check(q, k, w, out, sorted({r for r in (0, 1, S // 3, S // 2, S - 1) if r < S}))
-        t_logits = bench(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
-        t_topk = bench(lambda: indexer_topk(out, TOPK, method="torch"))
-        t_topk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="torch"))
-        t_tk = t_tk_uns = None
-        tk_exact = None
-        if tk.supported(out, min(TOPK, T)):
-            t_tk = bench(lambda: indexer_topk(out, TOPK, method="triton"))
-            t_tk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="triton"))
-            kk = min(TOPK, T)
-            tk_exact = torch.equal(torch.gather(out, -1, indexer_topk(out, TOPK, method="triton").long()),
-                                   torch.topk(out, kk, dim=-1).values)
-        t_fused = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK))
-        t_fused_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
-        t_graph = None
-        if S <= 8:  # launch-bound sizes: also time CUDA-graph replays (no L2 flush there)
-            try:
-                from triton.testing import do_bench_cudagraph
-
-                t_graph = do_bench_cudagraph(lambda: indexer_logits(q, k, w, scale=SCALE, out=out), rep=50,
-                                             return_mode="median")
-            except Exception as e:
-                log(f"cudagraph timing failed: {type(e).__name__}: {str(e)[:120]}")
-        flops, f_comp, f_mem, f_topk = floors(B, S, T, peak, bw)
-        floor = max(f_comp, f_mem)
-        row = dict(B=B, S=S, T=T, H=H, D=D, topk=TOPK, config=cfg.name(), logits_ms=t_logits,
-                   logits_graph_ms=t_graph, topk_sorted_ms=t_topk, topk_unsorted_ms=t_topk_uns,
-                   topk_triton_sorted_ms=t_tk, topk_triton_unsorted_ms=t_tk_uns, topk_triton_exact=tk_exact,
-                   fused_ms=t_fused, fused_unsorted_ms=t_fused_uns,
-                   floor_compute_ms=f_comp, floor_memory_ms=f_mem, floor_ms=floor,
-                   pct_roofline=100.0 * floor / t_logits, tflops=flops / (t_logits * 1e-3) / 1e12,
-                   topk_floor_ms=f_topk, rel_err=err, unwritten=unwritten,
-                   inductor_ms=None, speedup_vs_inductor=None, inductor_note="")
-        inter = B * S * H * T * 6  # bf16 [B,S,H,T] einsum output + fp32 relu/weight intermediate
-        if args.no_inductor:
-            row["inductor_note"] = "not run"
-        elif inter > 0.5 * free_bytes:
-            row["inductor_note"] = f"skipped: [B,S,H,T] intermediates ~{inter / 2**30:.0f} GiB"
-        elif time.time() > deadline:
-            row["inductor_note"] = "skipped: time budget"
-        else:
-            try:
-                mask = causal_mask(S, T)
-                idx_ind = compiled(q, k, w, mask, SCALE, TOPK)
-                torch.cuda.synchronize()
-                t_ind = bench(lambda: compiled(q, k, w, mask, SCALE, TOPK), warmup=5, rep=50)
-                row["inductor_ms"] = t_ind
-                row["speedup_vs_inductor"] = t_ind / t_fused
-                # same selection up to near-ties: compare the kernel's scores at both index sets
-                ours = torch.gather(out, -1, indexer_topk(out, TOPK).long()).sort(-1).values
-                theirs = torch.gather(out, -1, idx_ind.long()).sort(-1).values
-                fin = torch.isfinite(ours) & torch.isfinite(theirs)
-                row["inductor_score_gap"] = (ours[fin] - theirs[fin]).abs().max().item() if fin.any() else 0.0
-                del mask, idx_ind
-            except torch.OutOfMemoryError:
-                row["inductor_note"] = "OOM"
-            except Exception as e:
-                row["inductor_note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-        rows.append(row)
-        log(f"{B}x{S}x{T} [{cfg.name()}] logits {t_logits:.4f} ms (floor {floor:.4f}, {row['pct_roofline']:.1f}% roofline,"
-            f" {row['tflops']:.0f} TFLOP/s) topk torch {t_topk:.4f}/{t_topk_uns:.4f} triton {t_tk}/{t_tk_uns} exact {tk_exact}"
-            f" fused {t_fused:.4f}/{t_fused_uns:.4f} ms"
-            f" inductor {row['inductor_ms']} {row['inductor_note']} err {err:.1e} unwritten {unwritten}")
-        del q, k, w, out
+    for B, S, T in shapes:
+        rows.append(table_row(env, log, compiled, B, S, T, args, deadline))
         torch.cuda.empty_cache()
+    return rows
 
-    # ---- outputs
-    with open(os.path.join(args.out, "indexer_kernel.csv"), "w", newline="") as f:
-        keys = list(rows[0].keys()) + sorted({k for r in rows for k in r} - set(rows[0].keys()))
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
 
-    def fmt(x, nd=3):
-        return "—" if x is None else f"{x:.{nd}f}"
+def table_row(env, log, compiled, B, S, T, args, deadline) -> dict:
+    q, k, w = make_inputs(B, S, T, seed=S + T + B)
+    cfg = default_config(B, S, T, H, D, q.device)
+    out = torch.full((B, S, T), float("nan"), device="cuda")
+    indexer_logits(q, k, w, scale=SCALE, out=out)
+    torch.cuda.synchronize()
+    unwritten = bool(out.isnan().any())
+    err = spot_check(q, k, w, out, sorted({r for r in (0, 1, S // 3, S // 2, S - 1) if r < S}))
+    t_logits = bench(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
+    t_topk = bench(lambda: indexer_topk(out, TOPK, method="torch"))
+    t_topk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="torch"))
+    t_tk = bench(lambda: indexer_topk(out, TOPK, method="triton"))
+    t_tk_uns = bench(lambda: indexer_topk(out, TOPK, sorted=False, method="triton"))
+    tk_exact = topk_exact(out, indexer_topk(out, TOPK, method="triton"), min(TOPK, T))
+    t_fused = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK))
+    t_fused_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
+    flops, f_comp, f_mem, f_topk = floors(B, S, T, env["bf16_tflops"], env["copy_tbs"])
+    floor = max(f_comp, f_mem)
+    row = dict(B=B, S=S, T=T, H=H, D=D, topk=TOPK, config=cfg.name(), logits_ms=t_logits,
+               topk_sorted_ms=t_topk, topk_unsorted_ms=t_topk_uns,
+               topk_triton_sorted_ms=t_tk, topk_triton_unsorted_ms=t_tk_uns, topk_triton_exact=tk_exact,
+               fused_ms=t_fused, fused_unsorted_ms=t_fused_uns,
+               floor_compute_ms=f_comp, floor_memory_ms=f_mem, floor_ms=floor,
+               pct_roofline=100.0 * floor / t_logits, tflops=flops / (t_logits * 1e-3) / 1e12,
+               topk_floor_ms=f_topk, rel_err=err, unwritten=unwritten,
+               inductor_ms=None, speedup_vs_inductor=None, inductor_note="")
+    inductor_row(row, compiled, q, k, w, out, args, deadline)
+    log(f"{B}x{S}x{T} [{cfg.name()}] logits {t_logits:.4f} ms (floor {floor:.4f}, {row['pct_roofline']:.1f}% roofline,"
+        f" {row['tflops']:.0f} TFLOP/s) topk torch {t_topk:.4f}/{t_topk_uns:.4f} triton {t_tk:.4f}/{t_tk_uns:.4f} exact {tk_exact}"
+        f" fused {t_fused:.4f}/{t_fused_uns:.4f} ms inductor {row['inductor_ms']} {row['inductor_note']} err {err:.1e}")
+    return row
 
-    lines = [
-        "# Lightning-indexer kernel benchmark",
-        "",
-        f"card {env['card']} ({env['sms']} SMs), torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
-        f"{env['date']}; measured bf16 mm {env['bf16_tflops']} TFLOP/s, copy {env['copy_tbs']} TB/s (read+write).",
-        f"H={H}, D={D}, top-k {TOPK}, causal (queries are the last S of T), bf16 q/k/w, fp32 logits. "
-        "Times: do_bench medians, ms. Floor = max(compute, memory) of the logits; % roofline = floor / logits time.",
-        "",
-        "| B×S×T | config | logits | logits (graph) | floor | % roofline | TFLOP/s | torch.topk sorted / unsorted |"
-        " Triton top-k sorted / unsorted | fused sorted / unsorted | Inductor (transformers code) |"
-        " speedup (fused sorted) | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+
+def inductor_row(row, compiled, q, k, w, out, args, deadline) -> None:
+    B, S, H_, D_ = q.shape
+    T = k.shape[1]
+    inter = B * S * H * T * 6  # bf16 [B,S,H,T] einsum output + fp32 relu/weight intermediate
+    if args.no_inductor:
+        row["inductor_note"] = "not run"
+        return
+    if inter > 0.5 * torch.cuda.mem_get_info()[0]:
+        row["inductor_note"] = f"skipped: [B,S,H,T] intermediates ~{inter / 2**30:.0f} GiB"
+        return
+    if time.time() > deadline:
+        row["inductor_note"] = "skipped: time budget"
+        return
+    try:
+        mask = causal_mask(S, T)
+        compiled(q, k, w, mask, SCALE, TOPK)
+        torch.cuda.synchronize()
+        row["inductor_ms"] = bench(lambda: compiled(q, k, w, mask, SCALE, TOPK), warmup=5, rep=50)
+        row["speedup_vs_inductor"] = row["inductor_ms"] / row["fused_ms"]
+    except torch.OutOfMemoryError:
+        row["inductor_note"] = "OOM"
+    except Exception as e:
+        row["inductor_note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def table_markdown(rows) -> list[str]:
+    lines = ["## Per-shape table (logits, top-k, fused, Inductor-compiled transformers code)", "",
+             "| B×S×T | config | logits | floor | % roofline | TFLOP/s | torch.topk sorted / unsorted |"
+             " Triton top-k sorted / unsorted | fused sorted / unsorted | Inductor | speed-up | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ind = fmt(r["inductor_ms"]) if r["inductor_ms"] is not None else r["inductor_note"]
         lines.append(
-            f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {fmt(r['logits_ms'])} | {fmt(r['logits_graph_ms'])} | "
-            f"{fmt(r['floor_ms'])} | "
+            f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {fmt(r['logits_ms'])} | {fmt(r['floor_ms'])} | "
             f"{r['pct_roofline']:.1f} | {r['tflops']:.0f} | {fmt(r['topk_sorted_ms'])} / {fmt(r['topk_unsorted_ms'])} | "
             f"{fmt(r['topk_triton_sorted_ms'])} / {fmt(r['topk_triton_unsorted_ms'])} | "
-            f"{fmt(r['fused_ms'])} / {fmt(r['fused_unsorted_ms'])} | {ind} | {fmt(r['speedup_vs_inductor'], 1) if r['speedup_vs_inductor'] else '—'} | "
-            f"{r['rel_err']:.1e} |")
-    if sweep_rows:
-        lines += ["", "## Config sweep (logits kernel only)", "", "| B×S×T | config | ms | regs | spills | smem | wgmma |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sweep_rows:
-            lines.append(f"| {r['B']}×{r['S']}×{r['T']} | {r['config']} | {r['ms']:.4f} | {r.get('n_regs')} | "
-                         f"{r.get('n_spills')} | {r.get('shared')} | {r.get('wgmma')} |"
-                         + (f" torch.topk unsorted {r['torch_topk_unsorted_ms']:.4f} ms" if r.get('torch_topk_unsorted_ms') else ""))
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "indexer_kernel.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "indexer_kernel.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows, sweep=sweep_rows), f, indent=1, default=str)
-    print(md)
+            f"{fmt(r['fused_ms'])} / {fmt(r['fused_unsorted_ms'])} | {ind} | "
+            f"{fmt(r['speedup_vs_inductor'], 1) if r['speedup_vs_inductor'] else '—'} | {r['rel_err']:.1e} |")
+    return lines
+
+
+def section_sweep(log, deadline) -> list[dict]:
+    rows = []
+    run_sweep(SWEEP_SHAPES_PREFILL, SWEEP_CONFIGS_PREFILL, rows, log, deadline)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--sections", default="topk,prefill,decode,table", help="comma-separated, in order")
+    ap.add_argument("--sweep", action="store_true", help="time the candidate logits launch configs first")
+    ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip optional work past this many seconds")
+    ap.add_argument("--quick", action="store_true", help="a few shapes per section")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    log = Log(args.out)
+    env = environment(log)
+    runners = {
+        "topk": lambda: section_topk(env, log, args.quick),
+        "prefill": lambda: section_prefill(env, log, args.quick),
+        "decode": lambda: section_decode(env, log, args.quick),
+        "table": lambda: section_table(env, log, args, deadline),
+    }
+    names = (["sweep"] if args.sweep else []) + [n for n in args.sections.split(",") if n]
+    runners["sweep"] = lambda: section_sweep(log, t_start + args.budget_s * 0.4)
+    sections = {}
+    for name in names:
+        if time.time() > deadline:
+            log(f"section {name}: skipped, time budget spent")
+            continue
+        try:
+            sections[name] = runners[name]()
+        except Exception as e:  # keep the other sections
+            import traceback
+
+            log(f"section {name} FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
+        write_outputs(args.out, env, sections)
+    print(markdown(env, sections))
     log(f"total {time.time() - t_start:.0f} s")
 
 

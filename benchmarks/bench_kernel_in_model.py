@@ -356,6 +356,80 @@ def case_model(T: int, S: int, out: str) -> None:
     torch.cuda.empty_cache()
 
 
+def compile_stack(model, fuse: bool):
+    """The default ``indexcache_backend`` (fusion on) or the same with ``fuse_indexer_kernel=False``."""
+    from fx_indexcache import indexcache_backend
+
+    if SMOKE:  # CPU: the graph pass fuses CUDA sites only, so run the substitution by hand
+        from fx_indexcache.backend import aten_graph_backend
+
+        graph_pass = IndexCachePass(IndexCacheConfig())
+
+        def rewrite(module):
+            graph_pass.run(module.graph)
+            if fuse:
+                substitute_fused_indexer(module.graph, detect(module.graph).sites)
+            module.recompile()
+            return module.forward
+
+        return torch.compile(model, backend=aten_graph_backend(rewrite), dynamic=False)
+    options = {"fx_graph_cache": False, **({} if fuse else {"fuse_indexer_kernel": False})}
+    return torch.compile(model, backend=indexcache_backend, options=options, dynamic=False)
+
+
+def time_ms(fn, reps: int = 3) -> float:
+    """Median of a few CUDA-event timed calls after one warm-up (for calls of 10-500 ms)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def case_stack(T: int, S: int, out: str) -> None:
+    """Our own unbatched DSA stack (tests/indexer_stack.py: masked_fill, [S, H, T] mul+sum, a cat-ed key
+    cache) at V3.2 indexer dims, 4 layers, the default (no IndexCache pattern: every layer F)."""
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from indexer_stack import UnbatchedDSAStack
+
+    dims = dict(hidden=64, heads=4, head_dim=16, topk=8) if SMOKE else dict(hidden=2048, heads=64, head_dim=128, topk=2048)
+    torch.manual_seed(T)
+    model = UnbatchedDSAStack(num_layers=4, **dims).to(device=DEV, dtype=torch.bfloat16).eval()
+    past_k, past_v = model.empty_cache(T - S, DEV, torch.bfloat16)
+    x = torch.randn(S, dims["hidden"], device=DEV, dtype=torch.bfloat16)
+    row = {"case": "own unbatched stack, 4 F layers", "B": 1, "S": S, "T": T}
+    with torch.no_grad():
+        before = counters["fx_indexcache"]["indexers_fused"]
+        f_fused = compile_stack(model, fuse=True)
+        t0 = time.time()
+        o_f, i_f = f_fused(x, past_k, past_v)
+        row["compile_fused_s"] = round(time.time() - t0, 1)
+        row["fused_sites"] = counters["fx_indexcache"]["indexers_fused"] - before
+        torch._dynamo.reset()
+        f_base = compile_stack(model, fuse=False)
+        t0 = time.time()
+        o_b, i_b = f_base(x, past_k, past_v)
+        row["compile_inductor_s"] = round(time.time() - t0, 1)
+        row["out_rel_err"] = rel_err(o_f, o_b)
+        overlaps = [value for a, b in zip(i_f, i_b) for value in row_overlaps(a, b)]
+        row["topk_overlap"] = sum(overlaps) / len(overlaps)
+        del o_f, i_f, o_b, i_b
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+        row["inductor_ms"] = time_ms(lambda: f_base(x, past_k, past_v))
+        row["fused_ms"] = time_ms(lambda: f_fused(x, past_k, past_v))
+    record(row, out)
+    del f_base, f_fused, model
+    torch._dynamo.reset()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -383,9 +457,9 @@ def main() -> None:
     start = time.time()
     plan = [(case_indexer, T_LIST[0]), (case_layer, T_LIST[0]), (case_indexer, T_LIST[2]),
             (case_model, T_LIST[2]), (case_indexer, T_LIST[1]), (case_layer, T_LIST[2])]
-    est = {case_indexer: 40, case_layer: 80, case_model: 120}
+    est = {case_indexer: 40, case_layer: 80, case_model: 120, case_stack: 90}
     if args.plan:
-        cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model}
+        cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model, "stack": case_stack}
         plan = [(cases[c.split(":")[0]], int(c.split(":")[1])) for c in args.plan.split(",")]
     for fn, T in plan:
         left = args.budget_s - (time.time() - start)

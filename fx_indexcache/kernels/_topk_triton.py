@@ -121,10 +121,14 @@ def _topk_kernel(
         ti = tie_idx_ptr + row * KP
         n_gt = L * 0
         n_eq = L * 0
+        co_next = tl.arange(0, CHUNK)
+        x_next = tl.load(x_row + co_next.to(tl.int64) * sxt, mask=co_next < T, other=0.0)
         for c in range(0, tl.cdiv(T, CHUNK)):
-            co = c * CHUNK + tl.arange(0, CHUNK)
+            co = co_next
             ok = co < T
-            kc = _key(tl.load(x_row + co.to(tl.int64) * sxt, mask=ok, other=0.0))
+            kc = _key(x_next)
+            co_next = co + CHUNK  # prefetch the next chunk before this one's scans
+            x_next = tl.load(x_row + co_next.to(tl.int64) * sxt, mask=co_next < T, other=0.0)
             gt = ok & (kc > L)
             eq = ok & (kc == L)
             p_gt = n_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
