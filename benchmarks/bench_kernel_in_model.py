@@ -392,7 +392,8 @@ def time_ms(fn, reps: int = 3) -> float:
 
 def case_stack(T: int, S: int, out: str) -> None:
     """Our own unbatched DSA stack (tests/indexer_stack.py: masked_fill, [S, H, T] mul+sum, a cat-ed key
-    cache) at V3.2 indexer dims, 4 layers, the default (no IndexCache pattern: every layer F)."""
+    cache) at V3.2 indexer dims, 4 layers, ``indexcache_backend``'s defaults (its IndexCache pattern), with
+    and without the fused kernel; ``fused_sites`` must equal the pattern's F count."""
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -403,7 +404,8 @@ def case_stack(T: int, S: int, out: str) -> None:
     model = UnbatchedDSAStack(num_layers=4, **dims).to(device=DEV, dtype=torch.bfloat16).eval()
     past_k, past_v = model.empty_cache(T - S, DEV, torch.bfloat16)
     x = torch.randn(S, dims["hidden"], device=DEV, dtype=torch.bfloat16)
-    row = {"case": "own unbatched stack, 4 F layers", "B": 1, "S": S, "T": T}
+    pattern = IndexCacheConfig.from_options({})[0].pattern_for(len(model.layers))  # the backend's default
+    row = {"case": f"own unbatched stack, 4 layers, default {pattern}", "B": 1, "S": S, "T": T, "pattern": pattern}
     with torch.no_grad():
         before = counters["fx_indexcache"]["indexers_fused"]
         f_fused = compile_stack(model, fuse=True)

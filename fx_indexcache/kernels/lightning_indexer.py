@@ -20,7 +20,8 @@ queries (decode) a second kernel puts the heads on the matrix unit's M side inst
 tensor-core work is wasted on padding rows.
 
 Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, one filtering
-pass, an exact select held on chip, sorted in the same kernel when asked), others to ``torch.topk``
+pass, an exact select held on chip, sorted in the same kernel when asked) where it measured faster than
+``torch.topk`` (``topk.faster_than_torch``: rows of 8K-32K keys), others to ``torch.topk``
 (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
@@ -436,7 +437,8 @@ def indexer_topk(
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
     ``method``: "triton" (``topk.row_topk``: sampled threshold, one filtering pass, exact select on chip;
-    CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies, else torch.
+    CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies and measured faster
+    (``topk.faster_than_torch``), else torch.
     ``sorted=True``: descending score order (with "triton": equal scores by ascending index), so masked
     (-inf) keys come after all visible ones. Unsorted: with "triton", keys above the k-th score in index
     order, then the threshold ties; with "torch", torch's order. Ties at the k-th score: "triton" takes
@@ -449,7 +451,9 @@ def indexer_topk(
     kk = min(int(topk), T)
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown top-k method {method!r}")
-    use_triton = method == "triton" or (method == "auto" and _tk.supported(logits, kk))
+    rows = logits.numel() // max(1, T)
+    use_triton = method == "triton" or (
+        method == "auto" and _tk.supported(logits, kk) and _tk.faster_than_torch(rows, T, kk, sorted))
     if use_triton:
         idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:

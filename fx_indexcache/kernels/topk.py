@@ -88,6 +88,17 @@ def supported(logits: torch.Tensor, k: int) -> bool:
     return 1 <= k <= min(T, MAX_K) and T <= MAX_ROW and _kernels() is not None
 
 
+def faster_than_torch(rows: int, T: int, k: int, sorted: bool) -> bool:
+    """Whether the kernel measured faster than torch.topk for this shape (H200, torch 2.11, Triton 3.6, run of
+    2026-12-01; benchmarks/results/indexer_kernel_topk_run1.md): rows of 8K-32K keys unsorted (1.1-1.4x),
+    and sorted only for few rows or small k (the in-kernel sort of 2048 int64 costs ~0.3 ms at 1024 rows).
+    Longer rows lose (the filtering pass is latency-bound: ~3 us per 2048-key chunk), 8K rows at 4096 rows too.
+    """
+    if not 8192 < T <= 32768:
+        return False
+    return not sorted or rows <= 64 or k <= 512
+
+
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
             path: Optional[torch.Tensor] = None):

@@ -31,13 +31,13 @@ class _Pass(CustomGraphPass):
     def __init__(self, substitute: bool, pattern: str | None) -> None:
         self.substitute = substitute
         self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern, fuse_indexer_kernel=False)) if pattern else None
-        self.notes: list[str] = []
+        self.records: list = []
 
     def __call__(self, graph) -> None:
         if self.index_cache is not None:
             self.index_cache.run(graph)
         if self.substitute:
-            self.notes += substitute_fused_indexer(graph, detect(graph).sites)
+            self.records += substitute_fused_indexer(graph, detect(graph).sites)
 
     def uuid(self):
         return None
@@ -68,7 +68,7 @@ def test_reference_model_bf16_fused_equals_inductor(pattern):
         want_logits, want_idx = base(ids, None, 0, True)
         (got_logits, got_idx), code = run_and_get_code(fused, ids, None, 0, True)
     f_layers = [i for i in range(4) if pattern is None or pattern[i] == "F"]
-    assert sum("fused indexer_logits" in n for n in graph_pass.notes) == len(f_layers), graph_pass.notes
+    assert [r.layer for r in graph_pass.records if r.fused] == f_layers, graph_pass.records
     assert any("indexer_logits" in src for src in code)
     rel = (got_logits.double() - want_logits.double()).norm() / want_logits.double().norm()
     assert rel < 2e-2, rel
@@ -83,7 +83,7 @@ def test_unsupported_dims_are_left_with_a_note():
     with torch.no_grad():
         fused, graph_pass = _compile(model, True, None)
         fused(ids)
-    assert graph_pass.notes and all("left as is" in n and "head dim 24" in n for n in graph_pass.notes), graph_pass.notes
+    assert graph_pass.records and all(not r.fused and "head dim 24" in r.detail for r in graph_pass.records), graph_pass.records
 
 
 def test_fp32_model_is_left_with_a_note():
@@ -93,7 +93,7 @@ def test_fp32_model_is_left_with_a_note():
     with torch.no_grad():
         fused, graph_pass = _compile(model, True, None)
         fused(ids)
-    assert graph_pass.notes and all("bf16 or fp16" in n for n in graph_pass.notes), graph_pass.notes
+    assert graph_pass.records and all(not r.fused and "bf16 or fp16" in r.detail for r in graph_pass.records), graph_pass.records
 
 
 def test_transformers_v32_bf16_fused():
@@ -111,7 +111,7 @@ def test_transformers_v32_bf16_fused():
         fused, graph_pass = _compile(model, True, None)
         want = base(input_ids=ids, use_cache=False).logits
         got = fused(input_ids=ids, use_cache=False).logits
-    assert sum("fused indexer_logits" in n for n in graph_pass.notes) == len(tiny.dsa_layers), graph_pass.notes
+    assert sum(r.fused for r in graph_pass.records) == len(tiny.dsa_layers), graph_pass.records
     rel = (got.double() - want.double()).norm() / want.double().norm()
     assert rel < 2e-2, rel
 
