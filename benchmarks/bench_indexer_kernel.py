@@ -251,7 +251,7 @@ def section_topk(env, log, quick: bool) -> list[dict]:
     for R, T, k in shapes:
         x = causal_logits(1, R, T, seed=R + T) if R > 64 else causal_logits(R, 1, T, seed=R + T)
         x2d = x.reshape(-1, T)
-        row = dict(R=R, T=T, k=k, floor_ms=(R * T * 4 + R * k * 4) / (env["copy_tbs"] / 2 * 1e12) * 1e3)
+        row = dict(R=R, T=T, k=k, floor_ms=(R * T * 4 + R * k * 4) / (env["copy_tbs"] * 1e12) * 1e3)
         for name, fn in (
             ("torch_sorted", lambda: torch.topk(x2d, k, dim=-1, sorted=True)),
             ("torch_unsorted", lambda: torch.topk(x2d, k, dim=-1, sorted=False)),
@@ -307,7 +307,7 @@ def section_decode(env, log, quick: bool) -> list[dict]:
     for B, T in DECODE_SHAPES[:3] if quick else DECODE_SHAPES:
         q, k, w = make_inputs(B, 1, T, seed=B + T)
         out = torch.empty(B, 1, T, device="cuda")
-        row = dict(B=B, T=T, k_read_floor_ms=B * T * D * 2 / (env["copy_tbs"] / 2 * 1e12) * 1e3)
+        row = dict(B=B, T=T, k_read_floor_ms=B * T * D * 2 / (env["copy_tbs"] * 1e12) * 1e3)
         for name, fn in (
             ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
             ("fused_sorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK)),

@@ -111,11 +111,6 @@ def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
         return False
 
 
-def _is_one(size) -> bool:
-    expr = size if isinstance(size, sympy.Basic) else _sym(size)
-    return _eq(expr, sympy.Integer(1))
-
-
 class _Labels:
     """Atoms (index variables with a size) and a union-find saying which atoms are one index."""
 

@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import topk_cases  # noqa: E402
 
-from fx_indexcache.kernels import topk as tk  # noqa: E402
 from fx_indexcache.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
 
 
