@@ -167,3 +167,27 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
     assert [(r.layer, r.fused) for r in records] == [(0, True), (2, True)], records
     assert all(torch.equal(a, b) for a, b in zip(got_idx, want_idx))
     torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_key_count_is_fused_and_exact(kernel_ok):
+    """``dynamic=True`` (symbolic T): the score is still proven and fused for every length it runs at; a
+    top-k whose k is symbolic (``min(topk, T)``) stays aten.topk, and the record says so."""
+    from fx_indexcache.backend import aten_graph_backend
+
+    layout = LAYOUTS[0]
+    records = []
+
+    def rewrite(module):
+        sites = [n for n in module.graph.nodes if n.target == aten.topk.default]
+        records.extend(substitute_fused_indexer(module.graph, sites))
+        module.recompile()
+        return module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layout.fn, backend=aten_graph_backend(rewrite), dynamic=True)
+    for T in (20, 24, 31):
+        args = make_inputs(layout, T=T, seed=T)
+        (got_score, got_idx), (want_score, want_idx) = compiled(*args), layout.fn(*args)
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-6)
+    assert records and all(r.fused and "top-k kept as aten.topk" in r.detail for r in records), records
