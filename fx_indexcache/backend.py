@@ -103,7 +103,7 @@ def _chain_class(passes: tuple) -> type:
         return _Chain
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
 
-    return type("_InferenceAwareChain", (_Chain, CustomInferenceAwareGraphPass), {})
+    return type("_InferenceAwareChain", (_Chain, CustomInferenceAwareGraphPass), {"__module__": __name__})
 
 
 def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -> dict[str, Any]:

@@ -82,11 +82,10 @@ def _with_layer_count(config: VllmIndexCacheConfig, vllm_config: Any) -> VllmInd
     return dataclasses.replace(config, num_layers=layers) if isinstance(layers, int) else config
 
 
-def _checked(config: VllmIndexCacheConfig, vllm_config: Any) -> VllmIndexCacheConfig:
-    """``config``, after warning (once) when vLLM will not compile the model it is for."""
-    if vllm_config is not None:
+def _checked(config: VllmIndexCacheConfig | None, vllm_config: Any) -> None:
+    """Warn (once) when vLLM will not compile the model ``config`` is for (no-op outside vLLM's config context)."""
+    if vllm_config is not None and config is not None:
         check_vllm_compiles(vllm_config, config)
-    return config
 
 
 class VllmIndexCachePass(InductorPass):
@@ -124,12 +123,12 @@ class VllmIndexCachePass(InductorPass):
         """The config in force now: explicit, else the current vLLM model's, else the last one seen."""
         vllm_config = _current_vllm_config()
         if self.explicit_config is not None:
-            return _checked(_with_layer_count(self.explicit_config, vllm_config), vllm_config)
+            return _with_layer_count(self.explicit_config, vllm_config)
         if vllm_config is not None:
             found = config_from_vllm(vllm_config)
             if found is not None:
                 self._last_seen = found
-                return _checked(found, vllm_config)
+                return found
         return self._last_seen
 
     # ------------------------------------------------------------------ pass
@@ -164,6 +163,7 @@ class VllmIndexCachePass(InductorPass):
 
     def uuid(self) -> str:
         config = self.config()
+        _checked(config, _current_vllm_config())  # vLLM asks for the uuid when it hashes its config
         state = config.fingerprint() if config is not None else "config unresolved"
         source = "explicit" if self.explicit_config is not None else "vllm hf_config"
         text = f"{type(self).__qualname__}|{source}|{state}|{_source_digest()}"
@@ -291,7 +291,7 @@ def check_vllm_compiles(vllm_config: Any, config: IndexCacheConfig | None = None
     """Whether vLLM will compile the model the pass is configured for; warns once per model and pattern if not.
 
     ``config`` is the pass's config (default: the model's hf_config keys). Nothing to say when it marks no layer S.
-    ``VllmIndexCachePass`` calls this whenever it resolves its config inside vLLM's config context.
+    ``VllmIndexCachePass.uuid()`` calls this inside vLLM's config context (vLLM hashes its config through it).
     """
     model_config = getattr(vllm_config, "model_config", None)
     hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)

@@ -33,10 +33,9 @@ def test_mode_none_warns_once_with_the_native_overrides(tmp_path_factory, caplog
                                                                                            "full", "shared", "shared"]),
         compilation_config=CompilationConfig(mode=CompilationMode.NONE, inductor_passes=PASS_BY_NAME),
     )
-    graph_pass = vllm_config.compilation_config.inductor_compile_config["post_grad_custom_post_pass"]
     with caplog.at_level(logging.WARNING, logger="fx_indexcache"), set_current_vllm_config(vllm_config):
-        graph_pass.uuid()  # vLLM hashes its config through the pass's uuid
-        graph_pass.config()
+        vllm_config.compute_hash()  # vLLM hashes its compilation config through the pass's uuid
+        vllm_config.compute_hash()
         found = check_vllm_compiles(vllm_config)
     (message,) = _warnings(caplog)
     assert found.architecture == "DeepseekV3ForCausalLM" and "mode NONE" in found.reason
@@ -50,7 +49,7 @@ def test_an_explicit_pass_config_is_checked_and_a_native_pattern_is_named(tmp_pa
     vllm_config = VllmConfig(model_config=_model_config(tmp_path_factory, index_topk_freq=2),
                              compilation_config=CompilationConfig(mode=CompilationMode.NONE))
     with caplog.at_level(logging.WARNING, logger="fx_indexcache"), set_current_vllm_config(vllm_config):
-        VllmIndexCachePass(index_topk_freq=2).config()
+        VllmIndexCachePass(index_topk_freq=2).uuid()
     (message,) = _warnings(caplog)
     assert "already applies this pattern" in message  # freq 2 is read by vLLM's own model code
 
