@@ -110,7 +110,8 @@ class CudaGraphDecode:
 
     def compile_within_budget(self) -> None:
         last = None
-        names = [n for n in PRIORITY if n in self.a.variants.split(",")]
+        wanted = self.a.variants.split(",")
+        names = [n for n in PRIORITY if n in wanted] + [n for n in wanted if n not in PRIORITY]  # e.g. ours_f4_drop
         while names:
             group = names[:1] if names[0] == "inductor" else names[:2]
             names = names[len(group):]
