@@ -79,7 +79,7 @@ import torch.fx.experimental._config as fx_config
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from fx_indexcache import IndexCacheConfig, clear_reports, indexcache_backend, reports  # noqa: E402
+from fx_indexcache import IndexCacheBackend, IndexCacheConfig, clear_reports, indexcache_backend, reports  # noqa: E402
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 FREQS = (2, 4, 8)
@@ -109,7 +109,7 @@ def variant_pattern(name: str, n: int) -> str:
     return executed_pattern(variant_freq(name), n)
 
 
-def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_code: bool = False):
+def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_code: bool = False, mode: str | None = None):
     """The compiled callable ``fn(ids, cache, start_pos)`` of a variant other than eager.
 
     ``start_pos`` reaches the compiled function as the length of a small CPU tensor: a plain int argument is
@@ -118,7 +118,9 @@ def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_cod
     (``fuse_indexer_kernel=False``: the F layers keep Inductor's indexer code, like the baselines); ``fused_*`` is the
     backend's CUDA default; a ``_drop`` suffix adds ``drop_shared_indexer_cache_writes=True``. ``own_code`` gives the
     variant a code object of its own, so that several variants stay compiled side by side (dynamo keeps compiled code
-    on the code object) without their guards being tried in turn.
+    on the code object) without their guards being tried in turn. ``mode`` is torch.compile's (ours then runs as
+    ``IndexCacheBackend``, which takes a mode); with a mode the start length is a tensor on the model's device (a CPU
+    input would make Inductor skip CUDA graphs), one per start value, made once.
     """
     if name.startswith("hand"):
         model = copy.copy(model)  # shares the parameters, has its own pattern attribute
@@ -133,10 +135,21 @@ def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_cod
         options = {"index_topk_freq": variant_freq(name), "index_skip_topk_offset": OFFSET,
                    "fuse_indexer_kernel": name.startswith("fused"),
                    "drop_shared_indexer_cache_writes": name.endswith("_drop")}
-        compiled = torch.compile(step, backend=indexcache_backend, dynamic=True, options=options)
+        if mode is None:
+            compiled = torch.compile(step, backend=indexcache_backend, dynamic=True, options=options)
+        else:
+            compiled = torch.compile(step, backend=IndexCacheBackend(**options), dynamic=True, mode=mode)
     else:
-        compiled = torch.compile(step, backend="inductor", dynamic=True)
-    return lambda ids, cache, start: compiled(ids, cache, torch.empty(start, dtype=torch.uint8))
+        compiled = torch.compile(step, backend="inductor", dynamic=True, mode=mode)
+    device = model.lm_head.weight.device if mode is not None else torch.device("cpu")
+    starts: dict[int, torch.Tensor] = {}
+
+    def call(ids, cache, start):
+        if start not in starts:
+            starts[start] = torch.empty(start, dtype=torch.uint8, device=device)
+        return compiled(ids, cache, starts[start])
+
+    return call
 
 
 class Runner:

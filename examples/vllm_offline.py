@@ -76,6 +76,10 @@ def main() -> None:
         hf_overrides={"architectures": ["DeepseekV3ForCausalLM"]},
         compilation_config=compilation_config,
     )
+    from fx_indexcache.vllm_pass import check_vllm_compiles
+
+    if check_vllm_compiles(llm.llm_engine.vllm_config, graph_pass.config()):
+        print("vLLM will not compile this model: the pass cannot run (the warning above gives the native overrides)")
     prompts = ["Summarise the IndexCache paper in one sentence.", "What is a lightning indexer?"]
     for output in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64)):
         print(repr(output.outputs[0].text))

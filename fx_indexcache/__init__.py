@@ -4,7 +4,7 @@ Layers marked F compute their lightning-indexer top-k; layers marked S reuse the
 the nearest preceding F layer, and the pass deletes their indexers from the compiled graph.
 """
 
-from .backend import indexcache_backend, indexcache_eager_backend
+from .backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .config import IndexCacheConfig
 from .detection import detect, register_site_finder
 from .export import apply_index_cache_to_exported_program
@@ -12,6 +12,8 @@ from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, clear_reports, reports
 
 __all__ = [
+    "IndexCacheBackend",
+    "IndexCacheEagerBackend",
     "IndexCacheConfig",
     "IndexCachePass",
     "IndexCacheReport",

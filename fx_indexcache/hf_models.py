@@ -81,6 +81,8 @@ class ModelSpec:
     dynamo_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Why the pass cannot (or must not) share indices in this model; None where it does.
     limitation: str | None = None
+    #: Why transformers cannot run this model with a static cache (so no compiled decoding); None where it can.
+    no_static_cache: str | None = None
 
     @property
     def transformers_module(self):
@@ -140,6 +142,13 @@ SPECS: dict[str, ModelSpec] = {
             ),
             "model.layers", "self_attn.compressor.indexer", router_topk_per_moe_layer=1,
             moe_layer_types=("moe",),
+            no_static_cache=(
+                "transformers has no static cache layer for its compressed-sparse-attention layers "
+                "(StaticCache raises KeyError: 'compressed_sparse_attention'), so generate() cannot decode it "
+                "with cache_implementation='static', the only cache transformers compiles decoding with; a "
+                "compiled model.forward with the default dynamic cache still applies IndexCache, without the "
+                "fixed shapes CUDA graphs need"
+            ),
         ),
         ModelSpec(
             "glm5_next", "glm5_next", "Glm5NextTextConfig", "Glm5NextTextModel",

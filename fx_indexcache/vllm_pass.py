@@ -31,7 +31,7 @@ from torch import fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from . import detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
-from .config import FULL, IndexCacheConfig
+from .config import FULL, SHARED, IndexCacheConfig
 from .graph_pass import IndexCachePass, _source_digest
 from .report import IndexCacheReport
 
@@ -80,6 +80,12 @@ def _with_layer_count(config: VllmIndexCacheConfig, vllm_config: Any) -> VllmInd
     hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
     layers = getattr(hf_config, "num_hidden_layers", None)
     return dataclasses.replace(config, num_layers=layers) if isinstance(layers, int) else config
+
+
+def _checked(config: VllmIndexCacheConfig | None, vllm_config: Any) -> None:
+    """Warn (once) when vLLM will not compile the model ``config`` is for (no-op outside vLLM's config context)."""
+    if vllm_config is not None and config is not None:
+        check_vllm_compiles(vllm_config, config)
 
 
 class VllmIndexCachePass(InductorPass):
@@ -157,6 +163,7 @@ class VllmIndexCachePass(InductorPass):
 
     def uuid(self) -> str:
         config = self.config()
+        _checked(config, _current_vllm_config())  # vLLM asks for the uuid when it hashes its config
         state = config.fingerprint() if config is not None else "config unresolved"
         source = "explicit" if self.explicit_config is not None else "vllm hf_config"
         text = f"{type(self).__qualname__}|{source}|{state}|{_source_digest()}"
@@ -221,10 +228,99 @@ def _native_notes(config: IndexCacheConfig, report: IndexCacheReport) -> list[st
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class UncompiledModel:
+    """vLLM will not torch.compile this model, so the pass never runs: what to do instead."""
+
+    architecture: str
+    reason: str
+    pattern: str  # what the pass is configured to apply
+    native_pattern: str  # what vLLM's own model code applies from the hf_config alone
+
+    @property
+    def hf_overrides(self) -> dict[str, str]:
+        """The vLLM-native keys that apply the same pattern without the pass."""
+        return {"index_topk_pattern": self.pattern}
+
+    def message(self) -> str:
+        import json
+
+        native = (
+            "vLLM's own model code already applies this pattern from the hf_config"
+            if self.native_pattern == self.pattern
+            else f"vLLM's own model code applies {self.native_pattern} from the hf_config; to run {self.pattern} "
+            f"without the pass, start vLLM with --hf-overrides '{json.dumps(self.hf_overrides)}'"
+        )
+        return (
+            f"the IndexCache pass is configured for {self.architecture} but vLLM will not torch.compile it "
+            f"({self.reason}), so the pass never runs; {native}"
+        )
+
+
+def _native_pattern(hf_config: Any, num_layers: int) -> str:
+    """The pattern vLLM's DSA model code builds: freq/offset/pattern, ``use_index_cache`` and ``indexer_types``
+    not read (vLLM 0.32/0.33; only HY-V4 reads ``indexer_types``)."""
+    config = VllmIndexCacheConfig.from_hf_config(hf_config)
+    return dataclasses.replace(config, use_index_cache=True, indexer_types=None).pattern_for(num_layers)
+
+
+def _why_not_compiled(vllm_config: Any) -> str | None:
+    """Why vLLM will run this model without torch.compile, or None when it compiles it."""
+    from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
+
+    compilation = vllm_config.compilation_config
+    if compilation.mode == CompilationMode.NONE:
+        return "compilation mode NONE: -O0, enforce_eager, or breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1)"
+    try:
+        from vllm.config.vllm import default_breakable_cudagraph_architectures
+    except ImportError:  # a vLLM without breakable CUDA graphs
+        return None
+    gpu = current_platform.is_cuda() or current_platform.is_rocm()
+    eager = set(vllm_config.model_config.architectures) & default_breakable_cudagraph_architectures()
+    if gpu and eager:
+        return (f"vLLM's {current_platform.device_name} model class for {', '.join(sorted(eager))} is not "
+                "torch.compiled (it runs under breakable CUDA graphs)")
+    return None
+
+
+_warned_uncompiled: set[tuple[str, str]] = set()
+
+
+def check_vllm_compiles(vllm_config: Any, config: IndexCacheConfig | None = None) -> UncompiledModel | None:
+    """Whether vLLM will compile the model the pass is configured for; warns once per model and pattern if not.
+
+    ``config`` is the pass's config (default: the model's hf_config keys). Nothing to say when it marks no layer S.
+    ``VllmIndexCachePass.uuid()`` calls this inside vLLM's config context (vLLM hashes its config through it).
+    """
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if hf_config is None or not isinstance(layers, int):
+        return None
+    config = config if config is not None else config_from_vllm(vllm_config)
+    pattern = config.pattern_for(layers) if config is not None else FULL * layers
+    reason = _why_not_compiled(vllm_config) if SHARED in pattern else None
+    if reason is None:
+        return None
+    found = UncompiledModel(", ".join(model_config.architectures), reason, pattern, _native_pattern(hf_config, layers))
+    if (found.architecture, pattern) not in _warned_uncompiled:
+        _warned_uncompiled.add((found.architecture, pattern))
+        log.warning("fx_indexcache: %s", found.message())
+    return found
+
+
 #: The instance to name in ``CompilationConfig.inductor_passes``: config from the model's hf_config.
 vllm_index_cache_pass = VllmIndexCachePass()
 
-__all__ = ["VllmIndexCacheConfig", "VllmIndexCachePass", "config_from_vllm", "vllm_index_cache_pass"]
+__all__ = [
+    "UncompiledModel",
+    "VllmIndexCacheConfig",
+    "VllmIndexCachePass",
+    "check_vllm_compiles",
+    "config_from_vllm",
+    "vllm_index_cache_pass",
+]
 
 # vLLM resolves "fx_indexcache.vllm_pass.vllm_index_cache_pass" (and "fx_indexcache.<name>")
 # as __import__(module).__dict__[name]: a lookup in the top-level package's namespace, which a
