@@ -14,6 +14,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import IndexCacheConfig
+from .frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, publish
 
@@ -34,11 +35,11 @@ class _Chain(CustomGraphPass):
 
 
 def indexcache_inductor_patches(
-    options: Mapping[str, Any] | None,
+    options: Mapping[str, Any] | None, graph_starts_at_first_layer: bool | None = None
 ) -> tuple[IndexCachePass, dict[str, Any]]:
     """The pass configured from ``options`` and the Inductor config patches that install it."""
     config, inductor_options = IndexCacheConfig.from_options(options)
-    graph_pass = IndexCachePass(config)
+    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=graph_starts_at_first_layer)
     user_pass = inductor_options.pop("post_grad_custom_post_pass", None)
     if user_pass is None:
         user_pass = torch._inductor.config.post_grad_custom_post_pass
@@ -54,7 +55,8 @@ def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mappin
     merged.update(kw.pop("config_patches", {}) or {})
     if kw.get("mode") not in (None, "default"):
         raise ValueError(f"indexcache_backend: mode={kw['mode']!r} is not supported; use options instead")
-    graph_pass, patches = indexcache_inductor_patches(merged)
+    # issue 11: tell the pass whether this dynamo graph starts at the model's top (see frames.py)
+    graph_pass, patches = indexcache_inductor_patches(merged, dynamo_graph_starts_at_first_layer())
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not graph_pass.reports:
         _report_cache_hit(graph_pass)
@@ -101,7 +103,8 @@ def indexcache_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: 
     config, rest = IndexCacheConfig.from_options(options)
     if rest:
         raise ValueError(f"indexcache_eager_backend: unknown options {sorted(rest)}; only IndexCache keys apply")
-    graph_pass = IndexCachePass(config)
+    # issue 11: tell the pass whether this dynamo graph starts at the model's top (see frames.py)
+    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=dynamo_graph_starts_at_first_layer())
 
     def rewrite(module: torch.fx.GraphModule):
         graph_pass(module.graph)

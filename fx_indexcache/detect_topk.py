@@ -4,8 +4,9 @@ A DSA graph holds other top-k too: MoE routers pick experts, samplers pick vocab
 entries. What marks an indexer is its score, not its name: the top-k reduces the key axis of
 ``ReLU(q · kᵀ)``, a product of two activations (a router or sampler scores with a weight
 matrix), reached from the top-k through at most one more contraction (the per-head weighted
-sum). Module paths that say "indexer" count as supporting evidence only, so graphs traced
-without ``nn_module_stack`` (functional code, export) are handled the same way.
+sum). Module paths that say "indexer" are recorded as evidence but never admit a top-k the
+structure rejects, so graphs traced without ``nn_module_stack`` (functional code, export) are
+handled the same way as named ones.
 """
 
 from __future__ import annotations
@@ -242,10 +243,12 @@ def classify_topk(node: fx.Node) -> TopkVerdict:
     evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
     if shared:
         evidence.insert(1, "score is a product of two activations (q·k)")
-    if not (shared or named):
+    if not shared:  # a name never admits what the structure rejects
         reason = "ReLU score multiplies a weight: a projection, not q·k"
         if activations:
             reason = "ReLU score multiplies two tensors computed from disjoint inputs (a derived weight): a projection, not q·k"
+        if named:
+            reason += " (the module path says indexer, but names do not outweigh structure)"
         return TopkVerdict(node, False, tuple(evidence), reason)
     return TopkVerdict(node, True, tuple(evidence), "")
 

@@ -18,7 +18,9 @@ def apply_index_cache_to_exported_program(
 
     Works on the ATen graph ``torch.export.export`` produces (``aten.topk`` is kept by both
     the training and inference IRs). Cache writes stay: in an exported program they are
-    buffer-mutation outputs that belong to its signature.
+    buffer-mutation outputs that belong to its signature. Applying it again (or compiling
+    ``program.module()`` with the backend) reads the layer numbers this rewrite recorded in the
+    graph instead of renumbering the surviving layers.
     """
     if config is None:
         config, rest = IndexCacheConfig.from_options(keys)
@@ -29,6 +31,8 @@ def apply_index_cache_to_exported_program(
             "drop_shared_indexer_cache_writes=True is not allowed for an exported program: "
             "its cache writes are part of the program's signature"
         )
-    report = IndexCachePass(config).run(program.graph_module.graph, graph_name="exported program")
+    # An exported program is one whole graph, from the model's first layer on: graph order may number it.
+    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=True)
+    report = graph_pass.run(program.graph_module.graph, graph_name="exported program")
     program.graph_module.recompile()
     return report
