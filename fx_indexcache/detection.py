@@ -35,6 +35,7 @@ class LayerSource(str, enum.Enum):
     WHOLE_GRAPH_ORDER = "whole-graph order"
     RECORDED = "an earlier IndexCache rewrite's record"
     UNKNOWN = "unknown"
+    NO_SITES = "no indexer sites"
 
 
 class UnknownLayerIndex(str, enum.Enum):
@@ -140,7 +141,7 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None) -> 
         inner, _ = _find_all(module.graph)
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")
-    detection = Detection(sites, ignored, [], nested, LayerSource.UNKNOWN)
+    detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
     if sites:
         _assign_layers(detection, graph_starts_at_first_layer)
     return detection

@@ -7,6 +7,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from .config import IndexCacheConfig
+from .graph_inputs import declared_parameters
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport
 
@@ -33,6 +34,7 @@ def apply_index_cache_to_exported_program(
         )
     # An exported program is one whole graph, from the model's first layer on: graph order may number it.
     graph_pass = IndexCachePass(config, graph_starts_at_first_layer=True)
-    report = graph_pass.run(program.graph_module.graph, graph_name="exported program")
+    with declared_parameters(program.graph_signature.inputs_to_parameters):  # weights are never keys
+        report = graph_pass.run(program.graph_module.graph, graph_name="exported program")
     program.graph_module.recompile()
     return report

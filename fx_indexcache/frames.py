@@ -8,6 +8,11 @@ starts at the top of the model), a resume function after a graph break (code nam
 its own because the frame above it could not be traced (one graph that may serve several
 layers). Only the first kind may be numbered by order; this module tells them apart from the
 Python stack at the time the backend runs, and answers None outside a dynamo compile.
+
+The generated ``forward`` of an ``fx.GraphModule`` (``ExportedProgram.module()``, a traced
+graph) is never taken for the model's own code: it may be a graph this pass already rewrote,
+whose survivors graph order would renumber. Such a graph carries its layer numbers in the
+records the rewrite left (``layer_records``), or its module paths.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import PurePath
 from types import FrameType
 
 RESUME_PREFIX = "torch_dynamo_resume_in_"
+FX_GENERATED_PREFIX = "<eval_with_key>"
 
 _CONVERT_FRAME = ("torch", "_dynamo", "convert_frame.py")
 _EVAL_FRAME = ("torch", "_dynamo", "eval_frame.py")
@@ -38,8 +44,8 @@ def _outermost_convert_frame() -> FrameType | None:
     return found
 
 
-def _compiled_code_name(callback: FrameType) -> str | None:
-    """The name of the code dynamo is compiling, from the callback's ``frame`` argument."""
+def _compiled_code(callback: FrameType):
+    """The code object dynamo is compiling, from the callback's ``frame`` argument."""
     frame = callback.f_locals.get("frame")
     code = getattr(frame, "f_code", None)
     if code is None:
@@ -47,7 +53,7 @@ def _compiled_code_name(callback: FrameType) -> str | None:
 
         traced = TracingContext.get_traced_code() or []
         code = traced[0] if traced else None
-    return getattr(code, "co_name", None)
+    return code
 
 
 def dynamo_graph_starts_at_first_layer() -> bool | None:
@@ -62,10 +68,10 @@ def dynamo_graph_starts_at_first_layer() -> bool | None:
     callback = _outermost_convert_frame()
     if callback is None:
         return None
-    name = _compiled_code_name(callback)
-    if name is None:
+    code = _compiled_code(callback)
+    if code is None:
         return None
-    if name.startswith(RESUME_PREFIX):
+    if code.co_name.startswith(RESUME_PREFIX) or code.co_filename.startswith(FX_GENERATED_PREFIX):
         return False
     caller = callback.f_back
     while caller is not None and _is_file(caller, _MODULE_CALL):

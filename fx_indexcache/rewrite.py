@@ -174,8 +174,9 @@ def apply_index_cache(
         return [LayerDecision(None, UNMARKED, COMPUTED, None, note=note) for _ in detection.sites]
     by_layer = {site.layer: site for site in detection.sites}
     decisions = [_decide(graph, site, by_layer, config, writes) for site in detection.sites]
-    graph.eliminate_dead_code()
-    graph.lint()
+    if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
+        graph.eliminate_dead_code()
+        graph.lint()
     _record_layers(detection.sites, decisions, detection.records)
     return decisions
 

@@ -386,7 +386,8 @@ def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
     with set_current_vllm_config(freq2):
         assert graph_pass.config().pattern_for(6) == "FFSFSF"
         assert VllmIndexCachePass().uuid() == uuids["2"]
-    assert graph_pass.config().index_topk_freq == 2  # remembered outside the context
+    # outside vLLM's config context the model's config is unknown: no config (it used to be the last one seen)
+    assert graph_pass.config() is None
     with set_current_vllm_config(freq2):  # explicit keys get the model's layer count: MTP rule, length check
         assert VllmIndexCachePass(index_topk_freq=4).config().num_layers == 6
         with pytest.raises(ValueError, match="one entry per decoder layer"):
@@ -394,6 +395,20 @@ def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
     explicit = [VllmIndexCachePass(index_topk_freq=f).uuid() for f in (2, 2, 4)]
     assert explicit[0] == explicit[1] != explicit[2]
     assert explicit[0] != uuids["2"]  # an explicit config is keyed apart from the model's
+
+
+def test_outside_vllm_context_the_model_pass_leaves_the_graph_untouched(tmp_path_factory, caplog):
+    """Issue 11: a pass that read one model's hf_config must not apply it to a graph compiled outside vLLM."""
+    graph_pass = VllmIndexCachePass()
+    freq2 = VllmConfig(model_config=_model_config(tmp_path_factory, use_index_cache=True, index_topk_freq=2))
+    with set_current_vllm_config(freq2):
+        assert graph_pass.config().pattern_for(6) == "FFSFSF"  # seen once inside the context
+    with caplog.at_level("WARNING", logger="fx_indexcache"):
+        out, graph, report = _rewrite(ToyDSAModel(), graph_pass, v2=False)
+    assert len(_indexer_calls(graph)) == 6 and report.decisions == [] and report.indexers_removed == 0
+    assert any("graph left unchanged" in note for note in report.other_notes)
+    assert any("no IndexCache config" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, _expected("FFFFFF"), rtol=0, atol=0)
 
 
 def test_vllm_compile_path_with_hf_overrides(tmp_path_factory, monkeypatch):
