@@ -103,8 +103,10 @@ def reference_kernel():
 class ToyDSALayer(nn.Module):
     """Decoder layer ``layer`` (global index): indexer op into the shared buffer, then sparse attention."""
 
-    def __init__(self, layer: int, has_indexer: bool, reads: str, candidates: bool = False) -> None:
+    def __init__(self, layer: int, has_indexer: bool, reads: str, candidates: bool = False,
+                 insert: bool = False) -> None:
         super().__init__()
+        self.insert = insert  # the op inserts this layer's keys into its indexer K-cache itself
         gen = torch.Generator().manual_seed(layer)
         def weight(out):
             return nn.Parameter(torch.randn(out, HIDDEN, generator=gen) / HIDDEN**0.5, requires_grad=False)
@@ -122,7 +124,8 @@ class ToyDSALayer(nn.Module):
             q = (h @ self.wq.T).view(-1, HEADS, HEAD_DIM)
             torch.ops.vllm.sparse_attn_indexer(
                 h, _encode_layer_name(self.k_cache_name), self.kv_cache, q, None, h @ self.wk.T, h @ self.ww.T,
-                128, None, TOPK, HEAD_DIM, MAX_TOKENS, MAX_TOKENS, buffer, True, False, False, _encode_layer_name(""),
+                128, None, TOPK, HEAD_DIM, MAX_TOKENS, MAX_TOKENS, buffer, not self.insert, False, False,
+                _encode_layer_name(""),
                 candidate_blocks=self.candidate_blocks,
                 candidate_block_size=0 if self.candidate_blocks is None else 16,
             )
@@ -143,12 +146,12 @@ class ToyDSAModel(nn.Module):
     """
 
     def __init__(self, num_layers: int = 6, first: int = 0, skip: str | None = None, reads: str = "graph",
-                 candidates: tuple[int, ...] = ()) -> None:
+                 candidates: tuple[int, ...] = (), insert: bool = False) -> None:
         super().__init__()
         self.topk_indices_buffer = torch.zeros(MAX_TOKENS, TOPK, dtype=torch.int32)
         _SIDE_CHANNEL["buffer"] = self.topk_indices_buffer
         self.layers = nn.ModuleList(
-            ToyDSALayer(first + i, skip is None or skip[first + i] != "S", reads, first + i in candidates)
+            ToyDSALayer(first + i, skip is None or skip[first + i] != "S", reads, first + i in candidates, insert)
             for i in range(num_layers)
         )
 
@@ -326,6 +329,29 @@ def test_refused_layer_blocks_the_layers_behind_it():
     graph.lint()
     with torch.no_grad():
         torch.testing.assert_close(out, ToyDSAModel(candidates=(2,))(_inputs()), rtol=0, atol=0)
+
+
+def test_a_dropped_key_cache_insert_binds_the_models_later_graphs():
+    """Issue 11: graph 1 removes layer 2's call and with it the K-cache insert; a later graph of the
+    same model (another compile range) that must keep layer 2 computing would read unwritten rows."""
+    graph_pass = VllmIndexCachePass(index_topk_pattern="FFSSFF")
+    _, _, first = _rewrite(ToyDSAModel(insert=True), graph_pass, v2=False)
+    assert first.indexers_removed == 2
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="earlier graph of the same model dropped its indexer key-cache writes"):
+        _rewrite(ToyDSAModel(insert=True, candidates=(2,)), graph_pass, v2=False)
+
+
+def test_a_kept_key_cache_insert_keeps_the_layer_computing_in_later_graphs():
+    graph_pass = VllmIndexCachePass(index_topk_pattern="FFSSFF")
+    _, _, first = _rewrite(ToyDSAModel(insert=True, candidates=(2,)), graph_pass, v2=False)
+    assert first.indexers_removed == 0  # layer 2 refused (candidate blocks), layer 3 behind it
+    torch._dynamo.reset()
+    out, graph, report = _rewrite(ToyDSAModel(insert=True), graph_pass, v2=False)
+    by_layer = {d.layer: d for d in report.decisions}
+    assert by_layer[2].action == LEFT and "kept this layer's key-cache insert" in by_layer[2].note
+    assert len(_indexer_calls(graph)) == 6
+    torch.testing.assert_close(out, _expected("FFFFFF"), rtol=0, atol=0)
 
 
 def test_mtp_layers_always_compute():
