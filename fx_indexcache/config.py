@@ -43,6 +43,7 @@ class Switch(str, enum.Enum):
     GIVEN = "use_index_cache given"
     DEFAULT = "default"
     IMPLIED_BY_KEYS = "implied by the IndexCache keys (vLLM and SGLang apply them without use_index_cache)"
+    BACKEND = "on by default for the IndexCache backends and the export helper"
 
 #: The keys that make a pattern: giving any of them (without use_index_cache) means IndexCache on.
 PATTERN_KEYS = ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "indexer_types")
@@ -238,7 +239,7 @@ class IndexCacheConfig:
         options = dict(options or {})
         mine = {key: options.pop(key) for key in (*CONFIG_KEYS, "num_layers") if key in options}
         if "use_index_cache" not in mine:
-            mine["use_index_cache"], mine["switch"] = True, Switch.IMPLIED_BY_KEYS
+            mine["use_index_cache"], mine["switch"] = True, Switch.BACKEND
         if not any(k in mine for k in ("index_topk_freq", "index_topk_pattern", "indexer_types")):
             mine["index_topk_freq"] = 4
         return cls(**mine), options

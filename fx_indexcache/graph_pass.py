@@ -98,7 +98,7 @@ class IndexCachePass(CustomGraphPass):
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
                 "the configured pattern is not applied there",
-                graph_name or "a graph", len(decisions), detection.unknown_reason.value,
+                graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
             )
         report.other_notes.extend(kernel_notes)
         stats = counters["fx_indexcache"]
