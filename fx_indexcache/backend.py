@@ -24,6 +24,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import IndexCacheConfig
+from .frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, publish
 
@@ -119,11 +120,11 @@ def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -
 
 
 def indexcache_inductor_patches(
-    options: Mapping[str, Any] | None,
+    options: Mapping[str, Any] | None, graph_starts_at_first_layer: bool | None = None
 ) -> tuple[IndexCachePass, dict[str, Any]]:
     """The pass configured from ``options`` and the Inductor config patches that install it."""
     config, inductor_options = IndexCacheConfig.from_options(options)
-    graph_pass = IndexCachePass(config)
+    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=graph_starts_at_first_layer)
     return graph_pass, install_pass(graph_pass, inductor_options)
 
 
@@ -166,7 +167,7 @@ class IndexCacheBackend:
         config, inductor_options = IndexCacheConfig.from_options(
             {**self.options, **(options or {}), **(config_patches or {})}
         )
-        graph_pass = IndexCachePass(config)
+        graph_pass = IndexCachePass(config, graph_starts_at_first_layer=dynamo_graph_starts_at_first_layer())
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options)
         if not graph_pass.reports:
             _report_cache_hit(graph_pass)

@@ -6,17 +6,47 @@ The keys and their meaning follow vLLM and SGLang exactly, so a model config or 
 * ``index_topk_freq`` / ``index_skip_topk_offset``: layer ``i`` is F iff
   ``max(i - offset + 1, 0) % freq == 0`` (the default offset 2 makes layers 0 and 1 F);
 * ``index_topk_pattern``: one ``F``/``S`` character per decoder layer, overrides freq/offset;
-* ``indexer_types``: ``"full"``/``"shared"`` per layer, overrides everything else.
+* ``indexer_types``: ``"full"``/``"shared"`` per layer, overrides everything else;
+* a layer numbered at or past ``num_layers`` (an MTP / next-n layer) always computes.
+
+vLLM 0.33 and SGLang 0.5.23 apply these keys without reading ``use_index_cache``; a model
+config read by ``from_hf_config`` therefore switches IndexCache on when it carries them (GLM-5.2
+ships ``index_topk_freq: 4, index_skip_topk_offset: 3`` and no ``use_index_cache``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 FULL, SHARED = "F", "S"
+
+log = logging.getLogger("fx_indexcache")
+
+
+class PatternSource(str, enum.Enum):
+    """Which key decides the F/S pattern (SGLang's precedence), or that IndexCache is off."""
+
+    OFF = "off (use_index_cache is false)"
+    INDEXER_TYPES = "indexer_types"
+    INDEX_TOPK_PATTERN = "index_topk_pattern"
+    FREQ_OFFSET = "index_topk_freq / index_skip_topk_offset"
+
+
+class Switch(str, enum.Enum):
+    """Why ``use_index_cache`` has the value it has."""
+
+    GIVEN = "use_index_cache given"
+    DEFAULT = "default"
+    IMPLIED_BY_KEYS = "implied by the IndexCache keys (vLLM and SGLang apply them without use_index_cache)"
+    BACKEND = "on by default for the IndexCache backends and the export helper"
+
+#: The keys that make a pattern: giving any of them (without use_index_cache) means IndexCache on.
+PATTERN_KEYS = ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "indexer_types")
 
 #: The keys this config reads from a model config, a dict or backend options.
 CONFIG_KEYS = (
@@ -52,7 +82,10 @@ class IndexCacheConfig:
     those layers share indices (off by default: the cache then stays complete for a caller
     that runs the unrewritten model on it). ``fuse_indexer_kernel`` lets the F layers' scoring
     run as one fused Triton kernel where it is proven equivalent and supported (CUDA, bf16/fp16);
-    elsewhere Inductor's code stays.
+    elsewhere Inductor's code stays. Left at None it means "fuse when IndexCache is on": with
+    ``use_index_cache=False`` the graph is then left exactly as it is, and only an explicit
+    ``fuse_indexer_kernel=True`` substitutes the kernel on its own. ``switch`` records why
+    ``use_index_cache`` is what it is (not part of the semantics, nor of the fingerprint).
     """
 
     use_index_cache: bool = False
@@ -62,15 +95,16 @@ class IndexCacheConfig:
     indexer_types: tuple[str, ...] | None = None
     num_layers: int | None = None
     drop_shared_indexer_cache_writes: bool = False
-    fuse_indexer_kernel: bool = True
+    fuse_indexer_kernel: bool | None = None
+    switch: Switch = dataclasses.field(default=Switch.GIVEN, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.use_index_cache, bool):
             raise _bad("use_index_cache", self.use_index_cache, "a bool")
         if not isinstance(self.drop_shared_indexer_cache_writes, bool):
             raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes, "a bool")
-        if not isinstance(self.fuse_indexer_kernel, bool):
-            raise _bad("fuse_indexer_kernel", self.fuse_indexer_kernel, "a bool")
+        if self.fuse_indexer_kernel is not None and not isinstance(self.fuse_indexer_kernel, bool):
+            raise _bad("fuse_indexer_kernel", self.fuse_indexer_kernel, "a bool or None (fuse when IndexCache is on)")
         _check_positive_int("index_topk_freq", self.index_topk_freq)
         _check_positive_int("index_skip_topk_offset", self.index_skip_topk_offset)
         if self.num_layers is not None:
@@ -102,11 +136,35 @@ class IndexCacheConfig:
             return "".join(_INDEXER_TYPES[t] for t in self.indexer_types)
         return self.index_topk_pattern
 
+    @property
+    def pattern_source(self) -> PatternSource:
+        """The key that decides the pattern, in SGLang's precedence."""
+        if not self.use_index_cache:
+            return PatternSource.OFF
+        if self.indexer_types is not None:
+            return PatternSource.INDEXER_TYPES
+        if self.index_topk_pattern is not None:
+            return PatternSource.INDEX_TOPK_PATTERN
+        return PatternSource.FREQ_OFFSET
+
+    @property
+    def fuses_kernel(self) -> bool:
+        """Whether F layers' scoring may be swapped for the fused kernel (where supported)."""
+        if self.fuse_indexer_kernel is None:
+            return self.use_index_cache
+        return self.fuse_indexer_kernel
+
     def layer_kind(self, layer: int) -> str:
-        """``"F"`` or ``"S"`` for global decoder-layer index ``layer``, before any safety demotion."""
+        """``"F"`` or ``"S"`` for global decoder-layer index ``layer``, before any safety demotion.
+
+        A layer at or past ``num_layers`` is an MTP / next-n layer: vLLM always builds its
+        indexer, so it is F whatever the pattern says.
+        """
         if layer < 0:
             raise ValueError(f"IndexCache config: layer index {layer} is negative; layer indices start at 0")
         if not self.use_index_cache:
+            return FULL
+        if self.num_layers is not None and layer >= self.num_layers:
             return FULL
         pattern = self.explicit_pattern
         if pattern is not None:
@@ -136,8 +194,10 @@ class IndexCacheConfig:
         return None
 
     def fingerprint(self) -> str:
-        """A stable string covering every field; part of the pass's cache key."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """A stable string covering every field that shapes the graph; part of the pass's cache key."""
+        fields = dataclasses.asdict(self)
+        fields.pop("switch")
+        return json.dumps(fields, sort_keys=True)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,22 +207,26 @@ class IndexCacheConfig:
         A plain dict (vLLM's ``--hf-overrides``) and config objects are both accepted; keys
         absent everywhere keep their defaults. ``num_layers`` comes from
         ``num_hidden_layers`` when present, so a pattern of the wrong length is rejected.
+        The result is the pattern vLLM and SGLang run for this config: the pattern keys apply
+        without ``use_index_cache``; an explicit ``use_index_cache: false`` still turns them off
+        here, with a warning that those engines would apply them. ``overrides`` win over the
+        config and count as given.
         """
-        sources = [config]
-        nested = _get(config, "text_config")
-        if nested is not None:
-            sources.append(nested)
-        values: dict[str, Any] = {}
-        for key in (*CONFIG_KEYS, "num_hidden_layers"):
-            for source in sources:
-                value = _get(source, key)
-                if value is not None:
-                    values[key] = value
-                    break
-        num_layers = values.pop("num_hidden_layers", None)
-        if num_layers is not None:
-            values["num_layers"] = num_layers
+        values = _read_keys(config)
         values.update(overrides)
+        keyed = [key for key in PATTERN_KEYS if values.get(key) is not None]
+        if "use_index_cache" not in values:
+            implied = bool(keyed)
+            values["use_index_cache"] = implied
+            values["switch"] = Switch.IMPLIED_BY_KEYS if implied else Switch.DEFAULT
+        elif values["use_index_cache"] is False and "use_index_cache" not in overrides:
+            engines = cls(**{**values, "use_index_cache": True}).pattern_for(_layers_to_show(values))
+            if SHARED in engines:
+                log.warning(
+                    "fx_indexcache: the model config sets use_index_cache=false next to %s; IndexCache stays off "
+                    "here, but vLLM and SGLang do not read use_index_cache and would run pattern %s",
+                    ", ".join(keyed), engines,
+                )
         return cls(**values)
 
     @classmethod
@@ -174,10 +238,48 @@ class IndexCacheConfig:
         """
         options = dict(options or {})
         mine = {key: options.pop(key) for key in (*CONFIG_KEYS, "num_layers") if key in options}
-        mine.setdefault("use_index_cache", True)
+        if "use_index_cache" not in mine:
+            mine["use_index_cache"], mine["switch"] = True, Switch.BACKEND
         if not any(k in mine for k in ("index_topk_freq", "index_topk_pattern", "indexer_types")):
             mine["index_topk_freq"] = 4
         return cls(**mine), options
+
+    @classmethod
+    def from_keys(cls, **keys: Any) -> IndexCacheConfig:
+        """Keyword keys as every entry point takes them: any key given switches IndexCache on
+        unless ``use_index_cache`` is given too (no keys at all: the all-F default)."""
+        if keys and "use_index_cache" not in keys:
+            keys["use_index_cache"], keys["switch"] = True, Switch.IMPLIED_BY_KEYS
+        return cls(**keys)
+
+
+def _layers_to_show(values: Mapping[str, Any]) -> int:
+    """How many layers a message about this config should spell out."""
+    if values.get("num_layers") is not None:
+        return values["num_layers"]
+    for key in ("indexer_types", "index_topk_pattern"):
+        if values.get(key) is not None:
+            return len(values[key])
+    return 16
+
+
+def _read_keys(config: Any) -> dict[str, Any]:
+    """The keys present in ``config`` or its ``text_config`` (outer first), ``num_layers`` included."""
+    sources = [config]
+    nested = _get(config, "text_config")
+    if nested is not None:
+        sources.append(nested)
+    values: dict[str, Any] = {}
+    for key in (*CONFIG_KEYS, "num_hidden_layers"):
+        for source in sources:
+            value = _get(source, key)
+            if value is not None:
+                values[key] = value
+                break
+    num_layers = values.pop("num_hidden_layers", None)
+    if num_layers is not None:
+        values["num_layers"] = num_layers
+    return values
 
 
 def _get(source: Any, key: str) -> Any:

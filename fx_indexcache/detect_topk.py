@@ -4,14 +4,16 @@ A DSA graph holds other top-k too: MoE routers pick experts, samplers pick vocab
 entries. What marks an indexer is its score, not its name: the top-k reduces the key axis of
 ``ReLU(q · kᵀ)``, a product of two activations (a router or sampler scores with a weight
 matrix), reached from the top-k through at most one more contraction (the per-head weighted
-sum). Module paths that say "indexer" count as supporting evidence only, so graphs traced
-without ``nn_module_stack`` (functional code, export) are handled the same way.
+sum). Module paths that say "indexer" are recorded as evidence but never admit a top-k the
+structure rejects, so graphs traced without ``nn_module_stack`` (functional code, export) are
+handled the same way as named ones.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 
 import torch
 from torch import fx
@@ -27,6 +29,7 @@ from .graph_utils import (
     packet,
     same_size,
 )
+from .graph_inputs import parameter_placeholders
 from .layers import module_path, module_types
 from .sites import CacheWrite, IndexerSite, same_arguments
 
@@ -115,16 +118,54 @@ def _is_relu(node: fx.Node) -> bool:
     return False
 
 
-def _is_weight_like(node: fx.Node) -> bool:
-    """True when ``node`` is a static-shaped graph input seen through views and casts only."""
+class _Role(enum.Enum):
+    """What one operand of the ReLU'd product is."""
+
+    WEIGHT = "a weight"  # a parameter, a constant, or computed from parameters only
+    GRAPH_INPUT = "a graph input"  # static-shaped, role unknown: a weight or keys passed in whole
+    ACTIVATION = "an activation"
+
+
+_DERIVED_WEIGHT_VISITS = 64  # a weight rescaled or merged in the graph is a handful of nodes
+
+
+def _reads_parameters_only(node: fx.Node, params: frozenset[fx.Node]) -> bool:
+    """Whether every graph input ``node`` depends on is a parameter (``w * gain``, ``w + A @ B``)."""
+    seen, frontier, leaves = {node}, [node], 0
+    while frontier:
+        current = frontier.pop()
+        if current.op == "placeholder":
+            if current not in params:
+                return False
+            leaves += 1
+            continue
+        if current.op == "get_attr":
+            leaves += 1
+            continue
+        for arg in current.all_input_nodes:
+            if arg not in seen:
+                if len(seen) >= _DERIVED_WEIGHT_VISITS:
+                    return False
+                seen.add(arg)
+                frontier.append(arg)
+    return leaves > 0
+
+
+def _operand_role(node: fx.Node, params: frozenset[fx.Node] | None) -> _Role:
+    """Classify an operand seen through views and casts; ``params`` are the known parameter inputs."""
     while is_call(node, VIEW_LIKE):
         node = node.args[0]
     if node.op == "get_attr":
-        return True
-    if node.op != "placeholder":
-        return False
-    value = fake_value(node)
-    return value is not None and not any(isinstance(s, torch.SymInt) for s in value.shape)
+        return _Role.WEIGHT
+    if node.op == "placeholder":
+        if params is not None and node in params:
+            return _Role.WEIGHT
+        value = fake_value(node)
+        static = value is not None and not any(isinstance(s, torch.SymInt) for s in value.shape)
+        return _Role.GRAPH_INPUT if static else _Role.ACTIVATION
+    if params is not None and _reads_parameters_only(node, params):
+        return _Role.WEIGHT
+    return _Role.ACTIVATION
 
 
 def _product_under_relu(relu: fx.Node) -> fx.Node | None:
@@ -196,20 +237,51 @@ class TopkVerdict:
     reason: str  # for rejected top-k: what it is taken for
 
 
-def classify_topk(node: fx.Node) -> TopkVerdict:
-    """Decide whether one ``aten.topk`` node is a lightning indexer's top-k."""
+def classify_topk(node: fx.Node, params: frozenset[fx.Node] | None = None) -> TopkVerdict:
+    """Decide whether one ``aten.topk`` node is a lightning indexer's top-k.
+
+    ``params``: the graph's parameter placeholders when known (``graph_inputs``). The structure
+    decides; a module path saying "indexer" only settles what the structure leaves open (keys
+    that arrive as a graph input of unknown role, or q and k from disjoint inputs).
+    """
     score, _, dim, _, _ = _topk_arguments(node)
     score_value = fake_value(score)
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
     if score_value is None:
         return TopkVerdict(node, False, (), "top-k input carries no shape metadata")
-    axis = score_value.shape[dim]
+    found = _relu_product(node, score, score_value.shape[dim])
+    evidence = [f"module path {path!r}"] if named else []
+    if found is None:
+        reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
+        if named:
+            reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
+        return TopkVerdict(node, False, tuple(evidence), reason)
+    evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
+    operands = _product_operands(found)
+    roles = [_operand_role(op, params) for op in operands]
+    if _Role.WEIGHT in roles:  # no name outweighs this
+        return TopkVerdict(node, False, tuple(evidence), "ReLU score multiplies a weight: a projection, not q·k")
+    if _Role.GRAPH_INPUT in roles:
+        tie = ("ReLU score multiplies a graph input of unknown role (a weight, or keys passed in whole): "
+               "a projection, not q·k, unless a module path says indexer")
+    elif len(operands) == 2 and _share_an_input(*operands):
+        evidence.insert(1, "score is a product of two activations (q·k)")
+        return TopkVerdict(node, True, tuple(evidence), "")
+    else:
+        tie = ("ReLU score multiplies two tensors computed from disjoint inputs (a derived weight): "
+               "a projection, not q·k, unless a module path says indexer")
+    if not named:
+        return TopkVerdict(node, False, tuple(evidence), tie)
+    evidence.append(f"the module path settles what the structure leaves open: {tie.split(':')[0]}")
+    return TopkVerdict(node, True, tuple(evidence), "")
 
-    found = None
+
+def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
+    """The contraction under a ReLU that the top-k's score is reached from, with a dim of the key axis."""
     frontier = [(score, 0)]
     seen: set[tuple[fx.Node, int]] = set()
-    while frontier and len(seen) < _MAX_VISITS and found is None:
+    while frontier and len(seen) < _MAX_VISITS:
         current, crossed = frontier.pop()
         if (current, crossed) in seen or current.op != "call_function":
             continue
@@ -218,8 +290,7 @@ def classify_topk(node: fx.Node) -> TopkVerdict:
             product = _product_under_relu(current)
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):
-                found = product
-                break
+                return product
         if is_call(current, {aten.topk}) and current is not node:
             continue
         if is_call(current, CONTRACTIONS):
@@ -227,37 +298,18 @@ def classify_topk(node: fx.Node) -> TopkVerdict:
                 continue
             crossed += 1
         frontier.extend((arg, crossed) for arg in current.all_input_nodes)
-
-    evidence = []
-    if named:
-        evidence.append(f"module path {path!r}")
-    if found is None:
-        reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
-        if named:
-            reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
-        return TopkVerdict(node, False, tuple(evidence), reason)
-    operands = _product_operands(found)
-    activations = not any(_is_weight_like(op) for op in operands)
-    shared = activations and len(operands) == 2 and _share_an_input(*operands)
-    evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
-    if shared:
-        evidence.insert(1, "score is a product of two activations (q·k)")
-    if not (shared or named):
-        reason = "ReLU score multiplies a weight: a projection, not q·k"
-        if activations:
-            reason = "ReLU score multiplies two tensors computed from disjoint inputs (a derived weight): a projection, not q·k"
-        return TopkVerdict(node, False, tuple(evidence), reason)
-    return TopkVerdict(node, True, tuple(evidence), "")
+    return None
 
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     """Every indexer top-k in ``graph``, and the verdicts on the top-k left alone."""
     sites: list[IndexerSite] = []
     ignored: list[TopkVerdict] = []
+    params = parameter_placeholders(graph)
     for node in graph.nodes:
         if not is_call(node, {aten.topk}):
             continue
-        verdict = classify_topk(node)
+        verdict = classify_topk(node, params)
         readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
             verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")

@@ -123,6 +123,9 @@ class VllmIndexerSite(IndexerSite):
             return f"{mine.shape[0]} tokens here, {theirs.shape[0]} in layer {source.layer}: the buffer rows differ"
         return None
 
+    def inserts_keys_itself(self) -> bool:
+        return not self.arguments.get("skip_k_cache_insert", True)
+
     # ------------------------------------------------------------------ rewrite
     def reuse(self, source: IndexerSite) -> None:
         """Take this call out of the buffer's version chain; its readers see what it received."""

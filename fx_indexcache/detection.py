@@ -1,18 +1,25 @@
-"""Find every indexer site in a graph and give each its global decoder-layer index.
+"""Find every indexer site in a graph and give each its global decoder-layer index, or none.
 
 Site finders are registered per graph form (plain ``aten.topk`` here; vLLM's opaque
 indexer op registers its own), so the rewrite never needs to know which form it edits.
+The layer index comes from, in this order: the record an earlier rewrite left in the graph,
+the module path (``layers.N``), or the graph's own order when the graph provably starts at the
+model's first DSA layer. Otherwise it is unknown, and no layer may be marked S on a guess.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
+import inspect
 from collections.abc import Callable
 
 from torch import fx
 
 from .detect_topk import TopkVerdict, find_topk_sites
 from .graph_utils import node_order
+from .layer_records import LayerRecord, read_record
 from .layers import layer_index_from_path
 from .sites import IndexerSite
 
@@ -20,13 +27,68 @@ SiteFinder = Callable[[fx.Graph], tuple[list[IndexerSite], list[TopkVerdict]]]
 
 SITE_FINDERS: dict[str, SiteFinder] = {"aten.topk": find_topk_sites}
 
-LAYER_FROM_PATH = "module path"
-LAYER_FROM_ORDER = "graph order"
+
+class LayerSource(str, enum.Enum):
+    """Where a graph's layer indices came from."""
+
+    MODULE_PATH = "module path"
+    WHOLE_GRAPH_ORDER = "whole-graph order"
+    RECORDED = "an earlier IndexCache rewrite's record"
+    UNKNOWN = "unknown"
+    NO_SITES = "no indexer sites"
+
+
+class UnknownLayerIndex(str, enum.Enum):
+    """Why a graph's layer indices are unknown (then every layer in it computes)."""
+
+    NO_PROOF = (
+        "no module path with a layer number, and nothing tells that this graph starts at the model's first "
+        "DSA layer (pass graph_starts_at_first_layer=True to IndexCachePass if it does)"
+    )
+    NOT_WHOLE_GRAPH = (
+        "no module path with a layer number, and this graph does not start at the compiled callable's top: "
+        "a dynamo resume function after a graph break, or a function or module dynamo compiled on its own "
+        "(one graph that may serve several layers)"
+    )
+    ORDER_CONTRADICTS_PATHS = "graph order contradicts the layer numbers some module paths carry"
+    PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
+
+
+LAYER_FROM_PATH = LayerSource.MODULE_PATH
+LAYER_FROM_ORDER = LayerSource.WHOLE_GRAPH_ORDER
+
+#: A fingerprint of each finder's code, computed at registration: part of the pass's uuid.
+_FINDER_FINGERPRINTS: dict[str, str] = {}
+
+
+def _finder_fingerprint(name: str, finder: SiteFinder) -> str:
+    """Hash of the finder's qualified name and source (or bytecode); raises if neither is readable."""
+    qualified = f"{getattr(finder, '__module__', '?')}.{getattr(finder, '__qualname__', type(finder).__qualname__)}"
+    try:
+        body = inspect.getsource(finder).encode()
+    except (OSError, TypeError):
+        code = getattr(finder, "__code__", None) or getattr(getattr(finder, "__call__", None), "__code__", None)
+        if code is None:
+            raise ValueError(
+                f"register_site_finder: finder {name!r}={finder!r} has neither readable source nor bytecode, "
+                "so the pass's uuid could not cover it; pass a plain function"
+            ) from None
+        body = code.co_code + repr(code.co_consts).encode()
+    return hashlib.sha256(qualified.encode() + b"\0" + body).hexdigest()
 
 
 def register_site_finder(name: str, finder: SiteFinder) -> None:
-    """Add a finder for another graph form of the indexer (idempotent per name)."""
+    """Add a finder for another graph form of the indexer (idempotent per name); its code joins the uuid."""
+    _FINDER_FINGERPRINTS[name] = _finder_fingerprint(name, finder)
     SITE_FINDERS[name] = finder
+
+
+def finders_fingerprint() -> str:
+    """One string covering every registered finder, for the pass's uuid."""
+    for name, finder in SITE_FINDERS.items():
+        if name not in _FINDER_FINGERPRINTS:  # added to the dict directly
+            _FINDER_FINGERPRINTS[name] = _finder_fingerprint(name, finder)
+    return "|".join(f"{name}={_FINDER_FINGERPRINTS[name]}" for name in sorted(SITE_FINDERS))
 
 
 @dataclasses.dataclass
@@ -37,7 +99,9 @@ class Detection:
     ignored: list[TopkVerdict]
     unplaced: list[tuple[IndexerSite, str]]
     nested_regions: list[str]  # subgraphs (nested_compile_region bodies) that hold indexers
-    layer_source: str
+    layer_source: LayerSource
+    unknown_reason: UnknownLayerIndex | None = None
+    records: dict[int, LayerRecord] = dataclasses.field(default_factory=dict)  # layer → earlier record
 
 
 def _subgraph_modules(graph: fx.Graph) -> list[tuple[str, fx.GraphModule]]:
@@ -65,11 +129,11 @@ def _find_all(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     return sites, ignored
 
 
-def detect(graph: fx.Graph) -> Detection:
-    """Find the sites and assign layers: from module paths when every site has one, else by order.
+def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None) -> Detection:
+    """Find the sites and give each its layer (see the module docstring for where it comes from).
 
-    Graph order is the order along the residual stream; it equals the decoder-layer index only
-    when the graph starts at the model's first DSA layer, which the report states.
+    ``graph_starts_at_first_layer`` says whether the graph begins at the model's first DSA layer
+    (True for an exported program, a backend tells it for a dynamo graph; None: not known).
     """
     sites, ignored = _find_all(graph)
     nested = []
@@ -77,26 +141,52 @@ def detect(graph: fx.Graph) -> Detection:
         inner, _ = _find_all(module.graph)
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")
+    detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
+    if sites:
+        _assign_layers(detection, graph_starts_at_first_layer)
+    return detection
 
-    layers = [layer_index_from_path(site.module_path) for site in sites]
-    unplaced: list[tuple[IndexerSite, str]] = []
-    if sites and all(layer is not None for layer in layers):
-        source = LAYER_FROM_PATH
-        seen: dict[int, IndexerSite] = {}
-        placed = []
-        for site, layer in zip(sites, layers):
-            if layer in seen:
-                unplaced.append((site, f"a second indexer site in layer {layer}"))
-                unplaced.append((seen[layer], f"a second indexer site in layer {layer}"))
-                continue
-            seen[layer] = site
-            site.layer, site.layer_source = layer, source
-            placed.append(site)
-        doubled = {id(site) for site, _ in unplaced}
-        sites = [site for site in placed if id(site) not in doubled]
+
+def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | None) -> None:
+    sites = detection.sites
+    records = [read_record(site.anchor) for site in sites]
+    if all(records):
+        detection.records = {record.layer: record for record in records}
+        _place(detection, [record.layer for record in records], LayerSource.RECORDED)
+        return
+    if any(records):
+        _unknown(detection, UnknownLayerIndex.PARTIAL_RECORD)
+        return
+    from_paths = [layer_index_from_path(site.module_path) for site in sites]
+    if all(layer is not None for layer in from_paths):
+        _place(detection, from_paths, LayerSource.MODULE_PATH)
+    elif graph_starts_at_first_layer is not True:
+        reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH
+        _unknown(detection, reason)
+    elif any(layer not in (None, order) for order, layer in enumerate(from_paths)):
+        _unknown(detection, UnknownLayerIndex.ORDER_CONTRADICTS_PATHS)
     else:
-        source = LAYER_FROM_ORDER
-        for layer, site in enumerate(sites):
-            site.layer, site.layer_source = layer, source
-    sites.sort(key=lambda site: site.layer)
-    return Detection(sites, ignored, unplaced, nested, source)
+        _place(detection, list(range(len(sites))), LayerSource.WHOLE_GRAPH_ORDER)
+
+
+def _unknown(detection: Detection, reason: UnknownLayerIndex) -> None:
+    detection.layer_source, detection.unknown_reason = LayerSource.UNKNOWN, reason
+    for site in detection.sites:
+        site.layer, site.layer_source = None, LayerSource.UNKNOWN
+
+
+def _place(detection: Detection, layers: list[int], source: LayerSource) -> None:
+    """Give each site its layer; two sites claiming one layer are both set aside (unplaced)."""
+    detection.layer_source = source
+    seen: dict[int, IndexerSite] = {}
+    doubled: set[int] = set()
+    for site, layer in zip(detection.sites, layers):
+        site.layer, site.layer_source = layer, source
+        if layer in seen:
+            doubled.add(layer)
+        seen.setdefault(layer, site)
+    detection.unplaced = [
+        (site, f"a second indexer site in layer {site.layer}") for site in detection.sites if site.layer in doubled
+    ]
+    placed = [site for site in detection.sites if site.layer not in doubled]
+    detection.sites = sorted(placed, key=lambda site: site.layer)

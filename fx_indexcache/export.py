@@ -7,6 +7,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from .config import IndexCacheConfig
+from .graph_inputs import declared_parameters
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport
 
@@ -18,7 +19,9 @@ def apply_index_cache_to_exported_program(
 
     Works on the ATen graph ``torch.export.export`` produces (``aten.topk`` is kept by both
     the training and inference IRs). Cache writes stay: in an exported program they are
-    buffer-mutation outputs that belong to its signature.
+    buffer-mutation outputs that belong to its signature. Applying it again (or compiling
+    ``program.module()`` with the backend) reads the layer numbers this rewrite recorded in the
+    graph instead of renumbering the surviving layers.
     """
     if config is None:
         config, rest = IndexCacheConfig.from_options(keys)
@@ -29,6 +32,9 @@ def apply_index_cache_to_exported_program(
             "drop_shared_indexer_cache_writes=True is not allowed for an exported program: "
             "its cache writes are part of the program's signature"
         )
-    report = IndexCachePass(config).run(program.graph_module.graph, graph_name="exported program")
+    # An exported program is one whole graph, from the model's first layer on: graph order may number it.
+    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=True)
+    with declared_parameters(program.graph_signature.inputs_to_parameters):  # weights are never keys
+        report = graph_pass.run(program.graph_module.graph, graph_name="exported program")
     program.graph_module.recompile()
     return report

@@ -2,61 +2,86 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 from pathlib import Path
 
 from torch import fx
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .cache_ledger import CacheWriteLedger
 from .config import IndexCacheConfig
-from .detection import detect
+from .detection import detect, finders_fingerprint
 from .graph_utils import fake_value
 from .kernel_substitution import FusionRecord, substitute_fused_indexer
 from .report import IndexCacheReport, publish
 from .rewrite import apply_index_cache
 
+log = logging.getLogger("fx_indexcache")
+
 _PACKAGE = Path(__file__).resolve().parent
-#: The modules whose code decides what the rewritten graph is: an edit to any of them → new uuid.
-REWRITE_MODULES = (
-    "config.py",
-    "detect_topk.py",
-    "detect_vllm.py",
-    "detection.py",
-    "graph_pass.py",
-    "graph_utils.py",
-    "kernel_substitution.py",
-    "layers.py",
-    "rewrite.py",
-    "sites.py",
-)
+
+
+@functools.lru_cache(maxsize=None)
+def _package_digest(root: Path) -> str:
+    """Hash of every ``.py`` file under ``root``: all the code that can shape the rewritten graph.
+
+    The whole package rather than a list of modules, so a module added later (or one a list would
+    forget, such as the vLLM pass's MTP rule or the kernel's support check) cannot be missed.
+    """
+    files = sorted(path for path in root.rglob("*.py") if "__pycache__" not in path.parts)
+    if not files:
+        raise FileNotFoundError(f"fx_indexcache: no source files under {root} to hash for the pass's uuid")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _source_digest() -> str:
-    """Hash of the code that shapes the rewritten graph (not the CLI, models or benchmarks)."""
-    digest = hashlib.sha256()
-    for path in (_PACKAGE / name for name in REWRITE_MODULES):
-        if not path.exists():
-            continue
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """The package's source and every registered site finder's code."""
+    return hashlib.sha256(f"{_package_digest(_PACKAGE)}|{finders_fingerprint()}".encode()).hexdigest()
 
 
 class IndexCachePass(CustomGraphPass):
     """Rewrites a post-grad ATen graph in place so S layers reuse their F layer's indices.
 
     Use it as Inductor's ``post_grad_custom_post_pass`` (``indexcache_backend`` does that),
-    or call it on any ``fx.Graph``. ``uuid()`` covers the config and this package's source,
-    so the FX graph cache never serves a graph rewritten under another pattern.
+    or call it on any ``fx.Graph``. ``uuid()`` covers the config, this package's source and the
+    registered site finders, so the FX graph cache never serves a graph rewritten under another
+    pattern. Keyword keys switch ``use_index_cache`` on unless it is given, as everywhere else.
+
+    ``graph_starts_at_first_layer``: whether the graph begins at the model's first DSA layer
+    (True for a whole exported program; the backends tell it for each dynamo graph; None: not
+    known). Only then may sites without a layer number in their module path be numbered by graph
+    order; otherwise their layer index is unknown and every layer of the graph computes.
+    ``ledger``: where the model's cache-write choices are kept across its graphs (see
+    ``cache_ledger``); the process-wide default when None.
     """
 
-    def __init__(self, config: IndexCacheConfig | None = None, **keys) -> None:
+    def __init__(
+        self,
+        config: IndexCacheConfig | None = None,
+        *,
+        graph_starts_at_first_layer: bool | None = None,
+        ledger: CacheWriteLedger | None = None,
+        **keys,
+    ) -> None:
         if config is None:
-            config = IndexCacheConfig(**keys)
+            config = IndexCacheConfig.from_keys(**keys)
         elif keys:
             raise TypeError("IndexCachePass takes a config or keyword keys, not both")
+        if graph_starts_at_first_layer not in (None, True, False):
+            raise ValueError(
+                f"IndexCachePass: graph_starts_at_first_layer={graph_starts_at_first_layer!r} is not allowed; "
+                "it must be True, False or None"
+            )
         self.config = config
+        self.graph_starts_at_first_layer = graph_starts_at_first_layer
+        self.ledger = ledger
         self.reports: list[IndexCacheReport] = []
 
     def __call__(self, graph: fx.Graph) -> None:
@@ -65,10 +90,16 @@ class IndexCachePass(CustomGraphPass):
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
         """Detect, rewrite (every layer F when ``use_index_cache`` is off), fuse F-layer scoring where enabled and on
         CUDA; returns and publishes the report."""
-        detection = detect(graph)
-        decisions = apply_index_cache(graph, detection, self.config)  # all F when use_index_cache is off
+        detection = detect(graph, self.graph_starts_at_first_layer)
+        decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
         kernel_records = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
+        if detection.unknown_reason is not None and self.config.use_index_cache:
+            log.warning(
+                "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
+                "the configured pattern is not applied there",
+                graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
+            )
         report.other_notes.extend(r.note() for r in kernel_records)
         stats = counters["fx_indexcache"]
         stats["indexers_fused"] += sum(r.fused for r in kernel_records)
@@ -82,8 +113,12 @@ class IndexCachePass(CustomGraphPass):
         return report
 
     def _fuse_indexers(self, graph: fx.Graph, sites) -> list[FusionRecord]:
-        """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA."""
-        if not self.config.fuse_indexer_kernel:
+        """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA.
+
+        With IndexCache off the graph stays exactly as it is unless the kernel was asked for
+        explicitly (``fuse_indexer_kernel=True``).
+        """
+        if not self.config.fuses_kernel:
             return []
         on_cuda = [s for s in sites if getattr(fake_value(s.indices), "is_cuda", False)]
         if not on_cuda:
@@ -91,4 +126,5 @@ class IndexCachePass(CustomGraphPass):
         return substitute_fused_indexer(graph, on_cuda)
 
     def uuid(self) -> str:
-        return hashlib.sha256(f"{self.config.fingerprint()}|{_source_digest()}".encode()).hexdigest()
+        state = f"{self.config.fingerprint()}|starts={self.graph_starts_at_first_layer}|{_source_digest()}"
+        return hashlib.sha256(state.encode()).hexdigest()

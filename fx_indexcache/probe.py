@@ -137,9 +137,11 @@ class IndexProbe:
         return aten_graph_backend(self._instrument)(gm, example_inputs)
 
     def _instrument(self, module: fx.GraphModule) -> Callable:
+        from .frames import dynamo_graph_starts_at_first_layer
+
         graph = module.graph
-        detection = detect(graph)
-        sites = detection.sites
+        detection = detect(graph, dynamo_graph_starts_at_first_layer())
+        sites = [] if detection.unknown_reason is not None else detection.sites  # no layer number: nothing to switch
         info = ProbedGraph([site.layer for site in sites], {}, {})
 
         # Decide eligibility before adding anything (our own value reads would look like a use).

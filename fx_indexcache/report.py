@@ -10,8 +10,8 @@ import dataclasses
 import logging
 import threading
 
-from .config import IndexCacheConfig
-from .detection import Detection
+from .config import IndexCacheConfig, PatternSource
+from .detection import Detection, LayerSource, UnknownLayerIndex
 from .rewrite import LEFT, SHARED, LayerDecision
 
 log = logging.getLogger("fx_indexcache")
@@ -27,10 +27,17 @@ class IndexCacheReport:
 
     config: IndexCacheConfig
     decisions: list[LayerDecision]
-    layer_source: str
+    layer_source: LayerSource | str  # a str only for the one-line FX-graph-cache-hit report
     router_topk: int  # top-k the detector recognised as not-an-indexer and left alone
     other_notes: list[str] = dataclasses.field(default_factory=list)
     graph_name: str = ""
+    layer_index_unknown: UnknownLayerIndex | None = None  # why, when no layer could be numbered
+    shared_earlier: tuple[int, ...] = ()  # S layers an earlier rewrite of this graph already removed
+
+    @property
+    def pattern_source(self) -> PatternSource:
+        """Which key decided the pattern (SGLang's precedence), or that IndexCache was off."""
+        return self.config.pattern_source
 
     @property
     def indexers_removed(self) -> int:
@@ -54,14 +61,18 @@ class IndexCacheReport:
         return "".join("S" if d.action == SHARED else "F" for d in self.decisions)
 
     def format(self) -> str:
+        source = getattr(self.layer_source, "value", self.layer_source)
+        index = f"layer index unknown: {self.layer_index_unknown.value}" if self.layer_index_unknown else (
+            f"layer index from {source}")
         lines = [
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
-            f"{len(self.decisions)} DSA layers (layer index from {self.layer_source}), "
-            f"{self.router_topk} other top-k left alone",
+            f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
+            f"pattern from {self.pattern_source.value} ({self.config.switch.value})",
             f"{'layer':>5}  {'F/S':>3}  {'uses':>4}  {'removed':>7}  note",
         ]
         for d in self.decisions:
-            lines.append(f"{d.layer:>5}  {d.marked:>3}  {d.source_layer!s:>4}  {d.nodes_removed:>7}  {d.note}")
+            layer = "?" if d.layer is None else d.layer
+            lines.append(f"{layer:>5}  {d.marked:>3}  {d.source_layer!s:>4}  {d.nodes_removed:>7}  {d.note}")
         lines.append(
             f"indexers removed: {self.indexers_removed} of {len(self.decisions)}; "
             f"~{self.flops_saved_per_token:,.0f} FLOPs saved per query token at the traced length"
@@ -81,7 +92,11 @@ class IndexCacheReport:
                   for name in detection.nested_regions]
         ambiguous = [v for v in detection.ignored if v.evidence]
         notes += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
-        return cls(config, decisions, detection.layer_source, len(detection.ignored), notes, graph_name)
+        earlier = tuple(sorted(layer for record in detection.records.values() for layer in record.serves))
+        if earlier:
+            notes.append(f"layers {', '.join(map(str, earlier))} already share: removed by an earlier rewrite of this graph")
+        return cls(config, decisions, detection.layer_source, len(detection.ignored), notes, graph_name,
+                   detection.unknown_reason, earlier)
 
 
 def publish(report: IndexCacheReport) -> None:

@@ -12,20 +12,24 @@ import dataclasses
 import torch
 from torch import fx
 
+from .cache_ledger import DEFAULT_LEDGER, CacheWriteConflict, CacheWriteLedger, WriteChoice
 from .config import FULL, IndexCacheConfig
 from .detection import Detection
 from .graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
+from .layer_records import LayerRecord, write_record
 from .sites import IndexerSite
 
 COMPUTED, SHARED, LEFT = "computed", "shared", "left as is"
+#: ``LayerDecision.marked`` when the layer index is unknown, so the config cannot mark the layer.
+UNMARKED = "?"
 
 
 @dataclasses.dataclass
 class LayerDecision:
     """What the pass did with one DSA layer of one graph."""
 
-    layer: int
-    marked: str  # "F" or "S", as the config marks the layer
+    layer: int | None  # None: the layer index is unknown (the report says why)
+    marked: str  # "F" or "S", as the config marks the layer; UNMARKED when the index is unknown
     action: str  # COMPUTED, SHARED or LEFT
     source_layer: int | None  # the layer whose indices this layer uses
     nodes_removed: int = 0
@@ -79,8 +83,8 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     the graph size for deep models.
     """
     roots = [site.anchor, *site.anchor.users, site.indices]
-    site.reuse(source)
     saved = 0
+    site.reuse(source)
     if drop_writes:
         for write in site.cache_writes():
             roots.extend(write.write.all_input_nodes)
@@ -95,32 +99,120 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     )
 
 
-def apply_index_cache(graph: fx.Graph, detection: Detection, config: IndexCacheConfig) -> list[LayerDecision]:
-    """Rewrite ``graph`` in place; one decision per detected site, in layer order."""
-    by_layer = {site.layer: site for site in detection.sites}
-    decisions = []
-    for site in detection.sites:
-        layer = site.layer
-        if config.layer_kind(layer) == FULL:
-            decisions.append(LayerDecision(layer, "F", COMPUTED, layer))
-            continue
-        source_layer = config.source_layer(layer)
-        if source_layer is None:
-            note = "marked S with no F layer before it: computed as F (vLLM would read an unset buffer)"
-            decisions.append(LayerDecision(layer, "S", COMPUTED, layer, note=note))
-            continue
-        source = by_layer.get(source_layer)
-        if source is None:
-            reason = (
-                f"its F layer {source_layer} has no indexer site in this graph "
-                "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
+def _refusal(site: IndexerSite, by_layer: dict, config: IndexCacheConfig) -> str | None:
+    """Why S layer ``site`` cannot take its F layer's indices in this graph, or None."""
+    source_layer = config.source_layer(site.layer)
+    source = by_layer.get(source_layer)
+    if source is None:
+        return (
+            f"its F layer {source_layer} has no indexer site in this graph "
+            "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
+        )
+    return site.refusal() or site.incompatibility(source)
+
+
+class _Writes:
+    """The cache-write side of the decisions: one choice per layer across the model's graphs.
+
+    Only sites whose writes sharing would drop take part: an op that inserts its keys itself
+    (vLLM's), or explicit writes with ``drop_shared_indexer_cache_writes``.
+    """
+
+    def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger) -> None:
+        self.config, self.ledger, self.scope = config, ledger, config.fingerprint()
+
+    def at_stake(self, site: IndexerSite) -> bool:
+        """Whether sharing ``site`` would drop cache writes. Ask before rewiring: it reads the graph."""
+        return site.inserts_keys_itself() or (self.config.drop_shared_indexer_cache_writes and bool(site.cache_writes()))
+
+    @staticmethod
+    def key(site: IndexerSite) -> str:
+        return site.module_path or f"layer {site.layer}"
+
+    def earlier(self, site: IndexerSite) -> WriteChoice | None:
+        return self.ledger.earlier(self.scope, self.key(site))
+
+    def record(self, site: IndexerSite, choice: WriteChoice) -> None:
+        self.ledger.record(self.scope, self.key(site), choice)
+
+    def check_computing(self, site: IndexerSite, why: str) -> None:
+        """A layer that computes here must not be one whose writes an earlier graph dropped."""
+        if not self.at_stake(site):
+            return
+        if site.layer is None:
+            dropped = self.ledger.any_dropped(self.scope)
+            if dropped:
+                raise CacheWriteConflict(
+                    f"IndexCache: this graph computes an indexer whose layer is unknown ({why}), and an earlier graph "
+                    f"of the model dropped the key-cache writes of {', '.join(dropped[:4])}: the computing layer "
+                    "might read cache rows nobody wrote. Set drop_shared_indexer_cache_writes=False."
+                )
+            return
+        if self.earlier(site) is WriteChoice.DROPPED:
+            raise CacheWriteConflict(
+                f"IndexCache: layer {site.layer} ({self.key(site)}) computes its indices in this graph ({why}), but an "
+                "earlier graph of the same model dropped its indexer key-cache writes; it would read cache rows "
+                "nobody wrote. Set drop_shared_indexer_cache_writes=False (or, for vLLM's op, let every graph of "
+                "the model see the layer's F layer)."
             )
-        else:
-            reason = site.refusal() or site.incompatibility(source)
-        if reason is not None:
-            decisions.append(LayerDecision(layer, "S", LEFT, layer, note=reason))
-            continue
-        decisions.append(_share(graph, site, source, config.drop_shared_indexer_cache_writes))
-    graph.eliminate_dead_code()
-    graph.lint()
+        self.record(site, WriteChoice.KEPT)
+
+
+def apply_index_cache(
+    graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger | None = None
+) -> list[LayerDecision]:
+    """Rewrite ``graph`` in place; one decision per detected site, in layer order.
+
+    ``ledger`` holds the cache-write choices of the model's other graphs (the shared default
+    when None); it may turn a share into "share, writes kept", or raise ``CacheWriteConflict``.
+    """
+    writes = _Writes(config, DEFAULT_LEDGER if ledger is None else ledger)
+    if detection.unknown_reason is not None:
+        for site in detection.sites:
+            writes.check_computing(site, "layer index unknown")
+        note = f"layer index unknown: {detection.unknown_reason.value}; computed"
+        return [LayerDecision(None, UNMARKED, COMPUTED, None, note=note) for _ in detection.sites]
+    by_layer = {site.layer: site for site in detection.sites}
+    decisions = [_decide(graph, site, by_layer, config, writes) for site in detection.sites]
+    if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
+        graph.eliminate_dead_code()
+        graph.lint()
+    _record_layers(detection.sites, decisions, detection.records)
     return decisions
+
+
+def _decide(graph: fx.Graph, site: IndexerSite, by_layer: dict, config: IndexCacheConfig, writes: _Writes):
+    layer = site.layer
+    if config.layer_kind(layer) == FULL:
+        writes.check_computing(site, "marked F")
+        return LayerDecision(layer, "F", COMPUTED, layer)
+    if config.source_layer(layer) is None:
+        writes.check_computing(site, "marked S with no F layer before it")
+        note = "marked S with no F layer before it: computed as F (vLLM would read an unset buffer)"
+        return LayerDecision(layer, "S", COMPUTED, layer, note=note)
+    reason = _refusal(site, by_layer, config)
+    at_stake = writes.at_stake(site)
+    keep_writes = at_stake and writes.earlier(site) is WriteChoice.KEPT
+    if reason is None and keep_writes and site.inserts_keys_itself():
+        reason = "an earlier graph of this model kept this layer's key-cache insert, which sharing would drop"
+    if reason is not None:
+        writes.check_computing(site, reason)
+        return LayerDecision(layer, "S", LEFT, layer, note=reason)
+    decision = _share(graph, site, by_layer[config.source_layer(layer)], drop_writes=at_stake and not keep_writes)
+    if at_stake:
+        writes.record(site, WriteChoice.KEPT if keep_writes else WriteChoice.DROPPED)
+    if keep_writes:
+        decision.note += "; its cache writes kept, as an earlier graph of this model kept them"
+    return decision
+
+
+def _record_layers(sites: list[IndexerSite], decisions: list[LayerDecision], earlier: dict) -> None:
+    """Write each surviving site's layer, and the S layers it serves, into the graph (see layer_records)."""
+    serves: dict[int, list[int]] = {}
+    for decision in decisions:
+        if decision.action == SHARED:
+            serves.setdefault(decision.source_layer, []).append(decision.layer)
+    for site, decision in zip(sites, decisions):
+        if decision.action != SHARED:
+            before = earlier.get(site.layer, LayerRecord(site.layer)).serves
+            write_record(site.anchor, LayerRecord(site.layer, (*before, *serves.get(site.layer, ()))))

@@ -32,7 +32,7 @@ class IndexerSite(abc.ABC):
     indices: fx.Node
     module_path: str | None
     evidence: tuple[str, ...]
-    layer: int | None = None
+    layer: int | None = None  # None until detection places it, or when the index is unknown
     layer_source: str = ""
 
     kind = "abstract"
@@ -65,6 +65,10 @@ class IndexerSite(abc.ABC):
     def cache_writes(self) -> list[CacheWrite]:
         """This site's own indexer key-cache writes (droppable once it shares), if it can tell."""
         return []
+
+    def inserts_keys_itself(self) -> bool:
+        """Whether the indexer call itself writes the layer's key cache, so sharing always drops that write."""
+        return False
 
 
 def same_arguments(a: object, b: object) -> bool:

@@ -31,26 +31,21 @@ from torch import fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from . import detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
+from .cache_ledger import CacheWriteLedger
 from .config import FULL, SHARED, IndexCacheConfig
 from .graph_pass import IndexCachePass, _source_digest
-from .report import IndexCacheReport
+from .report import IndexCacheReport, publish
 
 log = logging.getLogger("fx_indexcache")
 
 
 @dataclasses.dataclass(frozen=True)
 class VllmIndexCacheConfig(IndexCacheConfig):
-    """``IndexCacheConfig`` plus vLLM's rule for MTP/next-n layers.
+    """``IndexCacheConfig`` as the vLLM pass uses it (kept as a name for existing callers).
 
-    vLLM numbers a speculative (MTP) layer after the backbone (``layer_id >=
-    num_hidden_layers``) and always builds its indexer; such a layer is F here too, and a
-    pattern shorter than the layer index does not make it an error.
+    vLLM's rule for MTP/next-n layers (numbered past the backbone, always computing) now lives
+    in ``IndexCacheConfig.layer_kind`` itself, as SGLang and vLLM both apply it.
     """
-
-    def layer_kind(self, layer: int) -> str:
-        if self.num_layers is not None and layer >= self.num_layers:
-            return FULL
-        return super().layer_kind(layer)
 
 
 def _current_vllm_config():
@@ -92,8 +87,9 @@ class VllmIndexCachePass(InductorPass):
     """vLLM ``InductorPass`` running :class:`~fx_indexcache.IndexCachePass` on each post-grad graph.
 
     ``VllmIndexCachePass()`` takes its config from the current vLLM config's model
-    ``hf_config`` each time it runs (it remembers the last one it saw, for compiles that
-    happen outside vLLM's config context). ``VllmIndexCachePass(config)`` or
+    ``hf_config`` each time it runs; outside a vLLM config context it has none and leaves the
+    graph untouched, with a warning (it never reuses a config seen earlier, which may belong to
+    another model). ``VllmIndexCachePass(config)`` or
     ``VllmIndexCachePass(index_topk_freq=4, ...)`` fixes it; keyword keys switch
     ``use_index_cache`` on unless it is given.
 
@@ -105,12 +101,11 @@ class VllmIndexCachePass(InductorPass):
         if config is not None and keys:
             raise TypeError("VllmIndexCachePass takes a config or keyword keys, not both")
         if keys:
-            keys.setdefault("use_index_cache", True)
-            config = VllmIndexCacheConfig(**keys)
+            config = VllmIndexCacheConfig.from_keys(**keys)
         elif config is not None and not isinstance(config, VllmIndexCacheConfig):
-            config = VllmIndexCacheConfig(**dataclasses.asdict(config))
+            config = VllmIndexCacheConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
         self.explicit_config: VllmIndexCacheConfig | None = config
-        self._last_seen: VllmIndexCacheConfig | None = None
+        self._ledger = CacheWriteLedger()  # every graph this pass rewrites belongs to one served model
         self._warned_split = False
 
     # ------------------------------------------------------------------ config
@@ -120,16 +115,13 @@ class VllmIndexCachePass(InductorPass):
         return self.explicit_config is None
 
     def config(self) -> VllmIndexCacheConfig | None:
-        """The config in force now: explicit, else the current vLLM model's, else the last one seen."""
+        """The config in force now: explicit, else the current vLLM model's, else None."""
         vllm_config = _current_vllm_config()
         if self.explicit_config is not None:
             return _with_layer_count(self.explicit_config, vllm_config)
-        if vllm_config is not None:
-            found = config_from_vllm(vllm_config)
-            if found is not None:
-                self._last_seen = found
-                return found
-        return self._last_seen
+        if vllm_config is None:
+            return None
+        return config_from_vllm(vllm_config)
 
     # ------------------------------------------------------------------ pass
     def __call__(self, graph: fx.Graph) -> None:
@@ -142,10 +134,11 @@ class VllmIndexCachePass(InductorPass):
                 "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
                 "in context); the graph is left unchanged"
             )
-            config = VllmIndexCacheConfig()
-        inserting = any(not site.arguments.get("skip_k_cache_insert", True)
-                        for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
-        report = IndexCachePass(config).run(graph, graph_name=_graph_name())
+            report = IndexCacheReport(VllmIndexCacheConfig(), [], "unresolved", 0, [_NO_CONFIG], _graph_name())
+            publish(report)
+            return report
+        inserting = any(site.inserts_keys_itself() for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
+        report = IndexCachePass(config, ledger=self._ledger).run(graph, graph_name=_graph_name())
         report.other_notes.extend(_native_notes(config, report))
         if inserting and report.indexers_removed:
             report.other_notes.append(
@@ -174,10 +167,16 @@ class VllmIndexCachePass(InductorPass):
         return f"{type(self).__name__}({source})"
 
     def __getstate__(self) -> dict:
-        return {"explicit_config": self.explicit_config, "_last_seen": self._last_seen}
+        return {"explicit_config": self.explicit_config}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _warned_split=False)
+        self.__dict__.update(state, _warned_split=False, _ledger=CacheWriteLedger())
+
+
+_NO_CONFIG = (
+    "no IndexCache config: no explicit keys and no vLLM config in context (the pass reads the model's "
+    "hf_config only inside vLLM's compile); graph left unchanged"
+)
 
 
 def _graph_name() -> str:
@@ -211,7 +210,7 @@ def _split_at_indexer(vllm_config: Any) -> str | None:
 
 def _native_notes(config: IndexCacheConfig, report: IndexCacheReport) -> list[str]:
     """Say so when layers the config marks S have no indexer op at all: vLLM already skipped them."""
-    layers = [d.layer for d in report.decisions]
+    layers = [d.layer for d in report.decisions if d.layer is not None]
     if not config.use_index_cache or not layers:
         return []
     missing = [

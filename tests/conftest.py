@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.backend import aten_graph_backend  # noqa: E402
+from fx_indexcache.cache_ledger import DEFAULT_LEDGER  # noqa: E402
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
@@ -39,6 +40,10 @@ class CapturingBackend:
         self.graphs: list[torch.fx.GraphModule] = []
 
     def __call__(self, gm, example_inputs):
+        from fx_indexcache.frames import dynamo_graph_starts_at_first_layer
+
+        self.graph_pass.graph_starts_at_first_layer = dynamo_graph_starts_at_first_layer()
+
         def rewrite(module):
             self.graph_pass(module.graph)
             module.recompile()
@@ -61,6 +66,7 @@ def fresh_dynamo():
     """Each test compiles from scratch: no recompile limits or reports carried between tests."""
     torch._dynamo.reset()
     clear_reports()
+    DEFAULT_LEDGER.clear()
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()

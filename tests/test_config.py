@@ -132,3 +132,78 @@ def test_fingerprint_changes_with_every_field():
 def test_executed_pattern_computes_every_s_without_an_f_before_it():
     assert on(index_topk_pattern="SSFSF").executed_pattern(5) == "FFFSF"
     assert on(index_topk_freq=4).executed_pattern(8) == on(index_topk_freq=4).pattern_for(8)
+
+
+# ----------------------------------------------------------------------------- issue 11, item 9
+def test_glm52_config_runs_the_engines_pattern_without_use_index_cache():
+    """GLM-5.2 ships freq 4 / offset 3 and no use_index_cache; vLLM and SGLang apply it: 78 layers → 21 F."""
+    from fx_indexcache.config import PatternSource, Switch
+
+    glm = {"num_hidden_layers": 78, "index_topk_freq": 4, "index_skip_topk_offset": 3}
+    config = IndexCacheConfig.from_hf_config(glm)
+    pattern = config.pattern_for(78)
+    assert config.use_index_cache and config.switch is Switch.IMPLIED_BY_KEYS
+    assert pattern.count("F") == 21 and pattern[:7] == "FFFSSSF"
+    assert pattern == "".join("F" if max(i - 2, 0) % 4 == 0 else "S" for i in range(78))
+    assert config.pattern_source is PatternSource.FREQ_OFFSET
+
+
+def test_explicit_use_index_cache_false_still_turns_it_off_and_warns(caplog):
+    from fx_indexcache.config import PatternSource
+
+    with caplog.at_level("WARNING", logger="fx_indexcache"):
+        config = IndexCacheConfig.from_hf_config({"use_index_cache": False, "index_topk_freq": 4, "num_hidden_layers": 8})
+    assert not config.use_index_cache and config.pattern_for(8) == "F" * 8
+    assert config.pattern_source is PatternSource.OFF
+    (record,) = [r for r in caplog.records if "vLLM and SGLang" in r.getMessage()]
+    assert "FFSSSFSS" in record.getMessage()
+
+
+def test_a_model_config_without_index_keys_stays_off():
+    from fx_indexcache.config import Switch
+
+    config = IndexCacheConfig.from_hf_config({"num_hidden_layers": 4})
+    assert not config.use_index_cache and config.switch is Switch.DEFAULT
+
+
+@pytest.mark.parametrize(
+    "keys, expected, source",
+    [
+        ({"indexer_types": ["full", "shared", "full"], "index_topk_pattern": "FFS", "index_topk_freq": 2},
+         "FSF", "INDEXER_TYPES"),
+        ({"index_topk_pattern": "FFS", "index_topk_freq": 2}, "FFS", "INDEX_TOPK_PATTERN"),
+        ({"index_topk_freq": 2}, "FFS", "FREQ_OFFSET"),  # no offset: max(i-1, 0) % freq, same as offset 2
+    ],
+)
+def test_sglang_precedence_from_a_model_config(keys, expected, source):
+    from fx_indexcache.config import PatternSource
+
+    config = IndexCacheConfig.from_hf_config({**keys, "num_hidden_layers": 3})
+    assert config.use_index_cache and config.pattern_for(3) == expected
+    assert config.pattern_source is PatternSource[source]
+
+
+def test_mtp_layers_compute_in_the_base_config():
+    """vLLM numbers MTP layers past the backbone and always builds their indexer."""
+    config = IndexCacheConfig.from_hf_config({"index_topk_pattern": "FFSS", "num_hidden_layers": 4})
+    assert [config.layer_kind(i) for i in range(6)] == list("FFSSFF")
+    assert config.source_layer(5) == 4
+
+
+def test_report_says_where_the_pattern_came_from():
+    from fx_indexcache import IndexCacheReport
+    from fx_indexcache.config import PatternSource
+    from fx_indexcache.detection import LayerSource
+
+    config = IndexCacheConfig.from_hf_config({"indexer_types": ["full", "shared"]})
+    report = IndexCacheReport(config, [], LayerSource.NO_SITES, 0)
+    assert report.pattern_source is PatternSource.INDEXER_TYPES
+    assert "pattern from indexer_types" in report.format() and "implied by the IndexCache keys" in report.format()
+
+
+def test_fuse_indexer_kernel_defaults_to_when_index_cache_is_on():
+    assert IndexCacheConfig().fuse_indexer_kernel is None and not IndexCacheConfig().fuses_kernel
+    assert on().fuses_kernel and IndexCacheConfig(fuse_indexer_kernel=True).fuses_kernel
+    assert not on(fuse_indexer_kernel=False).fuses_kernel
+    with pytest.raises(ValueError, match="fuse_indexer_kernel='yes'"):
+        IndexCacheConfig(fuse_indexer_kernel="yes")

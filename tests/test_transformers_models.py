@@ -149,13 +149,22 @@ def test_inductor_equals_oracle(name):
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
+#: Models that torch.export cannot trace, each with the exception it raises, a message fragment and why
+#: (a torch or transformers limitation, not ours). Every other export error fails the test: a model
+#: that stops exporting must be noticed, not skipped. Empty today: every supported model exports.
+KNOWN_EXPORT_FAILURES: dict[str, tuple[type[Exception], str, str]] = {}
+
+
 def _export(tiny):
     inputs = tiny.make_inputs(12)
     try:
         with torch.no_grad():
             program = torch.export.export(tiny.model, (), dict(inputs, use_cache=False), strict=False)
-    except Exception as error:  # noqa: BLE001 - the reason is the point
-        pytest.skip(f"{tiny.spec.name} does not export: {type(error).__name__}: {str(error).splitlines()[0]}")
+    except Exception as error:
+        known = KNOWN_EXPORT_FAILURES.get(tiny.spec.name)
+        if known is None or not isinstance(error, known[0]) or known[1] not in str(error):
+            raise
+        pytest.skip(f"{tiny.spec.name} does not export ({known[2]}): {type(error).__name__}")
     return program, inputs
 
 

@@ -103,8 +103,10 @@ def reference_kernel():
 class ToyDSALayer(nn.Module):
     """Decoder layer ``layer`` (global index): indexer op into the shared buffer, then sparse attention."""
 
-    def __init__(self, layer: int, has_indexer: bool, reads: str, candidates: bool = False) -> None:
+    def __init__(self, layer: int, has_indexer: bool, reads: str, candidates: bool = False,
+                 insert: bool = False) -> None:
         super().__init__()
+        self.insert = insert  # the op inserts this layer's keys into its indexer K-cache itself
         gen = torch.Generator().manual_seed(layer)
         def weight(out):
             return nn.Parameter(torch.randn(out, HIDDEN, generator=gen) / HIDDEN**0.5, requires_grad=False)
@@ -122,7 +124,8 @@ class ToyDSALayer(nn.Module):
             q = (h @ self.wq.T).view(-1, HEADS, HEAD_DIM)
             torch.ops.vllm.sparse_attn_indexer(
                 h, _encode_layer_name(self.k_cache_name), self.kv_cache, q, None, h @ self.wk.T, h @ self.ww.T,
-                128, None, TOPK, HEAD_DIM, MAX_TOKENS, MAX_TOKENS, buffer, True, False, False, _encode_layer_name(""),
+                128, None, TOPK, HEAD_DIM, MAX_TOKENS, MAX_TOKENS, buffer, not self.insert, False, False,
+                _encode_layer_name(""),
                 candidate_blocks=self.candidate_blocks,
                 candidate_block_size=0 if self.candidate_blocks is None else 16,
             )
@@ -143,12 +146,12 @@ class ToyDSAModel(nn.Module):
     """
 
     def __init__(self, num_layers: int = 6, first: int = 0, skip: str | None = None, reads: str = "graph",
-                 candidates: tuple[int, ...] = ()) -> None:
+                 candidates: tuple[int, ...] = (), insert: bool = False) -> None:
         super().__init__()
         self.topk_indices_buffer = torch.zeros(MAX_TOKENS, TOPK, dtype=torch.int32)
         _SIDE_CHANNEL["buffer"] = self.topk_indices_buffer
         self.layers = nn.ModuleList(
-            ToyDSALayer(first + i, skip is None or skip[first + i] != "S", reads, first + i in candidates)
+            ToyDSALayer(first + i, skip is None or skip[first + i] != "S", reads, first + i in candidates, insert)
             for i in range(num_layers)
         )
 
@@ -328,6 +331,29 @@ def test_refused_layer_blocks_the_layers_behind_it():
         torch.testing.assert_close(out, ToyDSAModel(candidates=(2,))(_inputs()), rtol=0, atol=0)
 
 
+def test_a_dropped_key_cache_insert_binds_the_models_later_graphs():
+    """Issue 11: graph 1 removes layer 2's call and with it the K-cache insert; a later graph of the
+    same model (another compile range) that must keep layer 2 computing would read unwritten rows."""
+    graph_pass = VllmIndexCachePass(index_topk_pattern="FFSSFF")
+    _, _, first = _rewrite(ToyDSAModel(insert=True), graph_pass, v2=False)
+    assert first.indexers_removed == 2
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="earlier graph of the same model dropped its indexer key-cache writes"):
+        _rewrite(ToyDSAModel(insert=True, candidates=(2,)), graph_pass, v2=False)
+
+
+def test_a_kept_key_cache_insert_keeps_the_layer_computing_in_later_graphs():
+    graph_pass = VllmIndexCachePass(index_topk_pattern="FFSSFF")
+    _, _, first = _rewrite(ToyDSAModel(insert=True, candidates=(2,)), graph_pass, v2=False)
+    assert first.indexers_removed == 0  # layer 2 refused (candidate blocks), layer 3 behind it
+    torch._dynamo.reset()
+    out, graph, report = _rewrite(ToyDSAModel(insert=True), graph_pass, v2=False)
+    by_layer = {d.layer: d for d in report.decisions}
+    assert by_layer[2].action == LEFT and "kept this layer's key-cache insert" in by_layer[2].note
+    assert len(_indexer_calls(graph)) == 6
+    torch.testing.assert_close(out, _expected("FFFFFF"), rtol=0, atol=0)
+
+
 def test_mtp_layers_always_compute():
     config = VllmIndexCacheConfig(use_index_cache=True, index_topk_pattern="FFSS", num_layers=4)
     assert [config.layer_kind(i) for i in range(6)] == list("FFSSFF")
@@ -386,7 +412,8 @@ def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
     with set_current_vllm_config(freq2):
         assert graph_pass.config().pattern_for(6) == "FFSFSF"
         assert VllmIndexCachePass().uuid() == uuids["2"]
-    assert graph_pass.config().index_topk_freq == 2  # remembered outside the context
+    # outside vLLM's config context the model's config is unknown: no config (it used to be the last one seen)
+    assert graph_pass.config() is None
     with set_current_vllm_config(freq2):  # explicit keys get the model's layer count: MTP rule, length check
         assert VllmIndexCachePass(index_topk_freq=4).config().num_layers == 6
         with pytest.raises(ValueError, match="one entry per decoder layer"):
@@ -394,6 +421,20 @@ def test_config_and_uuid_follow_hf_overrides(tmp_path_factory):
     explicit = [VllmIndexCachePass(index_topk_freq=f).uuid() for f in (2, 2, 4)]
     assert explicit[0] == explicit[1] != explicit[2]
     assert explicit[0] != uuids["2"]  # an explicit config is keyed apart from the model's
+
+
+def test_outside_vllm_context_the_model_pass_leaves_the_graph_untouched(tmp_path_factory, caplog):
+    """Issue 11: a pass that read one model's hf_config must not apply it to a graph compiled outside vLLM."""
+    graph_pass = VllmIndexCachePass()
+    freq2 = VllmConfig(model_config=_model_config(tmp_path_factory, use_index_cache=True, index_topk_freq=2))
+    with set_current_vllm_config(freq2):
+        assert graph_pass.config().pattern_for(6) == "FFSFSF"  # seen once inside the context
+    with caplog.at_level("WARNING", logger="fx_indexcache"):
+        out, graph, report = _rewrite(ToyDSAModel(), graph_pass, v2=False)
+    assert len(_indexer_calls(graph)) == 6 and report.decisions == [] and report.indexers_removed == 0
+    assert any("graph left unchanged" in note for note in report.other_notes)
+    assert any("no IndexCache config" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, _expected("FFFFFF"), rtol=0, atol=0)
 
 
 def test_vllm_compile_path_with_hf_overrides(tmp_path_factory, monkeypatch):

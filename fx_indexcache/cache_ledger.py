@@ -1,0 +1,51 @@
+"""One decision per layer about its indexer key-cache writes, across all graphs of a model.
+
+An S layer's key-cache writes can be dropped because nothing reads them once it shares. But a
+model compiles to several graphs (compile ranges, recompiles, prefill and decode); if one graph
+drops layer L's writes and another leaves L computing, the computing one reads cache rows nobody
+wrote. So the first graph's choice for a layer binds the later ones: a layer whose writes were
+kept keeps them (it may still share, with its writes in place, where the writes are separate
+nodes), and a layer whose writes were dropped must share again, or the compile fails loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+
+class WriteChoice(str, enum.Enum):
+    KEPT = "kept"
+    DROPPED = "dropped"
+
+
+class CacheWriteConflict(RuntimeError):
+    """A graph would compute a layer whose cache writes an earlier graph of the model dropped."""
+
+
+class CacheWriteLedger:
+    """The write choice per (scope, layer key); the scope keeps two models apart (a config, a pass)."""
+
+    def __init__(self) -> None:
+        self._choices: dict[tuple[str, str], WriteChoice] = {}
+        self._lock = threading.Lock()
+
+    def earlier(self, scope: str, key: str) -> WriteChoice | None:
+        with self._lock:
+            return self._choices.get((scope, key))
+
+    def any_dropped(self, scope: str) -> list[str]:
+        with self._lock:
+            return [key for (s, key), choice in self._choices.items() if s == scope and choice is WriteChoice.DROPPED]
+
+    def record(self, scope: str, key: str, choice: WriteChoice) -> None:
+        with self._lock:
+            self._choices.setdefault((scope, key), choice)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._choices.clear()
+
+
+#: Shared by every ``IndexCachePass`` that is not given its own (keyed by the config).
+DEFAULT_LEDGER = CacheWriteLedger()
