@@ -36,15 +36,15 @@ TRAINED_SEQ_LEN = 256  # bytes per calibration window for the shipped checkpoint
 RANDOM_SEQ_LEN = 48  # tokens per sequence for random-weight models (top-k 16)
 
 
-def add_reference_arguments(parser: argparse.ArgumentParser, random_layers: int = 8) -> None:
+def add_reference_arguments(parser: argparse.ArgumentParser, layers_help: str) -> None:
     """Which reference model: the shipped checkpoint (default), another checkpoint, or random weights."""
     parser.add_argument("--random-weights", action="store_true",
                         help="the random-weight reference model (tiny MoE) instead of the trained checkpoint")
     parser.add_argument("--checkpoint", default=None,
                         help="a reference-model safetensors checkpoint (default: the one shipped in the package)")
     parser.add_argument("--layers", type=int, default=None,
-                        help=f"random weights: DSA layers (default {random_layers}); checkpoint: keep only its first "
-                             "N layers (they select exactly as in the whole model; default all)")
+                        help="DSA layers; of a checkpoint, its first N (they select exactly the keys they select in "
+                             f"the whole model). {layers_help}")
 
 
 def reference_model(args: argparse.Namespace, random_layers: int = 8, dtype: torch.dtype = torch.float32):
@@ -56,7 +56,7 @@ def reference_model(args: argparse.Namespace, random_layers: int = 8, dtype: tor
         if args.checkpoint:
             raise SystemExit("--random-weights and --checkpoint exclude each other")
         config = DSAModelConfig.tiny(num_layers=args.layers or random_layers)
-        return ReferenceDSAModel(config, seed=args.seed, dtype=dtype)
+        return ReferenceDSAModel(config, seed=getattr(args, "seed", 0), dtype=dtype)
     return load_checkpoint(args.checkpoint, num_layers=args.layers, dtype=dtype)
 
 
@@ -69,7 +69,7 @@ def calibration_windows(seq_len: int, count: int, seed: int) -> torch.Tensor:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    add_reference_arguments(parser)
+    add_reference_arguments(parser, "Default: the whole checkpoint, or 8 with --random-weights")
     parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from hf_models.TINY_DSA_MODELS")
     parser.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
     parser.add_argument("--batch-size", type=int, default=2)

@@ -139,5 +139,5 @@ def load_checkpoint(
         model = ReferenceDSAModel(config, dtype=dtype, device=device)
         tensors = {name: t for name, t in tensors.items() if name in model.state_dict()}
     model.load_state_dict({name: t.to(dtype) for name, t in tensors.items()})
-    model.checkpoint_metadata = {k: v for k, v in meta.items() if k != "config"}
+    model.checkpoint_metadata = dict(meta)  # what training recorded; 'config' is the stored (whole) model's
     return model.eval()
