@@ -57,7 +57,17 @@ def demo_tokens(model: ReferenceDSAModel, random: bool, batch: int, length: int)
     return corpus.windows(tokens, length, batch)
 
 
-def bits_per_byte(logits: torch.Tensor, ids: torch.Tensor) -> float:
+def describe_weights(model: ReferenceDSAModel, random: bool) -> tuple[str, bool]:
+    """("trained checkpoint, its first 6 of 16 layers", False): what runs, and whether it is a whole trained model."""
+    if random:
+        return "random weights", False
+    stored = json.loads(model.checkpoint_metadata["config"])["num_layers"]
+    if stored == model.config.num_layers:
+        return "trained checkpoint", True
+    return f"trained checkpoint, its first {model.config.num_layers} of {stored} layers", False
+
+
+def _bits_per_byte(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return next_byte_loss(logits, ids).item() / math.log(2)
 
 
@@ -74,10 +84,7 @@ def main(args: argparse.Namespace) -> int:
         options = {"index_topk_pattern": args.pattern}
     config, _ = IndexCacheConfig.from_options(options)
     oracle_pattern = config.executed_pattern(model_config.num_layers)
-    weights = "random weights" if args.random_weights else "trained checkpoint"
-    stored_layers = None if args.random_weights else json.loads(model.checkpoint_metadata["config"])["num_layers"]
-    if stored_layers is not None and stored_layers != model_config.num_layers:
-        weights += f", its first {model_config.num_layers} of {stored_layers} layers"
+    weights, whole = describe_weights(model, args.random_weights)
     print(f"reference model ({weights}): {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
           f"hidden {model_config.hidden_size}, {args.dtype}; IndexCache options {options}")
     print(f"pattern as configured: {config.pattern_for(model_config.num_layers)}  "
@@ -116,9 +123,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"prefill graph: generated code calls aten.topk {topk_calls} times "
           f"= {full} indexers (F layers) + {prefill.router_topk} MoE-router top-k; "
           f"the {prefill.indexers_removed} S-layer indexers are gone (compile took {compile_s:.1f} s)")
-    if stored_layers == model_config.num_layers:  # the whole trained model: its loss means something
-        print(f"prompt next-byte loss: {bits_per_byte(all_f, prompt):.3f} bits/byte with every indexer, "
-              f"{bits_per_byte(logits, prompt):.3f} with pattern {oracle_pattern} (compiled)")
+    if whole:  # the whole trained model: its loss means something
+        print(f"prompt next-byte loss: {_bits_per_byte(all_f, prompt):.3f} bits/byte with every indexer, "
+              f"{_bits_per_byte(logits, prompt):.3f} with pattern {oracle_pattern} (compiled)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     ok = worst["indices"] == 0 and worst["logits"] <= tolerance
     print(f"compiled vs hand-written IndexCache: indices differ at {worst['indices']} positions, "
