@@ -1,7 +1,9 @@
 """Calibration targets for the pattern tools: a model, its calibration batches, how to call it.
 
-``overlap`` and ``pattern_search`` share them: the built-in reference model by default, or a tiny
-transformers DSA model (``--hf-model``), compiled once with an ``IndexProbe``.
+``overlap`` and ``pattern_search`` share them: by default the trained checkpoint shipped in the package
+(``reference.checkpoint``) on windows of its calibration files (``reference.corpus``); ``--random-weights``
+gives the random-weight reference model on random tokens, ``--hf-model`` a tiny transformers DSA model.
+The model is compiled once with an ``IndexProbe``.
 """
 
 from __future__ import annotations
@@ -30,22 +32,61 @@ class ProbeTarget:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
+TRAINED_SEQ_LEN = 256  # bytes per calibration window for the shipped checkpoint (its top-k is 64, context 1024)
+RANDOM_SEQ_LEN = 48  # tokens per sequence for random-weight models (top-k 16)
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser, layers_help: str) -> None:
+    """Which reference model: the shipped checkpoint (default), another checkpoint, or random weights."""
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the random-weight reference model (tiny MoE) instead of the trained checkpoint")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a reference-model safetensors checkpoint (default: the one shipped in the package)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="DSA layers; of a checkpoint, its first N (they select exactly the keys they select in "
+                             f"the whole model). {layers_help}")
+
+
+def reference_model(args: argparse.Namespace, random_layers: int = 8, dtype: torch.dtype = torch.float32):
+    """The model ``add_reference_arguments`` asked for: the loaded checkpoint, or random weights."""
+    from .reference import DSAModelConfig, ReferenceDSAModel
+    from .reference.checkpoint import load_checkpoint
+
+    if args.random_weights:
+        if args.checkpoint:
+            raise SystemExit("--random-weights and --checkpoint exclude each other")
+        config = DSAModelConfig.tiny(num_layers=args.layers or random_layers)
+        return ReferenceDSAModel(config, seed=getattr(args, "seed", 0), dtype=dtype)
+    return load_checkpoint(args.checkpoint, num_layers=args.layers, dtype=dtype)
+
+
+def calibration_windows(seq_len: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` byte windows at seeded random offsets of the calibration files (``reference.corpus``)."""
+    from .reference import corpus
+
+    tokens = corpus.as_tokens(corpus.read_files(corpus.CALIBRATION_FILES))
+    return corpus.random_windows(tokens, seq_len, count, torch.Generator().manual_seed(seed))
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=8, help="reference model: DSA layers (default 8)")
+    add_reference_arguments(parser, "Default: the whole checkpoint, or 8 with --random-weights")
     parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from hf_models.TINY_DSA_MODELS")
     parser.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=48, help="tokens per sequence (default 48, top-k is 16)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per sequence (default {TRAINED_SEQ_LEN} for the trained checkpoint, top-k 64; "
+                             f"{RANDOM_SEQ_LEN} otherwise, top-k 16)")
     parser.add_argument("--seed", type=int, default=0, help="weights and calibration tokens (default 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: fastest for tiny models on a shared CPU; 0 keeps torch's)")
 
 
 def build_target(args: argparse.Namespace) -> ProbeTarget:
-    """The reference model (default) or ``--hf-model NAME``, with random calibration tokens."""
+    """The trained checkpoint on calibration text (default), random weights on random tokens, or ``--hf-model``."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     if args.hf_model:
+        args.seq_len = args.seq_len or RANDOM_SEQ_LEN
         try:
             from . import hf_models
         except ImportError as error:  # transformers missing
@@ -62,16 +103,22 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
             args.hf_model, tiny.model, tiny.num_layers, batches, call_hf,
             is_logits=tiny.spec.output == "logits", context=lambda: hf_models.dynamo_config(tiny),
         )
-    from .reference import DSAModelConfig, ReferenceDSAModel
-
-    config = DSAModelConfig.tiny(num_layers=args.layers)
-    model = ReferenceDSAModel(config, seed=args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = [
-        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-        for _ in range(args.batches)
-    ]
-    return ProbeTarget(f"reference ({args.layers} layers)", model, config.num_layers, batches, lambda fn, ids: fn(ids))
+    model = reference_model(args)
+    config = model.config
+    if args.random_weights:
+        args.seq_len = args.seq_len or RANDOM_SEQ_LEN
+        generator = torch.Generator().manual_seed(args.seed)
+        batches = [
+            torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+            for _ in range(args.batches)
+        ]
+        name = f"reference, random weights ({config.num_layers} layers)"
+    else:
+        args.seq_len = args.seq_len or TRAINED_SEQ_LEN
+        windows = calibration_windows(args.seq_len, args.batches * args.batch_size, args.seed)
+        batches = list(windows.split(args.batch_size))
+        name = f"trained reference ({config.num_layers} layers, top-{config.index_topk})"
+    return ProbeTarget(name, model, config.num_layers, batches, lambda fn, ids: fn(ids))
 
 
 def compile_probe(target: ProbeTarget, switchable: bool = True) -> tuple[IndexProbe, Callable]:

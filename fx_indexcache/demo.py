@@ -1,6 +1,7 @@
 """The main job: compile the built-in reference model with IndexCache and show what it did.
 
-Prints the per-layer F/S table of each compiled graph, checks the compiled model against the
+The model is the trained checkpoint shipped in the package (``--random-weights``: the random-weight tiny MoE
+model), fed held-out Python source bytes. Prints the per-layer F/S table of each compiled graph, checks the compiled model against the
 hand-written model-level IndexCache (indices exactly, logits within tolerance) in prefill and
 in decode with the KV cache, and counts the top-k left in Inductor's generated code.
 """
@@ -8,6 +9,9 @@ in decode with the KV cache, and counts the top-k left in Inductor's generated c
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
 import re
 import time
 
@@ -17,9 +21,14 @@ import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
 from .backend import indexcache_backend
+from .calibration import add_reference_arguments, reference_model
 from .config import IndexCacheConfig
-from .reference import DSAModelConfig, ReferenceDSAModel
+from .reference import ReferenceDSAModel, corpus
+from .reference.training import next_byte_loss
 from .report import clear_reports, reports
+
+DEMO_LAYERS = 6
+PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,31 +39,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freq", type=int, default=4, help="index_topk_freq (default 4: the paper's 1/4)")
     parser.add_argument("--offset", type=int, default=2, help="index_skip_topk_offset")
     parser.add_argument("--pattern", default=None, help="index_topk_pattern, one F/S per layer")
-    parser.add_argument("--layers", type=int, default=6)
+    add_reference_arguments(parser, f"Default {DEMO_LAYERS} (Inductor takes minutes on 2 cores for all 16 of the "
+                                    "checkpoint: --layers 16 for the whole model)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=40, help="prefill length (longer than top-k)")
+    parser.add_argument("--prompt", type=int, default=None,
+                        help=f"prefill length, longer than top-k (default {PROMPT['trained']} bytes for the trained "
+                             f"checkpoint, {PROMPT['random']} tokens for random weights)")
     parser.add_argument("--decode-steps", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def demo_tokens(model: ReferenceDSAModel, random: bool, batch: int, length: int) -> torch.Tensor:
+    """[batch, length] inputs: random tokens for random weights, held-out source bytes for the trained model."""
+    if random:
+        return torch.randint(0, model.config.vocab_size, (batch, length))
+    tokens = corpus.as_tokens(corpus.read_files(corpus.HELD_OUT_FILES))
+    return corpus.windows(tokens, length, batch)
+
+
+def describe_weights(model: ReferenceDSAModel, random: bool) -> tuple[str, bool]:
+    """("trained checkpoint, its first 6 of 16 layers", False): what runs, and whether it is a whole trained model."""
+    if random:
+        return "random weights", False
+    stored = json.loads(model.checkpoint_metadata["config"])["num_layers"]
+    if stored == model.config.num_layers:
+        return "trained checkpoint", True
+    return f"trained checkpoint, its first {model.config.num_layers} of {stored} layers", False
+
+
+def _bits_per_byte(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return next_byte_loss(logits, ids).item() / math.log(2)
 
 
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model_config = DSAModelConfig.tiny(num_layers=args.layers)
-    model = ReferenceDSAModel(model_config, seed=0, dtype=dtype)
-    oracle = ReferenceDSAModel(model_config, seed=0, dtype=dtype)  # same weights, hand-written IndexCache
+    args.layers = args.layers or DEMO_LAYERS
+    model = reference_model(args, dtype=dtype)
+    oracle = copy.deepcopy(model)  # same weights, hand-written IndexCache
+    model_config = model.config
+    args.prompt = args.prompt or PROMPT["random" if args.random_weights else "trained"]
     options = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset}
     if args.pattern:
         options = {"index_topk_pattern": args.pattern}
     config, _ = IndexCacheConfig.from_options(options)
     oracle_pattern = config.executed_pattern(model_config.num_layers)
-    print(f"reference model: {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
+    weights, whole = describe_weights(model, args.random_weights)
+    print(f"reference model ({weights}): {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
           f"hidden {model_config.hidden_size}, {args.dtype}; IndexCache options {options}")
     print(f"pattern as configured: {config.pattern_for(model_config.num_layers)}  "
           f"(hand-written IndexCache runs {oracle_pattern})\n")
 
-    prompt = torch.randint(0, model_config.vocab_size, (args.batch, args.prompt))
-    steps = torch.randint(0, model_config.vocab_size, (args.batch, args.decode_steps))
+    tokens = demo_tokens(model, args.random_weights, args.batch, args.prompt + args.decode_steps)
+    prompt, steps = tokens[:, : args.prompt], tokens[:, args.prompt :]
     compiled = torch.compile(model, backend=indexcache_backend, options=options, dynamic=True)
     clear_reports()
     worst = {"logits": 0.0, "indices": 0}
@@ -67,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         (logits, indices), code = run_and_get_code(compiled, prompt, cache, 0, True)
         compile_s = time.perf_counter() - start
+        all_f = oracle(prompt)
         oracle.set_index_cache_pattern(oracle_pattern)
         expected, expected_indices = oracle(prompt, oracle_cache, 0, True)
         worst["logits"] = _max_diff(logits, expected)
@@ -85,6 +123,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"prefill graph: generated code calls aten.topk {topk_calls} times "
           f"= {full} indexers (F layers) + {prefill.router_topk} MoE-router top-k; "
           f"the {prefill.indexers_removed} S-layer indexers are gone (compile took {compile_s:.1f} s)")
+    if whole:  # the whole trained model: its loss means something
+        print(f"prompt next-byte loss: {_bits_per_byte(all_f, prompt):.3f} bits/byte with every indexer, "
+              f"{_bits_per_byte(logits, prompt):.3f} with pattern {oracle_pattern} (compiled)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     ok = worst["indices"] == 0 and worst["logits"] <= tolerance
     print(f"compiled vs hand-written IndexCache: indices differ at {worst['indices']} positions, "

@@ -235,7 +235,8 @@ def test_overlap_cli_on_reference_with_an_inert_layer_and_a_copied_indexer(tmp_p
 
     monkeypatch.setattr(overlap, "build_target", patched)
     out = tmp_path / "heat.png"
-    code = cli.main(["overlap", "--layers", "3", "--seq-len", "24", "--batches", "1", "--out", str(out)])
+    argv = ["overlap", "--random-weights", "--layers", "3", "--seq-len", "24", "--batches", "1", "--out", str(out)]
+    code = cli.main(argv)
     text = capsys.readouterr().out
     assert code == 0 and out.stat().st_size > 1000
     assert "layer  1 ->  2:  1.000" in text

@@ -330,6 +330,23 @@ class LightningIndexer(nn.Module):
         key_cache: torch.Tensor | None,  # [B, capacity, head_dim] or None
         start_pos: int,
     ) -> torch.Tensor:
+        score = self.score(x, q_latent, cos, sin, query_slot, key_cache, start_pos)
+        return score.topk(min(self.topk, score.shape[-1]), dim=-1).indices  # int64 [B, S, K]
+
+    def score(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        query_slot: torch.Tensor,
+        key_cache: torch.Tensor | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        """Index score of every (query, key) pair, future keys at -inf: fp32 [B, S, T].
+
+        A method of its own so that training (``reference.training``) can fit the score itself by KL.
+        """
         B, S, _ = x.shape
         q = self._rope(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
         k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # [B, S, Di]
@@ -340,8 +357,7 @@ class LightningIndexer(nn.Module):
         logits = torch.einsum("bshd,btd->bsht", q.float(), keys.float())  # [B, S, Hi, T]
         score = torch.einsum("bsh,bsht->bst", w, F.relu(logits))  # [B, S, T]
         future = torch.arange(T, device=x.device)[None, :] > query_slot[:, None]  # [S, T]
-        score = score.masked_fill(future, float("-inf"))
-        return score.topk(min(self.topk, T), dim=-1).indices  # int64 [B, S, K]
+        return score.masked_fill(future, float("-inf"))
 
 
 class MLAttention(nn.Module):
@@ -380,14 +396,7 @@ class MLAttention(nn.Module):
         With ``shared_indices`` given (IndexCache "S" layer) the indexer is not run at all.
         """
         B, S, _ = x.shape
-        H = self.n_heads
-        q_latent = self.q_norm(self.wq_a(x))
-        q = self.wq_b(q_latent).view(B, S, H, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = rope_pairs(q_pe, cos, sin)
-
-        latent, k_pe = self.wkv_a(x).split([self.kv_lora, self.rope], dim=-1)
-        row = torch.cat((self.kv_norm(latent), rope_pairs(k_pe, cos, sin)), dim=-1)  # [B, S, kv_lora+rope]
+        q_latent, q_nope, q_pe, row = self.project(x, cos, sin)
         keys = row if kv_cache is None else _write_rows(kv_cache, row, start_pos)  # [B, T, D]
 
         if shared_indices is None:
@@ -400,21 +409,58 @@ class MLAttention(nn.Module):
         # Gather the selected latent rows: [B, S, K, D]
         picked = torch.gather(keys, 1, indices.reshape(B, S * K, 1).expand(B, S * K, D)).view(B, S, K, D)
         picked = picked.to(x.dtype)
+        out, _ = self.attend(q_nope, q_pe, picked, indices, query_slot)
+        return self.wo(out), indices
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(q_latent [B,S,q_lora], q_nope [B,S,H,nope], RoPE'd q_pe [B,S,H,rope], latent KV row [B,S,kv_lora+rope])."""
+        B, S, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).view(B, S, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = rope_pairs(q_pe, cos, sin)
+
+        latent, k_pe = self.wkv_a(x).split([self.kv_lora, self.rope], dim=-1)
+        row = torch.cat((self.kv_norm(latent), rope_pairs(k_pe, cos, sin)), dim=-1)  # [B, S, kv_lora+rope]
+        return q_latent, q_nope, q_pe, row
+
+    def attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        picked: torch.Tensor,  # [B, S, K, D] latent rows per query, or [B, 1, T, D] shared by all queries
+        key_pos: torch.Tensor,  # position of each picked row on the key axis, broadcastable to [B, S, K]
+        query_slot: torch.Tensor,
+        shared_rows: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the picked rows: (output [B, S, H*v] before ``wo``, probabilities [B, S, H, K]).
+
+        ``shared_rows``: ``picked`` is [B, 1, T, D], one set of rows for every query -- the dense attention
+        of training's warm-up (``reference.training``), multiplied without broadcasting copies.
+        """
+        B, S, H, _ = q_nope.shape
         # Absorb kv_b's key half into the query, its value half after the attention.
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora)
         w_key, w_val = w[:, : self.nope], w[:, self.nope :]
         q_latent_heads = torch.einsum("bshn,hnc->bshc", q_nope, w_key)  # [B, S, H, kv_lora]
         q_full = torch.cat((q_latent_heads, q_pe), dim=-1)  # [B, S, H, D]
 
-        att = torch.matmul(q_full, picked.transpose(-1, -2)).float() * self.scale  # [B, S, H, K]
+        if shared_rows:
+            rows = picked[:, 0]  # [B, T, D]
+            att = torch.matmul(q_full.reshape(B, S * H, -1), rows.transpose(-1, -2)).view(B, S, H, -1)
+        else:
+            att = torch.matmul(q_full, picked.transpose(-1, -2))
+        att = att.float() * self.scale  # [B, S, H, K]
         # top-k returns K indices even when fewer keys are visible: drop the non-causal ones.
-        invisible = indices > query_slot.view(1, S, 1)  # [B, S, K]
+        invisible = key_pos > query_slot.view(1, S, 1)  # [B, S, K]
         att = att.masked_fill(invisible.unsqueeze(2), float("-inf"))
-        prob = att.softmax(dim=-1).to(x.dtype)
-        ctx = torch.matmul(prob, picked[..., : self.kv_lora])  # [B, S, H, kv_lora]
+        prob = att.softmax(dim=-1).to(q_nope.dtype)
+        if shared_rows:
+            ctx = torch.matmul(prob.reshape(B, S * H, -1), rows[..., : self.kv_lora]).view(B, S, H, self.kv_lora)
+        else:
+            ctx = torch.matmul(prob, picked[..., : self.kv_lora])  # [B, S, H, kv_lora]
         out = torch.einsum("bshc,hvc->bshv", ctx, w_val)  # [B, S, H, v]
-        return self.wo(out.reshape(B, S, H * self.v_dim)), indices
+        return out.reshape(B, S, H * self.v_dim), prob
 
 
 class DenseMLP(nn.Module):
