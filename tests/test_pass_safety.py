@@ -130,7 +130,7 @@ class CachedStack(nn.Module):
     def forward(self, x, caches, pos: int, weigh: bool = False, uses=None):
         chosen, end = {}, pos + x.shape[0]
         for i in range(self.n):
-            wq, wk, ww, wv = self.w[4 * i: 4 * i + 4]
+            wq, wk, ww, wv = (self.w[4 * i + j] for j in range(4))  # no ParameterList slice: torch 2.11 cannot trace it
             index_keys, values = caches[i]
             index_keys[pos:end] = x @ wk
             values[pos:end] = x @ wv
