@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import cross_graph_build
 from .config import IndexCacheConfig
 from .frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
@@ -270,7 +271,8 @@ class IndexCacheEagerBackend(IndexCacheBackend):
             module.recompile()
             return module.forward
 
-        return aten_graph_backend(rewrite)(gm, example_inputs)
+        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass)
+        return aten_graph_backend(rewrite, inference_compiler=inference)(gm, example_inputs)
 
 
 def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, *,

@@ -10,9 +10,14 @@ import dataclasses
 import logging
 import threading
 
+from typing import TYPE_CHECKING
+
 from .config import IndexCacheConfig, PatternSource
 from .detection import Detection, LayerSource, UnknownLayerIndex
 from .rewrite import LEFT, SHARED, LayerDecision
+
+if TYPE_CHECKING:
+    from .cross_graph_build import CrossGraphPlan
 
 log = logging.getLogger("fx_indexcache")
 
@@ -33,6 +38,7 @@ class IndexCacheReport:
     graph_name: str = ""
     layer_index_unknown: UnknownLayerIndex | None = None  # why, when no layer could be numbered
     shared_earlier: tuple[int, ...] = ()  # S layers an earlier rewrite of this graph already removed
+    cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -80,6 +86,8 @@ class IndexCacheReport:
         if self.cache_bytes_saved:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
         lines.extend(self.other_notes)
+        if self.cross_graph is not None:
+            lines.append(self.cross_graph.note())
         return "\n".join(lines)
 
     @classmethod

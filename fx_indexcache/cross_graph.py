@@ -1,0 +1,286 @@
+"""IndexCache across graphs: one compiled layer graph that runs as every layer, decided per call on the host.
+
+When a graph break falls inside the decoder-layer loop (an explicit break, or MoE dispatch that reads
+``bincount().tolist()``), dynamo compiles each layer on its own frame and reuses that one graph for every
+layer: its module paths are relative (``indexer``), so no layer index is known when it is compiled. Which
+layer a call runs *is* known when it is called: with ``inline_inbuilt_nn_modules`` the layer's parameters
+are graph inputs, and their storage (``data_ptr``) is found in the model's ``named_parameters()`` under
+``layers.N....``, which gives the layer N (and the layer container ``layers``).
+
+So the backend keeps three callables for such a graph (``cross_graph_build``): the graph as it is, an
+F variant that also returns its indices (the wrapper keeps them in a per-model slot), and an S variant
+without the indexer that takes the F layer's indices as an extra input. Before each call the wrapper
+(``CrossGraphCallable``) decides on the host, from bookkeeping only (no device sync):
+
+* a layer marked F runs the F variant and publishes;
+* a layer marked S runs the S variant only if its F layer published **in this forward call** and the
+  layers since ran consecutively ``F, F+1, ..., L-1`` (a layer at or below the last one starts a new
+  forward and clears every slot), and the published indices have the shape the S graph expects
+  (evaluated from this call's input sizes), its dtype and device;
+* anything else (parameters that map to no single layer, a check that fails) runs the graph as it is.
+
+What it cannot see: layers of the model that run outside this backend's compiled graphs (eagerly, or
+through another compile) between an F layer and its S layers. The README's limits say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+
+import sympy
+import torch
+from torch import nn
+
+from .config import FULL, IndexCacheConfig
+
+#: Switch for tests (and an escape hatch): False makes every qualifying graph run as it is.
+ENABLED = True
+
+
+class CallAction(str, enum.Enum):
+    """What one call of a cross-graph layer graph did."""
+
+    PUBLISHED = "computed its indices and published them"
+    READ = "read its F layer's published indices (indexer not run)"
+    COMPUTED = "computed its own indices (graph as it is)"
+
+
+class Fallback(str, enum.Enum):
+    """Why a layer marked S computed instead of reading its F layer's indices."""
+
+    NO_SOURCE = "marked S with no F layer before it"
+    NOT_PUBLISHED = "its F layer did not publish in this forward call"
+    NOT_CONSECUTIVE = "the layers since its F layer's publish did not run consecutively up to this one"
+    MISMATCH = "the published indices' shape, dtype, device or layout differ from what this graph expects"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One layer's latest call through a cross-graph layer graph."""
+
+    layer: int
+    container: str  # the module path holding the numbered layers ("layers", "model.layers")
+    marked: str  # "F" or "S" under the graph's config
+    action: CallAction
+    graph: str  # dynamo's compile id of the graph that ran
+    source_layer: int | None = None  # READ: the F layer whose indices were read
+    source_graph: str | None = None  # READ: the graph that published them
+    fallback: Fallback | None = None  # COMPUTED while marked S: why
+
+
+# ---------------------------------------------------------------------------------------------- layer map
+
+
+def layer_key(path: str) -> tuple[str, int] | None:
+    """``model.layers.3.attn.wq`` → ``("model.layers", 3)``: the first all-digit component is the layer."""
+    parts = path.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:position]), int(part)
+    return None
+
+
+@dataclasses.dataclass
+class _Published:
+    indices: torch.Tensor
+    graph: str
+
+
+@dataclasses.dataclass
+class Timeline:
+    """Host bookkeeping for one layer container of one model: which layers ran, what was published."""
+
+    last: int | None = None  # the layer that ran last in this forward call
+    run_from: int | None = None  # layers run_from..last ran consecutively
+    published: dict[int, _Published] = dataclasses.field(default_factory=dict)
+    calls: dict[int, LayerCall] = dataclasses.field(default_factory=dict)  # this forward call's
+
+    def readable(self, source: int, layer: int) -> _Published | Fallback:
+        """What layer ``layer`` (not yet begun) may read from ``source``, or why it may not."""
+        if self.last is None or self.last >= layer or source not in self.published:
+            return Fallback.NOT_PUBLISHED  # at or below the last layer: a new forward call begins
+        if self.last != layer - 1 or self.run_from > source:
+            return Fallback.NOT_CONSECUTIVE
+        return self.published[source]
+
+    def begin(self, layer: int) -> None:
+        if self.last is not None and layer <= self.last:  # a new forward call
+            self.published.clear()
+            self.calls = {}
+        if self.last is None or layer != self.last + 1:
+            self.run_from = layer
+        self.last = layer
+
+    def reset(self) -> None:
+        self.last = self.run_from = None
+        self.published.clear()
+
+
+class LayerMap:
+    """A model's parameters by storage: ``data_ptr`` → the (container, layer) that owns it, per model.
+
+    A parameter listed under two layers (tied weights) maps to none. ``timelines`` holds the model's
+    host bookkeeping, one per layer container, shared by every graph compiled for it.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.by_storage: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
+        for path, param in root.named_parameters(remove_duplicate=False):
+            key = layer_key(path)
+            if key is None or param.numel() == 0 or param.device.type == "meta":
+                continue
+            ptr = param.data_ptr()
+            earlier = self.by_storage.get(ptr)
+            self.by_storage[ptr] = (param, key if earlier is None or earlier[1] == key else None)
+        self.timelines: dict[str, Timeline] = {}
+
+    def layer_of(self, args: Sequence[object]) -> tuple[str, int] | None:
+        """The one (container, layer) every parameter among ``args`` belongs to, or None."""
+        found = None
+        for arg in args:
+            if not isinstance(arg, torch.Tensor):
+                continue
+            entry = self.by_storage.get(arg.data_ptr())
+            if entry is None:
+                continue
+            param, key = entry
+            if key is None or arg.shape != param.shape or arg.dtype != param.dtype:
+                return None
+            if found is not None and key != found:
+                return None
+            found = key
+        return found
+
+    def timeline(self, container: str) -> Timeline:
+        return self.timelines.setdefault(container, Timeline())
+
+
+_MAPS: weakref.WeakKeyDictionary[nn.Module, LayerMap] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def layer_map(root: nn.Module) -> LayerMap:
+    """The model's map, built once and shared by all its graphs (weakly held: it dies with the model)."""
+    with _LOCK:
+        found = _MAPS.get(root)
+        if found is None:
+            found = _MAPS[root] = LayerMap(root)
+        return found
+
+
+def modules_on_stack() -> list[nn.Module]:
+    """The ``nn.Module`` ``self`` of every Python frame calling us, outermost first (``torch.compile``'s
+    wrapper unwrapped): the model whose layer this graph is, among them."""
+    found: dict[int, nn.Module] = {}
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, nn.Module):
+            owner = getattr(owner, "_orig_mod", owner)
+            found.setdefault(id(owner), owner)
+        frame = frame.f_back
+    return list(reversed(found.values()))
+
+
+def layer_calls(model: nn.Module) -> list[LayerCall]:
+    """Per layer, what its latest forward call through a cross-graph layer graph did (layer order)."""
+    model = getattr(model, "_orig_mod", model)
+    with _LOCK:
+        found = _MAPS.get(model)
+    if found is None:
+        return []
+    calls = [call for timeline in found.timelines.values() for call in timeline.calls.values()]
+    return sorted(calls, key=lambda call: (call.container, call.layer))
+
+
+def reset() -> None:
+    """Forget every model's bookkeeping (tests; after ``torch._dynamo.reset()``)."""
+    with _LOCK:
+        _MAPS.clear()
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedIndices:
+    """The S variant's indices input: its (symbolic) shape, bound to this call's input sizes."""
+
+    shape: tuple[int | sympy.Expr, ...]
+    bindings: tuple[tuple[sympy.Symbol, int, int | None], ...]  # symbol, argument, dim (None: a SymInt arg)
+    dtype: torch.dtype
+    device: torch.device
+
+    def matches(self, indices: torch.Tensor, args: Sequence[object]) -> bool:
+        if indices.dtype != self.dtype or indices.device != self.device or not indices.is_contiguous():
+            return False
+        return tuple(indices.shape) == self.shape_for(args)
+
+    def shape_for(self, args: Sequence[object]) -> tuple[int, ...]:
+        if not self.bindings:
+            return self.shape  # type: ignore[return-value]
+        values = {}
+        for symbol, position, dim in self.bindings:
+            arg = args[position]
+            values[symbol] = int(arg if dim is None else arg.shape[dim])
+        return tuple(size if isinstance(size, int) else int(size.xreplace(values)) for size in self.shape)
+
+
+# ---------------------------------------------------------------------------------------------- the callable
+
+
+class CrossGraphCallable:
+    """The boxed callable the backend returns for a layer graph that runs as several layers."""
+
+    _boxed_call = True
+
+    def __init__(self, as_is: Callable, f_variant: Callable, s_variant: Callable, expected: ExpectedIndices,
+                 config: IndexCacheConfig, maps: list[LayerMap], graph: str) -> None:
+        self.as_is, self.f_variant, self.s_variant = as_is, f_variant, s_variant
+        self.expected, self.config, self.maps, self.graph = expected, config, maps, graph
+
+    def __call__(self, args: list) -> object:
+        found = self._layer(args)
+        if found is None or not ENABLED:
+            return self.as_is(args)
+        layer_map_, (container, layer) = found
+        timeline = layer_map_.timeline(container)
+        try:
+            return self._run(args, timeline, container, layer)
+        except BaseException:
+            timeline.reset()
+            raise
+
+    def _layer(self, args):
+        for candidate in self.maps:
+            key = candidate.layer_of(args)
+            if key is not None:
+                return candidate, key
+        return None
+
+    def _run(self, args: list, timeline: Timeline, container: str, layer: int):
+        marked = self.config.layer_kind(layer)
+        source = self.config.source_layer(layer) if marked != FULL else None
+        if marked == FULL:
+            timeline.begin(layer)
+            result = self.f_variant(list(args))
+            outputs = list(result)
+            timeline.published[layer] = _Published(outputs.pop(), self.graph)
+            timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.PUBLISHED, self.graph)
+            return type(result)(outputs) if isinstance(result, tuple) else outputs
+        why = Fallback.NO_SOURCE if source is None else timeline.readable(source, layer)
+        if isinstance(why, _Published):
+            if self.expected.matches(why.indices, args):
+                timeline.begin(layer)
+                call = LayerCall(layer, container, marked, CallAction.READ, self.graph, source, why.graph)
+                timeline.calls[layer] = call
+                return self.s_variant([*args, why.indices])
+            why = Fallback.MISMATCH
+        timeline.begin(layer)
+        timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.COMPUTED, self.graph, fallback=why)
+        return self.as_is(args)

@@ -1,0 +1,214 @@
+"""The F and S variants of a layer graph that runs as several layers, and the plan the report shows.
+
+Built on AOTAutograd's forward ATen graph of an inference compile, before the pass edits it:
+
+* the **F variant** is the graph with the indexer's indices appended to its outputs (the wrapper in
+  ``cross_graph`` pops them into the model's slot, so the caller sees the graph's own outputs);
+* the **S variant** is the graph with one extra input, the F layer's indices, in place of its own;
+  what only the indexer needed is then dead and removed.
+
+Both compute exactly what the graph computes, with the indices coming from elsewhere in the S case.
+Only graphs whose single indexer has no layer index at compile time qualify (``detection`` said
+"unknown"); a graph whose layers are numbered is handled inside the graph by the pass as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+
+from .config import SHARED, IndexCacheConfig
+from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
+from .detection import detect
+from .graph_utils import fake_value
+
+#: How far to look for an S layer in a pattern given only by freq/offset.
+_PATTERN_HORIZON = 256
+
+
+class CrossGraphOff(str, enum.Enum):
+    """Why a layer graph with an unnumbered indexer does not share across graphs (it computes as before)."""
+
+    CUDAGRAPHS = ("CUDA graphs are on (mode='reduce-overhead' / triton.cudagraphs): published indices would have to "
+                  "live in static buffers, which is not built; every layer computes")
+    TRAINING = "not an inference graph (gradients enabled): every layer computes"
+    NOT_ONE_SITE = "the graph holds more than one indexer: it is not one layer's graph"
+    SITE_REFUSES = "its indexer's indices cannot be replaced"
+    NO_S_LAYER = "the pattern has no S layer with an F layer before it"
+    NO_MODEL = "no module on the call stack has numbered layers owning parameters"
+    UNBOUND_SHAPE = "the indices' shape uses a size no graph input carries, so it cannot be checked per call"
+    INDEXER_STILL_NEEDED = "without its indices the indexer is still needed by the rest of the graph"
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossGraphPlan:
+    """What the backend does for one graph whose layer is known only at call time."""
+
+    graph: str  # dynamo's compile id
+    active: bool
+    off: CrossGraphOff | None = None
+    detail: str = ""
+    s_nodes_removed: int = 0  # nodes the S variant does not run
+
+    def note(self) -> str:
+        if self.active:
+            return (f"cross-graph: graph {self.graph} runs as several layers; per call, its parameters give the layer: "
+                    f"F layers publish their indices, S layers read their F layer's ({self.s_nodes_removed} nodes "
+                    "not run) when the host check passes, else it computes; see fx_indexcache.layer_calls(model)")
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"cross-graph sharing off for graph {self.graph}: {self.off.value}{detail}"
+
+
+@dataclasses.dataclass
+class Variants:
+    f_graph: fx.GraphModule
+    s_graph: fx.GraphModule
+    s_inputs: list
+    expected: ExpectedIndices
+
+
+def _copy(module: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
+    graph.output(output, type_expr=getattr(old_output, "type", None))
+    graph.output_node().meta = dict(old_output.meta)
+    return fx.GraphModule(module, graph)
+
+
+def _has_s_layer(config: IndexCacheConfig) -> bool:
+    horizon = config.num_layers or len(config.index_topk_pattern or "") or _PATTERN_HORIZON
+    return any(config.layer_kind(i) == SHARED and config.source_layer(i) is not None for i in range(horizon))
+
+
+def _expected(graph: fx.Graph, indices: torch.Tensor) -> ExpectedIndices | None:
+    """The indices' shape as expressions of graph-input sizes; None if a size is bound by no input."""
+    shape = tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.expr for s in indices.shape)
+    needed = set().union(*(getattr(s, "free_symbols", set()) for s in shape))
+    bound: dict = {}
+    for position, node in enumerate(graph.find_nodes(op="placeholder")):
+        value = fake_value(node)
+        sizes = [(None, value)] if isinstance(value, torch.SymInt) else (
+            list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else [])
+        for dim, size in sizes:
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is not None and expr.is_Symbol and expr in needed:
+                bound.setdefault(expr, (expr, position, dim))
+    if needed - set(bound):
+        return None
+    shape = tuple(int(s) if not hasattr(s, "free_symbols") or not s.free_symbols else s for s in shape)
+    return ExpectedIndices(shape, tuple(bound.values()), indices.dtype, indices.device)
+
+
+def _f_variant(module: fx.GraphModule) -> fx.GraphModule:
+    """The graph plus its indexer's indices as a last output."""
+    site = detect(module.graph).sites[0]
+    output = module.graph.output_node()
+    outs = output.args[0]
+    output.args = (type(outs)((*outs, site.indices)),)
+    module.recompile()
+    return module
+
+
+def _s_variant(module: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, int] | None:
+    """The graph with the indices as a new last input; None if the indexer stays needed."""
+    graph = module.graph
+    site = detect(graph).sites[0]
+    before = len(graph.nodes)
+    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+        published = graph.placeholder("published_indices")
+    published.meta["val"] = example
+    site.indices.replace_all_uses_with(published)
+    graph.eliminate_dead_code()
+    if site.anchor.graph is graph and any(node is site.anchor for node in graph.nodes):
+        return None
+    graph.lint()
+    module.recompile()
+    return module, before + 1 - len(graph.nodes)
+
+
+def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, *, graph: str,
+                  cudagraphs: bool, inference: bool) -> tuple[CrossGraphPlan | None, Variants | None]:
+    """Whether this forward graph qualifies, and its variants when it does (None, None: not concerned)."""
+    if not config.use_index_cache:
+        return None, None
+    detection = detect(_copy(module).graph)
+    if not detection.sites or detection.unknown_reason is None:
+        return None, None
+
+    def off(reason: CrossGraphOff, detail: str = ""):
+        return CrossGraphPlan(graph, False, reason, detail), None
+
+    if cudagraphs:
+        return off(CrossGraphOff.CUDAGRAPHS)
+    if not inference:
+        return off(CrossGraphOff.TRAINING)
+    if len(detection.sites) != 1 or detection.unplaced:
+        return off(CrossGraphOff.NOT_ONE_SITE, f"{len(detection.sites)} indexers")
+    refusal = detection.sites[0].refusal()
+    if refusal is not None:
+        return off(CrossGraphOff.SITE_REFUSES, refusal)
+    if not _has_s_layer(config):
+        return off(CrossGraphOff.NO_S_LAYER)
+    indices = fake_value(detection.sites[0].indices)
+    expected = _expected(module.graph, indices) if isinstance(indices, torch.Tensor) else None
+    if expected is None:
+        return off(CrossGraphOff.UNBOUND_SHAPE)
+    with indices.fake_mode:
+        example = torch.empty(indices.shape, dtype=indices.dtype, device=indices.device)
+    s_built = _s_variant(_copy(module), example)
+    if s_built is None:
+        return off(CrossGraphOff.INDEXER_STILL_NEEDED)
+    s_graph, removed = s_built
+    return CrossGraphPlan(graph, True, s_nodes_removed=removed), Variants(
+        _f_variant(_copy(module)), s_graph, [*inputs, example], expected)
+
+
+def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, *,
+                        compile_as_is: Callable, compile_variant: Callable, cudagraphs: bool,
+                        inference: bool) -> tuple[Callable, CrossGraphPlan | None]:
+    """Compile a forward graph: as it is, plus its F and S variants and the per-call wrapper where it qualifies.
+
+    ``compile_as_is(module)`` compiles the graph the usual way (the pass runs there); ``compile_variant(gm,
+    inputs)`` compiles a variant without the pass. Both return boxed callables.
+    """
+    graph = compile_id()
+    plan, variants = plan_variants(module, inputs, config, graph=graph, cudagraphs=cudagraphs, inference=inference)
+    maps = [found for found in map(layer_map, modules_on_stack()) if found.by_storage] if variants else []
+    if variants is not None and not maps:
+        plan, variants = CrossGraphPlan(graph, False, CrossGraphOff.NO_MODEL), None
+    as_is = compile_as_is(module)
+    if variants is None:
+        return as_is, plan
+    f_compiled = compile_variant(variants.f_graph, list(inputs))
+    s_compiled = compile_variant(variants.s_graph, variants.s_inputs)
+    return CrossGraphCallable(as_is, f_compiled, s_compiled, variants.expected, config, maps, graph), plan
+
+
+def attach(plan: CrossGraphPlan | None, graph_pass) -> None:
+    """Put the plan on the report the pass just made for this graph."""
+    if plan is not None and graph_pass.reports:
+        graph_pass.reports[-1].cross_graph = plan
+
+
+def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
+    """AOTAutograd's inference compiler for the eager backend: ``rewrite(module)`` is the usual path."""
+    from functorch.compile import make_boxed_func
+
+    def compile_forward(module: fx.GraphModule, inputs):
+        compiled, plan = compile_layer_graph(
+            module, inputs, graph_pass.config, compile_as_is=lambda m: make_boxed_func(rewrite(m)),
+            compile_variant=lambda variant, _: make_boxed_func(variant.forward), cudagraphs=False, inference=True)
+        attach(plan, graph_pass)
+        return compiled
+
+    return compile_forward
+
+
+def compile_id() -> str:
+    from torch._guards import CompileContext
+
+    return str(CompileContext.current_compile_id() or "?")

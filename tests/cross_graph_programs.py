@@ -1,0 +1,127 @@
+"""DSA decoders whose layer loop graph-breaks, so dynamo compiles each layer on its own frame.
+
+``LoopDecoder``: ``layers.N`` blocks called from a loop with an explicit ``graph_break()`` after
+each layer (module paths inside the compiled graph are relative: ``indexer``). ``MoEDecoder``:
+the "official-style" layer whose MoE dispatch reads expert counts with ``bincount().tolist()``
+and loops over experts with ``torch.where``, which graph-breaks inside every layer.
+Both take batched input ``[B, T, D]`` and an optional ``past`` (a decode step: the new tokens
+attend to ``past`` keys too). ``uses`` is the hand-written oracle: ``uses[i]`` is the layer whose
+indices layer ``i`` reads (``i`` itself when it computes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+D, H, HD, K, E = 8, 2, 4, 3, 3
+
+
+class Indexer(nn.Module):
+    def __init__(self, gen) -> None:
+        super().__init__()
+        self.wq = nn.Parameter(torch.randn(D, H * HD, generator=gen))
+        self.wk = nn.Parameter(torch.randn(D, HD, generator=gen))
+        self.ww = nn.Parameter(torch.randn(D, H, generator=gen))
+
+    def forward(self, x, keys):
+        q = (x @ self.wq).unflatten(-1, (H, HD))  # [B, S, H, HD]
+        k = keys @ self.wk  # [B, T, HD]
+        score = (torch.relu(torch.einsum("bshd,btd->bsht", q, k)) * (x @ self.ww).unsqueeze(-1)).sum(2)
+        s, t = x.shape[1], keys.shape[1]
+        keep = torch.ones(s, t, dtype=torch.bool).tril(t - s)
+        return torch.where(keep, score, torch.tensor(float("-inf"))).topk(K, dim=-1).indices  # [B, S, K]
+
+
+def attend(x, keys, indices, wv):
+    """Mean of the selected keys' values, per query."""
+    values = keys @ wv  # [B, T, D]
+    picked = torch.gather(values.unsqueeze(1).expand(-1, indices.shape[1], -1, -1), 2,
+                          indices.unsqueeze(-1).expand(-1, -1, -1, D))
+    return x + torch.tanh(picked.mean(2))
+
+
+class Block(nn.Module):
+    """One DSA layer; returns its output and the indices it used."""
+
+    def __init__(self, gen) -> None:
+        super().__init__()
+        self.indexer = Indexer(gen)
+        self.wv = nn.Parameter(torch.randn(D, D, generator=gen) / D**0.5)
+
+    def keys(self, x, past):
+        return x if past is None else torch.cat([past, x], 1)
+
+    def forward(self, x, past=None, shared=None):
+        keys = self.keys(x, past)
+        indices = self.indexer(x, keys) if shared is None else shared
+        return self.mix(attend(x, keys, indices, self.wv)), indices
+
+    def mix(self, x):
+        return x
+
+
+class MoE(nn.Module):
+    """Data-dependent dispatch, as eager MoE code writes it: graph-breaks on ``.tolist()``."""
+
+    def __init__(self, gen) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(D, E, generator=gen))
+        self.experts = nn.ParameterList(nn.Parameter(torch.randn(D, D, generator=gen) / D**0.5) for _ in range(E))
+
+    def forward(self, x):
+        flat = x.reshape(-1, D)
+        choice = (flat @ self.gate).argmax(-1)
+        counts = torch.bincount(choice, minlength=E).tolist()
+        out = torch.zeros_like(flat)
+        for e in range(E):
+            if counts[e] == 0:
+                continue
+            rows = torch.where(choice == e)[0]
+            out[rows] = torch.tanh(flat[rows] @ self.experts[e])
+        return x + out.reshape(x.shape)
+
+
+class MoEBlock(Block):
+    def __init__(self, gen) -> None:
+        super().__init__(gen)
+        self.moe = MoE(gen)
+
+    def mix(self, x):
+        return self.moe(x)
+
+
+class LoopDecoder(nn.Module):
+    """A decoder loop with a graph break after every layer."""
+
+    block = Block
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(self.block(gen) for _ in range(n))
+
+    def forward(self, x, past=None):
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, None if past is None else past[i])
+            torch._dynamo.graph_break()
+        return x
+
+    def oracle(self, x, uses, past=None):
+        """The hand-written IndexCache: layer ``i`` reads layer ``uses[i]``'s indices."""
+        cache = {}
+        for i, layer in enumerate(self.layers):
+            shared = cache[uses[i]] if uses[i] != i else None
+            x, cache[i] = layer(x, None if past is None else past[i], shared)
+        return x
+
+
+class MoEDecoder(LoopDecoder):
+    """The official-style decoder: no explicit break, the MoE dispatch breaks every layer."""
+
+    block = MoEBlock
+
+    def forward(self, x, past=None):
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, None if past is None else past[i])
+        return x
