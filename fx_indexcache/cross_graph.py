@@ -88,6 +88,7 @@ def layer_key(path: str) -> tuple[str, int] | None:
 @dataclasses.dataclass
 class _Published:
     indices: torch.Tensor
+    key_width: int  # the width of the key axis the F layer's top-k ran over
     graph: str
 
 
@@ -109,12 +110,17 @@ class Timeline:
         return self.published[source]
 
     def begin(self, layer: int) -> None:
-        if self.last is not None and layer <= self.last:  # a new forward call
-            self.published.clear()
-            self.calls = {}
+        if self.last is not None and layer <= self.last:
+            self.new_forward()
         if self.last is None or layer != self.last + 1:
             self.run_from = layer
         self.last = layer
+
+    def new_forward(self) -> None:
+        """Nothing published before may be read any more."""
+        self.last = self.run_from = None
+        self.published.clear()
+        self.calls = {}
 
     def reset(self) -> None:
         self.last = self.run_from = None
@@ -125,7 +131,9 @@ class LayerMap:
     """A model's parameters by storage: ``data_ptr`` → the (container, layer) that owns it, per model.
 
     A parameter listed under two layers (tied weights) maps to none. ``timelines`` holds the model's
-    host bookkeeping, one per layer container, shared by every graph compiled for it.
+    host bookkeeping, one per layer container, shared by every graph compiled for it. A forward pre-hook
+    on the model (run eagerly, outside every graph) starts a new forward call on each call of the model,
+    so a call that begins above layer 0 (a pipeline stage) never reads the previous call's indices.
     """
 
     def __init__(self, root: nn.Module) -> None:
@@ -138,6 +146,12 @@ class LayerMap:
             earlier = self.by_storage.get(ptr)
             self.by_storage[ptr] = (param, key if earlier is None or earlier[1] == key else None)
         self.timelines: dict[str, Timeline] = {}
+        if self.by_storage:
+            root.register_forward_pre_hook(_new_forward_hook(weakref.ref(self)))
+
+    def new_forward(self) -> None:
+        for timeline in self.timelines.values():
+            timeline.new_forward()
 
     def layer_of(self, args: Sequence[object]) -> tuple[str, int] | None:
         """The one (container, layer) every parameter among ``args`` belongs to, or None."""
@@ -158,6 +172,16 @@ class LayerMap:
 
     def timeline(self, container: str) -> Timeline:
         return self.timelines.setdefault(container, Timeline())
+
+
+def _new_forward_hook(owner: weakref.ref) -> Callable:
+    @torch._dynamo.disable
+    def new_forward_call(module, args) -> None:
+        found = owner()
+        if found is not None:
+            found.new_forward()
+
+    return new_forward_call
 
 
 _MAPS: weakref.WeakKeyDictionary[nn.Module, LayerMap] = weakref.WeakKeyDictionary()
@@ -209,26 +233,33 @@ def reset() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ExpectedIndices:
-    """The S variant's indices input: its (symbolic) shape, bound to this call's input sizes."""
+    """The indices one call of a layer graph makes or takes: their (symbolic) shape and the width of the key
+    axis they index, bound to the call's own input sizes, plus dtype and device.
 
-    shape: tuple[int | sympy.Expr, ...]
+    The key width matters as much as the shape: a decode step's indices point into ``past + new`` keys, so
+    indices taken over another cache length would select other keys (or none).
+    """
+
+    sizes: tuple[int | sympy.Expr, ...]  # the indices' shape, then the scored key axis's width
     bindings: tuple[tuple[sympy.Symbol, int, int | None], ...]  # symbol, argument, dim (None: a SymInt arg)
     dtype: torch.dtype
     device: torch.device
 
-    def matches(self, indices: torch.Tensor, args: Sequence[object]) -> bool:
-        if indices.dtype != self.dtype or indices.device != self.device or not indices.is_contiguous():
-            return False
-        return tuple(indices.shape) == self.shape_for(args)
-
-    def shape_for(self, args: Sequence[object]) -> tuple[int, ...]:
+    def sizes_for(self, args: Sequence[object]) -> tuple[int, ...]:
         if not self.bindings:
-            return self.shape  # type: ignore[return-value]
+            return self.sizes  # type: ignore[return-value]
         values = {}
         for symbol, position, dim in self.bindings:
             arg = args[position]
             values[symbol] = int(arg if dim is None else arg.shape[dim])
-        return tuple(size if isinstance(size, int) else int(size.xreplace(values)) for size in self.shape)
+        return tuple(size if isinstance(size, int) else int(size.xreplace(values)) for size in self.sizes)
+
+    def accepts(self, published: _Published, args: Sequence[object]) -> bool:
+        """Whether ``published`` is exactly what this call would have computed the shape of."""
+        indices = published.indices
+        if indices.dtype != self.dtype or indices.device != self.device or not indices.is_contiguous():
+            return False
+        return (*indices.shape, published.key_width) == self.sizes_for(args)
 
 
 # ---------------------------------------------------------------------------------------------- the callable
@@ -270,12 +301,13 @@ class CrossGraphCallable:
             timeline.begin(layer)
             result = self.f_variant(list(args))
             outputs = list(result)
-            timeline.published[layer] = _Published(outputs.pop(), self.graph)
+            key_width = self.expected.sizes_for(args)[-1]
+            timeline.published[layer] = _Published(outputs.pop(), key_width, self.graph)
             timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.PUBLISHED, self.graph)
             return type(result)(outputs) if isinstance(result, tuple) else outputs
         why = Fallback.NO_SOURCE if source is None else timeline.readable(source, layer)
         if isinstance(why, _Published):
-            if self.expected.matches(why.indices, args):
+            if self.expected.accepts(why, args):
                 timeline.begin(layer)
                 call = LayerCall(layer, container, marked, CallAction.READ, self.graph, source, why.graph)
                 timeline.calls[layer] = call

@@ -23,6 +23,7 @@ from torch import fx
 
 from .config import SHARED, IndexCacheConfig
 from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
+from .detect_topk import _topk_arguments
 from .detection import detect
 from .graph_utils import fake_value
 
@@ -84,23 +85,32 @@ def _has_s_layer(config: IndexCacheConfig) -> bool:
     return any(config.layer_kind(i) == SHARED and config.source_layer(i) is not None for i in range(horizon))
 
 
-def _expected(graph: fx.Graph, indices: torch.Tensor) -> ExpectedIndices | None:
-    """The indices' shape as expressions of graph-input sizes; None if a size is bound by no input."""
-    shape = tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.expr for s in indices.shape)
-    needed = set().union(*(getattr(s, "free_symbols", set()) for s in shape))
+def _size_expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
+    """The site's indices shape and key width as expressions of graph-input sizes; None if one is bound by
+    no input (then nothing can be checked per call)."""
+    indices, score = fake_value(site.indices), fake_value(site.anchor.args[0])
+    if not isinstance(indices, torch.Tensor) or not isinstance(score, torch.Tensor):
+        return None
+    _, _, dim, _, _ = _topk_arguments(site.anchor)
+    sizes = tuple(_size_expr(s) for s in (*indices.shape, score.shape[dim]))
+    needed = set().union(*(getattr(s, "free_symbols", set()) for s in sizes))
     bound: dict = {}
     for position, node in enumerate(graph.find_nodes(op="placeholder")):
         value = fake_value(node)
-        sizes = [(None, value)] if isinstance(value, torch.SymInt) else (
+        dims = [(None, value)] if isinstance(value, torch.SymInt) else (
             list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else [])
-        for dim, size in sizes:
+        for at, size in dims:
             expr = size.node.expr if isinstance(size, torch.SymInt) else None
             if expr is not None and expr.is_Symbol and expr in needed:
-                bound.setdefault(expr, (expr, position, dim))
+                bound.setdefault(expr, (expr, position, at))
     if needed - set(bound):
         return None
-    shape = tuple(int(s) if not hasattr(s, "free_symbols") or not s.free_symbols else s for s in shape)
-    return ExpectedIndices(shape, tuple(bound.values()), indices.dtype, indices.device)
+    sizes = tuple(int(s) if not getattr(s, "free_symbols", None) else s for s in sizes)
+    return ExpectedIndices(sizes, tuple(bound.values()), indices.dtype, indices.device)
 
 
 def _f_variant(module: fx.GraphModule) -> fx.GraphModule:
@@ -148,13 +158,15 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
         return off(CrossGraphOff.TRAINING)
     if len(detection.sites) != 1 or detection.unplaced:
         return off(CrossGraphOff.NOT_ONE_SITE, f"{len(detection.sites)} indexers")
+    if detection.sites[0].kind != "aten.topk":
+        return off(CrossGraphOff.SITE_REFUSES, f"a {detection.sites[0].kind} site; only aten.topk sites are built")
     refusal = detection.sites[0].refusal()
     if refusal is not None:
         return off(CrossGraphOff.SITE_REFUSES, refusal)
     if not _has_s_layer(config):
         return off(CrossGraphOff.NO_S_LAYER)
     indices = fake_value(detection.sites[0].indices)
-    expected = _expected(module.graph, indices) if isinstance(indices, torch.Tensor) else None
+    expected = _expected(module.graph, detection.sites[0])
     if expected is None:
         return off(CrossGraphOff.UNBOUND_SHAPE)
     with indices.fake_mode:
@@ -206,6 +218,40 @@ def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
         return compiled
 
     return compile_forward
+
+
+def inductor_inner_compile(graph_pass, installed_pass, cudagraphs: bool) -> Callable:
+    """Inductor's ``inner_compile`` for the IndexCache backend: forward inference graphs go through
+    ``compile_layer_graph``; the variants are compiled with the user's own post-grad passes only."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    user_passes = [p for p in getattr(installed_pass, "passes", (installed_pass,)) if p is not graph_pass]
+
+    def compile_variant(variant: fx.GraphModule, inputs, kwargs):
+        from torch._guards import TracingContext
+
+        context = TracingContext.try_get()
+        strides = None if context is None or context.output_strides is None else list(context.output_strides)
+        if strides is not None:
+            context.output_strides.clear()  # Inductor reports each graph's output strides into an empty list
+        chain = installed_pass if not user_passes else type(installed_pass)(*user_passes)
+        with torch._inductor.config.patch(post_grad_custom_post_pass=chain if user_passes else None):
+            compiled = compile_fx_inner(variant, inputs, **kwargs)
+        if strides is not None:  # the graph AOTAutograd asked for is the as-is one: keep its output strides
+            context.output_strides[:] = strides
+        return compiled
+
+    def inner(module: fx.GraphModule, inputs, **kwargs):
+        if not kwargs.get("is_inference", False):
+            return compile_fx_inner(module, inputs, **kwargs)
+        compiled, plan = compile_layer_graph(
+            module, inputs, graph_pass.config, compile_as_is=lambda m: compile_fx_inner(m, inputs, **kwargs),
+            compile_variant=lambda variant, ins: compile_variant(variant, ins, kwargs), cudagraphs=cudagraphs,
+            inference=True)
+        attach(plan, graph_pass)
+        return compiled
+
+    return inner
 
 
 def compile_id() -> str:
