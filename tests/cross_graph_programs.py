@@ -101,18 +101,19 @@ class LoopDecoder(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleList(self.block(gen) for _ in range(n))
 
-    def forward(self, x, past=None):
-        for i, layer in enumerate(self.layers):
-            x, _ = layer(x, None if past is None else past[i])
+    def forward(self, x, past=None, order=None):
+        """Layers in ``order`` (all, in turn, by default): the tests call them out of order too."""
+        for i in range(len(self.layers)) if order is None else order:
+            x, _ = self.layers[i](x, None if past is None else past[i])
             torch._dynamo.graph_break()
         return x
 
-    def oracle(self, x, uses, past=None):
-        """The hand-written IndexCache: layer ``i`` reads layer ``uses[i]``'s indices."""
+    def oracle(self, x, uses, past=None, order=None):
+        """The hand-written IndexCache: layer ``i`` reads layer ``uses[i]``'s indices (from this call)."""
         cache = {}
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)) if order is None else order:
             shared = cache[uses[i]] if uses[i] != i else None
-            x, cache[i] = layer(x, None if past is None else past[i], shared)
+            x, cache[i] = self.layers[i](x, None if past is None else past[i], shared)
         return x
 
 
@@ -121,7 +122,7 @@ class MoEDecoder(LoopDecoder):
 
     block = MoEBlock
 
-    def forward(self, x, past=None):
-        for i, layer in enumerate(self.layers):
-            x, _ = layer(x, None if past is None else past[i])
+    def forward(self, x, past=None, order=None):
+        for i in range(len(self.layers)) if order is None else order:
+            x, _ = self.layers[i](x, None if past is None else past[i])
         return x

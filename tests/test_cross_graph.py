@@ -1,0 +1,194 @@
+"""Issue 14: IndexCache across graph breaks, where one compiled layer graph runs as every layer.
+
+Each test compares the compiled model with the hand-written oracle (``LoopDecoder.oracle``) exactly
+(eager ATen backend), checks from ``layer_calls`` that the S layers really read their F layer's indices
+(not vacuous), and that whenever the host check fails the layer computes: never stale indices.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fx_indexcache as fic
+from cross_graph_programs import D, LoopDecoder, MoEDecoder
+from fx_indexcache import cross_graph
+from fx_indexcache.cross_graph import CallAction, Fallback
+from fx_indexcache.cross_graph_build import CrossGraphOff
+
+N = 4
+
+
+def _config(pattern: str) -> fic.IndexCacheConfig:
+    return fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)
+
+
+def _uses(pattern: str) -> list[int]:
+    config = _config(pattern)
+    return [config.source_layer(i) if config.layer_kind(i) == "S" else i for i in range(len(pattern))]
+
+
+def _compile(model, pattern: str, backend=fic.indexcache_eager_backend):
+    return torch.compile(model, backend=backend, options={"index_topk_pattern": pattern})
+
+
+def _randn(*shape, seed: int):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _actions(model) -> dict[int, CallAction]:
+    return {call.layer: call.action for call in cross_graph.layer_calls(model)}
+
+
+def _expected_actions(pattern: str) -> dict[int, CallAction]:
+    return {i: CallAction.READ if c == "S" else CallAction.PUBLISHED for i, c in enumerate(pattern)}
+
+
+def _check_steps(model, compiled, pattern: str) -> None:
+    """Prefill at two lengths (the second compiles a dynamic graph), then two decode steps, batch 2."""
+    uses = _uses(pattern)
+    past = [_randn(2, 6, D, seed=10 + i) for i in range(N)]
+    steps = [(_randn(2, 5, D, seed=1), None), (_randn(2, 7, D, seed=2), None),
+             (_randn(2, 1, D, seed=3), past), (_randn(2, 1, D, seed=4), past)]
+    with torch.no_grad():
+        for x, cache in steps:
+            out = compiled(x, cache)
+            expected = model.oracle(x, uses, cache)
+            assert not torch.equal(expected, model.oracle(x, list(range(N)), cache))  # sharing shows
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            assert _actions(model) == _expected_actions(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["FSFS", "FSSF", "FFSS"])
+def test_loop_with_a_graph_break_equals_the_oracle(pattern):
+    model = LoopDecoder(N)
+    _check_steps(model, _compile(model, pattern), pattern)
+    plans = [r.cross_graph for r in fic.reports() if r.cross_graph is not None]
+    assert plans and all(plan.active and plan.s_nodes_removed > 0 for plan in plans)
+    assert "cross-graph" in fic.reports()[-1].format() or any("cross-graph" in r.format() for r in fic.reports())
+
+
+@pytest.mark.parametrize("pattern", ["FSSS", "FSFS"])
+def test_official_style_moe_dispatch_equals_the_oracle(pattern):
+    """``bincount().tolist()`` dispatch breaks every layer; one compiled attention graph serves all four."""
+    model = MoEDecoder(N)
+    _check_steps(model, _compile(model, pattern), pattern)
+    calls = cross_graph.layer_calls(model)
+    assert len({call.graph for call in calls}) == 1  # one graph ran as every layer
+    read = [call for call in calls if call.action is CallAction.READ]
+    assert read and all(call.source_graph == call.graph and call.source_layer == _uses(pattern)[call.layer]
+                        for call in read)
+
+
+def _untouched(model, x, past=None, order=None):
+    with torch.no_grad():
+        return model.oracle(x, list(range(N)), past, order)
+
+
+def test_skipping_the_f_layer_computes():
+    model = LoopDecoder(N)
+    compiled, x = _compile(model, "FSSS"), _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        compiled(x)
+        out = compiled(x, None, [1, 2, 3])  # layer 0 never runs in this call
+    torch.testing.assert_close(out, _untouched(model, x, None, [1, 2, 3]), rtol=0, atol=0)
+    calls = {call.layer: call for call in cross_graph.layer_calls(model)}
+    assert {call.fallback for call in calls.values()} == {Fallback.NOT_PUBLISHED}
+
+
+def test_a_gap_after_the_f_layer_computes():
+    model = LoopDecoder(N)
+    compiled, x = _compile(model, "FSSS"), _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        out = compiled(x, None, [0, 2, 3])
+    torch.testing.assert_close(out, _untouched(model, x, None, [0, 2, 3]), rtol=0, atol=0)
+    assert cross_graph.layer_calls(model)[1].fallback is Fallback.NOT_CONSECUTIVE
+
+
+def test_another_cache_length_in_an_s_layer_computes():
+    """Same query shape, other key width: the published indices point into other keys."""
+    model = LoopDecoder(N)
+    compiled, x = _compile(model, "FSFS"), _randn(2, 1, D, seed=1)
+    past = [_randn(2, 6 if i % 2 == 0 else 9, D, seed=10 + i) for i in range(N)]
+    with torch.no_grad():
+        out = compiled(x, past)
+    torch.testing.assert_close(out, _untouched(model, x, past), rtol=0, atol=0)
+    assert [call.fallback for call in cross_graph.layer_calls(model)] == [None, Fallback.MISMATCH, None,
+                                                                          Fallback.MISMATCH]
+
+
+def test_a_call_that_starts_above_layer_zero_never_reads_the_previous_call():
+    """Layers 0-1, then (a new model call) 2-3: layer 2 follows 1, but layer 0 published in the last call."""
+    model = LoopDecoder(N)
+    compiled = _compile(model, "FSSS")
+    x, y = _randn(2, 5, D, seed=1), _randn(2, 5, D, seed=2)
+    with torch.no_grad():
+        compiled(x, None, [0, 1])
+        out = compiled(y, None, [2, 3])
+    torch.testing.assert_close(out, _untouched(model, y, None, [2, 3]), rtol=0, atol=0)
+    assert {call.fallback for call in cross_graph.layer_calls(model)} == {Fallback.NOT_PUBLISHED}
+
+
+def test_without_the_host_check_stale_indices_show(monkeypatch):
+    """Not vacuous: with the check switched off the same calls read the previous call's indices."""
+    model = LoopDecoder(N)
+    compiled = _compile(model, "FSSS")
+    x, y = _randn(2, 5, D, seed=1), _randn(2, 5, D, seed=2)
+    monkeypatch.setattr(cross_graph.Timeline, "readable",
+                        lambda self, source, layer: self.published.get(source, Fallback.NOT_PUBLISHED))
+    monkeypatch.setattr(cross_graph.Timeline, "new_forward", lambda self: None)
+    with torch.no_grad():
+        compiled(x)
+        out = compiled(y, None, [1, 2, 3])
+    assert not torch.equal(out, _untouched(model, y, None, [1, 2, 3]))
+
+
+def test_disabled_runs_every_layer_as_it_is(monkeypatch):
+    monkeypatch.setattr(cross_graph, "ENABLED", False)
+    model = LoopDecoder(N)
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        out = _compile(model, "FSFS")(x)
+    torch.testing.assert_close(out, _untouched(model, x), rtol=0, atol=0)
+    assert cross_graph.layer_calls(model) == []
+
+
+def test_an_all_f_pattern_builds_no_variants():
+    model = LoopDecoder(N)
+    with torch.no_grad():
+        _compile(model, "FFFF")(_randn(2, 5, D, seed=1))
+    plans = [r.cross_graph for r in fic.reports() if r.cross_graph is not None]
+    assert plans and all(not p.active and p.off is CrossGraphOff.NO_S_LAYER for p in plans)
+
+
+def test_training_graphs_are_left_as_they_are():
+    model = LoopDecoder(N)
+    x = _randn(2, 5, D, seed=1)
+    out = _compile(model, "FSFS")(x)
+    torch.testing.assert_close(out, _untouched(model, x), rtol=0, atol=0)
+    assert cross_graph.layer_calls(model) == []
+
+
+def test_inductor_shares_across_graphs():
+    model = LoopDecoder(N)
+    compiled = _compile(model, "FSFS", backend=fic.IndexCacheBackend(index_topk_pattern="FSFS"))
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, model.oracle(x, _uses("FSFS")), rtol=1e-5, atol=1e-5)
+    assert _actions(model) == _expected_actions("FSFS")
+
+
+def test_cuda_graph_mode_switches_cross_graph_sharing_off():
+    """Under mode="reduce-overhead" the published indices would need static buffers: every layer computes."""
+    model = LoopDecoder(N)
+    backend = fic.IndexCacheBackend(index_topk_pattern="FSFS")
+    compiled = torch.compile(model, backend=backend, mode="reduce-overhead")
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, _untouched(model, x), rtol=1e-5, atol=1e-5)
+    plans = [r.cross_graph for r in backend.reports if r.cross_graph is not None]
+    assert plans and all(p.off is CrossGraphOff.CUDAGRAPHS for p in plans)
+    assert "CUDA graphs" in backend.reports[-1].format() or any("CUDA graphs" in r.format() for r in backend.reports)
+    assert cross_graph.layer_calls(model) == []
