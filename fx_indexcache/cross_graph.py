@@ -110,21 +110,21 @@ class Timeline:
         return self.published[source]
 
     def begin(self, layer: int) -> None:
-        if self.last is not None and layer <= self.last:
-            self.new_forward()
+        if self.last is not None and layer <= self.last:  # a lower layer again: a new pass over the layers
+            self.restart()
         if self.last is None or layer != self.last + 1:
             self.run_from = layer
         self.last = layer
 
-    def new_forward(self) -> None:
+    def restart(self) -> None:
         """Nothing published before may be read any more."""
         self.last = self.run_from = None
         self.published.clear()
-        self.calls = {}
 
-    def reset(self) -> None:
-        self.last = self.run_from = None
-        self.published.clear()
+    def new_forward(self) -> None:
+        """A new call of the model: restart, and forget the previous call's records."""
+        self.restart()
+        self.calls = {}
 
 
 class LayerMap:
@@ -265,6 +265,11 @@ class ExpectedIndices:
 # ---------------------------------------------------------------------------------------------- the callable
 
 
+#: How often one callable looks on the Python stack for a model its calls' parameters belong to, after
+#: the models it knows did not match: bounded, so a graph called with no model's layers stays cheap.
+_STACK_WALKS = 16
+
+
 class CrossGraphCallable:
     """The boxed callable the backend returns for a layer graph that runs as several layers."""
 
@@ -274,6 +279,7 @@ class CrossGraphCallable:
                  config: IndexCacheConfig, maps: list[LayerMap], graph: str) -> None:
         self.as_is, self.f_variant, self.s_variant = as_is, f_variant, s_variant
         self.expected, self.config, self.maps, self.graph = expected, config, maps, graph
+        self._stack_walks_left = _STACK_WALKS
 
     def __call__(self, args: list) -> object:
         found = self._layer(args)
@@ -284,7 +290,7 @@ class CrossGraphCallable:
         try:
             return self._run(args, timeline, container, layer)
         except BaseException:
-            timeline.reset()
+            timeline.restart()
             raise
 
     def _layer(self, args):
@@ -292,6 +298,15 @@ class CrossGraphCallable:
             key = candidate.layer_of(args)
             if key is not None:
                 return candidate, key
+        if self._stack_walks_left > 0:  # another model of the same class, say: look for it once on the stack
+            self._stack_walks_left -= 1
+            known = {id(candidate) for candidate in self.maps}
+            for root in modules_on_stack():
+                candidate = layer_map(root)
+                key = None if id(candidate) in known else candidate.layer_of(args)
+                if key is not None:
+                    self.maps.append(candidate)
+                    return candidate, key
         return None
 
     def _run(self, args: list, timeline: Timeline, container: str, layer: int):
