@@ -6,10 +6,12 @@ the nearest preceding F layer, and the pass deletes their indexers from the comp
 
 from .backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .config import IndexCacheConfig
+from .cross_graph import layer_calls
 from .detection import detect, register_site_finder
 from .export import apply_index_cache_to_exported_program
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, clear_reports, reports
+from .sharing_report import format_layer_sharing, layer_sharing
 
 __all__ = [
     "IndexCacheBackend",
@@ -20,8 +22,11 @@ __all__ = [
     "apply_index_cache_to_exported_program",
     "clear_reports",
     "detect",
+    "format_layer_sharing",
     "indexcache_backend",
     "indexcache_eager_backend",
+    "layer_calls",
+    "layer_sharing",
     "register_site_finder",
     "reports",
 ]

@@ -138,16 +138,32 @@ class LayerMap:
 
     def __init__(self, root: nn.Module) -> None:
         self.by_storage: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
+        self.timelines: dict[str, Timeline] = {}
+        self.hooked = False
+        self.refresh(root)
+
+    @staticmethod
+    def _index(root: nn.Module) -> dict[int, tuple[torch.Tensor, tuple[str, int] | None]]:
+        found: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
         for path, param in root.named_parameters(remove_duplicate=False):
             key = layer_key(path)
             if key is None or param.numel() == 0 or param.device.type == "meta":
                 continue
             ptr = param.data_ptr()
-            earlier = self.by_storage.get(ptr)
-            self.by_storage[ptr] = (param, key if earlier is None or earlier[1] == key else None)
-        self.timelines: dict[str, Timeline] = {}
-        if self.by_storage:
+            earlier = found.get(ptr)
+            found[ptr] = (param, key if earlier is None or earlier[1] == key else None)
+        return found
+
+    def refresh(self, root: nn.Module) -> None:
+        """Re-index when the parameters moved (``model.to(...)``) or were replaced since; hook the model once."""
+        fresh = self._index(root)
+        if {ptr: key for ptr, (_, key) in fresh.items()} != {ptr: key for ptr, (_, key) in self.by_storage.items()}:
+            self.by_storage = fresh
+            for timeline in self.timelines.values():
+                timeline.new_forward()
+        if self.by_storage and not self.hooked:
             root.register_forward_pre_hook(_new_forward_hook(weakref.ref(self)))
+            self.hooked = True
 
     def new_forward(self) -> None:
         for timeline in self.timelines.values():
@@ -194,6 +210,8 @@ def layer_map(root: nn.Module) -> LayerMap:
         found = _MAPS.get(root)
         if found is None:
             found = _MAPS[root] = LayerMap(root)
+        else:
+            found.refresh(root)
         return found
 
 
@@ -302,10 +320,11 @@ class CrossGraphCallable:
             self._stack_walks_left -= 1
             known = {id(candidate) for candidate in self.maps}
             for root in modules_on_stack():
-                candidate = layer_map(root)
-                key = None if id(candidate) in known else candidate.layer_of(args)
+                candidate = layer_map(root)  # re-indexed if its parameters moved
+                key = candidate.layer_of(args)
                 if key is not None:
-                    self.maps.append(candidate)
+                    if id(candidate) not in known:
+                        self.maps.append(candidate)
                     return candidate, key
         return None
 

@@ -14,6 +14,7 @@ Only graphs whose single indexer has no layer index at compile time qualify (``d
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 from collections.abc import Callable, Sequence
@@ -192,7 +193,11 @@ def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, config: IndexC
     maps = [found for found in map(layer_map, modules_on_stack()) if found.by_storage] if variants else []
     if variants is not None and not maps:
         plan, variants = CrossGraphPlan(graph, False, CrossGraphOff.NO_MODEL), None
-    as_is = compile_as_is(module)
+    token = _PENDING.set(plan)
+    try:
+        as_is = compile_as_is(module)
+    finally:
+        _PENDING.reset(token)
     if variants is None:
         return as_is, plan
     f_compiled = compile_variant(variants.f_graph, list(inputs))
@@ -200,10 +205,12 @@ def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, config: IndexC
     return CrossGraphCallable(as_is, f_compiled, s_compiled, variants.expected, config, maps, graph), plan
 
 
-def attach(plan: CrossGraphPlan | None, graph_pass) -> None:
-    """Put the plan on the report the pass just made for this graph."""
-    if plan is not None and graph_pass.reports:
-        graph_pass.reports[-1].cross_graph = plan
+_PENDING: contextvars.ContextVar[CrossGraphPlan | None] = contextvars.ContextVar("fx_indexcache_plan", default=None)
+
+
+def pending_plan() -> CrossGraphPlan | None:
+    """The plan for the graph being compiled as it is right now (the pass puts it on its report)."""
+    return _PENDING.get()
 
 
 def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
@@ -214,7 +221,6 @@ def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
         compiled, plan = compile_layer_graph(
             module, inputs, graph_pass.config, compile_as_is=lambda m: make_boxed_func(rewrite(m)),
             compile_variant=lambda variant, _: make_boxed_func(variant.forward), cudagraphs=False, inference=True)
-        attach(plan, graph_pass)
         return compiled
 
     return compile_forward
@@ -248,7 +254,6 @@ def inductor_inner_compile(graph_pass, installed_pass, cudagraphs: bool) -> Call
             module, inputs, graph_pass.config, compile_as_is=lambda m: compile_fx_inner(m, inputs, **kwargs),
             compile_variant=lambda variant, ins: compile_variant(variant, ins, kwargs), cudagraphs=cudagraphs,
             inference=True)
-        attach(plan, graph_pass)
         return compiled
 
     return inner

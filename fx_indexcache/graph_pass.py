@@ -13,6 +13,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .cache_ledger import CacheWriteLedger
 from .config import IndexCacheConfig
+from .cross_graph_build import pending_plan
 from .detection import detect, finders_fingerprint
 from .graph_utils import fake_value
 from .kernel_substitution import FusionRecord, substitute_fused_indexer
@@ -94,7 +95,9 @@ class IndexCachePass(CustomGraphPass):
         decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
         kernel_records = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
-        if detection.unknown_reason is not None and self.config.use_index_cache:
+        report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
+        cross_graph_active = report.cross_graph is not None and report.cross_graph.active
+        if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
                 "the configured pattern is not applied there",

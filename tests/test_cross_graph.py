@@ -192,3 +192,40 @@ def test_cuda_graph_mode_switches_cross_graph_sharing_off():
     assert plans and all(p.off is CrossGraphOff.CUDAGRAPHS for p in plans)
     assert "CUDA graphs" in backend.reports[-1].format() or any("CUDA graphs" in r.format() for r in backend.reports)
     assert cross_graph.layer_calls(model) == []
+
+
+def test_per_layer_table_says_where_each_layer_got_its_indices():
+    from dsa_programs import ModuleDSA, inputs
+
+    model = LoopDecoder(N)
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(_randn(2, 5, D, seed=1))
+    rows = fic.layer_sharing(model, backend.reports)
+    assert [(r.layer, r.sharing, r.source_layer, r.publishes) for r in rows] == [
+        (0, fic.sharing_report.Sharing.COMPUTED, 0, True), (1, fic.sharing_report.Sharing.ACROSS_GRAPHS, 0, False),
+        (2, fic.sharing_report.Sharing.COMPUTED, 2, True), (3, fic.sharing_report.Sharing.ACROSS_GRAPHS, 2, False)]
+    assert rows[1].source_graph == rows[0].graph
+    assert "shared across graph calls" in fic.format_layer_sharing(rows)
+
+    whole = ModuleDSA(4)  # one graph, numbered by module paths: shared inside it
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    with torch.no_grad():
+        torch.compile(whole, backend=backend)(inputs())
+    rows = fic.layer_sharing(whole, backend.reports)
+    assert [r.sharing for r in rows] == [fic.sharing_report.Sharing.COMPUTED, fic.sharing_report.Sharing.INSIDE_GRAPH] * 2
+
+
+def test_another_instance_and_replaced_parameters_are_found_again():
+    first, second = LoopDecoder(N, seed=0), LoopDecoder(N, seed=1)
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        _compile(first, "FSFS")(x)
+        out = _compile(second, "FSFS")(x)  # dynamo reuses first's layer graphs for second's layers
+        torch.testing.assert_close(out, second.oracle(x, _uses("FSFS")), rtol=0, atol=0)
+        assert _actions(second) == _expected_actions("FSFS")
+        for param in second.parameters():
+            param.data = param.data.clone() * 1.5  # new storage: the old map no longer matches
+        out = _compile(second, "FSFS")(x)
+    torch.testing.assert_close(out, second.oracle(x, _uses("FSFS")), rtol=0, atol=0)
+    assert _actions(second) == _expected_actions("FSFS")
