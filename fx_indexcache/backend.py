@@ -296,6 +296,7 @@ def _report_cache_hit(graph_pass: IndexCachePass) -> None:
         f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
     )
     report = IndexCacheReport(graph_pass.config, [], "FX graph cache", 0, [note], "cached graph")
+    report.cross_graph = getattr(graph_pass, "cross_graph_plan", None)  # decided outside the cached graph
     graph_pass.reports.append(report)
     publish(report)
 

@@ -131,14 +131,15 @@ class LayerMap:
     """A model's parameters by storage: ``data_ptr`` → the (container, layer) that owns it, per model.
 
     A parameter listed under two layers (tied weights) maps to none. ``timelines`` holds the model's
-    host bookkeeping, one per layer container, shared by every graph compiled for it. A forward pre-hook
+    host bookkeeping, one per layer container and thread (two threads running the model at once must
+    never read each other's indices), shared by every graph compiled for it. A forward pre-hook
     on the model (run eagerly, outside every graph) starts a new forward call on each call of the model,
     so a call that begins above layer 0 (a pipeline stage) never reads the previous call's indices.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.by_storage: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
-        self.timelines: dict[str, Timeline] = {}
+        self.timelines: dict[tuple[str, int], Timeline] = {}
         self.hooked = False
         self.refresh(root)
 
@@ -166,8 +167,11 @@ class LayerMap:
             self.hooked = True
 
     def new_forward(self) -> None:
-        for timeline in self.timelines.values():
-            timeline.new_forward()
+        """A new call of the model in this thread."""
+        thread = threading.get_ident()
+        for (_, owner), timeline in self.timelines.items():
+            if owner == thread:
+                timeline.new_forward()
 
     def layer_of(self, args: Sequence[object]) -> tuple[str, int] | None:
         """The one (container, layer) every parameter among ``args`` belongs to, or None."""
@@ -187,7 +191,8 @@ class LayerMap:
         return found
 
     def timeline(self, container: str) -> Timeline:
-        return self.timelines.setdefault(container, Timeline())
+        """This thread's bookkeeping for ``container``."""
+        return self.timelines.setdefault((container, threading.get_ident()), Timeline())
 
 
 def _new_forward_hook(owner: weakref.ref) -> Callable:
@@ -230,13 +235,15 @@ def modules_on_stack() -> list[nn.Module]:
 
 
 def layer_calls(model: nn.Module) -> list[LayerCall]:
-    """Per layer, what its latest forward call through a cross-graph layer graph did (layer order)."""
+    """Per layer, what the model's latest forward call in this thread did through cross-graph layer graphs."""
     model = getattr(model, "_orig_mod", model)
     with _LOCK:
         found = _MAPS.get(model)
     if found is None:
         return []
-    calls = [call for timeline in found.timelines.values() for call in timeline.calls.values()]
+    thread = threading.get_ident()
+    calls = [call for (_, owner), timeline in found.timelines.items() if owner == thread
+             for call in timeline.calls.values()]
     return sorted(calls, key=lambda call: (call.container, call.layer))
 
 

@@ -76,8 +76,7 @@ class Variants:
 def _copy(module: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
-    graph.output(output, type_expr=getattr(old_output, "type", None))
-    graph.output_node().meta = dict(old_output.meta)
+    graph.output(output, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
     return fx.GraphModule(module, graph)
 
 
@@ -117,7 +116,7 @@ def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
 def _f_variant(module: fx.GraphModule) -> fx.GraphModule:
     """The graph plus its indexer's indices as a last output."""
     site = detect(module.graph).sites[0]
-    output = module.graph.output_node()
+    (output,) = module.graph.find_nodes(op="output")
     outs = output.args[0]
     output.args = (type(outs)((*outs, site.indices)),)
     module.recompile()
@@ -254,6 +253,7 @@ def inductor_inner_compile(graph_pass, installed_pass, cudagraphs: bool) -> Call
             module, inputs, graph_pass.config, compile_as_is=lambda m: compile_fx_inner(m, inputs, **kwargs),
             compile_variant=lambda variant, ins: compile_variant(variant, ins, kwargs), cudagraphs=cudagraphs,
             inference=True)
+        graph_pass.cross_graph_plan = plan  # for the report of an FX-graph-cache hit, where the pass did not run
         return compiled
 
     return inner

@@ -126,3 +126,11 @@ class MoEDecoder(LoopDecoder):
         for i in range(len(self.layers)) if order is None else order:
             x, _ = self.layers[i](x, None if past is None else past[i])
         return x
+
+
+class DenseFirstDecoder(MoEDecoder):
+    """DeepSeek's layout: the first layer has a dense MLP, the rest MoE; the first layer gets a graph of its own."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(n, seed)
+        self.layers[0] = Block(torch.Generator().manual_seed(seed + 100))

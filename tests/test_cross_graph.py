@@ -229,3 +229,46 @@ def test_another_instance_and_replaced_parameters_are_found_again():
         out = _compile(second, "FSFS")(x)
     torch.testing.assert_close(out, second.oracle(x, _uses("FSFS")), rtol=0, atol=0)
     assert _actions(second) == _expected_actions("FSFS")
+
+
+def test_indices_published_by_one_graph_are_read_by_another():
+    from cross_graph_programs import DenseFirstDecoder
+
+    model = DenseFirstDecoder(N)
+    _check_steps(model, _compile(model, "FSSS"), "FSSS")
+    calls = cross_graph.layer_calls(model)
+    assert calls[0].graph != calls[1].graph and {c.source_graph for c in calls[1:]} == {calls[0].graph}
+
+
+def test_threads_never_read_each_others_indices():
+    """Thread B runs layer 0 while thread A waits between its layers 0 and 1: A's layer 1 reads A's indices."""
+    import threading
+
+    model = LoopDecoder(N)
+    compiled = _compile(model, "FSSS")
+    x, y = _randn(2, 5, D, seed=1), _randn(2, 5, D, seed=2)
+    with torch.no_grad():
+        compiled(x)  # compile first
+    b_done, out = threading.Event(), {}
+
+    @torch._dynamo.disable
+    def pause_a(module, args):
+        if threading.current_thread().name == "A":
+            worker_b.start()
+            b_done.wait(30)
+
+    def run(name, inputs, order):
+        with torch.no_grad():
+            out[name] = compiled(inputs, None, order)
+        if name == "B":
+            b_done.set()
+
+    model.layers[1].register_forward_pre_hook(pause_a)
+    worker_a = threading.Thread(target=run, args=("A", x, [0, 1]), name="A")
+    worker_b = threading.Thread(target=run, args=("B", y, [0]), name="B")
+    worker_a.start()
+    worker_a.join(60)
+    worker_b.join(60)
+    assert b_done.is_set()
+    with torch.no_grad():
+        torch.testing.assert_close(out["A"], model.oracle(x, [0, 0, 2, 3], None, [0, 1]), rtol=0, atol=0)
