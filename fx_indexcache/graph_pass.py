@@ -14,6 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .cache_ledger import CacheWriteLedger
 from .config import IndexCacheConfig
 from .cross_graph_build import pending_plan
+from .regional import share_across_regions
 from .detection import detect, finders_fingerprint
 from .graph_utils import fake_value
 from .kernel_substitution import FusionRecord, substitute_fused_indexer
@@ -93,9 +94,14 @@ class IndexCachePass(CustomGraphPass):
         CUDA; returns and publishes the report."""
         detection = detect(graph, self.graph_starts_at_first_layer)
         decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
+        regional = share_across_regions(graph.owning_module, self.config) if (
+            detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
+        handled = {call.region for call in regional}  # their calls are reported one by one instead
+        detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
         kernel_records = self._fuse_indexers(graph, detection.sites)
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
         report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
+        report.regional = regional
         cross_graph_active = report.cross_graph is not None and report.cross_graph.active
         if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(

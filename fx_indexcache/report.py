@@ -18,6 +18,7 @@ from .rewrite import LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
     from .cross_graph_build import CrossGraphPlan
+    from .regional import RegionCall
 
 log = logging.getLogger("fx_indexcache")
 
@@ -39,6 +40,7 @@ class IndexCacheReport:
     layer_index_unknown: UnknownLayerIndex | None = None  # why, when no layer could be numbered
     shared_earlier: tuple[int, ...] = ()  # S layers an earlier rewrite of this graph already removed
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
+    regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -88,6 +90,11 @@ class IndexCacheReport:
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())
+        for call in self.regional:
+            source = f" from layer {call.source_layer}" if call.source_layer is not None else ""
+            note = f" ({call.note})" if call.note else ""
+            lines.append(f"region call, layer {call.layer} ({call.marked}): {call.action.name.lower()}{source}, "
+                         f"body {call.body}{note}")
         return "\n".join(lines)
 
     @classmethod

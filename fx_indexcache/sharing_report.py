@@ -1,7 +1,7 @@
 """Per layer of one model: did it share inside its graph, across graphs, or compute, and why.
 
 Two sources make the table: the compile-time reports (layers numbered inside a graph: the pass shared
-or left them there) and the run-time records of graphs that run as several layers (``cross_graph``:
+or left them there, including ``nested_compile_region`` calls switched to F / S bodies) and the run-time records of graphs that run as several layers (``cross_graph``:
 which graph published the indices a layer read, or why it computed). A layer seen at run time takes
 its row from there: that is what its latest forward call did.
 """
@@ -45,6 +45,14 @@ def _from_reports(reports: Iterable[IndexCacheReport]) -> dict[int, LayerSharing
             how = Sharing.INSIDE_GRAPH if decision.action == SHARED else Sharing.COMPUTED
             rows[decision.layer] = LayerSharing(decision.layer, how, decision.source_layer, report.graph_name,
                                                 why=decision.note)
+        for call in report.regional:  # nested_compile_region calls: shared inside the outer graph
+            if call.layer is None:
+                continue
+            read = call.action is CallAction.READ
+            rows[call.layer] = LayerSharing(
+                call.layer, Sharing.INSIDE_GRAPH if read else Sharing.COMPUTED,
+                call.source_layer if read else call.layer, report.graph_name,
+                publishes=call.action is CallAction.PUBLISHED, why=call.note or f"region body {call.body}")
     return rows
 
 

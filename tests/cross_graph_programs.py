@@ -134,3 +134,32 @@ class DenseFirstDecoder(MoEDecoder):
     def __init__(self, n: int, seed: int = 0) -> None:
         super().__init__(n, seed)
         self.layers[0] = Block(torch.Generator().manual_seed(seed + 100))
+
+
+class RegionBlock(Block):
+    """The layer body as one ``nested_compile_region``: every layer calls the same compiled body."""
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x, past=None, shared=None):
+        keys = self.keys(x, past)
+        return attend(x, keys, self.indexer(x, keys), self.wv)
+
+
+class RegionDecoder(LoopDecoder):
+    """Regional compilation: no graph break, one outer graph calling the shared body per layer."""
+
+    block = RegionBlock
+
+    def forward(self, x, past=None, order=None):
+        for i in range(len(self.layers)) if order is None else order:
+            x = self.layers[i](x, None if past is None else past[i])
+        return x
+
+    def oracle(self, x, uses, past=None, order=None):
+        cache = {}
+        for i in range(len(self.layers)) if order is None else order:
+            layer = self.layers[i]
+            keys = layer.keys(x, None if past is None else past[i])
+            cache[i] = layer.indexer(x, keys) if uses[i] == i else cache[uses[i]]
+            x = attend(x, keys, cache[i], layer.wv)
+        return x

@@ -155,25 +155,46 @@ def test_graph_break_inside_a_layer_compiles_layers_alone_and_rewrites_nothing()
     assert sum(r.indexers_removed for r in backend.reports) == 0
 
 
-def test_nested_compile_region_is_reported_and_left_alone():
-    region = getattr(torch.compiler, "nested_compile_region", None)
-    if region is None:
-        pytest.skip("this torch has no torch.compiler.nested_compile_region")
-    model, baseline = model_pair(TINY)
-    for m in (model, baseline):
-        shared_body = region(type(m.layers[0]).forward)  # one body for every layer
-        for layer in m.layers:
-            layer.forward = shared_body.__get__(layer)
-    backend = CapturingBackend(index_topk_freq=2, index_skip_topk_offset=1)
+def _regional(model):
+    region = torch.compiler.nested_compile_region
+    shared_body = region(type(model.layers[0]).forward)  # one body for every layer
+    for layer in model.layers:
+        layer.forward = shared_body.__get__(layer)
+    return model
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="no nested_compile_region")
+def test_nested_compile_region_without_s_layers_is_left_alone():
+    """Nothing to share: the graph is torch's own regional compile, and the report says the body was left."""
+    model, baseline = (_regional(m) for m in model_pair(TINY))
+    backend = CapturingBackend(index_topk_pattern="FFFF")
     tokens = torch.randint(0, TINY.vocab_size, (1, 24))
     with torch.no_grad():
         got = torch.compile(model, backend=backend, fullgraph=True)(tokens)
-        # the same regional compile without the pass (torch's own result, which we must not change)
         want = torch.compile(baseline, backend="aot_eager", fullgraph=True)(tokens)
     torch.testing.assert_close(got, want)
-    assert sum(r.indexers_removed for r in backend.reports) == 0
-    notes = [note for r in backend.reports for note in r.other_notes]
-    assert any("nested_compile_region" in note for note in notes)
+    assert all(not r.regional for r in backend.reports)
+    assert any("nested_compile_region" in note for r in backend.reports for note in r.other_notes)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="no nested_compile_region")
+def test_nested_compile_region_calls_switch_to_f_and_s_bodies():
+    """Issue 14: F calls of the shared layer body return their indices, S calls take them (regional.py).
+    The output is checked against the oracle in test_regional.py, on a model whose layers really are one
+    body: one body for this model's dense and MoE layers is not the model (torch's own regional compile
+    already differs from eager here)."""
+    from fx_indexcache.cross_graph import CallAction
+
+    model = _regional(model_pair(TINY)[0])
+    backend = CapturingBackend(index_topk_freq=2, index_skip_topk_offset=1)
+    config = backend.config
+    pattern = "".join(config.layer_kind(i) for i in range(len(model.layers)))
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(torch.randint(0, TINY.vocab_size, (1, 24)))
+    calls = [call for r in backend.reports for call in r.regional]
+    assert "S" in pattern and [call.action is CallAction.READ for call in calls] == [c == "S" for c in pattern]
+    gm = backend.graphs[-1]
+    assert len({str(n.args[0].target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph}) == 2
 
 
 FX_CACHE_SCRIPT = textwrap.dedent(
