@@ -69,3 +69,29 @@ def test_region_with_inductor_equals_the_oracle():
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
         torch.testing.assert_close(out, model.oracle(x, _uses("FSFS")), rtol=1e-5, atol=1e-5)
     assert [call.action for call in backend.reports[-1].regional] == [CallAction.PUBLISHED, CallAction.READ] * 2
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(pattern=st.sampled_from(["FSSS", "FSFS", "FFSF"]),
+       order=st.lists(st.integers(0, N - 1), min_size=1, max_size=N, unique=True))
+def test_region_calls_in_any_order_read_only_an_earlier_f_call(pattern, order):
+    torch._dynamo.reset()
+    config = fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)
+    model = RegionDecoder(N)
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern=pattern)
+    x = _randn(2, 5, D, seed=len(order))
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x, None, order)
+        calls = {call.layer: call for report in backend.reports for call in report.regional}
+        read = {layer for layer, call in calls.items() if call.action is CallAction.READ}
+        for layer in read:
+            assert order.index(config.source_layer(layer)) < order.index(layer)
+        expected_read = {i for i in order if config.layer_kind(i) == "S" and config.source_layer(i) in order
+                         and order.index(config.source_layer(i)) < order.index(i)}
+        assert read == expected_read
+        uses = [config.source_layer(i) if i in read else i for i in range(N)]
+        torch.testing.assert_close(out, model.oracle(x, uses, None, order), rtol=0, atol=0)
