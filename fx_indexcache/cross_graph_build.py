@@ -73,7 +73,8 @@ class Variants:
     expected: ExpectedIndices
 
 
-def _copy(module: fx.GraphModule) -> fx.GraphModule:
+def copy_graph_module(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph can be edited without touching ``module``'s (node metadata shared, not copied)."""
     graph = fx.Graph()
     output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
     graph.output(output, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
@@ -113,8 +114,8 @@ def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
     return ExpectedIndices(sizes, tuple(bound.values()), indices.dtype, indices.device)
 
 
-def _f_variant(module: fx.GraphModule) -> fx.GraphModule:
-    """The graph plus its indexer's indices as a last output."""
+def with_indices_output(module: fx.GraphModule) -> fx.GraphModule:
+    """``module`` (edited in place) with its single indexer's indices as one more, last output."""
     site = detect(module.graph).sites[0]
     (output,) = module.graph.find_nodes(op="output")
     outs = output.args[0]
@@ -123,8 +124,9 @@ def _f_variant(module: fx.GraphModule) -> fx.GraphModule:
     return module
 
 
-def _s_variant(module: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, int] | None:
-    """The graph with the indices as a new last input; None if the indexer stays needed."""
+def with_indices_input(module: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, int] | None:
+    """``module`` (edited in place) taking its indexer's indices as one more, last input, and the number of
+    nodes that became dead; None if the indexer stays needed."""
     graph = module.graph
     site = detect(graph).sites[0]
     before = len(graph.nodes)
@@ -145,7 +147,7 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
     """Whether this forward graph qualifies, and its variants when it does (None, None: not concerned)."""
     if not config.use_index_cache:
         return None, None
-    detection = detect(_copy(module).graph)
+    detection = detect(copy_graph_module(module).graph)
     if not detection.sites or detection.unknown_reason is None:
         return None, None
 
@@ -171,12 +173,12 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
         return off(CrossGraphOff.UNBOUND_SHAPE)
     with indices.fake_mode:
         example = torch.empty(indices.shape, dtype=indices.dtype, device=indices.device)
-    s_built = _s_variant(_copy(module), example)
+    s_built = with_indices_input(copy_graph_module(module), example)
     if s_built is None:
         return off(CrossGraphOff.INDEXER_STILL_NEEDED)
     s_graph, removed = s_built
     return CrossGraphPlan(graph, True, s_nodes_removed=removed), Variants(
-        _f_variant(_copy(module)), s_graph, [*inputs, example], expected)
+        with_indices_output(copy_graph_module(module)), s_graph, [*inputs, example], expected)
 
 
 def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, *,

@@ -22,6 +22,7 @@ from torch import fx
 
 from .config import FULL, IndexCacheConfig
 from .cross_graph import CallAction
+from .cross_graph_build import copy_graph_module, with_indices_input, with_indices_output
 from .detection import detect
 from .graph_utils import comes_after, fake_value, same_shape, same_size
 from .layers import layer_index_from_path, module_path
@@ -72,37 +73,13 @@ def _bodies(gm: fx.GraphModule) -> dict[str, _Body | None]:
     return found
 
 
-def _copy(module: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    output, old = graph.graph_copy(module.graph, {}, return_output_node=True)
-    graph.output(output).meta = dict(old.meta)
-    return fx.GraphModule(module, graph)
-
-
 def _f_body(body: _Body) -> fx.GraphModule:
-    copy = _copy(body.module)
-    site = detect(copy.graph).sites[0]
-    (output,) = copy.graph.find_nodes(op="output")
-    outs = output.args[0]
-    output.args = (type(outs)((*outs, site.indices)),)
-    copy.recompile()
-    return copy
+    return with_indices_output(copy_graph_module(body.module))
 
 
 def _s_body(body: _Body) -> fx.GraphModule | None:
-    copy = _copy(body.module)
-    graph = copy.graph
-    site = detect(graph).sites[0]
-    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
-        taken = graph.placeholder("shared_indices")
-    taken.meta["val"] = fake_value(site.indices)
-    site.indices.replace_all_uses_with(taken)
-    graph.eliminate_dead_code()
-    if any(node is site.anchor for node in graph.nodes):
-        return None
-    graph.lint()
-    copy.recompile()
-    return copy
+    built = with_indices_input(copy_graph_module(body.module), fake_value(body.site.indices))
+    return None if built is None else built[0]
 
 
 def _install(gm: fx.GraphModule, name: str, module: fx.GraphModule) -> str:
