@@ -103,6 +103,9 @@ class IndexCachePass(CustomGraphPass):
         report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
         report.regional = regional
         cross_graph_active = report.cross_graph is not None and report.cross_graph.active
+        if cross_graph_active:
+            for decision in decisions:
+                decision.note = "layer index unknown at compile time: found per call (see the cross-graph line)"
         if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
