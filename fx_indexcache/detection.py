@@ -54,9 +54,6 @@ class UnknownLayerIndex(str, enum.Enum):
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
 
 
-LAYER_FROM_PATH = LayerSource.MODULE_PATH
-LAYER_FROM_ORDER = LayerSource.WHOLE_GRAPH_ORDER
-
 #: A fingerprint of each finder's code, computed at registration: part of the pass's uuid.
 _FINDER_FINGERPRINTS: dict[str, str] = {}
 
