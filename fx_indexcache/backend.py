@@ -24,6 +24,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import IndexCacheConfig
+from .detection import LayerSource
 from .frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, publish
@@ -291,7 +292,7 @@ def _report_cache_hit(graph_pass: IndexCachePass) -> None:
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
         f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
     )
-    report = IndexCacheReport(graph_pass.config, [], "FX graph cache", 0, [note], "cached graph")
+    report = IndexCacheReport(graph_pass.config, [], LayerSource.FX_GRAPH_CACHE, 0, [note], "cached graph")
     graph_pass.reports.append(report)
     publish(report)
 

@@ -36,6 +36,8 @@ class LayerSource(str, enum.Enum):
     RECORDED = "an earlier IndexCache rewrite's record"
     UNKNOWN = "unknown"
     NO_SITES = "no indexer sites"
+    FX_GRAPH_CACHE = "FX graph cache"  # the pass did not run: Inductor served the graph from its cache
+    NO_CONFIG = "unresolved"  # the pass did not run: no IndexCache config was in force
 
 
 class UnknownLayerIndex(str, enum.Enum):

@@ -27,7 +27,7 @@ class IndexCacheReport:
 
     config: IndexCacheConfig
     decisions: list[LayerDecision]
-    layer_source: LayerSource | str  # a str only for the one-line FX-graph-cache-hit report
+    layer_source: LayerSource
     router_topk: int  # top-k the detector recognised as not-an-indexer and left alone
     other_notes: list[str] = dataclasses.field(default_factory=list)
     graph_name: str = ""
@@ -61,9 +61,8 @@ class IndexCacheReport:
         return "".join("S" if d.action == SHARED else "F" for d in self.decisions)
 
     def format(self) -> str:
-        source = getattr(self.layer_source, "value", self.layer_source)
         index = f"layer index unknown: {self.layer_index_unknown.value}" if self.layer_index_unknown else (
-            f"layer index from {source}")
+            f"layer index from {self.layer_source.value}")
         lines = [
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
             f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "

@@ -33,6 +33,7 @@ from vllm.compilation.passes.inductor_pass import InductorPass
 from . import detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
 from .cache_ledger import CacheWriteLedger
 from .config import FULL, SHARED, IndexCacheConfig
+from .detection import LayerSource
 from .graph_pass import IndexCachePass, _source_digest
 from .report import IndexCacheReport, publish
 
@@ -134,7 +135,7 @@ class VllmIndexCachePass(InductorPass):
                 "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
                 "in context); the graph is left unchanged"
             )
-            report = IndexCacheReport(VllmIndexCacheConfig(), [], "unresolved", 0, [_NO_CONFIG], _graph_name())
+            report = IndexCacheReport(VllmIndexCacheConfig(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
             publish(report)
             return report
         inserting = any(site.inserts_keys_itself() for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
