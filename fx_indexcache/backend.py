@@ -159,7 +159,7 @@ class IndexCacheBackend:
     def _init_state(self) -> None:
         self.reports: list[IndexCacheReport] = []
         self._used_cudagraphs = False
-        self._warned: set[str] = set()
+        self._warned_decode_only = False
 
     # ------------------------------------------------------------------ the backend call
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,
@@ -203,8 +203,8 @@ class IndexCacheBackend:
             return
         for report in graph_reports:
             report.other_notes.append(note)
-        if "decode-only" not in self._warned:
-            self._warned.add("decode-only")
+        if not self._warned_decode_only:
+            self._warned_decode_only = True
             log.warning("fx_indexcache: %s", note)
 
     def reset(self) -> None:
