@@ -14,17 +14,10 @@ from torch._inductor.utils import run_and_get_code
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
 from fx_indexcache.kernel_substitution import substitute_fused_indexer
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+from gpu_marks import needs_gpu
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401  (availability probe)
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and Triton")
+pytestmark = needs_gpu
 
 
 class _Pass(CustomGraphPass):

@@ -17,19 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import topk_cases  # noqa: E402
+from gpu_marks import needs_gpu  # noqa: E402
 
 from fx_indexcache.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401  (availability probe)
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and Triton")
+pytestmark = needs_gpu
 
 
 def _gen(seed=None):
