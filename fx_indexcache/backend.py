@@ -120,15 +120,6 @@ def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -
     return patches
 
 
-def indexcache_inductor_patches(
-    options: Mapping[str, Any] | None, graph_starts_at_first_layer: bool | None = None
-) -> tuple[IndexCachePass, dict[str, Any]]:
-    """The pass configured from ``options`` and the Inductor config patches that install it."""
-    config, inductor_options = IndexCacheConfig.from_options(options)
-    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=graph_starts_at_first_layer)
-    return graph_pass, install_pass(graph_pass, inductor_options)
-
-
 # ---------------------------------------------------------------------------------------------- backends
 
 
@@ -256,15 +247,15 @@ class IndexCacheEagerBackend(IndexCacheBackend):
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
         super().__init__(mode, **options)
-        _, rest = IndexCacheConfig.from_options(options)
+        self._refuse_inductor_options(IndexCacheConfig.from_options(options)[1])
+
+    def _refuse_inductor_options(self, rest: Mapping[str, Any]) -> None:
+        """Options that are not IndexCache keys (at construction or from torch.compile) have no meaning here."""
         if rest:
             raise ValueError(f"{type(self).__name__}: unknown options {sorted(rest)}; only IndexCache keys apply")
 
     def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options):
-        if inductor_options:
-            raise ValueError(
-                f"{type(self).__name__}: unknown options {sorted(inductor_options)}; only IndexCache keys apply"
-            )
+        self._refuse_inductor_options(inductor_options)
 
         def rewrite(module: torch.fx.GraphModule):
             graph_pass(module.graph)
