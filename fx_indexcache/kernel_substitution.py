@@ -62,7 +62,6 @@ prims = torch.ops.prims
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSED_NOTE",
     "FusionRecord",
     "ScoreMatch",
     "kernel_refusal",
@@ -82,8 +81,6 @@ _MASKS = {aten.where, aten.masked_fill, aten.add, aten.sub, aten.mul}
 _MAX_CHAIN = 48
 #: How many mask ops / views between the top-k input and the score the candidate search walks through.
 _MAX_MASK_DEPTH = 3
-#: Text in a returned note when the site was rewritten (``"layer 3: fused indexer_logits (...)"``).
-FUSED_NOTE = "fused indexer_logits"
 
 
 class _NoMatch(Exception):
@@ -587,7 +584,7 @@ class FusionRecord:
 
     def note(self) -> str:
         if self.fused:
-            return f"{self.site}: {FUSED_NOTE} ({self.detail})"
+            return f"{self.site}: fused indexer_logits ({self.detail})"
         return f"{self.site}: left as is: {self.detail}"
 
 
