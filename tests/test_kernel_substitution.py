@@ -107,6 +107,48 @@ def test_reference_model_decode_with_cache_and_index_cache_pattern(kernel_ok):
     assert any("(1, 1, " in r.detail for r in fused)  # q of one query (decode graph)
 
 
+@pytest.fixture
+def sites_on_cuda(monkeypatch):
+    """The pass takes every site for a CUDA one (as in test_pass_safety), so it runs the real substitution."""
+    from fx_indexcache import graph_pass
+
+    monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
+
+
+def _pass_twice_backend(pattern: str, reports: list):
+    """AOT forward graph; the IndexCache pass (which fuses) applied twice, as an export rewritten and then
+    compiled would see it; the graph then runs eagerly."""
+
+    def rewrite(module):
+        for _ in range(2):
+            reports.append(IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern),
+                                          graph_starts_at_first_layer=True).run(module.graph))
+        module.recompile()
+        return module.forward
+
+    return aten_graph_backend(rewrite)
+
+
+def test_the_pass_keeps_fusion_records_and_a_second_application_changes_nothing(kernel_ok, sites_on_cuda):
+    """The report carries the substitution's records; a second pass over the fused graph (whose F layers no
+    longer hold an aten.topk) neither fuses nor removes anything, and the result stays the FSF oracle's."""
+    model, oracle = ReferenceDSAModel(TINY, seed=0), ReferenceDSAModel(TINY, seed=0)
+    oracle.set_index_cache_pattern("FSF")
+    ids = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    reports: list = []
+    with torch.no_grad():
+        got_logits, got_idx = torch.compile(model, backend=_pass_twice_backend("FSF", reports))(ids, None, 0, True)
+        want_logits, want_idx = oracle(ids, None, 0, True)
+    first, second = reports
+    assert first.pattern == "FSF" and first.indexers_fused == 2
+    assert [r.layer for r in first.fusions if r.fused] == [0, 2]
+    assert "layer 0: fused indexer_logits" in first.format()
+    assert second.indexers_removed == 0 and second.indexers_fused == 0
+    for got, want in zip(got_idx, want_idx):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_sites_are_left_with_a_note():
     model = ReferenceDSAModel(TINY, seed=0, dtype=torch.bfloat16)
     backend = _Backend()
