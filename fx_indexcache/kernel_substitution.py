@@ -136,9 +136,6 @@ class _Labels:
         if ra != rb:
             self.parent[rb] = ra
 
-    def classes(self, dim: Sequence[int]) -> list[int]:
-        return [self.find(a) for a in dim]
-
 
 @dataclasses.dataclass
 class _Tracked:
