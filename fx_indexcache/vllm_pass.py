@@ -130,7 +130,7 @@ class VllmIndexCachePass(InductorPass):
                 "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
                 "in context); the graph is left unchanged"
             )
-            report = IndexCacheReport(VllmIndexCacheConfig(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
+            report = IndexCacheReport(VllmIndexCacheConfig.from_keys(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
             publish(report)
             return report
         inserting = any(site.inserts_keys_itself() for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
