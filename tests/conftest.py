@@ -71,6 +71,14 @@ def trace_one_topk(fn, *args) -> tuple[torch.fx.GraphModule, torch.fx.Node]:
 
 
 @pytest.fixture
+def sites_on_cuda(monkeypatch):
+    """IndexCachePass takes every site for a CUDA one, so it asks for the fused kernel off CUDA too."""
+    from fx_indexcache import graph_pass
+
+    monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
+
+
+@pytest.fixture
 def kernel_ok(monkeypatch):
     """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
     monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)

@@ -107,14 +107,6 @@ def test_reference_model_decode_with_cache_and_index_cache_pattern(kernel_ok):
     assert any("(1, 1, " in r.detail for r in fused)  # q of one query (decode graph)
 
 
-@pytest.fixture
-def sites_on_cuda(monkeypatch):
-    """The pass takes every site for a CUDA one (as in test_pass_safety), so it runs the real substitution."""
-    from fx_indexcache import graph_pass
-
-    monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
-
-
 def _pass_twice_backend(pattern: str, reports: list):
     """AOT forward graph; the IndexCache pass (which fuses) applied twice, as an export rewritten and then
     compiled would see it; the graph then runs eagerly."""
