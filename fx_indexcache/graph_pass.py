@@ -100,9 +100,9 @@ class IndexCachePass(CustomGraphPass):
                 "the configured pattern is not applied there",
                 graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
             )
-        report.other_notes.extend(r.note() for r in kernel_records)
+        report.fusions = kernel_records
         stats = counters["fx_indexcache"]
-        stats["indexers_fused"] += sum(r.fused for r in kernel_records)
+        stats["indexers_fused"] += report.indexers_fused
         stats["graphs"] += 1
         stats["indexer_sites"] += len(decisions)
         stats["indexers_removed"] += report.indexers_removed

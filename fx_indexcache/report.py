@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from .config import IndexCacheConfig, PatternSource
 from .detection import Detection, LayerSource, UnknownLayerIndex
 from .rewrite import LEFT, SHARED, LayerDecision
+
+if TYPE_CHECKING:
+    from .kernel_substitution import FusionRecord
 
 log = logging.getLogger("fx_indexcache")
 
@@ -27,12 +31,13 @@ class IndexCacheReport:
 
     config: IndexCacheConfig
     decisions: list[LayerDecision]
-    layer_source: LayerSource | str  # a str only for the one-line FX-graph-cache-hit report
+    layer_source: LayerSource
     router_topk: int  # top-k the detector recognised as not-an-indexer and left alone
     other_notes: list[str] = dataclasses.field(default_factory=list)
     graph_name: str = ""
     layer_index_unknown: UnknownLayerIndex | None = None  # why, when no layer could be numbered
     shared_earlier: tuple[int, ...] = ()  # S layers an earlier rewrite of this graph already removed
+    fusions: list[FusionRecord] = dataclasses.field(default_factory=list)  # the fused-kernel substitution, per site
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -42,6 +47,11 @@ class IndexCacheReport:
     @property
     def indexers_removed(self) -> int:
         return sum(d.action == SHARED for d in self.decisions)
+
+    @property
+    def indexers_fused(self) -> int:
+        """F-layer sites whose scoring now runs as the fused kernel."""
+        return sum(r.fused for r in self.fusions)
 
     @property
     def layers_left(self) -> list[LayerDecision]:
@@ -61,9 +71,8 @@ class IndexCacheReport:
         return "".join("S" if d.action == SHARED else "F" for d in self.decisions)
 
     def format(self) -> str:
-        source = getattr(self.layer_source, "value", self.layer_source)
         index = f"layer index unknown: {self.layer_index_unknown.value}" if self.layer_index_unknown else (
-            f"layer index from {source}")
+            f"layer index from {self.layer_source.value}")
         lines = [
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
             f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
@@ -79,6 +88,7 @@ class IndexCacheReport:
         )
         if self.cache_bytes_saved:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
+        lines.extend(r.note() for r in self.fusions)
         lines.extend(self.other_notes)
         return "\n".join(lines)
 
