@@ -25,6 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import cross_graph_build
 from .config import IndexCacheConfig
+from .detection import LayerSource
 from .frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
 from .report import IndexCacheReport, publish
@@ -120,15 +121,6 @@ def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -
     return patches
 
 
-def indexcache_inductor_patches(
-    options: Mapping[str, Any] | None, graph_starts_at_first_layer: bool | None = None
-) -> tuple[IndexCachePass, dict[str, Any]]:
-    """The pass configured from ``options`` and the Inductor config patches that install it."""
-    config, inductor_options = IndexCacheConfig.from_options(options)
-    graph_pass = IndexCachePass(config, graph_starts_at_first_layer=graph_starts_at_first_layer)
-    return graph_pass, install_pass(graph_pass, inductor_options)
-
-
 # ---------------------------------------------------------------------------------------------- backends
 
 
@@ -159,7 +151,7 @@ class IndexCacheBackend:
     def _init_state(self) -> None:
         self.reports: list[IndexCacheReport] = []
         self._used_cudagraphs = False
-        self._warned: set[str] = set()
+        self._warned_decode_only = False
 
     # ------------------------------------------------------------------ the backend call
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,
@@ -205,8 +197,8 @@ class IndexCacheBackend:
             return
         for report in graph_reports:
             report.other_notes.append(note)
-        if "decode-only" not in self._warned:
-            self._warned.add("decode-only")
+        if not self._warned_decode_only:
+            self._warned_decode_only = True
             log.warning("fx_indexcache: %s", note)
 
     def reset(self) -> None:
@@ -258,15 +250,15 @@ class IndexCacheEagerBackend(IndexCacheBackend):
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
         super().__init__(mode, **options)
-        _, rest = IndexCacheConfig.from_options(options)
+        self._refuse_inductor_options(IndexCacheConfig.from_options(options)[1])
+
+    def _refuse_inductor_options(self, rest: Mapping[str, Any]) -> None:
+        """Options that are not IndexCache keys (at construction or from torch.compile) have no meaning here."""
         if rest:
             raise ValueError(f"{type(self).__name__}: unknown options {sorted(rest)}; only IndexCache keys apply")
 
     def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options):
-        if inductor_options:
-            raise ValueError(
-                f"{type(self).__name__}: unknown options {sorted(inductor_options)}; only IndexCache keys apply"
-            )
+        self._refuse_inductor_options(inductor_options)
 
         def rewrite(module: torch.fx.GraphModule):
             graph_pass(module.graph)
@@ -295,7 +287,7 @@ def _report_cache_hit(graph_pass: IndexCachePass) -> None:
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
         f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
     )
-    report = IndexCacheReport(graph_pass.config, [], "FX graph cache", 0, [note], "cached graph")
+    report = IndexCacheReport(graph_pass.config, [], LayerSource.FX_GRAPH_CACHE, 0, [note], "cached graph")
     report.cross_graph = getattr(graph_pass, "cross_graph_plan", None)  # decided outside the cached graph
     graph_pass.reports.append(report)
     publish(report)

@@ -248,7 +248,9 @@ class IndexCacheConfig:
     def from_keys(cls, **keys: Any) -> IndexCacheConfig:
         """Keyword keys as every entry point takes them: any key given switches IndexCache on
         unless ``use_index_cache`` is given too (no keys at all: the all-F default)."""
-        if keys and "use_index_cache" not in keys:
+        if not keys:
+            return cls(switch=Switch.DEFAULT)
+        if "use_index_cache" not in keys:
             keys["use_index_cache"], keys["switch"] = True, Switch.IMPLIED_BY_KEYS
         return cls(**keys)
 

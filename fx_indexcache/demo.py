@@ -118,9 +118,10 @@ def main(args: argparse.Namespace) -> int:
     for report in reports():
         print(report.format(), "\n")
     prefill = reports()[0]
-    topk_calls = sum(len(re.findall(r"aten\.topk\.default\(", source)) for source in code)
+    # a fused F layer (CUDA) calls the fused top-k op instead of aten.topk: count both
+    topk_calls = sum(len(re.findall(r"(?:aten\.topk|fx_indexcache\.topk_indices)\.default\(", source)) for source in code)
     full = len(prefill.decisions) - prefill.indexers_removed
-    print(f"prefill graph: generated code calls aten.topk {topk_calls} times "
+    print(f"prefill graph: generated code calls a top-k {topk_calls} times "
           f"= {full} indexers (F layers) + {prefill.router_topk} MoE-router top-k; "
           f"the {prefill.indexers_removed} S-layer indexers are gone (compile took {compile_s:.1f} s)")
     if whole:  # the whole trained model: its loss means something

@@ -64,9 +64,9 @@ class TopkIndexerSite(IndexerSite):
         if reason is not None:
             return reason
         assert isinstance(source, TopkIndexerSite)
-        _, k, dim, largest, ordered = _topk_arguments(self.anchor)
+        _, k, dim, largest, ordered = topk_arguments(self.anchor)
         score = fake_value(self.anchor.args[0])
-        _, k2, dim2, largest2, ordered2 = _topk_arguments(source.anchor)
+        _, k2, dim2, largest2, ordered2 = topk_arguments(source.anchor)
         score2 = fake_value(source.anchor.args[0])
         if not same_arguments(k, k2):
             return f"k={k} differs from layer {source.layer}'s k={k2}"
@@ -98,9 +98,9 @@ class TopkIndexerSite(IndexerSite):
         return writes
 
 
-def _topk_arguments(node: fx.Node) -> tuple:
-    """``(input, k, dim, largest, sorted)`` of an ``aten.topk`` call, defaults filled in."""
-    names = ("input", "k", "dim", "largest", "sorted")
+def topk_arguments(node: fx.Node) -> tuple:
+    """``(self, k, dim, largest, sorted)`` of an ``aten.topk`` call (its schema's names), defaults filled in."""
+    names = ("self", "k", "dim", "largest", "sorted")
     values = [None, None, -1, True, True]
     for i, arg in enumerate(node.args):
         values[i] = arg
@@ -244,7 +244,7 @@ def classify_topk(node: fx.Node, params: frozenset[fx.Node] | None = None) -> To
     decides; a module path saying "indexer" only settles what the structure leaves open (keys
     that arrive as a graph input of unknown role, or q and k from disjoint inputs).
     """
-    score, _, dim, _, _ = _topk_arguments(node)
+    score, _, dim, _, _ = topk_arguments(node)
     score_value = fake_value(score)
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))

@@ -36,6 +36,8 @@ class LayerSource(str, enum.Enum):
     RECORDED = "an earlier IndexCache rewrite's record"
     UNKNOWN = "unknown"
     NO_SITES = "no indexer sites"
+    FX_GRAPH_CACHE = "FX graph cache"  # the pass did not run: Inductor served the graph from its cache
+    NO_CONFIG = "unresolved"  # the pass did not run: no IndexCache config was in force
 
 
 class UnknownLayerIndex(str, enum.Enum):
@@ -53,9 +55,6 @@ class UnknownLayerIndex(str, enum.Enum):
     ORDER_CONTRADICTS_PATHS = "graph order contradicts the layer numbers some module paths carry"
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
 
-
-LAYER_FROM_PATH = LayerSource.MODULE_PATH
-LAYER_FROM_ORDER = LayerSource.WHOLE_GRAPH_ORDER
 
 #: A fingerprint of each finder's code, computed at registration: part of the pass's uuid.
 _FINDER_FINGERPRINTS: dict[str, str] = {}

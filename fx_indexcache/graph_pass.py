@@ -14,10 +14,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .cache_ledger import CacheWriteLedger
 from .config import IndexCacheConfig
 from .cross_graph_build import pending_plan
-from .regional import share_across_regions
 from .detection import detect, finders_fingerprint
 from .graph_utils import fake_value
 from .kernel_substitution import FusionRecord, substitute_fused_indexer
+from .regional import share_across_regions
 from .report import IndexCacheReport, publish
 from .rewrite import apply_index_cache
 
@@ -112,9 +112,9 @@ class IndexCachePass(CustomGraphPass):
                 "the configured pattern is not applied there",
                 graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
             )
-        report.other_notes.extend(r.note() for r in kernel_records)
+        report.fusions = kernel_records
         stats = counters["fx_indexcache"]
-        stats["indexers_fused"] += sum(r.fused for r in kernel_records)
+        stats["indexers_fused"] += report.indexers_fused
         stats["graphs"] += 1
         stats["indexer_sites"] += len(decisions)
         stats["indexers_removed"] += report.indexers_removed

@@ -53,6 +53,7 @@ import sympy
 import torch
 from torch import fx
 
+from .detect_topk import topk_arguments
 from .graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
 
 aten = torch.ops.aten
@@ -61,7 +62,6 @@ prims = torch.ops.prims
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSED_NOTE",
     "FusionRecord",
     "ScoreMatch",
     "kernel_refusal",
@@ -81,8 +81,6 @@ _MASKS = {aten.where, aten.masked_fill, aten.add, aten.sub, aten.mul}
 _MAX_CHAIN = 48
 #: How many mask ops / views between the top-k input and the score the candidate search walks through.
 _MAX_MASK_DEPTH = 3
-#: Text in a returned note when the site was rewritten (``"layer 3: fused indexer_logits (...)"``).
-FUSED_NOTE = "fused indexer_logits"
 
 
 class _NoMatch(Exception):
@@ -137,9 +135,6 @@ class _Labels:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
-
-    def classes(self, dim: Sequence[int]) -> list[int]:
-        return [self.find(a) for a in dim]
 
 
 @dataclasses.dataclass
@@ -586,7 +581,7 @@ class FusionRecord:
 
     def note(self) -> str:
         if self.fused:
-            return f"{self.site}: {FUSED_NOTE} ({self.detail})"
+            return f"{self.site}: fused indexer_logits ({self.detail})"
         return f"{self.site}: left as is: {self.detail}"
 
 
@@ -718,21 +713,11 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch) -> int:
     return len(dead)
 
 
-def _topk_args(node: fx.Node):
-    """``(x, k, dim, largest, sorted)`` of an ``aten.topk`` call, defaults filled in."""
-    names = ("self", "k", "dim", "largest", "sorted")
-    defaults = {"dim": -1, "largest": True, "sorted": True}
-    values = dict(zip(names, node.args))
-    for name in names[2:]:
-        values.setdefault(name, node.kwargs.get(name, defaults[name]))
-    return values["self"], values.get("k", node.kwargs.get("k")), values["dim"], values["largest"], values["sorted"]
-
-
 def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     """Replace ``aten.topk`` over the last dim by ``fx_indexcache::topk_indices`` (the Triton top-k where it
     applies at run time, torch.topk elsewhere) keeping the graph's ``sorted``; values, if read, are gathered.
     Returns None when swapped, else why not."""
-    x, k, dim, largest, keep_sorted = _topk_args(topk)
+    x, k, dim, largest, keep_sorted = topk_arguments(topk)
     xv = fake_value(x)
     if not isinstance(k, int) or not largest or _norm_dim(dim, xv.dim()) != xv.dim() - 1:
         return "top-k kept as aten.topk: not the largest-k over the last dim with a static k"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-
 from typing import TYPE_CHECKING
 
 from .config import IndexCacheConfig, PatternSource
@@ -18,6 +17,7 @@ from .rewrite import LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
     from .cross_graph_build import CrossGraphPlan
+    from .kernel_substitution import FusionRecord
     from .regional import RegionCall
 
 log = logging.getLogger("fx_indexcache")
@@ -33,12 +33,13 @@ class IndexCacheReport:
 
     config: IndexCacheConfig
     decisions: list[LayerDecision]
-    layer_source: LayerSource | str  # a str only for the one-line FX-graph-cache-hit report
+    layer_source: LayerSource
     router_topk: int  # top-k the detector recognised as not-an-indexer and left alone
     other_notes: list[str] = dataclasses.field(default_factory=list)
     graph_name: str = ""
     layer_index_unknown: UnknownLayerIndex | None = None  # why, when no layer could be numbered
     shared_earlier: tuple[int, ...] = ()  # S layers an earlier rewrite of this graph already removed
+    fusions: list[FusionRecord] = dataclasses.field(default_factory=list)  # the fused-kernel substitution, per site
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
     regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
 
@@ -50,6 +51,11 @@ class IndexCacheReport:
     @property
     def indexers_removed(self) -> int:
         return sum(d.action == SHARED for d in self.decisions)
+
+    @property
+    def indexers_fused(self) -> int:
+        """F-layer sites whose scoring now runs as the fused kernel."""
+        return sum(r.fused for r in self.fusions)
 
     @property
     def layers_left(self) -> list[LayerDecision]:
@@ -69,9 +75,8 @@ class IndexCacheReport:
         return "".join("S" if d.action == SHARED else "F" for d in self.decisions)
 
     def format(self) -> str:
-        source = getattr(self.layer_source, "value", self.layer_source)
         index = f"layer index unknown: {self.layer_index_unknown.value}" if self.layer_index_unknown else (
-            f"layer index from {source}")
+            f"layer index from {self.layer_source.value}")
         lines = [
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
             f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
@@ -87,6 +92,7 @@ class IndexCacheReport:
         )
         if self.cache_bytes_saved:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
+        lines.extend(r.note() for r in self.fusions)
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())

@@ -33,19 +33,17 @@ from vllm.compilation.passes.inductor_pass import InductorPass
 from . import detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
 from .cache_ledger import CacheWriteLedger
 from .config import FULL, SHARED, IndexCacheConfig
+from .detection import LayerSource
 from .graph_pass import IndexCachePass, _source_digest
 from .report import IndexCacheReport, publish
 
 log = logging.getLogger("fx_indexcache")
 
 
-@dataclasses.dataclass(frozen=True)
-class VllmIndexCacheConfig(IndexCacheConfig):
-    """``IndexCacheConfig`` as the vLLM pass uses it (kept as a name for existing callers).
-
-    vLLM's rule for MTP/next-n layers (numbered past the backbone, always computing) now lives
-    in ``IndexCacheConfig.layer_kind`` itself, as SGLang and vLLM both apply it.
-    """
+#: The config the vLLM pass uses: ``IndexCacheConfig`` itself (vLLM's MTP/next-n rule, that layers
+#: numbered past the backbone always compute, lives in ``IndexCacheConfig.layer_kind``); the name stays
+#: for callers of this module.
+VllmIndexCacheConfig = IndexCacheConfig
 
 
 def _current_vllm_config():
@@ -102,8 +100,6 @@ class VllmIndexCachePass(InductorPass):
             raise TypeError("VllmIndexCachePass takes a config or keyword keys, not both")
         if keys:
             config = VllmIndexCacheConfig.from_keys(**keys)
-        elif config is not None and not isinstance(config, VllmIndexCacheConfig):
-            config = VllmIndexCacheConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
         self.explicit_config: VllmIndexCacheConfig | None = config
         self._ledger = CacheWriteLedger()  # every graph this pass rewrites belongs to one served model
         self._warned_split = False
@@ -134,7 +130,7 @@ class VllmIndexCachePass(InductorPass):
                 "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
                 "in context); the graph is left unchanged"
             )
-            report = IndexCacheReport(VllmIndexCacheConfig(), [], "unresolved", 0, [_NO_CONFIG], _graph_name())
+            report = IndexCacheReport(VllmIndexCacheConfig.from_keys(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
             publish(report)
             return report
         inserting = any(site.inserts_keys_itself() for site in detect_vllm.find_vllm_indexer_sites(graph)[0])

@@ -16,7 +16,7 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
+from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports, kernel_substitution  # noqa: E402
 from fx_indexcache.backend import aten_graph_backend  # noqa: E402
 from fx_indexcache.cache_ledger import DEFAULT_LEDGER  # noqa: E402
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
@@ -59,6 +59,29 @@ class CapturingBackend:
 
 def topk_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default]
+
+
+def trace_one_topk(fn, *args) -> tuple[torch.fx.GraphModule, torch.fx.Node]:
+    """``fn`` traced to an ATen graph (``make_fx``, fake tensors) and its one ``aten.topk`` node."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    (topk,) = topk_nodes(gm)
+    return gm, topk
+
+
+@pytest.fixture
+def sites_on_cuda(monkeypatch):
+    """IndexCachePass takes every site for a CUDA one, so it asks for the fused kernel off CUDA too."""
+    from fx_indexcache import graph_pass
+
+    monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
+
+
+@pytest.fixture
+def kernel_ok(monkeypatch):
+    """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
+    monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)
 
 
 @pytest.fixture(autouse=True)

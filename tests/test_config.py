@@ -166,6 +166,15 @@ def test_a_model_config_without_index_keys_stays_off():
     assert not config.use_index_cache and config.switch is Switch.DEFAULT
 
 
+def test_a_pass_given_no_keys_reports_the_default_not_a_given_switch():
+    from fx_indexcache import IndexCachePass
+    from fx_indexcache.config import Switch
+
+    config = IndexCachePass().config
+    assert not config.use_index_cache and config.switch is Switch.DEFAULT
+    assert IndexCacheConfig.from_keys(use_index_cache=False).switch is Switch.GIVEN
+
+
 @pytest.mark.parametrize(
     "keys, expected, source",
     [

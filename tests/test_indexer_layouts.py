@@ -11,25 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import trace_one_topk
 from indexer_layouts import LAYOUTS, future, make_inputs
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from fx_indexcache import kernel_substitution
 from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
 
 aten = torch.ops.aten
-
-
-@pytest.fixture
-def kernel_ok(monkeypatch):
-    """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
-    monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)
-
-
-def _trace(fn, args):
-    gm = make_fx(fn, tracing_mode="fake")(*args)
-    (topk,) = [n for n in gm.graph.nodes if n.target == aten.topk.default]
-    return gm, topk
 
 
 def _ops(gm, *targets) -> int:
@@ -40,7 +27,7 @@ def _ops(gm, *targets) -> int:
 @pytest.mark.parametrize("S", [6, 1], ids=["prefill", "decode"])
 def test_layout_is_proven_fused_and_exact(layout, S, kernel_ok):
     args = make_inputs(layout, S=S, seed=S)
-    gm, topk = _trace(layout.fn, args)
+    gm, topk = trace_one_topk(layout.fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
     q_roles = "".join(r for r in match.q_roles if r != "1")
@@ -71,7 +58,7 @@ def test_unsupported_support_check_leaves_a_record_not_a_rewrite():
     """Off CUDA the real support check refuses: one record, the reason, the graph untouched."""
     layout = LAYOUTS[0]
     args = make_inputs(layout)
-    gm, topk = _trace(layout.fn, args)
+    gm, topk = trace_one_topk(layout.fn, *args)
     before = len(gm.graph.nodes)
     (record,) = substitute_fused_indexer(gm.graph, [topk])
     assert not record.fused and "CUDA" in record.detail and record.layer is None
@@ -112,7 +99,7 @@ def test_near_misses_are_refused(kind, expect, kernel_ok):
         return score.topk(2, dim=-1).indices
 
     args = _unbatched()
-    gm, topk = _trace(fn, args)
+    gm, topk = trace_one_topk(fn, *args)
     match = match_indexer_score(topk)
     assert isinstance(match, str) and expect in match, match
     before = len(gm.graph.nodes)
@@ -129,7 +116,7 @@ def test_topk_values_are_gathered_and_order_kept(kernel_ok):
         return vals * 2.0, idx
 
     args = _unbatched(seed=3)
-    gm, topk = _trace(fn, args)
+    gm, topk = trace_one_topk(fn, *args)
     (record,) = substitute_fused_indexer(gm.graph, [topk])
     assert record.fused and "topk_indices" in record.detail, record
     gm.recompile()

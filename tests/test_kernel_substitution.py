@@ -1,7 +1,7 @@
 """``substitute_fused_indexer``: matching the indexer score in ATen graphs and swapping in the fused op.
 
 CPU only (GPU checks: tests/gpu/test_kernel_substitution_gpu.py). Off CUDA the kernel is unsupported,
-so the real path leaves every site with a record saying so; the ``kernel_ok`` fixture replaces the
+so the real path leaves every site with a record saying so; the ``kernel_ok`` fixture (conftest) replaces the
 support check (``kernel_substitution.kernel_refusal``) so the substitution is made anyway, and the op
 then runs its fp32 reference: the rewritten graph must give the same logits and the same top-k as
 the original. Graphs: the AOT forward graph of the tiny reference model and of the tiny transformers
@@ -15,22 +15,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.proxy_tensor import make_fx
+from conftest import trace_one_topk
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
 from fx_indexcache.backend import aten_graph_backend
-from fx_indexcache import kernel_substitution
 from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
 
+
 def _fused_nodes(gm) -> list:
     return [n for n in gm.graph.nodes if "indexer_logits" in str(n.target)]
-
-
-@pytest.fixture
-def kernel_ok(monkeypatch):
-    """Accept every proven site as if the kernel supported it (off CUDA the op runs its reference)."""
-    monkeypatch.setattr(kernel_substitution, "kernel_refusal", lambda q, k, w, scale: None)
 
 
 class _Backend:
@@ -113,6 +107,40 @@ def test_reference_model_decode_with_cache_and_index_cache_pattern(kernel_ok):
     assert any("(1, 1, " in r.detail for r in fused)  # q of one query (decode graph)
 
 
+def _pass_twice_backend(pattern: str, reports: list):
+    """AOT forward graph; the IndexCache pass (which fuses) applied twice, as an export rewritten and then
+    compiled would see it; the graph then runs eagerly."""
+
+    def rewrite(module):
+        for _ in range(2):
+            reports.append(IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern),
+                                          graph_starts_at_first_layer=True).run(module.graph))
+        module.recompile()
+        return module.forward
+
+    return aten_graph_backend(rewrite)
+
+
+def test_the_pass_keeps_fusion_records_and_a_second_application_changes_nothing(kernel_ok, sites_on_cuda):
+    """The report carries the substitution's records; a second pass over the fused graph (whose F layers no
+    longer hold an aten.topk) neither fuses nor removes anything, and the result stays the FSF oracle's."""
+    model, oracle = ReferenceDSAModel(TINY, seed=0), ReferenceDSAModel(TINY, seed=0)
+    oracle.set_index_cache_pattern("FSF")
+    ids = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    reports: list = []
+    with torch.no_grad():
+        got_logits, got_idx = torch.compile(model, backend=_pass_twice_backend("FSF", reports))(ids, None, 0, True)
+        want_logits, want_idx = oracle(ids, None, 0, True)
+    first, second = reports
+    assert first.pattern == "FSF" and first.indexers_fused == 2
+    assert [r.layer for r in first.fusions if r.fused] == [0, 2]
+    assert "layer 0: fused indexer_logits" in first.format()
+    assert second.indexers_removed == 0 and second.indexers_fused == 0
+    for got, want in zip(got_idx, want_idx):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_sites_are_left_with_a_note():
     model = ReferenceDSAModel(TINY, seed=0, dtype=torch.bfloat16)
     backend = _Backend()
@@ -152,13 +180,6 @@ def test_transformers_v32_matched_and_forced_substitution_is_exact(kernel_ok):
 # ---- synthetic graphs: what must match (other layouts) and what must be refused ----------------
 
 
-def _graph(fn, *args):
-    gm = make_fx(fn, tracing_mode="fake")(*args)
-    topk = [n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default]
-    assert len(topk) == 1
-    return gm, topk[0]
-
-
 def _inputs(B=2, S=8, T=8, H=4, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, S, H, D, generator=g), torch.randn(B, T, D, generator=g), torch.rand(B, S, H, generator=g))
@@ -175,7 +196,7 @@ def test_head_major_q_and_additive_mask_get_a_permute(kernel_ok):
 
     q, k, w = _inputs()
     args = (q.permute(0, 2, 1, 3).contiguous(), k, w, torch.randn(8, 8))
-    gm, topk = _graph(fn, *args)
+    gm, topk = trace_one_topk(fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
     assert match.q_roles == tuple("bhsd") and match.scale == 0.25
@@ -220,7 +241,7 @@ def test_other_scores_are_left_alone(kind, expect, kernel_ok):
         return score.topk(3, dim=-1).indices
 
     args = _inputs()
-    gm, topk = _graph(fn, *args)
+    gm, topk = trace_one_topk(fn, *args)
     match = match_indexer_score(topk)
     assert isinstance(match, str) and expect in match, match
     before = len(gm.graph.nodes)
@@ -237,7 +258,7 @@ def test_roles_are_proven_not_assumed(kernel_ok):
         return score.topk(3, dim=-1).indices
 
     args = _inputs(H=8)
-    gm, topk = _graph(fn, *args)
+    gm, topk = trace_one_topk(fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str) and match.q_roles == tuple("bhsd"), match
     assert substitute_fused_indexer(gm.graph, [topk])[0].fused
@@ -251,7 +272,7 @@ def test_decode_shapes_one_query_match(kernel_ok):
         return score.topk(3, dim=-1).indices
 
     args = _inputs(B=1, S=1, T=40, H=8, D=32)
-    gm, topk = _graph(fn, *args)
+    gm, topk = trace_one_topk(fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
     assert substitute_fused_indexer(gm.graph, [topk])[0].fused

@@ -118,7 +118,10 @@ def test_search_is_deterministic_for_a_fixed_seed():
     assert torch.equal(windows_a, windows_b) and not torch.equal(windows_a, windows_c)
     assert len(a) == 3 and [(s.pattern, s.score, s.candidates) for s in a] == [
         (s.pattern, s.score, s.candidates) for s in b]
-    assert a[-1].pattern.count("F") == 2 and a[-1].score > a[0].score  # two layers turned S, at a price
+    assert a[-1].pattern.count("F") == 2  # two layers turned S
+    # greedy: each step keeps its best candidate (whether S costs loss depends on the windows: on Python 3.12's
+    # stdlib, where trace.py differs, the chosen pattern scored below all-F, so no sign is asserted here)
+    assert all(step.score == min(step.candidates.values()) for step in a[1:])
 
 
 # ----------------------------------------------------------------------------------- bad files

@@ -272,7 +272,7 @@ def test_s_layers_lose_their_indexer_op(v2, reads):
     graph.lint()
     assert len(_indexer_calls(graph)) == pattern.count("F")
     assert _buffer_chain_ok(graph)
-    assert report.pattern == pattern and report.layer_source == detection.LAYER_FROM_PATH
+    assert report.pattern == pattern and report.layer_source == detection.LayerSource.MODULE_PATH
     assert [d.action for d in report.decisions] == [SHARED if c == "S" else COMPUTED for c in pattern]
     torch.testing.assert_close(out, _expected(pattern, reads=reads), rtol=0, atol=0)
 

@@ -17,20 +17,13 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_marks import needs_gpu  # noqa: E402
 from indexer_layouts import LAYOUTS, make_inputs  # noqa: E402
 
 from fx_indexcache.kernel_substitution import substitute_fused_indexer  # noqa: E402
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401  (availability probe)
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and Triton")
+pytestmark = needs_gpu
 
 
 class _Substitute(CustomGraphPass):

@@ -9,12 +9,19 @@ reference computed from the same (upcast) bf16 inputs by relative norm error.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fx_indexcache.kernels import topk as tk
-from fx_indexcache.kernels.lightning_indexer import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import topk_cases  # noqa: E402
+from gpu_marks import needs_gpu  # noqa: E402
+
+from fx_indexcache.kernels import topk as tk  # noqa: E402
+from fx_indexcache.kernels.lightning_indexer import (  # noqa: E402
     LogitsConfig,
     indexer_logits,
     indexer_logits_reference,
@@ -25,16 +32,7 @@ from fx_indexcache.kernels.lightning_indexer import (
 )
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401  (availability probe)
-    except Exception:
-        return False
-    return True
-
-
-HAS_GPU = torch.cuda.is_available() and _has_triton()
-gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and Triton")
+gpu = needs_gpu
 
 REL_TOL = 1e-3  # bf16 inputs are exact in fp32/fp64; only the fp32 accumulation order differs
 
@@ -309,22 +307,6 @@ def test_custom_ops_run_the_kernel():
     assert torch.equal(vals_i, vals_j)
 
 
-def _row_logits(R, T, kind, g):
-    x = torch.randn(R, T, device="cuda", generator=g)
-    if kind == "ties":
-        x = torch.randint(-4, 4, (R, T), device="cuda", generator=g).float()
-    elif kind == "masked":
-        x[:, T // 3:] = float("-inf")
-    elif kind == "allmasked":
-        x[:] = float("-inf")
-    elif kind == "zeros":
-        x[:, ::3] = 0.0
-        x[:, 1::3] = -0.0
-    elif kind == "wide":
-        x = x * torch.exp2(torch.randint(-60, 60, (R, T), device="cuda", generator=g).float())
-    return x
-
-
 @gpu
 @pytest.mark.parametrize("kind", ["randn", "ties", "masked", "allmasked", "zeros", "wide"])
 @pytest.mark.parametrize("R,T,k", [(5, 1, 1), (7, 100, 100), (3, 777, 64), (9, 5000, 2048), (4, 8192, 2048),
@@ -332,7 +314,7 @@ def _row_logits(R, T, kind, g):
 def test_row_topk_exact(kind, R, T, k):
     seed = _seed()
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = _row_logits(R, T, kind, g)
+    x = topk_cases.rows(kind, R, T, g, device="cuda")
     out = torch.full((R, k), -7, dtype=torch.int32, device="cuda")
     tk._launch(x, out, k)
     torch.cuda.synchronize()
