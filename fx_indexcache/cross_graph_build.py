@@ -24,7 +24,7 @@ from torch import fx
 
 from .config import SHARED, IndexCacheConfig
 from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
-from .detect_topk import _topk_arguments
+from .detect_topk import topk_arguments
 from .detection import detect
 from .graph_utils import fake_value
 
@@ -96,7 +96,7 @@ def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
     indices, score = fake_value(site.indices), fake_value(site.anchor.args[0])
     if not isinstance(indices, torch.Tensor) or not isinstance(score, torch.Tensor):
         return None
-    _, _, dim, _, _ = _topk_arguments(site.anchor)
+    _, _, dim, _, _ = topk_arguments(site.anchor)
     sizes = tuple(_size_expr(s) for s in (*indices.shape, score.shape[dim]))
     needed = set().union(*(getattr(s, "free_symbols", set()) for s in sizes))
     bound: dict = {}
