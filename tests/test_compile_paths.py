@@ -3,6 +3,8 @@ graph breaks and regional compilation. Every path is either IndexCache or the or
 
 from __future__ import annotations
 
+import collections
+
 import json
 import os
 import re
@@ -194,7 +196,11 @@ def test_nested_compile_region_calls_switch_to_f_and_s_bodies():
     calls = [call for r in backend.reports for call in r.regional]
     assert "S" in pattern and [call.action is CallAction.READ for call in calls] == [c == "S" for c in pattern]
     gm = backend.graphs[-1]
-    assert len({str(n.args[0].target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph}) == 2
+    bodies = {str(n.args[0].target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph}
+    # each original body becomes at most one F and one S body (torch 2.13 traces this model's layers as one body,
+    # torch 2.11 as two: dense and MoE), so the layers keep sharing compiled code within each kind
+    per_original = collections.Counter(name.rsplit("_indexcache_", 1)[0] for name in bodies)
+    assert any(name.endswith("_indexcache_s") for name in bodies) and max(per_original.values()) <= 2, bodies
 
 
 FX_CACHE_SCRIPT = textwrap.dedent(
