@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .config import FULL, IndexCacheConfig
+from .layers import layer_key
 
 #: Switch for tests (and an escape hatch): False makes every qualifying graph run as it is.
 ENABLED = True
@@ -74,15 +75,6 @@ class LayerCall:
 
 
 # ---------------------------------------------------------------------------------------------- layer map
-
-
-def layer_key(path: str) -> tuple[str, int] | None:
-    """``model.layers.3.attn.wq`` → ``("model.layers", 3)``: the first all-digit component is the layer."""
-    parts = path.split(".")
-    for position, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:position]), int(part)
-    return None
 
 
 @dataclasses.dataclass

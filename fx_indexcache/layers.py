@@ -50,3 +50,16 @@ def layer_index_from_path(path: str | None) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+def layer_key(path: str) -> tuple[str, int] | None:
+    """``model.layers.3.attn.wq`` → ``("model.layers", 3)``: the same rule for a ``named_parameters()`` path.
+
+    Those paths are always dot-separated, so unlike ``layer_index_from_path`` (which also reads torch's
+    ``L__self___model_layers_3`` spelling) this splits on dots only and can name the layer container too.
+    """
+    parts = path.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:position]), int(part)
+    return None
