@@ -22,7 +22,6 @@ After training the checkpoint is saved (bf16 safetensors), loaded back, and scor
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -39,7 +38,7 @@ from fx_indexcache.pattern_search import PatternScorer, greedy_search, uniform_p
 from fx_indexcache.probe import LayerRecord
 from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel, corpus
 from fx_indexcache.reference.checkpoint import load_checkpoint, save_checkpoint
-from fx_indexcache.reference.evaluation import bits_per_byte
+from fx_indexcache.reference.evaluation import bits_per_byte, shuffled_indexers
 from fx_indexcache.reference.training import Attention, next_byte_loss, training_forward
 
 FRACTIONS = {"1/2": 2, "1/4": 4, "1/8": 8}
@@ -195,18 +194,6 @@ def plot_history(history: dict, path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- the table
-
-
-def shuffled_indexers(model: ReferenceDSAModel, seed: int) -> ReferenceDSAModel:
-    """A copy whose indexer weights are permuted entry by entry: same values, no learned structure."""
-    copied = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in copied.layers:
-            for p in layer.attn.indexer.parameters():
-                order = torch.randperm(p.numel(), generator=generator).to(p.device)
-                p.copy_(p.flatten()[order].view_as(p))
-    return copied
 
 
 class OracleScorer:

@@ -26,7 +26,7 @@ from fx_indexcache.reference.checkpoint import (
     save_checkpoint,
     tensors_digest,
 )
-from fx_indexcache.reference.evaluation import bits_per_byte
+from fx_indexcache.reference.evaluation import bits_per_byte, shuffled_indexers
 from fx_indexcache.report import clear_reports, reports
 
 LAYERS = 4
@@ -47,16 +47,6 @@ def mean_adjacent(model, batches) -> float:
     assert result.layers == list(range(LAYERS)) and result.k == model.config.index_topk
     values = [v for _, _, v in result.adjacent]
     return sum(values) / len(values)
-
-
-def shuffled_indexers(model):
-    copied = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in copied.layers:
-            for p in layer.attn.indexer.parameters():
-                p.copy_(p.flatten()[torch.randperm(p.numel(), generator=generator)].view_as(p))
-    return copied
 
 
 # ----------------------------------------------------------------------------------- the shipped file

@@ -1,7 +1,12 @@
-"""Held-out quality of the reference model under an IndexCache pattern, in bits per byte."""
+"""Held-out quality of the reference model under an IndexCache pattern, in bits per byte, and its control.
+
+The control (``shuffled_indexers``) is the same model with no learned indexer structure: what the trained
+model's layer-to-layer overlap is compared against.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -42,3 +47,15 @@ def bits_per_byte(
     finally:
         model.set_index_cache_pattern(previous)
     return total / count / math.log(2)
+
+
+def shuffled_indexers(model: ReferenceDSAModel, seed: int = 0) -> ReferenceDSAModel:
+    """A copy whose indexer weights are permuted entry by entry: same values, no learned structure."""
+    copied = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in copied.layers:
+            for p in layer.attn.indexer.parameters():
+                order = torch.randperm(p.numel(), generator=generator).to(p.device)
+                p.copy_(p.flatten()[order].view_as(p))
+    return copied
