@@ -26,7 +26,7 @@ from .config import SHARED, IndexCacheConfig
 from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
 from .detect_topk import topk_arguments
 from .detection import detect
-from .graph_utils import fake_value
+from .graph_utils import copy_graph_module, fake_value
 
 #: How far to look for an S layer in a pattern given only by freq/offset.
 _PATTERN_HORIZON = 256
@@ -71,14 +71,6 @@ class Variants:
     s_graph: fx.GraphModule
     s_inputs: list
     expected: ExpectedIndices
-
-
-def copy_graph_module(module: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose graph can be edited without touching ``module``'s (node metadata shared, not copied)."""
-    graph = fx.Graph()
-    output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
-    graph.output(output, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
-    return fx.GraphModule(module, graph)
 
 
 def _has_s_layer(config: IndexCacheConfig) -> bool:

@@ -135,3 +135,11 @@ def erase_dead(graph: fx.Graph, dead: Iterable[fx.Node]) -> None:
     for node in sorted(dead, key=position.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
+
+
+def copy_graph_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy whose graph can be edited without touching ``module``'s (node metadata shared, not copied)."""
+    graph = torch.fx.Graph()
+    output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
+    graph.output(output, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
+    return torch.fx.GraphModule(module, graph)

@@ -368,14 +368,6 @@ def dynamo_config(tiny: TinyModel) -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(**tiny.spec.dynamo_config)
 
 
-def _graph_module_copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``module``'s graph (node metadata copied shallowly)."""
-    graph = torch.fx.Graph()
-    output = graph.graph_copy(module.graph, {})
-    graph.output(output)
-    return torch.fx.GraphModule(module, graph)
-
-
 class PatternSwitchBackend:
     """A ``torch.compile`` backend that traces once and runs any of several IndexCache configs.
 
@@ -410,13 +402,14 @@ class PatternSwitchBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from .backend import aten_graph_backend
         from .detection import detect
+        from .graph_utils import copy_graph_module
         from .graph_pass import IndexCachePass
 
         def with_variants(module: torch.fx.GraphModule):
-            self.detections.append(detect(_graph_module_copy(module).graph))
+            self.detections.append(detect(copy_graph_module(module).graph))
             variants = {}
             for key, config in self.configs.items():
-                variant = _graph_module_copy(module)
+                variant = copy_graph_module(module)
                 self.reports[key].append(IndexCachePass(config).run(variant.graph, graph_name=key))
                 variant.recompile()
                 variants[key] = variant
