@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from fx_indexcache import IndexCacheBackend, hf_models  # noqa: E402
+from fx_indexcache import IndexCacheBackend  # noqa: E402
+from fx_indexcache.models import tiny_transformers as hf_models  # noqa: E402
 
 REALISTIC = dict(
     hidden_size=2048, intermediate_size=4096, moe_intermediate_size=1024, num_attention_heads=16,

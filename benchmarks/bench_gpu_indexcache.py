@@ -80,7 +80,7 @@ import torch.fx.experimental._config as fx_config
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from fx_indexcache import IndexCacheBackend, IndexCacheConfig, clear_reports, indexcache_backend, reports  # noqa: E402
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 FREQS = (2, 4, 8)
 OFFSET = 1

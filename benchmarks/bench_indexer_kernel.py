@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from fx_indexcache.kernels import topk as tk  # noqa: E402
-from fx_indexcache.kernels.lightning_indexer import (  # noqa: E402
+from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
+from fx_indexcache.fuse.kernels.lightning_indexer import (  # noqa: E402
     LogitsConfig,
     _launch,
     default_config,

@@ -10,7 +10,7 @@ first T - S keys). Each case compiles the same code twice with Inductor: once wi
 that only detects the sites ("inductor"), once with the same pass plus the substitution ("fused"),
 then checks and times both (triton.testing.do_bench medians):
 
-  * ``indexer``: the reference ``LightningIndexer`` math (``fx_indexcache.reference``) wrapped so that
+  * ``indexer``: the reference ``LightningIndexer`` math (``fx_indexcache.models.reference``) wrapped so that
     the masked score is returned too: logits compared on their finite entries (relative norm error,
     max |diff| / max |score|; -inf positions must agree), top-k sets compared (mean overlap, and the
     largest "tie gap": how far below the K-th best score, by the inductor logits, any key picked only
@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect  # noqa: E402
-from fx_indexcache.kernel_substitution import substitute_fused_indexer  # noqa: E402
-from fx_indexcache.reference import DSADecoderLayer, DSAModelConfig, LightningIndexer, ReferenceDSAModel  # noqa: E402
-from fx_indexcache.reference.model import _write_rows, rope_tables  # noqa: E402
+from fx_indexcache.fuse.substitute import substitute_fused_indexer  # noqa: E402
+from fx_indexcache.models.reference import DSADecoderLayer, DSAModelConfig, LightningIndexer, ReferenceDSAModel  # noqa: E402
+from fx_indexcache.models.reference.model import _write_rows, rope_tables  # noqa: E402
 
 S_DEFAULT = 1024
 T_LIST = (32768, 16384, 8192)
@@ -84,7 +84,7 @@ class BenchPass(CustomGraphPass):
 def compiled(fn, substitute: bool, pattern: str | None = None):
     graph_pass = BenchPass(substitute, pattern)
     if SMOKE:
-        from fx_indexcache.backend import aten_graph_backend
+        from fx_indexcache.integrations.backend import aten_graph_backend
 
         def rewrite(module):
             graph_pass(module.graph)
@@ -361,7 +361,7 @@ def compile_stack(model, fuse: bool):
     from fx_indexcache import indexcache_backend
 
     if SMOKE:  # CPU: the graph pass fuses CUDA sites only, so run the substitution by hand
-        from fx_indexcache.backend import aten_graph_backend
+        from fx_indexcache.integrations.backend import aten_graph_backend
 
         graph_pass = IndexCachePass(IndexCacheConfig())
 
@@ -444,7 +444,7 @@ def main() -> None:
     global DEV, SMOKE, T_LIST, EXTRA_CHECKS
     EXTRA_CHECKS = args.extra_checks
     if args.smoke:
-        from fx_indexcache import kernel_substitution
+        from fx_indexcache.fuse import substitute as kernel_substitution
 
         kernel_substitution.kernel_refusal = lambda q, k, w, scale: None  # CPU: the op runs its reference
         DEV, SMOKE, T_LIST = "cpu", True, (64, 48, 32)

@@ -64,7 +64,7 @@ def child(n_layers: int, mode: str) -> dict:
 
     sys.path.insert(0, ROOT)
     from fx_indexcache import IndexCachePass, indexcache_backend
-    from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+    from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 
     torch._inductor.config.fx_graph_cache = False
     cfg = DSAModelConfig.deepseek_v32(num_layers=n_layers, moe=True, **SMALL)

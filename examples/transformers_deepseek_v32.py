@@ -18,7 +18,7 @@ import time
 import torch
 
 import fx_indexcache
-from fx_indexcache import hf_models
+from fx_indexcache.models import tiny_transformers as hf_models
 
 
 def main() -> None:

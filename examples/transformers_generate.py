@@ -21,7 +21,8 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend, hf_models
+from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend
+from fx_indexcache.models import tiny_transformers as hf_models
 
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:

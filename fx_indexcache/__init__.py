@@ -4,14 +4,14 @@ Layers marked F compute their lightning-indexer top-k; layers marked S reuse the
 the nearest preceding F layer, and the pass deletes their indexers from the compiled graph.
 """
 
-from .backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
+from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .config import IndexCacheConfig
-from .cross_graph import layer_calls
-from .detection import detect, register_site_finder
-from .export import apply_index_cache_to_exported_program
-from .graph_pass import IndexCachePass
-from .report import IndexCacheReport, clear_reports, reports
-from .sharing_report import format_layer_sharing, layer_sharing
+from .rewrite.cross_graph import layer_calls
+from .detection.registry import detect, register_site_finder
+from .integrations.export import apply_index_cache_to_exported_program
+from .integrations.graph_pass import IndexCachePass
+from .report.graph_report import IndexCacheReport, clear_reports, reports
+from .report.sharing import format_layer_sharing, layer_sharing
 
 __all__ = [
     "IndexCacheBackend",
@@ -33,19 +33,31 @@ __all__ = [
 
 import sys as _sys
 
-from . import detect_vllm  # noqa: E402,F401  (finder for vLLM's indexer op; imports no vLLM)
+from .detection import vllm_op as _vllm_op  # noqa: E402,F401  (registers the finder for vLLM's indexer op; imports no vLLM)
+
+#: Names of the vLLM pass (``integrations/vllm.py``), bound here only once vLLM is wanted, so that
+#: importing fx_indexcache never imports vLLM.
+_VLLM_NAMES = ("VllmIndexCachePass", "vllm_index_cache_pass")
+
+
+def _bind_vllm_names() -> None:
+    """Import the vLLM pass and bind its public names in this namespace.
+
+    The one mechanism behind every way the names are reached: vLLM resolves a configured pass name as
+    ``__import__(module).__dict__[name]``, a lookup in this package's namespace that a module
+    ``__getattr__`` never sees, so the names must really be here once anyone asks for them.
+    """
+    from .integrations import vllm
+
+    globals().update({name: getattr(vllm, name) for name in _VLLM_NAMES})
 
 
 def __getattr__(name):
-    # The vLLM pass loads on first use, so importing fx_indexcache never imports vLLM.
-    if name in ("VllmIndexCachePass", "vllm_index_cache_pass"):
-        from . import vllm_pass
-
-        return getattr(vllm_pass, name)
+    if name in _VLLM_NAMES:  # ``fx_indexcache.VllmIndexCachePass`` from Python
+        _bind_vllm_names()
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# vLLM resolves a pass name as __import__("fx_indexcache").__dict__[name], which never calls
-# __getattr__: when vLLM is already loaded (it is the one asking), bind the names for real.
-if "vllm.config" in _sys.modules:
-    from .vllm_pass import VllmIndexCachePass, vllm_index_cache_pass  # noqa: E402,F401
+if "vllm.config" in _sys.modules:  # vLLM came first: "fx_indexcache.vllm_index_cache_pass" resolves too
+    _bind_vllm_names()

@@ -1,6 +1,6 @@
 """Check IndexCache on every sparse-attention model transformers ships and write docs/supported_models.md.
 
-For each model in ``fx_indexcache.hf_models`` (tiny, random, nothing downloaded) this compiles the
+For each model in ``fx_indexcache.models.tiny_transformers`` (tiny, random, nothing downloaded) this compiles the
 model once with a pattern-switching copy of the pass (``PatternSwitchBackend``, the same rewrite
 ``indexcache_eager_backend`` applies), runs a prefill and two decode steps with the model's own
 cache, and compares every step with ``index_cache_oracle`` (indexer modules patched so S layers
@@ -23,7 +23,7 @@ import torch
 import transformers
 
 import fx_indexcache as fic
-from fx_indexcache import hf_models as H
+from fx_indexcache.models import tiny_transformers as H
 
 YES, NO, SKIP = "✓", "✗", "–"
 
@@ -123,7 +123,7 @@ def render(rows: list[dict], seconds: float) -> str:
         f"{'/'.join(sorted({str(r['layers']) for r in rows}))} decoder layers), compiled once, and run with the pattern "
         "shown: a prefill of 12 tokens and two decode steps with the model's own cache. ✓ means "
         "bitwise equal to the oracle: the eager model with each S layer's indexer module patched "
-        "to return its F layer's output (`fx_indexcache.hf_models.index_cache_oracle`). Export: "
+        "to return its F layer's output (`fx_indexcache.models.tiny_transformers.index_cache_oracle`). Export: "
         "`torch.export` under `no_grad`, rewritten by `apply_index_cache_to_exported_program`, "
         "prefill compared with the oracle.",
         "",

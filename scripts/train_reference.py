@@ -6,9 +6,9 @@
 
 Model: ``ReferenceDSAModel`` (MLA + lightning indexer + top-k sparse attention, dense SwiGLU MLP), 16 layers,
 hidden 128, byte-level vocabulary (256), context 1024, top-k 64. Data: the running Python's standard library
-source (``fx_indexcache.reference.corpus``: named calibration and held-out files, every other file trains).
+source (``fx_indexcache.models.reference.corpus``: named calibration and held-out files, every other file trains).
 
-Training follows DeepSeek-V3.2's recipe for the indexer (``fx_indexcache.reference.training``): a dense
+Training follows DeepSeek-V3.2's recipe for the indexer (``fx_indexcache.models.reference.training``): a dense
 warm-up (dense attention; the indexer fit by KL to the attention distribution, its inputs detached), then
 sparse training through the top-k (LM loss on the model; the indexer fit by KL to the attention over the
 keys it selected). ``--time-budget`` measures a few steps first and fixes the step count from it; the log
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from fx_indexcache.calibration import ProbeTarget
-from fx_indexcache.overlap import OverlapResult, measure_overlap, overlap_from_records, save_heatmap
-from fx_indexcache.pattern_search import PatternScorer, greedy_search, uniform_pattern
-from fx_indexcache.probe import LayerRecord
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel, corpus
-from fx_indexcache.reference.checkpoint import load_checkpoint, save_checkpoint
-from fx_indexcache.reference.evaluation import bits_per_byte, shuffled_indexers
-from fx_indexcache.reference.training import Attention, next_byte_loss, training_forward
+from fx_indexcache.tools.calibration import ProbeTarget
+from fx_indexcache.tools.overlap import OverlapResult, measure_overlap, overlap_from_records, save_heatmap
+from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, uniform_pattern
+from fx_indexcache.tools.probe import LayerRecord
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel, corpus
+from fx_indexcache.models.reference.checkpoint import load_checkpoint, save_checkpoint
+from fx_indexcache.models.reference.evaluation import bits_per_byte, shuffled_indexers
+from fx_indexcache.models.reference.training import Attention, next_byte_loss, training_forward
 
 FRACTIONS = {"1/2": 2, "1/4": 4, "1/8": 8}
 

@@ -16,10 +16,11 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports, kernel_substitution  # noqa: E402
-from fx_indexcache.backend import aten_graph_backend  # noqa: E402
-from fx_indexcache.cache_ledger import DEFAULT_LEDGER  # noqa: E402
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
+from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
+from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
+from fx_indexcache.integrations.backend import aten_graph_backend  # noqa: E402
+from fx_indexcache.rewrite.cache_ledger import DEFAULT_LEDGER  # noqa: E402
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -40,7 +41,7 @@ class CapturingBackend:
         self.graphs: list[torch.fx.GraphModule] = []
 
     def __call__(self, gm, example_inputs):
-        from fx_indexcache.frames import dynamo_graph_starts_at_first_layer
+        from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
 
         self.graph_pass.graph_starts_at_first_layer = dynamo_graph_starts_at_first_layer()
 
@@ -73,7 +74,7 @@ def trace_one_topk(fn, *args) -> tuple[torch.fx.GraphModule, torch.fx.Node]:
 @pytest.fixture
 def sites_on_cuda(monkeypatch):
     """IndexCachePass takes every site for a CUDA one, so it asks for the fused kernel off CUDA too."""
-    from fx_indexcache import graph_pass
+    from fx_indexcache.integrations import graph_pass
 
     monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
 

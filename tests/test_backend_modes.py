@@ -14,8 +14,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 import fx_indexcache
 from conftest import model_pair
 from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend, reports
-from fx_indexcache.backend import _Chain
-from fx_indexcache.reference import DSAModelConfig
+from fx_indexcache.integrations.backend import _Chain
+from fx_indexcache.models.reference import DSAModelConfig
 
 TINY = DSAModelConfig.tiny(num_layers=4, first_k_dense_layers=2)
 #: The Inductor options each mode sets, as the pass sees them while it runs.

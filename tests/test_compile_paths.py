@@ -19,7 +19,7 @@ from torch._inductor.utils import run_and_get_code
 
 from conftest import CapturingBackend, model_pair
 from fx_indexcache import IndexCacheConfig, indexcache_backend, reports
-from fx_indexcache.reference import DSAModelConfig
+from fx_indexcache.models.reference import DSAModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = DSAModelConfig.tiny(num_layers=4, first_k_dense_layers=2)
@@ -185,7 +185,7 @@ def test_nested_compile_region_calls_switch_to_f_and_s_bodies():
     The output is checked against the oracle in test_regional.py, on a model whose layers really are one
     body: one body for this model's dense and MoE layers is not the model (torch's own regional compile
     already differs from eager here)."""
-    from fx_indexcache.cross_graph import CallAction
+    from fx_indexcache.rewrite.cross_graph import CallAction
 
     model = _regional(model_pair(TINY)[0])
     backend = CapturingBackend(index_topk_freq=2, index_skip_topk_offset=1)
@@ -207,7 +207,7 @@ FX_CACHE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from fx_indexcache import indexcache_backend, reports
-    from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+    from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
     pattern = sys.argv[1]
     config = DSAModelConfig.tiny(num_layers=4, first_k_dense_layers=2)
     model, oracle = ReferenceDSAModel(config), ReferenceDSAModel(config)

@@ -202,7 +202,7 @@ def test_mtp_layers_compute_in_the_base_config():
 def test_report_says_where_the_pattern_came_from():
     from fx_indexcache import IndexCacheReport
     from fx_indexcache.config import PatternSource
-    from fx_indexcache.detection import LayerSource
+    from fx_indexcache.detection.registry import LayerSource
 
     config = IndexCacheConfig.from_hf_config({"indexer_types": ["full", "shared"]})
     report = IndexCacheReport(config, [], LayerSource.NO_SITES, 0)

@@ -12,9 +12,9 @@ import torch
 
 import fx_indexcache as fic
 from cross_graph_programs import D, LoopDecoder, MoEDecoder
-from fx_indexcache import cross_graph
-from fx_indexcache.cross_graph import CallAction, Fallback
-from fx_indexcache.cross_graph_build import CrossGraphOff
+from fx_indexcache.rewrite import cross_graph
+from fx_indexcache.rewrite.cross_graph import CallAction, Fallback
+from fx_indexcache.rewrite.cross_graph_build import CrossGraphOff
 
 N = 4
 
@@ -203,8 +203,8 @@ def test_per_layer_table_says_where_each_layer_got_its_indices():
         torch.compile(model, backend=backend)(_randn(2, 5, D, seed=1))
     rows = fic.layer_sharing(model, backend.reports)
     assert [(r.layer, r.sharing, r.source_layer, r.publishes) for r in rows] == [
-        (0, fic.sharing_report.Sharing.COMPUTED, 0, True), (1, fic.sharing_report.Sharing.ACROSS_GRAPHS, 0, False),
-        (2, fic.sharing_report.Sharing.COMPUTED, 2, True), (3, fic.sharing_report.Sharing.ACROSS_GRAPHS, 2, False)]
+        (0, fic.report.sharing.Sharing.COMPUTED, 0, True), (1, fic.report.sharing.Sharing.ACROSS_GRAPHS, 0, False),
+        (2, fic.report.sharing.Sharing.COMPUTED, 2, True), (3, fic.report.sharing.Sharing.ACROSS_GRAPHS, 2, False)]
     assert rows[1].source_graph == rows[0].graph
     assert "shared across graph calls" in fic.format_layer_sharing(rows)
 
@@ -213,7 +213,7 @@ def test_per_layer_table_says_where_each_layer_got_its_indices():
     with torch.no_grad():
         torch.compile(whole, backend=backend)(inputs())
     rows = fic.layer_sharing(whole, backend.reports)
-    assert [r.sharing for r in rows] == [fic.sharing_report.Sharing.COMPUTED, fic.sharing_report.Sharing.INSIDE_GRAPH] * 2
+    assert [r.sharing for r in rows] == [fic.report.sharing.Sharing.COMPUTED, fic.report.sharing.Sharing.INSIDE_GRAPH] * 2
 
 
 def test_another_instance_and_replaced_parameters_are_found_again():

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import fx_indexcache as fic
 from cross_graph_programs import D, LoopDecoder
-from fx_indexcache import cross_graph
-from fx_indexcache.cross_graph import CallAction
+from fx_indexcache.rewrite import cross_graph
+from fx_indexcache.rewrite.cross_graph import CallAction
 
 N = 4
 PATTERNS = ("FSSS", "FSFS", "FFSF")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from fx_indexcache import demo
+from fx_indexcache.tools import demo
 
 
 def run_demo(capsys) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import trace_one_topk
 from indexer_layouts import LAYOUTS, future, make_inputs
 
-from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
+from fx_indexcache.fuse.substitute import match_indexer_score, substitute_fused_indexer
 
 aten = torch.ops.aten
 
@@ -132,7 +132,7 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
     from indexer_stack import UnbatchedDSAStack
 
     from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
-    from fx_indexcache.backend import aten_graph_backend
+    from fx_indexcache.integrations.backend import aten_graph_backend
 
     torch.manual_seed(0)
     model = UnbatchedDSAStack(num_layers=4, hidden=64, heads=4, head_dim=16, topk=8)
@@ -159,7 +159,7 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
 def test_dynamic_key_count_is_fused_and_exact(kernel_ok):
     """``dynamic=True`` (symbolic T): the score is still proven and fused for every length it runs at; a
     top-k whose k is symbolic (``min(topk, T)``) stays aten.topk, and the record says so."""
-    from fx_indexcache.backend import aten_graph_backend
+    from fx_indexcache.integrations.backend import aten_graph_backend
 
     layout = LAYOUTS[0]
     records = []

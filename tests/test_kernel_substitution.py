@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from conftest import trace_one_topk
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
-from fx_indexcache.backend import aten_graph_backend
-from fx_indexcache.kernel_substitution import match_indexer_score, substitute_fused_indexer
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+from fx_indexcache.integrations.backend import aten_graph_backend
+from fx_indexcache.fuse.substitute import match_indexer_score, substitute_fused_indexer
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 
 
 def _fused_nodes(gm) -> list:
@@ -155,7 +155,7 @@ def test_cpu_sites_are_left_with_a_note():
 
 def test_transformers_v32_matched_and_forced_substitution_is_exact(kernel_ok):
     pytest.importorskip("transformers")
-    from fx_indexcache import hf_models as H
+    from fx_indexcache.models import tiny_transformers as H
 
     try:
         tiny = H.TINY_DSA_MODELS["deepseek_v32"]()

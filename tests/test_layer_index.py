@@ -17,7 +17,7 @@ from torch import nn
 
 import fx_indexcache as fic
 from dsa_programs import Block, FunctionalDSA, Indexer, ModuleDSA, inputs, uses_for
-from fx_indexcache.detection import LayerSource, UnknownLayerIndex
+from fx_indexcache.detection.registry import LayerSource, UnknownLayerIndex
 
 
 def _config(pattern: str) -> fic.IndexCacheConfig:

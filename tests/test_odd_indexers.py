@@ -328,7 +328,7 @@ def test_functional_indexer_through_export(strip_metadata):
     report = fic.apply_index_cache_to_exported_program(
         program, fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)
     )
-    assert report.layer_source == fic.detection.LayerSource.WHOLE_GRAPH_ORDER
+    assert report.layer_source == fic.detection.registry.LayerSource.WHOLE_GRAPH_ORDER
     _assert_shares(report, pattern)
     with torch.no_grad():
         expected = model(x, pattern)

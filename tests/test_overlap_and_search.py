@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fx_indexcache import IndexCacheConfig, cli
-from fx_indexcache.calibration import ProbeTarget, record_batches
-from fx_indexcache.overlap import overlap_fraction, overlap_from_records
-from fx_indexcache.probe import IndexProbe, source_layers
-from fx_indexcache.pattern_search import PatternScorer, greedy_search, resolve_target
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+from fx_indexcache import IndexCacheConfig
+from fx_indexcache.tools import cli
+from fx_indexcache.tools.calibration import ProbeTarget, record_batches
+from fx_indexcache.tools.overlap import overlap_fraction, overlap_from_records
+from fx_indexcache.tools.probe import IndexProbe, source_layers
+from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, resolve_target
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 
 HIDDEN, TOPK, SEQ, VOCAB = 16, 4, 16, 32
 
@@ -163,7 +164,7 @@ def test_overlap_is_one_exactly_between_layers_with_the_same_indexer():
 
 
 def test_search_keeps_exactly_the_layers_whose_indexer_differs(tmp_path, capsys, monkeypatch):
-    import fx_indexcache.pattern_search as search
+    import fx_indexcache.tools.pattern_search as search
 
     target = toy_target(6, copies=(2, 4, 5))
     scorers = []
@@ -219,7 +220,7 @@ def test_switched_graph_equals_the_hand_written_index_cache():
 
 def test_overlap_cli_on_reference_with_an_inert_layer_and_a_copied_indexer(tmp_path, capsys, monkeypatch):
     """Layer 1 adds nothing to the residual and layer 2 copies its attention input weights: same keys."""
-    import fx_indexcache.overlap as overlap
+    import fx_indexcache.tools.overlap as overlap
 
     original = overlap.build_target
 
@@ -245,7 +246,7 @@ def test_overlap_cli_on_reference_with_an_inert_layer_and_a_copied_indexer(tmp_p
 
 
 def test_hf_model_switched_graph_equals_the_indexer_patching_oracle():
-    H = pytest.importorskip("fx_indexcache.hf_models")
+    H = pytest.importorskip("fx_indexcache.models.tiny_transformers")
     tiny = H.build(H.SPECS["deepseek_v32"], num_layers=2)
     inputs = tiny.make_inputs(12)
     target = ProbeTarget("v32", tiny.model, 2, [inputs], lambda fn, batch: fn(**batch, use_cache=False).logits)

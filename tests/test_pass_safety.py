@@ -14,7 +14,8 @@ from torch import nn
 
 import fx_indexcache as fic
 from dsa_programs import D, H, HD, K, T, FunctionalDSA, inputs, uses_for
-from fx_indexcache import detection, graph_pass
+from fx_indexcache.detection import registry as detection
+from fx_indexcache.integrations import graph_pass
 
 
 def _functional_graph(n: int = 4) -> torch.fx.Graph:
@@ -68,7 +69,7 @@ def test_uuid_covers_every_source_file_of_the_package(tmp_path):
     shutil.copytree(graph_pass._PACKAGE, copy_root, ignore=shutil.ignore_patterns("__pycache__"))
     digest = graph_pass._package_digest.__wrapped__  # uncached: the files change under it here
     before = digest(copy_root)
-    for name in ("vllm_pass.py", "kernels/__init__.py"):
+    for name in ("integrations/vllm.py", "fuse/kernels/__init__.py"):
         path = copy_root / name
         assert path.exists(), name
         path.write_text(path.read_text() + "\n# edited\n")
@@ -154,8 +155,8 @@ FSF = fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern="FSF", drop_
 
 def _cached_compile():
     """The eager ATen backend, keeping the cache writes in the graph (as Inductor does) so they can be dropped."""
-    from fx_indexcache.backend import aten_graph_backend
-    from fx_indexcache.frames import dynamo_graph_starts_at_first_layer
+    from fx_indexcache.integrations.backend import aten_graph_backend
+    from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
 
     def backend(gm, example_inputs):
         graph_pass_ = fic.IndexCachePass(FSF, graph_starts_at_first_layer=dynamo_graph_starts_at_first_layer())

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fx_indexcache.reference.model import (
+from fx_indexcache.models.reference.model import (
     DenseMLP,
     DSAModelConfig,
     LightningIndexer,
@@ -273,7 +273,7 @@ def test_pattern_decode_equals_pattern_prefill(model, ids):
 
 
 def _recording_backend(graphs):
-    from fx_indexcache.backend import aten_graph_backend
+    from fx_indexcache.integrations.backend import aten_graph_backend
 
     def record(gm):
         graphs.append(gm)

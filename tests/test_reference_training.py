@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
-from fx_indexcache.reference.checkpoint import load_checkpoint
-from fx_indexcache.reference.training import Attention, attention_kl, next_byte_loss, training_forward
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
+from fx_indexcache.models.reference.checkpoint import load_checkpoint
+from fx_indexcache.models.reference.training import Attention, attention_kl, next_byte_loss, training_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import CapturingBackend, model_pair, topk_nodes
 from fx_indexcache import IndexCacheConfig
-from fx_indexcache.reference import DSAModelConfig
+from fx_indexcache.models.reference import DSAModelConfig
 
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

@@ -15,19 +15,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fx_indexcache import indexcache_eager_backend
-from fx_indexcache.calibration import ProbeTarget, calibration_windows
-from fx_indexcache.overlap import measure_overlap
-from fx_indexcache.pattern_search import PatternScorer, greedy_search
-from fx_indexcache.reference import corpus
-from fx_indexcache.reference.checkpoint import (
+from fx_indexcache.tools.calibration import ProbeTarget, calibration_windows
+from fx_indexcache.tools.overlap import measure_overlap
+from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search
+from fx_indexcache.models.reference import corpus
+from fx_indexcache.models.reference.checkpoint import (
     default_checkpoint,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
     tensors_digest,
 )
-from fx_indexcache.reference.evaluation import bits_per_byte, shuffled_indexers
-from fx_indexcache.report import clear_reports, reports
+from fx_indexcache.models.reference.evaluation import bits_per_byte, shuffled_indexers
+from fx_indexcache.report.graph_report import clear_reports, reports
 
 LAYERS = 4
 

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fx_indexcache as fic
-from fx_indexcache import hf_models as H
+from fx_indexcache.models import tiny_transformers as H
 
 SUPPORTED = [name for name, spec in H.SPECS.items() if spec.limitation is None]
 REFUSED = [name for name, spec in H.SPECS.items() if spec.limitation is not None]
@@ -97,7 +97,7 @@ def test_detection_one_site_per_dsa_layer_and_no_router(name):
 
 
 def _path(node) -> str:
-    from fx_indexcache.layers import module_path
+    from fx_indexcache.detection.layers import module_path
 
     return module_path(node) or ""
 

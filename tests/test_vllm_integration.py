@@ -39,11 +39,11 @@ from vllm.config import (  # noqa: E402
 from vllm.utils.torch_utils import _encode_layer_name  # noqa: E402
 
 import fx_indexcache  # noqa: E402
-from fx_indexcache import detection  # noqa: E402
-from fx_indexcache.backend import aten_graph_backend  # noqa: E402
-from fx_indexcache.detect_vllm import VllmIndexerSite, find_vllm_indexer_sites  # noqa: E402
-from fx_indexcache.rewrite import COMPUTED, LEFT, SHARED  # noqa: E402
-from fx_indexcache.vllm_pass import (  # noqa: E402
+from fx_indexcache.detection import registry as detection  # noqa: E402
+from fx_indexcache.integrations.backend import aten_graph_backend  # noqa: E402
+from fx_indexcache.detection.vllm_op import VllmIndexerSite, find_vllm_indexer_sites  # noqa: E402
+from fx_indexcache.rewrite.share import COMPUTED, LEFT, SHARED  # noqa: E402
+from fx_indexcache.integrations.vllm import (  # noqa: E402
     VllmIndexCacheConfig,
     VllmIndexCachePass,
     vllm_index_cache_pass,
@@ -527,15 +527,18 @@ def test_package_imports_without_vllm():
         import sys
         sys.modules["vllm"] = None  # any vLLM import now fails
         import fx_indexcache
-        from fx_indexcache import detect_vllm
-        assert "fx_indexcache.vllm_pass" not in sys.modules
-        assert "vllm.sparse_attn_indexer" in fx_indexcache.detection.SITE_FINDERS
-        try:
-            import fx_indexcache.vllm_pass
-        except ImportError:
-            pass
-        else:
-            raise AssertionError("vllm_pass imported without vLLM")
+        import importlib
+        from fx_indexcache.detection import vllm_op
+        for name in ("fx_indexcache.vllm_pass", "fx_indexcache.integrations.vllm"):
+            assert name not in sys.modules, name
+        assert "vllm.sparse_attn_indexer" in fx_indexcache.detection.registry.SITE_FINDERS
+        for name in ("fx_indexcache.vllm_pass", "fx_indexcache.integrations.vllm"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+            else:
+                raise AssertionError(f"{name} imported without vLLM")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -11,8 +11,8 @@ pytest.importorskip("vllm")
 
 from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config  # noqa: E402
 
-from fx_indexcache import vllm_pass  # noqa: E402
-from fx_indexcache.vllm_pass import VllmIndexCachePass, check_vllm_compiles  # noqa: E402
+from fx_indexcache.integrations import vllm as vllm_integration  # noqa: E402
+from fx_indexcache.integrations.vllm import VllmIndexCachePass, check_vllm_compiles  # noqa: E402
 from test_vllm_integration import _model_config  # noqa: E402
 
 PASS_BY_NAME = {"post_grad_custom_post_pass": "fx_indexcache.vllm_pass.vllm_index_cache_pass"}
@@ -20,7 +20,7 @@ PASS_BY_NAME = {"post_grad_custom_post_pass": "fx_indexcache.vllm_pass.vllm_inde
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(vllm_pass, "_warned_uncompiled", set())
+    monkeypatch.setattr(vllm_integration, "_warned_uncompiled", set())
 
 
 def _warnings(caplog) -> list[str]:

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from fx_indexcache.kernels import topk as tk
+from fx_indexcache.fuse.kernels import topk as tk
 
 #: (name, rows, T, k, cap, sample, row kinds, expected paths on randn rows) -- small capacities, so that
 #: short rows take every path of the kernel.

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_marks import needs_gpu  # noqa: E402
 from indexer_layouts import LAYOUTS, make_inputs  # noqa: E402
 
-from fx_indexcache.kernel_substitution import substitute_fused_indexer  # noqa: E402
+from fx_indexcache.fuse.substitute import substitute_fused_indexer  # noqa: E402
 
 
 pytestmark = needs_gpu

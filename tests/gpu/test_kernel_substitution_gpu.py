@@ -12,8 +12,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
-from fx_indexcache.kernel_substitution import substitute_fused_indexer
-from fx_indexcache.reference import DSAModelConfig, ReferenceDSAModel
+from fx_indexcache.fuse.substitute import substitute_fused_indexer
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 from gpu_marks import needs_gpu
 
 
@@ -91,7 +91,7 @@ def test_fp32_model_is_left_with_a_note():
 
 def test_transformers_v32_bf16_fused():
     pytest.importorskip("transformers")
-    from fx_indexcache import hf_models
+    from fx_indexcache.models import tiny_transformers as hf_models
 
     try:
         tiny = hf_models.build(hf_models.SPECS["deepseek_v32"], index_n_heads=4, index_head_dim=32, index_topk=8)

@@ -1,4 +1,4 @@
-"""Tests of the fused lightning-indexer kernel (fx_indexcache.kernels.lightning_indexer).
+"""Tests of the fused lightning-indexer kernel (fx_indexcache.fuse.kernels.lightning_indexer).
 
 The kernel tests need CUDA and Triton and are skipped without them; the reference, the support
 predicate and the custom ops' CPU fallback are checked everywhere (they are cheap).
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import topk_cases  # noqa: E402
 from gpu_marks import needs_gpu  # noqa: E402
 
-from fx_indexcache.kernels import topk as tk  # noqa: E402
-from fx_indexcache.kernels.lightning_indexer import (  # noqa: E402
+from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
+from fx_indexcache.fuse.kernels.lightning_indexer import (  # noqa: E402
     LogitsConfig,
     indexer_logits,
     indexer_logits_reference,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import topk_cases  # noqa: E402
 from gpu_marks import needs_gpu  # noqa: E402
 
-from fx_indexcache.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
+from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
 
 
 pytestmark = needs_gpu

@@ -18,7 +18,7 @@ import enum
 import torch
 from torch import fx
 
-from .graph_utils import (
+from ..graph_utils import (
     CONTRACTIONS,
     VIEW_LIKE,
     dead_if_removed,

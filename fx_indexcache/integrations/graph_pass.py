@@ -11,19 +11,19 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .cache_ledger import CacheWriteLedger
-from .config import IndexCacheConfig
-from .cross_graph_build import pending_plan
-from .detection import detect, finders_fingerprint
-from .graph_utils import fake_value
-from .kernel_substitution import FusionRecord, substitute_fused_indexer
-from .regional import share_across_regions
-from .report import IndexCacheReport, publish
-from .rewrite import apply_index_cache
+from ..rewrite.cache_ledger import CacheWriteLedger
+from ..config import IndexCacheConfig
+from ..rewrite.cross_graph_build import pending_plan
+from ..detection.registry import detect, finders_fingerprint
+from ..graph_utils import fake_value
+from ..fuse.substitute import FusionRecord, substitute_fused_indexer
+from ..rewrite.regional import share_across_regions
+from ..report.graph_report import IndexCacheReport, publish
+from ..rewrite.share import apply_index_cache
 
 log = logging.getLogger("fx_indexcache")
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the fx_indexcache package directory
 
 
 @functools.lru_cache(maxsize=None)

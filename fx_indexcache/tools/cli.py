@@ -9,9 +9,9 @@ import sys
 
 #: subcommand → (module holding ``add_arguments`` and ``main``, one-line help)
 SUBCOMMANDS = {
-    "demo": ("fx_indexcache.demo", "compile the built-in reference model with IndexCache and check it"),
-    "overlap": ("fx_indexcache.overlap", "record every DSA layer's top-k through the graph; layer x layer overlap heatmap"),
-    "search": ("fx_indexcache.pattern_search", "greedy training-free search for the F/S pattern that best keeps the outputs"),
+    "demo": ("fx_indexcache.tools.demo", "compile the built-in reference model with IndexCache and check it"),
+    "overlap": ("fx_indexcache.tools.overlap", "record every DSA layer's top-k through the graph; layer x layer overlap heatmap"),
+    "search": ("fx_indexcache.tools.pattern_search", "greedy training-free search for the F/S pattern that best keeps the outputs"),
 }
 
 

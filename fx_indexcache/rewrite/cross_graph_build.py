@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from .config import SHARED, IndexCacheConfig
+from ..config import SHARED, IndexCacheConfig
 from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
-from .detect_topk import topk_arguments
-from .detection import detect
-from .graph_utils import copy_graph_module, fake_value
+from ..detection.topk import topk_arguments
+from ..detection.registry import detect
+from ..graph_utils import copy_graph_module, fake_value
 
 #: How far to look for an S layer in a pattern given only by freq/offset.
 _PATTERN_HORIZON = 256

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import cross_graph_build
-from .config import IndexCacheConfig
-from .detection import LayerSource
-from .frames import dynamo_graph_starts_at_first_layer
+from ..rewrite import cross_graph_build
+from ..config import IndexCacheConfig
+from ..detection.registry import LayerSource
+from ..detection.frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
-from .report import IndexCacheReport, publish
+from ..report.graph_report import IndexCacheReport, publish
 
 log = logging.getLogger("fx_indexcache")
 

@@ -53,8 +53,8 @@ import sympy
 import torch
 from torch import fx
 
-from .detect_topk import topk_arguments
-from .graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
+from ..detection.topk import topk_arguments
+from ..graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -13,11 +13,11 @@ import torch
 from torch import fx
 
 from .cache_ledger import DEFAULT_LEDGER, CacheWriteConflict, CacheWriteLedger, WriteChoice
-from .config import FULL, IndexCacheConfig
-from .detection import Detection
-from .graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
-from .layer_records import LayerRecord, write_record
-from .sites import IndexerSite
+from ..config import FULL, IndexCacheConfig
+from ..detection.registry import Detection
+from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
+from ..detection.layer_records import LayerRecord, write_record
+from ..detection.sites import IndexerSite
 
 COMPUTED, SHARED, LEFT = "computed", "shared", "left as is"
 #: ``LayerDecision.marked`` when the layer index is unknown, so the config cannot mark the layer.

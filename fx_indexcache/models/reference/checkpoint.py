@@ -25,7 +25,7 @@ DEFAULT_CHECKPOINT_NAME = "dsa_bytes_16l.safetensors"
 
 def default_checkpoint() -> Path:
     """The checkpoint shipped inside the package (``fx_indexcache/reference/weights/``)."""
-    return Path(str(resources.files("fx_indexcache.reference") / "weights" / DEFAULT_CHECKPOINT_NAME))
+    return Path(str(resources.files("fx_indexcache.models.reference") / "weights" / DEFAULT_CHECKPOINT_NAME))
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import fx
 
-from .config import FULL, SHARED, IndexCacheConfig
-from .detection import detect
-from .graph_utils import comes_after
+from ..config import FULL, SHARED, IndexCacheConfig
+from ..detection.registry import detect
+from ..graph_utils import comes_after
 
 
 @dataclasses.dataclass
@@ -132,12 +132,12 @@ class IndexProbe:
 
     # ---- compile ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        from .backend import aten_graph_backend
+        from ..integrations.backend import aten_graph_backend
 
         return aten_graph_backend(self._instrument)(gm, example_inputs)
 
     def _instrument(self, module: fx.GraphModule) -> Callable:
-        from .frames import dynamo_graph_starts_at_first_layer
+        from ..detection.frames import dynamo_graph_starts_at_first_layer
 
         graph = module.graph
         detection = detect(graph, dynamo_graph_starts_at_first_layer())

@@ -6,10 +6,10 @@ from typing import Any
 
 from torch.export import ExportedProgram
 
-from .config import IndexCacheConfig
-from .graph_inputs import declared_parameters
+from ..config import IndexCacheConfig
+from ..detection.graph_inputs import declared_parameters
 from .graph_pass import IndexCachePass
-from .report import IndexCacheReport
+from ..report.graph_report import IndexCacheReport
 
 
 def apply_index_cache_to_exported_program(

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .detect_topk import TopkVerdict, find_topk_sites
-from .graph_utils import node_order
+from .topk import TopkVerdict, find_topk_sites
+from ..graph_utils import node_order
 from .layer_records import LayerRecord, read_record
 from .layers import layer_index_from_path
 from .sites import IndexerSite

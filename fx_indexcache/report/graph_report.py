@@ -11,14 +11,14 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from .config import IndexCacheConfig, PatternSource
-from .detection import Detection, LayerSource, UnknownLayerIndex
-from .rewrite import LEFT, SHARED, LayerDecision
+from ..config import IndexCacheConfig, PatternSource
+from ..detection.registry import Detection, LayerSource, UnknownLayerIndex
+from ..rewrite.share import LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
-    from .cross_graph_build import CrossGraphPlan
-    from .kernel_substitution import FusionRecord
-    from .regional import RegionCall
+    from ..rewrite.cross_graph_build import CrossGraphPlan
+    from ..fuse.substitute import FusionRecord
+    from ..rewrite.regional import RegionCall
 
 log = logging.getLogger("fx_indexcache")
 

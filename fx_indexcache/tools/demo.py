@@ -20,12 +20,12 @@ import torch._functorch.config
 import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
-from .backend import indexcache_backend
+from ..integrations.backend import indexcache_backend
 from .calibration import add_reference_arguments, reference_model
-from .config import IndexCacheConfig
-from .reference import ReferenceDSAModel, corpus
-from .reference.training import next_byte_loss
-from .report import clear_reports, reports
+from ..config import IndexCacheConfig
+from ..models.reference import ReferenceDSAModel, corpus
+from ..models.reference.training import next_byte_loss
+from ..report.graph_report import clear_reports, reports
 
 DEMO_LAYERS = 6
 PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)

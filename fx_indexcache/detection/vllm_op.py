@@ -21,9 +21,9 @@ import dataclasses
 import torch
 from torch import fx
 
-from .detect_topk import TopkVerdict
-from .detection import register_site_finder
-from .graph_utils import fake_value, getitem_users, same_size
+from .topk import TopkVerdict
+from .registry import register_site_finder
+from ..graph_utils import fake_value, getitem_users, same_size
 from .layers import module_path, normalise_module_path
 from .sites import IndexerSite, same_arguments
 

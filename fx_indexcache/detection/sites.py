@@ -13,7 +13,7 @@ import dataclasses
 
 from torch import fx
 
-from .graph_utils import comes_after, fake_value, same_shape, same_size
+from ..graph_utils import comes_after, fake_value, same_shape, same_size
 
 
 @dataclasses.dataclass

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .cross_graph import CallAction, layer_calls
-from .report import IndexCacheReport
-from .rewrite import SHARED
+from ..rewrite.cross_graph import CallAction, layer_calls
+from .graph_report import IndexCacheReport
+from ..rewrite.share import SHARED
 
 
 class Sharing(str, enum.Enum):

@@ -1,6 +1,6 @@
 """GPU kernels for DSA indexers (Triton, imported lazily: this package imports without a GPU).
 
-The fused indexer is ``fx_indexcache.kernels.lightning_indexer.lightning_indexer``; it is re-exported
+The fused indexer is ``fx_indexcache.fuse.kernels.lightning_indexer.lightning_indexer``; it is re-exported
 here as ``fused_lightning_indexer`` so that the name ``lightning_indexer`` keeps meaning the submodule.
 """
 

@@ -36,8 +36,8 @@ import sympy
 import torch
 from torch import nn
 
-from .config import FULL, IndexCacheConfig
-from .layers import layer_key
+from ..config import FULL, IndexCacheConfig
+from ..detection.layers import layer_key
 
 #: Switch for tests (and an escape hatch): False makes every qualifying graph run as it is.
 ENABLED = True

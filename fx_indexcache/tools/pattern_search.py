@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import IndexCacheConfig
+from ..config import IndexCacheConfig
 from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe
 
 # ----------------------------------------------------------------------------------- scoring

@@ -379,7 +379,7 @@ class PatternSwitchBackend:
     """
 
     def __init__(self, configs: dict[str, Any]) -> None:
-        from .config import IndexCacheConfig
+        from ..config import IndexCacheConfig
 
         self.configs = {
             key: cfg if isinstance(cfg, IndexCacheConfig) else IndexCacheConfig(use_index_cache=True, **cfg)
@@ -400,10 +400,10 @@ class PatternSwitchBackend:
             self.current = previous
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from .backend import aten_graph_backend
-        from .detection import detect
-        from .graph_utils import copy_graph_module
-        from .graph_pass import IndexCachePass
+        from ..integrations.backend import aten_graph_backend
+        from ..detection.registry import detect
+        from ..graph_utils import copy_graph_module
+        from ..integrations.graph_pass import IndexCachePass
 
         def with_variants(module: torch.fx.GraphModule):
             self.detections.append(detect(copy_graph_module(module).graph))

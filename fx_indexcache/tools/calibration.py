@@ -49,8 +49,8 @@ def add_reference_arguments(parser: argparse.ArgumentParser, layers_help: str) -
 
 def reference_model(args: argparse.Namespace, random_layers: int = 8, dtype: torch.dtype = torch.float32):
     """The model ``add_reference_arguments`` asked for: the loaded checkpoint, or random weights."""
-    from .reference import DSAModelConfig, ReferenceDSAModel
-    from .reference.checkpoint import load_checkpoint
+    from ..models.reference import DSAModelConfig, ReferenceDSAModel
+    from ..models.reference.checkpoint import load_checkpoint
 
     if args.random_weights:
         if args.checkpoint:
@@ -62,7 +62,7 @@ def reference_model(args: argparse.Namespace, random_layers: int = 8, dtype: tor
 
 def calibration_windows(seq_len: int, count: int, seed: int) -> torch.Tensor:
     """``count`` byte windows at seeded random offsets of the calibration files (``reference.corpus``)."""
-    from .reference import corpus
+    from ..models.reference import corpus
 
     tokens = corpus.as_tokens(corpus.read_files(corpus.CALIBRATION_FILES))
     return corpus.random_windows(tokens, seq_len, count, torch.Generator().manual_seed(seed))
@@ -88,9 +88,9 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
     if args.hf_model:
         args.seq_len = args.seq_len or RANDOM_SEQ_LEN
         try:
-            from . import hf_models
+            from ..models import tiny_transformers as hf_models
         except ImportError as error:  # transformers missing
-            raise SystemExit(f"--hf-model needs transformers and fx_indexcache.hf_models: {error}") from error
+            raise SystemExit(f"--hf-model needs transformers and fx_indexcache.models.tiny_transformers: {error}") from error
         if args.hf_model not in hf_models.TINY_DSA_MODELS:
             raise SystemExit(f"--hf-model {args.hf_model!r}: choose from {sorted(hf_models.TINY_DSA_MODELS)}")
         tiny = hf_models.TINY_DSA_MODELS[args.hf_model](seed=args.seed)
