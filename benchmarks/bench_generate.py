@@ -3,7 +3,7 @@ plain Inductor all-F against ``IndexCacheBackend`` (issue 12).
 
     PYTHONPATH=. python benchmarks/bench_generate.py --out "$OUT" --budget-s 300
 
-The model is transformers' ``DeepseekV32ForCausalLM`` with random weights (``hf_models.build`` with overrides): the
+The model is transformers' ``DeepseekV32ForCausalLM`` with random weights (``tiny_transformers.build`` with overrides): the
 real indexer (64 heads x 128, top-k 2048) inside a smaller model (``--layers``, hidden 2048, MLA 16 heads, a small
 MoE), bf16. Both variants use the static-cache recipe, ``model.forward = torch.compile(model.forward, backend=...,
 mode="reduce-overhead")`` (``dynamic=True``), one ``StaticCache`` of ``max(prompts) + new tokens`` rows reused (reset)
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from fx_indexcache import IndexCacheBackend  # noqa: E402
-from fx_indexcache.models import tiny_transformers as hf_models  # noqa: E402
+from fx_indexcache.models import tiny_transformers  # noqa: E402
 
 REALISTIC = dict(
     hidden_size=2048, intermediate_size=4096, moe_intermediate_size=1024, num_attention_heads=16,
@@ -46,7 +46,7 @@ class GenerateBench:
         self.log_f = open(os.path.join(a.out, "generate_log.txt"), "a")
         self.dev = torch.device("cpu" if a.smoke else "cuda")
         overrides = {} if a.smoke else REALISTIC
-        self.tiny = hf_models.build(hf_models.SPECS["deepseek_v32"], num_layers=a.layers, **overrides)
+        self.tiny = tiny_transformers.build(tiny_transformers.SPECS["deepseek_v32"], num_layers=a.layers, **overrides)
         self.model = self.tiny.model.to(self.dev, torch.float32 if a.smoke else torch.bfloat16)
         self.prompts = [int(p) for p in a.prompts.split(",")]
         self.rows: list[dict] = []

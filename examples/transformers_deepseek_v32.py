@@ -13,12 +13,16 @@ model run eagerly with each S layer's indexer patched to return its F layer's in
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import fx_indexcache
-from fx_indexcache.models import tiny_transformers as hf_models
+# the IndexCache oracle lives with the tests (tests/hf_oracle.py), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import hf_oracle  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="decode steps after the prefill")
     args = parser.parse_args()
 
-    tiny = hf_models.build(hf_models.SPECS["deepseek_v32"], num_layers=len(args.pattern))
+    tiny = hf_oracle.build(hf_oracle.SPECS["deepseek_v32"], num_layers=len(args.pattern))
     config = tiny.config
     print(
         f"DeepseekV32ForCausalLM: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -38,15 +42,15 @@ def main() -> None:
     )
 
     with tiny.oracle(args.pattern) as sources:
-        expected = hf_models.prefill_and_decode(tiny.model, tiny, args.prompt, args.steps)
-    untouched = hf_models.prefill_and_decode(tiny.model, tiny, args.prompt, args.steps)
+        expected = hf_oracle.prefill_and_decode(tiny.model, tiny, args.prompt, args.steps)
+    untouched = hf_oracle.prefill_and_decode(tiny.model, tiny, args.prompt, args.steps)
     print("oracle: " + (", ".join(f"layer {s} uses layer {f}" for s, f in sources.items()) or "no layer shares"))
 
     backend = fx_indexcache.indexcache_eager_backend if args.eager_backend else fx_indexcache.indexcache_backend
     fx_indexcache.clear_reports()
     compiled = torch.compile(tiny.model, backend=backend, options={"index_topk_pattern": args.pattern})
     start = time.perf_counter()
-    got = hf_models.prefill_and_decode(compiled, tiny, args.prompt, args.steps)
+    got = hf_oracle.prefill_and_decode(compiled, tiny, args.prompt, args.steps)
     print(f"compiled and ran prefill + {args.steps} decode steps in {time.perf_counter() - start:.1f} s\n")
 
     for report, step in zip(fx_indexcache.reports(), ["prefill"] + [f"decode {i + 1}" for i in range(args.steps)]):

@@ -16,13 +16,17 @@ mode records CUDA graphs; on the CPU Inductor skips them (the mode is still acce
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
 from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend
-from fx_indexcache.models import tiny_transformers as hf_models
+# the IndexCache oracle lives with the tests (tests/hf_oracle.py), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import hf_oracle  # noqa: E402
 
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
@@ -33,7 +37,7 @@ def greedy(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deepseek_v32", choices=sorted(hf_models.SPECS))
+    parser.add_argument("--model", default="deepseek_v32", choices=sorted(hf_oracle.SPECS))
     parser.add_argument("--pattern", default="FSS", help="one F/S per decoder layer (sets the layer count)")
     parser.add_argument("--eager-backend", action="store_true", help="IndexCacheEagerBackend instead of Inductor")
     parser.add_argument("--prompts", default="10,17", help="comma list of prompt lengths")
@@ -41,7 +45,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    tiny = hf_models.build(hf_models.SPECS[args.model], num_layers=len(args.pattern))
+    tiny = hf_oracle.build(hf_oracle.SPECS[args.model], num_layers=len(args.pattern))
     model = tiny.model.to(args.device)
     prompts = [tiny.make_inputs(int(n), seed=i)["input_ids"].to(args.device) for i, n in enumerate(args.prompts.split(","))]
     with torch.no_grad(), tiny.oracle(args.pattern):

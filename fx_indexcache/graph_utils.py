@@ -1,10 +1,11 @@
-"""Small FX helpers shared by detection and rewrite: op classes, symbolic shape equality."""
+"""Small FX helpers shared by every stage: op classes, ReLU, symbolic size equality, dead-cone removal."""
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
 
+import sympy
 import torch
 from torch import fx
 
@@ -13,25 +14,18 @@ aten = torch.ops.aten
 #: Ops that multiply two operands and reduce over a shared axis (post-grad ATen spellings).
 CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm}
 
-#: Ops that only re-view, re-type or copy one tensor: they carry a weight through unchanged.
-VIEW_LIKE = {
-    aten.view,
-    aten.reshape,
-    aten._unsafe_view,
-    aten.permute,
-    aten.transpose,
-    aten.t,
-    aten.expand,
-    aten.squeeze,
-    aten.unsqueeze,
-    aten.clone,
-    aten.contiguous,
-    aten._to_copy,
-    aten.alias,
-    aten.slice,
-    aten.select,
-    torch.ops.prims.convert_element_type,
-}
+#: Ops that keep every value of one tensor, by how they move it (fusion replays each kind on index labels).
+RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.flatten}
+PERMUTES = {aten.permute, aten.transpose, aten.t}
+IDENTITIES = {aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy}
+CASTS = {torch.ops.prims.convert_element_type, aten._to_copy}
+EXPANDS = {aten.expand}
+VALUE_PRESERVING = RESHAPES | PERMUTES | IDENTITIES | CASTS | EXPANDS
+
+#: Ops that only re-view, re-type, copy or pick part of one tensor: they carry a weight through unchanged.
+VIEW_LIKE = VALUE_PRESERVING | {aten.slice, aten.select}
+
+_RELU = {aten.relu, aten.relu_}
 
 
 def packet(node: fx.Node):
@@ -41,6 +35,24 @@ def packet(node: fx.Node):
 
 def is_call(node: fx.Node, ops: Iterable) -> bool:
     return node.op == "call_function" and packet(node) in ops
+
+
+def is_relu(node: fx.Node) -> bool:
+    """``relu(x)``, ``clamp_min(x, 0)`` or ``clamp(x, min=0)`` without a max (a max makes it another activation)."""
+    if is_call(node, _RELU):
+        return True
+    if is_call(node, {aten.clamp_min}):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return _is_zero(low)
+    if is_call(node, {aten.clamp}):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        return _is_zero(low) and high is None
+    return False
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
@@ -59,10 +71,15 @@ def _expr(size):
 
 
 def same_size(a, b) -> bool:
-    """Equality of two sizes that may be symbolic: same int, or the same sympy expression."""
+    """Equality of two sizes that may be symbolic: the same int, or expressions whose difference is 0."""
+    a, b = _expr(a), _expr(b)
     try:
-        return bool(_expr(a) == _expr(b))
-    except TypeError:
+        if bool(a == b):
+            return True
+        if isinstance(a, int) and isinstance(b, int):
+            return False
+        return bool(sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0)
+    except (TypeError, ValueError, sympy.SympifyError):
         return False
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch
 import transformers
 
 import fx_indexcache as fic
-from fx_indexcache.models import tiny_transformers as H
+# the IndexCache oracle lives with the tests (tests/hf_oracle.py), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import hf_oracle as H  # noqa: E402
 
 YES, NO, SKIP = "✓", "✗", "–"
 
@@ -123,7 +126,7 @@ def render(rows: list[dict], seconds: float) -> str:
         f"{'/'.join(sorted({str(r['layers']) for r in rows}))} decoder layers), compiled once, and run with the pattern "
         "shown: a prefill of 12 tokens and two decode steps with the model's own cache. ✓ means "
         "bitwise equal to the oracle: the eager model with each S layer's indexer module patched "
-        "to return its F layer's output (`fx_indexcache.models.tiny_transformers.index_cache_oracle`). Export: "
+        "to return its F layer's output (`index_cache_oracle` in `tests/hf_oracle.py`). Export: "
         "`torch.export` under `no_grad`, rewritten by `apply_index_cache_to_exported_program`, "
         "prefill compared with the oracle.",
         "",

@@ -16,9 +16,9 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from capture import GraphCapture  # noqa: E402
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
-from fx_indexcache.integrations.backend import aten_graph_backend  # noqa: E402
 from fx_indexcache.rewrite.cache_ledger import DEFAULT_LEDGER  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
 
@@ -31,27 +31,20 @@ def model_pair(config: DSAModelConfig, dtype=torch.float32, seed: int = 0):
     return ReferenceDSAModel(config, seed=seed, dtype=dtype), ReferenceDSAModel(config, seed=seed, dtype=dtype)
 
 
-class CapturingBackend:
-    """AOT + IndexCachePass, run eagerly, keeping every rewritten forward graph for inspection."""
+class CapturingBackend(GraphCapture):
+    """AOT + IndexCachePass, run eagerly, keeping every forward graph before and after the rewrite."""
 
     def __init__(self, **options) -> None:
         self.config, rest = IndexCacheConfig.from_options(options)
         assert not rest, rest
         self.graph_pass = IndexCachePass(self.config)
-        self.graphs: list[torch.fx.GraphModule] = []
+        super().__init__(self.graph_pass.run)
 
     def __call__(self, gm, example_inputs):
         from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
 
         self.graph_pass.graph_starts_at_first_layer = dynamo_graph_starts_at_first_layer()
-
-        def rewrite(module):
-            self.graph_pass(module.graph)
-            module.recompile()
-            self.graphs.append(module)
-            return module.forward
-
-        return aten_graph_backend(rewrite)(gm, example_inputs)
+        return super().__call__(gm, example_inputs)
 
     @property
     def reports(self):

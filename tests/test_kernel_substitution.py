@@ -15,10 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from capture import GraphCapture
 from conftest import trace_one_topk
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
-from fx_indexcache.integrations.backend import aten_graph_backend
 from fx_indexcache.fuse.substitute import match_indexer_score, substitute_fused_indexer
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 
@@ -27,29 +27,23 @@ def _fused_nodes(gm) -> list:
     return [n for n in gm.graph.nodes if "indexer_logits" in str(n.target)]
 
 
-class _Backend:
+class _Backend(GraphCapture):
     """AOT forward graph, optional IndexCache rewrite, then the substitution; runs the graph eagerly."""
 
     def __init__(self, pattern: str | None = None, substitute: bool = True) -> None:
+        super().__init__(self._rewrite)
         self.substitute = substitute
         self.index_cache = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)) if pattern else None
         self.records: list = []
         self.matches: list = []
-        self.graphs: list = []
 
-    def __call__(self, gm, example_inputs):
-        def rewrite(module):
-            if self.index_cache is not None:
-                self.index_cache.run(module.graph)
-            sites = detect(module.graph).sites
-            self.matches += [(site.layer, match_indexer_score(site)) for site in sites]
-            if self.substitute:
-                self.records += substitute_fused_indexer(module.graph, sites)
-            module.recompile()
-            self.graphs.append(module)
-            return module.forward
-
-        return aten_graph_backend(rewrite)(gm, example_inputs)
+    def _rewrite(self, graph) -> None:
+        if self.index_cache is not None:
+            self.index_cache.run(graph)
+        sites = detect(graph).sites
+        self.matches += [(site.layer, match_indexer_score(site)) for site in sites]
+        if self.substitute:
+            self.records += substitute_fused_indexer(graph, sites)
 
 
 TINY = DSAModelConfig.tiny(num_layers=3, first_k_dense_layers=3)
@@ -111,14 +105,12 @@ def _pass_twice_backend(pattern: str, reports: list):
     """AOT forward graph; the IndexCache pass (which fuses) applied twice, as an export rewritten and then
     compiled would see it; the graph then runs eagerly."""
 
-    def rewrite(module):
+    def rewrite(graph) -> None:
         for _ in range(2):
             reports.append(IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern),
-                                          graph_starts_at_first_layer=True).run(module.graph))
-        module.recompile()
-        return module.forward
+                                          graph_starts_at_first_layer=True).run(graph))
 
-    return aten_graph_backend(rewrite)
+    return GraphCapture(rewrite)
 
 
 def test_the_pass_keeps_fusion_records_and_a_second_application_changes_nothing(kernel_ok, sites_on_cuda):
@@ -155,7 +147,7 @@ def test_cpu_sites_are_left_with_a_note():
 
 def test_transformers_v32_matched_and_forced_substitution_is_exact(kernel_ok):
     pytest.importorskip("transformers")
-    from fx_indexcache.models import tiny_transformers as H
+    import hf_oracle as H
 
     try:
         tiny = H.TINY_DSA_MODELS["deepseek_v32"]()
@@ -306,3 +298,43 @@ def test_inductor_post_grad_graph_forced_substitution(kernel_ok):
     for got, want in zip(got_idx, want_idx):
         assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- one ReLU for detection and fusion ----------------------------------------------------------
+_ACTIVATIONS = {
+    "relu": (F.relu, True),
+    "clamp_min(0)": (lambda s: torch.clamp_min(s, 0), True),
+    "clamp(min=0)": (lambda s: torch.clamp(s, min=0), True),
+    "clamp(min=0, max=6)": (lambda s: torch.clamp(s, min=0, max=6), False),  # ReLU6: another activation
+    "clamp_min(0.5)": (lambda s: torch.clamp_min(s, 0.5), False),
+}
+
+
+class _ActivatedIndexer(torch.nn.Module):
+    """A batched indexer whose ReLU is spelled ``activation``: q, k and w projected from x."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        self.activation = activation
+        self.wq, self.wk, self.ww = (torch.nn.Linear(16, n, bias=False) for n in (4 * 16, 16, 4))
+
+    def forward(self, x):
+        q = self.wq(x).unflatten(-1, (4, 16))
+        s = self.activation(torch.einsum("bshd,btd->bsht", q, self.wk(x)))
+        return (s * self.ww(x).unsqueeze(-1)).sum(2).topk(3, dim=-1).indices
+
+
+@pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
+def test_detection_and_fusion_agree_on_what_a_relu_is(name, kernel_ok):
+    """clamp(min=0) is a ReLU for the detector and for the fusion matcher alike; with a max it is not."""
+    activation, is_relu = _ACTIVATIONS[name]
+    model = _ActivatedIndexer(activation)
+    backend = GraphCapture(lambda graph: detect(graph, True).sites)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend=backend)(x), model(x))
+    (sites,) = backend.results
+    (gm,) = backend.graphs
+    assert len(sites) == int(is_relu) and backend.count_after(torch.ops.aten.topk.default) == [1]
+    match = match_indexer_score(sites[0] if sites else next(n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default))
+    assert isinstance(match, str) != is_relu, match

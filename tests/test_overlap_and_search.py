@@ -246,7 +246,7 @@ def test_overlap_cli_on_reference_with_an_inert_layer_and_a_copied_indexer(tmp_p
 
 
 def test_hf_model_switched_graph_equals_the_indexer_patching_oracle():
-    H = pytest.importorskip("fx_indexcache.models.tiny_transformers")
+    H = pytest.importorskip("hf_oracle")
     tiny = H.build(H.SPECS["deepseek_v32"], num_layers=2)
     inputs = tiny.make_inputs(12)
     target = ProbeTarget("v32", tiny.model, 2, [inputs], lambda fn, batch: fn(**batch, use_cache=False).logits)

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fx_indexcache import IndexCacheEagerBackend
-from fx_indexcache.models import tiny_transformers as H
+import hf_oracle as H
 
 STATIC = [n for n, spec in H.SPECS.items() if spec.limitation is None and spec.no_static_cache is None]
 NO_STATIC = [n for n, spec in H.SPECS.items() if spec.limitation is None and spec.no_static_cache is not None]

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fx_indexcache as fic
-from fx_indexcache.models import tiny_transformers as H
+import hf_oracle as H
 
 SUPPORTED = [name for name, spec in H.SPECS.items() if spec.limitation is None]
 REFUSED = [name for name, spec in H.SPECS.items() if spec.limitation is not None]

@@ -40,7 +40,7 @@ from vllm.utils.torch_utils import _encode_layer_name  # noqa: E402
 
 import fx_indexcache  # noqa: E402
 from fx_indexcache.detection import registry as detection  # noqa: E402
-from fx_indexcache.integrations.backend import aten_graph_backend  # noqa: E402
+from capture import GraphCapture  # noqa: E402
 from fx_indexcache.detection.vllm_op import VllmIndexerSite, find_vllm_indexer_sites  # noqa: E402
 from fx_indexcache.rewrite.share import COMPUTED, LEFT, SHARED  # noqa: E402
 from fx_indexcache.integrations.vllm import (  # noqa: E402
@@ -210,20 +210,16 @@ def _defunctionalized(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(module, graph)
 
 
-class CapturingVllmBackend:
-    """AOTAutograd's functional ATen graph + the vLLM pass, run eagerly; keeps the rewritten graph."""
+class CapturingVllmBackend(GraphCapture):
+    """AOTAutograd's functional ATen graph + the vLLM pass, run eagerly (defunctionalised); keeps both graphs."""
 
     def __init__(self, graph_pass: VllmIndexCachePass) -> None:
-        self.graph_pass, self.graphs, self.reports = graph_pass, [], []
+        super().__init__(graph_pass.run, runner=lambda module: _defunctionalized(module).forward)
+        self.graph_pass = graph_pass
 
-    def __call__(self, gm, example_inputs):
-        def rewrite(module):
-            self.reports.append(self.graph_pass.run(module.graph))
-            module.recompile()
-            self.graphs.append(module)
-            return _defunctionalized(module).forward
-
-        return aten_graph_backend(rewrite)(gm, example_inputs)
+    @property
+    def reports(self) -> list:
+        return self.results
 
 
 def _indexer_calls(graph: torch.fx.Graph) -> list[torch.fx.Node]:

@@ -71,6 +71,16 @@ class IndexerSite(abc.ABC):
         return False
 
 
+@dataclasses.dataclass
+class TopkVerdict:
+    """Why a top-k is (or is not) an indexer site: what every site finder reports for the top-k it leaves alone."""
+
+    node: fx.Node
+    is_indexer: bool
+    evidence: tuple[str, ...]
+    reason: str  # for rejected top-k: what it is taken for
+
+
 def same_arguments(a: object, b: object) -> bool:
     """Compare top-k style scalar arguments that may be SymInt nodes or plain values."""
     if isinstance(a, fx.Node) and isinstance(b, fx.Node):

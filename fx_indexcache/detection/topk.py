@@ -25,18 +25,17 @@ from ..graph_utils import (
     fake_value,
     getitem_users,
     is_call,
+    is_relu,
     numel_hint,
     packet,
     same_size,
 )
 from .graph_inputs import parameter_placeholders
 from .layers import module_path, module_types
-from .sites import CacheWrite, IndexerSite, same_arguments
+from .sites import CacheWrite, IndexerSite, TopkVerdict, same_arguments
 
 aten = torch.ops.aten
 
-_RELU = {aten.relu, aten.relu_}
-_CLAMP_MIN = {aten.clamp_min, aten.clamp}
 #: Ops allowed between the q·k product and the ReLU (scaling, casting, re-viewing).
 _SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
 #: Functional cache updates whose result is written back into a graph input by ``copy_``,
@@ -107,15 +106,6 @@ def topk_arguments(node: fx.Node) -> tuple:
     for key, arg in node.kwargs.items():
         values[names.index(key)] = arg
     return tuple(values)
-
-
-def _is_relu(node: fx.Node) -> bool:
-    if is_call(node, _RELU):
-        return True
-    if is_call(node, _CLAMP_MIN):
-        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        return low == 0
-    return False
 
 
 class _Role(enum.Enum):
@@ -227,16 +217,6 @@ def _share_an_input(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-@dataclasses.dataclass
-class TopkVerdict:
-    """Why a top-k is (or is not) an indexer site."""
-
-    node: fx.Node
-    is_indexer: bool
-    evidence: tuple[str, ...]
-    reason: str  # for rejected top-k: what it is taken for
-
-
 def classify_topk(node: fx.Node, params: frozenset[fx.Node] | None = None) -> TopkVerdict:
     """Decide whether one ``aten.topk`` node is a lightning indexer's top-k.
 
@@ -286,7 +266,7 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
         if (current, crossed) in seen or current.op != "call_function":
             continue
         seen.add((current, crossed))
-        if _is_relu(current):
+        if is_relu(current):
             product = _product_under_relu(current)
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):

@@ -21,11 +21,10 @@ import dataclasses
 import torch
 from torch import fx
 
-from .topk import TopkVerdict
 from .registry import register_site_finder
 from ..graph_utils import fake_value, getitem_users, same_size
 from .layers import module_path, normalise_module_path
-from .sites import IndexerSite, same_arguments
+from .sites import IndexerSite, TopkVerdict, same_arguments
 
 #: Qualified names of vLLM ops that compute an indexer top-k into ``topk_indices_buffer``.
 INDEXER_OPS = ("vllm::sparse_attn_indexer", "vllm::rocm_aiter_sparse_attn_indexer")

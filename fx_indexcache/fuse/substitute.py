@@ -54,7 +54,21 @@ import torch
 from torch import fx
 
 from ..detection.topk import topk_arguments
-from ..graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
+from ..graph_utils import (
+    CASTS,
+    EXPANDS,
+    IDENTITIES,
+    PERMUTES,
+    RESHAPES,
+    VALUE_PRESERVING,
+    dead_if_removed,
+    erase_dead,
+    fake_value,
+    is_call,
+    is_relu,
+    packet,
+    same_size,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -69,13 +83,6 @@ __all__ = [
     "substitute_fused_indexer",
 ]
 
-#: Ops that re-view one tensor without changing values (replayed on labels).
-_RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.flatten}
-_PERMUTES = {aten.permute, aten.transpose, aten.t}
-_IDENTITIES = {aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy}
-_CASTS = {prims.convert_element_type, aten._to_copy}
-_EXPANDS = {aten.expand}
-_CHAIN = _RESHAPES | _PERMUTES | _IDENTITIES | _CASTS | _EXPANDS
 _WIDE = (torch.float32, torch.float64)
 _MASKS = {aten.where, aten.masked_fill, aten.add, aten.sub, aten.mul}
 _MAX_CHAIN = 48
@@ -102,13 +109,6 @@ def _sym(size) -> sympy.Expr:
     return sympy.Integer(int(size))
 
 
-def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
-    try:
-        return bool(sympy.expand(a - b) == 0)
-    except TypeError:
-        return False
-
-
 class _Labels:
     """Atoms (index variables with a size) and a union-find saying which atoms are one index."""
 
@@ -130,7 +130,7 @@ class _Labels:
         return a
 
     def unify(self, a: int, b: int) -> None:
-        if not _eq(self.size[a], self.size[b]):
+        if not same_size(self.size[a], self.size[b]):
             raise _NoMatch("paired axes differ in size")
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
@@ -154,7 +154,7 @@ def _shape(node: fx.Node) -> tuple:
 
 def _leaf(labels: _Labels, node: fx.Node) -> _Tracked:
     shape = _shape(node)
-    dims = [[] if _eq(s, sympy.Integer(1)) else [labels.new(s, "leaf")] for s in shape]
+    dims = [[] if same_size(s, sympy.Integer(1)) else [labels.new(s, "leaf")] for s in shape]
     return _Tracked(dims, shape)
 
 
@@ -163,15 +163,15 @@ def _regroup(labels: _Labels, tracked: _Tracked, out_shape: tuple) -> _Tracked:
     atoms = [a for dim in tracked.dims for a in dim]
     dims, i = [], 0
     for size in out_shape:
-        if _eq(size, sympy.Integer(1)):
+        if same_size(size, sympy.Integer(1)):
             dims.append([])
             continue
         group, prod = [], sympy.Integer(1)
-        while i < len(atoms) and not _eq(prod, size):
+        while i < len(atoms) and not same_size(prod, size):
             group.append(atoms[i])
             prod = prod * labels.size[atoms[i]]
             i += 1
-        if not _eq(prod, size):
+        if not same_size(prod, size):
             raise _Split("a reshape splits an axis of q, k or w")
         dims.append(group)
     if i != len(atoms):
@@ -187,11 +187,11 @@ def _replay(labels: _Labels, node: fx.Node, tracked: _Tracked) -> _Tracked:
     """Apply one chain op to the labels of its (only) tensor input."""
     op = packet(node)
     out_shape = _shape(node)
-    if op in _RESHAPES:
+    if op in RESHAPES:
         return _regroup(labels, tracked, out_shape)
-    if op in _IDENTITIES:
+    if op in IDENTITIES:
         return _Tracked(list(tracked.dims), out_shape)
-    if op in _CASTS:
+    if op in CASTS:
         src, dst = fake_value(node.args[0]), fake_value(node)
         if dst.dtype not in _WIDE or not src.dtype.is_floating_point or src.dtype.itemsize > dst.dtype.itemsize:
             raise _NoMatch(f"{node.name} casts {src.dtype} to {dst.dtype} (only widening casts keep values)")
@@ -200,7 +200,7 @@ def _replay(labels: _Labels, node: fx.Node, tracked: _Tracked) -> _Tracked:
         if op is aten._to_copy and dst.device != src.device:
             raise _NoMatch(f"{node.name} moves the tensor to another device")
         return _Tracked(list(tracked.dims), out_shape)
-    if op in _PERMUTES:
+    if op in PERMUTES:
         n = len(tracked.dims)
         if op is aten.permute:
             perm = [_norm_dim(d, n) for d in node.args[1]]
@@ -211,15 +211,15 @@ def _replay(labels: _Labels, node: fx.Node, tracked: _Tracked) -> _Tracked:
             perm = list(range(n))
             perm[a], perm[b] = perm[b], perm[a]
         return _Tracked([list(tracked.dims[p]) for p in perm], out_shape)
-    if op in _EXPANDS:
+    if op in EXPANDS:
         n_new = len(out_shape) - len(tracked.dims)
         if n_new < 0:
             raise _NoMatch("expand drops dims")
         dims = []
         for j, size in enumerate(out_shape):
             i = j - n_new
-            if i < 0 or (_eq(tracked.shape[i], sympy.Integer(1)) and not _eq(size, sympy.Integer(1))):
-                dims.append([] if _eq(size, sympy.Integer(1)) else [labels.new(size, "broadcast")])
+            if i < 0 or (same_size(tracked.shape[i], sympy.Integer(1)) and not same_size(size, sympy.Integer(1))):
+                dims.append([] if same_size(size, sympy.Integer(1)) else [labels.new(size, "broadcast")])
             else:
                 dims.append(list(tracked.dims[i]))
         return _Tracked(dims, out_shape)
@@ -264,20 +264,12 @@ def _chain_back(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Walk up through chain ops and fp32 scalar factors; return the first other node and the chain."""
     chain = []
     while isinstance(node, fx.Node) and node.op == "call_function" and len(chain) < _MAX_CHAIN:
-        if packet(node) in _CHAIN or _scalar_factor(node) is not None:
+        if packet(node) in VALUE_PRESERVING or _scalar_factor(node) is not None:
             chain.append(node)
             node = node.args[0]
             continue
         break
     return node, chain[::-1]  # forward order
-
-
-def _is_relu(node: fx.Node) -> bool:
-    if is_call(node, {aten.relu, aten.relu_}):
-        return True
-    if is_call(node, {aten.clamp_min}) and len(node.args) == 2 and node.args[1] == 0:
-        return True
-    return False
 
 
 def _product_parts(node: fx.Node):
@@ -318,9 +310,9 @@ def _combine(labels: _Labels, parts, ta: _Tracked, tb: _Tracked, out: fx.Node) -
     sb = (sympy.Integer(1),) * (n - len(tb.shape)) + tb.shape
     prod_dims = []
     for da, db, xa, xb in zip(pa, pb, sa, sb):
-        if _eq(xa, sympy.Integer(1)):
+        if same_size(xa, sympy.Integer(1)):
             prod_dims.append(list(db))
-        elif _eq(xb, sympy.Integer(1)):
+        elif same_size(xb, sympy.Integer(1)):
             prod_dims.append(list(da))
         else:
             _align(labels, da, db)
@@ -349,9 +341,6 @@ class ScoreMatch:
     w_roles: tuple[str, ...]
     score_roles: tuple[str, ...]
     scale: float
-    inner: fx.Node
-    outer: fx.Node
-    relu: fx.Node
 
 
 @dataclasses.dataclass
@@ -414,7 +403,7 @@ def _score_value(x: fx.Node) -> torch.Tensor:
 def _outer_sides(outer: fx.Node, parts):
     """``(relu, relu_chain, w_leaf, w_chain, relu_is_first)`` of the head-weighted sum."""
     sides = [_chain_back(operand) for operand in parts[1:3]]
-    relu_sides = [i for i, (root, _) in enumerate(sides) if _is_relu(root)]
+    relu_sides = [i for i, (root, _) in enumerate(sides) if is_relu(root)]
     if len(relu_sides) != 1:
         raise _NoMatch("the head-weighted sum does not weight exactly one ReLU")
     ri = relu_sides[0]
@@ -462,8 +451,7 @@ def _match_at(x: fx.Node) -> ScoreMatch:
     roles = _prove_roles(labels, inner_sum, outer_sum, score, leaf_dims)
     swap = roles.pop("swap")
     q_node, k_node = (kb, qa) if swap else (qa, kb)
-    return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"],
-                      scale.total(), inner, outer, relu)
+    return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"], scale.total())
 
 
 def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_dims) -> dict:
@@ -537,7 +525,7 @@ def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
     for _ in range(_MAX_MASK_DEPTH):
         nxt = []
         for node in frontier:
-            if not (is_call(node, _MASKS) or is_call(node, _CHAIN)):
+            if not (is_call(node, _MASKS) or is_call(node, VALUE_PRESERVING)):
                 continue
             for arg in node.all_input_nodes:
                 value = fake_value(arg)

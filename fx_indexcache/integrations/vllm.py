@@ -29,7 +29,7 @@ from typing import Any
 from torch import fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
-from ..detection import vllm_op as detect_vllm  # noqa: F401  (registers the finder for vLLM's indexer op)
+from ..detection import vllm_op  # the finder for vLLM's indexer op (registered on import) and its op names
 from ..rewrite.cache_ledger import CacheWriteLedger
 from ..config import FULL, SHARED, IndexCacheConfig
 from ..detection.registry import LayerSource
@@ -132,10 +132,9 @@ class VllmIndexCachePass(InductorPass):
             report = IndexCacheReport(VllmIndexCacheConfig.from_keys(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
             publish(report)
             return report
-        inserting = any(site.inserts_keys_itself() for site in detect_vllm.find_vllm_indexer_sites(graph)[0])
         report = IndexCachePass(config, ledger=self._ledger).run(graph, graph_name=_graph_name())
         report.other_notes.extend(_native_notes(config, report))
-        if inserting and report.indexers_removed:
+        if any(decision.key_insert_dropped for decision in report.decisions):
             report.other_notes.append(
                 "the removed indexer calls also inserted their layers' keys into the indexer K-cache "
                 "(skip_k_cache_insert=False): those caches are no longer written and nothing reads "
@@ -193,7 +192,7 @@ def _split_at_indexer(vllm_config: Any) -> str | None:
 
     if compilation.mode != CompilationMode.VLLM_COMPILE:
         return None
-    split = [op for op in detect_vllm.INDEXER_OPS if op in (compilation.splitting_ops or ())]
+    split = [op for op in vllm_op.INDEXER_OPS if op in (compilation.splitting_ops or ())]
     if not split:
         return None
     return (

@@ -1,19 +1,13 @@
-"""Tiny, randomly initialised DSA models from transformers, and an IndexCache oracle for them.
+"""Tiny, randomly initialised DSA models from transformers (the CLI's ``--hf-model``, examples, tests).
 
 Nothing here is downloaded: each builder makes a 3-layer model (hidden size 32) from the model's
 own config class. ``TINY_DSA_MODELS`` holds the models with a DeepSeek-Sparse-Attention lightning
 indexer (one ``ReLU(q·k)``-scored top-k per DSA layer); ``TINY_OTHER_INDEXER_MODELS`` holds models
 whose sparse-attention "indexer" is not that shape, on which the pass must change nothing.
 
-``index_cache_oracle(model, pattern)`` gives the IndexCache semantics without any graph pass: it
-patches each DSA layer's indexer module so that a layer marked ``S`` returns the output of the
-nearest preceding DSA layer marked ``F`` (the indexer of an ``S`` layer still runs, so its cache
-writes happen exactly as in the compiled graph, where the pass keeps them). Where a model's indexer
-post-processes its top-k (masks, pooling, ``-1`` padding) with layer-independent data, returning the
-F layer's whole output equals reusing its top-k indices, which is what the pass does.
-
 The model-specific knowledge (where the decoder layers and their indexers live, how many top-k
-one MoE router holds) is in ``SPECS``, one row per model.
+one MoE router holds) is in ``SPECS``, one row per model. The IndexCache oracle the tests compare
+against (indexer modules patched, no graph pass) lives with the tests, in ``tests/hf_oracle.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -236,57 +230,14 @@ def spec_of(model: nn.Module) -> ModelSpec:
     raise KeyError(f"no spec for {type(model).__name__}")
 
 
-@contextlib.contextmanager
-def index_cache_oracle(model: nn.Module, pattern: str) -> Iterator[dict[int, int]]:
-    """Run ``model`` with IndexCache semantics by patching its indexer modules (no graph pass).
-
-    ``pattern[i]`` marks global decoder layer ``i``; an ``S`` DSA layer returns the output of the
-    nearest preceding DSA layer marked ``F``; an ``S`` with no such layer computes its own (and, being
-    marked S, serves no later layer). Yields ``{S layer: source layer}`` for the layers that share.
-    The indexer of an S layer still runs (its cache writes stay), and its result is discarded.
-    Patches are instance attributes, removed on exit.
-
-    Layers without an indexer are skipped when looking for the source; in the tiny models every
-    layer has one, so this equals "the nearest preceding layer marked F".
-    """
-    spec = spec_of(model)
-    indexers = indexer_modules(model, spec)
-    if len(pattern) < max(indexers, default=-1) + 1:
-        raise ValueError(f"pattern {pattern!r} is shorter than the model's {max(indexers) + 1} layers")
-    sources: dict[int, int] = {}
-    last_full = None
-    for layer in sorted(indexers):
-        if pattern[layer] != "S":
-            last_full = layer
-        elif last_full is not None:
-            sources[layer] = last_full
-    outputs: dict[int, Any] = {}
-
-    def patched(layer: int, original: Callable, *args, **kwargs):
-        result = original(*args, **kwargs)
-        if layer in sources:
-            return outputs[sources[layer]]
-        outputs[layer] = result
-        return result
-
-    for layer, indexer in indexers.items():
-        indexer.forward = functools.partial(patched, layer, indexer.forward)
-    try:
-        yield dict(sources)
-    finally:
-        for indexer in indexers.values():
-            del indexer.forward
-
-
 @dataclasses.dataclass
 class TinyModel:
-    """One built tiny model: ``model``, ``make_inputs(seq_len, seed)``, ``oracle(pattern)``, and facts."""
+    """One built tiny model: ``model``, ``make_inputs(seq_len, seed)``, and facts about it."""
 
     spec: ModelSpec
     model: nn.Module
     config: Any
     make_inputs: Callable[..., dict[str, torch.Tensor]]
-    oracle: Callable[[str], contextlib.AbstractContextManager]
 
     @property
     def num_layers(self) -> int:
@@ -299,9 +250,6 @@ class TinyModel:
     @property
     def expected_router_topk(self) -> int:
         return self.spec.expected_router_topk(self.config)
-
-    def __iter__(self):  # ``model, make_inputs, oracle = builder()``
-        return iter((self.model, self.make_inputs, self.oracle))
 
 
 def build(spec: ModelSpec, seed: int = 0, num_layers: int | None = None, **config_overrides: Any) -> TinyModel:
@@ -324,7 +272,7 @@ def build(spec: ModelSpec, seed: int = 0, num_layers: int | None = None, **confi
         # ids >= 2 so that no bos/eos/pad id appears mid-sequence
         return {"input_ids": torch.randint(2, vocab, (batch, seq_len), generator=generator)}
 
-    return TinyModel(spec, model, config, make_inputs, functools.partial(index_cache_oracle, model))
+    return TinyModel(spec, model, config, make_inputs)
 
 
 TINY_DSA_MODELS: dict[str, Callable[[], TinyModel]] = {
@@ -366,65 +314,3 @@ def prefill(model: Callable, tiny: TinyModel, prompt_len: int = 12) -> torch.Ten
 def dynamo_config(tiny: TinyModel) -> contextlib.AbstractContextManager:
     """``torch._dynamo.config.patch`` with the model's tracing needs (a no-op for most)."""
     return torch._dynamo.config.patch(**tiny.spec.dynamo_config)
-
-
-class PatternSwitchBackend:
-    """A ``torch.compile`` backend that traces once and runs any of several IndexCache configs.
-
-    Each graph AOTAutograd hands over is copied once per config and rewritten by ``IndexCachePass``
-    (exactly what ``indexcache_eager_backend`` does to its one graph); ``use(key)`` picks the
-    variant every compiled graph runs. Dynamo and AOT trace a model once for all patterns, which
-    keeps a pattern × (prefill, decode, decode) matrix affordable on CPU. ``reports[key]`` lists
-    that config's report for each traced graph, ``detections`` the detection on each original graph.
-    """
-
-    def __init__(self, configs: dict[str, Any]) -> None:
-        from ..config import IndexCacheConfig
-
-        self.configs = {
-            key: cfg if isinstance(cfg, IndexCacheConfig) else IndexCacheConfig(use_index_cache=True, **cfg)
-            for key, cfg in configs.items()
-        }
-        self.current: str | None = None
-        self.reports: dict[str, list] = {key: [] for key in self.configs}
-        self.detections: list = []
-
-    @contextlib.contextmanager
-    def use(self, key: str) -> Iterator[None]:
-        if key not in self.configs:
-            raise KeyError(key)
-        previous, self.current = self.current, key
-        try:
-            yield
-        finally:
-            self.current = previous
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from ..integrations.backend import aten_graph_backend
-        from ..detection.registry import detect
-        from ..graph_utils import copy_graph_module
-        from ..integrations.graph_pass import IndexCachePass
-
-        def with_variants(module: torch.fx.GraphModule):
-            self.detections.append(detect(copy_graph_module(module).graph))
-            variants = {}
-            for key, config in self.configs.items():
-                variant = copy_graph_module(module)
-                self.reports[key].append(IndexCachePass(config).run(variant.graph, graph_name=key))
-                variant.recompile()
-                variants[key] = variant
-
-            def run(*args):
-                if self.current is None:
-                    raise RuntimeError("PatternSwitchBackend: call inside `with backend.use(key):`")
-                return variants[self.current](*args)
-
-            return run
-
-        return aten_graph_backend(with_variants)(gm, example_inputs)
-
-
-def freq_pattern(num_layers: int, freq: int, offset: int = 2) -> str:
-    """The F/S string vLLM's ``index_topk_freq`` / ``index_skip_topk_offset`` give (written out here,
-    independently of ``IndexCacheConfig``, so tests compare two implementations)."""
-    return "".join("F" if max(i - offset + 1, 0) % freq == 0 else "S" for i in range(num_layers))

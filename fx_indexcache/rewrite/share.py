@@ -8,6 +8,7 @@ result is either the IndexCache semantics or the original computation, never som
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import torch
 from torch import fx
@@ -19,7 +20,21 @@ from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value,
 from ..detection.layer_records import LayerRecord, write_record
 from ..detection.sites import IndexerSite
 
-COMPUTED, SHARED, LEFT = "computed", "shared", "left as is"
+class Action(str, enum.Enum):
+    """What the pass did with one DSA layer (a ``str`` so that reports compare with the plain words)."""
+
+    COMPUTED = "computed"  # the layer computes its own indices
+    SHARED = "shared"  # rewired to its F layer's indices; its indexer deleted
+    LEFT = "left as is"  # marked S but not provably interchangeable: computes, and the note says why
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+COMPUTED, SHARED, LEFT = Action.COMPUTED, Action.SHARED, Action.LEFT
 #: ``LayerDecision.marked`` when the layer index is unknown, so the config cannot mark the layer.
 UNMARKED = "?"
 
@@ -30,12 +45,13 @@ class LayerDecision:
 
     layer: int | None  # None: the layer index is unknown (the report says why)
     marked: str  # "F" or "S", as the config marks the layer; UNMARKED when the index is unknown
-    action: str  # COMPUTED, SHARED or LEFT
+    action: Action
     source_layer: int | None  # the layer whose indices this layer uses
     nodes_removed: int = 0
     flops_removed_per_token: float = 0.0
     cache_bytes_saved: int = 0
     note: str = ""
+    key_insert_dropped: bool = False  # shared, and its indexer op also wrote the layer's key cache (vLLM's)
 
 
 def _flops(node: fx.Node) -> int:
@@ -199,6 +215,7 @@ def _decide(graph: fx.Graph, site: IndexerSite, by_layer: dict, config: IndexCac
         writes.check_computing(site, reason)
         return LayerDecision(layer, "S", LEFT, layer, note=reason)
     decision = _share(graph, site, by_layer[config.source_layer(layer)], drop_writes=at_stake and not keep_writes)
+    decision.key_insert_dropped = site.inserts_keys_itself()
     if at_stake:
         writes.record(site, WriteChoice.KEPT if keep_writes else WriteChoice.DROPPED)
     if keep_writes:

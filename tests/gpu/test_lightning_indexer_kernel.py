@@ -296,10 +296,11 @@ def test_custom_ops_run_the_kernel():
     a = torch.ops.fx_indexcache.indexer_logits(q, k, w, True, 0.5, None)
     b = indexer_logits(q, k, w, scale=0.5)
     assert torch.equal(a, b)
-    i = torch.ops.fx_indexcache.lightning_indexer(q, k, w, 256, True, 0.5, None)
+    i = torch.ops.fx_indexcache.topk_indices(a, 256, True)
     assert i.shape == (2, 20, 256) and i.dtype == torch.int32
 
-    compiled = torch.compile(lambda q, k, w: torch.ops.fx_indexcache.lightning_indexer(q, k, w, 256, True, 0.5, None),
+    compiled = torch.compile(lambda q, k, w: torch.ops.fx_indexcache.topk_indices(
+                                 torch.ops.fx_indexcache.indexer_logits(q, k, w, True, 0.5, None), 256, True),
                              fullgraph=True)
     j = compiled(q, k, w)
     vals_i = torch.gather(b, -1, i.long()).sort(-1).values
@@ -409,9 +410,10 @@ def test_custom_ops_fallback_cpu_and_fake():
     got = torch.ops.fx_indexcache.indexer_logits(q, k, w, True, 0.5, kv)
     want = indexer_logits_reference(q, k, w, scale=0.5, kv_lens=kv)
     assert torch.equal(got, want)
-    idx = torch.ops.fx_indexcache.lightning_indexer(q, k, w, 4, True, 1.0, None)
+    logits = torch.ops.fx_indexcache.indexer_logits(q, k, w, True, 1.0, None)
+    idx = torch.ops.fx_indexcache.topk_indices(logits, 4, True)
     assert idx.shape == (2, 5, 4) and idx.dtype == torch.int32
-    idx = torch.ops.fx_indexcache.lightning_indexer(q, k, w, 2048, True, 1.0, None)
+    idx = torch.ops.fx_indexcache.topk_indices(logits, 2048, True)
     assert idx.shape == (2, 5, 9)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -419,4 +421,5 @@ def test_custom_ops_fallback_cpu_and_fake():
     with FakeTensorMode():
         fq, fk, fw = torch.empty(2, 5, 4, 16), torch.empty(2, 9, 16), torch.empty(2, 5, 4)
         assert torch.ops.fx_indexcache.indexer_logits(fq, fk, fw, True, 1.0, None).shape == (2, 5, 9)
-        assert torch.ops.fx_indexcache.lightning_indexer(fq, fk, fw, 2048, True, 1.0, None).shape == (2, 5, 9)
+        fake_logits = torch.ops.fx_indexcache.indexer_logits(fq, fk, fw, True, 1.0, None)
+        assert torch.ops.fx_indexcache.topk_indices(fake_logits, 2048, True).shape == (2, 5, 9)

@@ -1,7 +1,7 @@
 """GPU kernels for DSA indexers (Triton, imported lazily: this package imports without a GPU).
 
-The fused indexer is ``fx_indexcache.fuse.kernels.lightning_indexer.lightning_indexer``; it is re-exported
-here as ``fused_lightning_indexer`` so that the name ``lightning_indexer`` keeps meaning the submodule.
+The fused indexer (logits + top-k in one call) is ``lightning_indexer.lightning_indexer``; the graph
+substitution inserts the ``torch.ops.fx_indexcache.indexer_logits`` and ``topk_indices`` ops defined there.
 """
 
 from .lightning_indexer import (
@@ -14,13 +14,11 @@ from .lightning_indexer import (
     lightning_indexer_reference,
     unsupported_reason,
 )
-from .lightning_indexer import lightning_indexer as fused_lightning_indexer
 from .topk import row_topk
 
 __all__ = [
     "LogitsConfig",
     "default_config",
-    "fused_lightning_indexer",
     "indexer_logits",
     "indexer_logits_reference",
     "indexer_topk",

@@ -512,10 +512,10 @@ def _logits_any(q, k, weights, causal, scale, kv_lens):
 
 
 def _register_custom_ops() -> bool:
-    """Define ``torch.ops.fx_indexcache.{indexer_logits, lightning_indexer, topk_indices}`` (idempotent)."""
+    """Define ``torch.ops.fx_indexcache.{indexer_logits, topk_indices}``, the ops the substitution inserts (idempotent)."""
     try:
         ns = torch.ops.fx_indexcache
-        if all(hasattr(ns, name) for name in ("indexer_logits", "lightning_indexer", "topk_indices")):
+        if all(hasattr(ns, name) for name in ("indexer_logits", "topk_indices")):
             return True
     except Exception:
         pass
@@ -535,18 +535,6 @@ def _register_custom_ops() -> bool:
     def _(q, k, weights, causal, scale, kv_lens):
         return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=torch.float32)
 
-    @custom_op("fx_indexcache::lightning_indexer", mutates_args=())
-    def _op_indexer(
-        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int, causal: bool, scale: float,
-        kv_lens: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        return indexer_topk(_logits_any(q, k, weights, causal, scale, kv_lens), topk)
-
-    @_op_indexer.register_fake
-    def _(q, k, weights, topk, causal, scale, kv_lens):
-        kk = torch.sym_min(topk, k.shape[1])
-        return q.new_empty((q.shape[0], q.shape[1], kk), dtype=torch.int32)
-
     @custom_op("fx_indexcache::topk_indices", mutates_args=())
     def _op_topk(x: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
         """int32 indices of the k largest along the last dim: the Triton top-k where it applies, else torch."""
@@ -559,4 +547,4 @@ def _register_custom_ops() -> bool:
     return True
 
 
-CUSTOM_OPS_REGISTERED = _register_custom_ops()
+_register_custom_ops()
