@@ -25,7 +25,7 @@ from typing import Any
 
 FULL, SHARED = "F", "S"
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 
 class PatternSource(str, enum.Enum):

@@ -30,7 +30,7 @@ from ..detection.frames import dynamo_graph_starts_at_first_layer
 from .graph_pass import IndexCachePass
 from ..report.graph_report import IndexCacheReport, publish
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- modes
 

@@ -19,9 +19,10 @@ from ..graph_utils import fake_value
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..rewrite.regional import share_across_regions
 from ..report.graph_report import IndexCacheReport, publish
+from ..report.trace import PassTrace
 from ..rewrite.share import apply_index_cache
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the fx_indexcache package directory
 
@@ -92,13 +93,20 @@ class IndexCachePass(CustomGraphPass):
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
         """Detect, rewrite (every layer F when ``use_index_cache`` is off), fuse F-layer scoring where enabled and on
         CUDA; returns and publishes the report."""
-        detection = detect(graph, self.graph_starts_at_first_layer)
-        decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
-        regional = share_across_regions(graph.owning_module, self.config) if (
-            detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
+        trace = PassTrace(graph, graph_name)
+        trace.dump("before")
+        with trace.stage("detect"):
+            detection = detect(graph, self.graph_starts_at_first_layer)
+        with trace.stage("share"):
+            decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
+        with trace.stage("regions"):
+            regional = share_across_regions(graph.owning_module, self.config) if (
+                detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
         handled = {call.region for call in regional}  # their calls are reported one by one instead
         detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
-        kernel_records = self._fuse_indexers(graph, detection.sites)
+        with trace.stage("fuse"):
+            kernel_records = self._fuse_indexers(graph, detection.sites)
+        trace.dump("after")
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
         report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
         report.regional = regional
@@ -121,6 +129,7 @@ class IndexCachePass(CustomGraphPass):
         stats["layers_left"] += len(report.layers_left)
         stats["other_topk"] += report.router_topk
         self.reports.append(report)
+        trace.finish()
         publish(report)
         return report
 

@@ -36,7 +36,7 @@ from ..detection.registry import LayerSource
 from .graph_pass import IndexCachePass, _source_digest
 from ..report.graph_report import IndexCacheReport, publish
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 
 #: The config the vLLM pass uses: ``IndexCacheConfig`` itself (vLLM's MTP/next-n rule, that layers

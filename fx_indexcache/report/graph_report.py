@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from ..fuse.substitute import FusionRecord
     from ..rewrite.regional import RegionCall
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _REPORTS: list[IndexCacheReport] = []
 _MAX_KEPT = 256
+_LAST_LOGGED: list[tuple[str, str] | None] = [None]  # (graph name, table) of the last report logged
 
 
 @dataclasses.dataclass
@@ -121,11 +122,23 @@ class IndexCacheReport:
 
 
 def publish(report: IndexCacheReport) -> None:
-    """Keep the report for ``reports()`` and log it."""
+    """Keep the report for ``reports()`` and log it: the whole table, or one line when it repeats the last one.
+
+    vLLM compiles one graph per compile range (and Inductor may compile a graph again): a table equal
+    to the one just logged, whatever the graph's name, is logged as a line naming the graph it repeats.
+    """
+    table = dataclasses.replace(report, graph_name="").format()
     with _LOCK:
         _REPORTS.append(report)
         del _REPORTS[:-_MAX_KEPT]
-    log.info("%s", report.format())
+        previous = _LAST_LOGGED[0]
+        _LAST_LOGGED[0] = (report.graph_name, table)
+    if previous is not None and previous[1] == table:
+        log.info("IndexCache report%s: the same as for %s (%d of %d indexers removed)",
+                 f" for {report.graph_name}" if report.graph_name else "", previous[0] or "the previous graph",
+                 report.indexers_removed, len(report.decisions))
+    else:
+        log.info("%s", report.format())
 
 
 def reports() -> list[IndexCacheReport]:
@@ -137,3 +150,4 @@ def reports() -> list[IndexCacheReport]:
 def clear_reports() -> None:
     with _LOCK:
         _REPORTS.clear()
+        _LAST_LOGGED[0] = None
