@@ -2,7 +2,7 @@
 
 CPU only (GPU checks: tests/gpu/test_kernel_substitution_gpu.py). Off CUDA the kernel is unsupported,
 so the real path leaves every site with a record saying so; the ``kernel_ok`` fixture (conftest) replaces the
-support check (``kernel_substitution.kernel_refusal``) so the substitution is made anyway, and the op
+support check (``fuse.substitute.kernel_refusal``) so the substitution is made anyway, and the op
 then runs its fp32 reference: the rewritten graph must give the same logits and the same top-k as
 the original. Graphs: the AOT forward graph of the tiny reference model and of the tiny transformers
 DeepSeek-V3.2 (prefill and decode with the cache), ``make_fx`` graphs of DSA indexers written in other

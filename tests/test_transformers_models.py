@@ -1,6 +1,6 @@
 """IndexCache on the DSA models transformers ships, built tiny and random (no downloads).
 
-For every model with a DSA lightning indexer (``hf_models.SPECS``):
+For every model with a DSA lightning indexer (``hf_oracle.SPECS``):
 
 * detection finds exactly one indexer top-k per DSA layer, in the indexer module, and leaves
   every MoE-router top-k alone (counts derived from the config);

@@ -3,7 +3,7 @@
 A site is one lightning indexer's top-k in a graph. Each kind of site (a plain ``aten.topk``,
 vLLM's opaque indexer op, ...) knows three things about itself: whether its indices may be
 replaced at all, whether another site's indices are a drop-in replacement, and how to make
-the replacement. The rewrite driver (``rewrite.py``) only ever talks to this interface.
+the replacement. The rewrite driver (``rewrite/share.py``) only ever talks to this interface.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def calibration_windows(seq_len: int, count: int, seed: int) -> torch.Tensor:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_reference_arguments(parser, "Default: the whole checkpoint, or 8 with --random-weights")
-    parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from hf_models.TINY_DSA_MODELS")
+    parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from models.tiny_transformers.TINY_DSA_MODELS")
     parser.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=None,
@@ -88,20 +88,20 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
     if args.hf_model:
         args.seq_len = args.seq_len or RANDOM_SEQ_LEN
         try:
-            from ..models import tiny_transformers as hf_models
+            from ..models import tiny_transformers
         except ImportError as error:  # transformers missing
             raise SystemExit(f"--hf-model needs transformers and fx_indexcache.models.tiny_transformers: {error}") from error
-        if args.hf_model not in hf_models.TINY_DSA_MODELS:
-            raise SystemExit(f"--hf-model {args.hf_model!r}: choose from {sorted(hf_models.TINY_DSA_MODELS)}")
-        tiny = hf_models.TINY_DSA_MODELS[args.hf_model](seed=args.seed)
+        if args.hf_model not in tiny_transformers.TINY_DSA_MODELS:
+            raise SystemExit(f"--hf-model {args.hf_model!r}: choose from {sorted(tiny_transformers.TINY_DSA_MODELS)}")
+        tiny = tiny_transformers.TINY_DSA_MODELS[args.hf_model](seed=args.seed)
         batches = [tiny.make_inputs(args.seq_len, seed=args.seed + i, batch=args.batch_size) for i in range(args.batches)]
 
         def call_hf(fn, batch):
-            return hf_models.output_of(fn(**batch, use_cache=False), tiny.spec)
+            return tiny_transformers.output_of(fn(**batch, use_cache=False), tiny.spec)
 
         return ProbeTarget(
             args.hf_model, tiny.model, tiny.num_layers, batches, call_hf,
-            is_logits=tiny.spec.output == "logits", context=lambda: hf_models.dynamo_config(tiny),
+            is_logits=tiny.spec.output == "logits", context=lambda: tiny_transformers.dynamo_config(tiny),
         )
     model = reference_model(args)
     config = model.config

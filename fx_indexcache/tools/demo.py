@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -71,30 +72,29 @@ def _bits_per_byte(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return next_byte_loss(logits, ids).item() / math.log(2)
 
 
-def main(args: argparse.Namespace) -> int:
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    args.layers = args.layers or DEMO_LAYERS
-    model = reference_model(args, dtype=dtype)
-    oracle = copy.deepcopy(model)  # same weights, hand-written IndexCache
-    model_config = model.config
-    args.prompt = args.prompt or PROMPT["random" if args.random_weights else "trained"]
-    options = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset}
-    if args.pattern:
-        options = {"index_topk_pattern": args.pattern}
-    config, _ = IndexCacheConfig.from_options(options)
-    oracle_pattern = config.executed_pattern(model_config.num_layers)
-    weights, whole = describe_weights(model, args.random_weights)
-    print(f"reference model ({weights}): {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
-          f"hidden {model_config.hidden_size}, {args.dtype}; IndexCache options {options}")
-    print(f"pattern as configured: {config.pattern_for(model_config.num_layers)}  "
-          f"(hand-written IndexCache runs {oracle_pattern})\n")
+@dataclasses.dataclass
+class _Run:
+    """What the compiled model did next to the hand-written IndexCache."""
 
-    tokens = demo_tokens(model, args.random_weights, args.batch, args.prompt + args.decode_steps)
+    logits: torch.Tensor  # compiled prefill logits
+    all_f_logits: torch.Tensor  # the model with every indexer
+    code: list[str]  # Inductor's generated code of the prefill
+    compile_s: float
+    max_logit_diff: float  # over prefill and decode steps
+    index_mismatches: int  # prefill positions whose indices differ
+
+
+def _options(args: argparse.Namespace) -> dict:
+    if args.pattern:
+        return {"index_topk_pattern": args.pattern}
+    return {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset}
+
+
+def _run_against_oracle(model, oracle, oracle_pattern: str, options: dict, args, tokens: torch.Tensor) -> _Run:
+    """Prefill and decode the compiled model and the hand-written IndexCache (``oracle``) side by side."""
     prompt, steps = tokens[:, : args.prompt], tokens[:, args.prompt :]
     compiled = torch.compile(model, backend=indexcache_backend, options=options, dynamic=True)
     clear_reports()
-    worst = {"logits": 0.0, "indices": 0}
     # The demo shows the pass at work: a warm Inductor/AOTAutograd cache from an earlier run would serve the
     # graphs without running it, and the per-layer tables would be empty.
     no_cache = torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False)
@@ -107,29 +107,54 @@ def main(args: argparse.Namespace) -> int:
         all_f = oracle(prompt)
         oracle.set_index_cache_pattern(oracle_pattern)
         expected, expected_indices = oracle(prompt, oracle_cache, 0, True)
-        worst["logits"] = _max_diff(logits, expected)
-        worst["indices"] = sum(int((a != b).sum()) for a, b in zip(indices, expected_indices))
+        worst = _max_diff(logits, expected)
+        mismatches = sum(int((a != b).sum()) for a, b in zip(indices, expected_indices))
         for step in range(args.decode_steps):
             token, position = steps[:, step : step + 1], args.prompt + step
-            got = compiled(token, cache, position)
-            want = oracle(token, oracle_cache, position)
-            worst["logits"] = max(worst["logits"], _max_diff(got, want))
+            worst = max(worst, _max_diff(compiled(token, cache, position), oracle(token, oracle_cache, position)))
+    return _Run(logits, all_f, code, compile_s, worst, mismatches)
 
+
+def main(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    args.layers = args.layers or DEMO_LAYERS
+    model = reference_model(args, dtype=dtype)
+    oracle = copy.deepcopy(model)  # same weights, hand-written IndexCache
+    model_config = model.config
+    args.prompt = args.prompt or PROMPT["random" if args.random_weights else "trained"]
+    options = _options(args)
+    config, _ = IndexCacheConfig.from_options(options)
+    oracle_pattern = config.executed_pattern(model_config.num_layers)
+    weights, whole = describe_weights(model, args.random_weights)
+    print(f"reference model ({weights}): {model_config.num_layers} DSA layers, top-k {model_config.index_topk}, "
+          f"hidden {model_config.hidden_size}, {args.dtype}; IndexCache options {options}")
+    print(f"pattern as configured: {config.pattern_for(model_config.num_layers)}  "
+          f"(hand-written IndexCache runs {oracle_pattern})\n")
+
+    tokens = demo_tokens(model, args.random_weights, args.batch, args.prompt + args.decode_steps)
+    run = _run_against_oracle(model, oracle, oracle_pattern, options, args, tokens)
     for report in reports():
         print(report.format(), "\n")
-    prefill = reports()[0]
+    _print_prefill_graph(reports()[0], run)
+    if whole:  # the whole trained model: its loss means something
+        prompt = tokens[:, : args.prompt]
+        print(f"prompt next-byte loss: {_bits_per_byte(run.all_f_logits, prompt):.3f} bits/byte with every indexer, "
+              f"{_bits_per_byte(run.logits, prompt):.3f} with pattern {oracle_pattern} (compiled)")
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    ok = run.index_mismatches == 0 and run.max_logit_diff <= tolerance
+    print(f"compiled vs hand-written IndexCache: indices differ at {run.index_mismatches} positions, "
+          f"max |logit diff| {run.max_logit_diff:.2e} over prefill + {args.decode_steps} decode steps "
+          f"-> {'EQUAL' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def _print_prefill_graph(prefill, run: _Run) -> None:
+    """How many top-k the generated prefill code still calls, against the report's F layers and routers."""
     # a fused F layer (CUDA) calls the fused top-k op instead of aten.topk: count both
-    topk_calls = sum(len(re.findall(r"(?:aten\.topk|fx_indexcache\.topk_indices)\.default\(", source)) for source in code)
+    topk_calls = sum(len(re.findall(r"(?:aten\.topk|fx_indexcache\.topk_indices)\.default\(", source))
+                     for source in run.code)
     full = len(prefill.decisions) - prefill.indexers_removed
     print(f"prefill graph: generated code calls a top-k {topk_calls} times "
           f"= {full} indexers (F layers) + {prefill.router_topk} MoE-router top-k; "
-          f"the {prefill.indexers_removed} S-layer indexers are gone (compile took {compile_s:.1f} s)")
-    if whole:  # the whole trained model: its loss means something
-        print(f"prompt next-byte loss: {_bits_per_byte(all_f, prompt):.3f} bits/byte with every indexer, "
-              f"{_bits_per_byte(logits, prompt):.3f} with pattern {oracle_pattern} (compiled)")
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    ok = worst["indices"] == 0 and worst["logits"] <= tolerance
-    print(f"compiled vs hand-written IndexCache: indices differ at {worst['indices']} positions, "
-          f"max |logit diff| {worst['logits']:.2e} over prefill + {args.decode_steps} decode steps "
-          f"-> {'EQUAL' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+          f"the {prefill.indexers_removed} S-layer indexers are gone (compile took {run.compile_s:.1f} s)")

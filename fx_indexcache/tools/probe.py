@@ -142,71 +142,89 @@ class IndexProbe:
         graph = module.graph
         detection = detect(graph, dynamo_graph_starts_at_first_layer())
         sites = [] if detection.unknown_reason is not None else detection.sites  # no layer number: nothing to switch
-        info = ProbedGraph([site.layer for site in sites], {}, {})
-
-        # Decide eligibility before adding anything (our own value reads would look like a use).
-        for site in sites:
-            reason = site.refusal()
-            if site.kind != "aten.topk":  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
-                reason = f"{site.kind} indexer sites are recorded, not switched"
-            if reason is not None:
-                info.fixed[site.layer] = reason
-                continue
-            choices, why_not = [], ""
-            for source in sites:
-                if source.layer >= site.layer:
-                    continue
-                if comes_after(source.indices, site.indices):
-                    why_not = f"layer {source.layer}'s indices are computed after this layer's"
-                    continue
-                reason = site.incompatibility(source)
-                if reason is None:
-                    choices.append(source.layer)
-                else:
-                    why_not = reason
-            info.switchable[site.layer] = choices
-            if not choices and why_not:
-                info.fixed[site.layer] = f"no earlier layer's indices can replace its own ({why_not})"
-
-        # Selectors: each consumer of layer i's indices reads select(i, earlier layers' indices..., own).
+        info = _eligibility(sites)  # before adding anything: our own value reads would look like a use
         if self.switchable:
-            by_layer = {site.layer: site for site in sites}
-            for site in sites:
-                choices = info.switchable.get(site.layer)
-                if not choices:
-                    continue
-                own = site.indices
-                with graph.inserting_after(own):
-                    args = (site.layer, (*choices, site.layer), *[by_layer[c].indices for c in choices], own)
-                    chosen = graph.call_function(self.select, args)
-                chosen.meta.update(own.meta)
-                own.replace_all_uses_with(chosen, delete_user_cb=lambda user, chosen=chosen: user is not chosen)
-
-        # Extra outputs: each layer's own indices and whether each selected slot is a real key.
-        output = next(node for node in graph.nodes if node.op == "output")
-        original = output.args[0]
-        extras, keys = [], []
-        with graph.inserting_before(output):
-            for site in sites:
-                extras.append(site.indices)
-                anchor = site.anchor
-                if anchor.target is torch.ops.aten.topk.default:  # other site kinds: no values to read
-                    values = graph.call_function(operator.getitem, (anchor, 0))
-                    extras.append(graph.call_function(_finite_mask, (values,)))
-                else:
-                    extras.append(None)
-                keys.append(site.layer)
-        n_out = len(original)
-        output.args = ((*original, *extras),)
+            self._insert_selectors(graph, sites, info)
+        n_out, layers = _add_record_outputs(graph, sites)
         graph.lint()
         module.recompile()
         self.graphs.append(info)
 
         def run(*args):
             results = module(*args)
-            for i, layer in enumerate(keys):
+            for i, layer in enumerate(layers):
                 indices, valid = results[n_out + 2 * i], results[n_out + 2 * i + 1]
                 self.records[layer] = LayerRecord(indices, valid)
             return list(results[:n_out])
 
         return run
+
+    def _insert_selectors(self, graph: fx.Graph, sites: list, info: ProbedGraph) -> None:
+        """Each consumer of layer i's indices reads select(i, earlier layers' indices..., own) instead."""
+        by_layer = {site.layer: site for site in sites}
+        for site in sites:
+            choices = info.switchable.get(site.layer)
+            if not choices:
+                continue
+            own = site.indices
+            with graph.inserting_after(own):
+                args = (site.layer, (*choices, site.layer), *[by_layer[c].indices for c in choices], own)
+                chosen = graph.call_function(self.select, args)
+            chosen.meta.update(own.meta)
+            own.replace_all_uses_with(chosen, delete_user_cb=lambda user, chosen=chosen: user is not chosen)
+
+
+def _eligibility(sites: list) -> ProbedGraph:
+    """Which layers can read which earlier layers' indices, and why the others stay fixed."""
+    info = ProbedGraph([site.layer for site in sites], {}, {})
+    for site in sites:
+        reason = site.refusal()
+        if site.kind != "aten.topk":  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
+            reason = f"{site.kind} indexer sites are recorded, not switched"
+        if reason is not None:
+            info.fixed[site.layer] = reason
+            continue
+        choices, why_not = _earlier_choices(site, sites)
+        info.switchable[site.layer] = choices
+        if not choices and why_not:
+            info.fixed[site.layer] = f"no earlier layer's indices can replace its own ({why_not})"
+    return info
+
+
+def _earlier_choices(site, sites: list) -> tuple[list[int], str]:
+    """The earlier layers whose indices can stand in for ``site``'s, and why the last refused one cannot."""
+    choices, why_not = [], ""
+    for source in sites:
+        if source.layer >= site.layer:
+            continue
+        if comes_after(source.indices, site.indices):
+            why_not = f"layer {source.layer}'s indices are computed after this layer's"
+            continue
+        reason = site.incompatibility(source)
+        if reason is None:
+            choices.append(source.layer)
+        else:
+            why_not = reason
+    return choices, why_not
+
+
+def _add_record_outputs(graph: fx.Graph, sites: list) -> tuple[int, list[int]]:
+    """Extra graph outputs: each layer's own indices and which selected slots are real keys.
+
+    Returns the original output count and the layer of each (indices, valid) pair after it.
+    """
+    output = next(node for node in graph.nodes if node.op == "output")
+    original = output.args[0]
+    extras, layers = [], []
+    with graph.inserting_before(output):
+        for site in sites:
+            extras.append(site.indices)
+            anchor = site.anchor
+            if anchor.target is torch.ops.aten.topk.default:  # other site kinds: no values to read
+                values = graph.call_function(operator.getitem, (anchor, 0))
+                extras.append(graph.call_function(_finite_mask, (values,)))
+            else:
+                extras.append(None)
+            layers.append(site.layer)
+    output.args = ((*original, *extras),)
+    return len(original), layers
