@@ -35,9 +35,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -46,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from benchmarks.prewarm import describe, prewarm  # noqa: E402
 from benchmarks.bench_gpu_indexcache import Runner, compile_variant, variant_freq, variant_pattern  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
 
@@ -219,28 +218,6 @@ class CudaGraphDecode:
             f.write("\n".join(lines) + "\n")
 
 
-def prewarm(a) -> dict:
-    """Compile every variant in its own worker process, all at once, into the shared cache dir; returns the
-    workers' wall times (or why one failed). The measuring process then hits the FX graph cache."""
-    wanted = a.variants.split(",")
-    procs = {}
-    for name in wanted:
-        cmd = [sys.executable, os.path.abspath(__file__), "--compile-only", "--variants", name, "--layers",
-               str(a.layers), "--points", a.points, "--out", os.path.join(a.out, "prewarm", name), "--budget-s", "1e9"]
-        if a.smoke:
-            cmd.append("--smoke")
-        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time())
-    result = {}
-    for name, (proc, t) in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, a.prewarm_timeout_s - (time.time() - t)))
-            result[name] = dict(wall_s=round(time.time() - t, 1), rc=proc.returncode, tail=out[-400:])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            result[name] = dict(wall_s=None, rc="timeout", tail="")
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -260,17 +237,16 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     warmed = None
     if a.prewarm:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_prewarm_"))
         t = time.time()
-        warmed = prewarm(a)
-        print(f"prewarm: {time.time() - t:.1f}s {warmed}", flush=True)
+        args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",
+                os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])
+        warmed = prewarm(__file__, a.variants.split(","), args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
         a.budget_s -= time.time() - t  # the budget counts from the start of the command
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
     torch._inductor.config.fx_graph_cache = bool(a.prewarm or a.compile_only)
     bench = CudaGraphDecode(a)
     if warmed is not None:
-        bench.notes.append("prewarm (parallel worker compiles, wall s): "
-                           + ", ".join(f"{n} {w['wall_s']} rc={w['rc']}" for n, w in warmed.items()))
+        bench.notes.append(describe(warmed))
         bench.log(bench.notes[-1])
     if a.compile_only:
         bench.compile_one(a.variants)
