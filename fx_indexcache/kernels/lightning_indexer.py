@@ -29,6 +29,9 @@ the k-th score towards the lowest key index (torch.topk's tie choice is unspecif
 ``invalid_index=-1`` replaces the index of every selected ``-inf`` key, for consumers that want an
 explicit marker.
 
+fp8 scoring (``indexer_fp8``, opt-in): the same two kernels with ``KSCALE`` read float8 e4m3 q and k, do the
+products on fp8 tensor cores and multiply each key's head sum by its per-token scale.
+
 Triton is imported lazily: this module imports (and its reference runs) on a machine without CUDA
 or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
 """
