@@ -18,6 +18,7 @@ from .rewrite import LEFT, SHARED, LayerDecision
 if TYPE_CHECKING:
     from .cross_graph_build import CrossGraphPlan
     from .kernel_substitution import FusionRecord
+    from .precision import PrecisionRecord
     from .regional import RegionCall
 
 log = logging.getLogger("fx_indexcache")
@@ -42,6 +43,7 @@ class IndexCacheReport:
     fusions: list[FusionRecord] = dataclasses.field(default_factory=list)  # the fused-kernel substitution, per site
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
     regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
+    precision: list[PrecisionRecord] = dataclasses.field(default_factory=list)  # per F site, when not bf16
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -93,6 +95,7 @@ class IndexCacheReport:
         if self.cache_bytes_saved:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
         lines.extend(r.note() for r in self.fusions)
+        lines.extend(r.note() for r in self.precision if r.reason is not None)  # applied: the fusion line says fp8
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())

@@ -4,6 +4,7 @@ The fused indexer is ``fx_indexcache.kernels.lightning_indexer.lightning_indexer
 here as ``fused_lightning_indexer`` so that the name ``lightning_indexer`` keeps meaning the submodule.
 """
 
+from .indexer_fp8 import indexer_logits_fp8, indexer_logits_fp8_reference
 from .lightning_indexer import (
     LogitsConfig,
     default_config,
@@ -22,6 +23,8 @@ __all__ = [
     "default_config",
     "fused_lightning_indexer",
     "indexer_logits",
+    "indexer_logits_fp8",
+    "indexer_logits_fp8_reference",
     "indexer_logits_reference",
     "indexer_topk",
     "is_supported",
