@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from benchmarks.prewarm import describe, prewarm  # noqa: E402
+from benchmarks.prewarm import add_arguments, describe, prewarm, uses_cache  # noqa: E402
 from benchmarks.bench_gpu_indexcache import Runner, compile_variant, variant_freq, variant_pattern  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
 
@@ -251,21 +251,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--prewarm", action="store_true", help="compile the variants in parallel worker processes first")
-    ap.add_argument("--prewarm-timeout-s", type=float, default=330.0)
-    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a --prewarm worker
+    add_arguments(ap)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     warmed = None
-    if a.prewarm:
+    if a.prewarm or a.prewarm_only:
         t = time.time()
         args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",
                 os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])
         warmed = prewarm(__file__, a.variants.split(","), args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
         a.budget_s -= time.time() - t  # the budget counts from the start of the command
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
-    torch._inductor.config.fx_graph_cache = bool(a.prewarm or a.compile_only)
+    torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = CudaGraphDecode(a)
     if warmed is not None:
         bench.notes.append(describe(warmed))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from benchmarks.prewarm import describe, prewarm  # noqa: E402
+from benchmarks.prewarm import add_arguments, describe, prewarm, uses_cache  # noqa: E402
 from fx_indexcache import IndexCacheBackend, hf_models  # noqa: E402
 
 VARIANTS = ("inductor", "ours_f4", "ours_f4_fused")
@@ -158,9 +158,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default="inductor,ours_f4_fused", help=f"comma list of {VARIANTS}")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--prewarm", action="store_true", help="compile the variants in parallel worker processes first")
-    ap.add_argument("--prewarm-timeout-s", type=float, default=300.0)
-    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a --prewarm worker
+    add_arguments(ap)
     a = ap.parse_args()
     names = a.variants.split(",")
     backends = {n: backend_for(n) for n in names}
@@ -169,7 +167,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     warmed = None
-    if a.prewarm:
+    if a.prewarm or a.prewarm_only:
         t = time.time()
         args = ["--layers", str(a.layers), "--batch", str(a.batch), "--prompts", a.prompts, "--new-tokens",
                 str(a.new_tokens), "--chunk", str(a.chunk), "--out", os.path.join(a.out, "prewarm")]
@@ -177,7 +175,7 @@ def main() -> None:
                          a.prewarm_timeout_s)
         a.budget_s -= time.time() - t
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
-    torch._inductor.config.fx_graph_cache = bool(a.prewarm or a.compile_only)
+    torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = GenerateBench(a)
     if warmed is not None:
         bench.env["prewarm"] = describe(warmed)

@@ -9,6 +9,7 @@ and pays for the trace, not the code generation. The workers run at the same tim
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -26,11 +27,13 @@ def prewarm(script: str, variants: list[str], args: list[str], log_dir: str, tim
     it ended and its exit status ("timeout" when it was killed). Each worker's output goes to ``log_dir/NAME.txt``."""
     share_inductor_cache()
     os.makedirs(log_dir, exist_ok=True)
+    # Each worker's Inductor would start a compile pool of every core: share the cores out instead.
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // len(variants))))
     procs = {}
     for name in variants:
         log = open(os.path.join(log_dir, f"{name}.txt"), "w")
         cmd = [sys.executable, os.path.abspath(script), "--compile-only", "--variants", name, *args]
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     t0, result = time.time(), {}
     while len(result) < len(procs) and time.time() - t0 < timeout_s:
         for name, proc in procs.items():
@@ -47,3 +50,19 @@ def prewarm(script: str, variants: list[str], args: list[str], log_dir: str, tim
 def describe(result: dict[str, dict]) -> str:
     return "prewarm (parallel worker compiles, s until done): " + ", ".join(
         f"{n} {w['wall_s']} rc={w['rc']}" for n, w in result.items())
+
+
+def add_arguments(ap) -> None:
+    """The prewarm flags every benchmark that uses this module takes."""
+    ap.add_argument("--prewarm", action="store_true", help="compile the variants in parallel worker processes first")
+    ap.add_argument("--prewarm-only", action="store_true", help="only that (another command measures, --warm-cache)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="use the FX graph cache in TORCHINDUCTOR_CACHE_DIR that an earlier --prewarm-only filled")
+    ap.add_argument("--prewarm-timeout-s", type=float, default=330.0)
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a worker
+
+
+def uses_cache(a) -> bool:
+    """Whether this process should read and write the FX graph cache (benchmarks turn it off otherwise, so a
+    compile time is a cold one)."""
+    return bool(a.prewarm or a.prewarm_only or a.warm_cache or a.compile_only)
