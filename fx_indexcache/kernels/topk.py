@@ -43,7 +43,10 @@ def _kernels():
         from . import _topk_triton
     except Exception:  # pragma: no cover - no usable Triton here
         return None
-    return {"topk": _topk_triton._topk_kernel}
+    from . import _topk_split_triton
+
+    return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
+            "select": _topk_split_triton._select_kernel}
 
 
 def _pow2(n: int) -> int:
@@ -99,28 +102,90 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool) -> bool:
     return not sorted or rows <= 64 or k <= 512
 
 
+#: About this many programs keep the card's 132 SMs streaming: fewer rows are split into more programs.
+TARGET_PROGRAMS = 1024
+#: No split shorter than this (a split also recomputes the sampled threshold).
+MIN_SPLIT = 1024
+
+
+def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
+    """How the filtering pass cuts each row: ``NSPLIT`` programs of ``SEG`` keys (chunks of ``CHUNK``).
+
+    Enough rows fill the card with one program a row (one read of the row); fewer rows are cut into
+    up to ``TARGET_PROGRAMS / R`` splits (never shorter than ``MIN_SPLIT``), which count first and write
+    second (the second read of a short row comes from L2).
+    """
+    if splits is None:
+        splits = max(1, min(TARGET_PROGRAMS // max(R, 1), T // MIN_SPLIT))
+        splits = 1 << (splits.bit_length() - 1)
+    splits = max(1, min(int(splits), T))
+    chunk = min(2048, _pow2(-(-T // splits)))
+    seg = -(-(-(-T // splits)) // chunk) * chunk
+    nsplit = -(-T // seg)
+    return dict(NSPLIT=nsplit, SEG=seg, CHUNK=chunk, NSPLIT_P=max(2, _pow2(nsplit)))
+
+
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
-            path: Optional[torch.Tensor] = None):
+            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split"):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
-    ``path`` (int32 ``[R]``), when given, receives the way each row went: 0 direct, 1 candidates above the
-    sampled threshold, 2 the threshold is the k-th key (ties fill up), 3 the exact fallback.
+    ``algorithm``: "split" (the default: filter and select launched apart, rows split over programs when
+    few) or "one_program" (run 4's single kernel, one program a row; kept to measure against). Rows of
+    at most the capacity always go to the single kernel's direct path. ``path`` (int32 ``[R]``), when
+    given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
+    threshold is the k-th key (ties fill up), 3 the exact fallback.
     """
+    if algorithm not in ("split", "one_program"):
+        raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
+    p = plan(x2d.shape[1], k, cap=cap, sample=sample)
+    if p["DIRECT"] or algorithm == "one_program":
+        return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
+    return _launch_split(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path)
+
+
+def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
     R, T = x2d.shape
-    p = plan(T, k, cap=cap, sample=sample)
     if num_warps is None:  # few rows: one program must go fast; many: more programs per SM
         num_warps = 8 if R < 256 or p["NB"] * p["SB"] > 4096 or p["CAP"] > 8192 else 4
     scratch_rows = 1 if p["DIRECT"] else R
     cand_key = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
     cand_idx = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
     tie_idx = torch.empty((scratch_rows, p["KP"]), dtype=torch.int32, device=x2d.device)
+    p = dict(p)
     r_sample = p.pop("R_SAMPLE")
     return _kernels()["topk"][(R,)](
         x2d, out2d, cand_key, cand_idx, tie_idx, out2d if path is None else path,
         T, k, r_sample,
         x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
         SORTED=bool(sorted), RECORD_PATH=path is not None, num_warps=num_warps, **p,
+    )
+
+
+def _launch_split(x2d, out2d, k, p, sp, sorted, path):
+    """Filter (one launch, or count + write when rows are split), then select: see the module doc."""
+    R, T = x2d.shape
+    dev = x2d.device
+    cand_key = torch.empty((R, p["CAP"]), dtype=torch.int32, device=dev)
+    cand_idx = torch.empty((R, p["CAP"]), dtype=torch.int32, device=dev)
+    tie_idx = torch.empty((R, k), dtype=torch.int32, device=dev)
+    counts = torch.empty((R, sp["NSPLIT"], 2), dtype=torch.int32, device=dev)
+    thr = torch.empty((R,), dtype=torch.int32, device=dev)
+    kern = _kernels()
+    args = (x2d, cand_key, cand_idx, tie_idx, counts, thr, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
+            x2d.stride(0), x2d.stride(1))
+    consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"], num_warps=4)
+    grid = (R, sp["NSPLIT"])
+    if sp["NSPLIT"] == 1:
+        kern["filter"][grid](*args, PHASE=0, **consts)
+    else:
+        kern["filter"][grid](*args, PHASE=1, **consts)
+        kern["filter"][grid](*args, PHASE=2, **consts)
+    return kern["select"][(R,)](
+        x2d, out2d, cand_key, cand_idx, tie_idx, counts, out2d if path is None else path,
+        T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
+        CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted),
+        RECORD_PATH=path is not None, num_warps=8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4,
     )
 
 
