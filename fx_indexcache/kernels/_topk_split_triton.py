@@ -154,3 +154,30 @@ def _select_kernel(
     if SORTED:
         tl.debug_barrier()  # the indices just written are read back by other threads
         _sort_selected(x_row, sxt, o_row, sok, K, KP)
+
+
+@triton.jit
+def _rank_sort_kernel(
+    x_ptr, sel_ptr, out_ptr, K,
+    sxr, sxt, ssr, sor, sok,
+    KP: tl.constexpr,
+    RB: tl.constexpr,
+):
+    """Sorted output for few rows: each program places RB of the K selected indices at their rank
+    (the number of selected entries with a larger score, or an equal score and a lower index), so a
+    row's sort is spread over K / RB programs instead of one bitonic network on one SM."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sxr
+    s_row = sel_ptr + row * ssr
+    kk = tl.arange(0, KP)
+    okk = kk < K
+    all_idx = tl.load(s_row + kk, mask=okk, other=0)
+    all_key = _key(tl.load(x_row + all_idx.to(tl.int64) * sxt, mask=okk, other=0.0))
+    mine = tl.program_id(1) * RB + tl.arange(0, RB)
+    okm = mine < K
+    my_idx = tl.load(s_row + mine, mask=okm, other=0)
+    my_key = _key(tl.load(x_row + my_idx.to(tl.int64) * sxt, mask=okm, other=0.0))
+    ahead = (all_key[None, :] > my_key[:, None]) | (
+        (all_key[None, :] == my_key[:, None]) & (all_idx[None, :] < my_idx[:, None]))
+    rank = tl.sum((ahead & okk[None, :]).to(tl.int32), axis=1)
+    tl.store(out_ptr + row * sor + rank.to(tl.int64) * sok, my_idx, mask=okm)

@@ -46,7 +46,7 @@ def _kernels():
     from . import _topk_split_triton
 
     return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
-            "select": _topk_split_triton._select_kernel}
+            "select": _topk_split_triton._select_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
 
 
 def _pow2(n: int) -> int:
@@ -127,21 +127,27 @@ def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
-            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split"):
+            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split",
+            sort: str = "auto"):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "split" (the default: filter and select launched apart, rows split over programs when
     few) or "one_program" (run 4's single kernel, one program a row; kept to measure against). Rows of
     at most the capacity always go to the single kernel's direct path. ``path`` (int32 ``[R]``), when
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
-    threshold is the k-th key (ties fill up), 3 the exact fallback.
+    threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
+    output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
+    selected at their ranks) or "auto" (``rank_sort_wins``).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
+    if sort not in ("auto", "bitonic", "rank"):
+        raise ValueError(f"_launch: sort={sort!r}, expected 'auto', 'bitonic' or 'rank'")
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
-    return _launch_split(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path)
+    rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
+    return _launch_split(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path, rank)
 
 
 def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
@@ -162,7 +168,13 @@ def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
     )
 
 
-def _launch_split(x2d, out2d, k, p, sp, sorted, path):
+def rank_sort_wins(R: int, k: int) -> bool:
+    """Whether the rank sort (k^2 comparisons a row, spread over programs) beats the bitonic sort in the
+    select program: for few rows, where the bitonic network would run on a few SMs only."""
+    return R * k <= 32 * 2048
+
+
+def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False):
     """Filter (one launch, or count + write when rows are split), then select: see the module doc."""
     R, T = x2d.shape
     dev = x2d.device
@@ -181,12 +193,19 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path):
     else:
         kern["filter"][grid](*args, PHASE=1, **consts)
         kern["filter"][grid](*args, PHASE=2, **consts)
-    return kern["select"][(R,)](
-        x2d, out2d, cand_key, cand_idx, tie_idx, counts, out2d if path is None else path,
-        T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
-        CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted),
+    sel = torch.empty_like(out2d) if rank_sort else out2d
+    h = kern["select"][(R,)](
+        x2d, sel, cand_key, cand_idx, tie_idx, counts, sel if path is None else path,
+        T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1),
+        CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted) and not rank_sort,
         RECORD_PATH=path is not None, num_warps=8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4,
     )
+    if rank_sort:
+        rb = max(1, 32768 // p["KP"])
+        h = kern["rank_sort"][(R, -(-k // rb))](
+            x2d, sel, out2d, k, x2d.stride(0), x2d.stride(1), sel.stride(0), out2d.stride(0), out2d.stride(1),
+            KP=p["KP"], RB=rb, num_warps=8)
+    return h
 
 
 def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None) -> torch.Tensor:
