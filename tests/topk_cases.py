@@ -21,17 +21,17 @@ from fx_indexcache.kernels import topk as tk
 #: sorted output by the select program's bitonic sort or by the rank sort: "auto" picks rank for these few rows).
 CASES = [
     ("direct", 3, 50, 7, {}, ("randn", "zeros", "ties"), {0}),
-    ("candidates", 2, 1000, 16, dict(cap=256, sample=64), ("randn", "masked", "ties", "allmasked"), {1}),
-    ("split_candidates", 2, 1000, 16, dict(cap=256, sample=64, splits=3),
+    ("candidates", 2, 1000, 16, dict(cap=256, sample=128), ("randn", "masked", "ties", "allmasked"), {1}),
+    ("split_candidates", 2, 1000, 16, dict(cap=256, sample=128, splits=3),
      ("randn", "masked", "ties", "allmasked", "zeros"), {1}),
-    ("split_bitonic_sort", 2, 1000, 16, dict(cap=256, sample=64, splits=2, sort="bitonic"),
+    ("split_bitonic_sort", 2, 1000, 16, dict(cap=256, sample=128, splits=2, sort="bitonic"),
      ("randn", "ties", "allmasked"), {1}),
     ("split_rank_sort_large_k", 3, 700, 600, dict(cap=256, sample=128, splits=3, sort="rank"),
      ("randn", "ties", "masked", "wide"), None),
     ("split_fallback", 2, 1000, 40, dict(cap=64, sample=64, splits=4), ("randn",), {3}),
     ("fallback_capacity", 2, 1000, 40, dict(cap=64, sample=64), ("randn",), {3}),
     ("k_equals_T", 2, 300, 300, dict(cap=64, sample=64, splits=2), ("allmasked", "wide"), None),
-    ("one_program", 2, 1000, 16, dict(cap=256, sample=64, algorithm="one_program"),
+    ("one_program", 2, 1000, 16, dict(cap=256, sample=128, algorithm="one_program"),
      ("randn", "ties", "allmasked"), {1}),
     ("one_program_fallback", 2, 1000, 40, dict(cap=64, sample=64, algorithm="one_program"), ("randn",), {3}),
 ]

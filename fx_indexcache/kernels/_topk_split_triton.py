@@ -63,7 +63,7 @@ def _filter_kernel(
     sxr, sxt,
     NB: tl.constexpr,
     SB: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr,  # at most 32768: a chunk's two counts share one int32 (16 bits each)
     CAP: tl.constexpr,
     NSPLIT_P: tl.constexpr,
     PHASE: tl.constexpr,  # 0: the only split, writes; 1: counts only; 2: writes after phase 1
@@ -95,14 +95,17 @@ def _filter_kernel(
         x_next = tl.load(x_row + co_next.to(tl.int64) * sxt, mask=co_next < hi, other=0.0)
         gt = ok & (kc > L)
         eq = ok & (kc == L)
+        both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # one scan and one sum for both counts
         if PHASE != 1:
-            p_gt = n_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-            p_eq = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            run = tl.cumsum(both, axis=0)
+            p_gt = n_gt + (run & 0xFFFF) - 1
+            p_eq = n_eq + (run >> 16) - 1
             tl.store(ck + p_gt, kc, mask=gt & (p_gt < CAP))
             tl.store(ci + p_gt, co, mask=gt & (p_gt < CAP))
             tl.store(ti + p_eq, co, mask=eq & (p_eq < K))
-        n_gt += tl.sum(gt.to(tl.int32), axis=0)
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+        tot = tl.sum(both, axis=0)
+        n_gt += tot & 0xFFFF
+        n_eq += tot >> 16
     if PHASE != 2:
         tl.store(cnt_ptr + (row * NSPLIT + split) * 2, n_gt)
         tl.store(cnt_ptr + (row * NSPLIT + split) * 2 + 1, n_eq)
