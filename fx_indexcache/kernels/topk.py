@@ -1,28 +1,39 @@
-"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, one filtering pass, an exact select on chip.
+"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, a filtering pass, an exact select on chip.
 
-One program owns one row. Scores become order-preserving int32 keys (a float's bits with the magnitude
-bits of negatives flipped compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in
-``torch.topk``). Rows of at most ``cap`` keys are selected directly in registers. Longer rows:
+Scores become order-preserving int32 keys (a float's bits with the magnitude bits of negatives flipped
+compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in ``torch.topk``). Rows of at
+most ``cap`` keys are selected directly in registers, one program a row. Longer rows (the default,
+"split" algorithm; ``_topk_split_triton.py``):
 
 1. **Sample.** ``NB`` blocks of ``SB`` contiguous keys spread evenly over the row; the ``r``-th largest
    sample key is a threshold ``L`` that, for ``r`` a few standard deviations above the expected count
-   ``k * NS / T``, has at least ``k`` and at most ``cap`` keys of the row above it (exact 32-step bitwise
-   search of the sample in registers).
-2. **Filter.** One pass over the row: keys ``> L`` go, in index order, to a per-row candidate buffer
-   (capacity ``cap``); keys ``== L`` to a tie buffer (the first ``k``, in index order).
-3. **Select.** If at least ``k`` keys lie above ``L``, the exact k-th key among the candidates is found
-   by the bitwise search in registers; else the k-th key is ``L`` itself and the ties fill up.
-   If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it), the program
-   falls back to the exact bitwise search over the whole row read from memory (slow, never wrong).
+   ``k * NS / T``, has at least ``k`` and at most ``cap`` keys of the row above it (exact bitwise search
+   of the sample in registers, two bits a step).
+2. **Filter** (grid rows x splits, a lean kernel so that many programs stream at once). Keys ``> L`` go,
+   in index order, to a per-row candidate buffer (capacity ``cap``); keys ``== L`` to a tie buffer (the
+   first ``k``, in index order). With enough rows (``split_plan``) one program reads its row once and
+   writes; with few rows (decode) each row is cut into up to ``TARGET_PROGRAMS / rows`` splits that
+   first count, then write at the offset the earlier splits' counts give (the row's second read comes
+   from L2), so index order holds across splits.
+3. **Select** (grid rows). If at least ``k`` keys lie above ``L``, the exact k-th key among the
+   candidates is found by the bitwise search in registers; else the k-th key is ``L`` itself and the
+   ties fill up. If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it),
+   the program falls back to the exact bitwise search over the whole row read from memory (slow, never
+   wrong).
+4. **Sort** (``sorted=True``): a bitonic ``tl.sort`` of packed (key, ~index) pairs in the select
+   program, or, for few rows (``rank_sort_wins``), a rank sort spread over ``k / RB`` programs a row.
+
+``algorithm="one_program"`` (``_launch``) is run 4's single kernel doing 1-4 in one program a row.
 
 Output (int32 indices): every key above the k-th key in index order, then the lowest-indexed keys equal
 to it. **Tie rule**: among keys equal to the k-th largest, the lowest indices are taken (torch.topk's
 choice is unspecified), so the *set* equals torch.topk's except at exact ties. ``-inf`` (masked) keys
-can only be selected as ties and come after every finite one. ``sorted=True`` sorts the k selected in
-the same program (descending score, ties by ascending index: a stable sort).
+can only be selected as ties and come after every finite one. ``sorted=True``: descending score, equal
+scores by ascending index (a stable sort).
 
-Everything stays on the device (no host sync, fixed-size buffers allocated per call): safe to capture
-in a CUDA graph. Measured against torch.topk in ``benchmarks/bench_indexer_kernel.py``.
+Everything stays on the device (no host sync, fixed-size buffers allocated per call, launch shapes from
+the input's shape only): safe to capture in a CUDA graph. Measured against torch.topk in
+``benchmarks/bench_indexer_kernel.py``.
 """
 
 import functools
