@@ -102,31 +102,43 @@ def supported(logits: torch.Tensor, k: int) -> bool:
     return 1 <= k <= min(T, MAX_K) and T <= MAX_ROW and _kernels() is not None
 
 
-def faster_than_torch(rows: int, T: int, k: int, sorted: bool) -> bool:
-    """Whether the kernel measured faster than torch.topk for this shape (H200, torch 2.11, Triton 3.6, run of
-    2026-12-01; benchmarks/results/indexer_kernel_topk_run1.md): rows of 8K-32K keys unsorted (1.1-1.4x),
-    and sorted only for few rows or small k (the in-kernel sort of 2048 int64 costs ~0.3 ms at 1024 rows).
-    Longer rows lose (the filtering pass is latency-bound: ~3 us per 2048-key chunk), 8K rows at 4096 rows too.
+def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False) -> bool:
+    """Whether the split kernel measured faster than torch.topk for this shape, sorted or not (H200, torch
+    2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md).
+
+    Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
+    32K-128K keys win, sorted and unsorted (logits + top-k 1.0-2.1x faster than with torch.topk).
+    Eagerly, few rows lose to the host cost of three or four Triton launches (~20 us each); the kernel
+    wins from 256 rows at 16K-32K keys (1024 x 32K: 1.2x sorted, 1.9x unsorted) and past 128K keys
+    (256 x 256K: 1.6x / 1.8x); it loses at 64K-128K keys (a row in a thousand takes the slow exact
+    fallback there) and at 8K keys; unmeasured shapes go to torch.topk.
     """
-    if not 8192 < T <= 32768:
+    if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
+        return True
+    if rows < 256:
         return False
-    return not sorted or rows <= 64 or k <= 512
+    return 16384 < T <= 32768 or T > 131072
 
 
 #: About this many programs keep the card's 132 SMs streaming: fewer rows are split into more programs.
 TARGET_PROGRAMS = 1024
 #: No split shorter than this (a split also recomputes the sampled threshold).
 MIN_SPLIT = 1024
+#: From this many rows one program a row streams fastest (run 5: 256 x 256K unsorted 0.37 ms with one
+#: split a row, 0.47 with two or four; 1024 x 32K 0.27 with one, 0.31 / 0.36 with two / four).
+ONE_SPLIT_ROWS = 256
 
 
 def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
     """How the filtering pass cuts each row: ``NSPLIT`` programs of ``SEG`` keys (chunks of ``CHUNK``).
 
-    Enough rows fill the card with one program a row (one read of the row); fewer rows are cut into
+    ``ONE_SPLIT_ROWS`` rows or more: one program a row (one read of the row); fewer rows are cut into
     up to ``TARGET_PROGRAMS / R`` splits (never shorter than ``MIN_SPLIT``), which count first and write
     second (the second read of a short row comes from L2).
     """
-    if splits is None:
+    if splits is None and R >= ONE_SPLIT_ROWS:
+        splits = 1
+    elif splits is None:
         splits = max(1, min(TARGET_PROGRAMS // max(R, 1), T // MIN_SPLIT))
         splits = 1 << (splits.bit_length() - 1)
     splits = max(1, min(int(splits), T))
