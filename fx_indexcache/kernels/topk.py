@@ -64,32 +64,39 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: Standard deviations of margin on both sides of the sampled threshold: fewer than k keys above it, or more
+#: than the capacity, each happen for a few rows in a million. (Run 5 took 4 on one side with a fixed
+#: capacity: ~1 row in 1000 fell back to the slow exact search at 64K-128K keys.)
+MARGIN_SD = 4.5
+
+
 def plan(T: int, k: int, *, cap: Optional[int] = None, sample: Optional[int] = None) -> dict:
     """Launch constants for rows of T keys: candidate capacity, sample shape and rank (see module doc).
 
-    The sample rank ``r`` is 4 standard deviations (plus one) above the expected number of sampled keys
-    among the row's top k, so a threshold below the k-th key is the rule; the capacity holds about
-    twice the expected survivors. Both only decide speed: a missed estimate falls back, exactly.
+    The sample rank ``r`` is ``MARGIN_SD`` standard deviations (plus one) above the expected number of
+    sampled keys among the row's top k, so a threshold below the k-th key is the rule; the capacity is
+    the row rank at which ``r`` sampled keys lie ``MARGIN_SD`` deviations below their expected count
+    (at least 4096 and 2k). Both only decide speed: a missed estimate falls back, exactly.
     """
     kp = max(16, _pow2(k))  # tiny blocks make odd layouts: never below 16 lanes
-    if cap is None:
-        cap = max(4096, 2 * kp) if T <= 65536 else max(8192, 2 * kp)
     if sample is None:  # about 32 sampled keys expected in the top k (a relative spread of ~18 %)
         sample = min(16384, max(2048, _pow2(math.ceil(32 * T / k))))
-    cap, sample = _pow2(cap), _pow2(sample)
+    sample = _pow2(sample)
     while sample > T:
         sample //= 2
+    p = k / T
+    mu = sample * p
+    r = max(1, min(sample, int(math.ceil(mu + MARGIN_SD * math.sqrt(mu * (1.0 - p)) + 1.0))))
+    if cap is None:  # m sampled keys expected above the capacity's rank, with (m - r) / sqrt(m) = MARGIN_SD
+        m = ((MARGIN_SD + math.sqrt(MARGIN_SD**2 + 4 * r)) / 2) ** 2
+        cap = max(4096, 2 * kp, math.ceil(m * T / sample))
+    cap = _pow2(cap)
     direct = T <= cap
     sb = min(32, sample)
     nb = sample // sb
-    if not direct and T < sample:  # the sample must fit: take the whole row instead
-        direct = True
     if direct:
         cap = max(16, _pow2(T))
-    p = k / T
-    mu = sample * p
-    r = min(sample, int(math.ceil(mu + 4.0 * math.sqrt(mu * (1.0 - p)) + 1.0)))
-    return dict(DIRECT=direct, NB=nb, SB=sb, CAP=cap, KP=kp, R_SAMPLE=max(1, r), CHUNK=min(2048, cap))
+    return dict(DIRECT=direct, NB=nb, SB=sb, CAP=cap, KP=kp, R_SAMPLE=r, CHUNK=min(2048, cap))
 
 
 def supported(logits: torch.Tensor, k: int) -> bool:
