@@ -117,8 +117,9 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
     32K-128K keys win, sorted and unsorted (logits + top-k 1.0-2.1x faster than with torch.topk).
     Eagerly, few rows lose to the host cost of three or four Triton launches (~20 us each); the kernel
     wins from 256 rows at 16K-32K keys (1024 x 32K: 1.2x sorted, 1.9x unsorted) and past 128K keys
-    (256 x 256K: 1.6x / 1.8x); it loses at 64K-128K keys (a row in a thousand takes the slow exact
-    fallback there) and at 8K keys; unmeasured shapes go to torch.topk.
+    (256 x 256K: 1.6x / 1.8x); it lost at 64K-128K keys (a row in a thousand took the slow exact
+    fallback there, before ``MARGIN_SD``; not re-measured since) and at 8K keys; unmeasured shapes go
+    to torch.topk.
     """
     if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
         return True
@@ -200,7 +201,9 @@ def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
 
 def rank_sort_wins(R: int, k: int) -> bool:
     """Whether the rank sort (k^2 comparisons a row, spread over programs) beats the bitonic sort in the
-    select program: for few rows, where the bitonic network would run on a few SMs only."""
+    select program: for few rows, where the bitonic network would run on a few SMs only (run 5, CUDA
+    graphs, k = 2048: the rank sort adds 5 us at 1 x 32K, 12 us at 4 x 128K, 42 us at 16 x 32K; the
+    bitonic sort ~37 us at 64 x 32K)."""
     return R * k <= 32 * 2048
 
 
@@ -231,7 +234,7 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False):
         RECORD_PATH=path is not None, num_warps=8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4,
     )
     if rank_sort:
-        rb = max(1, 32768 // p["KP"])
+        rb = min(p["KP"], max(1, 32768 // p["KP"]))  # a [RB, KP] comparison tile a program
         h = kern["rank_sort"][(R, -(-k // rb))](
             x2d, sel, out2d, k, x2d.stride(0), x2d.stride(1), sel.stride(0), out2d.stride(0), out2d.stride(1),
             KP=p["KP"], RB=rb, num_warps=8)

@@ -3,8 +3,9 @@
 Top-k: fresh random rows at prefill sizes (1024 x 32K, rows up to 300K keys) and decode batches (1-64),
 k = 2048 and others, -inf padding, all-masked rows, repeated values, k = T; the selection, tie rule and
 order are checked by ``tests/topk_cases.check`` against torch.topk, and random rows must take a fast
-path (the exact fallback only where the sample misleads). CUDA graphs: the fused logits + top-k replay
-under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
+path (the exact fallback only where the sample misleads); every launch variant (split counts, bitonic and
+rank sort, run 4's one-program kernel) at card sizes. CUDA graphs: the split path and the fused logits +
+top-k replay under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
 Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
 """
 
