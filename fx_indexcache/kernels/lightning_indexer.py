@@ -19,9 +19,10 @@ Blocks that the mask hides completely are written as ``-inf`` without any arithm
 queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
 tensor-core work is wasted on padding rows.
 
-Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, one filtering
-pass, an exact select held on chip, sorted in the same kernel when asked) where it measured faster than
-``torch.topk`` (``topk.faster_than_torch``: rows of 8K-32K keys), others to ``torch.topk``
+Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, a filtering
+pass split over programs when rows are few, an exact select held on chip, an in-kernel sort when asked)
+where it measured faster than ``torch.topk`` (``topk.faster_than_torch``: decode batches under CUDA-graph
+capture, >= 256 rows of 16K-32K or > 128K keys eagerly), others to ``torch.topk``
 (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
@@ -455,7 +456,9 @@ def indexer_topk(
 
     ``method``: "triton" (``topk.row_topk``: sampled threshold, one filtering pass, exact select on chip;
     CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies and measured faster
-    (``topk.faster_than_torch``), else torch.
+    (``topk.faster_than_torch``; while a CUDA graph is being captured, by the graph-replay measurement, so
+    the eager warm-up of Inductor's cudagraph trees may take torch.topk and the replays the kernel: the
+    same set, but ties and unsorted order may differ between them), else torch.
     ``sorted=True``: descending score order (with "triton": equal scores by ascending index), so masked
     (-inf) keys come after all visible ones. Unsorted: with "triton", keys above the k-th score in index
     order, then the threshold ties; with "torch", torch's order. Ties at the k-th score: "triton" takes
@@ -470,7 +473,8 @@ def indexer_topk(
         raise ValueError(f"unknown top-k method {method!r}")
     rows = logits.numel() // max(1, T)
     use_triton = method == "triton" or (
-        method == "auto" and _tk.supported(logits, kk) and _tk.faster_than_torch(rows, T, kk, sorted))
+        method == "auto" and _tk.supported(logits, kk)
+        and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing()))
     if use_triton:
         idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:
