@@ -11,7 +11,8 @@ by every call, greedy, ``disable_compile=True`` (only this compile runs), and a 
 [chunk, 64, T] fp32 indexer logits of transformers' code must fit). Decode tokens/s = batch x new tokens /
 (t(generate 1 + N tokens) - t(generate 1 token)), best of ``--repeats``; the compile is excluded (a first call per
 prompt length warms up). ours = ``IndexCacheBackend(index_topk_freq=4, index_skip_topk_offset=1,
-fuse_indexer_kernel=...)`` (``--fused``: the backend's CUDA default). Writes generate.{json,md} and generate_log.txt.
+fuse_indexer_kernel=...)`` (``ours_f4_fused``: the backend's CUDA default). ``--prewarm`` compiles every variant
+in a worker process first, all at once (``benchmarks/prewarm.py``). Writes generate.{json,md} and generate_log.txt.
 ``--smoke``: the tiny model on the CPU (checks the script).
 """
 
@@ -28,8 +29,20 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from benchmarks.prewarm import add_arguments, describe, prewarm, uses_cache  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
 from fx_indexcache.models import tiny_transformers  # noqa: E402
+
+VARIANTS = ("inductor", "ours_f4", "ours_f4_fused")
+
+
+def backend_for(name: str):
+    """plain Inductor all-F; ours at freq 4 (offset 1) with IndexCache alone, or with the fused kernel too."""
+    if name == "inductor":
+        return "inductor"
+    if name not in VARIANTS:
+        raise ValueError(f"--variants: {name!r} is not one of {VARIANTS}")
+    return IndexCacheBackend(index_topk_freq=4, index_skip_topk_offset=1, fuse_indexer_kernel=name.endswith("fused"))
 
 REALISTIC = dict(
     hidden_size=2048, intermediate_size=4096, moe_intermediate_size=1024, num_attention_heads=16,
@@ -85,7 +98,7 @@ class GenerateBench:
             best = min(best, time.perf_counter() - t)
         return best
 
-    def run_variant(self, name: str, backend) -> None:
+    def run_variant(self, name: str, backend, compile_only: bool = False) -> None:
         from transformers import StaticCache
 
         torch._dynamo.reset()
@@ -102,6 +115,9 @@ class GenerateBench:
             with torch.no_grad():
                 out = self.generate(ids, self.a.new_tokens + 1, cache)  # warm-up: compiles prefill and decode
             warm = time.time() - t
+            if compile_only:
+                self.log(f"{name} P={P}: compiled (warm-up {warm:.1f}s)")
+                return
             prefill = self.timed(ids, 1, cache)
             full = self.timed(ids, self.a.new_tokens + 1, cache)
             row = dict(variant=name, prompt=P, warmup_s=round(warm, 1), prefill_s=round(prefill, 4),
@@ -141,17 +157,34 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--fused", action="store_true", help="ours with the fused indexer kernel (the CUDA default)")
+    ap.add_argument("--variants", default="inductor,ours_f4_fused", help=f"comma list of {VARIANTS}")
     ap.add_argument("--smoke", action="store_true")
+    add_arguments(ap)
     a = ap.parse_args()
+    names = a.variants.split(",")
+    backends = {n: backend_for(n) for n in names}
     if a.smoke:
         a.prompts, a.new_tokens, a.chunk, a.layers = "12,20", 4, 8, 3
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
+    warmed = None
+    if a.prewarm or a.prewarm_only:
+        t = time.time()
+        args = ["--layers", str(a.layers), "--batch", str(a.batch), "--prompts", a.prompts, "--new-tokens",
+                str(a.new_tokens), "--chunk", str(a.chunk), "--out", os.path.join(a.out, "prewarm")]
+        warmed = prewarm(__file__, names, args + (["--smoke"] if a.smoke else []), os.path.join(a.out, "prewarm"),
+                         a.prewarm_timeout_s)
+        a.budget_s -= time.time() - t
+    # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
+    torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = GenerateBench(a)
-    ours = IndexCacheBackend(index_topk_freq=4, index_skip_topk_offset=1, fuse_indexer_kernel=a.fused)
-    bench.run_variant("inductor", "inductor")
-    bench.run_variant("ours_f4" + ("_fused" if a.fused else ""), ours)
+    if warmed is not None:
+        bench.env["prewarm"] = describe(warmed)
+        bench.log(bench.env["prewarm"])
+    for name in names:
+        bench.run_variant(name, backends[name], compile_only=a.compile_only)
+    if a.compile_only:
+        return
     print(open(os.path.join(a.out, "generate.md")).read())
 
 

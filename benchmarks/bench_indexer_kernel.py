@@ -12,6 +12,7 @@ Sections (each writes its rows as it goes; one failing section does not stop the
   * ``prefill``: logits + top-k against the logits roofline (the target: >= 65 % at S >= 1024, T >= 32K);
   * ``decode``: logits + top-k replayed in a CUDA graph (the target: <= 25 us at 1 x 32K, <= 0.25 ms at
     64 x 32K), with torch.topk for comparison;
+  * ``splits``: the split-row top-k at several split counts a row (tunes ``topk.split_plan``);
   * ``table``: the per-shape table of runs 1-3 (logits, top-k, fused, Inductor-compiled transformers code).
 
 Measures, on the card it runs on and in the same process:
@@ -194,7 +195,7 @@ TOPK_SHAPES = [  # (rows, T, k): prefill rows (R = S queries of one sequence) an
     (1024, 32768, 512), (1, 32768, 2048), (16, 32768, 2048), (64, 32768, 2048), (4, 131072, 2048),
 ]
 PREFILL_SHAPES = [(1, 1024, 32768), (1, 2048, 32768), (1, 1024, 65536), (1, 1024, 131072)]
-DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (64, 131072)]
+DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (4, 131072), (1, 131072), (64, 131072)]
 
 
 class Log:
@@ -252,23 +253,60 @@ def section_topk(env, log, quick: bool) -> list[dict]:
         x = causal_logits(1, R, T, seed=R + T) if R > 64 else causal_logits(R, 1, T, seed=R + T)
         x2d = x.reshape(-1, T)
         row = dict(R=R, T=T, k=k, floor_ms=(R * T * 4 + R * k * 4) / (env["copy_tbs"] * 1e12) * 1e3)
-        for name, fn in (
+        out = torch.empty(R, k, dtype=torch.int32, device="cuda")
+        variants = [
             ("torch_sorted", lambda: torch.topk(x2d, k, dim=-1, sorted=True)),
             ("torch_unsorted", lambda: torch.topk(x2d, k, dim=-1, sorted=False)),
             ("triton_sorted", lambda: tk.row_topk(x2d, k, sorted=True)),
             ("triton_unsorted", lambda: tk.row_topk(x2d, k, sorted=False)),
-        ):
+            ("one_program_sorted", lambda: tk._launch(x2d, out, k, sorted=True, algorithm="one_program")),
+            ("one_program_unsorted", lambda: tk._launch(x2d, out, k, algorithm="one_program")),
+        ]
+        if R <= 256:  # which sort wins for few rows decides ``rank_sort_wins``
+            variants += [("sorted_bitonic", lambda: tk._launch(x2d, out, k, sorted=True, sort="bitonic")),
+                         ("sorted_rank", lambda: tk._launch(x2d, out, k, sorted=True, sort="rank"))]
+        for name, fn in variants:
             row[name + "_ms"] = bench(fn)
         row["exact_sorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=True), k)
         row["exact_unsorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=False), k)
+        for sort in ("bitonic", "rank") if R <= 256 else ():
+            tk._launch(x2d, out, k, sorted=True, sort=sort)
+            row["exact_sorted"] &= topk_exact(x2d, out, k)
         row.update(path_shares(x2d, k))
+        row["splits"] = tk.split_plan(R, T)["NSPLIT"]
         row["speedup_sorted"] = row["torch_sorted_ms"] / row["triton_sorted_ms"]
+        row["speedup_unsorted"] = row["torch_unsorted_ms"] / row["triton_unsorted_ms"]
         rows.append(row)
-        log(f"topk {R}x{T} k={k}: torch {row['torch_sorted_ms']:.4f}/{row['torch_unsorted_ms']:.4f} triton "
-            f"{row['triton_sorted_ms']:.4f}/{row['triton_unsorted_ms']:.4f} ms (sorted/unsorted), floor "
+        log(f"topk {R}x{T} k={k} ({row['splits']} splits): torch {row['torch_sorted_ms']:.4f}/{row['torch_unsorted_ms']:.4f}"
+            f" triton {row['triton_sorted_ms']:.4f}/{row['triton_unsorted_ms']:.4f} run-4 kernel "
+            f"{row['one_program_sorted_ms']:.4f}/{row['one_program_unsorted_ms']:.4f} bitonic/rank sort "
+            f"{row.get('sorted_bitonic_ms')}/{row.get('sorted_rank_ms')} ms (sorted/unsorted), floor "
             f"{row['floor_ms']:.4f}, exact {row['exact_sorted']}/{row['exact_unsorted']}, paths "
             f"{ {n: round(row[n], 3) for n in ('direct', 'candidates', 'ties', 'fallback')} }")
-        del x, x2d
+        del x, x2d, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+SPLIT_SWEEP = [  # (rows, T, split counts): what ``topk.split_plan``'s TARGET_PROGRAMS is tuned from
+    (1024, 32768, (1, 2, 4)), (256, 262144, (1, 2, 4, 8)), (64, 32768, (4, 8, 16, 32)), (1, 32768, (8, 16, 32)),
+    (4, 131072, (16, 64, 128)),
+]
+
+
+def section_splits(env, log, quick: bool) -> list[dict]:
+    """Unsorted split-algorithm top-k (k = 2048) at several split counts a row (the plan's choice marked)."""
+    rows = []
+    for R, T, counts in SPLIT_SWEEP[2:4] if quick else SPLIT_SWEEP:
+        x2d = (causal_logits(1, R, T, seed=R + T) if R > 64 else causal_logits(R, 1, T, seed=R + T)).reshape(-1, T)
+        out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+        chosen = tk.split_plan(R, T)["NSPLIT"]
+        for n in counts:
+            ms = bench(lambda: tk._launch(x2d, out, TOPK, splits=n))
+            exact = topk_exact(x2d, out, TOPK)
+            rows.append(dict(R=R, T=T, splits=tk.split_plan(R, T, n)["NSPLIT"], ms=ms, exact=exact, plan=n == chosen))
+            log(f"splits {R}x{T}: {n} splits {ms:.4f} ms exact {exact}{' (plan)' if n == chosen else ''}")
+        del x2d, out
         torch.cuda.empty_cache()
     return rows
 
@@ -281,8 +319,9 @@ def section_prefill(env, log, quick: bool) -> list[dict]:
         _, f_comp, f_mem, _ = floors(B, S, T, env["bf16_tflops"], env["copy_tbs"])
         floor = max(f_comp, f_mem)
         t_logits = bench(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
-        t_sorted = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK))
-        t_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
+        t_sorted = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="triton"))
+        t_uns = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False,
+                                           method="triton"))
         t_torch = bench(lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="torch"))
         row = dict(B=B, S=S, T=T, logits_ms=t_logits, logits_floor_ms=floor, fused_sorted_ms=t_sorted,
                    fused_unsorted_ms=t_uns, fused_torch_topk_ms=t_torch,
@@ -310,9 +349,12 @@ def section_decode(env, log, quick: bool) -> list[dict]:
         row = dict(B=B, T=T, k_read_floor_ms=B * T * D * 2 / (env["copy_tbs"] * 1e12) * 1e3)
         for name, fn in (
             ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
-            ("fused_sorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK)),
-            ("fused_unsorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
+            ("fused_sorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="triton")),
+            ("fused_unsorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False,
+                                                    method="triton")),
             ("fused_torch_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, method="torch")),
+            ("fused_torch_topk_unsorted", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK,
+                                                               sorted=False, method="torch")),
         ):
             try:
                 row[name + "_graph_ms"] = graph_ms(fn)
@@ -339,12 +381,15 @@ def markdown(env, sections: dict) -> str:
              "Times: ms, do_bench medians (L2 flushed) unless marked 'CUDA graph'.", ""]
     if sections.get("topk"):
         lines += ["## Top-k: Triton (kernels/topk.py) vs torch.topk, on the kernel's own causal logits", "",
-                  "| rows × T | k | torch sorted / unsorted | Triton sorted / unsorted | speed-up (sorted) | read-once floor |"
-                  " exact | rows: candidates / ties / fallback / direct |", "|---|---|---|---|---|---|---|---|"]
+                  "| rows × T | k | splits | torch sorted / unsorted | Triton sorted / unsorted | speed-up sorted / unsorted |"
+                  " run-4 kernel sorted / unsorted | bitonic / rank sort | read-once floor | exact |"
+                  " rows: candidates / ties / fallback / direct |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sections["topk"]:
-            lines.append(f"| {r['R']}×{r['T']} | {r['k']} | {fmt(r['torch_sorted_ms'])} / {fmt(r['torch_unsorted_ms'])} | "
-                         f"{fmt(r['triton_sorted_ms'])} / {fmt(r['triton_unsorted_ms'])} | {r['speedup_sorted']:.1f}× | "
-                         f"{fmt(r['floor_ms'])} | {r['exact_sorted'] and r['exact_unsorted']} | "
+            lines.append(f"| {r['R']}×{r['T']} | {r['k']} | {r['splits']} | {fmt(r['torch_sorted_ms'])} / "
+                         f"{fmt(r['torch_unsorted_ms'])} | {fmt(r['triton_sorted_ms'])} / {fmt(r['triton_unsorted_ms'])} | "
+                         f"{r['speedup_sorted']:.1f}× / {r['speedup_unsorted']:.1f}× | {fmt(r['one_program_sorted_ms'])} / "
+                         f"{fmt(r['one_program_unsorted_ms'])} | {fmt(r.get('sorted_bitonic_ms'))} / "
+                         f"{fmt(r.get('sorted_rank_ms'))} | {fmt(r['floor_ms'])} | {r['exact_sorted'] and r['exact_unsorted']} | "
                          f"{r['candidates']:.3f} / {r['ties']:.3f} / {r['fallback']:.3f} / {r['direct']:.3f} |")
         lines.append("")
     if sections.get("prefill"):
@@ -359,12 +404,19 @@ def markdown(env, sections: dict) -> str:
         lines.append("")
     if sections.get("decode"):
         lines += ["## Decode (S = 1): logits + top-k (k = 2048) replayed in a CUDA graph", "",
-                  "| B×T | logits | + Triton top-k sorted | + unsorted | + torch.topk sorted | k-read floor |",
-                  "|---|---|---|---|---|---|"]
+                  "| B×T | logits | + Triton top-k sorted | + unsorted | + torch.topk sorted | + unsorted | k-read floor |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sections["decode"]:
             lines.append(f"| {r['B']}×{r['T']} | {fmt(r['logits_graph_ms'], 4)} | {fmt(r['fused_sorted_graph_ms'], 4)} | "
                          f"{fmt(r['fused_unsorted_graph_ms'], 4)} | {fmt(r['fused_torch_topk_graph_ms'], 4)} | "
+                         f"{fmt(r.get('fused_torch_topk_unsorted_graph_ms'), 4)} | "
                          f"{fmt(r['k_read_floor_ms'], 4)} |")
+        lines.append("")
+    if sections.get("splits"):
+        lines += ["## Split sweep: unsorted Triton top-k (k = 2048) by split count a row", "",
+                  "| rows × T | splits | ms | exact | the plan's |", "|---|---|---|---|---|"]
+        for r in sections["splits"]:
+            lines.append(f"| {r['R']}×{r['T']} | {r['splits']} | {fmt(r['ms'], 4)} | {r['exact']} | {'yes' if r['plan'] else ''} |")
         lines.append("")
     if sections.get("table"):
         lines += table_markdown(sections["table"])
@@ -505,6 +557,7 @@ def main():
         "topk": lambda: section_topk(env, log, args.quick),
         "prefill": lambda: section_prefill(env, log, args.quick),
         "decode": lambda: section_decode(env, log, args.quick),
+        "splits": lambda: section_splits(env, log, args.quick),
         "table": lambda: section_table(env, log, args, deadline),
     }
     names = (["sweep"] if args.sweep else []) + [n for n in args.sections.split(",") if n]

@@ -57,7 +57,11 @@ CONFIG_KEYS = (
     "indexer_types",
     "drop_shared_indexer_cache_writes",
     "fuse_indexer_kernel",
+    "indexer_precision",
 )
+
+#: ``indexer_precision`` values: "bf16" is the exact path, "fp8" the serving engines' scoring (see the field).
+INDEXER_PRECISIONS = ("bf16", "fp8")
 
 _INDEXER_TYPES = {"full": FULL, "shared": SHARED}
 
@@ -84,7 +88,11 @@ class IndexCacheConfig:
     run as one fused Triton kernel where it is proven equivalent and supported (CUDA, bf16/fp16);
     elsewhere Inductor's code stays. Left at None it means "fuse when IndexCache is on": with
     ``use_index_cache=False`` the graph is then left exactly as it is, and only an explicit
-    ``fuse_indexer_kernel=True`` substitutes the kernel on its own. ``switch`` records why
+    ``fuse_indexer_kernel=True`` substitutes the kernel on its own. ``indexer_precision`` is how the fused
+kernel scores: "bf16" (default) is the exact path; "fp8" quantises keys per token and queries per token
+and head to float8 e4m3 and multiplies them on fp8 tensor cores, as vLLM and DeepSeek's own inference run
+V3.2 -- it changes the scores (and some selected keys), so it is opt-in, and it applies only where the
+fused kernel runs (elsewhere the layer stays exact and the report's ``precision`` rows say why). ``switch`` records why
     ``use_index_cache`` is what it is (not part of the semantics, nor of the fingerprint).
     """
 
@@ -96,6 +104,7 @@ class IndexCacheConfig:
     num_layers: int | None = None
     drop_shared_indexer_cache_writes: bool = False
     fuse_indexer_kernel: bool | None = None
+    indexer_precision: str = "bf16"
     switch: Switch = dataclasses.field(default=Switch.GIVEN, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +114,9 @@ class IndexCacheConfig:
             raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes, "a bool")
         if self.fuse_indexer_kernel is not None and not isinstance(self.fuse_indexer_kernel, bool):
             raise _bad("fuse_indexer_kernel", self.fuse_indexer_kernel, "a bool or None (fuse when IndexCache is on)")
+        if not isinstance(self.indexer_precision, str) or self.indexer_precision not in INDEXER_PRECISIONS:
+            raise _bad("indexer_precision", self.indexer_precision,
+                       'one of "bf16" (exact, the default) or "fp8" (e4m3 keys with per-token scales, fused kernel only)')
         _check_positive_int("index_topk_freq", self.index_topk_freq)
         _check_positive_int("index_skip_topk_offset", self.index_skip_topk_offset)
         if self.num_layers is not None:

@@ -16,13 +16,24 @@ import torch
 
 from fx_indexcache.fuse.kernels import topk as tk
 
-#: (name, rows, T, k, cap, sample, row kinds, expected paths on randn rows) -- small capacities, so that
-#: short rows take every path of the kernel.
+#: (name, rows, T, k, launch options, row kinds, expected paths on randn rows) -- small capacities, so
+#: that short rows take every path of both algorithms (split rows: several programs a row count, then write;
+#: sorted output by the select program's bitonic sort or by the rank sort: "auto" picks rank for these few rows).
 CASES = [
-    ("direct", 3, 50, 7, None, None, ("randn", "zeros", "ties"), {0}),
-    ("candidates", 2, 1000, 16, 256, 64, ("randn", "masked", "ties", "allmasked"), {1}),
-    ("fallback_capacity", 2, 1000, 40, 64, 64, ("randn",), {3}),
-    ("k_equals_T", 2, 300, 300, 64, 64, ("allmasked", "wide"), None),
+    ("direct", 3, 50, 7, {}, ("randn", "zeros", "ties"), {0}),
+    ("candidates", 2, 1000, 16, dict(cap=256, sample=128), ("randn", "masked", "ties", "allmasked"), {1}),
+    ("split_candidates", 2, 1000, 16, dict(cap=256, sample=128, splits=3),
+     ("randn", "masked", "ties", "allmasked", "zeros"), {1}),
+    ("split_bitonic_sort", 2, 1000, 16, dict(cap=256, sample=128, splits=2, sort="bitonic"),
+     ("randn", "ties", "allmasked"), {1}),
+    ("split_rank_sort_large_k", 3, 700, 600, dict(cap=256, sample=128, splits=3, sort="rank"),
+     ("randn", "ties", "masked", "wide"), None),
+    ("split_fallback", 2, 1000, 40, dict(cap=64, sample=64, splits=4), ("randn",), {3}),
+    ("fallback_capacity", 2, 1000, 40, dict(cap=64, sample=64), ("randn",), {3}),
+    ("k_equals_T", 2, 300, 300, dict(cap=64, sample=64, splits=2), ("allmasked", "wide"), None),
+    ("one_program", 2, 1000, 16, dict(cap=256, sample=128, algorithm="one_program"),
+     ("randn", "ties", "allmasked"), {1}),
+    ("one_program_fallback", 2, 1000, 40, dict(cap=64, sample=64, algorithm="one_program"), ("randn",), {3}),
 ]
 
 
@@ -71,15 +82,19 @@ def check(x: torch.Tensor, k: int, sorted_: bool, where: str = "", **launch) -> 
 
 def main() -> None:
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    seen = set()
-    for name, R, T, k, cap, sample, kinds, paths in CASES:
+    seen = {"split": set(), "one_program": set()}
+    for name, R, T, k, launch, kinds, paths in CASES:
+        if "splits" in launch:  # not vacuous: the row really is cut into several programs
+            assert tk.split_plan(R, T, launch["splits"])["NSPLIT"] > 1, name
         for kind in kinds:
             for sorted_ in (False, True):
-                where = f"{name} {kind} sorted={sorted_} R={R} T={T} k={k} cap={cap} sample={sample}"
-                got = check(rows(kind, R, T, g), k, sorted_, where, cap=cap, sample=sample)
+                where = f"{name} {kind} sorted={sorted_} R={R} T={T} k={k} {launch}"
+                got = check(rows(kind, R, T, g), k, sorted_, where, **launch)
                 if paths is not None and kind == "randn":
                     assert set(got.tolist()) <= paths, f"{where}: paths {got.tolist()}, expected {paths}"
-                seen |= set(got.tolist())
+                seen[launch.get("algorithm", "split")] |= set(got.tolist())
+    assert seen["split"] >= {1, 2, 3} and seen["one_program"] >= {1, 2, 3}, f"paths exercised: {seen}"
+    seen = seen["split"] | seen["one_program"]
     assert seen == {0, 1, 2, 3}, f"paths exercised: {sorted(seen)}"  # not passing vacuously
     print("ok", sorted(seen))
 

@@ -38,6 +38,10 @@ code the difference is ~1.2e-3, because Inductor (``emulate_precision_casts=Fals
 cast to bf16 and the cast back and skips that rounding; with ``emulate_precision_casts=True`` it
 agrees with the fused path to 7e-6 as well. Top-k sets then agree except at near-ties (keys within
 ~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md.
+
+With ``precision="fp8"`` (the config's ``indexer_precision``) the score goes to ``indexer_logits_fp8`` instead
+(``kernels.indexer_fp8``: e4m3 q and k with per-row scales), where ``fp8_refusal`` admits the leaves; that op
+changes the scores by e4m3's rounding (~4 %), so it is never chosen unless asked for.
 """
 
 from __future__ import annotations
@@ -560,16 +564,23 @@ def match_indexer_score(site) -> ScoreMatch | str:
 
 @dataclasses.dataclass(frozen=True)
 class FusionRecord:
-    """What the substitution did at one indexer site: fused, or left as is and why."""
+    """What the substitution did at one indexer site: fused, or left as is and why.
+
+    ``precision``: how the fused op scores ("bf16": the exact kernel; "fp8": ``indexer_logits_fp8``).
+    ``fp8_refusal``: fp8 was asked for but the fp8 kernel cannot take this site (the bf16 kernel runs).
+    """
 
     site: str  # "layer 3", or the top-k node's name where the layer is unknown
     layer: int | None
     fused: bool
     detail: str  # fused: the leaves and scale; not fused: the reason
+    precision: str = "bf16"
+    fp8_refusal: str | None = None
 
     def note(self) -> str:
         if self.fused:
-            return f"{self.site}: fused indexer_logits ({self.detail})"
+            op = "indexer_logits_fp8" if self.precision == "fp8" else "indexer_logits"
+            return f"{self.site}: fused {op} ({self.detail})"
         return f"{self.site}: left as is: {self.detail}"
 
 
@@ -636,9 +647,12 @@ def _insert_steps(graph: fx.Graph, node: fx.Node, steps, mode) -> fx.Node:
     return node
 
 
-def _fused_op():
-    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
+def _fused_op(precision: str = "bf16"):
+    """The op that replaces the score: exact bf16 scoring, or the fp8 scoring of ``kernels.indexer_fp8``."""
+    from .kernels import indexer_fp8, lightning_indexer  # noqa: F401  (register the custom ops)
 
+    if precision == "fp8":
+        return torch.ops.fx_indexcache.indexer_logits_fp8.default
     return torch.ops.fx_indexcache.indexer_logits.default
 
 
@@ -647,6 +661,13 @@ def kernel_refusal(q, k, w, scale: float) -> str | None:
     from .kernels.lightning_indexer import unsupported_reason
 
     return unsupported_reason(q, k, w, scale=scale)
+
+
+def fp8_refusal(q, k, w, scale: float) -> str | None:
+    """Why the fp8 kernel cannot take these (fake) canonical leaves, or None (tests replace this off CUDA)."""
+    from .kernels.indexer_fp8 import fp8_unsupported_reason
+
+    return fp8_unsupported_reason(q, k, w, scale=scale)
 
 
 def _describe(m: ScoreMatch) -> str:
@@ -660,22 +681,28 @@ def _leaf_steps(match: ScoreMatch) -> list[list[tuple]]:
             _canonical_steps(match.w_roles, "bsh")]
 
 
-def _refusal(match: ScoreMatch) -> str | None:
-    """Why this proven site still cannot be rewritten (stride readers, kernel support), or None."""
-    if any(packet(u) is aten.as_strided for u in match.score.users):
-        return "the score is read through as_strided (stride-dependent)"
+def _check_leaves(match: ScoreMatch, check) -> str | None:
+    """``check(q, k, w, scale=...)`` on the fake canonical leaves; a failing check is a refusal."""
     values = [fake_value(n) for n in (match.q, match.k, match.w)]
     mode = _fake_mode(values)
     try:
         views = [_apply_fake(v, st, mode) for v, st in zip(values, _leaf_steps(match))]
-        why = kernel_refusal(*views, scale=match.scale)
+        return check(*views, scale=match.scale)
     except Exception as e:  # never let the check break compilation
-        why = f"check failed: {type(e).__name__}: {e}"
+        return f"check failed: {type(e).__name__}: {e}"
+
+
+def _refusal(match: ScoreMatch) -> str | None:
+    """Why this proven site still cannot be rewritten (stride readers, kernel support), or None."""
+    if any(packet(u) is aten.as_strided for u in match.score.users):
+        return "the score is read through as_strided (stride-dependent)"
+    why = _check_leaves(match, kernel_refusal)
     return None if why is None else f"fused kernel unsupported: {why}"
 
 
-def _rewrite(graph: fx.Graph, match: ScoreMatch) -> int:
-    """Replace ``match.score`` by the fused op (re-viewed to the score's layout); returns nodes removed."""
+def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int:
+    """Replace ``match.score`` by the fused op of ``precision`` (re-viewed to the score's layout); returns
+    nodes removed."""
     x = match.score
     mode = _fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
     before = set(graph.nodes)
@@ -684,7 +711,7 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch) -> int:
             q, k, w = (_insert_steps(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), _leaf_steps(match)))
             args = (q, k, w, False, float(match.scale), None)
             fake_args = (q.meta["val"], k.meta["val"], w.meta["val"], False, float(match.scale), None)
-            fused = _call(graph, _fused_op(), args, fake_args, mode)
+            fused = _call(graph, _fused_op(precision), args, fake_args, mode)
             result = _insert_steps(graph, fused, _restore_steps("bst", match.score_roles), mode)
         if tuple(result.meta["val"].shape) != tuple(fake_value(x).shape):
             raise RuntimeError(f"re-viewed result {tuple(result.meta['val'].shape)} is not the score's shape")
@@ -730,14 +757,16 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     return None
 
 
-def _site_name(site) -> tuple[str, int | None]:
+def site_name(site) -> tuple[str, int | None]:
+    """How records name a site: ("layer 3", 3), or the top-k node's name where the layer is unknown."""
     layer = getattr(site, "layer", None)
     anchor = getattr(site, "anchor", site)
     return (f"layer {layer}" if layer is not None else anchor.name), layer
 
 
-def substitute_fused_indexer(graph: fx.Graph, sites) -> list[FusionRecord]:
-    """Replace each live site's unmasked indexer score by one ``fx_indexcache::indexer_logits`` call.
+def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") -> list[FusionRecord]:
+    """Replace each live site's unmasked indexer score by one ``fx_indexcache::indexer_logits`` call
+    (``precision="fp8"``: ``indexer_logits_fp8`` where ``fp8_refusal`` finds nothing, else the bf16 op).
 
     ``sites``: ``TopkIndexerSite`` objects (e.g. ``detect(graph).sites``; sites whose top-k the
     IndexCache rewrite already deleted are skipped) or ``aten.topk`` nodes. A site is rewritten only
@@ -750,12 +779,16 @@ def substitute_fused_indexer(graph: fx.Graph, sites) -> list[FusionRecord]:
         anchor = getattr(site, "anchor", site)
         if getattr(anchor, "_erased", False) or anchor.graph is not graph:
             continue
-        name, layer = _site_name(site)
+        name, layer = site_name(site)
         match = match_indexer_score(site)
         why = match if isinstance(match, str) else _refusal(match)
+        applied, no_fp8 = "bf16", None
+        if why is None and precision == "fp8":
+            no_fp8 = _check_leaves(match, fp8_refusal)
+            applied = "fp8" if no_fp8 is None else "bf16"
         if why is None:
             try:
-                removed = _rewrite(graph, match)
+                removed = _rewrite(graph, match, applied)
             except Exception as e:
                 why = f"inserting the fused op failed: {type(e).__name__}: {e}"
         if why is not None:
@@ -765,7 +798,8 @@ def substitute_fused_indexer(graph: fx.Graph, sites) -> list[FusionRecord]:
             continue
         kept = _swap_topk(graph, anchor)
         topk_note = "top-k fx_indexcache::topk_indices" if kept is None else kept
-        records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}"))
+        records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}",
+                                    applied, no_fp8))
     if any(r.fused for r in records):
         graph.lint()
     return records

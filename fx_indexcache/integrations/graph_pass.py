@@ -16,6 +16,7 @@ from ..config import IndexCacheConfig
 from ..rewrite.cross_graph_build import pending_plan
 from ..detection.registry import detect, finders_fingerprint
 from ..graph_utils import fake_value
+from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..rewrite.regional import share_across_regions
 from ..report.graph_report import IndexCacheReport, publish
@@ -105,7 +106,7 @@ class IndexCachePass(CustomGraphPass):
         handled = {call.region for call in regional}  # their calls are reported one by one instead
         detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
         with trace.stage("fuse"):
-            kernel_records = self._fuse_indexers(graph, detection.sites)
+            kernel_records, precision = self._fuse_indexers(graph, detection.sites)
         trace.dump("after")
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
         report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
@@ -121,6 +122,7 @@ class IndexCachePass(CustomGraphPass):
                 graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
             )
         report.fusions = kernel_records
+        report.precision = precision
         stats = counters["fx_indexcache"]
         stats["indexers_fused"] += report.indexers_fused
         stats["graphs"] += 1
@@ -133,18 +135,29 @@ class IndexCachePass(CustomGraphPass):
         publish(report)
         return report
 
-    def _fuse_indexers(self, graph: fx.Graph, sites) -> list[FusionRecord]:
-        """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA.
+    def _fuse_indexers(self, graph: fx.Graph, sites) -> tuple[list[FusionRecord], list[PrecisionRecord]]:
+        """Swap the F layers' scoring for the fused kernel, only where some site lives on CUDA; with
+        ``indexer_precision`` other than bf16, also say per F layer whether that precision runs.
 
         With IndexCache off the graph stays exactly as it is unless the kernel was asked for
         explicitly (``fuse_indexer_kernel=True``).
         """
-        if not self.config.fuses_kernel:
-            return []
-        on_cuda = [s for s in sites if getattr(fake_value(s.indices), "is_cuda", False)]
-        if not on_cuda:
-            return []
-        return substitute_fused_indexer(graph, on_cuda)
+        def is_cuda(site) -> bool:
+            return getattr(fake_value(site.indices), "is_cuda", False)
+
+        live = [s for s in sites if not getattr(s.anchor, "_erased", False) and s.anchor.graph is graph]
+        on_cuda = [s for s in live if is_cuda(s)]
+        precision = self.config.indexer_precision
+        records = substitute_fused_indexer(graph, on_cuda, precision) if self.config.fuses_kernel and on_cuda else []
+        rows = precision_records(precision, live, records, fusion_enabled=self.config.fuses_kernel, on_cuda=is_cuda)
+        missed = [r for r in rows if r.reason is not None]
+        if missed:
+            log.warning(
+                "fx_indexcache: %s: indexer_precision=%r not applied at %d of %d F-layer indexers (%s); they score "
+                "exactly in bf16/fp32", graph.owning_module.__class__.__name__ if graph.owning_module else "graph",
+                precision, len(missed), len(rows), "; ".join(sorted({r.reason.value for r in missed})),
+            )
+        return records, rows
 
     def uuid(self) -> str:
         state = f"{self.config.fingerprint()}|starts={self.graph_starts_at_first_layer}|{_source_digest()}"

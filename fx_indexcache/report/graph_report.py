@@ -17,6 +17,7 @@ from ..rewrite.share import LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
     from ..rewrite.cross_graph_build import CrossGraphPlan
+    from ..fuse.precision import PrecisionRecord
     from ..fuse.substitute import FusionRecord
     from ..rewrite.regional import RegionCall
 
@@ -43,6 +44,7 @@ class IndexCacheReport:
     fusions: list[FusionRecord] = dataclasses.field(default_factory=list)  # the fused-kernel substitution, per site
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
     regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
+    precision: list[PrecisionRecord] = dataclasses.field(default_factory=list)  # per F site, when not bf16
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -94,6 +96,7 @@ class IndexCacheReport:
         if self.cache_bytes_saved:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
         lines.extend(r.note() for r in self.fusions)
+        lines.extend(r.note() for r in self.precision if r.reason is not None)  # applied: the fusion line says fp8
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())

@@ -3,8 +3,9 @@
 Top-k: fresh random rows at prefill sizes (1024 x 32K, rows up to 300K keys) and decode batches (1-64),
 k = 2048 and others, -inf padding, all-masked rows, repeated values, k = T; the selection, tie rule and
 order are checked by ``tests/topk_cases.check`` against torch.topk, and random rows must take a fast
-path (the exact fallback only where the sample misleads). CUDA graphs: the fused logits + top-k replay
-under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
+path (the exact fallback only where the sample misleads); every launch variant (split counts, bitonic and
+rank sort, run 4's one-program kernel) at card sizes. CUDA graphs: the split path and the fused logits +
+top-k replay under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
 Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
 """
 
@@ -50,6 +51,42 @@ def test_row_topk_exact(R, T, k, kind, sorted_):
     if kind == "randn":
         fallback = float((paths == 3).float().mean())
         assert fallback <= 0.02, f"{fallback:.1%} of random rows took the exact fallback"
+
+
+LAUNCH_VARIANTS = [  # (R, T, k, launch options): every split count, both sorts, run 4's kernel, at card sizes
+    (1, 32768, 2048, dict(sort="rank")), (1, 32768, 2048, dict(sort="bitonic")), (64, 32768, 2048, dict(sort="rank")),
+    (64, 32768, 2048, dict(splits=1)), (8, 131072, 2048, dict(splits=64, sort="rank")),
+    (300, 65536, 2048, dict(splits=4)), (3, 32768, 1000, dict(splits=7)), (2, 65536, 4096, dict(sort="rank")),
+    (32, 32768, 2048, dict(algorithm="one_program")),
+]
+
+
+@pytest.mark.parametrize("R,T,k,launch", LAUNCH_VARIANTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["randn", "ties", "masked"])
+@pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
+def test_row_topk_launch_variants(R, T, k, launch, kind, sorted_):
+    g = _gen()
+    x = topk_cases.rows(kind, R, T, g, device="cuda")
+    topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {launch} {kind} sorted={sorted_} seed={g.initial_seed()}",
+                     **launch)
+
+
+def test_row_topk_split_replays_in_a_cuda_graph():
+    """The split path (count, write, select, rank sort: four launches, fixed-size scratch) under capture."""
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    g = _gen()
+    x = torch.randn(4, 32768, device="cuda", generator=g)
+    assert tk.split_plan(4, 32768)["NSPLIT"] > 1 and tk.rank_sort_wins(4, 2048)
+    tk.row_topk(x, 2048, sorted=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tk.row_topk(x, 2048, sorted=True)
+    for _ in range(2):
+        x.copy_(torch.randn(4, 32768, device="cuda", generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(torch.gather(x, 1, out.long()), torch.topk(x, 2048, dim=-1).values)
 
 
 def test_indexer_topk_k_above_T_and_invalid_index():

@@ -1,9 +1,11 @@
 """GPU kernels for DSA indexers (Triton, imported lazily: this package imports without a GPU).
 
 The fused indexer (logits + top-k in one call) is ``lightning_indexer.lightning_indexer``; the graph
-substitution inserts the ``torch.ops.fx_indexcache.indexer_logits`` and ``topk_indices`` ops defined there.
+substitution inserts the ``torch.ops.fx_indexcache.indexer_logits`` (or ``indexer_logits_fp8``, from
+``indexer_fp8``) and ``topk_indices`` ops defined there.
 """
 
+from .indexer_fp8 import indexer_logits_fp8, indexer_logits_fp8_reference
 from .lightning_indexer import (
     LogitsConfig,
     default_config,
@@ -20,6 +22,8 @@ __all__ = [
     "LogitsConfig",
     "default_config",
     "indexer_logits",
+    "indexer_logits_fp8",
+    "indexer_logits_fp8_reference",
     "indexer_logits_reference",
     "indexer_topk",
     "is_supported",

@@ -19,15 +19,19 @@ Blocks that the mask hides completely are written as ``-inf`` without any arithm
 queries (decode) a second kernel puts the heads on the matrix unit's M side instead, so no
 tensor-core work is wasted on padding rows.
 
-Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, one filtering
-pass, an exact select held on chip, sorted in the same kernel when asked) where it measured faster than
-``torch.topk`` (``topk.faster_than_torch``: rows of 8K-32K keys), others to ``torch.topk``
+Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, a filtering
+pass split over programs when rows are few, an exact select held on chip, an in-kernel sort when asked)
+where it measured faster than ``torch.topk`` (``topk.faster_than_torch``: decode batches under CUDA-graph
+capture, >= 256 rows of 16K-32K or > 128K keys eagerly), others to ``torch.topk``
 (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
 the k-th score towards the lowest key index (torch.topk's tie choice is unspecified).
 ``invalid_index=-1`` replaces the index of every selected ``-inf`` key, for consumers that want an
 explicit marker.
+
+fp8 scoring (``indexer_fp8``, opt-in): the same two kernels with ``KSCALE`` read float8 e4m3 q and k, do the
+products on fp8 tensor cores and multiply each key's head sum by its per-token scale.
 
 Triton is imported lazily: this module imports (and its reference runs) on a machine without CUDA
 or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
@@ -74,14 +78,16 @@ def _triton():
 def _build_kernels(triton, tl):
     @triton.jit
     def _logits_prefill_kernel(
-        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr,
+        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
         S, T, H, scale,
         sqb, sqs, sqh, sqd,
         skb, skt, skd,
         swb, sws, swh,
         sob, sos, sot,
+        sksb,
         CAUSAL: tl.constexpr,
         HAS_KVLEN: tl.constexpr,
+        KSCALE: tl.constexpr,
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -122,6 +128,8 @@ def _build_kernels(triton, tl):
                 wh = tl.load(w_ptrs + h * swh, mask=s_ok, other=0.0).to(tl.float32) * scale
                 d = tl.dot(qh, kt_t)
                 acc += tl.maximum(d, 0.0) * wh[:, None]
+            if KSCALE:  # fp8 keys: the per-key scale (> 0) commutes with ReLU and the head sum
+                acc = acc * tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)[None, :]
             valid = rt[None, :] < kv_len
             if CAUSAL:
                 valid = valid & (rt[None, :] <= rs[:, None] + off)
@@ -129,14 +137,16 @@ def _build_kernels(triton, tl):
 
     @triton.jit
     def _logits_decode_kernel(
-        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr,
+        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
         S, T, H, scale,
         sqb, sqs, sqh, sqd,
         skb, skt, skd,
         swb, sws, swh,
         sob, sos, sot,
+        sksb,
         CAUSAL: tl.constexpr,
         HAS_KVLEN: tl.constexpr,
+        KSCALE: tl.constexpr,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -170,6 +180,8 @@ def _build_kernels(triton, tl):
             kt = tl.load(k_ptrs, mask=rt[:, None] < T, other=0.0)
             kt_t = tl.trans(kt)
             h_ok = rh < H
+            if KSCALE:
+                k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
             for i in range(SQ):
                 s = s_first + i
                 t_end = tl.where(s < S, T, 0)  # rows past S store nothing
@@ -180,6 +192,8 @@ def _build_kernels(triton, tl):
                 ws = ws.to(tl.float32) * scale
                 d = tl.dot(qs, kt_t)
                 logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+                if KSCALE:
+                    logit = logit * k_scale
                 valid = rt < kv_len
                 if CAUSAL:
                     valid = valid & (rt <= s + off)
@@ -336,19 +350,23 @@ def indexer_logits(
     return out
 
 
-def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig):
+def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig, k_scale=None):
     """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET).
 
-    Returns Triton's handle of the compiled kernel (registers, spills, PTX: see the benchmark).
+    ``k_scale`` (fp32 ``[B, T]``, unit stride over T): q and k are float8 e4m3 and each key's logit is
+    multiplied by its scale (``indexer_fp8``). Returns Triton's handle of the compiled kernel (registers,
+    spills, PTX: see the benchmark).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     kern = _triton()
     kv_arg = kv_lens if kv_lens is not None else out  # dummy pointer when unused
+    ks_arg = k_scale if k_scale is not None else out
     args = (
-        q, k, weights, out, kv_arg,
+        q, k, weights, out, kv_arg, ks_arg,
         S, T, H, scale,
         *q.stride(), *k.stride(), *weights.stride(), *out.stride(),
+        k_scale.stride(0) if k_scale is not None else 0,
     )
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))
@@ -356,7 +374,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
         return kern["decode"][grid](
             *args,
-            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
+            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -364,7 +382,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, cfg.block_s), B)
         return kern["prefill"][grid](
             *args,
-            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, D=D,
+            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_S=cfg.block_s, BLOCK_T=cfg.block_t,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -438,7 +456,9 @@ def indexer_topk(
 
     ``method``: "triton" (``topk.row_topk``: sampled threshold, one filtering pass, exact select on chip;
     CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies and measured faster
-    (``topk.faster_than_torch``), else torch.
+    (``topk.faster_than_torch``; while a CUDA graph is being captured, by the graph-replay measurement, so
+    the eager warm-up of Inductor's cudagraph trees may take torch.topk and the replays the kernel: the
+    same set, but ties and unsorted order may differ between them), else torch.
     ``sorted=True``: descending score order (with "triton": equal scores by ascending index), so masked
     (-inf) keys come after all visible ones. Unsorted: with "triton", keys above the k-th score in index
     order, then the threshold ties; with "torch", torch's order. Ties at the k-th score: "triton" takes
@@ -453,7 +473,8 @@ def indexer_topk(
         raise ValueError(f"unknown top-k method {method!r}")
     rows = logits.numel() // max(1, T)
     use_triton = method == "triton" or (
-        method == "auto" and _tk.supported(logits, kk) and _tk.faster_than_torch(rows, T, kk, sorted))
+        method == "auto" and _tk.supported(logits, kk)
+        and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing()))
     if use_triton:
         idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:

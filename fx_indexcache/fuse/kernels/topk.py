@@ -1,28 +1,39 @@
-"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, one filtering pass, an exact select on chip.
+"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, a filtering pass, an exact select on chip.
 
-One program owns one row. Scores become order-preserving int32 keys (a float's bits with the magnitude
-bits of negatives flipped compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in
-``torch.topk``). Rows of at most ``cap`` keys are selected directly in registers. Longer rows:
+Scores become order-preserving int32 keys (a float's bits with the magnitude bits of negatives flipped
+compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in ``torch.topk``). Rows of at
+most ``cap`` keys are selected directly in registers, one program a row. Longer rows (the default,
+"split" algorithm; ``_topk_split_triton.py``):
 
 1. **Sample.** ``NB`` blocks of ``SB`` contiguous keys spread evenly over the row; the ``r``-th largest
    sample key is a threshold ``L`` that, for ``r`` a few standard deviations above the expected count
-   ``k * NS / T``, has at least ``k`` and at most ``cap`` keys of the row above it (exact 32-step bitwise
-   search of the sample in registers).
-2. **Filter.** One pass over the row: keys ``> L`` go, in index order, to a per-row candidate buffer
-   (capacity ``cap``); keys ``== L`` to a tie buffer (the first ``k``, in index order).
-3. **Select.** If at least ``k`` keys lie above ``L``, the exact k-th key among the candidates is found
-   by the bitwise search in registers; else the k-th key is ``L`` itself and the ties fill up.
-   If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it), the program
-   falls back to the exact bitwise search over the whole row read from memory (slow, never wrong).
+   ``k * NS / T``, has at least ``k`` and at most ``cap`` keys of the row above it (exact bitwise search
+   of the sample in registers, two bits a step).
+2. **Filter** (grid rows x splits, a lean kernel so that many programs stream at once). Keys ``> L`` go,
+   in index order, to a per-row candidate buffer (capacity ``cap``); keys ``== L`` to a tie buffer (the
+   first ``k``, in index order). With enough rows (``split_plan``) one program reads its row once and
+   writes; with few rows (decode) each row is cut into up to ``TARGET_PROGRAMS / rows`` splits that
+   first count, then write at the offset the earlier splits' counts give (the row's second read comes
+   from L2), so index order holds across splits.
+3. **Select** (grid rows). If at least ``k`` keys lie above ``L``, the exact k-th key among the
+   candidates is found by the bitwise search in registers; else the k-th key is ``L`` itself and the
+   ties fill up. If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it),
+   the program falls back to the exact bitwise search over the whole row read from memory (slow, never
+   wrong).
+4. **Sort** (``sorted=True``): a bitonic ``tl.sort`` of packed (key, ~index) pairs in the select
+   program, or, for few rows (``rank_sort_wins``), a rank sort spread over ``k / RB`` programs a row.
+
+``algorithm="one_program"`` (``_launch``) is run 4's single kernel doing 1-4 in one program a row.
 
 Output (int32 indices): every key above the k-th key in index order, then the lowest-indexed keys equal
 to it. **Tie rule**: among keys equal to the k-th largest, the lowest indices are taken (torch.topk's
 choice is unspecified), so the *set* equals torch.topk's except at exact ties. ``-inf`` (masked) keys
-can only be selected as ties and come after every finite one. ``sorted=True`` sorts the k selected in
-the same program (descending score, ties by ascending index: a stable sort).
+can only be selected as ties and come after every finite one. ``sorted=True``: descending score, equal
+scores by ascending index (a stable sort).
 
-Everything stays on the device (no host sync, fixed-size buffers allocated per call): safe to capture
-in a CUDA graph. Measured against torch.topk in ``benchmarks/bench_indexer_kernel.py``.
+Everything stays on the device (no host sync, fixed-size buffers allocated per call, launch shapes from
+the input's shape only): safe to capture in a CUDA graph. Measured against torch.topk in
+``benchmarks/bench_indexer_kernel.py``.
 """
 
 import functools
@@ -43,39 +54,49 @@ def _kernels():
         from . import _topk_triton
     except Exception:  # pragma: no cover - no usable Triton here
         return None
-    return {"topk": _topk_triton._topk_kernel}
+    from . import _topk_split_triton
+
+    return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
+            "select": _topk_split_triton._select_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: Standard deviations of margin on both sides of the sampled threshold: fewer than k keys above it, or more
+#: than the capacity, each happen for a few rows in a million. (Run 5 took 4 on one side with a fixed
+#: capacity: ~1 row in 1000 fell back to the slow exact search at 64K-128K keys.)
+MARGIN_SD = 4.5
+
+
 def plan(T: int, k: int, *, cap: Optional[int] = None, sample: Optional[int] = None) -> dict:
     """Launch constants for rows of T keys: candidate capacity, sample shape and rank (see module doc).
 
-    The sample rank ``r`` is 4 standard deviations (plus one) above the expected number of sampled keys
-    among the row's top k, so a threshold below the k-th key is the rule; the capacity holds about
-    twice the expected survivors. Both only decide speed: a missed estimate falls back, exactly.
+    The sample rank ``r`` is ``MARGIN_SD`` standard deviations (plus one) above the expected number of
+    sampled keys among the row's top k, so a threshold below the k-th key is the rule; the capacity is
+    the row rank at which ``r`` sampled keys lie ``MARGIN_SD`` deviations below their expected count
+    (at least 4096 and 2k). Both only decide speed: a missed estimate falls back, exactly.
     """
     kp = max(16, _pow2(k))  # tiny blocks make odd layouts: never below 16 lanes
-    if cap is None:
-        cap = max(4096, 2 * kp) if T <= 65536 else max(8192, 2 * kp)
     if sample is None:  # about 32 sampled keys expected in the top k (a relative spread of ~18 %)
         sample = min(16384, max(2048, _pow2(math.ceil(32 * T / k))))
-    cap, sample = _pow2(cap), _pow2(sample)
+    sample = _pow2(sample)
     while sample > T:
         sample //= 2
+    p = k / T
+    mu = sample * p
+    r = max(1, min(sample, int(math.ceil(mu + MARGIN_SD * math.sqrt(mu * (1.0 - p)) + 1.0))))
+    if cap is None:  # m sampled keys expected above the capacity's rank, with (m - r) / sqrt(m) = MARGIN_SD
+        m = ((MARGIN_SD + math.sqrt(MARGIN_SD**2 + 4 * r)) / 2) ** 2
+        cap = max(4096, 2 * kp, math.ceil(m * T / sample))
+    cap = _pow2(cap)
     direct = T <= cap
     sb = min(32, sample)
     nb = sample // sb
-    if not direct and T < sample:  # the sample must fit: take the whole row instead
-        direct = True
     if direct:
         cap = max(16, _pow2(T))
-    p = k / T
-    mu = sample * p
-    r = min(sample, int(math.ceil(mu + 4.0 * math.sqrt(mu * (1.0 - p)) + 1.0)))
-    return dict(DIRECT=direct, NB=nb, SB=sb, CAP=cap, KP=kp, R_SAMPLE=max(1, r), CHUNK=min(2048, cap))
+    return dict(DIRECT=direct, NB=nb, SB=sb, CAP=cap, KP=kp, R_SAMPLE=r, CHUNK=min(2048, cap))
 
 
 def supported(logits: torch.Tensor, k: int) -> bool:
@@ -88,33 +109,87 @@ def supported(logits: torch.Tensor, k: int) -> bool:
     return 1 <= k <= min(T, MAX_K) and T <= MAX_ROW and _kernels() is not None
 
 
-def faster_than_torch(rows: int, T: int, k: int, sorted: bool) -> bool:
-    """Whether the kernel measured faster than torch.topk for this shape (H200, torch 2.11, Triton 3.6, run of
-    2026-12-01; benchmarks/results/indexer_kernel_topk_run1.md): rows of 8K-32K keys unsorted (1.1-1.4x),
-    and sorted only for few rows or small k (the in-kernel sort of 2048 int64 costs ~0.3 ms at 1024 rows).
-    Longer rows lose (the filtering pass is latency-bound: ~3 us per 2048-key chunk), 8K rows at 4096 rows too.
+def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False) -> bool:
+    """Whether the split kernel measured faster than torch.topk for this shape, sorted or not (H200, torch
+    2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md).
+
+    Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
+    32K-128K keys win, sorted and unsorted (logits + top-k 1.0-2.1x faster than with torch.topk).
+    Eagerly, few rows lose to the host cost of three or four Triton launches (~20 us each); the kernel
+    wins from 256 rows at 16K-32K keys (1024 x 32K: 1.2x sorted, 1.9x unsorted) and past 128K keys
+    (256 x 256K: 1.6x / 1.8x); it lost at 64K-128K keys (a row in a thousand took the slow exact
+    fallback there, before ``MARGIN_SD``; not re-measured since) and at 8K keys; unmeasured shapes go
+    to torch.topk.
     """
-    if not 8192 < T <= 32768:
+    if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
+        return True
+    if rows < 256:
         return False
-    return not sorted or rows <= 64 or k <= 512
+    return 16384 < T <= 32768 or T > 131072
+
+
+#: About this many programs keep the card's 132 SMs streaming: fewer rows are split into more programs.
+TARGET_PROGRAMS = 1024
+#: No split shorter than this (a split also recomputes the sampled threshold).
+MIN_SPLIT = 1024
+#: From this many rows one program a row streams fastest (run 5: 256 x 256K unsorted 0.37 ms with one
+#: split a row, 0.47 with two or four; 1024 x 32K 0.27 with one, 0.31 / 0.36 with two / four).
+ONE_SPLIT_ROWS = 256
+
+
+def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
+    """How the filtering pass cuts each row: ``NSPLIT`` programs of ``SEG`` keys (chunks of ``CHUNK``).
+
+    ``ONE_SPLIT_ROWS`` rows or more: one program a row (one read of the row); fewer rows are cut into
+    up to ``TARGET_PROGRAMS / R`` splits (never shorter than ``MIN_SPLIT``), which count first and write
+    second (the second read of a short row comes from L2).
+    """
+    if splits is None and R >= ONE_SPLIT_ROWS:
+        splits = 1
+    elif splits is None:
+        splits = max(1, min(TARGET_PROGRAMS // max(R, 1), T // MIN_SPLIT))
+        splits = 1 << (splits.bit_length() - 1)
+    splits = max(1, min(int(splits), T))
+    chunk = min(2048, _pow2(-(-T // splits)))
+    seg = -(-(-(-T // splits)) // chunk) * chunk
+    nsplit = -(-T // seg)
+    return dict(NSPLIT=nsplit, SEG=seg, CHUNK=chunk, NSPLIT_P=max(2, _pow2(nsplit)))
 
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
-            path: Optional[torch.Tensor] = None):
+            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split",
+            sort: str = "auto"):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
-    ``path`` (int32 ``[R]``), when given, receives the way each row went: 0 direct, 1 candidates above the
-    sampled threshold, 2 the threshold is the k-th key (ties fill up), 3 the exact fallback.
+    ``algorithm``: "split" (the default: filter and select launched apart, rows split over programs when
+    few) or "one_program" (run 4's single kernel, one program a row; kept to measure against). Rows of
+    at most the capacity always go to the single kernel's direct path. ``path`` (int32 ``[R]``), when
+    given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
+    threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
+    output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
+    selected at their ranks) or "auto" (``rank_sort_wins``).
     """
+    if algorithm not in ("split", "one_program"):
+        raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
+    if sort not in ("auto", "bitonic", "rank"):
+        raise ValueError(f"_launch: sort={sort!r}, expected 'auto', 'bitonic' or 'rank'")
+    p = plan(x2d.shape[1], k, cap=cap, sample=sample)
+    if p["DIRECT"] or algorithm == "one_program":
+        return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
+    rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
+    return _launch_split(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path, rank)
+
+
+def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
     R, T = x2d.shape
-    p = plan(T, k, cap=cap, sample=sample)
     if num_warps is None:  # few rows: one program must go fast; many: more programs per SM
         num_warps = 8 if R < 256 or p["NB"] * p["SB"] > 4096 or p["CAP"] > 8192 else 4
     scratch_rows = 1 if p["DIRECT"] else R
     cand_key = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
     cand_idx = torch.empty((scratch_rows, p["CAP"]), dtype=torch.int32, device=x2d.device)
     tie_idx = torch.empty((scratch_rows, p["KP"]), dtype=torch.int32, device=x2d.device)
+    p = dict(p)
     r_sample = p.pop("R_SAMPLE")
     return _kernels()["topk"][(R,)](
         x2d, out2d, cand_key, cand_idx, tie_idx, out2d if path is None else path,
@@ -122,6 +197,48 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
         x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
         SORTED=bool(sorted), RECORD_PATH=path is not None, num_warps=num_warps, **p,
     )
+
+
+def rank_sort_wins(R: int, k: int) -> bool:
+    """Whether the rank sort (k^2 comparisons a row, spread over programs) beats the bitonic sort in the
+    select program: for few rows, where the bitonic network would run on a few SMs only (run 5, CUDA
+    graphs, k = 2048: the rank sort adds 5 us at 1 x 32K, 12 us at 4 x 128K, 42 us at 16 x 32K; the
+    bitonic sort ~37 us at 64 x 32K)."""
+    return R * k <= 32 * 2048
+
+
+def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False):
+    """Filter (one launch, or count + write when rows are split), then select: see the module doc."""
+    R, T = x2d.shape
+    dev = x2d.device
+    cand_key = torch.empty((R, p["CAP"]), dtype=torch.int32, device=dev)
+    cand_idx = torch.empty((R, p["CAP"]), dtype=torch.int32, device=dev)
+    tie_idx = torch.empty((R, k), dtype=torch.int32, device=dev)
+    counts = torch.empty((R, sp["NSPLIT"], 2), dtype=torch.int32, device=dev)
+    thr = torch.empty((R,), dtype=torch.int32, device=dev)
+    kern = _kernels()
+    args = (x2d, cand_key, cand_idx, tie_idx, counts, thr, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
+            x2d.stride(0), x2d.stride(1))
+    consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"], num_warps=4)
+    grid = (R, sp["NSPLIT"])
+    if sp["NSPLIT"] == 1:
+        kern["filter"][grid](*args, PHASE=0, **consts)
+    else:
+        kern["filter"][grid](*args, PHASE=1, **consts)
+        kern["filter"][grid](*args, PHASE=2, **consts)
+    sel = torch.empty_like(out2d) if rank_sort else out2d
+    h = kern["select"][(R,)](
+        x2d, sel, cand_key, cand_idx, tie_idx, counts, sel if path is None else path,
+        T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1),
+        CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted) and not rank_sort,
+        RECORD_PATH=path is not None, num_warps=8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4,
+    )
+    if rank_sort:
+        rb = min(p["KP"], max(1, 32768 // p["KP"]))  # a [RB, KP] comparison tile a program
+        h = kern["rank_sort"][(R, -(-k // rb))](
+            x2d, sel, out2d, k, x2d.stride(0), x2d.stride(1), sel.stride(0), out2d.stride(0), out2d.stride(1),
+            KP=p["KP"], RB=rb, num_warps=8)
+    return h
 
 
 def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ DEFAULT_CHECKPOINT_NAME = "dsa_bytes_16l.safetensors"
 
 
 def default_checkpoint() -> Path:
-    """The checkpoint shipped inside the package (``fx_indexcache/reference/weights/``)."""
+    """The checkpoint shipped inside the package (``fx_indexcache/models/reference/weights/``)."""
     return Path(str(resources.files("fx_indexcache.models.reference") / "weights" / DEFAULT_CHECKPOINT_NAME))
 
 

@@ -1,0 +1,186 @@
+"""Triton code of the split-row top-k (``topk.row_topk``'s default for rows longer than the capacity).
+
+Three launches, none of them holding a long serial chain (see ``topk.py`` for the algorithm):
+``_filter_kernel`` (grid rows x splits) finds the sampled threshold and, per split, either writes the keys
+above it (one split a row: one read of the row) or only counts them (several splits: phase 1), then a
+second launch of the same kernel (phase 2) writes each split's survivors at the offset the counts of the
+splits before it give, so the candidate buffer keeps index order; ``_select_kernel`` (grid rows) picks
+the exact k-th key among the candidates, writes the indices and sorts them if asked.
+"""
+
+import triton
+import triton.language as tl
+
+from ._topk_triton import _exact_from_memory, _key, _sort_selected, _write_selected
+
+
+@triton.jit
+def _kth_key_fast(keys, K):
+    """The K-th largest of ``keys`` (int32, padding INT_MIN): the sign bit, bit 30, then 15 steps of two
+    bits, the three counts of a step packed in one int64 sum (21 bits each: at most 2^21 - 1 keys)."""
+    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
+    thr = tl.where(n_nonneg >= K, 0, -2147483648)
+    c = thr + (1 << 30)
+    thr = tl.where(tl.sum((keys >= c).to(tl.int32), axis=0) >= K, c, thr)
+    for i in range(15):
+        b = 28 - 2 * i  # this step decides bits b+1 and b
+        c1 = thr + (1 << b)
+        c2 = thr + (2 << b)
+        c3 = thr + (3 << b)
+        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
+                  + ((keys >= c3).to(tl.int64) << 42))
+        s = tl.sum(packed, axis=0)
+        n1 = (s & 0x1FFFFF).to(tl.int32)
+        n2 = ((s >> 21) & 0x1FFFFF).to(tl.int32)
+        n3 = (s >> 42).to(tl.int32)
+        thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
+    return thr
+
+
+@triton.jit
+def _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB: tl.constexpr, SB: tl.constexpr):
+    """The R_SAMPLE-th largest key of NB blocks of SB contiguous keys spread evenly over the row."""
+    starts = (tl.arange(0, NB).to(tl.int64) * T) // NB
+    pos = starts[:, None] + tl.arange(0, SB)[None, :]
+    sample = tl.reshape(_key(tl.load(x_row + pos * sxt)), [NB * SB])
+    return _kth_key_fast(sample, R_SAMPLE)
+
+
+@triton.jit
+def _split_base(cnt_ptr, row, split, NSPLIT, NSPLIT_P: tl.constexpr):
+    """Keys above / equal to the threshold in the splits before ``split`` (their phase-1 counts)."""
+    s = tl.arange(0, NSPLIT_P)
+    before = s < split
+    base = cnt_ptr + (row * NSPLIT + s) * 2
+    return (tl.sum(tl.load(base, mask=before, other=0), axis=0),
+            tl.sum(tl.load(base + 1, mask=before, other=0), axis=0))
+
+
+@triton.jit
+def _filter_kernel(
+    x_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, thr_ptr,
+    T, K, R_SAMPLE, SEG, NSPLIT,
+    sxr, sxt,
+    NB: tl.constexpr,
+    SB: tl.constexpr,
+    CHUNK: tl.constexpr,  # at most 32768: a chunk's two counts share one int32 (16 bits each)
+    CAP: tl.constexpr,
+    NSPLIT_P: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: the only split, writes; 1: counts only; 2: writes after phase 1
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    x_row = x_ptr + row * sxr
+    if PHASE == 2:
+        L = tl.load(thr_ptr + row)
+        n_gt, n_eq = _split_base(cnt_ptr, row, split, NSPLIT, NSPLIT_P)
+    else:
+        L = _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB, SB)
+        if split == 0:
+            tl.store(thr_ptr + row, L)
+        n_gt = L * 0
+        n_eq = L * 0
+    ck = cand_key_ptr + row * CAP
+    ci = cand_idx_ptr + row * CAP
+    ti = tie_idx_ptr + row * K
+    lo = split * SEG
+    hi = tl.minimum(lo + SEG, T)
+    co_next = lo + tl.arange(0, CHUNK)
+    x_next = tl.load(x_row + co_next.to(tl.int64) * sxt, mask=co_next < hi, other=0.0)
+    for c in range(0, tl.cdiv(hi - lo, CHUNK)):
+        co = co_next
+        ok = co < hi
+        kc = _key(x_next)
+        co_next = co + CHUNK  # the next chunk's load goes out before this one's scans
+        x_next = tl.load(x_row + co_next.to(tl.int64) * sxt, mask=co_next < hi, other=0.0)
+        gt = ok & (kc > L)
+        eq = ok & (kc == L)
+        both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # one scan and one sum for both counts
+        if PHASE != 1:
+            run = tl.cumsum(both, axis=0)
+            p_gt = n_gt + (run & 0xFFFF) - 1
+            p_eq = n_eq + (run >> 16) - 1
+            tl.store(ck + p_gt, kc, mask=gt & (p_gt < CAP))
+            tl.store(ci + p_gt, co, mask=gt & (p_gt < CAP))
+            tl.store(ti + p_eq, co, mask=eq & (p_eq < K))
+        tot = tl.sum(both, axis=0)
+        n_gt += tot & 0xFFFF
+        n_eq += tot >> 16
+    if PHASE != 2:
+        tl.store(cnt_ptr + (row * NSPLIT + split) * 2, n_gt)
+        tl.store(cnt_ptr + (row * NSPLIT + split) * 2 + 1, n_eq)
+
+
+@triton.jit
+def _select_kernel(
+    x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, path_ptr,
+    T, K, NSPLIT,
+    sxr, sxt, sor, sok,
+    CHUNK: tl.constexpr,
+    CAP: tl.constexpr,
+    KP: tl.constexpr,
+    NSPLIT_P: tl.constexpr,
+    SORTED: tl.constexpr,
+    RECORD_PATH: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sxr
+    o_row = out_ptr + row * sor
+    s = tl.arange(0, NSPLIT_P)
+    cnt = cnt_ptr + (row * NSPLIT + s) * 2
+    n_gt = tl.sum(tl.load(cnt, mask=s < NSPLIT, other=0), axis=0)
+    n_eq = tl.sum(tl.load(cnt + 1, mask=s < NSPLIT, other=0), axis=0)
+    ck = cand_key_ptr + row * CAP
+    ci = cand_idx_ptr + row * CAP
+    ti = tie_idx_ptr + row * K
+    offs = tl.arange(0, CAP)
+    if (n_gt <= CAP) & (n_gt >= K):
+        # the K-th key lies above the threshold: select among the candidates (index order kept)
+        okc = offs < n_gt
+        keys = tl.load(ck + offs, mask=okc, other=-2147483648)
+        idxs = tl.load(ci + offs, mask=okc, other=0)
+        _write_selected(o_row, sok, keys, idxs, _kth_key_fast(keys, K), K)
+        path = 1
+    elif (n_gt <= CAP) & (n_gt + n_eq >= K):
+        # the K-th key is the threshold: every candidate, then the lowest-indexed ties
+        okc = offs < n_gt
+        tl.store(o_row + offs.to(tl.int64) * sok, tl.load(ci + offs, mask=okc, other=0), mask=okc)
+        kk = tl.arange(0, KP)
+        okt = kk < K - n_gt
+        tl.store(o_row + (n_gt + kk).to(tl.int64) * sok, tl.load(ti + kk, mask=okt, other=0), mask=okt)
+        path = 2
+    else:  # the sample misled: exact, from memory (slow, never wrong)
+        _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK)
+        path = 3
+    if RECORD_PATH:
+        tl.store(path_ptr + row, path)
+    if SORTED:
+        tl.debug_barrier()  # the indices just written are read back by other threads
+        _sort_selected(x_row, sxt, o_row, sok, K, KP)
+
+
+@triton.jit
+def _rank_sort_kernel(
+    x_ptr, sel_ptr, out_ptr, K,
+    sxr, sxt, ssr, sor, sok,
+    KP: tl.constexpr,
+    RB: tl.constexpr,
+):
+    """Sorted output for few rows: each program places RB of the K selected indices at their rank
+    (the number of selected entries with a larger score, or an equal score and a lower index), so a
+    row's sort is spread over K / RB programs instead of one bitonic network on one SM."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sxr
+    s_row = sel_ptr + row * ssr
+    kk = tl.arange(0, KP)
+    okk = kk < K
+    all_idx = tl.load(s_row + kk, mask=okk, other=0)
+    all_key = _key(tl.load(x_row + all_idx.to(tl.int64) * sxt, mask=okk, other=0.0))
+    mine = tl.program_id(1) * RB + tl.arange(0, RB)
+    okm = mine < K
+    my_idx = tl.load(s_row + mine, mask=okm, other=0)
+    my_key = _key(tl.load(x_row + my_idx.to(tl.int64) * sxt, mask=okm, other=0.0))
+    ahead = (all_key[None, :] > my_key[:, None]) | (
+        (all_key[None, :] == my_key[:, None]) & (all_idx[None, :] < my_idx[:, None]))
+    rank = tl.sum((ahead & okk[None, :]).to(tl.int32), axis=1)
+    tl.store(out_ptr + row * sor + rank.to(tl.int64) * sok, my_idx, mask=okm)

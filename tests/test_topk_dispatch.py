@@ -1,0 +1,65 @@
+"""The Triton top-k's dispatch tables (``kernels.topk``) against the H200 measurement they come from.
+
+``faster_than_torch`` may send a shape to the kernel only where run 5 measured the kernel faster than
+torch.topk (eagerly: do_bench of the top-k alone; under CUDA-graph capture: decode logits + top-k
+replayed in a graph), so the default never gets slower than torch.topk at a measured shape; and the
+split plan's one-program-a-row choice must be the fastest split count the sweep measured.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fx_indexcache.fuse.kernels import topk as tk
+
+RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "indexer_kernel_topk_run2.json"
+
+
+@pytest.fixture(scope="module")
+def run5():
+    return json.loads(RUN.read_text())
+
+
+def test_eager_dispatch_only_where_the_kernel_measured_faster(run5):
+    chosen = 0
+    for r in run5["topk"]:
+        for mode, sorted_ in (("sorted", True), ("unsorted", False)):
+            if tk.faster_than_torch(r["R"], r["T"], r["k"], sorted_):
+                chosen += 1
+                assert r[f"triton_{mode}_ms"] < r[f"torch_{mode}_ms"], (r["R"], r["T"], r["k"], mode)
+                assert r["exact_sorted"] and r["exact_unsorted"]
+    assert chosen >= 4  # not vacuous: the measured wins are taken
+
+
+def test_graph_dispatch_only_where_the_replay_measured_faster(run5):
+    chosen = 0
+    for r in run5["decode"]:
+        for mode, sorted_ in (("sorted", True), ("unsorted", False)):
+            torch_key = "fused_torch_topk_graph_ms" if sorted_ else "fused_torch_topk_unsorted_graph_ms"
+            if tk.faster_than_torch(r["B"], r["T"], 2048, sorted_, in_cuda_graph=True):
+                chosen += 1
+                got = r["fused_sorted_graph_ms" if sorted_ else "fused_unsorted_graph_ms"]
+                assert got < r[torch_key], (r["B"], r["T"], mode)
+    assert chosen == 2 * len(run5["decode"])  # every decode shape measured was a win
+
+
+def test_split_plan_takes_the_fastest_measured_split_count_for_many_rows(run5):
+    by_shape = {}
+    for r in run5["splits"]:
+        by_shape.setdefault((r["R"], r["T"]), []).append(r)
+    checked = 0
+    for (R, T), rows in by_shape.items():
+        if R >= tk.ONE_SPLIT_ROWS:
+            best = min(rows, key=lambda r: r["ms"])
+            assert tk.split_plan(R, T)["NSPLIT"] == best["splits"] == 1, (R, T)
+            checked += 1
+    assert checked >= 2
+
+
+def test_split_plan_covers_each_row_once():
+    for R, T, splits in [(1, 32768, None), (16, 32768, None), (4, 300000, None), (3, 1000, 3), (2, 4097, 7),
+                         (1024, 131072, None), (1, 1, None)]:
+        p = tk.split_plan(R, T, splits)
+        assert p["SEG"] % p["CHUNK"] == 0 and p["NSPLIT"] * p["SEG"] >= T > (p["NSPLIT"] - 1) * p["SEG"]
+        assert p["NSPLIT_P"] >= p["NSPLIT"] and p["CHUNK"] <= 32768  # a chunk's counts share one int32
