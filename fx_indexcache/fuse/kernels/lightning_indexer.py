@@ -76,6 +76,12 @@ def _triton():
 
 
 def _build_kernels(triton, tl):
+    """The two logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
+    return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl)}
+
+
+def _prefill_kernel(triton, tl):
+    """Prefill: one program per (key block, query block, batch row); a [BLOCK_S, BLOCK_T] tile per program."""
     @triton.jit
     def _logits_prefill_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -135,6 +141,11 @@ def _build_kernels(triton, tl):
                 valid = valid & (rt[None, :] <= rs[:, None] + off)
             tl.store(o_ptrs, tl.where(valid, acc, float("-inf")), mask=o_mask)
 
+    return _logits_prefill_kernel
+
+
+def _decode_kernel(triton, tl):
+    """Decode (few queries): one program per (key block, SQ queries, batch row); all heads as one tile."""
     @triton.jit
     def _logits_decode_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -203,7 +214,7 @@ def _build_kernels(triton, tl):
                     mask=rt < t_end,
                 )
 
-    return {"triton": triton, "prefill": _logits_prefill_kernel, "decode": _logits_decode_kernel}
+    return _logits_decode_kernel
 
 
 # ----------------------------------------------------------------------------------------------
