@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from capture import GraphCapture
 from conftest import trace_one_topk
 from indexer_layouts import LAYOUTS, future, make_inputs
 
@@ -132,7 +133,6 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
     from indexer_stack import UnbatchedDSAStack
 
     from fx_indexcache import IndexCacheConfig, IndexCachePass, detect
-    from fx_indexcache.integrations.backend import aten_graph_backend
 
     torch.manual_seed(0)
     model = UnbatchedDSAStack(num_layers=4, hidden=64, heads=4, head_dim=16, topk=8)
@@ -141,14 +141,12 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
     graph_pass = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_pattern="FSFS"))
     reports, records = [], []
 
-    def rewrite(module):
-        reports.append(graph_pass.run(module.graph))
-        records.extend(substitute_fused_indexer(module.graph, detect(module.graph).sites))
-        module.recompile()
-        return module.forward
+    def rewrite(graph):
+        reports.append(graph_pass.run(graph))
+        records.extend(substitute_fused_indexer(graph, detect(graph).sites))
 
     with torch.no_grad():
-        got_x, got_idx = torch.compile(model, backend=aten_graph_backend(rewrite))(x, past_k, past_v)
+        got_x, got_idx = torch.compile(model, backend=GraphCapture(rewrite))(x, past_k, past_v)
         want_x, want_idx = model(x, past_k, past_v, pattern="FSFS")
     assert [r.indexers_removed for r in reports] == [2]
     assert [(r.layer, r.fused) for r in records] == [(0, True), (2, True)], records
@@ -159,19 +157,14 @@ def test_unbatched_stack_index_cache_then_fusion_is_exact(kernel_ok):
 def test_dynamic_key_count_is_fused_and_exact(kernel_ok):
     """``dynamic=True`` (symbolic T): the score is still proven and fused for every length it runs at; a
     top-k whose k is symbolic (``min(topk, T)``) stays aten.topk, and the record says so."""
-    from fx_indexcache.integrations.backend import aten_graph_backend
-
     layout = LAYOUTS[0]
     records = []
 
-    def rewrite(module):
-        sites = [n for n in module.graph.nodes if n.target == aten.topk.default]
-        records.extend(substitute_fused_indexer(module.graph, sites))
-        module.recompile()
-        return module.forward
+    def rewrite(graph):
+        records.extend(substitute_fused_indexer(graph, [n for n in graph.nodes if n.target == aten.topk.default]))
 
     torch._dynamo.reset()
-    compiled = torch.compile(layout.fn, backend=aten_graph_backend(rewrite), dynamic=True)
+    compiled = torch.compile(layout.fn, backend=GraphCapture(rewrite), dynamic=True)
     for T in (20, 24, 31):
         args = make_inputs(layout, T=T, seed=T)
         (got_score, got_idx), (want_score, want_idx) = compiled(*args), layout.fn(*args)

@@ -272,15 +272,12 @@ def test_pattern_decode_equals_pattern_prefill(model, ids):
 # ---------------------------------------------------------------------------------------------
 
 
-def _recording_backend(graphs):
-    from fx_indexcache.integrations.backend import aten_graph_backend
+def _recording_backend():
+    """AOT graphs kept as they come; keep_inference_input_mutations: cache writes stay in the graph as
+    copy_ nodes, as under Inductor."""
+    from capture import GraphCapture
 
-    def record(gm):
-        graphs.append(gm)
-        return gm.forward
-
-    # keep_inference_input_mutations: cache writes stay in the graph as copy_ nodes, as under Inductor.
-    return aten_graph_backend(record, keep_inference_input_mutations=True)
+    return GraphCapture(lambda graph: None, keep_inference_input_mutations=True)
 
 
 def _topk_owners(gm):
@@ -295,8 +292,9 @@ def _topk_owners(gm):
 def test_traced_graph_holds_indexer_and_router_topk_and_pattern_recompiles(ids):
     torch._dynamo.reset()
     m = ReferenceDSAModel(small_config())
-    graphs = []
-    cm = torch.compile(m, fullgraph=True, backend=_recording_backend(graphs))
+    backend = _recording_backend()
+    graphs = backend.graphs
+    cm = torch.compile(m, fullgraph=True, backend=backend)
     cache = m.new_cache(B)
     out = cm(ids, cache=cache)
     torch.testing.assert_close(out, m(ids), rtol=0, atol=1e-5)
