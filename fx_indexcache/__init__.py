@@ -4,14 +4,14 @@ Layers marked F compute their lightning-indexer top-k; layers marked S reuse the
 the nearest preceding F layer, and the pass deletes their indexers from the compiled graph.
 """
 
-from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .config import IndexCacheConfig
-from .rewrite.cross_graph import layer_calls
 from .detection.registry import detect, register_site_finder
+from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .integrations.export import apply_index_cache_to_exported_program
 from .integrations.graph_pass import IndexCachePass
 from .report.graph_report import IndexCacheReport, clear_reports, reports
 from .report.sharing import format_layer_sharing, layer_sharing
+from .rewrite.cross_graph import layer_calls
 
 __all__ = [
     "IndexCacheBackend",

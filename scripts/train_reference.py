@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from fx_indexcache.tools.calibration import ProbeTarget
-from fx_indexcache.tools.overlap import OverlapResult, measure_overlap, overlap_from_records, save_heatmap
-from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, uniform_pattern
-from fx_indexcache.tools.probe import LayerRecord
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel, corpus
 from fx_indexcache.models.reference.checkpoint import load_checkpoint, save_checkpoint
 from fx_indexcache.models.reference.evaluation import bits_per_byte, shuffled_indexers
 from fx_indexcache.models.reference.training import Attention, next_byte_loss, training_forward
+from fx_indexcache.tools.calibration import ProbeTarget
+from fx_indexcache.tools.overlap import OverlapResult, measure_overlap, overlap_from_records, save_heatmap
+from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, uniform_pattern
+from fx_indexcache.tools.probe import LayerRecord
 
 FRACTIONS = {"1/2": 2, "1/4": 4, "1/8": 8}
 

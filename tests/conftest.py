@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from capture import GraphCapture  # noqa: E402
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
-from fx_indexcache.rewrite.cache_ledger import DEFAULT_LEDGER  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
+from fx_indexcache.rewrite.cache_ledger import DEFAULT_LEDGER  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
 torch.set_num_threads(1)

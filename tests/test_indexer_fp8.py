@@ -31,10 +31,10 @@ from conftest import trace_one_topk
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass
 from fx_indexcache.fuse import substitute as kernel_substitution
-from fx_indexcache.integrations.backend import aten_graph_backend
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8
 from fx_indexcache.fuse.kernels import lightning_indexer as li
 from fx_indexcache.fuse.precision import Fp8NotApplied
+from fx_indexcache.integrations.backend import aten_graph_backend
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel, corpus
 from fx_indexcache.models.reference.checkpoint import load_checkpoint
 

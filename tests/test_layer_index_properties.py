@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import fx_indexcache as fic
 from dsa_programs import FunctionalDSA, ModuleDSA, inputs
-from fx_indexcache.integrations.backend import aten_graph_backend
-from fx_indexcache.detection.registry import LayerSource
 from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
+from fx_indexcache.detection.registry import LayerSource
+from fx_indexcache.integrations.backend import aten_graph_backend
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_indexcache import IndexCacheConfig
+from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 from fx_indexcache.tools import cli
 from fx_indexcache.tools.calibration import ProbeTarget, record_batches
 from fx_indexcache.tools.overlap import overlap_fraction, overlap_from_records
-from fx_indexcache.tools.probe import IndexProbe, source_layers
 from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, resolve_target
-from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
+from fx_indexcache.tools.probe import IndexProbe, source_layers
 
 HIDDEN, TOPK, SEQ, VOCAB = 16, 4, 16, 32
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fx_indexcache import indexcache_eager_backend
+from fx_indexcache.models.reference import corpus
 from fx_indexcache.tools.calibration import ProbeTarget, calibration_windows
 from fx_indexcache.tools.overlap import measure_overlap
 from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search
-from fx_indexcache.models.reference import corpus
 from fx_indexcache.models.reference.checkpoint import (
     default_checkpoint,
     load_checkpoint,

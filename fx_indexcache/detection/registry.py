@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .topk import find_topk_sites
 from ..graph_utils import node_order
 from .layer_records import LayerRecord, read_record
 from .layers import layer_index_from_path
 from .sites import IndexerSite, TopkVerdict
+from .topk import find_topk_sites
 
 SiteFinder = Callable[[fx.Graph], tuple[list[IndexerSite], list[TopkVerdict]]]
 

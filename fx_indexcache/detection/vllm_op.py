@@ -21,9 +21,9 @@ import dataclasses
 import torch
 from torch import fx
 
-from .registry import register_site_finder
 from ..graph_utils import fake_value, getitem_users, same_size
 from .layers import module_path, normalise_module_path
+from .registry import register_site_finder
 from .sites import IndexerSite, TopkVerdict, same_arguments
 
 #: Qualified names of vLLM ops that compute an indexer top-k into ``topk_indices_buffer``.

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..rewrite import cross_graph_build
 from ..config import IndexCacheConfig
-from ..detection.registry import LayerSource
 from ..detection.frames import dynamo_graph_starts_at_first_layer
-from .graph_pass import IndexCachePass
+from ..detection.registry import LayerSource
 from ..report.graph_report import IndexCacheReport, publish
+from ..rewrite import cross_graph_build
+from .graph_pass import IndexCachePass
 
 log = logging.getLogger(__name__)
 

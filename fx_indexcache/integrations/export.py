@@ -8,8 +8,8 @@ from torch.export import ExportedProgram
 
 from ..config import IndexCacheConfig
 from ..detection.graph_inputs import declared_parameters
-from .graph_pass import IndexCachePass
 from ..report.graph_report import IndexCacheReport
+from .graph_pass import IndexCachePass
 
 
 def apply_index_cache_to_exported_program(

@@ -11,16 +11,16 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..rewrite.cache_ledger import CacheWriteLedger
 from ..config import IndexCacheConfig
-from ..rewrite.cross_graph_build import pending_plan
 from ..detection.registry import detect, finders_fingerprint
-from ..graph_utils import fake_value
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
-from ..rewrite.regional import share_across_regions
+from ..graph_utils import fake_value
 from ..report.graph_report import IndexCacheReport, publish
 from ..report.trace import PassTrace
+from ..rewrite.cache_ledger import CacheWriteLedger
+from ..rewrite.cross_graph_build import pending_plan
+from ..rewrite.regional import share_across_regions
 from ..rewrite.share import apply_index_cache
 
 log = logging.getLogger(__name__)

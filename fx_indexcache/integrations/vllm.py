@@ -30,11 +30,11 @@ from torch import fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from ..detection import vllm_op  # the finder for vLLM's indexer op (registered on import) and its op names
-from ..rewrite.cache_ledger import CacheWriteLedger
 from ..config import FULL, SHARED, IndexCacheConfig
 from ..detection.registry import LayerSource
-from .graph_pass import IndexCachePass, _source_digest
 from ..report.graph_report import IndexCacheReport, publish
+from ..rewrite.cache_ledger import CacheWriteLedger
+from .graph_pass import IndexCachePass, _source_digest
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..rewrite.cross_graph import CallAction, layer_calls
-from .graph_report import IndexCacheReport
 from ..rewrite.share import SHARED
+from .graph_report import IndexCacheReport
 
 
 class Sharing(str, enum.Enum):

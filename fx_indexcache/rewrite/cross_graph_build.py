@@ -23,10 +23,10 @@ import torch
 from torch import fx
 
 from ..config import SHARED, IndexCacheConfig
-from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
-from ..detection.topk import topk_arguments
 from ..detection.registry import detect
+from ..detection.topk import topk_arguments
 from ..graph_utils import copy_graph_module, fake_value
+from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
 
 #: How far to look for an S layer in a pattern given only by freq/offset.
 _PATTERN_HORIZON = 256

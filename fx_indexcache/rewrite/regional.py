@@ -21,12 +21,12 @@ import torch
 from torch import fx
 
 from ..config import FULL, IndexCacheConfig
+from ..detection.layers import layer_index_from_path, module_path
+from ..detection.registry import detect
+from ..graph_utils import copy_graph_module
+from ..graph_utils import comes_after, fake_value, same_shape, same_size
 from .cross_graph import CallAction
 from .cross_graph_build import with_indices_input, with_indices_output
-from ..graph_utils import copy_graph_module
-from ..detection.registry import detect
-from ..graph_utils import comes_after, fake_value, same_shape, same_size
-from ..detection.layers import layer_index_from_path, module_path
 
 _INVOKE = getattr(torch.ops.higher_order, "invoke_subgraph", None)
 

@@ -13,12 +13,12 @@ import enum
 import torch
 from torch import fx
 
-from .cache_ledger import DEFAULT_LEDGER, CacheWriteConflict, CacheWriteLedger, WriteChoice
 from ..config import FULL, IndexCacheConfig
-from ..detection.registry import Detection
-from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
 from ..detection.layer_records import LayerRecord, write_record
+from ..detection.registry import Detection
 from ..detection.sites import IndexerSite
+from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
+from .cache_ledger import DEFAULT_LEDGER, CacheWriteConflict, CacheWriteLedger, WriteChoice
 
 class Action(str, enum.Enum):
     """What the pass did with one DSA layer (a ``str`` so that reports compare with the plain words)."""

@@ -21,12 +21,12 @@ import torch._functorch.config
 import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
-from ..integrations.backend import indexcache_backend
-from .calibration import add_reference_arguments, reference_model
 from ..config import IndexCacheConfig
+from ..integrations.backend import indexcache_backend
 from ..models.reference import ReferenceDSAModel, corpus
 from ..models.reference.training import next_byte_loss
 from ..report.graph_report import clear_reports, reports
+from .calibration import add_reference_arguments, reference_model
 
 DEMO_LAYERS = 6
 PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)

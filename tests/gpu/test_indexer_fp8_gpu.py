@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass
-from fx_indexcache.integrations.backend import aten_graph_backend
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8
 from fx_indexcache.fuse.kernels import lightning_indexer as li
+from fx_indexcache.integrations.backend import aten_graph_backend
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel
 from gpu_marks import needs_gpu
 
