@@ -465,6 +465,32 @@ def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_di
     operand that carries h; then over the score's axes, b is in q and k, s in q only, t in k only.
     """
     cls = labels.find
+    d, h = _summed_axes(cls, inner_sum, outer_sum)
+    classes = [{cls(a) for dim in dims for a in dim} for dims in leaf_dims]
+    if (h in classes[0]) == (h in classes[1]):
+        where = "both q and k" if h in classes[0] else "neither q nor k (q is broadcast over the heads)"
+        raise _NoMatch(f"cannot tell q from k: the head axis is on {where}")
+    swap = h in classes[1]
+    q_cls, k_cls = (classes[1], classes[0]) if swap else (classes[0], classes[1])
+    roles = {d: "d", h: "h"}
+    score_roles = _score_axis_roles(cls, score, q_cls, k_cls, roles)
+    first, second = leaf_dims[:2] if not swap else leaf_dims[1::-1]
+    out = {"q": _role_tuple(cls, roles, first, "bshd", "q"), "k": _role_tuple(cls, roles, second, "btd", "k"),
+           "w": _role_tuple(cls, roles, leaf_dims[2], "bsh", "w"), "score": tuple(score_roles), "swap": swap}
+    present = {r for r in roles.values()}
+    for what, needed in (("q", "bshd"), ("k", "btd"), ("w", "bsh")):
+        for role in needed:
+            if role in present and role not in out[what]:
+                raise _NoMatch(f"{what} is broadcast along its {role} axis")
+    # broadcast atoms may pair with real ones, but a summed axis must be real on both sides
+    for c in (h, d):
+        if not any(labels.origin[a] == "leaf" and cls(a) == c for a in range(len(labels.parent))):
+            raise _NoMatch("a summed axis is a broadcast")
+    return out
+
+
+def _summed_axes(cls, inner_sum, outer_sum) -> tuple:
+    """(d, h): the label the q.k product sums and the one the head-weighted sum sums, each exactly one."""
     d_set, h_set = {cls(a) for a in inner_sum}, {cls(a) for a in outer_sum}
     if len(d_set) != 1 or len(inner_sum) != 1:
         raise _NoMatch("the q.k product does not sum over exactly one axis")
@@ -473,13 +499,11 @@ def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_di
     (d,), (h,) = d_set, h_set
     if d == h:
         raise _NoMatch("two roles share one axis (a diagonal)")
-    classes = [{cls(a) for dim in dims for a in dim} for dims in leaf_dims]
-    if (h in classes[0]) == (h in classes[1]):
-        where = "both q and k" if h in classes[0] else "neither q nor k (q is broadcast over the heads)"
-        raise _NoMatch(f"cannot tell q from k: the head axis is on {where}")
-    swap = h in classes[1]
-    q_cls, k_cls = (classes[1], classes[0]) if swap else (classes[0], classes[1])
-    roles = {d: "d", h: "h"}
+    return d, h
+
+
+def _score_axis_roles(cls, score: _Tracked, q_cls: set, k_cls: set, roles: dict) -> list[str]:
+    """Each score axis's role (b in q and k, s in q only, t in k only, "1" a unit axis); adds them to ``roles``."""
     score_roles = []
     for dim in score.dims:
         if len(dim) > 1:
@@ -495,32 +519,21 @@ def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_di
         score_roles.append(role)
     if len(set(roles.values())) != len(roles):
         raise _NoMatch("two score axes play one role")
+    return score_roles
 
-    def role_tuple(dims, needed: str, what: str) -> tuple[str, ...]:
-        got = []
-        for dim in dims:
-            role = roles.get(cls(dim[0])) if dim else "1"
-            if role is None or (role != "1" and role not in needed):
-                raise _NoMatch(f"an axis of {what} plays no role of {needed!r}")
-            got.append(role)
-        real = [g for g in got if g != "1"]
-        if len(set(real)) != len(real):
-            raise _NoMatch(f"{what} uses one role on two axes")
-        return tuple(got)
 
-    first, second = leaf_dims[:2] if not swap else leaf_dims[1::-1]
-    out = {"q": role_tuple(first, "bshd", "q"), "k": role_tuple(second, "btd", "k"),
-           "w": role_tuple(leaf_dims[2], "bsh", "w"), "score": tuple(score_roles), "swap": swap}
-    present = {r for r in roles.values()}
-    for what, needed in (("q", "bshd"), ("k", "btd"), ("w", "bsh")):
-        for role in needed:
-            if role in present and role not in out[what]:
-                raise _NoMatch(f"{what} is broadcast along its {role} axis")
-    # broadcast atoms may pair with real ones, but a summed axis must be real on both sides
-    for c in (h, d):
-        if not any(labels.origin[a] == "leaf" and cls(a) == c for a in range(len(labels.parent))):
-            raise _NoMatch("a summed axis is a broadcast")
-    return out
+def _role_tuple(cls, roles: dict, dims, needed: str, what: str) -> tuple[str, ...]:
+    """The role of each of a leaf's dimensions, each one of ``needed`` (or "1"), none used twice."""
+    got = []
+    for dim in dims:
+        role = roles.get(cls(dim[0])) if dim else "1"
+        if role is None or (role != "1" and role not in needed):
+            raise _NoMatch(f"an axis of {what} plays no role of {needed!r}")
+        got.append(role)
+    real = [g for g in got if g != "1"]
+    if len(set(real)) != len(real):
+        raise _NoMatch(f"{what} uses one role on two axes")
+    return tuple(got)
 
 
 def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
