@@ -174,6 +174,9 @@ def main() -> None:
         warmed = prewarm(__file__, names, args + (["--smoke"] if a.smoke else []), os.path.join(a.out, "prewarm"),
                          a.prewarm_timeout_s)
         a.budget_s -= time.time() - t
+    if a.prewarm_only:
+        print(describe(warmed), flush=True)
+        return
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
     torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = GenerateBench(a)
