@@ -29,7 +29,7 @@ class Indexer(nn.Module):
         k = keys @ self.wk  # [B, T, HD]
         score = (torch.relu(torch.einsum("bshd,btd->bsht", q, k)) * (x @ self.ww).unsqueeze(-1)).sum(2)
         s, t = x.shape[1], keys.shape[1]
-        keep = torch.ones(s, t, dtype=torch.bool).tril(t - s)
+        keep = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(t - s)
         return torch.where(keep, score, torch.tensor(float("-inf"))).topk(K, dim=-1).indices  # [B, S, K]
 
 
@@ -191,7 +191,7 @@ def functional_indexer(x, keys, p):
     k = keys @ p["wk"]
     score = torch.einsum("bsh,bsht->bst", x @ p["ww"], torch.relu(torch.einsum("bshe,bte->bsht", q, k)))
     s, t = x.shape[1], keys.shape[1]
-    future = torch.arange(t)[None, :] > torch.arange(s)[:, None] + (t - s)
+    future = torch.arange(t, device=x.device)[None, :] > torch.arange(s, device=x.device)[:, None] + (t - s)
     return score.masked_fill(future, float("-inf")).topk(K, dim=-1).indices
 
 
