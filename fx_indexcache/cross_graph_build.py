@@ -92,7 +92,9 @@ class Variants:
 
 
 def _has_s_layer(config: IndexCacheConfig) -> bool:
-    horizon = config.num_layers or len(config.index_topk_pattern or "") or _PATTERN_HORIZON
+    from .cross_graph_numbered import layer_horizon
+
+    horizon = layer_horizon(config, _PATTERN_HORIZON)
     return any(config.layer_kind(i) == SHARED and config.source_layer(i) is not None for i in range(horizon))
 
 

@@ -39,8 +39,10 @@ class NumberedVariant:
     nodes_removed: int  # nodes the leading S layers no longer run
 
 
-def _horizon(config: IndexCacheConfig, fallback: int) -> int:
-    return config.num_layers or len(config.index_topk_pattern or "") or fallback
+def layer_horizon(config: IndexCacheConfig, fallback: int) -> int:
+    """How many layers the config can mark: its layer count or explicit pattern's length, else ``fallback``."""
+    known = [n for n in (config.num_layers, len(config.explicit_pattern or "")) if n]
+    return min(known) if known else fallback
 
 
 def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], horizon: int) -> int | None:
@@ -73,7 +75,7 @@ def numbered_needs(detection: Detection, config: IndexCacheConfig, horizon: int)
     layers = tuple(sorted(site.layer for site in detection.sites))
     if len(set(layers)) != len(layers):
         return None
-    readers, publisher = _readers(config, layers), _publisher(config, layers, _horizon(config, horizon))
+    readers, publisher = _readers(config, layers), _publisher(config, layers, layer_horizon(config, horizon))
     if not readers and publisher is None:
         return None
     return layers, readers, publisher
