@@ -141,6 +141,7 @@ class Bench:
         hooks = break_after_every_layer(self.model) if form == "broken" else []
         row = dict(form=form, variant=variant, pattern=pattern_of(variant, self.cfg.num_layers))
         try:
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # cumulative: take the difference
             step, backend = compiled_step(self.model, variant)
             t = time.time()
             with torch.no_grad():
@@ -149,7 +150,7 @@ class Bench:
                 ms, reps = self.timed(lambda: step(self.ids, self.cache, self.start))
                 logits = step(self.ids, self.cache, self.start).float().cpu()
             calls = layer_calls(self.model)
-            row.update(ms=round(ms, 4), reps=reps, graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+            row.update(ms=round(ms, 4), reps=reps, graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
                        layers_read=sorted(c.layer for c in calls if c.action is CallAction.READ),
                        layers_published=sorted(c.layer for c in calls if c.action is CallAction.PUBLISHED),
                        indexers_removed_in_graphs=None if backend is None else sum(

@@ -111,9 +111,16 @@ class Timeline:
     calls: dict[int, LayerCall] = dataclasses.field(default_factory=dict)  # this forward call's
     buffers: dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)  # kept across calls
 
-    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The static buffer F layers of this shape publish into: the same tensor (address) on every call."""
-        key = (tuple(shape), dtype, device)
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               avoid: torch.Tensor | None = None) -> torch.Tensor:
+        """The static buffer F layers of this shape publish into: the same tensor (address) on every call.
+
+        ``avoid``: the buffer the same graph reads (a numbered graph that reads and publishes): the other of
+        two buffers is given then, since a compiled graph assumes its inputs do not alias.
+        """
+        key = (tuple(shape), dtype, device, 0)
+        if avoid is not None and self.buffers.get(key) is avoid:
+            key = (*key[:3], 1)
         found = self.buffers.pop(key, None)
         if found is None:
             found = torch.empty(shape, dtype=dtype, device=device)
@@ -359,10 +366,11 @@ class _ModelLookup:
         return None
 
 
-def publish_buffer(timeline: Timeline, expected: ExpectedIndices, args: Sequence[object]) -> tuple[torch.Tensor, int]:
+def publish_buffer(timeline: Timeline, expected: ExpectedIndices, args: Sequence[object],
+                   avoid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The static buffer this call's F layer writes its indices into, and the key width they index."""
     *shape, key_width = expected.sizes_for(args)
-    return timeline.buffer(tuple(shape), expected.dtype, expected.device), key_width
+    return timeline.buffer(tuple(shape), expected.dtype, expected.device, avoid), key_width
 
 
 class CrossGraphCallable(_ModelLookup):
@@ -487,7 +495,7 @@ class NumberedGraphCallable(_ModelLookup):
             extra.append(read.indices)
         timeline.begin(span.layers[0], span.layers[-1])
         if span.publishes is not None:
-            buffer, key_width = publish_buffer(timeline, span.publishes[1], args)
+            buffer, key_width = publish_buffer(timeline, span.publishes[1], args, None if read is None else read.indices)
             extra.append(buffer)
         result = self.variant([*args, *extra])
         for layer, _ in span.reads:

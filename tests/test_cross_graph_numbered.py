@@ -123,13 +123,18 @@ def test_functional_graph_of_several_unnumbered_layers_computes():
 
 
 def test_inductor_shares_across_a_numbered_break():
-    model, segments = SegmentDecoder(N), _segments((2,))
-    compiled, _ = _compile(model, "FSSS", fic.IndexCacheBackend)
-    x = _randn(2, 5, D, seed=1)
+    """The middle graph reads layer 0's indices and publishes layer 2's: two buffers, never aliased inputs."""
+    model, segments = SegmentDecoder(N), _segments((1, 3))
+    compiled, _ = _compile(model, "FSFS", fic.IndexCacheBackend)
     with torch.no_grad():
-        out = compiled(x, None, segments)
-    torch.testing.assert_close(out, model.oracle(x, _uses("FSSS")), rtol=1e-5, atol=1e-5)
-    assert _reads(model) == {2: 0, 3: 0}
+        for seed in (1, 2):
+            x = _randn(2, 5, D, seed=seed)
+            out = compiled(x, None, segments)
+            torch.testing.assert_close(out, model.oracle_segments(x, _uses("FSFS"), None, segments),
+                                       rtol=1e-5, atol=1e-5)
+            assert _reads(model) == {1: 0, 3: 2}
+    (timeline,) = cross_graph.layer_map(model).timelines.values()
+    assert timeline.published[0].indices.data_ptr() != timeline.published[2].indices.data_ptr()
 
 
 @pytest.mark.parametrize("segments,fallback", [
