@@ -102,9 +102,10 @@ class Bench:
         self.ids = torch.randint(0, self.cfg.vocab_size, (1, self.S), device=self.dev,
                                  generator=torch.Generator(device=self.dev).manual_seed(11))
         self.start = torch.empty(self.T - self.S, dtype=torch.uint8)
-        self.env = dict(card=torch.cuda.get_device_name(0) if self.dev.type == "cuda" else platform.processor() or "cpu",
-                        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                        triton=_triton_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), layers=self.cfg.num_layers,
+        card = torch.cuda.get_device_name(0) if self.dev.type == "cuda" else platform.processor() or "cpu"
+        self.env = dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                        triton=_triton_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                        layers=self.cfg.num_layers,
                         point=f"{self.S}x{self.T}", offset=OFFSET,
                         model=f"DSAModelConfig.deepseek_v32(num_layers={self.cfg.num_layers}, moe=False), bf16"
                         if not args.smoke else "tiny (smoke)")
@@ -150,7 +151,8 @@ class Bench:
                 ms, reps = self.timed(lambda: step(self.ids, self.cache, self.start))
                 logits = step(self.ids, self.cache, self.start).float().cpu()
             calls = layer_calls(self.model)
-            row.update(ms=round(ms, 4), reps=reps, graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+            row.update(ms=round(ms, 4), reps=reps, graphs=graphs,
                        layers_read=sorted(c.layer for c in calls if c.action is CallAction.READ),
                        layers_published=sorted(c.layer for c in calls if c.action is CallAction.PUBLISHED),
                        indexers_removed_in_graphs=None if backend is None else sum(
@@ -187,7 +189,8 @@ class Bench:
         summary = self.summary()
         with open(os.path.join(self.args.out, "cross_graph_gpu.json"), "w") as f:
             json.dump(dict(env=self.env, rows=self.rows, summary=summary), f, indent=1)
-        lines = [f"# Cross-graph IndexCache, {self.env['card']}, torch {self.env['torch']}, Triton {self.env['triton']}",
+        env = self.env
+        lines = [f"# Cross-graph IndexCache, {env['card']}, torch {env['torch']}, Triton {env['triton']}",
                  "", f"{self.env['model']}; prefill {self.env['point']} (chunk x context), batch 1; "
                  f"median of {self.args.reps} CUDA-event-timed calls after 2 warm-ups.", "",
                  "| form | variant | pattern | ms | compile s | S layers read (broken) |", "|---|---|---|---|---|---|"]

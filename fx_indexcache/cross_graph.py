@@ -8,14 +8,14 @@ are graph inputs, and their storage (``data_ptr``) is found in the model's ``nam
 ``layers.N....``, which gives the layer N (and the layer container ``layers``).
 
 So the backend keeps three callables for such a graph (``cross_graph_build``): the graph as it is, an
-F variant that also returns its indices (the wrapper keeps them in a per-model slot), and an S variant
+F variant that also writes its indices into the model's static buffer (below), and an S variant
 without the indexer that takes the F layer's indices as an extra input. Before each call the wrapper
 (``CrossGraphCallable``) decides on the host, from bookkeeping only (no device sync):
 
 * a layer marked F runs the F variant and publishes;
 * a layer marked S runs the S variant only if its F layer published **in this forward call** and the
   layers since ran consecutively ``F, F+1, ..., L-1`` (a layer at or below the last one starts a new
-  forward and clears every slot), and the published indices have the shape the S graph expects
+  forward and forgets every publish), and the published indices have the shape the S graph expects
   (evaluated from this call's input sizes), its dtype and device;
 * anything else (parameters that map to no single layer, a check that fails) runs the graph as it is.
 
@@ -495,7 +495,8 @@ class NumberedGraphCallable(_ModelLookup):
             extra.append(read.indices)
         timeline.begin(span.layers[0], span.layers[-1])
         if span.publishes is not None:
-            buffer, key_width = publish_buffer(timeline, span.publishes[1], args, None if read is None else read.indices)
+            avoid = None if read is None else read.indices
+            buffer, key_width = publish_buffer(timeline, span.publishes[1], args, avoid)
             extra.append(buffer)
         result = self.variant([*args, *extra])
         for layer, _ in span.reads:

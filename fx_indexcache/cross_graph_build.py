@@ -2,16 +2,16 @@
 
 Built on AOTAutograd's forward ATen graph of an inference compile, before the pass edits it:
 
-* the **F variant** is the graph with the indexer's indices appended to its outputs (the wrapper in
-  ``cross_graph`` pops them into the model's slot, so the caller sees the graph's own outputs);
+* the **F variant** is the graph with one more input, a buffer its indexer's indices are copied into in place
+  (the static buffer ``cross_graph`` publishes: a mutated input, at a fixed address, so CUDA graphs capture it);
 * the **S variant** is the graph with one extra input, the F layer's indices, in place of its own;
   what only the indexer needed is then dead and removed.
 
 Both compute exactly what the graph computes, with the indices coming from elsewhere in the S case.
-Only graphs whose single indexer has no layer index at compile time qualify (``detection`` said
-"unknown"); a graph whose layers are numbered is handled inside the graph by the pass as before.
+Graphs whose single indexer has no layer index at compile time (``detection`` said "unknown") get these two;
+numbered graphs that read or publish across a graph break get one variant (``cross_graph_numbered``).
+``compile_layer_graph`` picks the case, compiles, and returns the per-call wrapper.
 """
-
 from __future__ import annotations
 
 import contextvars

@@ -110,7 +110,8 @@ class IndexCachePass(CustomGraphPass):
         elif plan is not None and plan.active:
             for decision in decisions:
                 if decision.layer in plan.reads:
-                    decision.note += f"; reads layer {plan.source}'s indices from an earlier graph when the run-time check passes"
+                    decision.note += (f"; reads layer {plan.source}'s indices from an earlier graph when the "
+                                      "run-time check passes")
         if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
