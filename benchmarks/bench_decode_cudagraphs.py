@@ -262,6 +262,9 @@ def main() -> None:
                 os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])
         warmed = prewarm(__file__, a.variants.split(","), args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
         a.budget_s -= time.time() - t  # the budget counts from the start of the command
+    if a.prewarm_only:
+        print(describe(warmed), flush=True)
+        return
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
     torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = CudaGraphDecode(a)

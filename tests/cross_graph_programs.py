@@ -29,7 +29,7 @@ class Indexer(nn.Module):
         k = keys @ self.wk  # [B, T, HD]
         score = (torch.relu(torch.einsum("bshd,btd->bsht", q, k)) * (x @ self.ww).unsqueeze(-1)).sum(2)
         s, t = x.shape[1], keys.shape[1]
-        keep = torch.ones(s, t, dtype=torch.bool).tril(t - s)
+        keep = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(t - s)
         return torch.where(keep, score, torch.tensor(float("-inf"))).topk(K, dim=-1).indices  # [B, S, K]
 
 
@@ -162,4 +162,71 @@ class RegionDecoder(LoopDecoder):
             keys = layer.keys(x, None if past is None else past[i])
             cache[i] = layer.indexer(x, keys) if uses[i] == i else cache[uses[i]]
             x = attend(x, keys, cache[i], layer.wv)
+        return x
+
+
+class SegmentDecoder(LoopDecoder):
+    """Layers run in segments with a graph break between them, the break outside every layer loop: each
+    segment is a graph of its own whose module paths are absolute (``layers.3``), so the pass numbers it.
+    ``segments`` picks which ones run, in which order (the tests skip and repeat them)."""
+
+    def run(self, x, past, start: int, stop: int):
+        for i in range(start, stop):
+            x, _ = self.layers[i](x, None if past is None else past[i])
+        return x
+
+    def forward(self, x, past=None, segments=((0, 2), (2, 4))):
+        for start, stop in segments:
+            x = self.run(x, past, start, stop)
+            torch._dynamo.graph_break()
+        return x
+
+    def oracle_segments(self, x, uses, past=None, segments=((0, 2), (2, 4))):
+        return self.oracle(x, uses, past, [i for start, stop in segments for i in range(start, stop)])
+
+
+def functional_indexer(x, keys, p):
+    """The lightning indexer as a plain function of one layer's weights (``p``: a ParameterDict)."""
+    q = torch.einsum("bsd,dhe->bshe", x, p["wq"])
+    k = keys @ p["wk"]
+    score = torch.einsum("bsh,bsht->bst", x @ p["ww"], torch.relu(torch.einsum("bshe,bte->bsht", q, k)))
+    s, t = x.shape[1], keys.shape[1]
+    future = torch.arange(t, device=x.device)[None, :] > torch.arange(s, device=x.device)[:, None] + (t - s)
+    return score.masked_fill(future, float("-inf")).topk(K, dim=-1).indices
+
+
+class FunctionalDecoder(nn.Module):
+    """Functional layers: no per-layer module is called, each layer's weights are a ``ParameterDict`` under
+    ``layers.N``. One graph break in the top frame, after layer ``split - 1``: the first graph is numbered by
+    its order (it starts the compiled frame), the graph after the break is numbered per call when it holds
+    one layer (by its parameters' storage)."""
+
+    def __init__(self, n: int, split: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(nn.ParameterDict({
+            "wq": nn.Parameter(torch.randn(D, H, HD, generator=gen)),
+            "wk": nn.Parameter(torch.randn(D, HD, generator=gen)),
+            "ww": nn.Parameter(torch.randn(D, H, generator=gen)),
+            "wv": nn.Parameter(torch.randn(D, D, generator=gen) / D**0.5)}) for _ in range(n))
+        self.split = split
+
+    def layer(self, i, x, past, shared=None):
+        p = self.layers[i]
+        keys = x if past is None else torch.cat([past[i], x], 1)
+        indices = functional_indexer(x, keys, p) if shared is None else shared
+        return attend(x, keys, indices, p["wv"]), indices
+
+    def forward(self, x, past=None):
+        for i in range(self.split):
+            x, _ = self.layer(i, x, past)
+        torch._dynamo.graph_break()
+        for i in range(self.split, len(self.layers)):
+            x, _ = self.layer(i, x, past)
+        return x
+
+    def oracle(self, x, uses, past=None):
+        cache = {}
+        for i in range(len(self.layers)):
+            x, cache[i] = self.layer(i, x, past, cache[uses[i]] if uses[i] != i else None)
         return x

@@ -96,6 +96,18 @@ def _expected_uses(program, config) -> list[int]:
     return uses
 
 
+def _read_across_the_break(program, config) -> set[int]:
+    """The S layers after the break that read their F layer's indices from the graph before it at run time
+    (tests/test_cross_graph_numbered.py): both graphs numbered and the backend's own run-time wrapper in use."""
+    if program["route"] != "compile" or program["break_at"] is None or not program["paths"]:
+        return set()
+    if program["style"] != "module" or program["applications"] != 1:
+        return set()
+    start = program["break_at"]
+    return {i for i in range(start, program["n"]) if config.layer_kind(i) == "S"
+            and config.source_layer(i) is not None and config.source_layer(i) < start}
+
+
 def _run(program, config, model, x):
     options = program["keys"]
     if program["route"] == "compile":
@@ -147,6 +159,7 @@ def _case(style, paths, break_at, route, applications, pattern):
 @example(program=_case("functional", False, 2, "compile", 1, "FSFF"), seed=0)  # the issue's graph break
 @example(program=_case("module", False, 2, "compile", 2, "FSFS"), seed=1)  # stripped paths, pass twice
 @example(program=_case("module", True, 2, "compile", 1, "FSFS"), seed=2)  # paths number the resumed graph
+@example(program=_case("module", True, 1, "compile", 1, "FSSF"), seed=2)  # layers 1-2 read across the break
 @example(program=_case("functional", False, None, "export", 2, "FSFS"), seed=0)  # export rewritten twice
 @example(program=_case("functional", False, None, "export+compile", 1, "FSFS"), seed=3)
 def test_configured_index_cache_or_untouched_and_the_report_says_which(program, seed):
@@ -157,8 +170,12 @@ def test_configured_index_cache_or_untouched_and_the_report_says_which(program, 
     config, _ = fic.IndexCacheConfig.from_options(program["keys"])
     x = inputs(seed + 1)
     uses = _expected_uses(program, config)
+    across = _read_across_the_break(program, config)
+    run_uses = [config.source_layer(i) if i in across else use for i, use in enumerate(uses)]
     with torch.no_grad():
         got = _run(program, config, model, x)
-        want = model(x, uses)
+        read = {call.layer for call in fic.layer_calls(model) if call.action is fic.rewrite.cross_graph.CallAction.READ}
+        want = model(x, run_uses)  # an eager call of the model: a new forward call, layer_calls forgets the last
+    assert read == across
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _check_reports(program, config, uses)
+    _check_reports(program, config, uses)  # the compile-time reports: shared inside each graph

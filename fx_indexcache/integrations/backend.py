@@ -183,9 +183,8 @@ class IndexCacheBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches = install_pass(graph_pass, {**mode_options(mode), **inductor_options})
-        cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
-        self._used_cudagraphs |= cudagraphs
-        inner = cross_graph_build.inductor_inner_compile(graph_pass, patches["post_grad_custom_post_pass"], cudagraphs)
+        self._used_cudagraphs |= bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
+        inner = cross_graph_build.inductor_inner_compile(graph_pass, patches["post_grad_custom_post_pass"])
         return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
 
     def _note_compiled_path(self, graph_reports: list[IndexCacheReport]) -> None:

@@ -111,10 +111,16 @@ class IndexCachePass(CustomGraphPass):
         report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
         report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
         report.regional = regional
-        cross_graph_active = report.cross_graph is not None and report.cross_graph.active
+        plan = report.cross_graph
+        cross_graph_active = plan is not None and plan.active and not plan.numbered
         if cross_graph_active:
             for decision in decisions:
                 decision.note = "layer index unknown at compile time: found per call (see the cross-graph line)"
+        elif plan is not None and plan.active:
+            for decision in decisions:
+                if decision.layer in plan.reads:
+                    decision.note += (f"; reads layer {plan.source}'s indices from an earlier graph when the "
+                                      "run-time check passes")
         if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "

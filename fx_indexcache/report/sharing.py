@@ -1,8 +1,10 @@
 """Per layer of one model: did it share inside its graph, across graphs, or compute, and why.
 
 Two sources make the table: the compile-time reports (layers numbered inside a graph: the pass shared
-or left them there, including ``nested_compile_region`` calls switched to F / S bodies) and the run-time records of graphs that run as several layers (``cross_graph``:
-which graph published the indices a layer read, or why it computed). A layer seen at run time takes
+or left them there, including ``nested_compile_region`` calls switched to F / S bodies) and the run-time records
+of graphs that share across graph calls (``cross_graph``: a graph that runs as several layers, or a numbered
+graph whose leading S layers read an earlier graph's indices; which graph published the indices a layer read,
+or why it computed). A layer seen at run time takes
 its row from there: that is what its latest forward call did.
 """
 

@@ -8,16 +8,27 @@ are graph inputs, and their storage (``data_ptr``) is found in the model's ``nam
 ``layers.N....``, which gives the layer N (and the layer container ``layers``).
 
 So the backend keeps three callables for such a graph (``cross_graph_build``): the graph as it is, an
-F variant that also returns its indices (the wrapper keeps them in a per-model slot), and an S variant
+F variant that also writes its indices into the model's static buffer (below), and an S variant
 without the indexer that takes the F layer's indices as an extra input. Before each call the wrapper
 (``CrossGraphCallable``) decides on the host, from bookkeeping only (no device sync):
 
 * a layer marked F runs the F variant and publishes;
 * a layer marked S runs the S variant only if its F layer published **in this forward call** and the
   layers since ran consecutively ``F, F+1, ..., L-1`` (a layer at or below the last one starts a new
-  forward and clears every slot), and the published indices have the shape the S graph expects
+  forward and forgets every publish), and the published indices have the shape the S graph expects
   (evaluated from this call's input sizes), its dtype and device;
 * anything else (parameters that map to no single layer, a check that fails) runs the graph as it is.
+
+The same bookkeeping serves graphs whose layers *are* numbered (``NumberedGraphCallable``): a model split
+by a graph break in its top frame (layers 0-2 in one graph, 3-5 in the next) publishes the indices of the
+first graph's last F layer, and the second graph's leading S layers read them under the same check.
+
+Published indices live in a **static buffer** per model, layer container, thread and indices shape
+(``Timeline.buffer``): the F graph writes it in place (an input it mutates), the S graphs read it (an
+input), both at a fixed address. So CUDA graphs (cudagraph trees) neither copy it per call nor read an
+output that a later replay overwrote; the host check guarantees that what is read was written by the
+source F layer in this forward call (no other F layer writes the buffer in between: it would be the
+reader's source instead).
 
 What it cannot see: layers of the model that run outside this backend's compiled graphs (eagerly, or
 through another compile) between an F layer and its S layers. The README's limits say so.
@@ -84,6 +95,12 @@ class _Published:
     graph: str
 
 
+#: Static index buffers kept per timeline (one per indices shape): bounded, so dynamic prefill lengths
+#: do not grow memory without end. A buffer dropped here is allocated again when its shape comes back
+#: (under CUDA graphs: a new address, so that graph records again).
+_BUFFERS_KEPT = 8
+
+
 @dataclasses.dataclass
 class Timeline:
     """Host bookkeeping for one layer container of one model: which layers ran, what was published."""
@@ -92,6 +109,25 @@ class Timeline:
     run_from: int | None = None  # layers run_from..last ran consecutively
     published: dict[int, _Published] = dataclasses.field(default_factory=dict)
     calls: dict[int, LayerCall] = dataclasses.field(default_factory=dict)  # this forward call's
+    buffers: dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)  # kept across calls
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               avoid: torch.Tensor | None = None) -> torch.Tensor:
+        """The static buffer F layers of this shape publish into: the same tensor (address) on every call.
+
+        ``avoid``: the buffer the same graph reads (a numbered graph that reads and publishes): the other of
+        two buffers is given then, since a compiled graph assumes its inputs do not alias.
+        """
+        key = (tuple(shape), dtype, device, 0)
+        if avoid is not None and self.buffers.get(key) is avoid:
+            key = (*key[:3], 1)
+        found = self.buffers.pop(key, None)
+        if found is None:
+            found = torch.empty(shape, dtype=dtype, device=device)
+            while len(self.buffers) >= _BUFFERS_KEPT:
+                self.buffers.pop(next(iter(self.buffers)))
+        self.buffers[key] = found  # most recently used last
+        return found
 
     def readable(self, source: int, layer: int) -> _Published | Fallback:
         """What layer ``layer`` (not yet begun) may read from ``source``, or why it may not."""
@@ -101,12 +137,13 @@ class Timeline:
             return Fallback.NOT_CONSECUTIVE
         return self.published[source]
 
-    def begin(self, layer: int) -> None:
+    def begin(self, layer: int, through: int | None = None) -> None:
+        """Layers ``layer..through`` (one graph's span; ``through`` defaults to ``layer``) run now."""
         if self.last is not None and layer <= self.last:  # a lower layer again: a new pass over the layers
             self.restart()
         if self.last is None or layer != self.last + 1:
             self.run_from = layer
-        self.last = layer
+        self.last = layer if through is None else through
 
     def restart(self) -> None:
         """Nothing published before may be read any more."""
@@ -180,6 +217,22 @@ class LayerMap:
             if found is not None and key != found:
                 return None
             found = key
+        return found
+
+    def layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None:
+        """Per layer container, the layers whose parameters are among ``args``; None if a parameter is tied to
+        two layers or arrives with another shape or dtype than the model's."""
+        found: dict[str, set[int]] = {}
+        for arg in args:
+            if not isinstance(arg, torch.Tensor):
+                continue
+            entry = self.by_storage.get(arg.data_ptr())
+            if entry is None:
+                continue
+            param, key = entry
+            if key is None or arg.shape != param.shape or arg.dtype != param.dtype:
+                return None
+            found.setdefault(key[0], set()).add(key[1])
         return found
 
     def timeline(self, container: str) -> Timeline:
@@ -287,20 +340,53 @@ class ExpectedIndices:
 _STACK_WALKS = 16
 
 
-class CrossGraphCallable:
+class _ModelLookup:
+    """Finds, per call, which known model (layer map) the call's parameters belong to."""
+
+    def __init__(self, maps: list[LayerMap]) -> None:
+        self.maps = maps
+        self._stack_walks_left = _STACK_WALKS
+
+    def _find(self, args, match: Callable[[LayerMap, Sequence[object]], object]):
+        """``(layer map, match(map, args))`` for the first map where ``match`` is not None, else None."""
+        for candidate in self.maps:
+            key = match(candidate, args)
+            if key is not None:
+                return candidate, key
+        if self._stack_walks_left > 0:  # another model of the same class, say: look for it once on the stack
+            self._stack_walks_left -= 1
+            known = {id(candidate) for candidate in self.maps}
+            for root in modules_on_stack():
+                candidate = layer_map(root)  # re-indexed if its parameters moved
+                key = match(candidate, args)
+                if key is not None:
+                    if id(candidate) not in known:
+                        self.maps.append(candidate)
+                    return candidate, key
+        return None
+
+
+def publish_buffer(timeline: Timeline, expected: ExpectedIndices, args: Sequence[object],
+                   avoid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The static buffer this call's F layer writes its indices into, and the key width they index."""
+    *shape, key_width = expected.sizes_for(args)
+    return timeline.buffer(tuple(shape), expected.dtype, expected.device, avoid), key_width
+
+
+class CrossGraphCallable(_ModelLookup):
     """The boxed callable the backend returns for a layer graph that runs as several layers."""
 
     _boxed_call = True
 
     def __init__(self, as_is: Callable, f_variant: Callable, s_variant: Callable, expected: ExpectedIndices,
                  config: IndexCacheConfig, maps: list[LayerMap], graph: str) -> None:
+        super().__init__(maps)
         self.as_is, self.f_variant, self.s_variant = as_is, f_variant, s_variant
-        self.expected, self.config, self.maps, self.graph = expected, config, maps, graph
-        self._stack_walks_left = _STACK_WALKS
+        self.expected, self.config, self.graph = expected, config, graph
 
     def __call__(self, args: list) -> object:
-        found = self._layer(args)
-        if found is None or not ENABLED:
+        found = self._find(args, LayerMap.layer_of) if ENABLED else None
+        if found is None:
             return self.as_is(args)
         layer_map_, (container, layer) = found
         timeline = layer_map_.timeline(container)
@@ -310,34 +396,16 @@ class CrossGraphCallable:
             timeline.restart()
             raise
 
-    def _layer(self, args):
-        for candidate in self.maps:
-            key = candidate.layer_of(args)
-            if key is not None:
-                return candidate, key
-        if self._stack_walks_left > 0:  # another model of the same class, say: look for it once on the stack
-            self._stack_walks_left -= 1
-            known = {id(candidate) for candidate in self.maps}
-            for root in modules_on_stack():
-                candidate = layer_map(root)  # re-indexed if its parameters moved
-                key = candidate.layer_of(args)
-                if key is not None:
-                    if id(candidate) not in known:
-                        self.maps.append(candidate)
-                    return candidate, key
-        return None
-
     def _run(self, args: list, timeline: Timeline, container: str, layer: int):
         marked = self.config.layer_kind(layer)
         source = self.config.source_layer(layer) if marked != FULL else None
         if marked == FULL:
             timeline.begin(layer)
-            result = self.f_variant(list(args))
-            outputs = list(result)
-            key_width = self.expected.sizes_for(args)[-1]
-            timeline.published[layer] = _Published(outputs.pop(), key_width, self.graph)
+            buffer, key_width = publish_buffer(timeline, self.expected, args)
+            result = self.f_variant([*args, buffer])
+            timeline.published[layer] = _Published(buffer, key_width, self.graph)
             timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.PUBLISHED, self.graph)
-            return type(result)(outputs) if isinstance(result, tuple) else outputs
+            return result
         why = Fallback.NO_SOURCE if source is None else timeline.readable(source, layer)
         if isinstance(why, _Published):
             if self.expected.accepts(why, args):
@@ -349,3 +417,93 @@ class CrossGraphCallable:
         timeline.begin(layer)
         timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.COMPUTED, self.graph, fallback=why)
         return self.as_is(args)
+
+
+@dataclasses.dataclass(frozen=True)
+class NumberedSpan:
+    """What a graph whose layers the pass numbered exchanges with the model's other graphs.
+
+    ``layers``: its indexer layers, in order (the span it runs). ``reads``: its leading S layers, whose F layer
+    ``source`` is in an earlier graph, with the indices each expects; ``publishes``: its last F layer, which an
+    S layer past this graph needs, with the indices it makes.
+    """
+
+    layers: tuple[int, ...]
+    container: str | None  # from the module paths; None: found from the parameters alone
+    source: int | None = None
+    reads: tuple[tuple[int, ExpectedIndices], ...] = ()
+    publishes: tuple[int, ExpectedIndices] | None = None
+
+
+class NumberedGraphCallable(_ModelLookup):
+    """The boxed callable for a numbered graph that reads or publishes indices across a graph break.
+
+    ``variant`` is the graph with its leading S layers fed from an extra input (the published indices,
+    when ``span.reads``) and its publishing F layer's indices written into an extra input (the static
+    buffer, when ``span.publishes``), in that order; ``as_is`` the graph the pass made. The variant runs
+    only when every leading S layer may read; otherwise the graph runs as it is (and publishes nothing).
+    """
+
+    _boxed_call = True
+
+    def __init__(self, as_is: Callable, variant: Callable, span: NumberedSpan, maps: list[LayerMap],
+                 graph: str) -> None:
+        super().__init__(maps)
+        self.as_is, self.variant, self.span, self.graph = as_is, variant, span, graph
+
+    def _container(self, layer_map_: LayerMap, args) -> str | None:
+        """The container whose layers this call's parameters are: they hold every indexer layer of the span and
+        nothing further than one layer outside it (a layer split by the break)."""
+        found = layer_map_.layers_in(args)
+        if not found:
+            return None
+        low, high = self.span.layers[0] - 1, self.span.layers[-1] + 1
+        fits = [name for name, layers in found.items() if set(self.span.layers) <= layers
+                and all(low <= layer <= high for layer in layers)
+                and self.span.container in (None, name)]
+        return fits[0] if len(fits) == 1 else None
+
+    def __call__(self, args: list) -> object:
+        found = self._find(args, self._container) if ENABLED else None
+        if found is None:
+            return self.as_is(args)
+        layer_map_, container = found
+        timeline = layer_map_.timeline(container)
+        try:
+            return self._run(args, timeline, container)
+        except BaseException:
+            timeline.restart()
+            raise
+
+    def _readable(self, timeline: Timeline, args) -> _Published | Fallback:
+        span = self.span
+        why = timeline.readable(span.source, span.layers[0])
+        if isinstance(why, _Published) and not all(expected.accepts(why, args) for _, expected in span.reads):
+            return Fallback.MISMATCH
+        return why
+
+    def _run(self, args: list, timeline: Timeline, container: str):
+        span, extra = self.span, []
+        read = self._readable(timeline, args) if span.reads else None
+        if isinstance(read, Fallback):
+            timeline.begin(span.layers[0], span.layers[-1])
+            for layer, _ in span.reads:
+                timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.COMPUTED, self.graph,
+                                                  fallback=read)
+            return self.as_is(args)
+        if read is not None:
+            extra.append(read.indices)
+        timeline.begin(span.layers[0], span.layers[-1])
+        if span.publishes is not None:
+            avoid = None if read is None else read.indices
+            buffer, key_width = publish_buffer(timeline, span.publishes[1], args, avoid)
+            extra.append(buffer)
+        result = self.variant([*args, *extra])
+        for layer, _ in span.reads:
+            timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.READ, self.graph, span.source,
+                                              read.graph)
+        if span.publishes is not None:
+            layer = span.publishes[0]
+            timeline.published[layer] = _Published(buffer, key_width, self.graph)
+            timeline.calls[layer] = LayerCall(layer, container, "F", CallAction.PUBLISHED, self.graph)
+        return result

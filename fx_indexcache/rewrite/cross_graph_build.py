@@ -2,16 +2,16 @@
 
 Built on AOTAutograd's forward ATen graph of an inference compile, before the pass edits it:
 
-* the **F variant** is the graph with the indexer's indices appended to its outputs (the wrapper in
-  ``cross_graph`` pops them into the model's slot, so the caller sees the graph's own outputs);
+* the **F variant** is the graph with one more input, a buffer its indexer's indices are copied into in place
+  (the static buffer ``cross_graph`` publishes: a mutated input, at a fixed address, so CUDA graphs capture it);
 * the **S variant** is the graph with one extra input, the F layer's indices, in place of its own;
   what only the indexer needed is then dead and removed.
 
 Both compute exactly what the graph computes, with the indices coming from elsewhere in the S case.
-Only graphs whose single indexer has no layer index at compile time qualify (``detection`` said
-"unknown"); a graph whose layers are numbered is handled inside the graph by the pass as before.
+Graphs whose single indexer has no layer index at compile time (``detection`` said "unknown") get these two;
+numbered graphs that read or publish across a graph break get one variant (``cross_graph_numbered``).
+``compile_layer_graph`` picks the case, compiles, and returns the per-call wrapper.
 """
-
 from __future__ import annotations
 
 import contextvars
@@ -26,17 +26,15 @@ from ..config import SHARED, IndexCacheConfig
 from ..detection.registry import detect
 from ..detection.topk import topk_arguments
 from ..graph_utils import copy_graph_module, fake_value
-from .cross_graph import CrossGraphCallable, ExpectedIndices, layer_map, modules_on_stack
+from .cross_graph import CrossGraphCallable, ExpectedIndices, NumberedGraphCallable, layer_map, modules_on_stack
 
 #: How far to look for an S layer in a pattern given only by freq/offset.
 _PATTERN_HORIZON = 256
 
 
 class CrossGraphOff(str, enum.Enum):
-    """Why a layer graph with an unnumbered indexer does not share across graphs (it computes as before)."""
+    """Why a graph does not share across graphs (it computes as before)."""
 
-    CUDAGRAPHS = ("CUDA graphs are on (mode='reduce-overhead' / triton.cudagraphs): published indices would have to "
-                  "live in static buffers, which is not built; every layer computes")
     TRAINING = "not an inference graph (gradients enabled): every layer computes"
     NOT_ONE_SITE = "the graph holds more than one indexer: it is not one layer's graph"
     SITE_REFUSES = "its indexer's indices cannot be replaced"
@@ -44,19 +42,38 @@ class CrossGraphOff(str, enum.Enum):
     NO_MODEL = "no module on the call stack has numbered layers owning parameters"
     UNBOUND_SHAPE = "the indices' shape uses a size no graph input carries, so it cannot be checked per call"
     INDEXER_STILL_NEEDED = "without its indices the indexer is still needed by the rest of the graph"
+    TWO_CONTAINERS = "its indexers' module paths name more than one layer container"
 
 
 @dataclasses.dataclass(frozen=True)
 class CrossGraphPlan:
-    """What the backend does for one graph whose layer is known only at call time."""
+    """What the backend does for one graph that shares with the model's other graphs at run time.
+
+    Either a graph whose layer is known only at call time (``numbered`` False), or a numbered graph whose
+    leading S layers read an earlier graph's indices (``reads``, from ``source``) or whose last F layer
+    publishes them for a later graph (``publishes``).
+    """
 
     graph: str  # dynamo's compile id
     active: bool
     off: CrossGraphOff | None = None
     detail: str = ""
     s_nodes_removed: int = 0  # nodes the S variant does not run
+    numbered: bool = False
+    source: int | None = None
+    reads: tuple[int, ...] = ()
+    publishes: int | None = None
 
     def note(self) -> str:
+        if self.active and self.numbered:
+            parts = []
+            if self.reads:
+                parts.append(f"layers {', '.join(map(str, self.reads))} read layer {self.source}'s indices published "
+                             f"by an earlier graph ({self.s_nodes_removed} nodes not run) when the host check passes, "
+                             "else the graph runs as it is")
+            if self.publishes is not None:
+                parts.append(f"layer {self.publishes} publishes its indices for later graphs")
+            return f"cross-graph: graph {self.graph}: " + "; ".join(parts) + "; see fx_indexcache.layer_calls(model)"
         if self.active:
             return (f"cross-graph: graph {self.graph} runs as several layers; per call, its parameters give the layer: "
                     f"F layers publish their indices, S layers read their F layer's ({self.s_nodes_removed} nodes "
@@ -68,13 +85,16 @@ class CrossGraphPlan:
 @dataclasses.dataclass
 class Variants:
     f_graph: fx.GraphModule
+    f_inputs: list
     s_graph: fx.GraphModule
     s_inputs: list
     expected: ExpectedIndices
 
 
 def _has_s_layer(config: IndexCacheConfig) -> bool:
-    horizon = config.num_layers or len(config.index_topk_pattern or "") or _PATTERN_HORIZON
+    from .cross_graph_numbered import layer_horizon
+
+    horizon = layer_horizon(config, _PATTERN_HORIZON)
     return any(config.layer_kind(i) == SHARED and config.source_layer(i) is not None for i in range(horizon))
 
 
@@ -82,7 +102,7 @@ def _size_expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
-def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
+def expected_indices(graph: fx.Graph, site) -> ExpectedIndices | None:
     """The site's indices shape and key width as expressions of graph-input sizes; None if one is bound by
     no input (then nothing can be checked per call)."""
     indices, score = fake_value(site.indices), fake_value(site.anchor.args[0])
@@ -106,8 +126,35 @@ def _expected(graph: fx.Graph, site) -> ExpectedIndices | None:
     return ExpectedIndices(sizes, tuple(bound.values()), indices.dtype, indices.device)
 
 
+def _new_input(graph: fx.Graph, name: str, example: torch.Tensor) -> fx.Node:
+    """A placeholder after the last one (the callers pass its value last)."""
+    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+        node = graph.placeholder(name)
+    node.meta["val"] = example
+    return node
+
+
+def example_indices(site) -> torch.Tensor:
+    indices = fake_value(site.indices)
+    with indices.fake_mode:
+        return torch.empty(indices.shape, dtype=indices.dtype, device=indices.device)
+
+
+def write_indices(module: fx.GraphModule, site) -> fx.GraphModule:
+    """``module`` (edited in place) with one more, last input, a buffer it copies ``site``'s indices into: the
+    static buffer the wrapper publishes (a mutated input keeps a fixed address under CUDA graphs)."""
+    graph = module.graph
+    buffer = _new_input(graph, "publish_into", example_indices(site))
+    with graph.inserting_before(graph.find_nodes(op="output")[0]):
+        graph.call_function(torch.ops.aten.copy_.default, (buffer, site.indices))
+    graph.lint()
+    module.recompile()
+    return module
+
+
 def with_indices_output(module: fx.GraphModule) -> fx.GraphModule:
-    """``module`` (edited in place) with its single indexer's indices as one more, last output."""
+    """``module`` (edited in place) with its single indexer's indices as one more, last output (a region body,
+    whose outputs stay inside the outer graph)."""
     site = detect(module.graph).sites[0]
     (output,) = module.graph.find_nodes(op="output")
     outs = output.args[0]
@@ -117,37 +164,38 @@ def with_indices_output(module: fx.GraphModule) -> fx.GraphModule:
 
 
 def with_indices_input(module: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, int] | None:
-    """``module`` (edited in place) taking its indexer's indices as one more, last input, and the number of
-    nodes that became dead; None if the indexer stays needed."""
+    """``module`` taking its single indexer's indices as one more, last input, and the nodes that became dead."""
+    removed = read_indices(module, detect(module.graph).sites, example)
+    return None if removed is None else (module, removed)
+
+
+def read_indices(module: fx.GraphModule, sites, example: torch.Tensor) -> int | None:
+    """Feed ``sites``' consumers from one more, last input (published indices) and drop what became dead, in place;
+    the number of nodes removed, or None if an indexer stays needed (then ``module`` is spoilt)."""
     graph = module.graph
-    site = detect(graph).sites[0]
     before = len(graph.nodes)
-    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
-        published = graph.placeholder("published_indices")
-    published.meta["val"] = example
-    site.indices.replace_all_uses_with(published)
+    published = _new_input(graph, "published_indices", example)
+    for site in sites:
+        site.indices.replace_all_uses_with(published)
     graph.eliminate_dead_code()
-    if site.anchor.graph is graph and any(node is site.anchor for node in graph.nodes):
+    alive = set(graph.nodes)
+    if any(site.anchor in alive for site in sites):
         return None
     graph.lint()
     module.recompile()
-    return module, before + 1 - len(graph.nodes)
+    return before + 1 - len(graph.nodes)
 
 
-def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, *, graph: str,
-                  cudagraphs: bool, inference: bool) -> tuple[CrossGraphPlan | None, Variants | None]:
-    """Whether this forward graph qualifies, and its variants when it does (None, None: not concerned)."""
-    if not config.use_index_cache:
-        return None, None
-    detection = detect(copy_graph_module(module).graph)
-    if not detection.sites or detection.unknown_reason is None:
+def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, detection, *, graph: str,
+                  inference: bool) -> tuple[CrossGraphPlan | None, Variants | None]:
+    """Whether this forward graph (layer unknown at compile time) qualifies, and its variants when it does
+    (None, None: not concerned)."""
+    if not config.use_index_cache or not detection.sites or detection.unknown_reason is None:
         return None, None
 
     def off(reason: CrossGraphOff, detail: str = ""):
         return CrossGraphPlan(graph, False, reason, detail), None
 
-    if cudagraphs:
-        return off(CrossGraphOff.CUDAGRAPHS)
     if not inference:
         return off(CrossGraphOff.TRAINING)
     if len(detection.sites) != 1 or detection.unplaced:
@@ -159,43 +207,75 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
         return off(CrossGraphOff.SITE_REFUSES, refusal)
     if not _has_s_layer(config):
         return off(CrossGraphOff.NO_S_LAYER)
-    indices = fake_value(detection.sites[0].indices)
-    expected = _expected(module.graph, detection.sites[0])
+    expected = expected_indices(module.graph, detection.sites[0])
     if expected is None:
         return off(CrossGraphOff.UNBOUND_SHAPE)
-    with indices.fake_mode:
-        example = torch.empty(indices.shape, dtype=indices.dtype, device=indices.device)
-    s_built = with_indices_input(copy_graph_module(module), example)
-    if s_built is None:
+    example = example_indices(detection.sites[0])
+    s_graph = copy_graph_module(module)
+    removed = read_indices(s_graph, detect(s_graph.graph).sites, example)
+    if removed is None:
         return off(CrossGraphOff.INDEXER_STILL_NEEDED)
-    s_graph, removed = s_built
+    f_graph = copy_graph_module(module)
+    write_indices(f_graph, detect(f_graph.graph).sites[0])
     return CrossGraphPlan(graph, True, s_nodes_removed=removed), Variants(
-        with_indices_output(copy_graph_module(module)), s_graph, [*inputs, example], expected)
+        f_graph, [*inputs, example], s_graph, [*inputs, example], expected)
 
 
-def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, config: IndexCacheConfig, *,
-                        compile_as_is: Callable, compile_variant: Callable, cudagraphs: bool,
-                        inference: bool) -> tuple[Callable, CrossGraphPlan | None]:
-    """Compile a forward graph: as it is, plus its F and S variants and the per-call wrapper where it qualifies.
+def plan_numbered(module: fx.GraphModule, inputs: Sequence, graph_pass, detection, *, graph: str,
+                  inference: bool):
+    """A numbered graph's plan and its variant (see ``cross_graph_numbered``); (None, None): not concerned."""
+    from . import cross_graph_numbered as numbered
+
+    needs = numbered.numbered_needs(detection, graph_pass.config, _PATTERN_HORIZON)
+    if needs is None:
+        return None, None
+    if not inference:
+        return CrossGraphPlan(graph, False, CrossGraphOff.TRAINING, numbered=True), None
+    span = numbered.plan_span(module, detection, graph_pass.config, needs)
+    if isinstance(span, str):
+        return CrossGraphPlan(graph, False, CrossGraphOff.SITE_REFUSES, span, numbered=True), None
+    variant = numbered.build_variant(module, inputs, graph_pass, span)
+    if variant is None:
+        return CrossGraphPlan(graph, False, CrossGraphOff.INDEXER_STILL_NEEDED, numbered=True), None
+    plan = CrossGraphPlan(graph, True, s_nodes_removed=variant.nodes_removed, numbered=True, source=span.source,
+                          reads=tuple(layer for layer, _ in span.reads),
+                          publishes=None if span.publishes is None else span.publishes[0])
+    return plan, (span, variant)
+
+
+def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, graph_pass, *, compile_as_is: Callable,
+                        compile_variant: Callable, inference: bool) -> tuple[Callable, CrossGraphPlan | None]:
+    """Compile a forward graph as it is, plus, where it shares with other graphs at run time, its variants and
+    the per-call wrapper.
 
     ``compile_as_is(module)`` compiles the graph the usual way (the pass runs there); ``compile_variant(gm,
-    inputs)`` compiles a variant without the pass. Both return boxed callables.
+    inputs, static)`` compiles a variant without the pass, its last ``static`` inputs being index buffers
+    at fixed addresses. Both return boxed callables.
     """
     graph = compile_id()
-    plan, variants = plan_variants(module, inputs, config, graph=graph, cudagraphs=cudagraphs, inference=inference)
-    maps = [found for found in map(layer_map, modules_on_stack()) if found.by_storage] if variants else []
-    if variants is not None and not maps:
-        plan, variants = CrossGraphPlan(graph, False, CrossGraphOff.NO_MODEL), None
+    detection = detect(copy_graph_module(module).graph, graph_pass.graph_starts_at_first_layer)
+    plan, variants = plan_variants(module, inputs, graph_pass.config, detection, graph=graph, inference=inference)
+    span = None
+    if plan is None:
+        plan, span = plan_numbered(module, inputs, graph_pass, detection, graph=graph, inference=inference)
+    maps = [found for found in map(layer_map, modules_on_stack()) if found.by_storage] if (variants or span) else []
+    if (variants or span) and not maps:
+        plan, variants, span = CrossGraphPlan(graph, False, CrossGraphOff.NO_MODEL, numbered=bool(span)), None, None
     token = _PENDING.set(plan)
     try:
         as_is = compile_as_is(module)
     finally:
         _PENDING.reset(token)
-    if variants is None:
-        return as_is, plan
-    f_compiled = compile_variant(variants.f_graph, list(inputs))
-    s_compiled = compile_variant(variants.s_graph, variants.s_inputs)
-    return CrossGraphCallable(as_is, f_compiled, s_compiled, variants.expected, config, maps, graph), plan
+    if variants is not None:
+        f_compiled = compile_variant(variants.f_graph, variants.f_inputs, 1)
+        s_compiled = compile_variant(variants.s_graph, variants.s_inputs, 1)
+        wrapper = CrossGraphCallable(as_is, f_compiled, s_compiled, variants.expected, graph_pass.config, maps, graph)
+        return wrapper, plan
+    if span is not None:
+        span, variant = span
+        compiled = compile_variant(variant.module, variant.inputs, variant.extra_inputs)
+        return NumberedGraphCallable(as_is, compiled, span, maps, graph), plan
+    return as_is, plan
 
 
 _PENDING: contextvars.ContextVar[CrossGraphPlan | None] = contextvars.ContextVar("fx_indexcache_plan", default=None)
@@ -212,23 +292,32 @@ def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
 
     def compile_forward(module: fx.GraphModule, inputs):
         compiled, plan = compile_layer_graph(
-            module, inputs, graph_pass.config, compile_as_is=lambda m: make_boxed_func(rewrite(m)),
-            compile_variant=lambda variant, _: make_boxed_func(variant.forward), cudagraphs=False, inference=True)
+            module, inputs, graph_pass, compile_as_is=lambda m: make_boxed_func(rewrite(m)),
+            compile_variant=lambda variant, _, __: make_boxed_func(variant.forward), inference=True)
         return compiled
 
     return compile_forward
 
 
-def inductor_inner_compile(graph_pass, installed_pass, cudagraphs: bool) -> Callable:
+def inductor_inner_compile(graph_pass, installed_pass) -> Callable:
     """Inductor's ``inner_compile`` for the IndexCache backend: forward inference graphs go through
-    ``compile_layer_graph``; the variants are compiled with the user's own post-grad passes only."""
+    ``compile_layer_graph``; the variants are compiled with the user's own post-grad passes only.
+
+    Under CUDA graphs a variant's index buffers are static inputs (``static_input_idxs``): cudagraph trees
+    then read and write them in place, at their fixed address, instead of copying them on every replay.
+    """
     from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.utils import BoxedBool
 
     user_passes = [p for p in getattr(installed_pass, "passes", (installed_pass,)) if p is not graph_pass]
 
-    def compile_variant(variant: fx.GraphModule, inputs, kwargs):
+    def compile_variant(variant: fx.GraphModule, inputs, static: int, kwargs, cudagraphs: bool | None):
         from torch._guards import TracingContext
 
+        kwargs = dict(kwargs)
+        kwargs["static_input_idxs"] = [*kwargs.get("static_input_idxs", ()), *range(len(inputs) - static, len(inputs))]
+        if cudagraphs is not None:  # its own flag: Inductor switches it off per graph that cannot be captured
+            kwargs["cudagraphs"] = BoxedBool(cudagraphs)
         context = TracingContext.try_get()
         strides = None if context is None or context.output_strides is None else list(context.output_strides)
         if strides is not None:
@@ -243,9 +332,11 @@ def inductor_inner_compile(graph_pass, installed_pass, cudagraphs: bool) -> Call
     def inner(module: fx.GraphModule, inputs, **kwargs):
         if not kwargs.get("is_inference", False):
             return compile_fx_inner(module, inputs, **kwargs)
+        flag = kwargs.get("cudagraphs")
+        cudagraphs = None if flag is None else bool(flag.value)  # before the as-is compile may switch it off
         compiled, plan = compile_layer_graph(
-            module, inputs, graph_pass.config, compile_as_is=lambda m: compile_fx_inner(m, inputs, **kwargs),
-            compile_variant=lambda variant, ins: compile_variant(variant, ins, kwargs), cudagraphs=cudagraphs,
+            module, inputs, graph_pass, compile_as_is=lambda m: compile_fx_inner(m, inputs, **kwargs),
+            compile_variant=lambda variant, ins, static: compile_variant(variant, ins, static, kwargs, cudagraphs),
             inference=True)
         graph_pass.cross_graph_plan = plan  # for the report of an FX-graph-cache hit, where the pass did not run
         return compiled

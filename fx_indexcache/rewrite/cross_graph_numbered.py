@@ -1,0 +1,130 @@
+"""Numbered graphs that share across a graph break: which layers read or publish, and the variant that does it.
+
+A graph break in the model's top frame splits its layers into numbered graphs (layers 0-2 in one, 3-5
+in the next; module paths or the first graph's order give the numbers). The pass shares inside each
+graph; an S layer whose F layer is in an earlier graph is left computing there. This module finds, for
+one such graph before the pass edits it:
+
+* its **leading S layers** (their F layer comes before the graph's first layer): they can read indices
+  an earlier graph published;
+* its **publishing F layer**: the last F layer, when the layer right after the graph is an S layer that
+  reads it;
+
+and builds the one variant the wrapper (``cross_graph.NumberedGraphCallable``) runs when the host check
+passes: the graph with the pass's in-graph sharing applied, the leading S layers fed from one more
+input, and the publishing layer's indices copied into one more input (the static buffer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch import fx
+
+from ..config import FULL, SHARED, IndexCacheConfig
+from ..detection.layers import layer_key
+from ..detection.registry import Detection, detect
+from ..graph_utils import copy_graph_module
+from .cross_graph import NumberedSpan
+from .cross_graph_build import example_indices, expected_indices, read_indices, write_indices
+from .share import apply_index_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class NumberedVariant:
+    module: fx.GraphModule
+    inputs: list  # the graph's inputs, then the published indices (reads), then the buffer (publishes)
+    extra_inputs: int
+    nodes_removed: int  # nodes the leading S layers no longer run
+
+
+def layer_horizon(config: IndexCacheConfig, fallback: int) -> int:
+    """How many layers the config can mark: its layer count or explicit pattern's length, else ``fallback``."""
+    known = [n for n in (config.num_layers, len(config.explicit_pattern or "")) if n]
+    return min(known) if known else fallback
+
+
+def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], horizon: int) -> int | None:
+    """The graph's F layer that the layer right after the graph reads, if that layer is an S layer."""
+    after = layers[-1] + 1
+    if after >= horizon or config.layer_kind(after) != SHARED:
+        return None
+    source = config.source_layer(after)
+    return source if source in layers and config.layer_kind(source) == FULL else None
+
+
+def _readers(config: IndexCacheConfig, layers: tuple[int, ...]) -> list[int]:
+    """The graph's S layers whose F layer comes before the graph."""
+    return [layer for layer in layers if config.layer_kind(layer) == SHARED
+            and (source := config.source_layer(layer)) is not None and source < layers[0]]
+
+
+def _container(detection: Detection) -> str | None | bool:
+    """The layer container the sites' module paths name; None: no path names one; False: several do."""
+    names = {key[0] for site in detection.sites if (key := layer_key(site.module_path or "")) is not None}
+    return False if len(names) > 1 else next(iter(names), None)
+
+
+def numbered_needs(detection: Detection, config: IndexCacheConfig, horizon: int):
+    """``(layers, readers, publisher)`` of a numbered graph, or None when it exchanges nothing across graphs."""
+    if not config.use_index_cache or not detection.sites or detection.unknown_reason is not None:
+        return None
+    if detection.nested_regions:
+        return None  # nested_compile_region bodies are rewired inside the graph (regional.py)
+    layers = tuple(sorted(site.layer for site in detection.sites))
+    if len(set(layers)) != len(layers):
+        return None
+    readers, publisher = _readers(config, layers), _publisher(config, layers, layer_horizon(config, horizon))
+    if not readers and publisher is None:
+        return None
+    return layers, readers, publisher
+
+
+def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheConfig, needs) -> NumberedSpan | str:
+    """The ``NumberedSpan`` of a graph that needs one, or why (str) its layers must compute as they are."""
+    layers, readers, publisher = needs
+    container = _container(detection)
+    if container is False:
+        return "its indexers' module paths name more than one layer container"
+    by_layer = {site.layer: site for site in detection.sites}
+    involved = [*readers, *([] if publisher is None else [publisher])]
+    for layer in involved:
+        site = by_layer[layer]
+        if site.kind != "aten.topk":
+            return f"layer {layer} is a {site.kind} site; only aten.topk sites are built"
+        why = site.refusal()
+        if why is not None:
+            return f"layer {layer}: {why}"
+    expected = {layer: expected_indices(module.graph, by_layer[layer]) for layer in involved}
+    if None in expected.values():
+        return "an indices shape uses a size no graph input carries, so it cannot be checked per call"
+    shapes = {expected[layer].sizes[:-1] for layer in readers}  # symbolic: equal for every call, or not proven
+    if len(shapes) > 1:
+        return f"the leading S layers {readers} make indices of different shapes"
+    source = config.source_layer(readers[0]) if readers else None
+    return NumberedSpan(layers, container, source, tuple((layer, expected[layer]) for layer in readers),
+                        None if publisher is None else (publisher, expected[publisher]))
+
+
+def build_variant(module: fx.GraphModule, inputs: Sequence, graph_pass, span: NumberedSpan) -> NumberedVariant | None:
+    """The graph with the pass's in-graph sharing, its leading S layers reading one more input and its
+    publishing layer writing one more; None when a leading S layer's indexer stays needed."""
+    variant = copy_graph_module(module)
+    detection = detect(variant.graph, graph_pass.graph_starts_at_first_layer)
+    apply_index_cache(variant.graph, detection, graph_pass.config, graph_pass.ledger)
+    by_layer = {site.layer: site for site in detection.sites}
+    extra, removed = [], 0
+    if span.reads:
+        readers = [by_layer[layer] for layer, _ in span.reads]
+        example = example_indices(readers[0])
+        removed = read_indices(variant, readers, example)
+        if removed is None:
+            return None
+        extra.append(example)
+    if span.publishes is not None:
+        site = by_layer[span.publishes[0]]
+        extra.append(example_indices(site))
+        write_indices(variant, site)
+    variant.recompile()
+    return NumberedVariant(variant, [*inputs, *extra], len(extra), removed)
