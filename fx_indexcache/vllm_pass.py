@@ -5,22 +5,9 @@ also binds the pass's names in the package namespace, where vLLM's name lookup l
 """
 
 from . import _bind_vllm_names
-from .integrations.vllm import (  # noqa: F401  (re-exported)
-    UncompiledModel,
-    VllmIndexCacheConfig,
-    VllmIndexCachePass,
-    check_vllm_compiles,
-    config_from_vllm,
-    vllm_index_cache_pass,
-)
+from .integrations import vllm as _vllm
+from .integrations.vllm import *  # noqa: F401,F403  (re-exported: the names of its __all__)
+
+__all__ = list(_vllm.__all__)
 
 _bind_vllm_names()
-
-__all__ = [
-    "UncompiledModel",
-    "VllmIndexCacheConfig",
-    "VllmIndexCachePass",
-    "check_vllm_compiles",
-    "config_from_vllm",
-    "vllm_index_cache_pass",
-]

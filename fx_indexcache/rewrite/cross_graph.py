@@ -204,20 +204,11 @@ class LayerMap:
 
     def layer_of(self, args: Sequence[object]) -> tuple[str, int] | None:
         """The one (container, layer) every parameter among ``args`` belongs to, or None."""
-        found = None
-        for arg in args:
-            if not isinstance(arg, torch.Tensor):
-                continue
-            entry = self.by_storage.get(arg.data_ptr())
-            if entry is None:
-                continue
-            param, key = entry
-            if key is None or arg.shape != param.shape or arg.dtype != param.dtype:
-                return None
-            if found is not None and key != found:
-                return None
-            found = key
-        return found
+        found = self.layers_in(args)
+        if not found or len(found) != 1:
+            return None
+        ((container, layers),) = found.items()
+        return (container, next(iter(layers))) if len(layers) == 1 else None
 
     def layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None:
         """Per layer container, the layers whose parameters are among ``args``; None if a parameter is tied to
