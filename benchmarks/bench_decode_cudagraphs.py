@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from benchmarks.prewarm import add_arguments, describe, prewarm, uses_cache  # noqa: E402
+from benchmarks.prewarm import add_arguments, describe, prewarm_if_asked  # noqa: E402
 from benchmarks.bench_gpu_indexcache import Runner, compile_variant, variant_freq, variant_pattern  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
 
@@ -261,18 +261,11 @@ def main() -> None:
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
-    warmed = None
-    if a.prewarm or a.prewarm_only:
-        t = time.time()
-        args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",
-                os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])
-        warmed = prewarm(__file__, a.variants.split(","), args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
-        a.budget_s -= time.time() - t  # the budget counts from the start of the command
+    args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",
+            os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])
+    warmed = prewarm_if_asked(a, __file__, a.variants.split(","), args)
     if a.prewarm_only:
-        print(describe(warmed), flush=True)
         return
-    # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
-    torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = CudaGraphDecode(a)
     if warmed is not None:
         bench.notes.append(describe(warmed))

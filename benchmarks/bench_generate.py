@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from benchmarks.prewarm import add_arguments, describe, prewarm, uses_cache  # noqa: E402
+from benchmarks.prewarm import add_arguments, describe, prewarm_if_asked  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
 from fx_indexcache.models import tiny_transformers  # noqa: E402
 
@@ -169,19 +169,11 @@ def main() -> None:
         a.prompts, a.new_tokens, a.chunk, a.layers = "12,20", 4, 8, 3
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
-    warmed = None
-    if a.prewarm or a.prewarm_only:
-        t = time.time()
-        args = ["--layers", str(a.layers), "--batch", str(a.batch), "--prompts", a.prompts, "--new-tokens",
-                str(a.new_tokens), "--chunk", str(a.chunk), "--out", os.path.join(a.out, "prewarm")]
-        warmed = prewarm(__file__, names, args + (["--smoke"] if a.smoke else []), os.path.join(a.out, "prewarm"),
-                         a.prewarm_timeout_s)
-        a.budget_s -= time.time() - t
+    args = ["--layers", str(a.layers), "--batch", str(a.batch), "--prompts", a.prompts, "--new-tokens",
+            str(a.new_tokens), "--chunk", str(a.chunk), "--out", os.path.join(a.out, "prewarm")]
+    warmed = prewarm_if_asked(a, __file__, names, args + (["--smoke"] if a.smoke else []))
     if a.prewarm_only:
-        print(describe(warmed), flush=True)
         return
-    # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
-    torch._inductor.config.fx_graph_cache = uses_cache(a)
     bench = GenerateBench(a)
     if warmed is not None:
         bench.env["prewarm"] = describe(warmed)

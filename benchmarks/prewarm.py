@@ -66,3 +66,20 @@ def uses_cache(a) -> bool:
     """Whether this process should read and write the FX graph cache (benchmarks turn it off otherwise, so a
     compile time is a cold one)."""
     return bool(a.prewarm or a.prewarm_only or a.warm_cache or a.compile_only)
+
+
+def prewarm_if_asked(a, script: str, variants: list[str], worker_args: list[str]) -> dict[str, dict] | None:
+    """The prewarm a benchmark's flags ask for (``--prewarm`` / ``--prewarm-only``), its time taken off
+    ``a.budget_s`` (the budget counts from the start of the command); then the FX graph cache on or off for this
+    process. Returns the workers' results, or None when no prewarm ran. With ``--prewarm-only`` the caller stops."""
+    import torch
+
+    warmed = None
+    if a.prewarm or a.prewarm_only:
+        t = time.time()
+        warmed = prewarm(script, variants, worker_args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
+        a.budget_s -= time.time() - t
+        print(describe(warmed), flush=True)
+    # The FX graph cache is what the prewarm fills; without it every compile is a cold one.
+    torch._inductor.config.fx_graph_cache = uses_cache(a)
+    return warmed
