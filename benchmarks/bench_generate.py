@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from benchmarks.prewarm import add_arguments, describe, prewarm_if_asked  # noqa: E402
 from fx_indexcache import IndexCacheBackend  # noqa: E402
+from fx_indexcache import prepared_static_cache  # noqa: E402
 from fx_indexcache.models import tiny_transformers  # noqa: E402
 
 VARIANTS = ("inductor", "ours_f4", "ours_f4_fused")
@@ -99,12 +100,11 @@ class GenerateBench:
         return best
 
     def run_variant(self, name: str, backend, compile_only: bool = False) -> None:
-        from transformers import StaticCache
-
         torch._dynamo.reset()
         self.model.__dict__.pop("forward", None)
+        # buffers allocated eagerly: transformers 5.17 + torch 2.11 cannot trace their lazy allocation
+        cache = prepared_static_cache(self.model, self.a.batch, max(self.prompts) + self.a.new_tokens + 1)
         self.model.forward = torch.compile(self.model.forward, backend=backend, mode="reduce-overhead", dynamic=True)
-        cache = StaticCache(config=self.model.config, max_cache_len=max(self.prompts) + self.a.new_tokens + 1)
         for P in self.prompts:
             if time.time() - self.t0 > self.a.budget_s:
                 self.log(f"{name} P={P}: skipped (budget)")
@@ -179,7 +179,12 @@ def main() -> None:
         bench.env["prewarm"] = describe(warmed)
         bench.log(bench.env["prewarm"])
     for name in names:
-        bench.run_variant(name, backends[name], compile_only=a.compile_only)
+        try:
+            bench.run_variant(name, backends[name], compile_only=a.compile_only)
+        except Exception as e:  # one variant failing does not lose the others' rows
+            bench.log(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            if a.compile_only:
+                raise
     if a.compile_only:
         return
     print(open(os.path.join(a.out, "generate.md")).read())

@@ -22,20 +22,24 @@ def share_inductor_cache() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_prewarm_"))
 
 
-def prewarm(script: str, variants: list[str], args: list[str], log_dir: str, timeout_s: float) -> dict[str, dict]:
-    """Run ``script --compile-only --variants NAME *args`` for every variant at once; per variant the seconds until
-    it ended and its exit status ("timeout" when it was killed). Each worker's output goes to ``log_dir/NAME.txt``."""
+def prewarm(script: str, variants: list[str], args: list[str], log_dir: str, timeout_s: float,
+            workers: int = 0) -> dict[str, dict]:
+    """Run ``script --compile-only --variants NAME *args`` for every variant, at most ``workers`` at a time (0: all
+    at once; each worker holds its own copy of the model on the card); per variant the seconds until it ended and its
+    exit status ("timeout" when it was killed, "not started" when the time ran out first). Each worker's output goes
+    to ``log_dir/NAME.txt``."""
     share_inductor_cache()
     os.makedirs(log_dir, exist_ok=True)
+    width = min(len(variants), workers or len(variants))
     # Each worker's Inductor would start a compile pool of every core: share the cores out instead.
-    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // len(variants))))
-    procs = {}
-    for name in variants:
-        log = open(os.path.join(log_dir, f"{name}.txt"), "w")
-        cmd = [sys.executable, os.path.abspath(script), "--compile-only", "--variants", name, *args]
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    t0, result = time.time(), {}
-    while len(result) < len(procs) and time.time() - t0 < timeout_s:
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // width)))
+    waiting, procs, t0, result = list(variants), {}, time.time(), {}
+    while (waiting or len(result) < len(procs)) and time.time() - t0 < timeout_s:
+        while waiting and len(procs) - len(result) < width:
+            name = waiting.pop(0)
+            log = open(os.path.join(log_dir, f"{name}.txt"), "w")
+            cmd = [sys.executable, os.path.abspath(script), "--compile-only", "--variants", name, *args]
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         for name, proc in procs.items():
             if name not in result and proc.poll() is not None:
                 result[name] = dict(wall_s=round(time.time() - t0, 1), rc=proc.returncode)
@@ -44,6 +48,8 @@ def prewarm(script: str, variants: list[str], args: list[str], log_dir: str, tim
         if name not in result:
             proc.kill()
             result[name] = dict(wall_s=None, rc="timeout")
+    for name in waiting:
+        result[name] = dict(wall_s=None, rc="not started")
     return result
 
 
@@ -59,6 +65,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--warm-cache", action="store_true",
                     help="use the FX graph cache in TORCHINDUCTOR_CACHE_DIR that an earlier --prewarm-only filled")
     ap.add_argument("--prewarm-timeout-s", type=float, default=330.0)
+    ap.add_argument("--prewarm-workers", type=int, default=0,
+                    help="at most this many worker compiles at once (0: all; each holds a model on the card)")
     ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a worker
 
 
@@ -77,7 +85,8 @@ def prewarm_if_asked(a, script: str, variants: list[str], worker_args: list[str]
     warmed = None
     if a.prewarm or a.prewarm_only:
         t = time.time()
-        warmed = prewarm(script, variants, worker_args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s)
+        warmed = prewarm(script, variants, worker_args, os.path.join(a.out, "prewarm"), a.prewarm_timeout_s,
+                         a.prewarm_workers)
         a.budget_s -= time.time() - t
         print(describe(warmed), flush=True)
     # The FX graph cache is what the prewarm fills; without it every compile is a cold one.

@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend
+from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend, prepared_static_cache
 # the IndexCache oracle lives with the tests (tests/hf_oracle.py), not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import hf_oracle  # noqa: E402
 
 
-def greedy(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+def greedy(model, input_ids: torch.Tensor, new_tokens: int, cache, **kwargs) -> torch.Tensor:
     """transformers' greedy decoding with a static cache: the path compiled decoding takes."""
-    return model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                          **kwargs)
+    cache.reset()
+    return model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache, **kwargs)
 
 
 def main() -> None:
@@ -48,9 +48,12 @@ def main() -> None:
     tiny = hf_oracle.build(hf_oracle.SPECS[args.model], num_layers=len(args.pattern))
     model = tiny.model.to(args.device)
     prompts = [tiny.make_inputs(int(n), seed=i)["input_ids"].to(args.device) for i, n in enumerate(args.prompts.split(","))]
+    # a static cache allocated up front (``cache_implementation="static"`` works too, except with transformers 5.17
+    # on torch 2.11, which cannot compile the indexer cache's lazy allocation: see integrations/transformers_cache.py)
+    cache = prepared_static_cache(model, batch_size=1, max_cache_len=max(p.shape[1] for p in prompts) + args.new_tokens)
     with torch.no_grad(), tiny.oracle(args.pattern):
         # eager: on CUDA a static cache makes generate() compile its decode step unless told not to
-        expected = [greedy(model, ids, args.new_tokens, disable_compile=True) for ids in prompts]
+        expected = [greedy(model, ids, args.new_tokens, cache, disable_compile=True) for ids in prompts]
 
     backend_class = IndexCacheEagerBackend if args.eager_backend else IndexCacheBackend
     backend = backend_class(index_topk_pattern=args.pattern)
@@ -58,7 +61,7 @@ def main() -> None:
     counters.clear()
     start = time.perf_counter()
     with torch.no_grad():
-        got = [greedy(model, ids, args.new_tokens) for ids in prompts]
+        got = [greedy(model, ids, args.new_tokens, cache) for ids in prompts]
     print(f"{type(model).__name__}, pattern {args.pattern}, {backend!r}, {args.device}: "
           f"{len(prompts)} prompts x {args.new_tokens} tokens in {time.perf_counter() - start:.1f} s, "
           f"{counters['stats']['unique_graphs']} graphs compiled")

@@ -9,6 +9,7 @@ from .detection.registry import detect, register_site_finder
 from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
 from .integrations.export import apply_index_cache_to_exported_program
 from .integrations.graph_pass import IndexCachePass
+from .integrations.transformers_cache import prepared_static_cache
 from .report.graph_report import IndexCacheReport, clear_reports, reports
 from .report.sharing import format_layer_sharing, layer_sharing
 from .rewrite.cross_graph import layer_calls
@@ -27,6 +28,7 @@ __all__ = [
     "indexcache_eager_backend",
     "layer_calls",
     "layer_sharing",
+    "prepared_static_cache",
     "register_site_finder",
     "reports",
 ]

@@ -106,3 +106,31 @@ def test_models_without_a_static_cache_are_the_documented_ones(name):
     tiny = H.TINY_DSA_MODELS[name]()
     with pytest.raises(KeyError):
         _runs(tiny)
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_prepared_static_cache_allocates_every_buffer_before_the_first_compiled_call(name):
+    from fx_indexcache import prepared_static_cache
+
+    tiny = H.TINY_DSA_MODELS[name]()
+    cache = prepared_static_cache(tiny.model, batch_size=2, max_cache_len=24)
+    indexed = [layer for layer in cache.layers if hasattr(layer, "indexer_keys")]
+    assert indexed, "no indexer cache layer: the check below would pass vacuously"
+    for layer in cache.layers:
+        assert layer.is_initialized and layer.keys.shape[0] == 2 and layer.keys.shape[-2] == 24
+    for layer in indexed:
+        assert layer.is_indexer_initialized and tuple(layer.indexer_keys.shape[:2]) == (2, 24)
+        assert int(layer.indexer_cumulative_length) == 0 and not layer.indexer_keys.any()  # reset after priming
+    ids = tiny.make_inputs(9, seed=0)["input_ids"].expand(2, -1)
+    with torch.no_grad():
+        got = tiny.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache)
+        want = tiny.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
+
+
+def test_prepared_static_cache_names_a_bad_size():
+    from fx_indexcache import prepared_static_cache
+
+    tiny = H.TINY_DSA_MODELS["deepseek_v32"]()
+    with pytest.raises(ValueError, match=r"max_cache_len=0, expected a positive int"):
+        prepared_static_cache(tiny.model, batch_size=1, max_cache_len=0)

@@ -57,7 +57,8 @@ def _kernels():
     from . import _topk_split_triton
 
     return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
-            "select": _topk_split_triton._select_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
+            "select": _topk_split_triton._select_kernel,
+            "threshold": _topk_split_triton._threshold_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
 
 
 def _pow2(n: int) -> int:
@@ -137,7 +138,7 @@ MIN_SPLIT = 1024
 ONE_SPLIT_ROWS = 256
 
 
-def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
+def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[int] = None) -> dict:
     """How the filtering pass cuts each row: ``NSPLIT`` programs of ``SEG`` keys (chunks of ``CHUNK``).
 
     ``ONE_SPLIT_ROWS`` rows or more: one program a row (one read of the row); fewer rows are cut into
@@ -150,7 +151,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
         splits = max(1, min(TARGET_PROGRAMS // max(R, 1), T // MIN_SPLIT))
         splits = 1 << (splits.bit_length() - 1)
     splits = max(1, min(int(splits), T))
-    chunk = min(2048, _pow2(-(-T // splits)))
+    chunk = min(chunk or 2048, _pow2(-(-T // splits)))
     seg = -(-(-(-T // splits)) // chunk) * chunk
     nsplit = -(-T // seg)
     return dict(NSPLIT=nsplit, SEG=seg, CHUNK=chunk, NSPLIT_P=max(2, _pow2(nsplit)))
@@ -159,7 +160,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None) -> dict:
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
             path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split",
-            sort: str = "auto"):
+            sort: str = "auto", tune: Optional[dict] = None):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "split" (the default: filter and select launched apart, rows split over programs when
@@ -168,7 +169,9 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
     threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
-    selected at their ranks) or "auto" (``rank_sort_wins``).
+    selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
+    overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``threshold_kernel``
+    (one split a row: the sampled threshold in its own launch, the default, or in the filter).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
@@ -178,7 +181,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
-    return _launch_split(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path, rank)
+    sp = split_plan(x2d.shape[0], x2d.shape[1], splits, chunk=(tune or {}).get("chunk"))
+    return _launch_split(x2d, out2d, k, p, sp, sorted, path, rank, tune or {})
 
 
 def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
@@ -207,7 +211,7 @@ def rank_sort_wins(R: int, k: int) -> bool:
     return R * k <= 32 * 2048
 
 
-def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False):
+def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False, tune=None):
     """Filter (one launch, or count + write when rows are split), then select: see the module doc."""
     R, T = x2d.shape
     dev = x2d.device
@@ -219,19 +223,26 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False):
     kern = _kernels()
     args = (x2d, cand_key, cand_idx, tie_idx, counts, thr, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
             x2d.stride(0), x2d.stride(1))
-    consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"], num_warps=4)
+    tune = tune or {}
+    consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"],
+                  num_warps=tune.get("filter_warps", 4))
     grid = (R, sp["NSPLIT"])
     if sp["NSPLIT"] == 1:
-        kern["filter"][grid](*args, PHASE=0, **consts)
+        own = not tune.get("threshold_kernel", True)
+        if not own:
+            kern["threshold"][(R,)](x2d, thr, T, p["R_SAMPLE"], x2d.stride(0), x2d.stride(1),
+                                    NB=p["NB"], SB=p["SB"], num_warps=4)
+        kern["filter"][grid](*args, PHASE=0, OWN_SAMPLE=own, **consts)
     else:
-        kern["filter"][grid](*args, PHASE=1, **consts)
-        kern["filter"][grid](*args, PHASE=2, **consts)
+        kern["filter"][grid](*args, PHASE=1, OWN_SAMPLE=True, **consts)
+        kern["filter"][grid](*args, PHASE=2, OWN_SAMPLE=False, **consts)
     sel = torch.empty_like(out2d) if rank_sort else out2d
     h = kern["select"][(R,)](
         x2d, sel, cand_key, cand_idx, tie_idx, counts, sel if path is None else path,
         T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1),
         CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted) and not rank_sort,
-        RECORD_PATH=path is not None, num_warps=8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4,
+        RECORD_PATH=path is not None,
+        num_warps=tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4),
     )
     if rank_sort:
         rb = min(p["KP"], max(1, 32768 // p["KP"]))  # a [RB, KP] comparison tile a program

@@ -1,0 +1,153 @@
+"""Where the split top-k's time goes: per-kernel times, launch overrides, and probes of the filter pass.
+
+Run from the repository root on a CUDA machine::
+
+    PYTHONPATH=. python benchmarks/bench_topk_phases.py --out "$OUT" [--quick]
+
+For each shape (the logits kernel's own causal rows, k = 2048) it measures:
+  * ``row_topk`` (unsorted and sorted) end to end (do_bench median) and each of its kernels' GPU time
+    (torch.profiler), with the registers / spills Triton compiled each kernel with;
+  * the same under launch overrides (``topk._launch(tune=...)``: the filter's and the select's warps, the
+    filter's chunk, the sample size), one factor at a time around the default;
+  * probes of the filter pass alone (``_stream_probe`` below): one read of the rows with a count per chunk,
+    then with the chunk's scan added, then with the scattered stores: which step the pass is bound by.
+Writes topk_phases.{json,md} under --out.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from bench_indexer_kernel import bench, causal_logits, environment, topk_exact  # noqa: E402
+
+from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
+
+TOPK = 2048
+SHAPES = [(1024, 32768), (1024, 131072), (64, 32768), (4096, 8192), (1, 32768)]
+QUICK = 3
+#: Run 6a also timed filter_warps 8, select_warps 16, chunk 4096 and samples of 1024 / 4096 keys: all slower.
+TUNES = [{}, {"threshold_kernel": False}, {"filter_warps": 2}, {"chunk": 1024}, {"select_warps": 4},
+         {"filter_warps": 2, "chunk": 1024}]
+
+
+@triton.jit
+def _stream_probe(x_ptr, out_ptr, L, T, sxr, CHUNK: tl.constexpr, MODE: tl.constexpr):
+    """One program a row: MODE 0 counts keys > L per chunk; 1 adds the chunk's scan; 2 adds the stores."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sxr
+    o_row = out_ptr + row * 8192
+    n = tl.full([], 0, tl.int32)
+    for c in range(0, tl.cdiv(T, CHUNK)):
+        co = c * CHUNK + tl.arange(0, CHUNK)
+        kc = tl.load(x_row + co, mask=co < T, other=-float("inf"))
+        gt = kc > L
+        if MODE >= 1:
+            pos = n + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+            # MODE 1: a store that never fires keeps the scan alive without its memory traffic
+            hit = gt & (pos < 8192) if MODE >= 2 else gt & (pos == -12345)
+            tl.store(o_row + pos, co, mask=hit)
+        n += tl.sum(gt.to(tl.int32), axis=0)
+    tl.store(out_ptr + row * 8192, n)
+
+
+def kernel_times(fn, reps=20) -> dict:
+    """Mean GPU time per call of each kernel ``fn`` launches (ms), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_type == torch.autograd.DeviceType.CUDA or getattr(ev, "device_time_total", 0):
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t:
+                out[ev.key[:40]] = round(t / reps / 1e3, 4)
+    return out
+
+
+def compiled_info() -> dict:
+    """Registers, spills and shared memory of every top-k kernel compiled so far (by kernel name)."""
+    info = {}
+    for name, fn in tk._kernels().items():
+        try:
+            for dev_cache in getattr(fn, "device_caches", {}).values():
+                for ck in dev_cache[0].values():
+                    info.setdefault(name, []).append(dict(regs=ck.n_regs, spills=ck.n_spills,
+                                                          smem=ck.metadata.shared, warps=ck.metadata.num_warps))
+        except Exception as e:  # the cache's layout is Triton's own business: report, do not fail
+            info[name] = f"unreadable: {type(e).__name__}: {e}"
+    return info
+
+
+def launch(x2d, out, sorted_, t):
+    t = dict(t)
+    sample = t.pop("sample", None)
+    return tk._launch(x2d, out, TOPK, sorted=sorted_, sample=sample, tune=t)
+
+
+def measure_shape(R, T, log) -> dict:
+    x = causal_logits(1, R, T).reshape(R, T) if R > 1 else torch.randn(R, T, device="cuda")
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+    res = dict(R=R, T=T, torch_unsorted_ms=bench(lambda: torch.topk(x, TOPK, dim=-1, sorted=False)), tunes=[])
+    for t in TUNES:
+        row = dict(tune=t)
+        for sorted_ in (False, True):
+            tag = "sorted" if sorted_ else "unsorted"
+            launch(x, out, sorted_, t)
+            row[f"exact_{tag}"] = topk_exact(x, out, TOPK)
+            row[f"{tag}_ms"] = round(bench(lambda: launch(x, out, sorted_, t)), 4)
+            row[f"{tag}_kernels"] = kernel_times(lambda: launch(x, out, sorted_, t))
+        log(f"{R}x{T} {t}: {row['unsorted_ms']} / {row['sorted_ms']} ms  {row['unsorted_kernels']}")
+        res["tunes"].append(row)
+    if R >= 256:
+        L = float(torch.quantile(x[0, : min(T, 1 << 24)].float(), 1 - 2.5 * TOPK / T))
+        probe = torch.empty(R, 8192, dtype=torch.int32, device="cuda")
+        for mode in (0, 1, 2):
+            for chunk in (1024, 2048, 4096):
+                ms = bench(lambda: _stream_probe[(R,)](x, probe, L, T, x.stride(0), CHUNK=chunk, MODE=mode, num_warps=4))
+                res[f"probe_mode{mode}_chunk{chunk}_ms"] = round(ms, 4)
+        log(f"{R}x{T} probes: " + ", ".join(f"{k[6:]}={v}" for k, v in res.items() if k.startswith("probe")))
+    res["floor_ms"] = round(R * T * 4 / 4.2e12 * 1e3, 4)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "topk_phases_log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    env = environment(log)
+    results = []
+    for R, T in SHAPES[:QUICK] if args.quick else SHAPES:
+        try:
+            results.append(measure_shape(R, T, log))
+        except Exception as e:  # one shape failing does not lose the others
+            log(f"{R}x{T} failed: {type(e).__name__}: {e}")
+    env["compiled"] = compiled_info()
+    log(f"compiled: {env['compiled']}")
+    with open(os.path.join(args.out, "topk_phases.json"), "w") as f:
+        json.dump(dict(env=env, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""transformers' generate() recipe on CUDA, with Inductor and CUDA graphs.
+
+The recipe is ``model.forward = torch.compile(model.forward, backend=IndexCacheBackend(...),
+mode="reduce-overhead")``, then a static cache. For transformers' DSA models, the greedy tokens must equal the
+hand-written IndexCache oracle, and the logits must match it. Every compiled graph (prefill, decode, the dynamic
+prefill a second prompt length makes) must have its S layers removed. The cudagraph trees must record the graphs
+(no skip), and three prompt lengths must compile three graphs. The cache comes from ``prepared_static_cache``
+(transformers 5.17 with torch 2.11 cannot trace the lazy allocation of the indexer cache; see that module).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gpu_marks import needs_gpu
+
+pytestmark = needs_gpu
+
+PATTERN = "FSS"
+PROMPTS = (9, 13, 16)
+NEW_TOKENS = 4
+
+
+def _runs(model, prompts, cache, **kwargs):
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            cache.reset()
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache,
+                                 return_dict_in_generate=True, output_logits=True, **kwargs)
+            outs.append((out.sequences, torch.stack(out.logits)))
+    return outs
+
+
+@pytest.mark.parametrize("name,transformers_compiles_too", [("deepseek_v32", False), ("glm_moe_dsa", False),
+                                                            ("deepseek_v32", True)])
+def test_static_cache_recipe_under_cuda_graphs(name, transformers_compiles_too):
+    import hf_oracle as H
+
+    from fx_indexcache import IndexCacheBackend, prepared_static_cache
+
+    torch._dynamo.reset()
+    tiny = H.TINY_DSA_MODELS[name]()
+    model = tiny.model.cuda()
+    prompts = [tiny.make_inputs(n, seed=i)["input_ids"].cuda() for i, n in enumerate(PROMPTS)]
+    cache = prepared_static_cache(model, 1, max(PROMPTS) + NEW_TOKENS + 1)
+    with tiny.oracle(PATTERN) as sources:
+        expected = _runs(model, prompts, cache, disable_compile=True)
+    assert sources == {1: 0, 2: 0}
+
+    backend = IndexCacheBackend(index_topk_pattern=PATTERN)
+    model.forward = torch.compile(model.forward, backend=backend, mode="reduce-overhead")
+    counters.clear()
+    got = _runs(model, prompts, cache, **({} if transformers_compiles_too else dict(disable_compile=True)))
+    for (tokens, logits), (want_tokens, want_logits) in zip(got, expected):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)
+    if not transformers_compiles_too:  # prefill, decode, dynamic prefill: none per length or token
+        assert counters["stats"]["unique_graphs"] == 3
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert len(backend.reports) == 3 and all(r.indexers_removed == 2 for r in backend.reports)
+    if transformers_compiles_too:
+        assert hasattr(model, "_compiled_call")  # transformers compiled its decode step around ours
