@@ -22,7 +22,7 @@ from fx_indexcache.fuse.kernels import topk as tk
 CASES = [
     ("direct", 3, 50, 7, {}, ("randn", "zeros", "ties"), {0}),
     ("candidates", 2, 1000, 16, dict(cap=256, sample=128), ("randn", "masked", "ties", "allmasked"), {1}),
-    ("candidates_sample_in_filter", 2, 1000, 16, dict(cap=256, sample=128, tune={"threshold_kernel": False}),
+    ("candidates_chunk_256", 2, 1000, 16, dict(cap=256, sample=128, tune={"chunk": 256}),
      ("randn", "masked", "ties"), {1}),
     ("split_candidates", 2, 1000, 16, dict(cap=256, sample=128, splits=3),
      ("randn", "masked", "ties", "allmasked", "zeros"), {1}),

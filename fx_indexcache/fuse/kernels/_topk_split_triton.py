@@ -1,10 +1,8 @@
 """Triton code of the split-row top-k (``topk.row_topk``'s default for rows longer than the capacity).
 
-Three or four launches, none of them holding a long serial chain (see ``topk.py`` for the algorithm):
-``_threshold_kernel`` (grid rows) finds each row's sampled threshold when a row is one split (with several
-splits, the filter's phase 1 finds it in each split, in parallel); ``_filter_kernel`` (grid rows x splits)
-per split either writes the keys above it (one split a row: one read of the row) or only counts them
-(several splits: phase 1), then a
+Three launches, none of them holding a long serial chain (see ``topk.py`` for the algorithm):
+``_filter_kernel`` (grid rows x splits) finds the sampled threshold and, per split, either writes the keys
+above it (one split a row: one read of the row) or only counts them (several splits: phase 1), then a
 second launch of the same kernel (phase 2) writes each split's survivors at the offset the counts of the
 splits before it give, so the candidate buffer keeps index order; ``_select_kernel`` (grid rows) picks
 the exact k-th key among the candidates, writes the indices and sorts them if asked.
@@ -49,14 +47,6 @@ def _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB: tl.constexpr, SB: tl.constex
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, T, R_SAMPLE, sxr, sxt, NB: tl.constexpr, SB: tl.constexpr):
-    """Each row's sampled threshold, apart from the filter: the sample's search is the filter's register
-    peak, and a filter without it keeps several programs per SM streaming (run 6: 202 -> ~120 registers)."""
-    row = tl.program_id(0).to(tl.int64)
-    tl.store(thr_ptr + row, _sampled_threshold(x_ptr + row * sxr, sxt, T, R_SAMPLE, NB, SB))
-
-
-@triton.jit
 def _split_base(cnt_ptr, row, split, NSPLIT, NSPLIT_P: tl.constexpr):
     """Keys above / equal to the threshold in the splits before ``split`` (their phase-1 counts)."""
     s = tl.arange(0, NSPLIT_P)
@@ -77,7 +67,6 @@ def _filter_kernel(
     CAP: tl.constexpr,
     NSPLIT_P: tl.constexpr,
     PHASE: tl.constexpr,  # 0: the only split, writes; 1: counts only; 2: writes after phase 1
-    OWN_SAMPLE: tl.constexpr,  # phases 0-1: find the threshold here (else ``_threshold_kernel`` wrote it)
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -86,12 +75,9 @@ def _filter_kernel(
         L = tl.load(thr_ptr + row)
         n_gt, n_eq = _split_base(cnt_ptr, row, split, NSPLIT, NSPLIT_P)
     else:
-        if OWN_SAMPLE:
-            L = _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB, SB)
-            if split == 0:
-                tl.store(thr_ptr + row, L)
-        else:
-            L = tl.load(thr_ptr + row)
+        L = _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB, SB)
+        if split == 0:
+            tl.store(thr_ptr + row, L)
         n_gt = L * 0
         n_eq = L * 0
     ck = cand_key_ptr + row * CAP

@@ -57,8 +57,7 @@ def _kernels():
     from . import _topk_split_triton
 
     return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
-            "select": _topk_split_triton._select_kernel,
-            "threshold": _topk_split_triton._threshold_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
+            "select": _topk_split_triton._select_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
 
 
 def _pow2(n: int) -> int:
@@ -136,6 +135,9 @@ MIN_SPLIT = 1024
 #: From this many rows one program a row streams fastest (run 5: 256 x 256K unsorted 0.37 ms with one
 #: split a row, 0.47 with two or four; 1024 x 32K 0.27 with one, 0.31 / 0.36 with two / four).
 ONE_SPLIT_ROWS = 256
+#: Keys a step of a one-split filter (run 6, H200: 1024 x 32K filter 0.136-0.162 ms with 1024, 0.167-0.192 with
+#: 2048 (122 against 202 registers); 1024 x 128K 0.53 against 0.64). Split rows keep 2048 (64 x 32K: equal).
+ONE_SPLIT_CHUNK = 1024
 
 
 def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[int] = None) -> dict:
@@ -151,7 +153,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
         splits = max(1, min(TARGET_PROGRAMS // max(R, 1), T // MIN_SPLIT))
         splits = 1 << (splits.bit_length() - 1)
     splits = max(1, min(int(splits), T))
-    chunk = min(chunk or 2048, _pow2(-(-T // splits)))
+    chunk = min(chunk or (ONE_SPLIT_CHUNK if splits == 1 else 2048), _pow2(-(-T // splits)))
     seg = -(-(-(-T // splits)) // chunk) * chunk
     nsplit = -(-T // seg)
     return dict(NSPLIT=nsplit, SEG=seg, CHUNK=chunk, NSPLIT_P=max(2, _pow2(nsplit)))
@@ -170,8 +172,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
-    overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``threshold_kernel``
-    (one split a row: the sampled threshold in its own launch, the default, or in the filter).
+    overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
@@ -228,14 +229,10 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False, tune=None
                   num_warps=tune.get("filter_warps", 4))
     grid = (R, sp["NSPLIT"])
     if sp["NSPLIT"] == 1:
-        own = not tune.get("threshold_kernel", True)
-        if not own:
-            kern["threshold"][(R,)](x2d, thr, T, p["R_SAMPLE"], x2d.stride(0), x2d.stride(1),
-                                    NB=p["NB"], SB=p["SB"], num_warps=4)
-        kern["filter"][grid](*args, PHASE=0, OWN_SAMPLE=own, **consts)
+        kern["filter"][grid](*args, PHASE=0, **consts)
     else:
-        kern["filter"][grid](*args, PHASE=1, OWN_SAMPLE=True, **consts)
-        kern["filter"][grid](*args, PHASE=2, OWN_SAMPLE=False, **consts)
+        kern["filter"][grid](*args, PHASE=1, **consts)
+        kern["filter"][grid](*args, PHASE=2, **consts)
     sel = torch.empty_like(out2d) if rank_sort else out2d
     h = kern["select"][(R,)](
         x2d, sel, cand_key, cand_idx, tie_idx, counts, sel if path is None else path,
