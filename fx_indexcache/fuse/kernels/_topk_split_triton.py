@@ -11,30 +11,7 @@ the exact k-th key among the candidates, writes the indices and sorts them if as
 import triton
 import triton.language as tl
 
-from ._topk_triton import _exact_from_memory, _key, _sort_selected, _write_selected
-
-
-@triton.jit
-def _kth_key_fast(keys, K):
-    """The K-th largest of ``keys`` (int32, padding INT_MIN): the sign bit, bit 30, then 15 steps of two
-    bits, the three counts of a step packed in one int64 sum (21 bits each: at most 2^21 - 1 keys)."""
-    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
-    thr = tl.where(n_nonneg >= K, 0, -2147483648)
-    c = thr + (1 << 30)
-    thr = tl.where(tl.sum((keys >= c).to(tl.int32), axis=0) >= K, c, thr)
-    for i in range(15):
-        b = 28 - 2 * i  # this step decides bits b+1 and b
-        c1 = thr + (1 << b)
-        c2 = thr + (2 << b)
-        c3 = thr + (3 << b)
-        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
-                  + ((keys >= c3).to(tl.int64) << 42))
-        s = tl.sum(packed, axis=0)
-        n1 = (s & 0x1FFFFF).to(tl.int32)
-        n2 = ((s >> 21) & 0x1FFFFF).to(tl.int32)
-        n3 = (s >> 42).to(tl.int32)
-        thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
-    return thr
+from ._topk_triton import _key, _kth_key, _select_from_buffers, _sort_selected
 
 
 @triton.jit
@@ -43,7 +20,7 @@ def _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB: tl.constexpr, SB: tl.constex
     starts = (tl.arange(0, NB).to(tl.int64) * T) // NB
     pos = starts[:, None] + tl.arange(0, SB)[None, :]
     sample = tl.reshape(_key(tl.load(x_row + pos * sxt)), [NB * SB])
-    return _kth_key_fast(sample, R_SAMPLE)
+    return _kth_key(sample, R_SAMPLE)
 
 
 @triton.jit
@@ -133,26 +110,7 @@ def _select_kernel(
     ck = cand_key_ptr + row * CAP
     ci = cand_idx_ptr + row * CAP
     ti = tie_idx_ptr + row * K
-    offs = tl.arange(0, CAP)
-    if (n_gt <= CAP) & (n_gt >= K):
-        # the K-th key lies above the threshold: select among the candidates (index order kept)
-        okc = offs < n_gt
-        keys = tl.load(ck + offs, mask=okc, other=-2147483648)
-        kth = _kth_key_fast(keys, K)
-        # the indices are loaded only now: not held in registers through the search
-        _write_selected(o_row, sok, keys, tl.load(ci + offs, mask=okc, other=0), kth, K)
-        path = 1
-    elif (n_gt <= CAP) & (n_gt + n_eq >= K):
-        # the K-th key is the threshold: every candidate, then the lowest-indexed ties
-        okc = offs < n_gt
-        tl.store(o_row + offs.to(tl.int64) * sok, tl.load(ci + offs, mask=okc, other=0), mask=okc)
-        kk = tl.arange(0, KP)
-        okt = kk < K - n_gt
-        tl.store(o_row + (n_gt + kk).to(tl.int64) * sok, tl.load(ti + kk, mask=okt, other=0), mask=okt)
-        path = 2
-    else:  # the sample misled: exact, from memory (slow, never wrong)
-        _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK)
-        path = 3
+    path = _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, n_gt, n_eq, T, K, CHUNK, CAP, KP)
     if RECORD_PATH:
         tl.store(path_ptr + row, path)
     if SORTED:

@@ -12,17 +12,6 @@ def _key(x):
     return tl.where(x == 0.0, 0, key)  # -0.0 ties with +0.0, as the floats do
 
 @triton.jit
-def _kth_key(keys, K):
-    """The K-th largest of ``keys`` (int32; padding lanes hold INT_MIN, below every real key)."""
-    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
-    thr = tl.where(n_nonneg >= K, 0, -2147483648)
-    for i in range(31):
-        cand = thr + (1 << (30 - i))
-        cnt = tl.sum((keys >= cand).to(tl.int32), axis=0)
-        thr = tl.where(cnt >= K, cand, thr)
-    return thr
-
-@triton.jit
 def _write_selected(o_row, sok, keys, idxs, thr, K):
     """Store the indices of keys > thr (in the order given), then the first ties, K in all."""
     gt = keys > thr
@@ -71,6 +60,56 @@ def _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK: tl.constexpr):
         tl.store(o_row + dest.to(tl.int64) * sok, co, mask=take)
         base_gt += tl.sum(gt.to(tl.int32), axis=0)
         base_eq += tl.sum(eq.to(tl.int32), axis=0)
+
+@triton.jit
+def _kth_key(keys, K):
+    """The K-th largest of ``keys`` (int32, padding INT_MIN): the sign bit, bit 30, then 15 steps of two
+    bits, the three counts of a step packed in one int64 sum (21 bits each: at most 2^21 - 1 keys)."""
+    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
+    thr = tl.where(n_nonneg >= K, 0, -2147483648)
+    c = thr + (1 << 30)
+    thr = tl.where(tl.sum((keys >= c).to(tl.int32), axis=0) >= K, c, thr)
+    for i in range(15):
+        b = 28 - 2 * i  # this step decides bits b+1 and b
+        c1 = thr + (1 << b)
+        c2 = thr + (2 << b)
+        c3 = thr + (3 << b)
+        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
+                  + ((keys >= c3).to(tl.int64) << 42))
+        s = tl.sum(packed, axis=0)
+        n1 = (s & 0x1FFFFF).to(tl.int32)
+        n2 = ((s >> 21) & 0x1FFFFF).to(tl.int32)
+        n3 = (s >> 42).to(tl.int32)
+        thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
+    return thr
+
+
+@triton.jit
+def _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, n_gt, n_eq, T, K,
+                         CHUNK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr):
+    """Step 3 of the module doc, from a filter's buffers (``n_gt`` candidates above the threshold in ``ck`` /
+    ``ci``, the first ties in ``ti``): write the row's K indices; return the path taken (1, 2 or 3)."""
+    offs = tl.arange(0, CAP)
+    if (n_gt <= CAP) & (n_gt >= K):
+        # the K-th key lies above the threshold: select among the candidates (index order kept)
+        okc = offs < n_gt
+        keys = tl.load(ck + offs, mask=okc, other=-2147483648)
+        kth = _kth_key(keys, K)
+        # the indices are loaded only now: not held in registers through the search
+        _write_selected(o_row, sok, keys, tl.load(ci + offs, mask=okc, other=0), kth, K)
+        path = 1
+    elif (n_gt <= CAP) & (n_gt + n_eq >= K):
+        # the K-th key is the threshold: every candidate, then the lowest-indexed ties
+        okc = offs < n_gt
+        tl.store(o_row + offs.to(tl.int64) * sok, tl.load(ci + offs, mask=okc, other=0), mask=okc)
+        kk = tl.arange(0, KP)
+        okt = kk < K - n_gt
+        tl.store(o_row + (n_gt + kk).to(tl.int64) * sok, tl.load(ti + kk, mask=okt, other=0), mask=okt)
+        path = 2
+    else:  # the sample misled: exact, from memory (slow, never wrong)
+        _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK)
+        path = 3
+    return path
 
 @triton.jit
 def _sort_selected(x_row, sxt, o_row, sok, K, KP: tl.constexpr):
@@ -139,24 +178,7 @@ def _topk_kernel(
             n_gt += tl.sum(gt.to(tl.int32), axis=0)
             n_eq += tl.sum(eq.to(tl.int32), axis=0)
         tl.debug_barrier()  # the buffers are read back by other threads of this program
-        if (n_gt <= CAP) & (n_gt >= K):
-            # 3a. the K-th key lies above L: select among the candidates (index order kept)
-            okc = offs < n_gt
-            keys = tl.load(ck + offs, mask=okc, other=-2147483648)
-            idxs = tl.load(ci + offs, mask=okc, other=0)
-            _write_selected(o_row, sok, keys, idxs, _kth_key(keys, K), K)
-            path = 1
-        elif (n_gt <= CAP) & (n_gt + n_eq >= K):
-            # 3b. the K-th key is L: every candidate, then the lowest-indexed ties
-            okc = offs < n_gt
-            tl.store(o_row + offs.to(tl.int64) * sok, tl.load(ci + offs, mask=okc, other=0), mask=okc)
-            kk = tl.arange(0, KP)
-            okt = kk < K - n_gt
-            tl.store(o_row + (n_gt + kk).to(tl.int64) * sok, tl.load(ti + kk, mask=okt, other=0), mask=okt)
-            path = 2
-        else:
-            _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK)
-            path = 3
+        path = _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, n_gt, n_eq, T, K, CHUNK, CAP, KP)
     if RECORD_PATH:  # which way the row went: 0 direct, 1 candidates, 2 threshold ties, 3 fallback
         tl.store(path_ptr + row, path)
     if SORTED:
