@@ -30,8 +30,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from benchmarks.prewarm import add_arguments, describe, prewarm_if_asked  # noqa: E402
-from fx_indexcache import IndexCacheBackend  # noqa: E402
-from fx_indexcache import prepared_static_cache  # noqa: E402
+from fx_indexcache import IndexCacheBackend, prepared_static_cache  # noqa: E402
 from fx_indexcache.models import tiny_transformers  # noqa: E402
 
 VARIANTS = ("inductor", "ours_f4", "ours_f4_fused")

@@ -70,10 +70,9 @@ def kernel_times(fn, reps=20) -> dict:
         torch.cuda.synchronize()
     out = {}
     for ev in prof.key_averages():
-        if ev.device_type == torch.autograd.DeviceType.CUDA or getattr(ev, "device_time_total", 0):
-            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if t:
-                out[ev.key[:40]] = round(t / reps / 1e3, 4)
+        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)  # the name moved in torch 2.x
+        if t:
+            out[ev.key[:40]] = round(t / reps / 1e3, 4)
     return out
 
 

@@ -182,8 +182,9 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
-    sp = split_plan(x2d.shape[0], x2d.shape[1], splits, chunk=(tune or {}).get("chunk"))
-    return _launch_split(x2d, out2d, k, p, sp, sorted, path, rank, tune or {})
+    tune = tune or {}
+    sp = split_plan(x2d.shape[0], x2d.shape[1], splits, chunk=tune.get("chunk"))
+    return _launch_split(x2d, out2d, k, p, sp, sorted, path, rank, tune)
 
 
 def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
@@ -212,7 +213,7 @@ def rank_sort_wins(R: int, k: int) -> bool:
     return R * k <= 32 * 2048
 
 
-def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False, tune=None):
+def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
     """Filter (one launch, or count + write when rows are split), then select: see the module doc."""
     R, T = x2d.shape
     dev = x2d.device
@@ -224,7 +225,6 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort=False, tune=None
     kern = _kernels()
     args = (x2d, cand_key, cand_idx, tie_idx, counts, thr, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
             x2d.stride(0), x2d.stride(1))
-    tune = tune or {}
     consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"],
                   num_warps=tune.get("filter_warps", 4))
     grid = (R, sp["NSPLIT"])
