@@ -26,7 +26,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from bench_indexer_kernel import bench, causal_logits, environment, topk_exact  # noqa: E402
+from bench_indexer_kernel import bench, causal_logits, environment, graph_ms, topk_exact  # noqa: E402
 
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
 
@@ -36,6 +36,10 @@ QUICK = 3
 #: Run 6a also timed filter_warps 8, select_warps 16, chunk 4096 and samples of 1024 / 4096 keys: all slower;
 #: run 6b the sampled threshold in a launch of its own (as fast as the filter finding it at chunk 1024: dropped).
 TUNES = [{}, {"chunk": 2048}, {"filter_warps": 2}, {"select_warps": 4}, {"filter_warps": 2, "chunk": 2048}]
+#: Decode rows (split over programs), replayed in a CUDA graph: the select in the last split's program
+#: (the default since run 7) against a select launch of its own.
+DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (4, 131072)]
+DECODE_TUNES = [{}, {"select_in_write": False}, {"select_warps": 4}]
 
 
 @triton.jit
@@ -122,10 +126,33 @@ def measure_shape(R, T, log) -> dict:
     return res
 
 
+def measure_decode(R, T, log) -> dict:
+    """Split rows under CUDA-graph replay (what decode runs), each tune, sorted and unsorted."""
+    x = torch.randn(R, T, device="cuda")
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+    res = dict(R=R, T=T, splits=tk.split_plan(R, T)["NSPLIT"], tunes=[],
+               torch_unsorted_graph_ms=round(graph_ms(lambda: torch.topk(x, TOPK, dim=-1, sorted=False)), 4))
+    for t in DECODE_TUNES:
+        row = dict(tune=t)
+        for sorted_ in (False, True):
+            tag = "sorted" if sorted_ else "unsorted"
+            launch(x, out, sorted_, t)
+            row[f"exact_{tag}"] = topk_exact(x, out, TOPK)
+            row[f"{tag}_graph_ms"] = round(graph_ms(lambda: launch(x, out, sorted_, t)), 4)
+            row[f"exact_{tag}_after_replays"] = topk_exact(x, out, TOPK)  # the last of many replays
+            row[f"{tag}_kernels"] = kernel_times(lambda: launch(x, out, sorted_, t))
+        log(f"decode {R}x{T} {t}: graph {row['unsorted_graph_ms']} / {row['sorted_graph_ms']} ms "
+            f"exact {row['exact_unsorted']}/{row['exact_sorted']}  {row['unsorted_kernels']}")
+        res["tunes"].append(row)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
+    ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
+                    "(DECODE_SHAPES, CUDA graphs)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "topk_phases_log.txt"), "a")
@@ -136,12 +163,15 @@ def main() -> None:
         logf.flush()
 
     env = environment(log)
+    sections = set(args.sections.split(","))
+    jobs = [(measure_shape, s) for s in (SHAPES[:QUICK] if args.quick else SHAPES) if "prefill" in sections]
+    jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
     results = []
-    for R, T in SHAPES[:QUICK] if args.quick else SHAPES:
+    for measure, (R, T) in jobs:
         try:
-            results.append(measure_shape(R, T, log))
+            results.append(measure(R, T, log))
         except Exception as e:  # one shape failing does not lose the others
-            log(f"{R}x{T} failed: {type(e).__name__}: {e}")
+            log(f"{measure.__name__} {R}x{T} failed: {type(e).__name__}: {e}")
     env["compiled"] = compiled_info()
     log(f"compiled: {env['compiled']}")
     with open(os.path.join(args.out, "topk_phases.json"), "w") as f:

@@ -15,7 +15,8 @@ most ``cap`` keys are selected directly in registers, one program a row. Longer 
    writes; with few rows (decode) each row is cut into up to ``TARGET_PROGRAMS / rows`` splits that
    first count, then write at the offset the earlier splits' counts give (the row's second read comes
    from L2), so index order holds across splits.
-3. **Select** (grid rows). If at least ``k`` keys lie above ``L``, the exact k-th key among the
+3. **Select** (a program a row: for split rows, the row's last split to finish writing, so no launch of
+   its own; else a launch of grid rows). If at least ``k`` keys lie above ``L``, the exact k-th key among the
    candidates is found by the bitwise search in registers; else the k-th key is ``L`` itself and the
    ties fill up. If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it),
    the program falls back to the exact bitwise search over the whole row read from memory (slow, never
@@ -38,6 +39,7 @@ the input's shape only): safe to capture in a CUDA graph. Measured against torch
 
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -56,8 +58,14 @@ def _kernels():
         return None
     from . import _topk_split_triton
 
-    return {"topk": _topk_triton._topk_kernel, "filter": _topk_split_triton._filter_kernel,
-            "select": _topk_split_triton._select_kernel, "rank_sort": _topk_split_triton._rank_sort_kernel}
+    split = _topk_split_triton
+    return {"topk": _topk_triton._topk_kernel, "filter": split._filter_kernel, "write": split._write_kernel,
+            "select": split._select_kernel, "rank_sort": split._rank_sort_kernel}
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (programs one after another, no inline PTX)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(n: int) -> int:
@@ -165,14 +173,15 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
             sort: str = "auto", tune: Optional[dict] = None):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
-    ``algorithm``: "split" (the default: filter and select launched apart, rows split over programs when
+    ``algorithm``: "split" (the default: a filter launch, then the select; rows split over programs when
     few) or "one_program" (run 4's single kernel, one program a row; kept to measure against). Rows of
     at most the capacity always go to the single kernel's direct path. ``path`` (int32 ``[R]``), when
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
     threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
-    overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step).
+    overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
+    (split rows: False gives the select a launch of its own, as before run 7).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
@@ -222,25 +231,28 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
     tie_idx = torch.empty((R, k), dtype=torch.int32, device=dev)
     counts = torch.empty((R, sp["NSPLIT"], 2), dtype=torch.int32, device=dev)
     thr = torch.empty((R,), dtype=torch.int32, device=dev)
+    done = torch.empty((R,), dtype=torch.int32, device=dev)  # split rows: splits finished writing
     kern = _kernels()
-    args = (x2d, cand_key, cand_idx, tie_idx, counts, thr, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
-            x2d.stride(0), x2d.stride(1))
-    consts = dict(NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], NSPLIT_P=sp["NSPLIT_P"],
-                  num_warps=tune.get("filter_warps", 4))
-    grid = (R, sp["NSPLIT"])
-    if sp["NSPLIT"] == 1:
-        kern["filter"][grid](*args, PHASE=0, **consts)
-    else:
-        kern["filter"][grid](*args, PHASE=1, **consts)
-        kern["filter"][grid](*args, PHASE=2, **consts)
+    split = sp["NSPLIT"] > 1
+    kern["filter"][(R, sp["NSPLIT"])](
+        x2d, cand_key, cand_idx, tie_idx, counts, thr, done, T, k, p["R_SAMPLE"], sp["SEG"], sp["NSPLIT"],
+        x2d.stride(0), x2d.stride(1), NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], WRITE=not split,
+        num_warps=tune.get("filter_warps", 4))
     sel = torch.empty_like(out2d) if rank_sort else out2d
-    h = kern["select"][(R,)](
-        x2d, sel, cand_key, cand_idx, tie_idx, counts, sel if path is None else path,
-        T, k, sp["NSPLIT"], x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1),
-        CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"], SORTED=bool(sorted) and not rank_sort,
-        RECORD_PATH=path is not None,
-        num_warps=tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4),
-    )
+    select = dict(CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"],
+                  SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None,
+                  num_warps=tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4))
+    path_arg = sel if path is None else path
+    select_last = split and tune.get("select_in_write", True)
+    if split:
+        h = kern["write"][(R, sp["NSPLIT"])](
+            x2d, sel, cand_key, cand_idx, tie_idx, counts, thr, done, path_arg, T, k, sp["SEG"], sp["NSPLIT"],
+            x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1), **dict(select, CHUNK=sp["CHUNK"]),
+            SELECT_CHUNK=p["CHUNK"], SELECT_LAST=select_last, FENCE=not _interpreted())
+    if not select_last:
+        h = kern["select"][(R,)](
+            x2d, sel, cand_key, cand_idx, tie_idx, counts, path_arg, T, k, sp["NSPLIT"],
+            x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1), **select)
     if rank_sort:
         rb = min(p["KP"], max(1, 32768 // p["KP"]))  # a [RB, KP] comparison tile a program
         h = kern["rank_sort"][(R, -(-k // rb))](
