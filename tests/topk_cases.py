@@ -18,8 +18,8 @@ from fx_indexcache.fuse.kernels import topk as tk
 
 #: (name, rows, T, k, launch options, row kinds, expected paths on randn rows) -- small capacities, so
 #: that short rows take every path of both algorithms (split rows: several programs a row count, then write,
-#: and the last to finish selects, or a select launch of its own; sorted output by the select's bitonic sort or
-#: by the rank sort: "auto" picks rank for these few rows).
+#: then a select launch, or for one row the last split to finish selects; sorted output by the select's bitonic
+#: sort or by the rank sort: "auto" picks rank for these few rows).
 CASES = [
     ("direct", 3, 50, 7, {}, ("randn", "zeros", "ties"), {0}),
     ("candidates", 2, 1000, 16, dict(cap=256, sample=128), ("randn", "masked", "ties", "allmasked"), {1}),
@@ -27,8 +27,9 @@ CASES = [
      ("randn", "masked", "ties"), {1}),
     ("split_candidates", 2, 1000, 16, dict(cap=256, sample=128, splits=3),
      ("randn", "masked", "ties", "allmasked", "zeros"), {1}),
-    ("split_select_apart", 2, 1000, 16, dict(cap=256, sample=128, splits=3, tune={"select_in_write": False}),
+    ("split_select_in_write", 2, 1000, 16, dict(cap=256, sample=128, splits=3, tune={"select_in_write": True}),
      ("randn", "ties", "allmasked"), {1}),
+    ("split_one_row", 1, 1000, 16, dict(cap=256, sample=128, splits=4), ("randn", "masked", "ties"), {1}),
     ("split_bitonic_sort", 2, 1000, 16, dict(cap=256, sample=128, splits=2, sort="bitonic"),
      ("randn", "ties", "allmasked"), {1}),
     ("split_rank_sort_large_k", 3, 700, 600, dict(cap=256, sample=128, splits=3, sort="rank"),

@@ -4,9 +4,9 @@ No launch holds a long serial chain (see ``topk.py`` for the algorithm). ``_filt
 splits) finds the sampled threshold and, per split, either writes the keys above it (one split a row: one
 read of the row) or only counts them (several splits: phase 1). For split rows ``_write_kernel`` (phase 2)
 then writes each split's survivors at the offset the counts of the splits before it give, so the
-candidate buffer keeps index order, and the row's last split to finish runs the select (a count of
-finished splits, bumped after a release fence: the classic last-block pattern). ``_select_kernel`` (grid
-rows) is the select on its own: after one-split filters, or for split rows when asked (``tune``).
+candidate buffer keeps index order; for one row (``topk.SELECT_IN_WRITE_ROWS``) the row's last split to
+finish then runs the select (a count of finished splits, bumped after a release fence: the classic
+last-block pattern). Otherwise ``_select_kernel`` (grid rows) runs the select in a launch of its own.
 """
 
 import triton

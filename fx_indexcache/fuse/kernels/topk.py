@@ -15,8 +15,8 @@ most ``cap`` keys are selected directly in registers, one program a row. Longer 
    writes; with few rows (decode) each row is cut into up to ``TARGET_PROGRAMS / rows`` splits that
    first count, then write at the offset the earlier splits' counts give (the row's second read comes
    from L2), so index order holds across splits.
-3. **Select** (a program a row: for split rows, the row's last split to finish writing, so no launch of
-   its own; else a launch of grid rows). If at least ``k`` keys lie above ``L``, the exact k-th key among the
+3. **Select** (a program a row: a launch of grid rows; for a single split row, decode at batch 1, the row's
+   last split to finish writing, so no launch of its own: ``SELECT_IN_WRITE_ROWS``). If at least ``k`` keys lie above ``L``, the exact k-th key among the
    candidates is found by the bitwise search in registers; else the k-th key is ``L`` itself and the
    ties fill up. If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it),
    the program falls back to the exact bitwise search over the whole row read from memory (slow, never
@@ -148,6 +148,14 @@ ONE_SPLIT_ROWS = 256
 ONE_SPLIT_CHUNK = 1024
 
 
+#: Split rows up to this many: the row's last split to finish writing runs the select (no launch of its own).
+#: Run 7 (H200, CUDA-graph replay, unsorted / sorted us): 1 x 32K 20.4 / 26.7 against 21.3 / 27.2 with a select
+#: launch, 1 x 128K 28.8 / 34.4 against 28.4 / 33.6 (equal); from 4 rows slower (16 x 32K 38.9 against 32.1,
+#: 64 x 32K 60.8 against 53.0, 4 x 128K 44.3 against 38.7): the select code's registers slow every write program,
+#: and the rows' selects crowd the SMs the last splits ran on.
+SELECT_IN_WRITE_ROWS = 1
+
+
 def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[int] = None) -> dict:
     """How the filtering pass cuts each row: ``NSPLIT`` programs of ``SEG`` keys (chunks of ``CHUNK``).
 
@@ -181,7 +189,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
     overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
-    (split rows: False gives the select a launch of its own, as before run 7).
+    (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
@@ -243,7 +251,7 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
                   SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None,
                   num_warps=tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4))
     path_arg = sel if path is None else path
-    select_last = split and tune.get("select_in_write", True)
+    select_last = split and tune.get("select_in_write", R <= SELECT_IN_WRITE_ROWS)
     if split:
         h = kern["write"][(R, sp["NSPLIT"])](
             x2d, sel, cand_key, cand_idx, tie_idx, counts, thr, done, path_arg, T, k, sp["SEG"], sp["NSPLIT"],
