@@ -100,18 +100,26 @@ def launch(x2d, out, sorted_, t):
     return tk._launch(x2d, out, TOPK, sorted=sorted_, sample=sample, tune=t)
 
 
+def time_tune(x, out, t, timer, suffix: str) -> dict:
+    """One launch override, sorted and unsorted: exactness before and after the timer's many runs (a race
+    would show in the last), the timer's ms (key ``<tag><suffix>``) and each kernel's profiled time."""
+    row = dict(tune=t)
+    for sorted_ in (False, True):
+        tag = "sorted" if sorted_ else "unsorted"
+        launch(x, out, sorted_, t)
+        row[f"exact_{tag}"] = topk_exact(x, out, TOPK)
+        row[f"{tag}{suffix}"] = round(timer(lambda: launch(x, out, sorted_, t)), 4)
+        row[f"exact_{tag}_after_replays"] = topk_exact(x, out, TOPK)
+        row[f"{tag}_kernels"] = kernel_times(lambda: launch(x, out, sorted_, t))
+    return row
+
+
 def measure_shape(R, T, log) -> dict:
     x = causal_logits(1, R, T).reshape(R, T) if R > 1 else torch.randn(R, T, device="cuda")
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
     res = dict(R=R, T=T, torch_unsorted_ms=bench(lambda: torch.topk(x, TOPK, dim=-1, sorted=False)), tunes=[])
     for t in TUNES:
-        row = dict(tune=t)
-        for sorted_ in (False, True):
-            tag = "sorted" if sorted_ else "unsorted"
-            launch(x, out, sorted_, t)
-            row[f"exact_{tag}"] = topk_exact(x, out, TOPK)
-            row[f"{tag}_ms"] = round(bench(lambda: launch(x, out, sorted_, t)), 4)
-            row[f"{tag}_kernels"] = kernel_times(lambda: launch(x, out, sorted_, t))
+        row = time_tune(x, out, t, bench, "_ms")
         log(f"{R}x{T} {t}: {row['unsorted_ms']} / {row['sorted_ms']} ms  {row['unsorted_kernels']}")
         res["tunes"].append(row)
     if R >= 256:
@@ -133,14 +141,7 @@ def measure_decode(R, T, log) -> dict:
     res = dict(R=R, T=T, splits=tk.split_plan(R, T)["NSPLIT"], tunes=[],
                torch_unsorted_graph_ms=round(graph_ms(lambda: torch.topk(x, TOPK, dim=-1, sorted=False)), 4))
     for t in DECODE_TUNES:
-        row = dict(tune=t)
-        for sorted_ in (False, True):
-            tag = "sorted" if sorted_ else "unsorted"
-            launch(x, out, sorted_, t)
-            row[f"exact_{tag}"] = topk_exact(x, out, TOPK)
-            row[f"{tag}_graph_ms"] = round(graph_ms(lambda: launch(x, out, sorted_, t)), 4)
-            row[f"exact_{tag}_after_replays"] = topk_exact(x, out, TOPK)  # the last of many replays
-            row[f"{tag}_kernels"] = kernel_times(lambda: launch(x, out, sorted_, t))
+        row = time_tune(x, out, t, graph_ms, "_graph_ms")
         log(f"decode {R}x{T} {t}: graph {row['unsorted_graph_ms']} / {row['sorted_graph_ms']} ms "
             f"exact {row['exact_unsorted']}/{row['exact_sorted']}  {row['unsorted_kernels']}")
         res["tunes"].append(row)
