@@ -174,16 +174,7 @@ def logits_from_fp8(
 ) -> torch.Tensor:
     """fp32 logits ``[B, S, T]`` from already quantised operands through the fp8 kernel (CUDA, no checks
     beyond shapes: ``indexer_logits_fp8`` checks; the benchmark times this alone, as with an fp8 cache)."""
-    B, S, H, D = ops.q8.shape
-    T = ops.k8.shape[1]
-    if out is None:
-        out = torch.empty((B, S, T), dtype=torch.float32, device=ops.q8.device)
-    if B == 0 or S == 0 or T == 0:
-        return out
-    cfg = config or li.default_config(B, S, T, H, D, ops.q8.device)
-    with torch.cuda.device(ops.q8.device):
-        li._launch(ops.q8, ops.k8, ops.weights, out, bool(causal), 1.0, kv_lens, cfg, k_scale=ops.k_scale)
-    return out
+    return li.launch_into(ops.q8, ops.k8, ops.weights, out, causal, 1.0, kv_lens, config, k_scale=ops.k_scale)
 
 
 def indexer_logits_fp8(

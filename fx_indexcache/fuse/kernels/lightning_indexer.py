@@ -345,19 +345,26 @@ def indexer_logits(
     why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
     if why is not None:
         raise ValueError(f"indexer_logits: unsupported inputs: {why}")
+    B, S, T = q.shape[0], q.shape[1], k.shape[1]
+    if out is not None and (out.shape != (B, S, T) or out.dtype != torch.float32 or out.device != q.device):
+        raise ValueError(f"out must be fp32 [{B}, {S}, {T}] on {q.device}")
+    if kv_lens is not None and kv_lens.shape[0] != B:
+        raise ValueError("kv_lens must have one entry per batch row")
+    return launch_into(q, k, weights, out, causal, scale, kv_lens, config)
+
+
+def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None) -> torch.Tensor:
+    """Logits ``[B, S, T]`` into ``out`` (allocated when None) on q's device, the config defaulted by shape;
+    no checks (the bf16 and fp8 entry points check their own inputs first)."""
     B, S, H, D = q.shape
     T = k.shape[1]
     if out is None:
         out = torch.empty((B, S, T), dtype=torch.float32, device=q.device)
-    elif out.shape != (B, S, T) or out.dtype != torch.float32 or out.device != q.device:
-        raise ValueError(f"out must be fp32 [{B}, {S}, {T}] on {q.device}")
     if B == 0 or S == 0 or T == 0:
         return out
-    if kv_lens is not None and kv_lens.shape[0] != B:
-        raise ValueError("kv_lens must have one entry per batch row")
     cfg = config or default_config(B, S, T, H, D, q.device)
     with torch.cuda.device(q.device):
-        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg)
+        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale)
     return out
 
 
