@@ -219,27 +219,5 @@ def _logits_fp8_any(q, k, weights, causal, scale, kv_lens):
     return indexer_logits_fp8_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
 
 
-def _register_custom_op() -> bool:
-    """Define ``torch.ops.fx_indexcache.indexer_logits_fp8`` (idempotent), the op the pass inserts for fp8."""
-    try:
-        if hasattr(torch.ops.fx_indexcache, "indexer_logits_fp8"):
-            return True
-    except Exception:
-        pass
-    from torch.library import custom_op
-
-    @custom_op("fx_indexcache::indexer_logits_fp8", mutates_args=())
-    def _op(
-        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: bool, scale: float,
-        kv_lens: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        return _logits_fp8_any(q, k, weights, causal, scale, kv_lens)
-
-    @_op.register_fake
-    def _(q, k, weights, causal, scale, kv_lens):
-        return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=torch.float32)
-
-    return True
-
-
-CUSTOM_OP_REGISTERED = _register_custom_op()
+#: ``torch.ops.fx_indexcache.indexer_logits_fp8``, the op the pass inserts for fp8 scoring.
+li.define_logits_op("indexer_logits_fp8", _logits_fp8_any)

@@ -550,29 +550,37 @@ def _logits_any(q, k, weights, causal, scale, kv_lens):
     return indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
 
 
-def _register_custom_ops() -> bool:
-    """Define ``torch.ops.fx_indexcache.{indexer_logits, topk_indices}``, the ops the substitution inserts (idempotent)."""
+def _registered(name: str) -> bool:
     try:
-        ns = torch.ops.fx_indexcache
-        if all(hasattr(ns, name) for name in ("indexer_logits", "topk_indices")):
-            return True
+        return hasattr(torch.ops.fx_indexcache, name)
     except Exception:
-        pass
-    try:
-        from torch.library import custom_op
-    except Exception:  # pragma: no cover - very old torch
         return False
 
-    @custom_op("fx_indexcache::indexer_logits", mutates_args=())
-    def _op_logits(
+
+def define_logits_op(name: str, impl) -> None:
+    """Define ``torch.ops.fx_indexcache.<name>(q, k, weights, causal, scale, kv_lens)`` -> fp32 ``[B, S, T]``,
+    running ``impl`` with those arguments (idempotent): the form every logits op the substitution inserts takes."""
+    if _registered(name):
+        return
+    from torch.library import custom_op
+
+    @custom_op(f"fx_indexcache::{name}", mutates_args=())
+    def _op(
         q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: bool, scale: float,
         kv_lens: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        return _logits_any(q, k, weights, causal, scale, kv_lens)
+        return impl(q, k, weights, causal, scale, kv_lens)
 
-    @_op_logits.register_fake
+    @_op.register_fake
     def _(q, k, weights, causal, scale, kv_lens):
         return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=torch.float32)
+
+
+def _define_topk_op() -> None:
+    """Define ``torch.ops.fx_indexcache.topk_indices`` (idempotent), the top-k op the substitution inserts."""
+    if _registered("topk_indices"):
+        return
+    from torch.library import custom_op
 
     @custom_op("fx_indexcache::topk_indices", mutates_args=())
     def _op_topk(x: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
@@ -583,7 +591,6 @@ def _register_custom_ops() -> bool:
     def _(x, k, sorted):
         return x.new_empty((*x.shape[:-1], torch.sym_min(k, x.shape[-1])), dtype=torch.int32)
 
-    return True
 
-
-_register_custom_ops()
+define_logits_op("indexer_logits", _logits_any)
+_define_topk_op()
