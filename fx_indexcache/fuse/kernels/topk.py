@@ -15,12 +15,12 @@ most ``cap`` keys are selected directly in registers, one program a row. Longer 
    writes; with few rows (decode) each row is cut into up to ``TARGET_PROGRAMS / rows`` splits that
    first count, then write at the offset the earlier splits' counts give (the row's second read comes
    from L2), so index order holds across splits.
-3. **Select** (a program a row: a launch of grid rows; for a single split row, decode at batch 1, the row's
-   last split to finish writing, so no launch of its own: ``SELECT_IN_WRITE_ROWS``). If at least ``k`` keys lie above ``L``, the exact k-th key among the
-   candidates is found by the bitwise search in registers; else the k-th key is ``L`` itself and the
-   ties fill up. If the sample misled (fewer than ``k`` keys ``>= L``, or more than ``cap`` above it),
-   the program falls back to the exact bitwise search over the whole row read from memory (slow, never
-   wrong).
+3. **Select** (a program a row: a launch of grid rows; for a single split row, decode at batch 1, the
+   row's last split to finish writing, so no launch of its own: ``SELECT_IN_WRITE_ROWS``). If at least
+   ``k`` keys lie above ``L``, the exact k-th key among the candidates is found by the bitwise search in
+   registers; else the k-th key is ``L`` itself and the ties fill up. If the sample misled (fewer than
+   ``k`` keys ``>= L``, or more than ``cap`` above it), the program falls back to the exact bitwise
+   search over the whole row read from memory (slow, never wrong).
 4. **Sort** (``sorted=True``): a bitonic ``tl.sort`` of packed (key, ~index) pairs in the select
    program, or, for few rows (``rank_sort_wins``), a rank sort spread over ``k / RB`` programs a row.
 
@@ -247,15 +247,16 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
         x2d.stride(0), x2d.stride(1), NB=p["NB"], SB=p["SB"], CHUNK=sp["CHUNK"], CAP=p["CAP"], WRITE=not split,
         num_warps=tune.get("filter_warps", 4))
     sel = torch.empty_like(out2d) if rank_sort else out2d
+    select_warps = tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4)
     select = dict(CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"],
-                  SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None,
-                  num_warps=tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4))
+                  SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None, num_warps=select_warps)
     path_arg = sel if path is None else path
     select_last = split and tune.get("select_in_write", R <= SELECT_IN_WRITE_ROWS)
-    if split:
+    if split:  # the write runs with the select's warps only when it also selects
         h = kern["write"][(R, sp["NSPLIT"])](
             x2d, sel, cand_key, cand_idx, tie_idx, counts, thr, done, path_arg, T, k, sp["SEG"], sp["NSPLIT"],
-            x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1), **dict(select, CHUNK=sp["CHUNK"]),
+            x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1),
+            **dict(select, CHUNK=sp["CHUNK"], num_warps=select_warps if select_last else tune.get("filter_warps", 4)),
             SELECT_CHUNK=p["CHUNK"], SELECT_LAST=select_last, FENCE=not _interpreted())
     if not select_last:
         h = kern["select"][(R,)](
