@@ -35,11 +35,12 @@ SHAPES = [(1024, 32768), (1024, 131072), (64, 32768), (4096, 8192), (1, 32768)]
 QUICK = 3
 #: Run 6a also timed filter_warps 8, select_warps 16, chunk 4096 and samples of 1024 / 4096 keys: all slower;
 #: run 6b the sampled threshold in a launch of its own (as fast as the filter finding it at chunk 1024: dropped).
-TUNES = [{}, {"chunk": 2048}, {"filter_warps": 2}, {"select_warps": 4}, {"filter_warps": 2, "chunk": 2048}]
-#: Decode rows (split over programs), replayed in a CUDA graph: the select in the last split's program
-#: (the default since run 7) against a select launch of its own.
+TUNES = [{}, {"prefix_skip": True}, {"chunk": 2048}, {"filter_warps": 2}, {"select_warps": 4}]
+#: Decode rows (split over programs), replayed in a CUDA graph: the k-th key's search skipping the bits its
+#: bounds share (``prefix_skip``, off by default until measured), the select in the last split's program or in a
+#: launch of its own (run 7: the first only for one row). Run 7 also timed select_warps 4: slower everywhere.
 DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (4, 131072)]
-DECODE_TUNES = [{}, {"select_in_write": False}, {"select_warps": 4}]
+DECODE_TUNES = [{}, {"prefix_skip": True}, {"select_in_write": True}, {"select_in_write": False}]
 
 
 @triton.jit

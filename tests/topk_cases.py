@@ -29,6 +29,10 @@ CASES = [
      ("randn", "masked", "ties", "allmasked", "zeros"), {1}),
     ("split_select_in_write", 2, 1000, 16, dict(cap=256, sample=128, splits=3, tune={"select_in_write": True}),
      ("randn", "ties", "allmasked"), {1}),
+    ("prefix_skip", 2, 1000, 16, dict(cap=256, sample=128, tune={"prefix_skip": True}),
+     ("randn", "masked", "ties", "zeros", "wide", "shifted"), {1}),
+    ("split_prefix_skip", 2, 1000, 16, dict(cap=256, sample=128, splits=3, tune={"prefix_skip": True}),
+     ("randn", "ties", "negative", "shifted"), {1}),
     ("split_one_row", 1, 1000, 16, dict(cap=256, sample=128, splits=4), ("randn", "masked", "ties"), {1}),
     ("split_bitonic_sort", 2, 1000, 16, dict(cap=256, sample=128, splits=2, sort="bitonic"),
      ("randn", "ties", "allmasked"), {1}),
@@ -54,6 +58,10 @@ def rows(kind: str, R: int, T: int, g: torch.Generator, device="cpu") -> torch.T
     elif kind == "zeros":
         x[:, ::3] = 0.0
         x[:, 1::3] = -0.0
+    elif kind == "negative":  # every key below zero: the sign bit and the flipped magnitudes
+        x = -x.abs() - 1.0
+    elif kind == "shifted":  # keys crowded in one binade: most high bits shared by the candidates
+        x = 1000.0 + x
     elif kind == "wide":
         x = x * torch.exp2(torch.randint(-60, 60, (R, T), generator=g, device=device).float())
     return x
@@ -86,10 +94,29 @@ def check(x: torch.Tensor, k: int, sorted_: bool, where: str = "", **launch) -> 
     return path.cpu()
 
 
+def check_kth_key_bounds(g: torch.Generator) -> None:
+    """``_kth_key`` given bounds of the K-th key (tight, loose, none) returns torch's K-th key: the steps whose
+    bits the bounds share are taken from them, not counted (keys here are ints, the kernel's int32 keys)."""
+    from kth_probe import kth_key_probe
+
+    for case in range(12):
+        span = 1 << int(torch.randint(1, 31, (1,), generator=g))
+        base = int(torch.randint(-(1 << 31) + span, (1 << 31) - span, (1,), generator=g))
+        keys = torch.randint(base, base + span, (256,), generator=g, dtype=torch.int64).to(torch.int32)
+        K = int(torch.randint(1, 257, (1,), generator=g))
+        want = int(torch.topk(keys, K).values[-1])
+        top = int(keys.max())
+        for lo, hi in ((want, want), (want, top), (int(keys.min()), top), (-(1 << 31), (1 << 31) - 1)):
+            out = torch.zeros(1, dtype=torch.int32)
+            kth_key_probe[(1,)](keys, out, K, lo, hi, N=256)
+            assert int(out) == want, f"case {case}: K={K} bounds [{lo}, {hi}]: got {int(out)}, want {want}"
+
+
 def main() -> None:
     seed = int(os.environ.get("TOPK_CASES_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"seed {seed} (TOPK_CASES_SEED reruns it)", flush=True)  # a failure's output names its rows
     g = torch.Generator().manual_seed(seed)
+    check_kth_key_bounds(g)
     seen = {"split": set(), "one_program": set()}
     for name, R, T, k, launch, kinds, paths in CASES:
         if "splits" in launch:  # not vacuous: the row really is cut into several programs

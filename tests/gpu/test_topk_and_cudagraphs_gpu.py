@@ -53,12 +53,14 @@ def test_row_topk_exact(R, T, k, kind, sorted_):
         assert fallback <= 0.02, f"{fallback:.1%} of random rows took the exact fallback"
 
 
-LAUNCH_VARIANTS = [  # (R, T, k, launch options): every split count, both sorts, run 4's kernel, at card sizes
+LAUNCH_VARIANTS = [  # (R, T, k, launch options): every split count, both sorts, run 4's kernel, the tune options
     (1, 32768, 2048, dict(sort="rank")), (1, 32768, 2048, dict(sort="bitonic")), (64, 32768, 2048, dict(sort="rank")),
     (64, 32768, 2048, dict(splits=1)), (8, 131072, 2048, dict(splits=64, sort="rank")),
     (300, 65536, 2048, dict(splits=4)), (3, 32768, 1000, dict(splits=7)), (2, 65536, 4096, dict(sort="rank")),
     (32, 32768, 2048, dict(algorithm="one_program")), (64, 32768, 2048, dict(tune={"select_in_write": True})),
     (1, 131072, 2048, dict(tune={"select_in_write": False}, sort="bitonic")),
+    (1024, 32768, 2048, dict(tune={"prefix_skip": True})), (64, 32768, 2048, dict(tune={"prefix_skip": True})),
+    (1, 32768, 2048, dict(tune={"prefix_skip": True})),
 ]
 
 

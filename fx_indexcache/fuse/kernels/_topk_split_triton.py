@@ -12,7 +12,7 @@ last-block pattern). Otherwise ``_select_kernel`` (grid rows) runs the select in
 import triton
 import triton.language as tl
 
-from ._topk_triton import _key, _kth_key, _select_from_buffers, _sort_selected
+from ._topk_triton import _key, _kth_key_any, _select_from_buffers, _sort_selected
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB: tl.constexpr, SB: tl.constex
     starts = (tl.arange(0, NB).to(tl.int64) * T) // NB
     pos = starts[:, None] + tl.arange(0, SB)[None, :]
     sample = tl.reshape(_key(tl.load(x_row + pos * sxt)), [NB * SB])
-    return _kth_key(sample, R_SAMPLE)
+    return _kth_key_any(sample, R_SAMPLE)
 
 
 @triton.jit
@@ -99,10 +99,10 @@ def _release_writes(x):
 
 
 @triton.jit
-def _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, path_ptr, row,
+def _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, thr_ptr, path_ptr, row,
                 T, K, NSPLIT, sxr, sxt, sor, sok,
                 CHUNK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr, NSPLIT_P: tl.constexpr,
-                SORTED: tl.constexpr, RECORD_PATH: tl.constexpr):
+                SORTED: tl.constexpr, RECORD_PATH: tl.constexpr, PREFIX_SKIP: tl.constexpr):
     """Step 3 (and 4) of ``topk.py`` for one row, from the filter's buffers and every split's counts."""
     x_row = x_ptr + row * sxr
     o_row = out_ptr + row * sor
@@ -111,7 +111,8 @@ def _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr
     n_gt = tl.sum(tl.load(cnt, mask=s < NSPLIT, other=0), axis=0)
     n_eq = tl.sum(tl.load(cnt + 1, mask=s < NSPLIT, other=0), axis=0)
     path = _select_from_buffers(x_row, sxt, o_row, sok, cand_key_ptr + row * CAP, cand_idx_ptr + row * CAP,
-                                tie_idx_ptr + row * K, n_gt, n_eq, T, K, CHUNK, CAP, KP)
+                                tie_idx_ptr + row * K, tl.load(thr_ptr + row), n_gt, n_eq, T, K, CHUNK, CAP, KP,
+                                PREFIX_SKIP)
     if RECORD_PATH:
         tl.store(path_ptr + row, path)
     if SORTED:
@@ -130,6 +131,7 @@ def _write_kernel(
     NSPLIT_P: tl.constexpr,
     SORTED: tl.constexpr,
     RECORD_PATH: tl.constexpr,
+    PREFIX_SKIP: tl.constexpr,
     SELECT_CHUNK: tl.constexpr,  # the select's exact fallback's keys a step
     SELECT_LAST: tl.constexpr,  # the row's last split to finish writing also selects (one launch fewer)
     FENCE: tl.constexpr,  # False only under TRITON_INTERPRET (programs run one after another there)
@@ -151,13 +153,14 @@ def _write_kernel(
         tl.debug_barrier()  # every thread's stores are fenced before one thread counts this split done
         finished = tl.atomic_add(done_ptr + row, 1, sem="acq_rel", scope="gpu")
         if finished == NSPLIT - 1:  # the others have all written (their fences precede their counts)
-            _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, path_ptr, row,
-                        T, K, NSPLIT, sxr, sxt, sor, sok, SELECT_CHUNK, CAP, KP, NSPLIT_P, SORTED, RECORD_PATH)
+            _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, thr_ptr, path_ptr, row,
+                        T, K, NSPLIT, sxr, sxt, sor, sok, SELECT_CHUNK, CAP, KP, NSPLIT_P, SORTED, RECORD_PATH,
+                        PREFIX_SKIP)
 
 
 @triton.jit
 def _select_kernel(
-    x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, path_ptr,
+    x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, thr_ptr, path_ptr,
     T, K, NSPLIT,
     sxr, sxt, sor, sok,
     CHUNK: tl.constexpr,
@@ -166,10 +169,11 @@ def _select_kernel(
     NSPLIT_P: tl.constexpr,
     SORTED: tl.constexpr,
     RECORD_PATH: tl.constexpr,
+    PREFIX_SKIP: tl.constexpr,
 ):
-    _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, path_ptr,
+    _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr, thr_ptr, path_ptr,
                 tl.program_id(0).to(tl.int64), T, K, NSPLIT, sxr, sxt, sor, sok,
-                CHUNK, CAP, KP, NSPLIT_P, SORTED, RECORD_PATH)
+                CHUNK, CAP, KP, NSPLIT_P, SORTED, RECORD_PATH, PREFIX_SKIP)
 
 
 @triton.jit

@@ -62,39 +62,57 @@ def _exact_from_memory(x_row, sxt, o_row, sok, T, K, CHUNK: tl.constexpr):
         base_eq += tl.sum(eq.to(tl.int32), axis=0)
 
 @triton.jit
-def _kth_key(keys, K):
-    """The K-th largest of ``keys`` (int32, padding INT_MIN): the sign bit, bit 30, then 15 steps of two
-    bits, the three counts of a step packed in one int64 sum (21 bits each: at most 2^21 - 1 keys)."""
-    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
-    thr = tl.where(n_nonneg >= K, 0, -2147483648)
-    c = thr + (1 << 30)
-    thr = tl.where(tl.sum((keys >= c).to(tl.int32), axis=0) >= K, c, thr)
+def _kth_key(keys, K, lo, hi):
+    """The K-th largest of ``keys`` (int32, padding INT_MIN), known to lie in ``[lo, hi]``: the sign bit, bit 30,
+    then 15 steps of two bits, the three counts of a step packed in one int64 sum (21 bits each: at most
+    2^21 - 1 keys). The high bits ``lo`` and ``hi`` share are the K-th key's too: those steps take them and
+    skip their count (``lo = INT_MIN, hi = INT_MAX`` share none: every step counts)."""
+    if (lo >> 30) == (hi >> 30):
+        thr = (lo >> 30) << 30
+    else:
+        n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
+        thr = tl.where(n_nonneg >= K, 0, -2147483648)
+        c = thr + (1 << 30)
+        thr = tl.where(tl.sum((keys >= c).to(tl.int32), axis=0) >= K, c, thr)
     for i in range(15):
         b = 28 - 2 * i  # this step decides bits b+1 and b
-        c1 = thr + (1 << b)
-        c2 = thr + (2 << b)
-        c3 = thr + (3 << b)
-        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
-                  + ((keys >= c3).to(tl.int64) << 42))
-        s = tl.sum(packed, axis=0)
-        n1 = (s & 0x1FFFFF).to(tl.int32)
-        n2 = ((s >> 21) & 0x1FFFFF).to(tl.int32)
-        n3 = (s >> 42).to(tl.int32)
-        thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
+        if (lo >> b) == (hi >> b):
+            thr = (lo >> b) << b
+        else:
+            c1 = thr + (1 << b)
+            c2 = thr + (2 << b)
+            c3 = thr + (3 << b)
+            packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
+                      + ((keys >= c3).to(tl.int64) << 42))
+            s = tl.sum(packed, axis=0)
+            n1 = (s & 0x1FFFFF).to(tl.int32)
+            n2 = ((s >> 21) & 0x1FFFFF).to(tl.int32)
+            n3 = (s >> 42).to(tl.int32)
+            thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
     return thr
 
 
 @triton.jit
-def _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, n_gt, n_eq, T, K,
-                         CHUNK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr):
-    """Step 3 of the module doc, from a filter's buffers (``n_gt`` candidates above the threshold in ``ck`` /
-    ``ci``, the first ties in ``ti``): write the row's K indices; return the path taken (1, 2 or 3)."""
+def _kth_key_any(keys, K):
+    """``_kth_key`` with no bounds known: every step counts."""
+    return _kth_key(keys, K, -2147483648, 2147483647)
+
+
+@triton.jit
+def _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, L, n_gt, n_eq, T, K,
+                         CHUNK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr, PREFIX_SKIP: tl.constexpr):
+    """Step 3 of the module doc, from a filter's buffers (``n_gt`` candidates above the threshold ``L`` in ``ck``
+    / ``ci``, the first ties in ``ti``): write the row's K indices; return the path taken (1, 2 or 3).
+    ``PREFIX_SKIP``: the search skips the high bits that ``L + 1`` and the largest candidate share."""
     offs = tl.arange(0, CAP)
     if (n_gt <= CAP) & (n_gt >= K):
         # the K-th key lies above the threshold: select among the candidates (index order kept)
         okc = offs < n_gt
         keys = tl.load(ck + offs, mask=okc, other=-2147483648)
-        kth = _kth_key(keys, K)
+        if PREFIX_SKIP:  # the K-th key lies in [L + 1, max]: one max instead of the shared bits' counts
+            kth = _kth_key(keys, K, L + 1, tl.max(keys, axis=0))
+        else:
+            kth = _kth_key_any(keys, K)
         # the indices are loaded only now: not held in registers through the search
         _write_selected(o_row, sok, keys, tl.load(ci + offs, mask=okc, other=0), kth, K)
         path = 1
@@ -138,6 +156,7 @@ def _topk_kernel(
     KP: tl.constexpr,
     SORTED: tl.constexpr,
     RECORD_PATH: tl.constexpr,
+    PREFIX_SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * sxr
@@ -146,14 +165,14 @@ def _topk_kernel(
     if DIRECT:  # the whole row is the candidate set
         ok = offs < T
         keys = tl.where(ok, _key(tl.load(x_row + offs * sxt, mask=ok, other=0.0)), -2147483648)
-        _write_selected(o_row, sok, keys, offs, _kth_key(keys, K), K)
+        _write_selected(o_row, sok, keys, offs, _kth_key_any(keys, K), K)
         path = 0
     else:
         # 1. threshold from an evenly spread sample of NB blocks of SB keys
         starts = (tl.arange(0, NB).to(tl.int64) * T) // NB
         pos = starts[:, None] + tl.arange(0, SB)[None, :]
         sample = tl.reshape(_key(tl.load(x_row + pos * sxt)), [NB * SB])
-        L = _kth_key(sample, R_SAMPLE)
+        L = _kth_key_any(sample, R_SAMPLE)
         # 2. filter: keys > L to the candidate buffer, the first K keys == L to the tie buffer
         ck = cand_key_ptr + row * CAP
         ci = cand_idx_ptr + row * CAP
@@ -178,7 +197,8 @@ def _topk_kernel(
             n_gt += tl.sum(gt.to(tl.int32), axis=0)
             n_eq += tl.sum(eq.to(tl.int32), axis=0)
         tl.debug_barrier()  # the buffers are read back by other threads of this program
-        path = _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, n_gt, n_eq, T, K, CHUNK, CAP, KP)
+        path = _select_from_buffers(x_row, sxt, o_row, sok, ck, ci, ti, L, n_gt, n_eq, T, K, CHUNK, CAP, KP,
+                                    PREFIX_SKIP)
     if RECORD_PATH:  # which way the row went: 0 direct, 1 candidates, 2 threshold ties, 3 fallback
         tl.store(path_ptr + row, path)
     if SORTED:

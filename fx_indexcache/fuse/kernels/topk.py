@@ -189,7 +189,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
     overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
-    (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``).
+    (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``), ``prefix_skip`` (split
+    rows: the k-th key's search skips the bits its known bounds share; off until measured on a GPU).
     """
     if algorithm not in ("split", "one_program"):
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
@@ -218,7 +219,7 @@ def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):
         x2d, out2d, cand_key, cand_idx, tie_idx, out2d if path is None else path,
         T, k, r_sample,
         x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
-        SORTED=bool(sorted), RECORD_PATH=path is not None, num_warps=num_warps, **p,
+        SORTED=bool(sorted), RECORD_PATH=path is not None, PREFIX_SKIP=False, num_warps=num_warps, **p,
     )
 
 
@@ -249,7 +250,8 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
     sel = torch.empty_like(out2d) if rank_sort else out2d
     select_warps = tune.get("select_warps", 8 if p["CAP"] >= 4096 or p["KP"] >= 2048 else 4)
     select = dict(CHUNK=p["CHUNK"], CAP=p["CAP"], KP=p["KP"], NSPLIT_P=sp["NSPLIT_P"],
-                  SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None, num_warps=select_warps)
+                  SORTED=bool(sorted) and not rank_sort, RECORD_PATH=path is not None, num_warps=select_warps,
+                  PREFIX_SKIP=bool(tune.get("prefix_skip", False)))
     path_arg = sel if path is None else path
     select_last = split and tune.get("select_in_write", R <= SELECT_IN_WRITE_ROWS)
     if split:  # the write runs with the select's warps only when it also selects
@@ -260,7 +262,7 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
             SELECT_CHUNK=p["CHUNK"], SELECT_LAST=select_last, FENCE=not _interpreted())
     if not select_last:
         h = kern["select"][(R,)](
-            x2d, sel, cand_key, cand_idx, tie_idx, counts, path_arg, T, k, sp["NSPLIT"],
+            x2d, sel, cand_key, cand_idx, tie_idx, counts, thr, path_arg, T, k, sp["NSPLIT"],
             x2d.stride(0), x2d.stride(1), sel.stride(0), sel.stride(1), **select)
     if rank_sort:
         rb = min(p["KP"], max(1, 32768 // p["KP"]))  # a [RB, KP] comparison tile a program
