@@ -26,7 +26,8 @@ def _sampled_threshold(x_row, sxt, T, R_SAMPLE, NB: tl.constexpr, SB: tl.constex
 
 @triton.jit
 def _split_base(cnt_ptr, row, split, NSPLIT, NSPLIT_P: tl.constexpr):
-    """Keys above / equal to the threshold in the splits before ``split`` (their phase-1 counts)."""
+    """Keys above / equal to the threshold in the splits before ``split`` (their phase-1 counts; ``split =
+    NSPLIT``: the whole row's)."""
     s = tl.arange(0, NSPLIT_P)
     before = s < split
     base = cnt_ptr + (row * NSPLIT + s) * 2
@@ -106,10 +107,7 @@ def _select_row(x_ptr, out_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, cnt_ptr
     """Step 3 (and 4) of ``topk.py`` for one row, from the filter's buffers and every split's counts."""
     x_row = x_ptr + row * sxr
     o_row = out_ptr + row * sor
-    s = tl.arange(0, NSPLIT_P)
-    cnt = cnt_ptr + (row * NSPLIT + s) * 2
-    n_gt = tl.sum(tl.load(cnt, mask=s < NSPLIT, other=0), axis=0)
-    n_eq = tl.sum(tl.load(cnt + 1, mask=s < NSPLIT, other=0), axis=0)
+    n_gt, n_eq = _split_base(cnt_ptr, row, NSPLIT, NSPLIT, NSPLIT_P)  # every split's counts
     path = _select_from_buffers(x_row, sxt, o_row, sok, cand_key_ptr + row * CAP, cand_idx_ptr + row * CAP,
                                 tie_idx_ptr + row * K, tl.load(thr_ptr + row), n_gt, n_eq, T, K, CHUNK, CAP, KP,
                                 PREFIX_SKIP)
