@@ -20,6 +20,12 @@ from fx_indexcache.fuse.kernels import topk as tk
 #: that short rows take every path of both algorithms (split rows: several programs a row count, then write,
 #: then a select launch, or for one row the last split to finish selects; sorted output by the select's bitonic
 #: sort or by the rank sort: "auto" picks rank for these few rows).
+#: In the fallback cases the sampled threshold lies a median 166 keys down the row, but within the capacity of 64
+#: for 0.25 % of randn rows (20000 simulated), and such a row rightly takes the candidates (path 1; its indices are
+#: checked like any other's): with 12 such rows a run, 3 % of runs. That the fallback (3) runs is asserted over all
+#: cases in ``main``.
+FALLBACK_PATHS = {1, 3}
+
 CASES = [
     ("direct", 3, 50, 7, {}, ("randn", "zeros", "ties"), {0}),
     ("candidates", 2, 1000, 16, dict(cap=256, sample=128), ("randn", "masked", "ties", "allmasked"), {1}),
@@ -38,12 +44,12 @@ CASES = [
      ("randn", "ties", "allmasked"), {1}),
     ("split_rank_sort_large_k", 3, 700, 600, dict(cap=256, sample=128, splits=3, sort="rank"),
      ("randn", "ties", "masked", "wide"), None),
-    ("split_fallback", 2, 1000, 40, dict(cap=64, sample=64, splits=4), ("randn",), {3}),
-    ("fallback_capacity", 2, 1000, 40, dict(cap=64, sample=64), ("randn",), {3}),
+    ("split_fallback", 2, 1000, 40, dict(cap=64, sample=64, splits=4), ("randn",), FALLBACK_PATHS),
+    ("fallback_capacity", 2, 1000, 40, dict(cap=64, sample=64), ("randn",), FALLBACK_PATHS),
     ("k_equals_T", 2, 300, 300, dict(cap=64, sample=64, splits=2), ("allmasked", "wide"), None),
     ("one_program", 2, 1000, 16, dict(cap=256, sample=128, algorithm="one_program"),
      ("randn", "ties", "allmasked"), {1}),
-    ("one_program_fallback", 2, 1000, 40, dict(cap=64, sample=64, algorithm="one_program"), ("randn",), {3}),
+    ("one_program_fallback", 2, 1000, 40, dict(cap=64, sample=64, algorithm="one_program"), ("randn",), FALLBACK_PATHS),
 ]
 
 
