@@ -6,7 +6,8 @@ Run from the repository root on a CUDA machine::
         [--sweep] [--quick] [--budget-s 420]
 
 Sections (each writes its rows as it goes; one failing section does not stop the others):
-  * ``topk``: the Triton top-k (``kernels/topk.py``) against torch.topk on the kernel's own logits,
+  * ``topk``: our top-k (``kernels/topk.py``: the CUDA kernel where it loads, and the Triton split kernels)
+    against torch.topk on the kernel's own logits,
     sorted and unsorted, prefill rows up to 256K keys and decode batches, k = 2048 and others; exactness
     of the selected scores, the share of rows that took each kernel path, the read-once floor;
   * ``prefill``: logits + top-k against the logits roofline (the target: >= 65 % at S >= 1024, T >= 32K);
@@ -219,6 +220,10 @@ def environment(log) -> dict:
     env = dict(card=dev.name, sms=dev.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
                cuda=torch.version.cuda, python=platform.python_version(),
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    reason = topk_cuda.unavailable_reason(torch.device("cuda"))
+    env["topk_default"] = "cuda" if reason is None else f"Triton split (CUDA kernel unavailable: {reason[:200]})"
     log(f"env: {env}")
     peak, bw, t_mm, t_cp = measure_ceilings()
     env.update(bf16_tflops=round(peak, 1), copy_tbs=round(bw, 3))
@@ -257,8 +262,10 @@ def section_topk(env, log, quick: bool) -> list[dict]:
         variants = [
             ("torch_sorted", lambda: torch.topk(x2d, k, dim=-1, sorted=True)),
             ("torch_unsorted", lambda: torch.topk(x2d, k, dim=-1, sorted=False)),
-            ("triton_sorted", lambda: tk.row_topk(x2d, k, sorted=True)),
-            ("triton_unsorted", lambda: tk.row_topk(x2d, k, sorted=False)),
+            ("ours_sorted", lambda: tk.row_topk(x2d, k, sorted=True)),
+            ("ours_unsorted", lambda: tk.row_topk(x2d, k, sorted=False)),
+            ("triton_split_sorted", lambda: tk._launch(x2d, out, k, sorted=True, algorithm="split")),
+            ("triton_split_unsorted", lambda: tk._launch(x2d, out, k, algorithm="split")),
             ("one_program_sorted", lambda: tk._launch(x2d, out, k, sorted=True, algorithm="one_program")),
             ("one_program_unsorted", lambda: tk._launch(x2d, out, k, algorithm="one_program")),
         ]
@@ -274,11 +281,12 @@ def section_topk(env, log, quick: bool) -> list[dict]:
             row["exact_sorted"] &= topk_exact(x2d, out, k)
         row.update(path_shares(x2d, k))
         row["splits"] = tk.split_plan(R, T)["NSPLIT"]
-        row["speedup_sorted"] = row["torch_sorted_ms"] / row["triton_sorted_ms"]
-        row["speedup_unsorted"] = row["torch_unsorted_ms"] / row["triton_unsorted_ms"]
+        row["speedup_sorted"] = row["torch_sorted_ms"] / row["ours_sorted_ms"]
+        row["speedup_unsorted"] = row["torch_unsorted_ms"] / row["ours_unsorted_ms"]
         rows.append(row)
         log(f"topk {R}x{T} k={k} ({row['splits']} splits): torch {row['torch_sorted_ms']:.4f}/{row['torch_unsorted_ms']:.4f}"
-            f" triton {row['triton_sorted_ms']:.4f}/{row['triton_unsorted_ms']:.4f} run-4 kernel "
+            f" ours {row['ours_sorted_ms']:.4f}/{row['ours_unsorted_ms']:.4f} Triton split "
+            f"{row['triton_split_sorted_ms']:.4f}/{row['triton_split_unsorted_ms']:.4f} run-4 kernel "
             f"{row['one_program_sorted_ms']:.4f}/{row['one_program_unsorted_ms']:.4f} bitonic/rank sort "
             f"{row.get('sorted_bitonic_ms')}/{row.get('sorted_rank_ms')} ms (sorted/unsorted), floor "
             f"{row['floor_ms']:.4f}, exact {row['exact_sorted']}/{row['exact_unsorted']}, paths "
@@ -380,13 +388,14 @@ def markdown(env, sections: dict) -> str:
              f"H={H}, D={D}, causal (queries are the last S of T), bf16 q/k/w, fp32 logits. "
              "Times: ms, do_bench medians (L2 flushed) unless marked 'CUDA graph'.", ""]
     if sections.get("topk"):
-        lines += ["## Top-k: Triton (kernels/topk.py) vs torch.topk, on the kernel's own causal logits", "",
-                  "| rows × T | k | splits | torch sorted / unsorted | Triton sorted / unsorted | speed-up sorted / unsorted |"
+        lines += [f"## Top-k: ours (`row_topk`'s default here: {env.get('topk_default')}) and the Triton split kernels vs "
+                  "torch.topk, on the kernel's own causal logits", "",
+                  "| rows × T | k | splits | torch sorted / unsorted | ours sorted / unsorted | speed-up sorted / unsorted |"
                   " run-4 kernel sorted / unsorted | bitonic / rank sort | read-once floor | exact |"
                   " rows: candidates / ties / fallback / direct |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sections["topk"]:
             lines.append(f"| {r['R']}×{r['T']} | {r['k']} | {r['splits']} | {fmt(r['torch_sorted_ms'])} / "
-                         f"{fmt(r['torch_unsorted_ms'])} | {fmt(r['triton_sorted_ms'])} / {fmt(r['triton_unsorted_ms'])} | "
+                         f"{fmt(r['torch_unsorted_ms'])} | {fmt(r['ours_sorted_ms'])} / {fmt(r['ours_unsorted_ms'])} | "
                          f"{r['speedup_sorted']:.1f}× / {r['speedup_unsorted']:.1f}× | {fmt(r['one_program_sorted_ms'])} / "
                          f"{fmt(r['one_program_unsorted_ms'])} | {fmt(r.get('sorted_bitonic_ms'))} / "
                          f"{fmt(r.get('sorted_rank_ms'))} | {fmt(r['floor_ms'])} | {r['exact_sorted'] and r['exact_unsorted']} | "
@@ -394,7 +403,7 @@ def markdown(env, sections: dict) -> str:
         lines.append("")
     if sections.get("prefill"):
         lines += ["## Prefill: logits + top-k (k = 2048) against the logits roofline", "",
-                  "| B×S×T | logits | logits floor | + Triton top-k sorted (% of floor) | + unsorted (%) | + torch.topk sorted (%) |",
+                  "| B×S×T | logits | logits floor | + our top-k sorted (% of floor) | + unsorted (%) | + torch.topk sorted (%) |",
                   "|---|---|---|---|---|---|"]
         for r in sections["prefill"]:
             lines.append(f"| {r['B']}×{r['S']}×{r['T']} | {fmt(r['logits_ms'])} | {fmt(r['logits_floor_ms'])} | "
@@ -404,7 +413,7 @@ def markdown(env, sections: dict) -> str:
         lines.append("")
     if sections.get("decode"):
         lines += ["## Decode (S = 1): logits + top-k (k = 2048) replayed in a CUDA graph", "",
-                  "| B×T | logits | + Triton top-k sorted | + unsorted | + torch.topk sorted | + unsorted | k-read floor |",
+                  "| B×T | logits | + our top-k sorted | + unsorted | + torch.topk sorted | + unsorted | k-read floor |",
                   "|---|---|---|---|---|---|---|"]
         for r in sections["decode"]:
             lines.append(f"| {r['B']}×{r['T']} | {fmt(r['logits_graph_ms'], 4)} | {fmt(r['fused_sorted_graph_ms'], 4)} | "

@@ -35,12 +35,13 @@ SHAPES = [(1024, 32768), (1024, 131072), (64, 32768), (4096, 8192), (1, 32768)]
 QUICK = 3
 #: Run 6a also timed filter_warps 8, select_warps 16, chunk 4096 and samples of 1024 / 4096 keys: all slower;
 #: run 6b the sampled threshold in a launch of its own (as fast as the filter finding it at chunk 1024: dropped).
-TUNES = [{}, {"prefix_skip": True}, {"chunk": 2048}, {"filter_warps": 2}, {"select_warps": 4}]
+#: Session 8: the CUDA kernel (``topk_cuda``, the default where it loads) against the Triton split kernels.
+TUNES = [{"algorithm": "cuda"}, {"algorithm": "split"}, {"algorithm": "split", "prefix_skip": True}]
 #: Decode rows (split over programs), replayed in a CUDA graph: the k-th key's search skipping the bits its
 #: bounds share (``prefix_skip``, off by default until measured), the select in the last split's program or in a
 #: launch of its own (run 7: the first only for one row). Run 7 also timed select_warps 4: slower everywhere.
 DECODE_SHAPES = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (4, 131072)]
-DECODE_TUNES = [{}, {"prefix_skip": True}, {"select_in_write": True}, {"select_in_write": False}]
+DECODE_TUNES = [{"algorithm": "cuda"}, {"algorithm": "split"}, {"algorithm": "split", "prefix_skip": True}]
 
 
 @triton.jit
@@ -92,13 +93,19 @@ def compiled_info() -> dict:
                                                           smem=ck.metadata.shared, warps=ck.metadata.num_warps))
         except Exception as e:  # the cache's layout is Triton's own business: report, do not fail
             info[name] = f"unreadable: {type(e).__name__}: {e}"
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    if topk_cuda.available(torch.device("cuda")):
+        for name, kern in topk_cuda._kernels(torch.cuda.current_device()).items():
+            info[name] = kern.attributes()
     return info
 
 
 def launch(x2d, out, sorted_, t):
     t = dict(t)
     sample = t.pop("sample", None)
-    return tk._launch(x2d, out, TOPK, sorted=sorted_, sample=sample, tune=t)
+    algorithm = t.pop("algorithm", "auto")
+    return tk._launch(x2d, out, TOPK, sorted=sorted_, sample=sample, algorithm=algorithm, tune=t)
 
 
 def time_tune(x, out, t, timer, suffix: str) -> dict:

@@ -44,10 +44,12 @@ TOPK_CASES = [  # (R, T, k, row kinds)
 @pytest.mark.parametrize("R,T,k,kind", [(R, T, k, kind) for R, T, k, kinds in TOPK_CASES for kind in kinds],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
-def test_row_topk_exact(R, T, k, kind, sorted_):
+@pytest.mark.parametrize("algorithm", ["cuda", "split"])
+def test_row_topk_exact(R, T, k, kind, sorted_, algorithm):
     g = _gen()
     x = topk_cases.rows(kind, R, T, g, device="cuda")
-    paths = topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {kind} sorted={sorted_} seed={g.initial_seed()}")
+    paths = topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {kind} sorted={sorted_} {algorithm} "
+                             f"seed={g.initial_seed()}", algorithm=algorithm)
     if kind == "randn":
         fallback = float((paths == 3).float().mean())
         assert fallback <= 0.02, f"{fallback:.1%} of random rows took the exact fallback"
@@ -71,7 +73,7 @@ def test_row_topk_launch_variants(R, T, k, launch, kind, sorted_):
     g = _gen()
     x = topk_cases.rows(kind, R, T, g, device="cuda")
     topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {launch} {kind} sorted={sorted_} seed={g.initial_seed()}",
-                     **launch)
+                     **{"algorithm": "split", **launch})  # Triton's launch options
 
 
 @pytest.mark.parametrize("R,T", [(1, 32768), (16, 32768), (64, 131072)])
@@ -86,7 +88,7 @@ def test_row_topk_select_in_last_split_is_race_free(R, T):
 
     def run():
         out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")
-        tk._launch(x, out, 2048, tune={"select_in_write": True})
+        tk._launch(x, out, 2048, algorithm="split", tune={"select_in_write": True})
         return out
 
     first = run()
@@ -97,6 +99,104 @@ def test_row_topk_select_in_last_split_is_race_free(R, T):
     assert not bad, f"{len(bad)} of 300 launches differ from the first (first at {bad[:5]})"
 
 
+def test_cuda_topk_loads():
+    """The CUDA top-k compiles (NVRTC) and loads here; else every other CUDA case would test the Triton one."""
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    assert topk_cuda.unavailable_reason(torch.device("cuda")) is None
+
+
+#: (R, T, k, plan options, row kinds): plans that drive every path of the CUDA kernel (0 direct, 1 candidates,
+#: 2 threshold ties, 3 the exact fallback: a 64-key sample ranks its 2nd key, about the top 3 % of 65536 keys,
+#: which overflows a capacity of 1024), one block a row and split rows, on aligned, unaligned and strided rows.
+CUDA_PATH_CASES = [
+    (3, 700, 50, {}, ("randn", "ties", "allmasked", "zeros")),
+    (300, 8192, 2048, {}, ("randn", "masked", "ties", "allmasked")),
+    (2, 65536, 40, dict(sample=64, cap=1024), ("randn",)),
+    (300, 65536, 40, dict(sample=64, cap=1024), ("randn",)),
+    (2, 65536, 2048, {}, ("randn", "masked", "ties", "allmasked", "wide", "negative")),
+    (1, 131072, 2048, dict(splits=128), ("randn", "ties")),
+    (4, 40000, 1000, dict(splits=5), ("randn", "masked", "ties")),
+]
+
+
+@pytest.mark.parametrize("R,T,k,opts,kinds", CUDA_PATH_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned", "strided"])
+def test_cuda_topk_every_path_and_layout(R, T, k, opts, kinds, layout):
+    g = _gen()
+    seen = set()
+    for kind in kinds:
+        base = topk_cases.rows(kind, R, T + 1, g, device="cuda")
+        x = {"contiguous": base[:, :T].contiguous(), "unaligned": base[:, 1:],
+             "strided": base[:, :T].t().contiguous().t()}[layout]
+        for sorted_ in (False, True):
+            where = f"R={R} T={T} k={k} {opts} {kind} {layout} sorted={sorted_} seed={g.initial_seed()}"
+            seen |= set(topk_cases.check(x, k, sorted_, where, algorithm="cuda", **opts).tolist())
+    want = {0} if T <= 1024 else ({3} if "sample" in opts else {1})
+    assert want <= seen, f"paths {sorted(seen)}, expected {sorted(want)} among them"
+
+
+def test_cuda_topk_takes_every_path():
+    """Over the cases above, each of the four paths ran at least once (the test is not vacuous)."""
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    g = _gen()
+    seen = set()
+    for R, T, k, opts, kinds in CUDA_PATH_CASES:
+        for kind in kinds:
+            x = topk_cases.rows(kind, R, T, g, device="cuda")
+            out = torch.empty(R, k, dtype=torch.int32, device="cuda")
+            path = torch.full((R,), -1, dtype=torch.int32, device="cuda")
+            tk._launch(x, out, k, path=path, algorithm="cuda", **opts)
+            seen |= set(path.tolist())
+    assert seen == {0, 1, 2, 3}, sorted(seen)
+
+
+@pytest.mark.parametrize("R,T", [(1, 32768), (16, 32768), (64, 131072)])
+def test_cuda_topk_last_split_is_race_free(R, T):
+    """Split rows: the row's last block to finish gathers every split's candidates (a count bumped after a
+    fence). Were the fence or the count wrong, a select would now and then miss candidates."""
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    assert tk.split_plan(R, T)["NSPLIT"] > 1
+    x = torch.randn(R, T, device="cuda", generator=_gen())
+
+    def run():
+        out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")
+        tk._launch(x, out, 2048, algorithm="cuda")
+        return out
+
+    first = run()
+    assert torch.equal(torch.gather(x, 1, first.long()).sort(-1, descending=True).values,
+                       torch.topk(x, 2048, dim=-1).values)
+    outs = [run() for _ in range(300)]
+    bad = [i for i, o in enumerate(outs) if not torch.equal(o, first)]
+    assert not bad, f"{len(bad)} of 300 launches differ from the first (first at {bad[:5]})"
+
+
+@pytest.mark.parametrize("R,T,sorted_", [(4, 32768, True), (1, 131072, False), (300, 32768, True)])
+def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_):
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    g = _gen()
+    x = torch.randn(R, T, device="cuda", generator=g)
+    out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")
+    tk._launch(x, out, 2048, sorted=sorted_, algorithm="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tk._launch(x, out, 2048, sorted=sorted_, algorithm="cuda")
+    for _ in range(2):
+        x.copy_(torch.randn(R, T, device="cuda", generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        topk_cases.check(x, 2048, sorted_, "reference launch", algorithm="split")  # the inputs are fine
+        want = torch.empty_like(out)
+        tk._launch(x, want, 2048, sorted=sorted_, algorithm="cuda")
+        assert torch.equal(out, want)
+        assert torch.equal(torch.gather(x, 1, out.long()).sort(-1, descending=True).values,
+                           torch.topk(x, 2048, dim=-1).values)
+
+
 def test_row_topk_split_replays_in_a_cuda_graph():
     """The split path (count, write and select, rank sort: three launches, fixed-size scratch) under capture."""
     from fx_indexcache.fuse.kernels import topk as tk
@@ -104,10 +204,11 @@ def test_row_topk_split_replays_in_a_cuda_graph():
     g = _gen()
     x = torch.randn(4, 32768, device="cuda", generator=g)
     assert tk.split_plan(4, 32768)["NSPLIT"] > 1 and tk.rank_sort_wins(4, 2048)
-    tk.row_topk(x, 2048, sorted=True)
+    out = torch.empty(4, 2048, dtype=torch.int32, device="cuda")
+    tk._launch(x, out, 2048, sorted=True, algorithm="split")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = tk.row_topk(x, 2048, sorted=True)
+        tk._launch(x, out, 2048, sorted=True, algorithm="split")
     for _ in range(2):
         x.copy_(torch.randn(4, 32768, device="cuda", generator=g))
         graph.replay()

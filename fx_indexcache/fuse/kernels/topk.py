@@ -177,13 +177,15 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
-            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "split",
+            path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "auto",
             sort: str = "auto", tune: Optional[dict] = None):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
-    ``algorithm``: "split" (the default: a filter launch, then the select; rows split over programs when
-    few) or "one_program" (run 4's single kernel, one program a row; kept to measure against). Rows of
-    at most the capacity always go to the single kernel's direct path. ``path`` (int32 ``[R]``), when
+    ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
+    "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
+    (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
+    "cuda" where ``cuda_applies``, else "split"). With Triton, rows of at most the capacity always go to the
+    single kernel's direct path. ``path`` (int32 ``[R]``), when
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
     threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
@@ -192,17 +194,39 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``), ``prefix_skip`` (split
     rows: the k-th key's search skips the bits its known bounds share; off until measured on a GPU).
     """
-    if algorithm not in ("split", "one_program"):
-        raise ValueError(f"_launch: algorithm={algorithm!r}, expected 'split' or 'one_program'")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"_launch: algorithm={algorithm!r}, expected one of {ALGORITHMS}")
     if sort not in ("auto", "bitonic", "rank"):
         raise ValueError(f"_launch: sort={sort!r}, expected 'auto', 'bitonic' or 'rank'")
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
+    if algorithm == "auto":
+        algorithm = "cuda" if cuda_applies(x2d, p, splits, sorted) else "split"
+    if algorithm == "cuda":
+        from . import topk_cuda
+
+        return topk_cuda.launch(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path)
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
     tune = tune or {}
     sp = split_plan(x2d.shape[0], x2d.shape[1], splits, chunk=tune.get("chunk"))
     return _launch_split(x2d, out2d, k, p, sp, sorted, path, rank, tune)
+
+
+ALGORITHMS = ("auto", "cuda", "split", "one_program")
+
+
+def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool) -> bool:
+    """Whether the CUDA kernel takes these rows: on a GPU where it compiled and loaded, with its shared
+    memory within the device's limit (not under TRITON_INTERPRET: the CPU runs the Triton kernels)."""
+    if not x2d.is_cuda or _interpreted():
+        return False
+    from . import topk_cuda
+
+    if not topk_cuda.available(x2d.device):
+        return False
+    nsplit = 1 if p["DIRECT"] else split_plan(x2d.shape[0], x2d.shape[1], splits)["NSPLIT"]
+    return topk_cuda.fits(x2d.device.index, p, nsplit, sorted)
 
 
 def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):

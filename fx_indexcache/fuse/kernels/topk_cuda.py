@@ -1,0 +1,100 @@
+"""Host side of the CUDA top-k (``topk_cuda.cu``, compiled at first use by ``nvrtc``).
+
+Same plan as the Triton kernels (``topk.plan``: sample, rank, capacity; ``topk.split_plan``: how few rows
+are cut), same output and tie rule; one launch a call (plus a zeroed count of finished splits for split
+rows). ``available`` says whether this process can use it on a device, and why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import nvrtc
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("topk_cuda.cu")
+KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted")
+#: Threads a block (BLOCK in the source).
+BLOCK = 256
+#: The select reads its candidates 1024 at a time (256 threads x 4): the capacity is at least that.
+MIN_CAP = 1024
+
+
+class _Params(ctypes.Structure):
+    """``struct Params`` of the source, field for field."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "out", "path", "reg_key", "reg_idx", "reg_tie", "counts", "done")]
+    _fields_ += [(n, ctypes.c_longlong) for n in ("sxr", "sxt", "sor", "sok")]
+    _fields_ += [(n, ctypes.c_int) for n in ("T", "K", "nb", "sb", "r_sample", "cap", "kp", "nsplit", "seg", "reg",
+                                            "treg", "direct")]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(device: int):
+    # FX_INDEXCACHE_NVRTC_FLAGS: extra NVRTC options, e.g. "-lineinfo" for compute-sanitizer's reports
+    return nvrtc.load(str(SOURCE), KERNELS, device, tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None where the kernels load on ``device``; else why not (the first failure, kept for the process)."""
+    return _reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _reason(device: int) -> Optional[str]:
+    try:
+        _kernels(device)
+        return None
+    except (nvrtc.CudaKernelUnavailable, OSError, RuntimeError) as e:
+        log.warning("CUDA top-k unavailable on cuda:%d (the Triton top-k is used): %s", device, e)
+        return str(e)
+
+
+def available(device: torch.device) -> bool:
+    return unavailable_reason(device) is None
+
+
+def smem_bytes(p: dict, nsplit: int, sorted: bool) -> int:
+    """Dynamic shared memory of a launch: candidates (or the sample), the sort's pairs, the split offsets."""
+    cap = max(p["CAP"], MIN_CAP)
+    return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
+
+
+def fits(device: int, p: dict, nsplit: int, sorted: bool) -> bool:
+    """Whether a launch's shared memory fits the device (large capacities and k may not)."""
+    return smem_bytes(p, nsplit, sorted) <= _kernels(device)[KERNELS[0]].max_dynamic_smem
+
+
+def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
+           path: Optional[torch.Tensor]) -> None:
+    """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
+    direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row)."""
+    R, T = x2d.shape
+    dev = x2d.device
+    nsplit = 1 if p["DIRECT"] else sp["NSPLIT"]
+    seg = T if nsplit == 1 else sp["SEG"]
+    cap = max(p["CAP"], MIN_CAP)
+    reg, treg = (0, k) if nsplit == 1 else (min(seg, cap), min(seg, k))
+    n_reg = R * nsplit
+    # one int32 scratch: [tie regions | candidate keys | candidate indices | counts]; the done counts zeroed
+    scratch = torch.empty(n_reg * (treg + 2 * reg + (2 if nsplit > 1 else 0)), dtype=torch.int32, device=dev)
+    base = scratch.data_ptr()
+    done = torch.zeros(R if nsplit > 1 else 0, dtype=torch.int32, device=dev)
+    vec = x2d.stride(1) == 1 and x2d.stride(0) % 4 == 0 and x2d.data_ptr() % 16 == 0
+    prm = _Params(
+        x=x2d.data_ptr(), out=out2d.data_ptr(), path=path.data_ptr() if path is not None else None,
+        reg_key=base + 4 * n_reg * treg, reg_idx=base + 4 * n_reg * (treg + reg),
+        reg_tie=base, counts=base + 4 * n_reg * (treg + 2 * reg), done=done.data_ptr() if nsplit > 1 else None,
+        sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
+        T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
+        reg=reg, treg=treg, direct=int(p["DIRECT"]))
+    name = ("topk_vec" if vec else "topk_any") + ("_sorted" if sorted else "")
+    kernel = _kernels(dev.index)[name]
+    kernel.launch(R * nsplit, BLOCK, smem_bytes(p, nsplit, sorted), prm, torch.cuda.current_stream(dev).cuda_stream)
