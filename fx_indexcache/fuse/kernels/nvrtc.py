@@ -131,10 +131,10 @@ class Kernel:
         self.name = name
         self.func = ctypes.c_void_p()
         _check(_driver().cuModuleGetFunction(ctypes.byref(self.func), module, name.encode()), f"kernel {name}")
-        self.max_dynamic_smem = max_dynamic_smem
-        if max_dynamic_smem > 48 * 1024:
-            _check(_driver().cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, max_dynamic_smem),
-                   f"{name}: dynamic shared memory {max_dynamic_smem}")
+        self.max_dynamic_smem = max_dynamic_smem - self.attributes()["static_smem"]  # the block's limit is shared
+        if self.max_dynamic_smem > 48 * 1024:
+            _check(_driver().cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, self.max_dynamic_smem),
+                   f"{name}: dynamic shared memory {self.max_dynamic_smem}")
 
     def attributes(self) -> dict:
         """What the compiler gave the kernel: registers a thread, local (spill) bytes, static shared bytes."""

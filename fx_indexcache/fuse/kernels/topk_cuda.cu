@@ -16,8 +16,7 @@ typedef unsigned long long u64;
 
 #define BLOCK 256
 #define NWARPS (BLOCK / 32)
-#define ROW_ITEMS 16  // contiguous keys a thread, per chunk of a row (four 16-byte loads)
-#define SMEM_ITEMS 4  // contiguous entries a thread, per chunk of a shared-memory array (one 16-byte load)
+#define ROW_GROUPS 4  // a row is read 4 x 1024 keys a step (four 16-byte loads a thread, one barrier)
 #define MIN_BLOCKS 4  // blocks an SM keeps (64 registers a thread): enough bytes in flight to stream a row
 #define FULL 0xffffffffu
 
@@ -35,16 +34,19 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
 };
 
 static_assert(sizeof(Params) == 144, "Params: keep topk_cuda._Params in step");
+static_assert(BLOCK == 256, "the k-th key's histogram has a bin a thread");
 
-struct Shared {  // the block's reduction and scan slots (two of each: one barrier per use)
-    u32 sum[2][3][NWARPS];
-    u64 scan[2][NWARPS];
+struct Shared {  // the block's reduction, scan and histogram slots (two of each slot: one barrier per use)
+    u32 sum[2][NWARPS];
+    u64 scan[2][2][NWARPS];
+    u32 hist[256];
+    u32 pick, pick_above;
     int last;
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
-    int b = __float_as_int(x);
-    int key = b < 0 ? (b ^ 0x7fffffff) : b;
+    const int b = __float_as_int(x);
+    const int key = b < 0 ? (b ^ 0x7fffffff) : b;
     return x == 0.0f ? 0x80000000u : ((u32)key ^ 0x80000000u);
 }
 
@@ -57,118 +59,133 @@ __device__ __forceinline__ u32 warp_sum(u32 v) {
 #endif
 }
 
-// Block totals of three counts, in every thread (one barrier: the slots alternate).
-__device__ __forceinline__ void block_sum3(u32 &a, u32 &b, u32 &c, Shared &sh, int &buf) {
+// The block's total of a count, in every thread (one barrier: the slots alternate).
+__device__ __forceinline__ u32 block_sum(u32 a, Shared &sh, int &buf) {
     a = warp_sum(a);
-    b = warp_sum(b);
-    c = warp_sum(c);
-    const int w = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) {
-        sh.sum[buf][0][w] = a;
-        sh.sum[buf][1][w] = b;
-        sh.sum[buf][2][w] = c;
-    }
+    if ((threadIdx.x & 31) == 0) sh.sum[buf][threadIdx.x >> 5] = a;
     __syncthreads();
-    a = b = c = 0;
+    a = 0;
 #pragma unroll
-    for (int i = 0; i < NWARPS; ++i) {
-        a += sh.sum[buf][0][i];
-        b += sh.sum[buf][1][i];
-        c += sh.sum[buf][2][i];
-    }
+    for (int i = 0; i < NWARPS; ++i) a += sh.sum[buf][i];
     buf ^= 1;
+    return a;
 }
 
-// Exclusive prefix of v over the block in thread order, and the block's total (one barrier).
-__device__ __forceinline__ u64 block_scan(u64 v, u64 &total, Shared &sh, int &buf) {
+// Exclusive prefixes of two values over the block in thread order (in place), and the block's totals
+// (one barrier). Values may pack several counts in 16-bit fields: the fields add independently.
+__device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Shared &sh, int &buf) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    u64 incl = v;
+    u64 ia = a, ib = b;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        u64 y = __shfl_up_sync(FULL, incl, o);
-        if (lane >= o) incl += y;
+        const u64 ya = __shfl_up_sync(FULL, ia, o), yb = __shfl_up_sync(FULL, ib, o);
+        if (lane >= o) {
+            ia += ya;
+            ib += yb;
+        }
     }
-    if (lane == 31) sh.scan[buf][w] = incl;
+    if (lane == 31) {
+        sh.scan[buf][0][w] = ia;
+        sh.scan[buf][1][w] = ib;
+    }
     __syncthreads();
-    u64 before = 0;
-    total = 0;
+    u64 ba = 0, bb = 0;
+    ta = tb = 0;
 #pragma unroll
     for (int i = 0; i < NWARPS; ++i) {
-        u64 y = sh.scan[buf][i];
-        before += i < w ? y : 0;
-        total += y;
+        const u64 ya = sh.scan[buf][0][i], yb = sh.scan[buf][1][i];
+        ba += i < w ? ya : 0;
+        bb += i < w ? yb : 0;
+        ta += ya;
+        tb += yb;
     }
     buf ^= 1;
-    return before + incl - v;
+    a = ba + ia - a;
+    b = bb + ib - b;
 }
 
-// A row of the logits in global memory. VEC: contiguous and 16-byte aligned (float4 loads).
+__device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g)) & 0xffffu; }
+
+// A row of the logits in global memory, read in chunks of GROUPS x 1024 keys: group g of a chunk is 1024
+// contiguous keys, four a thread (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows).
 template <bool VEC>
 struct RowSrc {
+    static const int GROUPS = ROW_GROUPS;
     const float *row;
     long long sxt;
-    static const int ITEMS = ROW_ITEMS;
     __device__ __forceinline__ u32 get(int i) const { return ukey(row[(long long)i * sxt]); }
-    __device__ __forceinline__ void load(int first, int hi, u32 (&key)[ITEMS], int (&idx)[ITEMS]) const {
-        if (VEC && first + ITEMS <= hi) {
-            const float4 *p = reinterpret_cast<const float4 *>(row + first);
+    __device__ __forceinline__ void load(int base, int hi, u32 (&key)[GROUPS][4], int (&)[GROUPS][4]) const {
 #pragma unroll
-            for (int v = 0; v < ITEMS / 4; ++v) {
-                float4 f = p[v];
-                key[4 * v] = ukey(f.x);
-                key[4 * v + 1] = ukey(f.y);
-                key[4 * v + 2] = ukey(f.z);
-                key[4 * v + 3] = ukey(f.w);
+        for (int g = 0; g < GROUPS; ++g) {
+            const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
+            if (VEC && first + 4 <= hi) {
+                const float4 f = *reinterpret_cast<const float4 *>(row + first);
+                key[g][0] = ukey(f.x);
+                key[g][1] = ukey(f.y);
+                key[g][2] = ukey(f.z);
+                key[g][3] = ukey(f.w);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) key[g][j] = first + j < hi ? get(first + j) : 0u;
             }
-        } else {
-#pragma unroll
-            for (int j = 0; j < ITEMS; ++j) key[j] = first + j < hi ? get(first + j) : 0u;
         }
-#pragma unroll
-        for (int j = 0; j < ITEMS; ++j) idx[j] = first + j;
+    }
+    __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
+        return base + g * 4 * BLOCK + 4 * (int)threadIdx.x + j;
     }
 };
 
-// Keys (and their row indices) in shared memory, 16-byte aligned, entries past the end readable.
+// Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 1024.
 struct SmemSrc {
+    static const int GROUPS = 1;
     const u32 *key;
     const int *idx;
-    static const int ITEMS = SMEM_ITEMS;
     __device__ __forceinline__ u32 get(int i) const { return key[i]; }
-    __device__ __forceinline__ void load(int first, int, u32 (&k)[ITEMS], int (&ix)[ITEMS]) const {
-        uint4 a = *reinterpret_cast<const uint4 *>(key + first);
-        int4 b = *reinterpret_cast<const int4 *>(idx + first);
-        k[0] = a.x; k[1] = a.y; k[2] = a.z; k[3] = a.w;
-        ix[0] = b.x; ix[1] = b.y; ix[2] = b.z; ix[3] = b.w;
+    __device__ __forceinline__ void load(int base, int, u32 (&k)[1][4], int (&ix)[1][4]) const {
+        const int first = base + 4 * (int)threadIdx.x;
+        const uint4 a = *reinterpret_cast<const uint4 *>(key + first);
+        const int4 b = *reinterpret_cast<const int4 *>(idx + first);
+        k[0][0] = a.x; k[0][1] = a.y; k[0][2] = a.z; k[0][3] = a.w;
+        ix[0][0] = b.x; ix[0][1] = b.y; ix[0][2] = b.z; ix[0][3] = b.w;
     }
+    __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
 
-// The K-th largest of src's first n keys (n >= K): 16 steps of two bits, three counts a step.
+// The K-th largest of src's first n keys (n >= K), a byte at a time from the top: four passes of a 256-bin
+// histogram of the next byte of the keys that share the bytes found so far.
 template <class Src>
 __device__ u32 kth_largest(const Src &src, int n, u32 K, Shared &sh, int &buf) {
-    u32 thr = 0;
-    for (int b = 30; b >= 0; b -= 2) {
-        const u32 c1 = thr | (1u << b), c2 = thr | (2u << b), c3 = thr | (3u << b);
-        u32 n1 = 0, n2 = 0, n3 = 0;
+    u32 prefix = 0;
+#pragma unroll 1
+    for (int pass = 0; pass < 4; ++pass) {
+        const int shift = 24 - 8 * pass;
+        sh.hist[threadIdx.x] = 0;  // BLOCK == 256 bins
+        __syncthreads();
         for (int i = threadIdx.x; i < n; i += BLOCK) {
             const u32 u = src.get(i);
-            n1 += u >= c1;
-            n2 += u >= c2;
-            n3 += u >= c3;
+            if (pass == 0 || (u >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&sh.hist[(u >> shift) & 255u], 1u);
         }
-        block_sum3(n1, n2, n3, sh, buf);
-        thr = n3 >= K ? c3 : n2 >= K ? c2 : n1 >= K ? c1 : thr;
+        __syncthreads();
+        u64 c = sh.hist[255 - threadIdx.x], unused = 0, total, total2;  // thread t: the t-th bin from the top
+        const u64 mine = c;
+        block_scan2(c, unused, total, total2, sh, buf);  // c: the keys in the bins above
+        if (c < K && c + mine >= K) {
+            sh.pick = 255 - threadIdx.x;
+            sh.pick_above = (u32)c;
+        }
+        __syncthreads();
+        prefix |= sh.pick << shift;
+        K -= sh.pick_above;
     }
-    return thr;
+    return prefix;
 }
 
 // Keys of src's first n above thr (block total).
 template <class Src>
 __device__ u32 count_above(const Src &src, int n, u32 thr, Shared &sh, int &buf) {
-    u32 a = 0, b = 0, c = 0;
+    u32 a = 0;
     for (int i = threadIdx.x; i < n; i += BLOCK) a += src.get(i) > thr;
-    block_sum3(a, b, c, sh, buf);
-    return a;
+    return block_sum(a, sh, buf);
 }
 
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
@@ -176,29 +193,39 @@ __device__ u32 count_above(const Src &src, int n, u32 thr, Shared &sh, int &buf)
 template <class Src, class Sink>
 __device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt, u32 &n_eq, Shared &sh,
                         int &buf) {
-    const int ITEMS = Src::ITEMS;
-    for (int base = lo; base < hi; base += BLOCK * ITEMS) {
-        const int first = base + (int)threadIdx.x * ITEMS;
-        u32 key[ITEMS];
-        int idx[ITEMS];
-        src.load(first, hi, key, idx);
-        u32 fg = 0, fe = 0;
+    const int G = Src::GROUPS;
+    for (int base = lo; base < hi; base += G * 4 * BLOCK) {
+        u32 key[G][4];
+        int idx[G][4];
+        src.load(base, hi, key, idx);
+        u32 fg[G], fe[G];  // bit j: key j of group g above / equal to thr
+        u64 cg = 0, ce = 0;  // this thread's counts, a 16-bit field a group
 #pragma unroll
-        for (int j = 0; j < ITEMS; ++j) {
-            const bool ok = first + j < hi;
-            fg |= (u32)(ok && key[j] > thr) << j;
-            fe |= (u32)(ok && key[j] == thr) << j;
-        }
-        u64 total;
-        const u64 ex = block_scan((u64)__popc(fg) | ((u64)__popc(fe) << 32), total, sh, buf);
-        u32 pg = n_gt + (u32)ex, pe = n_eq + (u32)(ex >> 32);
+        for (int g = 0; g < G; ++g) {
+            fg[g] = fe[g] = 0;
+            const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
 #pragma unroll
-        for (int j = 0; j < ITEMS; ++j) {
-            if ((fg >> j) & 1u) sink.gt(pg++, key[j], idx[j]);
-            if ((fe >> j) & 1u) sink.eq(pe++, idx[j]);
+            for (int j = 0; j < 4; ++j) {
+                const bool ok = first + j < hi;
+                fg[g] |= (u32)(ok && key[g][j] > thr) << j;
+                fe[g] |= (u32)(ok && key[g][j] == thr) << j;
+            }
+            cg |= (u64)__popc(fg[g]) << (16 * g);
+            ce |= (u64)__popc(fe[g]) << (16 * g);
         }
-        n_gt += (u32)total;
-        n_eq += (u32)(total >> 32);
+        u64 tg, te;
+        block_scan2(cg, ce, tg, te, sh, buf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if ((fg[g] >> j) & 1u) sink.gt(pg++, key[g][j], src.index(idx, base, g, j));
+                if ((fe[g] >> j) & 1u) sink.eq(pe++, src.index(idx, base, g, j));
+            }
+            n_gt += field16(tg, g);
+            n_eq += field16(te, g);
+        }
     }
 }
 
@@ -243,41 +270,66 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC> &row, u32 *s
     return L;
 }
 
-// Split rows: the last CTA copies every split's candidates (in split order: index order) into ck / ci and
-// returns the counts; *overflow when some split kept more than its region holds.
+// The split s of a row holding entry q of the splits' concatenation: off (nsplit + 1 offsets, one 32-bit half of
+// each u64: low = candidates, high = ties) has off[s] <= q < off[s + 1].
+__device__ __forceinline__ int split_of(const u64 *off, int nsplit, u32 q, int half) {
+    int lo = 0, hi = nsplit - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if ((u32)(off[mid] >> (32 * half)) <= q) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Split rows: the last block copies every split's candidates (in split order: index order) into ck / ci and
+// returns the counts; overflow when some split kept more than its region holds.
 __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, u64 *off, u32 &n_gt, u32 &n_eq,
                               bool &overflow, Shared &sh, int &buf) {
     const u32 *cnt = p.counts + row * p.nsplit * 2;
-    u64 run = 0;
+    u64 run_g = 0, run_e = 0;
     int over = 0;
     for (int base = 0; base < p.nsplit; base += BLOCK) {
         const int s = base + threadIdx.x;
-        u64 v = 0;
+        u64 g = 0, e = 0, tg, te;
         if (s < p.nsplit) {
-            const u32 g = __ldcg(cnt + 2 * s), e = __ldcg(cnt + 2 * s + 1);
-            over |= g > (u32)p.reg;
-            v = (u64)min(g, (u32)p.reg) | ((u64)min(e, (u32)p.treg) << 32);
+            g = __ldcg(cnt + 2 * s);
+            e = __ldcg(cnt + 2 * s + 1);
+            over |= g > (u64)p.reg;
+            g = min(g, (u64)p.reg);
+            e = min(e, (u64)p.treg);
         }
-        u64 total;
-        const u64 ex = block_scan(v, total, sh, buf);
-        if (s < p.nsplit) off[s] = run + ex;
-        run += total;
+        block_scan2(g, e, tg, te, sh, buf);
+        if (s < p.nsplit) off[s] = (run_g + g) | ((run_e + e) << 32);
+        run_g += tg;
+        run_e += te;
     }
-    if (threadIdx.x == 0) off[p.nsplit] = run;
+    if (threadIdx.x == 0) off[p.nsplit] = run_g | (run_e << 32);
     overflow = __syncthreads_or(over) != 0;
-    n_gt = (u32)run;
-    n_eq = (u32)(run >> 32);
+    n_gt = (u32)run_g;
+    n_eq = (u32)run_e;
     if (overflow || n_gt > (u32)p.cap) return;
     const long long reg0 = row * p.nsplit;
-    for (u32 q = threadIdx.x; q < n_gt; q += BLOCK) {
-        int lo = 0, hi = p.nsplit - 1;  // the split s with off[s] <= q < off[s + 1] (candidates' half)
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) >> 1;
-            if ((u32)off[mid] <= q) lo = mid; else hi = mid - 1;
+    for (u32 q0 = threadIdx.x; q0 < n_gt; q0 += 4 * BLOCK) {  // four loads in flight a thread
+        u32 kv[4];
+        int iv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 q = q0 + u * BLOCK;
+            if (q < n_gt) {
+                const int s = split_of(off, p.nsplit, q, 0);
+                const long long at = (reg0 + s) * p.reg + (q - (u32)off[s]);
+                kv[u] = __ldcg(p.reg_key + at);
+                iv[u] = __ldcg(p.reg_idx + at);
+            }
         }
-        const long long at = (reg0 + lo) * p.reg + (q - (u32)off[lo]);
-        ck[q] = __ldcg(p.reg_key + at);
-        ci[q] = __ldcg(p.reg_idx + at);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 q = q0 + u * BLOCK;
+            if (q < n_gt) {
+                ck[q] = kv[u];
+                ci[q] = iv[u];
+            }
+        }
     }
     __syncthreads();
 }
@@ -290,12 +342,8 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
         if (p.nsplit == 1) {
             at = row * p.treg + q;
         } else {
-            int lo = 0, hi = p.nsplit - 1;
-            while (lo < hi) {
-                const int mid = (lo + hi + 1) >> 1;
-                if ((u32)(off[mid] >> 32) <= q) lo = mid; else hi = mid - 1;
-            }
-            at = (row * p.nsplit + lo) * p.treg + (q - (u32)(off[lo] >> 32));
+            const int s = split_of(off, p.nsplit, q, 1);
+            at = (row * p.nsplit + s) * p.treg + (q - (u32)(off[s] >> 32));
         }
         o_row[(long long)(n_gt + q) * p.sok] = __ldcg(p.reg_tie + at);
     }
@@ -333,7 +381,7 @@ template <bool VEC, bool SORTED>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared sh;
-    int rbuf = 0, sbuf = 0;
+    int buf = 0;  // which of each pair of shared slots the next reduction or scan takes
     const long long row = blockIdx.x / p.nsplit;
     const int split = blockIdx.x % p.nsplit;
     const RowSrc<VEC> src{p.x + row * p.sxr, p.sxt};
@@ -345,53 +393,53 @@ __device__ void topk_row(const Params &p) {
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
 
-    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, rbuf);
+    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
     if (p.nsplit == 1) {
         BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
-        compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, sbuf);
+        compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
         __syncthreads();
     } else {
         const long long reg = row * p.nsplit + split;
         const int lo = split * p.seg, hi = min(lo + p.seg, p.T);
         BufferSink sink{p.reg_key + reg * p.reg, p.reg_idx + reg * p.reg, p.reg_tie + reg * p.treg, (u32)p.reg,
                         (u32)p.treg};
-        compact(src, lo, hi, L, sink, n_gt, n_eq, sh, sbuf);
+        compact(src, lo, hi, L, sink, n_gt, n_eq, sh, buf);
         if (threadIdx.x == 0) {
             p.counts[2 * reg] = n_gt;
             p.counts[2 * reg + 1] = n_eq;
         }
-        __threadfence();  // this split's regions and counts, card-wide, before it counts itself done
-        __syncthreads();
+        __syncthreads();  // the block's writes precede thread 0's fence: released with it, card-wide
         if (threadIdx.x == 0) {
-            sh.last = atomicAdd(p.done + row, 1u) == (u32)p.nsplit - 1;
             __threadfence();
+            sh.last = atomicAdd(p.done + row, 1u) == (u32)p.nsplit - 1;
+            __threadfence();  // the last block's reads of the other splits' writes come after their counts
         }
         __syncthreads();
         if (!sh.last) return;
-        gather_splits(p, row, ck, ci, off, n_gt, n_eq, overflow, sh, sbuf);
+        gather_splits(p, row, ck, ci, off, n_gt, n_eq, overflow, sh, buf);
     }
 
     const u32 K = (u32)p.K;
     int path;
     if (!overflow && n_gt <= (u32)p.cap && n_gt >= K) {  // the k-th key lies among the candidates
         SmemSrc cand{ck, ci};
-        const u32 kth = kth_largest(cand, (int)n_gt, K, sh, rbuf);
-        const u32 above = count_above(cand, (int)n_gt, kth, sh, rbuf);
+        const u32 kth = kth_largest(cand, (int)n_gt, K, sh, buf);
+        const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
-        compact(cand, 0, (int)n_gt, kth, sink, a, e, sh, sbuf);
+        compact(cand, 0, (int)n_gt, kth, sink, a, e, sh, buf);
         path = p.direct ? 0 : 1;
     } else if (!overflow && n_gt <= (u32)p.cap && n_gt + n_eq >= K) {  // L is the k-th key: the ties fill up
         for (u32 q = threadIdx.x; q < n_gt; q += BLOCK) o_row[(long long)q * p.sok] = ci[q];
         write_ties(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
     } else {  // the sample misled: the exact search over the row in memory
-        const u32 kth = kth_largest(src, p.T, K, sh, rbuf);
-        OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, rbuf), K};
+        const u32 kth = kth_largest(src, p.T, K, sh, buf);
+        OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, buf), K};
         u32 a = 0, e = 0;
-        compact(src, 0, p.T, kth, sink, a, e, sh, sbuf);
+        compact(src, 0, p.T, kth, sink, a, e, sh, buf);
         path = 3;
     }
     if (p.path != nullptr && threadIdx.x == 0) p.path[row] = path;
