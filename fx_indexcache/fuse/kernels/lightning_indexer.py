@@ -22,7 +22,8 @@ tensor-core work is wasted on padding rows.
 Top-k (``indexer_topk``): CUDA fp32 rows go to ``topk.row_topk`` (a sampled threshold, a filtering
 pass split over programs when rows are few, an exact select held on chip, an in-kernel sort when asked)
 where it measured faster than ``torch.topk`` (``topk.faster_than_torch``: decode batches under CUDA-graph
-capture, >= 256 rows of 16K-32K or > 128K keys eagerly), others to ``torch.topk``
+capture on the Triton kernels; >= 256 rows of >= 8K keys on the CUDA C++ kernel where it loads, else of
+16K-32K or > 128K keys on the Triton ones), others to ``torch.topk``
 (measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
@@ -472,8 +473,9 @@ def indexer_topk(
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
-    ``method``: "triton" (``topk.row_topk``: sampled threshold, one filtering pass, exact select on chip;
-    CUDA fp32, k <= 8192), "torch" (``torch.topk``) or "auto": triton where it applies and measured faster
+    ``method``: "triton" (our kernels, ``topk.row_topk``: sampled threshold, one filtering pass, exact select
+    on chip; CUDA fp32, k <= 8192; the CUDA C++ kernel for ``topk.CUDA_MIN_ROWS`` rows or more where it loads,
+    else the Triton ones), "torch" (``torch.topk``) or "auto": ours where it applies and measured faster
     (``topk.faster_than_torch``; while a CUDA graph is being captured, by the graph-replay measurement, so
     the eager warm-up of Inductor's cudagraph trees may take torch.topk and the replays the kernel: the
     same set, but ties and unsorted order may differ between them), else torch.
@@ -492,7 +494,8 @@ def indexer_topk(
     rows = logits.numel() // max(1, T)
     use_triton = method == "triton" or (
         method == "auto" and _tk.supported(logits, kk)
-        and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing()))
+        and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing(),
+                                  algorithm=_tk.default_algorithm(logits.reshape(-1, T), kk, sorted)))
     if use_triton:
         idx = _tk.row_topk(logits, kk, sorted=sorted)
         if invalid_index is not None:

@@ -117,9 +117,21 @@ def supported(logits: torch.Tensor, k: int) -> bool:
     return 1 <= k <= min(T, MAX_K) and T <= MAX_ROW and _kernels() is not None
 
 
-def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False) -> bool:
-    """Whether the split kernel measured faster than torch.topk for this shape, sorted or not (H200, torch
-    2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md).
+#: From this many rows (one block a row) the CUDA kernel is the default where it loads: run 8 (H200, torch 2.11,
+#: CUDA 13.0; benchmarks/results/topk_cuda_run8.json) measured it 1.6-1.9x faster than the Triton split kernels
+#: there; for fewer rows (split rows, decode) the Triton kernels were as fast or faster, so they stay.
+CUDA_MIN_ROWS = 256
+#: The shortest rows the CUDA kernel was measured on (and won against torch.topk there, sorted and unsorted).
+CUDA_MIN_T = 8192
+
+
+def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False,
+                      algorithm: str = "split") -> bool:
+    """Whether ``algorithm`` ("cuda" or the Triton "split") measured faster than torch.topk for this shape.
+
+    "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.14 / 0.23 ms
+    unsorted / sorted against torch's 0.49 / 0.55; 4096 x 8K, 1024 x 128K, 256 x 256K 1.8-4x unsorted).
+    "split" (H200, torch 2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md):
 
     Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
     32K-128K keys win, sorted and unsorted (logits + top-k 1.0-2.1x faster than with torch.topk).
@@ -129,6 +141,8 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
     fallback there, before ``MARGIN_SD``; not re-measured since) and at 8K keys; unmeasured shapes go
     to torch.topk.
     """
+    if algorithm == "cuda":
+        return rows >= CUDA_MIN_ROWS and T >= CUDA_MIN_T
     if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
         return True
     if rows < 256:
@@ -200,7 +214,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
         raise ValueError(f"_launch: sort={sort!r}, expected 'auto', 'bitonic' or 'rank'")
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
     if algorithm == "auto":
-        algorithm = "cuda" if cuda_applies(x2d, p, splits, sorted) else "split"
+        algorithm = default_algorithm(x2d, k, sorted, p=p, splits=splits)
     if algorithm == "cuda":
         from . import topk_cuda
 
@@ -214,6 +228,16 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
 
 
 ALGORITHMS = ("auto", "cuda", "split", "one_program")
+
+
+def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[dict] = None,
+                      splits: Optional[int] = None) -> str:
+    """What ``_launch(algorithm="auto")`` runs: "cuda" for ``CUDA_MIN_ROWS`` rows or more where the CUDA kernel
+    applies, else the Triton "split" kernels."""
+    p = p or plan(x2d.shape[-1], k)
+    if x2d.shape[0] >= CUDA_MIN_ROWS and cuda_applies(x2d, p, splits, sorted):
+        return "cuda"
+    return "split"
 
 
 def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool) -> bool:

@@ -45,9 +45,10 @@ struct Shared {  // the block's reduction, scan and histogram slots (two of each
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
-    const int b = __float_as_int(x);
-    const int key = b < 0 ? (b ^ 0x7fffffff) : b;
-    return x == 0.0f ? 0x80000000u : ((u32)key ^ 0x80000000u);
+    // x + 0.0f: -0.0 becomes +0.0 (one key for both zeros) and every NaN the canonical +NaN (above +inf, as in
+    // torch.topk); then the sign bit flipped for positives, every bit for negatives.
+    const int b = __float_as_int(x + 0.0f);
+    return (u32)b ^ ((u32)(b >> 31) | 0x80000000u);
 }
 
 __device__ __forceinline__ u32 warp_sum(u32 v) {
@@ -67,6 +68,22 @@ __device__ __forceinline__ u32 block_sum(u32 a, Shared &sh, int &buf) {
     a = 0;
 #pragma unroll
     for (int i = 0; i < NWARPS; ++i) a += sh.sum[buf][i];
+    buf ^= 1;
+    return a;
+}
+
+// The block's largest of a value, in every thread (one barrier).
+__device__ __forceinline__ u32 block_max(u32 a, Shared &sh, int &buf) {
+#if __CUDA_ARCH__ >= 800
+    a = __reduce_max_sync(FULL, a);
+#else
+    for (int o = 16; o > 0; o >>= 1) a = max(a, __shfl_xor_sync(FULL, a, o));
+#endif
+    if ((threadIdx.x & 31) == 0) sh.sum[buf][threadIdx.x >> 5] = a;
+    __syncthreads();
+    a = 0;
+#pragma unroll
+    for (int i = 0; i < NWARPS; ++i) a = max(a, sh.sum[buf][i]);
     buf ^= 1;
     return a;
 }
@@ -114,11 +131,12 @@ struct RowSrc {
     const float *row;
     long long sxt;
     __device__ __forceinline__ u32 get(int i) const { return ukey(row[(long long)i * sxt]); }
+    template <bool TAIL>
     __device__ __forceinline__ void load(int base, int hi, u32 (&key)[GROUPS][4], int (&)[GROUPS][4]) const {
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g) {
             const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
-            if (VEC && first + 4 <= hi) {
+            if (VEC && (!TAIL || first + 4 <= hi)) {
                 const float4 f = *reinterpret_cast<const float4 *>(row + first);
                 key[g][0] = ukey(f.x);
                 key[g][1] = ukey(f.y);
@@ -141,6 +159,7 @@ struct SmemSrc {
     const u32 *key;
     const int *idx;
     __device__ __forceinline__ u32 get(int i) const { return key[i]; }
+    template <bool TAIL>
     __device__ __forceinline__ void load(int base, int, u32 (&k)[1][4], int (&ix)[1][4]) const {
         const int first = base + 4 * (int)threadIdx.x;
         const uint4 a = *reinterpret_cast<const uint4 *>(key + first);
@@ -151,14 +170,19 @@ struct SmemSrc {
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
 
-// The K-th largest of src's first n keys (n >= K), a byte at a time from the top: four passes of a 256-bin
-// histogram of the next byte of the keys that share the bytes found so far.
+// The K-th largest of src's first n keys (n >= K, all within [lo, hi]), a byte at a time from the top: a pass
+// of a 256-bin histogram of the next byte of the keys that share the bytes found so far, for each byte that lo
+// and hi do not already share.
 template <class Src>
-__device__ u32 kth_largest(const Src &src, int n, u32 K, Shared &sh, int &buf) {
+__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared &sh, int &buf) {
     u32 prefix = 0;
 #pragma unroll 1
     for (int pass = 0; pass < 4; ++pass) {
         const int shift = 24 - 8 * pass;
+        if ((lo >> shift) == (hi >> shift)) {  // every key has this byte (and the ones above it)
+            prefix = (lo >> shift) << shift;
+            continue;
+        }
         sh.hist[threadIdx.x] = 0;  // BLOCK == 256 bins
         __syncthreads();
         for (int i = threadIdx.x; i < n; i += BLOCK) {
@@ -188,45 +212,53 @@ __device__ u32 count_above(const Src &src, int n, u32 thr, Shared &sh, int &buf)
     return block_sum(a, sh, buf);
 }
 
+// One chunk of compact (below) at base; TAIL: the chunk may end past hi (bounds checked key by key).
+template <bool TAIL, class Src, class Sink>
+__device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, u32 thr, Sink &sink, u32 &n_gt,
+                                              u32 &n_eq, Shared &sh, int &buf) {
+    const int G = Src::GROUPS;
+    u32 key[G][4];
+    int idx[G][4];
+    src.template load<TAIL>(base, hi, key, idx);
+    u32 fg[G], fe[G];  // bit j: key j of group g above / equal to thr
+    u64 cg = 0, ce = 0;  // this thread's counts, a 16-bit field a group
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        fg[g] = fe[g] = 0;
+        const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const bool ok = !TAIL || first + j < hi;
+            fg[g] |= (u32)(ok && key[g][j] > thr) << j;
+            fe[g] |= (u32)(ok && key[g][j] == thr) << j;
+        }
+        cg |= (u64)__popc(fg[g]) << (16 * g);
+        ce |= (u64)__popc(fe[g]) << (16 * g);
+    }
+    u64 tg, te;
+    block_scan2(cg, ce, tg, te, sh, buf);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if ((fg[g] >> j) & 1u) sink.gt(pg++, key[g][j], src.index(idx, base, g, j));
+            if ((fe[g] >> j) & 1u) sink.eq(pe++, src.index(idx, base, g, j));
+        }
+        n_gt += field16(tg, g);
+        n_eq += field16(te, g);
+    }
+}
+
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
 // (from n_gt on), each key equal to thr to sink.eq (from n_eq on); the counts grow by what was seen.
 template <class Src, class Sink>
 __device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt, u32 &n_eq, Shared &sh,
                         int &buf) {
-    const int G = Src::GROUPS;
-    for (int base = lo; base < hi; base += G * 4 * BLOCK) {
-        u32 key[G][4];
-        int idx[G][4];
-        src.load(base, hi, key, idx);
-        u32 fg[G], fe[G];  // bit j: key j of group g above / equal to thr
-        u64 cg = 0, ce = 0;  // this thread's counts, a 16-bit field a group
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            fg[g] = fe[g] = 0;
-            const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const bool ok = first + j < hi;
-                fg[g] |= (u32)(ok && key[g][j] > thr) << j;
-                fe[g] |= (u32)(ok && key[g][j] == thr) << j;
-            }
-            cg |= (u64)__popc(fg[g]) << (16 * g);
-            ce |= (u64)__popc(fe[g]) << (16 * g);
-        }
-        u64 tg, te;
-        block_scan2(cg, ce, tg, te, sh, buf);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if ((fg[g] >> j) & 1u) sink.gt(pg++, key[g][j], src.index(idx, base, g, j));
-                if ((fe[g] >> j) & 1u) sink.eq(pe++, src.index(idx, base, g, j));
-            }
-            n_gt += field16(tg, g);
-            n_eq += field16(te, g);
-        }
-    }
+    const int step = Src::GROUPS * 4 * BLOCK;
+    int base = lo;
+    for (; base + step <= hi; base += step) compact_chunk<false>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
+    if (base < hi) compact_chunk<true>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
 }
 
 struct BufferSink {  // the filter's: candidates (key, index) up to cap, the first tcap ties
@@ -265,7 +297,7 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC> &row, u32 *s
     }
     __syncthreads();
     SmemSrc src{s, nullptr};
-    const u32 L = kth_largest(src, ns, (u32)p.r_sample, sh, buf);
+    const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh, buf);
     __syncthreads();  // the sample's slots are the candidates' next
     return L;
 }
@@ -425,7 +457,9 @@ __device__ void topk_row(const Params &p) {
     int path;
     if (!overflow && n_gt <= (u32)p.cap && n_gt >= K) {  // the k-th key lies among the candidates
         SmemSrc cand{ck, ci};
-        const u32 kth = kth_largest(cand, (int)n_gt, K, sh, buf);
+        u32 top = 0;
+        for (u32 i = threadIdx.x; i < n_gt; i += BLOCK) top = max(top, ck[i]);
+        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_max(top, sh, buf), sh, buf);
         const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
@@ -436,7 +470,7 @@ __device__ void topk_row(const Params &p) {
         write_ties(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
     } else {  // the sample misled: the exact search over the row in memory
-        const u32 kth = kth_largest(src, p.T, K, sh, buf);
+        const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh, buf);
         OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, buf), K};
         u32 a = 0, e = 0;
         compact(src, 0, p.T, kth, sink, a, e, sh, buf);
