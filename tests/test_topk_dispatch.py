@@ -1,8 +1,10 @@
-"""The Triton top-k's dispatch tables (``kernels.topk``) against the H200 measurement they come from.
+"""The top-k's dispatch tables (``kernels.topk``) against the H200 measurements they come from.
 
-``faster_than_torch`` may send a shape to the kernel only where run 5 measured the kernel faster than
+``faster_than_torch`` may send a shape to the Triton kernels only where run 5 measured them faster than
 torch.topk (eagerly: do_bench of the top-k alone; under CUDA-graph capture: decode logits + top-k
-replayed in a graph), so the default never gets slower than torch.topk at a measured shape; and the
+replayed in a graph), and to the CUDA kernel only where run 8 measured it faster, so the default never
+gets slower than torch.topk at a measured shape; the CUDA kernel is the default (``CUDA_MIN_ROWS``) only
+where it beat the Triton kernels, and where it is not, the Triton kernels were never much slower; and the
 split plan's one-program-a-row choice must be the fastest split count the sweep measured.
 """
 
@@ -14,6 +16,7 @@ import pytest
 from fx_indexcache.fuse.kernels import topk as tk
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "indexer_kernel_topk_run2.json"
+RUN8 = RUN.with_name("topk_cuda_run8.json")
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,30 @@ def test_split_plan_covers_each_row_once():
         p = tk.split_plan(R, T, splits)
         assert p["SEG"] % p["CHUNK"] == 0 and p["NSPLIT"] * p["SEG"] >= T > (p["NSPLIT"] - 1) * p["SEG"]
         assert p["NSPLIT_P"] >= p["NSPLIT"] and p["CHUNK"] <= 32768  # a chunk's counts share one int32
+
+
+@pytest.fixture(scope="module")
+def run8():
+    return json.loads(RUN8.read_text())["results"]
+
+
+def test_cuda_dispatch_only_where_the_kernel_measured_faster(run8):
+    chosen = 0
+    for r in run8:
+        for mode, sorted_ in (("_sorted", True), ("", False)):
+            if f"torch{mode}" in r and tk.faster_than_torch(r["R"], r["T"], 2048, sorted_, algorithm="cuda"):
+                chosen += 1
+                assert r[f"cuda{mode}"] < r[f"torch{mode}"], (r["R"], r["T"], mode)
+    assert chosen >= 8  # not vacuous: every prefill shape, both orders
+
+
+def test_cuda_is_the_default_only_where_it_beat_the_triton_kernels(run8):
+    seen = {True: 0, False: 0}
+    for r in run8:
+        cuda_default = r["R"] >= tk.CUDA_MIN_ROWS
+        seen[cuda_default] += 1
+        if cuda_default:
+            assert r["cuda"] < r["split"], (r["R"], r["T"])
+        else:  # left on Triton: never more than 6 % slower there than the CUDA kernel
+            assert r["split"] < 1.06 * r["cuda"], (r["R"], r["T"])
+    assert seen[True] >= 4 and seen[False] >= 4

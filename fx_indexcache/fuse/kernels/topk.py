@@ -1,4 +1,10 @@
-"""Row-wise top-k of fp32 logits (Triton): a sampled threshold, a filtering pass, an exact select on chip.
+"""Row-wise top-k of fp32 logits: a sampled threshold, a filtering pass, an exact select on chip.
+
+Two implementations of the one algorithm below: Triton kernels (``_topk_triton.py``, ``_topk_split_triton.py``;
+every GPU, and the CPU interpreter) and a CUDA C++ kernel (``topk_cuda.cu``, compiled at first use by NVRTC;
+one launch a call), the default from ``CUDA_MIN_ROWS`` rows where it loads (``default_algorithm``). Both give
+the same indices (same plan, tie rule and order); where a NaN with the sign bit set ranks is not promised
+(the CUDA kernel adds 0.0 to each score first, which the hardware may return as the positive NaN).
 
 Scores become order-preserving int32 keys (a float's bits with the magnitude bits of negatives flipped
 compare like the floats; -0.0 is mapped to +0.0; NaN sorts above +inf, as in ``torch.topk``). Rows of at

@@ -3,9 +3,10 @@
 // The algorithm and its output are those of topk.py (the Triton kernels): a sampled threshold L, a filtering
 // pass that keeps the keys above L in index order (and the first k keys equal to L), an exact select among
 // them, and the exact search over the row in memory when the sample misled. What CUDA adds is what Triton
-// cannot say: a thread owns 16 contiguous keys, a warp scans its counts with shuffles, and a 4096-key chunk
-// costs one barrier; the candidates stay in shared memory for the select; split rows (decode) write to
-// per-split regions and the row's last CTA to finish gathers them, so one launch does the whole row.
+// cannot say: a 4096-key step of the filter costs one barrier (warps scan their counts with shuffles); the
+// k-th key comes from 8-bit histograms built with shared-memory atomics (four passes, not sixteen counting
+// ones: the Triton select's instruction count); the candidates stay in shared memory for the select; split
+// rows (decode) write to per-split regions and the row's last block to finish gathers them: one launch.
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
@@ -45,8 +46,8 @@ struct Shared {  // the block's reduction, scan and histogram slots (two of each
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
-    // x + 0.0f: -0.0 becomes +0.0 (one key for both zeros) and every NaN the canonical +NaN (above +inf, as in
-    // torch.topk); then the sign bit flipped for positives, every bit for negatives.
+    // x + 0.0f: -0.0 becomes +0.0 (one key for both zeros; a NaN stays a NaN, positive ones above +inf); then
+    // the sign bit flipped for positives, every bit for negatives.
     const int b = __float_as_int(x + 0.0f);
     return (u32)b ^ ((u32)(b >> 31) | 0x80000000u);
 }

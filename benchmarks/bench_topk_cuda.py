@@ -1,0 +1,117 @@
+"""The CUDA C++ top-k (``kernels/topk_cuda.cu``) against the Triton split kernels and torch.topk.
+
+Run from the repository root on a CUDA machine::
+
+    PYTHONPATH=.:tests python benchmarks/bench_topk_cuda.py --out "$OUT" [--sanitize]
+
+First every path of the kernel is checked on representative rows (``tests/topk_cases.check``: the selected
+set against torch.topk, the tie rule, the order; the share of rows each path took is printed). Then, k = 2048
+on fresh randn rows: prefill shapes eagerly (do_bench medians, L2 flushed), decode shapes replayed in a CUDA
+graph (do_bench_cudagraph medians), unsorted and sorted. ``--sanitize``: the checks only, on small rows, for a
+run under ``compute-sanitizer`` (memcheck, racecheck). Writes topk_cuda.json under --out.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "tests")))
+
+import topk_cases  # noqa: E402
+
+from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
+from fx_indexcache.fuse.kernels import topk_cuda  # noqa: E402
+
+K = 2048
+#: (rows, T, k, plan options, row kind): every path (0 direct, 1 candidates, 2 threshold ties, 3 fallback),
+#: one block a row and split rows, a tail that is not a multiple of 4.
+SMALL_CASES = [(3, 700, 50, {}, "randn"), (4, 8192, 2048, dict(splits=1), "randn"), (1, 32768, 2048, {}, "randn"),
+               (2, 65536, 40, dict(sample=64, cap=1024), "randn"), (4, 8192, 2048, dict(splits=1), "allmasked")]
+CASES = SMALL_CASES + [
+    (300, 8192, 2048, {}, "randn"), (300, 8192, 2048, {}, "ties"), (300, 8192, 2048, {}, "allmasked"),
+    (64, 32768, 2048, {}, "masked"), (64, 32768, 2048, {}, "ties"), (1024, 32768, 2048, {}, "randn"),
+    (300, 65536, 40, dict(sample=64, cap=1024), "randn"), (1, 131072, 2048, {}, "randn"),
+    (4, 40000, 1000, dict(splits=5), "masked")]
+PREFILL = [(1024, 32768), (1024, 131072), (4096, 8192), (256, 262144), (256, 32768), (512, 65536)]
+DECODE = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (4, 131072)]
+
+
+def check_cases(cases) -> int:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    bad = 0
+    for R, T, k, opts, kind in cases:
+        for sorted_ in (False, True):
+            try:
+                x = topk_cases.rows(kind, R, T, g, device="cuda")
+                paths = topk_cases.check(x, k, sorted_, f"{R}x{T} k={k} {opts} {kind} sorted={sorted_}",
+                                         algorithm="cuda", **opts)
+                print("ok", R, T, k, opts, kind, sorted_, torch.bincount(paths.long(), minlength=4).tolist(), flush=True)
+            except AssertionError as e:
+                bad += 1
+                print("FAIL", R, T, k, opts, kind, sorted_, str(e)[:400], flush=True)
+    return bad
+
+
+def variants(x, out, graph: bool) -> list:
+    v = [("cuda", lambda: tk._launch(x, out, K, algorithm="cuda")),
+         ("cuda_sorted", lambda: tk._launch(x, out, K, sorted=True, algorithm="cuda")),
+         ("split", lambda: tk._launch(x, out, K, algorithm="split"))]
+    if graph:
+        v.append(("split_prefix_skip", lambda: tk._launch(x, out, K, algorithm="split", tune={"prefix_skip": True})))
+    else:
+        v += [("split_sorted", lambda: tk._launch(x, out, K, sorted=True, algorithm="split")),
+              ("torch_sorted", lambda: torch.topk(x, K, dim=-1, sorted=True))]
+    return v + [("torch", lambda: torch.topk(x, K, dim=-1, sorted=False))]
+
+
+def timings() -> list:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    res = []
+    for shapes, graph in ((PREFILL, False), (DECODE, True)):
+        for R, T in shapes:
+            x = torch.randn(R, T, device="cuda")
+            out = torch.empty(R, K, dtype=torch.int32, device="cuda")
+            row = dict(R=R, T=T, graph=graph)
+            for name, fn in variants(x, out, graph):
+                ms = do_bench_cudagraph(fn, rep=50, return_mode="median") if graph else do_bench(fn, warmup=25, rep=100)
+                row[name] = round(float(ms), 4)
+            print("decode graph ms" if graph else "prefill eager ms", row, flush=True)
+            res.append(row)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--sanitize", action="store_true", help="the small checks only (for compute-sanitizer)")
+    args = ap.parse_args()
+    reason = topk_cuda.unavailable_reason(torch.device("cuda"))
+    print("CUDA top-k:", reason or "loaded", flush=True)
+    if reason:
+        sys.exit(1)
+    bad = check_cases(SMALL_CASES if args.sanitize else CASES)
+    if args.sanitize:
+        sys.exit(1 if bad else 0)
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    env = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC"),
+               kernels={n: k.attributes() for n, k in topk_cuda._kernels(torch.cuda.current_device()).items()},
+               note="do_bench medians (L2 flushed) for prefill rows, do_bench_cudagraph medians for decode; "
+                    "randn rows, k=2048")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "topk_cuda.json"), "w") as f:
+        json.dump(dict(env=env, failures=bad, results=timings()), f, indent=1)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
