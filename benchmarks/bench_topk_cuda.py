@@ -8,7 +8,9 @@ First every path of the kernel is checked on representative rows (``tests/topk_c
 set against torch.topk, the tie rule, the order; the share of rows each path took is printed). Then, k = 2048
 on fresh randn rows: prefill shapes eagerly (do_bench medians, L2 flushed), decode shapes replayed in a CUDA
 graph (do_bench_cudagraph medians), unsorted and sorted. ``--sanitize``: the checks only, on small rows, for a
-run under ``compute-sanitizer`` (memcheck, racecheck). Writes topk_cuda.json under --out.
+run under ``compute-sanitizer`` (memcheck, racecheck). ``--decode-sweep``: instead, decode logits + top-k
+(1 and 64 x 32K) replayed in a CUDA graph for each launch variant of both kernels (warps, split counts, sample
+sizes, the prefix skip). Writes topk_cuda.json (or decode_topk_sweep.json) under --out.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "tests")))
+sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 import topk_cases  # noqa: E402
 
@@ -87,15 +90,57 @@ def timings() -> list:
     return res
 
 
+#: (algorithm, launch options) of the decode sweep (run 8: none beat the default at 1 x 32K).
+DECODE_VARIANTS = [
+    ("split", {}), ("split", dict(tune={"filter_warps": 2})), ("split", dict(tune={"filter_warps": 8})),
+    ("split", dict(tune={"select_warps": 4})), ("split", dict(tune={"select_warps": 16})), ("split", dict(splits=16)),
+    ("split", dict(splits=64)), ("split", dict(tune={"prefix_skip": True})), ("split", dict(tune={"select_in_write": False})),
+    ("split", dict(tune={"filter_warps": 2, "prefix_skip": True})), ("split", dict(splits=16, tune={"filter_warps": 2})),
+    ("split", dict(sample=1024)), ("split", dict(sample=4096)),
+    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64))]
+
+
+def decode_sweep() -> list:
+    from bench_indexer_kernel import SCALE, make_inputs, topk_exact
+    from triton.testing import do_bench_cudagraph
+
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
+
+    res = []
+    for B in (1, 64):
+        q, k, w = make_inputs(B, 1, 32768, seed=B)
+        logits = torch.empty(B, 1, 32768, device="cuda")
+        out = torch.empty(B, K, dtype=torch.int32, device="cuda")
+        for alg, opts in DECODE_VARIANTS:
+            if B > 1 and alg == "split" and "splits" in opts:  # more programs than the default's 1024
+                continue
+
+            def fn():
+                indexer_logits(q, k, w, scale=SCALE, out=logits)
+                tk._launch(logits.view(B, -1), out, K, algorithm=alg, **opts)
+
+            ms = float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+            row = dict(B=B, algorithm=alg, opts=str(opts), fused_ms=round(ms, 4), exact=topk_exact(logits.view(B, -1), out, K))
+            print(row, flush=True)
+            res.append(row)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sanitize", action="store_true", help="the small checks only (for compute-sanitizer)")
+    ap.add_argument("--decode-sweep", action="store_true", help="decode logits + top-k for each launch variant")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     reason = topk_cuda.unavailable_reason(torch.device("cuda"))
     print("CUDA top-k:", reason or "loaded", flush=True)
     if reason:
         sys.exit(1)
+    if args.decode_sweep:
+        with open(os.path.join(args.out, "decode_topk_sweep.json"), "w") as f:
+            json.dump(decode_sweep(), f, indent=1)
+        return
     bad = check_cases(SMALL_CASES if args.sanitize else CASES)
     if args.sanitize:
         sys.exit(1 if bad else 0)
@@ -107,7 +152,6 @@ def main() -> None:
                kernels={n: k.attributes() for n, k in topk_cuda._kernels(torch.cuda.current_device()).items()},
                note="do_bench medians (L2 flushed) for prefill rows, do_bench_cudagraph medians for decode; "
                     "randn rows, k=2048")
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "topk_cuda.json"), "w") as f:
         json.dump(dict(env=env, failures=bad, results=timings()), f, indent=1)
     sys.exit(1 if bad else 0)
