@@ -124,8 +124,8 @@ def supported(logits: torch.Tensor, k: int) -> bool:
 
 
 #: From this many rows (one block a row) the CUDA kernel is the default where it loads: run 8 (H200, torch 2.11,
-#: CUDA 13.0; benchmarks/results/topk_cuda_run8.json) measured it 1.6-1.9x faster than the Triton split kernels
-#: there; for fewer rows (split rows, decode) the Triton kernels were as fast or faster, so they stay.
+#: CUDA 13.0; benchmarks/results/topk_cuda_run8.json) measured it 2.1-2.6x faster than the Triton split kernels
+#: there, unsorted; for fewer rows (split rows, decode) the Triton kernels were faster or within 6 %, so they stay.
 CUDA_MIN_ROWS = 256
 #: The shortest rows the CUDA kernel was measured on (and won against torch.topk there, sorted and unsorted).
 CUDA_MIN_T = 8192
@@ -135,8 +135,9 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
                       algorithm: str = "split") -> bool:
     """Whether ``algorithm`` ("cuda" or the Triton "split") measured faster than torch.topk for this shape.
 
-    "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.14 / 0.23 ms
-    unsorted / sorted against torch's 0.49 / 0.55; 4096 x 8K, 1024 x 128K, 256 x 256K 1.8-4x unsorted).
+    "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.111 / 0.212 ms
+    unsorted / sorted against torch's 0.494 / 0.551; 256-4096 rows of 8K-256K keys 2.4-5.2x unsorted, 1.2-4.3x
+    sorted).
     "split" (H200, torch 2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md):
 
     Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
@@ -204,7 +205,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
-    "cuda" where ``cuda_applies``, else "split"). With Triton, rows of at most the capacity always go to the
+    ``default_algorithm``). With Triton, rows of at most the capacity always go to the
     single kernel's direct path. ``path`` (int32 ``[R]``), when
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
     threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
@@ -212,7 +213,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
     overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
     (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``), ``prefix_skip`` (split
-    rows: the k-th key's search skips the bits its known bounds share; off until measured on a GPU).
+    rows: the k-th key's search skips the bits its known bounds share; off: run 8 measured it 0.3-1 us slower).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected one of {ALGORITHMS}")
