@@ -1,5 +1,6 @@
-"""The CUDA top-k's source on the CPU: it compiles for the H200's sm_90 (where nvcc is installed, as on the CI
-machine) within its register budget, and the launch parameters the host fills match the kernel's struct."""
+"""The CUDA top-k on the CPU: its source compiles for the H200's sm_90 (where nvcc is installed, as on the CI
+machine) within its register budget, the launch parameters the host fills match the kernel's struct, and the
+switch that keeps the top-k on Triton says so."""
 
 import re
 import shutil
@@ -39,3 +40,13 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
     block, min_blocks = (int(re.search(rf"#define {n} (\d+)", SOURCE).group(1)) for n in ("BLOCK", "MIN_BLOCKS"))
     assert block == topk_cuda.BLOCK
     assert all(int(r) <= 65536 // (block * min_blocks) for r in regs.values()), regs  # MIN_BLOCKS blocks an SM fit
+
+
+def test_the_switch_keeps_the_top_k_on_triton_and_says_why(monkeypatch):
+    monkeypatch.setenv(topk_cuda.DISABLE_ENV, "0")
+    topk_cuda._reason.cache_clear()
+    try:
+        assert topk_cuda.unavailable_reason(topk_cuda.torch.device("cuda", 0)) == f"disabled by {topk_cuda.DISABLE_ENV}=0"
+        assert not topk_cuda.available(topk_cuda.torch.device("cuda", 0))
+    finally:
+        topk_cuda._reason.cache_clear()

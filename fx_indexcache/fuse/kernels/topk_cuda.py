@@ -42,13 +42,19 @@ def _kernels(device: int):
     return nvrtc.load(str(SOURCE), KERNELS, device, tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
 
 
+#: Set to "0" to keep the top-k on the Triton kernels everywhere (read once a process, per device).
+DISABLE_ENV = "FX_INDEXCACHE_CUDA_TOPK"
+
+
 def unavailable_reason(device: torch.device) -> Optional[str]:
-    """None where the kernels load on ``device``; else why not (the first failure, kept for the process)."""
+    """None where the kernels load on ``device``; else why not (the first answer is kept for the process)."""
     return _reason(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
 def _reason(device: int) -> Optional[str]:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"disabled by {DISABLE_ENV}=0"
     try:
         _kernels(device)
         return None
