@@ -270,14 +270,14 @@ def section_topk(env, log, quick: bool) -> list[dict]:
             ("one_program_unsorted", lambda: tk._launch(x2d, out, k, algorithm="one_program")),
         ]
         if R <= 256:  # which sort wins for few rows decides ``rank_sort_wins``
-            variants += [("sorted_bitonic", lambda: tk._launch(x2d, out, k, sorted=True, sort="bitonic")),
-                         ("sorted_rank", lambda: tk._launch(x2d, out, k, sorted=True, sort="rank"))]
+            variants += [("sorted_bitonic", lambda: tk._launch(x2d, out, k, sorted=True, sort="bitonic", algorithm="split")),
+                         ("sorted_rank", lambda: tk._launch(x2d, out, k, sorted=True, sort="rank", algorithm="split"))]
         for name, fn in variants:
             row[name + "_ms"] = bench(fn)
         row["exact_sorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=True), k)
         row["exact_unsorted"] = topk_exact(x2d, tk.row_topk(x2d, k, sorted=False), k)
         for sort in ("bitonic", "rank") if R <= 256 else ():
-            tk._launch(x2d, out, k, sorted=True, sort=sort)
+            tk._launch(x2d, out, k, sorted=True, sort=sort, algorithm="split")
             row["exact_sorted"] &= topk_exact(x2d, out, k)
         row.update(path_shares(x2d, k))
         row["splits"] = tk.split_plan(R, T)["NSPLIT"]
@@ -303,14 +303,14 @@ SPLIT_SWEEP = [  # (rows, T, split counts): what ``topk.split_plan``'s TARGET_PR
 
 
 def section_splits(env, log, quick: bool) -> list[dict]:
-    """Unsorted split-algorithm top-k (k = 2048) at several split counts a row (the plan's choice marked)."""
+    """Unsorted Triton split-algorithm top-k (k = 2048) at several split counts a row (the plan's choice marked)."""
     rows = []
     for R, T, counts in SPLIT_SWEEP[2:4] if quick else SPLIT_SWEEP:
         x2d = (causal_logits(1, R, T, seed=R + T) if R > 64 else causal_logits(R, 1, T, seed=R + T)).reshape(-1, T)
         out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
         chosen = tk.split_plan(R, T)["NSPLIT"]
         for n in counts:
-            ms = bench(lambda: tk._launch(x2d, out, TOPK, splits=n))
+            ms = bench(lambda: tk._launch(x2d, out, TOPK, splits=n, algorithm="split"))
             exact = topk_exact(x2d, out, TOPK)
             rows.append(dict(R=R, T=T, splits=tk.split_plan(R, T, n)["NSPLIT"], ms=ms, exact=exact, plan=n == chosen))
             log(f"splits {R}x{T}: {n} splits {ms:.4f} ms exact {exact}{' (plan)' if n == chosen else ''}")
