@@ -1,6 +1,7 @@
-"""The CUDA top-k on the CPU: its source compiles for the H200's sm_90 (where nvcc is installed, as on the CI
-machine) within its register budget, the launch parameters the host fills match the kernel's struct, and the
-switch that keeps the top-k on Triton says so."""
+"""The CUDA top-k on the CPU: its source compiles for the H200's sm_90 through NVRTC, as on users' machines (the
+test extra installs libnvrtc; no GPU needed), with its errors' log and its disk cache, and through nvcc (on the CI
+machine) within its register budget; the launch parameters the host fills match the kernel's struct; the switch
+that keeps the top-k on Triton says so."""
 
 import re
 import shutil
@@ -50,3 +51,43 @@ def test_the_switch_keeps_the_top_k_on_triton_and_says_why(monkeypatch):
         assert not topk_cuda.available(topk_cuda.torch.device("cuda", 0))
     finally:
         topk_cuda._reason.cache_clear()
+
+
+def _nvrtc_or_skip():
+    from fx_indexcache.fuse.kernels import nvrtc
+
+    try:
+        nvrtc.nvrtc_library()
+    except nvrtc.CudaKernelUnavailable as e:  # the test extra installs it (nvidia-cuda-nvrtc-cu12) on Linux x86-64
+        pytest.skip(f"no libnvrtc here: {e}")
+    return nvrtc
+
+
+def test_nvrtc_compiles_the_source_as_users_get_it():
+    """The path users take (NVRTC, no toolkit), on the CPU: a cubin for sm_90 and one with the debug flag."""
+    nvrtc = _nvrtc_or_skip()
+    for options in ((), ("-lineinfo",)):
+        cubin = nvrtc.compile_cubin(SOURCE, "sm_90", options)
+        assert cubin[:4] == b"\x7fELF" and all(name.encode() in cubin for name in topk_cuda.KERNELS)
+
+
+def test_nvrtc_errors_carry_the_compiler_log():
+    nvrtc = _nvrtc_or_skip()
+    with pytest.raises(nvrtc.CudaKernelUnavailable, match=r"sm_90 failed:[\s\S]*undefined_thing"):
+        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "sm_90")
+
+
+def test_nvrtc_cubins_are_cached_on_disk_per_source_and_options(tmp_path, monkeypatch):
+    nvrtc = _nvrtc_or_skip()
+    monkeypatch.setenv("FX_INDEXCACHE_CACHE", str(tmp_path))
+    src = 'extern "C" __global__ void k(int *p) { p[threadIdx.x] = 1; }'
+    first = nvrtc.cached_cubin(src, "sm_90")
+    assert len(list(tmp_path.rglob("*.cubin"))) == 1
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again: the cache was not used")
+
+    monkeypatch.setattr(nvrtc, "compile_cubin", no_compile)
+    assert nvrtc.cached_cubin(src, "sm_90") == first
+    with pytest.raises(AssertionError, match="compiled again"):  # other options: another entry
+        nvrtc.cached_cubin(src, "sm_90", ("-lineinfo",))
