@@ -196,6 +196,10 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
     return dict(NSPLIT=nsplit, SEG=seg, CHUNK=chunk, NSPLIT_P=max(2, _pow2(nsplit)))
 
 
+#: ``_launch``'s algorithms.
+ALGORITHMS = ("auto", "cuda", "split", "one_program")
+
+
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
             path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "auto",
@@ -232,9 +236,6 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     tune = tune or {}
     sp = split_plan(x2d.shape[0], x2d.shape[1], splits, chunk=tune.get("chunk"))
     return _launch_split(x2d, out2d, k, p, sp, sorted, path, rank, tune)
-
-
-ALGORITHMS = ("auto", "cuda", "split", "one_program")
 
 
 def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[dict] = None,
