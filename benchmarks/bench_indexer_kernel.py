@@ -343,10 +343,10 @@ def section_prefill(env, log, quick: bool) -> list[dict]:
     return rows
 
 
-def graph_ms(fn) -> float:
+def graph_ms(fn, rep=50) -> float:
     from triton.testing import do_bench_cudagraph
 
-    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
 
 
 def section_decode(env, log, quick: bool) -> list[dict]:

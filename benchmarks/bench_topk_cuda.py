@@ -8,7 +8,9 @@ First every path of the kernel is checked on representative rows (``tests/topk_c
 set against torch.topk, the tie rule, the order; the share of rows each path took is printed). Then, k = 2048
 on fresh randn rows: prefill shapes eagerly (do_bench medians, L2 flushed), decode shapes replayed in a CUDA
 graph (do_bench_cudagraph medians), unsorted and sorted. ``--sanitize``: the checks only, on small rows, for a
-run under ``compute-sanitizer`` (memcheck, racecheck). ``--decode-sweep``: instead, decode logits + top-k
+run under ``compute-sanitizer`` (memcheck, racecheck). (Run 8's ``topk_cuda_run8.json`` was timed by this
+script's staging copy with do_bench's default, means, for the prefill rows; the script now takes the project's
+``bench`` helper, medians.) ``--decode-sweep``: instead, decode logits + top-k
 (1 and 64 x 32K) replayed in a CUDA graph for each launch variant of both kernels (warps, split counts, sample
 sizes, the prefix skip). Writes topk_cuda.json (or decode_topk_sweep.json) under --out.
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 import topk_cases  # noqa: E402
+from bench_indexer_kernel import bench, graph_ms  # noqa: E402
 
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
 from fx_indexcache.fuse.kernels import topk_cuda  # noqa: E402
@@ -74,8 +77,6 @@ def variants(x, out, graph: bool) -> list:
 
 
 def timings() -> list:
-    from triton.testing import do_bench, do_bench_cudagraph
-
     res = []
     for shapes, graph in ((PREFILL, False), (DECODE, True)):
         for R, T in shapes:
@@ -83,8 +84,7 @@ def timings() -> list:
             out = torch.empty(R, K, dtype=torch.int32, device="cuda")
             row = dict(R=R, T=T, graph=graph)
             for name, fn in variants(x, out, graph):
-                ms = do_bench_cudagraph(fn, rep=50, return_mode="median") if graph else do_bench(fn, warmup=25, rep=100)
-                row[name] = round(float(ms), 4)
+                row[name] = round(float(graph_ms(fn) if graph else bench(fn)), 4)
             print("decode graph ms" if graph else "prefill eager ms", row, flush=True)
             res.append(row)
     return res
@@ -102,7 +102,6 @@ DECODE_VARIANTS = [
 
 def decode_sweep() -> list:
     from bench_indexer_kernel import SCALE, make_inputs, topk_exact
-    from triton.testing import do_bench_cudagraph
 
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
 
@@ -119,7 +118,7 @@ def decode_sweep() -> list:
                 indexer_logits(q, k, w, scale=SCALE, out=logits)
                 tk._launch(logits.view(B, -1), out, K, algorithm=alg, **opts)
 
-            ms = float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+            ms = graph_ms(fn, rep=100)
             row = dict(B=B, algorithm=alg, opts=str(opts), fused_ms=round(ms, 4), exact=topk_exact(logits.view(B, -1), out, K))
             print(row, flush=True)
             res.append(row)
