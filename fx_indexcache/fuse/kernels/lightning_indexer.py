@@ -492,12 +492,15 @@ def indexer_topk(
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown top-k method {method!r}")
     rows = logits.numel() // max(1, T)
+    algorithm = None  # which of our kernels "auto" would run, where one applies
+    if method == "auto" and _tk.supported(logits, kk):
+        algorithm = _tk.default_algorithm(logits.reshape(-1, T), kk, sorted)
     use_triton = method == "triton" or (
-        method == "auto" and _tk.supported(logits, kk)
+        algorithm is not None
         and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing(),
-                                  algorithm=_tk.default_algorithm(logits.reshape(-1, T), kk, sorted)))
+                                  algorithm=algorithm))
     if use_triton:
-        idx = _tk.row_topk(logits, kk, sorted=sorted)
+        idx = _tk.row_topk(logits, kk, sorted=sorted, algorithm=algorithm or "auto")
         if invalid_index is not None:
             vals = torch.gather(logits, -1, idx.long())
             idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))

@@ -127,11 +127,12 @@ def cached_cubin(source: str, arch: str, options: Sequence[str] = ()) -> bytes:
 class Kernel:
     """One ``extern "C"`` kernel of a loaded module; ``launch`` passes a ctypes structure by value."""
 
-    def __init__(self, module: ctypes.c_void_p, name: str, max_dynamic_smem: int):
+    def __init__(self, module: ctypes.c_void_p, name: str, block_smem: int):
+        """``block_smem``: the device's shared memory a block may have; static and dynamic share it."""
         self.name = name
         self.func = ctypes.c_void_p()
         _check(_driver().cuModuleGetFunction(ctypes.byref(self.func), module, name.encode()), f"kernel {name}")
-        self.max_dynamic_smem = max_dynamic_smem - self.attributes()["static_smem"]  # the block's limit is shared
+        self.max_dynamic_smem = block_smem - self.attributes()["static_smem"]
         if self.max_dynamic_smem > 48 * 1024:
             _check(_driver().cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, self.max_dynamic_smem),
                    f"{name}: dynamic shared memory {self.max_dynamic_smem}")

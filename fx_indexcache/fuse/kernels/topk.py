@@ -328,8 +328,10 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
     return h
 
 
-def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None) -> torch.Tensor:
-    """int32 indices ``[..., k]`` of the k largest entries of each row (see module doc for order and ties)."""
+def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None,
+             algorithm: str = "auto") -> torch.Tensor:
+    """int32 indices ``[..., k]`` of the k largest entries of each row (see module doc for order and ties);
+    ``algorithm`` as in ``_launch`` (a caller that already asked ``default_algorithm`` passes its answer)."""
     if not supported(logits, k):
         raise ValueError(f"row_topk: needs a CUDA fp32 tensor with 1 <= k <= min(row length, {MAX_K}), "
                          f"rows of at most {MAX_ROW} (got {tuple(logits.shape)} {logits.dtype} k={k})")
@@ -339,5 +341,5 @@ def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: O
     out = torch.empty((x2d.shape[0], k), dtype=torch.int32, device=logits.device)
     if x2d.shape[0]:
         with torch.cuda.device(logits.device):
-            _launch(x2d, out, k, num_warps, sorted=sorted)
+            _launch(x2d, out, k, num_warps, sorted=sorted, algorithm=algorithm)
     return out.reshape(*lead, k)
