@@ -1,4 +1,5 @@
-"""The CUDA C++ top-k (``kernels/topk_cuda.cu``) against the Triton split kernels and torch.topk.
+"""The CUDA C++ top-k (``kernels/topk_cuda.cu``: its many-row and wide blocks) against the Triton split kernels
+and torch.topk.
 
 Run from the repository root on a CUDA machine::
 
@@ -16,6 +17,7 @@ sizes, the prefix skip). Writes topk_cuda.json (or decode_topk_sweep.json) under
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,29 +47,31 @@ CASES = SMALL_CASES + [
     (300, 65536, 40, dict(sample=64, cap=1024), "randn"), (1, 131072, 2048, {}, "randn"),
     (4, 40000, 1000, dict(splits=5), "masked")]
 PREFILL = [(1024, 32768), (1024, 131072), (4096, 8192), (256, 262144), (256, 32768), (512, 65536)]
-DECODE = [(1, 32768), (16, 32768), (64, 32768), (1, 131072), (4, 131072)]
+DECODE = [(1, 32768), (4, 32768), (16, 32768), (64, 32768), (128, 32768), (1, 65536), (16, 65536), (1, 131072),
+          (4, 131072), (16, 131072), (64, 131072), (1, 262144), (1, 8192), (64, 8192)]
+#: Both block shapes of the CUDA kernel: every check runs on each.
+CUDA_ALGORITHMS = ("cuda", "cuda_wide")
 
 
 def check_cases(cases) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for R, T, k, opts, kind in cases:
-        for sorted_ in (False, True):
-            try:
-                x = topk_cases.rows(kind, R, T, g, device="cuda")
-                paths = topk_cases.check(x, k, sorted_, f"{R}x{T} k={k} {opts} {kind} sorted={sorted_}",
-                                         algorithm="cuda", **opts)
-                print("ok", R, T, k, opts, kind, sorted_, torch.bincount(paths.long(), minlength=4).tolist(), flush=True)
-            except AssertionError as e:
-                bad += 1
-                print("FAIL", R, T, k, opts, kind, sorted_, str(e)[:400], flush=True)
+    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, CUDA_ALGORITHMS, (False, True)):
+        where = f"{alg} {R}x{T} k={k} {opts} {kind} sorted={sorted_}"
+        try:
+            x = topk_cases.rows(kind, R, T, g, device="cuda")
+            paths = topk_cases.check(x, k, sorted_, where, algorithm=alg, **opts)
+            print("ok", where, torch.bincount(paths.long(), minlength=4).tolist(), flush=True)
+        except AssertionError as e:
+            bad += 1
+            print("FAIL", where, str(e)[:400], flush=True)
     return bad
 
 
 def variants(x, out, graph: bool) -> list:
-    v = [("cuda", lambda: tk._launch(x, out, K, algorithm="cuda")),
-         ("cuda_sorted", lambda: tk._launch(x, out, K, sorted=True, algorithm="cuda")),
-         ("split", lambda: tk._launch(x, out, K, algorithm="split"))]
+    v = [(f"{alg}{'_sorted' if s else ''}", lambda alg=alg, s=s: tk._launch(x, out, K, sorted=s, algorithm=alg))
+         for alg in CUDA_ALGORITHMS for s in (False, True)]
+    v.append(("split", lambda: tk._launch(x, out, K, algorithm="split")))
     if graph:
         v.append(("split_prefix_skip", lambda: tk._launch(x, out, K, algorithm="split", tune={"prefix_skip": True})))
     else:
@@ -97,7 +101,7 @@ DECODE_VARIANTS = [
     ("split", dict(splits=64)), ("split", dict(tune={"prefix_skip": True})), ("split", dict(tune={"select_in_write": False})),
     ("split", dict(tune={"filter_warps": 2, "prefix_skip": True})), ("split", dict(splits=16, tune={"filter_warps": 2})),
     ("split", dict(sample=1024)), ("split", dict(sample=4096)),
-    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64))]
+    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {})]
 
 
 def decode_sweep() -> list:

@@ -338,3 +338,23 @@ def test_detection_and_fusion_agree_on_what_a_relu_is(name, kernel_ok):
     assert len(sites) == int(is_relu) and backend.count_after(torch.ops.aten.topk.default) == [1]
     match = match_indexer_score(sites[0] if sites else next(n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default))
     assert isinstance(match, str) != is_relu, match
+
+
+def test_a_fused_site_that_falls_back_at_run_time_says_so(caplog):
+    """The op's run-time check can refuse what the compile-time check let through (session 9 saw an F layer
+    run the fp32 reference on an H200): that fallback on CUDA inputs is counted and logged once per reason."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+
+    li._warn_fallback.cache_clear()
+    before = counters["fx_indexcache"]["fused_op_reference_fallbacks"]
+    with caplog.at_level(logging.WARNING, logger=li.__name__):
+        for _ in range(3):
+            li._warn_fallback("q and k must both be bf16 or fp16", "q torch.float32 (1, 8, 4, 16)")
+    assert counters["fx_indexcache"]["fused_op_reference_fallbacks"] - before == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        "fx_indexcache::indexer_logits runs its reference (fp32 einsum, slow) on CUDA inputs: q and k must both be bf16 "
+        "or fp16 (q torch.float32 (1, 8, 4, 16))") == 1

@@ -25,8 +25,7 @@ def test_host_parameters_match_the_kernel_struct():
 
 
 def test_launch_names_are_the_source_entry_points():
-    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)',
-                                                          SOURCE))
+    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^ENTRY\((\w+),", SOURCE, re.M))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CI machine has CUDA 13's)")
@@ -38,9 +37,11 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     regs = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", run.stderr, re.S))
     assert sorted(regs) == sorted(topk_cuda.KERNELS)
-    block, min_blocks = (int(re.search(rf"#define {n} (\d+)", SOURCE).group(1)) for n in ("BLOCK", "MIN_BLOCKS"))
-    assert block == topk_cuda.BLOCK
-    assert all(int(r) <= 65536 // (block * min_blocks) for r in regs.values()), regs  # MIN_BLOCKS blocks an SM fit
+    consts = {n: int(v) for n, v in re.findall(r"^#define (\w+) (\d+)", SOURCE, re.M)}
+    assert (consts["BLOCK"], consts["WIDE"]) == (topk_cuda.BLOCK, topk_cuda.WIDE)
+    for name, threads, blocks in re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M):
+        threads, blocks = (consts[v] if v in consts else int(v) for v in (threads, blocks))
+        assert int(regs[name]) <= 65536 // (threads * blocks), (name, regs)  # its blocks an SM fit
 
 
 def test_the_switch_keeps_the_top_k_on_triton_and_says_why(monkeypatch):

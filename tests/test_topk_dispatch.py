@@ -93,3 +93,35 @@ def test_cuda_is_the_default_only_where_it_beat_the_triton_kernels(run8):
         else:  # left on Triton: never more than 6 % slower there than the CUDA kernel
             assert r["split"] < 1.06 * r["cuda"], (r["R"], r["T"])
     assert seen[True] >= 4 and seen[False] >= 4
+
+
+@pytest.fixture(scope="module")
+def run9():
+    return json.loads(RUN8.with_name("topk_cuda_run9.json").read_text())["topk_graph_us"]
+
+
+def test_wide_is_the_default_only_where_it_beat_the_triton_kernels(run9):
+    """Fewer than CUDA_MIN_ROWS rows: the wide CUDA kernel where run 9 measured it ahead of the Triton split
+    kernels, which keep the shapes where they were ahead."""
+    seen = {True: 0, False: 0}
+    for r in run9:
+        for mode, sorted_ in (("_sorted", True), ("", False)):
+            if r["R"] >= tk.CUDA_MIN_ROWS:
+                continue
+            wide = tk.wide_wins(r["R"], r["T"], sorted_)
+            seen[wide] += 1
+            assert (r[f"cuda_wide{mode}"] < r[f"split{mode}"]) == wide, (r["R"], r["T"], mode)
+    assert seen[True] >= 12 and seen[False] >= 8
+
+
+def test_wide_dispatch_only_where_it_measured_faster_than_torch(run9):
+    """Where the wide kernel is the default, ``faster_than_torch`` keeps it only where it beat torch.topk (sorted:
+    against torch's unsorted time, which the sorted call does not undercut)."""
+    chosen = 0
+    for r in run9:
+        for mode, sorted_ in (("_sorted", True), ("", False)):
+            if tk.wide_wins(r["R"], r["T"], sorted_) and tk.faster_than_torch(r["R"], r["T"], 2048, sorted_, in_cuda_graph=True, algorithm="cuda_wide"):
+                chosen += 1
+                assert r[f"cuda_wide{mode}"] < r["torch"], (r["R"], r["T"], mode)
+                assert r["cuda_wide_eager"] < r["torch_eager"] or sorted_, (r["R"], r["T"])
+    assert chosen >= 12

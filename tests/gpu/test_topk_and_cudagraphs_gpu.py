@@ -46,7 +46,7 @@ TOPK_CASES = [  # (R, T, k, row kinds)
 @pytest.mark.parametrize("R,T,k,kind", [(R, T, k, kind) for R, T, k, kinds in TOPK_CASES for kind in kinds],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
-@pytest.mark.parametrize("algorithm", ["cuda", "split"])
+@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide", "split"])
 def test_row_topk_exact(R, T, k, kind, sorted_, algorithm):
     g = _gen()
     x = topk_cases.rows(kind, R, T, g, device="cuda")
@@ -123,11 +123,16 @@ CUDA_PATH_CASES = [
     (1, 131072, 2048, dict(splits=128), ("randn", "ties")),
     (4, 40000, 1000, dict(splits=5), ("randn", "masked", "ties")),
 ]
+#: The wide kernel's: its capacity is at least 4096 (a step of its select), so the fallback needs an 8-key
+#: sample (its 2nd key lies below the top 4096 of 65536 keys in 9 rows of 10); splits do not apply to it.
+WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024) if "sample" in o else {}, kinds)
+                   for R, T, k, o, kinds in CUDA_PATH_CASES]
+PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES)) for c in cases]
 
 
-@pytest.mark.parametrize("R,T,k,opts,kinds", CUDA_PATH_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("algorithm,R,T,k,opts,kinds", PATH_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("layout", ["contiguous", "unaligned", "strided"])
-def test_cuda_topk_every_path_and_layout(R, T, k, opts, kinds, layout):
+def test_cuda_topk_every_path_and_layout(algorithm, R, T, k, opts, kinds, layout):
     g = _gen()
     seen = set()
     for kind in kinds:
@@ -136,45 +141,50 @@ def test_cuda_topk_every_path_and_layout(R, T, k, opts, kinds, layout):
              "strided": base[:, :T].t().contiguous().t()}[layout]
         for sorted_ in (False, True):
             where = f"R={R} T={T} k={k} {opts} {kind} {layout} sorted={sorted_} seed={g.initial_seed()}"
-            seen |= set(topk_cases.check(x, k, sorted_, where, algorithm="cuda", **opts).tolist())
+            seen |= set(topk_cases.check(x, k, sorted_, where, algorithm=algorithm, **opts).tolist())
     want = {0} if T <= 1024 else ({3} if "sample" in opts else {1})
     assert want <= seen, f"paths {sorted(seen)}, expected {sorted(want)} among them"
 
 
-def test_cuda_topk_takes_every_path():
+@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide"])
+def test_cuda_topk_takes_every_path(algorithm):
     """Over the cases above, each of the four paths ran at least once (the test is not vacuous)."""
     from fx_indexcache.fuse.kernels import topk as tk
 
     g = _gen()
     seen = set()
-    for R, T, k, opts, kinds in CUDA_PATH_CASES:
+    for alg, R, T, k, opts, kinds in PATH_CASES:
+        if alg != algorithm:
+            continue
         for kind in kinds:
             x = topk_cases.rows(kind, R, T, g, device="cuda")
             out = torch.empty(R, k, dtype=torch.int32, device="cuda")
             path = torch.full((R,), -1, dtype=torch.int32, device="cuda")
-            tk._launch(x, out, k, path=path, algorithm="cuda", **opts)
+            tk._launch(x, out, k, path=path, algorithm=algorithm, **opts)
             seen |= set(path.tolist())
     assert seen == {0, 1, 2, 3}, sorted(seen)
 
 
-@pytest.mark.parametrize("R,T,sorted_", [(4, 32768, True), (1, 131072, False), (300, 32768, True)])
-def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_):
+@pytest.mark.parametrize("R,T,sorted_,algorithm", [(4, 32768, True, "cuda"), (1, 131072, False, "cuda"),
+                                                   (300, 32768, True, "cuda"), (1, 32768, False, "cuda_wide"),
+                                                   (16, 65536, True, "cuda_wide")])
+def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm):
     from fx_indexcache.fuse.kernels import topk as tk
 
     g = _gen()
     x = torch.randn(R, T, device="cuda", generator=g)
     out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")
-    tk._launch(x, out, 2048, sorted=sorted_, algorithm="cuda")
+    tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tk._launch(x, out, 2048, sorted=sorted_, algorithm="cuda")
+        tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm)
     for _ in range(2):
         x.copy_(torch.randn(R, T, device="cuda", generator=g))
         graph.replay()
         torch.cuda.synchronize()
         topk_cases.check(x, 2048, sorted_, "reference launch", algorithm="split")  # the inputs are fine
         want = torch.empty_like(out)
-        tk._launch(x, want, 2048, sorted=sorted_, algorithm="cuda")
+        tk._launch(x, want, 2048, sorted=sorted_, algorithm=algorithm)
         assert torch.equal(out, want)
         assert torch.equal(torch.gather(x, 1, out.long()).sort(-1, descending=True).values,
                            torch.topk(x, 2048, dim=-1).values)

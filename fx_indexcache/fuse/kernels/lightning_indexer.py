@@ -40,6 +40,7 @@ or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Optional
 
@@ -551,9 +552,22 @@ def lightning_indexer_reference(
 
 
 def _logits_any(q, k, weights, causal, scale, kv_lens):
-    if is_supported(q, k, weights, kv_lens, scale=scale):
+    why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
+    if why is None:
         return indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
+    if q.is_cuda:  # the compile-time check let the site through, so this fallback is a surprise: say so
+        _warn_fallback(why, f"q {q.dtype} {tuple(q.shape)}, k {k.dtype} {tuple(k.shape)}, weights {weights.dtype}")
     return indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_fallback(why: str, inputs: str) -> None:
+    """Once per reason and input shape: a fused site that runs the (exact, slow) reference on CUDA at run time."""
+    from torch._dynamo.utils import counters
+
+    counters["fx_indexcache"]["fused_op_reference_fallbacks"] += 1
+    logging.getLogger(__name__).warning(
+        "fx_indexcache::indexer_logits runs its reference (fp32 einsum, slow) on CUDA inputs: %s (%s)", why, inputs)
 
 
 def _registered(name: str) -> bool:

@@ -129,15 +129,21 @@ def supported(logits: torch.Tensor, k: int) -> bool:
 CUDA_MIN_ROWS = 256
 #: The shortest rows the CUDA kernel was measured on (and won against torch.topk there, sorted and unsorted).
 CUDA_MIN_T = 8192
+#: The wide kernel's (run 9: 1-200 rows of 8K-256K keys, in a CUDA graph and eagerly, unsorted: 1 x 8K 18.6 /
+#: 44.0 us graph / eager against torch's 42.0 / 46.7, 1 x 32K 20.5 / 49.6 against 42.6 / 105.1, 64 x 32K 22.1 /
+#: 52.5 against 68.4 / 113.2, 1 x 256K 62.1 / 69.8 against 63.0 / 82.2); sorted, in a graph, from 32K keys
+#: (1 x 32K 40.7 against torch's unsorted 42.6, 64 x 32K 42.4 against 68.4; 1 x 8K 38.7 against 42.0 only).
+CUDA_WIDE_MIN_T = 8192
+CUDA_WIDE_SORTED_MIN_T = 32768
 
 
 def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False,
                       algorithm: str = "split") -> bool:
-    """Whether ``algorithm`` ("cuda" or the Triton "split") measured faster than torch.topk for this shape.
+    """Whether ``algorithm`` ("cuda", "cuda_wide" or the Triton "split") measured faster than torch.topk here.
 
     "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.111 / 0.212 ms
     unsorted / sorted against torch's 0.494 / 0.551; 256-4096 rows of 8K-256K keys 2.4-5.2x unsorted, 1.2-4.3x
-    sorted).
+    sorted). "cuda_wide": rows of at least ``CUDA_WIDE_MIN_T`` keys (``CUDA_WIDE_SORTED_MIN_T`` sorted).
     "split" (H200, torch 2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md):
 
     Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
@@ -150,6 +156,8 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
     """
     if algorithm == "cuda":
         return rows >= CUDA_MIN_ROWS and T >= CUDA_MIN_T
+    if algorithm == "cuda_wide":  # sorted adds a bitonic sort (~20 us): measured ahead from 32K keys
+        return T >= (CUDA_WIDE_SORTED_MIN_T if sorted else CUDA_WIDE_MIN_T)
     if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
         return True
     if rows < 256:
@@ -197,7 +205,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
 
 
 #: ``_launch``'s algorithms.
-ALGORITHMS = ("auto", "cuda", "split", "one_program")
+ALGORITHMS = ("auto", "cuda", "cuda_wide", "split", "one_program")
 
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
@@ -207,6 +215,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
+    "cuda_wide" (the CUDA kernel with one 1024-thread block a row and no splits: for few rows),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
@@ -226,10 +235,11 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
     if algorithm == "auto":
         algorithm = default_algorithm(x2d, k, sorted, p=p, splits=splits)
-    if algorithm == "cuda":
+    if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 
-        return topk_cuda.launch(x2d, out2d, k, p, split_plan(x2d.shape[0], x2d.shape[1], splits), sorted, path)
+        sp = split_plan(x2d.shape[0], x2d.shape[1], splits)
+        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide")
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
@@ -241,14 +251,37 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
 def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[dict] = None,
                       splits: Optional[int] = None) -> str:
     """What ``_launch(algorithm="auto")`` runs: "cuda" for ``CUDA_MIN_ROWS`` rows or more where the CUDA kernel
-    applies, else the Triton "split" kernels."""
+    applies; "cuda_wide" for fewer rows (``wide_wins``) where it applies; else the Triton "split" kernels."""
     p = p or plan(x2d.shape[-1], k)
-    if x2d.shape[0] >= CUDA_MIN_ROWS and cuda_applies(x2d, p, splits, sorted):
+    R, T = x2d.shape
+    if R >= CUDA_MIN_ROWS and cuda_applies(x2d, p, splits, sorted):
         return "cuda"
+    if splits is None and wide_wins(R, T, sorted) and cuda_applies(x2d, p, None, sorted, wide=True):
+        return "cuda_wide"
     return "split"
 
 
-def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool) -> bool:
+#: Fewer than ``CUDA_MIN_ROWS`` rows (decode) go to the wide CUDA kernel (one 1024-thread block a row) up to
+#: ``CUDA_WIDE_T`` keys a row; longer rows (and sorted output: its bitonic sort on one SM, ~20 us, loses to the
+#: Triton rank sort spread over programs for few rows), up to ``CUDA_WIDE_MAX_T``, from ``CUDA_WIDE_LONG_ROWS``
+#: rows (sorted: 1 x 32K 40.7 against 26.0 us, 4 x 32K 40.7 / 33.0, 16 x 32K 41.8 / 71.9). Run 9
+#: (H200, torch 2.11, CUDA 13.0, CUDA-graph replay, unsorted, us; benchmarks/results/topk_cuda_run9.json): wide
+#: against the Triton split kernels 1 x 32K 20.5 / 20.6, 64 x 32K 22.1 / 53.0, 64 x 8K 19.0 / 31.2, 16 x 128K
+#: 40.8 / 59.5, 64 x 128K 41.0 / 95.0; but 1 x 128K 39.1 / 27.7, 4 x 128K 39.5 / 37.5, 1 x 256K 62.1 / 37.9 (one
+#: SM reads a long row slower than many split programs).
+CUDA_WIDE_T = 32768
+CUDA_WIDE_LONG_ROWS = 16
+CUDA_WIDE_MAX_T = 131072
+
+
+def wide_wins(R: int, T: int, sorted: bool = False) -> bool:
+    """Whether one 1024-thread block a row beats the Triton split kernels for ``R < CUDA_MIN_ROWS`` rows."""
+    if R >= CUDA_MIN_ROWS or T > CUDA_WIDE_MAX_T:
+        return False
+    return R >= CUDA_WIDE_LONG_ROWS or (T <= CUDA_WIDE_T and not sorted)
+
+
+def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool, wide: bool = False) -> bool:
     """Whether the CUDA kernel takes these rows: on a GPU where it compiled and loaded, with its shared
     memory within the device's limit (not under TRITON_INTERPRET: the CPU runs the Triton kernels)."""
     if not x2d.is_cuda or _interpreted():
@@ -258,7 +291,7 @@ def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool
     if not topk_cuda.available(x2d.device):
         return False
     nsplit = 1 if p["DIRECT"] else split_plan(x2d.shape[0], x2d.shape[1], splits)["NSPLIT"]
-    return topk_cuda.fits(x2d.device.index, p, nsplit, sorted)
+    return topk_cuda.fits(x2d.device.index, p, nsplit, sorted, wide)
 
 
 def _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path):

@@ -6,7 +6,11 @@
 // cannot say: a 4096-key step of the filter costs one barrier (warps scan their counts with shuffles); the
 // k-th key comes from 8-bit histograms built with shared-memory atomics (four passes, not sixteen counting
 // ones: the Triton select's instruction count); the candidates stay in shared memory for the select; split
-// rows (decode) write to per-split regions and the row's last block to finish gathers them: one launch.
+// rows write to per-split regions and the row's last block to finish gathers them: one launch.
+//
+// Two block shapes (the code is templated on the threads a block, NT): 256 threads and several blocks an SM
+// for many rows (prefill), or split rows; 1024 threads, one block a row and no splits ("wide", decode): a row
+// of a few rows' batch is read by one SM with 16K keys a step in flight, and nothing crosses blocks.
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
@@ -15,10 +19,11 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define BLOCK 256
-#define NWARPS (BLOCK / 32)
-#define ROW_GROUPS 4  // a row is read 4 x 1024 keys a step (four 16-byte loads a thread, one barrier)
-#define MIN_BLOCKS 4  // blocks an SM keeps (64 registers a thread): enough bytes in flight to stream a row
+#define BLOCK 256       // threads a block of the many-row kernels
+#define MIN_BLOCKS 4    // blocks an SM keeps of those (64 registers a thread): enough bytes in flight
+#define WIDE 1024       // threads a block of the wide kernels (one block an SM, 64 registers a thread)
+#define ROW_GROUPS 4    // a row is read 4 x NT keys a step (four 16-byte loads a thread, one barrier)
+#define BINS 256        // a histogram of one byte of the keys
 #define FULL 0xffffffffu
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
@@ -35,12 +40,14 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
 };
 
 static_assert(sizeof(Params) == 144, "Params: keep topk_cuda._Params in step");
-static_assert(BLOCK == 256, "the k-th key's histogram has a bin a thread");
+static_assert(BLOCK >= BINS && WIDE >= BINS, "the k-th key's histogram has a bin a thread (the first BINS)");
 
+template <int NT>
 struct Shared {  // the block's reduction, scan and histogram slots (two of each slot: one barrier per use)
-    u32 sum[2][NWARPS];
-    u64 scan[2][2][NWARPS];
-    u32 hist[256];
+    static const int NW = NT / 32;
+    u32 sum[2][NW];
+    u64 scan[2][2][NW];
+    u32 hist[BINS];
     u32 pick, pick_above;
     int last;
 };
@@ -61,37 +68,32 @@ __device__ __forceinline__ u32 warp_sum(u32 v) {
 #endif
 }
 
-// The block's total of a count, in every thread (one barrier: the slots alternate).
-__device__ __forceinline__ u32 block_sum(u32 a, Shared &sh, int &buf) {
-    a = warp_sum(a);
-    if ((threadIdx.x & 31) == 0) sh.sum[buf][threadIdx.x >> 5] = a;
-    __syncthreads();
-    a = 0;
-#pragma unroll
-    for (int i = 0; i < NWARPS; ++i) a += sh.sum[buf][i];
-    buf ^= 1;
-    return a;
+__device__ __forceinline__ u32 warp_max(u32 v) {
+#if __CUDA_ARCH__ >= 800
+    return __reduce_max_sync(FULL, v);
+#else
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+#endif
 }
 
-// The block's largest of a value, in every thread (one barrier).
-__device__ __forceinline__ u32 block_max(u32 a, Shared &sh, int &buf) {
-#if __CUDA_ARCH__ >= 800
-    a = __reduce_max_sync(FULL, a);
-#else
-    for (int o = 16; o > 0; o >>= 1) a = max(a, __shfl_xor_sync(FULL, a, o));
-#endif
-    if ((threadIdx.x & 31) == 0) sh.sum[buf][threadIdx.x >> 5] = a;
+// The block's total (MAX: largest) of a value, in every thread (one barrier: the slots alternate). Across
+// warps, lane i of every warp reads warp i's value and the warp reduces them: one load a thread, not NW.
+template <bool MAX, int NT>
+__device__ __forceinline__ u32 block_reduce(u32 a, Shared<NT> &sh, int &buf) {
+    const int lane = threadIdx.x & 31;
+    a = MAX ? warp_max(a) : warp_sum(a);
+    if (lane == 0) sh.sum[buf][threadIdx.x >> 5] = a;
     __syncthreads();
-    a = 0;
-#pragma unroll
-    for (int i = 0; i < NWARPS; ++i) a = max(a, sh.sum[buf][i]);
+    a = lane < Shared<NT>::NW ? sh.sum[buf][lane] : 0u;
     buf ^= 1;
-    return a;
+    return MAX ? warp_max(a) : warp_sum(a);
 }
 
 // Exclusive prefixes of two values over the block in thread order (in place), and the block's totals
 // (one barrier). Values may pack several counts in 16-bit fields: the fields add independently.
-__device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Shared &sh, int &buf) {
+template <int NT>
+__device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Shared<NT> &sh, int &buf) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     u64 ia = a, ib = b;
 #pragma unroll
@@ -107,16 +109,21 @@ __device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Sh
         sh.scan[buf][1][w] = ib;
     }
     __syncthreads();
-    u64 ba = 0, bb = 0;
-    ta = tb = 0;
+    // every warp scans the warps' totals (lane i: warp i's), so each thread loads two values, not 2 NW
+    const int NW = Shared<NT>::NW;
+    u64 ya = lane < NW ? sh.scan[buf][0][lane] : 0, yb = lane < NW ? sh.scan[buf][1][lane] : 0;
 #pragma unroll
-    for (int i = 0; i < NWARPS; ++i) {
-        const u64 ya = sh.scan[buf][0][i], yb = sh.scan[buf][1][i];
-        ba += i < w ? ya : 0;
-        bb += i < w ? yb : 0;
-        ta += ya;
-        tb += yb;
+    for (int o = 1; o < NW; o <<= 1) {
+        const u64 za = __shfl_up_sync(FULL, ya, o), zb = __shfl_up_sync(FULL, yb, o);
+        if (lane >= o) {
+            ya += za;
+            yb += zb;
+        }
     }
+    ta = __shfl_sync(FULL, ya, NW - 1);
+    tb = __shfl_sync(FULL, yb, NW - 1);
+    const u64 pa = __shfl_sync(FULL, ya, (w + 31) & 31), pb = __shfl_sync(FULL, yb, (w + 31) & 31);
+    const u64 ba = w ? pa : 0, bb = w ? pb : 0;  // lane w - 1's inclusive total: the warps before this one
     buf ^= 1;
     a = ba + ia - a;
     b = bb + ib - b;
@@ -124,9 +131,9 @@ __device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Sh
 
 __device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g)) & 0xffffu; }
 
-// A row of the logits in global memory, read in chunks of GROUPS x 1024 keys: group g of a chunk is 1024
+// A row of the logits in global memory, read in chunks of GROUPS x 4NT keys: group g of a chunk is 4NT
 // contiguous keys, four a thread (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows).
-template <bool VEC>
+template <bool VEC, int NT>
 struct RowSrc {
     static const int GROUPS = ROW_GROUPS;
     const float *row;
@@ -136,7 +143,7 @@ struct RowSrc {
     __device__ __forceinline__ void load(int base, int hi, u32 (&key)[GROUPS][4], int (&)[GROUPS][4]) const {
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g) {
-            const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
+            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
             if (VEC && (!TAIL || first + 4 <= hi)) {
                 const float4 f = *reinterpret_cast<const float4 *>(row + first);
                 key[g][0] = ukey(f.x);
@@ -150,11 +157,12 @@ struct RowSrc {
         }
     }
     __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
-        return base + g * 4 * BLOCK + 4 * (int)threadIdx.x + j;
+        return base + g * 4 * NT + 4 * (int)threadIdx.x + j;
     }
 };
 
-// Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 1024.
+// Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 4NT.
+template <int NT>
 struct SmemSrc {
     static const int GROUPS = 1;
     const u32 *key;
@@ -174,8 +182,8 @@ struct SmemSrc {
 // The K-th largest of src's first n keys (n >= K, all within [lo, hi]), a byte at a time from the top: a pass
 // of a 256-bin histogram of the next byte of the keys that share the bytes found so far, for each byte that lo
 // and hi do not already share.
-template <class Src>
-__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared &sh, int &buf) {
+template <int NT, class Src>
+__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh, int &buf) {
     u32 prefix = 0;
 #pragma unroll 1
     for (int pass = 0; pass < 4; ++pass) {
@@ -184,18 +192,19 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared 
             prefix = (lo >> shift) << shift;
             continue;
         }
-        sh.hist[threadIdx.x] = 0;  // BLOCK == 256 bins
+        if (threadIdx.x < BINS) sh.hist[threadIdx.x] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < n; i += BLOCK) {
+        for (int i = threadIdx.x; i < n; i += NT) {
             const u32 u = src.get(i);
             if (pass == 0 || (u >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&sh.hist[(u >> shift) & 255u], 1u);
         }
         __syncthreads();
-        u64 c = sh.hist[255 - threadIdx.x], unused = 0, total, total2;  // thread t: the t-th bin from the top
+        // thread t < BINS: the t-th bin from the top
+        u64 c = threadIdx.x < BINS ? sh.hist[BINS - 1 - threadIdx.x] : 0, unused = 0, total, total2;
         const u64 mine = c;
         block_scan2(c, unused, total, total2, sh, buf);  // c: the keys in the bins above
         if (c < K && c + mine >= K) {
-            sh.pick = 255 - threadIdx.x;
+            sh.pick = BINS - 1 - threadIdx.x;
             sh.pick_above = (u32)c;
         }
         __syncthreads();
@@ -206,17 +215,17 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared 
 }
 
 // Keys of src's first n above thr (block total).
-template <class Src>
-__device__ u32 count_above(const Src &src, int n, u32 thr, Shared &sh, int &buf) {
+template <int NT, class Src>
+__device__ u32 count_above(const Src &src, int n, u32 thr, Shared<NT> &sh, int &buf) {
     u32 a = 0;
-    for (int i = threadIdx.x; i < n; i += BLOCK) a += src.get(i) > thr;
-    return block_sum(a, sh, buf);
+    for (int i = threadIdx.x; i < n; i += NT) a += src.get(i) > thr;
+    return block_reduce<false>(a, sh, buf);
 }
 
 // One chunk of compact (below) at base; TAIL: the chunk may end past hi (bounds checked key by key).
-template <bool TAIL, class Src, class Sink>
+template <bool TAIL, int NT, class Src, class Sink>
 __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, u32 thr, Sink &sink, u32 &n_gt,
-                                              u32 &n_eq, Shared &sh, int &buf) {
+                                              u32 &n_eq, Shared<NT> &sh, int &buf) {
     const int G = Src::GROUPS;
     u32 key[G][4];
     int idx[G][4];
@@ -226,7 +235,7 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         fg[g] = fe[g] = 0;
-        const int first = base + g * 4 * BLOCK + 4 * (int)threadIdx.x;
+        const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const bool ok = !TAIL || first + j < hi;
@@ -253,10 +262,10 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
 
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
 // (from n_gt on), each key equal to thr to sink.eq (from n_eq on); the counts grow by what was seen.
-template <class Src, class Sink>
-__device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt, u32 &n_eq, Shared &sh,
+template <int NT, class Src, class Sink>
+__device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt, u32 &n_eq, Shared<NT> &sh,
                         int &buf) {
-    const int step = Src::GROUPS * 4 * BLOCK;
+    const int step = Src::GROUPS * 4 * NT;
     int base = lo;
     for (; base + step <= hi; base += step) compact_chunk<false>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
     if (base < hi) compact_chunk<true>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
@@ -288,16 +297,24 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
     }
 };
 
-// The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s).
-template <bool VEC>
-__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC> &row, u32 *s, Shared &sh, int &buf) {
-    const int ns = p.nb * p.sb;
-    for (int i = threadIdx.x; i < ns; i += BLOCK) {
-        const long long start = ((long long)(i / p.sb) * p.T) / p.nb;
-        s[i] = row.get((int)(start + i % p.sb));
+// The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
+// loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
+template <bool VEC, int NT>
+__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u32 *s, Shared<NT> &sh, int &buf) {
+    const int ns = p.nb * p.sb, log_sb = __ffs(p.sb) - 1, log_nb = __ffs(p.nb) - 1;
+    for (int i0 = threadIdx.x; i0 < ns; i0 += 4 * NT) {
+        u32 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = i0 + u * NT;
+            v[u] = i < ns ? row.get((int)((((long long)(i >> log_sb)) * p.T) >> log_nb) + (i & (p.sb - 1))) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (i0 + u * NT < ns) s[i0 + u * NT] = v[u];
     }
     __syncthreads();
-    SmemSrc src{s, nullptr};
+    SmemSrc<NT> src{s, nullptr};
     const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh, buf);
     __syncthreads();  // the sample's slots are the candidates' next
     return L;
@@ -316,12 +333,13 @@ __device__ __forceinline__ int split_of(const u64 *off, int nsplit, u32 q, int h
 
 // Split rows: the last block copies every split's candidates (in split order: index order) into ck / ci and
 // returns the counts; overflow when some split kept more than its region holds.
+template <int NT>
 __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, u64 *off, u32 &n_gt, u32 &n_eq,
-                              bool &overflow, Shared &sh, int &buf) {
+                              bool &overflow, Shared<NT> &sh, int &buf) {
     const u32 *cnt = p.counts + row * p.nsplit * 2;
     u64 run_g = 0, run_e = 0;
     int over = 0;
-    for (int base = 0; base < p.nsplit; base += BLOCK) {
+    for (int base = 0; base < p.nsplit; base += NT) {
         const int s = base + threadIdx.x;
         u64 g = 0, e = 0, tg, te;
         if (s < p.nsplit) {
@@ -342,12 +360,12 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
     n_eq = (u32)run_e;
     if (overflow || n_gt > (u32)p.cap) return;
     const long long reg0 = row * p.nsplit;
-    for (u32 q0 = threadIdx.x; q0 < n_gt; q0 += 4 * BLOCK) {  // four loads in flight a thread
+    for (u32 q0 = threadIdx.x; q0 < n_gt; q0 += 4 * NT) {  // four loads in flight a thread
         u32 kv[4];
         int iv[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const u32 q = q0 + u * BLOCK;
+            const u32 q = q0 + u * NT;
             if (q < n_gt) {
                 const int s = split_of(off, p.nsplit, q, 0);
                 const long long at = (reg0 + s) * p.reg + (q - (u32)off[s]);
@@ -357,7 +375,7 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const u32 q = q0 + u * BLOCK;
+            const u32 q = q0 + u * NT;
             if (q < n_gt) {
                 ck[q] = kv[u];
                 ci[q] = iv[u];
@@ -369,8 +387,9 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
 
 // The first `need` ties in index order to out[n_gt ...]: from the row's tie region (one split) or from every
 // split's (their offsets in off's high halves).
+template <int NT>
 __device__ void write_ties(const Params &p, long long row, const u64 *off, int *o_row, u32 n_gt, u32 need) {
-    for (u32 q = threadIdx.x; q < need; q += BLOCK) {
+    for (u32 q = threadIdx.x; q < need; q += NT) {
         long long at;
         if (p.nsplit == 1) {
             at = row * p.treg + q;
@@ -383,9 +402,10 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
 }
 
 // Sorted output: descending score, equal scores by ascending index (a bitonic sort of (key, ~index) pairs).
-__device__ void sort_selected(const Params &p, const RowSrc<false> &row, int *o_row, u64 *sb) {
+template <int NT>
+__device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int *o_row, u64 *sb) {
     __syncthreads();  // the indices just written are read back by other threads
-    for (int i = threadIdx.x; i < p.kp; i += BLOCK) {
+    for (int i = threadIdx.x; i < p.kp; i += NT) {
         u64 v = 0;  // below every real pair (a real pair's low half is ~index != 0)
         if (i < p.K) {
             const int ix = o_row[(long long)i * p.sok];
@@ -396,7 +416,7 @@ __device__ void sort_selected(const Params &p, const RowSrc<false> &row, int *o_
     __syncthreads();
     for (int size = 2; size <= p.kp; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < p.kp / 2; i += BLOCK) {
+            for (int i = threadIdx.x; i < p.kp / 2; i += NT) {
                 const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
                 const u64 a = sb[lo], b = sb[hi];
                 if ((a < b) == ((lo & size) == 0)) {
@@ -407,17 +427,17 @@ __device__ void sort_selected(const Params &p, const RowSrc<false> &row, int *o_
             __syncthreads();
         }
     }
-    for (int i = threadIdx.x; i < p.K; i += BLOCK) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
+    for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-template <bool VEC, bool SORTED>
+template <int NT, bool VEC, bool SORTED>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ Shared sh;
+    __shared__ Shared<NT> sh;
     int buf = 0;  // which of each pair of shared slots the next reduction or scan takes
     const long long row = blockIdx.x / p.nsplit;
     const int split = blockIdx.x % p.nsplit;
-    const RowSrc<VEC> src{p.x + row * p.sxr, p.sxt};
+    const RowSrc<VEC, NT> src{p.x + row * p.sxr, p.sxt};
     int *o_row = p.out + row * p.sor;
     const int ns = p.nb * p.sb;
     const int base_bytes = max(p.cap * 8, ns * 4);
@@ -457,18 +477,18 @@ __device__ void topk_row(const Params &p) {
     const u32 K = (u32)p.K;
     int path;
     if (!overflow && n_gt <= (u32)p.cap && n_gt >= K) {  // the k-th key lies among the candidates
-        SmemSrc cand{ck, ci};
+        SmemSrc<NT> cand{ck, ci};
         u32 top = 0;
-        for (u32 i = threadIdx.x; i < n_gt; i += BLOCK) top = max(top, ck[i]);
-        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_max(top, sh, buf), sh, buf);
+        for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
+        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh, buf);
         const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
         compact(cand, 0, (int)n_gt, kth, sink, a, e, sh, buf);
         path = p.direct ? 0 : 1;
     } else if (!overflow && n_gt <= (u32)p.cap && n_gt + n_eq >= K) {  // L is the k-th key: the ties fill up
-        for (u32 q = threadIdx.x; q < n_gt; q += BLOCK) o_row[(long long)q * p.sok] = ci[q];
-        write_ties(p, row, off, o_row, n_gt, K - n_gt);
+        for (u32 q = threadIdx.x; q < n_gt; q += NT) o_row[(long long)q * p.sok] = ci[q];
+        write_ties<NT>(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
     } else {  // the sample misled: the exact search over the row in memory
         const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh, buf);
@@ -478,10 +498,16 @@ __device__ void topk_row(const Params &p) {
         path = 3;
     }
     if (p.path != nullptr && threadIdx.x == 0) p.path[row] = path;
-    if (SORTED) sort_selected(p, RowSrc<false>{p.x + row * p.sxr, p.sxt}, o_row, sb);
+    if (SORTED) sort_selected(p, RowSrc<false, NT>{p.x + row * p.sxr, p.sxt}, o_row, sb);
 }
 
-extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) topk_vec(const Params p) { topk_row<true, false>(p); }
-extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) topk_vec_sorted(const Params p) { topk_row<true, true>(p); }
-extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) topk_any(const Params p) { topk_row<false, false>(p); }
-extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) topk_any_sorted(const Params p) { topk_row<false, true>(p); }
+#define ENTRY(name, nt, blocks, vec, sorted) \
+    extern "C" __global__ void __launch_bounds__(nt, blocks) name(const Params p) { topk_row<nt, vec, sorted>(p); }
+ENTRY(topk_vec, BLOCK, MIN_BLOCKS, true, false)
+ENTRY(topk_vec_sorted, BLOCK, MIN_BLOCKS, true, true)
+ENTRY(topk_any, BLOCK, MIN_BLOCKS, false, false)
+ENTRY(topk_any_sorted, BLOCK, MIN_BLOCKS, false, true)
+ENTRY(topk_wide_vec, WIDE, 1, true, false)
+ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
+ENTRY(topk_wide_any, WIDE, 1, false, false)
+ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)

@@ -2,7 +2,9 @@
 
 Same plan as the Triton kernels (``topk.plan``: sample, rank, capacity; ``topk.split_plan``: how few rows
 are cut), same output and tie rule; one launch a call (plus a zeroed count of finished splits for split
-rows). ``available`` says whether this process can use it on a device, and why not.
+rows). Two block shapes: ``BLOCK`` threads (several blocks an SM; rows split over blocks when few) and, with
+``wide``, ``WIDE`` threads, one block a row and never a split (few rows: nothing crosses blocks, nothing to
+zero). ``available`` says whether this process can use it on a device, and why not.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from . import nvrtc
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
-KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted")
-#: Threads a block (BLOCK in the source).
+KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
+           "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
+#: Threads a block (BLOCK and WIDE in the source).
 BLOCK = 256
-#: The select reads its candidates 1024 at a time (256 threads x 4): the capacity is at least that.
-MIN_CAP = 1024
+WIDE = 1024
+
+
+def min_cap(wide: bool) -> int:
+    """The select reads its candidates four a thread a step: the capacity holds at least one step."""
+    return 4 * (WIDE if wide else BLOCK)
+
+
+def kernel_name(vec: bool, sorted: bool, wide: bool) -> str:
+    return "topk_" + ("wide_" if wide else "") + ("vec" if vec else "any") + ("_sorted" if sorted else "")
 
 
 class _Params(ctypes.Structure):
@@ -67,26 +78,30 @@ def available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
 
-def smem_bytes(p: dict, nsplit: int, sorted: bool) -> int:
+def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
     """Dynamic shared memory of a launch: candidates (or the sample), the sort's pairs, the split offsets."""
-    cap = max(p["CAP"], MIN_CAP)
+    cap = max(p["CAP"], min_cap(wide))
     return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
 
 
-def fits(device: int, p: dict, nsplit: int, sorted: bool) -> bool:
+def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) -> bool:
     """Whether a launch's shared memory fits the device (large capacities and k may not)."""
-    return smem_bytes(p, nsplit, sorted) <= _kernels(device)[KERNELS[0]].max_dynamic_smem
+    limit = _kernels(device)[kernel_name(True, sorted, wide)].max_dynamic_smem
+    return smem_bytes(p, 1 if wide else nsplit, sorted, wide) <= limit
 
 
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
-           path: Optional[torch.Tensor]) -> None:
+           path: Optional[torch.Tensor], wide: bool = False) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
-    direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row)."""
+    direct rows, rows of >= ``ONE_SPLIT_ROWS`` and ``wide`` launches are one block a row)."""
     R, T = x2d.shape
     dev = x2d.device
-    nsplit = 1 if p["DIRECT"] else sp["NSPLIT"]
+    for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
+        if p[name] < 1 or p[name] & (p[name] - 1):
+            raise ValueError(f"topk_cuda.launch: plan {name}={p[name]}, expected a power of two (topk.plan gives one)")
+    nsplit = 1 if p["DIRECT"] or wide else sp["NSPLIT"]
     seg = T if nsplit == 1 else sp["SEG"]
-    cap = max(p["CAP"], MIN_CAP)
+    cap = max(p["CAP"], min_cap(wide))
     reg, treg = (0, k) if nsplit == 1 else (min(seg, cap), min(seg, k))
     n_reg = R * nsplit
     # one int32 scratch: [tie regions | candidate keys | candidate indices | counts]; the done counts zeroed
@@ -101,6 +116,6 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
         reg=reg, treg=treg, direct=int(p["DIRECT"]))
-    name = ("topk_vec" if vec else "topk_any") + ("_sorted" if sorted else "")
-    kernel = _kernels(dev.index)[name]
-    kernel.launch(R * nsplit, BLOCK, smem_bytes(p, nsplit, sorted), prm, torch.cuda.current_stream(dev).cuda_stream)
+    kernel = _kernels(dev.index)[kernel_name(vec, sorted, wide)]
+    kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
+                  torch.cuda.current_stream(dev).cuda_stream)
