@@ -178,3 +178,33 @@ def test_the_table_names_the_publishing_graph():
     assert rows[2].source_graph == rows[0].graph != rows[2].graph
     text = "\n".join(r.format() for r in backend.reports)
     assert "publishes its indices for later graphs" in text and "read layer 0's indices" in text
+
+
+@pytest.mark.parametrize("backend", ["inductor", "eager"])
+def test_the_variant_that_runs_has_the_fused_kernel_too(backend, sites_on_cuda, kernel_ok):
+    """A whole-model graph publishes its last F layer's indices for a possible next graph, so the wrapper runs
+    its variant, not the graph the pass rewrote. Session 9 (H200) caught that variant running Inductor's unfused
+    scoring while the report said both F layers were fused (0.99x instead of 8.9x): the fused op must be what
+    runs, in every F layer, and the output must still be the hand-written IndexCache's."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    from indexer_stack import UnbatchedDSAStack
+
+    torch.manual_seed(0)
+    model = UnbatchedDSAStack(num_layers=4, hidden=64, heads=4, head_dim=16, topk=8).eval()
+    past_k, past_v = model.empty_cache(40, "cpu", torch.float32)
+    x = torch.randn(8, 64)
+    chosen = fic.indexcache_backend if backend == "inductor" else fic.indexcache_eager_backend
+    compiled = torch.compile(model, backend=chosen, dynamic=False)
+    with torch.no_grad():
+        out, idx = compiled(x, past_k, past_v)
+        with profile() as prof:
+            compiled(x, past_k, past_v)
+        want, want_idx = model(x, past_k, past_v, pattern="FFSS")
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("fx_indexcache::indexer_logits") == 2, calls  # both F layers, in the graph that ran
+    assert counters["fx_indexcache"]["variant_indexers_fused"] == 2
+    assert counters["fx_indexcache"]["indexers_fused"] == 2
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a.sort(-1).values, b.sort(-1).values) for a, b in zip(idx, want_idx))

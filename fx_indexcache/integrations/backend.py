@@ -28,7 +28,7 @@ from ..detection.frames import dynamo_graph_starts_at_first_layer
 from ..detection.registry import LayerSource
 from ..report.graph_report import IndexCacheReport, publish
 from ..rewrite import cross_graph_build
-from .graph_pass import IndexCachePass
+from .graph_pass import FusionOnlyPass, IndexCachePass
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ def _chain_class(passes: tuple) -> type:
     return type("_InferenceAwareChain", (_Chain, CustomInferenceAwareGraphPass), {"__module__": __name__})
 
 
+def variant_pass(graph_pass: IndexCachePass, installed: Any) -> CustomGraphPass:
+    """The post-grad pass(es) for the cross-graph variants, which are compiled already shared: our fusion alone,
+    then the user's passes from ``installed`` (what ``install_pass`` set)."""
+    user = tuple(p for p in _flat_passes(getattr(installed, "passes", installed)) if p is not graph_pass)
+    passes = (FusionOnlyPass(graph_pass.config), *user)
+    return passes[0] if not user else _chain_class(passes)(*passes)
+
+
 def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -> dict[str, Any]:
     """Inductor options with ``graph_pass`` as the post-grad custom pass, before any the user set (in the options
     or in ``torch._inductor.config``)."""
@@ -184,7 +192,8 @@ class IndexCacheBackend:
 
         patches = install_pass(graph_pass, {**mode_options(mode), **inductor_options})
         self._used_cudagraphs |= bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
-        inner = cross_graph_build.inductor_inner_compile(graph_pass, patches["post_grad_custom_post_pass"])
+        variants = variant_pass(graph_pass, patches["post_grad_custom_post_pass"])
+        inner = cross_graph_build.inductor_inner_compile(graph_pass, variants)
         return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
 
     def _note_compiled_path(self, graph_reports: list[IndexCacheReport]) -> None:
@@ -264,7 +273,12 @@ class IndexCacheEagerBackend(IndexCacheBackend):
             module.recompile()
             return module.forward
 
-        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass)
+        def rewrite_variant(module: torch.fx.GraphModule):  # already shared: our fusion alone
+            FusionOnlyPass(graph_pass.config)(module.graph)
+            module.recompile()
+            return module.forward
+
+        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass, rewrite_variant)
         return aten_graph_backend(rewrite, inference_compiler=inference)(gm, example_inputs)
 
 

@@ -286,30 +286,30 @@ def pending_plan() -> CrossGraphPlan | None:
     return _PENDING.get()
 
 
-def eager_inference_compiler(rewrite: Callable, graph_pass) -> Callable:
-    """AOTAutograd's inference compiler for the eager backend: ``rewrite(module)`` is the usual path."""
+def eager_inference_compiler(rewrite: Callable, graph_pass, rewrite_variant: Callable) -> Callable:
+    """AOTAutograd's inference compiler for the eager backend: ``rewrite(module)`` is the usual path,
+    ``rewrite_variant(variant)`` a variant's (already shared: the fusion alone)."""
     from functorch.compile import make_boxed_func
 
     def compile_forward(module: fx.GraphModule, inputs):
         compiled, plan = compile_layer_graph(
             module, inputs, graph_pass, compile_as_is=lambda m: make_boxed_func(rewrite(m)),
-            compile_variant=lambda variant, _, __: make_boxed_func(variant.forward), inference=True)
+            compile_variant=lambda variant, _, __: make_boxed_func(rewrite_variant(variant)), inference=True)
         return compiled
 
     return compile_forward
 
 
-def inductor_inner_compile(graph_pass, installed_pass) -> Callable:
+def inductor_inner_compile(graph_pass, variant_pass) -> Callable:
     """Inductor's ``inner_compile`` for the IndexCache backend: forward inference graphs go through
-    ``compile_layer_graph``; the variants are compiled with the user's own post-grad passes only.
+    ``compile_layer_graph``; the variants, already shared, are compiled with ``variant_pass`` as the post-grad
+    pass (our kernel fusion, then the user's own passes).
 
     Under CUDA graphs a variant's index buffers are static inputs (``static_input_idxs``): cudagraph trees
     then read and write them in place, at their fixed address, instead of copying them on every replay.
     """
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.utils import BoxedBool
-
-    user_passes = [p for p in getattr(installed_pass, "passes", (installed_pass,)) if p is not graph_pass]
 
     def compile_variant(variant: fx.GraphModule, inputs, static: int, kwargs, cudagraphs: bool | None):
         from torch._guards import TracingContext
@@ -322,8 +322,7 @@ def inductor_inner_compile(graph_pass, installed_pass) -> Callable:
         strides = None if context is None or context.output_strides is None else list(context.output_strides)
         if strides is not None:
             context.output_strides.clear()  # Inductor reports each graph's output strides into an empty list
-        chain = installed_pass if not user_passes else type(installed_pass)(*user_passes)
-        with torch._inductor.config.patch(post_grad_custom_post_pass=chain if user_passes else None):
+        with torch._inductor.config.patch(post_grad_custom_post_pass=variant_pass):
             compiled = compile_fx_inner(variant, inputs, **kwargs)
         if strides is not None:  # the graph AOTAutograd asked for is the as-is one: keep its output strides
             context.output_strides[:] = strides
