@@ -268,18 +268,20 @@ class IndexCacheEagerBackend(IndexCacheBackend):
     def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options):
         self._refuse_inductor_options(inductor_options)
 
-        def rewrite(module: torch.fx.GraphModule):
-            graph_pass(module.graph)
-            module.recompile()
-            return module.forward
-
-        def rewrite_variant(module: torch.fx.GraphModule):  # already shared: our fusion alone
-            FusionOnlyPass(graph_pass.config)(module.graph)
-            module.recompile()
-            return module.forward
-
-        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass, rewrite_variant)
+        rewrite = _running(graph_pass)
+        variants = _running(FusionOnlyPass(graph_pass.config))  # variants are already shared: our fusion alone
+        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass, variants)
         return aten_graph_backend(rewrite, inference_compiler=inference)(gm, example_inputs)
+
+
+def _running(graph_pass) -> Callable:
+    """``module -> forward`` after ``graph_pass`` edited the module's graph (the eager backend's compile step)."""
+    def rewrite(module: torch.fx.GraphModule):
+        graph_pass(module.graph)
+        module.recompile()
+        return module.forward
+
+    return rewrite
 
 
 def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, *,
