@@ -43,12 +43,11 @@ static_assert(sizeof(Params) == 144, "Params: keep topk_cuda._Params in step");
 static_assert(BLOCK >= BINS && WIDE >= BINS, "the k-th key's histogram has a bin a thread (the first BINS)");
 
 template <int NT>
-struct Shared {  // the block's reduction, scan and histogram slots (two of each slot: one barrier per use)
+struct Shared {  // the block's reduction and scan slots (two of each: one barrier per use), histograms (three)
     static const int NW = NT / 32;
+    __align__(16) u32 hist[3][BINS];
     u32 sum[2][NW];
     u64 scan[2][2][NW];
-    u32 hist[BINS];
-    u32 pick, pick_above;
     int last;
 };
 
@@ -179,12 +178,52 @@ struct SmemSrc {
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
 
+// The bin of a histogram holding the K-th largest of its keys (counting from the top bin), and the keys in the
+// bins above it. Every warp scans the whole histogram itself (BINS / 32 bins a lane, two 16-byte loads), so no
+// barrier is needed to hand the answer to the other warps.
+__device__ __forceinline__ void find_bin(const u32 *hist, u32 K, u32 &bin, u32 &above) {
+    const int PER = BINS / 32, lane = threadIdx.x & 31;
+    const uint4 *v = reinterpret_cast<const uint4 *>(hist + BINS - (lane + 1) * PER);  // this lane's bins
+    const uint4 a = v[0], b = v[1];
+    const u32 h[PER] = {b.w, b.z, b.y, b.x, a.w, a.z, a.y, a.x};  // from the top down
+    u32 mine = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) mine += h[j];
+    u32 incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 y = __shfl_up_sync(FULL, incl, o);
+        if (lane >= o) incl += y;
+    }
+    const int l = __ffs(__ballot_sync(FULL, incl >= K)) - 1;  // the lane holding the bin (the keys number >= K)
+    u32 c = incl - mine;
+    int j = 0;
+    bool below = true;  // every lane walks its own bins; lane l's answer is the one broadcast
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        below = below && c + h[i] < K;
+        if (below) {
+            c += h[i];
+            ++j;
+        }
+    }
+    bin = (u32)(BINS - 1 - lane * PER - j);
+    bin = __shfl_sync(FULL, bin, l);
+    above = __shfl_sync(FULL, c, l);
+}
+
 // The K-th largest of src's first n keys (n >= K, all within [lo, hi]), a byte at a time from the top: a pass
 // of a 256-bin histogram of the next byte of the keys that share the bytes found so far, for each byte that lo
-// and hi do not already share.
+// and hi do not already share. One barrier a pass: the histograms rotate over three slots (a pass zeroes the
+// next one; a slot is zeroed again two barriers after its last read), and find_bin needs none. A barrier must
+// separate two calls (the callers' reductions, scans and syncs do).
 template <int NT, class Src>
-__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh, int &buf) {
+__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh) {
+    static_assert(BINS == 256, "find_bin reads eight bins a lane");
     u32 prefix = 0;
+    int h = 0;
+    if (threadIdx.x < BINS) sh.hist[0][threadIdx.x] = 0;
+    __syncthreads();
 #pragma unroll 1
     for (int pass = 0; pass < 4; ++pass) {
         const int shift = 24 - 8 * pass;
@@ -192,24 +231,18 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<
             prefix = (lo >> shift) << shift;
             continue;
         }
-        if (threadIdx.x < BINS) sh.hist[threadIdx.x] = 0;
-        __syncthreads();
+        u32 *hist = sh.hist[h];
+        h = h == 2 ? 0 : h + 1;
+        if (threadIdx.x < BINS) sh.hist[h][threadIdx.x] = 0;
         for (int i = threadIdx.x; i < n; i += NT) {
             const u32 u = src.get(i);
-            if (pass == 0 || (u >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&sh.hist[(u >> shift) & 255u], 1u);
+            if (pass == 0 || (u >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&hist[(u >> shift) & 255u], 1u);
         }
         __syncthreads();
-        // thread t < BINS: the t-th bin from the top
-        u64 c = threadIdx.x < BINS ? sh.hist[BINS - 1 - threadIdx.x] : 0, unused = 0, total, total2;
-        const u64 mine = c;
-        block_scan2(c, unused, total, total2, sh, buf);  // c: the keys in the bins above
-        if (c < K && c + mine >= K) {
-            sh.pick = BINS - 1 - threadIdx.x;
-            sh.pick_above = (u32)c;
-        }
-        __syncthreads();
-        prefix |= sh.pick << shift;
-        K -= sh.pick_above;
+        u32 bin, above;
+        find_bin(hist, K, bin, above);
+        prefix |= bin << shift;
+        K -= above;
     }
     return prefix;
 }
@@ -315,7 +348,7 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     }
     __syncthreads();
     SmemSrc<NT> src{s, nullptr};
-    const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh, buf);
+    const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh);
     __syncthreads();  // the sample's slots are the candidates' next
     return L;
 }
@@ -480,7 +513,7 @@ __device__ void topk_row(const Params &p) {
         SmemSrc<NT> cand{ck, ci};
         u32 top = 0;
         for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
-        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh, buf);
+        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh);
         const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
@@ -491,7 +524,7 @@ __device__ void topk_row(const Params &p) {
         write_ties<NT>(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
     } else {  // the sample misled: the exact search over the row in memory
-        const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh, buf);
+        const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh);
         OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, buf), K};
         u32 a = 0, e = 0;
         compact(src, 0, p.T, kth, sink, a, e, sh, buf);
