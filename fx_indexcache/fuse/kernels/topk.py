@@ -143,7 +143,8 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
 
     "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.111 / 0.212 ms
     unsorted / sorted against torch's 0.494 / 0.551; 256-4096 rows of 8K-256K keys 2.4-5.2x unsorted, 1.2-4.3x
-    sorted). "cuda_wide": rows of at least ``CUDA_WIDE_MIN_T`` keys (``CUDA_WIDE_SORTED_MIN_T`` sorted).
+    sorted), or in a CUDA graph the one long row ``split_cuda_wins`` takes. "cuda_wide": rows of at least
+    ``CUDA_WIDE_MIN_T`` keys (``CUDA_WIDE_SORTED_MIN_T`` sorted).
     "split" (H200, torch 2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md):
 
     Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
@@ -154,8 +155,8 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
     fallback there, before ``MARGIN_SD``; not re-measured since) and at 8K keys; unmeasured shapes go
     to torch.topk.
     """
-    if algorithm == "cuda":
-        return rows >= CUDA_MIN_ROWS and T >= CUDA_MIN_T
+    if algorithm == "cuda":  # one split row: measured in CUDA graphs only (split_cuda_wins)
+        return (rows >= CUDA_MIN_ROWS and T >= CUDA_MIN_T) or (in_cuda_graph and split_cuda_wins(rows, T, sorted))
     if algorithm == "cuda_wide":  # sorted adds a bitonic sort (~20 us): measured ahead from 32K keys
         return T >= (CUDA_WIDE_SORTED_MIN_T if sorted else CUDA_WIDE_MIN_T)
     if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
@@ -250,15 +251,22 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
 
 def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[dict] = None,
                       splits: Optional[int] = None) -> str:
-    """What ``_launch(algorithm="auto")`` runs: "cuda" for ``CUDA_MIN_ROWS`` rows or more where the CUDA kernel
-    applies; "cuda_wide" for fewer rows (``wide_wins``) where it applies; else the Triton "split" kernels."""
+    """What ``_launch(algorithm="auto")`` runs: ``preferred_algorithm`` where the CUDA kernel applies, else the
+    Triton "split" kernels (also for fewer than ``CUDA_MIN_ROWS`` rows when the caller fixes the split count)."""
     p = p or plan(x2d.shape[-1], k)
     R, T = x2d.shape
-    if R >= CUDA_MIN_ROWS and cuda_applies(x2d, p, splits, sorted):
+    choice = preferred_algorithm(R, T, sorted)
+    if choice == "split" or (R < CUDA_MIN_ROWS and splits is not None):
+        return "split"
+    return choice if cuda_applies(x2d, p, splits, sorted, wide=choice == "cuda_wide") else "split"
+
+
+def preferred_algorithm(R: int, T: int, sorted: bool) -> str:
+    """The fastest of our kernels measured for ``R`` rows of ``T`` keys, where the CUDA kernel loads: "cuda" from
+    ``CUDA_MIN_ROWS`` rows; for fewer, "cuda_wide" (``wide_wins``), "cuda" (``split_cuda_wins``) or "split"."""
+    if R >= CUDA_MIN_ROWS or split_cuda_wins(R, T, sorted):
         return "cuda"
-    if splits is None and wide_wins(R, T, sorted) and cuda_applies(x2d, p, None, sorted, wide=True):
-        return "cuda_wide"
-    return "split"
+    return "cuda_wide" if wide_wins(R, T, sorted) else "split"
 
 
 #: Fewer than ``CUDA_MIN_ROWS`` rows (decode) go to the wide CUDA kernel (one 1024-thread block a row) up to
@@ -279,6 +287,20 @@ def wide_wins(R: int, T: int, sorted: bool = False) -> bool:
     if R >= CUDA_MIN_ROWS or T > CUDA_WIDE_MAX_T:
         return False
     return R >= CUDA_WIDE_LONG_ROWS or (T <= CUDA_WIDE_T and not sorted)
+
+
+#: One row (decode at batch 1) longer than ``CUDA_WIDE_T`` keys, up to ``CUDA_SPLIT_MAX_T``, unsorted: the
+#: 256-thread CUDA kernel with the row split over blocks. CUDA-graph replay, us, against the Triton split kernels
+#: (runs 9 and 10, H200, torch 2.11, CUDA 13.0; benchmarks/results/topk_cuda_run{9,10}.json): 1 x 64K 25.0 / 27.5
+#: and 23.9 / 27.4, 1 x 128K 26.0 / 27.7 and 27.4 / 27.9, 1 x 256K 32.8 / 37.9 and 31.0 / 38.1 (torch.topk 45.5,
+#: 52.3, 63.0). From 4 rows, and sorted, the Triton kernels were ahead (4 x 128K 40.3 / 37.5 and 38.0 / 37.5; 1 x
+#: 128K sorted 48.9 / 33.1: the bitonic sort in one block).
+CUDA_SPLIT_MAX_T = 262144
+
+
+def split_cuda_wins(R: int, T: int, sorted: bool = False) -> bool:
+    """Whether the 256-thread CUDA kernel, its row split over blocks, beats the Triton and wide kernels."""
+    return R == 1 and not sorted and CUDA_WIDE_T < T <= CUDA_SPLIT_MAX_T
 
 
 def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool, wide: bool = False) -> bool:
