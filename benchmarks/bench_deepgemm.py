@@ -1,0 +1,166 @@
+"""Our indexer logits (bf16, fp8) and top-k beside DeepGEMM's fp8 MQA logits kernels, on the same inputs.
+
+DeepGEMM (github.com/deepseek-ai/DeepGEMM) is what the serving engines run for V3.2's indexer on Hopper: e4m3
+keys with a per-token scale, q in e4m3. It is not a dependency: build it from its public source on the GPU
+machine (``scripts/build_deepgemm.sh`` says how) and put it on ``PYTHONPATH``; without it this script says so
+and exits 2.
+
+Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled by 2^U{-4..4}):
+
+* prefill ``S x T``, the queries the last S of T keys (causal): ``fp8_fp4_mqa_logits`` (``ks = 0``,
+  ``ke = T - S + i + 1``) against ``indexer_logits`` (bf16) and ``logits_from_fp8`` (our fp8 kernel on
+  operands quantised beforehand, as an fp8 key cache holds them);
+* decode ``B x 1 x T``: ``fp8_fp4_paged_mqa_logits`` (blocks of 64 keys in a shuffled block table, the
+  scheduling metadata made once) against ``indexer_logits``;
+* each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
+  (``triton.testing.do_bench_cudagraph`` medians); agreement of each fp8 top-k set with the bf16 one
+  (mean |set & bf16 set| / k) and the logits' relative difference.
+
+Writes ``<out>/deepgemm.{json,md}``. Usage: ``python benchmarks/bench_deepgemm.py --out DIR [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
+from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
+
+from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
+
+BLOCK_KV = 64
+SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
+          ("decode", 64, 1, 32768), ("decode", 4, 1, 131072)]
+
+
+def _fp8_rows(x: torch.Tensor):
+    """e4m3 rows with a per-row fp32 scale (amax / 448), as DeepGEMM's tests quantise the keys."""
+    sf = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448.0
+    return (x.float() / sf).to(torch.float8_e4m3fn), sf.squeeze(-1)
+
+
+def _graph_us(fn) -> float:
+    import triton
+
+    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    seen = torch.isfinite(a) & torch.isfinite(b)
+    return ((a[seen] - b[seen]).norm() / b[seen].norm()).item()
+
+
+def prefill_logits(dg, q, k, w, scale):
+    """DeepGEMM's non-paged kernel for one sequence: q [S, H, D], keys [T, D], causal through ks / ke."""
+    S, T = q.shape[1], k.shape[1]
+    kv = _fp8_rows(k[0])
+    qf = q[0].to(torch.float8_e4m3fn)
+    wf = (w[0] * scale).float().contiguous()  # ReLU(c x) = c ReLU(x), c > 0: the scale rides on the weights
+    ks = torch.zeros(S, dtype=torch.int32, device="cuda")
+    ke = torch.arange(T - S + 1, T + 1, dtype=torch.int32, device="cuda")
+    return lambda: dg.fp8_fp4_mqa_logits((qf, None), kv, wf, ks, ke, True, 0, torch.float32)
+
+
+def paged_logits(dg, q, k, w, scale):
+    """DeepGEMM's paged decode kernel: each row's keys in blocks of BLOCK_KV at shuffled places of one pool."""
+    B, T = q.shape[0], k.shape[1]
+    nblk = T // BLOCK_KV
+    kf, sf = _fp8_rows(k)  # [B, T, D], [B, T]
+    pool = torch.empty(B * nblk, BLOCK_KV * (D + 4), dtype=torch.uint8, device="cuda")
+    table = torch.randperm(B * nblk, device="cuda", dtype=torch.int32).view(B, nblk)
+    blocks_k = kf.view(B * nblk, BLOCK_KV * D).view(torch.uint8)
+    blocks_s = sf.contiguous().view(B * nblk, BLOCK_KV).view(torch.uint8)
+    pool[table.view(-1).long()] = torch.cat([blocks_k, blocks_s], 1)
+    pool = pool.view(B * nblk, BLOCK_KV, 1, D + 4)
+    lens = torch.full((B, 1), T, dtype=torch.int32, device="cuda")
+    meta = dg.get_paged_mqa_logits_metadata(lens, BLOCK_KV, dg.get_num_sms())
+    qf = q.to(torch.float8_e4m3fn)  # [B, 1, H, D]
+    wf = (w.reshape(B, H) * scale).float().contiguous()
+    return lambda: dg.fp8_fp4_paged_mqa_logits((qf, None), pool, wf, lens, table, meta, T, False, torch.float32)
+
+
+def measure(dg, kind, B, S, T) -> dict:
+    q, k, w = _inputs(B, S, T)
+    scale = D**-0.5
+    out = torch.empty(B, S, T, device="cuda")
+    ours = lambda: li.indexer_logits(q, k, w, causal=True, scale=scale, out=out)  # noqa: E731
+    theirs = (prefill_logits if kind == "prefill" else paged_logits)(dg, q, k, w, scale)
+    ref = ours().clone()
+    got = theirs().view(B, S, T)
+    row = dict(kind=kind, B=B, S=S, T=T, dg_agreement=_agreement(got, ref, TOPK), dg_rel_diff=_rel_diff(got, ref))
+    pairs = {"bf16": ours, "deepgemm_fp8": lambda: theirs().view(B, S, T)}
+    if kind == "prefill":
+        ops = f8.quantize_operands(q, k, w, scale)
+        ours8 = f8.logits_from_fp8(ops, causal=True)
+        row.update(ours_fp8_agreement=_agreement(ours8, ref, TOPK), ours_fp8_rel_diff=_rel_diff(ours8, ref))
+        pairs["ours_fp8"] = lambda: f8.logits_from_fp8(ops, causal=True, out=out)
+    for name, fn in pairs.items():
+        row[f"{name}_us"] = _graph_us(fn)
+        row[f"{name}_topk_us"] = _graph_us(lambda fn=fn: li.indexer_topk(fn(), TOPK, sorted=False, method="triton"))
+    return row
+
+
+def _table(rows, env) -> str:
+    lines = [
+        "# Our indexer beside DeepGEMM's fp8 MQA logits",
+        "",
+        f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, DeepGEMM "
+        f"{env['deepgemm']}; H={H}, D={D}, top-k {TOPK} (ours, unsorted), causal; CUDA-graph replay medians, µs. "
+        "Agreement: mean |fp8 set & bf16 set| / k against our bf16 logits.",
+        "",
+        "| shape | bf16 (ours) | + top-k | fp8 DeepGEMM | + top-k | fp8 ours | + top-k | DeepGEMM agreement "
+        "| ours fp8 agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | error: {r['error']} ||||||||")
+            continue
+        f = lambda key: f"{r[key]:.1f}" if key in r else "—"  # noqa: E731
+        g = lambda key: f"{r[key]:.4f}" if key in r else "—"  # noqa: E731
+        lines.append(
+            f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | {f('deepgemm_fp8_us')} | "
+            f"{f('deepgemm_fp8_topk_us')} | {f('ours_fp8_us')} | {f('ours_fp8_topk_us')} | {g('dg_agreement')} | "
+            f"{g('ours_fp8_agreement')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
+    args = parser.parse_args()
+    try:
+        import deep_gemm as dg
+    except ImportError as e:
+        print(f"bench_deepgemm: DeepGEMM does not import ({e}); build it as scripts/build_deepgemm.sh says")
+        return 2
+    import triton
+
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+               triton=triton.__version__, deepgemm=getattr(dg, "__version__", "?"))
+    rows = []
+    for kind, B, S, T in [SHAPES[0], SHAPES[2]] if args.quick else SHAPES:
+        try:
+            rows.append(measure(dg, kind, B, S, T))
+        except Exception as e:  # keep the other shapes' numbers
+            rows.append(dict(kind=kind, B=B, S=S, T=T, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deepgemm.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    table = _table(rows, env)
+    (args.out / "deepgemm.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
