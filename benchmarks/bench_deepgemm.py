@@ -7,9 +7,10 @@ and exits 2.
 
 Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled by 2^U{-4..4}):
 
+* both fp8 kernels read the same operands, ``quantize_operands``'s (e4m3 q per token and head, k per token, the
+  q scales folded into the weights), quantised beforehand as an fp8 key cache holds them;
 * prefill ``S x T``, the queries the last S of T keys (causal): ``fp8_fp4_mqa_logits`` (``ks = 0``,
-  ``ke = T - S + i + 1``) against ``indexer_logits`` (bf16) and ``logits_from_fp8`` (our fp8 kernel on
-  operands quantised beforehand, as an fp8 key cache holds them);
+  ``ke = T - S + i + 1``) against ``indexer_logits`` (bf16) and ``logits_from_fp8`` (our fp8 kernel);
 * decode ``B x 1 x T``: ``fp8_fp4_paged_mqa_logits`` (blocks of 64 keys in a shuffled block table, the
   scheduling metadata made once) against ``indexer_logits``;
 * each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
@@ -40,12 +41,6 @@ SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 
           ("decode", 64, 1, 32768), ("decode", 4, 1, 131072)]
 
 
-def _fp8_rows(x: torch.Tensor):
-    """e4m3 rows with a per-row fp32 scale (amax / 448), as DeepGEMM's tests quantise the keys."""
-    sf = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448.0
-    return (x.float() / sf).to(torch.float8_e4m3fn), sf.squeeze(-1)
-
-
 def _graph_us(fn) -> float:
     import triton
 
@@ -57,33 +52,32 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a[seen] - b[seen]).norm() / b[seen].norm()).item()
 
 
-def prefill_logits(dg, q, k, w, scale):
-    """DeepGEMM's non-paged kernel for one sequence: q [S, H, D], keys [T, D], causal through ks / ke."""
-    S, T = q.shape[1], k.shape[1]
-    kv = _fp8_rows(k[0])
-    qf = q[0].to(torch.float8_e4m3fn)
-    wf = (w[0] * scale).float().contiguous()  # ReLU(c x) = c ReLU(x), c > 0: the scale rides on the weights
+def prefill_logits(dg, ops: f8.Fp8Operands):
+    """DeepGEMM's non-paged kernel for one sequence on our fp8 operands (q8 [S, H, D], k8 [T, D] with its per-token
+    scales, the q scales and score scale folded into the weights), causal through ks / ke."""
+    S, T = ops.q8.shape[1], ops.k8.shape[1]
     ks = torch.zeros(S, dtype=torch.int32, device="cuda")
     ke = torch.arange(T - S + 1, T + 1, dtype=torch.int32, device="cuda")
-    return lambda: dg.fp8_fp4_mqa_logits((qf, None), kv, wf, ks, ke, True, 0, torch.float32)
+    args = ((ops.q8[0], None), (ops.k8[0], ops.k_scale[0]), ops.weights[0].contiguous(), ks, ke)
+    return lambda: dg.fp8_fp4_mqa_logits(*args, True, 0, torch.float32)
 
 
-def paged_logits(dg, q, k, w, scale):
-    """DeepGEMM's paged decode kernel: each row's keys in blocks of BLOCK_KV at shuffled places of one pool."""
-    B, T = q.shape[0], k.shape[1]
+def paged_logits(dg, ops: f8.Fp8Operands):
+    """DeepGEMM's paged decode kernel on our fp8 operands: each row's keys (and their scales) in blocks of
+    BLOCK_KV at shuffled places of one pool."""
+    B, T = ops.k8.shape[0], ops.k8.shape[1]
     nblk = T // BLOCK_KV
-    kf, sf = _fp8_rows(k)  # [B, T, D], [B, T]
     pool = torch.empty(B * nblk, BLOCK_KV * (D + 4), dtype=torch.uint8, device="cuda")
     table = torch.randperm(B * nblk, device="cuda", dtype=torch.int32).view(B, nblk)
-    blocks_k = kf.view(B * nblk, BLOCK_KV * D).view(torch.uint8)
-    blocks_s = sf.contiguous().view(B * nblk, BLOCK_KV).view(torch.uint8)
+    blocks_k = ops.k8.reshape(B * nblk, BLOCK_KV * D).view(torch.uint8)
+    blocks_s = ops.k_scale.contiguous().view(B * nblk, BLOCK_KV).view(torch.uint8)
     pool[table.view(-1).long()] = torch.cat([blocks_k, blocks_s], 1)
     pool = pool.view(B * nblk, BLOCK_KV, 1, D + 4)
     lens = torch.full((B, 1), T, dtype=torch.int32, device="cuda")
     meta = dg.get_paged_mqa_logits_metadata(lens, BLOCK_KV, dg.get_num_sms())
-    qf = q.to(torch.float8_e4m3fn)  # [B, 1, H, D]
-    wf = (w.reshape(B, H) * scale).float().contiguous()
-    return lambda: dg.fp8_fp4_paged_mqa_logits((qf, None), pool, wf, lens, table, meta, T, False, torch.float32)
+    weights = ops.weights.reshape(B, -1).contiguous()
+    return lambda: dg.fp8_fp4_paged_mqa_logits((ops.q8, None), pool, weights, lens, table, meta, T, False,
+                                               torch.float32)
 
 
 def measure(dg, kind, B, S, T) -> dict:
@@ -91,13 +85,13 @@ def measure(dg, kind, B, S, T) -> dict:
     scale = D**-0.5
     out = torch.empty(B, S, T, device="cuda")
     ours = lambda: li.indexer_logits(q, k, w, causal=True, scale=scale, out=out)  # noqa: E731
-    theirs = (prefill_logits if kind == "prefill" else paged_logits)(dg, q, k, w, scale)
+    ops = f8.quantize_operands(q, k, w, scale)  # both fp8 kernels read the same operands
+    theirs = (prefill_logits if kind == "prefill" else paged_logits)(dg, ops)
     ref = ours().clone()
     got = theirs().view(B, S, T)
     row = dict(kind=kind, B=B, S=S, T=T, dg_agreement=_agreement(got, ref, TOPK), dg_rel_diff=_rel_diff(got, ref))
     pairs = {"bf16": ours, "deepgemm_fp8": lambda: theirs().view(B, S, T)}
     if kind == "prefill":
-        ops = f8.quantize_operands(q, k, w, scale)
         ours8 = f8.logits_from_fp8(ops, causal=True)
         row.update(ours_fp8_agreement=_agreement(ours8, ref, TOPK), ours_fp8_rel_diff=_rel_diff(ours8, ref))
         pairs["ours_fp8"] = lambda: f8.logits_from_fp8(ops, causal=True, out=out)

@@ -182,6 +182,7 @@ struct SmemSrc {
 // bins above it. Every warp scans the whole histogram itself (BINS / 32 bins a lane, two 16-byte loads), so no
 // barrier is needed to hand the answer to the other warps.
 __device__ __forceinline__ void find_bin(const u32 *hist, u32 K, u32 &bin, u32 &above) {
+    static_assert(BINS == 256, "find_bin reads eight bins a lane");
     const int PER = BINS / 32, lane = threadIdx.x & 31;
     const uint4 *v = reinterpret_cast<const uint4 *>(hist + BINS - (lane + 1) * PER);  // this lane's bins
     const uint4 a = v[0], b = v[1];
@@ -219,7 +220,6 @@ __device__ __forceinline__ void find_bin(const u32 *hist, u32 K, u32 &bin, u32 &
 // separate two calls (the callers' reductions, scans and syncs do).
 template <int NT, class Src>
 __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh) {
-    static_assert(BINS == 256, "find_bin reads eight bins a lane");
     u32 prefix = 0;
     int h = 0;
     if (threadIdx.x < BINS) sh.hist[0][threadIdx.x] = 0;
