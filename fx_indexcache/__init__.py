@@ -10,9 +10,9 @@ from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, ind
 from .integrations.export import apply_index_cache_to_exported_program
 from .integrations.graph_pass import IndexCachePass
 from .integrations.transformers_cache import prepared_static_cache
-from .report.graph_report import IndexCacheReport, clear_reports, reports
+from .report.graph_report import IndexCacheReport
 from .report.sharing import format_layer_sharing, layer_sharing
-from .rewrite.cross_graph import layer_calls
+from .session import IndexCacheSession, clear_reports, default_session, layer_calls, reports
 
 __all__ = [
     "IndexCacheBackend",
@@ -20,8 +20,10 @@ __all__ = [
     "IndexCacheConfig",
     "IndexCachePass",
     "IndexCacheReport",
+    "IndexCacheSession",
     "apply_index_cache_to_exported_program",
     "clear_reports",
+    "default_session",
     "detect",
     "format_layer_sharing",
     "indexcache_backend",

@@ -17,13 +17,29 @@ ships ``index_topk_freq: 4, index_skip_topk_offset: 3`` and no ``use_index_cache
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-FULL, SHARED = "F", "S"
+class Mark(str, enum.Enum):
+    """How the config marks one decoder layer: F computes its top-k, S reuses the nearest computing layer's.
+
+    A ``str`` so that marks compare equal to the plain letters engines and patterns use."""
+
+    F = "F"
+    S = "S"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+FULL, SHARED = Mark.F, Mark.S
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +112,7 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     ``use_index_cache`` is what it is (not part of the semantics, nor of the fingerprint).
     """
 
-    use_index_cache: bool = False
+    use_index_cache: bool | None = None  # None: on exactly when a pattern key is given (see Switch)
     index_topk_freq: int = 1
     index_skip_topk_offset: int = 2
     index_topk_pattern: str | None = None
@@ -108,6 +124,10 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     switch: Switch = dataclasses.field(default=Switch.GIVEN, compare=False)
 
     def __post_init__(self) -> None:
+        if self.use_index_cache is None:  # one rule for "on" everywhere: keys given mean IndexCache on
+            keyed = self._pattern_keys_given()
+            object.__setattr__(self, "use_index_cache", keyed)
+            object.__setattr__(self, "switch", Switch.IMPLIED_BY_KEYS if keyed else Switch.DEFAULT)
         if not isinstance(self.use_index_cache, bool):
             raise _bad("use_index_cache", self.use_index_cache, "a bool")
         if not isinstance(self.drop_shared_indexer_cache_writes, bool):
@@ -135,6 +155,11 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
                     raise _bad("indexer_types", types, f'a list of "full" / "shared" (found {entry!r})')
             object.__setattr__(self, "indexer_types", tuple(types))
             self._check_length("indexer_types", types, len(types))
+
+    def _pattern_keys_given(self) -> bool:
+        """Whether any key that makes a pattern differs from its default (an all-F ``index_topk_freq=1`` does not)."""
+        return (self.index_topk_freq != 1 or self.index_skip_topk_offset != 2 or self.index_topk_pattern is not None
+                or self.indexer_types is not None)
 
     def _check_length(self, key: str, value: Any, length: int) -> None:
         if self.num_layers is not None and length != self.num_layers:
@@ -181,11 +206,46 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
         pattern = self.explicit_pattern
         if pattern is not None:
             if layer >= len(pattern):
-                source = "indexer_types" if self.indexer_types is not None else "index_topk_pattern"
-                raise _bad(source, pattern, f"at least {layer + 1} entries: the graph holds DSA layer {layer}")
-            return pattern[layer]
+                raise self.pattern_length_error(layer + 1, exact=False)
+            return Mark(pattern[layer])
         phase = max(layer - self.index_skip_topk_offset + 1, 0)
         return FULL if phase % self.index_topk_freq == 0 else SHARED
+
+    def pattern_length_error(self, model_layers: int, *, exact: bool = True) -> ValueError:
+        """The one error for a pattern whose length is not the model's decoder-layer count.
+
+        ``exact``: ``model_layers`` is the model's layer count (from its config); otherwise it is a lower bound
+        (the graph holds DSA layer ``model_layers - 1``)."""
+        key = "indexer_types" if self.indexer_types is not None else "index_topk_pattern"
+        value = self.indexer_types if self.indexer_types is not None else self.index_topk_pattern
+        count = f"{model_layers} decoder layers" if exact else f"at least {model_layers} decoder layers"
+        return ValueError(
+            f"IndexCache config: {key}={value!r} has {len(value or ())} entries but the model has {count}; {key} must have one "
+            f"entry per decoder layer (dense and sliding-window layers included), as vLLM and SGLang read it"
+        )
+
+    def check_model_layers(self, model_layers: int | None) -> None:
+        """Raise ``pattern_length_error`` when an explicit pattern's length is not ``model_layers``."""
+        pattern = self.explicit_pattern
+        if self.use_index_cache and pattern is not None and model_layers is not None and len(pattern) != model_layers:
+            raise self.pattern_length_error(model_layers)
+
+    def buffer_sources(self, indexed_layers: Sequence[int]) -> dict[int, int]:
+        """The engines' one-buffer rule over a model's indexed layers (all of them): the layer each one's indices
+        come from.
+
+        vLLM and SGLang keep one top-k buffer that only computing indexed layers write; an S layer reads it. So an
+        indexed layer computes when it is marked F, or when no indexed layer before it computed (engines would read
+        an unset buffer there; we never do), and otherwise uses the nearest preceding indexed layer that computed,
+        whatever the layers between (dense, sliding-window, linear) are marked.
+        """
+        uses: dict[int, int] = {}
+        writer = None
+        for layer in sorted(indexed_layers):
+            if writer is None or self.layer_kind(layer) == FULL:
+                writer = layer
+            uses[layer] = writer
+        return uses
 
     def pattern_for(self, num_layers: int) -> str:
         """The F/S string for layers ``0..num_layers-1`` as the config states it."""
@@ -194,9 +254,10 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     def executed_pattern(self, num_layers: int) -> str:
         """The pattern a whole-model graph runs: an S with no F before it is computed as F.
 
-        This is what the hand-written model-level IndexCache must run to match the pass.
+        This is what the hand-written model-level IndexCache must run to match the pass (every layer indexed).
         """
-        return "".join(FULL if self.source_layer(i) is None else self.layer_kind(i) for i in range(num_layers))
+        uses = self.buffer_sources(range(num_layers))
+        return "".join(FULL if uses[i] == i else SHARED for i in range(num_layers))
 
     def source_layer(self, layer: int) -> int | None:
         """The F layer whose indices S layer ``layer`` reuses: the nearest preceding F, or None."""
@@ -260,11 +321,45 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     def from_keys(cls, **keys: Any) -> IndexCacheConfig:
         """Keyword keys as every entry point takes them: any key given switches IndexCache on
         unless ``use_index_cache`` is given too (no keys at all: the all-F default)."""
+        check_keys(keys, "IndexCache config", allowed=(*CONFIG_KEYS, "num_layers"))
         if not keys:
             return cls(switch=Switch.DEFAULT)
         if "use_index_cache" not in keys:
             keys["use_index_cache"], keys["switch"] = True, Switch.IMPLIED_BY_KEYS
         return cls(**keys)
+
+    @classmethod
+    def coerce(cls, config: IndexCacheConfig | Mapping[str, Any] | None, keys: Mapping[str, Any], where: str,
+               *, default_on: bool = False) -> IndexCacheConfig:
+        """A config from what an entry point was given: a config, a dict of keys, or keyword keys (not two of them).
+
+        ``default_on``: with no pattern key at all, the backend's default (freq 4, on) applies, as for the
+        backends and the export helper."""
+        if config is not None and keys:
+            raise TypeError(f"{where}: give a config or keyword keys, not both (got config and {sorted(keys)})")
+        if isinstance(config, IndexCacheConfig):
+            return config
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"{where}: config={config!r} is not allowed; it must be an IndexCacheConfig, a dict of "
+                            f"IndexCache keys, or keyword keys")
+        given = dict(config if config is not None else keys)
+        check_keys(given, where, allowed=(*CONFIG_KEYS, "num_layers"))
+        if default_on:
+            made, _ = cls.from_options(given)
+            return made
+        return cls.from_keys(**given)
+
+
+def check_keys(keys: Mapping[str, Any], where: str, allowed: Sequence[str], *, others: Sequence[str] = (),
+               others_name: str = "") -> None:
+    """Refuse a key that is neither in ``allowed`` nor in ``others``, naming the nearest valid one."""
+    for key in keys:
+        if key in allowed or key in others:
+            continue
+        near = difflib.get_close_matches(str(key), [*allowed, *others], n=1, cutoff=0.75)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        also = f", or {others_name}" if others_name else ""
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; allowed are the IndexCache keys {list(allowed)}{also}")
 
 
 def _layers_to_show(values: Mapping[str, Any]) -> int:

@@ -20,7 +20,7 @@ from capture import GraphCapture  # noqa: E402
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
-from fx_indexcache.rewrite.cache_ledger import DEFAULT_LEDGER  # noqa: E402
+from fx_indexcache.session import default_session  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -43,7 +43,8 @@ class CapturingBackend(GraphCapture):
     def __call__(self, gm, example_inputs):
         from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
 
-        self.graph_pass.graph_starts_at_first_layer = dynamo_graph_starts_at_first_layer()
+        self.graph_pass = self.graph_pass.with_context(starts_at_first_layer=dynamo_graph_starts_at_first_layer())
+        self.rewrite = self.graph_pass.run
         return super().__call__(gm, example_inputs)
 
     @property
@@ -83,7 +84,7 @@ def fresh_dynamo():
     """Each test compiles from scratch: no recompile limits or reports carried between tests."""
     torch._dynamo.reset()
     clear_reports()
-    DEFAULT_LEDGER.clear()
+    default_session().clear()
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()

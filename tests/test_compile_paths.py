@@ -185,7 +185,7 @@ def test_nested_compile_region_calls_switch_to_f_and_s_bodies():
     The output is checked against the oracle in test_regional.py, on a model whose layers really are one
     body: one body for this model's dense and MoE layers is not the model (torch's own regional compile
     already differs from eager here)."""
-    from fx_indexcache.rewrite.cross_graph import CallAction
+    from fx_indexcache.crossgraph.runtime import CallAction
 
     model = _regional(model_pair(TINY)[0])
     backend = CapturingBackend(index_topk_freq=2, index_skip_topk_offset=1)

@@ -113,7 +113,7 @@ def test_bad_values_name_key_value_and_what_is_allowed(keys, field, allowed):
 
 def test_pattern_too_short_for_the_graph_names_the_key():
     config = on(index_topk_pattern="FS")
-    with pytest.raises(ValueError, match=r"index_topk_pattern='FS'.*at least 3 entries"):
+    with pytest.raises(ValueError, match=r"index_topk_pattern='FS' has 2 entries but the model has at least 3 decoder layers"):
         config.layer_kind(2)
 
 
@@ -124,14 +124,24 @@ def test_fingerprint_changes_with_every_field():
         on(index_topk_freq=4, index_skip_topk_offset=3),
         on(index_topk_freq=4, index_topk_pattern="FS"),
         on(index_topk_freq=4, drop_shared_indexer_cache_writes=True),
-        IndexCacheConfig(index_topk_freq=4),
+        IndexCacheConfig(index_topk_freq=4, use_index_cache=False),
     ]
     assert len({base.fingerprint(), *(v.fingerprint() for v in variants)}) == 1 + len(variants)
 
 
-def test_executed_pattern_computes_every_s_without_an_f_before_it():
-    assert on(index_topk_pattern="SSFSF").executed_pattern(5) == "FFFSF"
+def test_executed_pattern_follows_the_one_buffer_rule():
+    """The first S layer with nothing computed before it computes; the next S reads it (the buffer it wrote)."""
+    assert on(index_topk_pattern="SSFSF").executed_pattern(5) == "FSFSF"
     assert on(index_topk_freq=4).executed_pattern(8) == on(index_topk_freq=4).pattern_for(8)
+
+
+@pytest.mark.parametrize(("indexed", "expected"), [
+    ([1, 3, 5, 7], {1: 1, 3: 1, 5: 5, 7: 5}),  # the issue's hybrid: DSA at odd layers, freq 4 -> 3<-1, 7<-5
+    ([2, 4, 6, 8, 10], {2: 2, 4: 2, 6: 2, 8: 2, 10: 2}),  # F-marked 5 and 9 hold no indexer: all read 2
+    ([0, 5, 6], {0: 0, 5: 5, 6: 5}),
+])
+def test_buffer_sources_pair_hybrid_stacks_by_the_global_decoder_index(indexed, expected):
+    assert on(index_topk_freq=4).buffer_sources(indexed) == expected
 
 
 # ----------------------------------------------------------------------------- issue 11, item 9

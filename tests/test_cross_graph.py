@@ -12,9 +12,9 @@ import torch
 
 import fx_indexcache as fic
 from cross_graph_programs import D, LoopDecoder, MoEDecoder
-from fx_indexcache.rewrite import cross_graph
-from fx_indexcache.rewrite.cross_graph import CallAction, Fallback
-from fx_indexcache.rewrite.cross_graph_build import CrossGraphOff
+from fx_indexcache.crossgraph import runtime as cross_graph
+from fx_indexcache.crossgraph.runtime import CallAction, Fallback
+from fx_indexcache.crossgraph.plan import CrossGraphOff
 
 N = 4
 
@@ -37,7 +37,7 @@ def _randn(*shape, seed: int):
 
 
 def _actions(model) -> dict[int, CallAction]:
-    return {call.layer: call.action for call in cross_graph.layer_calls(model)}
+    return {call.layer: call.action for call in fic.layer_calls(model)}
 
 
 def _expected_actions(pattern: str) -> dict[int, CallAction]:
@@ -73,7 +73,7 @@ def test_official_style_moe_dispatch_equals_the_oracle(pattern):
     """``bincount().tolist()`` dispatch breaks every layer; one compiled attention graph serves all four."""
     model = MoEDecoder(N)
     _check_steps(model, _compile(model, pattern), pattern)
-    calls = cross_graph.layer_calls(model)
+    calls = fic.layer_calls(model)
     assert len({call.graph for call in calls}) == 1  # one graph ran as every layer
     read = [call for call in calls if call.action is CallAction.READ]
     assert read and all(call.source_graph == call.graph and call.source_layer == _uses(pattern)[call.layer]
@@ -92,7 +92,7 @@ def test_skipping_the_f_layer_computes():
         compiled(x)
         out = compiled(x, None, [1, 2, 3])  # layer 0 never runs in this call
     torch.testing.assert_close(out, _untouched(model, x, None, [1, 2, 3]), rtol=0, atol=0)
-    calls = {call.layer: call for call in cross_graph.layer_calls(model)}
+    calls = {call.layer: call for call in fic.layer_calls(model)}
     assert {call.fallback for call in calls.values()} == {Fallback.NOT_PUBLISHED}
 
 
@@ -102,7 +102,7 @@ def test_a_gap_after_the_f_layer_computes():
     with torch.no_grad():
         out = compiled(x, None, [0, 2, 3])
     torch.testing.assert_close(out, _untouched(model, x, None, [0, 2, 3]), rtol=0, atol=0)
-    assert cross_graph.layer_calls(model)[1].fallback is Fallback.NOT_CONSECUTIVE
+    assert fic.layer_calls(model)[1].fallback is Fallback.NOT_CONSECUTIVE
 
 
 def test_another_cache_length_in_an_s_layer_computes():
@@ -113,7 +113,7 @@ def test_another_cache_length_in_an_s_layer_computes():
     with torch.no_grad():
         out = compiled(x, past)
     torch.testing.assert_close(out, _untouched(model, x, past), rtol=0, atol=0)
-    assert [call.fallback for call in cross_graph.layer_calls(model)] == [None, Fallback.MISMATCH, None,
+    assert [call.fallback for call in fic.layer_calls(model)] == [None, Fallback.MISMATCH, None,
                                                                           Fallback.MISMATCH]
 
 
@@ -126,7 +126,7 @@ def test_a_call_that_starts_above_layer_zero_never_reads_the_previous_call():
         compiled(x, None, [0, 1])
         out = compiled(y, None, [2, 3])
     torch.testing.assert_close(out, _untouched(model, y, None, [2, 3]), rtol=0, atol=0)
-    assert {call.fallback for call in cross_graph.layer_calls(model)} == {Fallback.NOT_PUBLISHED}
+    assert {call.fallback for call in fic.layer_calls(model)} == {Fallback.NOT_PUBLISHED}
 
 
 def test_without_the_host_check_stale_indices_show(monkeypatch):
@@ -150,7 +150,7 @@ def test_disabled_runs_every_layer_as_it_is(monkeypatch):
     with torch.no_grad():
         out = _compile(model, "FSFS")(x)
     torch.testing.assert_close(out, _untouched(model, x), rtol=0, atol=0)
-    assert cross_graph.layer_calls(model) == []
+    assert fic.layer_calls(model) == []
 
 
 def test_an_all_f_pattern_builds_no_variants():
@@ -166,7 +166,7 @@ def test_training_graphs_are_left_as_they_are():
     x = _randn(2, 5, D, seed=1)
     out = _compile(model, "FSFS")(x)
     torch.testing.assert_close(out, _untouched(model, x), rtol=0, atol=0)
-    assert cross_graph.layer_calls(model) == []
+    assert fic.layer_calls(model) == []
 
 
 def test_inductor_shares_across_graphs():
@@ -200,7 +200,7 @@ def test_published_indices_stay_at_one_address_across_calls():
     compiled, x = _compile(model, "FSSS"), _randn(2, 5, D, seed=1)
     with torch.no_grad():
         compiled(x)
-        (timeline,) = cross_graph.layer_map(model).timelines.values()
+        (timeline,) = fic.default_session().layer_map(model).timelines.values()
         first = timeline.published[0].indices
         compiled(_randn(2, 5, D, seed=2))
         assert timeline.published[0].indices is first
@@ -249,7 +249,7 @@ def test_indices_published_by_one_graph_are_read_by_another():
 
     model = DenseFirstDecoder(N)
     _check_steps(model, _compile(model, "FSSS"), "FSSS")
-    calls = cross_graph.layer_calls(model)
+    calls = fic.layer_calls(model)
     assert calls[0].graph != calls[1].graph and {c.source_graph for c in calls[1:]} == {calls[0].graph}
 
 

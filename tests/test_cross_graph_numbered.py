@@ -15,8 +15,8 @@ import torch
 import fx_indexcache as fic
 from cross_graph_programs import D, FunctionalDecoder, SegmentDecoder
 from fx_indexcache.report.sharing import Sharing
-from fx_indexcache.rewrite import cross_graph
-from fx_indexcache.rewrite.cross_graph import CallAction, Fallback
+from fx_indexcache.crossgraph import runtime as cross_graph
+from fx_indexcache.crossgraph.runtime import CallAction, Fallback
 
 N = 4
 
@@ -68,7 +68,7 @@ def _room_for_every_segment_graph():
 
 
 def _reads(model) -> dict[int, int]:
-    return {c.layer: c.source_layer for c in cross_graph.layer_calls(model) if c.action is CallAction.READ}
+    return {c.layer: c.source_layer for c in fic.layer_calls(model) if c.action is CallAction.READ}
 
 
 @pytest.mark.parametrize("pattern,cuts", [("FSSS", (1,)), ("FSSS", (2,)), ("FSSS", (3,)), ("FFSS", (3,)),
@@ -96,7 +96,7 @@ def test_a_break_where_the_next_layer_is_f_exchanges_nothing():
     x = _randn(2, 5, D, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, None, segments), model.oracle(x, _uses("FSFS")), rtol=0, atol=0)
-    assert cross_graph.layer_calls(model) == [] and all(r.cross_graph is None for r in backend.reports)
+    assert fic.layer_calls(model) == [] and all(r.cross_graph is None for r in backend.reports)
 
 
 @pytest.mark.parametrize("pattern", ["FSSS", "FFSS", "FSFS"])
@@ -133,7 +133,7 @@ def test_inductor_shares_across_a_numbered_break():
             torch.testing.assert_close(out, model.oracle_segments(x, _uses("FSFS"), None, segments),
                                        rtol=1e-5, atol=1e-5)
             assert _reads(model) == {1: 0, 3: 2}
-    (timeline,) = cross_graph.layer_map(model).timelines.values()
+    (timeline,) = fic.default_session().layer_map(model).timelines.values()
     assert timeline.published[0].indices.data_ptr() != timeline.published[2].indices.data_ptr()
 
 
@@ -151,7 +151,7 @@ def test_a_failed_check_runs_the_graph_as_it_is(segments, fallback):
         out = compiled(x, None, segments)
         order = [i for start, stop in segments for i in range(start, stop)]
         torch.testing.assert_close(out, model.oracle(x, _uses("FSSS", {2, 3}), None, order), rtol=0, atol=0)
-    calls = {c.layer: c for c in cross_graph.layer_calls(model)}
+    calls = {c.layer: c for c in fic.layer_calls(model)}
     assert calls[2].action is CallAction.COMPUTED and calls[2].fallback is fallback
 
 
@@ -163,7 +163,7 @@ def test_another_cache_length_after_the_break_computes():
     with torch.no_grad():
         out = compiled(x, past, segments)
     torch.testing.assert_close(out, model.oracle(x, _uses("FSSS", {2, 3}), past), rtol=0, atol=0)
-    assert {c.layer: c.fallback for c in cross_graph.layer_calls(model) if c.marked == "S"} == {
+    assert {c.layer: c.fallback for c in fic.layer_calls(model) if c.marked == "S"} == {
         2: Fallback.MISMATCH, 3: Fallback.MISMATCH}
 
 

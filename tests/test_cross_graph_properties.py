@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import fx_indexcache as fic
 from cross_graph_programs import D, LoopDecoder
-from fx_indexcache.rewrite import cross_graph
-from fx_indexcache.rewrite.cross_graph import CallAction
+from fx_indexcache.crossgraph import runtime as cross_graph
+from fx_indexcache.crossgraph.runtime import CallAction
 
 N = 4
 PATTERNS = ("FSSS", "FSFS", "FFSF")
@@ -52,7 +52,7 @@ def test_out_of_order_calls_read_only_what_this_call_published(pattern, calls):
         past = None if widths is None else [torch.randn(2, w, D, generator=gen) for w in widths]
         with torch.no_grad():
             out = compiled(x, past, order)
-            records = {call.layer: call for call in cross_graph.layer_calls(model)}
+            records = {call.layer: call for call in fic.layer_calls(model)}
             assert sorted(records) == sorted(order)
             read = {i for i, call in records.items() if call.action is CallAction.READ}
             assert read == {layer for p, layer in enumerate(order) if _may_read(config, order, p, widths)}
@@ -75,7 +75,7 @@ def test_reading_happens_in_the_drawn_cases():
         with torch.no_grad():
             torch.compile(model, backend=fic.indexcache_eager_backend,
                           options={"index_topk_pattern": pattern})(torch.randn(2, 3, D))
-        assert any(call.action is CallAction.READ for call in cross_graph.layer_calls(model))
+        assert any(call.action is CallAction.READ for call in fic.layer_calls(model))
 
 
 # ---------------------------------------------------------------------------------------------- numbered graphs
@@ -111,7 +111,7 @@ def test_numbered_graphs_in_any_order_read_only_what_this_call_published(pattern
             past = None if widths is None else [torch.randn(2, w, D, generator=gen) for w in widths]
             with torch.no_grad():
                 out = compiled(x, past, segments)
-                read = {c.layer for c in cross_graph.layer_calls(model) if c.action is CallAction.READ}
+                read = {c.layer for c in fic.layer_calls(model) if c.action is CallAction.READ}
                 assert all(_may_read(config, order, order.index(layer), widths) for layer in read)
                 if picked == list(range(len(SEGMENTS))) and widths in (None, (4, 4, 4, 4)):
                     assert read == _leading_s(config)  # in order, one cache length: every reader reads
@@ -139,4 +139,4 @@ def test_numbered_reading_happens_in_the_drawn_cases():
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
             torch.compile(model, backend=fic.indexcache_eager_backend,
                           options={"index_topk_pattern": pattern})(torch.randn(2, 3, D), None, SEGMENTS)
-        assert any(call.action is CallAction.READ for call in cross_graph.layer_calls(model))
+        assert any(call.action is CallAction.READ for call in fic.layer_calls(model))

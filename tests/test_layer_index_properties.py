@@ -5,9 +5,9 @@ Hypothesis draws the program (functional or module-based; module paths kept or s
 break at a layer boundary or none), the route (compile; export; export then compile), how many
 times the pass runs, and the config (freq/offset, pattern, indexer_types). The expected layer
 sharing is derived independently of the pass: a graph knows its layer numbers when its sites
-carry module paths with them, or it is the first graph of the compiled frame, or an export (one
-whole graph), or it was rewritten before (it then keeps what it had). An S layer is shared iff its
-F layer is in the same graph and that graph knows its numbers.
+carry module paths with them, or it is one whole graph (an export, an unbroken compile) holding one
+indexer per layer of a layer count the keys state, or it was rewritten before (it then keeps what it
+had). Inside a graph that knows its numbers, S layers follow the engines' one-buffer rule.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dsa_programs import FunctionalDSA, ModuleDSA, inputs
 from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
 from fx_indexcache.detection.registry import LayerSource
 from fx_indexcache.integrations.backend import aten_graph_backend
+from fx_indexcache.rewrite.indices_io import CallAction
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -77,22 +78,36 @@ def _backend(config, paths: bool, applications: int):
     return backend
 
 
-def _graphs(program) -> list[tuple[list[int], bool]]:
-    """The layers of each graph the pass rewrites first, and whether that graph knows their numbers."""
+def _graphs(program) -> list[tuple[list[int], bool, bool]]:
+    """The layers of each graph the pass rewrites first, whether that graph knows their numbers, and whether it
+    starts at the model's first layer.
+
+    Module paths number any graph. Without them only graph order can, and only for a whole graph (an export,
+    an unbroken compile) whose indexer count is the model's layer count as the keys state it (a pattern or
+    indexer_types: one entry per layer): a graph before a break holds fewer indexers than the model has layers.
+    """
     n, break_at = program["n"], program["break_at"]
+    paths = program["style"] == "module" and program["paths"]
+    counted = any(key in program["keys"] for key in ("index_topk_pattern", "indexer_types"))
     if program["route"] != "compile" or break_at is None:
-        return [(list(range(n)), True)]  # an export is one whole graph; so is an unbroken compile
-    numbered = program["style"] == "module" and program["paths"]
-    return [(list(range(break_at)), True), (list(range(break_at, n)), numbered)]
+        return [(list(range(n)), paths or counted, True)]  # an export is one whole graph; so is an unbroken compile
+    return [(list(range(break_at)), paths, True), (list(range(break_at, n)), paths, False)]
 
 
 def _expected_uses(program, config) -> list[int]:
+    """Inside each numbered graph, the engines' one-buffer rule: an S layer reads the nearest preceding layer that
+    computed; one with none before it computes when nothing can precede it (the graph starts at the first layer,
+    or no F is marked before it), and is left as it is otherwise (its source is in an earlier graph)."""
     uses = list(range(program["n"]))
-    for layers, known in _graphs(program):
+    for layers, known, starts in _graphs(program):
+        if not known:
+            continue
+        writer = None
         for layer in layers:
-            source = config.source_layer(layer) if config.layer_kind(layer) == "S" else None
-            if known and source in layers:
-                uses[layer] = source
+            if config.layer_kind(layer) == "F" or (writer is None and (starts or config.source_layer(layer) is None)):
+                writer = layer
+            elif writer is not None:
+                uses[layer] = writer
     return uses
 
 
@@ -146,7 +161,7 @@ def _check_reports(program, config, uses) -> None:
     assert got == uses, f"reports say layers use {got}, expected {uses}"
     unknown_graphs = [r for r in decided if r.layer_index_unknown is not None]
     runs = program["applications"] if program["route"] == "compile" else 1  # an unknown graph stays unknown
-    assert len(unknown_graphs) == runs * sum(not known for _, known in _graphs(program))
+    assert len(unknown_graphs) == runs * sum(not known for _, known, _ in _graphs(program))
 
 
 def _case(style, paths, break_at, route, applications, pattern):
@@ -174,7 +189,7 @@ def test_configured_index_cache_or_untouched_and_the_report_says_which(program, 
     run_uses = [config.source_layer(i) if i in across else use for i, use in enumerate(uses)]
     with torch.no_grad():
         got = _run(program, config, model, x)
-        read = {call.layer for call in fic.layer_calls(model) if call.action is fic.rewrite.cross_graph.CallAction.READ}
+        read = {call.layer for call in fic.layer_calls(model) if call.action is CallAction.READ}
         want = model(x, run_uses)  # an eager call of the model: a new forward call, layer_calls forgets the last
     assert read == across
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 import fx_indexcache as fic
 from cross_graph_programs import D, RegionDecoder
-from fx_indexcache.rewrite.cross_graph import CallAction
+from fx_indexcache.crossgraph.runtime import CallAction
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"),
                                 reason="this torch has no torch.compiler.nested_compile_region")

@@ -2,8 +2,10 @@
 
 torch spells ``nn_module_stack`` paths differently by version (``L['self'].model.layers.3``,
 ``L__self___model_layers_3``, ``getattr(L['self'].model.layers, '3')``); we normalise them
-to ``model.layers.3`` and take the first all-digit component as the decoder-layer index,
-which is where every transformer stack (``layers.N``, ``h.N``, ``blocks.N``) puts it.
+to ``model.layers.3`` and read a *slot* from it: the first all-digit component (the index in a
+repeated-block list: ``layers.N``, ``h.N``, ``blocks.N``, but also ``indexers.N``) and the
+container before it. Which slot is the decoder layer is decided by the detector from where a
+site's indices are *consumed* (``consumer_slots``), not from the top-k's own list position.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import re
 
 from torch import fx
+
+from ..graph_utils import VALUE_PRESERVING, is_call
 
 _GETATTR = re.compile(r"getattr\((.*?),\s*['\"](\w+)['\"]\)")
 _SUBSCRIPT = re.compile(r"\[['\"]?(\w+)['\"]?\]")
@@ -63,3 +67,39 @@ def layer_key(path: str) -> tuple[str, int] | None:
         if part.isdigit():
             return ".".join(parts[:position]), int(part)
     return None
+
+
+def layer_slot(path: str | None) -> tuple[str, int] | None:
+    """``model.layers.3.attn`` → ``("model.layers", 3)``: the container and index of the first all-digit component.
+
+    Splits on dots and underscores alike, so torch's ``model_layers_3`` spelling gives the same container."""
+    if not path:
+        return None
+    parts = re.split(r"[._]", path)
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:position]), int(part)
+    return None
+
+
+def consumer_slots(indices: fx.Node) -> set[tuple[str, int]]:
+    """The slots of the nodes that consume ``indices`` (seen through casts, views and copies).
+
+    The decoder layer an indexer serves is the layer whose attention reads its indices: an indexer kept
+    in its own list (``indexers.j``, j counting only the DSA layers) is called from the model's loop, but
+    its indices are read inside ``layers.i``. Consumers outside every numbered module (the model's own
+    code, the graph's output) tell nothing and are skipped."""
+    slots: set[tuple[str, int]] = set()
+    seen, frontier = {indices}, [indices]
+    while frontier:
+        for user in frontier.pop().users:
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            if is_call(user, VALUE_PRESERVING):
+                frontier.append(user)
+                continue
+            slot = layer_slot(module_path(user))
+            if slot is not None:
+                slots.add(slot)
+    return slots

@@ -9,6 +9,7 @@ model's first DSA layer. Otherwise it is unknown, and no layer may be marked S o
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import hashlib
@@ -19,7 +20,7 @@ from torch import fx
 
 from ..graph_utils import node_order
 from .layer_records import LayerRecord, read_record
-from .layers import layer_index_from_path
+from .layers import consumer_slots, layer_slot
 from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
@@ -45,12 +46,22 @@ class UnknownLayerIndex(str, enum.Enum):
 
     NO_PROOF = (
         "no module path with a layer number, and nothing tells that this graph starts at the model's first "
-        "DSA layer (pass graph_starts_at_first_layer=True to IndexCachePass if it does)"
+        "layer (pass graph_starts_at_first_layer=True to IndexCachePass if it does)"
     )
     NOT_WHOLE_GRAPH = (
         "no module path with a layer number, and this graph does not start at the compiled callable's top: "
         "a dynamo resume function after a graph break, or a function or module dynamo compiled on its own "
         "(one graph that may serve several layers)"
+    )
+    NO_LAYER_COUNT = (
+        "no module path with a layer number, and the model's decoder-layer count is unknown, so graph order "
+        "cannot prove that every decoder layer holds exactly one indexer (give num_layers or "
+        "index_topk_pattern, or compile a model whose config has num_hidden_layers)"
+    )
+    COUNT_MISMATCH = (
+        "no module path with a layer number, and the graph's indexer count is not the model's decoder-layer "
+        "count: graph order cannot tell which layers hold them (dense or sliding layers between DSA layers, "
+        "several indexers a layer, or part of the model)"
     )
     ORDER_CONTRADICTS_PATHS = "graph order contradicts the layer numbers some module paths carry"
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
@@ -101,6 +112,14 @@ class Detection:
     layer_source: LayerSource
     unknown_reason: UnknownLayerIndex | None = None
     records: dict[int, LayerRecord] = dataclasses.field(default_factory=dict)  # layer → earlier record
+    unknown_detail: str = ""  # the counts behind ``unknown_reason``, when it has any
+
+    @property
+    def unknown_text(self) -> str:
+        """``unknown_reason`` with its detail, for reports and warnings."""
+        if self.unknown_reason is None:
+            return ""
+        return self.unknown_reason.value + (f" ({self.unknown_detail})" if self.unknown_detail else "")
 
 
 def _subgraph_modules(graph: fx.Graph) -> list[tuple[str, fx.GraphModule]]:
@@ -128,11 +147,14 @@ def _find_all(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     return sites, ignored
 
 
-def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None) -> Detection:
-    """Find the sites and give each its layer (see the module docstring for where it comes from).
+def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
+           layer_count: int | None = None) -> Detection:
+    """Find the sites and give each its decoder-layer index, or none (see ``_assign_layers``).
 
-    ``graph_starts_at_first_layer`` says whether the graph begins at the model's first DSA layer
-    (True for an exported program, a backend tells it for a dynamo graph; None: not known).
+    ``graph_starts_at_first_layer`` says whether the graph begins at the model's first layer (True for an
+    exported program, a backend tells it for a dynamo graph; None: not known). ``layer_count`` is the model's
+    decoder-layer count where a config or the keys state it: graph order numbers sites only when the graph
+    holds exactly that many, one a layer.
     """
     sites, ignored = _find_all(graph)
     nested = []
@@ -142,11 +164,22 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None) -> 
             nested.append(f"{name} ({len(inner)} indexer top-k)")
     detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
     if sites:
-        _assign_layers(detection, graph_starts_at_first_layer)
+        _assign_layers(detection, graph_starts_at_first_layer, layer_count)
     return detection
 
 
-def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | None) -> None:
+def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | None, layer_count: int | None) -> None:
+    """The rule: a layer index is proven or absent.
+
+    1. An earlier rewrite's record (a second application never renumbers).
+    2. Module paths: the decoder layer whose attention *consumes* a site's indices, else the numbered module
+       that holds its top-k; every site must land in one layer container (the repeated block of the model's
+       layer list), and a site read by several layers is the model's own sharing (``IndexerSite.readers``).
+    3. Graph order, only for a graph that starts at the model's first layer and holds exactly one indexer per
+       decoder layer of a model whose layer count is known. Dense or sliding layers between DSA layers, two
+       indexers a layer or part of a model would otherwise shift every index after them.
+    4. Otherwise unknown: every layer computes, and the report and a warning say why.
+    """
     sites = detection.sites
     records = [read_record(site.anchor) for site in sites]
     if all(records):
@@ -156,26 +189,64 @@ def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | Non
     if any(records):
         _unknown(detection, UnknownLayerIndex.PARTIAL_RECORD)
         return
-    from_paths = [layer_index_from_path(site.module_path) for site in sites]
-    if all(layer is not None for layer in from_paths):
-        _place(detection, from_paths, LayerSource.MODULE_PATH)
+    slots = [_site_slot(site) for site in sites]
+    if all(slot is not None for slot in slots):
+        _place_by_slots(detection, slots)
     elif graph_starts_at_first_layer is not True:
         reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH
         _unknown(detection, reason)
-    elif any(layer not in (None, order) for order, layer in enumerate(from_paths)):
+    elif layer_count is None:
+        _unknown(detection, UnknownLayerIndex.NO_LAYER_COUNT)
+    elif len(sites) != layer_count:
+        _unknown(detection, UnknownLayerIndex.COUNT_MISMATCH,
+                 f"{len(sites)} indexers, {layer_count} decoder layers")
+    elif any(slot is not None and slot[1] != order for order, slot in enumerate(slots)):
         _unknown(detection, UnknownLayerIndex.ORDER_CONTRADICTS_PATHS)
     else:
         _place(detection, list(range(len(sites))), LayerSource.WHOLE_GRAPH_ORDER)
 
 
-def _unknown(detection: Detection, reason: UnknownLayerIndex) -> None:
-    detection.layer_source, detection.unknown_reason = LayerSource.UNKNOWN, reason
+def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
+    """The (container, layer) a site serves: where its indices are consumed, else where its top-k runs.
+
+    Sets ``site.readers`` when the indices are consumed in more than one layer of one container."""
+    consumers = consumer_slots(site.indices)
+    own = layer_slot(site.module_path)
+    containers = {container for container, _ in consumers}
+    if len(containers) != 1:
+        return own
+    read_by = sorted(layer for _, layer in consumers)
+    (container,) = containers
+    if len(read_by) > 1:
+        site.readers = tuple(read_by)
+        if own is not None and own[0] == container and own[1] in read_by:
+            return own
+        return container, read_by[0]
+    return container, read_by[0]
+
+
+def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> None:
+    """Place sites by their slots; sites in a container other than the one most sites are in are set aside."""
+    counts = collections.Counter(container for container, _ in slots)
+    main, _ = counts.most_common(1)[0]
+    others = [(site, slot) for site, slot in zip(detection.sites, slots) if slot[0] != main]
+    kept = [(site, slot) for site, slot in zip(detection.sites, slots) if slot[0] == main]
+    detection.sites = [site for site, _ in kept]
+    _place(detection, [slot[1] for _, slot in kept], LayerSource.MODULE_PATH)
+    detection.unplaced += [
+        (site, f"its indices serve {slot[0]}.{slot[1]}, outside the layer container {main!r} that holds the "
+               "other indexers: no one decoder-layer numbering covers both") for site, slot in others]
+
+
+def _unknown(detection: Detection, reason: UnknownLayerIndex, detail: str = "") -> None:
+    detection.layer_source, detection.unknown_reason, detection.unknown_detail = LayerSource.UNKNOWN, reason, detail
     for site in detection.sites:
         site.layer, site.layer_source = None, LayerSource.UNKNOWN
 
 
 def _place(detection: Detection, layers: list[int], source: LayerSource) -> None:
-    """Give each site its layer; two sites claiming one layer are both set aside (unplaced)."""
+    """Give each site its layer; several sites in one layer are all set aside (unplaced): pairing them with
+    another layer's sites by position would be a guess."""
     detection.layer_source = source
     seen: dict[int, IndexerSite] = {}
     doubled: set[int] = set()
@@ -185,7 +256,8 @@ def _place(detection: Detection, layers: list[int], source: LayerSource) -> None
             doubled.add(layer)
         seen.setdefault(layer, site)
     detection.unplaced = [
-        (site, f"a second indexer site in layer {site.layer}") for site in detection.sites if site.layer in doubled
+        (site, f"layer {site.layer} holds more than one indexer: they are left as they are, never paired with "
+               "another layer's indexers by position") for site in detection.sites if site.layer in doubled
     ]
     placed = [site for site in detection.sites if site.layer not in doubled]
     detection.sites = sorted(placed, key=lambda site: site.layer)

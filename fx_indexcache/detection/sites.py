@@ -34,6 +34,9 @@ class IndexerSite(abc.ABC):
     evidence: tuple[str, ...]
     layer: int | None = None  # None until detection places it, or when the index is unknown
     layer_source: str = ""
+    #: Decoder layers whose attention reads these indices when that is more than one: the model itself
+    #: already shares them (native sharing, GLM-5's ``indexer_types``); such a site is never rewired.
+    readers: tuple[int, ...] = ()
 
     kind = "abstract"
 

@@ -16,18 +16,24 @@ mode's options sit under the user's own options.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..config import IndexCacheConfig
+from ..config import CONFIG_KEYS, PATTERN_KEYS, IndexCacheConfig, check_keys
+from ..context import GraphContext, model_layer_count
+from ..crossgraph import build as crossgraph_build
+from ..crossgraph.runtime import LayerCall, modules_on_stack
 from ..detection.frames import dynamo_graph_starts_at_first_layer
-from ..detection.registry import LayerSource
-from ..report.graph_report import IndexCacheReport, publish
-from ..rewrite import cross_graph_build
+from ..detection.registry import Detection, LayerSource
+from ..report.graph_report import IndexCacheReport
+from ..session import IndexCacheSession, default_session
 from .graph_pass import FusionOnlyPass, IndexCachePass
 
 log = logging.getLogger(__name__)
@@ -129,6 +135,48 @@ def install_pass(graph_pass: IndexCachePass, inductor_options: dict[str, Any]) -
     return patches
 
 
+@contextlib.contextmanager
+def swapped_pass(old: IndexCachePass, new: IndexCachePass) -> Iterator[None]:
+    """For one Inductor compile, ``new`` in place of ``old`` in the installed post-grad pass chain (the same pass
+    with this graph's context: its cross-graph plan, or that it is a training graph)."""
+    installed = torch._inductor.config.post_grad_custom_post_pass
+    passes = tuple(new if p is old else p for p in _flat_passes(getattr(installed, "passes", installed)))
+    replacement = passes[0] if len(passes) == 1 else _chain_class(passes)(*passes)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=replacement):
+        yield
+
+
+def _inductor_keys() -> list[str]:
+    return list(torch._inductor.config.get_config_copy())
+
+
+def check_backend_options(options: Mapping[str, Any], where: str, *, inductor: bool = True) -> None:
+    """Refuse an option that is neither an IndexCache key nor (with ``inductor``) an Inductor config key, naming
+    the nearest valid one: a misspelt key must fail when the backend is made, not at the first compile."""
+    check_keys(options, where, allowed=(*CONFIG_KEYS, "num_layers"),
+               others=_inductor_keys() if inductor else (), others_name="Inductor config keys" if inductor else "")
+
+
+def _compiled_model() -> tuple[Any, int | None]:
+    """The model being compiled (the outermost module on the stack) and the decoder-layer count the first module
+    with a config states (transformers' ``config.num_hidden_layers``), each None when there is none."""
+    modules = modules_on_stack()
+    counts = [count for count in map(model_layer_count, modules) if count is not None]
+    return (modules[0] if modules else None), (counts[0] if counts else None)
+
+
+def _model_config_keys(model: Any) -> dict[str, Any]:
+    """The IndexCache pattern keys a model's own config ships (GLM-5.2's ``index_topk_freq`` / offset,
+    ``indexer_types``): they are that model's default, as the engines apply them."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    from ..config import _read_keys
+
+    keys = _read_keys(config)
+    return {key: keys[key] for key in PATTERN_KEYS if keys.get(key) is not None}
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 
@@ -136,44 +184,67 @@ class IndexCacheBackend:
     """A ``torch.compile`` backend: Inductor (C++ on CPU, Triton on GPU) plus the IndexCache pass.
 
     ``IndexCacheBackend(index_topk_freq=4, mode=None, **inductor_options)``: the IndexCache keys of
-    ``IndexCacheConfig`` (freq 4 when none is given), any Inductor option, and optionally a ``mode``. A
-    ``mode`` or ``options`` given to ``torch.compile`` itself is honoured as well (options there override the
-    object's; two different modes are an error). ``reports`` lists the report of every graph it compiled.
+    ``IndexCacheConfig``, any Inductor option, and optionally a ``mode``. Without pattern keys the model's own
+    config decides when it ships IndexCache keys (``indexer_types``, ``index_topk_freq``, ...), else freq 4 (the
+    paper's 1/4). A ``mode`` or ``options`` given to ``torch.compile`` itself is honoured as well (options there
+    override the object's; two different modes are an error). A misspelt option fails here, naming the nearest
+    key.
+
+    The backend owns an ``IndexCacheSession``: ``reports`` lists the report of every graph it compiled,
+    ``layer_calls(model)`` what a model's cross-graph layer graphs did in its latest forward call; two backend
+    objects share nothing, and within one, each model has its own cache-write choices and timelines.
 
     A backend is a compiler handle, like a function: ``copy.copy`` / ``copy.deepcopy`` return the object
     itself, so the compiles transformers makes from its copies of a ``GenerationConfig`` report here, and
     equal configs compare equal (transformers recompiles when its compile config compares unequal).
-    Pickling keeps the configuration and starts an empty report list.
+    Pickling keeps the configuration and starts a new session.
     """
 
     #: The name torch.compile, dynamo's logs and error messages show.
     __name__ = "IndexCacheBackend"
+    _inductor_options = True
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
+        check_backend_options(options, type(self).__name__, inductor=self._inductor_options)
         IndexCacheConfig.from_options(options)
         self.mode = mode
         self.options = dict(options)
         self._init_state()
 
-    def _init_state(self) -> None:
-        self.reports: list[IndexCacheReport] = []
+    def _init_state(self, session: IndexCacheSession | None = None) -> None:
+        self.session = IndexCacheSession(repr(self)) if session is None else session
         self._used_cudagraphs = False
-        self._warned_decode_only = False
+
+    @property
+    def reports(self) -> list[IndexCacheReport]:
+        """The report of every graph this backend compiled, oldest first."""
+        return self.session.reports()
+
+    def layer_calls(self, model: torch.nn.Module) -> list[LayerCall]:
+        """Per layer, what ``model``'s latest forward call (this thread) did through cross-graph layer graphs."""
+        return self.session.layer_calls(model)
 
     # ------------------------------------------------------------------ the backend call
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,
                  mode: str | None = None, config_patches: Mapping[str, Any] | None = None):
         mode = self.resolve_mode(mode)
-        config, inductor_options = IndexCacheConfig.from_options(
-            {**self.options, **(options or {}), **(config_patches or {})}
-        )
-        graph_pass = IndexCachePass(config, graph_starts_at_first_layer=dynamo_graph_starts_at_first_layer())
-        compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options)
+        given = {**self.options, **(options or {}), **(config_patches or {})}
+        if options:
+            check_backend_options(options, f"{type(self).__name__} (torch.compile options)",
+                                  inductor=self._inductor_options)
+        model, model_layers = _compiled_model()
+        if not any(key in given for key in PATTERN_KEYS):
+            given = {**_model_config_keys(model), **given}
+        config, inductor_options = IndexCacheConfig.from_options(given)
+        context = GraphContext(
+            starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
+            model=None if model is None else weakref.ref(model), notes=self._compile_notes())
+        graph_pass = IndexCachePass(config, session=self.session, context=context)
+        plans: list = []
+        compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
         if not graph_pass.reports:
-            _report_cache_hit(graph_pass)
-        self._note_compiled_path(graph_pass.reports)
-        self.reports.extend(graph_pass.reports)
+            _report_cache_hit(graph_pass, plans[-1] if plans else None)
         return compiled
 
     def resolve_mode(self, call_mode: str | None) -> str | None:
@@ -187,27 +258,25 @@ class IndexCacheBackend:
         mode_options(mode)
         return mode
 
-    def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options):
+    def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options, plans):
         from torch._inductor.compile_fx import compile_fx
 
         patches = install_pass(graph_pass, {**mode_options(mode), **inductor_options})
         self._used_cudagraphs |= bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
         variants = variant_pass(graph_pass, patches["post_grad_custom_post_pass"])
-        inner = cross_graph_build.inductor_inner_compile(graph_pass, variants)
+        inner = crossgraph_build.inductor_inner_compile(
+            graph_pass, variants, lambda new: swapped_pass(graph_pass, new), plans)
         return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
 
-    def _note_compiled_path(self, graph_reports: list[IndexCacheReport]) -> None:
-        """Say so (once, and in the reports) when this compile is transformers' decode-step-only compile."""
+    def _compile_notes(self) -> tuple[str, ...]:
+        """Notes for every report of this compile: transformers' decode-step-only compile is said once, loudly."""
         from .transformers_compile import decode_only_note
 
         note = decode_only_note(self)
         if note is None:
-            return
-        for report in graph_reports:
-            report.other_notes.append(note)
-        if not self._warned_decode_only:
-            self._warned_decode_only = True
-            log.warning("fx_indexcache: %s", note)
+            return ()
+        self.session.warn_once("decode-only", "fx_indexcache: %s", note)
+        return (note,)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``: drop CUDA-graph trees, as torch's own Inductor backend does."""
@@ -251,33 +320,32 @@ class IndexCacheEagerBackend(IndexCacheBackend):
 
     For debugging and fast tests: the graph the pass sees is the pre-Inductor ATen graph, so a difference
     between this and ``IndexCacheBackend`` points at Inductor, not the pass. ``mode`` is checked and has
-    nothing to tune here; Inductor options are refused.
+    nothing to tune here; Inductor options are refused. Input mutations (key-cache writes) stay in the graph,
+    as under Inductor, so ``drop_shared_indexer_cache_writes`` applies here too.
     """
 
     __name__ = "IndexCacheEagerBackend"
+    _inductor_options = False
 
-    def __init__(self, mode: str | None = None, **options: Any) -> None:
-        super().__init__(mode, **options)
-        self._refuse_inductor_options(IndexCacheConfig.from_options(options)[1])
-
-    def _refuse_inductor_options(self, rest: Mapping[str, Any]) -> None:
-        """Options that are not IndexCache keys (at construction or from torch.compile) have no meaning here."""
-        if rest:
-            raise ValueError(f"{type(self).__name__}: unknown options {sorted(rest)}; only IndexCache keys apply")
-
-    def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options):
-        self._refuse_inductor_options(inductor_options)
-
+    def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options, plans):
+        if inductor_options:  # not reached: options are checked at construction and per call
+            raise ValueError(f"{type(self).__name__}: unknown options {sorted(inductor_options)}; only IndexCache "
+                             "keys apply")
         rewrite = _running(graph_pass)
         variants = _running(FusionOnlyPass(graph_pass.config))  # variants are already shared: our fusion alone
-        inference = cross_graph_build.eager_inference_compiler(rewrite, graph_pass, variants)
-        return aten_graph_backend(rewrite, inference_compiler=inference)(gm, example_inputs)
+        inference = crossgraph_build.eager_inference_compiler(
+            lambda module, plan: rewrite(module, graph_pass.with_plan(plan)), graph_pass,
+            lambda module: variants(module), plans)
+        training = _running(graph_pass.for_training())
+        return aten_graph_backend(lambda module: training(module), inference_compiler=inference,
+                                  keep_inference_input_mutations=True)(gm, example_inputs)
 
 
 def _running(graph_pass) -> Callable:
-    """``module -> forward`` after ``graph_pass`` edited the module's graph (the eager backend's compile step)."""
-    def rewrite(module: torch.fx.GraphModule):
-        graph_pass(module.graph)
+    """``(module, pass=graph_pass) -> forward`` after the pass edited the module's graph (the eager backend's
+    compile step)."""
+    def rewrite(module: torch.fx.GraphModule, this_pass=None):
+        (this_pass or graph_pass)(module.graph)
         module.recompile()
         return module.forward
 
@@ -286,26 +354,37 @@ def _running(graph_pass) -> Callable:
 
 def indexcache_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, *,
                        mode: str | None = None, config_patches: Mapping[str, Any] | None = None):
-    """A ``torch.compile`` backend: Inductor (C++ on CPU, Triton on GPU) plus the IndexCache pass."""
-    return IndexCacheBackend()(gm, example_inputs, options, mode=mode, config_patches=config_patches)
+    """A ``torch.compile`` backend: Inductor (C++ on CPU, Triton on GPU) plus the IndexCache pass, reporting to
+    the default session (``fx_indexcache.reports()``)."""
+    return _in_default_session(IndexCacheBackend)(gm, example_inputs, options, mode=mode,
+                                                  config_patches=config_patches)
 
 
 def indexcache_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, *,
                              mode: str | None = None):
-    """``IndexCacheEagerBackend`` as a plain function (options carry the IndexCache keys)."""
-    return IndexCacheEagerBackend()(gm, example_inputs, options, mode=mode)
+    """``IndexCacheEagerBackend`` as a plain function (options carry the IndexCache keys), reporting to the default
+    session."""
+    return _in_default_session(IndexCacheEagerBackend)(gm, example_inputs, options, mode=mode)
 
 
-def _report_cache_hit(graph_pass: IndexCachePass) -> None:
+def _in_default_session(cls: type[IndexCacheBackend]) -> IndexCacheBackend:
+    """A keyless backend of ``cls`` whose state lives in the default session (the function backends' owner)."""
+    backend = cls()
+    backend._init_state(default_session())
+    return backend
+
+
+def _report_cache_hit(graph_pass: IndexCachePass, plan) -> None:
     """Inductor served the graph from its FX graph cache, so the pass did not run: say so."""
     note = (
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
         f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
     )
-    report = IndexCacheReport(graph_pass.config, [], LayerSource.FX_GRAPH_CACHE, 0, [note], "cached graph")
-    report.cross_graph = getattr(graph_pass, "cross_graph_plan", None)  # decided outside the cached graph
+    detection = Detection([], [], [], [], LayerSource.FX_GRAPH_CACHE)
+    context = dataclasses.replace(graph_pass.context, graph_name="cached graph", cross_graph=plan)
+    report = IndexCacheReport.build(graph_pass.config, detection, [], context, notes=(note,))
     graph_pass.reports.append(report)
-    publish(report)
+    graph_pass.session.publish(report)
 
 
 def aten_graph_backend(compile_graph: Callable[[torch.fx.GraphModule], Callable], **aot_options: Any):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import fx
@@ -12,16 +15,16 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import IndexCacheConfig
+from ..context import GraphContext
 from ..detection.registry import detect, finders_fingerprint
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..graph_utils import fake_value
-from ..report.graph_report import IndexCacheReport, publish
+from ..report.graph_report import IndexCacheReport
 from ..report.trace import PassTrace
-from ..rewrite.cache_ledger import CacheWriteLedger
-from ..rewrite.cross_graph_build import pending_plan
 from ..rewrite.regional import share_across_regions
-from ..rewrite.share import apply_index_cache
+from ..rewrite.share import COMPUTED, UNMARKED, LayerDecision, apply_index_cache
+from ..session import IndexCacheSession, default_session
 
 log = logging.getLogger(__name__)
 
@@ -50,56 +53,117 @@ def _source_digest() -> str:
     return hashlib.sha256(f"{_package_digest(_PACKAGE)}|{finders_fingerprint()}".encode()).hexdigest()
 
 
-class IndexCachePass(CustomGraphPass):
+def _pass_base() -> type:
+    """Inductor's inference-aware pass interface where this torch has it (it hands the pass ``is_inference``)."""
+    from torch._inductor import custom_graph_pass
+
+    return getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", CustomGraphPass)
+
+
+_TRAINING_NOTE = (
+    "training graph (gradients flow through it): left as it is, so that a backward's recomputation "
+    "(activation checkpointing) and the forward agree; compile under torch.no_grad() or "
+    "torch.inference_mode() for IndexCache"
+)
+
+
+class IndexCachePass(_pass_base()):  # type: ignore[misc]
     """Rewrites a post-grad ATen graph in place so S layers reuse their F layer's indices.
 
     Use it as Inductor's ``post_grad_custom_post_pass`` (``indexcache_backend`` does that),
     or call it on any ``fx.Graph``. ``uuid()`` covers the config, this package's source and the
     registered site finders, so the FX graph cache never serves a graph rewritten under another
-    pattern. Keyword keys switch ``use_index_cache`` on unless it is given, as everywhere else.
+    pattern. The config is an ``IndexCacheConfig``, a dict of keys or keyword keys; keys given
+    switch ``use_index_cache`` on unless it is given too, as everywhere else.
 
-    ``graph_starts_at_first_layer``: whether the graph begins at the model's first DSA layer
-    (True for a whole exported program; the backends tell it for each dynamo graph; None: not
-    known). Only then may sites without a layer number in their module path be numbered by graph
-    order; otherwise their layer index is unknown and every layer of the graph computes.
-    ``ledger``: where the model's cache-write choices are kept across its graphs (see
-    ``cache_ledger``); the process-wide default when None.
+    ``graph_starts_at_first_layer``: whether the graph begins at the model's first layer (True for a
+    whole exported program; the backends tell it for each dynamo graph; None: not known). Only then
+    may sites without a layer number in their module path be numbered by graph order, and only when
+    the graph holds one indexer for each of the model's decoder layers (a count the keys state:
+    ``num_layers`` or an explicit pattern). ``session``: the owner of the reports and per-model state
+    (the default session when None). ``context``: the entry point's facts about the graph (a backend
+    builds one per graph; ``graph_starts_at_first_layer`` fills it otherwise).
+
+    A training graph (Inductor says so through ``is_inference``, or the backend's context) is left as
+    it is: the report and a warning say why.
     """
 
     def __init__(
         self,
-        config: IndexCacheConfig | None = None,
+        config: IndexCacheConfig | dict | None = None,
         *,
         graph_starts_at_first_layer: bool | None = None,
-        ledger: CacheWriteLedger | None = None,
+        session: IndexCacheSession | None = None,
+        context: GraphContext | None = None,
+        annotate: Callable[[IndexCacheReport], list[str]] | None = None,
         **keys,
     ) -> None:
-        if config is None:
-            config = IndexCacheConfig.from_keys(**keys)
-        elif keys:
-            raise TypeError("IndexCachePass takes a config or keyword keys, not both")
         if graph_starts_at_first_layer not in (None, True, False):
             raise ValueError(
                 f"IndexCachePass: graph_starts_at_first_layer={graph_starts_at_first_layer!r} is not allowed; "
                 "it must be True, False or None"
             )
-        self.config = config
-        self.graph_starts_at_first_layer = graph_starts_at_first_layer
-        self.ledger = ledger
+        if context is not None and graph_starts_at_first_layer is not None:
+            raise TypeError("IndexCachePass: give graph_starts_at_first_layer or a context, not both")
+        self.config = IndexCacheConfig.coerce(config, keys, "IndexCachePass")
+        self.session = default_session() if session is None else session
+        self.context = context if context is not None else GraphContext(starts_at_first_layer=graph_starts_at_first_layer)
+        self.annotate = annotate  # an entry point's own notes on a report, added before it is published
         self.reports: list[IndexCacheReport] = []
 
-    def __call__(self, graph: fx.Graph) -> None:
-        self.run(graph)
+    @property
+    def graph_starts_at_first_layer(self) -> bool | None:
+        return self.context.starts_at_first_layer
+
+    def with_context(self, **changes) -> IndexCachePass:
+        """The same pass (config, session, report list) for a graph whose context differs in ``changes``."""
+        twin = copy.copy(self)
+        twin.context = dataclasses.replace(self.context, **changes)
+        return twin
+
+    def with_plan(self, plan) -> IndexCachePass:
+        return self.with_context(cross_graph=plan)
+
+    def for_training(self) -> IndexCachePass:
+        return self.with_context(inference=False)
+
+    def __call__(self, graph: fx.Graph, is_inference: bool | None = None) -> None:
+        if is_inference is False and self.context.inference:
+            self.for_training().run(graph)
+        else:
+            self.run(graph)
+
+    # ------------------------------------------------------------------ stages
+    def layer_count(self) -> int | None:
+        return self.context.layer_count(self.config)
+
+    def detect(self, graph: fx.Graph):
+        """Detection under this graph's context (where layer identity may come from)."""
+        return detect(graph, self.context.starts_at_first_layer, self.layer_count())
+
+    def ledger(self):
+        return self.session.ledger(self.context.model_object())
+
+    def share_in_place(self, graph: fx.Graph):
+        """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
+        detection = self.detect(graph)
+        apply_index_cache(graph, detection, self.config, self.ledger(), self.context.starts_at_first_layer)
+        return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
         """Detect, rewrite (every layer F when ``use_index_cache`` is off), fuse F-layer scoring where enabled and on
         CUDA; returns and publishes the report."""
-        trace = PassTrace(graph, graph_name)
+        context = self.context if not graph_name else dataclasses.replace(self.context, graph_name=graph_name)
+        trace = PassTrace(graph, context.graph_name)
         trace.dump("before")
         with trace.stage("detect"):
-            detection = detect(graph, self.graph_starts_at_first_layer)
+            detection = self.detect(graph)
+        if not context.inference:
+            return self._leave_training_graph(detection, context, trace)
+        self._check_pattern_length(detection)
         with trace.stage("share"):
-            decisions = apply_index_cache(graph, detection, self.config, self.ledger)  # all F when off
+            decisions = apply_index_cache(graph, detection, self.config, self.ledger(),
+                                          context.starts_at_first_layer)  # all F when off
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
@@ -108,41 +172,69 @@ class IndexCachePass(CustomGraphPass):
         with trace.stage("fuse"):
             kernel_records, precision = fuse_indexers(graph, detection.sites, self.config)
         trace.dump("after")
-        report = IndexCacheReport.build(self.config, detection, decisions, graph_name)
-        report.cross_graph = pending_plan()  # a graph that runs as several layers: decided per call
-        report.regional = regional
-        plan = report.cross_graph
+        report = IndexCacheReport.build(self.config, detection, decisions, context, fusions=kernel_records,
+                                        precision=precision, regional=regional)
+        self._warn(detection, report, context)
+        self._count(report)
+        trace.finish()
+        return self._publish(report)
+
+    def _check_pattern_length(self, detection) -> None:
+        """One error naming the model's layer count when an explicit pattern does not fit the model."""
+        config = self.config
+        if not config.use_index_cache or config.explicit_pattern is None:
+            return
+        config.check_model_layers(self.context.model_layers or config.num_layers)
+        layers = [site.layer for site in detection.sites if site.layer is not None]
+        if layers and config.num_layers is None and max(layers) >= len(config.explicit_pattern):
+            raise config.pattern_length_error(max(layers) + 1, exact=False)
+
+    def _leave_training_graph(self, detection, context: GraphContext, trace: PassTrace) -> IndexCacheReport:
+        decisions = [LayerDecision(site.layer, UNMARKED, COMPUTED, site.layer, note=_TRAINING_NOTE)
+                     for site in detection.sites]
+        report = IndexCacheReport.build(self.config, detection, decisions, context)
+        if detection.sites and self.config.use_index_cache:
+            self.session.warn_once("training", "fx_indexcache: %s", _TRAINING_NOTE)
+        counters["fx_indexcache"]["training_graphs_left"] += 1
+        trace.finish()
+        return self._publish(report)
+
+    def _warn(self, detection, report: IndexCacheReport, context: GraphContext) -> None:
+        plan = context.cross_graph
         cross_graph_active = plan is not None and plan.active and not plan.numbered
-        if cross_graph_active:
-            for decision in decisions:
-                decision.note = "layer index unknown at compile time: found per call (see the cross-graph line)"
-        elif plan is not None and plan.active:
-            for decision in decisions:
-                if decision.layer in plan.reads:
-                    decision.note += (f"; reads layer {plan.source}'s indices from an earlier graph when the "
-                                      "run-time check passes")
+        name = context.graph_name or "compiled graph"
         if detection.unknown_reason is not None and self.config.use_index_cache and not cross_graph_active:
             log.warning(
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
-                "the configured pattern is not applied there",
-                graph_name or "compiled graph", len(decisions), detection.unknown_reason.value,
+                "the configured pattern is not applied there", name, len(report.decisions), detection.unknown_text,
             )
-        report.fusions = kernel_records
-        report.precision = precision
+        if not detection.sites and self.config.use_index_cache and context.starts_at_first_layer:
+            self.session.warn_once(
+                "no-sites", "fx_indexcache: %s holds no DSA lightning indexer, so IndexCache changes nothing there. "
+                "The detector looks for a top-k over the key axis of sum_h w[t,h]*ReLU(q[t,h].k[s]) with q and k "
+                "computed from activations (%d other top-k were left alone: routers, samplers). If the indexers sit "
+                "in a later graph (after a graph break), that graph's report lists them.", name, report.router_topk)
+
+    @staticmethod
+    def _count(report: IndexCacheReport) -> None:
         stats = counters["fx_indexcache"]
         stats["indexers_fused"] += report.indexers_fused
         stats["graphs"] += 1
-        stats["indexer_sites"] += len(decisions)
+        stats["indexer_sites"] += len(report.decisions)
         stats["indexers_removed"] += report.indexers_removed
         stats["layers_left"] += len(report.layers_left)
         stats["other_topk"] += report.router_topk
+
+    def _publish(self, report: IndexCacheReport) -> IndexCacheReport:
+        if self.annotate is not None:
+            report = dataclasses.replace(report, other_notes=[*report.other_notes, *self.annotate(report)])
         self.reports.append(report)
-        trace.finish()
-        publish(report)
+        self.session.publish(report)
         return report
 
     def uuid(self) -> str:
-        state = f"{self.config.fingerprint()}|starts={self.graph_starts_at_first_layer}|{_source_digest()}"
+        state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
+                 f"layers={self.context.model_layers}|inference={self.context.inference}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 
 
@@ -173,9 +265,9 @@ def fuse_indexers(graph: fx.Graph, sites, config: IndexCacheConfig) -> tuple[lis
 
 class FusionOnlyPass(CustomGraphPass):
     """The pass's kernel fusion alone, for graphs the IndexCache rewrite has already shared: the cross-graph
-    variants (``rewrite.cross_graph_build``), which the wrapper runs instead of the as-is graph when its
-    run-time check passes. Without it their F layers would run Inductor's unfused scoring while the as-is
-    graph's report says they are fused (session 9 measured that on an H200: 0.99x instead of 8.9x)."""
+    variants (``crossgraph.build``), which the wrapper runs instead of the as-is graph when its run-time check
+    passes. Without it their F layers would run Inductor's unfused scoring while the as-is graph's report says
+    they are fused."""
 
     def __init__(self, config: IndexCacheConfig) -> None:
         self.config = config

@@ -29,11 +29,12 @@ from typing import Any
 from torch import fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
-from ..detection import vllm_op  # the finder for vLLM's indexer op (registered on import) and its op names
 from ..config import FULL, SHARED, IndexCacheConfig
-from ..detection.registry import LayerSource
-from ..report.graph_report import IndexCacheReport, publish
-from ..rewrite.cache_ledger import CacheWriteLedger
+from ..context import GraphContext
+from ..detection import vllm_op  # the finder for vLLM's indexer op (registered on import) and its op names
+from ..detection.registry import Detection, LayerSource
+from ..report.graph_report import IndexCacheReport
+from ..session import IndexCacheSession
 from .graph_pass import IndexCachePass, _source_digest
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ class VllmIndexCachePass(InductorPass):
         if keys:
             config = VllmIndexCacheConfig.from_keys(**keys)
         self.explicit_config: VllmIndexCacheConfig | None = config
-        self._ledger = CacheWriteLedger()  # every graph this pass rewrites belongs to one served model
+        self._init_state()
+
+    def _init_state(self) -> None:
+        # every graph this pass rewrites belongs to one served model: its reports and cache-write choices
+        self.session = IndexCacheSession(repr(self))
         self._warned_split = False
 
     # ------------------------------------------------------------------ config
@@ -124,29 +129,34 @@ class VllmIndexCachePass(InductorPass):
 
     def run(self, graph: fx.Graph) -> IndexCacheReport:
         config = self.config()
+        context = GraphContext(graph_name=_graph_name())
         if config is None:
             log.warning(
                 "fx_indexcache: no IndexCache config (no explicit keys and no vLLM model config "
                 "in context); the graph is left unchanged"
             )
-            report = IndexCacheReport(VllmIndexCacheConfig.from_keys(), [], LayerSource.NO_CONFIG, 0, [_NO_CONFIG], _graph_name())
-            publish(report)
+            detection = Detection([], [], [], [], LayerSource.NO_CONFIG)
+            report = IndexCacheReport.build(VllmIndexCacheConfig.from_keys(), detection, [], context, notes=(_NO_CONFIG,))
+            self.session.publish(report)
             return report
-        report = IndexCachePass(config, ledger=self._ledger).run(graph, graph_name=_graph_name())
-        report.other_notes.extend(_native_notes(config, report))
-        if any(decision.key_insert_dropped for decision in report.decisions):
-            report.other_notes.append(
-                "the removed indexer calls also inserted their layers' keys into the indexer K-cache "
-                "(skip_k_cache_insert=False): those caches are no longer written and nothing reads "
-                "them, but vLLM still allocates them (its own IndexCache builds no cache for S layers)"
-            )
         split = _split_at_indexer(_current_vllm_config())
-        if config.use_index_cache and split:
-            report.other_notes.append(split)
-            if not self._warned_split:
-                self._warned_split = True
-                log.warning("fx_indexcache: %s", split)
-        return report
+        if config.use_index_cache and split and not self._warned_split:
+            self._warned_split = True
+            log.warning("fx_indexcache: %s", split)
+
+        def notes(report: IndexCacheReport) -> list[str]:
+            found = list(_native_notes(config, report))
+            if any(decision.key_insert_dropped for decision in report.decisions):
+                found.append(
+                    "the removed indexer calls also inserted their layers' keys into the indexer K-cache "
+                    "(skip_k_cache_insert=False): those caches are no longer written and nothing reads "
+                    "them, but vLLM still allocates them (its own IndexCache builds no cache for S layers)"
+                )
+            if config.use_index_cache and split:
+                found.append(split)
+            return found
+
+        return IndexCachePass(config, session=self.session, context=context, annotate=notes).run(graph)
 
     def uuid(self) -> str:
         config = self.config()
@@ -164,7 +174,8 @@ class VllmIndexCachePass(InductorPass):
         return {"explicit_config": self.explicit_config}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _warned_split=False, _ledger=CacheWriteLedger())
+        self.__dict__.update(state)
+        self._init_state()
 
 
 _NO_CONFIG = (

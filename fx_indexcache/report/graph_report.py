@@ -1,14 +1,13 @@
-"""The per-graph report: one row per DSA layer, the totals, and where a user can read it.
+"""The per-graph report: one row per DSA layer, the totals, and what the entry point decided around the graph.
 
-Reports are kept in memory (``reports()``, newest last) and logged through the
-``fx_indexcache`` logger, so both a script and ``TORCH_LOGS``-style log capture see them.
+A report is a frozen record made in one place (``IndexCacheReport.build``) from the stages' own results.
+Its session keeps it (``IndexCacheSession.reports()``; ``fx_indexcache.reports()`` for the default session),
+logs it through the ``fx_indexcache`` logger and writes it to torch's structured trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import threading
 from typing import TYPE_CHECKING
 
 from ..config import IndexCacheConfig, PatternSource
@@ -16,20 +15,14 @@ from ..detection.registry import Detection, LayerSource, UnknownLayerIndex
 from ..rewrite.share import LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
-    from ..rewrite.cross_graph_build import CrossGraphPlan
+    from ..context import GraphContext
+    from ..crossgraph.plan import CrossGraphPlan
     from ..fuse.precision import PrecisionRecord
     from ..fuse.substitute import FusionRecord
     from ..rewrite.regional import RegionCall
 
-log = logging.getLogger(__name__)
 
-_LOCK = threading.Lock()
-_REPORTS: list[IndexCacheReport] = []
-_MAX_KEPT = 256
-_LAST_LOGGED: list[tuple[str, str] | None] = [None]  # (graph name, table) of the last report logged
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class IndexCacheReport:
     """What the pass found and did in one compiled graph."""
 
@@ -108,49 +101,37 @@ class IndexCacheReport:
         return "\n".join(lines)
 
     @classmethod
-    def build(cls, config, detection: Detection, decisions, graph_name: str = "") -> IndexCacheReport:
-        notes = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
+    def build(cls, config: IndexCacheConfig, detection: Detection, decisions: list[LayerDecision],
+              context: GraphContext, *, fusions=(), precision=(), regional=(), notes=()) -> IndexCacheReport:
+        """The report of one run of the pass: the detection, the per-layer decisions, the fusion and precision
+        records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
+        lines = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
-        notes += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
+        lines += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
                   "block such as export's set_grad_enabled wrapper): left alone; export under "
                   "torch.no_grad() or compile whole layers to let the pass see it"
                   for name in detection.nested_regions]
         ambiguous = [v for v in detection.ignored if v.evidence]
-        notes += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
+        lines += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
         earlier = tuple(sorted(layer for record in detection.records.values() for layer in record.serves))
         if earlier:
-            notes.append(f"layers {', '.join(map(str, earlier))} already share: removed by an earlier rewrite of this graph")
-        return cls(config, decisions, detection.layer_source, len(detection.ignored), notes, graph_name,
-                   detection.unknown_reason, earlier)
+            lines.append(f"layers {', '.join(map(str, earlier))} already share: removed by an earlier rewrite of this graph")
+        if detection.unknown_detail:
+            lines.append(f"layer index unknown: {detection.unknown_text}")
+        lines += [*notes, *context.notes]
+        plan = context.cross_graph
+        if plan is not None and plan.active:
+            decisions = [_with_cross_graph_note(d, plan) for d in decisions]
+        return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
+                   detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision))
 
 
-def publish(report: IndexCacheReport) -> None:
-    """Keep the report for ``reports()`` and log it: the whole table, or one line when it repeats the last one.
-
-    vLLM compiles one graph per compile range (and Inductor may compile a graph again): a table equal
-    to the one just logged, whatever the graph's name, is logged as a line naming the graph it repeats.
-    """
-    table = dataclasses.replace(report, graph_name="").format()
-    with _LOCK:
-        _REPORTS.append(report)
-        del _REPORTS[:-_MAX_KEPT]
-        previous = _LAST_LOGGED[0]
-        _LAST_LOGGED[0] = (report.graph_name, table)
-    if previous is not None and previous[1] == table:
-        log.info("IndexCache report%s: the same as for %s (%d of %d indexers removed)",
-                 f" for {report.graph_name}" if report.graph_name else "", previous[0] or "the previous graph",
-                 report.indexers_removed, len(report.decisions))
-    else:
-        log.info("%s", report.format())
-
-
-def reports() -> list[IndexCacheReport]:
-    """Reports of the graphs rewritten in this process, oldest first."""
-    with _LOCK:
-        return list(_REPORTS)
-
-
-def clear_reports() -> None:
-    with _LOCK:
-        _REPORTS.clear()
-        _LAST_LOGGED[0] = None
+def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> LayerDecision:
+    """A decision's note with what the cross-graph wrapper does for that layer at run time."""
+    if not plan.numbered:
+        return dataclasses.replace(decision, note="layer index unknown at compile time: found per call "
+                                                  "(see the cross-graph line)")
+    if decision.layer in plan.reads:
+        return dataclasses.replace(decision, note=decision.note + f"; reads layer {plan.source}'s indices from an "
+                                                                   "earlier graph when the run-time check passes")
+    return decision

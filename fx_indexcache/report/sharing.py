@@ -16,8 +16,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..rewrite.cross_graph import CallAction, layer_calls
+from ..rewrite.indices_io import CallAction
 from ..rewrite.share import SHARED
+from ..session import IndexCacheSession, default_session
 from .graph_report import IndexCacheReport
 
 
@@ -58,10 +59,16 @@ def _from_reports(reports: Iterable[IndexCacheReport]) -> dict[int, LayerSharing
     return rows
 
 
-def layer_sharing(model: nn.Module, reports: Iterable[IndexCacheReport] = ()) -> list[LayerSharing]:
-    """The table for ``model``: ``reports`` should be its graphs' (``backend.reports``)."""
+def layer_sharing(model: nn.Module, reports: Iterable[IndexCacheReport] | object = ()) -> list[LayerSharing]:
+    """The table for ``model``: ``reports`` is the backend (or session) that compiled it, or its graphs' reports
+    (then the run-time records come from the default session)."""
+    session = getattr(reports, "session", reports)
+    if isinstance(session, IndexCacheSession):
+        reports = session.reports()
+    else:
+        session = default_session()
     rows = _from_reports(reports)
-    for call in layer_calls(model):
+    for call in session.layer_calls(model):
         if call.action is CallAction.READ:
             row = LayerSharing(call.layer, Sharing.ACROSS_GRAPHS, call.source_layer, call.graph, call.source_graph,
                                why=f"graph {call.source_graph} published layer {call.source_layer}'s indices in this "

@@ -56,3 +56,8 @@ class PassTrace:
         stages = ", ".join(f"{name} {ms:.2f} ms" for name, ms in self.timings_ms.items())
         log.debug("%s: IndexCache pass %.2f ms (%s)", self.name, total, stages)
         _artifact("fx_indexcache_timings", lambda: json.dumps({"graph": self.name, "total_ms": total, **self.timings_ms}))
+
+
+def trace_report(report) -> None:
+    """The per-layer report as a structured-trace artifact (``fx_indexcache_report``), beside the graph dumps."""
+    _artifact("fx_indexcache_report", report.format)

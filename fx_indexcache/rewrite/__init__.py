@@ -1,7 +1,8 @@
 """Stage 2, rewrite: what IndexCache does to a graph.
 
-``share`` decides per layer (compute / share / leave) and rewires S layers to their F layer's
-indices; ``cache_ledger`` keeps one key-cache-write choice per layer across graphs; ``cross_graph``
-and ``cross_graph_build`` share across graph breaks at run time; ``regional`` handles a
-``nested_compile_region`` body serving several layers. Depends on ``detection``.
+Graph surgery only: ``share`` decides per layer (compute / share / leave) and rewires S layers to
+their source's indices; ``cache_ledger`` is one model's key-cache-write choice per layer across its
+graphs; ``indices_io`` feeds a layer's indices in from outside or hands them out; ``regional`` handles
+a ``nested_compile_region`` body serving several layers. Depends on ``detection``. The run-time
+sharing across graphs is ``crossgraph``.
 """

@@ -24,7 +24,8 @@ class CacheWriteConflict(RuntimeError):
 
 
 class CacheWriteLedger:
-    """The write choice per (scope, layer key); the scope keeps two models apart (a config, a pass)."""
+    """One model's write choice per (scope, layer key); the scope keeps two configs apart. A session keeps one
+    ledger per model (``IndexCacheSession.ledger``), so two models never see each other's choices."""
 
     def __init__(self) -> None:
         self._choices: dict[tuple[str, str], WriteChoice] = {}
@@ -46,6 +47,3 @@ class CacheWriteLedger:
         with self._lock:
             self._choices.clear()
 
-
-#: Shared by every ``IndexCachePass`` that is not given its own (keyed by the config).
-DEFAULT_LEDGER = CacheWriteLedger()

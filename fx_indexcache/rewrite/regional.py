@@ -25,8 +25,7 @@ from ..detection.layers import layer_index_from_path, module_path
 from ..detection.registry import detect
 from ..graph_utils import copy_graph_module
 from ..graph_utils import comes_after, fake_value, same_shape, same_size
-from .cross_graph import CallAction
-from .cross_graph_build import with_indices_input, with_indices_output
+from .indices_io import CallAction, with_indices_input, with_indices_output
 
 _INVOKE = getattr(torch.ops.higher_order, "invoke_subgraph", None)
 

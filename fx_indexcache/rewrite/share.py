@@ -3,6 +3,11 @@
 The driver decides per layer from the config and the detected sites, asks each site whether
 the swap is safe, and leaves a layer untouched (with the reason) whenever it is not: the
 result is either the IndexCache semantics or the original computation, never something else.
+
+Which indices an S layer takes is the engines' one-buffer rule (``IndexCacheConfig.buffer_sources``):
+the nearest preceding *indexed* layer that computes, whatever the layers between are marked, so a
+hybrid stack (dense, sliding-window or linear-attention layers between DSA layers) pairs as vLLM and
+SGLang pair it.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import enum
 import torch
 from torch import fx
 
-from ..config import FULL, IndexCacheConfig
+from ..config import FULL, IndexCacheConfig, Mark
 from ..detection.layer_records import LayerRecord, write_record
 from ..detection.registry import Detection
 from ..detection.sites import IndexerSite
 from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
-from .cache_ledger import DEFAULT_LEDGER, CacheWriteConflict, CacheWriteLedger, WriteChoice
+from .cache_ledger import CacheWriteConflict, CacheWriteLedger, WriteChoice
+
 
 class Action(str, enum.Enum):
     """What the pass did with one DSA layer (a ``str`` so that reports compare with the plain words)."""
@@ -44,7 +50,7 @@ class LayerDecision:
     """What the pass did with one DSA layer of one graph."""
 
     layer: int | None  # None: the layer index is unknown (the report says why)
-    marked: str  # "F" or "S", as the config marks the layer; UNMARKED when the index is unknown
+    marked: Mark | str  # as the config marks the layer; UNMARKED when the index is unknown
     action: Action
     source_layer: int | None  # the layer whose indices this layer uses
     nodes_removed: int = 0
@@ -111,19 +117,53 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     flops = sum(_flops(node) for node in removed) / _queries(site)
     erase_dead(graph, removed)
     return LayerDecision(
-        site.layer, "S", SHARED, source.layer, len(removed), flops, saved, f"uses layer {source.layer}'s indices"
+        site.layer, Mark.S, SHARED, source.layer, len(removed), flops, saved, f"uses layer {source.layer}'s indices"
     )
 
 
-def _refusal(site: IndexerSite, by_layer: dict, config: IndexCacheConfig) -> str | None:
-    """Why S layer ``site`` cannot take its F layer's indices in this graph, or None."""
-    source_layer = config.source_layer(site.layer)
-    source = by_layer.get(source_layer)
-    if source is None:
-        return (
-            f"its F layer {source_layer} has no indexer site in this graph "
-            "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
-        )
+def buffer_sources(sites: list[IndexerSite], config: IndexCacheConfig, starts_at_first_layer: bool | None,
+                   removed: frozenset[int] = frozenset()) -> dict[int, IndexerSite | str]:
+    """Per site (by layer), the site of this graph whose indices it uses under the engines' one-buffer rule:
+    itself when it computes, the nearest preceding computing site when it shares, or why (str) that site is
+    not in this graph.
+
+    An S-marked site with no computing site before it computes when nothing indexed can come before it: the
+    graph starts at the model's first layer, or the config marks no F layer before it at all. Otherwise its
+    source may be in an earlier graph (a break, a pipeline stage), and it is left as it is here. ``removed``:
+    indexed layers an earlier rewrite of this graph deleted (they read another layer's indices now); one the
+    config marks F would be a source that no longer computes, so the S layers after it are left as they are.
+    """
+    found: dict[int, IndexerSite | str] = {}
+    by_layer = {site.layer: site for site in sites}
+    writer: IndexerSite | str | None = None
+    for layer in sorted({*by_layer, *removed}):
+        site = by_layer.get(layer)
+        computes = config.layer_kind(layer) == FULL or (
+            writer is None and (starts_at_first_layer is True or config.source_layer(layer) is None))
+        if site is None:  # removed earlier: it no longer computes its own indices
+            if computes:
+                writer = (f"its source layer {layer} reads another layer's indices since an earlier rewrite of "
+                          "this graph, so its own indices are gone")
+            continue
+        if computes:
+            writer = found[layer] = site
+        elif writer is not None:
+            found[layer] = writer
+        else:
+            found[layer] = (
+                f"its F layer {config.source_layer(layer)} has no indexer site in this graph "
+                "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
+            )
+    return found
+
+
+def _refusal(site: IndexerSite, source: IndexerSite | str) -> str | None:
+    """Why S layer ``site`` cannot take ``source``'s indices in this graph, or None."""
+    if isinstance(source, str):
+        return source
+    if site.readers:
+        return (f"the model already shares: layers {', '.join(map(str, site.readers))} read these indices "
+                "(native sharing); rewiring them would change every reader, so the layer is left as it is")
     return site.refusal() or site.incompatibility(source)
 
 
@@ -175,21 +215,24 @@ class _Writes:
 
 
 def apply_index_cache(
-    graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger | None = None
+    graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger,
+    starts_at_first_layer: bool | None = None,
 ) -> list[LayerDecision]:
     """Rewrite ``graph`` in place; one decision per detected site, in layer order.
 
-    ``ledger`` holds the cache-write choices of the model's other graphs (the shared default
-    when None); it may turn a share into "share, writes kept", or raise ``CacheWriteConflict``.
+    ``ledger`` holds the cache-write choices of the model's other graphs; it may turn a share into "share,
+    writes kept", or raise ``CacheWriteConflict``. ``starts_at_first_layer``: the graph begins at the model's
+    first layer, so an S layer with no computing indexed layer before it in the graph has none at all.
     """
-    writes = _Writes(config, DEFAULT_LEDGER if ledger is None else ledger)
+    writes = _Writes(config, ledger)
     if detection.unknown_reason is not None:
         for site in detection.sites:
             writes.check_computing(site, "layer index unknown")
         note = f"layer index unknown: {detection.unknown_reason.value}; computed"
         return [LayerDecision(None, UNMARKED, COMPUTED, None, note=note) for _ in detection.sites]
-    by_layer = {site.layer: site for site in detection.sites}
-    decisions = [_decide(graph, site, by_layer, config, writes) for site in detection.sites]
+    removed = frozenset(layer for record in detection.records.values() for layer in record.serves)
+    sources = buffer_sources(detection.sites, config, starts_at_first_layer, removed)
+    decisions = [_decide(graph, site, sources[site.layer], config, writes) for site in detection.sites]
     if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
         graph.eliminate_dead_code()
         graph.lint()
@@ -197,24 +240,27 @@ def apply_index_cache(
     return decisions
 
 
-def _decide(graph: fx.Graph, site: IndexerSite, by_layer: dict, config: IndexCacheConfig, writes: _Writes):
+def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, config: IndexCacheConfig,
+            writes: _Writes) -> LayerDecision:
     layer = site.layer
-    if config.layer_kind(layer) == FULL:
-        writes.check_computing(site, "marked F")
-        return LayerDecision(layer, "F", COMPUTED, layer)
-    if config.source_layer(layer) is None:
-        writes.check_computing(site, "marked S with no F layer before it")
-        note = "marked S with no F layer before it: computed as F (vLLM would read an unset buffer)"
-        return LayerDecision(layer, "S", COMPUTED, layer, note=note)
-    reason = _refusal(site, by_layer, config)
+    marked = config.layer_kind(layer)
+    if source is site:
+        if marked == FULL:
+            writes.check_computing(site, "marked F")
+            return LayerDecision(layer, marked, COMPUTED, layer)
+        writes.check_computing(site, "marked S with no indexed layer computing before it")
+        note = ("marked S with no indexed layer computing before it: computed as F (vLLM would read an unset "
+                "buffer)")
+        return LayerDecision(layer, marked, COMPUTED, layer, note=note)
+    reason = _refusal(site, source)
     at_stake = writes.at_stake(site)
     keep_writes = at_stake and writes.earlier(site) is WriteChoice.KEPT
     if reason is None and keep_writes and site.inserts_keys_itself():
         reason = "an earlier graph of this model kept this layer's key-cache insert, which sharing would drop"
-    if reason is not None:
+    if reason is not None or isinstance(source, str):
         writes.check_computing(site, reason)
-        return LayerDecision(layer, "S", LEFT, layer, note=reason)
-    decision = _share(graph, site, by_layer[config.source_layer(layer)], drop_writes=at_stake and not keep_writes)
+        return LayerDecision(layer, marked, LEFT, layer, note=reason)
+    decision = _share(graph, site, source, drop_writes=at_stake and not keep_writes)
     decision.key_insert_dropped = site.inserts_keys_itself()
     if at_stake:
         writes.record(site, WriteChoice.KEPT if keep_writes else WriteChoice.DROPPED)

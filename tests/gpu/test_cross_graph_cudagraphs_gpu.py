@@ -29,8 +29,8 @@ def _uses(pattern: str) -> list[int]:
 def test_graph_broken_decoder_replays_under_cuda_graphs(kind):
     import fx_indexcache as fic
     from cross_graph_programs import D, LoopDecoder, SegmentDecoder
-    from fx_indexcache.rewrite import cross_graph
-    from fx_indexcache.rewrite.cross_graph import CallAction
+    from fx_indexcache.crossgraph import runtime as cross_graph
+    from fx_indexcache.crossgraph.runtime import CallAction
 
     torch._dynamo.reset()
     pattern = "FSFS" if kind == "per_call" else "FSSS"
@@ -48,7 +48,7 @@ def test_graph_broken_decoder_replays_under_cuda_graphs(kind):
             expected = (model.oracle(x, _uses(pattern), past) if kind == "per_call"
                         else model.oracle_segments(x, _uses(pattern), past, *extra))
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        reads = {c.layer for c in cross_graph.layer_calls(model) if c.action is CallAction.READ}
+        reads = {c.layer for c in fic.layer_calls(model) if c.action is CallAction.READ}
         assert reads == want_reads, (seed, reads)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips  # no graph fell back
     from torch._inductor import cudagraph_trees

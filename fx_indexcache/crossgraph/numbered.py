@@ -10,7 +10,7 @@ one such graph before the pass edits it:
 * its **publishing F layer**: the last F layer, when the layer right after the graph is an S layer that
   reads it;
 
-and builds the one variant the wrapper (``cross_graph.NumberedGraphCallable``) runs when the host check
+and builds the one variant the wrapper (``runtime.NumberedGraphCallable``) runs when the host check
 passes: the graph with the pass's in-graph sharing applied, the leading S layers fed from one more
 input, and the publishing layer's indices copied into one more input (the static buffer).
 """
@@ -24,11 +24,11 @@ from torch import fx
 
 from ..config import FULL, SHARED, IndexCacheConfig
 from ..detection.layers import layer_key
-from ..detection.registry import Detection, detect
+from ..detection.registry import Detection
 from ..graph_utils import copy_graph_module
-from .cross_graph import NumberedSpan
-from .cross_graph_build import example_indices, expected_indices, read_indices, write_indices
-from .share import apply_index_cache
+from ..rewrite.indices_io import example_indices, read_indices, write_indices
+from .plan import expected_indices, layer_horizon
+from .runtime import NumberedSpan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,6 @@ class NumberedVariant:
     inputs: list  # the graph's inputs, then the published indices (reads), then the buffer (publishes)
     extra_inputs: int
     nodes_removed: int  # nodes the leading S layers no longer run
-
-
-def layer_horizon(config: IndexCacheConfig, fallback: int) -> int:
-    """How many layers the config can mark: its layer count or explicit pattern's length, else ``fallback``."""
-    known = [n for n in (config.num_layers, len(config.explicit_pattern or "")) if n]
-    return min(known) if known else fallback
 
 
 def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], horizon: int) -> int | None:
@@ -66,7 +60,7 @@ def _container(detection: Detection) -> str | None | bool:
     return False if len(names) > 1 else next(iter(names), None)
 
 
-def numbered_needs(detection: Detection, config: IndexCacheConfig, horizon: int):
+def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers: int | None):
     """``(layers, readers, publisher)`` of a numbered graph, or None when it exchanges nothing across graphs."""
     if not config.use_index_cache or not detection.sites or detection.unknown_reason is not None:
         return None
@@ -75,7 +69,7 @@ def numbered_needs(detection: Detection, config: IndexCacheConfig, horizon: int)
     layers = tuple(sorted(site.layer for site in detection.sites))
     if len(set(layers)) != len(layers):
         return None
-    readers, publisher = _readers(config, layers), _publisher(config, layers, layer_horizon(config, horizon))
+    readers, publisher = _readers(config, layers), _publisher(config, layers, layer_horizon(config, model_layers))
     if not readers and publisher is None:
         return None
     return layers, readers, publisher
@@ -111,8 +105,7 @@ def build_variant(module: fx.GraphModule, inputs: Sequence, graph_pass, span: Nu
     """The graph with the pass's in-graph sharing, its leading S layers reading one more input and its
     publishing layer writing one more; None when a leading S layer's indexer stays needed."""
     variant = copy_graph_module(module)
-    detection = detect(variant.graph, graph_pass.graph_starts_at_first_layer)
-    apply_index_cache(variant.graph, detection, graph_pass.config, graph_pass.ledger)
+    detection = graph_pass.share_in_place(variant.graph)  # the pass's in-graph sharing, as the as-is graph gets it
     by_layer = {site.layer: site for site in detection.sites}
     extra, removed = [], 0
     if span.reads:

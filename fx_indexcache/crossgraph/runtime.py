@@ -49,17 +49,12 @@ from torch import nn
 
 from ..config import FULL, IndexCacheConfig
 from ..detection.layers import layer_key
+from ..rewrite.indices_io import CallAction
+
+__all__ = ["CallAction", "Fallback", "LayerCall", "LayerMap", "Timeline", "CrossGraphCallable", "NumberedGraphCallable"]
 
 #: Switch for tests (and an escape hatch): False makes every qualifying graph run as it is.
 ENABLED = True
-
-
-class CallAction(str, enum.Enum):
-    """What one call of a cross-graph layer graph did."""
-
-    PUBLISHED = "computed its indices and published them"
-    READ = "read its F layer's published indices (indexer not run)"
-    COMPUTED = "computed its own indices (graph as it is)"
 
 
 class Fallback(str, enum.Enum):
@@ -69,6 +64,14 @@ class Fallback(str, enum.Enum):
     NOT_PUBLISHED = "its F layer did not publish in this forward call"
     NOT_CONSECUTIVE = "the layers since its F layer's publish did not run consecutively up to this one"
     MISMATCH = "the published indices' shape, dtype, device or layout differ from what this graph expects"
+    NO_FORWARD_CALL = (
+        "the model's forward is not running (the compiled callable is another method, or a stage called on its "
+        "own): no call boundary ties an F layer's publish to this call, so another input's indices could be read"
+    )
+    SECOND_PASS = (
+        "the layers ran more than once in this forward call (interleaved micro-batches, a loop over the layers): "
+        "which pass an F layer's publish belongs to cannot be told"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,8 @@ class Timeline:
     published: dict[int, _Published] = dataclasses.field(default_factory=dict)
     calls: dict[int, LayerCall] = dataclasses.field(default_factory=dict)  # this forward call's
     buffers: dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)  # kept across calls
+    in_forward: bool = False  # the model's forward is running (its pre-hook ran, its post-hook not yet)
+    second_pass: bool = False  # a layer at or below the last one ran again within this forward call
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                avoid: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,7 +135,14 @@ class Timeline:
         return found
 
     def readable(self, source: int, layer: int) -> _Published | Fallback:
-        """What layer ``layer`` (not yet begun) may read from ``source``, or why it may not."""
+        """What layer ``layer`` (not yet begun) may read from ``source``, or why it may not.
+
+        A read is proven only inside one call of the model's forward, on its first pass over the layers, from
+        an F layer that published in that pass with every layer since run consecutively."""
+        if not self.in_forward:
+            return Fallback.NO_FORWARD_CALL
+        if self.second_pass or (self.last is not None and self.last >= layer):
+            return Fallback.SECOND_PASS
         if self.last is None or self.last >= layer or source not in self.published:
             return Fallback.NOT_PUBLISHED  # at or below the last layer: a new forward call begins
         if self.last != layer - 1 or self.run_from > source:
@@ -141,6 +153,7 @@ class Timeline:
         """Layers ``layer..through`` (one graph's span; ``through`` defaults to ``layer``) run now."""
         if self.last is not None and layer <= self.last:  # a lower layer again: a new pass over the layers
             self.restart()
+            self.second_pass = True
         if self.last is None or layer != self.last + 1:
             self.run_from = layer
         self.last = layer if through is None else through
@@ -154,6 +167,12 @@ class Timeline:
         """A new call of the model: restart, and forget the previous call's records."""
         self.restart()
         self.calls = {}
+        self.in_forward, self.second_pass = True, False
+
+    def end_forward(self) -> None:
+        """The model's forward returned: nothing published in it may be read any more."""
+        self.restart()
+        self.in_forward = False
 
 
 class LayerMap:
@@ -161,15 +180,20 @@ class LayerMap:
 
     A parameter listed under two layers (tied weights) maps to none. ``timelines`` holds the model's
     host bookkeeping, one per layer container and thread (two threads running the model at once must
-    never read each other's indices), shared by every graph compiled for it. A forward pre-hook
-    on the model (run eagerly, outside every graph) starts a new forward call on each call of the model,
-    so a call that begins above layer 0 (a pipeline stage) never reads the previous call's indices.
+    never read each other's indices), shared by every graph compiled for it. A forward pre-hook and an
+    always-called forward hook on the model (run eagerly, outside every graph) open and close each call of
+    its forward: reads are proven only inside one such call, so a span of layers run through another method,
+    or a stage called on its own, computes rather than read another input's indices.
+    Owned by an ``IndexCacheSession`` (one per model there).
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.by_storage: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
         self.timelines: dict[tuple[str, int], Timeline] = {}
         self.hooked = False
+        #: per thread: whether the model's forward is running. A map made during a compile inside the model's
+        #: forward (its hooks were not there yet when this call began) starts open.
+        self.forward_open: dict[int, bool] = {threading.get_ident(): forward_running(root)}
         self.refresh(root)
 
     @staticmethod
@@ -190,17 +214,28 @@ class LayerMap:
         if {ptr: key for ptr, (_, key) in fresh.items()} != {ptr: key for ptr, (_, key) in self.by_storage.items()}:
             self.by_storage = fresh
             for timeline in self.timelines.values():
-                timeline.new_forward()
+                timeline.restart()
         if self.by_storage and not self.hooked:
-            root.register_forward_pre_hook(_new_forward_hook(weakref.ref(self)))
+            owner = weakref.ref(self)
+            root.register_forward_pre_hook(_forward_hook(owner, opens=True))
+            root.register_forward_hook(_forward_hook(owner, opens=False), always_call=True)
             self.hooked = True
 
-    def new_forward(self) -> None:
-        """A new call of the model in this thread."""
+    def _this_thread(self) -> list[Timeline]:
         thread = threading.get_ident()
-        for (_, owner), timeline in self.timelines.items():
-            if owner == thread:
-                timeline.new_forward()
+        return [timeline for (_, owner), timeline in self.timelines.items() if owner == thread]
+
+    def new_forward(self) -> None:
+        """A new call of the model's forward in this thread."""
+        self.forward_open[threading.get_ident()] = True
+        for timeline in self._this_thread():
+            timeline.new_forward()
+
+    def end_forward(self) -> None:
+        """The model's forward returned (or raised) in this thread."""
+        self.forward_open[threading.get_ident()] = False
+        for timeline in self._this_thread():
+            timeline.end_forward()
 
     def layer_of(self, args: Sequence[object]) -> tuple[str, int] | None:
         """The one (container, layer) every parameter among ``args`` belongs to, or None."""
@@ -228,32 +263,40 @@ class LayerMap:
 
     def timeline(self, container: str) -> Timeline:
         """This thread's bookkeeping for ``container``."""
-        return self.timelines.setdefault((container, threading.get_ident()), Timeline())
+        thread = threading.get_ident()
+        found = self.timelines.get((container, thread))
+        if found is None:
+            found = self.timelines[(container, thread)] = Timeline(in_forward=self.forward_open.get(thread, False))
+        return found
+
+    def calls(self) -> list[LayerCall]:
+        """What this thread's latest forward call did, per layer."""
+        calls = [call for timeline in self._this_thread() for call in timeline.calls.values()]
+        return sorted(calls, key=lambda call: (call.container, call.layer))
 
 
-def _new_forward_hook(owner: weakref.ref) -> Callable:
+def _forward_hook(owner: weakref.ref, *, opens: bool) -> Callable:
     @torch._dynamo.disable
-    def new_forward_call(module, args) -> None:
+    def forward_boundary(module, *args) -> None:
         found = owner()
         if found is not None:
-            found.new_forward()
+            found.new_forward() if opens else found.end_forward()
 
-    return new_forward_call
-
-
-_MAPS: weakref.WeakKeyDictionary[nn.Module, LayerMap] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+    return forward_boundary
 
 
-def layer_map(root: nn.Module) -> LayerMap:
-    """The model's map, built once and shared by all its graphs (weakly held: it dies with the model)."""
-    with _LOCK:
-        found = _MAPS.get(root)
-        if found is None:
-            found = _MAPS[root] = LayerMap(root)
-        else:
-            found.refresh(root)
-        return found
+_FORWARD_FRAMES = ("forward", "_call_impl", "_wrapped_call_impl", "__call__")
+
+
+def forward_running(root: nn.Module) -> bool:
+    """Whether a call of ``root``'s forward (or its ``__call__``) is on this thread's Python stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if getattr(owner, "_orig_mod", owner) is root and frame.f_code.co_name in _FORWARD_FRAMES:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def modules_on_stack() -> list[nn.Module]:
@@ -268,25 +311,6 @@ def modules_on_stack() -> list[nn.Module]:
             found.setdefault(id(owner), owner)
         frame = frame.f_back
     return list(reversed(found.values()))
-
-
-def layer_calls(model: nn.Module) -> list[LayerCall]:
-    """Per layer, what the model's latest forward call in this thread did through cross-graph layer graphs."""
-    model = getattr(model, "_orig_mod", model)
-    with _LOCK:
-        found = _MAPS.get(model)
-    if found is None:
-        return []
-    thread = threading.get_ident()
-    calls = [call for (_, owner), timeline in found.timelines.items() if owner == thread
-             for call in timeline.calls.values()]
-    return sorted(calls, key=lambda call: (call.container, call.layer))
-
-
-def reset() -> None:
-    """Forget every model's bookkeeping (tests; after ``torch._dynamo.reset()``)."""
-    with _LOCK:
-        _MAPS.clear()
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -334,8 +358,8 @@ _STACK_WALKS = 16
 class _ModelLookup:
     """Finds, per call, which known model (layer map) the call's parameters belong to."""
 
-    def __init__(self, maps: list[LayerMap]) -> None:
-        self.maps = maps
+    def __init__(self, maps: list[LayerMap], session) -> None:
+        self.maps, self.session = maps, session  # the session owns the models' layer maps
         self._stack_walks_left = _STACK_WALKS
 
     def _find(self, args, match: Callable[[LayerMap, Sequence[object]], object]):
@@ -348,7 +372,7 @@ class _ModelLookup:
             self._stack_walks_left -= 1
             known = {id(candidate) for candidate in self.maps}
             for root in modules_on_stack():
-                candidate = layer_map(root)  # re-indexed if its parameters moved
+                candidate = self.session.layer_map(root)  # re-indexed if its parameters moved
                 key = match(candidate, args)
                 if key is not None:
                     if id(candidate) not in known:
@@ -370,8 +394,8 @@ class CrossGraphCallable(_ModelLookup):
     _boxed_call = True
 
     def __init__(self, as_is: Callable, f_variant: Callable, s_variant: Callable, expected: ExpectedIndices,
-                 config: IndexCacheConfig, maps: list[LayerMap], graph: str) -> None:
-        super().__init__(maps)
+                 config: IndexCacheConfig, maps: list[LayerMap], graph: str, session) -> None:
+        super().__init__(maps, session)
         self.as_is, self.f_variant, self.s_variant = as_is, f_variant, s_variant
         self.expected, self.config, self.graph = expected, config, graph
 
@@ -438,8 +462,8 @@ class NumberedGraphCallable(_ModelLookup):
     _boxed_call = True
 
     def __init__(self, as_is: Callable, variant: Callable, span: NumberedSpan, maps: list[LayerMap],
-                 graph: str) -> None:
-        super().__init__(maps)
+                 graph: str, session) -> None:
+        super().__init__(maps, session)
         self.as_is, self.variant, self.span, self.graph = as_is, variant, span, graph
 
     def _container(self, layer_map_: LayerMap, args) -> str | None:

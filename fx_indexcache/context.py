@@ -1,0 +1,61 @@
+"""``GraphContext``: what an entry point knows about one graph before the pass sees it.
+
+Built once per graph by the entry point (a backend call, the export helper, vLLM's pass) and handed, frozen,
+to every stage: detection reads where layer identity may come from, the rewrite reads the model's layer count,
+the report reads the cross-graph plan. Nothing is read back from globals, context variables or attributes set
+on a pass after the fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import IndexCacheConfig
+    from .crossgraph.plan import CrossGraphPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphContext:
+    """One graph's facts from its entry point.
+
+    ``starts_at_first_layer``: the graph begins at the model's first layer (an exported program; a dynamo graph
+    of the compiled callable's own frame); None when not known. ``model_layers``: the model's decoder-layer
+    count, from its config (``num_hidden_layers``), when the entry point found one. ``model``: a weak reference
+    to the model the graph belongs to, which keys per-model state (cache-write choices) in the session.
+    ``inference``: False for a training graph (a forward with gradients, a backward), which the pass leaves as
+    it is. ``cross_graph``: what the backend decided for this graph at run time, for its report. ``notes``:
+    lines the entry point adds to the report (transformers' decode-only compile, say).
+    """
+
+    graph_name: str = ""
+    starts_at_first_layer: bool | None = None
+    model_layers: int | None = None
+    model: weakref.ref | None = None
+    inference: bool = True
+    cross_graph: CrossGraphPlan | None = None
+    notes: tuple[str, ...] = ()
+
+    def layer_count(self, config: IndexCacheConfig) -> int | None:
+        """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the
+        explicit pattern's length (one entry per decoder layer, as the engines read it)."""
+        pattern = config.explicit_pattern if config.use_index_cache else None
+        for count in (config.num_layers, self.model_layers, len(pattern) if pattern else None):
+            if count:
+                return count
+        return None
+
+    def model_object(self) -> Any:
+        return None if self.model is None else self.model()
+
+
+def model_layer_count(model: Any) -> int | None:
+    """The decoder-layer count a model's config states (``num_hidden_layers``, also in a ``text_config``)."""
+    config = getattr(model, "config", None)
+    for source in (config, getattr(config, "text_config", None)):
+        count = getattr(source, "num_hidden_layers", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+    return None
