@@ -146,7 +146,10 @@ def clear_reports() -> None:
     _DEFAULT.clear_reports()
 
 
-def layer_calls(model: nn.Module, session: IndexCacheSession | None = None) -> list[LayerCall]:
-    """Per layer, what ``model``'s latest forward call in this thread did through cross-graph layer graphs
-    compiled in ``session`` (the default session when None; a backend object's: ``backend.layer_calls``)."""
-    return (_DEFAULT if session is None else session).layer_calls(model)
+def layer_calls(model: nn.Module, owner: Any = None) -> list[LayerCall]:
+    """Per layer, what ``model``'s latest forward call in this thread did through cross-graph layer graphs.
+
+    ``owner``: the backend object (or session) that compiled it; the default session (the backend functions)
+    when None."""
+    session = _DEFAULT if owner is None else getattr(owner, "session", owner)
+    return session.layer_calls(model)

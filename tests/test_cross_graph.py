@@ -36,8 +36,8 @@ def _randn(*shape, seed: int):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _actions(model) -> dict[int, CallAction]:
-    return {call.layer: call.action for call in fic.layer_calls(model)}
+def _actions(model, owner=None) -> dict[int, CallAction]:
+    return {call.layer: call.action for call in fic.layer_calls(model, owner)}
 
 
 def _expected_actions(pattern: str) -> dict[int, CallAction]:
@@ -171,12 +171,13 @@ def test_training_graphs_are_left_as_they_are():
 
 def test_inductor_shares_across_graphs():
     model = LoopDecoder(N)
-    compiled = _compile(model, "FSFS", backend=fic.IndexCacheBackend(index_topk_pattern="FSFS"))
+    backend = fic.IndexCacheBackend(index_topk_pattern="FSFS")
+    compiled = _compile(model, "FSFS", backend=backend)
     x = _randn(2, 5, D, seed=1)
     with torch.no_grad():
         out = compiled(x)
     torch.testing.assert_close(out, model.oracle(x, _uses("FSFS")), rtol=1e-5, atol=1e-5)
-    assert _actions(model) == _expected_actions("FSFS")
+    assert _actions(model, backend) == _expected_actions("FSFS")
 
 
 def test_cuda_graph_mode_shares_through_static_buffers():
@@ -189,7 +190,7 @@ def test_cuda_graph_mode_shares_through_static_buffers():
     with torch.no_grad():
         out = compiled(x)
     torch.testing.assert_close(out, model.oracle(x, _uses("FSFS")), rtol=1e-5, atol=1e-5)
-    assert _actions(model) == _expected_actions("FSFS")
+    assert _actions(model, backend) == _expected_actions("FSFS")
     plans = [r.cross_graph for r in backend.reports if r.cross_graph is not None]
     assert plans and all(p.active for p in plans)
 
@@ -214,7 +215,7 @@ def test_per_layer_table_says_where_each_layer_got_its_indices():
     backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
     with torch.no_grad():
         torch.compile(model, backend=backend)(_randn(2, 5, D, seed=1))
-    rows = fic.layer_sharing(model, backend.reports)
+    rows = fic.layer_sharing(model, backend)
     assert [(r.layer, r.sharing, r.source_layer, r.publishes) for r in rows] == [
         (0, fic.report.sharing.Sharing.COMPUTED, 0, True), (1, fic.report.sharing.Sharing.ACROSS_GRAPHS, 0, False),
         (2, fic.report.sharing.Sharing.COMPUTED, 2, True), (3, fic.report.sharing.Sharing.ACROSS_GRAPHS, 2, False)]
@@ -225,7 +226,7 @@ def test_per_layer_table_says_where_each_layer_got_its_indices():
     backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
     with torch.no_grad():
         torch.compile(whole, backend=backend)(inputs())
-    rows = fic.layer_sharing(whole, backend.reports)
+    rows = fic.layer_sharing(whole, backend)
     assert [r.sharing for r in rows] == [fic.report.sharing.Sharing.COMPUTED, fic.report.sharing.Sharing.INSIDE_GRAPH] * 2
 
 

@@ -170,8 +170,8 @@ class Timeline:
         self.in_forward, self.second_pass = True, False
 
     def end_forward(self) -> None:
-        """The model's forward returned: nothing published in it may be read any more."""
-        self.restart()
+        """The model's forward returned: nothing published in it may be read any more (``readable`` refuses every
+        read until the next call opens; the records stay for ``layer_calls``)."""
         self.in_forward = False
 
 
@@ -414,14 +414,17 @@ class CrossGraphCallable(_ModelLookup):
     def _run(self, args: list, timeline: Timeline, container: str, layer: int):
         marked = self.config.layer_kind(layer)
         source = self.config.source_layer(layer) if marked != FULL else None
-        if marked == FULL:
+        if marked != FULL and source is None:  # the one-buffer rule: the nearest layer that computed, if any
+            earlier = [published for published in timeline.published if published < layer]
+            source = max(earlier) if earlier else None
+        if marked == FULL or source is None:  # an S layer with nothing computed before it computes, and writes
             timeline.begin(layer)
             buffer, key_width = publish_buffer(timeline, self.expected, args)
             result = self.f_variant([*args, buffer])
             timeline.published[layer] = _Published(buffer, key_width, self.graph)
             timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.PUBLISHED, self.graph)
             return result
-        why = Fallback.NO_SOURCE if source is None else timeline.readable(source, layer)
+        why = timeline.readable(source, layer)
         if isinstance(why, _Published):
             if self.expected.accepts(why, args):
                 timeline.begin(layer)

@@ -48,7 +48,7 @@ def test_graph_broken_decoder_replays_under_cuda_graphs(kind):
             expected = (model.oracle(x, _uses(pattern), past) if kind == "per_call"
                         else model.oracle_segments(x, _uses(pattern), past, *extra))
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        reads = {c.layer for c in fic.layer_calls(model) if c.action is CallAction.READ}
+        reads = {c.layer for c in fic.layer_calls(model, backend) if c.action is CallAction.READ}
         assert reads == want_reads, (seed, reads)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips  # no graph fell back
     from torch._inductor import cudagraph_trees
