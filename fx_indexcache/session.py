@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from .rewrite.cache_ledger import CacheWriteLedger
 
-if TYPE_CHECKING:
-    from torch import nn
+from torch import nn
 
+if TYPE_CHECKING:
     from .crossgraph.runtime import LayerCall, LayerMap
     from .report.graph_report import IndexCacheReport
 
@@ -81,14 +81,19 @@ class IndexCacheSession:
 
     # ------------------------------------------------------------------ per model
     def ledger(self, model: Any) -> CacheWriteLedger:
-        """The cache-write choices of ``model``'s graphs (a module, an exported program); None: graphs whose model
-        is unknown share one ledger in this session."""
+        """The cache-write choices of the graphs that may run on ``model``'s caches.
+
+        Keyed by the model's class for a module: dynamo serves one compiled graph to every instance of a class
+        whose code and guards match, so two instances may run each other's graphs (a write one dropped is
+        dropped for both), while a model of another class never meets them. An exported program is its own
+        key; None (a bare pass on a graph) shares one ledger in this session."""
         if model is None:
             return self._unowned_ledger
+        key = type(model) if isinstance(model, nn.Module) else model
         with self._lock:
-            found = self._ledgers.get(model)
+            found = self._ledgers.get(key)
             if found is None:
-                found = self._ledgers[model] = CacheWriteLedger()
+                found = self._ledgers[key] = CacheWriteLedger()
             return found
 
     def layer_map(self, root: nn.Module) -> LayerMap:

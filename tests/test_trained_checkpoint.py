@@ -27,7 +27,7 @@ from fx_indexcache.models.reference.checkpoint import (
     tensors_digest,
 )
 from fx_indexcache.models.reference.evaluation import bits_per_byte, shuffled_indexers
-from fx_indexcache.report.graph_report import clear_reports, reports
+from fx_indexcache.session import clear_reports, reports
 
 LAYERS = 4
 

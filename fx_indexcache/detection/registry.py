@@ -20,7 +20,7 @@ from torch import fx
 
 from ..graph_utils import node_order
 from .layer_records import LayerRecord, read_record
-from .layers import consumer_slots, layer_slot
+from .layers import consumer_slots, layer_slot, module_path
 from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
@@ -113,6 +113,10 @@ class Detection:
     unknown_reason: UnknownLayerIndex | None = None
     records: dict[int, LayerRecord] = dataclasses.field(default_factory=dict)  # layer → earlier record
     unknown_detail: str = ""  # the counts behind ``unknown_reason``, when it has any
+    #: Decoder layers this graph provably holds (any node's module path in the sites' layer container, or
+    #: every layer when graph order numbered it): an S layer with no computing layer before it computes only
+    #: when every layer before it is here (none computes), not when it may sit in an earlier graph.
+    layers_present: frozenset[int] = frozenset()
 
     @property
     def unknown_text(self) -> str:
@@ -164,11 +168,12 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
             nested.append(f"{name} ({len(inner)} indexer top-k)")
     detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
     if sites:
-        _assign_layers(detection, graph_starts_at_first_layer, layer_count)
+        _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count)
     return detection
 
 
-def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | None, layer_count: int | None) -> None:
+def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_layer: bool | None,
+                   layer_count: int | None) -> None:
     """The rule: a layer index is proven or absent.
 
     1. An earlier rewrite's record (a second application never renumbers).
@@ -191,7 +196,8 @@ def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | Non
         return
     slots = [_site_slot(site) for site in sites]
     if all(slot is not None for slot in slots):
-        _place_by_slots(detection, slots)
+        main = _place_by_slots(detection, slots)
+        detection.layers_present = frozenset(_layers_in(graph, main))
     elif graph_starts_at_first_layer is not True:
         reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH
         _unknown(detection, reason)
@@ -204,6 +210,17 @@ def _assign_layers(detection: Detection, graph_starts_at_first_layer: bool | Non
         _unknown(detection, UnknownLayerIndex.ORDER_CONTRADICTS_PATHS)
     else:
         _place(detection, list(range(len(sites))), LayerSource.WHOLE_GRAPH_ORDER)
+        detection.layers_present = frozenset(range(len(sites)))
+
+
+def _layers_in(graph: fx.Graph, container: str) -> set[int]:
+    """The layer numbers of ``container`` that some node of ``graph`` was traced under."""
+    found = set()
+    for node in graph.nodes:
+        slot = layer_slot(module_path(node)) if node.op == "call_function" else None
+        if slot is not None and slot[0] == container:
+            found.add(slot[1])
+    return found
 
 
 def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
@@ -225,8 +242,9 @@ def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
     return container, read_by[0]
 
 
-def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> None:
-    """Place sites by their slots; sites in a container other than the one most sites are in are set aside."""
+def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> str:
+    """Place sites by their slots; sites in a container other than the one most sites are in (returned) are set
+    aside."""
     counts = collections.Counter(container for container, _ in slots)
     main, _ = counts.most_common(1)[0]
     others = [(site, slot) for site, slot in zip(detection.sites, slots) if slot[0] != main]
@@ -236,6 +254,7 @@ def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> None:
     detection.unplaced += [
         (site, f"its indices serve {slot[0]}.{slot[1]}, outside the layer container {main!r} that holds the "
                "other indexers: no one decoder-layer numbering covers both") for site, slot in others]
+    return main
 
 
 def _unknown(detection: Detection, reason: UnknownLayerIndex, detail: str = "") -> None:

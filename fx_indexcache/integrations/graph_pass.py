@@ -147,7 +147,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     def share_in_place(self, graph: fx.Graph):
         """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
         detection = self.detect(graph)
-        apply_index_cache(graph, detection, self.config, self.ledger(), self.context.starts_at_first_layer)
+        apply_index_cache(graph, detection, self.config, self.ledger())
         return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
@@ -162,8 +162,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             return self._leave_training_graph(detection, context, trace)
         self._check_pattern_length(detection)
         with trace.stage("share"):
-            decisions = apply_index_cache(graph, detection, self.config, self.ledger(),
-                                          context.starts_at_first_layer)  # all F when off
+            decisions = apply_index_cache(graph, detection, self.config, self.ledger())  # all F when off
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []

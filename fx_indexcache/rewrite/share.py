@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 import torch
 from torch import fx
@@ -121,29 +122,31 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     )
 
 
-def buffer_sources(sites: list[IndexerSite], config: IndexCacheConfig, starts_at_first_layer: bool | None,
-                   removed: frozenset[int] = frozenset()) -> dict[int, IndexerSite | str]:
+def buffer_sources(sites: list[IndexerSite], config: IndexCacheConfig, present: frozenset[int],
+                   absent: Mapping[int, str] | None = None) -> dict[int, IndexerSite | str]:
     """Per site (by layer), the site of this graph whose indices it uses under the engines' one-buffer rule:
     itself when it computes, the nearest preceding computing site when it shares, or why (str) that site is
     not in this graph.
 
-    An S-marked site with no computing site before it computes when nothing indexed can come before it: the
-    graph starts at the model's first layer, or the config marks no F layer before it at all. Otherwise its
-    source may be in an earlier graph (a break, a pipeline stage), and it is left as it is here. ``removed``:
-    indexed layers an earlier rewrite of this graph deleted (they read another layer's indices now); one the
-    config marks F would be a source that no longer computes, so the S layers after it are left as they are.
+    An S-marked site with no computing site before it computes when nothing indexed can come before it: every
+    layer before it is ``present`` in this graph (and holds no computing indexer), or the config marks no F
+    layer before it at all. Otherwise its source may be in an earlier graph (a break, a pipeline stage, a span
+    of layers compiled on its own), and it is left as it is here. ``absent``:
+    indexed layers of this graph whose indices cannot serve another layer, with why (an earlier rewrite
+    deleted their indexer; they hold several indexers); one that would compute is a source nobody may take,
+    so the S layers after it are left as they are.
     """
     found: dict[int, IndexerSite | str] = {}
     by_layer = {site.layer: site for site in sites}
+    absent = absent or {}
     writer: IndexerSite | str | None = None
-    for layer in sorted({*by_layer, *removed}):
+    for layer in sorted({*by_layer, *absent}):
         site = by_layer.get(layer)
         computes = config.layer_kind(layer) == FULL or (
-            writer is None and (starts_at_first_layer is True or config.source_layer(layer) is None))
-        if site is None:  # removed earlier: it no longer computes its own indices
+            writer is None and (present.issuperset(range(layer)) or config.source_layer(layer) is None))
+        if site is None:
             if computes:
-                writer = (f"its source layer {layer} reads another layer's indices since an earlier rewrite of "
-                          "this graph, so its own indices are gone")
+                writer = f"its source layer {layer} cannot serve it: {absent[layer]}"
             continue
         if computes:
             writer = found[layer] = site
@@ -216,13 +219,11 @@ class _Writes:
 
 def apply_index_cache(
     graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger,
-    starts_at_first_layer: bool | None = None,
 ) -> list[LayerDecision]:
     """Rewrite ``graph`` in place; one decision per detected site, in layer order.
 
     ``ledger`` holds the cache-write choices of the model's other graphs; it may turn a share into "share,
-    writes kept", or raise ``CacheWriteConflict``. ``starts_at_first_layer``: the graph begins at the model's
-    first layer, so an S layer with no computing indexed layer before it in the graph has none at all.
+    writes kept", or raise ``CacheWriteConflict``.
     """
     writes = _Writes(config, ledger)
     if detection.unknown_reason is not None:
@@ -230,8 +231,11 @@ def apply_index_cache(
             writes.check_computing(site, "layer index unknown")
         note = f"layer index unknown: {detection.unknown_reason.value}; computed"
         return [LayerDecision(None, UNMARKED, COMPUTED, None, note=note) for _ in detection.sites]
-    removed = frozenset(layer for record in detection.records.values() for layer in record.serves)
-    sources = buffer_sources(detection.sites, config, starts_at_first_layer, removed)
+    absent = {layer: "an earlier rewrite of this graph made it read another layer's indices"
+              for record in detection.records.values() for layer in record.serves}
+    absent.update({site.layer: "it holds more than one indexer" for site, _ in detection.unplaced
+                   if site.layer is not None and site.layer not in {s.layer for s in detection.sites}})
+    sources = buffer_sources(detection.sites, config, detection.layers_present, absent)
     decisions = [_decide(graph, site, sources[site.layer], config, writes) for site in detection.sites]
     if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
         graph.eliminate_dead_code()

@@ -25,7 +25,7 @@ from ..config import IndexCacheConfig
 from ..integrations.backend import indexcache_backend
 from ..models.reference import ReferenceDSAModel, corpus
 from ..models.reference.training import next_byte_loss
-from ..report.graph_report import clear_reports, reports
+from ..session import clear_reports, reports
 from .calibration import add_reference_arguments, reference_model
 
 DEMO_LAYERS = 6

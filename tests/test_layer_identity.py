@@ -1,0 +1,135 @@
+"""Layer identity is proven or absent (issue 25, failure classes 1-3, and native sharing).
+
+The pattern's index is the global decoder-layer index, as vLLM and SGLang number it, and an S layer reads the
+nearest preceding indexed layer that computed. Written in styles the rest of the suite does not use
+(``hybrid_programs``): dense layers between DSA layers, indexers kept in their own list, two indexers in one
+layer, functional code and exports without module paths. Each test compares with the hand-written oracle at
+the engines' semantics, or with the untouched model where the pass cannot prove the numbering.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fx_indexcache as fic
+from fx_indexcache.detection.registry import LayerSource, UnknownLayerIndex
+from hybrid_programs import HybridDSA, engine_uses, inputs
+
+HYBRID = "didididi"  # DSA at layers 1, 3, 5, 7 of 8: the issue's example
+
+
+def _compile(model, **keys):
+    backend = fic.IndexCacheEagerBackend(**keys)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(inputs())
+    return out, backend.reports
+
+
+def _run(model, uses=None):
+    with torch.no_grad():
+        return model(inputs(), uses)
+
+
+def _pairs(reports) -> dict[int, int]:
+    return {d.layer: d.source_layer for r in reports for d in r.decisions if d.action == "shared"}
+
+
+@pytest.mark.parametrize("style", ["in_layer", "indexer_list"])
+def test_hybrid_stack_pairs_by_the_global_decoder_index(style):
+    """freq 4: the engines run 3<-1 and 7<-5. Counting sites instead gave 5<-3 and 7<-3."""
+    model = HybridDSA(HYBRID, style)
+    out, (report,) = _compile(model, index_topk_freq=4)
+    assert report.layer_source is LayerSource.MODULE_PATH
+    assert [d.layer for d in report.decisions] == [1, 3, 5, 7]
+    assert _pairs([report]) == {3: 1, 7: 5}
+    config = fic.IndexCacheConfig(index_topk_freq=4)
+    expected = _run(model, engine_uses(config, HYBRID))
+    assert not torch.equal(expected, _run(model, [0, 1, 2, 3, 4, 3, 6, 3]))  # the site-count pairing would show
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert "uses layer 1's indices" in report.format()
+    assert "layer 2" not in report.format().split("\n", 2)[2]  # no row for a dense layer
+
+
+def test_s_layer_reads_the_nearest_computing_layer_when_its_f_layer_is_dense():
+    """DSA at 2, 4, 6 (a V4-like layout): freq 4 marks F at 0, 1, 5 (dense); 4 and 6 read layer 2."""
+    kinds = "ddididi"
+    model = HybridDSA(kinds)
+    out, (report,) = _compile(model, index_topk_freq=4)
+    assert _pairs([report]) == {4: 2, 6: 2}
+    torch.testing.assert_close(out, _run(model, [0, 1, 2, 3, 2, 5, 2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keys", [{"index_topk_freq": 4}, {"index_topk_freq": 4, "num_layers": 8},
+                                  {"index_topk_pattern": "FFFSFFFS"}])
+def test_functional_hybrid_is_never_numbered_by_site_order(keys, caplog):
+    """No module path: 4 indexers in an 8-layer model (or a count nobody states) cannot be placed by order."""
+    model = HybridDSA(HYBRID, "functional")
+    with caplog.at_level(logging.WARNING, logger="fx_indexcache"):
+        out, (report,) = _compile(model, **keys)
+    assert report.layer_source is LayerSource.UNKNOWN and report.indexers_removed == 0
+    counted = "num_layers" in keys or "index_topk_pattern" in keys
+    assert report.layer_index_unknown is (UnknownLayerIndex.COUNT_MISMATCH if counted
+                                          else UnknownLayerIndex.NO_LAYER_COUNT)
+    assert any("layer index" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+
+
+def test_functional_stack_with_a_stated_layer_count_is_numbered_by_order():
+    """Every layer a DSA layer and the count stated: graph order is a proof, and the pass shares."""
+    model = HybridDSA("iiii", "functional")
+    out, (report,) = _compile(model, index_topk_pattern="FSFS")
+    assert report.layer_source is LayerSource.WHOLE_GRAPH_ORDER and _pairs([report]) == {1: 0, 3: 2}
+    torch.testing.assert_close(out, _run(model, [0, 0, 2, 2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strip_paths", [False, True])
+def test_hybrid_export_with_and_without_module_paths(strip_paths):
+    model = HybridDSA(HYBRID)
+    with torch.no_grad():
+        program = torch.export.export(model, (inputs(),), strict=False)
+    if strip_paths:
+        for node in program.graph.nodes:
+            node.meta.pop("nn_module_stack", None)
+    report = fic.apply_index_cache_to_exported_program(program, index_topk_freq=4)
+    with torch.no_grad():
+        out = program.module()(inputs())
+    if strip_paths:
+        assert report.layer_index_unknown is UnknownLayerIndex.NO_LAYER_COUNT
+        torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+    else:
+        assert _pairs([report]) == {3: 1, 7: 5}
+        torch.testing.assert_close(out, _run(model, engine_uses(fic.IndexCacheConfig(index_topk_freq=4), HYBRID)),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style", ["in_layer", "functional"])
+def test_two_indexers_in_one_layer_are_never_paired_across_positions(style):
+    """With paths both are left alone; without, 8 indexers in a 4-layer model cannot be numbered by order. Either
+    way the model runs untouched, and a pattern of 4 entries is not told to have 'at least 5'."""
+    model = HybridDSA("2222", style)
+    out, (report,) = _compile(model, index_topk_pattern="FSFS")
+    assert report.indexers_removed == 0
+    if style == "in_layer":
+        assert "holds more than one indexer" in report.format()
+    else:
+        assert report.layer_index_unknown is UnknownLayerIndex.COUNT_MISMATCH
+    torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+
+
+def test_after_a_two_indexer_f_layer_s_layers_compute():
+    """Layer 2 holds two indexers and is marked F: the S layer 3 after it has no source it may take."""
+    model = HybridDSA("ii2i", "in_layer")
+    out, (report,) = _compile(model, index_topk_pattern="FSFS")
+    assert _pairs([report]) == {1: 0}
+    (row,) = [d for d in report.decisions if d.layer == 3]
+    assert row.action == "left as is" and "cannot serve it" in row.note
+    torch.testing.assert_close(out, _run(model, [0, 0, 2, 3]), rtol=0, atol=0)
+
+
+def test_pattern_of_the_wrong_length_names_the_model_layer_count():
+    model = HybridDSA("iiii")
+    with pytest.raises(Exception, match=r"index_topk_pattern='FSF' has 3 entries but the model has at least 4"):
+        _compile(model, index_topk_pattern="FSF")
