@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from torch import fx
 
-from ..graph_utils import node_order
+from ..graph_utils import CONTRACTIONS, VIEW_LIKE, is_call, node_order
 from .layer_records import LayerRecord, read_record
 from .layers import consumer_slots, layer_slot, module_path
 from .sites import IndexerSite, TopkVerdict
@@ -64,6 +64,10 @@ class UnknownLayerIndex(str, enum.Enum):
         "several indexers a layer, or part of the model)"
     )
     ORDER_CONTRADICTS_PATHS = "graph order contradicts the layer numbers some module paths carry"
+    TWO_SITES_ONE_INPUT = (
+        "no module path with a layer number, and two indexers score the same hidden states, so they sit in one "
+        "layer: the indexer count only matches the layer count by chance, and graph order proves nothing"
+    )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
 
 
@@ -208,9 +212,52 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
                  f"{len(sites)} indexers, {layer_count} decoder layers")
     elif any(slot is not None and slot[1] != order for order, slot in enumerate(slots)):
         _unknown(detection, UnknownLayerIndex.ORDER_CONTRADICTS_PATHS)
+    elif (pair := _sites_scoring_one_input(sites)) is not None:
+        _unknown(detection, UnknownLayerIndex.TWO_SITES_ONE_INPUT, f"the indexers at graph positions {pair[0]} and "
+                 f"{pair[1]} score the same hidden states")
     else:
         _place(detection, list(range(len(sites))), LayerSource.WHOLE_GRAPH_ORDER)
         detection.layers_present = frozenset(range(len(sites)))
+
+
+_INPUT_WALK = 48  # nodes walked up from a site's score to find what its projections read
+
+
+def _projected_inputs(site: IndexerSite) -> set[fx.Node]:
+    """What a site's projections read (``x`` and ``wq`` of ``x @ wq``; a key cache it scores): the operands of
+    the first contraction on each path up from its score that takes a graph input or constant directly."""
+    found: set[fx.Node] = set()
+    frontier, seen = [site.anchor.args[0]], set()
+    while frontier and len(seen) < _INPUT_WALK:
+        node = frontier.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if is_call(node, CONTRACTIONS):
+            operands = [_through_views(arg) for arg in node.all_input_nodes]
+            if any(arg.op in ("placeholder", "get_attr") for arg in operands):
+                found.update(arg for arg in operands if arg.op != "get_attr")
+                continue
+        frontier.extend(node.all_input_nodes)
+    return found
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    while is_call(node, VIEW_LIKE) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _sites_scoring_one_input(sites: list[IndexerSite]) -> tuple[int, int] | None:
+    """Two graph positions whose sites' projections read the same node (one layer holds both: a layer's hidden
+    states change from one layer to the next), else None."""
+    owner: dict[fx.Node, int] = {}
+    for position, site in enumerate(sites):
+        for node in _projected_inputs(site):
+            earlier = owner.setdefault(node, position)
+            if earlier != position:
+                return earlier, position
+    return None
 
 
 def _layers_in(graph: fx.Graph, container: str) -> set[int]:

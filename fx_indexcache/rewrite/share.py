@@ -139,19 +139,24 @@ def buffer_sources(sites: list[IndexerSite], config: IndexCacheConfig, present: 
     found: dict[int, IndexerSite | str] = {}
     by_layer = {site.layer: site for site in sites}
     absent = absent or {}
-    writer: IndexerSite | str | None = None
+    writer: IndexerSite | str | None = None  # None: no layer before computed, as far as this graph shows
     for layer in sorted({*by_layer, *absent}):
         site = by_layer.get(layer)
-        computes = config.layer_kind(layer) == FULL or (
-            writer is None and (present.issuperset(range(layer)) or config.source_layer(layer) is None))
-        if site is None:
-            if computes:
-                writer = f"its source layer {layer} cannot serve it: {absent[layer]}"
+        if config.layer_kind(layer) == FULL:
+            writer = site if site is not None else f"its source layer {layer} cannot serve it: {absent[layer]}"
+            if site is not None:
+                found[layer] = site
             continue
-        if computes:
-            writer = found[layer] = site
-        elif writer is not None:
+        if site is None:  # an S layer that cannot take part: it writes nothing
+            continue
+        if writer is not None:
             found[layer] = writer
+        elif present.issuperset(range(layer)):  # every layer before it is here and none computed: the first
+            writer = found[layer] = site
+        elif config.source_layer(layer) is None:  # nothing marked F before it: it computes, but an indexed layer
+            found[layer] = site                    # in an earlier graph may have, so it serves no one
+            writer = (f"layer {layer} computed with no F layer before it, but an indexed layer before this graph "
+                      "may have computed too: which one the engines' buffer holds is not known here")
         else:
             found[layer] = (
                 f"its F layer {config.source_layer(layer)} has no indexer site in this graph "
