@@ -488,6 +488,11 @@ def case_native_stack(T: int, S: int, out: str, layers: int = 8, indexer: str = 
         torch.cuda.empty_cache()
 
 
+def case_native_stack_fp16_matmul(T: int, S: int, out: str) -> None:
+    """The same stack in fp16 with ``torch.matmul(q, kcache.T)`` instead of einsum."""
+    case_native_stack(T, S, out, indexer="native_matmul", dtype=torch.float16)
+
+
 def _environment() -> dict:
     """Card, driver, torch, Triton, CUDA and the commit measured (``BENCH_COMMIT`` where the tree has no .git)."""
     import subprocess
@@ -537,10 +542,11 @@ def main() -> None:
     start = time.time()
     plan = [(case_indexer, T_LIST[0]), (case_layer, T_LIST[0]), (case_indexer, T_LIST[2]),
             (case_model, T_LIST[2]), (case_indexer, T_LIST[1]), (case_layer, T_LIST[2])]
-    est = {case_indexer: 40, case_layer: 80, case_model: 120, case_stack: 90, case_native_stack: 120}
+    est = {case_indexer: 40, case_layer: 80, case_model: 120, case_stack: 90, case_native_stack: 120,
+           case_native_stack_fp16_matmul: 120}
     if args.plan:
         cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model, "stack": case_stack,
-                 "native_stack": case_native_stack}
+                 "native_stack": case_native_stack, "native_stack_fp16_matmul": case_native_stack_fp16_matmul}
         plan = [(cases[c.split(":")[0]], int(c.split(":")[1])) for c in args.plan.split(",")]
     for fn, T in plan:
         left = args.budget_s - (time.time() - start)
