@@ -24,10 +24,19 @@ sums over. The roles are then read off the labels: d is the one axis the inner p
 one the weighted sum sums, q is the product operand that carries h, and each axis of ``X`` is b (in q
 and k), s (q only) or t (k only). The rewrite is made only when every non-unit leaf axis plays exactly
 one allowed role (q: b s h d, k: b t d, w: b s h), no leaf is broadcast along a role it needs, the
-summed axes are real, and the products are computed in fp32 (a product the model rounds to bf16 is
-not the kernel's math). Anything else (an op the replay does not know, a narrowing cast, a negative
+summed axes are real, and every product, factor and cast between the leaves and the score is in
+fp16/bf16/fp32/fp64. Anything else (an op the replay does not know, a cast to another type, a negative
 factor after the ReLU, a diagonal, a broadcast that is summed over) leaves the site untouched, and
 its record says why.
+
+Numerics contract (``FusionRecord.numerics``): ``EXACT`` where the graph computes the score in fp32 (rounded,
+if at all, only at the score itself); ``FP32_INSIDE`` where it rounds intermediates to bf16/fp16 (a bf16
+``einsum``, a head sum in bf16, a narrowing cast between the products): the kernel keeps them in fp32 and
+rounds only the score, to the dtype the graph stores it in -- what Inductor does with the low-precision ops it
+fuses (``emulate_precision_casts=False``, its default; with ``True`` such sites are refused). A bf16/fp16
+score becomes ``indexer_logits_rounded`` (the kernel's store rounds to nearest even); the leaves' own
+roundings stay in the graph (a leaf chain ends at a narrowing cast or a bf16 factor). The top-k of a
+bf16/fp16 score reads it widened to fp32 (exact), so our top-k kernels take it.
 
 Rounding: the models cast bf16 q and k to fp32 before the product; the kernel reads the bf16
 tensors before those casts (``q'``/``k'`` are the tensors ahead of the casts), multiplies them on the
@@ -37,7 +46,7 @@ norm error 7e-6 (T=8K) to 1.7e-5 (T=32K) on an H100 at V3.2 indexer dims. Agains
 code the difference is ~1.2e-3, because Inductor (``emulate_precision_casts=False``) fuses RoPE, the
 cast to bf16 and the cast back and skips that rounding; with ``emulate_precision_casts=True`` it
 agrees with the fused path to 7e-6 as well. Top-k sets then agree except at near-ties (keys within
-~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md.
+~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md; bf16/fp16 scores: docs/kernels_bf16.md.
 
 With ``precision="fp8"`` (the config's ``indexer_precision``) the score goes to ``indexer_logits_fp8`` instead
 (``kernels.indexer_fp8``: e4m3 q and k with per-row scales), where ``fp8_refusal`` admits the leaves; that op

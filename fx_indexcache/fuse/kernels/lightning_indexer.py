@@ -31,6 +31,9 @@ the k-th score towards the lowest key index (torch.topk's tie choice is unspecif
 ``invalid_index=-1`` replaces the index of every selected ``-inf`` key, for consumers that want an
 explicit marker.
 
+``indexer_logits_rounded`` (and the op ``fx_indexcache::indexer_logits_rounded``) returns the same logits rounded
+once to bf16/fp16 by the kernel's store, for graphs whose score is bf16/fp16 (docs/kernels_bf16.md).
+
 fp8 scoring (``indexer_fp8``, opt-in): the same two kernels with ``KSCALE`` read float8 e4m3 q and k, do the
 products on fp8 tensor cores and multiply each key's head sum by its per-token scale.
 
