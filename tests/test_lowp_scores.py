@@ -40,8 +40,9 @@ def _finite_err(x: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("layout", NATIVE_LAYOUTS, ids=lambda lay: lay.name)
-def test_native_layout_fuses_under_its_contract(layout, kernel_ok):
-    args = make_native_inputs(layout, seed=3)
+@pytest.mark.parametrize("S", [6, 1], ids=["prefill", "decode"])
+def test_native_layout_fuses_under_its_contract(layout, S, kernel_ok):
+    args = make_native_inputs(layout, S=S, seed=3 + S)
     gm, topk = trace_one_topk(layout.fn, *args)
     match = match_indexer_score(topk)
     assert not isinstance(match, str), match
