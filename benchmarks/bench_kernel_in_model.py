@@ -493,28 +493,6 @@ def case_native_stack_fp16_matmul(T: int, S: int, out: str) -> None:
     case_native_stack(T, S, out, indexer="native_matmul", dtype=torch.float16)
 
 
-def _environment() -> dict:
-    """Card, driver, torch, Triton, CUDA and the commit measured (``BENCH_COMMIT`` where the tree has no .git)."""
-    import subprocess
-
-    env = {}
-    try:
-        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-    except Exception as e:  # no nvidia-smi: say so in the record
-        env["driver"] = f"unknown ({type(e).__name__})"
-    env["cuda"] = torch.version.cuda
-    commit = os.environ.get("BENCH_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except Exception:
-            commit = ""
-    env["commit"] = commit or "unknown"
-    return env
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -536,7 +514,11 @@ def main() -> None:
     else:
         import triton
 
-        ENV.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, **_environment())
+        from bench_environment import describe_machine
+
+        machine = describe_machine()
+        ENV.update(gpu=machine["device"], torch=torch.__version__, triton=triton.__version__, driver=machine["driver"],
+                   cuda=machine["cuda"], commit=machine["commit"])
     ENV["date"] = time.strftime("%Y-%m-%d %H:%M")
     log(json.dumps(ENV))
     start = time.time()
