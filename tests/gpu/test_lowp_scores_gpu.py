@@ -45,6 +45,46 @@ def test_rounded_op_is_the_fp32_logits_rounded(dtype, S, T):
         assert li.unsupported_reason(q, k, w) is None  # the kernel ran, not the reference
 
 
+@pytest.mark.parametrize("S, T", [(1, 32768), (64, 8192)], ids=["decode", "prefill"])
+def test_rounded_op_and_widened_topk_replay_in_a_cuda_graph(S, T):
+    """The fused path of a bf16 score (rounded logits, then our top-k on them widened to fp32) captured once
+    and replayed on new inputs: the replayed score is the fp32 logits rounded, the indices its top-k."""
+    dtype, K, scale = torch.bfloat16, 2048, 128**-0.5
+    q = torch.empty(1, S, 64, 128, device="cuda", dtype=dtype)
+    k = torch.empty(1, T, 128, device="cuda", dtype=dtype)
+    w = torch.empty(1, S, 64, device="cuda")
+
+    def fill(seed: int) -> None:
+        g = torch.Generator("cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+        k.copy_(torch.randn(k.shape, device="cuda", generator=g))
+        w.copy_(torch.randn(w.shape, device="cuda", generator=g) * 0.125)
+
+    def step():
+        score = torch.ops.fx_indexcache.indexer_logits_rounded(q, k, w, True, scale, None, dtype)
+        return score, torch.ops.fx_indexcache.topk_indices(score.float(), K, False)
+
+    fill(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        score_g, idx_g = step()
+    for seed in (1, 2):
+        fill(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = torch.ops.fx_indexcache.indexer_logits(q, k, w, True, scale, None).to(dtype)
+        assert torch.equal(score_g, want)
+        picked = torch.gather(score_g.float(), -1, idx_g.long())
+        rest = score_g.float().scatter(-1, idx_g.long(), float("-inf"))
+        assert bool((picked.min(-1).values >= rest.max(-1).values).all())
+        assert bool(torch.isfinite(picked).all())  # every query sees >= K keys: no masked key is picked
+
+
 class _Fuse(CustomGraphPass):
     def __init__(self, substitute: bool) -> None:
         self.substitute, self.records = substitute, []
