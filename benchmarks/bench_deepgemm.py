@@ -130,7 +130,8 @@ def _table(rows, env) -> str:
         f = lambda key: f"{r[key]:.1f}" if key in r else "—"  # noqa: E731
         g = lambda key: f"{r[key]:.4f}" if key in r else "—"  # noqa: E731
         lines.append(
-            f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | {f('fused_topk_us')} | "
+            f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | "
+            f"{f('fused_topk_us')} | "
             f"{f('deepgemm_fp8_us')} | "
             f"{f('deepgemm_fp8_topk_us')} | {f('ours_fp8_us')} | {f('ours_fp8_topk_us')} | {g('dg_agreement')} | "
             f"{g('ours_fp8_agreement')} |")

@@ -30,9 +30,10 @@ def describe_machine() -> dict:
     except ImportError:
         triton_version = "unknown"
     cuda = torch.cuda.is_available()
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "unknown" if cuda else "-"
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "driver": (_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "unknown") if cuda else "-",
+        "driver": driver,
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "-",
         "triton": triton_version,

@@ -670,7 +670,8 @@ class FusionRecord:
         if self.fused:
             op = ("indexer_logits_fp8" if self.precision == "fp8" else
                   "indexer_logits_rounded" if self.score_dtype in ("bfloat16", "float16") else "indexer_logits")
-            return f"{self.site}: fused {op} ({self.detail}; numerics: {_NUMERICS_NOTE.get(self.numerics, self.numerics)})"
+            numerics = _NUMERICS_NOTE.get(self.numerics, self.numerics)
+            return f"{self.site}: fused {op} ({self.detail}; numerics: {numerics})"
         return f"{self.site}: left as is: {self.detail}"
 
 
