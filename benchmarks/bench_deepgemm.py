@@ -2,8 +2,8 @@
 
 DeepGEMM (github.com/deepseek-ai/DeepGEMM) is what the serving engines run for V3.2's indexer on Hopper: e4m3
 keys with a per-token scale, q in e4m3. It is not a dependency: build it from its public source on the GPU
-machine (``scripts/build_deepgemm.sh`` says how) and put it on ``PYTHONPATH``; without it this script says so
-and exits 2.
+machine (``scripts/build_deepgemm.sh`` says how, with the system compiler) and put it on ``PYTHONPATH``; where it
+does not import, the table has our columns only and its DeepGEMM columns say why they are empty.
 
 Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled by 2^U{-4..4}):
 
@@ -16,8 +16,12 @@ Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled b
 * each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
   (``triton.testing.do_bench_cudagraph`` medians); agreement of each fp8 top-k set with the bf16 one
   (mean |set & bf16 set| / k) and the logits' relative difference.
+* the fused score + top-k column (issue 28 item 2: one kernel, no logits written) stays empty ("—") until that
+  kernel exists.
 
-Writes ``<out>/deepgemm.{json,md}``. Usage: ``python benchmarks/bench_deepgemm.py --out DIR [--quick]``.
+The table names the card, driver, torch, CUDA, Triton, DeepGEMM and the commit (``bench_environment``).
+Writes ``<out>/deepgemm.{json,md}`` (the json: one record per shape, each with the machine's description).
+Usage: ``python benchmarks/bench_deepgemm.py --out DIR [--quick]``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 
+from bench_environment import describe_machine  # noqa: E402
 from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
 
 BLOCK_KV = 64
@@ -81,16 +86,20 @@ def paged_logits(dg, ops: f8.Fp8Operands):
 
 
 def measure(dg, kind, B, S, T) -> dict:
+    """One shape's row; ``dg`` None (DeepGEMM not importable): our kernels only."""
     q, k, w = _inputs(B, S, T)
     scale = D**-0.5
     out = torch.empty(B, S, T, device="cuda")
     ours = lambda: li.indexer_logits(q, k, w, causal=True, scale=scale, out=out)  # noqa: E731
     ops = f8.quantize_operands(q, k, w, scale)  # both fp8 kernels read the same operands
-    theirs = (prefill_logits if kind == "prefill" else paged_logits)(dg, ops)
     ref = ours().clone()
-    got = theirs().view(B, S, T)
-    row = dict(kind=kind, B=B, S=S, T=T, dg_agreement=_agreement(got, ref, TOPK), dg_rel_diff=_rel_diff(got, ref))
-    pairs = {"bf16": ours, "deepgemm_fp8": lambda: theirs().view(B, S, T)}
+    row = dict(kind=kind, B=B, S=S, T=T)
+    pairs = {"bf16": ours}
+    if dg is not None:
+        theirs = (prefill_logits if kind == "prefill" else paged_logits)(dg, ops)
+        got = theirs().view(B, S, T)
+        row.update(dg_agreement=_agreement(got, ref, TOPK), dg_rel_diff=_rel_diff(got, ref))
+        pairs["deepgemm_fp8"] = lambda: theirs().view(B, S, T)
     if kind == "prefill":
         ours8 = f8.logits_from_fp8(ops, causal=True)
         row.update(ours_fp8_agreement=_agreement(ours8, ref, TOPK), ours_fp8_rel_diff=_rel_diff(ours8, ref))
@@ -105,22 +114,25 @@ def _table(rows, env) -> str:
     lines = [
         "# Our indexer beside DeepGEMM's fp8 MQA logits",
         "",
-        f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, DeepGEMM "
-        f"{env['deepgemm']}; H={H}, D={D}, top-k {TOPK} (ours, unsorted), causal; CUDA-graph replay medians, µs. "
-        "Agreement: mean |fp8 set & bf16 set| / k against our bf16 logits.",
+        f"{env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, "
+        f"DeepGEMM {env['deepgemm']}, commit {env['commit'][:12]}, {env['date']}; H={H}, D={D}, top-k {TOPK} "
+        "(ours, unsorted), causal; CUDA-graph replay medians, µs. Agreement: mean |fp8 set & bf16 set| / k against "
+        "our bf16 logits. Fused score + top-k (one kernel, no logits written): not built yet.",
         "",
-        "| shape | bf16 (ours) | + top-k | fp8 DeepGEMM | + top-k | fp8 ours | + top-k | DeepGEMM agreement "
-        "| ours fp8 agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | bf16 (ours) | + top-k | fused score+top-k | fp8 DeepGEMM | + top-k | fp8 ours | + top-k "
+        "| DeepGEMM agreement | ours fp8 agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | error: {r['error']} ||||||||")
+            lines.append(f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | error: {r['error']} |||||||||")
             continue
         f = lambda key: f"{r[key]:.1f}" if key in r else "—"  # noqa: E731
         g = lambda key: f"{r[key]:.4f}" if key in r else "—"  # noqa: E731
         lines.append(
-            f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | {f('deepgemm_fp8_us')} | "
+            f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | "
+            f"{f('fused_topk_us')} | "
+            f"{f('deepgemm_fp8_us')} | "
             f"{f('deepgemm_fp8_topk_us')} | {f('ours_fp8_us')} | {f('ours_fp8_topk_us')} | {g('dg_agreement')} | "
             f"{g('ours_fp8_agreement')} |")
     return "\n".join(lines) + "\n"
@@ -131,15 +143,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_deepgemm: needs a CUDA GPU")
+        return 2
     try:
         import deep_gemm as dg
-    except ImportError as e:
-        print(f"bench_deepgemm: DeepGEMM does not import ({e}); build it as scripts/build_deepgemm.sh says")
-        return 2
-    import triton
-
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-               triton=triton.__version__, deepgemm=getattr(dg, "__version__", "?"))
+        deepgemm = getattr(dg, "__version__", "?")
+    except ImportError as e:  # our columns still run; the DeepGEMM ones say why they are empty
+        dg, deepgemm = None, f"not importable ({e}; build it as scripts/build_deepgemm.sh says)"
+        print(f"bench_deepgemm: DeepGEMM {deepgemm}", flush=True)
+    env = dict(describe_machine(), deepgemm=deepgemm)
     rows = []
     for kind, B, S, T in [SHAPES[0], SHAPES[2]] if args.quick else SHAPES:
         try:
@@ -149,7 +162,9 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deepgemm.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    records = [dict(env, **row, what="indexer logits (+ our top-k, unsorted) per kernel, µs, CUDA-graph replay",
+                    heads=H, head_dim=D, topk=TOPK) for row in rows]
+    (args.out / "deepgemm.json").write_text(json.dumps(dict(env=env, rows=rows, records=records), indent=1))
     table = _table(rows, env)
     (args.out / "deepgemm.md").write_text(table)
     print(table)

@@ -432,6 +432,67 @@ def case_stack(T: int, S: int, out: str) -> None:
         torch.cuda.empty_cache()
 
 
+def case_native_stack(T: int, S: int, out: str, layers: int = 8, indexer: str = "native_einsum",
+                      dtype: torch.dtype = torch.bfloat16) -> None:
+    """Issue 28's stack: every indexer op in the model's dtype (``tests/indexer_stack.py``, ``indexer="native_einsum"``:
+    ``torch.einsum("shd,td->sht", q, kcache).relu()``, mul+sum head sum, ``masked_fill``, all bf16), 8 layers at
+    V3.2 indexer dims, ``indexcache_backend``'s defaults (fused, under the fp32-inside contract) against the same
+    backend with ``fuse_indexer_kernel=False`` (unfused), side by side in one process."""
+    import fx_indexcache
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from indexer_stack import UnbatchedDSAStack
+
+    dims = dict(hidden=64, heads=4, head_dim=16, topk=8) if SMOKE else dict(hidden=2048, heads=64, head_dim=128, topk=2048)
+    torch.manual_seed(T)
+    model = UnbatchedDSAStack(num_layers=layers, indexer=indexer, **dims).to(device=DEV, dtype=dtype).eval()
+    past_k, past_v = model.empty_cache(T - S, DEV, dtype)
+    x = torch.randn(S, dims["hidden"], device=DEV, dtype=dtype)
+    pattern = IndexCacheConfig.from_options({})[0].pattern_for(len(model.layers))  # the backend's default
+    row = {"case": f"native {str(dtype).removeprefix('torch.')} unbatched stack ({indexer}), {layers} layers, "
+                   f"default {pattern}", "B": 1, "S": S, "T": T, "pattern": pattern, "layers": layers,
+           "indexer": indexer, "dtype": str(dtype).removeprefix("torch."),
+           "heads": dims["heads"], "head_dim": dims["head_dim"], "topk": dims["topk"]}
+    with torch.no_grad():
+        before = counters["fx_indexcache"]["indexers_fused"]
+        fx_indexcache.clear_reports()
+        f_fused = compile_stack(model, fuse=True)
+        t0 = time.time()
+        o_f, i_f = f_fused(x, past_k, past_v)
+        row["compile_fused_s"] = round(time.time() - t0, 1)
+        row["fused_sites"] = counters["fx_indexcache"]["indexers_fused"] - before
+        row["f_layers"] = pattern.count("F")
+        fusions = [f for r in fx_indexcache.reports() for f in r.fusions]
+        row["numerics"] = sorted({str(f.numerics) for f in fusions if f.fused})
+        row["fusion_notes"] = [f.note() for f in fusions]
+        torch._dynamo.reset()
+        f_base = compile_stack(model, fuse=False)
+        t0 = time.time()
+        o_b, i_b = f_base(x, past_k, past_v)
+        row["compile_unfused_s"] = round(time.time() - t0, 1)
+        row["out_rel_err"] = rel_err(o_f, o_b)
+        f_layers = [i for i, c in enumerate(pattern) if c == "F"]
+        overlaps = [value for i in f_layers for value in row_overlaps(i_f[i], i_b[i], rows=256)]
+        row["topk_overlap_f_layers"] = sum(overlaps) / len(overlaps)
+        del o_f, i_f, o_b, i_b
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+        row["inductor_ms"] = time_ms(lambda: f_base(x, past_k, past_v), reps=5)  # unfused
+        row["fused_ms"] = time_ms(lambda: f_fused(x, past_k, past_v), reps=5)
+        row["inductor_ms_again"] = time_ms(lambda: f_base(x, past_k, past_v), reps=5)  # drift check
+        row["speedup"] = row["inductor_ms"] / row["fused_ms"]
+    record(row, out)
+    del f_base, f_fused, model
+    torch._dynamo.reset()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def case_native_stack_fp16_matmul(T: int, S: int, out: str) -> None:
+    """The same stack in fp16 with ``torch.matmul(q, kcache.T)`` instead of einsum."""
+    case_native_stack(T, S, out, indexer="native_matmul", dtype=torch.float16)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -453,15 +514,21 @@ def main() -> None:
     else:
         import triton
 
-        ENV.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+        from bench_environment import describe_machine
+
+        machine = describe_machine()
+        ENV.update(gpu=machine["device"], torch=torch.__version__, triton=triton.__version__, driver=machine["driver"],
+                   cuda=machine["cuda"], commit=machine["commit"])
     ENV["date"] = time.strftime("%Y-%m-%d %H:%M")
     log(json.dumps(ENV))
     start = time.time()
     plan = [(case_indexer, T_LIST[0]), (case_layer, T_LIST[0]), (case_indexer, T_LIST[2]),
             (case_model, T_LIST[2]), (case_indexer, T_LIST[1]), (case_layer, T_LIST[2])]
-    est = {case_indexer: 40, case_layer: 80, case_model: 120, case_stack: 90}
+    est = {case_indexer: 40, case_layer: 80, case_model: 120, case_stack: 90, case_native_stack: 120,
+           case_native_stack_fp16_matmul: 120}
     if args.plan:
-        cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model, "stack": case_stack}
+        cases = {"indexer": case_indexer, "layer": case_layer, "model": case_model, "stack": case_stack,
+                 "native_stack": case_native_stack, "native_stack_fp16_matmul": case_native_stack_fp16_matmul}
         plan = [(cases[c.split(":")[0]], int(c.split(":")[1])) for c in args.plan.split(",")]
     for fn, T in plan:
         left = args.budget_s - (time.time() - start)

@@ -148,3 +148,94 @@ def make_inputs(layout: Layout, *, B=2, S=6, T=24, T_max=32, H=4, D=16, topk=5, 
     if kind == "bhsd":
         return q.transpose(1, 2).contiguous(), k_cache, w, T, topk
     raise ValueError(f"unknown layout args {kind!r}")
+
+
+# --- native low precision (issue 28): the score computed in the model's dtype, as most models write it -------
+# Each returns (masked score, top-k indices) like the layouts above; ``numerics`` is the contract the fused
+# path must report (``fuse.substitute.EXACT`` / ``FP32_INSIDE``) and ``dtype`` the q/k dtype it is fed.
+
+
+def native_einsum_unbatched(q, k_cache, w, T: int, topk: int):
+    """The issue's style: q [S, H, D], a key cache [T, D], einsum + ReLU in bf16, mul+sum head sum, masked_fill."""
+    k = k_cache[:T]
+    score = (torch.einsum("shd,td->sht", q, k).relu() * w[:, :, None]).sum(1)
+    return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
+
+
+def native_matmul_unbatched(q, k_cache, w, T: int, topk: int):
+    """matmul instead of einsum (fp16 in the tests), a where-mask."""
+    k = k_cache[:T]
+    score = (torch.matmul(q, k.T).relu() * w[:, :, None]).sum(1)
+    return _top(torch.where(future(q.shape[0], T, q.device), NEG, score), topk)
+
+
+def native_batched_bmm_head_sum(q, k_cache, w, T: int, topk: int):
+    """Batched: a broadcasting matmul over [B, H, S, T], the head sum as an einsum (a bmm in bf16)."""
+    k = k_cache[:, :T]
+    s = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).unsqueeze(1)).relu()
+    score = torch.einsum("bhst,bsh->bst", s, w)
+    return _top(score.masked_fill(future(q.shape[1], T, q.device), NEG), topk)
+
+
+def bf16_product_fp32_head_sum(q, k_cache, w, T: int, topk: int):
+    """The q.k product rounded to bf16 by the model, the head sum in fp32 on fp32 weights: an fp32 score."""
+    k = k_cache[:T]
+    score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", q, k).relu().float(), w.float())
+    return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
+
+
+def fp32_math_rounded_score(q, k_cache, w, T: int, topk: int):
+    """fp32 products rounded once, to bf16, at the score: the graph's own math, which the kernel keeps exactly."""
+    k = k_cache[:T]
+    score = (torch.einsum("shd,td->sht", q.float(), k.float()).relu() * w.float()[:, :, None]).sum(1)
+    score = score.to(q.dtype)
+    return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
+
+
+def q_rounded_in_graph(q_fp32, k_cache, w, T: int, topk: int):
+    """q arrives in fp32 and the model rounds it to the cache's dtype: the rounded q is the kernel's leaf."""
+    return native_einsum_unbatched(q_fp32.to(k_cache.dtype), k_cache, w, T, topk)
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeLayout:
+    name: str
+    fn: Callable
+    batched: bool
+    dtype: torch.dtype  # of q and k (w too unless the layout upcasts it)
+    numerics: str  # "exact" or "fp32_inside"
+    q_fp32: bool = False  # q handed in fp32 (the graph rounds it)
+
+
+NATIVE_LAYOUTS = [
+    NativeLayout("native_einsum_unbatched_bf16", native_einsum_unbatched, False, torch.bfloat16, "fp32_inside"),
+    NativeLayout("native_matmul_unbatched_fp16", native_matmul_unbatched, False, torch.float16, "fp32_inside"),
+    NativeLayout("native_batched_bmm_head_sum_bf16", native_batched_bmm_head_sum, True, torch.bfloat16, "fp32_inside"),
+    NativeLayout("bf16_product_fp32_head_sum", bf16_product_fp32_head_sum, False, torch.bfloat16, "fp32_inside"),
+    NativeLayout("fp32_math_rounded_score_bf16", fp32_math_rounded_score, False, torch.bfloat16, "exact"),
+    NativeLayout("q_rounded_in_graph_bf16", q_rounded_in_graph, False, torch.bfloat16, "fp32_inside", q_fp32=True),
+]
+
+
+def make_native_inputs(layout: NativeLayout, *, B=2, S=6, T=24, T_max=32, H=4, D=16, topk=5, device="cpu",
+                       seed=0) -> tuple:
+    """(q, k_cache, w, T, topk) for a native layout: q/k/w in ``layout.dtype`` (q fp32 where the graph rounds it)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, S, H, D, device=device, generator=g)
+    k_cache = torch.randn(B, T_max, D, device=device, generator=g).to(layout.dtype)
+    w = (torch.randn(B, S, H, device=device, generator=g) * H**-0.5).to(layout.dtype)
+    q = q if layout.q_fp32 else q.to(layout.dtype)
+    if not layout.batched:
+        q, k_cache, w = q[0], k_cache[0], w[0]
+    return q, k_cache, w, T, topk
+
+
+def exact_score(layout: NativeLayout, q, k_cache, w, T: int) -> torch.Tensor:
+    """The masked score in float64 from the kernel's leaves (q rounded to the layout's dtype as the graph does)."""
+    q = q.to(layout.dtype).double()
+    k, w = (k_cache[:, :T] if layout.batched else k_cache[:T]).double(), w.double()
+    if layout.batched:
+        score = torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", q, k).relu(), w)
+    else:
+        score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", q, k).relu(), w)
+    return score.masked_fill(future(score.shape[-2], T, score.device), NEG)

@@ -76,7 +76,7 @@ def _unbatched(seed=0, S=5, T=12, H=3, D=16):
 @pytest.mark.parametrize(
     "kind, expect",
     [
-        ("product_in_bf16", "computed in torch.bfloat16"),
+        ("score_in_float64", "the score is torch.float64"),
         ("negative_factor_after_relu", "< 0"),
         ("keys_summed_not_heads", "not a head-weighted sum"),
         ("score_over_keys_and_heads", "not a 2-D"),
@@ -86,8 +86,8 @@ def _unbatched(seed=0, S=5, T=12, H=3, D=16):
 def test_near_misses_are_refused(kind, expect, kernel_ok):
     def fn(q, k, w):
         qk = torch.einsum("shd,td->sht", q.float(), k.float())
-        if kind == "product_in_bf16":  # rounded to bf16 by the model: not the kernel's fp32 math
-            score = torch.einsum("sht,sh->st", F.relu(torch.einsum("shd,td->sht", q, k)).float(), w)
+        if kind == "score_in_float64":  # the kernel writes fp32 (or rounds to bf16/fp16): fp64 would lose bits
+            score = torch.einsum("sht,sh->st", F.relu(qk.double()), w.double())
         elif kind == "negative_factor_after_relu":
             score = torch.einsum("sht,sh->st", F.relu(qk) * -2.0, w)
         elif kind == "keys_summed_not_heads":  # sums over t: [S, H] is no indexer score

@@ -24,10 +24,19 @@ sums over. The roles are then read off the labels: d is the one axis the inner p
 one the weighted sum sums, q is the product operand that carries h, and each axis of ``X`` is b (in q
 and k), s (q only) or t (k only). The rewrite is made only when every non-unit leaf axis plays exactly
 one allowed role (q: b s h d, k: b t d, w: b s h), no leaf is broadcast along a role it needs, the
-summed axes are real, and the products are computed in fp32 (a product the model rounds to bf16 is
-not the kernel's math). Anything else (an op the replay does not know, a narrowing cast, a negative
+summed axes are real, and every product, factor and cast between the leaves and the score is in
+fp16/bf16/fp32/fp64. Anything else (an op the replay does not know, a cast to another type, a negative
 factor after the ReLU, a diagonal, a broadcast that is summed over) leaves the site untouched, and
 its record says why.
+
+Numerics contract (``FusionRecord.numerics``): ``EXACT`` where the graph computes the score in fp32 (rounded,
+if at all, only at the score itself); ``FP32_INSIDE`` where it rounds intermediates to bf16/fp16 (a bf16
+``einsum``, a head sum in bf16, a narrowing cast between the products): the kernel keeps them in fp32 and
+rounds only the score, to the dtype the graph stores it in -- what Inductor does with the low-precision ops it
+fuses (``emulate_precision_casts=False``, its default; with ``True`` such sites are refused). A bf16/fp16
+score becomes ``indexer_logits_rounded`` (the kernel's store rounds to nearest even); the leaves' own
+roundings stay in the graph (a leaf chain ends at a narrowing cast or a bf16 factor). The top-k of a
+bf16/fp16 score reads it widened to fp32 (exact), so our top-k kernels take it.
 
 Rounding: the models cast bf16 q and k to fp32 before the product; the kernel reads the bf16
 tensors before those casts (``q'``/``k'`` are the tensors ahead of the casts), multiplies them on the
@@ -37,7 +46,7 @@ norm error 7e-6 (T=8K) to 1.7e-5 (T=32K) on an H100 at V3.2 indexer dims. Agains
 code the difference is ~1.2e-3, because Inductor (``emulate_precision_casts=False``) fuses RoPE, the
 cast to bf16 and the cast back and skips that rounding; with ``emulate_precision_casts=True`` it
 agrees with the fused path to 7e-6 as well. Top-k sets then agree except at near-ties (keys within
-~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md.
+~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md; bf16/fp16 scores: docs/kernels_bf16.md.
 
 With ``precision="fp8"`` (the config's ``indexer_precision``) the score goes to ``indexer_logits_fp8`` instead
 (``kernels.indexer_fp8``: e4m3 q and k with per-row scales), where ``fp8_refusal`` admits the leaves; that op
@@ -80,6 +89,8 @@ prims = torch.ops.prims
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EXACT",
+    "FP32_INSIDE",
     "FusionRecord",
     "ScoreMatch",
     "kernel_refusal",
@@ -88,6 +99,17 @@ __all__ = [
 ]
 
 _WIDE = (torch.float32, torch.float64)
+#: Low-precision float dtypes a graph may compute the score in: the compiler computes them in fp32 and rounds
+#: where it stores a tensor (Inductor, ``emulate_precision_casts=False``); the kernel does the same.
+_NARROW = (torch.bfloat16, torch.float16)
+_FLOATS = _WIDE + _NARROW
+#: ``FusionRecord.numerics``: the site's own math is fp32 (the kernel reproduces it to fp32 accumulation order,
+#: and rounds the score once where the graph rounds it, if it does).
+EXACT = "exact"
+#: ``FusionRecord.numerics``: the graph rounds some intermediate of the score to bf16/fp16 (a bf16 product, a
+#: head sum in bf16, ...); the kernel keeps every intermediate in fp32 and rounds only the score, to the graph's
+#: dtype where the graph stores it -- Inductor's own contract for low-precision ops it fuses.
+FP32_INSIDE = "fp32_inside"
 _MASKS = {aten.where, aten.masked_fill, aten.add, aten.sub, aten.mul}
 _MAX_CHAIN = 48
 #: How many mask ops / views between the top-k input and the score the candidate search walks through.
@@ -197,8 +219,9 @@ def _replay(labels: _Labels, node: fx.Node, tracked: _Tracked) -> _Tracked:
         return _Tracked(list(tracked.dims), out_shape)
     if op in CASTS:
         src, dst = fake_value(node.args[0]), fake_value(node)
-        if dst.dtype not in _WIDE or not src.dtype.is_floating_point or src.dtype.itemsize > dst.dtype.itemsize:
-            raise _NoMatch(f"{node.name} casts {src.dtype} to {dst.dtype} (only widening casts keep values)")
+        if src.dtype not in _FLOATS or dst.dtype not in _FLOATS:
+            raise _NoMatch(f"{node.name} casts {src.dtype} to {dst.dtype} (only casts among fp16/bf16/fp32/fp64 "
+                           "are replayed)")
         if op is aten._to_copy and set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
             raise _NoMatch(f"{node.name}: _to_copy with unexpected arguments")
         if op is aten._to_copy and dst.device != src.device:
@@ -242,19 +265,34 @@ def _align(labels: _Labels, a: Sequence[int], b: Sequence[int]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_wide(node: fx.Node) -> bool:
+def _dtype(node: fx.Node):
     value = fake_value(node)
-    return isinstance(value, torch.Tensor) and value.dtype in _WIDE
+    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
-def _scalar_factor(node: fx.Node) -> float | None:
-    """For ``mul(x, c)`` / ``div(x, c)`` with a Python number ``c`` computed in fp32/fp64: the factor on x.
+def _is_wide(node: fx.Node) -> bool:
+    return _dtype(node) in _WIDE
 
-    A factor applied in bf16/fp16 rounds x to that dtype, which the kernel would not do: such a node is
-    not a factor (it ends the chain and becomes a leaf, read by the kernel as it is).
+
+def _is_narrowing_cast(node: fx.Node) -> bool:
+    """A float cast to fewer bits (fp32 -> bf16, ...): it rounds."""
+    if not is_call(node, CASTS) or not isinstance(node.args[0], fx.Node):
+        return False
+    src, dst = _dtype(node.args[0]), _dtype(node)
+    return src in _FLOATS and dst in _FLOATS and dst.itemsize < src.itemsize
+
+
+def _scalar_factor(node: fx.Node, narrow_ok: bool = False) -> float | None:
+    """For ``mul(x, c)`` / ``div(x, c)`` with a Python number ``c``: the factor on x.
+
+    On a leaf's chain (``narrow_ok`` False) the factor must be computed in fp32/fp64: a factor applied to q,
+    k or w in bf16/fp16 rounds that operand, so such a node is not a factor (it ends the chain and becomes
+    the leaf, read by the kernel as the graph rounded it). Between the q.k product and the score
+    (``narrow_ok``) a bf16/fp16 factor is computed in fp32 by the compiler and folded like any other.
     """
     op = packet(node)
-    if op not in (aten.mul, aten.div) or len(node.args) != 2 or node.kwargs or not _is_wide(node):
+    allowed = _FLOATS if narrow_ok else _WIDE
+    if op not in (aten.mul, aten.div) or len(node.args) != 2 or node.kwargs or _dtype(node) not in allowed:
         return None
     c = node.args[1]
     if isinstance(c, bool) or not isinstance(c, (int, float)):
@@ -264,11 +302,18 @@ def _scalar_factor(node: fx.Node) -> float | None:
     return float(c)
 
 
-def _chain_back(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk up through chain ops and fp32 scalar factors; return the first other node and the chain."""
+def _chain_back(node: fx.Node, narrow_ok: bool = False) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk up through chain ops and scalar factors; return the first other node and the chain.
+
+    ``narrow_ok`` False (a leaf's chain): only fp32/fp64 factors, and a narrowing cast ends the chain (the
+    rounded tensor is the leaf the kernel reads). True (between the q.k product and the score): bf16/fp16
+    factors and narrowing casts are part of the chain (roundings the fused kernel leaves out, see ``EXACT``).
+    """
     chain = []
     while isinstance(node, fx.Node) and node.op == "call_function" and len(chain) < _MAX_CHAIN:
-        if packet(node) in VALUE_PRESERVING or _scalar_factor(node) is not None:
+        if not narrow_ok and _is_narrowing_cast(node):
+            break
+        if packet(node) in VALUE_PRESERVING or _scalar_factor(node, narrow_ok) is not None:
             chain.append(node)
             node = node.args[0]
             continue
@@ -345,6 +390,8 @@ class ScoreMatch:
     w_roles: tuple[str, ...]
     score_roles: tuple[str, ...]
     scale: float
+    score_dtype: torch.dtype = torch.float32  # what the graph stores the score as; the fused op returns it
+    numerics: str = EXACT  # EXACT or FP32_INSIDE (module constants)
 
 
 @dataclasses.dataclass
@@ -361,10 +408,11 @@ class _Scale:
         return value
 
 
-def _replay_chain(labels: _Labels, chain: list[fx.Node], tracked: _Tracked, scale: _Scale, post: bool) -> _Tracked:
-    """Replay ``chain`` on ``tracked``'s labels, folding fp32 scalar factors into ``scale``."""
+def _replay_chain(labels: _Labels, chain: list[fx.Node], tracked: _Tracked, scale: _Scale, post: bool,
+                  narrow_ok: bool = False) -> _Tracked:
+    """Replay ``chain`` on ``tracked``'s labels, folding scalar factors into ``scale``."""
     for node in chain:
-        factor = _scalar_factor(node)
+        factor = _scalar_factor(node, narrow_ok)
         if factor is None:
             tracked = _replay(labels, node, tracked)
         elif post:
@@ -395,46 +443,66 @@ def _settle_leaf(leaf: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, list[fx.
             leaf, chain = chain[i], chain[i + 1:]
 
 
+#: The dtypes the fused ops return a score in (fp32: ``indexer_logits``; bf16/fp16: ``indexer_logits_rounded``).
+_SCORE_DTYPES = (torch.float32,) + _NARROW
+
+
 def _score_value(x: fx.Node) -> torch.Tensor:
     value = fake_value(x)
     if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
         raise _NoMatch("the score is not a 2-D [S, T] or 3-D [B, S, T] tensor")
-    if value.dtype != torch.float32:
-        raise _NoMatch(f"the score is {value.dtype}, the kernel writes float32")
+    if value.dtype not in _SCORE_DTYPES:
+        raise _NoMatch(f"the score is {value.dtype}; the kernel writes float32, bfloat16 or float16")
     return value
 
 
 def _outer_sides(outer: fx.Node, parts):
     """``(relu, relu_chain, w_leaf, w_chain, relu_is_first)`` of the head-weighted sum."""
-    sides = [_chain_back(operand) for operand in parts[1:3]]
+    sides = [_chain_back(operand, narrow_ok=True) for operand in parts[1:3]]
     relu_sides = [i for i, (root, _) in enumerate(sides) if is_relu(root)]
     if len(relu_sides) != 1:
         raise _NoMatch("the head-weighted sum does not weight exactly one ReLU")
     ri = relu_sides[0]
-    (relu, relu_chain), (w_leaf, w_chain) = sides[ri], sides[1 - ri]
+    relu, relu_chain = sides[ri]
+    w_leaf, w_chain = _chain_back(parts[1:3][1 - ri])  # w is a leaf: its own bf16 roundings stay in the graph
     return relu, relu_chain, w_leaf, w_chain, ri == 0
 
 
-def _require_wide(node: fx.Node, what: str) -> None:
-    value = fake_value(node)
-    if not _is_wide(node):
-        dtype = getattr(value, "dtype", None)
-        raise _NoMatch(f"{what} is computed in {dtype}; the kernel multiplies exactly and accumulates in fp32")
+def _require_float(node: fx.Node, what: str) -> None:
+    dtype = _dtype(node)
+    if dtype not in _FLOATS:
+        raise _NoMatch(f"{what} is computed in {dtype}; the kernel computes fp16/bf16/fp32 scores in fp32")
+
+
+def _computes(node: fx.Node) -> bool:
+    """Whether a chain node computes new values (a scalar factor or a cast) rather than moving them."""
+    return _scalar_factor(node, narrow_ok=True) is not None or is_call(node, CASTS)
+
+
+def _numerics(x: fx.Node, inner: fx.Node, pre_chain, relu_chain, outer: fx.Node, x_chain) -> str:
+    """EXACT when the graph rounds nothing between the q.k product and the score but, at most, the score
+    itself (its last computing node, to the score's dtype: the rounded op rounds there too); else FP32_INSIDE."""
+    computing = [inner, *filter(_computes, pre_chain), *filter(_computes, relu_chain), outer,
+                 *filter(_computes, x_chain)]
+    rounding = [n for n in computing if _dtype(n) in _NARROW]
+    if not rounding or (rounding == [computing[-1]] and _dtype(computing[-1]) == _dtype(x)):
+        return EXACT
+    return FP32_INSIDE
 
 
 def _match_at(x: fx.Node) -> ScoreMatch:
     _score_value(x)
-    outer, x_chain = _chain_back(x)
+    outer, x_chain = _chain_back(x, narrow_ok=True)
     outer_parts = _product_parts(outer)
     if outer_parts is None:
         raise _NoMatch(f"the score comes from {outer.name} ({outer.target}), not a head-weighted sum")
-    _require_wide(outer, "the head-weighted sum")
+    _require_float(outer, "the head-weighted sum")
     relu, relu_chain, w_leaf, w_chain, relu_first = _outer_sides(outer, outer_parts)
-    inner, pre_chain = _chain_back(relu.args[0])
+    inner, pre_chain = _chain_back(relu.args[0], narrow_ok=True)
     inner_parts = _product_parts(inner)
     if inner_parts is None:
         raise _NoMatch(f"the ReLU's input comes from {inner.name} ({inner.target}), not a q.k product")
-    _require_wide(inner, "the q.k product")
+    _require_float(inner, "the q.k product")
     (qa, qa_chain), (kb, kb_chain) = (_settle_leaf(*_chain_back(o)) for o in inner_parts[1:3])
     w_leaf, w_chain = _settle_leaf(w_leaf, w_chain)
     leaves = [qa, kb, w_leaf]
@@ -447,15 +515,16 @@ def _match_at(x: fx.Node) -> ScoreMatch:
     t_a = _replay_chain(labels, qa_chain, t_a, scale, post=False)
     t_b = _replay_chain(labels, kb_chain, t_b, scale, post=False)
     prod, inner_sum = _combine(labels, inner_parts, t_a, t_b, inner)
-    prod = _replay_chain(labels, pre_chain, prod, scale, post=False)
-    r = _replay_chain(labels, relu_chain, _Tracked(prod.dims, _shape(relu)), scale, post=True)
+    prod = _replay_chain(labels, pre_chain, prod, scale, post=False, narrow_ok=True)
+    r = _replay_chain(labels, relu_chain, _Tracked(prod.dims, _shape(relu)), scale, post=True, narrow_ok=True)
     t_w = _replay_chain(labels, w_chain, t_w, scale, post=True)
     score, outer_sum = _combine(labels, outer_parts, *((r, t_w) if relu_first else (t_w, r)), outer)
-    score = _replay_chain(labels, x_chain, score, scale, post=True)
+    score = _replay_chain(labels, x_chain, score, scale, post=True, narrow_ok=True)
     roles = _prove_roles(labels, inner_sum, outer_sum, score, leaf_dims)
     swap = roles.pop("swap")
     q_node, k_node = (kb, qa) if swap else (qa, kb)
-    return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"], scale.total())
+    return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"], scale.total(),
+                      _dtype(x), _numerics(x, inner, pre_chain, relu_chain, outer, x_chain))
 
 
 def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_dims) -> dict:
@@ -537,7 +606,7 @@ def _role_tuple(cls, roles: dict, dims, needed: str, what: str) -> tuple[str, ..
 
 
 def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
-    """The top-k input and, through mask ops and views, the earlier 2-D/3-D fp32 tensors it is made of."""
+    """The top-k input and, through mask ops and views, the earlier 2-D/3-D fp32/bf16/fp16 tensors it is made of."""
     found, frontier = [topk_input], [topk_input]
     for _ in range(_MAX_MASK_DEPTH):
         nxt = []
@@ -546,7 +615,7 @@ def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
                 continue
             for arg in node.all_input_nodes:
                 value = fake_value(arg)
-                is_score = isinstance(value, torch.Tensor) and value.dim() in (2, 3) and value.dtype == torch.float32
+                is_score = isinstance(value, torch.Tensor) and value.dim() in (2, 3) and value.dtype in _SCORE_DTYPES
                 if is_score and arg not in found:
                     found.append(arg)
                     nxt.append(arg)
@@ -581,6 +650,11 @@ class FusionRecord:
 
     ``precision``: how the fused op scores ("bf16": the exact kernel; "fp8": ``indexer_logits_fp8``).
     ``fp8_refusal``: fp8 was asked for but the fp8 kernel cannot take this site (the bf16 kernel runs).
+    ``numerics`` (fused sites): the contract the fused score keeps -- ``EXACT`` (the graph's own fp32 math, to
+    fp32 accumulation order) or ``FP32_INSIDE`` (the graph rounds intermediates to bf16/fp16; the kernel
+    keeps them in fp32 and rounds only the score, as Inductor does for the low-precision ops it fuses).
+    ``score_dtype``: the dtype the graph stores the score in, which the fused op returns (rounded to
+    nearest even from fp32 where it is bf16/fp16).
     """
 
     site: str  # "layer 3", or the top-k node's name where the layer is unknown
@@ -589,12 +663,22 @@ class FusionRecord:
     detail: str  # fused: the leaves and scale; not fused: the reason
     precision: str = "bf16"
     fp8_refusal: str | None = None
+    numerics: str | None = None
+    score_dtype: str | None = None  # "float32", "bfloat16", "float16"
 
     def note(self) -> str:
         if self.fused:
-            op = "indexer_logits_fp8" if self.precision == "fp8" else "indexer_logits"
-            return f"{self.site}: fused {op} ({self.detail})"
+            op = ("indexer_logits_fp8" if self.precision == "fp8" else
+                  "indexer_logits_rounded" if self.score_dtype in ("bfloat16", "float16") else "indexer_logits")
+            numerics = _NUMERICS_NOTE.get(self.numerics, self.numerics)
+            return f"{self.site}: fused {op} ({self.detail}; numerics: {numerics})"
         return f"{self.site}: left as is: {self.detail}"
+
+
+_NUMERICS_NOTE = {
+    EXACT: "exact (the graph's own fp32 math)",
+    FP32_INSIDE: "fp32 inside, rounded to the score's dtype where the graph stores it (Inductor's contract)",
+}
 
 
 def _fake_mode(values):
@@ -660,13 +744,17 @@ def _insert_steps(graph: fx.Graph, node: fx.Node, steps, mode) -> fx.Node:
     return node
 
 
-def _fused_op(precision: str = "bf16"):
-    """The op that replaces the score: exact bf16 scoring, or the fp8 scoring of ``kernels.indexer_fp8``."""
+def _fused_op(precision: str = "bf16", score_dtype: torch.dtype = torch.float32):
+    """The op that replaces the score and its extra arguments: exact scoring into fp32 (``indexer_logits``)
+    or rounded once to a bf16/fp16 score (``indexer_logits_rounded``), or the fp8 scoring of
+    ``kernels.indexer_fp8`` (fp32; a bf16/fp16 score gets a cast after it)."""
     from .kernels import indexer_fp8, lightning_indexer  # noqa: F401  (register the custom ops)
 
     if precision == "fp8":
-        return torch.ops.fx_indexcache.indexer_logits_fp8.default
-    return torch.ops.fx_indexcache.indexer_logits.default
+        return torch.ops.fx_indexcache.indexer_logits_fp8.default, ()
+    if score_dtype in _NARROW:
+        return torch.ops.fx_indexcache.indexer_logits_rounded.default, (score_dtype,)
+    return torch.ops.fx_indexcache.indexer_logits.default, ()
 
 
 def kernel_refusal(q, k, w, scale: float) -> str | None:
@@ -686,7 +774,7 @@ def fp8_refusal(q, k, w, scale: float) -> str | None:
 def _describe(m: ScoreMatch) -> str:
     q, k = fake_value(m.q), fake_value(m.k)
     return (f"q {q.dtype} {tuple(q.shape)} [{''.join(m.q_roles)}], k {tuple(k.shape)} [{''.join(m.k_roles)}], "
-            f"score [{''.join(m.score_roles)}], scale {m.scale:g}")
+            f"score {m.score_dtype} [{''.join(m.score_roles)}], scale {m.scale:g}")
 
 
 def _leaf_steps(match: ScoreMatch) -> list[list[tuple]]:
@@ -705,10 +793,21 @@ def _check_leaves(match: ScoreMatch, check) -> str | None:
         return f"check failed: {type(e).__name__}: {e}"
 
 
+def _emulates_eager_rounding() -> bool:
+    """Whether Inductor is set to round every bf16/fp16 intermediate as eager does (then ``FP32_INSIDE`` is not
+    the compiler's contract)."""
+    from torch._inductor import config as inductor_config
+
+    return bool(getattr(inductor_config, "emulate_precision_casts", False))
+
+
 def _refusal(match: ScoreMatch) -> str | None:
-    """Why this proven site still cannot be rewritten (stride readers, kernel support), or None."""
+    """Why this proven site still cannot be rewritten (stride readers, numerics contract, kernel support), or None."""
     if any(packet(u) is aten.as_strided for u in match.score.users):
         return "the score is read through as_strided (stride-dependent)"
+    if match.numerics == FP32_INSIDE and _emulates_eager_rounding():
+        return ("the graph rounds the score's intermediates to bf16/fp16 and torch._inductor.config."
+                "emulate_precision_casts=True asks for those roundings; the fused kernel keeps them in fp32")
     why = _check_leaves(match, kernel_refusal)
     return None if why is None else f"fused kernel unsupported: {why}"
 
@@ -722,12 +821,18 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
     try:
         with graph.inserting_before(x):
             q, k, w = (_insert_steps(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), _leaf_steps(match)))
-            args = (q, k, w, False, float(match.scale), None)
-            fake_args = (q.meta["val"], k.meta["val"], w.meta["val"], False, float(match.scale), None)
-            fused = _call(graph, _fused_op(precision), args, fake_args, mode)
-            result = _insert_steps(graph, fused, _restore_steps("bst", match.score_roles), mode)
-        if tuple(result.meta["val"].shape) != tuple(fake_value(x).shape):
-            raise RuntimeError(f"re-viewed result {tuple(result.meta['val'].shape)} is not the score's shape")
+            op, extra = _fused_op(precision, match.score_dtype)
+            args = (q, k, w, False, float(match.scale), None, *extra)
+            fake_args = (q.meta["val"], k.meta["val"], w.meta["val"], False, float(match.scale), None, *extra)
+            fused = _call(graph, op, args, fake_args, mode)
+            result = fused
+            if result.meta["val"].dtype != match.score_dtype:  # fp8 scores in fp32: round as the graph stores it
+                result = _call(graph, prims.convert_element_type.default, (result, match.score_dtype),
+                               (result.meta["val"], match.score_dtype), mode)
+            result = _insert_steps(graph, result, _restore_steps("bst", match.score_roles), mode)
+        if tuple(result.meta["val"].shape) != tuple(fake_value(x).shape) or result.meta["val"].dtype != _dtype(x):
+            raise RuntimeError(f"re-viewed result {tuple(result.meta['val'].shape)} {result.meta['val'].dtype} is not "
+                               f"the score's shape and dtype")
     except Exception:  # undo the inserted nodes; the site keeps its own scoring
         for node in reversed([n for n in graph.nodes if n not in before]):
             graph.erase_node(node)
@@ -744,7 +849,8 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
 def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     """Replace ``aten.topk`` over the last dim by ``fx_indexcache::topk_indices`` (the Triton top-k where it
     applies at run time, torch.topk elsewhere) keeping the graph's ``sorted``; values, if read, are gathered.
-    Returns None when swapped, else why not."""
+    A bf16/fp16 top-k input is widened to fp32 first (exact: the same values, so the same k largest but for
+    the choice among ties) because our kernels take fp32 rows. Returns None when swapped, else why not."""
     x, k, dim, largest, keep_sorted = topk_arguments(topk)
     xv = fake_value(x)
     if not isinstance(k, int) or not largest or _norm_dim(dim, xv.dim()) != xv.dim() - 1:
@@ -756,8 +862,12 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
 
     mode = _fake_mode([xv])
     with graph.inserting_before(topk):
-        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (x, k, bool(keep_sorted)),
-                      (xv, k, bool(keep_sorted)), mode)
+        rows, rows_v = x, xv
+        if xv.dtype in _NARROW:
+            rows = _call(graph, prims.convert_element_type.default, (x, torch.float32), (xv, torch.float32), mode)
+            rows_v = rows.meta["val"]
+        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (rows, k, bool(keep_sorted)),
+                      (rows_v, k, bool(keep_sorted)), mode)
         idx = _call(graph, prims.convert_element_type.default, (idx32, torch.int64),
                     (idx32.meta["val"], torch.int64), mode)
         vals = None
@@ -812,7 +922,7 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
         kept = _swap_topk(graph, anchor)
         topk_note = "top-k fx_indexcache::topk_indices" if kept is None else kept
         records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}",
-                                    applied, no_fp8))
+                                    applied, no_fp8, match.numerics, str(match.score_dtype).removeprefix("torch.")))
     if any(r.fused for r in records):
         graph.lint()
     return records

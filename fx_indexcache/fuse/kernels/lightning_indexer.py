@@ -31,6 +31,9 @@ the k-th score towards the lowest key index (torch.topk's tie choice is unspecif
 ``invalid_index=-1`` replaces the index of every selected ``-inf`` key, for consumers that want an
 explicit marker.
 
+``indexer_logits_rounded`` (and the op ``fx_indexcache::indexer_logits_rounded``) returns the same logits rounded
+once to bf16/fp16 by the kernel's store, for graphs whose score is bf16/fp16 (docs/kernels_bf16.md).
+
 fp8 scoring (``indexer_fp8``, opt-in): the same two kernels with ``KSCALE`` read float8 e4m3 q and k, do the
 products on fp8 tensor cores and multiply each key's head sum by its per-token scale.
 
@@ -51,6 +54,7 @@ __all__ = [
     "default_config",
     "indexer_logits",
     "indexer_logits_reference",
+    "indexer_logits_rounded",
     "indexer_topk",
     "is_supported",
     "lightning_indexer",
@@ -356,8 +360,10 @@ def indexer_logits(
 
 
 def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None) -> torch.Tensor:
-    """Logits ``[B, S, T]`` into ``out`` (allocated when None) on q's device, the config defaulted by shape;
-    no checks (the bf16 and fp8 entry points check their own inputs first)."""
+    """Logits ``[B, S, T]`` into ``out`` (allocated fp32 when None) on q's device, the config defaulted by shape;
+    no checks (the bf16 and fp8 entry points check their own inputs first). An ``out`` of bf16 or fp16 gets
+    the fp32 result rounded to nearest even by the kernel's store (Triton casts a stored value to the
+    pointer's type): what ``indexer_logits_rounded`` returns."""
     B, S, H, D = q.shape
     T = k.shape[1]
     if out is None:
@@ -570,6 +576,57 @@ def _warn_fallback(why: str, inputs: str) -> None:
         "fx_indexcache::indexer_logits runs its reference (fp32 einsum, slow) on CUDA inputs: %s (%s)", why, inputs)
 
 
+def indexer_logits_rounded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    causal: bool = True,
+    scale: float = 1.0,
+    kv_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``indexer_logits`` computed in fp32 and rounded once, at the store, to ``dtype`` (bf16 or fp16).
+
+    For graphs whose score is bf16/fp16: the value of ``indexer_logits(...).to(dtype)`` (bit for bit: the
+    store rounds to nearest even, as ``Tensor.to`` does) with half the bytes written and no second pass.
+    Off CUDA or where the kernel cannot run, the fp32 reference rounded the same way.
+    """
+    if dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"indexer_logits_rounded: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
+    if why is not None:
+        if q.is_cuda:  # the compile-time check let the site through, so this fallback is a surprise: say so
+            _warn_fallback(why, f"q {q.dtype} {tuple(q.shape)}, k {k.dtype} {tuple(k.shape)}, weights {weights.dtype}")
+        return indexer_logits_reference(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens).to(dtype)
+    if kv_lens is not None and kv_lens.shape[0] != q.shape[0]:
+        raise ValueError("kv_lens must have one entry per batch row")
+    out = torch.empty((q.shape[0], q.shape[1], k.shape[1]), dtype=dtype, device=q.device)
+    return launch_into(q, k, weights, out, causal, scale, kv_lens, None)
+
+
+def _define_rounded_logits_op() -> None:
+    """Define ``torch.ops.fx_indexcache.indexer_logits_rounded(q, k, weights, causal, scale, kv_lens, dtype)``
+    -> ``[B, S, T]`` in ``dtype`` (idempotent): the op the substitution inserts where the graph's score is
+    bf16/fp16 (``fuse/substitute.py``: the kernel keeps fp32 inside and rounds where the graph stores the score)."""
+    if _registered("indexer_logits_rounded"):
+        return
+    from torch.library import custom_op
+
+    @custom_op("fx_indexcache::indexer_logits_rounded", mutates_args=())
+    def _op(
+        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: bool, scale: float,
+        kv_lens: Optional[torch.Tensor], dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return indexer_logits_rounded(q, k, weights, dtype, causal=causal, scale=scale, kv_lens=kv_lens)
+
+    @_op.register_fake
+    def _(q, k, weights, causal, scale, kv_lens, dtype):
+        if dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"indexer_logits_rounded: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=dtype)
+
+
 def _registered(name: str) -> bool:
     try:
         return hasattr(torch.ops.fx_indexcache, name)
@@ -613,4 +670,5 @@ def _define_topk_op() -> None:
 
 
 define_logits_op("indexer_logits", _logits_any)
+_define_rounded_logits_op()
 _define_topk_op()
