@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from fx_indexcache import IndexCacheBackend, IndexCacheConfig, layer_calls  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
-from fx_indexcache.rewrite.cross_graph import CallAction  # noqa: E402
+from fx_indexcache.crossgraph.runtime import CallAction  # noqa: E402
 
 OFFSET = 1
 FORMS = ("whole", "broken")
@@ -150,7 +150,7 @@ class Bench:
                 row["compile_s"] = round(time.time() - t, 1)
                 ms, reps = self.timed(lambda: step(self.ids, self.cache, self.start))
                 logits = step(self.ids, self.cache, self.start).float().cpu()
-            calls = layer_calls(self.model)
+            calls = layer_calls(self.model, backend)
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             row.update(ms=round(ms, 4), reps=reps, graphs=graphs,
                        layers_read=sorted(c.layer for c in calls if c.action is CallAction.READ),

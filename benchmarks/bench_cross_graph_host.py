@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fx_indexcache as fic  # noqa: E402
 from cross_graph_programs import D, LoopDecoder  # noqa: E402
-from fx_indexcache.rewrite.cross_graph import CrossGraphCallable  # noqa: E402
+from fx_indexcache.crossgraph.runtime import CrossGraphCallable  # noqa: E402
 
 
 def _captured_callables(model, pattern):
