@@ -150,6 +150,9 @@ class IndexCacheBackend:
     __name__ = "IndexCacheBackend"
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
+        from ..tools.pattern_choice import pattern_file_options
+
+        options = pattern_file_options(options)  # pattern_file="p.json" -> its index_topk_pattern and num_layers
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
         IndexCacheConfig.from_options(options)
         self.mode = mode
@@ -245,6 +248,16 @@ class IndexCacheBackend:
         self.__dict__.update(state)
         self._init_state()
 
+    # ------------------------------------------------------------------ from a model config or a pattern file
+    @classmethod
+    def from_config(cls, config: Any, *, pattern_file: Any = None, mode: str | None = None, **options: Any):
+        """The backend for the model ``config`` describes: its IndexCache keys as vLLM and SGLang read them and its
+        layer count (``num_hidden_layers``), or the default freq 4 for that layer count; ``pattern_file`` (checked
+        against the config's model type and layer count) replaces the config's pattern; ``options`` win."""
+        from ..tools.pattern_choice import options_from_config
+
+        return cls(mode, **options_from_config(config, pattern_file, options))
+
 
 class IndexCacheEagerBackend(IndexCacheBackend):
     """The same rewrite on AOTAutograd's ATen graph, run eagerly (no Inductor code generation).
@@ -258,7 +271,7 @@ class IndexCacheEagerBackend(IndexCacheBackend):
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
         super().__init__(mode, **options)
-        self._refuse_inductor_options(IndexCacheConfig.from_options(options)[1])
+        self._refuse_inductor_options(IndexCacheConfig.from_options(self.options)[1])
 
     def _refuse_inductor_options(self, rest: Mapping[str, Any]) -> None:
         """Options that are not IndexCache keys (at construction or from torch.compile) have no meaning here."""

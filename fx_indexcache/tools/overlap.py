@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -188,19 +190,28 @@ def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--out", default="indexcache_overlap.png", help="heatmap PNG (default indexcache_overlap.png)")
+    parser.add_argument("--save", default=None, metavar="OVERLAP.json", help="write the overlap record as JSON")
+    parser.add_argument("--out", default="indexcache_overlap.png",
+                        help="heatmap PNG (default indexcache_overlap.png; needs matplotlib: "
+                             "pip install 'fx-indexcache[plots]')")
 
 
 def main(args: argparse.Namespace) -> int:
+    from .pattern_choice import overlap_of
+    from .pattern_search import save_plot_if_possible
+
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
-    result = overlap_of_target(target)
+    result = overlap_of(target, progress=True)
     elapsed = time.perf_counter() - start
     print(f"{target.name}: {len(result.layers)} DSA layers, {len(target.batches)} calibration batches "
           f"({elapsed:.1f} s incl. compile)\n")
     print(format_overlap(result))
-    save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap")
-    print(f"\nheatmap saved to {args.out}")
+    if args.save:
+        Path(args.save).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\noverlap record saved to {args.save}")
+    print()
+    save_plot_if_possible(lambda: save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap"), args.out)
     sys.stdout.flush()
     return 0

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,12 +243,13 @@ def _no_dsa_error(model: torch.nn.Module) -> ValueError:
 
 
 def _progress(total: int, description: str, show: bool):
-    """A tqdm bar (``update()``, ``close()``), or a do-nothing one when asked for none or tqdm is missing."""
+    """A tqdm bar (``update()``, ``close()``; shown on a terminal only), or a do-nothing one when asked for none or
+    tqdm is missing."""
     if show:
         try:
             from tqdm.auto import tqdm
 
-            return tqdm(total=total, desc=description, unit="run", leave=False)
+            return tqdm(total=total, desc=description, unit="run", leave=False, disable=None)
         except ImportError:
             pass
 
@@ -268,25 +269,28 @@ def _progress(total: int, description: str, show: bool):
 # ---------------------------------------------------------------------------------------------- overlap
 
 
-@torch.no_grad()
 def measure_overlap(model: torch.nn.Module, batches: Any, *, progress: bool = False) -> OverlapResult:
     """Layer × layer overlap of the DSA layers' top-k selections on ``batches``, every layer computing its own.
 
     ``OverlapResult.matrix[i, j]`` is the mean over queries that see at least k keys of |A ∩ B| / k; ``adjacent``
     lists consecutive DSA layers. One batch's indices are held at a time.
     """
-    batches = _check_batches(model, batches)
-    target = _target(model, batches)
+    return overlap_of(_target(model, _check_batches(model, batches)), progress=progress)
+
+
+@torch.no_grad()
+def overlap_of(target: ProbeTarget, *, progress: bool = False) -> OverlapResult:
+    """``measure_overlap`` on a ``ProbeTarget`` (the CLI's form: a model, its batches, how to call it)."""
     probe, compiled = compile_probe(target, switchable=False)
     accumulator = OverlapAccumulator()
-    bar = _progress(len(batches), "overlap (first batch traces the model)", progress)
+    bar = _progress(len(target.batches), "overlap (the first batch traces the model)", progress)
     try:
-        with probe.use(None):
-            for batch in batches:
+        with target.context(), probe.use(None):
+            for batch in target.batches:
                 probe.clear()
                 target.call(compiled, batch)
                 if not probe.records:
-                    raise _no_dsa_error(model)
+                    raise _no_dsa_error(target.model)
                 accumulator.add(probe.records)
                 probe.clear()
                 bar.update()
@@ -480,19 +484,37 @@ def search_pattern(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not allowed; objective must be one of {list(OBJECTIVES)}")
-    batches = _check_batches(model, batches)
-    target = _target(model, batches)
-    bar = _progress(len(batches), "tracing, all-F reference", progress)
-    try:
-        scorer = PatternScorer(target, "kl")  # traces; the all-F outputs are the KL reference
-    except RuntimeError as error:
-        if "no DSA indexer top-k" in str(error):
-            raise _no_dsa_error(model) from None
-        raise
-    finally:
-        bar.update(len(batches))
-        bar.close()
-    target.is_logits = target.call.is_logits  # what the traced calls returned
+    return search_target(_target(model, _check_batches(model, batches)), keep=keep, objective=objective,
+                         progress=progress)
+
+
+def search_target(
+    target: ProbeTarget,
+    *,
+    keep: int | float | str = 0.25,
+    objective: str = "kl",
+    progress: bool = False,
+    scorer: PatternScorer | None = None,
+    on_step: Callable[[SearchStep], None] | None = None,
+) -> PatternChoice:
+    """``search_pattern`` on a ``ProbeTarget`` (the CLI's form); ``scorer``: one already traced for ``target``,
+    ``on_step``: called after each greedy step (and for the all-F start)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not allowed; objective must be one of {list(OBJECTIVES)}")
+    model = target.model
+    if scorer is None:
+        bar = _progress(len(target.batches), "tracing; all-F reference outputs", progress)
+        try:
+            scorer = PatternScorer(target, "kl")  # traces; the all-F outputs are the KL reference
+        except RuntimeError as error:
+            if "no DSA indexer top-k" in str(error):
+                raise _no_dsa_error(model) from None
+            raise
+        finally:
+            bar.update(len(target.batches))
+            bar.close()
+    if isinstance(target.call, _Caller):
+        target.is_logits = target.call.is_logits  # what the traced calls returned
     if objective == "loss":
         if not target.is_logits:
             raise ValueError(f"{target.name} returns hidden states, not logits: use objective='kl' (MSE then)")
@@ -500,7 +522,7 @@ def search_pattern(
     layers = scorer.layers
     if not layers:
         raise _no_dsa_error(model)
-    if target.num_layers == 0:
+    if not target.num_layers:
         target.num_layers = max(layers) + 1
     elif max(layers) >= target.num_layers:
         raise ValueError(f"{target.name}: the graph holds DSA layer {max(layers)}, past the config's "
@@ -510,7 +532,7 @@ def search_pattern(
     movable = [layer for layer in layers[1:] if layer not in fixed]
     steps_to_take = min(len(layers) - target_f, len(movable))
     total = 1 + sum(len(movable) - step for step in range(steps_to_take)) + 1
-    bar = _progress(total, f"greedy search to {target_f} F of {len(layers)}", progress)
+    bar = _progress(total, f"greedy search to {target_f} F of {len(layers)} DSA layers", progress)
 
     def scored(pattern: str) -> float:
         value = scorer(pattern)
@@ -518,21 +540,21 @@ def search_pattern(
         return value
 
     try:
-        steps = greedy_search(scored, target.num_layers, layers, target_f, fixed)
+        steps = greedy_search(scored, target.num_layers, layers, target_f, fixed, on_step=on_step)
         final = steps[-1]
         uniform = uniform_pattern(target.num_layers, final.pattern.count(FULL))
         uniform_ok = uniform is not None and all(uniform[layer] == FULL for layer in fixed)
         uniform_score = scored(uniform) if uniform_ok else None
     finally:
         bar.close()
-    ids = [_input_ids(batch) for batch in batches]
+    ids = [_input_ids(batch) for batch in target.batches]
     return PatternChoice(
         pattern=final.pattern,
         num_layers=target.num_layers,
         dsa_layers=tuple(layers),
         objective=objective,
         metric=scorer.metric,
-        score=final.score,
+        score=_finite(final.score),
         uniform_pattern=uniform if uniform_ok else None,
         uniform_score=uniform_score,
         steps=tuple(_step_record(step) for step in steps),
@@ -540,7 +562,7 @@ def search_pattern(
         model_class=type(model).__name__,
         model_type=model_type_of(_config_of(model)),
         config_digest=config_digest(model),
-        calibration_digest=calibration_digest(batches),
+        calibration_digest=calibration_digest(target.batches),
         calibration_tokens=sum(int(i.numel()) for i in ids if i is not None),
         library_version=library_version(),
     )
@@ -555,3 +577,58 @@ def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"a pattern scored {value}: the model's outputs are not finite on the calibration batches")
     return value
+
+
+# ---------------------------------------------------------------------------------------------- backend options
+
+#: The keys that state a pattern (a pattern file replaces them all).
+_PATTERN_OPTION_KEYS = ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "indexer_types")
+
+
+def pattern_file_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Backend ``options`` with ``pattern_file`` replaced by the file's ``index_topk_pattern`` and ``num_layers``.
+
+    The file's layer count becomes the config's ``num_layers``: a ``num_layers`` given beside it must agree, and a
+    pattern key given beside it is refused (two patterns). The model class is checked by ``PatternChoice.check``
+    (the backend sees graphs, not the model) or, against a config, by ``IndexCacheBackend.from_config``.
+    """
+    options = dict(options)
+    path = options.pop("pattern_file", None)
+    if path is None:
+        return options
+    choice = PatternChoice.load(path)
+    clash = [key for key in _PATTERN_OPTION_KEYS if key in options]
+    if clash:
+        raise ValueError(f"pattern_file={str(path)!r} sets the pattern; {clash} given beside it: give one or the other")
+    given = options.get("num_layers")
+    if given is not None and given != choice.num_layers:
+        raise ValueError(f"pattern file {path} is for {choice.num_layers} decoder layers of {choice.model_class}; "
+                         f"num_layers={given!r} was given")
+    options.update(choice.index_cache_options())
+    return options
+
+
+def options_from_config(config: Any, pattern_file: str | Path | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Backend options from a model config, read as vLLM and SGLang read it, then a pattern file, then ``options``.
+
+    The config's IndexCache keys (``IndexCacheConfig.from_hf_config``: a pattern key alone switches IndexCache on)
+    and its layer count (``num_hidden_layers``, or the reference model's ``num_layers``) become the options, so no
+    variant is compiled for layers the model does not have; without IndexCache keys the backend's default (freq 4)
+    applies. ``pattern_file`` replaces the config's pattern after its model type and layer count are checked against
+    the config; explicit ``options`` win over the config (a pattern key beside ``pattern_file`` is refused).
+    """
+    from ..config import _read_keys
+
+    IndexCacheConfig.from_hf_config(config)  # a bad key in the config fails here, naming it
+    read = {key: value for key, value in _read_keys(config).items() if value is not None}
+    layers = layer_count_of(config)
+    if layers is not None:
+        read["num_layers"] = layers
+    if pattern_file is not None:
+        PatternChoice.load(pattern_file).check_config(config)
+        read = {key: value for key, value in read.items() if key not in _PATTERN_OPTION_KEYS}
+        read["pattern_file"] = pattern_file
+    if any(key in options for key in _PATTERN_OPTION_KEYS):  # an explicit pattern replaces the config's
+        read = {key: value for key, value in read.items() if key not in _PATTERN_OPTION_KEYS}
+    read.update(options)  # a pattern option beside pattern_file is refused by pattern_file_options
+    return read
