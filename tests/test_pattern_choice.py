@@ -9,6 +9,7 @@ IndexCache oracle at that pattern.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy
 import pytest
@@ -176,7 +177,7 @@ def test_directories_that_are_not_dsa_models_or_are_truncated_are_named(tmp_path
 # ----------------------------------------------------------------------------------- real directories
 
 
-def test_cli_on_the_reference_directory_finds_the_built_in_pattern(tmp_path, capsys):
+def test_cli_on_the_reference_directory_finds_the_built_in_pattern(tmp_path, capsys, monkeypatch):
     """The shipped checkpoint's first 4 layers saved as config.json + model.safetensors, searched on the built-in
     path's own calibration windows: the same pattern, the same scores."""
     directory = save_directory(load_checkpoint(num_layers=4), tmp_path / "ref4", dtype=torch.bfloat16)
@@ -185,6 +186,7 @@ def test_cli_on_the_reference_directory_finds_the_built_in_pattern(tmp_path, cap
     numpy.save(tmp_path / "windows.npy", windows.numpy())
     built_in = _search_cli(capsys, "--layers", "4", "--keep", "2", "--save", str(tmp_path / "a.json"),
                            "--out", str(tmp_path / "a.png"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # plots are optional: without matplotlib, a hint
     from_dir = _search_cli(capsys, "--model", str(directory), "--calibration", str(tmp_path / "windows.npy"),
                            "--keep", "2", "--save", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.png"))
     a, b = PatternChoice.load(tmp_path / "a.json"), PatternChoice.load(tmp_path / "b.json")
@@ -193,6 +195,8 @@ def test_cli_on_the_reference_directory_finds_the_built_in_pattern(tmp_path, cap
     assert (a.calibration_digest, a.config_digest, a.model_class) == (b.calibration_digest, b.config_digest,
                                                                       b.model_class)
     assert f"best pattern (2 F of 4 DSA layers): {a.pattern}" in built_in and a.pattern in from_dir
+    assert "matplotlib is not installed (pip install 'fx-indexcache[plots]')" in from_dir
+    assert (tmp_path / "a.png").is_file() and not (tmp_path / "b.png").exists()
 
 
 @pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
