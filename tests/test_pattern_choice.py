@@ -23,6 +23,7 @@ from fx_indexcache.models.reference.hf_directory import save_directory
 from fx_indexcache.tools import cli
 from fx_indexcache.tools.calibration import calibration_windows
 from fx_indexcache.tools.model_source import calibration_batches, load_model_directory, read_token_file
+from fx_indexcache.tools.pattern_choice import config_digest
 
 SEQ = 16  # tiny transformers models: top-k 4, so 16 tokens leave every layer a real choice
 
@@ -214,6 +215,7 @@ def test_saved_transformers_directory_searched_compiled_equals_oracle(name, tmp_
     choice = PatternChoice.load(tmp_path / "p.json")
     assert choice.model_class == type(tiny.model).__name__ and choice.model_type == name
     assert choice.num_layers == 3 and choice.pattern.count("S") == 1 and choice.pattern in out
+    assert choice.config_digest == config_digest(tiny.model)  # saving and loading leave the model's identity
 
     loaded = load_model_directory(directory)
     choice.check(loaded.model)
