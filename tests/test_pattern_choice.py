@@ -175,6 +175,22 @@ def test_directories_that_are_not_dsa_models_or_are_truncated_are_named(tmp_path
         cli.main(["search", "--model", str(directory)])
 
 
+def test_a_directory_whose_graph_holds_no_indexer_is_refused_naming_what_was_looked_for(tmp_path):
+    """Config keys can claim an indexer the model does not have: the traced graph decides."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    raw = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**raw, "index_topk": 4}))
+    numpy.save(tmp_path / "ids.npy", numpy.arange(2, 34).reshape(2, 16))
+    argv = ["--model", str(tmp_path / "llama"), "--calibration", str(tmp_path / "ids.npy"), "--seq-len", "16",
+            "--out", str(tmp_path / "x.png")]
+    for command in ("search", "overlap"):
+        with pytest.raises(SystemExit, match=r"LlamaForCausalLM: no DSA lightning-indexer top-k found .*looked for"):
+            cli.main([command, *argv])
+
+
 # ----------------------------------------------------------------------------------- real directories
 
 

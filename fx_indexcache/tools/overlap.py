@@ -203,7 +203,10 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
-    result = overlap_of(target, progress=True)
+    try:
+        result = overlap_of(target, progress=True)
+    except ValueError as error:  # no DSA indexer in the graph, named with what was looked for
+        raise SystemExit(f"error: {error}") from None
     elapsed = time.perf_counter() - start
     print(f"{target.name}: {len(result.layers)} DSA layers, {len(target.batches)} calibration batches "
           f"({elapsed:.1f} s incl. compile)\n")

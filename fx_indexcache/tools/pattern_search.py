@@ -242,7 +242,14 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
-    scorer = PatternScorer(target, "kl")
+    try:
+        scorer = PatternScorer(target, "kl")
+    except RuntimeError as error:
+        if "no DSA indexer top-k" not in str(error):
+            raise
+        from .pattern_choice import _no_dsa_error
+
+        raise SystemExit(f"error: {_no_dsa_error(target.model)}") from None
     layers = scorer.layers
     try:
         target_f = resolve_target(args.keep, len(layers))
