@@ -216,15 +216,33 @@ def test_cli_on_the_reference_directory_finds_the_built_in_pattern(tmp_path, cap
     assert (tmp_path / "a.png").is_file() and not (tmp_path / "b.png").exists()
 
 
+def _save_character_tokenizer(directory) -> None:
+    """A one-character-a-token tokenizer (ids 3..33, inside the tiny models' vocabulary of 96), saved beside the
+    model as tokenizer.json + tokenizer_config.json, as a checkpoint ships its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .,\n")}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
 @pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
 def test_saved_transformers_directory_searched_compiled_equals_oracle(name, tmp_path, capsys):
     H = pytest.importorskip("hf_oracle")
     tiny = H.build(H.SPECS[name], seed=3)
     directory = tmp_path / name
     tiny.model.save_pretrained(directory)
-    calibration = tmp_path / "ids.jsonl"
-    rows = torch.cat([tiny.make_inputs(SEQ, seed=s)["input_ids"] for s in range(2)]).tolist()
-    calibration.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if name == "deepseek_v32":  # the directory has a tokenizer: calibrate on text
+        _save_character_tokenizer(directory)
+        calibration = tmp_path / "text.txt"
+        calibration.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    else:  # token ids, one sequence a line
+        calibration = tmp_path / "ids.jsonl"
+        rows = torch.cat([tiny.make_inputs(SEQ, seed=s)["input_ids"] for s in range(2)]).tolist()
+        calibration.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = _search_cli(capsys, "--model", str(directory), "--calibration", str(calibration), "--seq-len", str(SEQ),
                       "--batches", "1", "--keep", "2", "--save", str(tmp_path / "p.json"), "--out",
                       str(tmp_path / "s.png"))
