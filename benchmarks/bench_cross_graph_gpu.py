@@ -13,7 +13,7 @@ Two forms of the same model:
   broken   a forward hook on every decoder layer calls ``torch._dynamo.graph_break()``: the break falls inside
            the layer loop, so dynamo compiles each layer's frame on its own and reuses it as several layers
            (module paths relative: no layer index at compile time); sharing is decided per call
-           (``fx_indexcache.rewrite.cross_graph``), the F layers publishing into a static buffer the S layers read.
+           (``fx_indexcache.crossgraph.runtime``), the F layers publishing into a static buffer the S layers read.
 Each form at three variants: ``inductor`` (plain Inductor, all layers F: the form's own baseline) and
 ``ours_f2`` / ``ours_f4`` (``IndexCacheBackend`` with ``index_topk_freq`` 2 / 4, ``index_skip_topk_offset=1``:
 FSFS / FSSS over 4 layers; ``fuse_indexer_kernel=False``, so IndexCache alone is measured).

@@ -13,6 +13,8 @@ from .integrations.transformers_cache import prepared_static_cache
 from .report.graph_report import IndexCacheReport
 from .report.sharing import format_layer_sharing, layer_sharing
 from .session import IndexCacheSession, clear_reports, default_session, layer_calls, reports
+from .tools.overlap import OverlapResult
+from .tools.pattern_choice import PatternChoice, measure_overlap, search_pattern
 
 __all__ = [
     "IndexCacheBackend",
@@ -21,6 +23,8 @@ __all__ = [
     "IndexCachePass",
     "IndexCacheReport",
     "IndexCacheSession",
+    "OverlapResult",
+    "PatternChoice",
     "apply_index_cache_to_exported_program",
     "clear_reports",
     "default_session",
@@ -30,9 +34,11 @@ __all__ = [
     "indexcache_eager_backend",
     "layer_calls",
     "layer_sharing",
+    "measure_overlap",
     "prepared_static_cache",
     "register_site_finder",
     "reports",
+    "search_pattern",
 ]
 
 import sys as _sys

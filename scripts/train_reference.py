@@ -37,7 +37,7 @@ from fx_indexcache.models.reference.checkpoint import load_checkpoint, save_chec
 from fx_indexcache.models.reference.evaluation import bits_per_byte, shuffled_indexers
 from fx_indexcache.models.reference.training import Attention, next_byte_loss, training_forward
 from fx_indexcache.tools.calibration import ProbeTarget
-from fx_indexcache.tools.overlap import OverlapResult, measure_overlap, overlap_from_records, save_heatmap
+from fx_indexcache.tools.overlap import OverlapResult, overlap_from_records, overlap_of_target, save_heatmap
 from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search, uniform_pattern
 from fx_indexcache.tools.probe import LayerRecord
 
@@ -211,9 +211,9 @@ def overlap_of(model, batches: list[torch.Tensor], log) -> OverlapResult:
     """Overlap through the probe (as ``overlap`` measures it); the model's own indices if the probe fails."""
     batches = [ids.to(model.lm_head.weight.device) for ids in batches]
     try:
-        return measure_overlap(ProbeTarget("overlap", model, model.config.num_layers, batches, lambda fn, ids: fn(ids)))
+        return overlap_of_target(ProbeTarget("overlap", model, model.config.num_layers, batches, lambda fn, ids: fn(ids)))
     except Exception:
-        log(f"measure_overlap failed, reading the model's own indices instead:\n{traceback.format_exc()}")
+        log(f"overlap_of_target failed, reading the model's own indices instead:\n{traceback.format_exc()}")
     records = []
     with torch.no_grad():
         for ids in batches:

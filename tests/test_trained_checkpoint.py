@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from fx_indexcache import indexcache_eager_backend
 from fx_indexcache.models.reference import corpus
 from fx_indexcache.tools.calibration import ProbeTarget, calibration_windows
-from fx_indexcache.tools.overlap import measure_overlap
+from fx_indexcache.tools.overlap import overlap_of_target
 from fx_indexcache.tools.pattern_search import PatternScorer, greedy_search
 from fx_indexcache.models.reference.checkpoint import (
     default_checkpoint,
@@ -43,7 +43,7 @@ def held_out():
 
 
 def mean_adjacent(model, batches) -> float:
-    result = measure_overlap(ProbeTarget("m", model, LAYERS, batches, lambda fn, ids: fn(ids)))
+    result = overlap_of_target(ProbeTarget("m", model, LAYERS, batches, lambda fn, ids: fn(ids)))
     assert result.layers == list(range(LAYERS)) and result.k == model.config.index_topk
     values = [v for _, _, v in result.adjacent]
     return sum(values) / len(values)

@@ -7,7 +7,7 @@ layer a call runs *is* known when it is called: with ``inline_inbuilt_nn_modules
 are graph inputs, and their storage (``data_ptr``) is found in the model's ``named_parameters()`` under
 ``layers.N....``, which gives the layer N (and the layer container ``layers``).
 
-So the backend keeps three callables for such a graph (``cross_graph_build``): the graph as it is, an
+So the backend keeps three callables for such a graph (``crossgraph.build``): the graph as it is, an
 F variant that also writes its indices into the model's static buffer (below), and an S variant
 without the indexer that takes the F layer's indices as an extra input. Before each call the wrapper
 (``CrossGraphCallable``) decides on the host, from bookkeeping only (no device sync):

@@ -205,6 +205,9 @@ class IndexCacheBackend:
     _inductor_options = True
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
+        from ..tools.pattern_choice import pattern_file_options
+
+        options = pattern_file_options(options)  # pattern_file="p.json" -> its index_topk_pattern and num_layers
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
         check_backend_options(options, type(self).__name__, inductor=self._inductor_options)
         IndexCacheConfig.from_options(options)
@@ -313,6 +316,16 @@ class IndexCacheBackend:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_state()
+
+    # ------------------------------------------------------------------ from a model config or a pattern file
+    @classmethod
+    def from_config(cls, config: Any, *, pattern_file: Any = None, mode: str | None = None, **options: Any):
+        """The backend for the model ``config`` describes: its IndexCache keys as vLLM and SGLang read them and its
+        layer count (``num_hidden_layers``), or the default freq 4 for that layer count; ``pattern_file`` (checked
+        against the config's model type and layer count) replaces the config's pattern; ``options`` win."""
+        from ..tools.pattern_choice import options_from_config
+
+        return cls(mode, **options_from_config(config, pattern_file, options))
 
 
 class IndexCacheEagerBackend(IndexCacheBackend):

@@ -69,6 +69,18 @@ def calibration_windows(seq_len: int, count: int, seed: int) -> torch.Tensor:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a local checkpoint directory (config.json + *.safetensors: a transformers DSA model, or "
+                             "the reference model saved by models.reference.hf_directory); needs --calibration")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="calibration data: text (tokenised with the directory's tokenizer; UTF-8 bytes for the "
+                             "reference model), or token ids as .jsonl (a JSON list a line), .npy or .pt "
+                             "(read without unpickling); cut into --batches x --batch-size windows of --seq-len")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run code the --model directory names (off by default)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                        help="weights dtype (default float32; auto: as stored)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (default cpu; e.g. cuda)")
     add_reference_arguments(parser, "Default: the whole checkpoint, or 8 with --random-weights")
     parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from models.tiny_transformers.TINY_DSA_MODELS")
     parser.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
@@ -85,6 +97,8 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
     """The trained checkpoint on calibration text (default), random weights on random tokens, or ``--hf-model``."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    if getattr(args, "model", None) or getattr(args, "calibration", None):
+        return _file_target(args)
     if args.hf_model:
         args.seq_len = args.seq_len or RANDOM_SEQ_LEN
         try:
@@ -119,6 +133,42 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
         batches = list(windows.split(args.batch_size))
         name = f"trained reference ({config.num_layers} layers, top-{config.index_topk})"
     return ProbeTarget(name, model, config.num_layers, batches, lambda fn, ids: fn(ids))
+
+
+def _file_target(args: argparse.Namespace) -> ProbeTarget:
+    """``--model DIR`` and/or ``--calibration FILE`` (without ``--model``: the built-in checkpoint on the file)."""
+    from .model_source import calibration_batches, load_model_directory
+    from .pattern_choice import _Caller, _check_batches, layer_count_of
+
+    if args.model and (args.hf_model or args.random_weights or args.checkpoint):
+        raise SystemExit("--model excludes --hf-model, --random-weights and --checkpoint")
+    if args.model and args.layers is not None:
+        raise SystemExit("--layers applies to the built-in checkpoint; with --model, save the layers you want")
+    if not args.calibration:
+        raise SystemExit(f"--model {args.model}: give --calibration FILE (text or token ids) to calibrate on")
+    try:
+        if args.model:
+            loaded = load_model_directory(args.model, dtype=args.dtype, device=args.device,
+                                          trust_remote_code=args.trust_remote_code)
+            model, name, topk = loaded.model, loaded.description, loaded.index_topk
+        else:
+            if args.hf_model:
+                raise SystemExit("--calibration applies to --model or the built-in checkpoint, not --hf-model")
+            dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+            model = reference_model(args, dtype=dtype).to(args.device)
+            loaded, topk = None, model.config.index_topk
+            name = f"{'random-weight' if args.random_weights else 'trained'} reference ({model.config.num_layers} layers)"
+        args.seq_len = args.seq_len or max(TRAINED_SEQ_LEN, 2 * (topk or 0))
+        if topk is not None and args.seq_len <= topk:
+            print(f"note: --seq-len {args.seq_len} <= top-k {topk}: every query sees fewer than k keys, so every "
+                  "layer selects all of them and no pattern changes the output; use a longer --seq-len")
+        batches = calibration_batches(args.calibration, loaded, seq_len=args.seq_len, batch_size=args.batch_size,
+                                      batches=args.batches)
+        batches = _check_batches(model, [batch.to(args.device) for batch in batches])
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
+    name += f", {len(batches)} batches of {tuple(batches[0].shape)} tokens from {args.calibration}"
+    return ProbeTarget(name, model, layer_count_of(getattr(model, "config", None)) or 0, batches, _Caller(model))
 
 
 def compile_probe(target: ProbeTarget, switchable: bool = True) -> tuple[IndexProbe, Callable]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,8 +36,7 @@ def overlap_fraction(a: torch.Tensor, b: torch.Tensor, valid_a=None, valid_b=Non
     a, b = a.reshape(-1, k), b.reshape(-1, k)
     va = torch.ones_like(a, dtype=torch.bool) if valid_a is None else valid_a.reshape(-1, k)
     vb = torch.ones_like(b, dtype=torch.bool) if valid_b is None else valid_b.reshape(-1, k)
-    match = (a[:, :, None] == b[:, None, :]) & va[:, :, None] & vb[:, None, :]
-    common = match.any(-1).sum(-1).float()
+    common = _common_keys(a, b, va, vb).float()
     count = torch.maximum(va.sum(-1), vb.sum(-1))
     denominator = count.float()
     keep = count > 0
@@ -46,34 +47,95 @@ def overlap_fraction(a: torch.Tensor, b: torch.Tensor, valid_a=None, valid_b=Non
     return (common[keep] / denominator[keep]).mean().item()
 
 
+def _common_keys(a: torch.Tensor, b: torch.Tensor, va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    """Per row, how many valid slots of ``a`` hold a key some valid slot of ``b`` holds.
+
+    Sorting ``b`` and searching it keeps memory at the size of the indices (``[N, k]``); comparing every pair of
+    slots would take ``[N, k, k]``, 34 GB for one 8K-token batch at DeepSeek-V3.2's k = 2048.
+    """
+    b = b.masked_fill(~vb, torch.iinfo(b.dtype).min)  # a padding slot of b matches nothing
+    b_sorted = b.sort(dim=-1).values
+    position = torch.searchsorted(b_sorted, a.contiguous()).clamp_(max=b.shape[-1] - 1)
+    found = (b_sorted.gather(-1, position) == a) & va
+    return found.sum(-1)
+
+
 @dataclasses.dataclass
 class OverlapResult:
+    """Layer × layer top-k overlap: ``matrix[i, j]`` for ``layers[i]``, ``layers[j]``, mean over calibration batches."""
+
     layers: list[int]
     matrix: torch.Tensor  # [L, L] float64, mean over calibration batches
     k: int
+    batches: int = 0  # calibration batches averaged
 
     @property
     def adjacent(self) -> list[tuple[int, int, float]]:
         return [(self.layers[i], self.layers[i + 1], self.matrix[i, i + 1].item()) for i in range(len(self.layers) - 1)]
 
+    def to_dict(self) -> dict:
+        """A JSON-ready record (NaN, where no query saw k keys, becomes null)."""
+        def number(value: float) -> float | None:
+            return None if value != value else round(value, 6)
+
+        return {
+            "layers": list(self.layers),
+            "k": self.k,
+            "batches": self.batches,
+            "adjacent": [{"from": a, "to": b, "overlap": number(v)} for a, b, v in self.adjacent],
+            "matrix": [[number(v) for v in row] for row in self.matrix.tolist()],
+        }
+
+
+class OverlapAccumulator:
+    """Adds up the pairwise overlap one batch at a time, so only one batch's indices are ever held."""
+
+    def __init__(self) -> None:
+        self.layers: list[int] | None = None
+        self.k = 0
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.batches = 0
+
+    def add(self, records: dict[int, LayerRecord]) -> None:
+        layers = sorted(records)
+        if self.layers is None:
+            self.layers, self.k = layers, records[layers[0]].indices.shape[-1]
+            self.sums = torch.zeros(len(layers), len(layers), dtype=torch.float64)
+            self.counts = torch.zeros_like(self.sums)
+        elif layers != self.layers:
+            raise ValueError(f"a calibration batch recorded DSA layers {layers}, an earlier one {self.layers}")
+        for i in range(len(layers)):
+            for j in range(i + 1, len(layers)):
+                a, b = records[layers[i]], records[layers[j]]
+                if a.indices.shape != b.indices.shape:
+                    continue  # another top-k width: no overlap defined (NaN unless some batch has one)
+                value = overlap_fraction(a.indices, b.indices, a.valid, b.valid)
+                if value == value:
+                    self.sums[i, j] += value
+                    self.counts[i, j] += 1
+        self.batches += 1
+
+    def result(self) -> OverlapResult:
+        if self.layers is None:
+            raise ValueError("no calibration batch was recorded")
+        mean = self.sums / self.counts  # 0/0 -> NaN where no batch had a defined overlap
+        matrix = torch.eye(len(self.layers), dtype=torch.float64)
+        upper = torch.triu_indices(len(self.layers), len(self.layers), 1)
+        matrix[upper[0], upper[1]] = mean[upper[0], upper[1]]
+        matrix[upper[1], upper[0]] = mean[upper[0], upper[1]]
+        return OverlapResult(list(self.layers), matrix, self.k, self.batches)
+
 
 def overlap_from_records(batches: list[dict[int, LayerRecord]]) -> OverlapResult:
     """Layer × layer overlap averaged over calibration batches (each a probe's records of one call)."""
-    layers = sorted(batches[0])
-    n = len(layers)
-    matrix = torch.eye(n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i + 1, n):
-            values = []
-            for records in batches:
-                a, b = records[layers[i]], records[layers[j]]
-                same = a.indices.shape == b.indices.shape
-                values.append(overlap_fraction(a.indices, b.indices, a.valid, b.valid) if same else float("nan"))
-            matrix[i, j] = matrix[j, i] = sum(values) / len(values)
-    return OverlapResult(layers, matrix, batches[0][layers[0]].indices.shape[-1])
+    accumulator = OverlapAccumulator()
+    for records in batches:
+        accumulator.add(records)
+    return accumulator.result()
 
 
-def measure_overlap(target: ProbeTarget) -> OverlapResult:
+def overlap_of_target(target: ProbeTarget) -> OverlapResult:
     probe, compiled = compile_probe(target, switchable=False)
     return overlap_from_records(record_batches(target, probe, compiled))
 
@@ -128,19 +190,31 @@ def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--out", default="indexcache_overlap.png", help="heatmap PNG (default indexcache_overlap.png)")
+    parser.add_argument("--save", default=None, metavar="OVERLAP.json", help="write the overlap record as JSON")
+    parser.add_argument("--out", default="indexcache_overlap.png",
+                        help="heatmap PNG (default indexcache_overlap.png; needs matplotlib: "
+                             "pip install 'fx-indexcache[plots]')")
 
 
 def main(args: argparse.Namespace) -> int:
+    from .pattern_choice import overlap_of
+    from .pattern_search import save_plot_if_possible
+
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
-    result = measure_overlap(target)
+    try:
+        result = overlap_of(target, progress=True)
+    except ValueError as error:  # no DSA indexer in the graph, named with what was looked for
+        raise SystemExit(f"error: {error}") from None
     elapsed = time.perf_counter() - start
     print(f"{target.name}: {len(result.layers)} DSA layers, {len(target.batches)} calibration batches "
           f"({elapsed:.1f} s incl. compile)\n")
     print(format_overlap(result))
-    save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap")
-    print(f"\nheatmap saved to {args.out}")
+    if args.save:
+        Path(args.save).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\noverlap record saved to {args.save}")
+    print()
+    save_plot_if_possible(lambda: save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap"), args.out)
     sys.stdout.flush()
     return 0

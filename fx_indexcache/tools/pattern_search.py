@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 import time
 from collections.abc import Callable
 
@@ -178,10 +176,6 @@ def greedy_search(
 # ----------------------------------------------------------------------------------- output
 
 
-def overrides_json(pattern: str) -> str:
-    return json.dumps({"use_index_cache": True, "index_topk_pattern": pattern})
-
-
 def uniform_pattern(num_layers: int, target_f: int) -> str | None:
     """The evenly spaced pattern (F at 0, freq, 2·freq, ...) with the same F count, if one exists."""
     for freq in range(1, num_layers + 1):
@@ -215,67 +209,94 @@ def save_plot(steps: list[SearchStep], path: str, metric: str, title: str) -> No
     plt.close(fig)
 
 
-def _progress_printer(stream=sys.stderr) -> Callable[[int, int, int, int], None]:
-    start = time.perf_counter()
-    interactive = stream.isatty()
-
-    def show(step: int, steps: int, done: int, total: int) -> None:
-        if not interactive:
-            return
-        elapsed = time.perf_counter() - start
-        stream.write(f"\r  step {step}/{steps}: candidate {done}/{total} ({elapsed:.1f} s)   ")
-        if done == total:
-            stream.write("\r" + " " * 60 + "\r")
-        stream.flush()
-
-    return show
-
-
 # ----------------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--target", default="0.25",
+    parser.add_argument("--keep", "--target", dest="keep", default="0.25",
                         help="F layers to keep: a count (2) or a fraction of the DSA layers (0.25, the default)")
-    parser.add_argument("--score", choices=["kl", "loss"], default="kl",
+    parser.add_argument("--objective", "--score", dest="objective", choices=["kl", "loss"], default="kl",
                         help="kl: KL of the next-token distribution vs all-F (default); "
                              "loss: LM loss with the calibration tokens as labels")
-    parser.add_argument("--out", default="indexcache_search.png", help="plot of score vs step (PNG)")
+    parser.add_argument("--save", default=None, metavar="PATTERN.json",
+                        help="write the choice (pattern, scores, model and calibration identity) as JSON: "
+                             "IndexCacheBackend(pattern_file=...) compiles with it")
+    parser.add_argument("--out", default="indexcache_search.png",
+                        help="plot of score vs step (PNG; needs matplotlib: pip install 'fx-indexcache[plots]')")
+
+
+def _write(line: str) -> None:
+    """Print beside a progress bar without tearing it."""
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    except ImportError:
+        print(line, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
+    from .pattern_choice import search_target
+
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
-    scorer = PatternScorer(target, args.score)
+    try:
+        scorer = PatternScorer(target, "kl")
+    except RuntimeError as error:
+        if "no DSA indexer top-k" not in str(error):
+            raise
+        from .pattern_choice import _no_dsa_error
+
+        raise SystemExit(f"error: {_no_dsa_error(target.model)}") from None
     layers = scorer.layers
-    target_f = resolve_target(args.target, len(layers))
+    try:
+        target_f = resolve_target(args.keep, len(layers))
+    except ValueError as error:
+        raise SystemExit(f"error: --keep {args.keep}: {error}") from error
     fixed = scorer.fixed
     print(f"{target.name}: DSA layers {layers}; traced once in {time.perf_counter() - start:.1f} s; "
-          f"{len(target.batches)} calibration batches; score = {scorer.metric}; target {target_f} F layers")
+          f"{len(target.batches)} calibration batches; objective {args.objective}; target {target_f} F layers")
     for layer, why in sorted(fixed.items()):
         print(f"  layer {layer} stays F: {why}")
 
     def show(s: SearchStep) -> None:
         if s.turned is None:
-            print(f"step 0: {s.pattern}  {scorer.metric} = {s.score:.6g}", flush=True)
+            _write(f"step 0: {s.pattern}  {scorer.metric} = {s.score:.6g}")
             return
         tried = " ".join(f"{layer}:{value:.3g}" for layer, value in sorted(s.candidates.items()))
-        print(f"step {s.step}: layer {s.turned} -> S  {s.pattern}  {scorer.metric} = {s.score:.6g}"
-              f"   [tried {tried}] ({time.perf_counter() - search_start:.1f} s)", flush=True)
+        _write(f"step {s.step}: layer {s.turned} -> S  {s.pattern}  {scorer.metric} = {s.score:.6g}"
+               f"   [tried {tried}] ({time.perf_counter() - search_start:.1f} s)")
 
     search_start = time.perf_counter()
-    steps = greedy_search(scorer, target.num_layers, layers, target_f, fixed, _progress_printer(), show)
-    final = steps[-1]
-    if final.pattern.count("F") > target_f:
-        print(f"note: stopped at {final.pattern.count('F')} F layers; the other layers must stay F (see above)")
-    print(f"\n{scorer.evaluations} pattern evaluations in {time.perf_counter() - search_start:.1f} s, no recompilation")
-    uniform = uniform_pattern(target.num_layers, final.pattern.count("F"))
-    if uniform is not None and uniform != final.pattern and all(uniform[i] == "F" for i in fixed):
-        print(f"for comparison, evenly spaced {uniform}: {scorer.metric} = {scorer(uniform):.6g}")
-    print(f"\nbest pattern ({final.pattern.count('F')} F of {len(layers)} DSA layers): {final.pattern}")
-    print(f"--hf-overrides '{overrides_json(final.pattern)}'")
-    save_plot(steps, args.out, scorer.metric, f"{target.name}: greedy IndexCache search")
-    print(f"plot saved to {args.out}")
+    evaluations = scorer.evaluations
+    choice = search_target(target, keep=args.keep, objective=args.objective, progress=True, scorer=scorer,
+                           on_step=show)
+    if choice.f_layers > target_f:
+        print(f"note: stopped at {choice.f_layers} F layers; the other layers must stay F (see above)")
+    print(f"\n{scorer.evaluations - evaluations} pattern evaluations in {time.perf_counter() - search_start:.1f} s, "
+          "no recompilation")
+    if choice.uniform_pattern is not None and choice.uniform_pattern != choice.pattern:
+        print(f"for comparison, evenly spaced {choice.uniform_pattern}: {choice.metric} = {choice.uniform_score:.6g}"
+              f" (chosen: {choice.score:.6g})")
+    print(f"\nbest pattern ({choice.f_layers} F of {len(layers)} DSA layers): {choice.pattern}")
+    print(f"vLLM:   {choice.vllm_argument()}")
+    print(f"SGLang: {choice.sglang_argument()}")
+    if args.save:
+        choice.save(args.save)
+        print(f"saved to {args.save}: torch.compile(model, backend=IndexCacheBackend(pattern_file={args.save!r}))")
+    save_plot_if_possible(lambda: save_plot(list(choice.steps), args.out, choice.metric,
+                                            f"{target.name}: greedy IndexCache search"), args.out)
     return 0
+
+
+def save_plot_if_possible(draw: Callable[[], None], path: str) -> None:
+    """Draw a plot when matplotlib is installed; otherwise say how to get it (the result is printed either way)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"plot {path} skipped: matplotlib is not installed (pip install 'fx-indexcache[plots]')")
+        return
+    draw()
+    print(f"plot saved to {path}")

@@ -69,7 +69,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except Exception as error:  # safetensors raises its own error types for a bad header
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {error}") from error
     if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(f"checkpoint {path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r} (a "
+                         "reference-model checkpoint; a transformers checkpoint directory, config.json + safetensors, "
+                         "is read by `fx-indexcache overlap|search --model DIR`)")
     return meta
 
 
