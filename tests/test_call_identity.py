@@ -218,3 +218,20 @@ def test_keys_given_mean_on_everywhere():
         fic.IndexCachePass({"index_topk_patern": "FS"})
     with pytest.raises(TypeError, match="must be an IndexCacheConfig, a dict"):
         fic.IndexCachePass(["FS"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", False), ("FALSE", False), (" no ", False), ("0", False),
+                                                  ("on", True), ("Yes", True), ("1", True), ("", True)])
+def test_cuda_topk_switch_reads_the_usual_spellings(monkeypatch, value, expected):
+    from fx_indexcache.envvars import CUDA_TOPK, env_flag
+
+    monkeypatch.setenv(CUDA_TOPK, value)
+    assert env_flag(CUDA_TOPK, default=True) is expected
+
+
+def test_cuda_topk_switch_refuses_other_values_naming_them(monkeypatch):
+    from fx_indexcache.envvars import CUDA_TOPK, env_flag
+
+    monkeypatch.setenv(CUDA_TOPK, "disabled")
+    with pytest.raises(ValueError, match=r"FX_INDEXCACHE_CUDA_TOPK='disabled' is not allowed.*0, false, no, off"):
+        env_flag(CUDA_TOPK, default=True)

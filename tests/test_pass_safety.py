@@ -28,9 +28,8 @@ def _functional_graph(n: int = 4) -> torch.fx.Graph:
 def test_pass_keys_switch_index_cache_on_like_every_entry_point():
     graph_pass_ = fic.IndexCachePass(index_topk_freq=2, index_skip_topk_offset=1)
     assert graph_pass_.config.use_index_cache
-    report = fic.IndexCachePass(index_topk_freq=2, index_skip_topk_offset=1, graph_starts_at_first_layer=True).run(
-        _functional_graph()
-    )
+    report = fic.IndexCachePass(index_topk_freq=2, index_skip_topk_offset=1, num_layers=4,  # order needs a count
+                                graph_starts_at_first_layer=True).run(_functional_graph())
     assert report.pattern == "FSFS" and report.indexers_removed == 2
     assert not fic.IndexCachePass(index_topk_freq=2, use_index_cache=False).config.use_index_cache
     assert not fic.IndexCachePass().config.use_index_cache  # no keys: the all-F default

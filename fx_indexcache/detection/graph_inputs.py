@@ -4,38 +4,34 @@ A ``ReLU(x · W)`` projection and a ``ReLU(q · k)`` score whose keys arrive who
 (a decode step's key cache) look alike in an ATen graph: both multiply an activation by a graph
 input. Only knowing that the input is an ``nn.Parameter`` settles it. Dynamo knows (its graph
 arguments hold the real tensors, in placeholder order) while it compiles, which is when the
-pass runs inside a ``torch.compile`` backend; an exported program's signature knows too
-(``declared_parameters``). Elsewhere the answer is None: the structure alone cannot decide.
+pass runs inside a ``torch.compile`` backend; an exported program's signature knows too, and the
+export entry point marks those placeholders in the graph itself (``mark_parameters``). Elsewhere the
+answer is None: the structure alone cannot decide.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import fx
 
-_DECLARED: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("fx_indexcache_params", default=None)
+#: ``node.meta`` key an entry point sets on the placeholders it knows to be parameters (an export's signature).
+PARAMETER_MARK = "fx_indexcache_parameter"
 
 
-@contextlib.contextmanager
-def declared_parameters(placeholder_names: Iterable[str]) -> Iterator[None]:
-    """Within the block, the placeholders with these names are the parameters (an export's signature)."""
-    token = _DECLARED.set(frozenset(placeholder_names))
-    try:
-        yield
-    finally:
-        _DECLARED.reset(token)
+def mark_parameters(graph: fx.Graph, placeholder_names: Iterable[str]) -> None:
+    """Mark the placeholders with these names as parameters, in the graph itself (an export's signature)."""
+    names = frozenset(placeholder_names)
+    for node in graph.find_nodes(op="placeholder"):
+        node.meta[PARAMETER_MARK] = node.name in names
 
 
 def parameter_placeholders(graph: fx.Graph) -> frozenset[fx.Node] | None:
     """The placeholders of ``graph`` that hold parameters, or None when nothing can tell."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    declared = _DECLARED.get()
-    if declared is not None:
-        return frozenset(node for node in placeholders if node.name in declared)
+    if placeholders and all(PARAMETER_MARK in node.meta for node in placeholders):
+        return frozenset(node for node in placeholders if node.meta[PARAMETER_MARK])
     return _from_dynamo(placeholders)
 
 

@@ -11,7 +11,7 @@ from torch.export import ExportedProgram
 from ..config import IndexCacheConfig
 from ..context import GraphContext
 from ..session import IndexCacheSession
-from ..detection.graph_inputs import declared_parameters
+from ..detection.graph_inputs import mark_parameters
 from ..report.graph_report import IndexCacheReport
 from .graph_pass import IndexCachePass
 
@@ -42,7 +42,7 @@ def apply_index_cache_to_exported_program(
     # its indexer count is the model's layer count.
     context = GraphContext(graph_name="exported program", starts_at_first_layer=True, model=weakref.ref(program))
     graph_pass = IndexCachePass(config, session=session, context=context)
-    with declared_parameters(program.graph_signature.inputs_to_parameters):  # weights are never keys
-        report = graph_pass.run(program.graph_module.graph)
+    mark_parameters(program.graph_module.graph, program.graph_signature.inputs_to_parameters)  # never keys
+    report = graph_pass.run(program.graph_module.graph)
     program.graph_module.recompile()
     return report

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ...envvars import CUDA_TOPK, env_flag
 from . import nvrtc
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ def _kernels(device: int):
     return nvrtc.load(str(SOURCE), KERNELS, device, tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
 
 
-#: Set to "0" to keep the top-k on the Triton kernels everywhere (read once a process, per device).
-DISABLE_ENV = "FX_INDEXCACHE_CUDA_TOPK"
+#: Set to 0 / false / no / off to keep the top-k on the Triton kernels everywhere (read once a process, per device).
+DISABLE_ENV = CUDA_TOPK
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -64,8 +65,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _reason(device: int) -> Optional[str]:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"disabled by {DISABLE_ENV}=0"
+    if not env_flag(DISABLE_ENV, default=True):
+        return f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
     try:
         _kernels(device)
         return None
