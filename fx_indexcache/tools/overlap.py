@@ -15,6 +15,7 @@ import time
 import torch
 
 from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe, record_batches
+from .plotting import add_plot_argument, missing_plot_support, pyplot
 from .probe import LayerRecord
 
 # ----------------------------------------------------------------------------------- overlap
@@ -98,11 +99,7 @@ def format_overlap(result: OverlapResult) -> str:
 
 
 def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(result.layers)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.6 + 0.5 * n))
     image = ax.imshow(result.matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
@@ -128,10 +125,13 @@ def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--out", default="indexcache_overlap.png", help="heatmap PNG (default indexcache_overlap.png)")
+    add_plot_argument(parser, "the layer x layer overlap heatmap")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot and (missing := missing_plot_support()):
+        print(f"fx-indexcache overlap: {missing}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
@@ -140,7 +140,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{target.name}: {len(result.layers)} DSA layers, {len(target.batches)} calibration batches "
           f"({elapsed:.1f} s incl. compile)\n")
     print(format_overlap(result))
-    save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap")
-    print(f"\nheatmap saved to {args.out}")
+    if args.plot:
+        save_heatmap(result, args.plot, f"{target.name}: top-{result.k} overlap")
+        print(f"\nheatmap saved to {args.plot}")
     sys.stdout.flush()
     return 0

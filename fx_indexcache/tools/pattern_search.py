@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import IndexCacheConfig
 from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe
+from .plotting import add_plot_argument, missing_plot_support, pyplot
 
 # ----------------------------------------------------------------------------------- scoring
 
@@ -193,11 +194,7 @@ def uniform_pattern(num_layers: int, target_f: int) -> str | None:
 
 
 def save_plot(steps: list[SearchStep], path: str, metric: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = [s.step for s in steps]
     ys = [s.score for s in steps]
@@ -241,10 +238,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", choices=["kl", "loss"], default="kl",
                         help="kl: KL of the next-token distribution vs all-F (default); "
                              "loss: LM loss with the calibration tokens as labels")
-    parser.add_argument("--out", default="indexcache_search.png", help="plot of score vs step (PNG)")
+    add_plot_argument(parser, "the score after each search step")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot and (missing := missing_plot_support()):
+        print(f"fx-indexcache search: {missing}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
@@ -276,6 +276,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"for comparison, evenly spaced {uniform}: {scorer.metric} = {scorer(uniform):.6g}")
     print(f"\nbest pattern ({final.pattern.count('F')} F of {len(layers)} DSA layers): {final.pattern}")
     print(f"--hf-overrides '{overrides_json(final.pattern)}'")
-    save_plot(steps, args.out, scorer.metric, f"{target.name}: greedy IndexCache search")
-    print(f"plot saved to {args.out}")
+    if args.plot:
+        save_plot(steps, args.plot, scorer.metric, f"{target.name}: greedy IndexCache search")
+        print(f"plot saved to {args.plot}")
     return 0
