@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..config import IndexCacheConfig, PatternSource
 from ..detection.registry import Detection, LayerSource, UnknownLayerIndex
 from ..rewrite.share import LEFT, SHARED, LayerDecision
+from .trace import trace_report
 
 if TYPE_CHECKING:
     from ..rewrite.cross_graph_build import CrossGraphPlan
@@ -84,11 +85,11 @@ class IndexCacheReport:
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
             f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
             f"pattern from {self.pattern_source.value} ({self.config.switch.value})",
-            f"{'layer':>5}  {'F/S':>3}  {'uses':>4}  {'removed':>7}  note",
+            f"{'layer':>5}  {'F/S':>3}  {'indices from layer':>18}  {'FX nodes removed':>16}  note",
         ]
         for d in self.decisions:
             layer = "?" if d.layer is None else d.layer
-            lines.append(f"{layer:>5}  {d.marked:>3}  {d.source_layer!s:>4}  {d.nodes_removed:>7}  {d.note}")
+            lines.append(f"{layer:>5}  {d.marked:>3}  {d.source_layer!s:>18}  {d.nodes_removed:>16}  {d.note}")
         lines.append(
             f"indexers removed: {self.indexers_removed} of {len(self.decisions)}; "
             f"~{self.flops_saved_per_token:,.0f} FLOPs saved per query token at the traced length"
@@ -142,6 +143,7 @@ def publish(report: IndexCacheReport) -> None:
                  report.indexers_removed, len(report.decisions))
     else:
         log.info("%s", report.format())
+    trace_report(report)  # the structured trace (TORCH_TRACE) gets every graph's report, repeated or not
 
 
 def reports() -> list[IndexCacheReport]:
