@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-PLOTS_EXTRA_HINT = "pip install 'fx-indexcache[plots]'"
+PLOTS_EXTRA_HINT = "pip install 'fx-indexcache[plots]' (from a clone: pip install '.[plots]')"
 
 
 def add_plot_argument(parser: argparse.ArgumentParser, what: str) -> None:
