@@ -1,7 +1,8 @@
 """The docs' benchmark tables, generated from the one results table, ``benchmarks/results/results.csv``.
 
 Every figure the README and docs/ cite is one row of that CSV (benchmark, shape, variant, metric, value, with
-the device, torch, Triton, date, commit and source of its measurement). A doc holds a generated table between
+the device, torch, Triton and date of its measurement, and its source: the file the figure was first recorded
+in, and the commit whose tree holds that file, so ``git show COMMIT:SOURCE`` shows the raw run). A doc holds a generated table between
 ``<!-- results-table: NAME -->`` and ``<!-- /results-table -->``; this script rewrites those blocks from the
 CSV, and ``--check`` (what the tests run) fails when a doc and the data disagree.
 
@@ -134,8 +135,9 @@ TABLES: dict[str, Table] = {
     )),
     "pass-cost": Table("pass_cost_cpu", "layers", (
         Column("post-grad nodes", (("pass", "nodes"),), ".0f"),
-        Column("pass s (alone)", (("pass", "s"),)),
+        Column("pass s (alone), code of 5ff6ec7", (("pass", "s"),)),
         Column("pass / whole compile", (("pass", "fraction_of_compile_pct"),), ".2f", " %"),
+        Column("pass s (alone), code of 866e820", (("pass_866e820", "s"),)),
     )),
 }
 
