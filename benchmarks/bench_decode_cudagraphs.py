@@ -248,7 +248,8 @@ class CudaGraphDecode:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--budget-s", type=float, default=200.0, help="compiles stop being started after this")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--points", default="16@8192,64@8192,16@32768,64@32768,16@131072,1@32768,1@131072",

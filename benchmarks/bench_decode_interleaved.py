@@ -57,7 +57,8 @@ def device_time_ms(fn, calls: int) -> tuple[float | None, float | None]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")

@@ -140,7 +140,8 @@ def _table(rows, env) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for this run's files; nothing is written into the checkout unasked")
     parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
     args = parser.parse_args()
     if not torch.cuda.is_available():

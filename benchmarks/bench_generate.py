@@ -158,7 +158,8 @@ class GenerateBench:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)

@@ -643,7 +643,8 @@ class Runner:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny config: checks the script only")

@@ -550,7 +550,8 @@ def section_sweep(log, deadline) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--sections", default="topk,prefill,decode,table", help="comma-separated, in order")
     ap.add_argument("--sweep", action="store_true", help="time the candidate logits launch configs first")
     ap.add_argument("--no-inductor", action="store_true")

@@ -160,7 +160,8 @@ def main():
     ap.add_argument("--child", default=None)
     ap.add_argument("--layers", default="8,16,32,61")
     ap.add_argument("--full-layers", default="8,16")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--append", action="store_true", help="keep the rows of --out/pass_cost.jsonl and add these")
     args = ap.parse_args()

@@ -131,7 +131,8 @@ def decode_sweep() -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--sanitize", action="store_true", help="the small checks only (for compute-sanitizer)")
     ap.add_argument("--decode-sweep", action="store_true", help="decode logits + top-k for each launch variant")
     args = ap.parse_args()

@@ -158,7 +158,8 @@ def measure_decode(R, T, log) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
+    ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
+                    help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
                     "(DECODE_SHAPES, CUDA graphs)")

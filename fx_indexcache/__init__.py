@@ -4,6 +4,15 @@ Layers marked F compute their lightning-indexer top-k; layers marked S reuse the
 the nearest preceding F layer, and the pass deletes their indexers from the compiled graph.
 """
 
+import torch as _torch
+
+from ._torch_version import UntestedTorchWarning, warn_if_untested_torch as _warn_if_untested_torch
+from ._version import __version__
+
+# First, before the modules that reach into torch internals: an untested torch is the first thing to suspect
+# when one of them fails to import. (ruff's E402 is off for this file in pyproject.toml for this reason.)
+_warn_if_untested_torch(_torch.__version__)
+
 from .config import IndexCacheConfig
 from .detection.registry import detect, register_site_finder
 from .integrations.backend import IndexCacheBackend, IndexCacheEagerBackend, indexcache_backend, indexcache_eager_backend
@@ -25,6 +34,8 @@ __all__ = [
     "IndexCacheSession",
     "OverlapResult",
     "PatternChoice",
+    "UntestedTorchWarning",
+    "__version__",
     "apply_index_cache_to_exported_program",
     "clear_reports",
     "default_session",

@@ -23,3 +23,20 @@ def test_a_second_demo_run_still_shows_the_rewrite(capsys):
         assert removed and int(removed.group(1)) > 0, out
         assert "FX graph cache" not in out
         assert out.rstrip().endswith("-> EQUAL")
+        _assert_followable(out)
+
+
+def _assert_followable(out: str) -> None:
+    """Before the silent compile it says what it compiles and how long that takes; each report names its graph."""
+    announce = out.index("Compiling it with torch.compile")
+    first_report = out.index("IndexCache report")
+    assert announce < first_report
+    assert re.search(r"\d+-\d+ (s|min) for 3 layers on 2 CPU cores", out[announce:first_report])
+    labels = re.findall(r"== (prefill|decode) graph ==\nIndexCache report", out)
+    assert labels == ["prefill", "decode"], out
+
+
+def test_compile_time_estimate_grows_with_the_layers():
+    assert demo.compile_time_estimate(2) == "1-4 min" and demo.compile_time_estimate(6) == "2-7 min"
+    assert demo.compile_time_estimate(16) == "5-14 min"
+    assert demo.label(0, prefill_reports=1) == "prefill graph" and demo.label(1, prefill_reports=1) == "decode graph"

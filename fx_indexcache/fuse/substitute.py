@@ -46,7 +46,7 @@ norm error 7e-6 (T=8K) to 1.7e-5 (T=32K) on an H100 at V3.2 indexer dims. Agains
 code the difference is ~1.2e-3, because Inductor (``emulate_precision_casts=False``) fuses RoPE, the
 cast to bf16 and the cast back and skips that rounding; with ``emulate_precision_casts=True`` it
 agrees with the fused path to 7e-6 as well. Top-k sets then agree except at near-ties (keys within
-~1e-3 x max|score| of the K-th score). See docs/notes/kernel_substitution.md; bf16/fp16 scores: docs/kernels_bf16.md.
+ ~1e-3 x max|score| of the K-th score). See docs/kernels.md; bf16/fp16 scores: docs/kernels_bf16.md.
 
 With ``precision="fp8"`` (the config's ``indexer_precision``) the score goes to ``indexer_logits_fp8`` instead
 (``kernels.indexer_fp8``: e4m3 q and k with per-row scales), where ``fp8_refusal`` admits the leaves; that op

@@ -77,11 +77,11 @@ class IndexCacheReport:
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
             f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
             f"pattern from {self.pattern_source.value} ({self.config.switch.value})",
-            f"{'layer':>5}  {'F/S':>3}  {'uses':>4}  {'removed':>7}  note",
+            f"{'layer':>5}  {'F/S':>3}  {'indices from layer':>18}  {'FX nodes removed':>16}  note",
         ]
         for d in self.decisions:
             layer = "?" if d.layer is None else d.layer
-            lines.append(f"{layer:>5}  {d.marked:>3}  {d.source_layer!s:>4}  {d.nodes_removed:>7}  {d.note}")
+            lines.append(f"{layer:>5}  {d.marked:>3}  {d.source_layer!s:>18}  {d.nodes_removed:>16}  {d.note}")
         lines.append(
             f"indexers removed: {self.indexers_removed} of {len(self.decisions)}; "
             f"~{self.flops_saved_per_token:,.0f} FLOPs saved per query token at the traced length"

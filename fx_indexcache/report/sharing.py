@@ -82,9 +82,9 @@ def layer_sharing(model: nn.Module, reports: Iterable[IndexCacheReport] | object
 
 
 def format_layer_sharing(rows: list[LayerSharing]) -> str:
-    lines = [f"{'layer':>5}  {'uses':>4}  {'graph':>7}  {'from':>7}  how"]
+    lines = [f"{'layer':>5}  {'indices from layer':>18}  {'graph':>7}  {'from':>7}  how"]
     for row in rows:
         how = row.sharing.value + (", publishes its indices" if row.publishes else "")
         why = f" ({row.why})" if row.why else ""
-        lines.append(f"{row.layer:>5}  {row.source_layer:>4}  {row.graph:>7}  {row.source_graph or '':>7}  {how}{why}")
+        lines.append(f"{row.layer:>5}  {row.source_layer:>18}  {row.graph:>7}  {row.source_graph or '':>7}  {how}{why}")
     return "\n".join(lines)

@@ -1,27 +1,64 @@
-"""What the pass did, at DEBUG: the time each stage took and the graph before and after.
+"""What the pass did, for torch's own observability tools: stage timings, the graph before and after, the report.
 
-Two outlets, both free when off: the module logger at DEBUG
-(``logging.getLogger("fx_indexcache").setLevel(logging.DEBUG)``) and torch's structured trace
-(``TORCH_TRACE=<dir>``; ``tlparse`` lists the ``fx_indexcache_*`` artifacts next to Inductor's own).
+Two outlets, both free when off:
+
+- the module loggers, children of ``fx_indexcache``: ``TORCH_LOGS=fx_indexcache`` (or ``+fx_indexcache`` for
+  DEBUG) turns them on the way torch's own components are, as does
+  ``logging.getLogger("fx_indexcache").setLevel(...)``; INFO is the per-graph report, DEBUG adds the stage
+  timings and the graph's code before and after;
+- torch's structured trace (``TORCH_TRACE=<dir>``, read with ``tlparse``), whatever the log level: the
+  artifacts ``fx_indexcache_report`` (each graph's report, JSON), ``fx_indexcache_timings`` and
+  ``fx_indexcache_graph_before`` / ``_after``, next to Inductor's own artifacts of the same compile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import fx
 from torch._logging import trace_structured
 
+if TYPE_CHECKING:
+    from .graph_report import IndexCacheReport
+
 log = logging.getLogger(__name__)
 
+REPORT_ARTIFACT = "fx_indexcache_report"
 
-def _artifact(name: str, payload_fn) -> None:
-    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+
+def _artifact(name: str, payload_fn, encoding: str = "string") -> None:
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding},
                      payload_fn=payload_fn, expect_trace_id=False)
+
+
+def report_record(report: IndexCacheReport) -> dict:
+    """The report as plain data: one record per layer (every field of its decision) and the table as printed."""
+    return {
+        "graph": report.graph_name,
+        "pattern": report.pattern,
+        "pattern_source": str(report.pattern_source.value),
+        "layer_source": str(report.layer_source.value),
+        "indexers_removed": report.indexers_removed,
+        "indexers_fused": report.indexers_fused,
+        "router_topk": report.router_topk,
+        "layers": [dataclasses.asdict(decision) for decision in report.decisions],
+        "table": report.format(),
+    }
+
+
+def trace_report(report: IndexCacheReport) -> None:
+    """Write ``report`` to torch's structured trace as the ``fx_indexcache_report`` artifact (JSON).
+
+    ``tlparse`` then shows each compiled graph's per-layer table beside Inductor's output code for the same
+    compile, which is where a user reading a trace looks for why a graph came out as it did.
+    """
+    _artifact(REPORT_ARTIFACT, lambda: json.dumps(report_record(report), default=str), encoding="json")
 
 
 def _code(graph: fx.Graph) -> str:
@@ -57,7 +94,3 @@ class PassTrace:
         log.debug("%s: IndexCache pass %.2f ms (%s)", self.name, total, stages)
         _artifact("fx_indexcache_timings", lambda: json.dumps({"graph": self.name, "total_ms": total, **self.timings_ms}))
 
-
-def trace_report(report) -> None:
-    """The per-layer report as a structured-trace artifact (``fx_indexcache_report``), beside the graph dumps."""
-    _artifact("fx_indexcache_report", report.format)

@@ -15,8 +15,18 @@ SUBCOMMANDS = {
 }
 
 
+def version_line() -> str:
+    """What ``--version`` prints: this package's version and the torch it runs on (bug reports need both)."""
+    import torch
+
+    from .. import __version__
+
+    return f"fx-indexcache {__version__} (torch {torch.__version__})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fx-indexcache", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

@@ -30,6 +30,12 @@ from .calibration import add_reference_arguments, reference_model
 
 DEMO_LAYERS = 6
 PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)
+#: Inductor's CPU compile of the prefill and decode graphs, seconds per decoder layer on 2 cores with torch 2.13
+#: (6 layers: about two minutes on an idle machine; 3 layers: 2.8 min on a busy one), and what a busy machine or
+#: Inductor's first run in a fresh environment adds (2 layers: 3.6 min in all on a crowded machine): the range the
+#: demo announces before the silent compile
+COMPILE_SECONDS_PER_LAYER_2_CORES = (20, 40)
+COLD_OR_BUSY_EXTRA_SECONDS = 180
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,6 +86,7 @@ class _Run:
     all_f_logits: torch.Tensor  # the model with every indexer
     code: list[str]  # Inductor's generated code of the prefill
     compile_s: float
+    prefill_reports: int  # reports() of the prefill compile; the ones after them are the decode graph's
     max_logit_diff: float  # over prefill and decode steps
     index_mismatches: int  # prefill positions whose indices differ
 
@@ -104,6 +111,9 @@ def _run_against_oracle(model, oracle, oracle_pattern: str, options: dict, args,
         start = time.perf_counter()
         (logits, indices), code = run_and_get_code(compiled, prompt, cache, 0, True)
         compile_s = time.perf_counter() - start
+        prefill_reports = len(reports())
+        print(f"prefill graph compiled and run in {compile_s:.0f} s; compiling the decode graph "
+              "(one new token, reading the KV cache)...", flush=True)
         all_f = oracle(prompt)
         oracle.set_index_cache_pattern(oracle_pattern)
         expected, expected_indices = oracle(prompt, oracle_cache, 0, True)
@@ -112,7 +122,29 @@ def _run_against_oracle(model, oracle, oracle_pattern: str, options: dict, args,
         for step in range(args.decode_steps):
             token, position = steps[:, step : step + 1], args.prompt + step
             worst = max(worst, _max_diff(compiled(token, cache, position), oracle(token, oracle_cache, position)))
-    return _Run(logits, all_f, code, compile_s, worst, mismatches)
+    return _Run(logits, all_f, code, compile_s, prefill_reports, worst, mismatches)
+
+
+def compile_time_estimate(num_layers: int) -> str:
+    """'1-4 min' for the demo's compile of ``num_layers`` layers on 2 CPU cores."""
+    low, high = (per_layer * num_layers for per_layer in COMPILE_SECONDS_PER_LAYER_2_CORES)
+    high += COLD_OR_BUSY_EXTRA_SECONDS
+    return f"{max(1, round(low / 60))}-{round(high / 60)} min"
+
+
+def announce(num_layers: int, args: argparse.Namespace) -> None:
+    """What is about to be compiled and how long it takes: the compile itself prints nothing for minutes."""
+    steps = f"{args.decode_steps} decode step{'s' if args.decode_steps != 1 else ''}"
+    print(f"Compiling it with torch.compile (Inductor, with the IndexCache pass) into two graphs: prefill "
+          f"({args.batch} x {args.prompt} tokens), then decode (one token a step, {steps}). Inductor writes and "
+          f"builds C++ for each: {compile_time_estimate(num_layers)} for {num_layers} layers on 2 CPU cores (the upper "
+          "end on a busy machine or Inductor's first run here), less on more cores; it prints nothing while it "
+          "compiles.", flush=True)
+
+
+def label(index: int, prefill_reports: int) -> str:
+    """Which graph the ``index``-th report of the run belongs to."""
+    return "prefill graph" if index < prefill_reports else "decode graph"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -133,8 +165,11 @@ def main(args: argparse.Namespace) -> int:
           f"(hand-written IndexCache runs {oracle_pattern})\n")
 
     tokens = demo_tokens(model, args.random_weights, args.batch, args.prompt + args.decode_steps)
+    announce(model_config.num_layers, args)
     run = _run_against_oracle(model, oracle, oracle_pattern, options, args, tokens)
-    for report in reports():
+    print()
+    for index, report in enumerate(reports()):
+        print(f"== {label(index, run.prefill_reports)} ==")
         print(report.format(), "\n")
     _print_prefill_graph(reports()[0], run)
     if whole:  # the whole trained model: its loss means something

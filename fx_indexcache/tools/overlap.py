@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe, record_batches
+from .plotting import add_plot_argument, missing_plot_support, pyplot
 from .probe import LayerRecord
 
 # ----------------------------------------------------------------------------------- overlap
@@ -160,11 +161,7 @@ def format_overlap(result: OverlapResult) -> str:
 
 
 def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(result.layers)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.6 + 0.5 * n))
     image = ax.imshow(result.matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
@@ -191,15 +188,15 @@ def save_heatmap(result: OverlapResult, path: str, title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--save", default=None, metavar="OVERLAP.json", help="write the overlap record as JSON")
-    parser.add_argument("--out", default="indexcache_overlap.png",
-                        help="heatmap PNG (default indexcache_overlap.png; needs matplotlib: "
-                             "pip install 'fx-indexcache[plots]')")
+    add_plot_argument(parser, "the layer x layer overlap heatmap")
 
 
 def main(args: argparse.Namespace) -> int:
     from .pattern_choice import overlap_of
-    from .pattern_search import save_plot_if_possible
 
+    if args.plot and (missing := missing_plot_support()):
+        print(f"fx-indexcache overlap: {missing}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
@@ -214,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
     if args.save:
         Path(args.save).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"\noverlap record saved to {args.save}")
-    print()
-    save_plot_if_possible(lambda: save_heatmap(result, args.out, f"{target.name}: top-{result.k} overlap"), args.out)
+    if args.plot:
+        save_heatmap(result, args.plot, f"{target.name}: top-{result.k} overlap")
+        print(f"\nheatmap saved to {args.plot}")
     sys.stdout.flush()
     return 0

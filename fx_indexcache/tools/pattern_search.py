@@ -20,6 +20,7 @@ discarded), which only costs calibration time.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from ..config import IndexCacheConfig
 from .calibration import ProbeTarget, add_model_arguments, build_target, compile_probe
+from .plotting import add_plot_argument, missing_plot_support, pyplot
 
 # ----------------------------------------------------------------------------------- scoring
 
@@ -187,11 +189,7 @@ def uniform_pattern(num_layers: int, target_f: int) -> str | None:
 
 
 def save_plot(steps: list[SearchStep], path: str, metric: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = [s.step for s in steps]
     ys = [s.score for s in steps]
@@ -222,8 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", default=None, metavar="PATTERN.json",
                         help="write the choice (pattern, scores, model and calibration identity) as JSON: "
                              "IndexCacheBackend(pattern_file=...) compiles with it")
-    parser.add_argument("--out", default="indexcache_search.png",
-                        help="plot of score vs step (PNG; needs matplotlib: pip install 'fx-indexcache[plots]')")
+    add_plot_argument(parser, "the score after each search step")
 
 
 def _write(line: str) -> None:
@@ -239,6 +236,9 @@ def _write(line: str) -> None:
 def main(args: argparse.Namespace) -> int:
     from .pattern_choice import search_target
 
+    if args.plot and (missing := missing_plot_support()):
+        print(f"fx-indexcache search: {missing}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     target = build_target(args)
     start = time.perf_counter()
@@ -286,17 +286,8 @@ def main(args: argparse.Namespace) -> int:
     if args.save:
         choice.save(args.save)
         print(f"saved to {args.save}: torch.compile(model, backend=IndexCacheBackend(pattern_file={args.save!r}))")
-    save_plot_if_possible(lambda: save_plot(list(choice.steps), args.out, choice.metric,
-                                            f"{target.name}: greedy IndexCache search"), args.out)
+    if args.plot:
+        save_plot(list(choice.steps), args.plot, choice.metric, f"{target.name}: greedy IndexCache search")
+        print(f"plot saved to {args.plot}")
     return 0
 
-
-def save_plot_if_possible(draw: Callable[[], None], path: str) -> None:
-    """Draw a plot when matplotlib is installed; otherwise say how to get it (the result is printed either way)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(f"plot {path} skipped: matplotlib is not installed (pip install 'fx-indexcache[plots]')")
-        return
-    draw()
-    print(f"plot saved to {path}")

@@ -24,7 +24,7 @@ pass split over programs when rows are few, an exact select held on chip, an in-
 where it measured faster than ``torch.topk`` (``topk.faster_than_torch``: decode batches under CUDA-graph
 capture on the Triton kernels; >= 256 rows of >= 8K keys on the CUDA C++ kernel where it loads, else of
 16K-32K or > 128K keys on the Triton ones), others to ``torch.topk``
-(measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/notes/indexer_kernel.md``). The result has ``min(topk, T)`` columns (as transformers'
+(measured against each other in ``benchmarks/bench_indexer_kernel.py``; see ``docs/kernels.md``). The result has ``min(topk, T)`` columns (as transformers'
 indexer). Ties and ``-inf``: with ``sorted=True`` the columns are in descending score order, so masked
 (``-inf``) keys come after every visible key; the Triton path also does so unsorted and breaks ties at
 the k-th score towards the lowest key index (torch.topk's tie choice is unspecified).
@@ -253,7 +253,7 @@ def _num_sms(device_index: int) -> int:
 
 def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
     """The launch configuration used when none is given (picked from measurements on an H100, see
-    docs/notes/indexer_kernel.md)."""
+    docs/kernels.md)."""
     if S <= DECODE_MAX_S:
         try:
             sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,83 @@
+"""The docs a user reads first: generated benchmark tables that match the data, links that resolve, a short README."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("results_tables", ROOT / "scripts" / "results_tables.py")
+results_tables = importlib.util.module_from_spec(_spec)
+sys.modules["results_tables"] = results_tables  # its dataclasses look their module up there
+_spec.loader.exec_module(results_tables)
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_generated_table_matches_the_results_csv():
+    assert results_tables.stale_docs() == []
+
+
+def test_every_table_spec_is_used_and_has_data():
+    rows = results_tables.read_results()
+    used = {m.group("name") for doc in DOCS for m in results_tables.BLOCK.finditer(doc.read_text())}
+    assert used == set(results_tables.TABLES)
+    for name in results_tables.TABLES:  # a header, a rule and at least one row of data
+        assert results_tables.render(name, rows).split("\n\n")[0].count("\n") >= 2
+
+
+def test_a_changed_figure_makes_the_doc_stale(tmp_path):
+    rows = results_tables.read_results()
+    changed = [dict(row) for row in rows]
+    first = next(r for r in changed if r["benchmark"] == "prefill_stack_6_layers" and r["metric"] == "ms")
+    first["value"] = str(float(first["value"]) + 1.0)
+    assert results_tables.stale_docs(changed) == ["docs/benchmarks.md"]
+
+
+def test_rows_carry_their_provenance():
+    for row in results_tables.read_results():
+        assert row["device"] and row["torch"] and row["date"] and row["source"], row
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["date"]), row
+
+
+def test_a_malformed_value_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "results.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=results_tables.FIELDS)
+        writer.writeheader()
+        writer.writerow({field: "x" for field in results_tables.FIELDS})
+    with pytest.raises(ValueError, match="line 2: value 'x' is not a number"):
+        results_tables.read_results(path)
+
+
+def test_unknown_table_name_in_a_doc_is_an_error():
+    with pytest.raises(ValueError, match="unknown results table 'nope'"):
+        results_tables.refreshed("<!-- results-table: nope -->\n<!-- /results-table -->", [])
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_resolve(doc):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        if "://" in target:
+            continue
+        assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+
+
+def test_readme_is_a_first_contact_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings.index("## Install") < headings.index("## Use") < headings.index("## Limits")
+    assert headings.index("## Limits") == headings.index("## Use") + 1  # Limits right after Use
+    assert not re.search(r"\b(session|run) \d+\b", text, re.I)  # no lab notebook
+
+
+def test_no_docs_are_diaries_and_none_name_a_package_index_host():
+    assert not (ROOT / "docs" / "notes").exists()
+    for doc in DOCS:
+        text = doc.read_text()
+        assert not re.search(r"pypi\.org|pythonhosted|download\.pytorch\.org|--index-url", text), doc.name
