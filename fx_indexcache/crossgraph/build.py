@@ -66,7 +66,7 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
 def plan_numbered(module: fx.GraphModule, inputs: Sequence, graph_pass, detection, *, graph: str,
                   inference: bool):
     """A numbered graph's plan and its variant (see ``numbered``); (None, None): not concerned."""
-    needs = numbered.numbered_needs(detection, graph_pass.config, graph_pass.context.model_layers)
+    needs = numbered.numbered_needs(detection, graph_pass.config, graph_pass.model_layers(detection))
     if needs is None:
         return None, None
     if not inference:
@@ -95,7 +95,7 @@ def compile_layer_graph(module: fx.GraphModule, inputs: Sequence, graph_pass, *,
     graph = compile_id()
     detection = graph_pass.detect(copy_graph_module(module).graph)
     plan, variants = plan_variants(module, inputs, graph_pass.config, detection, graph=graph, inference=inference,
-                                   model_layers=graph_pass.context.model_layers)
+                                   model_layers=graph_pass.model_layers(detection))
     span = None
     if plan is None:
         plan, span = plan_numbered(module, inputs, graph_pass, detection, graph=graph, inference=inference)

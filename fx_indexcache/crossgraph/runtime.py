@@ -13,10 +13,12 @@ without the indexer that takes the F layer's indices as an extra input. Before e
 (``CrossGraphCallable``) decides on the host, from bookkeeping only (no device sync):
 
 * a layer marked F runs the F variant and publishes;
-* a layer marked S runs the S variant only if its F layer published **in this forward call** and the
-  layers since ran consecutively ``F, F+1, ..., L-1`` (a layer at or below the last one starts a new
-  forward and forgets every publish), and the published indices have the shape the S graph expects
-  (evaluated from this call's input sizes), its dtype and device;
+* a layer marked S runs the S variant only if the model's forward is running (its forward pre-hook opened
+  this call and its always-called forward hook has not closed it), this call is still on its first pass
+  over the layers (a layer at or below the last one means a second pass: interleaved micro-batches look
+  just like it), its F layer published in this pass and the layers since ran consecutively
+  ``F, F+1, ..., L-1``, and the published indices have the shape the S graph expects (evaluated from this
+  call's input sizes), its dtype and device;
 * anything else (parameters that map to no single layer, a check that fails) runs the graph as it is.
 
 The same bookkeeping serves graphs whose layers *are* numbered (``NumberedGraphCallable``): a model split
@@ -30,8 +32,11 @@ output that a later replay overwrote; the host check guarantees that what is rea
 source F layer in this forward call (no other F layer writes the buffer in between: it would be the
 reader's source instead).
 
+An S variant hands back its own copy wherever the read indices would leave the graph (``indices_io``), so a
+model that keeps an S layer's indices never sees them change when a later F layer publishes again.
+
 What it cannot see: layers of the model that run outside this backend's compiled graphs (eagerly, or
-through another compile) between an F layer and its S layers. The README's limits say so.
+through another compile) between an F layer and its S layers (docs/limits.md says so).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def dynamo_graph_starts_at_first_layer() -> bool | None:
     caller is ``torch.compile``'s wrapper (through ``nn.Module.__call__`` plumbing only); a
     resume function or a frame called from user code is not. The answer is about where the graph
     begins: a callable that is itself only part of a model (one layer compiled alone) is taken
-    for the model, which the README's limits state.
+    for the model, which docs/limits.md states.
     """
     callback = _outermost_convert_frame()
     if callback is None:

@@ -121,6 +121,7 @@ class Detection:
     #: every layer when graph order numbered it): an S layer with no computing layer before it computes only
     #: when every layer before it is here (none computes), not when it may sit in an earlier graph.
     layers_present: frozenset[int] = frozenset()
+    container: str | None = None  # the layer container the module paths name (``model.layers``), when they do
 
     @property
     def unknown_text(self) -> str:
@@ -200,7 +201,7 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
         return
     slots = [_site_slot(site) for site in sites]
     if all(slot is not None for slot in slots):
-        main = _place_by_slots(detection, slots)
+        main = detection.container = _place_by_slots(detection, slots)
         detection.layers_present = frozenset(_layers_in(graph, main))
     elif graph_starts_at_first_layer is not True:
         reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH

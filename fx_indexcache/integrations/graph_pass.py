@@ -7,10 +7,11 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-from torch import fx
+from torch import fx, nn
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -65,6 +66,14 @@ _TRAINING_NOTE = (
     "(activation checkpointing) and the forward agree; compile under torch.no_grad() or "
     "torch.inference_mode() for IndexCache"
 )
+
+
+def container_length(model: nn.Module, container: str) -> int | None:
+    """How many blocks the module list ``container`` of ``model`` holds (its path as ``layer_slot`` spells it)."""
+    for name, module in model.named_modules():
+        if re.sub(r"[._]", ".", name) == container and isinstance(module, (nn.ModuleList, nn.Sequential)):
+            return len(module)
+    return None
 
 
 class IndexCachePass(_pass_base()):  # type: ignore[misc]
@@ -141,6 +150,14 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         """Detection under this graph's context (where layer identity may come from)."""
         return detect(graph, self.context.starts_at_first_layer, self.layer_count())
 
+    def model_layers(self, detection) -> int | None:
+        """The model's decoder-layer count: its config's, else the length of the layer list the module paths name
+        (DeepSeek's own code keeps no config count); None when neither is known."""
+        if self.context.model_layers:
+            return self.context.model_layers
+        model = self.context.model_object()
+        return None if model is None or not detection.container else container_length(model, detection.container)
+
     def ledger(self):
         return self.session.ledger(self.context.model_object())
 
@@ -183,7 +200,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         config = self.config
         if not config.use_index_cache or config.explicit_pattern is None:
             return
-        config.check_model_layers(self.context.model_layers or config.num_layers)
+        config.check_model_layers(self.model_layers(detection) or config.num_layers)
         layers = [site.layer for site in detection.sites if site.layer is not None]
         if layers and config.num_layers is None and max(layers) >= len(config.explicit_pattern):
             raise config.pattern_length_error(max(layers) + 1, exact=False)
