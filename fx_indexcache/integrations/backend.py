@@ -177,6 +177,26 @@ def _model_config_keys(model: Any) -> dict[str, Any]:
     return {key: keys[key] for key in PATTERN_KEYS if keys.get(key) is not None}
 
 
+def _refuse_contradicting(shipped: dict[str, Any], given: Mapping[str, Any], model: Any,
+                          model_layers: int | None) -> None:
+    """A model whose config marks layers S may share them itself (transformers' GLM-5 builds no indexer there and
+    hands the previous layer's indices on): a requested pattern that marks such a layer F asks for an indexer the
+    model does not have. Marking more layers S than the model does only adds IndexCache, and is allowed."""
+    own = IndexCacheConfig.from_options(shipped)[0]
+    asked = IndexCacheConfig.from_options({k: v for k, v in given.items() if k in (*CONFIG_KEYS, "num_layers")})[0]
+    known = [n for n in (model_layers, len(own.explicit_pattern or ""), len(asked.explicit_pattern or "")) if n]
+    count = min(known) if known else 64
+    mine, theirs = own.pattern_for(count), asked.pattern_for(count)
+    conflicts = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a == "S" and b == "F"]
+    if conflicts:
+        raise ValueError(
+            f"IndexCache: {type(model).__name__}'s config ships {sorted(shipped)} (pattern {mine}) and the model may "
+            f"share those S layers itself; the requested keys give {theirs}, which marks layers "
+            f"{', '.join(map(str, conflicts))} F against the model's own S. Give no pattern keys (the model's own "
+            "apply), or a pattern that keeps those layers S"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 
@@ -237,8 +257,11 @@ class IndexCacheBackend:
             check_backend_options(options, f"{type(self).__name__} (torch.compile options)",
                                   inductor=self._inductor_options)
         model, model_layers = _compiled_model()
+        shipped = _model_config_keys(model)
         if not any(key in given for key in PATTERN_KEYS):
-            given = {**_model_config_keys(model), **given}
+            given = {**shipped, **given}
+        elif shipped:
+            _refuse_contradicting(shipped, given, model, model_layers)
         config, inductor_options = IndexCacheConfig.from_options(given)
         context = GraphContext(
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,

@@ -116,6 +116,8 @@ class IndexCacheReport:
         earlier = tuple(sorted(layer for record in detection.records.values() for layer in record.serves))
         if earlier:
             lines.append(f"layers {', '.join(map(str, earlier))} already share: removed by an earlier rewrite of this graph")
+        lines += [f"the model already shares: layers {', '.join(map(str, site.readers))} read layer {site.layer}'s "
+                  "indices (its own code, not this pass)" for site in detection.sites if len(site.readers) > 1]
         if detection.unknown_detail:
             lines.append(f"layer index unknown: {detection.unknown_text}")
         lines += [*notes, *context.notes]
