@@ -253,6 +253,7 @@ def _rewrite(model: nn.Module, graph_pass: VllmIndexCachePass, v2: bool):
 def _fresh():
     torch._dynamo.reset()
     fx_indexcache.clear_reports()
+    vllm_index_cache_pass.session.clear()  # the configured pass owns its session: reports and cache-write choices
     yield
     torch._dynamo.reset()
 
@@ -450,7 +451,7 @@ def test_vllm_compile_path_with_hf_overrides(tmp_path_factory, monkeypatch):
         model = CompiledToyDSAModel(vllm_config=vllm_config, reads="side")
         with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
             out = model(_inputs())
-    (report,) = [r for r in fx_indexcache.reports() if r.decisions]
+    (report,) = [r for r in vllm_index_cache_pass.session.reports() if r.decisions]
     assert report.pattern == "FFSFSF" and report.indexers_removed == 2
     torch.testing.assert_close(out, _expected("FFSFSF", reads="side"), rtol=0, atol=0)
 
@@ -493,15 +494,15 @@ def test_vllm_backend_and_pass_manager(tmp_path_factory, monkeypatch, splitting_
         model = CompiledToyDSAModel(vllm_config=vllm_config, reads="side")
         with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
             out = model(_inputs())
-    decided = [r for r in fx_indexcache.reports() if r.decisions]
+    decided = [r for r in vllm_index_cache_pass.session.reports() if r.decisions]
     if not splitting_ops:
         (report,) = decided
         assert report.pattern == "FFSFSF" and report.indexers_removed == 2
         assert "token range" in report.graph_name
         torch.testing.assert_close(out, _expected("FFSFSF", reads="side"), rtol=0, atol=0)
     else:
-        assert decided == [] and fx_indexcache.reports()
-        assert all(any("splitting_ops" in n for n in r.other_notes) for r in fx_indexcache.reports())
+        assert decided == [] and vllm_index_cache_pass.session.reports()
+        assert all(any("splitting_ops" in n for n in r.other_notes) for r in vllm_index_cache_pass.session.reports())
         torch.testing.assert_close(out, _expected("FFFFFF", reads="side"), rtol=0, atol=0)
 
 
@@ -512,7 +513,7 @@ def test_inductor_auto_functionalized_v2():
     options = {"post_grad_custom_post_pass": graph_pass, "enable_auto_functionalized_v2": True}
     with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
         out = torch.compile(model, backend="inductor", options=options, fullgraph=True)(_inputs())
-    (report,) = fx_indexcache.reports()
+    (report,) = graph_pass.session.reports()
     assert report.pattern == "FFSFSF" and report.indexers_removed == 2
     torch.testing.assert_close(out, _expected("FFSFSF", reads="side"), rtol=0, atol=0)
 

@@ -275,8 +275,10 @@ def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
     """The (container, layer) a site serves: where its indices are consumed, else where its top-k runs.
 
     Sets ``site.readers`` when the indices are consumed in more than one layer of one container."""
-    consumers = consumer_slots(site.indices)
     own = layer_slot(site.module_path)
+    if site.names_its_layer:
+        return own
+    consumers = consumer_slots(site.indices)
     containers = {container for container, _ in consumers}
     if len(containers) != 1:
         return own

@@ -39,6 +39,9 @@ class IndexerSite(abc.ABC):
     readers: tuple[int, ...] = ()
 
     kind = "abstract"
+    #: Whether ``module_path`` is the engine's own name of the decoder layer (vLLM's layer names), which then
+    #: numbers the site whatever module consumes its indices.
+    names_its_layer = False
 
     @abc.abstractmethod
     def refusal(self) -> str | None:

@@ -71,6 +71,9 @@ class VllmIndexerSite(IndexerSite):
     op: object = None  # the OpOverload inside the wrapper
 
     kind = "vllm.sparse_attn_indexer"
+    #: The op carries vLLM's registered layer name (``model.layers.9.self_attn.indexer...``): the engine's own
+    #: global decoder-layer index, authoritative over where the toy or real model consumes the buffer.
+    names_its_layer = True
 
     # Read from the node each time: rewiring an earlier layer changes what this call receives.
     @property
