@@ -32,7 +32,7 @@ from ..graph_utils import (
 )
 from .graph_inputs import parameter_placeholders
 from .layers import module_path, module_types
-from .sites import CacheWrite, IndexerSite, TopkVerdict, same_arguments
+from .sites import CacheWrite, IndexerSite, TopkVerdict
 
 aten = torch.ops.aten
 
@@ -58,8 +58,9 @@ class TopkIndexerSite(IndexerSite):
             return f"the indices are read through {len(readers)} getitem nodes"
         return None
 
-    def incompatibility(self, source: IndexerSite) -> str | None:
-        reason = super().incompatibility(source)
+    def incompatibility(self, source: IndexerSite, sizes=None) -> str | None:
+        sizes = sizes or self.sizes()
+        reason = super().incompatibility(source, sizes)
         if reason is not None:
             return reason
         assert isinstance(source, TopkIndexerSite)
@@ -67,12 +68,12 @@ class TopkIndexerSite(IndexerSite):
         score = fake_value(self.anchor.args[0])
         _, k2, dim2, largest2, ordered2 = topk_arguments(source.anchor)
         score2 = fake_value(source.anchor.args[0])
-        if not same_arguments(k, k2):
+        if not sizes.same_argument(k, k2):
             return f"k={k} differs from layer {source.layer}'s k={k2}"
         ndim = score.dim()
         if dim % ndim != dim2 % score2.dim() or largest != largest2 or ordered != ordered2:
             return f"top-k dim/largest/sorted differ from layer {source.layer}'s"
-        if not same_size(score.shape[dim], score2.shape[dim2]):
+        if not sizes.same_size(score.shape[dim], score2.shape[dim2]):
             return f"scores {score.shape[dim]} keys wide, layer {source.layer}'s {score2.shape[dim2]}"
         return None
 
@@ -283,6 +284,8 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     """Every indexer top-k in ``graph``, and the verdicts on the top-k left alone."""
+    from .block_topk import is_block_indexer  # block_topk builds on this module's structure tests
+
     sites: list[IndexerSite] = []
     ignored: list[TopkVerdict] = []
     params = parameter_placeholders(graph)
@@ -290,6 +293,8 @@ def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdic
         if not is_call(node, {aten.topk}):
             continue
         verdict = classify_topk(node, params)
+        if not verdict.is_indexer and is_block_indexer(node, params):
+            continue  # a block indexer's top-k: block_topk reports it as a site
         readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
             verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")
