@@ -39,12 +39,16 @@ from .topk import _operand_role, _product_operands, _Role, _share_an_input, topk
 aten = torch.ops.aten
 
 #: Ops allowed between the block scores and the top-k (masking, local-block boosts, casts, views).
+#: (In-place forms too: an exported program's pre-dispatch graph keeps ``scatter_`` and ``aten.to``.)
 _SCORE_EDITS = VIEW_LIKE | {
     aten.masked_fill, aten.scatter, aten.where, aten.add, aten.sub, aten.mul, aten.div, aten.constant_pad_nd,
-    aten.index_put, aten.fill,
+    aten.index_put, aten.fill, aten.masked_fill_, aten.scatter_, aten.index_put_, aten.fill_, aten.to, aten.pad,
 }
 #: Ops allowed between the q·k product and the pool (causal masking, padding to whole blocks, scaling).
-_PRODUCT_EDITS = VIEW_LIKE | {aten.masked_fill, aten.where, aten.add, aten.mul, aten.div, aten.constant_pad_nd}
+_PRODUCT_EDITS = VIEW_LIKE | {
+    aten.masked_fill, aten.masked_fill_, aten.where, aten.add, aten.mul, aten.div, aten.constant_pad_nd, aten.to,
+    aten.pad,
+}
 #: Max-pools over a block axis.
 _POOLS = {aten.amax, aten.max}
 #: What attention's mask ends in.
