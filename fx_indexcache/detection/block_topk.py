@@ -91,7 +91,11 @@ class BlockTopkSite(IndexerSite):
         if largest != largest2 or ordered != ordered2:
             return f"top-k largest/sorted differ from layer {source.layer}'s"
         if not sizes.same_size(self.blocks, source.blocks):
-            return f"{self.blocks} key blocks scored, layer {source.layer} scores {source.blocks}"
+            why = sizes.unproven(self.blocks, source.blocks)
+            return (
+                f"{self.blocks} key blocks scored, layer {source.layer} scores {source.blocks}, not provably the same"
+                + (f": {why}" if why else "")
+            )
         if not sizes.same_size(self.block_size, source.block_size):
             return f"blocks of {self.block_size} keys, layer {source.layer}'s of {source.block_size}"
         if (self.values_tag is None) != (source.values_tag is None):

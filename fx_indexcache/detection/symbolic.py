@@ -103,19 +103,29 @@ class SizeProver:
         return self.same_size(va, vb)
 
     def unproven(self, a, b) -> str:
-        """Why ``a == b`` is not proven, naming the data-dependent sizes involved ('' when none is)."""
-        symbols = set()
+        """Why ``a == b`` is not proven: the data-dependent sizes or the separate input sizes involved ('' if none)."""
+        symbols: set = set()
         for size in (a, b):
             expr = _expr(size)
             if isinstance(expr, sympy.Basic):
-                symbols |= {s for s in expr.free_symbols if self._definition(s) is not None}
-        if not symbols:
+                symbols |= expr.free_symbols
+        unbacked = sorted((s for s in symbols if self._definition(s) is not None), key=str)
+        if unbacked:
+            named = ", ".join(f"{s} ({self._definition(s)[0].name})" for s in unbacked)
+            return (
+                f"the data-dependent sizes {named} count entries of values not proven equal "
+                "(they derive from different graph inputs, such as each layer's own cache)"
+            )
+        inputs = {}
+        for size in (a, b):
+            env = size.node.shape_env if isinstance(size, torch.SymInt) else None
+            for symbol in sorted(_expr(size).free_symbols, key=str) if env is not None else ():
+                sources = env.var_to_sources.get(symbol) or []
+                inputs.setdefault(symbol, sources[0].name if sources else "a graph input")
+        if len(inputs) < 2:
             return ""
-        named = ", ".join(f"{s} ({self._definition(s)[0].name})" for s in sorted(symbols, key=str))
-        return (
-            f"the data-dependent sizes {named} count entries of values not proven equal "
-            "(they derive from different graph inputs, such as each layer's own cache)"
-        )
+        named = ", ".join(f"{symbol} = {source}" for symbol, source in inputs.items())
+        return f"they are computed from separate input sizes ({named}) that nothing in the graph ties together"
 
     def _representatives(self, symbols: set) -> dict:
         """Each unbacked symbol among ``symbols`` mapped to the first one proven equal to it."""
