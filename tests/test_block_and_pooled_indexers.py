@@ -68,6 +68,38 @@ def test_minimax_block_indexer_shares_like_the_oracle():
         assert torch.equal(mine, base)
 
 
+def test_minimax_static_cache_generate_shares_in_every_step():
+    """With transformers' static cache every graph has fixed shapes: k and the block count are provable, so
+    prefill and every decode step share, and greedy generation equals the oracle's bitwise."""
+    from fx_indexcache import IndexCacheEagerBackend
+
+    tiny = H.TINY_DSA_MODELS["minimax_m3_vl"]()
+    ids = tiny.make_inputs(9)["input_ids"]
+
+    def generate():
+        with torch.no_grad():
+            out = tiny.model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                                      return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits)
+
+    untouched = generate()
+    with tiny.oracle("FSS") as sources:
+        expected = generate()
+    assert sources == {1: 0, 2: 0} and not torch.equal(untouched[1], expected[1])
+    backend = IndexCacheEagerBackend(index_topk_pattern="FSS")
+    torch._dynamo.reset()
+    tiny.model.forward = torch.compile(tiny.model.forward, backend=backend)
+    try:
+        tokens, logits = generate()
+    finally:
+        del tiny.model.forward
+    assert torch.equal(tokens, expected[0]) and torch.equal(logits, expected[1])
+    assert len(backend.reports) == 2  # prefill and one decode graph
+    for report in backend.reports:
+        assert [(d.layer, d.action, d.source_layer) for d in report.decisions] == [
+            (0, "computed", 0), (1, "shared", 0), (2, "shared", 0)]
+
+
 def test_glm5_next_pooled_widths_are_proven_equal_in_prefill_only():
     tiny = H.build(H.SPECS["glm5_next"], num_layers=2)
     untouched, oracle, sources, backend, got = _run(tiny, {"FS": "FS"}, steps=1)
@@ -135,6 +167,25 @@ def test_plain_torch_block_attention_shares_and_router_is_left_alone():
     assert [(d.layer, d.action) for d in report.decisions] == [(0, "computed"), (1, "shared"), (2, "computed")]
     assert report.router_topk == 1
     assert torch.equal(got, expected)
+
+
+def test_block_sites_are_found_in_inductors_decomposed_form():
+    """Inductor's post-grad graph spells masked_fill as where and softmax as exp(x − amax(x)): still three sites."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fx_indexcache.detection.registry import detect
+
+    torch.manual_seed(0)
+    model = _BlockModel(layers=3, width=16, block=4, k=2).eval()
+    with torch.no_grad():
+        graph = make_fx(model, decomposition_table=select_decomp_table())(torch.randn(1, 16, 16))
+    ops = {str(node.target) for node in graph.graph.nodes}
+    assert "aten._softmax.default" not in ops and "aten.exp.default" in ops  # the decomposed form is what we test
+    detection = detect(graph.graph, graph_starts_at_first_layer=True)
+    assert [site.layer for site in detection.sites] == [0, 1, 2]
+    assert all(isinstance(site, BlockTopkSite) for site in detection.sites)
+    assert len(detection.ignored) == 1  # the router
 
 
 def _aten_graph(fn, *args) -> torch.fx.Graph:

@@ -11,7 +11,8 @@ alone. What marks this kind instead, all from the graph's structure:
   whose input splits a key axis into ``(blocks, block_size)``;
 * under the pool, through masking, padding, scaling and re-viewing only, lies a product of two
   activations that share an input (q·k; a router or sampler multiplies by a weight);
-* the indices (after the ``-1`` tagging) reach a softmax through mask-building ops only, with no
+* the indices (after the ``-1`` tagging) reach a softmax (or its post-grad form ``exp(x − amax(x))``,
+  or a fused attention op) through mask-building ops only, with no
   contraction and no other top-k on the way: they select what attention sees. A router's indices
   reach the next softmax only through the expert matmuls; a sampler's never reach one.
 
@@ -164,7 +165,9 @@ def _product_under_pool(source: fx.Node) -> fx.Node | None:
         seen.add(node)
         if is_call(node, CONTRACTIONS):
             return node
-        if is_call(node, _PRODUCT_EDITS) and node.args and isinstance(node.args[0], fx.Node):
+        if is_call(node, {aten.where}):  # where(mask, fill, scores): the edited tensor is a value branch
+            frontier.extend(a for a in node.args[1:] if isinstance(a, fx.Node))
+        elif is_call(node, _PRODUCT_EDITS) and node.args and isinstance(node.args[0], fx.Node):
             frontier.append(node.args[0])
     return None
 
@@ -203,13 +206,21 @@ def _feeds_attention(selection: fx.Node) -> bool:
         for user in node.users:
             if user in seen or user.op != "call_function":
                 continue
-            if is_call(user, _ATTENTION):
+            if is_call(user, _ATTENTION) or _decomposed_softmax(user):
                 return True
             if is_call(user, CONTRACTIONS) or is_call(user, {aten.topk}):
                 continue  # past a matmul the path is hidden states, not a mask
             seen.add(user)
             frontier.append(user)
     return False
+
+
+def _decomposed_softmax(node: fx.Node) -> bool:
+    """``exp(x − amax(x))``: a softmax as Inductor's post-grad graph spells it (``aten._softmax`` decomposed)."""
+    if not is_call(node, {aten.exp}) or not isinstance(node.args[0], fx.Node) or not is_call(node.args[0], {aten.sub}):
+        return False
+    shifted, peak = node.args[0].args[:2]
+    return isinstance(peak, fx.Node) and is_call(peak, {aten.amax, aten.max}) and peak.args[0] is shifted
 
 
 def classify_block_topk(node: fx.Node, params: frozenset[fx.Node] | None = None) -> TopkVerdict:
