@@ -230,10 +230,29 @@ def test_size_prover_equal_masks_only():
     graph = _aten_graph_symbolic(counts, x, a, b)
     outputs = [n for n in graph.nodes if n.op == "output"][0].args[0]
     sizes = [n.meta["val"].shape[1] for n in outputs]
+    assert len({str(size) for size in sizes}) == 3, sizes  # three distinct symbols: the check is not vacuous
     prover = SizeProver(graph)
     assert prover.same_size(sizes[0], sizes[1])
     assert not prover.same_size(sizes[0], sizes[2])
     assert "not proven equal" in prover.unproven(sizes[0], sizes[2])
+
+
+def test_size_prover_item_of_one_value():
+    """``.item()`` of the same value twice gives two unbacked symbols that the prover equates; of another, not."""
+
+    def widths(x, a, b):
+        first = torch.zeros(int(a.sum().item()))
+        second = torch.ones(int(a.sum().item()))
+        third = torch.ones(int(b.sum().item()))
+        return first, second, third
+
+    x, a, b = torch.randn(3), torch.rand(3, 5) > 0.5, torch.rand(3, 5) > 0.5
+    graph = _aten_graph_symbolic(widths, x, a, b)
+    outputs = [n for n in graph.nodes if n.op == "output"][0].args[0]
+    sizes = [n.meta["val"].shape[0] for n in outputs]
+    assert len({str(size) for size in sizes}) == 3, sizes  # three distinct symbols: the check is not vacuous
+    prover = SizeProver(graph)
+    assert prover.same_size(sizes[0], sizes[1]) and not prover.same_size(sizes[1], sizes[2])
 
 
 def _aten_graph_symbolic(fn, *args) -> torch.fx.Graph:
@@ -246,7 +265,7 @@ def _aten_graph_symbolic(fn, *args) -> torch.fx.Graph:
     from fx_indexcache.integrations.backend import aten_graph_backend
 
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
         torch.compile(fn, backend=aten_graph_backend(keep), fullgraph=True)(*args)
     (graph,) = graphs
     return graph.graph
