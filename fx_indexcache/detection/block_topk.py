@@ -242,7 +242,8 @@ def classify_block_topk(node: fx.Node, params: frozenset[fx.Node] | None = None)
     if _Role.ACTIVATION not in roles or any(role is not _Role.ACTIVATION for role in roles):
         return TopkVerdict(node, False, tuple(evidence), "block score multiplies a weight or graph input: not q·k")
     if len(operands) != 2 or not _share_an_input(*operands):
-        return TopkVerdict(node, False, tuple(evidence), "block score multiplies tensors from disjoint inputs: not q·k")
+        reason = "block score multiplies tensors from disjoint inputs: not q·k"
+        return TopkVerdict(node, False, tuple(evidence), reason)
     evidence.append("score is a product of two activations (q·k)")
     selection = _selection(node)
     if isinstance(selection, str):

@@ -160,7 +160,8 @@ SPECS: dict[str, ModelSpec] = {
             dynamo_config=dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True),
             decode_limitation=(
                 "k-pool indexer: each layer's top-k width is min(index_topk // kpool, pooled length), the pooled "
-                "length a data-dependent count of True entries of the layer's pool-validity mask (`pool_keys[:, keep]`). "
+                "length a data-dependent count of True entries of the layer's pool-validity mask "
+                "(`pool_keys[:, keep]`). "
                 "In prefill every layer's mask is computed from the same attention mask, which the pass proves by "
                 "value numbering, so the widths are equal and S layers share; in decode each mask is read from the "
                 "layer's own indexer cache (a separate graph input), so equal widths are not provable and S layers "
