@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,17 +69,21 @@ def test_minimax_block_indexer_shares_like_the_oracle():
         assert torch.equal(mine, base)
 
 
-def test_minimax_static_cache_generate_shares_in_every_step():
+@pytest.mark.parametrize("drop_writes", [False, True])
+def test_minimax_static_cache_generate_shares_in_every_step(drop_writes):
     """With transformers' static cache every graph has fixed shapes: k and the block count are provable, so
-    prefill and every decode step share, and greedy generation equals the oracle's bitwise."""
-    from fx_indexcache import IndexCacheEagerBackend
+    prefill and every decode step share, and greedy generation equals the oracle's bitwise. With
+    ``drop_shared_indexer_cache_writes`` the S layers' index-key cache writes go too (nothing reads them)."""
+    from fx_indexcache import IndexCacheEagerBackend, prepared_static_cache
 
     tiny = H.TINY_DSA_MODELS["minimax_m3_vl"]()
     ids = tiny.make_inputs(9)["input_ids"]
 
     def generate():
+        # buffers allocated before the compiled call, so the graph writes them in place (copy_ into an input)
+        cache = prepared_static_cache(tiny.model, batch_size=1, max_cache_len=ids.shape[1] + 3)
         with torch.no_grad():
-            out = tiny.model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static",
+            out = tiny.model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache,
                                       return_dict_in_generate=True, output_logits=True)
         return out.sequences, torch.stack(out.logits)
 
@@ -86,18 +91,48 @@ def test_minimax_static_cache_generate_shares_in_every_step():
     with tiny.oracle("FSS") as sources:
         expected = generate()
     assert sources == {1: 0, 2: 0} and not torch.equal(untouched[1], expected[1])
-    backend = IndexCacheEagerBackend(index_topk_pattern="FSS")
     torch._dynamo.reset()
+    fic.clear_reports()
+    if drop_writes:  # the writes must stay in the graph (as Inductor keeps them) to be dropped
+        backend = _keeping_cache_writes(fic.IndexCacheConfig(
+            use_index_cache=True, index_topk_pattern="FSS", drop_shared_indexer_cache_writes=True))
+    else:
+        backend = IndexCacheEagerBackend(index_topk_pattern="FSS")
     tiny.model.forward = torch.compile(tiny.model.forward, backend=backend)
     try:
         tokens, logits = generate()
     finally:
         del tiny.model.forward
     assert torch.equal(tokens, expected[0]) and torch.equal(logits, expected[1])
-    assert len(backend.reports) == 2  # prefill and one decode graph
-    for report in backend.reports:
+    reports = fic.reports()
+    assert len(reports) == 2  # prefill and one decode graph
+    for report in reports:
         assert [(d.layer, d.action, d.source_layer) for d in report.decisions] == [
             (0, "computed", 0), (1, "shared", 0), (2, "shared", 0)]
+        saved = [d.cache_bytes_saved for d in report.decisions]
+        # one layer's index keys: batch 1 x 1 head x max_cache_len rows x index_head_dim fp32 values (prefill),
+        # one row in decode
+        rows = ids.shape[1] if report is reports[0] else 1
+        expected_bytes = rows * tiny.config.index_head_dim * 4 if drop_writes else 0
+        assert saved == [0, expected_bytes, expected_bytes], saved
+
+
+def _keeping_cache_writes(config: fic.IndexCacheConfig):
+    """The eager ATen backend with input mutations kept in the graph, so the pass can drop cache writes."""
+    from fx_indexcache.detection.frames import dynamo_graph_starts_at_first_layer
+    from fx_indexcache.integrations.backend import aten_graph_backend
+
+    def backend(gm, example_inputs):
+        graph_pass = fic.IndexCachePass(config, graph_starts_at_first_layer=dynamo_graph_starts_at_first_layer())
+
+        def rewrite(module):
+            graph_pass(module.graph)
+            module.recompile()
+            return module.forward
+
+        return aten_graph_backend(rewrite, keep_inference_input_mutations=True)(gm, example_inputs)
+
+    return backend
 
 
 def test_glm5_next_pooled_widths_are_proven_equal_in_prefill_only():

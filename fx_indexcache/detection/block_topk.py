@@ -34,8 +34,15 @@ from ..graph_utils import CONTRACTIONS, VIEW_LIKE, fake_value, getitem_users, is
 from .graph_inputs import parameter_placeholders
 from .layers import module_path
 from .registry import register_site_finder
-from .sites import IndexerSite, TopkVerdict
-from .topk import _operand_role, _product_operands, _Role, _share_an_input, topk_arguments
+from .sites import CacheWrite, IndexerSite, TopkVerdict
+from .topk import (
+    _operand_role,
+    _product_operands,
+    _Role,
+    _share_an_input,
+    cache_writes_feeding_only,
+    topk_arguments,
+)
 
 aten = torch.ops.aten
 
@@ -102,6 +109,11 @@ class BlockTopkSite(IndexerSite):
         if (self.values_tag is None) != (source.values_tag is None):
             return f"one of this layer and layer {source.layer} tags empty blocks from the top-k values, the other not"
         return None
+
+    def cache_writes(self) -> list[CacheWrite]:
+        """Writes of our index keys into a cache input that only our (now dead) block scoring reads."""
+        tests = [user for value in getitem_users(self.anchor, 0) for user in value.users]
+        return cache_writes_feeding_only([self.anchor, *self.anchor.users, *tests, self.indices])
 
 
 def _shown(k) -> str:

@@ -79,23 +79,32 @@ class TopkIndexerSite(IndexerSite):
 
     def cache_writes(self) -> list[CacheWrite]:
         """Writes of our keys into a cache input that only our (now dead) scoring reads."""
-        dead = dead_if_removed([self.anchor, *self.anchor.users])
-        writes = []
-        for node in dead:
-            for arg in node.all_input_nodes:
-                if arg in dead or not is_call(arg, _CACHE_UPDATES):
-                    continue
-                cache = arg.args[0]
-                others = [u for u in arg.users if u not in dead]
-                if cache.op != "placeholder" or len(others) != 1:
-                    continue
-                (write,) = others
-                if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
-                    continue
-                value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
-                nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
-                writes.append(CacheWrite(write=write, nbytes=nbytes))
-        return writes
+        return cache_writes_feeding_only([self.anchor, *self.anchor.users])
+
+
+def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
+    """The cache writes (``copy_`` of a functional update into a cache input) that only ``roots``' cone reads.
+
+    Those are the writes sharing drops with ``drop_shared_indexer_cache_writes``: once the roots are dead,
+    nothing in the graph reads the rows written, only a later call would.
+    """
+    dead = dead_if_removed(roots)
+    writes = []
+    for node in dead:
+        for arg in node.all_input_nodes:
+            if arg in dead or not is_call(arg, _CACHE_UPDATES):
+                continue
+            cache = arg.args[0]
+            others = [u for u in arg.users if u not in dead]
+            if cache.op != "placeholder" or len(others) != 1:
+                continue
+            (write,) = others
+            if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
+                continue
+            value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
+            nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
+            writes.append(CacheWrite(write=write, nbytes=nbytes))
+    return writes
 
 
 def topk_arguments(node: fx.Node) -> tuple:
