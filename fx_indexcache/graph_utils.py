@@ -91,10 +91,11 @@ def size_hint(size) -> int:
     """A concrete value for a possibly symbolic size: its hint from the traced example."""
     if isinstance(size, torch.SymInt):
         hint = size.node.hint
-        if hint is None:
-            from torch.fx.experimental.symbolic_shapes import hint_int
+        if hint is None:  # an unbacked size: torch renamed hint_int to optimization_hint (2.12)
+            from torch.fx.experimental import symbolic_shapes
 
-            return int(hint_int(size, fallback=1))
+            estimate = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+            return int(estimate(size, fallback=1))
         return int(hint)
     return int(size)
 

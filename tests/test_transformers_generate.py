@@ -20,8 +20,9 @@ from torch._dynamo.utils import counters
 from fx_indexcache import IndexCacheEagerBackend
 import hf_oracle as H
 
-STATIC = [n for n, spec in H.SPECS.items() if spec.limitation is None and spec.no_static_cache is None]
-NO_STATIC = [n for n, spec in H.SPECS.items() if spec.limitation is None and spec.no_static_cache is not None]
+_SHARED = {n: spec for n, spec in H.SPECS.items() if spec.limitation is None and spec.decode_limitation is None}
+STATIC = [n for n, spec in _SHARED.items() if spec.no_static_cache is None]
+NO_STATIC = [n for n, spec in _SHARED.items() if spec.no_static_cache is not None]
 PATTERN = "FSS"  # 3 tiny layers: layers 1 and 2 reuse layer 0's indices
 PROMPTS = (9, 13, 16)  # all longer than the tiny models' top-k (4)
 NEW_TOKENS = 4

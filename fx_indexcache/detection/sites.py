@@ -13,7 +13,8 @@ import dataclasses
 
 from torch import fx
 
-from ..graph_utils import comes_after, fake_value, same_shape, same_size
+from ..graph_utils import comes_after, fake_value, same_size
+from .symbolic import SizeProver
 
 
 @dataclasses.dataclass
@@ -47,8 +48,13 @@ class IndexerSite(abc.ABC):
     def refusal(self) -> str | None:
         """Why this site's own indices cannot be replaced by another's, or None."""
 
-    def incompatibility(self, source: IndexerSite) -> str | None:
+    def sizes(self) -> SizeProver:
+        """Size equalities of this site's graph (unbacked widths of two layers proven equal where they are)."""
+        return SizeProver(self.anchor.graph)
+
+    def incompatibility(self, source: IndexerSite, sizes: SizeProver | None = None) -> str | None:
         """Why ``source``'s indices are not a drop-in replacement for ours, or None."""
+        sizes = sizes or self.sizes()
         if type(source) is not type(self):
             return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
         mine, theirs = fake_value(self.indices), fake_value(source.indices)
@@ -56,8 +62,12 @@ class IndexerSite(abc.ABC):
             return "indices carry no shape metadata to compare"
         if mine.dtype != theirs.dtype:
             return f"indices dtype {mine.dtype} differs from layer {source.layer}'s {theirs.dtype}"
-        if not same_shape(mine.shape, theirs.shape):
-            return f"indices shape {tuple(mine.shape)} differs from layer {source.layer}'s {tuple(theirs.shape)}"
+        if not sizes.same_shape(mine.shape, theirs.shape):
+            why = next((sizes.unproven(a, b) for a, b in zip(mine.shape, theirs.shape) if sizes.unproven(a, b)), "")
+            return (
+                f"indices shape {tuple(mine.shape)} differs from layer {source.layer}'s {tuple(theirs.shape)}"
+                + (f": {why}" if why else "")
+            )
         if mine.device != theirs.device:
             return f"indices live on {mine.device}, layer {source.layer}'s on {theirs.device}"
         if any(comes_after(source.indices, user) for user in self.indices.users):

@@ -32,7 +32,7 @@ from ..graph_utils import (
 )
 from .graph_inputs import parameter_placeholders
 from .layers import module_path, module_types
-from .sites import CacheWrite, IndexerSite, TopkVerdict, same_arguments
+from .sites import CacheWrite, IndexerSite, TopkVerdict
 
 aten = torch.ops.aten
 
@@ -58,8 +58,9 @@ class TopkIndexerSite(IndexerSite):
             return f"the indices are read through {len(readers)} getitem nodes"
         return None
 
-    def incompatibility(self, source: IndexerSite) -> str | None:
-        reason = super().incompatibility(source)
+    def incompatibility(self, source: IndexerSite, sizes=None) -> str | None:
+        sizes = sizes or self.sizes()
+        reason = super().incompatibility(source, sizes)
         if reason is not None:
             return reason
         assert isinstance(source, TopkIndexerSite)
@@ -67,34 +68,43 @@ class TopkIndexerSite(IndexerSite):
         score = fake_value(self.anchor.args[0])
         _, k2, dim2, largest2, ordered2 = topk_arguments(source.anchor)
         score2 = fake_value(source.anchor.args[0])
-        if not same_arguments(k, k2):
+        if not sizes.same_argument(k, k2):
             return f"k={k} differs from layer {source.layer}'s k={k2}"
         ndim = score.dim()
         if dim % ndim != dim2 % score2.dim() or largest != largest2 or ordered != ordered2:
             return f"top-k dim/largest/sorted differ from layer {source.layer}'s"
-        if not same_size(score.shape[dim], score2.shape[dim2]):
+        if not sizes.same_size(score.shape[dim], score2.shape[dim2]):
             return f"scores {score.shape[dim]} keys wide, layer {source.layer}'s {score2.shape[dim2]}"
         return None
 
     def cache_writes(self) -> list[CacheWrite]:
         """Writes of our keys into a cache input that only our (now dead) scoring reads."""
-        dead = dead_if_removed([self.anchor, *self.anchor.users])
-        writes = []
-        for node in dead:
-            for arg in node.all_input_nodes:
-                if arg in dead or not is_call(arg, _CACHE_UPDATES):
-                    continue
-                cache = arg.args[0]
-                others = [u for u in arg.users if u not in dead]
-                if cache.op != "placeholder" or len(others) != 1:
-                    continue
-                (write,) = others
-                if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
-                    continue
-                value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
-                nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
-                writes.append(CacheWrite(write=write, nbytes=nbytes))
-        return writes
+        return cache_writes_feeding_only([self.anchor, *self.anchor.users])
+
+
+def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
+    """The cache writes (``copy_`` of a functional update into a cache input) that only ``roots``' cone reads.
+
+    Those are the writes sharing drops with ``drop_shared_indexer_cache_writes``: once the roots are dead,
+    nothing in the graph reads the rows written, only a later call would.
+    """
+    dead = dead_if_removed(roots)
+    writes = []
+    for node in dead:
+        for arg in node.all_input_nodes:
+            if arg in dead or not is_call(arg, _CACHE_UPDATES):
+                continue
+            cache = arg.args[0]
+            others = [u for u in arg.users if u not in dead]
+            if cache.op != "placeholder" or len(others) != 1:
+                continue
+            (write,) = others
+            if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
+                continue
+            value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
+            nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
+            writes.append(CacheWrite(write=write, nbytes=nbytes))
+    return writes
 
 
 def topk_arguments(node: fx.Node) -> tuple:
@@ -283,6 +293,8 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     """Every indexer top-k in ``graph``, and the verdicts on the top-k left alone."""
+    from .block_topk import is_block_indexer  # block_topk builds on this module's structure tests
+
     sites: list[IndexerSite] = []
     ignored: list[TopkVerdict] = []
     params = parameter_placeholders(graph)
@@ -290,6 +302,8 @@ def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdic
         if not is_call(node, {aten.topk}):
             continue
         verdict = classify_topk(node, params)
+        if not verdict.is_indexer and is_block_indexer(node, params):
+            continue  # a block indexer's top-k: block_topk reports it as a site
         readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
             verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")

@@ -1,9 +1,11 @@
 """Tiny, randomly initialised DSA models from transformers (the CLI's ``--hf-model``, examples, tests).
 
 Nothing here is downloaded: each builder makes a 3-layer model (hidden size 32) from the model's
-own config class. ``TINY_DSA_MODELS`` holds the models with a DeepSeek-Sparse-Attention lightning
-indexer (one ``ReLU(q·k)``-scored top-k per DSA layer); ``TINY_OTHER_INDEXER_MODELS`` holds models
-whose sparse-attention "indexer" is not that shape, on which the pass must change nothing.
+own config class. ``TINY_DSA_MODELS`` holds the models with an indexer the pass shares: a
+DeepSeek-Sparse-Attention lightning indexer (one ``ReLU(q·k)``-scored top-k per DSA layer) or
+MiniMax-M3's block indexer (a top-k over max-pooled q·k key blocks, ``detection/block_topk.py``).
+``TINY_OTHER_INDEXER_MODELS`` holds models whose sparse-attention "indexer" no graph holds as one
+top-k per layer, on which the pass must change nothing.
 
 The model-specific knowledge (where the decoder layers and their indexers live, how many top-k
 one MoE router holds) is in ``SPECS``, one row per model. The IndexCache oracle the tests compare
@@ -77,6 +79,8 @@ class ModelSpec:
     limitation: str | None = None
     #: Why transformers cannot run this model with a static cache (so no compiled decoding); None where it can.
     no_static_cache: str | None = None
+    #: Why decode graphs traced with dynamic shapes keep S layers as they are although prefill shares; None: they share.
+    decode_limitation: str | None = None
 
     @property
     def transformers_module(self):
@@ -154,20 +158,16 @@ SPECS: dict[str, ModelSpec] = {
             ),
             "layers", "self_attn.indexer", router_topk_per_moe_layer=3, output="last_hidden_state",
             dynamo_config=dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True),
-            limitation=(
-                "k-pool indexer: the pool count comes from a boolean-mask index (`pool_keys[:, keep]`), "
-                "a data-dependent size; each layer's top-k width is its own unbacked symbol, so the pass "
-                "cannot prove two layers' indices interchangeable and leaves S layers as they are "
-                "(without capture_dynamic_output_shape_ops the model graph-breaks inside every indexer)"
+            decode_limitation=(
+                "k-pool indexer: each layer's top-k width is min(index_topk // kpool, pooled length), the pooled "
+                "length a data-dependent count of True entries of the layer's pool-validity mask "
+                "(`pool_keys[:, keep]`). "
+                "In prefill every layer's mask is computed from the same attention mask, which the pass proves by "
+                "value numbering, so the widths are equal and S layers share; in decode each mask is read from the "
+                "layer's own indexer cache (a separate graph input), so equal widths are not provable and S layers "
+                "compute (without capture_dynamic_output_shape_ops the model graph-breaks inside every indexer)"
             ),
         ),
-    ]
-}
-
-#: Sparse-attention models whose selection is not a DSA lightning indexer the pass may share.
-OTHER_SPECS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
         ModelSpec(
             "minimax_m3_vl", "minimax_m3_vl", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM",
             dict(
@@ -177,12 +177,20 @@ OTHER_SPECS: dict[str, ModelSpec] = {
                 index_local_blocks=1, layer_types=["minimax_m3_sparse"] * _LAYERS,
             ),
             "model.layers", "self_attn.indexer", router_topk_per_moe_layer=1,
-            limitation=(
-                "block-sparse indexer without ReLU: max-pooled q·k block scores, one selection per "
-                "indexer head, and the top-k values are read (to mark empty blocks -1); not a DSA "
-                "lightning indexer, so the pass must not touch it"
+            decode_limitation=(
+                "block indexer: k = min(index_topk_blocks, key blocks), and each layer's indexer key cache is its "
+                "own graph input; once dynamo traces decode with dynamic shapes, every layer's cache length is a "
+                "separate symbol, so equal block counts are not provable and S layers compute there (graphs with "
+                "static shapes: prefill, the first decode step, a static cache, share)"
             ),
         ),
+    ]
+}
+
+#: Sparse-attention models whose selection is not a DSA lightning indexer the pass may share.
+OTHER_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
         ModelSpec(
             "qwen4_exp", "qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM",
             dict(
