@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .crossgraph.runtime import LayerCall, LayerMap
     from .report.graph_report import IndexCacheReport
 
-log = logging.getLogger("fx_indexcache")
+log = logging.getLogger(__name__)
 
 _MAX_KEPT = 256
 
@@ -46,6 +46,14 @@ class IndexCacheSession:
 
     def __repr__(self) -> str:
         return f"IndexCacheSession({self.name!r}, {len(self._reports)} reports)"
+
+    def __getstate__(self) -> dict:
+        """A session is this process's state: a copy (Inductor pickles its config for compile workers) starts
+        empty under the same name."""
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["name"])
 
     # ------------------------------------------------------------------ reports
     def publish(self, report: IndexCacheReport) -> None:

@@ -25,12 +25,12 @@ WATCHED = ("triton.cudagraphs", "max_autotune", "coordinate_descent_tuning")
 class RecordingPass(CustomGraphPass):
     """A user's post-grad pass: records the Inductor config in force and how many reports ours had published."""
 
-    def __init__(self, name: str, log: list) -> None:
-        self.name, self.log = name, log
+    def __init__(self, name: str, log: list, published=lambda: len(reports())) -> None:
+        self.name, self.log, self.published = name, log, published
 
     def __call__(self, graph) -> None:
         config = torch._inductor.config
-        self.log.append((self.name, len(reports()), {key: config.get_config_copy()[key] for key in WATCHED}))
+        self.log.append((self.name, self.published(), {key: config.get_config_copy()[key] for key in WATCHED}))
 
     def uuid(self) -> str:
         return f"recording-{self.name}"
@@ -39,8 +39,9 @@ class RecordingPass(CustomGraphPass):
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
 def test_each_mode_applies_inductors_own_options_under_ours(mode):
     log: list = []
-    user_passes = [RecordingPass("first", log), RecordingPass("second", log)]  # a list, as Inductor accepts
-    backend = IndexCacheBackend(post_grad_custom_post_pass=user_passes)
+    owner: dict = {}  # the backend object owns the reports its passes publish
+    user_passes = [RecordingPass(name, log, lambda: len(owner["backend"].reports)) for name in ("first", "second")]
+    backend = owner["backend"] = IndexCacheBackend(post_grad_custom_post_pass=user_passes)  # a list, as Inductor takes
     compiled = torch.compile(lambda x: torch.sin(x) + 1, backend=backend, mode=mode)
     torch.testing.assert_close(compiled(torch.ones(8)), torch.sin(torch.ones(8)) + 1)
     expected = {key: list_mode_options(mode).get(key, False) for key in WATCHED}

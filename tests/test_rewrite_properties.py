@@ -108,17 +108,21 @@ def test_use_index_cache_false_changes_nothing():
 
 
 def test_leading_s_is_computed_and_the_report_says_why():
+    """SSF: layer 0 has nothing computed before it and computes (the engines would read an unset buffer); layer 1
+    reads what layer 0 computed, the one-buffer rule."""
     config = DSAModelConfig.tiny(num_layers=3)
     model, oracle = model_pair(config)
     backend = CapturingBackend(index_topk_pattern="SSF")
     tokens = torch.randint(0, config.vocab_size, (1, 24))
     with torch.no_grad():
         got = torch.compile(model, backend=backend)(tokens)
-        want = oracle(tokens)  # every layer computes: nothing precedes the S layers
+        oracle.set_index_cache_pattern(IndexCacheConfig(index_topk_pattern="SSF").executed_pattern(3))
+        want = oracle(tokens)
+    assert IndexCacheConfig(index_topk_pattern="SSF").executed_pattern(3) == "FSF"
     torch.testing.assert_close(got, want)
     decisions = backend.reports[0].decisions
-    assert [d.action for d in decisions] == ["computed"] * 3
-    assert "no F layer before it" in decisions[0].note and "no F layer before it" in decisions[1].note
+    assert [d.action for d in decisions] == ["computed", "shared", "computed"]
+    assert "no indexed layer computing before it" in decisions[0].note and decisions[1].source_layer == 0
 
 
 def test_pattern_shorter_than_the_graph_is_an_error_naming_the_key():
@@ -129,7 +133,7 @@ def test_pattern_shorter_than_the_graph_is_an_error_naming_the_key():
         with torch.no_grad():
             compiled(torch.randint(0, config.vocab_size, (1, 8)))
     except Exception as error:  # dynamo wraps backend errors
-        assert "index_topk_pattern='FS'" in str(error) and "at least 3 entries" in str(error)
+        assert "index_topk_pattern='FS' has 2 entries" in str(error) and "3 decoder layers" in str(error)
     else:
         raise AssertionError("a 2-character pattern for 3 DSA layers must be rejected")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -120,13 +119,22 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self.annotate = annotate  # an entry point's own notes on a report, added before it is published
         self.reports: list[IndexCacheReport] = []
 
+    def __getstate__(self) -> dict:
+        """Picklable (Inductor pickles its config, this pass among it, for compile workers): the model reference
+        and the plan stay in this process; the copy reports into a session of its own."""
+        state = dict(self.__dict__)
+        state["context"] = dataclasses.replace(self.context, model=None, cross_graph=None)
+        state["reports"] = []
+        return state
+
     @property
     def graph_starts_at_first_layer(self) -> bool | None:
         return self.context.starts_at_first_layer
 
     def with_context(self, **changes) -> IndexCachePass:
         """The same pass (config, session, report list) for a graph whose context differs in ``changes``."""
-        twin = copy.copy(self)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)  # the same config, session and report list (not a pickled copy)
         twin.context = dataclasses.replace(self.context, **changes)
         return twin
 

@@ -47,19 +47,17 @@ class LayerRecord:
 
 
 def source_layers(pattern: str | None, layers: list[int]) -> dict[int, int]:
-    """``{S layer: the F layer whose indices it reuses}``, by the pass's own rule, so a probed pattern runs as compiled.
+    """``{S layer: the layer whose indices it reuses}``, by the pass's own rule, so a probed pattern runs as compiled.
 
-    ``IndexCacheConfig.source_layer`` decides (layers past the pattern count as F). An S layer with no F before it
-    computes its own indices and serves nobody; one whose F layer has no indexer among ``layers`` (DeepSeek-V4's
-    indexer-less layers) is left computing its own, as the pass leaves it.
+    The engines' one-buffer rule over the indexed ``layers`` (``IndexCacheConfig.buffer_sources``; layers past the
+    pattern count as F): an S layer reads the nearest preceding indexed layer that computed, whatever the layers
+    between (DeepSeek-V4's indexer-less layers) are marked; one with nothing computed before it computes.
     """
     if pattern is None or not layers:
         return {}
     padded = pattern + FULL * (max(layers) + 1 - len(pattern))
     config = IndexCacheConfig(use_index_cache=True, index_topk_pattern=padded)
-    present = set(layers)
-    sources = {layer: config.source_layer(layer) for layer in layers if config.layer_kind(layer) == SHARED}
-    return {layer: source for layer, source in sorted(sources.items()) if source in present}
+    return {layer: source for layer, source in sorted(config.buffer_sources(layers).items()) if source != layer}
 
 
 def _finite_mask(values: torch.Tensor) -> torch.Tensor:
