@@ -35,6 +35,9 @@ class IndexCacheSession:
     """Reports, per-model cache-write ledgers and layer maps, and one-time warnings, for one entry point."""
 
     def __init__(self, name: str = "") -> None:
+        self._start(name)
+
+    def _start(self, name: str) -> None:
         self.name = name
         self._lock = threading.RLock()
         self._reports: list[IndexCacheReport] = []
@@ -53,7 +56,7 @@ class IndexCacheSession:
         return {"name": self.name}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["name"])
+        self._start(state["name"])
 
     # ------------------------------------------------------------------ reports
     def publish(self, report: IndexCacheReport) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fx_indexcache as fic

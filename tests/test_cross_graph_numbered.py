@@ -16,7 +16,6 @@ import fx_indexcache as fic
 from fx_indexcache.detection.registry import UnknownLayerIndex
 from cross_graph_programs import D, FunctionalDecoder, SegmentDecoder
 from fx_indexcache.report.sharing import Sharing
-from fx_indexcache.crossgraph import runtime as cross_graph
 from fx_indexcache.crossgraph.runtime import CallAction, Fallback
 
 N = 4

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 import fx_indexcache as fic
 from cross_graph_programs import D, LoopDecoder
-from fx_indexcache.crossgraph import runtime as cross_graph
 from fx_indexcache.crossgraph.runtime import CallAction
 
 N = 4

@@ -24,7 +24,7 @@ from capture import GraphCapture
 from conftest import CapturingBackend, trace_one_topk
 from indexer_layouts import NATIVE_LAYOUTS, exact_score, make_native_inputs
 
-from fx_indexcache.fuse.substitute import EXACT, FP32_INSIDE, match_indexer_score, substitute_fused_indexer
+from fx_indexcache.fuse.substitute import FP32_INSIDE, match_indexer_score, substitute_fused_indexer
 
 aten = torch.ops.aten
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

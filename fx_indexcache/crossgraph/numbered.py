@@ -97,7 +97,8 @@ def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheCo
     if len(shapes) > 1:
         return f"the leading S layers {readers} make indices of different shapes"
     source = config.source_layer(readers[0]) if readers else None
-    return NumberedSpan(layers, container, source, tuple((layer, expected[layer]) for layer in readers),
+    return NumberedSpan(layers, container if isinstance(container, str) else None, source,
+                        tuple((layer, expected[layer]) for layer in readers),
                         None if publisher is None else (publisher, expected[publisher]))
 
 

@@ -47,6 +47,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import sympy
 import torch
@@ -340,7 +341,7 @@ class ExpectedIndices:
             return self.sizes  # type: ignore[return-value]
         values = {}
         for symbol, position, dim in self.bindings:
-            arg = args[position]
+            arg: Any = args[position]  # a SymInt-bound int, or a tensor whose dim ``dim`` is bound
             values[symbol] = int(arg if dim is None else arg.shape[dim])
         return tuple(size if isinstance(size, int) else int(size.xreplace(values)) for size in self.sizes)
 

@@ -276,7 +276,10 @@ def find_block_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[Topk
         verdict = classify_block_topk(node, params)
         if not verdict.is_indexer:
             continue
-        selection, tag = _selection(node)
+        found = _selection(node)
+        if isinstance(found, str):  # classify_block_topk refuses these already
+            continue
+        selection, tag = found
         score, _, dim, _, _ = topk_arguments(node)
         blocks = fake_value(score).shape[dim]
         _, block_size = _pool_under(score, dim % fake_value(score).dim())

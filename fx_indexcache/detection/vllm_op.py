@@ -101,7 +101,7 @@ class VllmIndexerSite(IndexerSite):
             return "the op mutates more than the top-k buffer"
         return None
 
-    def incompatibility(self, source: IndexerSite) -> str | None:
+    def incompatibility(self, source: IndexerSite, sizes=None) -> str | None:
         if not isinstance(source, VllmIndexerSite):
             return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
         if source.op is not self.op:

@@ -62,12 +62,9 @@ def _from_reports(reports: Iterable[IndexCacheReport]) -> dict[int, LayerSharing
 def layer_sharing(model: nn.Module, reports: Iterable[IndexCacheReport] | object = ()) -> list[LayerSharing]:
     """The table for ``model``: ``reports`` is the backend (or session) that compiled it, or its graphs' reports
     (then the run-time records come from the default session)."""
-    session = getattr(reports, "session", reports)
-    if isinstance(session, IndexCacheSession):
-        reports = session.reports()
-    else:
-        session = default_session()
-    rows = _from_reports(reports)
+    owner = getattr(reports, "session", reports)
+    session = owner if isinstance(owner, IndexCacheSession) else default_session()
+    rows = _from_reports(session.reports() if owner is session else reports)  # type: ignore[arg-type]
     for call in session.layer_calls(model):
         if call.action is CallAction.READ:
             row = LayerSharing(call.layer, Sharing.ACROSS_GRAPHS, call.source_layer, call.graph, call.source_graph,

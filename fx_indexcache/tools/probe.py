@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import fx
 
-from ..config import FULL, SHARED, IndexCacheConfig
+from ..config import FULL, IndexCacheConfig
 from ..detection.registry import detect
 from ..graph_utils import comes_after
 

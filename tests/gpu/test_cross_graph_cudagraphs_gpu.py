@@ -29,7 +29,6 @@ def _uses(pattern: str) -> list[int]:
 def test_graph_broken_decoder_replays_under_cuda_graphs(kind):
     import fx_indexcache as fic
     from cross_graph_programs import D, LoopDecoder, SegmentDecoder
-    from fx_indexcache.crossgraph import runtime as cross_graph
     from fx_indexcache.crossgraph.runtime import CallAction
 
     torch._dynamo.reset()
