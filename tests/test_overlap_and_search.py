@@ -109,19 +109,21 @@ def test_overlap_fraction_counts_common_keys_and_ignores_padding():
     assert overlap_fraction(both, other, full_valid, full_valid) == 0.5
 
 
-def test_source_layers_follow_nearest_preceding_f():
+def test_source_layers_follow_the_one_buffer_rule():
     assert source_layers("FSSFS", [0, 1, 2, 3, 4]) == {1: 0, 2: 0, 4: 3}
     assert source_layers(None, [0, 1]) == {}
-    assert source_layers("SSF", [0, 1, 2]) == {}  # a leading S computes its own and, as in the pass, serves nobody
-    # layer 2 is F without an indexer (DeepSeek-V4): the S layer after it keeps its own indices, as the pass leaves it
-    assert source_layers("FSFS", [0, 1, 3]) == {1: 0}
+    assert source_layers("SSF", [0, 1, 2]) == {1: 0}  # layer 0 computes (nothing before it); layer 1 reads it
+    # layer 2 is F without an indexer (DeepSeek-V4): the S layer after it reads the nearest indexed layer that computed
+    assert source_layers("FSFS", [0, 1, 3]) == {1: 0, 3: 0}
 
 
 def test_source_layers_agree_with_the_config_the_pass_uses():
     for pattern in ("SSF", "FSSFS", "SFSS", "FFSS", "SSSS"):
         config = IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern)
-        expected = {i: config.source_layer(i) for i in range(len(pattern)) if pattern[i] == "S" and config.source_layer(i) is not None}
+        sources = config.buffer_sources(range(len(pattern)))
+        expected = {layer: source for layer, source in sources.items() if source != layer}
         assert source_layers(pattern, list(range(len(pattern)))) == expected, pattern
+        assert config.executed_pattern(len(pattern)) == "".join("S" if i in expected else "F" for i in range(len(pattern)))
 
 
 def test_resolve_target():

@@ -164,7 +164,9 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         if self.context.model_layers:
             return self.context.model_layers
         model = self.context.model_object()
-        return None if model is None or not detection.container else container_length(model, detection.container)
+        if not isinstance(model, nn.Module) or not detection.container:
+            return None
+        return container_length(model, detection.container)
 
     def ledger(self):
         return self.session.ledger(self.context.model_object())
