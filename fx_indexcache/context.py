@@ -26,7 +26,7 @@ class GraphContext:
     count, from its config (``num_hidden_layers``), when the entry point found one. ``model``: a weak reference
     to the model the graph belongs to, which keys per-model state (cache-write choices) in the session.
     ``inference``: False for a training graph (a forward with gradients, a backward), which the pass leaves as
-    it is. ``cross_graph``: what the backend decided for this graph at run time, for its report. ``notes``:
+    it is. ``stage_first_layer``: see the field. ``cross_graph``: what the backend decided for this graph at run time, for its report. ``notes``:
     lines the entry point adds to the report (transformers' decode-only compile, say).
     """
 
@@ -37,6 +37,9 @@ class GraphContext:
     inference: bool = True
     cross_graph: CrossGraphPlan | None = None
     notes: tuple[str, ...] = ()
+    #: A pipeline stage's first global decoder layer, when its module paths count from 0 (``layers[2:]`` rebuilt
+    #: as a list of its own); None: the paths are global.
+    stage_first_layer: int | None = None
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

@@ -69,6 +69,11 @@ class UnknownLayerIndex(str, enum.Enum):
         "layer: the indexer count only matches the layer count by chance, and graph order proves nothing"
     )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
+    STAGE_NUMBERED_FROM_ZERO = (
+        "the module paths number a layer list that holds fewer blocks than the model has decoder layers: a "
+        "pipeline stage whose layers are numbered from 0, whose global numbers are not known (pass "
+        "stage_first_layer=N to the backend or the pass)"
+    )
 
 
 #: A fingerprint of each finder's code, computed at registration: part of the pass's uuid.
@@ -305,6 +310,22 @@ def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> str:
         (site, f"its indices serve {slot[0]}.{slot[1]}, outside the layer container {main!r} that holds the "
                "other indexers: no one decoder-layer numbering covers both") for site, slot in others]
     return main
+
+
+def shift_to_global(detection: Detection, first_layer: int) -> None:
+    """Stage-local layer numbers (a pipeline stage built from ``layers[first_layer:]``) made global."""
+    for site in detection.sites:
+        if site.layer is not None:
+            site.layer += first_layer
+            site.readers = tuple(layer + first_layer for layer in site.readers)
+    detection.layers_present = frozenset(layer + first_layer for layer in detection.layers_present)
+
+
+def refuse_stage_numbering(detection: Detection, stage_layers: int, model_layers: int) -> None:
+    """Leave a stage's sites unnumbered: their module paths count from 0 in a list of ``stage_layers`` blocks of a
+    ``model_layers``-layer model, and reading them as global numbers would apply the wrong characters."""
+    _unknown(detection, UnknownLayerIndex.STAGE_NUMBERED_FROM_ZERO,
+             f"{stage_layers} blocks in the list, {model_layers} decoder layers in the model")
 
 
 def _unknown(detection: Detection, reason: UnknownLayerIndex, detail: str = "") -> None:

@@ -146,6 +146,18 @@ def swapped_pass(old: IndexCachePass, new: IndexCachePass) -> Iterator[None]:
         yield
 
 
+#: A backend option: a pipeline stage's first global decoder layer, when its module paths count from 0.
+STAGE_KEY = "stage_first_layer"
+
+
+def _stage_first_layer(options: Mapping[str, Any]) -> int | None:
+    value = options.get(STAGE_KEY)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"IndexCache backend: {STAGE_KEY}={value!r} is not allowed; it must be an int >= 0 (the "
+                         "stage's first global decoder layer) or None")
+    return value
+
+
 def _inductor_keys() -> list[str]:
     return list(torch._inductor.config.get_config_copy())
 
@@ -153,7 +165,7 @@ def _inductor_keys() -> list[str]:
 def check_backend_options(options: Mapping[str, Any], where: str, *, inductor: bool = True) -> None:
     """Refuse an option that is neither an IndexCache key nor (with ``inductor``) an Inductor config key, naming
     the nearest valid one: a misspelt key must fail when the backend is made, not at the first compile."""
-    check_keys(options, where, allowed=(*CONFIG_KEYS, "num_layers"),
+    check_keys(options, where, allowed=(*CONFIG_KEYS, "num_layers", STAGE_KEY),
                others=_inductor_keys() if inductor else (), others_name="Inductor config keys" if inductor else "")
 
 
@@ -230,7 +242,8 @@ class IndexCacheBackend:
         options = pattern_file_options(options)  # pattern_file="p.json" -> its index_topk_pattern and num_layers
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
         check_backend_options(options, type(self).__name__, inductor=self._inductor_options)
-        IndexCacheConfig.from_options(options)
+        _stage_first_layer(options)
+        IndexCacheConfig.from_options({k: v for k, v in options.items() if k != STAGE_KEY})
         self.mode = mode
         self.options = dict(options)
         self._init_state()
@@ -256,6 +269,8 @@ class IndexCacheBackend:
         if options:
             check_backend_options(options, f"{type(self).__name__} (torch.compile options)",
                                   inductor=self._inductor_options)
+        stage = _stage_first_layer(given)
+        given = {key: value for key, value in given.items() if key != STAGE_KEY}
         model, model_layers = _compiled_model()
         shipped = _model_config_keys(model)
         if not any(key in given for key in PATTERN_KEYS):
@@ -265,7 +280,7 @@ class IndexCacheBackend:
         config, inductor_options = IndexCacheConfig.from_options(given)
         context = GraphContext(
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
-            model=None if model is None else weakref.ref(model), notes=self._compile_notes())
+            model=None if model is None else weakref.ref(model), notes=self._compile_notes(), stage_first_layer=stage)
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)

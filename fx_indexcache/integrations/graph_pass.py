@@ -16,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import IndexCacheConfig
 from ..context import GraphContext
-from ..detection.registry import detect, finders_fingerprint
+from ..detection.registry import LayerSource, detect, finders_fingerprint, refuse_stage_numbering, shift_to_global
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..graph_utils import fake_value
@@ -104,6 +104,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         session: IndexCacheSession | None = None,
         context: GraphContext | None = None,
         annotate: Callable[[IndexCacheReport], list[str]] | None = None,
+        stage_first_layer: int | None = None,
         **keys,
     ) -> None:
         if graph_starts_at_first_layer not in (None, True, False):
@@ -115,7 +116,12 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             raise TypeError("IndexCachePass: give graph_starts_at_first_layer or a context, not both")
         self.config = IndexCacheConfig.coerce(config, keys, "IndexCachePass")
         self.session = default_session() if session is None else session
-        self.context = context if context is not None else GraphContext(starts_at_first_layer=graph_starts_at_first_layer)
+        if context is None:
+            context = GraphContext(starts_at_first_layer=graph_starts_at_first_layer,
+                                   stage_first_layer=stage_first_layer)
+        elif stage_first_layer is not None:
+            context = dataclasses.replace(context, stage_first_layer=stage_first_layer)
+        self.context = context
         self.annotate = annotate  # an entry point's own notes on a report, added before it is published
         self.reports: list[IndexCacheReport] = []
 
@@ -155,8 +161,25 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         return self.context.layer_count(self.config)
 
     def detect(self, graph: fx.Graph):
-        """Detection under this graph's context (where layer identity may come from)."""
-        return detect(graph, self.context.starts_at_first_layer, self.layer_count())
+        """Detection under this graph's context (where layer identity may come from).
+
+        Module paths of a pipeline stage rebuilt from ``layers[N:]`` count from 0: they are shifted by the stage's
+        first layer when the context gives it, and refused when the model's layer count shows the layer list is
+        shorter than the model (never read as global numbers)."""
+        detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
+        if detection.layer_source is not LayerSource.MODULE_PATH:
+            return detection
+        first = self.context.stage_first_layer
+        if first:
+            shift_to_global(detection, first)
+            return detection
+        model, count = self.context.model_object(), self.config.num_layers or self.context.model_layers or (
+            len(self.config.explicit_pattern) if self.config.use_index_cache and self.config.explicit_pattern else None)
+        blocks = container_length(model, detection.container) if (
+            first is None and isinstance(model, nn.Module) and detection.container and count) else None
+        if blocks is not None and blocks < count:
+            refuse_stage_numbering(detection, blocks, count)
+        return detection
 
     def model_layers(self, detection) -> int | None:
         """The model's decoder-layer count: its config's, else the length of the layer list the module paths name
@@ -166,7 +189,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         model = self.context.model_object()
         if not isinstance(model, nn.Module) or not detection.container:
             return None
-        return container_length(model, detection.container)
+        blocks = container_length(model, detection.container)
+        return None if blocks is None else blocks + (self.context.stage_first_layer or 0)
 
     def ledger(self):
         return self.session.ledger(self.context.model_object())
@@ -210,10 +234,14 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         config = self.config
         if not config.use_index_cache or config.explicit_pattern is None:
             return
-        config.check_model_layers(self.model_layers(detection) or config.num_layers)
-        layers = [site.layer for site in detection.sites if site.layer is not None]
-        if layers and config.num_layers is None and max(layers) >= len(config.explicit_pattern):
-            raise config.pattern_length_error(max(layers) + 1, exact=False)
+        config.check_model_layers(self.context.model_layers or config.num_layers)  # a count the model states
+        # A lower bound otherwise: the layer list's length (a stage's list may be shorter than the model) and the
+        # highest layer this graph holds.
+        listed = self.model_layers(detection) if detection.unknown_reason is None else None
+        layers = [site.layer + 1 for site in detection.sites if site.layer is not None]
+        at_least = max([*layers, listed or 0])
+        if config.num_layers is None and at_least > len(config.explicit_pattern):
+            raise config.pattern_length_error(at_least, exact=False)
 
     def _leave_training_graph(self, detection, context: GraphContext, trace: PassTrace) -> IndexCacheReport:
         decisions = [LayerDecision(site.layer, UNMARKED, COMPUTED, site.layer, note=_TRAINING_NOTE)
@@ -260,7 +288,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
 
     def uuid(self) -> str:
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
-                 f"layers={self.context.model_layers}|inference={self.context.inference}|{_source_digest()}")
+                 f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
+                 f"inference={self.context.inference}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 
 
