@@ -271,3 +271,16 @@ def test_saved_transformers_directory_searched_compiled_equals_oracle(name, tmp_
     assert not torch.allclose(got, every_layer, atol=1e-4)  # the pattern changed what the model computes
     (report,) = backend.reports
     assert report.indexers_removed == 1
+
+
+def test_a_pattern_file_refuses_to_compile_another_model_class(tmp_path, reference_search):
+    """The backend sees which model it compiles: a file chosen for ReferenceDSAModel refuses another class."""
+    from dsa_programs import ModuleDSA, inputs
+
+    model, batches, choice = reference_search
+    path = choice.save(tmp_path / "p.json")
+    with torch.no_grad(), pytest.raises(Exception, match=r"pattern file is for model class 'ReferenceDSAModel'; "
+                                                         r"the model being compiled is 'ModuleDSA'"):
+        torch.compile(ModuleDSA(3), backend=IndexCacheEagerBackend(pattern_file=path))(inputs())
+    with torch.no_grad():  # the class it was chosen for compiles
+        torch.compile(model, backend=IndexCacheEagerBackend(pattern_file=path))(batches[0])

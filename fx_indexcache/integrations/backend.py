@@ -237,8 +237,9 @@ class IndexCacheBackend:
     _inductor_options = True
 
     def __init__(self, mode: str | None = None, **options: Any) -> None:
-        from ..tools.pattern_choice import pattern_file_options
+        from ..tools.pattern_choice import PatternChoice, pattern_file_options
 
+        path = options.get("pattern_file")
         options = pattern_file_options(options)  # pattern_file="p.json" -> its index_topk_pattern and num_layers
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
         check_backend_options(options, type(self).__name__, inductor=self._inductor_options)
@@ -246,6 +247,8 @@ class IndexCacheBackend:
         IndexCacheConfig.from_options({k: v for k, v in options.items() if k != STAGE_KEY})
         self.mode = mode
         self.options = dict(options)
+        #: the model class a pattern file was chosen for, checked against the model each compile sees
+        self.pattern_model_class = None if path is None else PatternChoice.load(path).model_class
         self._init_state()
 
     def _init_state(self, session: IndexCacheSession | None = None) -> None:
@@ -272,6 +275,7 @@ class IndexCacheBackend:
         stage = _stage_first_layer(given)
         given = {key: value for key, value in given.items() if key != STAGE_KEY}
         model, model_layers = _compiled_model()
+        self._check_pattern_model()
         shipped = _model_config_keys(model)
         if not any(key in given for key in PATTERN_KEYS):
             given = {**shipped, **given}
@@ -308,6 +312,15 @@ class IndexCacheBackend:
         inner = crossgraph_build.inductor_inner_compile(
             graph_pass, variants, lambda new: swapped_pass(graph_pass, new), plans)
         return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
+
+    def _check_pattern_model(self) -> None:
+        """A pattern file chosen for one model class refuses a compile of another (any module being compiled)."""
+        wanted = getattr(self, "pattern_model_class", None)
+        modules = modules_on_stack()
+        if wanted is None or not modules or any(type(module).__name__ == wanted for module in modules):
+            return
+        raise ValueError(f"{self!r}: the pattern file is for model class {wanted!r}; the model being compiled is "
+                         f"{type(modules[0]).__name__!r}")
 
     def _compile_notes(self) -> tuple[str, ...]:
         """Notes for every report of this compile: transformers' decode-step-only compile is said once, loudly."""
@@ -349,7 +362,8 @@ class IndexCacheBackend:
         return self
 
     def __getstate__(self) -> dict:
-        return {"mode": self.mode, "options": self.options}
+        return {"mode": self.mode, "options": self.options,
+                "pattern_model_class": getattr(self, "pattern_model_class", None)}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
