@@ -208,7 +208,7 @@ def _header(rows: list[dict], seconds: float) -> list[str]:
         "(`torch.compile`, dynamic shapes as dynamo chooses them), and run with the pattern shown: a prefill of "
         "12 tokens and two decode steps with the model's own cache. ✓ means bitwise equal to the oracle: the "
         "eager model with each S layer's indexer module patched to return the output of the nearest preceding "
-        "indexed layer marked F (`index_cache_oracle` in `tests/hf_oracle.py`). Export: `torch.export` under "
+        "indexed layer that computes, the engines' one-buffer rule (`index_cache_oracle` in `tests/hf_oracle.py`). Export: `torch.export` under "
         "`no_grad`, rewritten by `apply_index_cache_to_exported_program`, prefill compared with the oracle. "
         "A ✗ says which layers the pass left as is in that step; the notes say why sharing there is not proven "
         "right.",
