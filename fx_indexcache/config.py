@@ -285,7 +285,7 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
         here, with a warning that those engines would apply them. ``overrides`` win over the
         config and count as given.
         """
-        values = _read_keys(config)
+        values = read_config_keys(config)
         values.update(overrides)
         keyed = [key for key in PATTERN_KEYS if values.get(key) is not None]
         if "use_index_cache" not in values:
@@ -372,7 +372,7 @@ def _layers_to_show(values: Mapping[str, Any]) -> int:
     return 16
 
 
-def _read_keys(config: Any) -> dict[str, Any]:
+def read_config_keys(config: Any) -> dict[str, Any]:
     """The keys present in ``config`` or its ``text_config`` (outer first), ``num_layers`` included."""
     sources = [config]
     nested = _get(config, "text_config")

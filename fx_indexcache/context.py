@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,11 +55,23 @@ class GraphContext:
         return None if self.model is None else self.model()
 
 
-def model_layer_count(model: Any) -> int | None:
-    """The decoder-layer count a model's config states (``num_hidden_layers``, also in a ``text_config``)."""
-    config = getattr(model, "config", None)
-    for source in (config, getattr(config, "text_config", None)):
-        count = getattr(source, "num_hidden_layers", None)
-        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            return count
+def layer_count_of(config: Any) -> int | None:
+    """Decoder layers a model config states: ``num_hidden_layers`` (transformers, the engines), else ``num_layers``
+    (the reference model), in the config or its ``text_config``; None when it states neither."""
+    if config is None:
+        return None
+    sources = [config]
+    nested = config.get("text_config") if isinstance(config, Mapping) else getattr(config, "text_config", None)
+    if nested is not None:
+        sources.append(nested)
+    for key in ("num_hidden_layers", "num_layers"):
+        for source in sources:
+            value = source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
+
+
+def model_layer_count(model: Any) -> int | None:
+    """The decoder-layer count a model's config states (``layer_count_of`` on its ``config``)."""
+    return layer_count_of(getattr(model, "config", None))

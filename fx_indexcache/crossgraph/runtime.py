@@ -46,7 +46,7 @@ import enum
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import sympy
@@ -66,7 +66,6 @@ ENABLED = True
 class Fallback(str, enum.Enum):
     """Why a layer marked S computed instead of reading its F layer's indices."""
 
-    NO_SOURCE = "marked S with no F layer before it"
     NOT_PUBLISHED = "its F layer did not publish in this forward call"
     NOT_CONSECUTIVE = "the layers since its F layer's publish did not run consecutively up to this one"
     MISMATCH = "the published indices' shape, dtype, device or layout differ from what this graph expects"
@@ -294,28 +293,28 @@ def _forward_hook(owner: weakref.ref, *, opens: bool) -> Callable:
 _FORWARD_FRAMES = ("forward", "_call_impl", "_wrapped_call_impl", "__call__")
 
 
-def forward_running(root: nn.Module) -> bool:
-    """Whether a call of ``root``'s forward (or its ``__call__``) is on this thread's Python stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if getattr(owner, "_orig_mod", owner) is root and frame.f_code.co_name in _FORWARD_FRAMES:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def modules_on_stack() -> list[nn.Module]:
-    """The ``nn.Module`` ``self`` of every Python frame calling us, outermost first (``torch.compile``'s
-    wrapper unwrapped): the model whose layer this graph is, among them."""
-    found: dict[int, nn.Module] = {}
-    frame = sys._getframe(1)
+def _modules_calling() -> Iterator[tuple[str, nn.Module]]:
+    """(function name, module) for every Python frame on this thread's stack whose ``self`` is a module, innermost
+    first (``torch.compile``'s wrapper unwrapped to the module it compiles)."""
+    frame = sys._getframe(1)  # the frames of the helpers below hold no module: walking them costs nothing
     while frame is not None:
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(owner, nn.Module):
-            owner = getattr(owner, "_orig_mod", owner)
-            found.setdefault(id(owner), owner)
+            yield frame.f_code.co_name, getattr(owner, "_orig_mod", owner)
         frame = frame.f_back
+
+
+def forward_running(root: nn.Module) -> bool:
+    """Whether a call of ``root``'s forward (or its ``__call__``) is on this thread's Python stack."""
+    return any(module is root and name in _FORWARD_FRAMES for name, module in _modules_calling())
+
+
+def modules_on_stack() -> list[nn.Module]:
+    """The ``nn.Module`` ``self`` of every Python frame calling us, outermost first: the model whose layer this
+    graph is, among them."""
+    found: dict[int, nn.Module] = {}
+    for _, module in _modules_calling():
+        found.setdefault(id(module), module)
     return list(reversed(found.values()))
 
 

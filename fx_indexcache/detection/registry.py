@@ -293,7 +293,6 @@ def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
         site.readers = tuple(read_by)
         if own is not None and own[0] == container and own[1] in read_by:
             return own
-        return container, read_by[0]
     return container, read_by[0]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..config import CONFIG_KEYS, PATTERN_KEYS, IndexCacheConfig, check_keys
+from ..config import CONFIG_KEYS, PATTERN_KEYS, IndexCacheConfig, check_keys, read_config_keys
 from ..context import GraphContext, model_layer_count
 from ..crossgraph import build as crossgraph_build
 from ..crossgraph.runtime import LayerCall, modules_on_stack
@@ -183,9 +183,7 @@ def _model_config_keys(model: Any) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
         return {}
-    from ..config import _read_keys
-
-    keys = _read_keys(config)
+    keys = read_config_keys(config)
     return {key: keys[key] for key in PATTERN_KEYS if keys.get(key) is not None}
 
 

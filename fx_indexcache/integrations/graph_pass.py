@@ -169,16 +169,13 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
-        first = self.context.stage_first_layer
-        if first:
+        first, count, model = self.context.stage_first_layer, self.layer_count(), self.context.model_object()
+        if first is not None:  # told where the stage starts: its paths are global once shifted
             shift_to_global(detection, first)
-            return detection
-        model, count = self.context.model_object(), self.config.num_layers or self.context.model_layers or (
-            len(self.config.explicit_pattern) if self.config.use_index_cache and self.config.explicit_pattern else None)
-        blocks = container_length(model, detection.container) if (
-            first is None and isinstance(model, nn.Module) and detection.container and count) else None
-        if blocks is not None and blocks < count:
-            refuse_stage_numbering(detection, blocks, count)
+        elif count and detection.container and isinstance(model, nn.Module):
+            blocks = container_length(model, detection.container)
+            if blocks is not None and blocks < count:
+                refuse_stage_numbering(detection, blocks, count)
         return detection
 
     def model_layers(self, detection) -> int | None:

@@ -122,9 +122,11 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
     )
 
 
-def buffer_sources(sites: list[IndexerSite], config: IndexCacheConfig, present: frozenset[int],
+def sources_in_graph(sites: list[IndexerSite], config: IndexCacheConfig, present: frozenset[int],
                    absent: Mapping[int, str] | None = None) -> dict[int, IndexerSite | str]:
-    """Per site (by layer), the site of this graph whose indices it uses under the engines' one-buffer rule:
+    """``IndexCacheConfig.buffer_sources`` inside one graph, which may not hold every layer of the model.
+
+    Per site (by layer), the site of this graph whose indices it uses under the engines' one-buffer rule:
     itself when it computes, the nearest preceding computing site when it shares, or why (str) that site is
     not in this graph.
 
@@ -240,7 +242,7 @@ def apply_index_cache(
               for record in detection.records.values() for layer in record.serves}
     absent.update({site.layer: "it holds more than one indexer" for site, _ in detection.unplaced
                    if site.layer is not None and site.layer not in {s.layer for s in detection.sites}})
-    sources = buffer_sources(detection.sites, config, detection.layers_present, absent)
+    sources = sources_in_graph(detection.sites, config, detection.layers_present, absent)
     decisions = [_decide(graph, site, sources[site.layer], config, writes) for site in detection.sites]
     if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
         graph.eliminate_dead_code()
@@ -266,7 +268,7 @@ def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, confi
     keep_writes = at_stake and writes.earlier(site) is WriteChoice.KEPT
     if reason is None and keep_writes and site.inserts_keys_itself():
         reason = "an earlier graph of this model kept this layer's key-cache insert, which sharing would drop"
-    if reason is not None or isinstance(source, str):
+    if reason is not None:  # a source outside the graph (str) is a refusal too
         writes.check_computing(site, reason)
         return LayerDecision(layer, marked, LEFT, layer, note=reason)
     decision = _share(graph, site, source, drop_writes=at_stake and not keep_writes)

@@ -138,7 +138,8 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
 def _file_target(args: argparse.Namespace) -> ProbeTarget:
     """``--model DIR`` and/or ``--calibration FILE`` (without ``--model``: the built-in checkpoint on the file)."""
     from .model_source import calibration_batches, load_model_directory
-    from .pattern_choice import _Caller, _check_batches, layer_count_of
+    from ..context import layer_count_of
+    from .pattern_choice import _Caller, _check_batches
 
     if args.model and (args.hf_model or args.random_weights or args.checkpoint):
         raise SystemExit("--model excludes --hf-model, --random-weights and --checkpoint")

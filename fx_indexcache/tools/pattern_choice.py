@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..config import CONFIG_KEYS, FULL, IndexCacheConfig
+from ..context import layer_count_of
 from .calibration import ProbeTarget, compile_probe
 from .overlap import OverlapAccumulator, OverlapResult
 from .pattern_search import PatternScorer, SearchStep, greedy_search, resolve_target, uniform_pattern
@@ -97,23 +98,6 @@ def config_digest(model: torch.nn.Module) -> str:
     payload = json.dumps({"class": type(model).__name__, "config": _clean(_config_dict(_config_of(model)))},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def layer_count_of(config: Any) -> int | None:
-    """Decoder layers a model config states: ``num_hidden_layers`` (transformers, the engines), else ``num_layers``
-    (the reference model), in the config or its ``text_config``; None when it states neither."""
-    if config is None:
-        return None
-    sources = [config]
-    nested = config.get("text_config") if isinstance(config, Mapping) else getattr(config, "text_config", None)
-    if nested is not None:
-        sources.append(nested)
-    for key in ("num_hidden_layers", "num_layers"):
-        for source in sources:
-            value = source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
 
 
 def model_type_of(config: Any) -> str | None:
@@ -617,10 +601,10 @@ def options_from_config(config: Any, pattern_file: str | Path | None, options: M
     applies. ``pattern_file`` replaces the config's pattern after its model type and layer count are checked against
     the config; explicit ``options`` win over the config (a pattern key beside ``pattern_file`` is refused).
     """
-    from ..config import _read_keys
+    from ..config import read_config_keys
 
     IndexCacheConfig.from_hf_config(config)  # a bad key in the config fails here, naming it
-    read = {key: value for key, value in _read_keys(config).items() if value is not None}
+    read = {key: value for key, value in read_config_keys(config).items() if value is not None}
     layers = layer_count_of(config)
     if layers is not None:
         read["num_layers"] = layers

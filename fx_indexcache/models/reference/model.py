@@ -148,11 +148,6 @@ class DSAModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
-    def num_hidden_layers(self) -> int:
-        """``num_layers`` under transformers' name, which the IndexCache backends read a model's layer count from."""
-        return self.num_layers
-
-    @property
     def num_moe_layers(self) -> int:
         return 0 if self.dense_mlp_instead_of_moe else self.num_layers - self.first_k_dense_layers
 
