@@ -97,10 +97,13 @@ class IndexCacheConfig:
     """Validated IndexCache settings; see the module docstring for the semantics.
 
     ``num_layers`` is the model's decoder-layer count when a model config tells it; a
-    pattern of another length is then rejected. ``drop_shared_indexer_cache_writes`` lets
-    the pass also delete the S layers' indexer key-cache writes, which nothing reads once
-    those layers share indices (off by default: the cache then stays complete for a caller
-    that runs the unrewritten model on it). ``fuse_indexer_kernel`` lets the F layers' scoring
+    pattern of another length is then rejected. ``drop_shared_indexer_cache_writes`` says whether
+    the pass also deletes the S layers' indexer key-cache writes, which nothing reads once those
+    layers share indices (as the hand-written model, which has no S-layer indexer). Left at None it
+    means "drop where proven": in a graph that holds every decoder layer of the model, so every S
+    layer shares inside it and no cross-graph variant computes one, and no call of the model runs
+    eagerly beside it (transformers' eager prefill); kept elsewhere, so the cache stays complete for
+    whatever computes that layer. True drops wherever a layer shares, False never. ``fuse_indexer_kernel`` lets the F layers' scoring
     run as one fused Triton kernel where it is proven equivalent and supported (CUDA, bf16/fp16);
     elsewhere Inductor's code stays. Left at None it means "fuse when IndexCache is on": with
     ``use_index_cache=False`` the graph is then left exactly as it is, and only an explicit
@@ -118,7 +121,7 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     index_topk_pattern: str | None = None
     indexer_types: tuple[str, ...] | None = None
     num_layers: int | None = None
-    drop_shared_indexer_cache_writes: bool = False
+    drop_shared_indexer_cache_writes: bool | None = None  # None: drop where proven (see above)
     fuse_indexer_kernel: bool | None = None
     indexer_precision: str = "bf16"
     switch: Switch = dataclasses.field(default=Switch.GIVEN, compare=False)
@@ -130,8 +133,10 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
             object.__setattr__(self, "switch", Switch.IMPLIED_BY_KEYS if keyed else Switch.DEFAULT)
         if not isinstance(self.use_index_cache, bool):
             raise _bad("use_index_cache", self.use_index_cache, "a bool")
-        if not isinstance(self.drop_shared_indexer_cache_writes, bool):
-            raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes, "a bool")
+        if self.drop_shared_indexer_cache_writes is not None and not isinstance(
+                self.drop_shared_indexer_cache_writes, bool):
+            raise _bad("drop_shared_indexer_cache_writes", self.drop_shared_indexer_cache_writes,
+                       "a bool, or None (drop where the graph proves nothing else computes the layer)")
         if self.fuse_indexer_kernel is not None and not isinstance(self.fuse_indexer_kernel, bool):
             raise _bad("fuse_indexer_kernel", self.fuse_indexer_kernel, "a bool or None (fuse when IndexCache is on)")
         if not isinstance(self.indexer_precision, str) or self.indexer_precision not in INDEXER_PRECISIONS:

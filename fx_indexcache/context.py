@@ -41,6 +41,9 @@ class GraphContext:
     #: A pipeline stage's first global decoder layer, when its module paths count from 0 (``layers[2:]`` rebuilt
     #: as a list of its own); None: the paths are global.
     stage_first_layer: int | None = None
+    #: Why some calls of the model run uncompiled beside this graph (transformers' decode-step compile, whose
+    #: prefill is eager), or None. Such calls compute every layer, so no S layer's cache writes may be dropped.
+    eager_calls: str | None = None
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

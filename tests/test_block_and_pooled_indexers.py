@@ -69,11 +69,13 @@ def test_minimax_block_indexer_shares_like_the_oracle():
         assert torch.equal(mine, base)
 
 
-@pytest.mark.parametrize("drop_writes", [False, True])
+@pytest.mark.parametrize("drop_writes", [None, False, True])
 def test_minimax_static_cache_generate_shares_in_every_step(drop_writes):
     """With transformers' static cache every graph has fixed shapes: k and the block count are provable, so
     prefill and every decode step share, and greedy generation equals the oracle's bitwise. With
-    ``drop_shared_indexer_cache_writes`` the S layers' index-key cache writes go too (nothing reads them)."""
+    ``drop_shared_indexer_cache_writes`` the S layers' index-key cache writes go too (nothing reads them); left at
+    None (the default) they go as well, since each graph holds all three layers of the model (proven), and with
+    False they stay."""
     from fx_indexcache import IndexCacheEagerBackend, prepared_static_cache
 
     tiny = H.TINY_DSA_MODELS["minimax_m3_vl"]()
@@ -97,7 +99,7 @@ def test_minimax_static_cache_generate_shares_in_every_step(drop_writes):
         backend = _keeping_cache_writes(fic.IndexCacheConfig(
             use_index_cache=True, index_topk_pattern="FSS", drop_shared_indexer_cache_writes=True))
     else:
-        backend = IndexCacheEagerBackend(index_topk_pattern="FSS")
+        backend = IndexCacheEagerBackend(index_topk_pattern="FSS", drop_shared_indexer_cache_writes=drop_writes)
     tiny.model.forward = torch.compile(tiny.model.forward, backend=backend)
     try:
         tokens, logits = generate()
@@ -113,8 +115,10 @@ def test_minimax_static_cache_generate_shares_in_every_step(drop_writes):
         # one layer's index keys: batch 1 x 1 head x max_cache_len rows x index_head_dim fp32 values (prefill),
         # one row in decode
         rows = ids.shape[1] if report is reports[0] else 1
-        expected_bytes = rows * tiny.config.index_head_dim * 4 if drop_writes else 0
+        expected_bytes = rows * tiny.config.index_head_dim * 4 if drop_writes is not False else 0
         assert saved == [0, expected_bytes, expected_bytes], saved
+        if drop_writes is None:  # the report says why the default dropped them
+            assert "all 3 decoder layers" in report.decisions[1].note, report.decisions[1].note
 
 
 def _keeping_cache_writes(config: fic.IndexCacheConfig):

@@ -280,9 +280,12 @@ class IndexCacheBackend:
         elif shipped:
             _refuse_contradicting(shipped, given, model, model_layers)
         config, inductor_options = IndexCacheConfig.from_options(given)
+        decode_only = self._decode_only_note()
         context = GraphContext(
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
-            model=None if model is None else weakref.ref(model), notes=self._compile_notes(), stage_first_layer=stage)
+            model=None if model is None else weakref.ref(model), notes=() if decode_only is None else (decode_only,),
+            stage_first_layer=stage,
+            eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly")
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
@@ -320,15 +323,15 @@ class IndexCacheBackend:
         raise ValueError(f"{self!r}: the pattern file is for model class {wanted!r}; the model being compiled is "
                          f"{type(modules[0]).__name__!r}")
 
-    def _compile_notes(self) -> tuple[str, ...]:
-        """Notes for every report of this compile: transformers' decode-step-only compile is said once, loudly."""
+    def _decode_only_note(self) -> str | None:
+        """A note for every report of this compile when it is transformers' decode-step-only compile (said once,
+        loudly), else None."""
         from .transformers_compile import decode_only_note
 
         note = decode_only_note(self)
-        if note is None:
-            return ()
-        self.session.warn_once("decode-only", "fx_indexcache: %s", note)
-        return (note,)
+        if note is not None:
+            self.session.warn_once("decode-only", "fx_indexcache: %s", note)
+        return note
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``: drop CUDA-graph trees, as torch's own Inductor backend does."""

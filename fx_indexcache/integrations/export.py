@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +39,7 @@ def apply_index_cache_to_exported_program(
             "drop_shared_indexer_cache_writes=True is not allowed for an exported program: "
             "its cache writes are part of the program's signature"
         )
+    config = dataclasses.replace(config, drop_shared_indexer_cache_writes=False)  # None (where proven) too
     # An exported program is one whole graph, from the model's first layer on: graph order may number it when
     # its indexer count is the model's layer count.
     context = GraphContext(graph_name="exported program", starts_at_first_layer=True, model=weakref.ref(program))

@@ -23,7 +23,7 @@ from ..graph_utils import fake_value
 from ..report.graph_report import IndexCacheReport
 from ..report.trace import PassTrace
 from ..rewrite.regional import share_across_regions
-from ..rewrite.share import COMPUTED, UNMARKED, LayerDecision, apply_index_cache
+from ..rewrite.share import COMPUTED, UNMARKED, DropProof, LayerDecision, apply_index_cache
 from ..session import IndexCacheSession, default_session
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,17 @@ def container_length(model: nn.Module, container: str) -> int | None:
         if re.sub(r"[._]", ".", name) == container and isinstance(module, (nn.ModuleList, nn.Sequential)):
             return len(module)
     return None
+
+
+def _spans(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    spans: list[list[int]] = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 class IndexCachePass(_pass_base()):  # type: ignore[misc]
@@ -192,10 +203,31 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     def ledger(self):
         return self.session.ledger(self.context.model_object())
 
+    def drop_proof(self, detection) -> DropProof:
+        """Whether nothing but this graph computes its S layers, so their key-cache writes are never read, and why.
+
+        The proof: the graph holds every decoder layer of a model whose layer count is known (its config, the keys,
+        the pattern, or its layer list), so each S layer's source is in the graph, no cross-graph variant of it
+        computes an S layer, and every other graph of the model is bound by the ledger (a later graph that would
+        compute a dropped layer fails loudly); and no call of the model runs eagerly beside it.
+        """
+        if detection.unknown_reason is not None:
+            return DropProof(False, "not proven: the layer index is unknown")
+        if self.context.eager_calls is not None:
+            return DropProof(False, f"not proven: {self.context.eager_calls}, computing every layer")
+        count = self.layer_count() or self.model_layers(detection)
+        if not count:
+            return DropProof(False, "not proven: the model's layer count is not known")
+        missing = sorted(set(range(count)) - detection.layers_present)
+        if missing:
+            return DropProof(False, f"not proven: the graph does not hold layer(s) {_spans(missing)} of the model's "
+                                    f"{count}; another graph may compute its S layers")
+        return DropProof(True, f"proven: the graph holds all {count} decoder layers of the model")
+
     def share_in_place(self, graph: fx.Graph):
         """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
         detection = self.detect(graph)
-        apply_index_cache(graph, detection, self.config, self.ledger())
+        apply_index_cache(graph, detection, self.config, self.ledger(), self.drop_proof(detection))
         return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
@@ -210,7 +242,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             return self._leave_training_graph(detection, context, trace)
         self._check_pattern_length(detection)
         with trace.stage("share"):
-            decisions = apply_index_cache(graph, detection, self.config, self.ledger())  # all F when off
+            decisions = apply_index_cache(graph, detection, self.config, self.ledger(),  # all F when off
+                                          self.drop_proof(detection))
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
@@ -286,6 +319,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     def uuid(self) -> str:
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
+                 f"eager_calls={self.context.eager_calls is not None}|"
                  f"inference={self.context.inference}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 

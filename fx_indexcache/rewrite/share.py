@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -177,19 +178,38 @@ def _refusal(site: IndexerSite, source: IndexerSite | str) -> str | None:
     return site.refusal() or site.incompatibility(source)
 
 
+class DropProof(NamedTuple):
+    """Whether a graph proves that nothing else computes its S layers (so their cache writes may go), and why."""
+
+    proven: bool
+    why: str
+
+
+NOT_PROVEN = DropProof(False, "not proven that nothing else computes the layer")
+
+
 class _Writes:
     """The cache-write side of the decisions: one choice per layer across the model's graphs.
 
-    Only sites whose writes sharing would drop take part: an op that inserts its keys itself
-    (vLLM's), or explicit writes with ``drop_shared_indexer_cache_writes``.
+    Sharing drops a site's writes where the op inserts its keys itself (vLLM's), or where the config drops
+    explicit writes: ``drop_shared_indexer_cache_writes=True``, or left at None where ``proof`` holds. Every site that writes its cache is checked against the
+    ledger when it computes, whatever this graph drops: an earlier graph's drop binds every later graph.
     """
 
-    def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger) -> None:
+    def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger, proof: DropProof) -> None:
         self.config, self.ledger, self.scope = config, ledger, config.fingerprint()
+        chosen = config.drop_shared_indexer_cache_writes
+        self.drops = chosen if chosen is not None else proof.proven
+        #: Why the writes go (shown with each dropped layer), or why they stay.
+        self.why = proof.why if chosen is None else f"drop_shared_indexer_cache_writes={chosen}"
 
     def at_stake(self, site: IndexerSite) -> bool:
         """Whether sharing ``site`` would drop cache writes. Ask before rewiring: it reads the graph."""
-        return site.inserts_keys_itself() or (self.config.drop_shared_indexer_cache_writes and bool(site.cache_writes()))
+        return site.inserts_keys_itself() or (self.drops and bool(site.cache_writes()))
+
+    @staticmethod
+    def writes_cache(site: IndexerSite) -> bool:
+        return site.inserts_keys_itself() or bool(site.cache_writes())
 
     @staticmethod
     def key(site: IndexerSite) -> str:
@@ -203,7 +223,7 @@ class _Writes:
 
     def check_computing(self, site: IndexerSite, why: str) -> None:
         """A layer that computes here must not be one whose writes an earlier graph dropped."""
-        if not self.at_stake(site):
+        if not self.writes_cache(site):
             return
         if site.layer is None:
             dropped = self.ledger.any_dropped(self.scope)
@@ -226,13 +246,16 @@ class _Writes:
 
 def apply_index_cache(
     graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger,
+    drop_proof: DropProof = NOT_PROVEN,
 ) -> list[LayerDecision]:
     """Rewrite ``graph`` in place; one decision per detected site, in layer order.
 
     ``ledger`` holds the cache-write choices of the model's other graphs; it may turn a share into "share,
-    writes kept", or raise ``CacheWriteConflict``.
+    writes kept", or raise ``CacheWriteConflict``. ``drop_proof``: whether no other graph or eager call of the model
+    computes this graph's S layers (``IndexCachePass.drop_proof``), which lets the default
+    ``drop_shared_indexer_cache_writes=None`` drop their key-cache writes.
     """
-    writes = _Writes(config, ledger)
+    writes = _Writes(config, ledger, drop_proof)
     if detection.unknown_reason is not None:
         for site in detection.sites:
             writes.check_computing(site, "layer index unknown")
@@ -271,12 +294,17 @@ def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, confi
     if reason is not None:  # a source outside the graph (str) is a refusal too
         writes.check_computing(site, reason)
         return LayerDecision(layer, marked, LEFT, layer, note=reason)
+    explicit_writes = bool(site.cache_writes())  # asked before the rewiring erases the cone they hang off
     decision = _share(graph, site, source, drop_writes=at_stake and not keep_writes)
     decision.key_insert_dropped = site.inserts_keys_itself()
     if at_stake:
         writes.record(site, WriteChoice.KEPT if keep_writes else WriteChoice.DROPPED)
     if keep_writes:
         decision.note += "; its cache writes kept, as an earlier graph of this model kept them"
+    elif decision.cache_bytes_saved:
+        decision.note += f"; its key-cache writes dropped ({writes.why})"
+    elif explicit_writes and not at_stake:
+        decision.note += f"; its key-cache writes kept ({writes.why})"
     return decision
 
 
