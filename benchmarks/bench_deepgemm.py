@@ -20,7 +20,9 @@ Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled b
   kernel exists.
 
 The table names the card, driver, torch, CUDA, Triton, DeepGEMM and the commit (``bench_environment``).
-Writes ``<out>/deepgemm.{json,md}`` (the json: one record per shape, each with the machine's description).
+Writes ``<out>/deepgemm.{json,md}`` (the json: one record per shape, each with the machine's description) and
+``<out>/results_rows.csv``, the run's figures as rows of the project's results table: merge them with
+``python scripts/results_tables.py --add <out>/results_rows.csv``.
 Usage: ``python benchmarks/bench_deepgemm.py --out DIR [--quick]``.
 """
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 
-from bench_environment import describe_machine  # noqa: E402
+from bench_environment import describe_machine, write_result_rows  # noqa: E402
 from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
 
 BLOCK_KV = 64
@@ -169,7 +171,29 @@ def main() -> int:
     table = _table(rows, env)
     (args.out / "deepgemm.md").write_text(table)
     print(table)
+    written = write_result_rows(args.out / "results_rows.csv", "indexer_vs_deepgemm", env,
+                                "benchmarks/bench_deepgemm.py", result_values(rows))
+    print(f"{written} rows in {args.out / 'results_rows.csv'}; add them with "
+          f"python scripts/results_tables.py --add {args.out / 'results_rows.csv'}")
     return 0
+
+
+#: The table's timing columns: (the row's key, the results table's variant).
+_TIMED = [("bf16_us", "ours_bf16_logits"), ("bf16_topk_us", "ours_bf16_logits_topk"),
+          ("fused_topk_us", "ours_fused_score_topk"), ("deepgemm_fp8_us", "deepgemm_fp8_logits"),
+          ("deepgemm_fp8_topk_us", "deepgemm_fp8_logits_topk"), ("ours_fp8_us", "ours_fp8_logits"),
+          ("ours_fp8_topk_us", "ours_fp8_logits_topk")]
+
+
+def result_values(rows: list[dict]) -> list[tuple]:
+    """``(shape, variant, metric, value, unit)`` of every figure the rows hold (a shape that failed holds none)."""
+    values = []
+    for r in rows:
+        shape = f"{r['kind']} {r['B']}×{r['S']}×{r['T']}"
+        values += [(shape, variant, "us", r.get(key), "us") for key, variant in _TIMED]
+        values += [(shape, "deepgemm_fp8", "set_agreement", r.get("dg_agreement"), "fraction"),
+                   (shape, "ours_fp8", "set_agreement", r.get("ours_fp8_agreement"), "fraction")]
+    return values
 
 
 if __name__ == "__main__":

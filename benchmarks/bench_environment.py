@@ -40,3 +40,31 @@ def describe_machine() -> dict:
         "commit": os.environ.get("BENCH_COMMIT") or _run(["git", "rev-parse", "HEAD"]) or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def _results_tables():
+    """``scripts/results_tables.py`` (not a package), where the results table's columns and writer live."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py"
+    spec = importlib.util.spec_from_file_location("results_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("results_tables", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_result_rows(path, benchmark: str, env: dict, source: str, values) -> int:
+    """Write one run's figures as rows of the results table (``values``: ``(shape, variant, metric, value, unit)``
+    tuples, a None value skipped) to ``path``; ``scripts/results_tables.py --add path`` merges them. Returns how
+    many rows were written."""
+    tables = _results_tables()
+    device = env["device"] + (f", driver {env['driver']}" if env.get("driver") not in (None, "", "-") else "")
+    rows = [dict(benchmark=benchmark, shape=shape, variant=variant, pattern="", metric=metric, value=f"{value:.4g}",
+                 unit=unit, device=device, torch=env["torch"], triton=env["triton"], date=env["date"][:10],
+                 commit=env["commit"][:7], source=source)
+            for shape, variant, metric, value, unit in values if value is not None]
+    tables.write_rows(path, rows)
+    return len(rows)

@@ -8,6 +8,11 @@ CSV, and ``--check`` (what the tests run) fails when a doc and the data disagree
 
     python scripts/results_tables.py          # rewrite the blocks in README.md and docs/*.md
     python scripts/results_tables.py --check  # exit 1, naming the tables, when any block is stale
+    python scripts/results_tables.py --add OUT/results_rows.csv  # a benchmark run's rows into the table
+
+A benchmark run on the GPU machine writes its rows as a CSV of the same columns into its output folder (the
+machine's copy of the checkout does not come back); ``--add`` merges them here: a row of the same benchmark,
+shape, variant, pattern, metric, device and commit is replaced, never duplicated.
 """
 
 from __future__ import annotations
@@ -155,6 +160,36 @@ def read_results(path: Path = RESULTS) -> list[dict[str, str]]:
     return rows
 
 
+#: What makes two rows the same measurement: a newer run of it replaces the older.
+ROW_KEY = ("benchmark", "shape", "variant", "pattern", "metric", "device", "commit")
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)  # csv's own \r\n, as the table has
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def add_rows(fragments: list[Path], results: Path = RESULTS) -> int:
+    """Merge the rows of ``fragments`` (CSVs of ``FIELDS``, checked as the table is) into ``results``; returns how
+    many rows were new."""
+    rows = read_results(results)
+    at = {tuple(row[k] for k in ROW_KEY): i for i, row in enumerate(rows)}
+    added = 0
+    for fragment in fragments:
+        for row in read_results(fragment):
+            key = tuple(row[k] for k in ROW_KEY)
+            if key in at:
+                rows[at[key]] = row
+            else:
+                at[key] = len(rows)
+                rows.append(row)
+                added += 1
+    write_rows(results, rows)
+    return added
+
+
 def _cell(column: Column, values: dict[tuple[str, str, str], dict[str, str]], shape: str) -> str:
     found = [values.get((shape, variant, metric)) for variant, metric in column.cells]
     if all(row is None for row in found):
@@ -207,7 +242,12 @@ def stale_docs(rows: list[dict[str, str]] | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only say which docs are stale (exit 1 if any)")
+    parser.add_argument("--add", type=Path, nargs="+", metavar="ROWS_CSV",
+                        help="first merge these benchmark rows (a run's results_rows.csv) into the results table")
     args = parser.parse_args(argv)
+    if args.add:
+        added = add_rows(args.add)
+        print(f"{RESULTS.relative_to(ROOT)}: {added} new row(s) from {', '.join(map(str, args.add))}")
     rows = read_results()
     stale = stale_docs(rows)
     if args.check:

@@ -81,3 +81,27 @@ def test_no_docs_are_diaries_and_none_name_a_package_index_host():
     for doc in DOCS:
         text = doc.read_text()
         assert not re.search(r"pypi\.org|pythonhosted|download\.pytorch\.org|--index-url", text), doc.name
+
+
+def test_a_benchmark_run_s_rows_merge_into_the_table_replacing_the_same_measurement(tmp_path):
+    """``bench_environment.write_result_rows`` writes what ``results_tables.py --add`` merges: new figures are
+    appended, a re-run of the same benchmark, shape, variant, metric, device and commit replaces its row."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_environment import write_result_rows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    table = tmp_path / "results.csv"
+    results_tables.write_rows(table, results_tables.read_results()[:3])
+    env = dict(device="NVIDIA H100 80GB HBM3", driver="580.159.04", torch="2.11.0+cu130", triton="3.6.0",
+               commit="0123456789ab", date="2026-12-05 21:00 UTC")
+    run = tmp_path / "run.csv"
+    values = [("decode 1×1×32768", "ours_fused_score_topk", "us", 17.5, "us"), ("decode 1×1×32768", "x", "us", None, "us")]
+    assert write_result_rows(run, "indexer_vs_deepgemm", env, "benchmarks/bench_deepgemm.py", values) == 1
+    assert results_tables.add_rows([run], table) == 1
+    values[0] = ("decode 1×1×32768", "ours_fused_score_topk", "us", 16.0, "us")
+    write_result_rows(run, "indexer_vs_deepgemm", env, "benchmarks/bench_deepgemm.py", values)
+    assert results_tables.add_rows([run], table) == 0
+    rows = results_tables.read_results(table)
+    assert len(rows) == 4 and rows[-1]["value"] == "16" and rows[-1]["device"].endswith("driver 580.159.04")
+    assert rows[-1]["commit"] == "0123456" and rows[-1]["date"] == "2026-12-05"
