@@ -12,7 +12,7 @@ Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled b
 * prefill ``S x T``, the queries the last S of T keys (causal): ``fp8_fp4_mqa_logits`` (``ks = 0``,
   ``ke = T - S + i + 1``) against ``indexer_logits`` (bf16) and ``logits_from_fp8`` (our fp8 kernel);
 * decode ``B x 1 x T``: ``fp8_fp4_paged_mqa_logits`` (blocks of 64 keys in a shuffled block table, the
-  scheduling metadata made once) against ``indexer_logits``;
+  scheduling metadata made once) against ``indexer_logits`` and our fp8 decode kernel (contiguous keys);
 * each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
   (``triton.testing.do_bench_cudagraph`` medians); agreement of each fp8 top-k set with the bf16 one
   (mean |set & bf16 set| / k) and the logits' relative difference.
@@ -102,7 +102,7 @@ def measure(dg, kind, B, S, T) -> dict:
         got = theirs().view(B, S, T)
         row.update(dg_agreement=_agreement(got, ref, TOPK), dg_rel_diff=_rel_diff(got, ref))
         pairs["deepgemm_fp8"] = lambda: theirs().view(B, S, T)
-    if kind == "prefill":
+    if kind == "prefill" or S == 1:  # decode: our fp8 decode kernel on contiguous keys (DeepGEMM's are paged)
         ours8 = f8.logits_from_fp8(ops, causal=True)
         row.update(ours_fp8_agreement=_agreement(ours8, ref, TOPK), ours_fp8_rel_diff=_rel_diff(ours8, ref))
         pairs["ours_fp8"] = lambda: f8.logits_from_fp8(ops, causal=True, out=out)
