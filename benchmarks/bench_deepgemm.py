@@ -12,7 +12,8 @@ Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled b
 * prefill ``S x T``, the queries the last S of T keys (causal): ``fp8_fp4_mqa_logits`` (``ks = 0``,
   ``ke = T - S + i + 1``) against ``indexer_logits`` (bf16) and ``logits_from_fp8`` (our fp8 kernel);
 * decode ``B x 1 x T``: ``fp8_fp4_paged_mqa_logits`` (blocks of 64 keys in a shuffled block table, the
-  scheduling metadata made once) against ``indexer_logits`` and our fp8 decode kernel (contiguous keys);
+  scheduling metadata made once) against ``indexer_logits`` and our fp8 decode kernels, on contiguous keys and
+  on pages of 64 keys in a shuffled block table (``paged_decode``);
 * each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
   (``triton.testing.do_bench_cudagraph`` medians); agreement of each fp8 top-k set with the bf16 one
   (mean |set & bf16 set| / k) and the logits' relative difference.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
+from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
 
 from bench_environment import describe_machine, write_result_rows  # noqa: E402
 from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
@@ -87,6 +89,21 @@ def paged_logits(dg, ops: f8.Fp8Operands):
                                                torch.float32)
 
 
+def our_paged_logits(ops: f8.Fp8Operands):
+    """Our paged fp8 decode kernel on the same operands: keys and their scales in pages of BLOCK_KV tokens at
+    shuffled places of one pool (our layout: keys and scales in two pools, one block table)."""
+    B, T = ops.k8.shape[0], ops.k8.shape[1]
+    nblk = T // BLOCK_KV
+    table = torch.randperm(B * nblk, device="cuda", dtype=torch.int32).view(B, nblk)
+    pool = torch.empty(B * nblk, BLOCK_KV, D, dtype=ops.k8.dtype, device="cuda")
+    pool[table.view(-1).long()] = ops.k8.reshape(B * nblk, BLOCK_KV, D)
+    scales = torch.empty(B * nblk, BLOCK_KV, device="cuda")
+    scales[table.view(-1).long()] = ops.k_scale.reshape(B * nblk, BLOCK_KV)
+    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    out = torch.empty(B, 1, T, device="cuda")
+    return lambda: pd.paged_decode_logits(ops.q8, pool, ops.weights, table, lens, k_scale=scales, out=out)
+
+
 def measure(dg, kind, B, S, T) -> dict:
     """One shape's row; ``dg`` None (DeepGEMM not importable): our kernels only."""
     q, k, w = _inputs(B, S, T)
@@ -106,6 +123,10 @@ def measure(dg, kind, B, S, T) -> dict:
         ours8 = f8.logits_from_fp8(ops, causal=True)
         row.update(ours_fp8_agreement=_agreement(ours8, ref, TOPK), ours_fp8_rel_diff=_rel_diff(ours8, ref))
         pairs["ours_fp8"] = lambda: f8.logits_from_fp8(ops, causal=True, out=out)
+    if kind == "decode":
+        paged = our_paged_logits(ops)
+        row.update(ours_fp8_paged_agreement=_agreement(paged(), ref, TOPK))
+        pairs["ours_fp8_paged"] = paged
     for name, fn in pairs.items():
         row[f"{name}_us"] = _graph_us(fn)
         row[f"{name}_topk_us"] = _graph_us(lambda fn=fn: li.indexer_topk(fn(), TOPK, sorted=False, method="triton"))
@@ -122,12 +143,12 @@ def _table(rows, env) -> str:
         "our bf16 logits. Fused score + top-k (one kernel, no logits written): not built yet.",
         "",
         "| shape | bf16 (ours) | + top-k | fused score+top-k | fp8 DeepGEMM | + top-k | fp8 ours | + top-k "
-        "| DeepGEMM agreement | ours fp8 agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fp8 ours paged | + top-k | DeepGEMM agreement | ours fp8 agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | error: {r['error']} |||||||||||")
             continue
         f = lambda key: f"{r[key]:.1f}" if key in r else "—"  # noqa: E731
         g = lambda key: f"{r[key]:.4f}" if key in r else "—"  # noqa: E731
@@ -135,7 +156,8 @@ def _table(rows, env) -> str:
             f"| {r['kind']} {r['B']}×{r['S']}×{r['T']} | {f('bf16_us')} | {f('bf16_topk_us')} | "
             f"{f('fused_topk_us')} | "
             f"{f('deepgemm_fp8_us')} | "
-            f"{f('deepgemm_fp8_topk_us')} | {f('ours_fp8_us')} | {f('ours_fp8_topk_us')} | {g('dg_agreement')} | "
+            f"{f('deepgemm_fp8_topk_us')} | {f('ours_fp8_us')} | {f('ours_fp8_topk_us')} | "
+            f"{f('ours_fp8_paged_us')} | {f('ours_fp8_paged_topk_us')} | {g('dg_agreement')} | "
             f"{g('ours_fp8_agreement')} |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +204,8 @@ def main() -> int:
 _TIMED = [("bf16_us", "ours_bf16_logits"), ("bf16_topk_us", "ours_bf16_logits_topk"),
           ("fused_topk_us", "ours_fused_score_topk"), ("deepgemm_fp8_us", "deepgemm_fp8_logits"),
           ("deepgemm_fp8_topk_us", "deepgemm_fp8_logits_topk"), ("ours_fp8_us", "ours_fp8_logits"),
-          ("ours_fp8_topk_us", "ours_fp8_logits_topk")]
+          ("ours_fp8_topk_us", "ours_fp8_logits_topk"), ("ours_fp8_paged_us", "ours_fp8_paged_logits"),
+          ("ours_fp8_paged_topk_us", "ours_fp8_paged_logits_topk")]
 
 
 def result_values(rows: list[dict]) -> list[tuple]:

@@ -1,0 +1,166 @@
+"""Indexer logits for decode over a paged key cache, in bf16/fp16 or fp8 (the serving engines' layout).
+
+Engines keep the indexer's keys in pages of ``PAGE`` tokens (vLLM and SGLang: 64) that a block table maps per
+request, so one request's keys are not contiguous. This kernel reads them where they lie::
+
+    k_pages      [P, PAGE, D]    bf16/fp16, or float8 e4m3 with ``k_scale [P, PAGE]`` (one scale per token)
+    block_table  [B, N]          int32/int64: request b's token t lives in page block_table[b, t // PAGE],
+                                 row t % PAGE
+    kv_lens      [B]             tokens of request b (at most N * PAGE)
+    q [B, S, H, D], weights [B, S, H]: as ``lightning_indexer`` (fp8: q in e4m3, its per-(token, head) scale
+                                 and ``scale`` already folded into the weights, ``indexer_fp8.quantize_operands``)
+    logit[b, s, t] = sum_h w[b, s, h] * relu(<q[b, s, h], k[b, t]>)   (times k_scale of token t in fp8)
+
+for ``t < kv_lens[b]`` and ``t <= s + kv_lens[b] - S`` (the S queries are the request's last tokens: decode, or
+a few speculative tokens); ``-inf`` elsewhere, up to ``N * PAGE`` columns. Pages past a request's length are never
+read, so their block-table entries may hold anything.
+
+Each program owns one query and ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T`` need not divide the page)
+and computes all heads as one tile on the matrix unit, as the contiguous decode kernel does. Blocks entirely past
+the request's length store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph
+capture. ``paged_decode_logits_reference`` gathers the pages and computes the same math in torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+__all__ = ["paged_decode_logits", "paged_decode_logits_reference", "paged_unsupported_reason"]
+
+_KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # pragma: no cover - depends on the machine
+        return None
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, w_ptr, o_ptr, bt_ptr, kvlen_ptr, ks_ptr,
+        S, N, H,
+        sqb, sqs, sqh, sqd,
+        skp, skr, skd,
+        swb, sws, swh,
+        sob, sos, sot,
+        sbtb, sbtn,
+        sksp, sksr,
+        PAGE: tl.constexpr,
+        KSCALE: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        t0 = tl.program_id(0) * BLOCK_T
+        s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        rt = t0 + tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, D)
+        rh = tl.arange(0, BLOCK_H)
+        width = N * PAGE
+        kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), width)
+        last = s + kv_len - S  # the last key this query sees
+        s64 = s.to(tl.int64)
+        out = o_ptr + b * sob + s64 * sos + rt.to(tl.int64) * sot
+        if t0 > last:
+            tl.store(out, tl.full([BLOCK_T], float("-inf"), tl.float32), mask=rt < width)
+        else:
+            live = rt < kv_len
+            page = tl.load(bt_ptr + b * sbtb + (rt // PAGE).to(tl.int64) * sbtn, mask=live, other=0).to(tl.int64)
+            row = (rt % PAGE).to(tl.int64)
+            kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
+                         mask=live[:, None], other=0.0)
+            h_ok = rh < H
+            qs = tl.load(q_ptr + b * sqb + s64 * sqs + rh[:, None] * sqh + rd[None, :] * sqd, mask=h_ok[:, None],
+                         other=0.0)
+            ws = tl.load(w_ptr + b * swb + s64 * sws + rh * swh, mask=h_ok, other=0.0).to(tl.float32)
+            d = tl.dot(qs, tl.trans(kt))
+            logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+            if KSCALE:
+                logit = logit * tl.load(ks_ptr + page * sksp + row * sksr, mask=live, other=0.0)
+            visible = live & (rt <= last)
+            tl.store(out, tl.where(visible, logit, float("-inf")), mask=rt < width)
+
+    return _paged_decode_kernel
+
+
+def paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale=None) -> Optional[str]:
+    """Why ``paged_decode_logits`` cannot take these inputs (the field, its value, what is allowed), or None."""
+    if q.dim() != 4 or weights.dim() != 3 or k_pages.dim() != 3:
+        return (f"q must be [B, S, H, D], weights [B, S, H], k_pages [P, PAGE, D]; got q {tuple(q.shape)}, "
+                f"weights {tuple(weights.shape)}, k_pages {tuple(k_pages.shape)}")
+    B, S, H, D = q.shape
+    if k_pages.dtype not in _KEY_DTYPES or q.dtype != k_pages.dtype:
+        return f"q and k_pages must share one of {_KEY_DTYPES}; got q {q.dtype}, k_pages {k_pages.dtype}"
+    if (k_pages.dtype == torch.float8_e4m3fn) != (k_scale is not None):
+        return "k_scale [P, PAGE] is given exactly when k_pages is float8_e4m3fn"
+    if k_scale is not None and tuple(k_scale.shape) != tuple(k_pages.shape[:2]):
+        return f"k_scale must be [P, PAGE] = {tuple(k_pages.shape[:2])}; got {tuple(k_scale.shape)}"
+    if k_pages.shape[2] != D or D < 16 or D & (D - 1):
+        return f"head dim D={D} must be a power of two >= 16 and k_pages' last dim (got {k_pages.shape[2]})"
+    if tuple(weights.shape) != (B, S, H):
+        return f"weights must be [B, S, H] = {(B, S, H)}; got {tuple(weights.shape)}"
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+        return f"block_table must be int32/int64 [B={B}, pages]; got {block_table.dtype} {tuple(block_table.shape)}"
+    if kv_lens.dim() != 1 or kv_lens.shape[0] != B or kv_lens.dtype not in (torch.int32, torch.int64):
+        return f"kv_lens must be int32/int64 [B={B}]; got {kv_lens.dtype} {tuple(kv_lens.shape)}"
+    devices = {t.device for t in (q, k_pages, weights, block_table, kv_lens, *([] if k_scale is None else [k_scale]))}
+    if len(devices) != 1:
+        return f"all inputs must be on one device; got {sorted(map(str, devices))}"
+    if _kernel() is None:
+        return "Triton is not importable"
+    return None
+
+
+def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=None, out=None,
+                        block_t: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """fp32 logits ``[B, S, N * PAGE]`` over the paged key cache (module doc). ``weights`` must already hold
+    ``scale`` (and, for fp8, the queries' scales). Runs the Triton kernel (CUDA, or the CPU interpreter)."""
+    why = paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale)
+    if why is not None:
+        raise ValueError(f"paged_decode_logits: {why}")
+    B, S, H, D = q.shape
+    page, pages = k_pages.shape[1], block_table.shape[1]
+    width = pages * page
+    if out is None:
+        out = torch.empty((B, S, width), dtype=torch.float32, device=q.device)
+    elif tuple(out.shape) != (B, S, width) or out.dtype != torch.float32:
+        raise ValueError(f"paged_decode_logits: out must be fp32 [{B}, {S}, {width}]; got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if B == 0 or S == 0 or width == 0:
+        return out
+    ks = k_scale if k_scale is not None else out
+    grid = ((width + block_t - 1) // block_t, S, B)
+    _kernel()[grid](
+        q, k_pages, weights, out, block_table, kv_lens, ks,
+        S, pages, H,
+        *q.stride(), *k_pages.stride(), *weights.stride(), *out.stride(), *block_table.stride(),
+        *(k_scale.stride() if k_scale is not None else (0, 0)),
+        PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=block_t,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def paged_decode_logits_reference(q, k_pages, weights, block_table, kv_lens, *, k_scale=None) -> torch.Tensor:
+    """The same logits in torch: gather each request's pages into contiguous keys (dequantised for fp8)."""
+    B, S = q.shape[:2]
+    page, pages = k_pages.shape[1], block_table.shape[1]
+    width = pages * page
+    keys = k_pages.float() if k_scale is None else k_pages.float() * k_scale.unsqueeze(-1)
+    t = torch.arange(width, device=q.device)
+    lens = kv_lens.long().clamp(0, width)
+    live = t.view(1, -1) < lens.view(-1, 1)  # [B, width]
+    page_of = torch.where(live, block_table.long().gather(1, (t // page).expand(B, -1)), 0)
+    k = keys[page_of, (t % page).expand(B, -1)]  # [B, width, D]
+    scores = torch.relu(torch.einsum("bshd,btd->bsht", q.float(), k))
+    logits = (scores * weights.float().unsqueeze(-1)).sum(2)
+    visible = live.unsqueeze(1) & (t.view(1, 1, -1) <= torch.arange(S, device=q.device).view(1, S, 1)
+                                   + (lens - S).view(B, 1, 1))
+    return logits.masked_fill(~visible, float("-inf"))

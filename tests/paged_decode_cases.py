@@ -1,0 +1,44 @@
+"""The paged decode logits kernel under Triton's interpreter (run by tests/test_paged_decode.py with
+TRITON_INTERPRET=1). fp16 and fp8 keys (the interpreter reads bf16 as raw bits; bf16 runs in the GPU test),
+pages shuffled in the pool, block-table entries past a request's length pointing outside the pool (they must
+never be read), lengths of 0, a partial page and the full table, one and two queries, key blocks smaller than,
+equal to and spanning pages: each must give the torch reference's logits and exactly its -inf pattern."""
+
+import torch
+
+from fx_indexcache.fuse.kernels import indexer_fp8 as f8
+from fx_indexcache.fuse.kernels import paged_decode as pd
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, H, D, PAGE, N, POOL = 3, 4, 32, 16, 3, 12
+    keys = torch.randn(POOL, PAGE, D, generator=g)
+    table = torch.randperm(POOL, generator=g)[: B * N].view(B, N).int()
+    lens = torch.tensor([0, 21, N * PAGE], dtype=torch.int32)
+    table[1, 2] = 10**6  # request 1 holds 21 tokens: its third page is never read
+    cases = 0
+    for S in (1, 2):
+        q = torch.randn(B, S, H, D, generator=g)
+        w = torch.randn(B, S, H, generator=g)
+        for precision in ("fp16", "fp8"):
+            if precision == "fp16":
+                qk, kk, wk, ks = q.half(), keys.half(), w, None
+                ref = pd.paged_decode_logits_reference(qk, kk, wk, table, lens)
+            else:
+                q8, qs = f8.quantize_rows_reference(q)
+                kk, ks = f8.quantize_rows_reference(keys)
+                qk, wk = q8, (w * qs).contiguous()
+                ref = pd.paged_decode_logits_reference(q8.float(), kk, wk, table, lens, k_scale=ks)
+            for block_t in (8, 16, 32):
+                out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, block_t=block_t)
+                seen = torch.isfinite(ref)
+                assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), (S, precision)
+                assert seen[1].sum() > 0 and not seen[0].any()
+                torch.testing.assert_close(out[seen], ref[seen], rtol=1e-4, atol=1e-4)
+                cases += 1
+    print(f"ok {cases} cases")
+
+
+if __name__ == "__main__":
+    main()
