@@ -173,3 +173,34 @@ def test_eager_calls_beside_the_graph_keep_the_writes():
     shared = [d for report in reports for d in report.decisions if d.action == "shared"]
     assert shared and all(d.cache_bytes_saved == 0 and "writes kept" in d.note for d in shared), shared
     assert _s_key_rows(model) > 0
+
+
+class ReadsALaterLayersCache(CachedModel):
+    """Layer 0's indexer also scores against layer 1's cached keys (the rows earlier calls wrote), before layer 1
+    writes this call's: the cache has a reader besides its own layer's indexer."""
+
+    def run(self, x, pos, uses, chosen, start, stop):
+        if start == 0:
+            borrowed = self.layers[1].indexer.keys
+            own = self.layers[0].indexer
+            own.keys[pos: pos + x.shape[0]] = x @ own.wk
+            end = pos + x.shape[0]
+            q = (x @ own.wq).unflatten(-1, (H, HD))
+            keys = own.keys[:end] + borrowed[:end]
+            score = (torch.relu(torch.einsum("shd,td->sht", q, keys)) * (x @ own.ww).unsqueeze(-1)).sum(1)
+            visible = torch.arange(end) <= torch.arange(x.shape[0]).unsqueeze(-1) + pos
+            chosen[0] = torch.where(visible, score, float("-inf")).topk(K, dim=-1).indices
+            x = self.layers[0](x, pos, chosen[0])
+            start = 1
+        return super().run(x, pos, uses, chosen, start, stop)
+
+
+def test_a_cache_another_layer_reads_keeps_its_writes():
+    model = ReadsALaterLayersCache()
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    _steps(_compiled(model, backend))
+    layer_1 = [d for report in backend.reports for d in report.decisions if d.layer == 1]
+    assert layer_1 and all(d.action == "shared" and d.cache_bytes_saved == 0 for d in layer_1), layer_1
+    assert torch.count_nonzero(model.layers[1].indexer.keys[:7]) > 0  # layer 0 reads these rows next call
+    layer_3 = [d for report in backend.reports for d in report.decisions if d.layer == 3]
+    assert all(d.cache_bytes_saved > 0 for d in layer_3)  # a cache only its own indexer reads still drops

@@ -86,7 +86,9 @@ def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
     """The cache writes (``copy_`` of a functional update into a cache input) that only ``roots``' cone reads.
 
     Those are the writes sharing drops with ``drop_shared_indexer_cache_writes``: once the roots are dead,
-    nothing in the graph reads the rows written, only a later call would.
+    nothing in the graph reads the rows written, only a later call would. A cache that anything else in the graph
+    reads (another layer's indexer, before or after the write) keeps its writes: that reader reads it in later
+    calls too.
     """
     dead = dead_if_removed(roots)
     writes = []
@@ -101,10 +103,26 @@ def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
             (write,) = others
             if not (is_call(write, {aten.copy_}) and write.args[0] is cache and write.args[1] is arg):
                 continue
+            if not all(_only_feeds(user, dead | {arg, write}) for user in cache.users):
+                continue  # something else reads the cache (another layer): its rows must stay complete
             value = fake_value(arg.args[_CACHE_UPDATES[packet(arg)]])
             nbytes = numel_hint(value.shape) * value.element_size() if value is not None else 0
             writes.append(CacheWrite(write=write, nbytes=nbytes))
     return writes
+
+
+def _only_feeds(node: fx.Node, sinks: set[fx.Node]) -> bool:
+    """Whether every path from ``node`` through its users ends in ``sinks`` (the write's own operands do)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in sinks or current in seen:
+            continue
+        if not current.users:
+            return False
+        seen.add(current)
+        stack.extend(current.users)
+    return True
 
 
 def topk_arguments(node: fx.Node) -> tuple:
