@@ -116,7 +116,8 @@ def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_cod
     specialised by dynamo on the first call (run 1 recompiled at every prefill point because of it), a tensor
     dimension is symbolic from the first compile under ``dynamic=True``. ``ours_*`` measures IndexCache alone
     (``fuse_indexer_kernel=False``: the F layers keep Inductor's indexer code, like the baselines); ``fused_*`` is the
-    backend's CUDA default; a ``_drop`` suffix adds ``drop_shared_indexer_cache_writes=True``. ``own_code`` gives the
+    backend's CUDA default; a ``_drop`` suffix adds ``drop_shared_indexer_cache_writes=True``, ``_keep`` False (without
+    either, the default: dropped where the graph holds the whole model, as here). ``own_code`` gives the
     variant a code object of its own, so that several variants stay compiled side by side (dynamo keeps compiled code
     on the code object) without their guards being tried in turn. ``mode`` is torch.compile's (ours then runs as
     ``IndexCacheBackend``, which takes a mode); with a mode the start length is a tensor on the model's device (a CPU
@@ -133,8 +134,9 @@ def compile_variant(name: str, model: ReferenceDSAModel, layers: int, *, own_cod
         step.__code__ = step.__code__.replace(co_name=f"step_{name}")
     if name.startswith(("ours", "fused")):
         options = {"index_topk_freq": variant_freq(name), "index_skip_topk_offset": OFFSET,
-                   "fuse_indexer_kernel": name.startswith("fused"),
-                   "drop_shared_indexer_cache_writes": name.endswith("_drop")}
+                   "fuse_indexer_kernel": name.startswith("fused")}
+        if name.endswith(("_drop", "_keep")):
+            options["drop_shared_indexer_cache_writes"] = name.endswith("_drop")
         if mode is None:
             compiled = torch.compile(step, backend=indexcache_backend, dynamic=True, options=options)
         else:

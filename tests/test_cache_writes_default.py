@@ -204,3 +204,33 @@ def test_a_cache_another_layer_reads_keeps_its_writes():
     assert torch.count_nonzero(model.layers[1].indexer.keys[:7]) > 0  # layer 0 reads these rows next call
     layer_3 = [d for report in backend.reports for d in report.decisions if d.layer == 3]
     assert all(d.cache_bytes_saved > 0 for d in layer_3)  # a cache only its own indexer reads still drops
+
+
+def test_a_compiled_function_finds_the_layer_count_of_the_model_it_holds():
+    """``torch.compile(step)`` with ``step`` calling a model from its closure: the model is on no stack at compile
+    time, yet its config's count (not the pattern's: freq keys here) proves the graph whole, so the writes drop;
+    holding two models of different depths states no count, so they stay."""
+    from types import SimpleNamespace
+
+    def compile_step(model, draft=None):
+        def step(x, pos):
+            if draft is not None:
+                draft.break_after = None  # the closure holds both models
+            return model(x, pos)
+
+        backend = fic.IndexCacheEagerBackend(index_topk_freq=2, index_skip_topk_offset=1)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=backend)
+        gen = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            compiled(torch.randn(5, D, generator=gen), 0)
+        return [d for report in backend.reports for d in report.decisions if d.action == "shared"]
+
+    model = CachedModel()
+    model.config = SimpleNamespace(num_hidden_layers=4)
+    shared = compile_step(model)
+    assert [d.layer for d in shared] == [1, 3] and all(d.cache_bytes_saved > 0 for d in shared), shared
+    deeper = CachedModel(n=6)
+    deeper.config = SimpleNamespace(num_hidden_layers=6)
+    shared = compile_step(model, deeper)
+    assert shared and all(d.cache_bytes_saved == 0 and "count is not known" in d.note for d in shared), shared

@@ -56,6 +56,19 @@ def _compiled_code(callback: FrameType):
     return code
 
 
+def compiled_frame_values() -> list:
+    """The values of the frame dynamo is compiling now (its arguments, locals and closure cells), or [] outside a
+    dynamo compile: where a compiled function (``torch.compile(step)`` with ``step`` calling ``model``) holds the
+    model it runs, which is on no Python stack at compile time."""
+    callback = _outermost_convert_frame()
+    frame = None if callback is None else callback.f_locals.get("frame")
+    try:
+        values = getattr(frame, "f_locals", None) or {}
+        return list(values.values())
+    except Exception:  # a frame object whose locals cannot be read: nothing is known
+        return []
+
+
 def dynamo_graph_starts_at_first_layer() -> bool | None:
     """True when the graph dynamo is compiling is the compiled callable's own frame; None outside dynamo.
 

@@ -30,7 +30,7 @@ from ..config import CONFIG_KEYS, PATTERN_KEYS, IndexCacheConfig, check_keys, re
 from ..context import GraphContext, model_layer_count
 from ..crossgraph import build as crossgraph_build
 from ..crossgraph.runtime import LayerCall, modules_on_stack
-from ..detection.frames import dynamo_graph_starts_at_first_layer
+from ..detection.frames import compiled_frame_values, dynamo_graph_starts_at_first_layer
 from ..detection.registry import Detection, LayerSource
 from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
@@ -171,9 +171,18 @@ def check_backend_options(options: Mapping[str, Any], where: str, *, inductor: b
 
 def _compiled_model() -> tuple[Any, int | None]:
     """The model being compiled (the outermost module on the stack) and the decoder-layer count the first module
-    with a config states (transformers' ``config.num_hidden_layers``), each None when there is none."""
+    with a config states (transformers' ``config.num_hidden_layers``), each None when there is none.
+
+    A compiled function (not a module) runs its model from an argument or a closure, on no Python stack at compile
+    time: the count then comes from the modules the compiled frame holds, when they state one count (two models
+    of different depths, a draft and a target, state none). Only the count: the model object keys per-model state
+    and the cross-graph hooks, which a module merely passed to a function must not get."""
     modules = modules_on_stack()
     counts = [count for count in map(model_layer_count, modules) if count is not None]
+    if not modules:
+        held = {model_layer_count(value) for value in compiled_frame_values() if isinstance(value, torch.nn.Module)}
+        held.discard(None)
+        counts = list(held) if len(held) == 1 else []
     return (modules[0] if modules else None), (counts[0] if counts else None)
 
 
