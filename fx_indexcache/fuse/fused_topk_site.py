@@ -62,7 +62,7 @@ class FusedTopkPlan:
 def fused_topk_refusal(q, k, w, scale: float, topk: int) -> str | None:
     """Why the fused score + top-k cannot take these (fake) canonical leaves, or None (tests replace this off
     CUDA, as ``substitute.kernel_refusal``)."""
-    from .kernels.indexer_topk_fused import fused_unsupported_reason
+    from .kernels.fused_score_topk import fused_unsupported_reason
 
     return fused_unsupported_reason(q, k, w, topk, scale=scale)
 
@@ -159,7 +159,7 @@ def rewrite_site(graph: fx.Graph, match, plan: FusedTopkPlan) -> int:
 
     On any failure the inserted nodes are erased and the graph is as it was (the caller keeps two kernels)."""
     from . import substitute as sub
-    from .kernels import indexer_topk_fused  # noqa: F401  (registers the op)
+    from .kernels import fused_score_topk  # noqa: F401  (registers the op)
 
     x = match.score
     mode = sub._fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])

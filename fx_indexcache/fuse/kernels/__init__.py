@@ -7,7 +7,7 @@ substitution inserts the ``torch.ops.fx_indexcache.indexer_logits`` (or ``indexe
 """
 
 from .indexer_fp8 import indexer_logits_fp8, indexer_logits_fp8_reference
-from .indexer_topk_fused import indexer_topk_fused, indexer_topk_fused_reference
+from .fused_score_topk import indexer_topk_fused, indexer_topk_fused_reference
 from .lightning_indexer import (
     LogitsConfig,
     default_config,

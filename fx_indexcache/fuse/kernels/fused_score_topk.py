@@ -8,7 +8,7 @@ for the masks a model applies between its score and its top-k (``fuse/substitute
 ``bias`` (float, broadcastable to ``[B, S, T]``) is added to every visible key's score (an additive mask),
 then ``drop`` (bool, broadcastable) sets the score of every key where it is True to -inf (``masked_fill``).
 
-How (``_indexer_topk_fused_triton.py``; the plan of ``topk.py``'s row top-k, with the scoring inside):
+How (``_fused_score_topk_triton.py``; the plan of ``topk.py``'s row top-k, with the scoring inside):
 
 1. **Sample.** The kernel scores the sampled keys of every row (``topk.plan``: ``NB`` blocks of ``SB``
    contiguous keys spread over the row, about 32 expected in the top k) into a small ``[R, NS]`` buffer,
@@ -121,7 +121,7 @@ def _interpreted() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    from . import _indexer_topk_fused_triton as kt
+    from . import _fused_score_topk_triton as kt
 
     return kt
 

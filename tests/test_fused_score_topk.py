@@ -1,7 +1,7 @@
-"""``kernels.indexer_topk_fused`` (score + top-k in one pass) on the CPU.
+"""``kernels.fused_score_topk`` (score + top-k in one pass) on the CPU.
 
 The kernels run under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before Triton is
-imported): ``tests/indexer_topk_fused_cases.py`` builds integer-valued q, k and weights (exact fp32 scores, so
+imported): ``tests/fused_score_topk_cases.py`` builds integer-valued q, k and weights (exact fp32 scores, so
 ties are real ties), forces capacities and samples small enough that every path runs -- direct, candidates,
 threshold ties, the masked tail, the fallback inline and in its pool -- in the prefill and decode layouts and
 with the select in the scoring kernel's last program, and checks every row's set (tie rule: lowest indices)
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fx_indexcache.fuse.kernels import indexer_topk_fused as fz
+from fx_indexcache.fuse.kernels import fused_score_topk as fz
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 def test_every_path_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    done = subprocess.run([sys.executable, str(HERE / "indexer_topk_fused_cases.py")], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(HERE / "fused_score_topk_cases.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ok [0, 1, 2, 3, 4]" in done.stdout

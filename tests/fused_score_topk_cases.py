@@ -1,4 +1,4 @@
-"""Checks of ``kernels.indexer_topk_fused`` shared by the CPU interpreter test and the GPU tests.
+"""Checks of ``kernels.fused_score_topk`` shared by the CPU interpreter test and the GPU tests.
 
 ``check_selection(x, got, sorted_)`` asserts, row by row, that ``got`` (int32 ``[R, K]``) is the exact top-k of
 the scores ``x [R, T]`` under the project's tie rule: every key above the k-th score, then the lowest-indexed
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fx_indexcache.fuse.kernels import indexer_topk_fused as fz
+from fx_indexcache.fuse.kernels import fused_score_topk as fz
 
 
 def check_selection(x: torch.Tensor, got: torch.Tensor, sorted_: bool, where: str = "") -> None:
@@ -75,7 +75,7 @@ def run_case(q, k, w, K, *, causal, sorted_, where, kv_lens=None, bias=None, dro
     return paths
 
 
-PREFILL = fz.FusedTopkConfig("prefill", block_s=8, block_t=64, sample_block_t=32, num_warps=4, num_stages=1,
+PREFILL = fz.FusedTopkConfig("prefill", block_s=16, block_t=64, sample_block_t=32, num_warps=4, num_stages=1,
                              select_warps=4)
 DECODE = fz.FusedTopkConfig("decode", block_s=1, block_t=64, sample_block_t=32, num_warps=4, num_stages=1,
                             select_warps=4)
