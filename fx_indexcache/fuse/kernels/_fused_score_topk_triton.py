@@ -17,9 +17,8 @@ import triton.language as tl
 from ._topk_split_triton import _release_writes
 from ._topk_triton import _exact_from_memory, _key, _kth_key_any, _sort_selected
 
-#: ``_key(-inf)``: the order-preserving int32 key of a masked score.
-NEG_INF_KEY = -2139095041
-INT_MIN = -2147483648
+#: The lowest int32 key: the threshold of a row taken whole, and the candidates' padding.
+INT_MIN = tl.constexpr(-2147483648)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,14 +115,13 @@ def _filter_tile(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_i
     ok = s_ok[:, None] & t_ok[None, :]
     gt = ok & (keys > thr[:, None])
     eq = ok & (keys == thr[:, None])
-    n_gt = tl.sum(gt.to(tl.int64), axis=1)
-    n_eq = tl.sum(eq.to(tl.int64), axis=1)
-    inc = n_gt + (n_eq << 32)
+    both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # one scan and one sum for both (a tile has < 2^16 keys)
+    tot = tl.sum(both, axis=1)
+    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
     old = tl.atomic_add(cnt_ptr + rows, inc, mask=s_ok & (inc != 0), sem="relaxed")
-    base_gt = (old & 0xFFFFFFFF).to(tl.int32)
-    base_eq = (old >> 32).to(tl.int32)
-    p_gt = base_gt[:, None] + tl.cumsum(gt.to(tl.int32), axis=1) - 1
-    p_eq = base_eq[:, None] + tl.cumsum(eq.to(tl.int32), axis=1) - 1
+    run = tl.cumsum(both, axis=1)
+    p_gt = (old & 0xFFFFFFFF).to(tl.int32)[:, None] + (run & 0xFFFF) - 1
+    p_eq = (old >> 32).to(tl.int32)[:, None] + (run >> 16) - 1
     rows64 = rows.to(tl.int64)[:, None]
     keep_gt = gt & (p_gt < CAP)
     tl.store(cand_key_ptr + rows64 * CAP + p_gt, keys, mask=keep_gt)
