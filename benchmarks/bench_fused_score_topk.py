@@ -2,7 +2,7 @@
 
 Run from the repository root on a CUDA machine (no internet needed)::
 
-    python benchmarks/bench_fused_score_topk.py [--quick] [--no-record] [--sanitize]
+    python benchmarks/bench_fused_score_topk.py [--out DIR] [--quick] [--no-record] [--sanitize]
 
 For the issue's shapes (bf16, DeepSeek-V3.2 indexer: H = 64, D = 128, k = 2048, causal), each replayed in a
 CUDA graph (``triton.testing.do_bench_cudagraph`` medians, us): the logits alone, logits + our top-k (the
@@ -10,19 +10,22 @@ two-kernel path the substitution inserts where the logits are read), and the fus
 attention consumes) and, for the fused op, sorted. Before timing, every shape's fused indices are checked
 against the two-kernel path's (the same set but for near-ties; how many rows differ is printed, and what the
 differing keys' scores are). Prints a markdown table headed by the card, driver, torch, Triton and commit
-(``bench_environment``) and appends one record per figure to ``benchmarks/results/results.csv``
-(``scripts/results_tables.append_results``; ``--no-record`` skips that). ``--sanitize``: small checks only,
-no timing, for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so).
-Without CUDA it says so and exits 0.
+(``bench_environment``), writes it and ``results_rows.csv`` (one row of the results table per figure,
+``bench_environment.write_result_rows``) under ``--out`` (default ``$OUT``, else ``./bench_out``), and merges those
+rows into this checkout's ``benchmarks/results/results.csv`` (``scripts/results_tables.add_rows``; ``--no-record``
+skips that; on the device machine, whose copy of the checkout does not come back, merge the returned file with
+``python scripts/results_tables.py --add OUT/results_rows.csv``). ``--sanitize``: small checks only, no timing,
+for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so). Without CUDA it
+says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -129,24 +132,14 @@ def markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def records(env: dict, rows: list[dict]) -> list[dict]:
-    out = []
+def result_values(rows: list[dict]) -> list[tuple]:
+    """``(shape, variant, metric, value, unit)`` of every figure (a failed timing holds none)."""
+    values = []
     for r in rows:
-        for variant in ("logits", "logits_topk", "fused", "fused_sorted"):
-            if r.get(variant) is not None:
-                out.append(dict(benchmark="fused_score_topk", shape=r["shape"], variant=variant, pattern="",
-                                metric="us", value=f"{r[variant]:.2f}", unit="us", device=env["device"],
-                                torch=env["torch"], triton=env["triton"], date=env["date"][:10],
-                                commit=env["commit"], source="benchmarks/bench_fused_score_topk.py"))
-    return out
-
-
-def _results_tables():
-    spec = importlib.util.spec_from_file_location("results_tables", os.path.join(ROOT, "scripts", "results_tables.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["results_tables"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+        values += [(r["shape"], variant, "us", r.get(variant), "us")
+                   for variant in ("logits", "logits_topk", "fused", "fused_sorted")]
+        values.append((r["shape"], "fused", "rows_differing", r["rows_differ"] / max(1, r["rows"]), "fraction"))
+    return values
 
 
 def sanitize() -> int:
@@ -166,6 +159,8 @@ def sanitize() -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")),
+                    help="folder for the table and results_rows.csv (default $OUT, else ./bench_out)")
     ap.add_argument("--quick", action="store_true", help="three shapes only")
     ap.add_argument("--no-record", action="store_true", help="print only; leave results.csv as it is")
     ap.add_argument("--sanitize", action="store_true", help="small checks only, for compute-sanitizer")
@@ -175,7 +170,7 @@ def main() -> int:
         return 0
     if args.sanitize:
         return sanitize()
-    from bench_environment import describe_machine
+    from bench_environment import _results_tables, describe_machine, write_result_rows
 
     env = describe_machine()
     rows = []
@@ -183,10 +178,18 @@ def main() -> int:
         t0 = time.time()
         rows.append(time_shape(kind, B, S, T))
         print(f"{rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
-    print(markdown(env, rows))
+    table = markdown(env, rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fused_score_topk.md").write_text(table + "\n")
+    fragment = args.out / "results_rows.csv"
+    n = write_result_rows(fragment, "fused_score_topk", env, "benchmarks/bench_fused_score_topk.py",
+                          result_values(rows))
+    print(f"{n} rows in {fragment}")
     if not args.no_record:
-        n = _results_tables().append_results(records(env, rows))
-        print(f"appended {n} records to benchmarks/results/results.csv")
+        added = _results_tables().add_rows([fragment])
+        print(f"benchmarks/results/results.csv: {added} new row(s) (elsewhere: python scripts/results_tables.py "
+              f"--add {fragment})")
     return 0
 
 
