@@ -17,8 +17,7 @@ Per shape (V3.2: 64 heads x 128, top-k 2048; keys of unequal size, each scaled b
 * each logits kernel alone and followed by our top-k (unsorted), timed by CUDA-graph replay
   (``triton.testing.do_bench_cudagraph`` medians); agreement of each fp8 top-k set with the bf16 one
   (mean |set & bf16 set| / k) and the logits' relative difference.
-* the fused score + top-k column (issue 28 item 2: one kernel, no logits written) stays empty ("—") until that
-  kernel exists.
+* the fused score + top-k column (issue 28 item 2: ``indexer_topk_fused``, no logits written, bf16, unsorted).
 
 The table names the card, driver, torch, CUDA, Triton, DeepGEMM and the commit (``bench_environment``).
 Writes ``<out>/deepgemm.{json,md}`` (the json: one record per shape, each with the machine's description) and
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fx_indexcache.fuse.kernels import fused_score_topk as fz  # noqa: E402
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
@@ -130,6 +130,7 @@ def measure(dg, kind, B, S, T) -> dict:
     for name, fn in pairs.items():
         row[f"{name}_us"] = _graph_us(fn)
         row[f"{name}_topk_us"] = _graph_us(lambda fn=fn: li.indexer_topk(fn(), TOPK, sorted=False, method="triton"))
+    row["fused_topk_us"] = _graph_us(lambda: fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=scale))
     return row
 
 

@@ -15,6 +15,8 @@ top-k stays in the graph exactly as written. This module finds ``X`` (the unmask
 the leaves ``q``, ``k`` and ``w`` and replaces ``X`` by one ``indexer_logits(q', k', w', causal=False,
 scale=c)`` call on the leaves re-viewed as ``[B, S, H, D]``, ``[B, T, D]``, ``[B, S, H]`` (unit axes
 added where a role is absent), re-viewed back to ``X``'s own layout. Each site gets a ``FusionRecord``.
+Where nothing but the top-k's indices reads the score (``fused_topk_site``), the score, its mask and the top-k
+become one ``indexer_topk_fused`` call instead: scored and selected without writing the logits.
 
 Matching is proof-carrying, not by shape guess: each leaf dimension gets an index label, every
 view / permute / expand / reshape between the leaves and ``X`` is replayed on those labels (a
@@ -655,6 +657,8 @@ class FusionRecord:
     keeps them in fp32 and rounds only the score, as Inductor does for the low-precision ops it fuses).
     ``score_dtype``: the dtype the graph stores the score in, which the fused op returns (rounded to
     nearest even from fp32 where it is bf16/fp16).
+    ``topk_fused``: the site runs ``indexer_topk_fused`` (score and top-k in one op, no logits written: only the
+    indices were read); else the scoring op above and a separate top-k, and ``detail`` says why not fused.
     """
 
     site: str  # "layer 3", or the top-k node's name where the layer is unknown
@@ -665,10 +669,11 @@ class FusionRecord:
     fp8_refusal: str | None = None
     numerics: str | None = None
     score_dtype: str | None = None  # "float32", "bfloat16", "float16"
+    topk_fused: bool = False
 
     def note(self) -> str:
         if self.fused:
-            op = ("indexer_logits_fp8" if self.precision == "fp8" else
+            op = ("indexer_topk_fused" if self.topk_fused else "indexer_logits_fp8" if self.precision == "fp8" else
                   "indexer_logits_rounded" if self.score_dtype in ("bfloat16", "float16") else "indexer_logits")
             numerics = _NUMERICS_NOTE.get(self.numerics, self.numerics)
             return f"{self.site}: fused {op} ({self.detail}; numerics: {numerics})"
@@ -880,6 +885,24 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     return None
 
 
+def _fuse_score_and_topk(graph: fx.Graph, match: ScoreMatch, topk: fx.Node, precision: str) -> tuple[str | None, int]:
+    """Where only the top-k's indices are read, the site's scoring, masks and top-k become one
+    ``indexer_topk_fused`` (``fused_topk_site``). Returns ``(None, nodes removed)`` when rewritten, else
+    ``(why not, 0)`` with the graph untouched (the site then gets the two-kernel path)."""
+    from . import fused_topk_site as fts
+
+    plan = fts.plan_site(match, topk, precision)
+    if isinstance(plan, str):
+        return plan, 0
+    why = _check_leaves(match, lambda q, k, w, scale: fts.fused_topk_refusal(q, k, w, scale, plan.k))
+    if why is not None:
+        return f"fused kernel unsupported: {why}", 0
+    try:
+        return None, fts.rewrite_site(graph, match, plan)
+    except Exception as e:
+        return f"inserting it failed: {type(e).__name__}: {e}", 0
+
+
 def site_name(site) -> tuple[str, int | None]:
     """How records name a site: ("layer 3", 3), or the top-k node's name where the layer is unknown."""
     layer = getattr(site, "layer", None)
@@ -895,7 +918,11 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
     IndexCache rewrite already deleted are skipped) or ``aten.topk`` nodes. A site is rewritten only
     when its score is proven to be the indexer score (see the module doc) and ``kernel_refusal`` finds
     nothing against the leaves (CUDA, bf16/fp16 q and k, static H and D with D a power of two in
-    [16, 256]). Returns one record per live site. Refused sites on CUDA are logged as warnings.
+    [16, 256]). Where the score feeds nothing but the top-k's indices (through at most an additive mask and a
+    -inf fill), the score, masks and top-k become one ``fx_indexcache::indexer_topk_fused`` instead, which
+    writes no logits (``fused_topk_site``; ``fused_topk_refusal`` checks its support); a record of a two-kernel
+    site says why that was not done. Returns one record per live site. Refused sites on CUDA are logged as
+    warnings.
     """
     records: list[FusionRecord] = []
     for site in sites:
@@ -909,6 +936,15 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
         if why is None and precision == "fp8":
             no_fp8 = _check_leaves(match, fp8_refusal)
             applied = "fp8" if no_fp8 is None else "bf16"
+        not_one_op = None
+        if why is None:
+            not_one_op, removed = _fuse_score_and_topk(graph, match, anchor, applied)
+            if not_one_op is None:
+                records.append(FusionRecord(
+                    name, layer, True, f"{_describe(match)}; {removed} nodes replaced; score + top-k in one op, "
+                    "no logits written (only the indices are read)", applied, no_fp8, match.numerics,
+                    str(match.score_dtype).removeprefix("torch."), topk_fused=True))
+                continue
         if why is None:
             try:
                 removed = _rewrite(graph, match, applied)
@@ -921,6 +957,7 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
             continue
         kept = _swap_topk(graph, anchor)
         topk_note = "top-k fx_indexcache::topk_indices" if kept is None else kept
+        topk_note += f" (score + top-k not in one op: {not_one_op})"
         records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}",
                                     applied, no_fp8, match.numerics, str(match.score_dtype).removeprefix("torch.")))
     if any(r.fused for r in records):

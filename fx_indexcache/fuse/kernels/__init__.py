@@ -2,10 +2,12 @@
 
 The fused indexer (logits + top-k in one call) is ``lightning_indexer.lightning_indexer``; the graph
 substitution inserts the ``torch.ops.fx_indexcache.indexer_logits`` (or ``indexer_logits_fp8``, from
-``indexer_fp8``) and ``topk_indices`` ops defined there.
+``indexer_fp8``) and ``topk_indices`` ops defined there, or, where only the indices are read,
+``indexer_topk_fused`` (``indexer_topk_fused``: score and top-k in one pass, no logits written).
 """
 
 from .indexer_fp8 import indexer_logits_fp8, indexer_logits_fp8_reference
+from .fused_score_topk import indexer_topk_fused, indexer_topk_fused_reference
 from .lightning_indexer import (
     LogitsConfig,
     default_config,
@@ -26,6 +28,8 @@ __all__ = [
     "indexer_logits_fp8_reference",
     "indexer_logits_reference",
     "indexer_topk",
+    "indexer_topk_fused",
+    "indexer_topk_fused_reference",
     "is_supported",
     "lightning_indexer_reference",
     "row_topk",

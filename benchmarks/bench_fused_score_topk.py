@@ -1,0 +1,197 @@
+"""Score + top-k in one pass (``indexer_topk_fused``) against our two kernels (``indexer_logits`` + ``indexer_topk``).
+
+Run from the repository root on a CUDA machine (no internet needed)::
+
+    python benchmarks/bench_fused_score_topk.py [--out DIR] [--quick] [--no-record] [--sanitize]
+
+For the issue's shapes (bf16, DeepSeek-V3.2 indexer: H = 64, D = 128, k = 2048, causal), each replayed in a
+CUDA graph (``triton.testing.do_bench_cudagraph`` medians, us): the logits alone, logits + our top-k (the
+two-kernel path the substitution inserts where the logits are read), and the fused op; unsorted (what a sparse
+attention consumes) and, for the fused op, sorted. Before timing, every shape's fused indices are checked
+against the two-kernel path's (the same set but for near-ties; how many rows differ is printed, and what the
+differing keys' scores are). Prints a markdown table headed by the card, driver, torch, Triton and commit
+(``bench_environment``), writes it and ``results_rows.csv`` (one row of the results table per figure,
+``bench_environment.write_result_rows``) under ``--out`` (default ``$OUT``, else ``./bench_out``), and merges those
+rows into this checkout's ``benchmarks/results/results.csv`` (``scripts/results_tables.add_rows``; ``--no-record``
+skips that; on the device machine, whose copy of the checkout does not come back, merge the returned file with
+``python scripts/results_tables.py --add OUT/results_rows.csv``). ``--sanitize``: small checks only, no timing,
+for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so). Without CUDA it
+says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+H, D, TOPK = 64, 128, 2048
+SCALE = D**-0.5
+#: (name, B, S, T): the issue's prefill and decode shapes.
+SHAPES = [
+    ("prefill", 1, 1024, 32768),
+    ("prefill", 1, 1024, 131072),
+    ("decode", 1, 1, 32768),
+    ("decode", 16, 1, 32768),
+    ("decode", 64, 1, 32768),
+    ("decode", 4, 1, 131072),
+]
+QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
+#: (B, S, T, k) for ``--sanitize``: every layout and the select in the last program, a few hundred keys.
+SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
+
+
+def make_inputs(B, S, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(B, S, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    return q, k, w
+
+
+def compare(q, k, w, topk: int, sorted_: bool = False) -> tuple[int, int, float]:
+    """(rows, rows whose fused set differs from the two-kernel path's, the largest |score - k-th score| over the
+    keys only one of them picked, relative to the row's k-th score): differences must be near-ties only."""
+    from fx_indexcache.fuse.kernels.fused_score_topk import indexer_topk_fused
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
+
+    logits = indexer_logits(q, k, w, causal=True, scale=SCALE)
+    two = indexer_topk(logits, topk, sorted=sorted_)
+    one = indexer_topk_fused(q, k, w, topk, causal=True, scale=SCALE, sorted=sorted_)
+    kk = two.shape[-1]
+    x = logits.reshape(-1, logits.shape[-1])
+    a, b = two.reshape(-1, kk).long(), one.reshape(-1, kk).long()
+    assert bool(((b >= 0) & (b < x.shape[1])).all()), "fused indices out of range"
+    same = torch.zeros_like(x, dtype=torch.int8)
+    same.scatter_add_(1, a, torch.ones_like(a, dtype=torch.int8))
+    same.scatter_add_(1, b, torch.ones_like(b, dtype=torch.int8))
+    differ = (same == 1)
+    rows = int(differ.any(1).sum())
+    kth = torch.topk(x, kk, dim=1).values[:, -1:]
+    gap = ((x - kth).abs() / kth.abs().clamp_min(1e-30)).masked_fill(~differ, 0).nan_to_num(0.0)
+    if sorted_:
+        v = torch.gather(x, 1, b)
+        assert bool((v[:, 1:] <= v[:, :-1]).all()), "sorted fused output is not descending"
+    return x.shape[0], rows, float(gap.max()) if rows else 0.0
+
+
+def graph_us(fn, rep=50) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return 1e3 * float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def time_shape(kind, B, S, T) -> dict:
+    from fx_indexcache.fuse.kernels.fused_score_topk import indexer_topk_fused
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
+
+    q, k, w = make_inputs(B, S, T, seed=B + S + T)
+    out = torch.empty(B, S, T, device="cuda")
+    row: dict = dict(kind=kind, shape=f"{B}x{S}x{T // 1024}K")
+    n, differ, gap = compare(q, k, w, TOPK)
+    row.update(rows=n, rows_differ=differ, max_rel_gap=gap)
+    for name, fn in (
+        ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
+        ("logits_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
+        ("fused", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False)),
+        ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
+    ):
+        try:
+            row[name] = graph_us(fn)
+        except Exception as e:  # reported, not fatal: the other figures still count
+            row[name] = None
+            print(f"{row['shape']} {name}: timing failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    del q, k, w, out
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
+            f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
+            "CUDA-graph replay medians (us), unsorted unless said")
+    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | speed-up vs logits + top-k | "
+             "rows differing (max rel. gap) |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    for r in rows:
+        up = r["logits_topk"] / r["fused"] if r.get("logits_topk") and r.get("fused") else None
+        lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r['fused'])} | "
+                     f"{f(r['fused_sorted'])} | {'-' if up is None else f'{up:.2f}x'} | "
+                     f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}) |")
+    return "\n".join(lines)
+
+
+def result_values(rows: list[dict]) -> list[tuple]:
+    """``(shape, variant, metric, value, unit)`` of every figure (a failed timing holds none)."""
+    values = []
+    for r in rows:
+        values += [(r["shape"], variant, "us", r.get(variant), "us")
+                   for variant in ("logits", "logits_topk", "fused", "fused_sorted")]
+        values.append((r["shape"], "fused", "rows_differing", r["rows_differ"] / max(1, r["rows"]), "fraction"))
+    return values
+
+
+def sanitize() -> int:
+    """Small shapes through every launch plan, checked against the two-kernel path; no timing."""
+    bad = 0
+    for B, S, T, k in SANITIZE_SHAPES:
+        q, k_, w = make_inputs(B, S, T, seed=T)
+        for sorted_ in (False, True):
+            n, differ, gap = compare(q, k_, w, k, sorted_)
+            ok = gap < 1e-3
+            bad += not ok
+            print(f"sanitize {B}x{S}x{T} k={k} sorted={sorted_}: {differ}/{n} rows differ (gap {gap:.1e})"
+                  f"{'' if ok else '  FAIL'}", flush=True)
+    torch.cuda.synchronize()
+    return 1 if bad else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")),
+                    help="folder for the table and results_rows.csv (default $OUT, else ./bench_out)")
+    ap.add_argument("--quick", action="store_true", help="three shapes only")
+    ap.add_argument("--no-record", action="store_true", help="print only; leave results.csv as it is")
+    ap.add_argument("--sanitize", action="store_true", help="small checks only, for compute-sanitizer")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fused_score_topk: no CUDA device here; nothing to measure")
+        return 0
+    if args.sanitize:
+        return sanitize()
+    from bench_environment import _results_tables, describe_machine, write_result_rows
+
+    env = describe_machine()
+    rows = []
+    for kind, B, S, T in QUICK if args.quick else SHAPES:
+        t0 = time.time()
+        rows.append(time_shape(kind, B, S, T))
+        print(f"{rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
+    table = markdown(env, rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fused_score_topk.md").write_text(table + "\n")
+    fragment = args.out / "results_rows.csv"
+    n = write_result_rows(fragment, "fused_score_topk", env, "benchmarks/bench_fused_score_topk.py",
+                          result_values(rows))
+    print(f"{n} rows in {fragment}")
+    if not args.no_record:
+        added = _results_tables().add_rows([fragment])
+        print(f"benchmarks/results/results.csv: {added} new row(s) (elsewhere: python scripts/results_tables.py "
+              f"--add {fragment})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
