@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import operator
 from collections.abc import Iterable
 
@@ -161,3 +163,22 @@ def copy_graph_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
     graph.output(output, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
     return torch.fx.GraphModule(module, graph)
+
+
+@contextlib.contextmanager
+def insertions_undone_on_error(graph: fx.Graph):
+    """Nodes the block inserts into ``graph`` are erased again if it raises: the graph is left as it was."""
+    before = set(graph.nodes)
+    try:
+        yield
+    except Exception:
+        for node in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(node)
+        raise
+
+
+def take_provenance(node: fx.Node, origin: fx.Node) -> None:
+    """``node`` reports ``origin``'s source line and module path (what a replacement inherits from the original)."""
+    node.meta["stack_trace"] = origin.meta.get("stack_trace")
+    if "nn_module_stack" in origin.meta:
+        node.meta["nn_module_stack"] = origin.meta["nn_module_stack"]

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from ..detection.topk import topk_arguments
-from ..graph_utils import dead_if_removed, erase_dead, fake_value, is_call, packet
+from ..graph_utils import dead_if_removed, erase_dead, fake_value, insertions_undone_on_error, is_call, packet, take_provenance
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -163,8 +163,7 @@ def rewrite_site(graph: fx.Graph, match, plan: FusedTopkPlan) -> int:
 
     x = match.score
     mode = sub._fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
-    before = set(graph.nodes)
-    try:
+    with insertions_undone_on_error(graph):
         with graph.inserting_before(plan.topk):
             q, k, w = (sub._insert_steps(graph, leaf, st, mode)
                        for leaf, st in zip((match.q, match.k, match.w), sub._leaf_steps(match)))
@@ -186,13 +185,7 @@ def rewrite_site(graph: fx.Graph, match, plan: FusedTopkPlan) -> int:
         if want is not None and (tuple(idx.meta["val"].shape) != tuple(want.shape) or idx.meta["val"].dtype != want.dtype):
             raise RuntimeError(f"the fused indices {tuple(idx.meta['val'].shape)} {idx.meta['val'].dtype} are not the "
                                f"top-k's {tuple(want.shape)} {want.dtype}")
-    except Exception:
-        for node in reversed([n for n in graph.nodes if n not in before]):
-            graph.erase_node(node)
-        raise
-    fused.meta["stack_trace"] = x.meta.get("stack_trace")
-    if "nn_module_stack" in x.meta:
-        fused.meta["nn_module_stack"] = x.meta["nn_module_stack"]
+    take_provenance(fused, x)
     for u in list(plan.topk.users):
         if u.args[1] == 1:
             u.replace_all_uses_with(idx)

@@ -79,10 +79,12 @@ from ..graph_utils import (
     dead_if_removed,
     erase_dead,
     fake_value,
+    insertions_undone_on_error,
     is_call,
     is_relu,
     packet,
     same_size,
+    take_provenance,
 )
 
 aten = torch.ops.aten
@@ -822,8 +824,7 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
     nodes removed."""
     x = match.score
     mode = _fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
-    before = set(graph.nodes)
-    try:
+    with insertions_undone_on_error(graph):
         with graph.inserting_before(x):
             q, k, w = (_insert_steps(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), _leaf_steps(match)))
             op, extra = _fused_op(precision, match.score_dtype)
@@ -838,13 +839,7 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
         if tuple(result.meta["val"].shape) != tuple(fake_value(x).shape) or result.meta["val"].dtype != _dtype(x):
             raise RuntimeError(f"re-viewed result {tuple(result.meta['val'].shape)} {result.meta['val'].dtype} is not "
                                f"the score's shape and dtype")
-    except Exception:  # undo the inserted nodes; the site keeps its own scoring
-        for node in reversed([n for n in graph.nodes if n not in before]):
-            graph.erase_node(node)
-        raise
-    fused.meta["stack_trace"] = x.meta.get("stack_trace")
-    if "nn_module_stack" in x.meta:
-        fused.meta["nn_module_stack"] = x.meta["nn_module_stack"]
+    take_provenance(fused, x)
     x.replace_all_uses_with(result)
     dead = dead_if_removed([x])
     erase_dead(graph, dead)
