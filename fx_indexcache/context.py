@@ -41,6 +41,9 @@ class GraphContext:
     #: A pipeline stage's first global decoder layer, when its module paths count from 0 (``layers[2:]`` rebuilt
     #: as a list of its own); None: the paths are global.
     stage_first_layer: int | None = None
+    #: Split each computing indexer's query rows across the default process group's ranks (``rewrite.shard_rows``);
+    #: effective only where a group of more than one rank is initialised when the graph is rewritten.
+    shard_indexer_rows: bool = False
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

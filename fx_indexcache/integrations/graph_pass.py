@@ -23,6 +23,7 @@ from ..graph_utils import fake_value
 from ..report.graph_report import IndexCacheReport
 from ..report.trace import PassTrace
 from ..rewrite.regional import share_across_regions
+from ..rewrite.shard_rows import RowShardRecord, ShardGroup, shard_indexer_rows
 from ..rewrite.share import COMPUTED, UNMARKED, LayerDecision, apply_index_cache
 from ..session import IndexCacheSession, default_session
 
@@ -92,6 +93,10 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     (the default session when None). ``context``: the entry point's facts about the graph (a backend
     builds one per graph; ``graph_starts_at_first_layer`` fills it otherwise).
 
+    ``shard_indexer_rows``: split each computing indexer's query rows across the ranks of the default process
+    group and all-gather the top-k (``rewrite.shard_rows``; exact); it takes effect where a group of more than
+    one rank is initialised when the graph is rewritten, and the report says per layer what each rank scored.
+
     A training graph (Inductor says so through ``is_inference``, or the backend's context) is left as
     it is: the report and a warning say why.
     """
@@ -105,6 +110,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         context: GraphContext | None = None,
         annotate: Callable[[IndexCacheReport], list[str]] | None = None,
         stage_first_layer: int | None = None,
+        shard_indexer_rows: bool | None = None,
         **keys,
     ) -> None:
         if graph_starts_at_first_layer not in (None, True, False):
@@ -116,11 +122,14 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             raise TypeError("IndexCachePass: give graph_starts_at_first_layer or a context, not both")
         self.config = IndexCacheConfig.coerce(config, keys, "IndexCachePass")
         self.session = default_session() if session is None else session
+        check_shard_rows(shard_indexer_rows, "IndexCachePass")
         if context is None:
             context = GraphContext(starts_at_first_layer=graph_starts_at_first_layer,
                                    stage_first_layer=stage_first_layer)
         elif stage_first_layer is not None:
             context = dataclasses.replace(context, stage_first_layer=stage_first_layer)
+        if shard_indexer_rows is not None:
+            context = dataclasses.replace(context, shard_indexer_rows=shard_indexer_rows)
         self.context = context
         self.annotate = annotate  # an entry point's own notes on a report, added before it is published
         self.reports: list[IndexCacheReport] = []
@@ -216,15 +225,24 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
         handled = {call.region for call in regional}  # their calls are reported one by one instead
         detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
+        with trace.stage("shard rows"):
+            row_shards = self._shard_rows(graph, detection)
         with trace.stage("fuse"):
             kernel_records, precision = fuse_indexers(graph, detection.sites, self.config)
         trace.dump("after")
         report = IndexCacheReport.build(self.config, detection, decisions, context, fusions=kernel_records,
-                                        precision=precision, regional=regional)
+                                        precision=precision, regional=regional, row_shards=row_shards)
         self._warn(detection, report, context)
         self._count(report)
         trace.finish()
         return self._publish(report)
+
+    def _shard_rows(self, graph: fx.Graph, detection) -> list[RowShardRecord]:
+        """With ``shard_indexer_rows``, the computing indexers' rows split across the process group (before the
+        fused kernel: a split layer keeps Inductor's scoring on its rows)."""
+        if not self.context.shard_indexer_rows:
+            return []
+        return shard_indexer_rows(graph, detection.sites, ShardGroup.current())
 
     def _check_pattern_length(self, detection) -> None:
         """One error naming the model's layer count when an explicit pattern does not fit the model."""
@@ -283,11 +301,25 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self.session.publish(report)
         return report
 
+    def _shard_key(self) -> str:
+        """Each rank's graph scores its own rows: the FX graph cache must never serve one rank another's."""
+        if not self.context.shard_indexer_rows:
+            return "off"
+        group = ShardGroup.current()
+        return group.key() if isinstance(group, ShardGroup) else "no group"
+
     def uuid(self) -> str:
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
-                 f"inference={self.context.inference}|{_source_digest()}")
+                 f"inference={self.context.inference}|shard={self._shard_key()}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
+
+
+def check_shard_rows(value, where: str) -> None:
+    """``shard_indexer_rows`` must be a bool (None: not given)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{where}: shard_indexer_rows={value!r} is not allowed; it must be True or False (split each "
+                         "computing indexer's query rows across the ranks of the default process group)")
 
 
 def fuse_indexers(graph: fx.Graph, sites, config: IndexCacheConfig) -> tuple[list[FusionRecord], list[PrecisionRecord]]:

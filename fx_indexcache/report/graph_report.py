@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..fuse.precision import PrecisionRecord
     from ..fuse.substitute import FusionRecord
     from ..rewrite.regional import RegionCall
+    from ..rewrite.shard_rows import RowShardRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class IndexCacheReport:
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
     regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
     precision: list[PrecisionRecord] = dataclasses.field(default_factory=list)  # per F site, when not bf16
+    #: per computing site under ``shard_indexer_rows``: the query rows this rank scored, or why it ran whole
+    row_shards: list[RowShardRecord] = dataclasses.field(default_factory=list)
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -90,6 +93,7 @@ class IndexCacheReport:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
         lines.extend(r.note() for r in self.fusions)
         lines.extend(r.note() for r in self.precision if r.reason is not None)  # applied: the fusion line says fp8
+        lines.extend(r.note() for r in self.row_shards)
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())
@@ -102,9 +106,10 @@ class IndexCacheReport:
 
     @classmethod
     def build(cls, config: IndexCacheConfig, detection: Detection, decisions: list[LayerDecision],
-              context: GraphContext, *, fusions=(), precision=(), regional=(), notes=()) -> IndexCacheReport:
-        """The report of one run of the pass: the detection, the per-layer decisions, the fusion and precision
-        records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
+              context: GraphContext, *, fusions=(), precision=(), regional=(), notes=(), row_shards=()
+              ) -> IndexCacheReport:
+        """The report of one run of the pass: the detection, the per-layer decisions, the fusion, precision and
+        row-sharding records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
         lines = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
         lines += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
@@ -125,7 +130,8 @@ class IndexCacheReport:
         if plan is not None and plan.active:
             decisions = [_with_cross_graph_note(d, plan) for d in decisions]
         return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
-                   detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision))
+                   detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision),
+                   list(row_shards))
 
 
 def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> LayerDecision:
