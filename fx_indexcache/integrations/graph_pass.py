@@ -17,6 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..config import IndexCacheConfig
 from ..context import GraphContext
 from ..detection.registry import LayerSource, detect, finders_fingerprint, refuse_stage_numbering, shift_to_global
+from ..detection.stage import stage_paths_are_global
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..graph_utils import fake_value
@@ -173,14 +174,16 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         """Detection under this graph's context (where layer identity may come from).
 
         Module paths of a pipeline stage rebuilt from ``layers[N:]`` count from 0: they are shifted by the stage's
-        first layer when the context gives it, and refused when the model's layer count shows the layer list is
-        shorter than the model (never read as global numbers)."""
+        first layer when the context gives it (unless they are global already: ``detection/stage.py``), and refused
+        when the model's layer count shows the layer list is shorter than the model (never read as global
+        numbers)."""
         detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
         first, count, model = self.context.stage_first_layer, self.layer_count(), self.context.model_object()
-        if first is not None:  # told where the stage starts: its paths are global once shifted
-            shift_to_global(detection, first)
+        if first is not None:  # told where the stage starts: its paths are global, or global once shifted
+            if not stage_paths_are_global(model, detection.container, first, count):
+                shift_to_global(detection, first)
         elif count and detection.container and isinstance(model, nn.Module):
             blocks = container_length(model, detection.container)
             if blocks is not None and blocks < count:
@@ -196,7 +199,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         if not isinstance(model, nn.Module) or not detection.container:
             return None
         blocks = container_length(model, detection.container)
-        return None if blocks is None else blocks + (self.context.stage_first_layer or 0)
+        return None if blocks is None else blocks + detection.stage_shift
 
     def ledger(self):
         return self.session.ledger(self.context.model_object())
@@ -204,7 +207,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     def share_in_place(self, graph: fx.Graph):
         """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
         detection = self.detect(graph)
-        apply_index_cache(graph, detection, self.config, self.ledger())
+        apply_index_cache(graph, detection, self.config, self.ledger(), self.context.stage_first_layer)
         return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
@@ -219,7 +222,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             return self._leave_training_graph(detection, context, trace)
         self._check_pattern_length(detection)
         with trace.stage("share"):
-            decisions = apply_index_cache(graph, detection, self.config, self.ledger())  # all F when off
+            decisions = apply_index_cache(graph, detection, self.config, self.ledger(),  # all F when off
+                                          self.context.stage_first_layer)
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config import IndexCacheConfig, PatternSource
 from ..detection.registry import Detection, LayerSource, UnknownLayerIndex
-from ..rewrite.share import LEFT, SHARED, LayerDecision
+from ..rewrite.share import CUT_NOTE, LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
     from ..context import GraphContext
@@ -59,6 +59,11 @@ class IndexCacheReport:
     @property
     def layers_left(self) -> list[LayerDecision]:
         return [d for d in self.decisions if d.action == LEFT]
+
+    @property
+    def computed_for_cut(self) -> list[int]:
+        """Layers of a pipeline stage that compute only because their F layer is in an earlier stage."""
+        return [d.layer for d in self.decisions if d.layer is not None and d.note.startswith(CUT_NOTE)]
 
     @property
     def flops_saved_per_token(self) -> float:
@@ -126,12 +131,25 @@ class IndexCacheReport:
         if detection.unknown_detail:
             lines.append(f"layer index unknown: {detection.unknown_text}")
         lines += [*notes, *context.notes]
+        if context.stage_first_layer is not None:
+            lines.append(_stage_line(context.stage_first_layer, decisions))
         plan = context.cross_graph
         if plan is not None and plan.active:
             decisions = [_with_cross_graph_note(d, plan) for d in decisions]
         return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
                    detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision),
                    list(row_shards))
+
+
+def _stage_line(first: int, decisions: list[LayerDecision]) -> str:
+    """What the pipeline cut before layer ``first`` costs this stage: the layers that compute because of it."""
+    cut = [str(d.layer) for d in decisions if d.layer is not None and d.note.startswith(CUT_NOTE)]
+    served = [f"{d.layer}<-{d.source_layer}" for d in decisions if d.action == SHARED and d.source_layer is not None
+              and d.source_layer >= first and (d.layer is not None and str(d.source_layer) in cut)]
+    if not cut:
+        return f"pipeline stage from layer {first}: no layer computes because of the cut"
+    return (f"pipeline stage from layer {first}: layer(s) {', '.join(cut)} compute because of the cut (their F "
+            f"layers are in an earlier stage)" + (f"; in-stage reads {', '.join(served)}" if served else ""))
 
 
 def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> LayerDecision:
