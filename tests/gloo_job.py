@@ -1,13 +1,15 @@
 """Run one function in a 2-process gloo job on the CPU, for the parallelism tests, and bring its results back.
 
-One spawn per test module (a module-scoped fixture runs every case in one job): starting two Python processes
-that import torch costs seconds, a case costs a fraction of that. The processes meet through a file store in a
+One spawn for the whole session (``parallel_results``: the tensor-parallel, sharded-indexer and pipeline cases in
+one job, each test module reading its part): starting two Python processes that import torch costs seconds on
+this 2-core machine, a case a fraction of that. The processes meet through a file store in a
 temporary directory (no port to race for), each writes ``rank<r>.pt`` (what the function returned), and the job is
 killed when it outlives ``timeout_s``, so a collective that hangs fails the test instead of the suite.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -62,3 +64,26 @@ def run_gloo_job(job: Callable[[], Any], timeout_s: float = 80.0) -> list[Any]:
                         process.kill()
                 pytest.fail(f"the 2-process gloo job did not finish within {timeout_s:.0f} s")
         return [torch.load(Path(store_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def parallel_suite_job() -> dict:
+    """Every 2-process case of the parallelism test modules, by module."""
+    import test_pipeline_parallel
+    import test_sharded_indexer
+    import test_tensor_parallel
+
+    return {"tensor parallel": test_tensor_parallel.tensor_parallel_job(),
+            "sharded indexer": test_sharded_indexer.sharded_job(),
+            "pipeline": test_pipeline_parallel.pipeline_job()}
+
+
+@functools.lru_cache(maxsize=None)
+def _parallel_suite() -> tuple:
+    return tuple(run_gloo_job(parallel_suite_job, timeout_s=150.0))
+
+
+def parallel_results(part: str) -> list[Any]:
+    """Per rank, what ``part``'s job returned; the session's one job runs on first use."""
+    if not gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is unavailable")
+    return [results[part] for results in _parallel_suite()]

@@ -8,9 +8,11 @@ product are; an op that reads a row's *position* (``tril``, ``triu``, ``arange``
 position) or mixes rows (a reduction over the row axis, a sort along it) is not. Such an op is never copied onto
 a slice: its output is computed whole where it was and sliced afterwards, so the positions it encodes stay global.
 
-``RowAxis(axis, inner)`` says where the rows are in one tensor: along ``axis``, element ``j`` belongs to row
-``j // inner`` (``inner`` > 1 when the row axis was merged with the axes after it, as a ``[T, H]`` query re-viewed
-as ``[T*H]`` for a batched product). ``input_rows`` answers, for one op, which axis of each input holds the rows
+``RowAxis(axis, inner, outer)`` says where the rows are in one tensor: ``axis`` holds ``outer`` blocks of T rows
+of ``inner`` elements each, element ``(o*T + t)*inner + j`` belonging to row ``t`` (``inner`` > 1 when the row axis
+was merged with the axes after it, as a ``[T, H]`` query re-viewed as ``[T*H]`` for a batched product; ``outer`` > 1
+when it was merged with the axes before it, as a batch of requests ``[B, T, D]`` re-viewed as ``[B*T, D]`` for a
+projection). ``input_rows`` answers, for one op, which axis of each input holds the rows
 of an output row axis (None: the input is used whole, the same for every row), or None when the op is not
 row-wise on that axis; ``sliced_arguments`` rewrites the shape arguments of the copy that runs on fewer rows.
 """
@@ -35,10 +37,19 @@ _IDENTITIES = {aten.clone, aten.alias, aten._to_copy, aten.lift_fresh_copy, torc
 
 @dataclasses.dataclass(frozen=True)
 class RowAxis:
-    """Where the query rows sit in one tensor: ``axis``, each row a block of ``inner`` consecutive elements."""
+    """Where the query rows sit in one tensor: ``axis``, ``outer`` runs of the rows, each row ``inner`` elements."""
 
     axis: int
     inner: int = 1
+    outer: int = 1
+
+    def at(self, axis: int) -> RowAxis:
+        """The same rows on another axis (an op that moves axes keeps the blocks)."""
+        return dataclasses.replace(self, axis=axis)
+
+    def size(self, rows: int) -> int:
+        """The axis's size when it holds ``rows`` rows."""
+        return self.outer * rows * self.inner
 
 
 Demands = dict[fx.Node, RowAxis | None]
@@ -75,7 +86,7 @@ def _broadcast(node: fx.Node, out: RowAxis, out_shape: Sequence[int]) -> Demands
         if axis < 0 or shape[axis] == 1:
             demand = None
         elif shape[axis] == out_shape[out.axis]:
-            demand = RowAxis(axis, out.inner)
+            demand = out.at(axis)
         else:
             return None
         if demands.setdefault(arg, demand) != demand:
@@ -91,21 +102,26 @@ def _reduction(node: fx.Node, out: RowAxis, in_shape: Sequence[int]) -> Demands 
     reduced = {d % len(in_shape) for d in dims}
     kept = list(range(len(in_shape))) if keepdim else [i for i in range(len(in_shape)) if i not in reduced]
     axis, source = kept[out.axis], node.args[0]
-    return None if axis in reduced or not isinstance(source, fx.Node) else {source: RowAxis(axis, out.inner)}
+    return None if axis in reduced or not isinstance(source, fx.Node) else {source: out.at(axis)}
 
 
 def _view(source: Sequence[int], target: Sequence[int], rows: RowAxis) -> RowAxis | None:
-    """The row axis of a row-major re-view from ``target`` (where ``rows`` is) back to ``source``: the axis that
-    starts at the same outer size and holds whole rows followed by the same inner total."""
-    outer = math.prod(target[: rows.axis])
-    count = target[rows.axis] // rows.inner
+    """The row axis of a row-major re-view from ``target`` (where ``rows`` is) back to ``source``: the axis whose
+    elements split into the same runs of the same rows (the same outer total before them, the same inner total
+    after them)."""
+    outer_total = math.prod(target[: rows.axis]) * rows.outer
+    count = target[rows.axis] // (rows.outer * rows.inner)
     inner_total = rows.inner * math.prod(target[rows.axis + 1 :])
     for axis in range(len(source)):
-        if math.prod(source[:axis]) != outer or source[axis] % count:
+        before = math.prod(source[:axis])
+        if before == 0 or outer_total % before:
             continue
-        inner = source[axis] // count
+        outer = outer_total // before
+        if source[axis] % (outer * count):
+            continue
+        inner = source[axis] // (outer * count)
         if inner * math.prod(source[axis + 1 :]) == inner_total:
-            return RowAxis(axis, inner)
+            return RowAxis(axis, inner, outer)
     return None
 
 
@@ -117,9 +133,9 @@ def _contraction(node: fx.Node, out: RowAxis) -> Demands | None:
         return None
     offset = 1 if packet(node) is aten.bmm else 0
     if out.axis == offset:
-        return {left: RowAxis(offset, out.inner), right: None} if left is not right else None
+        return {left: out.at(offset), right: None} if left is not right else None
     if out.axis == offset + 1:
-        return {left: None, right: RowAxis(offset + 1, out.inner)} if left is not right else None
+        return {left: None, right: out.at(offset + 1)} if left is not right else None
     if offset and out.axis == 0:
         return {left: out, right: out}
     return None
@@ -158,28 +174,27 @@ def _same_tensor_rows(node: fx.Node, out: RowAxis, out_shape: Sequence[int], in_
         return _view(in_shape, out_shape, out)
     if kind is aten.unsqueeze:
         dim = args[1] % len(out_shape)
-        return None if dim == out.axis else RowAxis(out.axis - (dim < out.axis), out.inner)
+        return None if dim == out.axis else out.at(out.axis - (dim < out.axis))
     if kind is aten.squeeze:
         dims = args[1] if len(args) > 1 else range(len(in_shape))
         dims = {d % len(in_shape) for d in ([dims] if isinstance(dims, int) else dims)}
         kept = [i for i in range(len(in_shape)) if not (i in dims and in_shape[i] == 1)]
-        return RowAxis(kept[out.axis], out.inner)
+        return out.at(kept[out.axis])
     if kind is aten.permute:
-        return RowAxis(args[1][out.axis] % len(in_shape), out.inner)
+        return out.at(args[1][out.axis] % len(in_shape))
     if kind in (aten.transpose, aten.t):
         first, second = (args[1] % len(in_shape), args[2] % len(in_shape)) if kind is aten.transpose else (0, 1)
         swap = {first: second, second: first}
-        return RowAxis(swap.get(out.axis, out.axis), out.inner)
+        return out.at(swap.get(out.axis, out.axis))
     if kind is aten.expand:
         axis = out.axis - (len(out_shape) - len(in_shape))
-        return RowAxis(axis, out.inner) if in_shape[axis] == out_shape[out.axis] else None
+        return out.at(axis) if in_shape[axis] == out_shape[out.axis] else None
     if kind is aten.slice:
         dim = (args[1] if len(args) > 1 else 0) % len(in_shape)
         return None if dim == out.axis else out
     if kind is aten.select:
         dim = args[1] % len(in_shape)
-        axis = out.axis + (out.axis >= dim)
-        return RowAxis(axis, out.inner)
+        return out.at(out.axis + (out.axis >= dim))
     return None
 
 
@@ -189,7 +204,7 @@ def sliced_arguments(node: fx.Node, out: RowAxis, rows: int, args: tuple) -> tup
     if packet(node) not in (*_VIEWS, aten.expand):
         return args
     sizes = list(_shape(node) or ())
-    sizes[out.axis] = rows * out.inner
+    sizes[out.axis] = out.size(rows)
     return (args[0], sizes, *args[2:])
 
 

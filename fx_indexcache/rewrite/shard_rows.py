@@ -59,6 +59,7 @@ from .row_axis import RowAxis, input_rows, sliced_arguments
 
 aten = torch.ops.aten
 _functional = torch.ops._c10d_functional
+_VIEWS = {aten.view, aten._unsafe_view}  # re-views that need a contiguous input (a slice may not be)
 
 #: The backend option and ``IndexCachePass`` argument that switches row sharding on.
 SHARD_ROWS_KEY = "shard_indexer_rows"
@@ -260,8 +261,7 @@ def _emit(graph: fx.Graph, site: IndexerSite, cone: _Cone, start: int, stop: int
     order = node_order(graph)
     for node in sorted({*cone.copied, *cone.sliced}, key=order.__getitem__):
         for axis in cone.sliced.get(node, ()):
-            made[node, axis] = build.call(aten.slice.Tensor, (node, axis.axis, start * axis.inner,
-                                                              stop * axis.inner))
+            made[node, axis] = _slice(build, node, axis, start, stop)
         if node in cone.copied:
             axis, demands = cone.copied[node], cone.inputs[node]
 
@@ -270,11 +270,29 @@ def _emit(graph: fx.Graph, site: IndexerSite, cone: _Cone, start: int, stop: int
                 return arg if wanted is None else made[arg, wanted]
 
             args, kwargs = fx.map_arg((node.args, node.kwargs), local)
+            if is_call(node, _VIEWS) and not args[0].meta["val"].is_contiguous():  # a slice across a merged axis
+                args = (build.call(aten.clone.default, (args[0],), {"memory_format": torch.contiguous_format}),
+                        *args[1:])
             made[node, axis] = build.call(node.target, sliced_arguments(node, axis, stop - start, args), kwargs)
     score = site.anchor.args[0]
     local_score = made[score, cone.copied[score]]
     topk = build.call(site.anchor.target, (local_score, *site.anchor.args[1:]), dict(site.anchor.kwargs))
     return build.call(operator.getitem, (topk, 1))
+
+
+def _slice(build: _Builder, node: fx.Node, axis: RowAxis, start: int, stop: int) -> fx.Node:
+    """Rows ``[start, stop)`` of a value computed whole: a slice, or where the rows run ``outer`` times along the
+    axis (a batch merged before them), the same rows of every run, gathered into one contiguous axis."""
+    if axis.outer == 1:
+        return build.call(aten.slice.Tensor, (node, axis.axis, start * axis.inner, stop * axis.inner))
+    shape = list(fake_value(node).shape)
+    runs = [*shape[: axis.axis], axis.outer, shape[axis.axis] // axis.outer, *shape[axis.axis + 1 :]]
+    whole = build.call(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+    rows = build.call(aten.slice.Tensor, (build.call(aten.view.default, (whole, runs)), axis.axis + 1,
+                                          start * axis.inner, stop * axis.inner))
+    rows = build.call(aten.clone.default, (rows,), {"memory_format": torch.contiguous_format})
+    merged = [*shape[: axis.axis], axis.size(stop - start), *shape[axis.axis + 1 :]]
+    return build.call(aten.view.default, (rows, merged))
 
 
 def _all_gather_rows(graph: fx.Graph, site: IndexerSite, local: fx.Node, axis: int, rows: int, mine: int,
