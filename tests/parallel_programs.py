@@ -9,7 +9,8 @@ indices layer ``i`` reads (``i`` itself when it computes).
 * ``LinearDSA``: the value path as ``nn.Linear`` modules, for DTensor's ``parallelize_module``.
 * ``MaskedDSA``: one layer style per mask the sharded indexer must keep exact: ``tril`` (a causal mask from a
   materialised triangle), ``arange`` (from positions), ``lengths`` (a batch of requests of different lengths),
-  ``varlen`` (several requests' tokens in one flattened row axis, as serving engines batch them), ``cumsum``
+  ``flat batch`` (the same, projected as one ``[B*T, D]`` matrix), ``varlen`` (several requests' tokens in one
+  flattened row axis, as serving engines batch them), ``cumsum``
   (a score whose rows depend on each other: refused). It returns every layer's indices.
 """
 
@@ -31,6 +32,18 @@ def scores(x, wq, wk, ww):
     k = x @ wk
     logits = torch.relu(torch.einsum("...shd,...td->...sht", q, k))
     return (logits * (x @ ww).unsqueeze(-1)).sum(-2)
+
+
+def flat_scores(x, wq, wk, ww):
+    """``scores`` with the batch flattened once for every projection (``[B*T, D]``, as transformers' models run a
+    batch through their linear layers): the rows of each request are a run inside one merged axis."""
+    batch, rows, _ = x.shape
+    flat = x.reshape(batch * rows, D)
+    q = (flat @ wq).view(batch, rows, H, HD)
+    k = (flat @ wk).view(batch, rows, HD)
+    weights = (flat @ ww).view(batch, rows, H)
+    logits = torch.relu(torch.einsum("bshd,btd->bsht", q, k))
+    return (logits * weights.unsqueeze(-1)).sum(-2)
 
 
 def causal_topk(x, wq, wk, ww):
@@ -132,7 +145,7 @@ def _masked(style: str, score, meta):
     elif style in ("arange", "cumsum"):
         position = torch.arange(rows)
         keep = position.unsqueeze(0) <= position.unsqueeze(1)
-    elif style == "lengths":  # batch [B, T, T]: causal, and keys past each request's length masked
+    elif style in ("lengths", "flat batch"):  # batch [B, T, T]: causal, keys past each request's length masked
         position = torch.arange(rows)
         keep = (position.unsqueeze(0) <= position.unsqueeze(1)) & (position < meta.unsqueeze(-1)).unsqueeze(-2)
     elif style == "varlen":  # tokens of several requests in one row axis: meta = (request id, position) per token
@@ -153,7 +166,8 @@ class MaskedBlock(nn.Module):
         self.wv = nn.Parameter(torch.randn(D, D, generator=gen) / D**0.5)
 
     def indices(self, x, meta):
-        score = scores(x, self.indexer.wq, self.indexer.wk, self.indexer.ww)
+        score = (flat_scores if self.style == "flat batch" else scores)(x, self.indexer.wq, self.indexer.wk,
+                                                                        self.indexer.ww)
         return _masked(self.style, score, meta).topk(K, dim=-1).indices
 
     def forward(self, x, indices):
@@ -183,7 +197,7 @@ class MaskedDSA(nn.Module):
 def masked_inputs(style: str, rows: int, seed: int = 1):
     """``(x, meta)`` for ``MaskedDSA(style)``: ``rows`` query rows (per request for ``lengths``)."""
     gen = _generator(seed)
-    if style == "lengths":
+    if style in ("lengths", "flat batch"):
         return torch.randn(3, rows, D, generator=gen), torch.tensor([rows, rows - 2, 3])
     if style == "varlen":
         sizes = [rows - rows // 2 - 1, rows // 2, 1]  # three requests of different lengths, one of one token

@@ -26,6 +26,7 @@ from parallel_programs import MaskedDSA, masked_inputs
 CASES = {
     "causal triangle, 5 rows, FSFS": ("tril", 5, 4, "FSFS", "eager"),
     "batch of 3 requests, lengths 7, 5, 3, causal from positions": ("lengths", 7, 2, "FF", "eager"),
+    "batch of 3 requests projected as one [B*T, D] matrix": ("flat batch", 7, 2, "FF", "eager"),
     "3 requests in 7 flattened tokens": ("varlen", 7, 2, "FF", "eager"),
     "rows depend on each other (cumsum)": ("cumsum", 5, 2, "FF", "eager"),
     "Inductor, batch of 3 requests": ("lengths", 7, 1, "F", "inductor"),
@@ -177,9 +178,11 @@ def test_positions_are_sliced_after_they_are_computed_whole():
     assert topk.args[0].meta["val"].shape == (2, 5)
 
 
-def test_a_batch_merged_before_its_rows_still_projects_only_this_ranks_rows():
-    """``[B, T, D]`` re-viewed as ``[B*T, D]`` for the projections: every request's rows 4..6, nothing else."""
-    graph, record = _rewrite_as_rank_one("lengths", 7)
+@pytest.mark.parametrize("style", ["lengths", "flat batch"])
+def test_a_batch_merged_before_its_rows_still_projects_only_this_ranks_rows(style):
+    """``[B, T, D]`` re-viewed as ``[B*T, D]`` for the projections (once per projection, or once for all three:
+    then the merged view is cut, every request's rows 4..6 gathered): 3 requests x 3 rows, nothing else."""
+    graph, record = _rewrite_as_rank_one(style, 7)
     assert record.products == 3
     shapes = sorted(tuple(node.meta["val"].shape) for node in _calls(graph, torch.ops.aten.mm.default))
     assert (3 * 3, 8) in shapes and (3 * 3, 2) in shapes  # q and weight projections on 3 requests x 3 rows
