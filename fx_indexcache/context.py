@@ -44,6 +44,9 @@ class GraphContext:
     #: Why some calls of the model run uncompiled beside this graph (transformers' decode-step compile, whose
     #: prefill is eager), or None. Such calls compute every layer, so no S layer's cache writes may be dropped.
     eager_calls: str | None = None
+    #: Split each computing indexer's query rows across the default process group's ranks (``rewrite.shard_rows``);
+    #: effective only where a group of more than one rank is initialised when the graph is rewritten.
+    shard_indexer_rows: bool = False
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

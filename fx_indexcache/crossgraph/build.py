@@ -66,7 +66,8 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
 def plan_numbered(module: fx.GraphModule, inputs: Sequence, graph_pass, detection, *, graph: str,
                   inference: bool):
     """A numbered graph's plan and its variant (see ``numbered``); (None, None): not concerned."""
-    needs = numbered.numbered_needs(detection, graph_pass.config, graph_pass.model_layers(detection))
+    needs = numbered.numbered_needs(detection, graph_pass.config, graph_pass.model_layers(detection),
+                                    graph_pass.context.stage_first_layer)
     if needs is None:
         return None, None
     if not inference:

@@ -48,10 +48,11 @@ def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], horizon: int) 
     return source if source in layers and config.layer_kind(source) == FULL else None
 
 
-def _readers(config: IndexCacheConfig, layers: tuple[int, ...]) -> list[int]:
-    """The graph's S layers whose F layer comes before the graph."""
+def _readers(config: IndexCacheConfig, layers: tuple[int, ...], stage_first_layer: int = 0) -> list[int]:
+    """The graph's S layers whose F layer comes before the graph, in this process: a pipeline stage's layers never
+    read a layer of an earlier stage (it runs elsewhere and publishes nothing here)."""
     return [layer for layer in layers if config.layer_kind(layer) == SHARED
-            and (source := config.source_layer(layer)) is not None and source < layers[0]]
+            and (source := config.source_layer(layer)) is not None and stage_first_layer <= source < layers[0]]
 
 
 def _container(detection: Detection) -> str | None | bool:
@@ -60,8 +61,10 @@ def _container(detection: Detection) -> str | None | bool:
     return False if len(names) > 1 else next(iter(names), None)
 
 
-def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers: int | None):
-    """``(layers, readers, publisher)`` of a numbered graph, or None when it exchanges nothing across graphs."""
+def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers: int | None,
+                   stage_first_layer: int | None = None):
+    """``(layers, readers, publisher)`` of a numbered graph, or None when it exchanges nothing across graphs.
+    ``stage_first_layer``: the graph is part of a pipeline stage that starts there."""
     if not config.use_index_cache or not detection.sites or detection.unknown_reason is not None:
         return None
     if detection.nested_regions:
@@ -69,7 +72,7 @@ def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers:
     layers = tuple(sorted(site.layer for site in detection.sites))
     if len(set(layers)) != len(layers):
         return None
-    readers, publisher = _readers(config, layers), _publisher(config, layers, layer_horizon(config, model_layers))
+    readers, publisher = _readers(config, layers, stage_first_layer or 0), _publisher(config, layers, layer_horizon(config, model_layers))
     if not readers and publisher is None:
         return None
     return layers, readers, publisher

@@ -127,6 +127,7 @@ class Detection:
     #: when every layer before it is here (none computes), not when it may sit in an earlier graph.
     layers_present: frozenset[int] = frozenset()
     container: str | None = None  # the layer container the module paths name (``model.layers``), when they do
+    stage_shift: int = 0  # added to the module paths' numbers: a pipeline stage's list numbered from 0
 
     @property
     def unknown_text(self) -> str:
@@ -318,6 +319,7 @@ def shift_to_global(detection: Detection, first_layer: int) -> None:
             site.layer += first_layer
             site.readers = tuple(layer + first_layer for layer in site.readers)
     detection.layers_present = frozenset(layer + first_layer for layer in detection.layers_present)
+    detection.stage_shift = first_layer
 
 
 def refuse_stage_numbering(detection: Detection, stage_layers: int, model_layers: int) -> None:

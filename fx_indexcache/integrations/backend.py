@@ -34,7 +34,8 @@ from ..detection.frames import compiled_frame_values, dynamo_graph_starts_at_fir
 from ..detection.registry import Detection, LayerSource
 from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
-from .graph_pass import FusionOnlyPass, IndexCachePass
+from ..rewrite.shard_rows import SHARD_ROWS_KEY
+from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,16 @@ def _stage_first_layer(options: Mapping[str, Any]) -> int | None:
     return value
 
 
+#: Backend options that describe the graph's place in a parallel run, not the IndexCache pattern.
+PLACEMENT_KEYS = (STAGE_KEY, SHARD_ROWS_KEY)
+
+
+def _placement(options: Mapping[str, Any], where: str) -> tuple[int | None, bool]:
+    """``stage_first_layer`` and ``shard_indexer_rows`` from backend options, validated."""
+    check_shard_rows(options.get(SHARD_ROWS_KEY), where)
+    return _stage_first_layer(options), bool(options.get(SHARD_ROWS_KEY, False))
+
+
 def _inductor_keys() -> list[str]:
     return list(torch._inductor.config.get_config_copy())
 
@@ -165,7 +176,7 @@ def _inductor_keys() -> list[str]:
 def check_backend_options(options: Mapping[str, Any], where: str, *, inductor: bool = True) -> None:
     """Refuse an option that is neither an IndexCache key nor (with ``inductor``) an Inductor config key, naming
     the nearest valid one: a misspelt key must fail when the backend is made, not at the first compile."""
-    check_keys(options, where, allowed=(*CONFIG_KEYS, "num_layers", STAGE_KEY),
+    check_keys(options, where, allowed=(*CONFIG_KEYS, "num_layers", *PLACEMENT_KEYS),
                others=_inductor_keys() if inductor else (), others_name="Inductor config keys" if inductor else "")
 
 
@@ -250,8 +261,8 @@ class IndexCacheBackend:
         options = pattern_file_options(options)  # pattern_file="p.json" -> its index_topk_pattern and num_layers
         mode_options(mode)  # bad modes and keys fail here, not at the first compile
         check_backend_options(options, type(self).__name__, inductor=self._inductor_options)
-        _stage_first_layer(options)
-        IndexCacheConfig.from_options({k: v for k, v in options.items() if k != STAGE_KEY})
+        _placement(options, type(self).__name__)
+        IndexCacheConfig.from_options({k: v for k, v in options.items() if k not in PLACEMENT_KEYS})
         self.mode = mode
         self.options = dict(options)
         #: the model class a pattern file was chosen for, checked against the model each compile sees
@@ -279,8 +290,8 @@ class IndexCacheBackend:
         if options:
             check_backend_options(options, f"{type(self).__name__} (torch.compile options)",
                                   inductor=self._inductor_options)
-        stage = _stage_first_layer(given)
-        given = {key: value for key, value in given.items() if key != STAGE_KEY}
+        stage, shard_rows = _placement(given, type(self).__name__)
+        given = {key: value for key, value in given.items() if key not in PLACEMENT_KEYS}
         model, model_layers = _compiled_model()
         self._check_pattern_model()
         shipped = _model_config_keys(model)
@@ -293,7 +304,7 @@ class IndexCacheBackend:
         context = GraphContext(
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
             model=None if model is None else weakref.ref(model), notes=() if decode_only is None else (decode_only,),
-            stage_first_layer=stage,
+            stage_first_layer=stage, shard_indexer_rows=shard_rows,
             eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly")
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []

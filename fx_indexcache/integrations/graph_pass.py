@@ -17,12 +17,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..config import IndexCacheConfig
 from ..context import GraphContext
 from ..detection.registry import LayerSource, detect, finders_fingerprint, refuse_stage_numbering, shift_to_global
+from ..detection.stage import stage_paths_are_global
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
 from ..graph_utils import fake_value
 from ..report.graph_report import IndexCacheReport
 from ..report.trace import PassTrace
 from ..rewrite.regional import share_across_regions
+from ..rewrite.shard_rows import RowShardRecord, ShardGroup, shard_indexer_rows
 from ..rewrite.share import COMPUTED, UNMARKED, DropProof, LayerDecision, apply_index_cache
 from ..session import IndexCacheSession, default_session
 
@@ -103,6 +105,10 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     (the default session when None). ``context``: the entry point's facts about the graph (a backend
     builds one per graph; ``graph_starts_at_first_layer`` fills it otherwise).
 
+    ``shard_indexer_rows``: split each computing indexer's query rows across the ranks of the default process
+    group and all-gather the top-k (``rewrite.shard_rows``; exact); it takes effect where a group of more than
+    one rank is initialised when the graph is rewritten, and the report says per layer what each rank scored.
+
     A training graph (Inductor says so through ``is_inference``, or the backend's context) is left as
     it is: the report and a warning say why.
     """
@@ -116,6 +122,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         context: GraphContext | None = None,
         annotate: Callable[[IndexCacheReport], list[str]] | None = None,
         stage_first_layer: int | None = None,
+        shard_indexer_rows: bool | None = None,
         **keys,
     ) -> None:
         if graph_starts_at_first_layer not in (None, True, False):
@@ -127,11 +134,14 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             raise TypeError("IndexCachePass: give graph_starts_at_first_layer or a context, not both")
         self.config = IndexCacheConfig.coerce(config, keys, "IndexCachePass")
         self.session = default_session() if session is None else session
+        check_shard_rows(shard_indexer_rows, "IndexCachePass")
         if context is None:
             context = GraphContext(starts_at_first_layer=graph_starts_at_first_layer,
                                    stage_first_layer=stage_first_layer)
         elif stage_first_layer is not None:
             context = dataclasses.replace(context, stage_first_layer=stage_first_layer)
+        if shard_indexer_rows is not None:
+            context = dataclasses.replace(context, shard_indexer_rows=shard_indexer_rows)
         self.context = context
         self.annotate = annotate  # an entry point's own notes on a report, added before it is published
         self.reports: list[IndexCacheReport] = []
@@ -175,14 +185,16 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         """Detection under this graph's context (where layer identity may come from).
 
         Module paths of a pipeline stage rebuilt from ``layers[N:]`` count from 0: they are shifted by the stage's
-        first layer when the context gives it, and refused when the model's layer count shows the layer list is
-        shorter than the model (never read as global numbers)."""
+        first layer when the context gives it (unless they are global already: ``detection/stage.py``), and refused
+        when the model's layer count shows the layer list is shorter than the model (never read as global
+        numbers)."""
         detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
         first, count, model = self.context.stage_first_layer, self.layer_count(), self.context.model_object()
-        if first is not None:  # told where the stage starts: its paths are global once shifted
-            shift_to_global(detection, first)
+        if first is not None:  # told where the stage starts: its paths are global, or global once shifted
+            if not stage_paths_are_global(model, detection.container, first, count):
+                shift_to_global(detection, first)
         elif count and detection.container and isinstance(model, nn.Module):
             blocks = container_length(model, detection.container)
             if blocks is not None and blocks < count:
@@ -198,7 +210,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         if not isinstance(model, nn.Module) or not detection.container:
             return None
         blocks = container_length(model, detection.container)
-        return None if blocks is None else blocks + (self.context.stage_first_layer or 0)
+        return None if blocks is None else blocks + detection.stage_shift
 
     def ledger(self):
         return self.session.ledger(self.context.model_object())
@@ -227,7 +239,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     def share_in_place(self, graph: fx.Graph):
         """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
         detection = self.detect(graph)
-        apply_index_cache(graph, detection, self.config, self.ledger(), self.drop_proof(detection))
+        apply_index_cache(graph, detection, self.config, self.ledger(), self.drop_proof(detection),
+                          self.context.stage_first_layer)
         return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
@@ -243,21 +256,30 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self._check_pattern_length(detection)
         with trace.stage("share"):
             decisions = apply_index_cache(graph, detection, self.config, self.ledger(),  # all F when off
-                                          self.drop_proof(detection))
+                                          self.drop_proof(detection), self.context.stage_first_layer)
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
         handled = {call.region for call in regional}  # their calls are reported one by one instead
         detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
+        with trace.stage("shard rows"):
+            row_shards = self._shard_rows(graph, detection)
         with trace.stage("fuse"):
             kernel_records, precision = fuse_indexers(graph, detection.sites, self.config)
         trace.dump("after")
         report = IndexCacheReport.build(self.config, detection, decisions, context, fusions=kernel_records,
-                                        precision=precision, regional=regional)
+                                        precision=precision, regional=regional, row_shards=row_shards)
         self._warn(detection, report, context)
         self._count(report)
         trace.finish()
         return self._publish(report)
+
+    def _shard_rows(self, graph: fx.Graph, detection) -> list[RowShardRecord]:
+        """With ``shard_indexer_rows``, the computing indexers' rows split across the process group (before the
+        fused kernel: a split layer keeps Inductor's scoring on its rows)."""
+        if not self.context.shard_indexer_rows:
+            return []
+        return shard_indexer_rows(graph, detection.sites, ShardGroup.current())
 
     def _check_pattern_length(self, detection) -> None:
         """One error naming the model's layer count when an explicit pattern does not fit the model."""
@@ -316,12 +338,26 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self.session.publish(report)
         return report
 
+    def _shard_key(self) -> str:
+        """Each rank's graph scores its own rows: the FX graph cache must never serve one rank another's."""
+        if not self.context.shard_indexer_rows:
+            return "off"
+        group = ShardGroup.current()
+        return group.key() if isinstance(group, ShardGroup) else "no group"
+
     def uuid(self) -> str:
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
                  f"eager_calls={self.context.eager_calls is not None}|"
-                 f"inference={self.context.inference}|{_source_digest()}")
+                 f"inference={self.context.inference}|shard={self._shard_key()}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
+
+
+def check_shard_rows(value, where: str) -> None:
+    """``shard_indexer_rows`` must be a bool (None: not given)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{where}: shard_indexer_rows={value!r} is not allowed; it must be True or False (split each "
+                         "computing indexer's query rows across the ranks of the default process group)")
 
 
 def fuse_indexers(graph: fx.Graph, sites, config: IndexCacheConfig) -> tuple[list[FusionRecord], list[PrecisionRecord]]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config import IndexCacheConfig, PatternSource
 from ..detection.registry import Detection, LayerSource, UnknownLayerIndex
-from ..rewrite.share import LEFT, SHARED, LayerDecision
+from ..rewrite.share import CUT_NOTE, LEFT, SHARED, LayerDecision
 
 if TYPE_CHECKING:
     from ..context import GraphContext
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..fuse.precision import PrecisionRecord
     from ..fuse.substitute import FusionRecord
     from ..rewrite.regional import RegionCall
+    from ..rewrite.shard_rows import RowShardRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class IndexCacheReport:
     cross_graph: CrossGraphPlan | None = None  # a graph that runs as several layers: what is decided per call
     regional: list[RegionCall] = dataclasses.field(default_factory=list)  # nested_compile_region calls rewired
     precision: list[PrecisionRecord] = dataclasses.field(default_factory=list)  # per F site, when not bf16
+    #: per computing site under ``shard_indexer_rows``: the query rows this rank scored, or why it ran whole
+    row_shards: list[RowShardRecord] = dataclasses.field(default_factory=list)
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -56,6 +59,11 @@ class IndexCacheReport:
     @property
     def layers_left(self) -> list[LayerDecision]:
         return [d for d in self.decisions if d.action == LEFT]
+
+    @property
+    def computed_for_cut(self) -> list[int]:
+        """Layers of a pipeline stage that compute only because their F layer is in an earlier stage."""
+        return [d.layer for d in self.decisions if d.layer is not None and d.note.startswith(CUT_NOTE)]
 
     @property
     def flops_saved_per_token(self) -> float:
@@ -90,6 +98,7 @@ class IndexCacheReport:
             lines.append(f"indexer key-cache writes dropped: {self.cache_bytes_saved:,} bytes per call")
         lines.extend(r.note() for r in self.fusions)
         lines.extend(r.note() for r in self.precision if r.reason is not None)  # applied: the fusion line says fp8
+        lines.extend(r.note() for r in self.row_shards)
         lines.extend(self.other_notes)
         if self.cross_graph is not None:
             lines.append(self.cross_graph.note())
@@ -102,9 +111,10 @@ class IndexCacheReport:
 
     @classmethod
     def build(cls, config: IndexCacheConfig, detection: Detection, decisions: list[LayerDecision],
-              context: GraphContext, *, fusions=(), precision=(), regional=(), notes=()) -> IndexCacheReport:
-        """The report of one run of the pass: the detection, the per-layer decisions, the fusion and precision
-        records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
+              context: GraphContext, *, fusions=(), precision=(), regional=(), notes=(), row_shards=()
+              ) -> IndexCacheReport:
+        """The report of one run of the pass: the detection, the per-layer decisions, the fusion, precision and
+        row-sharding records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
         lines = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
         lines += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
@@ -121,11 +131,25 @@ class IndexCacheReport:
         if detection.unknown_detail:
             lines.append(f"layer index unknown: {detection.unknown_text}")
         lines += [*notes, *context.notes]
+        if context.stage_first_layer is not None:
+            lines.append(_stage_line(context.stage_first_layer, decisions))
         plan = context.cross_graph
         if plan is not None and plan.active:
             decisions = [_with_cross_graph_note(d, plan) for d in decisions]
         return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
-                   detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision))
+                   detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision),
+                   list(row_shards))
+
+
+def _stage_line(first: int, decisions: list[LayerDecision]) -> str:
+    """What the pipeline cut before layer ``first`` costs this stage: the layers that compute because of it."""
+    cut = [str(d.layer) for d in decisions if d.layer is not None and d.note.startswith(CUT_NOTE)]
+    served = [f"{d.layer}<-{d.source_layer}" for d in decisions if d.action == SHARED and d.source_layer is not None
+              and d.source_layer >= first and (d.layer is not None and str(d.source_layer) in cut)]
+    if not cut:
+        return f"pipeline stage from layer {first}: no layer computes because of the cut"
+    return (f"pipeline stage from layer {first}: layer(s) {', '.join(cut)} compute because of the cut (their F "
+            f"layers are in an earlier stage)" + (f"; in-stage reads {', '.join(served)}" if served else ""))
 
 
 def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> LayerDecision:

@@ -43,6 +43,8 @@ class Action(str, enum.Enum):
 
 
 COMPUTED, SHARED, LEFT = Action.COMPUTED, Action.SHARED, Action.LEFT
+#: How a decision's note begins for a layer that computes only because a pipeline cut separates it from its F layer.
+CUT_NOTE = "computed because of the pipeline cut"
 #: ``LayerDecision.marked`` when the layer index is unknown, so the config cannot mark the layer.
 UNMARKED = "?"
 
@@ -124,7 +126,8 @@ def _share(graph: fx.Graph, site: IndexerSite, source: IndexerSite, drop_writes:
 
 
 def sources_in_graph(sites: list[IndexerSite], config: IndexCacheConfig, present: frozenset[int],
-                   absent: Mapping[int, str] | None = None) -> dict[int, IndexerSite | str]:
+                   absent: Mapping[int, str] | None = None, stage_first_layer: int | None = None
+                   ) -> dict[int, IndexerSite | str]:
     """``IndexCacheConfig.buffer_sources`` inside one graph, which may not hold every layer of the model.
 
     Per site (by layer), the site of this graph whose indices it uses under the engines' one-buffer rule:
@@ -138,11 +141,23 @@ def sources_in_graph(sites: list[IndexerSite], config: IndexCacheConfig, present
     indexed layers of this graph whose indices cannot serve another layer, with why (an earlier rewrite
     deleted their indexer; they hold several indexers); one that would compute is a source nobody may take,
     so the S layers after it are left as they are.
+
+    ``stage_first_layer``: the graph belongs to a pipeline stage that starts at that global layer (the user said
+    so): no layer before it runs in this process, so the engines' buffer is empty when the stage starts, as vLLM
+    and SGLang run a stage. The rule above then starts at the stage: the stage's first indexed layer computes, its
+    later S layers read the nearest layer that computed, and an S layer whose F layer sits in an earlier stage is
+    "first" when every layer of the stage before it is here.
     """
     found: dict[int, IndexerSite | str] = {}
     by_layer = {site.layer: site for site in sites}
     absent = absent or {}
     writer: IndexerSite | str | None = None  # None: no layer before computed, as far as this graph shows
+    start = stage_first_layer or 0  # no layer before it wrote the buffer in this process
+
+    def source_in_stage(layer: int) -> int | None:
+        source = config.source_layer(layer)
+        return source if source is not None and source >= start else None
+
     for layer in sorted({*by_layer, *absent}):
         site = by_layer.get(layer)
         if config.layer_kind(layer) == FULL:
@@ -154,10 +169,10 @@ def sources_in_graph(sites: list[IndexerSite], config: IndexCacheConfig, present
             continue
         if writer is not None:
             found[layer] = writer
-        elif present.issuperset(range(layer)):  # every layer before it is here and none computed: the first
-            writer = found[layer] = site
-        elif config.source_layer(layer) is None:  # nothing marked F before it: it computes, but an indexed layer
-            found[layer] = site                    # in an earlier graph may have, so it serves no one
+        elif present.issuperset(range(start, layer)):  # every layer before it is here and none computed: the
+            writer = found[layer] = site                  # first (of the model, or of its pipeline stage)
+        elif source_in_stage(layer) is None:  # nothing marked F before it: it computes, but an indexed layer
+            found[layer] = site               # in an earlier graph may have, so it serves no one
             writer = (f"layer {layer} computed with no F layer before it, but an indexed layer before this graph "
                       "may have computed too: which one the engines' buffer holds is not known here")
         else:
@@ -247,13 +262,15 @@ class _Writes:
 def apply_index_cache(
     graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger,
     drop_proof: DropProof = NOT_PROVEN,
+    stage_first_layer: int | None = None,
 ) -> list[LayerDecision]:
     """Rewrite ``graph`` in place; one decision per detected site, in layer order.
 
     ``ledger`` holds the cache-write choices of the model's other graphs; it may turn a share into "share,
     writes kept", or raise ``CacheWriteConflict``. ``drop_proof``: whether no other graph or eager call of the model
     computes this graph's S layers (``IndexCachePass.drop_proof``), which lets the default
-    ``drop_shared_indexer_cache_writes=None`` drop their key-cache writes.
+    ``drop_shared_indexer_cache_writes=None`` drop their key-cache writes. ``stage_first_layer``: the graph is part
+    of a pipeline stage that starts there (``sources_in_graph``).
     """
     writes = _Writes(config, ledger, drop_proof)
     if detection.unknown_reason is not None:
@@ -265,8 +282,9 @@ def apply_index_cache(
               for record in detection.records.values() for layer in record.serves}
     absent.update({site.layer: "it holds more than one indexer" for site, _ in detection.unplaced
                    if site.layer is not None and site.layer not in {s.layer for s in detection.sites}})
-    sources = sources_in_graph(detection.sites, config, detection.layers_present, absent)
-    decisions = [_decide(graph, site, sources[site.layer], config, writes) for site in detection.sites]
+    sources = sources_in_graph(detection.sites, config, detection.layers_present, absent, stage_first_layer)
+    decisions = [_decide(graph, site, sources[site.layer], config, writes, stage_first_layer)
+                 for site in detection.sites]
     if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
         graph.eliminate_dead_code()
         graph.lint()
@@ -275,7 +293,7 @@ def apply_index_cache(
 
 
 def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, config: IndexCacheConfig,
-            writes: _Writes) -> LayerDecision:
+            writes: _Writes, stage_first_layer: int | None = None) -> LayerDecision:
     layer = site.layer
     marked = config.layer_kind(layer)
     if source is site:
@@ -285,6 +303,10 @@ def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, confi
         writes.check_computing(site, "marked S with no indexed layer computing before it")
         note = ("marked S with no indexed layer computing before it: computed as F (vLLM would read an unset "
                 "buffer)")
+        cut = config.source_layer(layer)
+        if stage_first_layer and cut is not None and cut < stage_first_layer:
+            note = (f"{CUT_NOTE}: its F layer {cut} is in an earlier stage (this stage starts at layer "
+                    f"{stage_first_layer}); it computes, as the engines' first indexed layer of a stage does")
         return LayerDecision(layer, marked, COMPUTED, layer, note=note)
     reason = _refusal(site, source)
     at_stake = writes.at_stake(site)
