@@ -112,8 +112,9 @@ def _run_against_oracle(model, oracle, oracle_pattern: str, options: dict, args,
         (logits, indices), code = run_and_get_code(compiled, prompt, cache, 0, True)
         compile_s = time.perf_counter() - start
         prefill_reports = len(reports())
-        print(f"prefill graph compiled and run in {compile_s:.0f} s; compiling the decode graph "
-              "(one new token, reading the KV cache)...", flush=True)
+        then = ("; compiling the decode graph (one new token, reading the KV cache)..." if args.decode_steps else
+                "; no decode steps asked for")
+        print(f"prefill graph compiled and run in {compile_s:.0f} s{then}", flush=True)
         all_f = oracle(prompt)
         oracle.set_index_cache_pattern(oracle_pattern)
         expected, expected_indices = oracle(prompt, oracle_cache, 0, True)

@@ -43,8 +43,11 @@ or Triton; ``is_supported`` says whether the fused kernel can take given inputs.
 
 import dataclasses
 import functools
+import json
 import logging
 import math
+import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -251,9 +254,52 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
-    """The launch configuration used when none is given (picked from measurements on an H100, see
-    docs/kernels.md)."""
+#: Measured launch configurations per card (``benchmarks/sweep_logits_configs.py`` writes them).
+TUNED_CONFIGS = Path(__file__).resolve().with_name("configs")
+
+
+def card_file_name(device_name: str) -> str:
+    """``logits_configs_<card>.json``, the card's name with every run of other characters as one ``_``."""
+    return "logits_configs_" + re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+@functools.lru_cache(maxsize=8)
+def _tuned_rows(directory: Path, device_name: str) -> tuple[dict, ...]:
+    path = directory / card_file_name(device_name)
+    if not path.is_file():
+        return ()
+    return tuple(json.loads(path.read_text()).get("rows", ()))
+
+
+def tuned_config(precision: str, B: int, S: int, T: int, H: int, D: int, device_name: str,
+                 directory: Path = TUNED_CONFIGS) -> Optional[LogitsConfig]:
+    """The fastest configuration measured on ``device_name`` for the nearest shape of the same kind and precision
+    (nearest in log2 of the keys and of the query rows), or None where that card has no measurements. The sweep
+    measured V3.2's indexer (64 heads x 128): other head counts and dims keep the rules."""
+    if (H, D) != (64, 128):
+        return None
+    kind = "decode" if S <= DECODE_MAX_S else "prefill"
+    rows = [r for r in _tuned_rows(directory, device_name) if r.get("precision") == precision and r.get("kind") == kind]
+    if not rows:
+        return None
+
+    def distance(row: dict) -> float:
+        return abs(math.log2(row["T"] / T)) + abs(math.log2(row["B"] * row["S"] / (B * S)))
+
+    return LogitsConfig(**min(rows, key=distance)["best"])
+
+
+def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
+                   precision: str = "bf16") -> LogitsConfig:
+    """The launch configuration used when none is given: the card's measured one (``tuned_config``) where it has
+    measurements, else rules picked from measurements on an H100 (see docs/kernels.md)."""
+    try:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+    except Exception:  # no usable device here: the rules
+        name = None
+    tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
+    if tuned is not None:
+        return tuned
     if S <= DECODE_MAX_S:
         try:
             sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
@@ -370,7 +416,7 @@ def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None
         out = torch.empty((B, S, T), dtype=torch.float32, device=q.device)
     if B == 0 or S == 0 or T == 0:
         return out
-    cfg = config or default_config(B, S, T, H, D, q.device)
+    cfg = config or default_config(B, S, T, H, D, q.device, "bf16" if k_scale is None else "fp8")
     with torch.cuda.device(q.device):
         _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale)
     return out

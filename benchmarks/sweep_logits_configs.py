@@ -1,0 +1,144 @@
+"""Sweep the logits kernel's launch configurations on this card and write the fastest per shape as data.
+
+``default_config`` picks a launch shape from rules measured on an H100 for bf16. fp8 scoring (issue 28 item 3: at
+or under DeepGEMM's time at 1K x 32K and 1K x 128K) and other cards want their own: this script times every
+``LogitsConfig`` of a grid on V3.2's indexer (64 heads x 128, causal, keys of unequal size) for each shape and
+precision, by CUDA-graph replay (``triton.testing.do_bench_cudagraph`` medians), checks each config's logits
+against the default's (equal up to the summation order: ``rtol`` 1e-4), and writes
+
+* ``<out>/logits_configs_<card>.json``: per (precision, kind, B, S, T) the fastest config and its time, the
+  default's time, and the machine (``bench_environment``); the file ``lightning_indexer.tuned_config`` reads
+  when it lies in ``fx_indexcache/fuse/kernels/configs/`` (commit it there);
+* ``<out>/logits_configs.md``: the table, with card, driver, torch, Triton and commit;
+* ``<out>/results_rows.csv``: the default's and the best config's time per shape, for
+  ``python scripts/results_tables.py --add``.
+
+Usage (repository root, one CUDA card)::
+
+    PYTHONPATH=. python benchmarks/sweep_logits_configs.py --out "$OUT" [--quick] [--precision fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
+from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
+
+from bench_environment import describe_machine, write_result_rows  # noqa: E402
+
+H, D = 64, 128
+SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
+          ("decode", 16, 1, 32768), ("decode", 64, 1, 32768)]
+PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
+DECODE_GRID = dict(block_s=(1,), block_t=(32, 64, 128, 256), num_warps=(2, 4, 8), num_stages=(1, 2, 3))
+
+
+def configs(kind: str):
+    grid = PREFILL_GRID if kind == "prefill" else DECODE_GRID
+    for values in itertools.product(*grid.values()):
+        yield li.LogitsConfig(kind, **dict(zip(grid, values)))
+
+
+def _inputs(B, S, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g)
+    k = (k * torch.exp2(torch.randint(-4, 5, (B, T, 1), device="cuda", generator=g).float())).bfloat16()
+    w = torch.randn(B, S, H, device="cuda", generator=g)
+    return q, k, w
+
+
+def _us(fn) -> float:
+    import triton
+
+    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+
+
+def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
+    q, k, w = _inputs(B, S, T)
+    scale = D**-0.5
+    if precision == "fp8":
+        ops = f8.quantize_operands(q, k, w, scale)
+        q, k, w, k_scale, scale = ops.q8, ops.k8, ops.weights, ops.k_scale, 1.0
+    else:
+        k_scale = None
+    out = torch.empty(B, S, T, device="cuda")
+
+    def run(cfg):
+        return lambda: li._launch(q, k, w, out, True, scale, None, cfg, k_scale=k_scale)
+
+    default = li.default_config(B, S, T, H, D, q.device)
+    run(default)()
+    want = out.clone()
+    timed = [(default, _us(run(default)))]
+    for cfg in configs(kind):
+        if cfg == default:
+            continue
+        try:
+            run(cfg)()
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3, equal_nan=True)
+            timed.append((cfg, _us(run(cfg))))
+        except Exception as e:  # a config that does not compile (shared memory) or disagrees is left out
+            log(f"  {cfg.name()}: left out ({type(e).__name__}: {str(e)[:120]})")
+    best, best_us = min(timed, key=lambda item: item[1])
+    log(f"{precision} {kind} {B}x{S}x{T}: default {default.name()} {timed[0][1]:.1f} us, best {best.name()} "
+        f"{best_us:.1f} us ({len(timed)} configs)")
+    return dict(precision=precision, kind=kind, B=B, S=S, T=T, default=default.name(), default_us=timed[0][1],
+                best=dataclasses.asdict(best), best_name=best.name(), best_us=best_us,
+                configs_timed=len(timed))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for this run's files")
+    parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
+    parser.add_argument("--precision", choices=("bf16", "fp8", "both"), default="both")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("sweep_logits_configs: needs a CUDA GPU")
+        return 0
+    env = describe_machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = (args.out / "logits_configs_log.txt").open("w")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    precisions = ("bf16", "fp8") if args.precision == "both" else (args.precision,)
+    shapes = [SHAPES[0], SHAPES[2]] if args.quick else SHAPES
+    rows, started = [], time.time()
+    for precision, (kind, B, S, T) in itertools.product(precisions, shapes):
+        rows.append(sweep(precision, kind, B, S, T, log))
+        torch.cuda.empty_cache()
+    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID),
+                seconds=round(time.time() - started, 1))
+    (args.out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
+    lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "
+             f"Triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", "",
+             "| precision | shape | default | µs | best | µs | speedup |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['kind']} {r['B']}×{r['S']}×{r['T']} | {r['default']} | {r['default_us']:.1f} | "
+              f"{r['best_name']} | {r['best_us']:.1f} | {r['default_us'] / r['best_us']:.2f} |" for r in rows]
+    (args.out / "logits_configs.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    values = [(f"{r['kind']} {r['B']}×{r['S']}×{r['T']}", f"{r['precision']}_{which}", "us", r[f"{which}_us"], "us")
+              for r in rows for which in ("default", "best")]
+    write_result_rows(args.out / "results_rows.csv", "logits_launch_configs", env,
+                      "benchmarks/sweep_logits_configs.py", values)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
