@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# What a GPU session runs, one step per device call (each fits the 10-minute limit on an H100; tests/gpu as a whole
+# does not). Run from the repository root on the GPU machine; every step writes under $OUT (its output comes back).
+#   scripts/gpu_session.sh STEP          STEP: one of the names below; `scripts/gpu_session.sh list` lists them
+# Name the card, driver, torch and Triton with every figure: each step prints them first. Benchmark steps write
+# results_rows.csv; merge it here with `python scripts/results_tables.py --add <returned>/results_rows.csv`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:?set OUT to the folder whose files come back}
+mkdir -p "$OUT"
+
+machine() {
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+    python -c "import torch, triton; print('torch', torch.__version__, 'Triton', triton.__version__)"
+}
+
+gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that ask for it (-k sanitizer)
+    timeout 540 python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
+}
+
+step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
+STEPS="new-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 decode-default"
+if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
+case " $STEPS " in
+    *" $step "*) ;;
+    *) echo "gpu_session: unknown step $step; steps: $STEPS" >&2; exit 2 ;;
+esac
+machine | tee "$OUT/machine.txt"
+case "$step" in
+    new-kernels)     # this round's kernels: fused score + top-k, paged decode (correctness, CUDA graphs, sanitizer)
+        gpu_tests tests/gpu/test_fused_score_topk_gpu.py tests/gpu/test_paged_decode_gpu.py ;;
+    kernels)         # the substitution, low-precision scores, every layout the matcher knows
+        gpu_tests tests/gpu/test_kernel_substitution_gpu.py tests/gpu/test_lowp_scores_gpu.py \
+            tests/gpu/test_indexer_layouts_gpu.py ;;
+    fp8)             # fp8 scoring and the logits kernel itself
+        gpu_tests tests/gpu/test_indexer_fp8_gpu.py tests/gpu/test_lightning_indexer_kernel.py ;;
+    graphs)          # top-k kernels, CUDA-graph trees across graphs, transformers' generate under CUDA graphs
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py tests/gpu/test_cross_graph_cudagraphs_gpu.py \
+            tests/gpu/test_generate_cudagraphs_gpu.py ;;
+    deepgemm)        # ours beside DeepGEMM (built first when DEEPGEMM_SRC names a checkout with its submodules)
+        if [ -n "${DEEPGEMM_SRC:-}" ]; then
+            export PYTHONPATH="$(scripts/build_deepgemm.sh "$DEEPGEMM_SRC"):$PYTHONPATH"
+        fi
+        timeout 560 python benchmarks/bench_deepgemm.py --out "$OUT" ;;
+    fused-bench)     # logits, logits + top-k and the fused score + top-k, side by side
+        timeout 560 python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
+    sweep-fp8)       # launch configurations for fp8 (then commit the json under fx_indexcache/fuse/kernels/configs/)
+        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 ;;
+    decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
+        timeout 560 python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 \
+            --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;
+esac
