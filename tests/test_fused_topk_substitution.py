@@ -163,3 +163,21 @@ def test_transformers_v32_additive_mask_prefill_and_decode(fused_ok):
     assert all(_targets(gm).count(FUSED) == len(tiny.dsa_layers) for gm in backend.graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_algorithms_ask_the_op_for_one_order(deterministic, fused_ok):
+    """Unsorted, the fused op's column order may change from run to run; a user who asks torch for deterministic
+    algorithms gets the sorted order (an order an unsorted top-k may return, and the same every run)."""
+    def fn(q, k, w):
+        return _score(q, k, w).topk(4, dim=-1, sorted=False).indices
+
+    gm, topk = trace_one_topk(fn, *_inputs())
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        (record,) = substitute_fused_indexer(gm.graph, [topk])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    (op,) = [n for n in gm.graph.nodes if n.target is FUSED]
+    assert record.topk_fused and op.args[7] is deterministic

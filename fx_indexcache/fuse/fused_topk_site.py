@@ -175,7 +175,11 @@ def rewrite_site(graph: fx.Graph, match, plan: FusedTopkPlan) -> int:
                 if negate:
                     m = sub._call(graph, aten.logical_not.default, (m,), (fake_value(m),), mode)
                 masks.append(_canonical_mask(graph, m, match.score_roles, mode))
-            args = (q, k, w, plan.k, False, float(match.scale), None, plan.sorted, *masks)
+            # Unsorted, the op's columns come in the order its atomics filled the buffers, which may change from run
+            # to run; under torch.use_deterministic_algorithms (a mode dynamo guards on) they come sorted instead,
+            # one of the orders an unsorted top-k may return, and the same every run.
+            in_order = plan.sorted or torch.are_deterministic_algorithms_enabled()
+            args = (q, k, w, plan.k, False, float(match.scale), None, in_order, *masks)
             fake_args = tuple(a.meta["val"] if isinstance(a, fx.Node) else a for a in args)
             fused = sub._call(graph, torch.ops.fx_indexcache.indexer_topk_fused.default, args, fake_args, mode)
             idx = sub._call(graph, prims.convert_element_type.default, (fused, torch.int64),
