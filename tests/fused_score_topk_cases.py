@@ -55,7 +55,9 @@ def integer_inputs(kind: str, B: int, S: int, T: int, H: int, D: int, g: torch.G
     else:
         q = torch.randint(-3, 4, (B, S, H, D), generator=g)
         k = torch.randint(-3, 4, (B, T, D), generator=g)
-        w = torch.randint(0, 3, (B, S, H), generator=g) * (0 if kind == "zero" else 1)
+        # "ints": weights 1 or 2, so no row's weights are all 0 (such a row scores every key 0: a legitimate masked
+        # tail, which a case expecting the candidates path would take for a path bug)
+        w = torch.randint(1, 3, (B, S, H), generator=g) * (0 if kind == "zero" else 1)
     return q.to(dtype), k.to(dtype), w.float()
 
 
@@ -123,8 +125,8 @@ def masks_for(extra: str, B: int, S: int, T: int, g: torch.Generator):
 
 
 def main() -> None:
-    seed = int(os.environ.get("FUSED_TOPK_CASES_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed {seed} (FUSED_TOPK_CASES_SEED reruns it)", flush=True)
+    seed = int(os.environ.get("FUSED_TOPK_CASES_SEED", "0"))  # fixed in the suite; set it to explore others
+    print(f"seed {seed} (FUSED_TOPK_CASES_SEED chooses another)", flush=True)
     g = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     for i, (name, B, S, T, H, D, K, kind, causal, extra, launch, expect) in enumerate(CASES):
