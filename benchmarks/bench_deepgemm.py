@@ -42,18 +42,12 @@ from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
 
-from bench_environment import describe_machine, write_result_rows  # noqa: E402
+from bench_environment import describe_machine, graph_replay_us, write_result_rows  # noqa: E402
 from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
 
 BLOCK_KV = 64
 SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
           ("decode", 64, 1, 32768), ("decode", 4, 1, 131072)]
-
-
-def _graph_us(fn) -> float:
-    import triton
-
-    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,9 +122,9 @@ def measure(dg, kind, B, S, T) -> dict:
         row.update(ours_fp8_paged_agreement=_agreement(paged(), ref, TOPK))
         pairs["ours_fp8_paged"] = paged
     for name, fn in pairs.items():
-        row[f"{name}_us"] = _graph_us(fn)
-        row[f"{name}_topk_us"] = _graph_us(lambda fn=fn: li.indexer_topk(fn(), TOPK, sorted=False, method="triton"))
-    row["fused_topk_us"] = _graph_us(lambda: fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=scale))
+        row[f"{name}_us"] = graph_replay_us(fn)
+        row[f"{name}_topk_us"] = graph_replay_us(lambda fn=fn: li.indexer_topk(fn(), TOPK, sorted=False, method="triton"))
+    row["fused_topk_us"] = graph_replay_us(lambda: fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=scale))
     return row
 
 

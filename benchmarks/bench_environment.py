@@ -42,6 +42,13 @@ def describe_machine() -> dict:
     }
 
 
+def graph_replay_us(fn, rep: int = 50) -> float:
+    """Median time of ``fn`` replayed in a CUDA graph, in µs (``triton.testing.do_bench_cudagraph``)."""
+    from triton.testing import do_bench_cudagraph
+
+    return 1e3 * float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
 def _results_tables():
     """``scripts/results_tables.py`` (not a package), where the results table's columns and writer live."""
     import importlib.util

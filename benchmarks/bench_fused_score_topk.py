@@ -33,7 +33,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-H, D, TOPK = 64, 128, 2048
+from bench_environment import graph_replay_us  # noqa: E402
+from bench_indexer_kernel import D, H, TOPK, make_inputs  # noqa: E402  (V3.2's indexer, bf16 inputs)
+
 SCALE = D**-0.5
 #: (name, B, S, T): the issue's prefill and decode shapes.
 SHAPES = [
@@ -47,14 +49,6 @@ SHAPES = [
 QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
 #: (B, S, T, k) for ``--sanitize``: every layout and the select in the last program, a few hundred keys.
 SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
-
-
-def make_inputs(B, S, T, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
-    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(B, S, H, device="cuda", generator=g) * H**-0.5).bfloat16()
-    return q, k, w
 
 
 def compare(q, k, w, topk: int, sorted_: bool = False) -> tuple[int, int, float]:
@@ -83,12 +77,6 @@ def compare(q, k, w, topk: int, sorted_: bool = False) -> tuple[int, int, float]
     return x.shape[0], rows, float(gap.max()) if rows else 0.0
 
 
-def graph_us(fn, rep=50) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    return 1e3 * float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-
-
 def time_shape(kind, B, S, T) -> dict:
     from fx_indexcache.fuse.kernels.fused_score_topk import indexer_topk_fused
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
@@ -105,7 +93,7 @@ def time_shape(kind, B, S, T) -> dict:
         ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
     ):
         try:
-            row[name] = graph_us(fn)
+            row[name] = graph_replay_us(fn)
         except Exception as e:  # reported, not fatal: the other figures still count
             row[name] = None
             print(f"{row['shape']} {name}: timing failed: {type(e).__name__}: {str(e)[:200]}", flush=True)

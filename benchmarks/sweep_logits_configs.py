@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 
-from bench_environment import describe_machine, write_result_rows  # noqa: E402
+from bench_environment import describe_machine, graph_replay_us, write_result_rows  # noqa: E402
+from bench_indexer_fp8 import D, H, _inputs  # noqa: E402  (V3.2's shapes, keys of unequal size)
 
-H, D = 64, 128
 SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
           ("decode", 16, 1, 32768), ("decode", 64, 1, 32768)]
 PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
@@ -48,21 +48,6 @@ def configs(kind: str):
     grid = PREFILL_GRID if kind == "prefill" else DECODE_GRID
     for values in itertools.product(*grid.values()):
         yield li.LogitsConfig(kind, **dict(zip(grid, values)))
-
-
-def _inputs(B, S, T, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
-    k = torch.randn(B, T, D, device="cuda", generator=g)
-    k = (k * torch.exp2(torch.randint(-4, 5, (B, T, 1), device="cuda", generator=g).float())).bfloat16()
-    w = torch.randn(B, S, H, device="cuda", generator=g)
-    return q, k, w
-
-
-def _us(fn) -> float:
-    import triton
-
-    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
 
 def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
@@ -81,14 +66,14 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
     default = li.default_config(B, S, T, H, D, q.device)
     run(default)()
     want = out.clone()
-    timed = [(default, _us(run(default)))]
+    timed = [(default, graph_replay_us(run(default)))]
     for cfg in configs(kind):
         if cfg == default:
             continue
         try:
             run(cfg)()
             torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3, equal_nan=True)
-            timed.append((cfg, _us(run(cfg))))
+            timed.append((cfg, graph_replay_us(run(cfg))))
         except Exception as e:  # a config that does not compile (shared memory) or disagrees is left out
             log(f"  {cfg.name()}: left out ({type(e).__name__}: {str(e)[:120]})")
     best, best_us = min(timed, key=lambda item: item[1])

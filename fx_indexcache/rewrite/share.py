@@ -207,8 +207,9 @@ class _Writes:
     """The cache-write side of the decisions: one choice per layer across the model's graphs.
 
     Sharing drops a site's writes where the op inserts its keys itself (vLLM's), or where the config drops
-    explicit writes: ``drop_shared_indexer_cache_writes=True``, or left at None where ``proof`` holds. Every site that writes its cache is checked against the
-    ledger when it computes, whatever this graph drops: an earlier graph's drop binds every later graph.
+    explicit writes: ``drop_shared_indexer_cache_writes=True``, or left at None where ``proof`` holds. Every site
+    that writes its cache is checked against the ledger when it computes, whatever this graph drops: an earlier
+    graph's drop binds every later graph.
     """
 
     def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger, proof: DropProof) -> None:
