@@ -129,6 +129,29 @@ def _filter_tile(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_i
     tl.store(tie_idx_ptr + rows64 * TCAP + p_eq, rt[None, :] + 0 * p_eq, mask=eq & (p_eq < TCAP))
 
 
+@triton.jit
+def _filter_row(score, row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
+                CAP: tl.constexpr, TCAP: tl.constexpr):
+    """``_filter_tile`` for one query row, ``score [BT]`` and a scalar threshold (decode). One-dimensional on
+    purpose: a [1, BT] tile of the decode layout reaches the prefix sum in a layout whose rows repeat across
+    warps, and Triton 3.6 fails to lower a scan over it (an assertion in ``ScanOpToLLVM`` on an H100)."""
+    keys = _key(score)
+    gt = t_ok & (keys > thr)
+    eq = t_ok & (keys == thr)
+    both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+    tot = tl.sum(both, axis=0)
+    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+    old = tl.atomic_add(cnt_ptr + row, inc, mask=inc != 0, sem="relaxed")
+    run = tl.cumsum(both, axis=0)
+    p_gt = (old & 0xFFFFFFFF).to(tl.int32) + (run & 0xFFFF) - 1
+    p_eq = (old >> 32).to(tl.int32) + (run >> 16) - 1
+    row64 = row.to(tl.int64)
+    keep_gt = gt & (p_gt < CAP)
+    tl.store(cand_key_ptr + row64 * CAP + p_gt, keys, mask=keep_gt)
+    tl.store(cand_idx_ptr + row64 * CAP + p_gt, rt, mask=keep_gt)
+    tl.store(tie_idx_ptr + row64 * TCAP + p_eq, rt, mask=eq & (p_eq < TCAP))
+
+
 # ----------------------------------------------------------------------------------------------
 # Select (one row, from its buffers)
 # ----------------------------------------------------------------------------------------------
@@ -397,15 +420,15 @@ def _score_filter_kernel(
                                        D, BLOCK_H)
                 else:  # every key of the tile is hidden from this query block: no arithmetic
                     acc = tl.zeros([BLOCK_T], tl.float32)
-                rows = (b * S + s) + tl.zeros([1], tl.int64)
+                row = b * S + s
                 score = _apply_masks(acc[None, :], s + tl.zeros([1], tl.int32), rt, one, t_ok, b, kv_len, off,
                                      bias_ptr, drop_ptr, sbb, sbs, sbt, sdb, sds, sdt, CAUSAL, HAS_BIAS, HAS_DROP)
                 if DIRECT:
-                    thr = tl.full([1], INT_MIN, tl.int32)
+                    thr = INT_MIN
                 else:
-                    thr = tl.load(thr_ptr + rows)
-                _filter_tile(score, rows, rt, one, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
-                             CAP, TCAP)
+                    thr = tl.load(thr_ptr + row)
+                _filter_row(tl.max(score, axis=0), row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr,
+                            tie_idx_ptr, CAP, TCAP)
     else:
         rs = s0 + tl.arange(0, BLOCK_S)
         s_ok = rs < S
