@@ -10,9 +10,10 @@ not constexpr, layouts, register pressure) show here. Every launch plan of the G
 Run it under the GPU image's Triton as well (3.6: a scan layout it cannot lower once reached the H100 unseen)::
 
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
-    PYTHONPATH=/tmp/triton36:. python scripts/compile_fused_score_topk.py It leans on Triton's internals (``driver.set_active``,
-``JITFunction.run``'s ``warmup``), so it may need adjusting for another Triton; exit 1 on a compile failure or a
-kernel of the timed plans that spills.
+    PYTHONPATH=/tmp/triton36:. python scripts/compile_fused_score_topk.py
+
+It leans on Triton's internals (``driver.set_active``, ``JITFunction.run``'s ``warmup``), so it may need
+adjusting for another Triton; exit 1 on a compile failure or a kernel of the timed plans that spills.
 """
 
 from __future__ import annotations
