@@ -25,8 +25,9 @@ and hits the FX graph cache, so its compiles cost the trace, not the codegen. Wi
 after another (120 s each at 4 layers on the H200) and a 10-minute device command fits three of them.
 
 Variants compile in priority order (inductor, hand_f4, ours_f4, hand_f2, ours_f2, hand_f8, ours_f8); a pair starts only
-if its two compiles fit the budget (the last compile time is the estimate). Writes decode_cudagraphs.{json,md} and
-decode_cudagraphs_log.txt under --out, rewritten after every phase. ``--smoke``: the tiny config on the CPU (checks
+if its two compiles fit the budget (the last compile time is the estimate). Writes decode_cudagraphs.{json,md},
+decode_cudagraphs_log.txt and results_rows.csv (rows of the results table: ``scripts/results_tables.py --add``)
+under --out, rewritten after every phase; ``--rows-from JSON`` writes the rows of an earlier run's json. ``--smoke``: the tiny config on the CPU (checks
 the script; CUDA graphs do not exist there).
 """
 
@@ -38,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -244,6 +246,21 @@ class CudaGraphDecode:
         lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in derived]
         with open(os.path.join(a.out, "decode_cudagraphs.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        write_rows(Path(a.out) / "results_rows.csv", self.runner.env, derived)
+
+
+def write_rows(path: Path, env: dict, derived: list[dict]) -> int:
+    """The run's figures as rows of the results table (``scripts/results_tables.py --add path``): per point and
+    variant its median ms, its speedup over Inductor and, for ours, its ratio to the hand-written IndexCache."""
+    from benchmarks.bench_environment import write_result_rows
+
+    machine = dict(device=env["card"], driver=env.get("driver"), torch=env["torch"], triton=env.get("triton", "?"),
+                   date=env["date"], commit=env.get("commit") or os.environ.get("BENCH_COMMIT", ""))
+    values = [(r["point"], r["variant"], metric, r.get(key), unit) for r in derived
+              for metric, key, unit in (("ms", "ms", "ms"), ("speedup_vs_inductor", "speedup", "x"),
+                                        ("vs_hand", "vs_hand", "x"))]
+    return write_result_rows(path, f"decode_cudagraphs_{env['layers']}_layers", machine,
+                             "benchmarks/bench_decode_cudagraphs.py", values)
 
 
 def main() -> None:
@@ -258,8 +275,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--rows-from", metavar="JSON",
+                    help="write --out/results_rows.csv from an earlier run's decode_cudagraphs.json and stop")
     add_arguments(ap)
     a = ap.parse_args()
+    if a.rows_from:
+        with open(a.rows_from) as f:
+            run = json.load(f)
+        os.makedirs(a.out, exist_ok=True)
+        print(write_rows(Path(a.out) / "results_rows.csv", run["env"], run["rows"]), "rows")
+        return
     os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",

@@ -48,6 +48,6 @@ case "$step" in
     sweep-fp8)       # launch configurations for fp8 (then commit the json under fx_indexcache/fuse/kernels/configs/)
         timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
-        timeout 560 python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 \
+        timeout 560 python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;
 esac
