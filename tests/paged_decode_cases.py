@@ -2,7 +2,11 @@
 TRITON_INTERPRET=1). fp16 and fp8 keys (the interpreter reads bf16 as raw bits; bf16 runs in the GPU test),
 pages shuffled in the pool, block-table entries past a request's length pointing outside the pool (they must
 never be read), lengths of 0, a partial page and the full table, one and two queries, key blocks smaller than,
-equal to and spanning pages: each must give the torch reference's logits and exactly its -inf pattern."""
+equal to and spanning pages: each must give the torch reference's logits and exactly its -inf pattern.
+``--device cuda`` runs the same cases on the GPU (compiled, not interpreted): tests/gpu/test_paged_decode_gpu.py
+runs that under compute-sanitizer's memcheck, where a read of the page outside the pool is an error."""
+
+import sys
 
 import torch
 
@@ -10,17 +14,18 @@ from fx_indexcache.fuse.kernels import indexer_fp8 as f8
 from fx_indexcache.fuse.kernels import paged_decode as pd
 
 
-def main() -> None:
+def main(device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(0)
     B, H, D, PAGE, N, POOL = 3, 4, 32, 16, 3, 12
-    keys = torch.randn(POOL, PAGE, D, generator=g)
+    keys = torch.randn(POOL, PAGE, D, generator=g).to(device)
     table = torch.randperm(POOL, generator=g)[: B * N].view(B, N).int()
-    lens = torch.tensor([0, 21, N * PAGE], dtype=torch.int32)
+    lens = torch.tensor([0, 21, N * PAGE], dtype=torch.int32).to(device)
     table[1, 2] = 10**6  # request 1 holds 21 tokens: its third page is never read
+    table = table.to(device)
     cases = 0
     for S in (1, 2):
-        q = torch.randn(B, S, H, D, generator=g)
-        w = torch.randn(B, S, H, generator=g)
+        q = torch.randn(B, S, H, D, generator=g).to(device)
+        w = torch.randn(B, S, H, generator=g).to(device)
         for precision in ("fp16", "fp8"):
             if precision == "fp16":
                 qk, kk, wk, ks = q.half(), keys.half(), w, None
@@ -30,7 +35,9 @@ def main() -> None:
                 kk, ks = f8.quantize_rows_reference(keys)
                 qk, wk = q8, (w * qs).contiguous()
                 ref = pd.paged_decode_logits_reference(q8.float(), kk, wk, table, lens, k_scale=ks)
-            for block_t in (8, 16, 32):
+            # key blocks smaller than, equal to and spanning pages; the compiled kernel's tl.dot takes 16 keys
+            # or more
+            for block_t in (8, 16, 32) if device == "cpu" else (16, 32, 64):
                 out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, block_t=block_t)
                 seen = torch.isfinite(ref)
                 assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), (S, precision)
@@ -41,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu")

@@ -11,7 +11,6 @@ copied into the captured buffers. compute-sanitizer memcheck and racecheck over 
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fused_score_topk_cases as cases  # noqa: E402
-from gpu_marks import needs_gpu  # noqa: E402
+from gpu_marks import needs_gpu, sanitizer_path  # noqa: E402
 
 from fx_indexcache.fuse.kernels import fused_score_topk as fz  # noqa: E402
 from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
@@ -148,16 +147,9 @@ def test_cuda_graph_capture_and_replay_on_new_inputs(B, S, T):
         _assert_near_two_kernel(q, k, w, out.clone(), sorted_=True, where=f"replay {B}x{S}x{T}")
 
 
-def _sanitizer() -> str | None:
-    found = shutil.which("compute-sanitizer")
-    for p in ("/usr/local/cuda/bin/compute-sanitizer", "/opt/nvidia/cuda/bin/compute-sanitizer"):
-        found = found or (p if os.path.exists(p) else None)
-    return found
-
-
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_finds_nothing(tool):
-    sanitizer = _sanitizer()
+    sanitizer = sanitizer_path()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not installed")
     root = HERE.parent.parent

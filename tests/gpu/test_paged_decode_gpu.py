@@ -3,8 +3,14 @@
 At V3.2's sizes (64 heads x 128, pages of 64 tokens shuffled in one pool), bf16 and fp8 keys: the paged kernel must
 give the contiguous decode kernel's logits on the same keys (same fp32 math, same products, so equal up to the
 order of the head sum), replay under a CUDA graph with new lengths written into the captured buffers, and pass
-compute-sanitizer's memcheck (no read past a request's pages) when run under it.
+compute-sanitizer's memcheck over the interpreter cases run on the card (a block-table entry past a request's
+length points outside the pool: reading it is an error).
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +18,7 @@ import torch
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8
 from fx_indexcache.fuse.kernels import lightning_indexer as li
 from fx_indexcache.fuse.kernels import paged_decode as pd
-from gpu_marks import needs_gpu
+from gpu_marks import needs_gpu, sanitizer_path
 
 pytestmark = needs_gpu
 
@@ -72,3 +78,17 @@ def test_paged_decode_replays_in_a_cuda_graph_with_new_lengths():
     want = pd.paged_decode_logits(q, pool, w, table, lens.clone(), k_scale=pool_scale)
     assert torch.equal(torch.isfinite(out), torch.isfinite(want))
     assert int(torch.isfinite(out[0]).sum()) == 5 and int(torch.isfinite(out[3]).sum()) == 1
+
+
+def test_compute_sanitizer_memcheck_finds_no_read_past_a_length():
+    sanitizer = sanitizer_path()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not installed")
+    tests = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
+                           str(tests / "paged_decode_cases.py"), "--device", "cuda"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    out = done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.returncode == 0, out
+    assert "ERROR SUMMARY: 0 errors" in out and "ok 12 cases" in out, out
