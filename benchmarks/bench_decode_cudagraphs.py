@@ -27,8 +27,8 @@ after another (120 s each at 4 layers on the H200) and a 10-minute device comman
 Variants compile in priority order (inductor, hand_f4, ours_f4, hand_f2, ours_f2, hand_f8, ours_f8); a pair starts only
 if its two compiles fit the budget (the last compile time is the estimate). Writes decode_cudagraphs.{json,md},
 decode_cudagraphs_log.txt and results_rows.csv (rows of the results table: ``scripts/results_tables.py --add``)
-under --out, rewritten after every phase; ``--rows-from JSON`` writes the rows of an earlier run's json. ``--smoke``: the tiny config on the CPU (checks
-the script; CUDA graphs do not exist there).
+under --out, rewritten after every phase; ``--rows-from JSON`` writes the rows of an earlier run's json.
+``--smoke``: the tiny config on the CPU (checks the script; CUDA graphs do not exist there).
 """
 
 from __future__ import annotations
@@ -279,13 +279,12 @@ def main() -> None:
                     help="write --out/results_rows.csv from an earlier run's decode_cudagraphs.json and stop")
     add_arguments(ap)
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     if a.rows_from:
         with open(a.rows_from) as f:
             run = json.load(f)
-        os.makedirs(a.out, exist_ok=True)
         print(write_rows(Path(a.out) / "results_rows.csv", run["env"], run["rows"]), "rows")
         return
-    os.makedirs(a.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     args = ["--layers", str(a.layers), "--points", a.points, "--budget-s", "1e9", "--out",
             os.path.join(a.out, "prewarm")] + (["--smoke"] if a.smoke else [])

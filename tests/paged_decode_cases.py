@@ -35,8 +35,8 @@ def main(device: str = "cpu") -> None:
                 kk, ks = f8.quantize_rows_reference(keys)
                 qk, wk = q8, (w * qs).contiguous()
                 ref = pd.paged_decode_logits_reference(q8.float(), kk, wk, table, lens, k_scale=ks)
-            # key blocks smaller than, equal to and spanning pages; the compiled kernel's tl.dot takes 16 keys
-            # or more
+            # key blocks smaller than, equal to and spanning pages; on the card only equal and spanning (the
+            # compiled kernel's tl.dot takes 16 keys or more, a page here holds 16)
             for block_t in (8, 16, 32) if device == "cpu" else (16, 32, 64):
                 out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, block_t=block_t)
                 seen = torch.isfinite(ref)

@@ -106,27 +106,46 @@ def _sample_pos(n, T, NB: tl.constexpr, SB: tl.constexpr):
 
 
 @triton.jit
+def _flags(keys, ok, thr):
+    """Which keys lie above / at the threshold, and both packed in one int32 (above in the low 16 bits, at in the
+    high 16: one sum and one scan count both; a tile has < 2^16 keys)."""
+    gt = ok & (keys > thr)
+    eq = ok & (keys == thr)
+    return gt, eq, gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+
+
+@triton.jit
+def _packed_count(tot):
+    """A row's packed int32 counts as the int64 its counter holds (above in the low 32 bits, at in the high 32)."""
+    return (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+
+
+@triton.jit
+def _append(keys, idx, gt, eq, old, run, row64, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
+            CAP: tl.constexpr, TCAP: tl.constexpr):
+    """Store each flagged key at its place: the row's counter before this tile (``old``) plus its rank in the
+    tile (the packed inclusive scan ``run``); places past a buffer's capacity are dropped (the select sees the
+    counter and falls back)."""
+    p_gt = (old & 0xFFFFFFFF).to(tl.int32) + (run & 0xFFFF) - 1
+    p_eq = (old >> 32).to(tl.int32) + (run >> 16) - 1
+    keep_gt = gt & (p_gt < CAP)
+    tl.store(cand_key_ptr + row64 * CAP + p_gt, keys, mask=keep_gt)
+    tl.store(cand_idx_ptr + row64 * CAP + p_gt, idx + 0 * p_gt, mask=keep_gt)
+    tl.store(tie_idx_ptr + row64 * TCAP + p_eq, idx + 0 * p_eq, mask=eq & (p_eq < TCAP))
+
+
+@triton.jit
 def _filter_tile(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
                  CAP: tl.constexpr, TCAP: tl.constexpr):
     """Append the keys of ``score [BS, BT]`` above their row's threshold ``thr [BS]`` to the candidate buffers
     and those equal to it to the tie buffer (one atomic a row reserves the places; order across tiles is
     whatever the atomics give: the select does not depend on it)."""
     keys = _key(score)
-    ok = s_ok[:, None] & t_ok[None, :]
-    gt = ok & (keys > thr[:, None])
-    eq = ok & (keys == thr[:, None])
-    both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # one scan and one sum for both (a tile has < 2^16 keys)
+    gt, eq, both = _flags(keys, s_ok[:, None] & t_ok[None, :], thr[:, None])
     tot = tl.sum(both, axis=1)
-    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
-    old = tl.atomic_add(cnt_ptr + rows, inc, mask=s_ok & (inc != 0), sem="relaxed")
-    run = tl.cumsum(both, axis=1)
-    p_gt = (old & 0xFFFFFFFF).to(tl.int32)[:, None] + (run & 0xFFFF) - 1
-    p_eq = (old >> 32).to(tl.int32)[:, None] + (run >> 16) - 1
-    rows64 = rows.to(tl.int64)[:, None]
-    keep_gt = gt & (p_gt < CAP)
-    tl.store(cand_key_ptr + rows64 * CAP + p_gt, keys, mask=keep_gt)
-    tl.store(cand_idx_ptr + rows64 * CAP + p_gt, rt[None, :] + 0 * p_gt, mask=keep_gt)
-    tl.store(tie_idx_ptr + rows64 * TCAP + p_eq, rt[None, :] + 0 * p_eq, mask=eq & (p_eq < TCAP))
+    old = tl.atomic_add(cnt_ptr + rows, _packed_count(tot), mask=s_ok & (tot != 0), sem="relaxed")
+    _append(keys, rt[None, :], gt, eq, old[:, None], tl.cumsum(both, axis=1), rows.to(tl.int64)[:, None],
+            cand_key_ptr, cand_idx_ptr, tie_idx_ptr, CAP, TCAP)
 
 
 @triton.jit
@@ -136,20 +155,11 @@ def _filter_row(score, row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, 
     purpose: a [1, BT] tile of the decode layout reaches the prefix sum in a layout whose rows repeat across
     warps, and Triton 3.6 fails to lower a scan over it (an assertion in ``ScanOpToLLVM`` on an H100)."""
     keys = _key(score)
-    gt = t_ok & (keys > thr)
-    eq = t_ok & (keys == thr)
-    both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+    gt, eq, both = _flags(keys, t_ok, thr)
     tot = tl.sum(both, axis=0)
-    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
-    old = tl.atomic_add(cnt_ptr + row, inc, mask=inc != 0, sem="relaxed")
-    run = tl.cumsum(both, axis=0)
-    p_gt = (old & 0xFFFFFFFF).to(tl.int32) + (run & 0xFFFF) - 1
-    p_eq = (old >> 32).to(tl.int32) + (run >> 16) - 1
-    row64 = row.to(tl.int64)
-    keep_gt = gt & (p_gt < CAP)
-    tl.store(cand_key_ptr + row64 * CAP + p_gt, keys, mask=keep_gt)
-    tl.store(cand_idx_ptr + row64 * CAP + p_gt, rt, mask=keep_gt)
-    tl.store(tie_idx_ptr + row64 * TCAP + p_eq, rt, mask=eq & (p_eq < TCAP))
+    old = tl.atomic_add(cnt_ptr + row, _packed_count(tot), mask=tot != 0, sem="relaxed")
+    _append(keys, rt, gt, eq, old, tl.cumsum(both, axis=0), row.to(tl.int64), cand_key_ptr, cand_idx_ptr,
+            tie_idx_ptr, CAP, TCAP)
 
 
 # ----------------------------------------------------------------------------------------------
