@@ -15,7 +15,7 @@ against the default's (equal up to the summation order: ``rtol`` 1e-4), and writ
 
 Usage (repository root, one CUDA card)::
 
-    PYTHONPATH=. python benchmarks/sweep_logits_configs.py --out "$OUT" [--quick] [--precision fp8]
+    PYTHONPATH=. python benchmarks/sweep_logits_configs.py --out "$OUT" [--quick] [--precision fp8] [--kinds prefill]
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 
           ("decode", 16, 1, 32768), ("decode", 64, 1, 32768)]
 PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
 DECODE_GRID = dict(block_s=(1,), block_t=(32, 64, 128, 256), num_warps=(2, 4, 8), num_stages=(1, 2, 3))
+#: The key-rows prefill kernel: (block_t, queries_per_dot, num_warps) that compile without spills for sm_90 under
+#: Triton 3.6 (2-7 programs an SM), 64 or 128 queries a program, 2 or 3 stages.
+KEY_ROWS_SHAPES = ((64, 1, 4), (64, 2, 8), (128, 1, 4), (128, 1, 8), (128, 2, 8), (256, 1, 8))
+KEY_ROWS_GRID = dict(block_s=(64, 128), num_stages=(2, 3))
 
 
 def configs(kind: str):
     grid = PREFILL_GRID if kind == "prefill" else DECODE_GRID
     for values in itertools.product(*grid.values()):
         yield li.LogitsConfig(kind, **dict(zip(grid, values)))
+    if kind == "prefill":
+        for (block_t, per_dot, warps), block_s, stages in itertools.product(KEY_ROWS_SHAPES, *KEY_ROWS_GRID.values()):
+            yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
 
 
 def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
@@ -89,6 +96,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for this run's files")
     parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
     parser.add_argument("--precision", choices=("bf16", "fp8", "both"), default="both")
+    parser.add_argument("--kinds", default="prefill,decode", help="shape kinds to sweep (prefill, decode or both)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("sweep_logits_configs: needs a CUDA GPU")
@@ -103,12 +111,16 @@ def main() -> int:
         log_file.flush()
 
     precisions = ("bf16", "fp8") if args.precision == "both" else (args.precision,)
-    shapes = [SHAPES[0], SHAPES[2]] if args.quick else SHAPES
+    kinds = set(args.kinds.split(","))
+    if not kinds <= {"prefill", "decode"}:
+        parser.error(f"--kinds {args.kinds!r}: each must be prefill or decode")
+    shapes = [shape for shape in ([SHAPES[0], SHAPES[2]] if args.quick else SHAPES) if shape[0] in kinds]
     rows, started = [], time.time()
     for precision, (kind, B, S, T) in itertools.product(precisions, shapes):
         rows.append(sweep(precision, kind, B, S, T, log))
         torch.cuda.empty_cache()
-    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID),
+    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID, key_rows=dict(
+        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES)),
                 seconds=round(time.time() - started, 1))
     (args.out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
     lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "

@@ -20,7 +20,7 @@ gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 decode-default"
+STEPS="new-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 sweep-bf16 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -45,8 +45,11 @@ case "$step" in
         timeout 560 python benchmarks/bench_deepgemm.py --out "$OUT" ;;
     fused-bench)     # logits, logits + top-k and the fused score + top-k, side by side
         timeout 560 python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
-    sweep-fp8)       # launch configurations for fp8 (then commit the json under fx_indexcache/fuse/kernels/configs/)
-        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 ;;
+    sweep-fp8)       # fp8 prefill launch configurations, both logits kernels (commit the json under
+                     # fx_indexcache/fuse/kernels/configs/, merging the rows of other steps)
+        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 --kinds prefill ;;
+    sweep-bf16)      # the same for bf16 prefill
+        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision bf16 --kinds prefill ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
         timeout 560 python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;

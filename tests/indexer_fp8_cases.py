@@ -2,8 +2,9 @@
 
 The operands are quantised by the torch reference (the interpreter's own fp32 -> e4m3 conversion does
 not round as the hardware does, so the Triton quantiser is checked on the GPU only); the kernel's
-prefill and decode variants, causal and with kv_lens, must then give the reference's logits and the
-same -inf pattern.
+prefill, decode and key-rows variants (the last one query per product and two, in programs of 1, 4 and 8
+queries over S = 5: a group and a program past the last query), causal or not and with kv_lens, must then
+give the reference's logits and the same -inf pattern.
 """
 
 import torch
@@ -26,16 +27,21 @@ def main() -> None:
     w = torch.randn(B, S, H, generator=g)
     ops = quantised(q, k, w, 0.5)
     cases = 0
-    for kind in ("prefill", "decode"):
-        cfg = li.LogitsConfig(kind, 16 if kind == "prefill" else 2, 16, 4, 1)
-        for kv_lens in (None, torch.tensor([40, 23])):
-            out = torch.full((B, S, T), float("nan"))
-            li._launch(ops.q8, ops.k8, ops.weights, out, True, 1.0, kv_lens, cfg, k_scale=ops.k_scale)
-            ref = f8.indexer_logits_fp8_reference(q, k, w, causal=True, scale=0.5, kv_lens=kv_lens)
-            seen = torch.isfinite(ref)
-            assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), (kind, kv_lens)
-            torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
-            cases += 1
+    configs = [(li.LogitsConfig("prefill", 16, 16, 4, 1), (True,)), (li.LogitsConfig("decode", 2, 16, 4, 1), (True,)),
+               (li.LogitsConfig("key_rows", 1, 16, 4, 1), (True, False)),
+               (li.LogitsConfig("key_rows", 4, 16, 4, 1, queries_per_dot=2), (True, False)),
+               (li.LogitsConfig("key_rows", 8, 32, 4, 1, queries_per_dot=2), (True,))]
+    for cfg, causal_options in configs:
+        for causal in causal_options:
+            for kv_lens in (None, torch.tensor([40, 23])):
+                out = torch.full((B, S, T), float("nan"))
+                li._launch(ops.q8, ops.k8, ops.weights, out, causal, 1.0, kv_lens, cfg, k_scale=ops.k_scale)
+                ref = f8.indexer_logits_fp8_reference(q, k, w, causal=causal, scale=0.5, kv_lens=kv_lens)
+                seen = torch.isfinite(ref)
+                where = (cfg.name(), causal, kv_lens)
+                assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), where
+                torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+                cases += 1
     print(f"ok {cases} cases")
 
 

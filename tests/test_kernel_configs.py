@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from fx_indexcache.fuse.kernels import lightning_indexer as li
 
 CARD = "NVIDIA H100 80GB HBM3"
@@ -37,3 +39,21 @@ def test_without_measurements_the_rules_apply(tmp_path):
     assert li.tuned_config("bf16", 1, 1024, 32768, 64, 128, CARD, tmp_path) is None
     assert li.card_file_name(CARD) == "logits_configs_NVIDIA_H100_80GB_HBM3.json"
     assert li.default_config(1, 1024, 32768, 64, 128).kind == "prefill"  # no CUDA here: the rules
+
+
+def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
+    key_rows = li.LogitsConfig("key_rows", 64, 128, 8, 3, queries_per_dot=2)
+    _write(tmp_path, [_row("fp8", "prefill", 1, 1024, 32768, key_rows)])
+    assert li.tuned_config("fp8", 1, 1024, 65536, 64, 128, CARD, tmp_path) == key_rows
+    assert key_rows.name() == "key_rows-s64-t128-q2-w8-st3"
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(kind="rows"), "kind='rows'"),
+    (dict(kind="key_rows", block_s=6, queries_per_dot=4), "queries_per_dot=4"),
+    (dict(queries_per_dot=3), "queries_per_dot=3"),
+    (dict(block_t=0), "block_t=0"),
+])
+def test_a_bad_config_names_its_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        li.LogitsConfig(**fields)

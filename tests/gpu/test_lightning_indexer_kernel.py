@@ -115,6 +115,9 @@ CONFIGS = [
     LogitsConfig("prefill", 16, 64, 4, 2),
     LogitsConfig("decode", 1, 128, 4, 2),
     LogitsConfig("decode", 4, 64, 4, 2),
+    LogitsConfig("key_rows", 64, 128, 4, 3),
+    LogitsConfig("key_rows", 64, 128, 8, 2, queries_per_dot=2),
+    LogitsConfig("key_rows", 128, 256, 8, 3),
 ]
 
 
@@ -127,7 +130,8 @@ def test_logits_every_config(config, shape):
 
 
 @gpu
-@pytest.mark.parametrize("config", [None, LogitsConfig("prefill", 64, 128, 4, 3), LogitsConfig("decode", 2, 64, 4, 2)],
+@pytest.mark.parametrize("config", [None, LogitsConfig("prefill", 64, 128, 4, 3), LogitsConfig("decode", 2, 64, 4, 2),
+                                    LogitsConfig("key_rows", 16, 64, 4, 2, queries_per_dot=2)],
                          ids=lambda c: "default" if c is None else c.name())
 @pytest.mark.parametrize("causal", [True, False])
 def test_logits_kv_lens(config, causal):

@@ -86,7 +86,8 @@ def _triton():
 
 def _build_kernels(triton, tl):
     """The two logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
-    return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl)}
+    return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl),
+            "key_rows": _key_rows_kernel(triton, tl)}
 
 
 def _prefill_kernel(triton, tl):
@@ -226,9 +227,97 @@ def _decode_kernel(triton, tl):
     return _logits_decode_kernel
 
 
+def _key_rows_kernel(triton, tl):
+    """Prefill with the keys on the matrix unit's M side: one program per (key block, SQ queries, batch row).
+
+    Each product is ``k_tile [BLOCK_T, D] @ q[NQ queries x BLOCK_H heads, D]^T``: NQ queries' heads side by side
+    as its N columns. A thread holds every head column of its key rows but for three other threads of its quad,
+    so ReLU, the head weights and the head sum stay in registers (the reshape to ``[BLOCK_T, NQ, BLOCK_H]`` moves
+    no data), and no ``[BLOCK_S, BLOCK_T]`` accumulator lives across the loop: about half the registers of the
+    "prefill" kernel, so two to four programs share an SM and one's ReLU and sums run under another's products
+    (in one program they cannot: Triton waits for each product before its epilogue)."""
+    @triton.jit
+    def _logits_key_rows_kernel(
+        q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
+        S, T, H, scale,
+        sqb, sqs, sqh, sqd,
+        skb, skt, skd,
+        swb, sws, swh,
+        sob, sos, sot,
+        sksb,
+        CAUSAL: tl.constexpr,
+        HAS_KVLEN: tl.constexpr,
+        KSCALE: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        SQ: tl.constexpr,
+        NQ: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        t0 = pid_t * BLOCK_T
+        rt = t0 + tl.arange(0, BLOCK_T)
+        rt64 = rt.to(tl.int64)
+        rd = tl.arange(0, D)
+        rn = tl.arange(0, NQ * BLOCK_H)  # product column: query rn // BLOCK_H of the group, head rn % BLOCK_H
+        n_q = rn // BLOCK_H
+        n_h = rn % BLOCK_H
+        rq = tl.arange(0, NQ)
+        if HAS_KVLEN:
+            kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), T)
+        else:
+            kv_len = T
+        off = kv_len - S
+        s_first = pid_s * SQ
+        s_end = tl.minimum(s_first + SQ, S)
+        # the first query of this program that sees a key of the block; groups before its group see none, and
+        # get -inf without a product, so the loop that multiplies has no branch (Triton pipelines its loads)
+        s_sees = s_first
+        if CAUSAL:
+            s_sees = tl.maximum(s_sees, t0 - off)
+        if t0 >= kv_len:
+            s_sees = s_end
+        g_first = s_first + (tl.minimum(s_sees, s_end) - s_first) // NQ * NQ
+        for s0 in range(s_first, g_first, NQ):
+            s_rows = s0 + rq
+            o_ptrs = o_ptr + b * sob + s_rows.to(tl.int64)[None, :] * sos + rt64[:, None] * sot
+            o_mask = (rt[:, None] < T) & (s_rows[None, :] < S)
+            tl.store(o_ptrs, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32), mask=o_mask)
+        kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=rt[:, None] < T, other=0.0)
+        if KSCALE:
+            k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
+        for s0 in range(g_first, s_end, NQ):
+            s_rows = s0 + rq  # [NQ]
+            s_col = tl.minimum(s0 + n_q, S - 1).to(tl.int64)  # a valid row for columns past S
+            col_ok = (n_h < H) & (s0 + n_q < S)
+            q_ptrs = q_ptr + b * sqb + s_col[:, None] * sqs + n_h[:, None] * sqh + rd[None, :] * sqd
+            qg = tl.load(q_ptrs, mask=col_ok[:, None], other=0.0)
+            wg = tl.load(w_ptr + b * swb + s_col * sws + n_h * swh, mask=col_ok, other=0.0)
+            wg = wg.to(tl.float32) * scale
+            d = tl.dot(kt, tl.trans(qg))
+            x = tl.maximum(d, 0.0) * wg[None, :]
+            logit = tl.sum(tl.reshape(x, [BLOCK_T, NQ, BLOCK_H]), axis=2)
+            if KSCALE:
+                logit = logit * k_scale[:, None]
+            valid = rt[:, None] < kv_len
+            if CAUSAL:
+                valid = valid & (rt[:, None] <= s_rows[None, :] + off)
+            o_ptrs = o_ptr + b * sob + s_rows.to(tl.int64)[None, :] * sos + rt64[:, None] * sot
+            o_mask = (rt[:, None] < T) & (s_rows[None, :] < S)
+            tl.store(o_ptrs, tl.where(valid, logit, float("-inf")), mask=o_mask)
+
+    return _logits_key_rows_kernel
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
+
+
+#: Kernels a ``LogitsConfig`` can launch.
+CONFIG_KINDS = ("prefill", "decode", "key_rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +326,8 @@ class LogitsConfig:
 
     kind "prefill": programs own BLOCK_S queries x BLOCK_T keys, loop over heads.
     kind "decode": programs own ``block_s`` queries (looped) x BLOCK_T keys, heads on the M side.
+    kind "key_rows": programs own ``block_s`` queries (looped, ``queries_per_dot`` at a time) x BLOCK_T keys, the
+    keys on the M side and those queries' heads on the N side (prefill with a small register footprint).
     """
 
     kind: str = "prefill"
@@ -244,9 +335,23 @@ class LogitsConfig:
     block_t: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    queries_per_dot: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONFIG_KINDS:
+            raise ValueError(f"LogitsConfig.kind={self.kind!r}: allowed {', '.join(CONFIG_KINDS)}")
+        for field in ("block_s", "block_t", "num_warps", "num_stages", "queries_per_dot"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LogitsConfig.{field}={value!r}: must be a positive int")
+        per_dot = self.queries_per_dot
+        if per_dot & (per_dot - 1) or (self.kind == "key_rows" and self.block_s % per_dot):
+            raise ValueError(f"LogitsConfig.queries_per_dot={per_dot}: must be a power of two dividing "
+                             f"block_s={self.block_s}")
 
     def name(self) -> str:
-        return f"{self.kind}-s{self.block_s}-t{self.block_t}-w{self.num_warps}-st{self.num_stages}"
+        per_dot = f"-q{self.queries_per_dot}" if self.kind == "key_rows" else ""
+        return f"{self.kind}-s{self.block_s}-t{self.block_t}{per_dot}-w{self.num_warps}-st{self.num_stages}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -448,6 +553,16 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.kind == "key_rows":
+        nq = cfg.queries_per_dot
+        sq = max(nq, min(cfg.block_s, triton_cdiv(S, nq) * nq))
+        grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
+        return kern["key_rows"][grid](
+            *args,
+            CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
+            BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=cfg.block_t, SQ=sq, NQ=nq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "prefill":
