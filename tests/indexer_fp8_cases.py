@@ -40,7 +40,7 @@ def main() -> None:
                 seen = torch.isfinite(ref)
                 where = (cfg.name(), causal, kv_lens)
                 assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), where
-                torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
                 cases += 1
     print(f"ok {cases} cases")
 
