@@ -91,6 +91,23 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
                 configs_timed=len(timed))
 
 
+def write_files(out: Path, env: dict, rows: list, seconds: float) -> None:
+    """The card's json, the markdown table and the results-table rows of the shapes swept so far."""
+    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID, key_rows=dict(
+        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES)), seconds=round(seconds, 1))
+    (out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
+    lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "
+             f"Triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", "",
+             "| precision | shape | default | µs | best | µs | speedup |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['kind']} {r['B']}×{r['S']}×{r['T']} | {r['default']} | {r['default_us']:.1f} | "
+              f"{r['best_name']} | {r['best_us']:.1f} | {r['default_us'] / r['best_us']:.2f} |" for r in rows]
+    (out / "logits_configs.md").write_text("\n".join(lines) + "\n")
+    values = [(f"{r['kind']} {r['B']}×{r['S']}×{r['T']}", f"{r['precision']}_{which}", "us", r[f"{which}_us"], "us")
+              for r in rows for which in ("default", "best")]
+    write_result_rows(out / "results_rows.csv", "logits_launch_configs", env, "benchmarks/sweep_logits_configs.py",
+                      values)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for this run's files")
@@ -119,21 +136,8 @@ def main() -> int:
     for precision, (kind, B, S, T) in itertools.product(precisions, shapes):
         rows.append(sweep(precision, kind, B, S, T, log))
         torch.cuda.empty_cache()
-    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID, key_rows=dict(
-        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES)),
-                seconds=round(time.time() - started, 1))
-    (args.out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
-    lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "
-             f"Triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", "",
-             "| precision | shape | default | µs | best | µs | speedup |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['precision']} | {r['kind']} {r['B']}×{r['S']}×{r['T']} | {r['default']} | {r['default_us']:.1f} | "
-              f"{r['best_name']} | {r['best_us']:.1f} | {r['default_us'] / r['best_us']:.2f} |" for r in rows]
-    (args.out / "logits_configs.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    values = [(f"{r['kind']} {r['B']}×{r['S']}×{r['T']}", f"{r['precision']}_{which}", "us", r[f"{which}_us"], "us")
-              for r in rows for which in ("default", "best")]
-    write_result_rows(args.out / "results_rows.csv", "logits_launch_configs", env,
-                      "benchmarks/sweep_logits_configs.py", values)
+        write_files(args.out, env, rows, time.time() - started)  # after each shape: a run cut short keeps them
+    print((args.out / "logits_configs.md").read_text())
     return 0
 
 
