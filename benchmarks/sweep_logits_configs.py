@@ -55,6 +55,9 @@ def configs(kind: str):
     if kind == "prefill":
         for (block_t, per_dot, warps), block_s, stages in itertools.product(KEY_ROWS_SHAPES, *KEY_ROWS_GRID.values()):
             yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
+    else:  # one query's heads as the N side: the head sum stays in a thread's registers, not across warps
+        for block_t, stages in itertools.product((64, 128), (1, 2)):
+            yield li.LogitsConfig("key_rows", 1, block_t, 4, stages)
 
 
 def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
