@@ -15,7 +15,7 @@ for step in "$@"; do
     if [ "$left" -lt 30 ]; then
         echo "$step: not run, ${left}s left" | tee "$OUT/$step/chain.txt"
     else
-        OUT="$OUT/$step" timeout --signal=TERM --kill-after=5 "$left" scripts/gpu_session.sh "$step" \
+        OUT="$OUT/$step" STEP_LIMIT_S=$(( left - 15 )) timeout --kill-after=5 "$left" scripts/gpu_session.sh "$step" \
             >"$OUT/$step/output.txt" 2>&1
         rc=$?
         echo "$step: exit $rc after $(( left - (deadline - $(date +%s)) ))s$([ $rc = 124 ] && echo ', cut by the deadline')" \

@@ -15,8 +15,12 @@ machine() {
     python -c "import torch, triton; print('torch', torch.__version__, 'Triton', triton.__version__)"
 }
 
+# A step's limit in seconds: its own, or STEP_LIMIT_S where that is less (scripts/gpu_chain.sh sets it; the inner
+# `timeout` runs in a process group of its own, so only its own limit stops what it started).
+limit() { local own=$1; echo $(( ${STEP_LIMIT_S:-$own} < own ? ${STEP_LIMIT_S:-$own} : own )); }
+
 gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that ask for it (-k sanitizer)
-    timeout 540 python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
+    timeout "$(limit 540)" python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
@@ -42,15 +46,15 @@ case "$step" in
         if [ -n "${DEEPGEMM_SRC:-}" ]; then
             export PYTHONPATH="$(scripts/build_deepgemm.sh "$DEEPGEMM_SRC"):$PYTHONPATH"
         fi
-        timeout 560 python benchmarks/bench_deepgemm.py --out "$OUT" ;;
+        timeout "$(limit 560)" python benchmarks/bench_deepgemm.py --out "$OUT" ;;
     fused-bench)     # logits, logits + top-k and the fused score + top-k, side by side
-        timeout 560 python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
+        timeout "$(limit 560)" python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
     sweep-fp8)       # fp8 prefill launch configurations, both logits kernels (commit the json under
                      # fx_indexcache/fuse/kernels/configs/, merging the rows of other steps)
-        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 --kinds prefill ;;
+        timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 --kinds prefill ;;
     sweep-bf16)      # the same for bf16 prefill
-        timeout 560 python benchmarks/sweep_logits_configs.py --out "$OUT" --precision bf16 --kinds prefill ;;
+        timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision bf16 --kinds prefill ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
-        timeout 560 python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
+        timeout "$(limit 560)" python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;
 esac
