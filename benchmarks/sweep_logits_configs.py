@@ -7,7 +7,7 @@ precision, by CUDA-graph replay (``triton.testing.do_bench_cudagraph`` medians),
 against the default's (equal up to the summation order: ``rtol`` 1e-4), and writes
 
 * ``<out>/logits_configs_<card>.json``: per (precision, kind, B, S, T) the fastest config and its time, the
-  default's time, and the machine (``bench_environment``); the file ``lightning_indexer.tuned_config`` reads
+  default's time, every config's time (``timings``), and the machine (``bench_environment``); the file ``lightning_indexer.tuned_config`` reads
   when it lies in ``fx_indexcache/fuse/kernels/configs/`` (commit it there);
 * ``<out>/logits_configs.md``: the table, with card, driver, torch, Triton and commit;
 * ``<out>/results_rows.csv``: the default's and the best config's time per shape, for
@@ -91,7 +91,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
         f"{best_us:.1f} us ({len(timed)} configs)")
     return dict(precision=precision, kind=kind, B=B, S=S, T=T, default=default.name(), default_us=timed[0][1],
                 best=dataclasses.asdict(best), best_name=best.name(), best_us=best_us,
-                configs_timed=len(timed))
+                configs_timed=len(timed), timings={cfg.name(): round(us, 1) for cfg, us in timed})
 
 
 def write_files(out: Path, env: dict, rows: list, seconds: float) -> None:

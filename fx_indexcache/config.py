@@ -74,6 +74,7 @@ CONFIG_KEYS = (
     "drop_shared_indexer_cache_writes",
     "fuse_indexer_kernel",
     "indexer_precision",
+    "fuse_score_and_topk",
 )
 
 #: ``indexer_precision`` values: "bf16" is the exact path, "fp8" the serving engines' scoring (see the field).
@@ -111,7 +112,11 @@ class IndexCacheConfig:
 kernel scores: "bf16" (default) is the exact path; "fp8" quantises keys per token and queries per token
 and head to float8 e4m3 and multiplies them on fp8 tensor cores, as vLLM and DeepSeek's own inference run
 V3.2 -- it changes the scores (and some selected keys), so it is opt-in, and it applies only where the
-fused kernel runs (elsewhere the layer stays exact and the report's ``precision`` rows say why). ``switch`` records why
+fused kernel runs (elsewhere the layer stays exact and the report's ``precision`` rows say why).
+    ``fuse_score_and_topk`` (opt-in) makes an F layer whose score only its top-k's indices read one
+    ``indexer_topk_fused`` op, which writes no logits; off, such a layer runs the logits kernel and the top-k
+    kernel, which on an H100 measured faster (0.52x the two kernels' speed at 1K x 32K prefill and 0.70x at
+    16 x 32K decode for the one op: docs/kernels.md). ``switch`` records why
     ``use_index_cache`` is what it is (not part of the semantics, nor of the fingerprint).
     """
 
@@ -124,6 +129,7 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
     drop_shared_indexer_cache_writes: bool | None = None  # None: drop where proven (see above)
     fuse_indexer_kernel: bool | None = None
     indexer_precision: str = "bf16"
+    fuse_score_and_topk: bool = False
     switch: Switch = dataclasses.field(default=Switch.GIVEN, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +148,9 @@ fused kernel runs (elsewhere the layer stays exact and the report's ``precision`
         if not isinstance(self.indexer_precision, str) or self.indexer_precision not in INDEXER_PRECISIONS:
             raise _bad("indexer_precision", self.indexer_precision,
                        'one of "bf16" (exact, the default) or "fp8" (e4m3 keys with per-token scales, fused kernel only)')
+        if not isinstance(self.fuse_score_and_topk, bool):
+            raise _bad("fuse_score_and_topk", self.fuse_score_and_topk,
+                       "a bool (score + top-k in one op where only the indices are read; off by default)")
         _check_positive_int("index_topk_freq", self.index_topk_freq)
         _check_positive_int("index_skip_topk_offset", self.index_skip_topk_offset)
         if self.num_layers is not None:

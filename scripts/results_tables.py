@@ -46,6 +46,7 @@ class Table:
     benchmark: str
     row_header: str
     columns: tuple[Column, ...]
+    commit: str = ""  # one run's rows only, where the benchmark holds several runs of the same shapes
 
 
 def _speedups(variants: tuple[str, ...], fmt: str = ".2f") -> tuple[Column, ...]:
@@ -117,6 +118,21 @@ TABLES: dict[str, Table] = {
         Column("fp8 op, quantising q and k per call µs", (("fp8_op", "us"),), ".0f"),
         Column("agreement of selected sets", (("fp8_op", "set_agreement"),)),
     )),
+    "fused-score-topk": Table("fused_score_topk", "B × S × T", (
+        Column("logits µs", (("logits", "us"),), ".1f"),
+        Column("logits + top-k µs", (("logits_topk", "us"),), ".1f"),
+        Column("one op unsorted / sorted µs", (("fused", "us"), ("fused_sorted", "us")), ".1f"),
+        Column("rows whose set differs", (("fused", "rows_differing"),), ".0f"),
+    )),
+    "logits-configs": Table("logits_launch_configs", "shape", (
+        Column("fp8, rule's config µs", (("fp8_default", "us"),), ".1f"),
+        Column("fp8, measured best µs", (("fp8_best", "us"),), ".1f"),
+    )),
+    "decode-default": Table("decode_cudagraphs_4_layers", "decode point", (
+        _triple("ms: Inductor / hand-written f4 / ours f4 (default) / ours f4, S writes kept",
+                ("inductor", "hand_f4", "ours_f4", "ours_f4_keep"), "ms"),
+        Column("ours f4 vs hand, synced / streamed", (("ours_f4", "vs_hand"), ("ours_f4", "vs_hand_streamed"))),
+    ), commit="83f884b"),
     "cross-graph": Table("cross_graph_prefill_4_layers", "pattern", (
         Column("whole graph", (("whole", "speedup_vs_inductor"),), ".2f", "×"),
         Column("whole ms", (("whole", "ms"),), ".1f"),
@@ -213,7 +229,7 @@ def _provenance(rows: list[dict[str, str]]) -> str:
 def render(name: str, rows: list[dict[str, str]]) -> str:
     """The markdown of table ``name``: one line per shape, in the CSV's order, then where the figures come from."""
     table = TABLES[name]
-    mine = [r for r in rows if r["benchmark"] == table.benchmark]
+    mine = [r for r in rows if r["benchmark"] == table.benchmark and (not table.commit or r["commit"] == table.commit)]
     if not mine:
         raise ValueError(f"table {name!r}: no rows of benchmark {table.benchmark!r} in {RESULTS.name}")
     values = {(r["shape"], r["variant"], r["metric"]): r for r in mine}

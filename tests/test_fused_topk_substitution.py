@@ -1,5 +1,8 @@
 """The substitution's choice between ``indexer_topk_fused`` (score + top-k in one op) and the two-kernel path.
 
+The one op is opt-in (``fuse_score_and_topk``; the two kernels measured faster): the tests below ask for it
+(``score_and_topk=True``), but for the ones that check the default and the config's way in.
+
 CPU only: the ``fused_ok`` fixture makes both support checks (``substitute.kernel_refusal`` and
 ``fused_topk_site.fused_topk_refusal``) accept the proven sites, so the rewrite is made off CUDA and the ops run
 their references (the fused op: torch.topk over the masked reference scores). Where only the top-k's indices
@@ -50,7 +53,7 @@ def test_reference_model_indices_only_runs_one_op_per_layer(fused_ok):
     cfg = DSAModelConfig.tiny(num_layers=2, first_k_dense_layers=2)
     model = ReferenceDSAModel(cfg, seed=0)
     records: list = []
-    backend = GraphCapture(lambda graph: records.extend(substitute_fused_indexer(graph, detect(graph).sites)))
+    backend = GraphCapture(lambda graph: records.extend(substitute_fused_indexer(graph, detect(graph).sites, score_and_topk=True)))
     ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want_logits, want_idx = model(ids, None, 0, True)
@@ -85,7 +88,7 @@ def test_masks_the_op_takes_give_the_graphs_indices(mask, fused_ok):
     keep[1, 0, :] = False  # a batch row with every key masked: its picks are -inf ties
     args = (q, k, w, torch.randn(6, 10), keep)
     gm, topk = trace_one_topk(fn, *args)
-    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    (record,) = substitute_fused_indexer(gm.graph, [topk], score_and_topk=True)
     assert record.fused and record.topk_fused, record
     gm.recompile()
     assert _targets(gm).count(FUSED) == 1 and torch.ops.aten.topk.default not in _targets(gm)
@@ -116,7 +119,7 @@ def test_a_score_read_elsewhere_keeps_two_kernels_and_says_why(read, expect, fus
     q, k, w = _inputs()
     args = (q, k, w, torch.ones(6, 10, dtype=torch.bool))
     gm, topk = trace_one_topk(fn, *args)
-    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    (record,) = substitute_fused_indexer(gm.graph, [topk], score_and_topk=True)
     assert record.fused and not record.topk_fused, record
     assert expect in record.detail and "score + top-k not in one op" in record.detail, record.detail
     assert record.note().startswith("fused indexer_logits (", len(record.site) + 2), record.note()
@@ -131,7 +134,7 @@ def test_without_cuda_the_fused_check_refuses_and_names_it(monkeypatch):
     """Only the logits kernel forced: the real fused check runs on the CPU leaves and refuses, with its reason."""
     monkeypatch.setattr(sub, "kernel_refusal", lambda q, k, w, scale: None)
     gm, topk = trace_one_topk(lambda q, k, w: _score(q, k, w).topk(3, dim=-1).indices, *_inputs())
-    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    (record,) = substitute_fused_indexer(gm.graph, [topk], score_and_topk=True)
     assert record.fused and not record.topk_fused
     assert "score + top-k not in one op: fused kernel unsupported: inputs must all be on one CUDA device" in record.detail
 
@@ -157,7 +160,7 @@ def test_transformers_v32_additive_mask_prefill_and_decode(fused_ok):
         pytest.skip(f"no DeepseekV32 in this transformers: {e}")
     want = H.prefill_and_decode(tiny.model, tiny, 12, 1)
     records: list = []
-    backend = GraphCapture(lambda graph: records.extend(substitute_fused_indexer(graph, detect(graph).sites)))
+    backend = GraphCapture(lambda graph: records.extend(substitute_fused_indexer(graph, detect(graph).sites, score_and_topk=True)))
     got = H.prefill_and_decode(torch.compile(tiny.model, backend=backend), tiny, 12, 1)
     assert len(records) == 2 * len(tiny.dsa_layers) and all(r.topk_fused for r in records), records
     assert all(_targets(gm).count(FUSED) == len(tiny.dsa_layers) for gm in backend.graphs)
@@ -176,8 +179,48 @@ def test_deterministic_algorithms_ask_the_op_for_one_order(deterministic, fused_
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        (record,) = substitute_fused_indexer(gm.graph, [topk])
+        (record,) = substitute_fused_indexer(gm.graph, [topk], score_and_topk=True)
     finally:
         torch.use_deterministic_algorithms(before)
     (op,) = [n for n in gm.graph.nodes if n.target is FUSED]
     assert record.topk_fused and op.args[7] is deterministic
+
+
+def test_by_default_a_site_read_only_by_its_indices_keeps_two_kernels_and_says_why(fused_ok):
+    gm, topk = trace_one_topk(lambda q, k, w: _score(q, k, w).topk(3, dim=-1).indices, *_inputs())
+    (record,) = substitute_fused_indexer(gm.graph, [topk])
+    assert record.fused and not record.topk_fused, record
+    assert "score + top-k not in one op: fuse_score_and_topk is off" in record.detail, record.detail
+    gm.recompile()
+    assert FUSED not in _targets(gm) and torch.ops.fx_indexcache.indexer_logits.default in _targets(gm)
+
+
+@pytest.mark.parametrize("asked", [None, False, True])
+def test_the_config_key_reaches_the_substitution(asked, fused_ok, monkeypatch):
+    """Through the pass the rewrite runs on CUDA sites only: the reference model's sites are made to look like
+    CUDA ones, and the key (given or not) decides between one op and two kernels, the indices unchanged."""
+    from fx_indexcache.config import IndexCacheConfig
+    from fx_indexcache.integrations import graph_pass
+
+    monkeypatch.setattr(graph_pass, "fake_value", lambda node: type("Cuda", (), {"is_cuda": True})())
+    config = IndexCacheConfig(fuse_indexer_kernel=True, **({} if asked is None else {"fuse_score_and_topk": asked}))
+    cfg = DSAModelConfig.tiny(num_layers=2, first_k_dense_layers=2)
+    model = ReferenceDSAModel(cfg, seed=0)
+    records: list = []
+    backend = GraphCapture(lambda graph: records.extend(graph_pass.fuse_indexers(graph, detect(graph).sites, config)[0]))
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, want_idx = model(ids, None, 0, True)
+        _, got_idx = torch.compile(model, backend=backend)(ids, None, 0, True)
+    assert [r.topk_fused for r in records] == [bool(asked)] * 2, records
+    (gm,) = backend.graphs
+    assert _targets(gm).count(FUSED) == (2 if asked else 0)
+    for got, want in zip(got_idx, want_idx):
+        assert torch.equal(got, want)
+
+
+def test_a_bad_value_names_the_key():
+    from fx_indexcache.config import IndexCacheConfig
+
+    with pytest.raises(ValueError, match="fuse_score_and_topk='yes' is not allowed"):
+        IndexCacheConfig(fuse_score_and_topk="yes")

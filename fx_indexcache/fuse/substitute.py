@@ -905,7 +905,8 @@ def site_name(site) -> tuple[str, int | None]:
     return (f"layer {layer}" if layer is not None else anchor.name), layer
 
 
-def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") -> list[FusionRecord]:
+def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16", *,
+                             score_and_topk: bool = False) -> list[FusionRecord]:
     """Replace each live site's unmasked indexer score by one ``fx_indexcache::indexer_logits`` call
     (``precision="fp8"``: ``indexer_logits_fp8`` where ``fp8_refusal`` finds nothing, else the bf16 op).
 
@@ -913,10 +914,11 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
     IndexCache rewrite already deleted are skipped) or ``aten.topk`` nodes. A site is rewritten only
     when its score is proven to be the indexer score (see the module doc) and ``kernel_refusal`` finds
     nothing against the leaves (CUDA, bf16/fp16 q and k, static H and D with D a power of two in
-    [16, 256]). Where the score feeds nothing but the top-k's indices (through at most an additive mask and a
-    -inf fill), the score, masks and top-k become one ``fx_indexcache::indexer_topk_fused`` instead, which
-    writes no logits (``fused_topk_site``; ``fused_topk_refusal`` checks its support); a record of a two-kernel
-    site says why that was not done. Returns one record per live site. Refused sites on CUDA are logged as
+    [16, 256]). With ``score_and_topk`` (the config's ``fuse_score_and_topk``, off by default: slower than
+    the two kernels where measured), where the score feeds nothing but the top-k's indices (through at most an
+    additive mask and a -inf fill), the score, masks and top-k become one ``fx_indexcache::indexer_topk_fused``
+    instead, which writes no logits (``fused_topk_site``; ``fused_topk_refusal`` checks its support); a record
+    of a two-kernel site says why that was not done. Returns one record per live site. Refused sites on CUDA are logged as
     warnings.
     """
     records: list[FusionRecord] = []
@@ -931,8 +933,8 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16") ->
         if why is None and precision == "fp8":
             no_fp8 = _check_leaves(match, fp8_refusal)
             applied = "fp8" if no_fp8 is None else "bf16"
-        not_one_op = None
-        if why is None:
+        not_one_op = None if score_and_topk else "fuse_score_and_topk is off"
+        if why is None and score_and_topk:
             not_one_op, removed = _fuse_score_and_topk(graph, match, anchor, applied)
             if not_one_op is None:
                 records.append(FusionRecord(

@@ -373,7 +373,8 @@ def fuse_indexers(graph: fx.Graph, sites, config: IndexCacheConfig) -> tuple[lis
     live = [s for s in sites if not getattr(s.anchor, "_erased", False) and s.anchor.graph is graph]
     on_cuda = [s for s in live if is_cuda(s)]
     precision = config.indexer_precision
-    records = substitute_fused_indexer(graph, on_cuda, precision) if config.fuses_kernel and on_cuda else []
+    records = (substitute_fused_indexer(graph, on_cuda, precision, score_and_topk=config.fuse_score_and_topk)
+               if config.fuses_kernel and on_cuda else [])
     rows = precision_records(precision, live, records, fusion_enabled=config.fuses_kernel, on_cuda=is_cuda)
     missed = [r for r in rows if r.reason is not None]
     if missed:
