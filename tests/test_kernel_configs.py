@@ -57,3 +57,20 @@ def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
 def test_a_bad_config_names_its_field(fields, named):
     with pytest.raises(ValueError, match=named):
         li.LogitsConfig(**fields)
+
+
+def test_every_committed_card_file_gives_valid_configs_for_its_rows():
+    """What ``default_config`` reads on a card is committed data: each row names a precision and kind the
+    kernels have, and its best config constructs (``LogitsConfig`` checks its fields), so a file cannot break
+    a launch on the card it was measured on."""
+    files = sorted(li.TUNED_CONFIGS.glob("logits_configs_*.json"))
+    assert files, f"no measured configurations under {li.TUNED_CONFIGS}"
+    for path in files:
+        rows = json.loads(path.read_text())["rows"]
+        assert rows, path
+        for row in rows:
+            assert row["precision"] in ("bf16", "fp8") and row["kind"] in ("prefill", "decode"), (path.name, row)
+            config = li.LogitsConfig(**row["best"])
+            assert config.name() == row["best_name"], (path.name, row)
+            assert (config.kind == "decode") == (row["kind"] == "decode") or config.kind == "key_rows", (path.name, row)
+            assert row["best_us"] <= row["default_us"], (path.name, row)
