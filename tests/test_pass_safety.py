@@ -40,7 +40,7 @@ def test_pass_keys_switch_index_cache_on_like_every_entry_point():
 def fusion_calls(monkeypatch, sites_on_cuda):
     """Record whether the pass asks for the fused kernel, with every site taken for a CUDA one."""
     calls = []
-    monkeypatch.setattr(graph_pass, "substitute_fused_indexer", lambda graph, sites, *precision: calls.append(len(sites)) or [])
+    monkeypatch.setattr(graph_pass, "substitute_fused_indexer", lambda graph, sites, *precision, **options: calls.append(len(sites)) or [])
     return calls
 
 
