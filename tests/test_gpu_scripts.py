@@ -1,0 +1,59 @@
+"""The GPU session scripts' bookkeeping, on the CPU: what comes back from a device call must say what ran.
+
+``scripts/gpu_chain.sh`` runs several ``gpu_session.sh`` steps under one deadline and packs each step's folder
+(the device returns at most 8 files). A step that failed must come back with its exit status, a step the
+deadline left no time for must say so, and neither may stop the steps after it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+
+
+def _chain(tmp_path: Path, seconds: int, *steps: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_chain.sh"), str(seconds), *steps], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _chain_txt(tmp_path: Path, step: str) -> str:
+    with tarfile.open(tmp_path / "out" / f"{step}.tgz") as packed:
+        return packed.extractfile(f"{step}/chain.txt").read().decode()
+
+
+def test_a_failing_step_comes_back_with_its_exit_status_and_the_next_step_still_runs(tmp_path):
+    done = _chain(tmp_path, 100, "no-such-step", "another-bad-step")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["another-bad-step.tgz", "no-such-step.tgz"]
+    for step in ("no-such-step", "another-bad-step"):
+        assert _chain_txt(tmp_path, step).startswith(f"{step}: exit 2 after "), _chain_txt(tmp_path, step)
+        with tarfile.open(tmp_path / "out" / f"{step}.tgz") as packed:
+            output = packed.extractfile(f"{step}/output.txt").read().decode()
+        assert f"unknown step {step}" in output
+
+
+def test_a_step_the_deadline_leaves_no_time_for_says_so(tmp_path):
+    _chain(tmp_path, 5, "sweep-fp8")
+    assert "sweep-fp8: not run" in _chain_txt(tmp_path, "sweep-fp8")
+
+
+def test_a_step_limit_below_its_own_wins(tmp_path):
+    """``STEP_LIMIT_S`` caps every inner timeout of gpu_session.sh (the chain's deadline reaches the step)."""
+    script = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    limit = script[script.index("limit() {"):].splitlines()[0]
+    for given, own, want in ((None, 540, 540), (100, 540, 100), (900, 540, 540)):
+        env = {key: value for key, value in os.environ.items() if key != "STEP_LIMIT_S"}
+        if given is not None:
+            env["STEP_LIMIT_S"] = str(given)
+        got = subprocess.run(["bash", "-c", f"{limit}; limit {own}"], env=env, capture_output=True, text=True)
+        assert got.stdout.strip() == str(want), (given, own, got.stdout, got.stderr)
