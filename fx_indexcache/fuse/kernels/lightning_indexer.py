@@ -231,11 +231,13 @@ def _key_rows_kernel(triton, tl):
     """Prefill with the keys on the matrix unit's M side: one program per (key block, SQ queries, batch row).
 
     Each product is ``k_tile [BLOCK_T, D] @ q[NQ queries x BLOCK_H heads, D]^T``: NQ queries' heads side by side
-    as its N columns. A thread holds every head column of its key rows but for three other threads of its quad,
-    so ReLU, the head weights and the head sum stay in registers (the reshape to ``[BLOCK_T, NQ, BLOCK_H]`` moves
-    no data), and no ``[BLOCK_S, BLOCK_T]`` accumulator lives across the loop: about half the registers of the
-    "prefill" kernel, so two to four programs share an SM and one's ReLU and sums run under another's products
-    (in one program they cannot: Triton waits for each product before its epilogue)."""
+    as its N columns. A thread holds a quarter of the head columns of its key rows (the rest are in the other
+    three threads of its quad), so ReLU, the head weights and the head sum stay in registers plus two shuffles
+    (the reshape to ``[BLOCK_T, NQ, BLOCK_H]`` moves no data), and no ``[BLOCK_S, BLOCK_T]`` accumulator lives
+    across the loop: 55-127 registers where the "prefill" kernel takes about 200 (sm_90, Triton 3.6), so two to
+    seven programs share an SM and one's ReLU and sums run under another's products (in one program they cannot:
+    Triton waits for each product before its epilogue). On an H100 it agreed with the "prefill" kernel at every
+    swept configuration and was not the fastest for fp8 prefill (docs/kernels.md)."""
     @triton.jit
     def _logits_key_rows_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
