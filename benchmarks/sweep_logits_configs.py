@@ -7,8 +7,8 @@ precision, by CUDA-graph replay (``triton.testing.do_bench_cudagraph`` medians),
 against the default's (equal up to the summation order: ``rtol`` 1e-4), and writes
 
 * ``<out>/logits_configs_<card>.json``: per (precision, kind, B, S, T) the fastest config and its time, the
-  default's time, every config's time (``timings``), and the machine (``bench_environment``); the file ``lightning_indexer.tuned_config`` reads
-  when it lies in ``fx_indexcache/fuse/kernels/configs/`` (commit it there);
+  default's time, every config's time (``timings``), and the machine (``bench_environment``); the file
+  ``lightning_indexer.tuned_config`` reads when it lies in ``fx_indexcache/fuse/kernels/configs/`` (commit it there);
 * ``<out>/logits_configs.md``: the table, with card, driver, torch, Triton and commit;
 * ``<out>/results_rows.csv``: the default's and the best config's time per shape, for
   ``python scripts/results_tables.py --add``.
@@ -46,18 +46,20 @@ DECODE_GRID = dict(block_s=(1,), block_t=(32, 64, 128, 256), num_warps=(2, 4, 8)
 #: Triton 3.6 (2-7 programs an SM), 64 or 128 queries a program, 2 or 3 stages.
 KEY_ROWS_SHAPES = ((64, 1, 4), (64, 2, 8), (128, 1, 4), (128, 1, 8), (128, 2, 8), (256, 1, 8))
 KEY_ROWS_GRID = dict(block_s=(64, 128), num_stages=(2, 3))
+#: ... and for decode: one query's heads as the N side (the head sum stays in a thread's registers, not across warps).
+KEY_ROWS_DECODE_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4,), num_stages=(1, 2))
 
 
 def configs(kind: str):
-    grid = PREFILL_GRID if kind == "prefill" else DECODE_GRID
+    grid, key_rows = (PREFILL_GRID, None) if kind == "prefill" else (DECODE_GRID, KEY_ROWS_DECODE_GRID)
     for values in itertools.product(*grid.values()):
         yield li.LogitsConfig(kind, **dict(zip(grid, values)))
-    if kind == "prefill":
-        for (block_t, per_dot, warps), block_s, stages in itertools.product(KEY_ROWS_SHAPES, *KEY_ROWS_GRID.values()):
-            yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
-    else:  # one query's heads as the N side: the head sum stays in a thread's registers, not across warps
-        for block_t, stages in itertools.product((64, 128), (1, 2)):
-            yield li.LogitsConfig("key_rows", 1, block_t, 4, stages)
+    if key_rows is not None:
+        for values in itertools.product(*key_rows.values()):
+            yield li.LogitsConfig("key_rows", **dict(zip(key_rows, values)))
+        return
+    for (block_t, per_dot, warps), block_s, stages in itertools.product(KEY_ROWS_SHAPES, *KEY_ROWS_GRID.values()):
+        yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
 
 
 def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
@@ -97,7 +99,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
 def write_files(out: Path, env: dict, rows: list, seconds: float) -> None:
     """The card's json, the markdown table and the results-table rows of the shapes swept so far."""
     data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID, key_rows=dict(
-        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES)), seconds=round(seconds, 1))
+        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES), key_rows_decode=KEY_ROWS_DECODE_GRID), seconds=round(seconds, 1))
     (out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
     lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "
              f"Triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", "",

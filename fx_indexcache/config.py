@@ -109,10 +109,10 @@ class IndexCacheConfig:
     elsewhere Inductor's code stays. Left at None it means "fuse when IndexCache is on": with
     ``use_index_cache=False`` the graph is then left exactly as it is, and only an explicit
     ``fuse_indexer_kernel=True`` substitutes the kernel on its own. ``indexer_precision`` is how the fused
-kernel scores: "bf16" (default) is the exact path; "fp8" quantises keys per token and queries per token
-and head to float8 e4m3 and multiplies them on fp8 tensor cores, as vLLM and DeepSeek's own inference run
-V3.2 -- it changes the scores (and some selected keys), so it is opt-in, and it applies only where the
-fused kernel runs (elsewhere the layer stays exact and the report's ``precision`` rows say why).
+    kernel scores: "bf16" (default) is the exact path; "fp8" quantises keys per token and queries per token
+    and head to float8 e4m3 and multiplies them on fp8 tensor cores, as vLLM and DeepSeek's own inference run
+    V3.2 -- it changes the scores (and some selected keys), so it is opt-in, and it applies only where the
+    fused kernel runs (elsewhere the layer stays exact and the report's ``precision`` rows say why).
     ``fuse_score_and_topk`` (opt-in) makes an F layer whose score only its top-k's indices read one
     ``indexer_topk_fused`` op, which writes no logits; off, such a layer runs the logits kernel and the top-k
     kernel, which on an H100 measured faster (0.52x the two kernels' speed at 1K x 32K prefill and 0.70x at

@@ -58,8 +58,8 @@ from . import topk as _tk
 from .lightning_indexer import (
     _registered,
     _visible_mask,
-    default_config,
     indexer_logits_reference,
+    rule_config,
     triton_cdiv,
     unsupported_reason,
 )
@@ -106,15 +106,13 @@ class FusedTopkConfig:
 
 
 def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> FusedTopkConfig:
-    """The logits kernel's default tiles (``default_config``), with the filter's registers in mind: prefill key
+    """The logits kernel's rule tiles (``rule_config``), with the filter's registers in mind: prefill key
     blocks of at most 64 (the filter holds keys, a packed prefix sum and places per tile element: compiled for
     sm_90 by Triton 3.9, 64 x 128 tiles with 8 warps spill, 64 x 64 take 184 registers and do not). Not timed:
     see docs/kernels.md."""
-    c = default_config(B, S, T, H, D, device)
+    c = rule_config(B, S, T, H, D, device)  # a card's measured configs time the logits kernels, not this one
     if c.kind == "decode":
         return FusedTopkConfig("decode", c.block_s, c.block_t, 64, c.num_warps, c.num_stages, 4)
-    if c.kind != "prefill":  # a card measured fastest on the key-rows kernel: its tiles mean other things here
-        return FusedTopkConfig("prefill", 64, 64, 128, 8, 3, 8)
     return FusedTopkConfig("prefill", c.block_s, min(c.block_t, 64), 128, 8, min(c.num_stages, 3), 8)
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "is_supported",
     "lightning_indexer",
     "lightning_indexer_reference",
+    "rule_config",
 ]
 
 # Query count at or below which the decode kernel (heads on the M side) is used.
@@ -85,7 +86,7 @@ def _triton():
 
 
 def _build_kernels(triton, tl):
-    """The two logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
+    """The logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
     return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl),
             "key_rows": _key_rows_kernel(triton, tl)}
 
@@ -282,11 +283,12 @@ def _key_rows_kernel(triton, tl):
         if t0 >= kv_len:
             s_sees = s_end
         g_first = s_first + (tl.minimum(s_sees, s_end) - s_first) // NQ * NQ
+        o_keys = o_ptr + b * sob + rt64[:, None] * sot  # [BLOCK_T, 1]: add a group's rows
+        t_in = rt[:, None] < T
         for s0 in range(s_first, g_first, NQ):
             s_rows = s0 + rq
-            o_ptrs = o_ptr + b * sob + s_rows.to(tl.int64)[None, :] * sos + rt64[:, None] * sot
-            o_mask = (rt[:, None] < T) & (s_rows[None, :] < S)
-            tl.store(o_ptrs, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32), mask=o_mask)
+            tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32),
+                     mask=t_in & (s_rows[None, :] < S))
         kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=rt[:, None] < T, other=0.0)
         if KSCALE:
             k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
@@ -306,9 +308,8 @@ def _key_rows_kernel(triton, tl):
             valid = rt[:, None] < kv_len
             if CAUSAL:
                 valid = valid & (rt[:, None] <= s_rows[None, :] + off)
-            o_ptrs = o_ptr + b * sob + s_rows.to(tl.int64)[None, :] * sos + rt64[:, None] * sot
-            o_mask = (rt[:, None] < T) & (s_rows[None, :] < S)
-            tl.store(o_ptrs, tl.where(valid, logit, float("-inf")), mask=o_mask)
+            tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.where(valid, logit, float("-inf")),
+                     mask=t_in & (s_rows[None, :] < S))
 
     return _logits_key_rows_kernel
 
@@ -405,8 +406,12 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
     except Exception:  # no usable device here: the rules
         name = None
     tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
-    if tuned is not None:
-        return tuned
+    return tuned if tuned is not None else rule_config(B, S, T, H, D, device)
+
+
+def rule_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
+    """The launch configuration the rules give (picked from bf16 measurements on an H100, see docs/kernels.md):
+    always a "prefill" or "decode" kernel, whatever a card's measurements say."""
     if S <= DECODE_MAX_S:
         try:
             sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
