@@ -3,7 +3,8 @@
 ``default_config`` picks a launch shape from rules measured on an H100 for bf16. fp8 scoring (issue 28 item 3: at
 or under DeepGEMM's time at 1K x 32K and 1K x 128K) and other cards want their own: this script times every
 ``LogitsConfig`` of a grid on V3.2's indexer (64 heads x 128, causal, keys of unequal size) for each shape and
-precision, by CUDA-graph replay (``triton.testing.do_bench_cudagraph`` medians), checks each config's logits
+precision (kinds: "prefill" and "decode", the contiguous kernels; "paged", ``paged_decode`` over pages of 64 keys
+in a shuffled block table), by CUDA-graph replay (``triton.testing.do_bench_cudagraph`` medians), checks each config's logits
 against the default's (equal up to the summation order: ``rtol`` 1e-4), and writes
 
 * ``<out>/logits_configs_<card>.json``: per (precision, kind, B, S, T) the fastest config and its time, the
@@ -11,11 +12,16 @@ against the default's (equal up to the summation order: ``rtol`` 1e-4), and writ
   ``lightning_indexer.tuned_config`` reads when it lies in ``fx_indexcache/fuse/kernels/configs/`` (commit it there);
 * ``<out>/logits_configs.md``: the table, with card, driver, torch, Triton and commit;
 * ``<out>/results_rows.csv``: the default's and the best config's time per shape, for
-  ``python scripts/results_tables.py --add``.
+  ``python scripts/results_tables.py --add``;
+* with ``--merge-into DIR``, each shape's row also into ``DIR``'s card file, replacing the row of the same
+  precision, kind and shape (later steps of the run launch with what was measured).
+
+The "default" each config is compared with is the rules' (``rule_config``; paged: ``paged_decode.RULE_CONFIG``).
 
 Usage (repository root, one CUDA card)::
 
-    PYTHONPATH=. python benchmarks/sweep_logits_configs.py --out "$OUT" [--quick] [--precision fp8] [--kinds prefill]
+    PYTHONPATH=. python benchmarks/sweep_logits_configs.py --out "$OUT" [--quick] [--precision fp8] [--kinds decode,paged] \
+        [--merge-into fx_indexcache/fuse/kernels/configs]
 """
 
 from __future__ import annotations
@@ -34,14 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fx_indexcache.fuse.kernels import indexer_fp8 as f8  # noqa: E402
 from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
+from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
 
 from bench_environment import describe_machine, graph_replay_us, write_result_rows  # noqa: E402
 from bench_indexer_fp8 import D, H, _inputs  # noqa: E402  (V3.2's shapes, keys of unequal size)
 
-SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
-          ("decode", 16, 1, 32768), ("decode", 64, 1, 32768)]
+#: Issue 28's shapes: prefill 1K x 32K and 1K x 128K; decode (contiguous keys and paged) at B1 / B16 / B64 x 32K and
+#: B4 x 128K.
+DECODE_SHAPES = [(1, 1, 32768), (16, 1, 32768), (64, 1, 32768), (4, 1, 131072)]
+SHAPES = ([("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072)] + [("decode", *s) for s in DECODE_SHAPES]
+          + [("paged", *s) for s in DECODE_SHAPES])
+KINDS = ("prefill", "decode", "paged")
 PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
-DECODE_GRID = dict(block_s=(1,), block_t=(32, 64, 128, 256), num_warps=(2, 4, 8), num_stages=(1, 2, 3))
+#: Decode: one query a program; 1-8 key blocks a program (looped, the next block loading during this one's product).
+DECODE_GRID = dict(block_s=(1,), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3), key_blocks=(1, 2, 4, 8))
+#: The paged kernel (pages of ``PAGE`` keys in a shuffled block table): its blocks gather pages row by row.
+PAGED_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4, 8), num_stages=(2, 3), key_blocks=(1, 2, 4, 8))
+PAGE = 64
 #: The key-rows prefill kernel: (block_t, queries_per_dot, num_warps) that compile without spills for sm_90 under
 #: Triton 3.6 (2-7 programs an SM), 64 or 128 queries a program, 2 or 3 stages.
 KEY_ROWS_SHAPES = ((64, 1, 4), (64, 2, 8), (128, 1, 4), (128, 1, 8), (128, 2, 8), (256, 1, 8))
@@ -51,6 +66,10 @@ KEY_ROWS_DECODE_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4,), num
 
 
 def configs(kind: str):
+    if kind == "paged":
+        for values in itertools.product(*PAGED_GRID.values()):
+            yield li.LogitsConfig("decode", **dict(zip(PAGED_GRID, values)))
+        return
     grid, key_rows = (PREFILL_GRID, None) if kind == "prefill" else (DECODE_GRID, KEY_ROWS_DECODE_GRID)
     for values in itertools.product(*grid.values()):
         yield li.LogitsConfig(kind, **dict(zip(grid, values)))
@@ -62,20 +81,51 @@ def configs(kind: str):
         yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
 
 
+def paged_operands(q, k, w, scale, precision: str, page: int = PAGE, seed: int = 0):
+    """The same operands as the contiguous kernel's, each row's keys (and fp8 scales) in pages of ``page`` tokens
+    at shuffled places of one pool: ``(q, pool, weights, table, lens, pool_scales)`` for ``paged_decode_logits``
+    (weights with ``scale`` folded in, as the paged kernel takes them)."""
+    B, T, D_ = k.shape
+    if precision == "fp8":
+        ops = f8.quantize_operands(q, k, w, scale)
+        q, k, w, k_scale = ops.q8, ops.k8, ops.weights, ops.k_scale
+    else:
+        w, k_scale = (w.float() * scale).contiguous(), None
+    blocks = T // page
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    table = torch.randperm(B * blocks, device="cuda", dtype=torch.int32, generator=g).view(B, blocks)
+    pool = torch.empty(B * blocks, page, D_, dtype=k.dtype, device="cuda")
+    pool[table.view(-1).long()] = k.reshape(B * blocks, page, D_)
+    scales = None
+    if k_scale is not None:
+        scales = torch.empty(B * blocks, page, device="cuda")
+        scales[table.view(-1).long()] = k_scale.reshape(B * blocks, page)
+    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    return q, pool, w, table, lens, scales
+
+
 def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
     q, k, w = _inputs(B, S, T)
     scale = D**-0.5
-    if precision == "fp8":
-        ops = f8.quantize_operands(q, k, w, scale)
-        q, k, w, k_scale, scale = ops.q8, ops.k8, ops.weights, ops.k_scale, 1.0
-    else:
-        k_scale = None
     out = torch.empty(B, S, T, device="cuda")
+    if kind == "paged":
+        pq, pool, pw, table, lens, scales = paged_operands(q, k, w, scale, precision)
 
-    def run(cfg):
-        return lambda: li._launch(q, k, w, out, True, scale, None, cfg, k_scale=k_scale)
+        def run(cfg):
+            return lambda: pd.paged_decode_logits(pq, pool, pw, table, lens, k_scale=scales, out=out, config=cfg)
 
-    default = li.default_config(B, S, T, H, D, q.device)
+        default = pd.RULE_CONFIG
+    else:
+        if precision == "fp8":
+            ops = f8.quantize_operands(q, k, w, scale)
+            q, k, w, k_scale, scale = ops.q8, ops.k8, ops.weights, ops.k_scale, 1.0
+        else:
+            k_scale = None
+
+        def run(cfg):
+            return lambda: li._launch(q, k, w, out, True, scale, None, cfg, k_scale=k_scale)
+
+        default = li.rule_config(B, S, T, H, D, q.device)
     run(default)()
     want = out.clone()
     timed = [(default, graph_replay_us(run(default)))]
@@ -96,10 +146,30 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
                 configs_timed=len(timed), timings={cfg.name(): round(us, 1) for cfg, us in timed})
 
 
+def grids() -> dict:
+    """The configurations swept, as the card files record them."""
+    return dict(prefill=PREFILL_GRID, decode=DECODE_GRID, paged=PAGED_GRID,
+                key_rows=dict(KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES), key_rows_decode=KEY_ROWS_DECODE_GRID)
+
+
+def merge_rows(path: Path, env: dict, rows: list) -> None:
+    """Write ``rows`` into the card file at ``path``, replacing its rows of the same precision, kind and shape and
+    keeping the others (each row carries the machine it was measured on)."""
+    def key(row):
+        return row["precision"], row["kind"], row["B"], row["S"], row["T"]
+
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    kept_env = old.get("env", {})
+    kept = [dict(r, env=r.get("env", kept_env)) for r in old.get("rows", [])]
+    new = {key(r): dict(r, env=env) for r in rows}
+    merged = [r for r in kept if key(r) not in new] + list(new.values())
+    merged.sort(key=lambda r: (KINDS.index(r["kind"]), r["precision"], r["B"] * r["S"], r["T"]))
+    path.write_text(json.dumps(dict(env=env, rows=merged, grid=grids()), indent=1, default=str) + "\n")
+
+
 def write_files(out: Path, env: dict, rows: list, seconds: float) -> None:
     """The card's json, the markdown table and the results-table rows of the shapes swept so far."""
-    data = dict(env=env, rows=rows, grid=dict(prefill=PREFILL_GRID, decode=DECODE_GRID, key_rows=dict(
-        KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES), key_rows_decode=KEY_ROWS_DECODE_GRID), seconds=round(seconds, 1))
+    data = dict(env=env, rows=rows, grid=grids(), seconds=round(seconds, 1))
     (out / li.card_file_name(env["device"])).write_text(json.dumps(data, indent=1, default=str))
     lines = [f"# Logits kernel launch configurations: {env['device']}, driver {env['driver']}, torch {env['torch']}, "
              f"Triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", "",
@@ -118,7 +188,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for this run's files")
     parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
     parser.add_argument("--precision", choices=("bf16", "fp8", "both"), default="both")
-    parser.add_argument("--kinds", default="prefill,decode", help="shape kinds to sweep (prefill, decode or both)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"shape kinds to sweep, of {', '.join(KINDS)}")
+    parser.add_argument("--merge-into", type=Path, default=None,
+                        help="also merge each shape's row into this folder's card file (the package's configs/ "
+                        "folder: later steps of the same run, and a commit of the file, use what was measured)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("sweep_logits_configs: needs a CUDA GPU")
@@ -134,14 +207,17 @@ def main() -> int:
 
     precisions = ("bf16", "fp8") if args.precision == "both" else (args.precision,)
     kinds = set(args.kinds.split(","))
-    if not kinds <= {"prefill", "decode"}:
-        parser.error(f"--kinds {args.kinds!r}: each must be prefill or decode")
+    if not kinds <= set(KINDS):
+        parser.error(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
     shapes = [shape for shape in ([SHAPES[0], SHAPES[2]] if args.quick else SHAPES) if shape[0] in kinds]
     rows, started = [], time.time()
     for precision, (kind, B, S, T) in itertools.product(precisions, shapes):
         rows.append(sweep(precision, kind, B, S, T, log))
         torch.cuda.empty_cache()
         write_files(args.out, env, rows, time.time() - started)  # after each shape: a run cut short keeps them
+        if args.merge_into is not None:
+            merge_rows(args.merge_into / li.card_file_name(env["device"]), env, rows[-1:])
+            li._tuned_rows.cache_clear()
     print((args.out / "logits_configs.md").read_text())
     return 0
 

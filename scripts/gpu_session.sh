@@ -23,8 +23,18 @@ gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that
     timeout "$(limit 540)" python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
 }
 
+CONFIGS=fx_indexcache/fuse/kernels/configs
+sweep() {  # PRECISION KINDS: sweep, merge into the card file, and return the merged file
+    local rc=0
+    mkdir -p "$OUT/configs"
+    timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision "$1" --kinds "$2" \
+        --merge-into "$CONFIGS" || rc=$?
+    cp "$CONFIGS"/logits_configs_*.json "$OUT/configs/"
+    return $rc
+}
+
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 sweep-bf16 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -34,6 +44,8 @@ machine | tee "$OUT/machine.txt"
 case "$step" in
     new-kernels)     # this round's kernels: fused score + top-k, paged decode (correctness, CUDA graphs, sanitizer)
         gpu_tests tests/gpu/test_fused_score_topk_gpu.py tests/gpu/test_paged_decode_gpu.py ;;
+    decode-kernels)  # the logits kernels' launches (decode: key blocks a program) and the paged decode kernel
+        gpu_tests tests/gpu/test_lightning_indexer_kernel.py tests/gpu/test_paged_decode_gpu.py ;;
     kernels)         # the substitution, low-precision scores, every layout the matcher knows
         gpu_tests tests/gpu/test_kernel_substitution_gpu.py tests/gpu/test_lowp_scores_gpu.py \
             tests/gpu/test_indexer_layouts_gpu.py ;;
@@ -49,11 +61,15 @@ case "$step" in
         timeout "$(limit 560)" python benchmarks/bench_deepgemm.py --out "$OUT" ;;
     fused-bench)     # logits, logits + top-k and the fused score + top-k, side by side
         timeout "$(limit 560)" python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
-    sweep-fp8)       # fp8 prefill launch configurations, both logits kernels (commit the json under
-                     # fx_indexcache/fuse/kernels/configs/, merging the rows of other steps)
-        timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision fp8 --kinds prefill ;;
+    sweep-fp8)       # fp8 prefill launch configurations, both logits kernels; each shape's best merged into the
+                     # package's card file (later steps of the call use it; $OUT/configs/ brings it back to commit)
+        sweep fp8 prefill ;;
     sweep-bf16)      # the same for bf16 prefill
-        timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision bf16 --kinds prefill ;;
+        sweep bf16 prefill ;;
+    sweep-decode-fp8)   # fp8 decode: the contiguous kernel (key blocks a program) and the paged one (issue 28 item 3)
+        sweep fp8 decode,paged ;;
+    sweep-decode-bf16)  # the same in bf16
+        sweep bf16 decode,paged ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
         timeout "$(limit 560)" python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;

@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1). fp16 and fp8 keys (the interpreter reads bf16 as raw bits; bf16 runs in the GPU test),
 pages shuffled in the pool, block-table entries past a request's length pointing outside the pool (they must
 never be read), lengths of 0, a partial page and the full table, one and two queries, key blocks smaller than,
-equal to and spanning pages: each must give the torch reference's logits and exactly its -inf pattern.
+equal to and spanning pages, one and three of them a program: each must give the torch reference's logits and exactly its -inf pattern.
 ``--device cuda`` runs the same cases on the GPU (compiled, not interpreted): tests/gpu/test_paged_decode_gpu.py
 runs that under compute-sanitizer's memcheck, where a read of the page outside the pool is an error."""
 
@@ -36,15 +36,22 @@ def main(device: str = "cpu") -> None:
                 qk, wk = q8, (w * qs).contiguous()
                 ref = pd.paged_decode_logits_reference(q8.float(), kk, wk, table, lens, k_scale=ks)
             # key blocks smaller than, equal to and spanning pages; on the card only equal and spanning (the
-            # compiled kernel's tl.dot takes 16 keys or more, a page here holds 16)
+            # compiled kernel's tl.dot takes 16 keys or more, a page here holds 16); one block a program, and
+            # several (a program's blocks past a request's length, and past the table's end: 48 keys, 3 x 32)
             for block_t in (8, 16, 32) if device == "cpu" else (16, 32, 64):
-                out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, block_t=block_t)
-                seen = torch.isfinite(ref)
-                assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), (S, precision)
-                assert seen[1].sum() > 0 and not seen[0].any()
-                torch.testing.assert_close(out[seen], ref[seen], rtol=1e-4, atol=1e-4)
-                cases += 1
+                for key_blocks in (1, 3):
+                    config = pd.LogitsConfig("decode", 1, block_t, 4, 2, key_blocks=key_blocks)
+                    out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, config=config)
+                    check(out, ref, (S, precision, config.name()))
+                    cases += 1
     print(f"ok {cases} cases")
+
+
+def check(out, ref, where) -> None:
+    seen = torch.isfinite(ref)
+    assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), where
+    assert seen[1].sum() > 0 and not seen[0].any()
+    torch.testing.assert_close(out[seen], ref[seen], rtol=1e-4, atol=1e-4, msg=lambda m: f"{where}: {m}")
 
 
 if __name__ == "__main__":

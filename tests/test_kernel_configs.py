@@ -1,7 +1,10 @@
 """Measured launch configurations as data: ``lightning_indexer.tuned_config`` reads what the sweep writes."""
 
 import dataclasses
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +44,47 @@ def test_without_measurements_the_rules_apply(tmp_path):
     assert li.default_config(1, 1024, 32768, 64, 128).kind == "prefill"  # no CUDA here: the rules
 
 
+def test_paged_rows_serve_the_paged_kernel_only(tmp_path):
+    """The paged kernel's measurements (kind "paged", a decode config) are not the contiguous kernel's: each kind
+    reads its own rows, and a config's key blocks survive the file."""
+    contiguous = li.LogitsConfig("decode", 1, 128, 4, 3, key_blocks=4)
+    paged = li.LogitsConfig("decode", 1, 64, 8, 2, key_blocks=8)
+    _write(tmp_path, [_row("fp8", "decode", 1, 1, 32768, contiguous), _row("fp8", "paged", 1, 1, 32768, paged)])
+    assert li.tuned_config("fp8", 2, 1, 32768, 64, 128, CARD, tmp_path) == contiguous
+    assert li.tuned_config("fp8", 2, 1, 32768, 64, 128, CARD, tmp_path, kind="paged") == paged
+    assert li.tuned_config("bf16", 2, 1, 32768, 64, 128, CARD, tmp_path, kind="paged") is None
+    assert paged.name() == "decode-s1-t64-k8-w8-st2"
+    with pytest.raises(ValueError, match="kind='pages'"):
+        li.tuned_config("fp8", 2, 1, 32768, 64, 128, CARD, tmp_path, kind="pages")
+
+
+def _sweep_module():
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(benchmarks))  # its sibling modules (bench_environment, bench_indexer_fp8)
+    try:
+        spec = importlib.util.spec_from_file_location("sweep_logits_configs", benchmarks / "sweep_logits_configs.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(benchmarks))
+    return module
+
+
+def test_the_sweep_merges_its_rows_into_a_card_file(tmp_path):
+    """``--merge-into``: a shape measured again replaces its row, other rows stay, each row keeps its machine."""
+    sweep = _sweep_module()
+    path = tmp_path / li.card_file_name(CARD)
+    old_env, new_env = dict(commit="old"), dict(commit="new")
+    first = [dict(_row("fp8", "prefill", 1, 1024, 32768, li.LogitsConfig("prefill", 64, 128, 4, 3)), best_us=5.0),
+             _row("fp8", "decode", 1, 1, 32768, li.LogitsConfig("decode", 1, 64, 4, 2))]
+    sweep.merge_rows(path, old_env, first)
+    again = dict(_row("fp8", "decode", 1, 1, 32768, li.LogitsConfig("decode", 1, 128, 4, 3, key_blocks=2)), best_us=0.5)
+    sweep.merge_rows(path, new_env, [again])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["kind"], r["env"]["commit"]) for r in rows] == [("prefill", "old"), ("decode", "new")]
+    assert rows[1]["best"]["key_blocks"] == 2 and rows[0]["best_us"] == 5.0
+
+
 def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
     key_rows = li.LogitsConfig("key_rows", 64, 128, 8, 3, queries_per_dot=2)
     _write(tmp_path, [_row("fp8", "prefill", 1, 1024, 32768, key_rows)])
@@ -53,6 +97,8 @@ def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
     (dict(kind="key_rows", block_s=6, queries_per_dot=4), "queries_per_dot=4"),
     (dict(queries_per_dot=3), "queries_per_dot=3"),
     (dict(block_t=0), "block_t=0"),
+    (dict(kind="prefill", key_blocks=2), "key_blocks=2"),
+    (dict(kind="decode", key_blocks=0), "key_blocks=0"),
 ])
 def test_a_bad_config_names_its_field(fields, named):
     with pytest.raises(ValueError, match=named):
@@ -69,8 +115,11 @@ def test_every_committed_card_file_gives_valid_configs_for_its_rows():
         rows = json.loads(path.read_text())["rows"]
         assert rows, path
         for row in rows:
-            assert row["precision"] in ("bf16", "fp8") and row["kind"] in ("prefill", "decode"), (path.name, row)
+            assert row["precision"] in ("bf16", "fp8") and row["kind"] in li.TUNED_KINDS, (path.name, row)
             config = li.LogitsConfig(**row["best"])
             assert config.name() == row["best_name"], (path.name, row)
-            assert (config.kind == "decode") == (row["kind"] == "decode") or config.kind == "key_rows", (path.name, row)
+            if row["kind"] == "paged":  # the paged kernel launches one query a program
+                assert config.kind == "decode" and config.block_s == 1, (path.name, row)
+            else:
+                assert (config.kind == "decode") == (row["kind"] == "decode") or config.kind == "key_rows", (path.name, row)
             assert row["best_us"] <= row["default_us"], (path.name, row)

@@ -26,6 +26,9 @@ def _inputs(dtype=torch.float16):
     (lambda a: dict(a, k_pages=a["k_pages"].to(torch.float8_e4m3fn), q=a["q"].to(torch.float8_e4m3fn)), "k_scale"),
     (lambda a: dict(a, weights=a["weights"][:, :, :2]), "weights"),
     (lambda a: dict(a, k_pages=a["k_pages"].float(), q=a["q"].float()), "k_pages"),
+    (lambda a: dict(a, config=pd.LogitsConfig("prefill", 64, 64, 4, 2)), "kind 'decode'"),
+    (lambda a: dict(a, config=pd.LogitsConfig("decode", 4, 64, 4, 2)), "block_s=1"),
+    (lambda a: dict(a, config=pd.LogitsConfig("decode", 1, 48, 4, 2)), "block_t=48"),
 ])
 def test_bad_input_names_the_field(change, field):
     q, k, w, table, lens = _inputs()
@@ -40,4 +43,4 @@ def test_paged_decode_under_the_triton_interpreter():
     done = subprocess.run([sys.executable, str(HERE / "paged_decode_cases.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ok 12 cases" in done.stdout
+    assert "ok 24 cases" in done.stdout

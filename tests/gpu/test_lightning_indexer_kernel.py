@@ -115,6 +115,8 @@ CONFIGS = [
     LogitsConfig("prefill", 16, 64, 4, 2),
     LogitsConfig("decode", 1, 128, 4, 2),
     LogitsConfig("decode", 4, 64, 4, 2),
+    LogitsConfig("decode", 1, 128, 4, 3, key_blocks=4),
+    LogitsConfig("decode", 4, 64, 8, 2, key_blocks=8),
     LogitsConfig("key_rows", 64, 128, 4, 3),
     LogitsConfig("key_rows", 64, 128, 8, 2, queries_per_dot=2),
     LogitsConfig("key_rows", 128, 256, 8, 3),
@@ -131,6 +133,7 @@ def test_logits_every_config(config, shape):
 
 @gpu
 @pytest.mark.parametrize("config", [None, LogitsConfig("prefill", 64, 128, 4, 3), LogitsConfig("decode", 2, 64, 4, 2),
+                                    LogitsConfig("decode", 1, 64, 4, 3, key_blocks=4),
                                     LogitsConfig("key_rows", 16, 64, 4, 2, queries_per_dot=2)],
                          ids=lambda c: "default" if c is None else c.name())
 @pytest.mark.parametrize("causal", [True, False])

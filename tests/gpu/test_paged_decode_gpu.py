@@ -48,12 +48,18 @@ def _paged(B, T, precision, seed=0):
     return q, k, w, ks, pool, pool_scale, table
 
 
+#: The default launch and the sweep's kinds of launch (several key blocks a program, 8 warps, blocks of 128 keys).
+PAGED_CONFIGS = [None, pd.LogitsConfig("decode", 1, 64, 4, 2, key_blocks=4), pd.LogitsConfig("decode", 1, 128, 8, 3,
+                                                                                              key_blocks=8)]
+
+
+@pytest.mark.parametrize("config", PAGED_CONFIGS, ids=lambda c: "default" if c is None else c.name())
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("B,T", [(1, 32768), (4, 8192), (16, 4096)])
-def test_paged_equals_the_contiguous_decode_kernel(precision, B, T):
+def test_paged_equals_the_contiguous_decode_kernel(precision, B, T, config):
     q, k, w, ks, pool, pool_scale, table = _paged(B, T, precision)
     lens = torch.tensor([T - 37 * i for i in range(B)], dtype=torch.int32, device="cuda")
-    got = pd.paged_decode_logits(q, pool, w, table, lens, k_scale=pool_scale)
+    got = pd.paged_decode_logits(q, pool, w, table, lens, k_scale=pool_scale, config=config)
     want = li.launch_into(q, k, w, None, True, 1.0, lens, None, k_scale=ks)
     seen = torch.isfinite(want)
     assert torch.equal(seen, torch.isfinite(got))
@@ -91,4 +97,4 @@ def test_compute_sanitizer_memcheck_finds_no_read_past_a_length():
                           env=env, capture_output=True, text=True, timeout=1200)
     out = done.stdout[-4000:] + done.stderr[-4000:]
     assert done.returncode == 0, out
-    assert "ERROR SUMMARY: 0 errors" in out and "ok 12 cases" in out, out
+    assert "ERROR SUMMARY: 0 errors" in out and "ok 24 cases" in out, out

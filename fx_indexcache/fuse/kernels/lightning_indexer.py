@@ -156,7 +156,12 @@ def _prefill_kernel(triton, tl):
 
 
 def _decode_kernel(triton, tl):
-    """Decode (few queries): one program per (key block, SQ queries, batch row); all heads as one tile."""
+    """Decode (few queries): one program per (KEY_BLOCKS key blocks, SQ queries, batch row); all heads as one tile.
+
+    A program loops over its ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys, so the next block's keys load while this
+    one's product runs (``num_stages``) and one query's q and weights are read once, not once a block. Blocks
+    past the program's last visible key load nothing (masked) and store ``-inf``; a program with no visible key
+    stores ``-inf`` without loading anything."""
     @triton.jit
     def _logits_decode_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -173,14 +178,15 @@ def _decode_kernel(triton, tl):
         BLOCK_H: tl.constexpr,
         BLOCK_T: tl.constexpr,
         SQ: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        t0 = pid_t * BLOCK_T
-        rt = t0 + tl.arange(0, BLOCK_T)
+        t_first = pid_t * (KEY_BLOCKS * BLOCK_T)
         rd = tl.arange(0, D)
         rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
         if HAS_KVLEN:
             kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), T)
         else:
@@ -190,40 +196,52 @@ def _decode_kernel(triton, tl):
         t_hi = kv_len
         if CAUSAL:
             t_hi = tl.minimum(t_hi, tl.minimum(s_first + SQ, S) + off)
-        rt64 = rt.to(tl.int64)
-        if t0 >= t_hi:
+        if t_first >= t_hi:
             ninf = tl.full([BLOCK_T], float("-inf"), tl.float32)
-            for i in range(SQ):
-                s = s_first + i
-                t_end = tl.where(s < S, T, 0)  # rows past S store nothing
-                tl.store(o_ptr + b * sob + s.to(tl.int64) * sos + rt64 * sot, ninf, mask=rt < t_end)
+            for j in range(KEY_BLOCKS):
+                rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                for i in range(SQ):
+                    s = s_first + i
+                    t_end = tl.where(s < S, T, 0)  # rows past S store nothing
+                    tl.store(o_ptr + b * sob + s.to(tl.int64) * sos + rt.to(tl.int64) * sot, ninf, mask=rt < t_end)
         else:
-            k_ptrs = k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd
-            kt = tl.load(k_ptrs, mask=rt[:, None] < T, other=0.0)
-            kt_t = tl.trans(kt)
-            h_ok = rh < H
-            if KSCALE:
-                k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
-            for i in range(SQ):
-                s = s_first + i
-                t_end = tl.where(s < S, T, 0)  # rows past S store nothing
-                s64 = tl.minimum(s, S - 1).to(tl.int64)  # and load a valid row
-                q_ptrs = q_ptr + b * sqb + s64 * sqs + rh[:, None] * sqh + rd[None, :] * sqd
-                qs = tl.load(q_ptrs, mask=h_ok[:, None], other=0.0)
-                ws = tl.load(w_ptr + b * swb + s64 * sws + rh * swh, mask=h_ok, other=0.0)
-                ws = ws.to(tl.float32) * scale
-                d = tl.dot(qs, kt_t)
-                logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+            if SQ == 1:  # one query: its q and weights once for all the program's key blocks
+                s_only = tl.minimum(s_first, S - 1).to(tl.int64)
+                q_only = tl.load(q_ptr + b * sqb + s_only * sqs + rh[:, None] * sqh + rd[None, :] * sqd,
+                                 mask=h_ok[:, None], other=0.0)
+                w_only = tl.load(w_ptr + b * swb + s_only * sws + rh * swh, mask=h_ok, other=0.0).to(tl.float32) * scale
+            for j in range(KEY_BLOCKS):
+                rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                rt64 = rt.to(tl.int64)
+                live = rt < t_hi  # keys past the last visible one are not read
+                kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=live[:, None], other=0.0)
+                kt_t = tl.trans(kt)
                 if KSCALE:
-                    logit = logit * k_scale
-                valid = rt < kv_len
-                if CAUSAL:
-                    valid = valid & (rt <= s + off)
-                tl.store(
-                    o_ptr + b * sob + s64 * sos + rt64 * sot,
-                    tl.where(valid, logit, float("-inf")),
-                    mask=rt < t_end,
-                )
+                    k_scale = tl.load(ks_ptr + b * sksb + rt, mask=live, other=0.0)
+                for i in range(SQ):
+                    s = s_first + i
+                    t_end = tl.where(s < S, T, 0)  # rows past S store nothing
+                    s64 = tl.minimum(s, S - 1).to(tl.int64)  # and load a valid row
+                    if SQ == 1:
+                        qs = q_only
+                        ws = w_only
+                    else:
+                        qs = tl.load(q_ptr + b * sqb + s64 * sqs + rh[:, None] * sqh + rd[None, :] * sqd,
+                                     mask=h_ok[:, None], other=0.0)
+                        ws = tl.load(w_ptr + b * swb + s64 * sws + rh * swh, mask=h_ok, other=0.0).to(tl.float32)
+                        ws = ws * scale
+                    d = tl.dot(qs, kt_t)
+                    logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+                    if KSCALE:
+                        logit = logit * k_scale
+                    valid = rt < kv_len
+                    if CAUSAL:
+                        valid = valid & (rt <= s + off)
+                    tl.store(
+                        o_ptr + b * sob + s64 * sos + rt64 * sot,
+                        tl.where(valid, logit, float("-inf")),
+                        mask=rt < t_end,
+                    )
 
     return _logits_decode_kernel
 
@@ -328,7 +346,8 @@ class LogitsConfig:
     """Launch shape of the logits kernel.
 
     kind "prefill": programs own BLOCK_S queries x BLOCK_T keys, loop over heads.
-    kind "decode": programs own ``block_s`` queries (looped) x BLOCK_T keys, heads on the M side.
+    kind "decode": programs own ``block_s`` queries (looped) x ``key_blocks`` blocks of BLOCK_T keys (looped: the
+    next block loads while this one computes), heads on the M side.
     kind "key_rows": programs own ``block_s`` queries (looped, ``queries_per_dot`` at a time) x BLOCK_T keys, the
     keys on the M side and those queries' heads on the N side (prefill with a small register footprint).
     """
@@ -339,11 +358,12 @@ class LogitsConfig:
     num_warps: int = 8
     num_stages: int = 3
     queries_per_dot: int = 1
+    key_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in CONFIG_KINDS:
             raise ValueError(f"LogitsConfig.kind={self.kind!r}: allowed {', '.join(CONFIG_KINDS)}")
-        for field in ("block_s", "block_t", "num_warps", "num_stages", "queries_per_dot"):
+        for field in ("block_s", "block_t", "num_warps", "num_stages", "queries_per_dot", "key_blocks"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LogitsConfig.{field}={value!r}: must be a positive int")
@@ -351,10 +371,15 @@ class LogitsConfig:
         if per_dot & (per_dot - 1) or (self.kind == "key_rows" and self.block_s % per_dot):
             raise ValueError(f"LogitsConfig.queries_per_dot={per_dot}: must be a power of two dividing "
                              f"block_s={self.block_s}")
+        if self.key_blocks > 1 and self.kind != "decode":
+            raise ValueError(f"LogitsConfig.key_blocks={self.key_blocks}: only kind 'decode' loops over key blocks "
+                             f"(kind={self.kind!r} takes 1)")
 
     def name(self) -> str:
         per_dot = f"-q{self.queries_per_dot}" if self.kind == "key_rows" else ""
-        return f"{self.kind}-s{self.block_s}-t{self.block_t}{per_dot}-w{self.num_warps}-st{self.num_stages}"
+        blocks = f"-k{self.key_blocks}" if self.key_blocks > 1 else ""
+        return (f"{self.kind}-s{self.block_s}-t{self.block_t}{per_dot}{blocks}-w{self.num_warps}"
+                f"-st{self.num_stages}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -379,14 +404,23 @@ def _tuned_rows(directory: Path, device_name: str) -> tuple[dict, ...]:
     return tuple(json.loads(path.read_text()).get("rows", ()))
 
 
+#: The shape kinds a card's measurements are kept for: the contiguous kernels' prefill and decode, and the paged
+#: decode kernel (``paged_decode``), whose rows hold a "decode" configuration.
+TUNED_KINDS = ("prefill", "decode", "paged")
+
+
 def tuned_config(precision: str, B: int, S: int, T: int, H: int, D: int, device_name: str,
-                 directory: Path = TUNED_CONFIGS) -> Optional[LogitsConfig]:
+                 directory: Path = TUNED_CONFIGS, kind: Optional[str] = None) -> Optional[LogitsConfig]:
     """The fastest configuration measured on ``device_name`` for the nearest shape of the same kind and precision
-    (nearest in log2 of the keys and of the query rows), or None where that card has no measurements. The sweep
+    (nearest in log2 of the keys and of the query rows), or None where that card has no measurements. ``kind``:
+    one of ``TUNED_KINDS``, by default "decode" up to ``DECODE_MAX_S`` queries, else "prefill". The sweep
     measured V3.2's indexer (64 heads x 128): other head counts and dims keep the rules."""
+    if kind is None:
+        kind = "decode" if S <= DECODE_MAX_S else "prefill"
+    if kind not in TUNED_KINDS:
+        raise ValueError(f"tuned_config: kind={kind!r}, allowed {', '.join(TUNED_KINDS)}")
     if (H, D) != (64, 128):
         return None
-    kind = "decode" if S <= DECODE_MAX_S else "prefill"
     rows = [r for r in _tuned_rows(directory, device_name) if r.get("precision") == precision and r.get("kind") == kind]
     if not rows:
         return None
@@ -555,11 +589,11 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))
         block_h = max(16, 1 << (H - 1).bit_length())
-        grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
+        grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
         return kern["decode"][grid](
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
-            BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq,
+            BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, KEY_BLOCKS=cfg.key_blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "key_rows":

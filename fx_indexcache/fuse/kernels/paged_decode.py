@@ -15,9 +15,10 @@ for ``t < kv_lens[b]`` and ``t <= s + kv_lens[b] - S`` (the S queries are the re
 a few speculative tokens); ``-inf`` elsewhere, up to ``N * PAGE`` columns. Pages past a request's length are never
 read, so their block-table entries may hold anything.
 
-Each program owns one query and ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T`` need not divide the page)
-and computes all heads as one tile on the matrix unit, as the contiguous decode kernel does. Blocks entirely past
-the request's length store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph
+Each program owns one query and ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T``
+need not divide the page), reads the query's q and weights once and loops over its blocks (the next block's keys
+load while this one computes), each block's heads as one tile on the matrix unit, as the contiguous decode kernel
+does. Keys a query does not see are never read; programs entirely past it store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph
 capture. ``paged_decode_logits_reference`` gathers the pages and computes the same math in torch.
 """
 
@@ -28,7 +29,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["paged_decode_logits", "paged_decode_logits_reference", "paged_unsupported_reason"]
+from . import lightning_indexer as li
+from .lightning_indexer import LogitsConfig
+
+__all__ = ["RULE_CONFIG", "paged_config", "paged_decode_logits", "paged_decode_logits_reference",
+           "paged_unsupported_reason"]
 
 _KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
@@ -56,36 +61,41 @@ def _kernel():
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
     ):
-        t0 = tl.program_id(0) * BLOCK_T
+        t_first = tl.program_id(0) * (KEY_BLOCKS * BLOCK_T)
         s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        rt = t0 + tl.arange(0, BLOCK_T)
         rd = tl.arange(0, D)
         rh = tl.arange(0, BLOCK_H)
         width = N * PAGE
         kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), width)
         last = s + kv_len - S  # the last key this query sees
         s64 = s.to(tl.int64)
-        out = o_ptr + b * sob + s64 * sos + rt.to(tl.int64) * sot
-        if t0 > last:
-            tl.store(out, tl.full([BLOCK_T], float("-inf"), tl.float32), mask=rt < width)
+        if t_first > last:
+            for j in range(KEY_BLOCKS):
+                rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                tl.store(o_ptr + b * sob + s64 * sos + rt.to(tl.int64) * sot,
+                         tl.full([BLOCK_T], float("-inf"), tl.float32), mask=rt < width)
         else:
-            live = rt < kv_len
-            page = tl.load(bt_ptr + b * sbtb + (rt // PAGE).to(tl.int64) * sbtn, mask=live, other=0).to(tl.int64)
-            row = (rt % PAGE).to(tl.int64)
-            kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
-                         mask=live[:, None], other=0.0)
             h_ok = rh < H
             qs = tl.load(q_ptr + b * sqb + s64 * sqs + rh[:, None] * sqh + rd[None, :] * sqd, mask=h_ok[:, None],
                          other=0.0)
             ws = tl.load(w_ptr + b * swb + s64 * sws + rh * swh, mask=h_ok, other=0.0).to(tl.float32)
-            d = tl.dot(qs, tl.trans(kt))
-            logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
-            if KSCALE:
-                logit = logit * tl.load(ks_ptr + page * sksp + row * sksr, mask=live, other=0.0)
-            visible = live & (rt <= last)
-            tl.store(out, tl.where(visible, logit, float("-inf")), mask=rt < width)
+            for j in range(KEY_BLOCKS):
+                rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                visible = (rt < kv_len) & (rt <= last)  # only visible keys' pages are read
+                page = tl.load(bt_ptr + b * sbtb + (rt // PAGE).to(tl.int64) * sbtn, mask=visible,
+                               other=0).to(tl.int64)
+                row = (rt % PAGE).to(tl.int64)
+                kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
+                             mask=visible[:, None], other=0.0)
+                d = tl.dot(qs, tl.trans(kt))
+                logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+                if KSCALE:
+                    logit = logit * tl.load(ks_ptr + page * sksp + row * sksr, mask=visible, other=0.0)
+                tl.store(o_ptr + b * sob + s64 * sos + rt.to(tl.int64) * sot, tl.where(visible, logit, float("-inf")),
+                         mask=rt < width)
 
     return _paged_decode_kernel
 
@@ -118,11 +128,40 @@ def paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale=
     return None
 
 
+#: The launch where no card measurement applies (``paged_config``): 64 keys a program, 4 warps, one block.
+RULE_CONFIG = LogitsConfig("decode", block_s=1, block_t=64, num_warps=4, num_stages=3)
+
+
+def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
+                 device: Optional[torch.device] = None) -> LogitsConfig:
+    """The launch ``paged_decode_logits`` uses when none is given: the card's measured one for the nearest paged
+    shape (``lightning_indexer.tuned_config``, kind "paged", which ``benchmarks/sweep_logits_configs.py`` writes),
+    else ``RULE_CONFIG``."""
+    try:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+    except Exception:  # no usable device here: the rule
+        name = None
+    tuned = None if name is None else li.tuned_config(precision, B, S, width, H, D, name, kind="paged")
+    return tuned if tuned is not None else RULE_CONFIG
+
+
+def _config_reason(config) -> Optional[str]:
+    if not isinstance(config, LogitsConfig) or config.kind != "decode" or config.block_s != 1:
+        return f"config must be a LogitsConfig of kind 'decode' with block_s=1 (one query a program); got {config!r}"
+    if config.block_t & (config.block_t - 1):
+        return f"config.block_t={config.block_t} must be a power of two"
+    return None
+
+
 def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=None, out=None,
-                        block_t: int = 64, num_warps: int = 4) -> torch.Tensor:
+                        config: Optional[LogitsConfig] = None) -> torch.Tensor:
     """fp32 logits ``[B, S, N * PAGE]`` over the paged key cache (module doc). ``weights`` must already hold
-    ``scale`` (and, for fp8, the queries' scales). Runs the Triton kernel (CUDA, or the CPU interpreter)."""
+    ``scale`` (and, for fp8, the queries' scales). Runs the Triton kernel (CUDA, or the CPU interpreter) with
+    ``config`` (``block_t`` keys a block, ``key_blocks`` blocks a program, warps and stages), by default
+    ``paged_config``'s."""
     why = paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale)
+    if why is None and config is not None:
+        why = _config_reason(config)
     if why is not None:
         raise ValueError(f"paged_decode_logits: {why}")
     B, S, H, D = q.shape
@@ -135,15 +174,19 @@ def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=No
                          f"{tuple(out.shape)}")
     if B == 0 or S == 0 or width == 0:
         return out
+    if config is None:
+        precision = "fp8" if k_pages.dtype == torch.float8_e4m3fn else "bf16"
+        config = paged_config(B, S, width, H, D, precision, q.device)
     ks = k_scale if k_scale is not None else out
-    grid = ((width + block_t - 1) // block_t, S, B)
+    grid = (-(-width // (config.block_t * config.key_blocks)), S, B)
     _kernel()[grid](
         q, k_pages, weights, out, block_table, kv_lens, ks,
         S, pages, H,
         *q.stride(), *k_pages.stride(), *weights.stride(), *out.stride(), *block_table.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0)),
-        PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=block_t,
-        num_warps=num_warps,
+        PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()),
+        BLOCK_T=config.block_t, KEY_BLOCKS=config.key_blocks, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
