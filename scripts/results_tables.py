@@ -125,9 +125,17 @@ TABLES: dict[str, Table] = {
         Column("rows whose set differs", (("fused", "rows_differing"),), ".0f"),
     )),
     "logits-configs": Table("logits_launch_configs", "shape", (
-        Column("fp8, rule's config µs", (("fp8_default", "us"),), ".1f"),
-        Column("fp8, measured best µs", (("fp8_best", "us"),), ".1f"),
+        Column("bf16: rule's config / measured best µs", (("bf16_default", "us"), ("bf16_best", "us")), ".1f"),
+        Column("fp8: rule's config / measured best µs", (("fp8_default", "us"), ("fp8_best", "us")), ".1f"),
     )),
+    "deepgemm": Table("indexer_vs_deepgemm", "shape", (
+        Column("bf16 logits / + top-k µs", (("ours_bf16_logits", "us"), ("ours_bf16_logits_topk", "us")), ".1f"),
+        Column("fp8 DeepGEMM / + top-k µs", (("deepgemm_fp8_logits", "us"), ("deepgemm_fp8_logits_topk", "us")), ".1f"),
+        Column("fp8 ours / + top-k µs", (("ours_fp8_logits", "us"), ("ours_fp8_logits_topk", "us")), ".1f"),
+        Column("fp8 ours, paged / + top-k µs", (("ours_fp8_paged_logits", "us"), ("ours_fp8_paged_logits_topk", "us")),
+               ".1f"),
+        Column("one op (bf16) µs", (("ours_fused_score_topk", "us"),), ".1f"),
+    ), commit="aedbf11"),
     "decode-default": Table("decode_cudagraphs_4_layers", "decode point", (
         _triple("ms: Inductor / hand-written f4 / ours f4 (default) / ours f4, S writes kept",
                 ("inductor", "hand_f4", "ours_f4", "ours_f4_keep"), "ms"),

@@ -70,6 +70,16 @@ def _sweep_module():
     return module
 
 
+def test_short_rows_get_fewer_key_blocks_a_program():
+    """Key blocks were measured on 32K-128K keys; on short rows the launch keeps two programs an SM."""
+    eight = li.LogitsConfig("decode", 1, 64, 4, 2, key_blocks=8)
+    assert li.fill_the_card(eight, 64, 32768, 132) == eight  # 64 rows x 64 programs: plenty
+    short = li.fill_the_card(eight, 4, 4096, 132)  # 4 rows: 8 programs at 8 blocks, 64 at one
+    assert short.key_blocks == 1 and dataclasses.replace(short, key_blocks=8) == eight
+    assert li.fill_the_card(eight, 16, 8192, 132).key_blocks == 4  # 16 x 16 = 256 < 264 programs; 16 x 32 at four
+    assert li.fill_the_card(li.LogitsConfig("key_rows", 1, 64, 4, 2), 1, 64, 132).key_blocks == 1
+
+
 def test_the_sweep_merges_its_rows_into_a_card_file(tmp_path):
     """``--merge-into``: a shape measured again replaces its row, other rows stay, each row keeps its machine."""
     sweep = _sweep_module()

@@ -440,17 +440,38 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
     except Exception:  # no usable device here: the rules
         name = None
     tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
-    return tuned if tuned is not None else rule_config(B, S, T, H, D, device)
+    if tuned is None:
+        return rule_config(B, S, T, H, D, device)
+    rows = B * math.ceil(S / max(1, min(tuned.block_s, S))) if tuned.kind == "decode" else B
+    return fill_the_card(tuned, rows, T, _device_sms(device))
+
+
+#: Programs an SM that the decode launch keeps at least, where its rows are short (the rules' threshold too).
+MIN_PROGRAMS_PER_SM = 2
+
+
+def fill_the_card(config: LogitsConfig, rows: int, T: int, sms: int) -> LogitsConfig:
+    """``config`` with its key blocks a program halved until ``rows`` rows of ``T`` keys give every SM
+    ``MIN_PROGRAMS_PER_SM`` programs (or one block a program is left). The sweep measured key blocks on rows of
+    32K-128K keys; a short row with eight blocks a program would leave most of the card idle."""
+    blocks = config.key_blocks
+    while blocks > 1 and rows * math.ceil(T / (config.block_t * blocks)) < MIN_PROGRAMS_PER_SM * sms:
+        blocks //= 2
+    return config if blocks == config.key_blocks else dataclasses.replace(config, key_blocks=blocks)
+
+
+def _device_sms(device: Optional[torch.device]) -> int:
+    try:
+        return _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
+    except Exception:  # no usable device: an H100's count
+        return 132
 
 
 def rule_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
     """The launch configuration the rules give (picked from bf16 measurements on an H100, see docs/kernels.md):
     always a "prefill" or "decode" kernel, whatever a card's measurements say."""
     if S <= DECODE_MAX_S:
-        try:
-            sms = _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
-        except Exception:
-            sms = 132
+        sms = _device_sms(device)
         block_t = 128
         if B * math.ceil(T / 128) < 2 * sms:
             block_t = 64
