@@ -3,9 +3,9 @@
 The operands are quantised by the torch reference (the interpreter's own fp32 -> e4m3 conversion does
 not round as the hardware does, so the Triton quantiser is checked on the GPU only); the kernel's
 prefill, decode (one and several key blocks a program: blocks past T = 40 and past kv_lens) and key-rows
-variants (the last one query per product and two, in programs of 1, 4 and 8
-queries over S = 5: a group and a program past the last query), causal or not and with kv_lens, must then
-give the reference's logits and the same -inf pattern.
+variants (the last one query per product and two, in programs of 1, 4 and 8 queries over S = 5: a group and
+a program past the last query; and one group a program looping over key blocks), causal or not and with kv_lens,
+must then give the reference's logits and the same -inf pattern.
 """
 
 import torch
@@ -33,7 +33,9 @@ def main() -> None:
                (li.LogitsConfig("decode", 2, 8, 4, 1, key_blocks=3), (True,)),
                (li.LogitsConfig("key_rows", 1, 16, 4, 1), (True, False)),
                (li.LogitsConfig("key_rows", 4, 16, 4, 1, queries_per_dot=2), (True, False)),
-               (li.LogitsConfig("key_rows", 8, 32, 4, 1, queries_per_dot=2), (True,))]
+               (li.LogitsConfig("key_rows", 8, 32, 4, 1, queries_per_dot=2), (True,)),
+               (li.LogitsConfig("key_rows", 1, 16, 4, 1, key_blocks=3), (True, False)),
+               (li.LogitsConfig("key_rows", 2, 8, 4, 1, queries_per_dot=2, key_blocks=2), (True,))]
     for cfg, causal_options in configs:
         for causal in causal_options:
             for kv_lens in (None, torch.tensor([40, 23])):

@@ -109,6 +109,7 @@ def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
     (dict(block_t=0), "block_t=0"),
     (dict(kind="prefill", key_blocks=2), "key_blocks=2"),
     (dict(kind="decode", key_blocks=0), "key_blocks=0"),
+    (dict(kind="key_rows", block_s=4, key_blocks=2), "block_s=4 takes 1"),
 ])
 def test_a_bad_config_names_its_field(fields, named):
     with pytest.raises(ValueError, match=named):

@@ -120,6 +120,8 @@ CONFIGS = [
     LogitsConfig("key_rows", 64, 128, 4, 3),
     LogitsConfig("key_rows", 64, 128, 8, 2, queries_per_dot=2),
     LogitsConfig("key_rows", 128, 256, 8, 3),
+    LogitsConfig("key_rows", 1, 128, 4, 2, key_blocks=4),
+    LogitsConfig("key_rows", 2, 64, 4, 2, queries_per_dot=2, key_blocks=8),
 ]
 
 
@@ -134,6 +136,7 @@ def test_logits_every_config(config, shape):
 @gpu
 @pytest.mark.parametrize("config", [None, LogitsConfig("prefill", 64, 128, 4, 3), LogitsConfig("decode", 2, 64, 4, 2),
                                     LogitsConfig("decode", 1, 64, 4, 3, key_blocks=4),
+                                    LogitsConfig("key_rows", 1, 64, 4, 2, key_blocks=8),
                                     LogitsConfig("key_rows", 16, 64, 4, 2, queries_per_dot=2)],
                          ids=lambda c: "default" if c is None else c.name())
 @pytest.mark.parametrize("causal", [True, False])

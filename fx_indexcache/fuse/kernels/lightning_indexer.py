@@ -256,7 +256,11 @@ def _key_rows_kernel(triton, tl):
     across the loop: 55-127 registers where the "prefill" kernel takes about 200 (sm_90, Triton 3.6), so two to
     seven programs share an SM and one's ReLU and sums run under another's products (in one program they cannot:
     Triton waits for each product before its epilogue). On an H100 it agreed with the "prefill" kernel at every
-    swept configuration and was not the fastest for fp8 prefill (docs/kernels.md)."""
+    swept configuration, was not the fastest for fp8 prefill, and was the fastest for fp8 decode (docs/kernels.md).
+
+    With ``KEY_BLOCKS > 1`` (one group of NQ queries a program: decode) a program loads its group's q and weights
+    once and loops over its key blocks, so the next block's keys load while this one's product runs; keys past
+    the group's last visible one are not read."""
     @triton.jit
     def _logits_key_rows_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -274,13 +278,11 @@ def _key_rows_kernel(triton, tl):
         BLOCK_T: tl.constexpr,
         SQ: tl.constexpr,
         NQ: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        t0 = pid_t * BLOCK_T
-        rt = t0 + tl.arange(0, BLOCK_T)
-        rt64 = rt.to(tl.int64)
         rd = tl.arange(0, D)
         rn = tl.arange(0, NQ * BLOCK_H)  # product column: query rn // BLOCK_H of the group, head rn % BLOCK_H
         n_q = rn // BLOCK_H
@@ -292,42 +294,82 @@ def _key_rows_kernel(triton, tl):
             kv_len = T
         off = kv_len - S
         s_first = pid_s * SQ
-        s_end = tl.minimum(s_first + SQ, S)
-        # the first query of this program that sees a key of the block; groups before its group see none, and
-        # get -inf without a product, so the loop that multiplies has no branch (Triton pipelines its loads)
-        s_sees = s_first
-        if CAUSAL:
-            s_sees = tl.maximum(s_sees, t0 - off)
-        if t0 >= kv_len:
-            s_sees = s_end
-        g_first = s_first + (tl.minimum(s_sees, s_end) - s_first) // NQ * NQ
-        o_keys = o_ptr + b * sob + rt64[:, None] * sot  # [BLOCK_T, 1]: add a group's rows
-        t_in = rt[:, None] < T
-        for s0 in range(s_first, g_first, NQ):
-            s_rows = s0 + rq
-            tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32),
-                     mask=t_in & (s_rows[None, :] < S))
-        kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=rt[:, None] < T, other=0.0)
-        if KSCALE:
-            k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
-        for s0 in range(g_first, s_end, NQ):
-            s_rows = s0 + rq  # [NQ]
-            s_col = tl.minimum(s0 + n_q, S - 1).to(tl.int64)  # a valid row for columns past S
-            col_ok = (n_h < H) & (s0 + n_q < S)
-            q_ptrs = q_ptr + b * sqb + s_col[:, None] * sqs + n_h[:, None] * sqh + rd[None, :] * sqd
-            qg = tl.load(q_ptrs, mask=col_ok[:, None], other=0.0)
-            wg = tl.load(w_ptr + b * swb + s_col * sws + n_h * swh, mask=col_ok, other=0.0)
-            wg = wg.to(tl.float32) * scale
-            d = tl.dot(kt, tl.trans(qg))
-            x = tl.maximum(d, 0.0) * wg[None, :]
-            logit = tl.sum(tl.reshape(x, [BLOCK_T, NQ, BLOCK_H]), axis=2)
-            if KSCALE:
-                logit = logit * k_scale[:, None]
-            valid = rt[:, None] < kv_len
+        if KEY_BLOCKS == 1:
+            t0 = pid_t * BLOCK_T
+            rt = t0 + tl.arange(0, BLOCK_T)
+            rt64 = rt.to(tl.int64)
+            s_end = tl.minimum(s_first + SQ, S)
+            # the first query of this program that sees a key of the block; groups before its group see none, and
+            # get -inf without a product, so the loop that multiplies has no branch (Triton pipelines its loads)
+            s_sees = s_first
             if CAUSAL:
-                valid = valid & (rt[:, None] <= s_rows[None, :] + off)
-            tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.where(valid, logit, float("-inf")),
-                     mask=t_in & (s_rows[None, :] < S))
+                s_sees = tl.maximum(s_sees, t0 - off)
+            if t0 >= kv_len:
+                s_sees = s_end
+            g_first = s_first + (tl.minimum(s_sees, s_end) - s_first) // NQ * NQ
+            o_keys = o_ptr + b * sob + rt64[:, None] * sot  # [BLOCK_T, 1]: add a group's rows
+            t_in = rt[:, None] < T
+            for s0 in range(s_first, g_first, NQ):
+                s_rows = s0 + rq
+                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32),
+                         mask=t_in & (s_rows[None, :] < S))
+            kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=rt[:, None] < T, other=0.0)
+            if KSCALE:
+                k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
+            for s0 in range(g_first, s_end, NQ):
+                s_rows = s0 + rq  # [NQ]
+                s_col = tl.minimum(s0 + n_q, S - 1).to(tl.int64)  # a valid row for columns past S
+                col_ok = (n_h < H) & (s0 + n_q < S)
+                q_ptrs = q_ptr + b * sqb + s_col[:, None] * sqs + n_h[:, None] * sqh + rd[None, :] * sqd
+                qg = tl.load(q_ptrs, mask=col_ok[:, None], other=0.0)
+                wg = tl.load(w_ptr + b * swb + s_col * sws + n_h * swh, mask=col_ok, other=0.0)
+                wg = wg.to(tl.float32) * scale
+                d = tl.dot(kt, tl.trans(qg))
+                x = tl.maximum(d, 0.0) * wg[None, :]
+                logit = tl.sum(tl.reshape(x, [BLOCK_T, NQ, BLOCK_H]), axis=2)
+                if KSCALE:
+                    logit = logit * k_scale[:, None]
+                valid = rt[:, None] < kv_len
+                if CAUSAL:
+                    valid = valid & (rt[:, None] <= s_rows[None, :] + off)
+                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.where(valid, logit, float("-inf")),
+                         mask=t_in & (s_rows[None, :] < S))
+
+        else:  # one group of NQ queries (decode): its q and weights once, then a loop over KEY_BLOCKS key blocks
+            s0 = s_first  # SQ == NQ
+            t_first = pid_t * (KEY_BLOCKS * BLOCK_T)
+            s_rows = s0 + rq
+            t_hi = kv_len  # past the group's last visible key nothing is read
+            if CAUSAL:
+                t_hi = tl.minimum(t_hi, tl.minimum(s0 + NQ, S) + off)
+            row_ok = s_rows[None, :] < S
+            if t_first >= t_hi:
+                for j in range(KEY_BLOCKS):
+                    rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                    tl.store(o_ptr + b * sob + rt.to(tl.int64)[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos,
+                             tl.full([BLOCK_T, NQ], float("-inf"), tl.float32), mask=(rt[:, None] < T) & row_ok)
+            else:
+                s_col = tl.minimum(s0 + n_q, S - 1).to(tl.int64)  # a valid row for columns past S
+                col_ok = (n_h < H) & (s0 + n_q < S)
+                qg = tl.load(q_ptr + b * sqb + s_col[:, None] * sqs + n_h[:, None] * sqh + rd[None, :] * sqd,
+                             mask=col_ok[:, None], other=0.0)
+                wg = tl.load(w_ptr + b * swb + s_col * sws + n_h * swh, mask=col_ok, other=0.0).to(tl.float32) * scale
+                for j in range(KEY_BLOCKS):
+                    rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
+                    rt64 = rt.to(tl.int64)
+                    live = rt < t_hi
+                    kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=live[:, None],
+                                 other=0.0)
+                    d = tl.dot(kt, tl.trans(qg))
+                    x = tl.maximum(d, 0.0) * wg[None, :]
+                    logit = tl.sum(tl.reshape(x, [BLOCK_T, NQ, BLOCK_H]), axis=2)
+                    if KSCALE:
+                        logit = logit * tl.load(ks_ptr + b * sksb + rt, mask=live, other=0.0)[:, None]
+                    valid = rt[:, None] < kv_len
+                    if CAUSAL:
+                        valid = valid & (rt[:, None] <= s_rows[None, :] + off)
+                    tl.store(o_ptr + b * sob + rt64[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos,
+                             tl.where(valid, logit, float("-inf")), mask=(rt[:, None] < T) & row_ok)
 
     return _logits_key_rows_kernel
 
@@ -349,7 +391,8 @@ class LogitsConfig:
     kind "decode": programs own ``block_s`` queries (looped) x ``key_blocks`` blocks of BLOCK_T keys (looped: the
     next block loads while this one computes), heads on the M side.
     kind "key_rows": programs own ``block_s`` queries (looped, ``queries_per_dot`` at a time) x BLOCK_T keys, the
-    keys on the M side and those queries' heads on the N side (prefill with a small register footprint).
+    keys on the M side and those queries' heads on the N side (prefill with a small register footprint); with
+    one group of queries a program (``block_s == queries_per_dot``, decode) also ``key_blocks`` blocks, looped.
     """
 
     kind: str = "prefill"
@@ -371,9 +414,10 @@ class LogitsConfig:
         if per_dot & (per_dot - 1) or (self.kind == "key_rows" and self.block_s % per_dot):
             raise ValueError(f"LogitsConfig.queries_per_dot={per_dot}: must be a power of two dividing "
                              f"block_s={self.block_s}")
-        if self.key_blocks > 1 and self.kind != "decode":
-            raise ValueError(f"LogitsConfig.key_blocks={self.key_blocks}: only kind 'decode' loops over key blocks "
-                             f"(kind={self.kind!r} takes 1)")
+        if self.key_blocks > 1 and not (self.kind == "decode" or (self.kind == "key_rows" and self.block_s == per_dot)):
+            raise ValueError(f"LogitsConfig.key_blocks={self.key_blocks}: kind 'decode', or 'key_rows' with one group "
+                             f"of queries a program (block_s == queries_per_dot), loops over key blocks; kind="
+                             f"{self.kind!r} with block_s={self.block_s} takes 1")
 
     def name(self) -> str:
         per_dot = f"-q{self.queries_per_dot}" if self.kind == "key_rows" else ""
@@ -442,7 +486,7 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
     tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
     if tuned is None:
         return rule_config(B, S, T, H, D, device)
-    rows = B * math.ceil(S / max(1, min(tuned.block_s, S))) if tuned.kind == "decode" else B
+    rows = B * math.ceil(S / max(1, min(tuned.block_s, S)))
     return fill_the_card(tuned, rows, T, _device_sms(device))
 
 
@@ -620,11 +664,11 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
     elif cfg.kind == "key_rows":
         nq = cfg.queries_per_dot
         sq = max(nq, min(cfg.block_s, triton_cdiv(S, nq) * nq))
-        grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, sq), B)
+        grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
         return kern["key_rows"][grid](
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
-            BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=cfg.block_t, SQ=sq, NQ=nq,
+            BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "prefill":
