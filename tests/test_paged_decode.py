@@ -37,6 +37,14 @@ def test_bad_input_names_the_field(change, field):
         pd.paged_decode_logits(**args)
 
 
+def test_without_a_measurement_the_rule_fills_the_card():
+    """No card file applies here (no CUDA): the rule, its key blocks fewer where a short batch would leave SMs idle."""
+    long_batch = pd.paged_config(64, 1, 32768, 64, 128, "fp8")
+    assert long_batch == pd.RULE_CONFIG and long_batch.key_blocks > 1
+    one_row = pd.paged_config(1, 1, 32768, 64, 128, "fp8")
+    assert one_row.key_blocks == 1 and one_row.block_t == pd.RULE_CONFIG.block_t
+
+
 def test_paged_decode_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
