@@ -127,7 +127,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
         def run(cfg):
             return lambda: li._launch(q, k, w, out, True, scale, None, cfg, k_scale=k_scale)
 
-        default = li.rule_config(B, S, T, H, D, q.device)
+        default = li.rule_config(B, S, T, H, D, q.device, precision)
     run(default)()
     want = out.clone()
     timed = [(default, graph_replay_us(run(default)))]

@@ -37,6 +37,17 @@ def test_the_nearest_measured_shape_of_the_same_kind_and_precision_is_used(tmp_p
     assert li.tuned_config("bf16", 1, 1024, 32768, 64, 128, "another card", tmp_path) is None
 
 
+def test_the_rules_give_fp8_its_own_tiles_at_v32s_head_shape_only():
+    """fp8's rules are the H100 fp8 sweeps' (key-rows decode, 64 x 128 prefill on 4 warps); bf16 keeps its own,
+    and head shapes the fp8 sweeps did not cover keep the bf16 tiles."""
+    bf16_decode, fp8_decode = li.rule_config(1, 1, 32768, 64, 128), li.rule_config(1, 1, 32768, 64, 128, precision="fp8")
+    assert bf16_decode.kind == "decode" and fp8_decode.kind == "key_rows"
+    assert li.rule_config(1, 1, 32768, 128, 128, precision="fp8") == li.rule_config(1, 1, 32768, 128, 128)
+    fp8_prefill = li.rule_config(1, 1024, 32768, 64, 128, precision="fp8")
+    assert fp8_prefill != li.rule_config(1, 1024, 32768, 64, 128) and fp8_prefill.kind == "prefill"
+    assert li.rule_config(1, 12, 32768, 64, 128, precision="fp8").block_s == 4  # a few queries share a key tile
+
+
 def test_without_measurements_the_rules_apply(tmp_path):
     li._tuned_rows.cache_clear()
     assert li.tuned_config("bf16", 1, 1024, 32768, 64, 128, CARD, tmp_path) is None

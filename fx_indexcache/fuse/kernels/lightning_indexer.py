@@ -485,7 +485,7 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
         name = None
     tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
     if tuned is None:
-        return rule_config(B, S, T, H, D, device)
+        return rule_config(B, S, T, H, D, device, precision)
     rows = B * math.ceil(S / max(1, min(tuned.block_s, S)))
     return fill_the_card(tuned, rows, T, _device_sms(device))
 
@@ -511,17 +511,23 @@ def _device_sms(device: Optional[torch.device]) -> int:
         return 132
 
 
-def rule_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> LogitsConfig:
-    """The launch configuration the rules give (picked from bf16 measurements on an H100, see docs/kernels.md):
-    always a "prefill" or "decode" kernel, whatever a card's measurements say."""
+def rule_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
+                precision: str = "bf16") -> LogitsConfig:
+    """The launch configuration the rules give, whatever a card's measurements say (see docs/kernels.md): picked
+    from bf16 measurements on an H100; fp8 at V3.2's head shape (up to 64 heads of up to 128) from the H100's fp8
+    sweeps, where the bf16 tiles took 1.19x (prefill) and 1.01-1.26x (decode) the time of these. ``precision="bf16"``
+    (the default, which the fused score + top-k uses) gives a "prefill" or "decode" kernel only."""
+    fp8_tiles = precision == "fp8" and H <= 64 and D <= 128
     if S <= DECODE_MAX_S:
+        if fp8_tiles:  # keys on the M side, one query's heads on N: the H100's fastest fp8 decode at 1-64 rows
+            return LogitsConfig(kind="key_rows", block_s=1 if S <= 8 else 4, block_t=128, num_warps=4, num_stages=1)
         sms = _device_sms(device)
         block_t = 128
         if B * math.ceil(T / 128) < 2 * sms:
             block_t = 64
         return LogitsConfig(kind="decode", block_s=1 if S <= 8 else 4, block_t=block_t, num_warps=4, num_stages=2)
-    if D > 128:
-        return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=2)
+    if D > 128 or fp8_tiles:
+        return LogitsConfig(kind="prefill", block_s=64, block_t=128, num_warps=4, num_stages=3 if fp8_tiles else 2)
     return LogitsConfig(kind="prefill", block_s=64, block_t=256, num_warps=8, num_stages=4)
 
 
