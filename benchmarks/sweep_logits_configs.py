@@ -116,7 +116,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
         def run(cfg):
             return lambda: pd.paged_decode_logits(pq, pool, pw, table, lens, k_scale=scales, out=out, config=cfg)
 
-        default = li.fill_the_card(pd.RULE_CONFIG, B * S, T, torch.cuda.get_device_properties(0).multi_processor_count)
+        default = li.fill_the_card(pd.RULE_CONFIG, B * S, T, li.device_sms(q.device))
     else:
         if precision == "fp8":
             ops = f8.quantize_operands(q, k, w, scale)

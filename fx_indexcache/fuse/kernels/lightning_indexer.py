@@ -487,7 +487,7 @@ def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torc
     if tuned is None:
         return rule_config(B, S, T, H, D, device, precision)
     rows = B * math.ceil(S / max(1, min(tuned.block_s, S)))
-    return fill_the_card(tuned, rows, T, _device_sms(device))
+    return fill_the_card(tuned, rows, T, device_sms(device))
 
 
 #: Programs an SM that the decode launch keeps at least, where its rows are short (the rules' threshold too).
@@ -504,7 +504,8 @@ def fill_the_card(config: LogitsConfig, rows: int, T: int, sms: int) -> LogitsCo
     return config if blocks == config.key_blocks else dataclasses.replace(config, key_blocks=blocks)
 
 
-def _device_sms(device: Optional[torch.device]) -> int:
+def device_sms(device: Optional[torch.device]) -> int:
+    """Streaming multiprocessors of ``device`` (the current CUDA device when None), or an H100's 132 without one."""
     try:
         return _num_sms(device.index if device is not None and device.index is not None else torch.cuda.current_device())
     except Exception:  # no usable device: an H100's count
@@ -521,7 +522,7 @@ def rule_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.d
     if S <= DECODE_MAX_S:
         if fp8_tiles:  # keys on the M side, one query's heads on N: the H100's fastest fp8 decode at 1-64 rows
             return LogitsConfig(kind="key_rows", block_s=1 if S <= 8 else 4, block_t=128, num_warps=4, num_stages=1)
-        sms = _device_sms(device)
+        sms = device_sms(device)
         block_t = 128
         if B * math.ceil(T / 128) < 2 * sms:
             block_t = 64

@@ -18,8 +18,9 @@ read, so their block-table entries may hold anything.
 Each program owns one query and ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T``
 need not divide the page), reads the query's q and weights once and loops over its blocks (the next block's keys
 load while this one computes), each block's heads as one tile on the matrix unit, as the contiguous decode kernel
-does. Keys a query does not see are never read; programs entirely past it store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph
-capture. ``paged_decode_logits_reference`` gathers the pages and computes the same math in torch.
+does. Keys a query does not see are never read; programs entirely past it store ``-inf`` without loading
+anything. No host synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the
+pages and computes the same math in torch.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
     except Exception:  # no usable device here: the rule
         name = None
     tuned = None if name is None else li.tuned_config(precision, B, S, width, H, D, name, kind="paged")
-    return li.fill_the_card(RULE_CONFIG if tuned is None else tuned, B * S, width, li._device_sms(device))
+    return li.fill_the_card(RULE_CONFIG if tuned is None else tuned, B * S, width, li.device_sms(device))
 
 
 def _config_reason(config) -> Optional[str]:
