@@ -13,6 +13,8 @@ src=$(realpath "${1:?usage: build_deepgemm.sh SRC}")
 for sub in cutlass/include/cutlass cutlass/include/cute fmt/include; do
     [ -d "$src/third-party/$sub" ] || { echo "build_deepgemm: $src/third-party/$sub is missing (the submodules)" >&2; exit 1; }
 done
+# its setup.py imports scripts/generate_pyi.py: a copy of the sources without scripts/ fails after a minute
+[ -f "$src/scripts/generate_pyi.py" ] || { echo "build_deepgemm: $src/scripts/generate_pyi.py is missing (DeepGEMM's setup.py imports it: copy the whole checkout)" >&2; exit 1; }
 cd "$src"
 ln -sfn "$src/third-party/cutlass/include/cutlass" deep_gemm/include/cutlass
 ln -sfn "$src/third-party/cutlass/include/cute" deep_gemm/include/cute

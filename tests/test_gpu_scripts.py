@@ -57,3 +57,23 @@ def test_a_step_limit_below_its_own_wins(tmp_path):
             env["STEP_LIMIT_S"] = str(given)
         got = subprocess.run(["bash", "-c", f"{limit}; limit {own}"], env=env, capture_output=True, text=True)
         assert got.stdout.strip() == str(want), (given, own, got.stdout, got.stderr)
+
+
+@pytest.mark.parametrize("missing, named", [("third-party/fmt/include", "third-party/fmt/include"),
+                                             ("scripts/generate_pyi.py", "scripts/generate_pyi.py")])
+def test_build_deepgemm_names_what_a_copy_of_the_sources_lacks(tmp_path, missing, named):
+    """A DeepGEMM copy without its submodules' headers, or without the script its setup.py imports, is refused
+    before the build starts, naming the path."""
+    src = tmp_path / "DeepGEMM"
+    for folder in ("third-party/cutlass/include/cutlass", "third-party/cutlass/include/cute", "third-party/fmt/include",
+                   "scripts"):
+        (src / folder).mkdir(parents=True)
+    (src / "scripts" / "generate_pyi.py").write_text("")
+    target = src / missing
+    if target.is_dir():
+        target.rmdir()
+    else:
+        target.unlink()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_deepgemm.sh"), str(src)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and named in done.stderr, done.stderr
