@@ -43,7 +43,7 @@ from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
 
 from bench_environment import describe_machine, graph_replay_us, write_result_rows  # noqa: E402
-from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs  # noqa: E402  (V3.2's shapes, unequal keys)
+from bench_indexer_fp8 import D, H, TOPK, _agreement, _inputs, paged_pool  # noqa: E402  (V3.2's shapes, unequal keys)
 
 BLOCK_KV = 64
 SHAPES = [("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072), ("decode", 1, 1, 32768),
@@ -86,15 +86,8 @@ def paged_logits(dg, ops: f8.Fp8Operands):
 def our_paged_logits(ops: f8.Fp8Operands):
     """Our paged fp8 decode kernel on the same operands: keys and their scales in pages of BLOCK_KV tokens at
     shuffled places of one pool (our layout: keys and scales in two pools, one block table)."""
-    B, T = ops.k8.shape[0], ops.k8.shape[1]
-    nblk = T // BLOCK_KV
-    table = torch.randperm(B * nblk, device="cuda", dtype=torch.int32).view(B, nblk)
-    pool = torch.empty(B * nblk, BLOCK_KV, D, dtype=ops.k8.dtype, device="cuda")
-    pool[table.view(-1).long()] = ops.k8.reshape(B * nblk, BLOCK_KV, D)
-    scales = torch.empty(B * nblk, BLOCK_KV, device="cuda")
-    scales[table.view(-1).long()] = ops.k_scale.reshape(B * nblk, BLOCK_KV)
-    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
-    out = torch.empty(B, 1, T, device="cuda")
+    pool, scales, table, lens = paged_pool(ops.k8, ops.k_scale, BLOCK_KV)
+    out = torch.empty(ops.k8.shape[0], 1, ops.k8.shape[1], device="cuda")
     return lambda: pd.paged_decode_logits(ops.q8, pool, ops.weights, table, lens, k_scale=scales, out=out)
 
 

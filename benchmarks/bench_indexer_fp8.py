@@ -43,6 +43,24 @@ def _inputs(B, S, T, seed=0):
     return q, k, w
 
 
+def paged_pool(k, k_scale=None, page: int = 64, seed: int = 0):
+    """Each row's keys ``k [B, T, D]`` (and fp8 scales ``[B, T]``) in pages of ``page`` tokens at shuffled places
+    of one pool, as an engine's paged key cache holds them: ``(pool [P, page, D], scales [P, page] or None,
+    block_table [B, T / page] int32, kv_lens [B] int32)`` for ``paged_decode_logits``."""
+    B, T, D_ = k.shape
+    blocks = T // page
+    g = torch.Generator(device=k.device).manual_seed(seed)
+    table = torch.randperm(B * blocks, device=k.device, dtype=torch.int32, generator=g).view(B, blocks)
+    where = table.view(-1).long()
+    pool = torch.empty(B * blocks, page, D_, dtype=k.dtype, device=k.device)
+    pool[where] = k.reshape(B * blocks, page, D_)
+    scales = None
+    if k_scale is not None:
+        scales = torch.empty(B * blocks, page, device=k.device)
+        scales[where] = k_scale.reshape(B * blocks, page)
+    return pool, scales, table, torch.full((B,), T, dtype=torch.int32, device=k.device)
+
+
 def _ms(fn) -> float:
     import triton
 

@@ -44,7 +44,7 @@ from fx_indexcache.fuse.kernels import lightning_indexer as li  # noqa: E402
 from fx_indexcache.fuse.kernels import paged_decode as pd  # noqa: E402
 
 from bench_environment import describe_machine, graph_replay_us, write_result_rows  # noqa: E402
-from bench_indexer_fp8 import D, H, _inputs  # noqa: E402  (V3.2's shapes, keys of unequal size)
+from bench_indexer_fp8 import D, H, _inputs, paged_pool  # noqa: E402  (V3.2's shapes, keys of unequal size)
 
 #: Issue 28's shapes: prefill 1K x 32K and 1K x 128K; decode (contiguous keys and paged) at B1 / B16 / B64 x 32K and
 #: B4 x 128K.
@@ -83,26 +83,16 @@ def configs(kind: str):
         yield li.LogitsConfig("key_rows", block_s, block_t, warps, stages, queries_per_dot=per_dot)
 
 
-def paged_operands(q, k, w, scale, precision: str, page: int = PAGE, seed: int = 0):
-    """The same operands as the contiguous kernel's, each row's keys (and fp8 scales) in pages of ``page`` tokens
-    at shuffled places of one pool: ``(q, pool, weights, table, lens, pool_scales)`` for ``paged_decode_logits``
-    (weights with ``scale`` folded in, as the paged kernel takes them)."""
-    B, T, D_ = k.shape
+def paged_operands(q, k, w, scale, precision: str):
+    """The contiguous kernel's operands for ``paged_decode_logits``: keys (and fp8 scales) in a shuffled pool of
+    ``PAGE``-token pages (``bench_indexer_fp8.paged_pool``), the weights with ``scale`` folded in as the paged
+    kernel takes them: ``(q, pool, weights, table, lens, pool_scales)``."""
     if precision == "fp8":
         ops = f8.quantize_operands(q, k, w, scale)
         q, k, w, k_scale = ops.q8, ops.k8, ops.weights, ops.k_scale
     else:
         w, k_scale = (w.float() * scale).contiguous(), None
-    blocks = T // page
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    table = torch.randperm(B * blocks, device="cuda", dtype=torch.int32, generator=g).view(B, blocks)
-    pool = torch.empty(B * blocks, page, D_, dtype=k.dtype, device="cuda")
-    pool[table.view(-1).long()] = k.reshape(B * blocks, page, D_)
-    scales = None
-    if k_scale is not None:
-        scales = torch.empty(B * blocks, page, device="cuda")
-        scales[table.view(-1).long()] = k_scale.reshape(B * blocks, page)
-    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    pool, scales, table, lens = paged_pool(k, k_scale, PAGE)
     return q, pool, w, table, lens, scales
 
 

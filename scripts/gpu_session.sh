@@ -24,7 +24,7 @@ gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that
 }
 
 CONFIGS=fx_indexcache/fuse/kernels/configs
-sweep() {  # PRECISION KINDS: sweep, merge into the card file, and return the merged file
+sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, bring the file back
     local rc=0
     mkdir -p "$OUT/configs"
     timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision "$1" --kinds "$2" \

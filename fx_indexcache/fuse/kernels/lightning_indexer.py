@@ -477,17 +477,25 @@ def tuned_config(precision: str, B: int, S: int, T: int, H: int, D: int, device_
 
 def default_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
                    precision: str = "bf16") -> LogitsConfig:
-    """The launch configuration used when none is given: the card's measured one (``tuned_config``) where it has
-    measurements, else rules picked from measurements on an H100 (see docs/kernels.md)."""
+    """The launch configuration used when none is given: the card's measured one (``measured_config``) where it has
+    measurements, else rules picked from measurements on an H100 (``rule_config``, see docs/kernels.md)."""
+    measured = measured_config(precision, B, S, T, H, D, device)
+    return measured if measured is not None else rule_config(B, S, T, H, D, device, precision)
+
+
+def measured_config(precision: str, B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
+                    kind: Optional[str] = None) -> Optional[LogitsConfig]:
+    """``tuned_config`` for the card that ``device`` names (None off CUDA or where that card has no measurements),
+    fitted to this shape's rows by ``fill_the_card``. ``kind`` as in ``tuned_config`` ("paged": ``paged_decode``'s
+    rows)."""
     try:
         name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
-    except Exception:  # no usable device here: the rules
-        name = None
-    tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name)
+    except Exception:  # no usable device here
+        return None
+    tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name, kind=kind)
     if tuned is None:
-        return rule_config(B, S, T, H, D, device, precision)
-    rows = B * math.ceil(S / max(1, min(tuned.block_s, S)))
-    return fill_the_card(tuned, rows, T, device_sms(device))
+        return None
+    return fill_the_card(tuned, B * math.ceil(S / max(1, min(tuned.block_s, S))), T, device_sms(device))
 
 
 #: Programs an SM that the decode launch keeps at least, where its rows are short (the rules' threshold too).
@@ -658,9 +666,9 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         *q.stride(), *k.stride(), *weights.stride(), *out.stride(),
         k_scale.stride(0) if k_scale is not None else 0,
     )
+    block_h = max(16, 1 << (H - 1).bit_length())  # the heads as one tile's side (decode, key rows)
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))
-        block_h = max(16, 1 << (H - 1).bit_length())
         grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
         return kern["decode"][grid](
             *args,
@@ -675,7 +683,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         return kern["key_rows"][grid](
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
-            BLOCK_H=max(16, 1 << (H - 1).bit_length()), BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
+            BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "prefill":

@@ -139,15 +139,11 @@ RULE_CONFIG = LogitsConfig("decode", block_s=1, block_t=128, num_warps=4, num_st
 def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
                  device: Optional[torch.device] = None) -> LogitsConfig:
     """The launch ``paged_decode_logits`` uses when none is given: the card's measured one for the nearest paged
-    shape (``lightning_indexer.tuned_config``, kind "paged", which ``benchmarks/sweep_logits_configs.py`` writes),
-    else ``RULE_CONFIG``; either with fewer key blocks a program where short rows would leave SMs idle
+    shape (``lightning_indexer.measured_config``, kind "paged", which ``benchmarks/sweep_logits_configs.py``
+    writes), else ``RULE_CONFIG``; either with fewer key blocks a program where short rows would leave SMs idle
     (``fill_the_card``)."""
-    try:
-        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
-    except Exception:  # no usable device here: the rule
-        name = None
-    tuned = None if name is None else li.tuned_config(precision, B, S, width, H, D, name, kind="paged")
-    return li.fill_the_card(RULE_CONFIG if tuned is None else tuned, B * S, width, li.device_sms(device))
+    measured = li.measured_config(precision, B, S, width, H, D, device, kind="paged")
+    return measured if measured is not None else li.fill_the_card(RULE_CONFIG, B * S, width, li.device_sms(device))
 
 
 def _config_reason(config) -> Optional[str]:
