@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fx_indexcache.fuse.kernels import lightning_indexer as li
 
@@ -145,3 +146,27 @@ def test_every_committed_card_file_gives_valid_configs_for_its_rows():
             else:
                 assert (config.kind == "decode") == (row["kind"] == "decode") or config.kind == "key_rows", (path.name, row)
             assert row["best_us"] <= row["default_us"], (path.name, row)
+
+
+def test_on_a_measured_card_the_default_is_its_row_fitted_to_the_shape(monkeypatch):
+    """What ``default_config`` and ``paged_config`` launch on the H100 (its committed file, read as on the card):
+    the nearest measured row of the right kind and precision, with its key blocks cut where the rows are short."""
+    from fx_indexcache.fuse.kernels import paged_decode as pd
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: CARD)
+    monkeypatch.setattr(li, "device_sms", lambda device: 132)
+    rows = json.loads((li.TUNED_CONFIGS / li.card_file_name(CARD)).read_text())["rows"]
+
+    def best(precision, kind, B, T):
+        (row,) = [r for r in rows if (r["precision"], r["kind"], r["B"], r["T"]) == (precision, kind, B, T)]
+        return li.LogitsConfig(**row["best"])
+
+    assert li.default_config(1, 1, 32768, 64, 128, precision="fp8") == best("fp8", "decode", 1, 32768)
+    assert li.default_config(1, 1024, 131072, 64, 128) == best("bf16", "prefill", 1, 131072)
+    assert pd.paged_config(64, 1, 32768, 64, 128, "fp8") == best("fp8", "paged", 64, 32768)
+    long_rows = best("bf16", "decode", 64, 32768)
+    assert long_rows.key_blocks > 1
+    short = li.default_config(64, 1, 1024, 64, 128)  # the same row, nearest to 64 rows, on rows of 1K keys
+    assert short == dataclasses.replace(long_rows, key_blocks=short.key_blocks) and short.key_blocks < long_rows.key_blocks
+    assert li.default_config(1, 1, 32768, 32, 128) == li.rule_config(1, 1, 32768, 32, 128)  # not V3.2's heads
