@@ -55,7 +55,8 @@ KINDS = ("prefill", "decode", "paged")
 PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
 #: Decode: one query a program; 1-8 key blocks a program (looped, the next block loading during this one's product).
 DECODE_GRID = dict(block_s=(1,), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3), key_blocks=(1, 2, 4, 8))
-#: The paged kernel (pages of ``PAGE`` keys in a shuffled block table): its blocks gather pages row by row.
+#: The paged kernel (pages of ``PAGE`` keys in a shuffled block table): its blocks gather pages row by row; its
+#: key-rows launches take ``KEY_ROWS_DECODE_GRID``.
 PAGED_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4, 8), num_stages=(2, 3), key_blocks=(1, 2, 4, 8))
 PAGE = 64
 #: The key-rows prefill kernel: (block_t, queries_per_dot, num_warps) that compile without spills for sm_90 under
@@ -68,9 +69,11 @@ KEY_ROWS_DECODE_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4,), num
 
 
 def configs(kind: str):
-    if kind == "paged":
+    if kind == "paged":  # heads on the M side, then keys (pages gathered either way)
         for values in itertools.product(*PAGED_GRID.values()):
             yield li.LogitsConfig("decode", **dict(zip(PAGED_GRID, values)))
+        for values in itertools.product(*KEY_ROWS_DECODE_GRID.values()):
+            yield li.LogitsConfig("key_rows", **dict(zip(KEY_ROWS_DECODE_GRID, values)))
         return
     grid, key_rows = (PREFILL_GRID, None) if kind == "prefill" else (DECODE_GRID, KEY_ROWS_DECODE_GRID)
     for values in itertools.product(*grid.values()):
@@ -140,7 +143,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
 
 def grids() -> dict:
     """The configurations swept, as the card files record them."""
-    return dict(prefill=PREFILL_GRID, decode=DECODE_GRID, paged=PAGED_GRID,
+    return dict(prefill=PREFILL_GRID, decode=DECODE_GRID, paged=PAGED_GRID, paged_key_rows=KEY_ROWS_DECODE_GRID,
                 key_rows=dict(KEY_ROWS_GRID, shapes=KEY_ROWS_SHAPES), key_rows_decode=KEY_ROWS_DECODE_GRID)
 
 

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs topk deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -54,6 +54,10 @@ case "$step" in
     graphs)          # top-k kernels, CUDA-graph trees across graphs, transformers' generate under CUDA graphs
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py tests/gpu/test_cross_graph_cudagraphs_gpu.py \
             tests/gpu/test_generate_cudagraphs_gpu.py ;;
+    topk)            # the CUDA top-k's blocks (the staged row among them): decode logits + top-k per launch variant,
+                     # then the exactness and CUDA-graph tests of the CUDA kernels
+        timeout "$(limit 240)" python benchmarks/bench_topk_cuda.py --decode-sweep --out "$OUT"
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     deepgemm)        # ours beside DeepGEMM (built first when DEEPGEMM_SRC names a checkout with its submodules)
         if [ -n "${DEEPGEMM_SRC:-}" ]; then
             export PYTHONPATH="$(scripts/build_deepgemm.sh "$DEEPGEMM_SRC"):$PYTHONPATH"
@@ -70,6 +74,8 @@ case "$step" in
         sweep fp8 decode,paged ;;
     sweep-decode-bf16)  # the same in bf16
         sweep bf16 decode,paged ;;
+    sweep-paged-fp8)    # fp8 paged decode only (both of its kinds of launch)
+        sweep fp8 paged ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
         timeout "$(limit 560)" python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;

@@ -1,11 +1,12 @@
 """The paged decode logits kernel under Triton's interpreter (run by tests/test_paged_decode.py with
 TRITON_INTERPRET=1). fp16 and fp8 keys (the interpreter reads bf16 as raw bits; bf16 runs in the GPU test),
 pages shuffled in the pool, block-table entries past a request's length pointing outside the pool (they must
-never be read), lengths of 0, a partial page and the full table, one and two queries, key blocks smaller than,
+never be read), lengths of 0, a partial page and the full table, one and two queries, both kinds of launch, key blocks smaller than,
 equal to and spanning pages, one and three of them a program: each must give the torch reference's logits and exactly its -inf pattern.
 ``--device cuda`` runs the same cases on the GPU (compiled, not interpreted): tests/gpu/test_paged_decode_gpu.py
 runs that under compute-sanitizer's memcheck, where a read of the page outside the pool is an error."""
 
+import itertools
 import sys
 
 import torch
@@ -37,13 +38,14 @@ def main(device: str = "cpu") -> None:
                 ref = pd.paged_decode_logits_reference(q8.float(), kk, wk, table, lens, k_scale=ks)
             # key blocks smaller than, equal to and spanning pages; on the card only equal and spanning (the
             # compiled kernel's tl.dot takes 16 keys or more, a page here holds 16); one block a program, and
-            # several (a program's blocks past a request's length, and past the table's end: 48 keys, 3 x 32)
-            for block_t in (8, 16, 32) if device == "cpu" else (16, 32, 64):
-                for key_blocks in (1, 3):
-                    config = pd.LogitsConfig("decode", 1, block_t, 4, 2, key_blocks=key_blocks)
-                    out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, config=config)
-                    check(out, ref, (S, precision, config.name()))
-                    cases += 1
+            # several (a program's blocks past a request's length, and past the table's end: 48 keys, 3 x 32);
+            # the query's heads or the block's keys on the matrix unit's M side (both kinds of launch)
+            block_ts = (8, 16, 32) if device == "cpu" else (16, 32, 64)
+            for kind, block_t, key_blocks in itertools.product(pd.PAGED_KINDS, block_ts, (1, 3)):
+                config = pd.LogitsConfig(kind, 1, block_t, 4, 2, key_blocks=key_blocks)
+                out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, config=config)
+                check(out, ref, (S, precision, config.name()))
+                cases += 1
     print(f"ok {cases} cases")
 
 

@@ -48,9 +48,12 @@ def _paged(B, T, precision, seed=0):
     return q, k, w, ks, pool, pool_scale, table
 
 
-#: The default launch and the sweep's kinds of launch (several key blocks a program, 8 warps, blocks of 128 keys).
-PAGED_CONFIGS = [None, pd.LogitsConfig("decode", 1, 64, 4, 2, key_blocks=4), pd.LogitsConfig("decode", 1, 128, 8, 3,
-                                                                                              key_blocks=8)]
+#: The default launch and the sweep's kinds of launch (several key blocks a program, 8 warps, blocks of 128 keys;
+#: the keys on the M side, a block a page or two pages, one to four blocks a program).
+PAGED_CONFIGS = [None, pd.LogitsConfig("decode", 1, 64, 4, 2, key_blocks=4),
+                 pd.LogitsConfig("decode", 1, 128, 8, 3, key_blocks=8),
+                 pd.LogitsConfig("key_rows", 1, 64, 4, 2, key_blocks=4),
+                 pd.LogitsConfig("key_rows", 1, 128, 4, 1)]
 
 
 @pytest.mark.parametrize("config", PAGED_CONFIGS, ids=lambda c: "default" if c is None else c.name())
@@ -97,4 +100,4 @@ def test_compute_sanitizer_memcheck_finds_no_read_past_a_length():
                           env=env, capture_output=True, text=True, timeout=1200)
     out = done.stdout[-4000:] + done.stderr[-4000:]
     assert done.returncode == 0, out
-    assert "ERROR SUMMARY: 0 errors" in out and "ok 24 cases" in out, out
+    assert "ERROR SUMMARY: 0 errors" in out and "ok 48 cases" in out, out

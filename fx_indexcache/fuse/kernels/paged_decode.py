@@ -17,9 +17,10 @@ read, so their block-table entries may hold anything.
 
 Each program owns one query and ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T``
 need not divide the page), reads the query's q and weights once and loops over its blocks (the next block's keys
-load while this one computes), each block's heads as one tile on the matrix unit, as the contiguous decode kernel
-does. Keys a query does not see are never read; programs entirely past it store ``-inf`` without loading
-anything. No host synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the
+load while this one computes), each block's product one tile on the matrix unit: the query's heads on its M side
+(config kind "decode", as the contiguous decode kernel) or the block's keys (kind "key_rows", as the contiguous
+key-rows kernel: the head sum stays within a thread and its quad instead of crossing warps). Keys a query does
+not see are never read; programs entirely past it store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the
 pages and computes the same math in torch.
 """
 
@@ -63,6 +64,7 @@ def _kernel():
         BLOCK_H: tl.constexpr,
         BLOCK_T: tl.constexpr,
         KEY_BLOCKS: tl.constexpr,
+        KEY_ROWS: tl.constexpr,
     ):
         t_first = tl.program_id(0) * (KEY_BLOCKS * BLOCK_T)
         s = tl.program_id(1)
@@ -91,8 +93,12 @@ def _kernel():
                 row = (rt % PAGE).to(tl.int64)
                 kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
                              mask=visible[:, None], other=0.0)
-                d = tl.dot(qs, tl.trans(kt))
-                logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
+                if KEY_ROWS:  # keys on the M side: a key's heads sum within a thread's registers and its quad
+                    d = tl.dot(kt, tl.trans(qs))
+                    logit = tl.sum(tl.maximum(d, 0.0) * ws[None, :], axis=1)
+                else:  # heads on the M side: the head sum crosses warps
+                    d = tl.dot(qs, tl.trans(kt))
+                    logit = tl.sum(tl.maximum(d, 0.0) * ws[:, None], axis=0)
                 if KSCALE:
                     logit = logit * tl.load(ks_ptr + page * sksp + row * sksr, mask=visible, other=0.0)
                 tl.store(o_ptr + b * sob + s64 * sos + rt.to(tl.int64) * sot, tl.where(visible, logit, float("-inf")),
@@ -146,9 +152,16 @@ def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
     return measured if measured is not None else li.fill_the_card(RULE_CONFIG, B * S, width, li.device_sms(device))
 
 
+#: The ``LogitsConfig`` kinds the paged kernel takes: "decode" puts a query's heads on the matrix unit's M side,
+#: "key_rows" its keys (as the contiguous kernels of those names do).
+PAGED_KINDS = ("decode", "key_rows")
+
+
 def _config_reason(config) -> Optional[str]:
-    if not isinstance(config, LogitsConfig) or config.kind != "decode" or config.block_s != 1:
-        return f"config must be a LogitsConfig of kind 'decode' with block_s=1 (one query a program); got {config!r}"
+    if (not isinstance(config, LogitsConfig) or config.kind not in PAGED_KINDS or config.block_s != 1
+            or config.queries_per_dot != 1):
+        return (f"config must be a LogitsConfig of kind 'decode' or 'key_rows' with block_s=1 and queries_per_dot=1 "
+                f"(one query a program); got {config!r}")
     if config.block_t & (config.block_t - 1):
         return f"config.block_t={config.block_t} must be a power of two"
     return None
@@ -186,7 +199,8 @@ def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=No
         *q.stride(), *k_pages.stride(), *weights.stride(), *out.stride(), *block_table.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0)),
         PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()),
-        BLOCK_T=config.block_t, KEY_BLOCKS=config.key_blocks, num_warps=config.num_warps,
+        BLOCK_T=config.block_t, KEY_BLOCKS=config.key_blocks, KEY_ROWS=config.kind == "key_rows",
+        num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out

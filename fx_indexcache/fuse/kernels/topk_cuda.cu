@@ -178,6 +178,43 @@ struct SmemSrc {
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
 
+// A row's keys staged in shared memory in index order (the key of entry i is key[i]), read like RowSrc.
+template <int NT>
+struct StagedRow {
+    static const int GROUPS = ROW_GROUPS;
+    const u32 *key;
+    __device__ __forceinline__ u32 get(int i) const { return key[i]; }
+    template <bool TAIL>
+    __device__ __forceinline__ void load(int base, int hi, u32 (&k)[GROUPS][4], int (&)[GROUPS][4]) const {
+#pragma unroll
+        for (int g = 0; g < GROUPS; ++g) {
+            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
+            if (!TAIL || first + 4 <= hi) {
+                const uint4 a = *reinterpret_cast<const uint4 *>(key + first);
+                k[g][0] = a.x; k[g][1] = a.y; k[g][2] = a.z; k[g][3] = a.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) k[g][j] = first + j < hi ? key[first + j] : 0u;
+            }
+        }
+    }
+    __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
+        return base + g * 4 * NT + 4 * (int)threadIdx.x + j;
+    }
+};
+
+// The sample of a row (topk.plan): nb blocks of sb contiguous keys spread evenly over its T keys, block b starting
+// at b T / nb (nb and sb powers of two: shifts). Entry i of the sample is read from the row where it lies.
+template <class Src>
+struct RowSample {
+    const Src &row;
+    long long T;
+    int log_sb, log_nb, sb;
+    __device__ __forceinline__ u32 get(int i) const {
+        return row.get((int)((((long long)(i >> log_sb)) * T) >> log_nb) + (i & (sb - 1)));
+    }
+};
+
 // The bin of a histogram holding the K-th largest of its keys (counting from the top bin), and the keys in the
 // bins above it. Every warp scans the whole histogram itself (BINS / 32 bins a lane, two 16-byte loads), so no
 // barrier is needed to hand the answer to the other warps.
@@ -213,38 +250,41 @@ __device__ __forceinline__ void find_bin(const u32 *hist, u32 K, u32 &bin, u32 &
     above = __shfl_sync(FULL, c, l);
 }
 
-// The K-th largest of src's first n keys (n >= K, all within [lo, hi]), a byte at a time from the top: a pass
-// of a 256-bin histogram of the next byte of the keys that share the bytes found so far, for each byte that lo
-// and hi do not already share. One barrier a pass: the histograms rotate over three slots (a pass zeroes the
-// next one; a slot is zeroed again two barriers after its last read), and find_bin needs none. A barrier must
-// separate two calls (the callers' reductions, scans and syncs do).
+// The K-th largest of src's first n keys, where no key lies above hi and at least K keys lie in [lo, hi] (keys
+// below lo may exist: they are never counted). A pass histograms the keys in [lo, hi] into BINS equal ranges of
+// key values (bin (u - lo) >> shift, shift the fewest bits that fit hi - lo into BINS bins), finds the bin holding
+// the K-th key from the top and narrows [lo, hi] to it, until one key value is left. Equal ranges, not bytes of
+// the key: a narrow range (the candidates above a sampled threshold) straddling a power of two spreads over all
+// the bins, where its top byte would pile every key into one or two of them (shared-memory atomics on one
+// address serialise). One barrier a pass: the histograms rotate over three slots (a pass zeroes the next one; a
+// slot is zeroed again two barriers after its last read), and find_bin needs none. A barrier must separate two
+// calls (the callers' reductions, scans and syncs do). *n_above, when given, receives the keys above the K-th.
 template <int NT, class Src>
-__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh) {
-    u32 prefix = 0;
+__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh, u32 *n_above = nullptr) {
+    const u32 K0 = K;
     int h = 0;
     if (threadIdx.x < BINS) sh.hist[0][threadIdx.x] = 0;
     __syncthreads();
 #pragma unroll 1
-    for (int pass = 0; pass < 4; ++pass) {
-        const int shift = 24 - 8 * pass;
-        if ((lo >> shift) == (hi >> shift)) {  // every key has this byte (and the ones above it)
-            prefix = (lo >> shift) << shift;
-            continue;
-        }
+    while (lo < hi) {
+        const int shift = max(0, 32 - __clz(hi - lo) - 8);  // (hi - lo) >> shift < BINS
         u32 *hist = sh.hist[h];
         h = h == 2 ? 0 : h + 1;
         if (threadIdx.x < BINS) sh.hist[h][threadIdx.x] = 0;
         for (int i = threadIdx.x; i < n; i += NT) {
             const u32 u = src.get(i);
-            if (pass == 0 || (u >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+            if (u >= lo && u <= hi) atomicAdd(&hist[(u - lo) >> shift], 1u);
         }
         __syncthreads();
         u32 bin, above;
         find_bin(hist, K, bin, above);
-        prefix |= bin << shift;
         K -= above;
+        lo += bin << shift;
+        const u32 width = (1u << shift) - 1u;
+        hi = hi - lo > width ? lo + width : hi;
     }
-    return prefix;
+    if (n_above != nullptr) *n_above = K0 - K;
+    return lo;
 }
 
 // Keys of src's first n above thr (block total).
@@ -463,6 +503,91 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
+// The row into shared memory as keys (s, index order), read from global memory once; returns this thread's largest.
+template <bool VEC, int NT>
+__device__ u32 stage_row(const RowSrc<VEC, NT> &src, int T, u32 *s) {
+    const int G = ROW_GROUPS, step = G * 4 * NT;
+    u32 top = 0;
+    int idx[G][4];
+#pragma unroll 2
+    for (int base = 0; base < T; base += step) {
+        u32 key[G][4];
+        const bool tail = base + step > T;
+        if (tail) src.template load<true>(base, T, key, idx); else src.template load<false>(base, T, key, idx);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
+            if (first + 4 <= T) {
+                *reinterpret_cast<uint4 *>(s + first) = make_uint4(key[g][0], key[g][1], key[g][2], key[g][3]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (first + j < T) s[first + j] = key[g][j];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) top = max(top, first + j < T ? key[g][j] : 0u);
+        }
+    }
+    return top;
+}
+
+// A row staged in shared memory (p.direct == 2; wide blocks, rows that fit: topk_cuda.launch): one read of the row
+// from global memory, then every step on chip. Path 1: the sampled threshold L has at least K keys above it, and
+// the K-th key is searched among the keys in (L, row max] only (a narrow range: few atomics, spread over the
+// bins); path 2: L is the K-th key; path 3 (the sample misled): the search over the whole row; path 0 (no sample:
+// rows of at most a sample's length): the search over the whole row. The output is compact's, as in topk_row.
+template <int NT, bool VEC, bool SORTED>
+__device__ void topk_staged_row(const Params &p, u32 *s, u64 *sb, Shared<NT> &sh) {
+    int buf = 0;
+    const long long row = blockIdx.x;
+    const RowSrc<VEC, NT> src{p.x + row * p.sxr, p.sxt};
+    int *o_row = p.out + row * p.sor;
+    const StagedRow<NT> keys{s};
+    const u32 K = (u32)p.K;
+    const u32 top = block_reduce<true>(stage_row(src, p.T, s), sh, buf);  // its barrier publishes the row
+    const int ns = p.nb * p.sb;
+    u32 kth, n_above;
+    int path;
+    if (ns >= p.T) {
+        kth = kth_largest(keys, p.T, K, 0u, top, sh, &n_above);
+        path = 0;
+    } else {
+        const RowSample<StagedRow<NT>> sample{keys, p.T, __ffs(p.sb) - 1, __ffs(p.nb) - 1, p.sb};
+        u32 lo = FULL, hi = 0;
+        for (int i = threadIdx.x; i < ns; i += NT) {
+            const u32 u = sample.get(i);
+            lo = min(lo, u);
+            hi = max(hi, u);
+        }
+        hi = block_reduce<true>(hi, sh, buf);
+        lo = ~block_reduce<true>(~lo, sh, buf);
+        const u32 L = kth_largest(sample, ns, (u32)p.r_sample, lo, hi, sh);
+        u64 gt = 0, eq = 0, n_gt, n_eq;
+        for (int i = threadIdx.x; i < p.T; i += NT) {
+            const u32 u = s[i];
+            gt += u > L;
+            eq += u == L;
+        }
+        block_scan2(gt, eq, n_gt, n_eq, sh, buf);
+        if (n_gt >= K) {
+            kth = kth_largest(keys, p.T, K, L + 1, top, sh, &n_above);
+            path = 1;
+        } else if (n_gt + n_eq >= K) {
+            kth = L;
+            n_above = (u32)n_gt;
+            path = 2;
+        } else {
+            kth = kth_largest(keys, p.T, K, 0u, top, sh, &n_above);
+            path = 3;
+        }
+    }
+    OutSink sink{o_row, p.sok, n_above, K};
+    u32 a = 0, e = 0;
+    compact(keys, 0, p.T, kth, sink, a, e, sh, buf);
+    if (p.path != nullptr && threadIdx.x == 0) p.path[row] = path;
+    if (SORTED) sort_selected(p, RowSrc<false, NT>{p.x + row * p.sxr, p.sxt}, o_row, sb);
+}
+
 template <int NT, bool VEC, bool SORTED>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -478,6 +603,11 @@ __device__ void topk_row(const Params &p) {
     int *ci = reinterpret_cast<int *>(ck + p.cap);
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
+    if (p.direct == 2) {  // the row staged in shared memory: the keys first, the sort's pairs after them
+        topk_staged_row<NT, VEC, SORTED>(p, reinterpret_cast<u32 *>(smem),
+                                         reinterpret_cast<u64 *>(smem + 16 * ((p.T + 3) / 4)), sh);
+        return;
+    }
 
     const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf);
     u32 n_gt = 0, n_eq = 0;
