@@ -20,8 +20,9 @@ need not divide the page), reads the query's q and weights once and loops over i
 load while this one computes), each block's product one tile on the matrix unit: the query's heads on its M side
 (config kind "decode", as the contiguous decode kernel) or the block's keys (kind "key_rows", as the contiguous
 key-rows kernel: the head sum stays within a thread and its quad instead of crossing warps). Keys a query does
-not see are never read; programs entirely past it store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the
-pages and computes the same math in torch.
+not see are never read; programs entirely past it store ``-inf`` without loading anything. No host
+synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the pages and computes
+the same math in torch.
 """
 
 from __future__ import annotations
