@@ -49,21 +49,14 @@ CASES = SMALL_CASES + [
 PREFILL = [(1024, 32768), (1024, 131072), (4096, 8192), (256, 262144), (256, 32768), (512, 65536)]
 DECODE = [(1, 32768), (4, 32768), (16, 32768), (64, 32768), (128, 32768), (1, 65536), (16, 65536), (1, 131072),
           (4, 131072), (16, 131072), (64, 131072), (1, 262144), (1, 8192), (64, 8192)]
-#: Both block shapes of the CUDA kernel, and the wide one with its row staged in shared memory: every check runs
-#: on each (the staged one where the row fits).
-CUDA_ALGORITHMS = ("cuda", "cuda_wide", "cuda_staged")
-
-
-def staged_fits(T: int, k: int, sorted_: bool) -> bool:
-    return topk_cuda.staged_fits(torch.cuda.current_device(), T, tk.plan(T, k), sorted_)
+#: Both block shapes of the CUDA kernel: every check runs on each.
+CUDA_ALGORITHMS = ("cuda", "cuda_wide")
 
 
 def check_cases(cases) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
     for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, CUDA_ALGORITHMS, (False, True)):
-        if alg == "cuda_staged" and not staged_fits(T, k, sorted_):
-            continue
         where = f"{alg} {R}x{T} k={k} {opts} {kind} sorted={sorted_}"
         try:
             x = topk_cases.rows(kind, R, T, g, device="cuda")
@@ -77,8 +70,7 @@ def check_cases(cases) -> int:
 
 def variants(x, out, graph: bool) -> list:
     v = [(f"{alg}{'_sorted' if s else ''}", lambda alg=alg, s=s: tk._launch(x, out, K, sorted=s, algorithm=alg))
-         for alg in CUDA_ALGORITHMS for s in (False, True)
-         if alg != "cuda_staged" or staged_fits(x.shape[1], K, s)]
+         for alg in CUDA_ALGORITHMS for s in (False, True)]
     v.append(("split", lambda: tk._launch(x, out, K, algorithm="split")))
     if graph:
         v.append(("split_prefix_skip", lambda: tk._launch(x, out, K, algorithm="split", tune={"prefix_skip": True})))
@@ -109,8 +101,7 @@ DECODE_VARIANTS = [
     ("split", dict(splits=64)), ("split", dict(tune={"prefix_skip": True})), ("split", dict(tune={"select_in_write": False})),
     ("split", dict(tune={"filter_warps": 2, "prefix_skip": True})), ("split", dict(splits=16, tune={"filter_warps": 2})),
     ("split", dict(sample=1024)), ("split", dict(sample=4096)),
-    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {}),
-    ("cuda_staged", {})]
+    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {})]
 
 
 def decode_sweep() -> list:

@@ -11,6 +11,7 @@ For each shape (the logits kernel's own causal rows, k = 2048) it measures:
     filter's chunk, the sample size), one factor at a time around the default;
   * probes of the filter pass alone (``_stream_probe`` below): one read of the rows with a count per chunk,
     then with the chunk's scan added, then with the scattered stores: which step the pass is bound by.
+``--sections stamps`` instead reads the wide CUDA block's clock at each of its phases (``measure_stamps``).
 Writes topk_phases.{json,md} under --out.
 """
 
@@ -156,14 +157,57 @@ def measure_decode(R, T, log) -> dict:
     return res
 
 
+#: The wide CUDA block's phases, in the order of its stamps (``topk_cuda.cu``: STAMP(1) ... STAMP(7)).
+STAMP_PHASES = ("sample loaded", "sample's k-th key", "filter", "candidates' k-th key", "count above", "output",
+                "sort")
+STAMP_SHAPES = [(1, 8192), (1, 32768), (1, 65536), (64, 32768)]
+
+
+def measure_stamps(R, T, log, reps=50) -> dict:
+    """Where one wide block's time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block 0's clock
+    at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's profiled
+    GPU time and its CUDA-graph replay time. Rows: the logits kernel's own (causal, V3.2's indexer)."""
+    x = causal_logits(1, R, T).reshape(R, T)
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+    stamps = torch.zeros(32, dtype=torch.int32, device="cuda")  # the kernel writes u64[16] through its path pointer
+    res = dict(R=R, T=T)
+    for sorted_ in (False, True):
+        tag = "sorted" if sorted_ else "unsorted"
+        runs = []
+        for _ in range(reps):
+            stamps.zero_()
+            tk._launch(x, out, TOPK, sorted=sorted_, path=stamps, algorithm="cuda_wide")
+            torch.cuda.synchronize()
+            runs.append(stamps.view(torch.int64).cpu().tolist())
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        phases = {}
+        for i, name in enumerate(STAMP_PHASES, start=1):
+            if all(r[i] and r[i - 1] for r in runs):
+                phases[name] = med([r[i] - r[i - 1] for r in runs])
+        done = [r for r in runs if r[7] and r[0]]
+        res[tag] = dict(
+            cycles=phases, total_cycles=med([r[7] - r[0] for r in done]) if done else None,
+            block_ns=med([r[14] - r[15] for r in runs]),
+            kernel_ms=kernel_times(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")),
+            graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")), 4),
+            exact=topk_exact(x, out, TOPK))
+        log(f"stamps {R}x{T} {tag}: {res[tag]}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
                     help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
-                    "(DECODE_SHAPES, CUDA graphs)")
+                    "(DECODE_SHAPES, CUDA graphs), or stamps alone (STAMP_SHAPES: the wide CUDA block's phases, "
+                    "from a build with -DTOPK_STAMPS)")
     args = ap.parse_args()
+    if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
+        if args.sections != "stamps":
+            ap.error("--sections stamps runs alone (its build of the CUDA top-k records no paths)")
+        os.environ["FX_INDEXCACHE_NVRTC_FLAGS"] = "-DTOPK_STAMPS"
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "topk_phases_log.txt"), "a")
 
@@ -176,6 +220,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     jobs = [(measure_shape, s) for s in (SHAPES[:QUICK] if args.quick else SHAPES) if "prefill" in sections]
     jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
+    jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
     results = []
     for measure, (R, T) in jobs:
         try:

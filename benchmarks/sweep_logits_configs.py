@@ -16,7 +16,7 @@ against the default's (equal up to the summation order: ``rtol`` 1e-4), and writ
 * with ``--merge-into DIR``, each shape's row also into ``DIR``'s card file, replacing the row of the same
   precision, kind and shape (later steps of the run launch with what was measured).
 
-The "default" each config is compared with is the rules' (``rule_config``; paged: ``paged_decode.RULE_CONFIG`` as
+The "default" each config is compared with is the rules' (``rule_config``; paged: ``paged_decode.RULE_CONFIGS`` as
 ``fill_the_card`` fits it to the shape).
 
 Usage (repository root, one CUDA card)::
@@ -109,7 +109,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
         def run(cfg):
             return lambda: pd.paged_decode_logits(pq, pool, pw, table, lens, k_scale=scales, out=out, config=cfg)
 
-        default = li.fill_the_card(pd.RULE_CONFIG, B * S, T, li.device_sms(q.device))
+        default = li.fill_the_card(pd.RULE_CONFIGS[precision], B * S, T, li.device_sms(q.device))
     else:
         if precision == "fp8":
             ops = f8.quantize_operands(q, k, w, scale)

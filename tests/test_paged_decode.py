@@ -40,10 +40,15 @@ def test_bad_input_names_the_field(change, field):
 
 def test_without_a_measurement_the_rule_fills_the_card():
     """No card file applies here (no CUDA): the rule, its key blocks fewer where a short batch would leave SMs idle."""
-    long_batch = pd.paged_config(64, 1, 32768, 64, 128, "fp8")
-    assert long_batch == pd.RULE_CONFIG and long_batch.key_blocks > 1
-    one_row = pd.paged_config(1, 1, 32768, 64, 128, "fp8")
-    assert one_row.key_blocks == 1 and one_row.block_t == pd.RULE_CONFIG.block_t
+    for precision in ("fp8", "bf16"):
+        rule = pd.RULE_CONFIGS[precision]
+        long_batch = pd.paged_config(64, 1, 32768, 64, 128, precision)
+        assert long_batch == rule and long_batch.key_blocks > 1
+        one_row = pd.paged_config(1, 1, 32768, 64, 128, precision)
+        assert one_row.key_blocks == 1 and one_row.block_t == rule.block_t and one_row.kind == rule.kind
+    assert pd.RULE_CONFIGS["fp8"].kind == "key_rows"  # the H100 sweep's winner for fp8 pages
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        pd.paged_config(1, 1, 32768, 64, 128, "fp16")
 
 
 def test_paged_decode_under_the_triton_interpreter():

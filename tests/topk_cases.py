@@ -70,8 +70,6 @@ def rows(kind: str, R: int, T: int, g: torch.Generator, device="cpu") -> torch.T
         x = 1000.0 + x
     elif kind == "wide":
         x = x * torch.exp2(torch.randint(-60, 60, (R, T), generator=g, device=device).float())
-    elif kind == "descending":  # a sample of the first keys of each sampled block ranks high: it misleads
-        x = -torch.arange(T, device=device, dtype=torch.float32).expand(R, T).contiguous()
     return x
 
 

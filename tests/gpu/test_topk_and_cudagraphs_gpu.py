@@ -34,13 +34,6 @@ def _gen(seed=None):
     return torch.Generator(device="cuda").manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
 
 
-def _staged_fits(T: int, k: int, sorted_: bool) -> bool:
-    from fx_indexcache.fuse.kernels import topk as tk
-    from fx_indexcache.fuse.kernels import topk_cuda
-
-    return topk_cuda.staged_fits(torch.cuda.current_device(), T, tk.plan(T, k), sorted_)
-
-
 ALL_KINDS = ("randn", "masked", "ties", "allmasked", "wide")
 TOPK_CASES = [  # (R, T, k, row kinds)
     (1024, 32768, 2048, ("randn",)), (64, 32768, 2048, ALL_KINDS), (1, 32768, 2048, ("randn", "masked")),
@@ -53,10 +46,8 @@ TOPK_CASES = [  # (R, T, k, row kinds)
 @pytest.mark.parametrize("R,T,k,kind", [(R, T, k, kind) for R, T, k, kinds in TOPK_CASES for kind in kinds],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
-@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide", "cuda_staged", "split"])
+@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide", "split"])
 def test_row_topk_exact(R, T, k, kind, sorted_, algorithm):
-    if algorithm == "cuda_staged" and not _staged_fits(T, k, sorted_):
-        pytest.skip(f"a row of {T} keys does not fit one block's shared memory")
     g = _gen()
     x = topk_cases.rows(kind, R, T, g, device="cuda")
     paths = topk_cases.check(x, k, sorted_, f"R={R} T={T} k={k} {kind} sorted={sorted_} {algorithm} "
@@ -136,18 +127,7 @@ CUDA_PATH_CASES = [
 #: sample (its 2nd key lies below the top 4096 of 65536 keys in 9 rows of 10); splits do not apply to it.
 WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024) if "sample" in o else {}, kinds)
                    for R, T, k, o, kinds in CUDA_PATH_CASES]
-#: The staged block's (rows that fit its shared memory; it has no capacity to overflow): path 0 for rows no longer
-#: than a sample, 1 and 2 (ties, masked rows), and 3 from a 64-key sample of a descending row (the sampled
-#: blocks' first keys rank above the k-th key).
-STAGED_PATH_CASES = [
-    (3, 700, 50, {}, ("randn", "ties", "allmasked", "zeros")),
-    (300, 8192, 2048, {}, ("randn", "masked", "ties", "allmasked")),
-    (2, 32768, 2048, {}, ("randn", "masked", "ties", "allmasked", "wide", "negative", "shifted")),
-    (2, 32768, 2048, dict(sample=64), ("descending",)),
-    (4, 40000, 1000, {}, ("randn", "masked", "ties")),
-]
-PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES),
-                                           ("cuda_staged", STAGED_PATH_CASES)) for c in cases]
+PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES)) for c in cases]
 
 
 @pytest.mark.parametrize("algorithm,R,T,k,opts,kinds", PATH_CASES, ids=lambda v: str(v))
@@ -166,7 +146,7 @@ def test_cuda_topk_every_path_and_layout(algorithm, R, T, k, opts, kinds, layout
     assert want <= seen, f"paths {sorted(seen)}, expected {sorted(want)} among them"
 
 
-@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide", "cuda_staged"])
+@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide"])
 def test_cuda_topk_takes_every_path(algorithm):
     """Over the cases above, each of the four paths ran at least once (the test is not vacuous)."""
     from fx_indexcache.fuse.kernels import topk as tk
@@ -187,8 +167,7 @@ def test_cuda_topk_takes_every_path(algorithm):
 
 @pytest.mark.parametrize("R,T,sorted_,algorithm", [(4, 32768, True, "cuda"), (1, 131072, False, "cuda"),
                                                    (300, 32768, True, "cuda"), (1, 32768, False, "cuda_wide"),
-                                                   (16, 65536, True, "cuda_wide"), (1, 32768, False, "cuda_staged"),
-                                                   (8, 32768, True, "cuda_staged")])
+                                                   (16, 65536, True, "cuda_wide")])
 def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm):
     from fx_indexcache.fuse.kernels import topk as tk
 

@@ -35,7 +35,7 @@ import torch
 from . import lightning_indexer as li
 from .lightning_indexer import LogitsConfig
 
-__all__ = ["RULE_CONFIG", "paged_config", "paged_decode_logits", "paged_decode_logits_reference",
+__all__ = ["RULE_CONFIGS", "paged_config", "paged_config_reason", "paged_decode_logits", "paged_decode_logits_reference",
            "paged_unsupported_reason"]
 
 _KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
@@ -136,21 +136,29 @@ def paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale=
     return None
 
 
-#: The launch where no card measurement applies (``paged_config``): blocks of 128 keys, eight a program (fewer on
-#: short rows: ``fill_the_card``), 4 warps, 2 stages. On an H100 (benchmarks/sweep_logits_configs.py, B1 / B16 / B64
-#: x 32K and B4 x 128K) it came within 3 % of the fastest of 32 launches for fp8 and within 6 % for bf16; the first
-#: rule (64-key blocks, one a program, 3 stages) took 1.1-2.1x longer.
-RULE_CONFIG = LogitsConfig("decode", block_s=1, block_t=128, num_warps=4, num_stages=2, key_blocks=8)
+#: The launch where no card measurement applies (``paged_config``), by precision; fewer key blocks a program on short
+#: rows (``fill_the_card``). On an H100 (benchmarks/sweep_logits_configs.py, B1 / B16 / B64 x 32K and B4 x 128K):
+#: fp8 takes the key-rows launch (64-key blocks, eight a program, 4 warps, 2 stages), the fastest of 48 launches at
+#: all four shapes and 1.22-1.29x faster than the heads-on-M launch below (6e8d707); bf16 keeps that launch (128-key
+#: blocks, eight a program, 4 warps, 2 stages: within 6 % of the fastest of 32; key-rows launches not swept in bf16).
+RULE_CONFIGS = {
+    "fp8": LogitsConfig("key_rows", block_s=1, block_t=64, num_warps=4, num_stages=2, key_blocks=8),
+    "bf16": LogitsConfig("decode", block_s=1, block_t=128, num_warps=4, num_stages=2, key_blocks=8),
+}
 
 
 def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
                  device: Optional[torch.device] = None) -> LogitsConfig:
     """The launch ``paged_decode_logits`` uses when none is given: the card's measured one for the nearest paged
     shape (``lightning_indexer.measured_config``, kind "paged", which ``benchmarks/sweep_logits_configs.py``
-    writes), else ``RULE_CONFIG``; either with fewer key blocks a program where short rows would leave SMs idle
-    (``fill_the_card``)."""
+    writes), else the precision's ``RULE_CONFIGS`` entry; either with fewer key blocks a program where short rows
+    would leave SMs idle (``fill_the_card``)."""
+    if precision not in RULE_CONFIGS:
+        raise ValueError(f"paged_config: precision={precision!r}, expected one of {sorted(RULE_CONFIGS)}")
     measured = li.measured_config(precision, B, S, width, H, D, device, kind="paged")
-    return measured if measured is not None else li.fill_the_card(RULE_CONFIG, B * S, width, li.device_sms(device))
+    if measured is not None:
+        return measured
+    return li.fill_the_card(RULE_CONFIGS[precision], B * S, width, li.device_sms(device))
 
 
 #: The ``LogitsConfig`` kinds the paged kernel takes: "decode" puts a query's heads on the matrix unit's M side,
@@ -158,7 +166,8 @@ def paged_config(B: int, S: int, width: int, H: int, D: int, precision: str,
 PAGED_KINDS = ("decode", "key_rows")
 
 
-def _config_reason(config) -> Optional[str]:
+def paged_config_reason(config) -> Optional[str]:
+    """Why the paged kernel cannot launch ``config`` (its kind, one query a program, a power-of-two block), or None."""
     if (not isinstance(config, LogitsConfig) or config.kind not in PAGED_KINDS or config.block_s != 1
             or config.queries_per_dot != 1):
         return (f"config must be a LogitsConfig of kind 'decode' or 'key_rows' with block_s=1 and queries_per_dot=1 "
@@ -176,7 +185,7 @@ def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=No
     ``paged_config``'s."""
     why = paged_unsupported_reason(q, k_pages, weights, block_table, kv_lens, k_scale)
     if why is None and config is not None:
-        why = _config_reason(config)
+        why = paged_config_reason(config)
     if why is not None:
         raise ValueError(f"paged_decode_logits: {why}")
     B, S, H, D = q.shape

@@ -206,7 +206,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
 
 
 #: ``_launch``'s algorithms.
-ALGORITHMS = ("auto", "cuda", "cuda_wide", "cuda_staged", "split", "one_program")
+ALGORITHMS = ("auto", "cuda", "cuda_wide", "split", "one_program")
 
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
@@ -216,8 +216,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
-    "cuda_wide" (the CUDA kernel with one 1024-thread block a row and no splits: for few rows), "cuda_staged"
-    (the wide block with the row staged in its shared memory: one read of the row, every step on chip),
+    "cuda_wide" (the CUDA kernel with one 1024-thread block a row and no splits: for few rows),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
@@ -237,12 +236,11 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
     if algorithm == "auto":
         algorithm = default_algorithm(x2d, k, sorted, p=p, splits=splits)
-    if algorithm in ("cuda", "cuda_wide", "cuda_staged"):
+    if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 
         sp = split_plan(x2d.shape[0], x2d.shape[1], splits)
-        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide",
-                                staged=algorithm == "cuda_staged")
+        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide")
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
@@ -260,8 +258,7 @@ def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[di
     choice = preferred_algorithm(R, T, sorted)
     if choice == "split" or (R < CUDA_MIN_ROWS and splits is not None):
         return "split"
-    return choice if cuda_applies(x2d, p, splits, sorted, wide=choice == "cuda_wide",
-                                  staged=choice == "cuda_staged") else "split"
+    return choice if cuda_applies(x2d, p, splits, sorted, wide=choice == "cuda_wide") else "split"
 
 
 def preferred_algorithm(R: int, T: int, sorted: bool) -> str:
@@ -306,8 +303,7 @@ def split_cuda_wins(R: int, T: int, sorted: bool = False) -> bool:
     return R == 1 and not sorted and CUDA_WIDE_T < T <= CUDA_SPLIT_MAX_T
 
 
-def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool, wide: bool = False,
-                 staged: bool = False) -> bool:
+def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool, wide: bool = False) -> bool:
     """Whether the CUDA kernel takes these rows: on a GPU where it compiled and loaded, with its shared
     memory within the device's limit (not under TRITON_INTERPRET: the CPU runs the Triton kernels)."""
     if not x2d.is_cuda or _interpreted():
@@ -316,8 +312,6 @@ def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool
 
     if not topk_cuda.available(x2d.device):
         return False
-    if staged:
-        return topk_cuda.staged_fits(x2d.device.index, x2d.shape[1], p, sorted)
     nsplit = 1 if p["DIRECT"] else split_plan(x2d.shape[0], x2d.shape[1], splits)["NSPLIT"]
     return topk_cuda.fits(x2d.device.index, p, nsplit, sorted, wide)
 

@@ -4,7 +4,7 @@
 // pass that keeps the keys above L in index order (and the first k keys equal to L), an exact select among
 // them, and the exact search over the row in memory when the sample misled. What CUDA adds is what Triton
 // cannot say: a 4096-key step of the filter costs one barrier (warps scan their counts with shuffles); the
-// k-th key comes from 8-bit histograms built with shared-memory atomics (four passes, not sixteen counting
+// k-th key comes from 256-bin histograms built with shared-memory atomics (up to four passes, not sixteen counting
 // ones: the Triton select's instruction count); the candidates stay in shared memory for the select; split
 // rows write to per-split regions and the row's last block to finish gathers them: one launch.
 //
@@ -23,7 +23,7 @@ typedef unsigned long long u64;
 #define MIN_BLOCKS 4    // blocks an SM keeps of those (64 registers a thread): enough bytes in flight
 #define WIDE 1024       // threads a block of the wide kernels (one block an SM, 64 registers a thread)
 #define ROW_GROUPS 4    // a row is read 4 x NT keys a step (four 16-byte loads a thread, one barrier)
-#define BINS 256        // a histogram of one byte of the keys
+#define BINS 256        // a histogram's bins (equal ranges of key values: kth_largest)
 #define FULL 0xffffffffu
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
@@ -38,6 +38,29 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
     long long sxr, sxt, sor, sok;
     int T, K, nb, sb, r_sample, cap, kp, nsplit, seg, reg, treg, direct;
 };
+
+// Phase stamps, for finding where a block's time goes (a build with -DTOPK_STAMPS, which
+// benchmarks/bench_topk_phases.py --sections stamps makes through FX_INDEXCACHE_NVRTC_FLAGS): thread 0 of block 0
+// writes the SM clock at each phase boundary into p.path, read as u64[16] (slots 14 and 15: the global timer at
+// the end and the start, ns), and the paths are not recorded. Every other build compiles them away.
+#ifdef TOPK_STAMPS
+#define STAMP(i)                                                                        \
+    do {                                                                                \
+        if (blockIdx.x == 0 && threadIdx.x == 0 && p.path != nullptr)                   \
+            reinterpret_cast<unsigned long long *>(p.path)[i] = clock64();              \
+    } while (0)
+#define STAMP_NS(i)                                                                     \
+    do {                                                                                \
+        if (blockIdx.x == 0 && threadIdx.x == 0 && p.path != nullptr) {                 \
+            unsigned long long t;                                                       \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                      \
+            reinterpret_cast<unsigned long long *>(p.path)[i] = t;                      \
+        }                                                                               \
+    } while (0)
+#else
+#define STAMP(i) do {} while (0)
+#define STAMP_NS(i) do {} while (0)
+#endif
 
 static_assert(sizeof(Params) == 144, "Params: keep topk_cuda._Params in step");
 static_assert(BLOCK >= BINS && WIDE >= BINS, "the k-th key's histogram has a bin a thread (the first BINS)");
@@ -176,43 +199,6 @@ struct SmemSrc {
         ix[0][0] = b.x; ix[0][1] = b.y; ix[0][2] = b.z; ix[0][3] = b.w;
     }
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
-};
-
-// A row's keys staged in shared memory in index order (the key of entry i is key[i]), read like RowSrc.
-template <int NT>
-struct StagedRow {
-    static const int GROUPS = ROW_GROUPS;
-    const u32 *key;
-    __device__ __forceinline__ u32 get(int i) const { return key[i]; }
-    template <bool TAIL>
-    __device__ __forceinline__ void load(int base, int hi, u32 (&k)[GROUPS][4], int (&)[GROUPS][4]) const {
-#pragma unroll
-        for (int g = 0; g < GROUPS; ++g) {
-            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
-            if (!TAIL || first + 4 <= hi) {
-                const uint4 a = *reinterpret_cast<const uint4 *>(key + first);
-                k[g][0] = a.x; k[g][1] = a.y; k[g][2] = a.z; k[g][3] = a.w;
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) k[g][j] = first + j < hi ? key[first + j] : 0u;
-            }
-        }
-    }
-    __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
-        return base + g * 4 * NT + 4 * (int)threadIdx.x + j;
-    }
-};
-
-// The sample of a row (topk.plan): nb blocks of sb contiguous keys spread evenly over its T keys, block b starting
-// at b T / nb (nb and sb powers of two: shifts). Entry i of the sample is read from the row where it lies.
-template <class Src>
-struct RowSample {
-    const Src &row;
-    long long T;
-    int log_sb, log_nb, sb;
-    __device__ __forceinline__ u32 get(int i) const {
-        return row.get((int)((((long long)(i >> log_sb)) * T) >> log_nb) + (i & (sb - 1)));
-    }
 };
 
 // The bin of a histogram holding the K-th largest of its keys (counting from the top bin), and the keys in the
@@ -387,6 +373,7 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
             if (i0 + u * NT < ns) s[i0 + u * NT] = v[u];
     }
     __syncthreads();
+    STAMP(1);
     SmemSrc<NT> src{s, nullptr};
     const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh);
     __syncthreads();  // the sample's slots are the candidates' next
@@ -503,91 +490,6 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-// The row into shared memory as keys (s, index order), read from global memory once; returns this thread's largest.
-template <bool VEC, int NT>
-__device__ u32 stage_row(const RowSrc<VEC, NT> &src, int T, u32 *s) {
-    const int G = ROW_GROUPS, step = G * 4 * NT;
-    u32 top = 0;
-    int idx[G][4];
-#pragma unroll 2
-    for (int base = 0; base < T; base += step) {
-        u32 key[G][4];
-        const bool tail = base + step > T;
-        if (tail) src.template load<true>(base, T, key, idx); else src.template load<false>(base, T, key, idx);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
-            if (first + 4 <= T) {
-                *reinterpret_cast<uint4 *>(s + first) = make_uint4(key[g][0], key[g][1], key[g][2], key[g][3]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    if (first + j < T) s[first + j] = key[g][j];
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) top = max(top, first + j < T ? key[g][j] : 0u);
-        }
-    }
-    return top;
-}
-
-// A row staged in shared memory (p.direct == 2; wide blocks, rows that fit: topk_cuda.launch): one read of the row
-// from global memory, then every step on chip. Path 1: the sampled threshold L has at least K keys above it, and
-// the K-th key is searched among the keys in (L, row max] only (a narrow range: few atomics, spread over the
-// bins); path 2: L is the K-th key; path 3 (the sample misled): the search over the whole row; path 0 (no sample:
-// rows of at most a sample's length): the search over the whole row. The output is compact's, as in topk_row.
-template <int NT, bool VEC, bool SORTED>
-__device__ void topk_staged_row(const Params &p, u32 *s, u64 *sb, Shared<NT> &sh) {
-    int buf = 0;
-    const long long row = blockIdx.x;
-    const RowSrc<VEC, NT> src{p.x + row * p.sxr, p.sxt};
-    int *o_row = p.out + row * p.sor;
-    const StagedRow<NT> keys{s};
-    const u32 K = (u32)p.K;
-    const u32 top = block_reduce<true>(stage_row(src, p.T, s), sh, buf);  // its barrier publishes the row
-    const int ns = p.nb * p.sb;
-    u32 kth, n_above;
-    int path;
-    if (ns >= p.T) {
-        kth = kth_largest(keys, p.T, K, 0u, top, sh, &n_above);
-        path = 0;
-    } else {
-        const RowSample<StagedRow<NT>> sample{keys, p.T, __ffs(p.sb) - 1, __ffs(p.nb) - 1, p.sb};
-        u32 lo = FULL, hi = 0;
-        for (int i = threadIdx.x; i < ns; i += NT) {
-            const u32 u = sample.get(i);
-            lo = min(lo, u);
-            hi = max(hi, u);
-        }
-        hi = block_reduce<true>(hi, sh, buf);
-        lo = ~block_reduce<true>(~lo, sh, buf);
-        const u32 L = kth_largest(sample, ns, (u32)p.r_sample, lo, hi, sh);
-        u64 gt = 0, eq = 0, n_gt, n_eq;
-        for (int i = threadIdx.x; i < p.T; i += NT) {
-            const u32 u = s[i];
-            gt += u > L;
-            eq += u == L;
-        }
-        block_scan2(gt, eq, n_gt, n_eq, sh, buf);
-        if (n_gt >= K) {
-            kth = kth_largest(keys, p.T, K, L + 1, top, sh, &n_above);
-            path = 1;
-        } else if (n_gt + n_eq >= K) {
-            kth = L;
-            n_above = (u32)n_gt;
-            path = 2;
-        } else {
-            kth = kth_largest(keys, p.T, K, 0u, top, sh, &n_above);
-            path = 3;
-        }
-    }
-    OutSink sink{o_row, p.sok, n_above, K};
-    u32 a = 0, e = 0;
-    compact(keys, 0, p.T, kth, sink, a, e, sh, buf);
-    if (p.path != nullptr && threadIdx.x == 0) p.path[row] = path;
-    if (SORTED) sort_selected(p, RowSrc<false, NT>{p.x + row * p.sxr, p.sxt}, o_row, sb);
-}
-
 template <int NT, bool VEC, bool SORTED>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -603,19 +505,18 @@ __device__ void topk_row(const Params &p) {
     int *ci = reinterpret_cast<int *>(ck + p.cap);
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
-    if (p.direct == 2) {  // the row staged in shared memory: the keys first, the sort's pairs after them
-        topk_staged_row<NT, VEC, SORTED>(p, reinterpret_cast<u32 *>(smem),
-                                         reinterpret_cast<u64 *>(smem + 16 * ((p.T + 3) / 4)), sh);
-        return;
-    }
 
+    STAMP_NS(15);
+    STAMP(0);
     const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf);
+    STAMP(2);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
     if (p.nsplit == 1) {
         BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
         compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
         __syncthreads();
+        STAMP(3);
     } else {
         const long long reg = row * p.nsplit + split;
         const int lo = split * p.seg, hi = min(lo + p.seg, p.T);
@@ -644,10 +545,13 @@ __device__ void topk_row(const Params &p) {
         u32 top = 0;
         for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
         const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh);
+        STAMP(4);
         const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
+        STAMP(5);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
         compact(cand, 0, (int)n_gt, kth, sink, a, e, sh, buf);
+        STAMP(6);
         path = p.direct ? 0 : 1;
     } else if (!overflow && n_gt <= (u32)p.cap && n_gt + n_eq >= K) {  // L is the k-th key: the ties fill up
         for (u32 q = threadIdx.x; q < n_gt; q += NT) o_row[(long long)q * p.sok] = ci[q];
@@ -660,8 +564,14 @@ __device__ void topk_row(const Params &p) {
         compact(src, 0, p.T, kth, sink, a, e, sh, buf);
         path = 3;
     }
+#ifndef TOPK_STAMPS
     if (p.path != nullptr && threadIdx.x == 0) p.path[row] = path;
+#else
+    (void)path;
+#endif
     if (SORTED) sort_selected(p, RowSrc<false, NT>{p.x + row * p.sxr, p.sxt}, o_row, sb);
+    STAMP(7);
+    STAMP_NS(14);
 }
 
 #define ENTRY(name, nt, blocks, vec, sorted) \

@@ -79,11 +79,6 @@ def available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
 
-def staged_smem_bytes(T: int, p: dict, sorted: bool) -> int:
-    """Dynamic shared memory of a staged launch: the row's keys (16-byte aligned), then the sort's pairs."""
-    return 16 * -(-T // 4) + (p["KP"] * 8 if sorted else 0)
-
-
 def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
     """Dynamic shared memory of a launch: candidates (or the sample), the sort's pairs, the split offsets."""
     cap = max(p["CAP"], min_cap(wide))
@@ -96,19 +91,12 @@ def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) ->
     return smem_bytes(p, 1 if wide else nsplit, sorted, wide) <= limit
 
 
-def staged_fits(device: int, T: int, p: dict, sorted: bool) -> bool:
-    """Whether a row of ``T`` keys (and the sort's pairs) fits one wide block's shared memory on the device."""
-    return staged_smem_bytes(T, p, sorted) <= _kernels(device)[kernel_name(True, sorted, True)].max_dynamic_smem
-
-
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
-           path: Optional[torch.Tensor], wide: bool = False, staged: bool = False) -> None:
+           path: Optional[torch.Tensor], wide: bool = False) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
-    direct rows, rows of >= ``ONE_SPLIT_ROWS`` and ``wide`` launches are one block a row). ``staged`` (wide
-    blocks): each row is read into shared memory once and selected there (``staged_fits`` says where it fits)."""
+    direct rows, rows of >= ``ONE_SPLIT_ROWS`` and ``wide`` launches are one block a row)."""
     R, T = x2d.shape
     dev = x2d.device
-    wide = wide or staged
     for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
         if p[name] < 1 or p[name] & (p[name] - 1):
             raise ValueError(f"topk_cuda.launch: plan {name}={p[name]}, expected a power of two (topk.plan gives one)")
@@ -128,7 +116,7 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         reg_tie=base, counts=base + 4 * n_reg * (treg + 2 * reg), done=done.data_ptr() if nsplit > 1 else None,
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
-        reg=reg, treg=treg, direct=2 if staged else int(p["DIRECT"]))
+        reg=reg, treg=treg, direct=int(p["DIRECT"]))
     kernel = _kernels(dev.index)[kernel_name(vec, sorted, wide)]
-    smem = staged_smem_bytes(T, p, sorted) if staged else smem_bytes(p, nsplit, sorted, wide)
-    kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem, prm, torch.cuda.current_stream(dev).cuda_stream)
+    kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
+                  torch.cuda.current_stream(dev).cuda_stream)
