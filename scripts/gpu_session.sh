@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs topk deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs topk topk-stamps paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -58,6 +58,10 @@ case "$step" in
                      # then the exactness and CUDA-graph tests of the CUDA kernels
         timeout "$(limit 240)" python benchmarks/bench_topk_cuda.py --decode-sweep --out "$OUT"
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
+    topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
+        timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
+    paged)           # the paged decode kernel alone (both kinds of launch, CUDA graphs, compute-sanitizer memcheck)
+        gpu_tests tests/gpu/test_paged_decode_gpu.py ;;
     deepgemm)        # ours beside DeepGEMM (built first when DEEPGEMM_SRC names a checkout with its submodules)
         if [ -n "${DEEPGEMM_SRC:-}" ]; then
             export PYTHONPATH="$(scripts/build_deepgemm.sh "$DEEPGEMM_SRC"):$PYTHONPATH"
