@@ -44,16 +44,25 @@ def main(device: str = "cpu") -> None:
             for kind, block_t, key_blocks in itertools.product(pd.PAGED_KINDS, block_ts, (1, 3)):
                 config = pd.LogitsConfig(kind, 1, block_t, 4, 2, key_blocks=key_blocks)
                 out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, config=config)
-                check(out, ref, (S, precision, config.name()))
+                check(out, ref, (S, precision, config.name()), fp8_on_card=precision == "fp8" and device != "cpu")
                 cases += 1
     print(f"ok {cases} cases")
 
 
-def check(out, ref, where) -> None:
+#: fp8 on the card: the logits' relative error bound of the fp8 kernel's own GPU tests (tests/gpu/test_indexer_fp8_gpu.py):
+#: the fp8 matrix unit accumulates its products in fewer bits than fp32, which single elements near zero magnify.
+FP8_CARD_REL_TOL = 2e-3
+
+
+def check(out, ref, where, fp8_on_card: bool = False) -> None:
     seen = torch.isfinite(ref)
     assert torch.equal(seen, torch.isfinite(out)) and torch.isneginf(out[~seen]).all(), where
     assert seen[1].sum() > 0 and not seen[0].any()
-    torch.testing.assert_close(out[seen], ref[seen], rtol=1e-4, atol=1e-4, msg=lambda m: f"{where}: {m}")
+    if fp8_on_card:
+        rel = ((out[seen] - ref[seen]).norm() / ref[seen].norm()).item()
+        assert rel <= FP8_CARD_REL_TOL, (where, rel)
+    else:
+        torch.testing.assert_close(out[seen], ref[seen], rtol=1e-4, atol=1e-4, msg=lambda m: f"{where}: {m}")
 
 
 if __name__ == "__main__":
