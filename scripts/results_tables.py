@@ -135,7 +135,7 @@ TABLES: dict[str, Table] = {
         Column("fp8 ours, paged / + top-k µs", (("ours_fp8_paged_logits", "us"), ("ours_fp8_paged_logits_topk", "us")),
                ".1f"),
         Column("one op (bf16) µs", (("ours_fused_score_topk", "us"),), ".1f"),
-    ), commit="22883eb"),
+    ), commit="d6f6e16"),
     "decode-default": Table("decode_cudagraphs_4_layers", "decode point", (
         _triple("ms: Inductor / hand-written f4 / ours f4 (default) / ours f4, S writes kept",
                 ("inductor", "hand_f4", "ours_f4", "ours_f4_keep"), "ms"),

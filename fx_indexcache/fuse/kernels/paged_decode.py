@@ -15,14 +15,14 @@ for ``t < kv_lens[b]`` and ``t <= s + kv_lens[b] - S`` (the S queries are the re
 a few speculative tokens); ``-inf`` elsewhere, up to ``N * PAGE`` columns. Pages past a request's length are never
 read, so their block-table entries may hold anything.
 
-Each program owns one query and ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys (a block within one page reads one
-block-table entry and the page's contiguous rows; a block spanning pages gathers them row by row), reads the
-query's q and weights once and loops over its blocks (the next block's keys load while this one computes), each
-block's product one tile on the matrix unit: the query's heads on its M side (config kind "decode", as the
-contiguous decode kernel) or the block's keys (kind "key_rows", as the contiguous key-rows kernel: the head sum
-stays within a thread and its quad instead of crossing warps). Keys a query does not see are never read; programs
-entirely past it store ``-inf`` without loading anything. No host synchronisation: safe under CUDA-graph capture.
-``paged_decode_logits_reference`` gathers the pages and computes the same math in torch.
+Each program owns one query and ``KEY_BLOCKS`` blocks of ``BLOCK_T`` keys (pages gathered row by row; ``BLOCK_T``
+need not divide the page), reads the query's q and weights once and loops over its blocks (the next block's keys
+load while this one computes), each block's product one tile on the matrix unit: the query's heads on its M side
+(config kind "decode", as the contiguous decode kernel) or the block's keys (kind "key_rows", as the contiguous
+key-rows kernel: the head sum stays within a thread and its quad instead of crossing warps). Keys a query does
+not see are never read; programs entirely past it store ``-inf`` without loading anything. No host
+synchronisation: safe under CUDA-graph capture. ``paged_decode_logits_reference`` gathers the pages and computes
+the same math in torch.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ def _kernel():
         BLOCK_T: tl.constexpr,
         KEY_BLOCKS: tl.constexpr,
         KEY_ROWS: tl.constexpr,
-        BLOCK_IN_PAGE: tl.constexpr,
     ):
         t_first = tl.program_id(0) * (KEY_BLOCKS * BLOCK_T)
         s = tl.program_id(1)
@@ -90,19 +89,11 @@ def _kernel():
             for j in range(KEY_BLOCKS):
                 rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
                 visible = (rt < kv_len) & (rt <= last)  # only visible keys' pages are read
-                if BLOCK_IN_PAGE:  # the block lies in one page: one table entry, its rows contiguous in the pool
-                    t0 = t_first + j * BLOCK_T
-                    page = tl.load(bt_ptr + b * sbtb + (t0 // PAGE).to(tl.int64) * sbtn,
-                                   mask=(t0 < kv_len) & (t0 <= last), other=0).to(tl.int64)
-                    row = (t0 % PAGE + tl.arange(0, BLOCK_T)).to(tl.int64)
-                    kt = tl.load(k_ptr + page * skp + row[:, None] * skr + rd[None, :] * skd, mask=visible[:, None],
-                                 other=0.0)
-                else:  # a table entry a key
-                    page = tl.load(bt_ptr + b * sbtb + (rt // PAGE).to(tl.int64) * sbtn, mask=visible,
-                                   other=0).to(tl.int64)
-                    row = (rt % PAGE).to(tl.int64)
-                    kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
-                                 mask=visible[:, None], other=0.0)
+                page = tl.load(bt_ptr + b * sbtb + (rt // PAGE).to(tl.int64) * sbtn, mask=visible,
+                               other=0).to(tl.int64)
+                row = (rt % PAGE).to(tl.int64)
+                kt = tl.load(k_ptr + page[:, None] * skp + row[:, None] * skr + rd[None, :] * skd,
+                             mask=visible[:, None], other=0.0)
                 if KEY_ROWS:  # keys on the M side: a key's heads sum within a thread's registers and its quad
                     d = tl.dot(kt, tl.trans(qs))
                     logit = tl.sum(tl.maximum(d, 0.0) * ws[None, :], axis=1)
@@ -219,7 +210,6 @@ def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=No
         *(k_scale.stride() if k_scale is not None else (0, 0)),
         PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()),
         BLOCK_T=config.block_t, KEY_BLOCKS=config.key_blocks, KEY_ROWS=config.kind == "key_rows",
-        BLOCK_IN_PAGE=page % config.block_t == 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
