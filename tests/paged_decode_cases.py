@@ -41,10 +41,12 @@ def main(device: str = "cpu") -> None:
             # several (a program's blocks past a request's length, and past the table's end: 48 keys, 3 x 32);
             # the query's heads or the block's keys on the matrix unit's M side (both kinds of launch)
             block_ts = (8, 16, 32) if device == "cpu" else (16, 32, 64)
-            for kind, block_t, key_blocks in itertools.product(pd.PAGED_KINDS, block_ts, (1, 3)):
-                config = pd.LogitsConfig(kind, 1, block_t, 4, 2, key_blocks=key_blocks)
+            configs = [pd.LogitsConfig(kind, 1, block_t, 4, 2, key_blocks=key_blocks)
+                       for kind, block_t, key_blocks in itertools.product(pd.PAGED_KINDS, block_ts, (1, 3))]
+            for config in configs + [None]:  # None: the default launch (the precision's rule here, the card's row there)
                 out = pd.paged_decode_logits(qk, kk, wk, table, lens, k_scale=ks, config=config)
-                check(out, ref, (S, precision, config.name()), fp8_on_card=precision == "fp8" and device != "cpu")
+                name = "default" if config is None else config.name()
+                check(out, ref, (S, precision, name), fp8_on_card=precision == "fp8" and device != "cpu")
                 cases += 1
     print(f"ok {cases} cases")
 
