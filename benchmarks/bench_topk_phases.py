@@ -18,6 +18,7 @@ Writes topk_phases.{json,md} under --out.
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -163,13 +164,22 @@ STAMP_PHASES = ("sample loaded", "sample's k-th key", "filter", "candidates' k-t
 STAMP_SHAPES = [(1, 8192), (1, 32768), (1, 65536), (64, 32768)]
 
 
+def stamp_slots() -> int:
+    """u64 slots the stamps build writes (``STAMP_SLOTS`` in topk_cuda.cu): 0-7 the phases, 14-15 the global timer,
+    16 on the steps inside the phases (read from the source, so the two cannot drift apart)."""
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    return int(re.search(r"#define STAMP_SLOTS (\d+)", topk_cuda.SOURCE.read_text()).group(1))
+
+
 def measure_stamps(R, T, log, reps=50) -> dict:
     """Where one wide block's time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block 0's clock
     at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's profiled
     GPU time and its CUDA-graph replay time. Rows: the logits kernel's own (causal, V3.2's indexer)."""
     x = causal_logits(1, R, T).reshape(R, T)
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
-    stamps = torch.zeros(32, dtype=torch.int32, device="cuda")  # the kernel writes u64[16] through its path pointer
+    slots = stamp_slots()
+    stamps = torch.zeros(2 * slots, dtype=torch.int32, device="cuda")  # the kernel writes u64[slots] through its path
     res = dict(R=R, T=T)
     for sorted_ in (False, True):
         tag = "sorted" if sorted_ else "unsorted"
@@ -185,8 +195,12 @@ def measure_stamps(R, T, log, reps=50) -> dict:
             if all(r[i] and r[i - 1] for r in runs):
                 phases[name] = med([r[i] - r[i - 1] for r in runs])
         done = [r for r in runs if r[7] and r[0]]
+        # the steps inside the phases (STAMP_STEP: histogram passes, compaction chunks; the first follows the sample's
+        # loads), cycles since the step before
+        steps = [med([r[i] - (r[i - 1] if i > 16 else r[1]) for r in runs])
+                 for i in range(16, slots) if all(r[i] for r in runs)]
         res[tag] = dict(
-            cycles=phases, total_cycles=med([r[7] - r[0] for r in done]) if done else None,
+            cycles=phases, steps_after_sample=steps, total_cycles=med([r[7] - r[0] for r in done]) if done else None,
             block_ns=med([r[14] - r[15] for r in runs]),
             kernel_ms=kernel_times(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")),
             graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")), 4),

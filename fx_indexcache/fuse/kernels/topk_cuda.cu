@@ -41,24 +41,43 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
 
 // Phase stamps, for finding where a block's time goes (a build with -DTOPK_STAMPS, which
 // benchmarks/bench_topk_phases.py --sections stamps makes through FX_INDEXCACHE_NVRTC_FLAGS): thread 0 of block 0
-// writes the SM clock at each phase boundary into p.path, read as u64[16] (slots 14 and 15: the global timer at
-// the end and the start, ns), and the paths are not recorded. Every other build compiles them away.
+// writes the SM clock into p.path, read as u64[STAMP_SLOTS]: slots 0-7 at the phase boundaries (STAMP), 14 and 15
+// the global timer at the end and the start (ns), and from slot 16 on, in order, the steps inside the phases
+// (STAMP_STEP: each histogram pass of a k-th key search after its atomics and after its bin search, each chunk of a
+// compaction after its loads, its scan and its writes). The paths are not recorded. Every other build compiles
+// them away.
+#define STAMP_SLOTS 128
 #ifdef TOPK_STAMPS
+__device__ unsigned long long *stamp_buf;  // this launch's p.path (block 0, thread 0 only)
+__device__ int stamp_next;
+#define STAMP_BEGIN(p)                                                                  \
+    do {                                                                                \
+        if (blockIdx.x == 0 && threadIdx.x == 0) {                                      \
+            stamp_buf = reinterpret_cast<unsigned long long *>((p).path);               \
+            stamp_next = 16;                                                            \
+        }                                                                               \
+    } while (0)
 #define STAMP(i)                                                                        \
     do {                                                                                \
-        if (blockIdx.x == 0 && threadIdx.x == 0 && p.path != nullptr)                   \
-            reinterpret_cast<unsigned long long *>(p.path)[i] = clock64();              \
+        if (blockIdx.x == 0 && threadIdx.x == 0 && stamp_buf != nullptr) stamp_buf[i] = clock64(); \
+    } while (0)
+#define STAMP_STEP()                                                                    \
+    do {                                                                                \
+        if (blockIdx.x == 0 && threadIdx.x == 0 && stamp_buf != nullptr && stamp_next < STAMP_SLOTS) \
+            stamp_buf[stamp_next++] = clock64();                                        \
     } while (0)
 #define STAMP_NS(i)                                                                     \
     do {                                                                                \
-        if (blockIdx.x == 0 && threadIdx.x == 0 && p.path != nullptr) {                 \
+        if (blockIdx.x == 0 && threadIdx.x == 0 && stamp_buf != nullptr) {              \
             unsigned long long t;                                                       \
             asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                      \
-            reinterpret_cast<unsigned long long *>(p.path)[i] = t;                      \
+            stamp_buf[i] = t;                                                           \
         }                                                                               \
     } while (0)
 #else
+#define STAMP_BEGIN(p) do {} while (0)
 #define STAMP(i) do {} while (0)
+#define STAMP_STEP() do {} while (0)
 #define STAMP_NS(i) do {} while (0)
 #endif
 
@@ -262,8 +281,10 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<
             if (u >= lo && u <= hi) atomicAdd(&hist[(u - lo) >> shift], 1u);
         }
         __syncthreads();
+        STAMP_STEP();
         u32 bin, above;
         find_bin(hist, K, bin, above);
+        STAMP_STEP();
         K -= above;
         lo += bin << shift;
         const u32 width = (1u << shift) - 1u;
@@ -289,6 +310,7 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
     u32 key[G][4];
     int idx[G][4];
     src.template load<TAIL>(base, hi, key, idx);
+    STAMP_STEP();  // (the loads are issued here; their first use below waits for them)
     u32 fg[G], fe[G];  // bit j: key j of group g above / equal to thr
     u64 cg = 0, ce = 0;  // this thread's counts, a 16-bit field a group
 #pragma unroll
@@ -306,6 +328,7 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
     }
     u64 tg, te;
     block_scan2(cg, ce, tg, te, sh, buf);
+    STAMP_STEP();
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
@@ -317,6 +340,7 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
         n_gt += field16(tg, g);
         n_eq += field16(te, g);
     }
+    STAMP_STEP();
 }
 
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
@@ -506,6 +530,7 @@ __device__ void topk_row(const Params &p) {
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
 
+    STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);
     const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf);
