@@ -65,7 +65,7 @@ KEY_ROWS_SHAPES = ((64, 1, 4), (64, 2, 8), (128, 1, 4), (128, 1, 8), (128, 2, 8)
 KEY_ROWS_GRID = dict(block_s=(64, 128), num_stages=(2, 3))
 #: ... and for decode: one query's heads as the N side (the head sum stays in a thread's registers, not across warps),
 #: 1-8 key blocks a program.
-KEY_ROWS_DECODE_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4,), num_stages=(1, 2), key_blocks=(1, 2, 4, 8))
+KEY_ROWS_DECODE_GRID = dict(block_s=(1,), block_t=(64, 128), num_warps=(4,), num_stages=(1, 2, 3), key_blocks=(1, 2, 4, 8))
 
 
 def configs(kind: str):
