@@ -9,7 +9,8 @@ First every path of the kernel is checked on representative rows (``tests/topk_c
 set against torch.topk, the tie rule, the order; the share of rows each path took is printed). Then, k = 2048
 on fresh randn rows: prefill shapes eagerly (do_bench medians, L2 flushed), decode shapes replayed in a CUDA
 graph (do_bench_cudagraph medians), unsorted and sorted. ``--sanitize``: the checks only, on small rows, for a
-run under ``compute-sanitizer`` (memcheck, racecheck). (Run 8's ``topk_cuda_run8.json`` was timed by this
+run under ``compute-sanitizer`` (memcheck, racecheck); ``--checks``: every check case, no timings (a build variant
+of the kernel, ``FX_INDEXCACHE_NVRTC_FLAGS``). (Run 8's ``topk_cuda_run8.json`` was timed by this
 script's staging copy with do_bench's default, means, for the prefill rows; the script now takes the project's
 ``bench`` helper, medians.) ``--decode-sweep``: instead, decode logits + top-k
 (1 and 64 x 32K) replayed in a CUDA graph for each launch variant of both kernels (warps, split counts, sample
@@ -134,11 +135,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
                     help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--sanitize", action="store_true", help="the small checks only (for compute-sanitizer)")
+    ap.add_argument("--checks", action="store_true", help="every check case, no timings (a build variant's exactness)")
     ap.add_argument("--decode-sweep", action="store_true", help="decode logits + top-k for each launch variant")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     reason = topk_cuda.unavailable_reason(torch.device("cuda"))
-    print("CUDA top-k:", reason or "loaded", flush=True)
+    print("CUDA top-k:", reason or "loaded", "| NVRTC flags:", os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", ""), flush=True)
     if reason:
         sys.exit(1)
     if args.decode_sweep:
@@ -146,7 +148,8 @@ def main() -> None:
             json.dump(decode_sweep(), f, indent=1)
         return
     bad = check_cases(SMALL_CASES if args.sanitize else CASES)
-    if args.sanitize:
+    if args.sanitize or args.checks:
+        print(f"{bad} failing checks", flush=True)
         sys.exit(1 if bad else 0)
     import triton
 

@@ -221,7 +221,7 @@ def main() -> None:
     if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
         if args.sections != "stamps":
             ap.error("--sections stamps runs alone (its build of the CUDA top-k records no paths)")
-        os.environ["FX_INDEXCACHE_NVRTC_FLAGS"] = "-DTOPK_STAMPS"
+        os.environ["FX_INDEXCACHE_NVRTC_FLAGS"] = (os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "") + " -DTOPK_STAMPS").strip()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "topk_phases_log.txt"), "a")
 

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs topk topk-stamps paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs topk topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -60,6 +60,18 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
+    topk-variants)   # the CUDA top-k's opt-in build variants (topk_cuda.cu: TOPK_SAMPLE_COARSE, TOPK_COUNT_FROM_SEARCH)
+                     # beside the default: exactness on every check case, then the wide block's stamps and replay time
+        for flags in "" "-DTOPK_SAMPLE_COARSE=1" "-DTOPK_COUNT_FROM_SEARCH=1" \
+                "-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1"; do
+            name=$(echo "${flags:-default}" | tr -c 'A-Za-z0-9=\n' '_')
+            mkdir -p "$OUT/$name"
+            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_cuda.py --checks \
+                --out "$OUT/$name" > "$OUT/$name/checks.txt" 2>&1 || true
+            tail -1 "$OUT/$name/checks.txt"
+            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_phases.py \
+                --sections stamps --out "$OUT/$name" | grep "^stamps" || true
+        done ;;
     paged)           # the paged decode kernel alone (both kinds of launch, CUDA graphs, compute-sanitizer memcheck)
         gpu_tests tests/gpu/test_paged_decode_gpu.py ;;
     deepgemm)        # ours beside DeepGEMM (built first when DEEPGEMM_SRC names a checkout with its submodules)

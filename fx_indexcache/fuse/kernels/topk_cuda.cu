@@ -25,6 +25,16 @@ typedef unsigned long long u64;
 #define ROW_GROUPS 4    // a row is read 4 x NT keys a step (four 16-byte loads a thread, one barrier)
 #define BINS 256        // a histogram's bins (equal ranges of key values: kth_largest)
 #define FULL 0xffffffffu
+// Variants of the wide block's dependent steps, off by default until measured (a build with -D...=1 through
+// FX_INDEXCACHE_NVRTC_FLAGS; scripts/gpu_session.sh step topk-variants times and checks them). Off, the code is
+// the measured default's: the same PTX.
+#ifndef TOPK_SAMPLE_COARSE  // 1: the sampled threshold's search stops at a range under 2^16 key values
+#define TOPK_SAMPLE_COARSE 0
+#endif
+#ifndef TOPK_COUNT_FROM_SEARCH  // 1: the candidates above the k-th key come from its search, not a count pass
+#define TOPK_COUNT_FROM_SEARCH 0
+#endif
+#define SAMPLE_COARSE (1u << 16)  // the range at which TOPK_SAMPLE_COARSE stops (sampled_threshold)
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
     const float *x;
@@ -264,14 +274,17 @@ __device__ __forceinline__ void find_bin(const u32 *hist, u32 K, u32 &bin, u32 &
 // address serialise). One barrier a pass: the histograms rotate over three slots (a pass zeroes the next one; a
 // slot is zeroed again two barriers after its last read), and find_bin needs none. A barrier must separate two
 // calls (the callers' reductions, scans and syncs do). *n_above, when given, receives the keys above the K-th.
+// With coarse > 0 the search stops once its range is narrower than coarse key values: it returns the range's lower
+// edge and *range_hi its upper one (equal where the range closed on the K-th key).
 template <int NT, class Src>
-__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh, u32 *n_above = nullptr) {
+__device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<NT> &sh, u32 *n_above = nullptr,
+                           u32 coarse = 0, u32 *range_hi = nullptr) {
     const u32 K0 = K;
     int h = 0;
     if (threadIdx.x < BINS) sh.hist[0][threadIdx.x] = 0;
     __syncthreads();
 #pragma unroll 1
-    while (lo < hi) {
+    while (lo < hi && hi - lo >= coarse) {
         const int shift = max(0, 32 - __clz(hi - lo) - 8);  // (hi - lo) >> shift < BINS
         u32 *hist = sh.hist[h];
         h = h == 2 ? 0 : h + 1;
@@ -291,6 +304,7 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<
         hi = hi - lo > width ? lo + width : hi;
     }
     if (n_above != nullptr) *n_above = K0 - K;
+    if (range_hi != nullptr) *range_hi = hi;
     return lo;
 }
 
@@ -399,7 +413,26 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     __syncthreads();
     STAMP(1);
     SmemSrc<NT> src{s, nullptr};
-    const u32 L = kth_largest(src, ns, (u32)p.r_sample, 0u, 0xffffffffu, sh);
+    // TOPK_SAMPLE_COARSE: the threshold needs no exact key, so the search may stop at a range of fewer than
+    // SAMPLE_COARSE key values (two passes of four); the threshold is then the sampled key there when the sample has
+    // one value in that range (the ties path needs it), else one below the range (a few more candidates).
+    u32 hi;
+    const u32 lo = kth_largest(src, ns, (u32)p.r_sample, 0u, FULL, sh, nullptr, TOPK_SAMPLE_COARSE ? SAMPLE_COARSE : 0u,
+                               &hi);
+    u32 L = lo;
+    if (TOPK_SAMPLE_COARSE && lo < hi) {
+        u32 least = FULL, most = 0;
+        for (int i = threadIdx.x; i < ns; i += NT) {
+            const u32 u = src.get(i);
+            if (u >= lo && u <= hi) {
+                least = min(least, u);
+                most = max(most, u);
+            }
+        }
+        most = block_reduce<true>(most, sh, buf);
+        least = ~block_reduce<true>(~least, sh, buf);
+        L = least == most ? least : (lo > 0 ? lo - 1 : 0);
+    }
     __syncthreads();  // the sample's slots are the candidates' next
     return L;
 }
@@ -569,9 +602,11 @@ __device__ void topk_row(const Params &p) {
         SmemSrc<NT> cand{ck, ci};
         u32 top = 0;
         for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
-        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh);
+        u32 above;  // the candidates above the k-th key (TOPK_COUNT_FROM_SEARCH: the search counts them)
+        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh,
+                                    TOPK_COUNT_FROM_SEARCH ? &above : nullptr);
         STAMP(4);
-        const u32 above = count_above(cand, (int)n_gt, kth, sh, buf);
+        if (!TOPK_COUNT_FROM_SEARCH) above = count_above(cand, (int)n_gt, kth, sh, buf);
         STAMP(5);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;
