@@ -60,10 +60,11 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
-    topk-variants)   # the CUDA top-k's opt-in build variants (topk_cuda.cu: TOPK_SAMPLE_COARSE, TOPK_COUNT_FROM_SEARCH)
-                     # beside the default: exactness on every check case, then the wide block's stamps and replay time
-        for flags in "" "-DTOPK_SAMPLE_COARSE=1" "-DTOPK_COUNT_FROM_SEARCH=1" \
-                "-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1"; do
+    topk-variants)   # the CUDA top-k's opt-in build variants (topk_cuda.cu: TOPK_WARP_FILTER, TOPK_SAMPLE_COARSE,
+                     # TOPK_COUNT_FROM_SEARCH) beside the default: exactness on every check case, then the wide
+                     # block's stamps and replay time
+        for flags in "" "-DTOPK_WARP_FILTER=1" "-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1" \
+                "-DTOPK_WARP_FILTER=1 -DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1"; do
             name=$(echo "${flags:-default}" | tr -c 'A-Za-z0-9=\n' '_')
             mkdir -p "$OUT/$name"
             FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_cuda.py --checks \

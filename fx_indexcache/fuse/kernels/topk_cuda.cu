@@ -35,6 +35,9 @@ typedef unsigned long long u64;
 #define TOPK_COUNT_FROM_SEARCH 0
 #endif
 #define SAMPLE_COARSE (1u << 16)  // the range at which TOPK_SAMPLE_COARSE stops (sampled_threshold)
+#ifndef TOPK_WARP_FILTER  // 1: wide blocks filter the row by warps (warp_filter): one barrier, not one a 16K-key step
+#define TOPK_WARP_FILTER 0
+#endif
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
     const float *x;
@@ -100,6 +103,9 @@ struct Shared {  // the block's reduction and scan slots (two of each: one barri
     __align__(16) u32 hist[3][BINS];
     u32 sum[2][NW];
     u64 scan[2][2][NW];
+#if TOPK_WARP_FILTER
+    u32 warp_count[2][NW];  // warp_filter: each warp's keys above and equal to the threshold
+#endif
     int last;
 };
 
@@ -394,6 +400,88 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
     }
 };
 
+#if TOPK_WARP_FILTER
+// One sweep of warp_filter over this warp's segment [lo, hi) of the row, 128 keys a step (four a lane, in index
+// order lane by lane): counts the keys above L (og) and equal to it (oe); with WRITE, also hands each to the sink at
+// its rank, from the og / oe the sweep starts with. The ranks come from ballots (the keys of the lanes below, then
+// this lane's earlier ones): no shuffle, no barrier.
+template <bool WRITE, bool VEC, int NT>
+__device__ __forceinline__ void warp_sweep(const RowSrc<VEC, NT> &src, int lo, int hi, u32 L, BufferSink &sink,
+                                           u32 &og, u32 &oe) {
+    const int lane = threadIdx.x & 31;
+    const u32 below = (1u << lane) - 1u;
+    for (int base = lo; base < hi; base += 128) {
+        const int first = base + 4 * lane;
+        u32 key[4];
+        if (VEC && first + 4 <= hi) {
+            const float4 f = *reinterpret_cast<const float4 *>(src.row + first);
+            key[0] = ukey(f.x); key[1] = ukey(f.y); key[2] = ukey(f.z); key[3] = ukey(f.w);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) key[j] = first + j < hi ? src.get(first + j) : 0u;
+        }
+        u32 fg = 0, fe = 0, rg = 0, re = 0, tg = 0, te = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const bool ok = first + j < hi;
+            fg |= (u32)(ok && key[j] > L) << j;
+            fe |= (u32)(ok && key[j] == L) << j;
+            const u32 bg = __ballot_sync(FULL, (fg >> j) & 1u), be = __ballot_sync(FULL, (fe >> j) & 1u);
+            rg += __popc(bg & below);
+            re += __popc(be & below);
+            tg += __popc(bg);
+            te += __popc(be);
+        }
+        if (WRITE) {
+            u32 pg = og + rg, pe = oe + re;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if ((fg >> j) & 1u) sink.gt(pg++, key[j], first + j);
+                if ((fe >> j) & 1u) sink.eq(pe++, first + j);
+            }
+        }
+        og += tg;
+        oe += te;
+    }
+}
+
+// The filter by warps (TOPK_WARP_FILTER, wide blocks, one block a row): warp w owns the w-th of NW contiguous
+// segments of the row (multiples of 128 keys). A first sweep counts its keys above L and equal to it; one barrier
+// and a scan of the NW counts in every warp give each warp its offsets; a second sweep (the segment again, from L2)
+// hands the keys to the sink at their ranks among the row's. The sink receives what compact gives it, in the same
+// index order, with one barrier instead of one a step of 16K keys. n_gt, n_eq: the row's totals.
+template <bool VEC, int NT>
+__device__ void warp_filter(const RowSrc<VEC, NT> &src, int T, u32 L, BufferSink &sink, u32 &n_gt, u32 &n_eq,
+                            Shared<NT> &sh) {
+    const int NW = Shared<NT>::NW, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int seg = ((T + NW - 1) / NW + 127) / 128 * 128;
+    const int lo = min(w * seg, T), hi = min(lo + seg, T);
+    u32 cg = 0, ce = 0;
+    warp_sweep<false>(src, lo, hi, L, sink, cg, ce);
+    if (lane == 0) {
+        sh.warp_count[0][w] = cg;
+        sh.warp_count[1][w] = ce;
+    }
+    __syncthreads();
+    STAMP_STEP();
+    u32 ig = lane < NW ? sh.warp_count[0][lane] : 0u, ie = lane < NW ? sh.warp_count[1][lane] : 0u;
+    const u32 mine_g = ig, mine_e = ie;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 yg = __shfl_up_sync(FULL, ig, o), ye = __shfl_up_sync(FULL, ie, o);
+        if (lane >= o) {
+            ig += yg;
+            ie += ye;
+        }
+    }
+    n_gt = __shfl_sync(FULL, ig, 31);
+    n_eq = __shfl_sync(FULL, ie, 31);
+    u32 og = __shfl_sync(FULL, ig - mine_g, w), oe = __shfl_sync(FULL, ie - mine_e, w);  // the warps before this one
+    warp_sweep<true>(src, lo, hi, L, sink, og, oe);
+    STAMP_STEP();
+}
+#endif
+
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT>
@@ -572,6 +660,9 @@ __device__ void topk_row(const Params &p) {
     bool overflow = false;
     if (p.nsplit == 1) {
         BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
+#if TOPK_WARP_FILTER
+        if (NT == WIDE && !p.direct) warp_filter(src, p.T, L, sink, n_gt, n_eq, sh); else
+#endif
         compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
         __syncthreads();
         STAMP(3);
