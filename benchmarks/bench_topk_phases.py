@@ -209,14 +209,35 @@ def measure_stamps(R, T, log, reps=50) -> dict:
     return res
 
 
+def measure_replay(R, T, log) -> dict:
+    """The wide block alone and after the logits kernel, replayed in a CUDA graph (a build without stamps: the
+    product's own timing, for comparing build variants), unsorted, on the logits kernel's own rows."""
+    from bench_indexer_kernel import SCALE, make_inputs
+
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
+
+    q, k, w = make_inputs(R, 1, T, seed=R)  # a decode batch: R requests, one query each
+    x = indexer_logits(q, k, w, scale=SCALE).reshape(R, T)
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+
+    def logits_topk():
+        indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
+        tk._launch(x, out, TOPK, algorithm="cuda_wide")
+
+    res = dict(R=R, T=T, topk_graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, algorithm="cuda_wide")), 4),
+               logits_topk_graph_ms=round(graph_ms(logits_topk), 4), exact=topk_exact(x, out, TOPK))
+    log(f"replay {R}x{T}: {res}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
                     help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
-                    "(DECODE_SHAPES, CUDA graphs), or stamps alone (STAMP_SHAPES: the wide CUDA block's phases, "
-                    "from a build with -DTOPK_STAMPS)")
+                    "(DECODE_SHAPES, CUDA graphs), replay (STAMP_SHAPES: the wide CUDA block's graph replay time, "
+                    "alone and after the logits), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
     args = ap.parse_args()
     if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
         if args.sections != "stamps":
@@ -235,6 +256,7 @@ def main() -> None:
     jobs = [(measure_shape, s) for s in (SHAPES[:QUICK] if args.quick else SHAPES) if "prefill" in sections]
     jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
+    jobs += [(measure_replay, s) for s in STAMP_SHAPES if "replay" in sections]
     results = []
     for measure, (R, T) in jobs:
         try:

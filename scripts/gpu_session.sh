@@ -70,7 +70,9 @@ case "$step" in
             FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_cuda.py --checks \
                 --out "$OUT/$name" > "$OUT/$name/checks.txt" 2>&1 || true
             tail -1 "$OUT/$name/checks.txt"
-            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_phases.py \
+            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 100)" python benchmarks/bench_topk_phases.py \
+                --sections replay --out "$OUT/$name/replay" | grep "^replay" || true
+            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 120)" python benchmarks/bench_topk_phases.py \
                 --sections stamps --out "$OUT/$name" | grep "^stamps" || true
         done ;;
     paged)           # the paged decode kernel alone (both kinds of launch, CUDA graphs, compute-sanitizer memcheck)
