@@ -402,46 +402,54 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 
 #if TOPK_WARP_FILTER
 // One sweep of warp_filter over this warp's segment [lo, hi) of the row, 128 keys a step (four a lane, in index
-// order lane by lane): counts the keys above L (og) and equal to it (oe); with WRITE, also hands each to the sink at
-// its rank, from the og / oe the sweep starts with. The ranks come from ballots (the keys of the lanes below, then
-// this lane's earlier ones): no shuffle, no barrier.
+// order lane by lane), the loads of SWEEP_STEPS steps in flight together: counts the keys above L (og) and equal to
+// it (oe); with WRITE, also hands each to the sink at its rank, from the og / oe the sweep starts with. The ranks
+// come from ballots (the keys of the lanes below, then this lane's earlier ones): no shuffle, no barrier.
+#define SWEEP_STEPS 4
 template <bool WRITE, bool VEC, int NT>
 __device__ __forceinline__ void warp_sweep(const RowSrc<VEC, NT> &src, int lo, int hi, u32 L, BufferSink &sink,
                                            u32 &og, u32 &oe) {
     const int lane = threadIdx.x & 31;
     const u32 below = (1u << lane) - 1u;
-    for (int base = lo; base < hi; base += 128) {
-        const int first = base + 4 * lane;
-        u32 key[4];
-        if (VEC && first + 4 <= hi) {
-            const float4 f = *reinterpret_cast<const float4 *>(src.row + first);
-            key[0] = ukey(f.x); key[1] = ukey(f.y); key[2] = ukey(f.z); key[3] = ukey(f.w);
-        } else {
+    for (int base = lo; base < hi; base += SWEEP_STEPS * 128) {
+        u32 key[SWEEP_STEPS][4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) key[j] = first + j < hi ? src.get(first + j) : 0u;
-        }
-        u32 fg = 0, fe = 0, rg = 0, re = 0, tg = 0, te = 0;
+        for (int u = 0; u < SWEEP_STEPS; ++u) {
+            const int first = base + u * 128 + 4 * lane;
+            if (VEC && first + 4 <= hi) {
+                const float4 f = *reinterpret_cast<const float4 *>(src.row + first);
+                key[u][0] = ukey(f.x); key[u][1] = ukey(f.y); key[u][2] = ukey(f.z); key[u][3] = ukey(f.w);
+            } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const bool ok = first + j < hi;
-            fg |= (u32)(ok && key[j] > L) << j;
-            fe |= (u32)(ok && key[j] == L) << j;
-            const u32 bg = __ballot_sync(FULL, (fg >> j) & 1u), be = __ballot_sync(FULL, (fe >> j) & 1u);
-            rg += __popc(bg & below);
-            re += __popc(be & below);
-            tg += __popc(bg);
-            te += __popc(be);
-        }
-        if (WRITE) {
-            u32 pg = og + rg, pe = oe + re;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if ((fg >> j) & 1u) sink.gt(pg++, key[j], first + j);
-                if ((fe >> j) & 1u) sink.eq(pe++, first + j);
+                for (int j = 0; j < 4; ++j) key[u][j] = first + j < hi ? src.get(first + j) : 0u;
             }
         }
-        og += tg;
-        oe += te;
+#pragma unroll
+        for (int u = 0; u < SWEEP_STEPS; ++u) {
+            const int first = base + u * 128 + 4 * lane;
+            u32 fg = 0, fe = 0, rg = 0, re = 0, tg = 0, te = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const bool ok = first + j < hi;
+                fg |= (u32)(ok && key[u][j] > L) << j;
+                fe |= (u32)(ok && key[u][j] == L) << j;
+                const u32 bg = __ballot_sync(FULL, (fg >> j) & 1u), be = __ballot_sync(FULL, (fe >> j) & 1u);
+                rg += __popc(bg & below);
+                re += __popc(be & below);
+                tg += __popc(bg);
+                te += __popc(be);
+            }
+            if (WRITE) {
+                u32 pg = og + rg, pe = oe + re;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if ((fg >> j) & 1u) sink.gt(pg++, key[u][j], first + j);
+                    if ((fe >> j) & 1u) sink.eq(pe++, first + j);
+                }
+            }
+            og += tg;
+            oe += te;
+        }
     }
 }
 
