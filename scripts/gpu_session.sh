@@ -63,8 +63,10 @@ case "$step" in
     topk-variants)   # the CUDA top-k's opt-in build variants (topk_cuda.cu: TOPK_WARP_FILTER, TOPK_SAMPLE_COARSE,
                      # TOPK_COUNT_FROM_SEARCH) beside the default: exactness on every check case, then the wide
                      # block's stamps and replay time
-        for flags in "" "-DTOPK_WARP_FILTER=1" "-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1" \
-                "-DTOPK_WARP_FILTER=1 -DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1"; do
+        # (the most telling first: a deadline that cuts the step keeps the default and all three together;
+        # TOPK_VARIANTS, flag sets separated by "|", replaces the list)
+        IFS='|' read -r -a variants <<< "${TOPK_VARIANTS:-|-DTOPK_WARP_FILTER=1 -DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1|-DTOPK_WARP_FILTER=1|-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1}"
+        for flags in "${variants[@]}"; do
             name=$(echo "${flags:-default}" | tr -c 'A-Za-z0-9=\n' '_')
             mkdir -p "$OUT/$name"
             FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 150)" python benchmarks/bench_topk_cuda.py --checks \
