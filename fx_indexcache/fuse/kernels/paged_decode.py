@@ -35,8 +35,8 @@ import torch
 from . import lightning_indexer as li
 from .lightning_indexer import LogitsConfig
 
-__all__ = ["RULE_CONFIGS", "paged_config", "paged_config_reason", "paged_decode_logits", "paged_decode_logits_reference",
-           "paged_unsupported_reason"]
+__all__ = ["PAGED_KINDS", "RULE_CONFIGS", "paged_config", "paged_config_reason", "paged_decode_logits",
+           "paged_decode_logits_reference", "paged_unsupported_reason"]
 
 _KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
