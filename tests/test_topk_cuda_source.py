@@ -72,6 +72,18 @@ def test_nvrtc_compiles_the_source_as_users_get_it():
         assert cubin[:4] == b"\x7fELF" and all(name.encode() in cubin for name in topk_cuda.KERNELS)
 
 
+def test_each_build_variant_compiles_and_changes_the_code():
+    """The opt-in variants (and the stamps build) compile through NVRTC for sm_90, and each flag reaches the code:
+    its cubin differs from the default's (a misspelt or unused macro would leave it equal)."""
+    nvrtc = _nvrtc_or_skip()
+    default = nvrtc.compile_cubin(SOURCE, "sm_90")
+    assert nvrtc.compile_cubin(SOURCE, "sm_90", ("-DTOPK_NOT_A_VARIANT=1",)) == default  # a flag the code ignores
+    for name in (*topk_cuda.BUILD_VARIANTS, "TOPK_STAMPS"):
+        assert re.search(rf"^#(ifn?def|if) {name}\b", SOURCE, re.M), name
+        cubin = nvrtc.compile_cubin(SOURCE, "sm_90", (f"-D{name}=1",))
+        assert cubin[:4] == b"\x7fELF" and cubin != default, name
+
+
 def test_nvrtc_errors_carry_the_compiler_log():
     nvrtc = _nvrtc_or_skip()
     with pytest.raises(nvrtc.CudaKernelUnavailable, match=r"sm_90 failed:[\s\S]*undefined_thing"):

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
            "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
+#: The source's opt-in build variants (macros, off by default; set one with FX_INDEXCACHE_NVRTC_FLAGS="-DNAME=1"):
+#: the wide block's filter by warps, a two-pass sampled threshold, the count above the k-th key from its search.
+#: ``scripts/gpu_session.sh topk-variants`` checks and times them beside the default before one becomes it.
+BUILD_VARIANTS = ("TOPK_WARP_FILTER", "TOPK_SAMPLE_COARSE", "TOPK_COUNT_FROM_SEARCH")
 #: Threads a block (BLOCK and WIDE in the source).
 BLOCK = 256
 WIDE = 1024
