@@ -183,10 +183,14 @@ def measure_stamps(R, T, log, reps=50) -> dict:
     res = dict(R=R, T=T)
     for sorted_ in (False, True):
         tag = "sorted" if sorted_ else "unsorted"
+
+        def launch(path=None, sorted_=sorted_):
+            return tk._launch(x, out, TOPK, sorted=sorted_, path=path, algorithm="cuda_wide")
+
         runs = []
         for _ in range(reps):
             stamps.zero_()
-            tk._launch(x, out, TOPK, sorted=sorted_, path=stamps, algorithm="cuda_wide")
+            launch(stamps)
             torch.cuda.synchronize()
             runs.append(stamps.view(torch.int64).cpu().tolist())
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
@@ -202,8 +206,7 @@ def measure_stamps(R, T, log, reps=50) -> dict:
         res[tag] = dict(
             cycles=phases, steps_after_sample=steps, total_cycles=med([r[7] - r[0] for r in done]) if done else None,
             block_ns=med([r[14] - r[15] for r in runs]),
-            kernel_ms=kernel_times(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")),
-            graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, sorted=sorted_, algorithm="cuda_wide")), 4),
+            kernel_ms=kernel_times(launch), graph_ms=round(graph_ms(launch), 4),
             exact=topk_exact(x, out, TOPK))
         log(f"stamps {R}x{T} {tag}: {res[tag]}")
     return res

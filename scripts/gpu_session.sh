@@ -54,8 +54,8 @@ case "$step" in
     graphs)          # top-k kernels, CUDA-graph trees across graphs, transformers' generate under CUDA graphs
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py tests/gpu/test_cross_graph_cudagraphs_gpu.py \
             tests/gpu/test_generate_cudagraphs_gpu.py ;;
-    topk)            # the CUDA top-k's blocks (the staged row among them): decode logits + top-k per launch variant,
-                     # then the exactness and CUDA-graph tests of the CUDA kernels
+    topk)            # the CUDA top-k: decode logits + top-k per launch variant, then the exactness and CUDA-graph
+                     # tests of its kernels (FX_INDEXCACHE_NVRTC_FLAGS, when set, picks a build variant for both)
         timeout "$(limit 240)" python benchmarks/bench_topk_cuda.py --decode-sweep --out "$OUT"
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)

@@ -1,8 +1,9 @@
 """The paged decode logits kernel under Triton's interpreter (run by tests/test_paged_decode.py with
 TRITON_INTERPRET=1). fp16 and fp8 keys (the interpreter reads bf16 as raw bits; bf16 runs in the GPU test),
 pages shuffled in the pool, block-table entries past a request's length pointing outside the pool (they must
-never be read), lengths of 0, a partial page and the full table, one and two queries, both kinds of launch, key blocks smaller than,
-equal to and spanning pages, one and three of them a program: each must give the torch reference's logits and exactly its -inf pattern.
+never be read), lengths of 0, a partial page and the full table, one and two queries, both kinds of launch (and
+the default one), key blocks smaller than, equal to and spanning pages, one and three of them a program: each
+must give the torch reference's logits and exactly its -inf pattern.
 ``--device cuda`` runs the same cases on the GPU (compiled, not interpreted): tests/gpu/test_paged_decode_gpu.py
 runs that under compute-sanitizer's memcheck, where a read of the page outside the pool is an error."""
 

@@ -58,6 +58,7 @@ from . import topk as _tk
 from .lightning_indexer import (
     _registered,
     _visible_mask,
+    head_tile,
     indexer_logits_reference,
     rule_config,
     triton_cdiv,
@@ -267,7 +268,7 @@ def _launch(q, k, weights, out, *, causal: bool, scale: float, kv_lens=None, sor
     if select_last and not decode:
         raise ValueError("select_last=True needs the decode layout (FusedTopkConfig.kind='decode')")
     inline = bool(select_last or (fallback_inline if fallback_inline is not None else R * T <= INLINE_FALLBACK_MAX_ELEMS))
-    block_h = max(16, _pow2(H))
+    block_h = head_tile(H)
     kern = _kernels()
 
     # one memset: per-row counters, the sample's and the filter's finished-program counts, the fallback count

@@ -449,7 +449,7 @@ def _tuned_rows(directory: Path, device_name: str) -> tuple[dict, ...]:
 
 
 #: The shape kinds a card's measurements are kept for: the contiguous kernels' prefill and decode, and the paged
-#: decode kernel (``paged_decode``), whose rows hold a "decode" configuration.
+#: decode kernel (``paged_decode``), whose rows hold a configuration of one of its ``PAGED_KINDS``.
 TUNED_KINDS = ("prefill", "decode", "paged")
 
 
@@ -666,7 +666,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         *q.stride(), *k.stride(), *weights.stride(), *out.stride(),
         k_scale.stride(0) if k_scale is not None else 0,
     )
-    block_h = max(16, 1 << (H - 1).bit_length())  # the heads as one tile's side (decode, key rows)
+    block_h = head_tile(H)
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))
         grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
@@ -696,6 +696,12 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         )
     else:
         raise ValueError(f"unknown config kind {cfg.kind!r}")
+
+
+def head_tile(H: int) -> int:
+    """The heads as one side of a matrix-unit tile (the decode, key-rows, paged and fused kernels): the next power
+    of two, at least 16, the smallest side ``tl.dot`` takes."""
+    return max(16, 1 << (H - 1).bit_length())
 
 
 def triton_cdiv(a: int, b: int) -> int:

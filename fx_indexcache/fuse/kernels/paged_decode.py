@@ -208,7 +208,7 @@ def paged_decode_logits(q, k_pages, weights, block_table, kv_lens, *, k_scale=No
         S, pages, H,
         *q.stride(), *k_pages.stride(), *weights.stride(), *out.stride(), *block_table.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0)),
-        PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=max(16, 1 << (H - 1).bit_length()),
+        PAGE=page, KSCALE=k_scale is not None, D=D, BLOCK_H=li.head_tile(H),
         BLOCK_T=config.block_t, KEY_BLOCKS=config.key_blocks, KEY_ROWS=config.kind == "key_rows",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
