@@ -102,7 +102,8 @@ DECODE_VARIANTS = [
     ("split", dict(splits=64)), ("split", dict(tune={"prefix_skip": True})), ("split", dict(tune={"select_in_write": False})),
     ("split", dict(tune={"filter_warps": 2, "prefix_skip": True})), ("split", dict(splits=16, tune={"filter_warps": 2})),
     ("split", dict(sample=1024)), ("split", dict(sample=4096)),
-    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {})]
+    ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {}),
+    ("cuda_wide", dict(splits=4)), ("cuda_wide", dict(splits=8)), ("cuda_wide", dict(splits=16))]
 
 
 def decode_sweep() -> list:

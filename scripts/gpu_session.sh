@@ -60,12 +60,10 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
-    topk-variants)   # the CUDA top-k's opt-in build variants (topk_cuda.cu: TOPK_WARP_FILTER, TOPK_SAMPLE_COARSE,
-                     # TOPK_COUNT_FROM_SEARCH) beside the default: exactness on every check case, then the wide
-                     # block's stamps and replay time
-        # (the most telling first: a deadline that cuts the step keeps the default and all three together;
-        # TOPK_VARIANTS, flag sets separated by "|", replaces the list)
-        IFS='|' read -r -a variants <<< "${TOPK_VARIANTS:-|-DTOPK_WARP_FILTER=1 -DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1|-DTOPK_WARP_FILTER=1|-DTOPK_SAMPLE_COARSE=1 -DTOPK_COUNT_FROM_SEARCH=1}"
+    topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
+                     # separated by "|"; an empty set is the default build) side by side: exactness on every check
+                     # case, then the wide block's stamps and replay time
+        IFS='|' read -r -a variants <<< "${TOPK_VARIANTS:?set TOPK_VARIANTS, e.g. '|-DMY_VARIANT=1'}"
         for flags in "${variants[@]}"; do
             name=$(echo "${flags:-default}" | tr -c 'A-Za-z0-9=\n' '_')
             mkdir -p "$OUT/$name"

@@ -6,11 +6,14 @@ k = 2048 and others, -inf padding, all-masked rows, repeated values, k = T; the 
 order are checked by ``tests/topk_cases.check`` against torch.topk, and random rows must take a fast
 path (the exact fallback only where the sample misleads); every launch variant (split counts, bitonic and
 rank sort, run 4's one-program kernel) at card sizes; the CUDA kernel on every one of its paths, on aligned, unaligned
-and strided rows, its split rows' gather raced 300 times, its graph replay. CUDA graphs: the split path and the fused logits +
+and strided rows, its split rows' gather raced 300 times, its graph replay, and compute-sanitizer's memcheck and
+racecheck over its small check cases (both block shapes, split rows). CUDA graphs: the split path and the fused logits +
 top-k replay under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
 Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
 """
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import topk_cases  # noqa: E402
-from gpu_marks import needs_gpu  # noqa: E402
+from gpu_marks import needs_gpu, sanitizer_path  # noqa: E402
 
 from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk  # noqa: E402
 
@@ -124,8 +127,8 @@ CUDA_PATH_CASES = [
     (4, 40000, 1000, dict(splits=5), ("randn", "masked", "ties")),
 ]
 #: The wide kernel's: its capacity is at least 4096 (a step of its select), so the fallback needs an 8-key
-#: sample (its 2nd key lies below the top 4096 of 65536 keys in 9 rows of 10); splits do not apply to it.
-WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024) if "sample" in o else {}, kinds)
+#: sample (its 2nd key lies below the top 4096 of 65536 keys in 9 rows of 10); split rows as asked for.
+WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024) if "sample" in o else o, kinds)
                    for R, T, k, o, kinds in CUDA_PATH_CASES]
 PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES)) for c in cases]
 
@@ -165,26 +168,45 @@ def test_cuda_topk_takes_every_path(algorithm):
     assert seen == {0, 1, 2, 3}, sorted(seen)
 
 
-@pytest.mark.parametrize("R,T,sorted_,algorithm", [(4, 32768, True, "cuda"), (1, 131072, False, "cuda"),
-                                                   (300, 32768, True, "cuda"), (1, 32768, False, "cuda_wide"),
-                                                   (16, 65536, True, "cuda_wide")])
-def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm):
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
+    """Every small check case (both block shapes, one block a row and split rows, every path) under the tool: no
+    read or write out of bounds, no shared-memory race (the kernel's barriers between its histogram passes)."""
+    sanitizer = sanitizer_path()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not installed")
+    root = Path(__file__).resolve().parent.parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), str(root / "benchmarks")]))
+    done = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable,
+                           str(root / "benchmarks" / "bench_topk_cuda.py"), "--sanitize", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    out = done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.returncode == 0, out
+    assert "0 failing checks" in out, out
+    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out
+
+
+@pytest.mark.parametrize("R,T,sorted_,algorithm,splits", [
+    (4, 32768, True, "cuda", None), (1, 131072, False, "cuda", None), (300, 32768, True, "cuda", None),
+    (1, 32768, False, "cuda_wide", None), (16, 65536, True, "cuda_wide", None), (1, 32768, False, "cuda_wide", 8),
+    (2, 65536, True, "cuda_wide", 4)])
+def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm, splits):
     from fx_indexcache.fuse.kernels import topk as tk
 
     g = _gen()
     x = torch.randn(R, T, device="cuda", generator=g)
     out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")
-    tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm)
+    tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm, splits=splits)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm)
+        tk._launch(x, out, 2048, sorted=sorted_, algorithm=algorithm, splits=splits)
     for _ in range(2):
         x.copy_(torch.randn(R, T, device="cuda", generator=g))
         graph.replay()
         torch.cuda.synchronize()
         topk_cases.check(x, 2048, sorted_, "reference launch", algorithm="split")  # the inputs are fine
         want = torch.empty_like(out)
-        tk._launch(x, want, 2048, sorted=sorted_, algorithm=algorithm)
+        tk._launch(x, want, 2048, sorted=sorted_, algorithm=algorithm, splits=splits)
         assert torch.equal(out, want)
         assert torch.equal(torch.gather(x, 1, out.long()).sort(-1, descending=True).values,
                            torch.topk(x, 2048, dim=-1).values)

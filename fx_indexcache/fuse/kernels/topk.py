@@ -216,7 +216,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
-    "cuda_wide" (the CUDA kernel with one 1024-thread block a row and no splits: for few rows),
+    "cuda_wide" (the CUDA kernel with 1024-thread blocks, one a row unless ``splits`` cuts it: for few rows),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
@@ -239,7 +239,7 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 
-        sp = split_plan(x2d.shape[0], x2d.shape[1], splits)
+        sp = cuda_split_plan(x2d.shape[0], x2d.shape[1], splits, wide=algorithm == "cuda_wide")
         return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide")
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
@@ -303,6 +303,12 @@ def split_cuda_wins(R: int, T: int, sorted: bool = False) -> bool:
     return R == 1 and not sorted and CUDA_WIDE_T < T <= CUDA_SPLIT_MAX_T
 
 
+def cuda_split_plan(R: int, T: int, splits: Optional[int], wide: bool) -> dict:
+    """The CUDA kernel's cut of each row: ``split_plan``'s, but one split a row for ``wide`` blocks unless
+    ``splits`` asks for more (a 1024-thread block fills an SM; its splits are for measuring few long rows)."""
+    return split_plan(R, T, (splits or 1) if wide else splits)
+
+
 def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool, wide: bool = False) -> bool:
     """Whether the CUDA kernel takes these rows: on a GPU where it compiled and loaded, with its shared
     memory within the device's limit (not under TRITON_INTERPRET: the CPU runs the Triton kernels)."""
@@ -312,7 +318,7 @@ def cuda_applies(x2d: torch.Tensor, p: dict, splits: Optional[int], sorted: bool
 
     if not topk_cuda.available(x2d.device):
         return False
-    nsplit = 1 if p["DIRECT"] else split_plan(x2d.shape[0], x2d.shape[1], splits)["NSPLIT"]
+    nsplit = 1 if p["DIRECT"] else cuda_split_plan(x2d.shape[0], x2d.shape[1], splits, wide)["NSPLIT"]
     return topk_cuda.fits(x2d.device.index, p, nsplit, sorted, wide)
 
 

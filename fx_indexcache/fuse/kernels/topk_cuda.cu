@@ -25,19 +25,7 @@ typedef unsigned long long u64;
 #define ROW_GROUPS 4    // a row is read 4 x NT keys a step (four 16-byte loads a thread, one barrier)
 #define BINS 256        // a histogram's bins (equal ranges of key values: kth_largest)
 #define FULL 0xffffffffu
-// Variants of the wide block's dependent steps, off by default until measured (a build with -D...=1 through
-// FX_INDEXCACHE_NVRTC_FLAGS; scripts/gpu_session.sh step topk-variants times and checks them). Off, the code is
-// the measured default's: the same PTX.
-#ifndef TOPK_SAMPLE_COARSE  // 1: the sampled threshold's search stops at a range under 2^16 key values
-#define TOPK_SAMPLE_COARSE 0
-#endif
-#ifndef TOPK_COUNT_FROM_SEARCH  // 1: the candidates above the k-th key come from its search, not a count pass
-#define TOPK_COUNT_FROM_SEARCH 0
-#endif
-#define SAMPLE_COARSE (1u << 16)  // the range at which TOPK_SAMPLE_COARSE stops (sampled_threshold)
-#ifndef TOPK_WARP_FILTER  // 1: wide blocks filter the row by warps (warp_filter): one barrier, not one a 16K-key step
-#define TOPK_WARP_FILTER 0
-#endif
+#define SAMPLE_COARSE (1u << 16)  // the key range at which the sampled threshold's search stops
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
     const float *x;
@@ -103,9 +91,6 @@ struct Shared {  // the block's reduction and scan slots (two of each: one barri
     __align__(16) u32 hist[3][BINS];
     u32 sum[2][NW];
     u64 scan[2][2][NW];
-#if TOPK_WARP_FILTER
-    u32 warp_count[2][NW];  // warp_filter: each warp's keys above and equal to the threshold
-#endif
     int last;
 };
 
@@ -400,96 +385,6 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
     }
 };
 
-#if TOPK_WARP_FILTER
-// One sweep of warp_filter over this warp's segment [lo, hi) of the row, 128 keys a step (four a lane, in index
-// order lane by lane), the loads of SWEEP_STEPS steps in flight together: counts the keys above L (og) and equal to
-// it (oe); with WRITE, also hands each to the sink at its rank, from the og / oe the sweep starts with. The ranks
-// come from ballots (the keys of the lanes below, then this lane's earlier ones): no shuffle, no barrier.
-#define SWEEP_STEPS 4
-template <bool WRITE, bool VEC, int NT>
-__device__ __forceinline__ void warp_sweep(const RowSrc<VEC, NT> &src, int lo, int hi, u32 L, BufferSink &sink,
-                                           u32 &og, u32 &oe) {
-    const int lane = threadIdx.x & 31;
-    const u32 below = (1u << lane) - 1u;
-    for (int base = lo; base < hi; base += SWEEP_STEPS * 128) {
-        u32 key[SWEEP_STEPS][4];
-#pragma unroll
-        for (int u = 0; u < SWEEP_STEPS; ++u) {
-            const int first = base + u * 128 + 4 * lane;
-            if (VEC && first + 4 <= hi) {
-                const float4 f = *reinterpret_cast<const float4 *>(src.row + first);
-                key[u][0] = ukey(f.x); key[u][1] = ukey(f.y); key[u][2] = ukey(f.z); key[u][3] = ukey(f.w);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) key[u][j] = first + j < hi ? src.get(first + j) : 0u;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < SWEEP_STEPS; ++u) {
-            const int first = base + u * 128 + 4 * lane;
-            u32 fg = 0, fe = 0, rg = 0, re = 0, tg = 0, te = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const bool ok = first + j < hi;
-                fg |= (u32)(ok && key[u][j] > L) << j;
-                fe |= (u32)(ok && key[u][j] == L) << j;
-                const u32 bg = __ballot_sync(FULL, (fg >> j) & 1u), be = __ballot_sync(FULL, (fe >> j) & 1u);
-                rg += __popc(bg & below);
-                re += __popc(be & below);
-                tg += __popc(bg);
-                te += __popc(be);
-            }
-            if (WRITE) {
-                u32 pg = og + rg, pe = oe + re;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    if ((fg >> j) & 1u) sink.gt(pg++, key[u][j], first + j);
-                    if ((fe >> j) & 1u) sink.eq(pe++, first + j);
-                }
-            }
-            og += tg;
-            oe += te;
-        }
-    }
-}
-
-// The filter by warps (TOPK_WARP_FILTER, wide blocks, one block a row): warp w owns the w-th of NW contiguous
-// segments of the row (multiples of 128 keys). A first sweep counts its keys above L and equal to it; one barrier
-// and a scan of the NW counts in every warp give each warp its offsets; a second sweep (the segment again, from L2)
-// hands the keys to the sink at their ranks among the row's. The sink receives what compact gives it, in the same
-// index order, with one barrier instead of one a step of 16K keys. n_gt, n_eq: the row's totals.
-template <bool VEC, int NT>
-__device__ void warp_filter(const RowSrc<VEC, NT> &src, int T, u32 L, BufferSink &sink, u32 &n_gt, u32 &n_eq,
-                            Shared<NT> &sh) {
-    const int NW = Shared<NT>::NW, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int seg = ((T + NW - 1) / NW + 127) / 128 * 128;
-    const int lo = min(w * seg, T), hi = min(lo + seg, T);
-    u32 cg = 0, ce = 0;
-    warp_sweep<false>(src, lo, hi, L, sink, cg, ce);
-    if (lane == 0) {
-        sh.warp_count[0][w] = cg;
-        sh.warp_count[1][w] = ce;
-    }
-    __syncthreads();
-    STAMP_STEP();
-    u32 ig = lane < NW ? sh.warp_count[0][lane] : 0u, ie = lane < NW ? sh.warp_count[1][lane] : 0u;
-    const u32 mine_g = ig, mine_e = ie;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const u32 yg = __shfl_up_sync(FULL, ig, o), ye = __shfl_up_sync(FULL, ie, o);
-        if (lane >= o) {
-            ig += yg;
-            ie += ye;
-        }
-    }
-    n_gt = __shfl_sync(FULL, ig, 31);
-    n_eq = __shfl_sync(FULL, ie, 31);
-    u32 og = __shfl_sync(FULL, ig - mine_g, w), oe = __shfl_sync(FULL, ie - mine_e, w);  // the warps before this one
-    warp_sweep<true>(src, lo, hi, L, sink, og, oe);
-    STAMP_STEP();
-}
-#endif
-
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT>
@@ -509,14 +404,14 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     __syncthreads();
     STAMP(1);
     SmemSrc<NT> src{s, nullptr};
-    // TOPK_SAMPLE_COARSE: the threshold needs no exact key, so the search may stop at a range of fewer than
-    // SAMPLE_COARSE key values (two passes of four); the threshold is then the sampled key there when the sample has
-    // one value in that range (the ties path needs it), else one below the range (a few more candidates).
+    // The threshold needs no exact key, so the search stops at a range of fewer than SAMPLE_COARSE key values (two
+    // passes of four; 9.1K -> 5.6K cycles at 1 x 32K on an H100); the threshold is then the sampled key there when
+    // the sample has one value in that range (the ties path needs it), else one below the range (a few more
+    // candidates).
     u32 hi;
-    const u32 lo = kth_largest(src, ns, (u32)p.r_sample, 0u, FULL, sh, nullptr, TOPK_SAMPLE_COARSE ? SAMPLE_COARSE : 0u,
-                               &hi);
+    const u32 lo = kth_largest(src, ns, (u32)p.r_sample, 0u, FULL, sh, nullptr, SAMPLE_COARSE, &hi);
     u32 L = lo;
-    if (TOPK_SAMPLE_COARSE && lo < hi) {
+    if (lo < hi) {
         u32 least = FULL, most = 0;
         for (int i = threadIdx.x; i < ns; i += NT) {
             const u32 u = src.get(i);
@@ -668,9 +563,6 @@ __device__ void topk_row(const Params &p) {
     bool overflow = false;
     if (p.nsplit == 1) {
         BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
-#if TOPK_WARP_FILTER
-        if (NT == WIDE && !p.direct) warp_filter(src, p.T, L, sink, n_gt, n_eq, sh); else
-#endif
         compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
         __syncthreads();
         STAMP(3);
@@ -701,11 +593,9 @@ __device__ void topk_row(const Params &p) {
         SmemSrc<NT> cand{ck, ci};
         u32 top = 0;
         for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
-        u32 above;  // the candidates above the k-th key (TOPK_COUNT_FROM_SEARCH: the search counts them)
-        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh,
-                                    TOPK_COUNT_FROM_SEARCH ? &above : nullptr);
+        u32 above;  // the candidates above the k-th key: its search counts them (no count pass)
+        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh, &above);
         STAMP(4);
-        if (!TOPK_COUNT_FROM_SEARCH) above = count_above(cand, (int)n_gt, kth, sh, buf);
         STAMP(5);
         OutSink sink{o_row, p.sok, above, K};
         u32 a = 0, e = 0;

@@ -3,8 +3,8 @@
 Same plan as the Triton kernels (``topk.plan``: sample, rank, capacity; ``topk.split_plan``: how few rows
 are cut), same output and tie rule; one launch a call (plus a zeroed count of finished splits for split
 rows). Two block shapes: ``BLOCK`` threads (several blocks an SM; rows split over blocks when few) and, with
-``wide``, ``WIDE`` threads, one block a row and never a split (few rows: nothing crosses blocks, nothing to
-zero). ``available`` says whether this process can use it on a device, and why not.
+``wide``, ``WIDE`` threads, one block an SM (few rows), a row split over blocks only where the caller asks for
+splits (``topk.split_plan``). ``available`` says whether this process can use it on a device, and why not.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
            "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
-#: The source's opt-in build variants (macros, off by default; set one with FX_INDEXCACHE_NVRTC_FLAGS="-DNAME=1"):
-#: the wide block's filter by warps, a two-pass sampled threshold, the count above the k-th key from its search.
-#: ``scripts/gpu_session.sh topk-variants`` checks and times them beside the default before one becomes it.
-BUILD_VARIANTS = ("TOPK_WARP_FILTER", "TOPK_SAMPLE_COARSE", "TOPK_COUNT_FROM_SEARCH")
 #: Threads a block (BLOCK and WIDE in the source).
 BLOCK = 256
 WIDE = 1024
@@ -92,19 +88,20 @@ def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
 def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) -> bool:
     """Whether a launch's shared memory fits the device (large capacities and k may not)."""
     limit = _kernels(device)[kernel_name(True, sorted, wide)].max_dynamic_smem
-    return smem_bytes(p, 1 if wide else nsplit, sorted, wide) <= limit
+    return smem_bytes(p, 1 if p["DIRECT"] else nsplit, sorted, wide) <= limit
 
 
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
            path: Optional[torch.Tensor], wide: bool = False) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
-    direct rows, rows of >= ``ONE_SPLIT_ROWS`` and ``wide`` launches are one block a row)."""
+    direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row; ``_launch`` hands ``wide`` launches one
+    split unless asked for more)."""
     R, T = x2d.shape
     dev = x2d.device
     for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
         if p[name] < 1 or p[name] & (p[name] - 1):
             raise ValueError(f"topk_cuda.launch: plan {name}={p[name]}, expected a power of two (topk.plan gives one)")
-    nsplit = 1 if p["DIRECT"] or wide else sp["NSPLIT"]
+    nsplit = 1 if p["DIRECT"] else sp["NSPLIT"]
     seg = T if nsplit == 1 else sp["SEG"]
     cap = max(p["CAP"], min_cap(wide))
     reg, treg = (0, k) if nsplit == 1 else (min(seg, cap), min(seg, k))
