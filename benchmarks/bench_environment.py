@@ -1,6 +1,8 @@
 """What every benchmark record names: the card, its driver, torch, CUDA, Triton, the commit measured and the date.
 
-``BENCH_COMMIT`` gives the commit where the tree has no ``.git`` (the device machine gets a copy of the files).
+``BENCH_COMMIT`` gives the commit where the tree has no ``.git`` or a stale one (the device machine gets a copy of
+the files, and its ``.git`` may name an older commit): a tree whose tracked files differ from ``HEAD`` is recorded as
+``<HEAD>-dirty``, never as ``HEAD`` itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
+def _git_commit() -> str:
+    """HEAD, with "-dirty" where a tracked file differs from it (then HEAD is not what was measured)."""
+    head = _run(["git", "rev-parse", "HEAD"])
+    if not head:
+        return "unknown"
+    try:
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=60,
+                               cwd=os.path.dirname(os.path.abspath(__file__))).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        clean = False
+    return head if clean else head + "-dirty"
+
+
 def describe_machine() -> dict:
     """``{device, driver, torch, cuda, triton, commit, date}``; a part that cannot be read says "unknown"."""
     try:
@@ -37,7 +52,7 @@ def describe_machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "-",
         "triton": triton_version,
-        "commit": os.environ.get("BENCH_COMMIT") or _run(["git", "rev-parse", "HEAD"]) or "unknown",
+        "commit": os.environ.get("BENCH_COMMIT") or _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
