@@ -1,7 +1,8 @@
 """Small DSA programs for the layer-index and property tests: functional and module-based.
 
 Both run unbatched (``x`` is ``[T, D]``), score keys with a lightning indexer
-``Σ_h w[s,h]·ReLU(q[s,h]·k[t])`` masked by ``torch.where``, take a top-k over keys and average
+``Σ_h w[s,h]·ReLU(q[s,h]·k[t])`` masked by ``torch.where``, take a top-k over keys (or, with
+``select="sort"``, a sort cut to its first K keys) and average
 the selected values. ``uses`` is the hand-written IndexCache oracle: ``uses[i]`` is the layer
 whose indices layer ``i`` reads (``i`` itself when it computes). ``break_at`` puts a graph break
 at that layer boundary (in the top frame, so dynamo resumes after it).
@@ -24,8 +25,15 @@ def _causal_scores(x, wq, wk, ww):
     return torch.where(keep, score, torch.tensor(float("-inf")))
 
 
-def indexer(x, wq, wk, ww):
-    return _causal_scores(x, wq, wk, ww).topk(K, dim=-1).indices
+#: How a layer selects its K keys from the scores: a top-k, or a sort cut to its first K (the same keys).
+SELECTIONS = {
+    "topk": lambda score: score.topk(K, dim=-1).indices,
+    "sort": lambda score: score.sort(-1, descending=True).indices[:, :K],
+}
+
+
+def indexer(x, wq, wk, ww, select: str = "topk"):
+    return SELECTIONS[select](_causal_scores(x, wq, wk, ww))
 
 
 def attend(x, indices, wv):
@@ -54,35 +62,36 @@ class _Layers:
 class FunctionalDSA(_Layers, nn.Module):
     """All weights in one flat ParameterList, layers as plain functions: no per-layer module path."""
 
-    def __init__(self, n: int, break_at: int | None = None, seed: int = 0) -> None:
+    def __init__(self, n: int, break_at: int | None = None, seed: int = 0, select: str = "topk") -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         shapes = [(D, H * HD), (D, HD), (D, H), (D, D)]
         self.w = nn.ParameterList(nn.Parameter(torch.randn(*s, generator=gen)) for _ in range(n) for s in shapes)
-        self.n, self.break_at = n, break_at
+        self.n, self.break_at, self.select = n, break_at, select
 
     def indices(self, i, x):
-        return indexer(x, self.w[4 * i], self.w[4 * i + 1], self.w[4 * i + 2])
+        return indexer(x, self.w[4 * i], self.w[4 * i + 1], self.w[4 * i + 2], self.select)
 
     def mix(self, i, x, indices):
         return attend(x, indices, self.w[4 * i + 3])
 
 
 class Indexer(nn.Module):
-    def __init__(self, gen) -> None:
+    def __init__(self, gen, select: str = "topk") -> None:
         super().__init__()
+        self.select = select
         self.wq = nn.Parameter(torch.randn(D, H * HD, generator=gen))
         self.wk = nn.Parameter(torch.randn(D, HD, generator=gen))
         self.ww = nn.Parameter(torch.randn(D, H, generator=gen))
 
     def forward(self, x):
-        return indexer(x, self.wq, self.wk, self.ww)
+        return indexer(x, self.wq, self.wk, self.ww, self.select)
 
 
 class Block(nn.Module):
-    def __init__(self, gen) -> None:
+    def __init__(self, gen, select: str = "topk") -> None:
         super().__init__()
-        self.indexer = Indexer(gen)
+        self.indexer = Indexer(gen, select)
         self.wv = nn.Parameter(torch.randn(D, D, generator=gen))
 
     def forward(self, x, indices):
@@ -92,10 +101,10 @@ class Block(nn.Module):
 class ModuleDSA(_Layers, nn.Module):
     """``layers.N.indexer`` modules: module paths carry the layer number."""
 
-    def __init__(self, n: int, break_at: int | None = None, seed: int = 0) -> None:
+    def __init__(self, n: int, break_at: int | None = None, seed: int = 0, select: str = "topk") -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.layers = nn.ModuleList(Block(gen) for _ in range(n))
+        self.layers = nn.ModuleList(Block(gen, select) for _ in range(n))
         self.n, self.break_at = n, break_at
 
     def indices(self, i, x):

@@ -2,7 +2,7 @@
 IndexCache where the layer index is known, the untouched model where it is not, and the reports say which.
 
 Hypothesis draws the program (functional or module-based; module paths kept or stripped; a graph
-break at a layer boundary or none), the route (compile; export; export then compile), how many
+break at a layer boundary or none; a top-k or a sort cut to k keys), the route (compile; export; export then compile), how many
 times the pass runs, and the config (freq/offset, pattern, indexer_types). The expected layer
 sharing is derived independently of the pass: a graph knows its layer numbers when its sites
 carry module paths with them, or it is one whole graph (an export, an unbroken compile) holding one
@@ -37,6 +37,7 @@ def programs(draw):
         "route": draw(st.sampled_from(["compile", "compile", "export", "export+compile"])),
         "applications": draw(st.integers(1, 2)),
         "keys": draw(index_cache_keys(n)),
+        "select": draw(st.sampled_from(["topk", "topk", "sort"])),
     }
 
 
@@ -116,8 +117,8 @@ def _read_across_the_break(program, config) -> set[int]:
     (tests/test_cross_graph_numbered.py): both graphs numbered and the backend's own run-time wrapper in use."""
     if program["route"] != "compile" or program["break_at"] is None or not program["paths"]:
         return set()
-    if program["style"] != "module" or program["applications"] != 1:
-        return set()
+    if program["style"] != "module" or program["applications"] != 1 or program["select"] != "topk":
+        return set()  # (run-time sharing across a break is built for aten.topk sites only)
     start = program["break_at"]
     return {i for i in range(start, program["n"]) if config.layer_kind(i) == "S"
             and config.source_layer(i) is not None and config.source_layer(i) < start}
@@ -164,9 +165,9 @@ def _check_reports(program, config, uses) -> None:
     assert len(unknown_graphs) == runs * sum(not known for _, known, _ in _graphs(program))
 
 
-def _case(style, paths, break_at, route, applications, pattern):
+def _case(style, paths, break_at, route, applications, pattern, select="topk"):
     return {"n": len(pattern), "style": style, "paths": paths, "break_at": break_at, "route": route,
-            "applications": applications, "keys": {"index_topk_pattern": pattern}}
+            "applications": applications, "keys": {"index_topk_pattern": pattern}, "select": select}
 
 
 @SETTINGS
@@ -177,11 +178,14 @@ def _case(style, paths, break_at, route, applications, pattern):
 @example(program=_case("module", True, 1, "compile", 1, "FSSF"), seed=2)  # layers 1-2 read across the break
 @example(program=_case("functional", False, None, "export", 2, "FSFS"), seed=0)  # export rewritten twice
 @example(program=_case("functional", False, None, "export+compile", 1, "FSFS"), seed=3)
+@example(program=_case("module", True, 1, "compile", 1, "FSSF", "sort"), seed=2)  # sort sites: no read across
+@example(program=_case("functional", False, None, "export", 2, "FSFS", "sort"), seed=0)
 def test_configured_index_cache_or_untouched_and_the_report_says_which(program, seed):
     torch._dynamo.reset()
     fic.clear_reports()
     n = program["n"]
-    model = (FunctionalDSA if program["style"] == "functional" else ModuleDSA)(n, program["break_at"], seed=seed)
+    model = (FunctionalDSA if program["style"] == "functional" else ModuleDSA)(n, program["break_at"], seed=seed,
+                                                                              select=program["select"])
     config, _ = fic.IndexCacheConfig.from_options(program["keys"])
     x = inputs(seed + 1)
     uses = _expected_uses(program, config)

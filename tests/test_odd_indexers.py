@@ -58,6 +58,15 @@ class Indexer(nn.Module):
         if self.style == "values-used":  # the values weight the selected keys
             top = score.topk(self.k, dim=-1)
             return top.indices, top.values
+        if self.style == "sort":  # the top-k as a sort cut to its first k keys
+            return score.sort(-1, descending=True).indices[..., : self.k]
+        if self.style == "argsort-stable":
+            return torch.argsort(score, dim=2, descending=True, stable=True)[:, :, : self.k]
+        if self.style == "sort-values-used":  # a sort whose values are read is not a top-k of indices alone
+            ordered = score.sort(-1, descending=True)
+            return ordered.indices[..., : self.k], ordered.values[..., : self.k]
+        if self.style == "sort-tail":  # the last k of an ascending sort: the same keys, not a leading cut
+            return score.sort(-1).indices[..., -self.k:]
         return score.topk(self.k, dim=-1).indices
 
 
@@ -187,7 +196,7 @@ def _assert_shares(report, pattern: str, routers: int = 0) -> None:
             assert d.nodes_removed > 0 and d.source_layer == pattern.rindex("F", 0, d.layer)
 
 
-@pytest.mark.parametrize("style", ["plain", "transposed", "int64-gather", "einsum"])
+@pytest.mark.parametrize("style", ["plain", "transposed", "int64-gather", "einsum", "sort", "argsort-stable"])
 def test_odd_but_valid_indexer_is_shared(style):
     model, x = _toy([style] * 4)
     pattern = "FSSF"
@@ -265,6 +274,61 @@ def test_used_topk_values_keep_s_layers_as_they_are():
     untouched = run(model, x, "FFF")
     assert not torch.allclose(untouched, run(model, x, pattern))  # a wrong rewrite would show
     torch.testing.assert_close(out, untouched)
+
+
+def test_sort_layer_never_takes_a_topk_layers_indices():
+    """A sort-cut layer marked S after a top-k F layer computes (equal sets, but another op: the tie order may
+    differ), while the top-k layer after it shares; the sort layer's note names both kinds."""
+    model, x = _toy(["plain", "sort", "plain", "sort"])
+    out, report = _compile(model, x, "FSSF")
+    assert [d.action for d in report.decisions] == ["computed", "left as is", "shared", "computed"]
+    assert "aten.topk" in report.decisions[1].note and "aten.sort" in report.decisions[1].note
+    assert report.decisions[2].source_layer == 0
+    expected = run(model, x, "FsSF")
+    assert not torch.allclose(expected, run(model, x, "FFFF"))
+    torch.testing.assert_close(out, expected)
+
+
+def test_sort_cut_indexer_through_inductor():
+    """The same sharing where Inductor compiles the graph (the pass runs on its post-grad graph)."""
+    model, x = _toy(["sort"] * 4)
+    torch._dynamo.reset()
+    fic.clear_reports()
+    compiled = torch.compile(model, backend=fic.indexcache_backend, options={"index_topk_pattern": "FSSF"})
+    with torch.no_grad():
+        out = compiled(x)
+    (report,) = fic.reports()
+    _assert_shares(report, "FSSF")
+    torch.testing.assert_close(out, run(model, x, "FSSF"))
+
+
+@pytest.mark.parametrize("style", ["sort-values-used", "sort-tail"])
+def test_sort_that_is_not_a_leading_cut_is_no_site(style):
+    """Sorts whose values are read, or cut other than to their first k, are not indexer top-k: no site, no
+    change (the model runs as written), however indexer-like the score."""
+    model, x = _toy([style] * 3)
+    out, report = _compile(model, x, "FSS")
+    assert report.decisions == [] and report.indexers_removed == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
+def test_sort_cut_router_is_not_an_indexer():
+    """A router written as a sort cut to two experts scores with a weight: left alone beside shared indexers."""
+    model, x = _toy(["sort"] * 3, router="linear")
+    for layer in model.layers:
+        router = layer.router
+
+        def forward(x, router=router):
+            probs = router.gate(x).softmax(-1)
+            experts = probs.sort(-1, descending=True).indices[..., :2]
+            return probs.gather(-1, experts), experts
+
+        router.forward = forward
+    pattern = "FSS"
+    out, report = _compile(model, x, pattern)
+    assert [(d.layer, d.action.value) for d in report.decisions] == [(0, "computed"), (1, "shared"), (2, "shared")]
+    torch.testing.assert_close(out, run(model, x, pattern))
 
 
 def test_different_k_per_layer_is_left_alone():

@@ -42,6 +42,8 @@ _SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
 #: with the position of the argument that holds the written rows.
 _CACHE_UPDATES = {aten.slice_scatter: 1, aten.select_scatter: 1, aten.index_put: 2, aten.index_copy: 3, aten.scatter: 3}
 _MAX_VISITS = 4000
+#: Ops that select keys (a score cone is never followed through another layer's selection).
+SELECTIONS = {aten.topk, aten.sort}
 
 
 @dataclasses.dataclass(eq=False)
@@ -253,6 +255,12 @@ def classify_topk(node: fx.Node, params: frozenset[fx.Node] | None = None) -> To
     that arrive as a graph input of unknown role, or q and k from disjoint inputs).
     """
     score, _, dim, _, _ = topk_arguments(node)
+    return classify_selection(node, score, dim, params)
+
+
+def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozenset[fx.Node] | None) -> TopkVerdict:
+    """Whether ``node``, a selection over axis ``dim`` of ``score`` (a top-k, or a sort cut to its first k), picks
+    a lightning indexer's keys: the same structural test whatever op selects."""
     score_value = fake_value(score)
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
@@ -299,7 +307,7 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):
                 return product
-        if is_call(current, {aten.topk}) and current is not node:
+        if is_call(current, SELECTIONS) and current is not node:
             continue
         if is_call(current, CONTRACTIONS):
             if crossed >= 1:

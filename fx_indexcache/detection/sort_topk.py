@@ -1,0 +1,117 @@
+"""Detect lightning-indexer top-k written as a sort cut to its first k keys.
+
+``scores.sort(dim, descending=True).indices[..., :k]`` and ``scores.argsort(dim, descending=True)[..., :k]`` pick
+the same keys as ``scores.topk(k, dim).indices`` (up to the order of equal scores), and trace to
+``getitem(aten.sort(score, ...), 1)`` followed by ``aten.slice(indices, dim, 0, k)``. What makes such a selection
+an indexer's is decided by the score, exactly as for ``aten.topk`` (``topk.classify_selection``). A site's
+indices are the cut; an S layer's cut is replaced by its F layer's. Only a cut that starts at 0 with step 1 on the
+sorted axis, where the sorted values and the whole order are read by nothing else, is a top-k: any other sort
+(a sampler's top-p, a sort kept whole) is not a selection of k keys and is not reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx
+
+from ..graph_utils import fake_value, getitem_users, is_call
+from .graph_inputs import parameter_placeholders
+from .layers import module_path
+from .registry import register_site_finder
+from .sites import CacheWrite, IndexerSite
+from .topk import cache_writes_feeding_only, classify_selection
+
+aten = torch.ops.aten
+
+
+def sort_arguments(node: fx.Node) -> tuple:
+    """``(self, dim, descending, stable)`` of an ``aten.sort`` call (``.default`` or ``.stable``), defaults filled."""
+    names = ("self", "dim", "descending") if node.target is aten.sort.default else ("self",)
+    values = {"self": None, "dim": -1, "descending": False, "stable": None}
+    for name, arg in zip(names, node.args):
+        values[name] = arg
+    values.update(node.kwargs)
+    return values["self"], values["dim"], values["descending"], values["stable"]
+
+
+def slice_arguments(node: fx.Node) -> tuple:
+    """``(self, dim, start, end, step)`` of an ``aten.slice.Tensor`` call, defaults filled."""
+    names = ("self", "dim", "start", "end", "step")
+    values = {"self": None, "dim": 0, "start": None, "end": None, "step": 1}
+    for name, arg in zip(names, node.args):
+        values[name] = arg
+    values.update(node.kwargs)
+    return tuple(values[n] for n in names)
+
+
+def leading_cut(sort: fx.Node) -> fx.Node | str:
+    """The ``aten.slice`` that keeps the first k of the sort's order on its axis, or why the sort is not a top-k."""
+    score, dim, _, _ = sort_arguments(sort)
+    value = fake_value(score)
+    if not isinstance(value, torch.Tensor):
+        return "sort input carries no shape metadata"
+    if any(v.users for v in getitem_users(sort, 0)):
+        return "the sorted values are read"
+    orders = getitem_users(sort, 1)
+    if len(orders) != 1 or len(orders[0].users) != 1:
+        return "the order is read other than through one cut"
+    (cut,) = orders[0].users
+    if not is_call(cut, {aten.slice}):
+        return f"the order is read by {cut.target}, not cut to its first k"
+    _, cut_dim, start, _, step = slice_arguments(cut)
+    ndim = value.dim()
+    if cut_dim % ndim != dim % ndim or start not in (None, 0) or step != 1:
+        return "the cut is not the first k keys of the sorted axis"
+    return cut
+
+
+@dataclasses.dataclass(eq=False)
+class SortIndexerSite(IndexerSite):
+    """An indexer whose indices are ``aten.slice(getitem(aten.sort(score, dim, descending), 1), dim, 0, k)``."""
+
+    kind = "aten.sort"
+
+    def refusal(self) -> str | None:
+        cut = leading_cut(self.anchor)
+        return cut if isinstance(cut, str) else None
+
+    def incompatibility(self, source: IndexerSite, sizes=None) -> str | None:
+        sizes = sizes or self.sizes()
+        reason = super().incompatibility(source, sizes)
+        if reason is not None:
+            return reason
+        assert isinstance(source, SortIndexerSite)
+        score, dim, descending, stable = sort_arguments(self.anchor)
+        score2, dim2, descending2, stable2 = sort_arguments(source.anchor)
+        mine, theirs = fake_value(score), fake_value(score2)
+        if dim % mine.dim() != dim2 % theirs.dim() or descending != descending2 or bool(stable) != bool(stable2):
+            return f"sort dim/descending/stable differ from layer {source.layer}'s"
+        if not sizes.same_size(mine.shape[dim], theirs.shape[dim2]):
+            return f"scores {mine.shape[dim]} keys wide, layer {source.layer}'s {theirs.shape[dim2]}"
+        # the cut's end is its k: the indices shapes (compared above) hold min(k, keys) on the cut axis
+        return None
+
+    def cache_writes(self) -> list[CacheWrite]:
+        return cache_writes_feeding_only([self.anchor, *self.anchor.users])
+
+
+def find_sort_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list]:
+    """Every indexer selection written as a sort cut to its first k keys; other sorts are not top-k, not reported."""
+    sites: list[IndexerSite] = []
+    params = parameter_placeholders(graph)
+    for node in graph.nodes:
+        if not is_call(node, {aten.sort}):
+            continue
+        cut = leading_cut(node)
+        if isinstance(cut, str):
+            continue
+        score, dim, _, _ = sort_arguments(node)
+        verdict = classify_selection(node, score, dim, params)
+        if verdict.is_indexer:
+            sites.append(SortIndexerSite(node, cut, module_path(node), verdict.evidence))
+    return sites, []
+
+
+register_site_finder("aten.sort cut to k", find_sort_sites)
