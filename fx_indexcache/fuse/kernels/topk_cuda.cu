@@ -9,8 +9,10 @@
 // rows write to per-split regions and the row's last block to finish gathers them: one launch.
 //
 // Two block shapes (the code is templated on the threads a block, NT): 256 threads and several blocks an SM
-// for many rows (prefill), or split rows; 1024 threads, one block a row and no splits ("wide", decode): a row
-// of a few rows' batch is read by one SM with 16K keys a step in flight, and nothing crosses blocks.
+// for many rows (prefill), or split rows; 1024 threads, one block an SM ("wide", decode): a row of a few rows'
+// batch is read by one SM with 16K keys a step in flight, and nothing crosses blocks unless the caller asks for
+// splits. The sampled threshold's search stops short of an exact key (SAMPLE_COARSE) and the candidates' k-th
+// key search counts the keys above it: fewer dependent passes, which is what a decode row's time goes to.
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
