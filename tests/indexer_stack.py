@@ -14,7 +14,8 @@ in fp32), or in the model's own dtype as most people write it (issue 28: no upca
 ``"contract"`` is the oracle of the fused path on a native stack: the same score computed in fp32 and
 rounded once to the model's dtype (what ``indexer_logits_rounded`` returns). ``BatchedDSAStack`` is a
 native batched one: ``x [B, S, hidden]``, a broadcasting ``matmul`` over ``[B, H, S, T]``, the head sum as
-``einsum("bhst,bsh->bst")`` and a ``where`` mask.
+``einsum("bhst,bsh->bst")`` and a ``where`` mask. ``select="sort"`` makes the unbatched layers pick their keys
+with a descending sort cut to k instead of ``topk`` (the same keys).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ INDEXERS = ("fp32", "native_einsum", "native_matmul", "contract")
 
 class UnbatchedDSALayer(nn.Module):
     def __init__(self, hidden: int, heads: int, head_dim: int, topk: int, value_dim: int = 64,
-                 indexer: str = "fp32") -> None:
+                 indexer: str = "fp32", select: str = "topk") -> None:
         super().__init__()
         if indexer not in INDEXERS:
             raise ValueError(f"indexer={indexer!r}: expected one of {INDEXERS}")
+        if select not in ("topk", "sort"):
+            raise ValueError(f"select={select!r}: expected 'topk' or 'sort'")
         self.heads, self.head_dim, self.topk, self.value_dim = heads, head_dim, topk, value_dim
-        self.indexer = indexer
+        self.indexer, self.select = indexer, select
         self.wq = nn.Linear(hidden, heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden, head_dim, bias=False)
         self.ww = nn.Linear(hidden, heads, bias=False)
@@ -61,7 +64,10 @@ class UnbatchedDSALayer(nn.Module):
                 scores = torch.einsum("shd,td->sht", q.float(), k.float()).relu()
                 score = (scores * w.float()[:, :, None]).sum(1).to(x.dtype)
         future = torch.arange(T, device=x.device)[None, :] > torch.arange(S, device=x.device)[:, None] + (T - S)
-        return score.masked_fill(future, float("-inf")).topk(min(self.topk, T), dim=-1).indices
+        masked = score.masked_fill(future, float("-inf"))
+        if self.select == "sort":
+            return masked.sort(-1, descending=True).indices[:, : min(self.topk, T)]
+        return masked.topk(min(self.topk, T), dim=-1).indices
 
     def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, shared=None):
         idx = self.indices(x, past_k) if shared is None else shared
@@ -77,9 +83,9 @@ class UnbatchedDSALayer(nn.Module):
 
 class UnbatchedDSAStack(nn.Module):
     def __init__(self, num_layers: int = 4, hidden: int = 256, heads: int = 16, head_dim: int = 64,
-                 topk: int = 128, indexer: str = "fp32") -> None:
+                 topk: int = 128, indexer: str = "fp32", select: str = "topk") -> None:
         super().__init__()
-        self.layers = nn.ModuleList(UnbatchedDSALayer(hidden, heads, head_dim, topk, indexer=indexer)
+        self.layers = nn.ModuleList(UnbatchedDSALayer(hidden, heads, head_dim, topk, indexer=indexer, select=select)
                                     for _ in range(num_layers))
         self.head_dim = head_dim
 

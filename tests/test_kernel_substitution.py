@@ -199,6 +199,80 @@ def test_head_major_q_and_additive_mask_get_a_permute(kernel_ok):
     assert torch.equal(gm(*args), fn(*args))
 
 
+def _sorts(gm) -> list:
+    return [n for n in gm.graph.nodes if n.target in (torch.ops.aten.sort.default, torch.ops.aten.sort.stable)]
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_sort_cut_site_is_fused_and_its_sort_becomes_a_top_k(stable, kernel_ok):
+    """An indexer whose selection is a descending sort cut to k keys (detection's aten.sort site): its score
+    becomes the fused op and the sort + cut our sorted top-k, the same keys in the same order."""
+    def fn(q, k, w):
+        score = torch.einsum("bsh,bsht->bst", w, F.relu(torch.einsum("bshd,btd->bsht", q, k)))
+        return torch.sort(score, dim=-1, descending=True, stable=stable).indices[..., :3]
+
+    args = _inputs()
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    (site,) = _sorts(gm)
+    (record,) = substitute_fused_indexer(gm.graph, [site], score_and_topk=True)
+    assert record.fused and "topk_indices" in record.detail and "sort cut to k" in record.detail, record
+    gm.recompile()
+    assert not _sorts(gm)
+    assert _fused_nodes(gm)
+    assert torch.equal(gm(*args), fn(*args))
+
+
+@pytest.mark.parametrize("backend", ["inductor", "eager"])
+def test_sort_cut_stack_is_shared_and_fused_end_to_end(backend, sites_on_cuda, kernel_ok):
+    """A DSA stack that selects by sort + cut, compiled with the backend: S layers share, both F layers run the
+    fused score and our top-k (no sort left in the graph that runs), and the output is the hand-written model's."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    import fx_indexcache as fic
+    from indexer_stack import UnbatchedDSAStack
+
+    torch.manual_seed(0)
+    model = UnbatchedDSAStack(num_layers=4, hidden=64, heads=4, head_dim=16, topk=8, select="sort").eval()
+    past_k, past_v = model.empty_cache(40, "cpu", torch.float32)
+    x = torch.randn(8, 64)
+    chosen = fic.indexcache_backend if backend == "inductor" else fic.indexcache_eager_backend
+    compiled = torch.compile(model, backend=chosen, dynamic=False)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        out, idx = compiled(x, past_k, past_v)
+        with profile() as prof:
+            compiled(x, past_k, past_v)
+        want, want_idx = model(x, past_k, past_v, pattern="FFSS")
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("fx_indexcache::indexer_logits") == 2 and calls.get("fx_indexcache::topk_indices") == 2, calls
+    assert not any("sort" in key for key in calls), calls
+    assert counters["fx_indexcache"]["indexers_fused"] == 2 and counters["fx_indexcache"]["indexers_removed"] == 2
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    # the same visible keys in every row; the masked (-inf) ones are ties that either op may pick in any order
+    visible = lambda i: torch.where(i <= torch.arange(8)[:, None] + 40, i, -1).sort(-1).values  # noqa: E731
+    assert all(torch.equal(visible(a), visible(b)) for a, b in zip(idx, want_idx))
+
+
+def test_sort_cut_over_another_dim_keeps_its_sort(kernel_ok):
+    """A sort over the query axis of a transposed score is scored by the fused op but keeps its sort, and says so."""
+
+    def fn(q, k, w):
+        score = torch.einsum("bsh,bsht->bst", w, F.relu(torch.einsum("bshd,btd->bsht", q, k)))
+        return score.transpose(1, 2).sort(1, descending=True).indices[:, :3]
+
+    args = _inputs()
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    (site,) = _sorts(gm)
+    (record,) = substitute_fused_indexer(gm.graph, [site])
+    assert record.fused and "selection kept as aten.sort" in record.detail, record
+    gm.recompile()
+    assert torch.equal(gm(*args), fn(*args))
+
+
 @pytest.mark.parametrize(
     "kind, expect",
     [

@@ -628,10 +628,10 @@ def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
 
 
 def match_indexer_score(site) -> ScoreMatch | str:
-    """The proven score under ``site``'s top-k (a ``TopkIndexerSite`` or an ``aten.topk`` node), or why not."""
+    """The proven score under ``site``'s selection (a site, or an ``aten.topk`` / ``aten.sort`` node), or why not."""
     anchor = getattr(site, "anchor", site)
-    if not is_call(anchor, {aten.topk}):
-        return f"{anchor.name} is not an aten.topk"
+    if not is_call(anchor, {aten.topk, aten.sort}):
+        return f"{anchor.name} is not an aten.topk or aten.sort"
     reasons = []
     for cand in _score_candidates(anchor.args[0]):
         try:
@@ -880,6 +880,42 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     return None
 
 
+def _swap_sort_cut(graph: fx.Graph, sort: fx.Node) -> str | None:
+    """Replace a descending sort over the last dim cut to its first k keys by ``fx_indexcache::topk_indices`` with
+    sorted output: the same k keys in the same order (equal scores by ascending index, which a stable sort also
+    gives), without sorting the whole row. Returns None when swapped, else why not."""
+    from ..detection.sort_topk import leading_cut, slice_arguments, sort_arguments
+
+    cut = leading_cut(sort)
+    if isinstance(cut, str):
+        return f"selection kept as aten.sort: {cut}"
+    x, dim, descending, _ = sort_arguments(sort)
+    xv = fake_value(x)
+    width = xv.shape[-1] if isinstance(xv, torch.Tensor) else None
+    end = slice_arguments(cut)[3]
+    if (not descending or not isinstance(width, int) or _norm_dim(dim, xv.dim()) != xv.dim() - 1
+            or not (end is None or isinstance(end, int))):
+        return "selection kept as aten.sort: not a descending sort over the last dim cut to a static k"
+    k = width if end is None else max(0, min(end if end >= 0 else width + end, width))
+    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
+
+    mode = _fake_mode([xv])
+    with graph.inserting_before(sort):
+        rows, rows_v = x, xv
+        if xv.dtype in _NARROW:
+            rows = _call(graph, prims.convert_element_type.default, (x, torch.float32), (xv, torch.float32), mode)
+            rows_v = rows.meta["val"]
+        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (rows, k, True), (rows_v, k, True), mode)
+        idx = _call(graph, prims.convert_element_type.default, (idx32, torch.int64),
+                    (idx32.meta["val"], torch.int64), mode)
+    cut.replace_all_uses_with(idx)
+    graph.erase_node(cut)
+    for user in list(sort.users):
+        graph.erase_node(user)
+    graph.erase_node(sort)
+    return None
+
+
 def _fuse_score_and_topk(graph: fx.Graph, match: ScoreMatch, topk: fx.Node, precision: str) -> tuple[str | None, int]:
     """Where only the top-k's indices are read, the site's scoring, masks and top-k become one
     ``indexer_topk_fused`` (``fused_topk_site``). Returns ``(None, nodes removed)`` when rewritten, else
@@ -933,8 +969,10 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16", *,
         if why is None and precision == "fp8":
             no_fp8 = _check_leaves(match, fp8_refusal)
             applied = "fp8" if no_fp8 is None else "bf16"
-        not_one_op = None if score_and_topk else "fuse_score_and_topk is off"
-        if why is None and score_and_topk:
+        sort_cut = is_call(anchor, {aten.sort})
+        not_one_op = ("fuse_score_and_topk is off" if not score_and_topk else
+                      "the selection is a sort cut to k, which the one op does not take" if sort_cut else None)
+        if why is None and not_one_op is None:
             not_one_op, removed = _fuse_score_and_topk(graph, match, anchor, applied)
             if not_one_op is None:
                 records.append(FusionRecord(
@@ -952,7 +990,7 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16", *,
             if getattr(fake_value(anchor.args[0]), "is_cuda", False):
                 logger.warning("fx_indexcache: %s keeps its unfused indexer scoring: %s", name, why)
             continue
-        kept = _swap_topk(graph, anchor)
+        kept = _swap_sort_cut(graph, anchor) if sort_cut else _swap_topk(graph, anchor)
         topk_note = "top-k fx_indexcache::topk_indices" if kept is None else kept
         topk_note += f" (score + top-k not in one op: {not_one_op})"
         records.append(FusionRecord(name, layer, True, f"{_describe(match)}; {removed} nodes replaced; {topk_note}",

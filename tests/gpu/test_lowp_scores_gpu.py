@@ -174,7 +174,7 @@ def test_topk_agreement_on_the_trained_checkpoint_is_at_inductor_level():
 
 
 @pytest.mark.parametrize("kind, dtype", [("native_einsum", torch.bfloat16), ("native_matmul", torch.float16),
-                                         ("batched", torch.bfloat16)])
+                                         ("batched", torch.bfloat16), ("native_einsum+sort", torch.bfloat16)])
 def test_backend_default_fuses_every_f_layer_of_a_native_stack(kind, dtype):
     import fx_indexcache
     from fx_indexcache import indexcache_backend
@@ -187,7 +187,8 @@ def test_backend_default_fuses_every_f_layer_of_a_native_stack(kind, dtype):
         past_k, past_v = model.empty_cache(2, 500, "cuda", dtype)
         x = torch.randn(2, 100, 256, device="cuda").to(dtype)
     else:
-        model = UnbatchedDSAStack(indexer=kind, **dims).to(device="cuda", dtype=dtype).eval()
+        indexer, _, select = kind.partition("+")  # "+sort": keys picked by a descending sort cut to k
+        model = UnbatchedDSAStack(indexer=indexer, select=select or "topk", **dims).to(device="cuda", dtype=dtype).eval()
         past_k, past_v = model.empty_cache(500, "cuda", dtype)
         x = torch.randn(100, 256, device="cuda").to(dtype)
     torch._dynamo.reset()
@@ -200,6 +201,8 @@ def test_backend_default_fuses_every_f_layer_of_a_native_stack(kind, dtype):
     f_layers = [i for i, c in enumerate(report.pattern) if c == "F"]
     assert [(r.layer, r.fused, r.numerics) for r in report.fusions] == [(i, True, FP32_INSIDE) for i in f_layers]
     assert any("indexer_logits_rounded" in src for src in code)
+    if kind.endswith("+sort"):  # the sort + cut became our top-k
+        assert all("topk_indices" in r.detail for r in report.fusions), [r.detail for r in report.fusions]
     for layer in f_layers:  # against the eager model (its own bf16 roundings): near-ties only
         assert _agreement(got_idx[layer], want_idx[layer]) > 0.97
     rel = (got_x.double() - want_x.double()).norm() / want_x.double().norm()
