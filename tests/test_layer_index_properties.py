@@ -117,8 +117,8 @@ def _read_across_the_break(program, config) -> set[int]:
     (tests/test_cross_graph_numbered.py): both graphs numbered and the backend's own run-time wrapper in use."""
     if program["route"] != "compile" or program["break_at"] is None or not program["paths"]:
         return set()
-    if program["style"] != "module" or program["applications"] != 1 or program["select"] != "topk":
-        return set()  # (run-time sharing across a break is built for aten.topk sites only)
+    if program["style"] != "module" or program["applications"] != 1:
+        return set()
     start = program["break_at"]
     return {i for i in range(start, program["n"]) if config.layer_kind(i) == "S"
             and config.source_layer(i) is not None and config.source_layer(i) < start}
@@ -178,7 +178,7 @@ def _case(style, paths, break_at, route, applications, pattern, select="topk"):
 @example(program=_case("module", True, 1, "compile", 1, "FSSF"), seed=2)  # layers 1-2 read across the break
 @example(program=_case("functional", False, None, "export", 2, "FSFS"), seed=0)  # export rewritten twice
 @example(program=_case("functional", False, None, "export+compile", 1, "FSFS"), seed=3)
-@example(program=_case("module", True, 1, "compile", 1, "FSSF", "sort"), seed=2)  # sort sites: no read across
+@example(program=_case("module", True, 1, "compile", 1, "FSSF", "sort"), seed=2)  # sort sites read across too
 @example(program=_case("functional", False, None, "export", 2, "FSFS", "sort"), seed=0)
 def test_configured_index_cache_or_untouched_and_the_report_says_which(program, seed):
     torch._dynamo.reset()

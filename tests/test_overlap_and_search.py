@@ -39,13 +39,17 @@ class ToyIndexer(nn.Module):
         logits = torch.einsum("bshd,btd->bsht", q, self.wk(x))
         score = torch.einsum("bsh,bsht->bst", self.weights_proj(x), F.relu(logits))
         future = torch.arange(S)[None, :] > torch.arange(S)[:, None]
-        return score.masked_fill(future, float("-inf")).topk(min(TOPK, S), dim=-1).indices
+        masked = score.masked_fill(future, float("-inf"))
+        if self.select == "sort":  # the same keys, picked by a descending sort cut to k
+            return masked.sort(-1, descending=True).indices[..., : min(TOPK, S)]
+        return masked.topk(min(TOPK, S), dim=-1).indices
 
 
 class ToyLayer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, select: str = "topk") -> None:
         super().__init__()
         self.indexer = ToyIndexer()
+        self.indexer.select = select
         self.norm = nn.LayerNorm(HIDDEN)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
 
@@ -64,12 +68,12 @@ class ToyLayer(nn.Module):
 class ToyDSA(nn.Module):
     """Every indexer reads the normed embedding; ``copies`` layers get the previous layer's indexer weights."""
 
-    def __init__(self, num_layers: int, copies: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, num_layers: int, copies: tuple[int, ...], seed: int = 0, select: str = "topk") -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.norm0 = nn.LayerNorm(HIDDEN)
-        self.layers = nn.ModuleList(ToyLayer() for _ in range(num_layers))
+        self.layers = nn.ModuleList(ToyLayer(select) for _ in range(num_layers))
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
         for layer in copies:
             self.layers[layer].indexer.load_state_dict(self.layers[layer - 1].indexer.state_dict())
@@ -83,10 +87,10 @@ class ToyDSA(nn.Module):
         return self.lm_head(h)
 
 
-def toy_target(num_layers: int, copies: tuple[int, ...], batches: int = 2) -> ProbeTarget:
+def toy_target(num_layers: int, copies: tuple[int, ...], batches: int = 2, select: str = "topk") -> ProbeTarget:
     generator = torch.Generator().manual_seed(0)
     data = [torch.randint(0, VOCAB, (2, SEQ), generator=generator) for _ in range(batches)]
-    model = ToyDSA(num_layers, copies)
+    model = ToyDSA(num_layers, copies, select=select)
     return ProbeTarget("toy", model, num_layers, data, lambda fn, ids: fn(ids))
 
 
@@ -146,8 +150,9 @@ def test_greedy_search_on_a_synthetic_score():
 # ----------------------------------------------------------------------------------- toy model
 
 
-def test_overlap_is_one_exactly_between_layers_with_the_same_indexer():
-    target = toy_target(5, copies=(2, 4))
+@pytest.mark.parametrize("select", ["topk", "sort"])
+def test_overlap_is_one_exactly_between_layers_with_the_same_indexer(select):
+    target = toy_target(5, copies=(2, 4), select=select)
     probe = IndexProbe(switchable=False)
     compiled = torch.compile(target.model, backend=probe, dynamic=False)
     batches = record_batches(target, probe, compiled)
@@ -165,10 +170,11 @@ def test_overlap_is_one_exactly_between_layers_with_the_same_indexer():
     assert torch.equal(result.matrix, result.matrix.T) and torch.all(result.matrix.diagonal() == 1)
 
 
-def test_search_keeps_exactly_the_layers_whose_indexer_differs(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("select", ["topk", "sort"])
+def test_search_keeps_exactly_the_layers_whose_indexer_differs(select, tmp_path, capsys, monkeypatch):
     import fx_indexcache.tools.pattern_search as search
 
-    target = toy_target(6, copies=(2, 4, 5))
+    target = toy_target(6, copies=(2, 4, 5), select=select)
     scorers = []
 
     class Keep(PatternScorer):

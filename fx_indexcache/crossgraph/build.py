@@ -42,8 +42,9 @@ def plan_variants(module: fx.GraphModule, inputs: Sequence, config: IndexCacheCo
         return off(CrossGraphOff.TRAINING)
     if len(detection.sites) != 1 or detection.unplaced:
         return off(CrossGraphOff.NOT_ONE_SITE, f"{len(detection.sites)} indexers")
-    if detection.sites[0].kind != "aten.topk":
-        return off(CrossGraphOff.SITE_REFUSES, f"a {detection.sites[0].kind} site; only aten.topk sites are built")
+    if detection.sites[0].key_axis() is None:
+        return off(CrossGraphOff.SITE_REFUSES, f"a {detection.sites[0].kind} site, not a selection from a score "
+                   "tensor; only those (aten.topk, a sort cut to k) are built")
     refusal = detection.sites[0].refusal()
     if refusal is not None:
         return off(CrossGraphOff.SITE_REFUSES, refusal)

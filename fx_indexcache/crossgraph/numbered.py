@@ -88,8 +88,9 @@ def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheCo
     involved = [*readers, *([] if publisher is None else [publisher])]
     for layer in involved:
         site = by_layer[layer]
-        if site.kind != "aten.topk":
-            return f"layer {layer} is a {site.kind} site; only aten.topk sites are built"
+        if site.key_axis() is None:
+            return (f"layer {layer} is a {site.kind} site, not a selection from a score tensor; only those "
+                    "(aten.topk, a sort cut to k) are built")
         why = site.refusal()
         if why is not None:
             return f"layer {layer}: {why}"

@@ -11,7 +11,6 @@ import torch
 from torch import fx
 
 from ..config import SHARED, IndexCacheConfig
-from ..detection.topk import topk_arguments
 from ..graph_utils import fake_value
 from .runtime import ExpectedIndices
 
@@ -93,7 +92,7 @@ def expected_indices(graph: fx.Graph, site) -> ExpectedIndices | None:
     indices, score = fake_value(site.indices), fake_value(site.anchor.args[0])
     if not isinstance(indices, torch.Tensor) or not isinstance(score, torch.Tensor):
         return None
-    _, _, dim, _, _ = topk_arguments(site.anchor)
+    dim = site.key_axis()
     sizes = tuple(_size_expr(s) for s in (*indices.shape, score.shape[dim]))
     needed = set().union(*(getattr(s, "free_symbols", set()) for s in sizes))
     bound: dict = {}

@@ -82,6 +82,12 @@ class IndexerSite(abc.ABC):
         """This site's own indexer key-cache writes (droppable once it shares), if it can tell."""
         return []
 
+    def key_axis(self) -> int | None:
+        """The axis of ``anchor.args[0]`` (the score) that the selection runs over, where the site selects from
+        a score tensor in the graph (then its indices can be fed in from another graph); None for sites that
+        do not (an opaque op, pooled key blocks)."""
+        return None
+
     def inserts_keys_itself(self) -> bool:
         """Whether the indexer call itself writes the layer's key cache, so sharing always drops that write."""
         return False

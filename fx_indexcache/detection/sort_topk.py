@@ -96,6 +96,9 @@ class SortIndexerSite(IndexerSite):
     def cache_writes(self) -> list[CacheWrite]:
         return cache_writes_feeding_only([self.anchor, *self.anchor.users])
 
+    def key_axis(self) -> int:
+        return sort_arguments(self.anchor)[1]
+
 
 def find_sort_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list]:
     """Every indexer selection written as a sort cut to its first k keys; other sorts are not top-k, not reported."""

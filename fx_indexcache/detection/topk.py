@@ -83,6 +83,9 @@ class TopkIndexerSite(IndexerSite):
         """Writes of our keys into a cache input that only our (now dead) scoring reads."""
         return cache_writes_feeding_only([self.anchor, *self.anchor.users])
 
+    def key_axis(self) -> int:
+        return topk_arguments(self.anchor)[2]
+
 
 def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
     """The cache writes (``copy_`` of a functional update into a cache input) that only ``roots``' cone reads.

@@ -177,7 +177,7 @@ def _eligibility(sites: list) -> ProbedGraph:
     info = ProbedGraph([site.layer for site in sites], {}, {})
     for site in sites:
         reason = site.refusal()
-        if site.kind != "aten.topk":  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
+        if site.key_axis() is None:  # e.g. vLLM's opaque op writes a buffer: no plain edge to switch
             reason = f"{site.kind} indexer sites are recorded, not switched"
         if reason is not None:
             info.fixed[site.layer] = reason
@@ -218,10 +218,14 @@ def _add_record_outputs(graph: fx.Graph, sites: list) -> tuple[int, list[int]]:
         for site in sites:
             extras.append(site.indices)
             anchor = site.anchor
-            if anchor.target is torch.ops.aten.topk.default:  # other site kinds: no values to read
+            if anchor.target is torch.ops.aten.topk.default:
                 values = graph.call_function(operator.getitem, (anchor, 0))
                 extras.append(graph.call_function(_finite_mask, (values,)))
-            else:
+            elif site.key_axis() is not None:  # a sort cut to k: its keys' scores, gathered
+                values = graph.call_function(torch.ops.aten.gather.default,
+                                             (anchor.args[0], site.key_axis(), site.indices))
+                extras.append(graph.call_function(_finite_mask, (values,)))
+            else:  # other site kinds: no scores to read
                 extras.append(None)
             layers.append(site.layer)
     output.args = ((*original, *extras),)
