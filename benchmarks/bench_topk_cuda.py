@@ -50,14 +50,22 @@ CASES = SMALL_CASES + [
 PREFILL = [(1024, 32768), (1024, 131072), (4096, 8192), (256, 262144), (256, 32768), (512, 65536)]
 DECODE = [(1, 32768), (4, 32768), (16, 32768), (64, 32768), (128, 32768), (1, 65536), (16, 65536), (1, 131072),
           (4, 131072), (16, 131072), (64, 131072), (1, 262144), (1, 8192), (64, 8192)]
-#: Both block shapes of the CUDA kernel: every check runs on each.
-CUDA_ALGORITHMS = ("cuda", "cuda_wide")
+#: The CUDA kernel's block shapes (and, on sm_90+, its cluster rows): every check runs on each.
+CUDA_ALGORITHMS = ("cuda", "cuda_wide", "cuda_cluster")
+
+
+def cuda_algorithms() -> tuple:
+    """``CUDA_ALGORITHMS`` this card runs (clusters need compute capability 9.0)."""
+    clusters = topk_cuda.cluster_reason(torch.device("cuda")) is None
+    return tuple(a for a in CUDA_ALGORITHMS if a != "cuda_cluster" or clusters)
 
 
 def check_cases(cases) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, CUDA_ALGORITHMS, (False, True)):
+    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, cuda_algorithms(), (False, True)):
+        if alg == "cuda_cluster":
+            opts = {key: v for key, v in opts.items() if key != "splits"}  # a cluster cuts its rows itself
         where = f"{alg} {R}x{T} k={k} {opts} {kind} sorted={sorted_}"
         try:
             x = topk_cases.rows(kind, R, T, g, device="cuda")
@@ -71,7 +79,7 @@ def check_cases(cases) -> int:
 
 def variants(x, out, graph: bool) -> list:
     v = [(f"{alg}{'_sorted' if s else ''}", lambda alg=alg, s=s: tk._launch(x, out, K, sorted=s, algorithm=alg))
-         for alg in CUDA_ALGORITHMS for s in (False, True)]
+         for alg in cuda_algorithms() for s in (False, True)]
     v.append(("split", lambda: tk._launch(x, out, K, algorithm="split")))
     if graph:
         v.append(("split_prefix_skip", lambda: tk._launch(x, out, K, algorithm="split", tune={"prefix_skip": True})))
@@ -103,7 +111,7 @@ DECODE_VARIANTS = [
     ("split", dict(tune={"filter_warps": 2, "prefix_skip": True})), ("split", dict(splits=16, tune={"filter_warps": 2})),
     ("split", dict(sample=1024)), ("split", dict(sample=4096)),
     ("cuda", {}), ("cuda", dict(splits=16)), ("cuda", dict(splits=8)), ("cuda", dict(splits=64)), ("cuda_wide", {}),
-    ("cuda_wide", dict(splits=4)), ("cuda_wide", dict(splits=8)), ("cuda_wide", dict(splits=16))]
+    ("cuda_wide", dict(splits=4)), ("cuda_wide", dict(splits=8)), ("cuda_wide", dict(splits=16)), ("cuda_cluster", {})]
 
 
 def decode_sweep() -> list:
@@ -118,6 +126,8 @@ def decode_sweep() -> list:
         out = torch.empty(B, K, dtype=torch.int32, device="cuda")
         for alg, opts in DECODE_VARIANTS:
             if B > 1 and alg == "split" and "splits" in opts:  # more programs than the default's 1024
+                continue
+            if alg == "cuda_cluster" and alg not in cuda_algorithms():
                 continue
 
             def fn():

@@ -172,6 +172,11 @@ def stamp_slots() -> int:
     return int(re.search(r"#define STAMP_SLOTS (\d+)", topk_cuda.SOURCE.read_text()).group(1))
 
 
+#: What --sections stamps / replay time: the wide block ("cuda_wide") or a cluster's rows ("cuda_cluster", sm_90+);
+#: --algorithm sets it.
+STAMPED_ALGORITHM = "cuda_wide"
+
+
 def measure_stamps(R, T, log, reps=50) -> dict:
     """Where one wide block's time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block 0's clock
     at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's profiled
@@ -180,12 +185,12 @@ def measure_stamps(R, T, log, reps=50) -> dict:
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
     slots = stamp_slots()
     stamps = torch.zeros(2 * slots, dtype=torch.int32, device="cuda")  # the kernel writes u64[slots] through its path
-    res = dict(R=R, T=T)
+    res = dict(R=R, T=T, algorithm=STAMPED_ALGORITHM)
     for sorted_ in (False, True):
         tag = "sorted" if sorted_ else "unsorted"
 
         def launch(path=None, sorted_=sorted_):
-            return tk._launch(x, out, TOPK, sorted=sorted_, path=path, algorithm="cuda_wide")
+            return tk._launch(x, out, TOPK, sorted=sorted_, path=path, algorithm=STAMPED_ALGORITHM)
 
         runs = []
         for _ in range(reps):
@@ -225,9 +230,9 @@ def measure_replay(R, T, log) -> dict:
 
     def logits_topk():
         indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
-        tk._launch(x, out, TOPK, algorithm="cuda_wide")
+        tk._launch(x, out, TOPK, algorithm=STAMPED_ALGORITHM)
 
-    res = dict(R=R, T=T, topk_graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, algorithm="cuda_wide")), 4),
+    res = dict(R=R, T=T, algorithm=STAMPED_ALGORITHM, topk_graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, algorithm=STAMPED_ALGORITHM)), 4),
                logits_topk_graph_ms=round(graph_ms(logits_topk), 4), exact=topk_exact(x, out, TOPK))
     log(f"replay {R}x{T}: {res}")
     return res
@@ -241,7 +246,11 @@ def main() -> None:
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
                     "(DECODE_SHAPES, CUDA graphs), replay (STAMP_SHAPES: the wide CUDA block's graph replay time, "
                     "alone and after the logits), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
+    ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster"),
+                    help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block)")
     args = ap.parse_args()
+    global STAMPED_ALGORITHM
+    STAMPED_ALGORITHM = args.algorithm
     if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
         if args.sections != "stamps":
             ap.error("--sections stamps runs alone (its build of the CUDA top-k records no paths)")

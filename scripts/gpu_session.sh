@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -65,6 +65,16 @@ case "$step" in
                      # tests of its kernels (FX_INDEXCACHE_NVRTC_FLAGS, when set, picks a build variant for both)
         timeout "$(limit 240)" python benchmarks/bench_topk_cuda.py --decode-sweep --out "$OUT"
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
+    topk-cluster)    # the cluster rows (sm_90+: a row over a thread-block cluster of eight wide blocks) beside the
+                     # wide block: replay alone and after the logits, then its exactness, race, graph and sanitizer
+                     # tests, then its stamps (a -DTOPK_STAMPS build)
+        for algorithm in cuda_wide cuda_cluster; do
+            timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay --algorithm "$algorithm" \
+                --out "$OUT/replay_$algorithm" | grep "^replay" || true
+        done
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cluster or sanitizer" || true
+        timeout "$(limit 120)" python benchmarks/bench_topk_phases.py --sections stamps --algorithm cuda_cluster \
+            --out "$OUT/stamps" | grep "^stamps" || true ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,

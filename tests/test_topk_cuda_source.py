@@ -36,12 +36,26 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
                           str(src)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     regs = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", run.stderr, re.S))
-    assert sorted(regs) == sorted(topk_cuda.KERNELS)
+    assert sorted(regs) == sorted(topk_cuda.KERNELS + topk_cuda.CLUSTER_KERNELS)
     consts = {n: int(v) for n, v in re.findall(r"^#define (\w+) (\d+)", SOURCE, re.M)}
-    assert (consts["BLOCK"], consts["WIDE"]) == (topk_cuda.BLOCK, topk_cuda.WIDE)
-    for name, threads, blocks in re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M):
+    assert (consts["BLOCK"], consts["WIDE"], consts["CLUSTER"]) == (topk_cuda.BLOCK, topk_cuda.WIDE, topk_cuda.CLUSTER)
+    entries = re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M)
+    entries += [(name, "WIDE", "1") for name in re.findall(r"^CLUSTER_ENTRY\((\w+),", SOURCE, re.M)]
+    assert sorted(name for name, _, _ in entries) == sorted(regs)
+    for name, threads, blocks in entries:
         threads, blocks = (consts[v] if v in consts else int(v) for v in (threads, blocks))
         assert int(regs[name]) <= 65536 // (threads * blocks), (name, regs)  # its blocks an SM fit
+    assert "spill" not in run.stderr or not re.search(r"[1-9]\d* bytes spill", run.stderr), run.stderr[-2000:]
+
+
+def test_cluster_kernels_exist_only_where_clusters_do():
+    """The cluster kernels compile for sm_90 (thread-block clusters) and are absent from an sm_80 build, whose
+    other kernels still compile (the host loads CLUSTER_KERNELS only on 9.0+)."""
+    nvrtc = _nvrtc_or_skip()
+    hopper, ampere = nvrtc.compile_cubin(SOURCE, "sm_90"), nvrtc.compile_cubin(SOURCE, "sm_80")
+    for name in topk_cuda.CLUSTER_KERNELS:
+        assert name.encode() in hopper and name.encode() not in ampere
+    assert all(name.encode() in ampere for name in topk_cuda.KERNELS)
 
 
 def test_the_switch_keeps_the_top_k_on_triton_and_says_why(monkeypatch):

@@ -153,3 +153,15 @@ def test_wide_dispatch_only_where_it_measured_faster_than_torch(run9):
                 assert r[f"cuda_wide{mode}"] < r["torch"], (r["R"], r["T"], mode)
                 assert r["cuda_wide_eager"] < r["torch_eager"] or sorted_, (r["R"], r["T"])
     assert chosen >= 12
+
+
+def test_cluster_rows_are_opt_in_and_refused_off_cuda_with_the_reason():
+    """The default never picks the cluster kernel (not yet measured faster); asked for off CUDA, it says why."""
+    import torch
+
+    assert "cuda_cluster" in tk.ALGORITHMS
+    for R, T in ((1, 32768), (4, 131072), (64, 32768), (1024, 8192)):
+        assert tk.preferred_algorithm(R, T, False) != "cuda_cluster"
+    x = torch.randn(2, 5000)
+    with pytest.raises(ValueError, match="cuda_cluster.*not on a CUDA device"):
+        tk._launch(x, torch.empty(2, 64, dtype=torch.int32), 64, algorithm="cuda_cluster")

@@ -7,7 +7,7 @@ order are checked by ``tests/topk_cases.check`` against torch.topk, and random r
 path (the exact fallback only where the sample misleads); every launch variant (split counts, bitonic and
 rank sort, run 4's one-program kernel) at card sizes; the CUDA kernel on every one of its paths, on aligned, unaligned
 and strided rows, its split rows' gather raced 300 times, its graph replay, and compute-sanitizer's memcheck and
-racecheck over its small check cases (both block shapes, split rows). CUDA graphs: the split path and the fused logits +
+racecheck over its small check cases (both block shapes, split rows, cluster rows on sm_90+). CUDA graphs: the split path and the fused logits +
 top-k replay under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compiled with ``indexcache_backend`` and
 Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
 """
@@ -82,8 +82,9 @@ def test_row_topk_launch_variants(R, T, k, launch, kind, sorted_):
 
 
 @pytest.mark.parametrize("R,T", [(1, 32768), (16, 32768), (64, 131072)])
-@pytest.mark.parametrize("launch", [dict(algorithm="split", tune={"select_in_write": True}), dict(algorithm="cuda")],
-                         ids=["triton_select_in_write", "cuda"])
+@pytest.mark.parametrize("launch", [dict(algorithm="split", tune={"select_in_write": True}), dict(algorithm="cuda"),
+                                    dict(algorithm="cuda_cluster")],
+                         ids=["triton_select_in_write", "cuda", "cuda_cluster"])
 def test_last_split_is_race_free(R, T, launch):
     """Split rows, where the row's last split to finish selects (a count bumped after a release fence): Triton's
     select in the write (the default for one row, forced here for more) and the CUDA kernel's gather. Were the
@@ -91,6 +92,7 @@ def test_last_split_is_race_free(R, T, launch):
     Hundreds of back-to-back launches must give the same, exact indices."""
     from fx_indexcache.fuse.kernels import topk as tk
 
+    _skip_without_clusters(launch["algorithm"])  # (a cluster's block 0 reads the others' candidates: the same race)
     assert tk.split_plan(R, T)["NSPLIT"] > 1  # not vacuous: the rows really are split
     x = torch.randn(R, T, device="cuda", generator=_gen())
 
@@ -130,12 +132,24 @@ CUDA_PATH_CASES = [
 #: sample (its 2nd key lies below the top 4096 of 65536 keys in 9 rows of 10); split rows as asked for.
 WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024) if "sample" in o else o, kinds)
                    for R, T, k, o, kinds in CUDA_PATH_CASES]
-PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES)) for c in cases]
+#: Cluster rows (sm_90+): the wide cases, the row cut in the cluster's eight blocks whatever ``splits`` says.
+CLUSTER_PATH_CASES = [(R, T, k, {n: v for n, v in o.items() if n != "splits"}, kinds) for R, T, k, o, kinds in WIDE_PATH_CASES]
+PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES),
+                                           ("cuda_cluster", CLUSTER_PATH_CASES)) for c in cases]
+
+
+def _skip_without_clusters(algorithm: str) -> None:
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    why = topk_cuda.cluster_reason(torch.device("cuda")) if algorithm == "cuda_cluster" else None
+    if why is not None:
+        pytest.skip(why)
 
 
 @pytest.mark.parametrize("algorithm,R,T,k,opts,kinds", PATH_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("layout", ["contiguous", "unaligned", "strided"])
 def test_cuda_topk_every_path_and_layout(algorithm, R, T, k, opts, kinds, layout):
+    _skip_without_clusters(algorithm)
     g = _gen()
     seen = set()
     for kind in kinds:
@@ -149,11 +163,12 @@ def test_cuda_topk_every_path_and_layout(algorithm, R, T, k, opts, kinds, layout
     assert want <= seen, f"paths {sorted(seen)}, expected {sorted(want)} among them"
 
 
-@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide"])
+@pytest.mark.parametrize("algorithm", ["cuda", "cuda_wide", "cuda_cluster"])
 def test_cuda_topk_takes_every_path(algorithm):
     """Over the cases above, each of the four paths ran at least once (the test is not vacuous)."""
     from fx_indexcache.fuse.kernels import topk as tk
 
+    _skip_without_clusters(algorithm)
     g = _gen()
     seen = set()
     for alg, R, T, k, opts, kinds in PATH_CASES:
@@ -189,10 +204,11 @@ def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
 @pytest.mark.parametrize("R,T,sorted_,algorithm,splits", [
     (4, 32768, True, "cuda", None), (1, 131072, False, "cuda", None), (300, 32768, True, "cuda", None),
     (1, 32768, False, "cuda_wide", None), (16, 65536, True, "cuda_wide", None), (1, 32768, False, "cuda_wide", 8),
-    (2, 65536, True, "cuda_wide", 4)])
+    (2, 65536, True, "cuda_wide", 4), (1, 32768, False, "cuda_cluster", None), (4, 131072, True, "cuda_cluster", None)])
 def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm, splits):
     from fx_indexcache.fuse.kernels import topk as tk
 
+    _skip_without_clusters(algorithm)
     g = _gen()
     x = torch.randn(R, T, device="cuda", generator=g)
     out = torch.empty(R, 2048, dtype=torch.int32, device="cuda")

@@ -206,7 +206,7 @@ def split_plan(R: int, T: int, splits: Optional[int] = None, *, chunk: Optional[
 
 
 #: ``_launch``'s algorithms.
-ALGORITHMS = ("auto", "cuda", "cuda_wide", "split", "one_program")
+ALGORITHMS = ("auto", "cuda", "cuda_wide", "cuda_cluster", "split", "one_program")
 
 
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
@@ -217,6 +217,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
     "cuda_wide" (the CUDA kernel with 1024-thread blocks, one a row unless ``splits`` cuts it: for few rows),
+    "cuda_cluster" (sm_90+: a row over the eight 1024-thread blocks of a thread-block cluster, candidates gathered
+    through distributed shared memory; opt-in, for measuring; a direct plan runs "cuda_wide"),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
@@ -236,6 +238,16 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     p = plan(x2d.shape[1], k, cap=cap, sample=sample)
     if algorithm == "auto":
         algorithm = default_algorithm(x2d, k, sorted, p=p, splits=splits)
+    if algorithm == "cuda_cluster":
+        from . import topk_cuda
+
+        why = topk_cuda.cluster_reason(x2d.device) if x2d.is_cuda else "the rows are not on a CUDA device"
+        if why is not None:
+            raise ValueError(f"_launch: algorithm='cuda_cluster' is unavailable here: {why}")
+        if not p["DIRECT"]:
+            return topk_cuda.launch(x2d, out2d, k, p, topk_cuda.cluster_split_plan(x2d.shape[1]), sorted, path,
+                                    cluster=True)
+        algorithm = "cuda_wide"
     if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 

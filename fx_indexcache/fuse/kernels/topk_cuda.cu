@@ -94,6 +94,8 @@ struct Shared {  // the block's reduction and scan slots (two of each: one barri
     u32 sum[2][NW];
     u64 scan[2][2][NW];
     int last;
+    u32 cluster_count[2];  // cluster rows: this block's candidates and ties (read by block 0 of the cluster)
+    u32 cluster_total[2];  // cluster rows, block 0: the row's
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
@@ -430,6 +432,28 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     return L;
 }
 
+// Thread-block clusters (sm_90): a row cut over CLUSTER blocks of one cluster, each filtering its segment into its own
+// shared memory; block 0 reads the others' candidates through distributed shared memory (no global round trip, no
+// count to zero before the launch, no block left to find out that it is last). PTX, so NVRTC needs no headers.
+#define CLUSTER 8
+#if __CUDA_ARCH__ >= 900
+// The shared::cluster address of `p` (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ u32 cluster_address(const void *p, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank));
+    return a;
+}
+__device__ __forceinline__ u32 load_cluster(const void *p, u32 rank) {
+    u32 v;
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(cluster_address(p, rank)) : "memory");
+    return v;
+}
+// Every thread of every block of the cluster: what each wrote before is visible to all after (release/acquire).
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+#endif
+
 // The split s of a row holding entry q of the splits' concatenation: off (nsplit + 1 offsets, one 32-bit half of
 // each u64: low = candidates, high = ties) has off[s] <= q < off[s + 1].
 __device__ __forceinline__ int split_of(const u64 *off, int nsplit, u32 q, int half) {
@@ -495,6 +519,57 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
     __syncthreads();
 }
 
+#if __CUDA_ARCH__ >= 900
+// Cluster rows, block 0: every block's counts (sh.cluster_count, read through the cluster), their offsets in off
+// (as gather_splits leaves them: low halves candidates, high halves ties), and the other blocks' candidates copied
+// after block 0's own in ck / ci, in block order (index order); overflow when a block kept more than it holds.
+template <int NT>
+__device__ void gather_cluster(const Params &p, u32 *ck, int *ci, u64 *off, u32 &n_gt, u32 &n_eq, bool &overflow,
+                               Shared<NT> &sh) {
+    static_assert(CLUSTER <= 32, "one warp scans the cluster's counts");
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        u32 g = 0, e = 0;
+        if (lane < p.nsplit) {
+            g = load_cluster(&sh.cluster_count[0], lane);
+            e = load_cluster(&sh.cluster_count[1], lane);
+        }
+        const bool over = __any_sync(FULL, g > (u32)p.cap);
+        g = min(g, (u32)p.cap);
+        e = min(e, (u32)p.treg);
+        u32 ig = g, ie = e;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 yg = __shfl_up_sync(FULL, ig, o), ye = __shfl_up_sync(FULL, ie, o);
+            if (lane >= o) {
+                ig += yg;
+                ie += ye;
+            }
+        }
+        if (lane < p.nsplit) off[lane] = (u64)(ig - g) | ((u64)(ie - e) << 32);
+        const u32 tg = __shfl_sync(FULL, ig, 31), te = __shfl_sync(FULL, ie, 31);
+        if (lane == 0) {
+            off[p.nsplit] = (u64)tg | ((u64)te << 32);
+            sh.cluster_total[0] = tg;
+            sh.cluster_total[1] = te;
+            sh.last = over;
+        }
+    }
+    __syncthreads();
+    n_gt = sh.cluster_total[0];
+    n_eq = sh.cluster_total[1];
+    overflow = sh.last != 0;
+    if (overflow || n_gt > (u32)p.cap) return;
+    for (u32 q = (u32)off[1] + threadIdx.x; q < n_gt; q += NT) {  // block 0's own already sit at the front
+        const int s = split_of(off, p.nsplit, q, 0);
+        const u32 at = q - (u32)off[s];
+        ck[q] = load_cluster(ck + at, s);
+        ci[q] = (int)load_cluster(ci + at, s);
+    }
+    __syncthreads();
+}
+#endif
+
 // The first `need` ties in index order to out[n_gt ...]: from the row's tie region (one split) or from every
 // split's (their offsets in off's high halves).
 template <int NT>
@@ -540,7 +615,7 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-template <int NT, bool VEC, bool SORTED>
+template <int NT, bool VEC, bool SORTED, int CL = 0>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared<NT> sh;
@@ -568,6 +643,23 @@ __device__ void topk_row(const Params &p) {
         compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
         __syncthreads();
         STAMP(3);
+    } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
+#if __CUDA_ARCH__ >= 900
+        const long long reg = row * p.nsplit + split;
+        const int lo = split * p.seg, hi = min(lo + p.seg, p.T);
+        BufferSink sink{ck, ci, p.reg_tie + reg * p.treg, (u32)p.cap, (u32)p.treg};
+        compact(src, lo, hi, L, sink, n_gt, n_eq, sh, buf);
+        if (threadIdx.x == 0) {
+            sh.cluster_count[0] = n_gt;
+            sh.cluster_count[1] = n_eq;
+        }
+        __threadfence();  // the ties went to global memory: ordered before the barrier's release
+        cluster_sync();
+        if (split == 0) gather_cluster(p, ck, ci, off, n_gt, n_eq, overflow, sh);
+        cluster_sync();  // the other blocks keep their shared memory until block 0 has read it
+        if (split != 0) return;
+        STAMP(3);
+#endif
     } else {
         const long long reg = row * p.nsplit + split;
         const int lo = split * p.seg, hi = min(lo + p.seg, p.T);
@@ -635,3 +727,13 @@ ENTRY(topk_wide_vec, WIDE, 1, true, false)
 ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
+#if __CUDA_ARCH__ >= 900
+#define CLUSTER_ENTRY(name, vec, sorted)                                                             \
+    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WIDE, 1) name(const Params p) { \
+        topk_row<WIDE, vec, sorted, CLUSTER>(p);                                                     \
+    }
+CLUSTER_ENTRY(topk_cluster_vec, true, false)
+CLUSTER_ENTRY(topk_cluster_vec_sorted, true, true)
+CLUSTER_ENTRY(topk_cluster_any, false, false)
+CLUSTER_ENTRY(topk_cluster_any_sorted, false, true)
+#endif

@@ -26,9 +26,15 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
            "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
-#: Threads a block (BLOCK and WIDE in the source).
+#: Compiled for sm_90 and later only (thread-block clusters): one row over the CLUSTER blocks of a cluster, each
+#: filtering a segment into its shared memory, block 0 gathering the candidates through distributed shared memory.
+CLUSTER_KERNELS = ("topk_cluster_vec", "topk_cluster_vec_sorted", "topk_cluster_any", "topk_cluster_any_sorted")
+#: Threads a block (BLOCK and WIDE in the source), and blocks a cluster (CLUSTER).
 BLOCK = 256
 WIDE = 1024
+CLUSTER = 8
+#: A cluster block's segment is a multiple of this many keys (16-byte loads stay aligned).
+CLUSTER_SEGMENT_ALIGN = 16
 
 
 def min_cap(wide: bool) -> int:
@@ -36,8 +42,28 @@ def min_cap(wide: bool) -> int:
     return 4 * (WIDE if wide else BLOCK)
 
 
-def kernel_name(vec: bool, sorted: bool, wide: bool) -> str:
-    return "topk_" + ("wide_" if wide else "") + ("vec" if vec else "any") + ("_sorted" if sorted else "")
+def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False) -> str:
+    shape = "cluster_" if cluster else "wide_" if wide else ""
+    return "topk_" + shape + ("vec" if vec else "any") + ("_sorted" if sorted else "")
+
+
+def has_clusters(device: int) -> bool:
+    """Whether the device runs thread-block clusters (compute capability 9.0 or later)."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def cluster_reason(device: torch.device) -> Optional[str]:
+    """None where the cluster kernels run on ``device``; else why not."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    why = unavailable_reason(device)
+    if why is None and not has_clusters(index):
+        why = f"compute capability {torch.cuda.get_device_capability(index)} has no thread-block clusters (9.0+)"
+    if why is None:
+        try:
+            _cluster_kernels(index)
+        except (nvrtc.CudaKernelUnavailable, OSError, RuntimeError) as e:
+            why = f"the cluster kernels did not load: {e}"
+    return why
 
 
 class _Params(ctypes.Structure):
@@ -52,6 +78,13 @@ class _Params(ctypes.Structure):
 def _kernels(device: int):
     # FX_INDEXCACHE_NVRTC_FLAGS: extra NVRTC options, e.g. "-lineinfo" for compute-sanitizer's reports
     return nvrtc.load(str(SOURCE), KERNELS, device, tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_kernels(device: int):
+    """The cluster kernels, loaded apart from the others: were they to fail, the rest of the CUDA top-k stays."""
+    return nvrtc.load(str(SOURCE), CLUSTER_KERNELS, device,
+                      tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
 
 
 #: Set to 0 / false / no / off to keep the top-k on the Triton kernels everywhere (read once a process, per device).
@@ -85,14 +118,20 @@ def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
     return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
 
 
-def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) -> bool:
+def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cluster: bool = False) -> bool:
     """Whether a launch's shared memory fits the device (large capacities and k may not)."""
-    limit = _kernels(device)[kernel_name(True, sorted, wide)].max_dynamic_smem
+    limit = (_cluster_kernels if cluster else _kernels)(device)[kernel_name(True, sorted, wide, cluster)].max_dynamic_smem
     return smem_bytes(p, 1 if p["DIRECT"] else nsplit, sorted, wide) <= limit
 
 
+def cluster_split_plan(T: int) -> dict:
+    """A cluster row's cut: ``CLUSTER`` segments of ``SEG`` keys (the last ones may be short or empty)."""
+    seg = -(-T // (CLUSTER * CLUSTER_SEGMENT_ALIGN)) * CLUSTER_SEGMENT_ALIGN
+    return dict(NSPLIT=CLUSTER, SEG=seg)
+
+
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
-           path: Optional[torch.Tensor], wide: bool = False) -> None:
+           path: Optional[torch.Tensor], wide: bool = False, cluster: bool = False) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
     direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row; ``_launch`` hands ``wide`` launches one
     split unless asked for more)."""
@@ -101,23 +140,31 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
     for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
         if p[name] < 1 or p[name] & (p[name] - 1):
             raise ValueError(f"topk_cuda.launch: plan {name}={p[name]}, expected a power of two (topk.plan gives one)")
+    if cluster and (p["DIRECT"] or sp["NSPLIT"] != CLUSTER):
+        raise ValueError(f"topk_cuda.launch: a cluster launch needs a sampled plan cut in {CLUSTER} "
+                         f"(cluster_split_plan), got DIRECT={p['DIRECT']}, NSPLIT={sp['NSPLIT']}")
+    wide = wide or cluster
     nsplit = 1 if p["DIRECT"] else sp["NSPLIT"]
     seg = T if nsplit == 1 else sp["SEG"]
     cap = max(p["CAP"], min_cap(wide))
-    reg, treg = (0, k) if nsplit == 1 else (min(seg, cap), min(seg, k))
+    # a cluster block keeps its candidates in its own shared memory: only the ties get global regions
+    reg, treg = (0, k) if nsplit == 1 else (0 if cluster else min(seg, cap), min(seg, k))
     n_reg = R * nsplit
-    # one int32 scratch: [tie regions | candidate keys | candidate indices | counts]; the done counts zeroed
-    scratch = torch.empty(n_reg * (treg + 2 * reg + (2 if nsplit > 1 else 0)), dtype=torch.int32, device=dev)
+    # one int32 scratch: [tie regions | candidate keys | candidate indices | counts]; the done counts zeroed (split
+    # rows outside a cluster: the last block to finish selects)
+    counted = nsplit > 1 and not cluster
+    scratch = torch.empty(n_reg * (treg + 2 * reg + (2 if counted else 0)), dtype=torch.int32, device=dev)
     base = scratch.data_ptr()
-    done = torch.zeros(R if nsplit > 1 else 0, dtype=torch.int32, device=dev)
+    done = torch.zeros(R if counted else 0, dtype=torch.int32, device=dev)
     vec = x2d.stride(1) == 1 and x2d.stride(0) % 4 == 0 and x2d.data_ptr() % 16 == 0
     prm = _Params(
         x=x2d.data_ptr(), out=out2d.data_ptr(), path=path.data_ptr() if path is not None else None,
         reg_key=base + 4 * n_reg * treg, reg_idx=base + 4 * n_reg * (treg + reg),
-        reg_tie=base, counts=base + 4 * n_reg * (treg + 2 * reg), done=done.data_ptr() if nsplit > 1 else None,
+        reg_tie=base, counts=base + 4 * n_reg * (treg + 2 * reg) if counted else None,
+        done=done.data_ptr() if counted else None,
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
         reg=reg, treg=treg, direct=int(p["DIRECT"]))
-    kernel = _kernels(dev.index)[kernel_name(vec, sorted, wide)]
+    kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[kernel_name(vec, sorted, wide, cluster)]
     kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
                   torch.cuda.current_stream(dev).cuda_stream)
