@@ -18,6 +18,8 @@ D, H, HD, K, E = 8, 2, 4, 3, 3
 
 
 class Indexer(nn.Module):
+    select = "topk"  # or "sort": the same K keys by a descending sort cut to K (set on an instance)
+
     def __init__(self, gen) -> None:
         super().__init__()
         self.wq = nn.Parameter(torch.randn(D, H * HD, generator=gen))
@@ -30,7 +32,10 @@ class Indexer(nn.Module):
         score = (torch.relu(torch.einsum("bshd,btd->bsht", q, k)) * (x @ self.ww).unsqueeze(-1)).sum(2)
         s, t = x.shape[1], keys.shape[1]
         keep = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(t - s)
-        return torch.where(keep, score, torch.tensor(float("-inf"))).topk(K, dim=-1).indices  # [B, S, K]
+        masked = torch.where(keep, score, torch.tensor(float("-inf")))
+        if self.select == "sort":
+            return masked.sort(-1, descending=True).indices[..., :K]
+        return masked.topk(K, dim=-1).indices  # [B, S, K]
 
 
 def attend(x, keys, indices, wv):

@@ -27,9 +27,11 @@ def _randn(*shape, seed: int):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("pattern", ["FSFS", "FSSS", "FFSF"])
-def test_region_bodies_share_like_the_oracle(pattern):
+@pytest.mark.parametrize("pattern, select", [("FSFS", "topk"), ("FSSS", "topk"), ("FFSF", "topk"), ("FSFS", "sort")])
+def test_region_bodies_share_like_the_oracle(pattern, select):
     model = RegionDecoder(N)
+    for layer in model.layers:
+        layer.indexer.select = select  # "sort": the bodies' site is a sort cut to K
     backend = fic.IndexCacheEagerBackend(index_topk_pattern=pattern)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     past = [_randn(2, 6, D, seed=10 + i) for i in range(N)]

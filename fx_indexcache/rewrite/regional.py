@@ -58,7 +58,8 @@ class _Call:
 
 
 def _bodies(gm: fx.GraphModule) -> dict[str, _Body | None]:
-    """Each called body with exactly one replaceable aten.topk indexer site; None for the others."""
+    """Each called body with exactly one replaceable indexer site that selects from a score tensor (``key_axis``:
+    a top-k, a sort cut to k); None for the others."""
     found: dict[str, _Body | None] = {}
     for node in gm.graph.nodes:
         if node.target is not _INVOKE or node.args[0].op != "get_attr":
@@ -68,7 +69,7 @@ def _bodies(gm: fx.GraphModule) -> dict[str, _Body | None]:
             continue
         module = getattr(gm, name)
         sites = detect(module.graph).sites  # layer unknown inside a body: only the site itself matters here
-        ok = len(sites) == 1 and sites[0].kind == "aten.topk" and sites[0].refusal() is None
+        ok = len(sites) == 1 and sites[0].key_axis() is not None and sites[0].refusal() is None
         found[name] = _Body(name, module, sites[0]) if ok else None
     return found
 
