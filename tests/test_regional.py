@@ -63,6 +63,23 @@ def test_region_calls_out_of_order_leave_the_s_layer_computing():
     assert calls[3].action is CallAction.READ
 
 
+def test_region_bodies_of_different_selections_never_share():
+    """Layers 0 and 2 select by top-k, 1 and 3 by a sort cut to K (two bodies): the S layers' F layers are of the
+    other kind, so they keep their own body and say why; the output is the model's own."""
+    model = RegionDecoder(N)
+    for i, layer in enumerate(model.layers):
+        layer.indexer.select = "sort" if i % 2 else "topk"
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x, None)
+        torch.testing.assert_close(out, model.oracle(x, list(range(N)), None), rtol=0, atol=0)
+    (report,) = backend.reports
+    calls = {call.layer: call for call in report.regional}
+    for layer in (1, 3):
+        assert calls[layer].action is CallAction.COMPUTED and "aten.sort" in calls[layer].note, calls[layer]
+
+
 def test_region_with_inductor_equals_the_oracle():
     model = RegionDecoder(N)
     backend = fic.IndexCacheBackend(index_topk_pattern="FSFS")

@@ -131,11 +131,15 @@ def _refusal(call: _Call, source: _Call | None, published: dict) -> str | None:
         return "its F layer calls no region with an indexer in this graph"
     if comes_after(published[source.layer], call.node):  # the F call's indices (a live node) come later
         return "its F layer's call comes after this one"
-    mine, theirs = fake_value(call.body.site.indices), fake_value(source.body.site.indices)
+    site, source_site = call.body.site, source.body.site
+    if type(site) is not type(source_site):  # e.g. a sort cut to k and a top-k: the order of equal scores may differ
+        return f"its indexer is a {site.kind} site, its F layer's a {source_site.kind} site"
+    mine, theirs = fake_value(site.indices), fake_value(source_site.indices)
     if mine is None or theirs is None or mine.dtype != theirs.dtype or not same_shape(mine.shape, theirs.shape):
         return "its indices differ in shape or dtype from its F layer's"
-    score, score2 = fake_value(call.body.site.anchor.args[0]), fake_value(source.body.site.anchor.args[0])
-    if score is None or score2 is None or not same_size(score.shape[-1], score2.shape[-1]):
+    score, score2 = fake_value(site.anchor.args[0]), fake_value(source_site.anchor.args[0])
+    if score is None or score2 is None or not same_size(score.shape[site.key_axis()],
+                                                        score2.shape[source_site.key_axis()]):
         return "it scores another number of keys than its F layer"
     return None
 
