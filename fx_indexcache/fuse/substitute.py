@@ -846,6 +846,21 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
     return len(dead)
 
 
+def _topk_indices(graph: fx.Graph, x: fx.Node, xv: torch.Tensor, k: int, sorted_: bool, mode) -> fx.Node:
+    """Nodes (at the graph's insertion point) computing int64 indices of ``x``'s k largest over its last dim with
+    ``fx_indexcache::topk_indices``; a bf16/fp16 ``x`` is widened to fp32 first (exact: the same values, so the
+    same k largest but for the choice among ties) because our kernels take fp32 rows."""
+    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
+
+    rows, rows_v = x, xv
+    if xv.dtype in _NARROW:
+        rows = _call(graph, prims.convert_element_type.default, (x, torch.float32), (xv, torch.float32), mode)
+        rows_v = rows.meta["val"]
+    idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (rows, k, sorted_), (rows_v, k, sorted_), mode)
+    return _call(graph, prims.convert_element_type.default, (idx32, torch.int64), (idx32.meta["val"], torch.int64),
+                 mode)
+
+
 def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     """Replace ``aten.topk`` over the last dim by ``fx_indexcache::topk_indices`` (the Triton top-k where it
     applies at run time, torch.topk elsewhere) keeping the graph's ``sorted``; values, if read, are gathered.
@@ -858,18 +873,9 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     users = list(topk.users)
     if any(u.target is not operator.getitem for u in users):
         return "top-k kept as aten.topk: its pair is read whole"
-    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
-
     mode = _fake_mode([xv])
     with graph.inserting_before(topk):
-        rows, rows_v = x, xv
-        if xv.dtype in _NARROW:
-            rows = _call(graph, prims.convert_element_type.default, (x, torch.float32), (xv, torch.float32), mode)
-            rows_v = rows.meta["val"]
-        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (rows, k, bool(keep_sorted)),
-                      (rows_v, k, bool(keep_sorted)), mode)
-        idx = _call(graph, prims.convert_element_type.default, (idx32, torch.int64),
-                    (idx32.meta["val"], torch.int64), mode)
+        idx = _topk_indices(graph, x, xv, k, bool(keep_sorted), mode)
         vals = None
         if any(u.args[1] == 0 and u.users for u in users):
             vals = _call(graph, aten.gather.default, (x, xv.dim() - 1, idx), (xv, xv.dim() - 1, idx.meta["val"]), mode)
@@ -897,17 +903,9 @@ def _swap_sort_cut(graph: fx.Graph, sort: fx.Node) -> str | None:
             or not (end is None or isinstance(end, int))):
         return "selection kept as aten.sort: not a descending sort over the last dim cut to a static k"
     k = width if end is None else max(0, min(end if end >= 0 else width + end, width))
-    from .kernels import lightning_indexer  # noqa: F401  (registers the custom ops)
-
     mode = _fake_mode([xv])
     with graph.inserting_before(sort):
-        rows, rows_v = x, xv
-        if xv.dtype in _NARROW:
-            rows = _call(graph, prims.convert_element_type.default, (x, torch.float32), (xv, torch.float32), mode)
-            rows_v = rows.meta["val"]
-        idx32 = _call(graph, torch.ops.fx_indexcache.topk_indices.default, (rows, k, True), (rows_v, k, True), mode)
-        idx = _call(graph, prims.convert_element_type.default, (idx32, torch.int64),
-                    (idx32.meta["val"], torch.int64), mode)
+        idx = _topk_indices(graph, x, xv, k, True, mode)
     cut.replace_all_uses_with(idx)
     graph.erase_node(cut)
     for user in list(sort.users):
