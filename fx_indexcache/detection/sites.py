@@ -56,7 +56,8 @@ class IndexerSite(abc.ABC):
         """Why ``source``'s indices are not a drop-in replacement for ours, or None."""
         sizes = sizes or self.sizes()
         if type(source) is not type(self):
-            return f"layer {source.layer} is a {source.kind} site, this is a {self.kind} site"
+            return (f"layer {source.layer} selects with {source.kind}, this layer with {self.kind}: different "
+                    "selections never share (they may order equal scores differently)")
         mine, theirs = fake_value(self.indices), fake_value(source.indices)
         if mine is None or theirs is None:
             return "indices carry no shape metadata to compare"

@@ -133,7 +133,8 @@ def _refusal(call: _Call, source: _Call | None, published: dict) -> str | None:
         return "its F layer's call comes after this one"
     site, source_site = call.body.site, source.body.site
     if type(site) is not type(source_site):  # e.g. a sort cut to k and a top-k: the order of equal scores may differ
-        return f"its indexer is a {site.kind} site, its F layer's a {source_site.kind} site"
+        return (f"it selects with {site.kind}, its F layer with {source_site.kind}: different selections never "
+                "share (they may order equal scores differently)")
     mine, theirs = fake_value(site.indices), fake_value(source_site.indices)
     if mine is None or theirs is None or mine.dtype != theirs.dtype or not same_shape(mine.shape, theirs.shape):
         return "its indices differ in shape or dtype from its F layer's"
