@@ -172,12 +172,7 @@ def stamp_slots() -> int:
     return int(re.search(r"#define STAMP_SLOTS (\d+)", topk_cuda.SOURCE.read_text()).group(1))
 
 
-#: What --sections stamps / replay time: the wide block ("cuda_wide") or a cluster's rows ("cuda_cluster", sm_90+);
-#: --algorithm sets it.
-STAMPED_ALGORITHM = "cuda_wide"
-
-
-def measure_stamps(R, T, log, reps=50) -> dict:
+def measure_stamps(R, T, log, algorithm="cuda_wide", reps=50) -> dict:
     """Where one wide block's time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block 0's clock
     at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's profiled
     GPU time and its CUDA-graph replay time. Rows: the logits kernel's own (causal, V3.2's indexer)."""
@@ -185,12 +180,12 @@ def measure_stamps(R, T, log, reps=50) -> dict:
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
     slots = stamp_slots()
     stamps = torch.zeros(2 * slots, dtype=torch.int32, device="cuda")  # the kernel writes u64[slots] through its path
-    res = dict(R=R, T=T, algorithm=STAMPED_ALGORITHM)
+    res = dict(R=R, T=T, algorithm=algorithm)
     for sorted_ in (False, True):
         tag = "sorted" if sorted_ else "unsorted"
 
         def launch(path=None, sorted_=sorted_):
-            return tk._launch(x, out, TOPK, sorted=sorted_, path=path, algorithm=STAMPED_ALGORITHM)
+            return tk._launch(x, out, TOPK, sorted=sorted_, path=path, algorithm=algorithm)
 
         runs = []
         for _ in range(reps):
@@ -217,7 +212,7 @@ def measure_stamps(R, T, log, reps=50) -> dict:
     return res
 
 
-def measure_replay(R, T, log) -> dict:
+def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
     """The wide block alone and after the logits kernel, replayed in a CUDA graph (a build without stamps: the
     product's own timing, for comparing build variants), unsorted, on the logits kernel's own rows."""
     from bench_indexer_kernel import SCALE, make_inputs
@@ -228,11 +223,14 @@ def measure_replay(R, T, log) -> dict:
     x = indexer_logits(q, k, w, scale=SCALE).reshape(R, T)
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
 
+    def topk():
+        tk._launch(x, out, TOPK, algorithm=algorithm)
+
     def logits_topk():
         indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
-        tk._launch(x, out, TOPK, algorithm=STAMPED_ALGORITHM)
+        topk()
 
-    res = dict(R=R, T=T, algorithm=STAMPED_ALGORITHM, topk_graph_ms=round(graph_ms(lambda: tk._launch(x, out, TOPK, algorithm=STAMPED_ALGORITHM)), 4),
+    res = dict(R=R, T=T, algorithm=algorithm, topk_graph_ms=round(graph_ms(topk), 4),
                logits_topk_graph_ms=round(graph_ms(logits_topk), 4), exact=topk_exact(x, out, TOPK))
     log(f"replay {R}x{T}: {res}")
     return res
@@ -249,8 +247,6 @@ def main() -> None:
     ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster"),
                     help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block)")
     args = ap.parse_args()
-    global STAMPED_ALGORITHM
-    STAMPED_ALGORITHM = args.algorithm
     if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
         if args.sections != "stamps":
             ap.error("--sections stamps runs alone (its build of the CUDA top-k records no paths)")
@@ -269,10 +265,11 @@ def main() -> None:
     jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
     jobs += [(measure_replay, s) for s in STAMP_SHAPES if "replay" in sections]
+    launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm)}
     results = []
     for measure, (R, T) in jobs:
         try:
-            results.append(measure(R, T, log))
+            results.append(measure(R, T, log, **launch.get(measure, {})))
         except Exception as e:  # one shape failing does not lose the others
             log(f"{measure.__name__} {R}x{T} failed: {type(e).__name__}: {e}")
     env["compiled"] = compiled_info()

@@ -62,6 +62,15 @@ def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
     return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
 
 
+def call_arguments(node: fx.Node, positional: tuple[str, ...], defaults: dict) -> dict:
+    """A call's arguments by name: ``positional`` names its positional ones in order, keyword ones overlay them,
+    ``defaults`` fills what neither gives (an op's schema defaults the graph leaves out)."""
+    values = dict(defaults)
+    values.update(zip(positional, node.args))
+    values.update(node.kwargs)
+    return values
+
+
 def fake_value(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 

@@ -26,9 +26,9 @@ HIDDEN, TOPK, SEQ, VOCAB = 16, 4, 16, 32
 
 
 class ToyIndexer(nn.Module):
-    def __init__(self, heads: int = 2, dim: int = 8) -> None:
+    def __init__(self, heads: int = 2, dim: int = 8, select: str = "topk") -> None:
         super().__init__()
-        self.heads, self.dim = heads, dim
+        self.heads, self.dim, self.select = heads, dim, select
         self.wq = nn.Linear(HIDDEN, heads * dim, bias=False)
         self.wk = nn.Linear(HIDDEN, dim, bias=False)
         self.weights_proj = nn.Linear(HIDDEN, heads, bias=False)
@@ -48,8 +48,7 @@ class ToyIndexer(nn.Module):
 class ToyLayer(nn.Module):
     def __init__(self, select: str = "topk") -> None:
         super().__init__()
-        self.indexer = ToyIndexer()
-        self.indexer.select = select
+        self.indexer = ToyIndexer(select=select)
         self.norm = nn.LayerNorm(HIDDEN)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
 

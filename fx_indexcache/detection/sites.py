@@ -89,6 +89,15 @@ class IndexerSite(abc.ABC):
         do not (an opaque op, pooled key blocks)."""
         return None
 
+    def key_width_mismatch(self, source: IndexerSite, sizes: SizeProver) -> str | None:
+        """For two sites that select from score tensors (``key_axis``): why their scores differ in the number of
+        keys they choose among, or None."""
+        mine, theirs = fake_value(self.anchor.args[0]), fake_value(source.anchor.args[0])
+        width, width2 = mine.shape[self.key_axis()], theirs.shape[source.key_axis()]
+        if not sizes.same_size(width, width2):
+            return f"scores {width} keys wide, layer {source.layer}'s {width2}"
+        return None
+
     def inserts_keys_itself(self) -> bool:
         """Whether the indexer call itself writes the layer's key cache, so sharing always drops that write."""
         return False

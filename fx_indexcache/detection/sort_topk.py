@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from ..graph_utils import fake_value, getitem_users, is_call
+from ..graph_utils import call_arguments, fake_value, getitem_users, is_call
 from .graph_inputs import parameter_placeholders
 from .layers import module_path
 from .registry import register_site_finder
@@ -27,23 +27,18 @@ aten = torch.ops.aten
 
 
 def sort_arguments(node: fx.Node) -> tuple:
-    """``(self, dim, descending, stable)`` of an ``aten.sort`` call (``.default`` or ``.stable``), defaults filled."""
-    names = ("self", "dim", "descending") if node.target is aten.sort.default else ("self",)
-    values = {"self": None, "dim": -1, "descending": False, "stable": None}
-    for name, arg in zip(names, node.args):
-        values[name] = arg
-    values.update(node.kwargs)
+    """``(self, dim, descending, stable)`` of an ``aten.sort`` call (``.default`` or ``.stable``, whose arguments but
+    ``self`` are keywords), defaults filled."""
+    positional = ("self", "dim", "descending") if node.target is aten.sort.default else ("self",)
+    values = call_arguments(node, positional, {"self": None, "dim": -1, "descending": False, "stable": None})
     return values["self"], values["dim"], values["descending"], values["stable"]
 
 
 def slice_arguments(node: fx.Node) -> tuple:
     """``(self, dim, start, end, step)`` of an ``aten.slice.Tensor`` call, defaults filled."""
     names = ("self", "dim", "start", "end", "step")
-    values = {"self": None, "dim": 0, "start": None, "end": None, "step": 1}
-    for name, arg in zip(names, node.args):
-        values[name] = arg
-    values.update(node.kwargs)
-    return tuple(values[n] for n in names)
+    values = call_arguments(node, names, {"self": None, "dim": 0, "start": None, "end": None, "step": 1})
+    return tuple(values[name] for name in names)
 
 
 def leading_cut(sort: fx.Node) -> fx.Node | str:
@@ -85,13 +80,11 @@ class SortIndexerSite(IndexerSite):
         assert isinstance(source, SortIndexerSite)
         score, dim, descending, stable = sort_arguments(self.anchor)
         score2, dim2, descending2, stable2 = sort_arguments(source.anchor)
-        mine, theirs = fake_value(score), fake_value(score2)
-        if dim % mine.dim() != dim2 % theirs.dim() or descending != descending2 or bool(stable) != bool(stable2):
+        if (dim % fake_value(score).dim() != dim2 % fake_value(score2).dim() or descending != descending2
+                or bool(stable) != bool(stable2)):
             return f"sort dim/descending/stable differ from layer {source.layer}'s"
-        if not sizes.same_size(mine.shape[dim], theirs.shape[dim2]):
-            return f"scores {mine.shape[dim]} keys wide, layer {source.layer}'s {theirs.shape[dim2]}"
         # the cut's end is its k: the indices shapes (compared above) hold min(k, keys) on the cut axis
-        return None
+        return self.key_width_mismatch(source, sizes)
 
     def cache_writes(self) -> list[CacheWrite]:
         return cache_writes_feeding_only([self.anchor, *self.anchor.users])

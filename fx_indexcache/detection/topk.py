@@ -21,6 +21,7 @@ from torch import fx
 from ..graph_utils import (
     CONTRACTIONS,
     VIEW_LIKE,
+    call_arguments,
     dead_if_removed,
     fake_value,
     getitem_users,
@@ -75,9 +76,7 @@ class TopkIndexerSite(IndexerSite):
         ndim = score.dim()
         if dim % ndim != dim2 % score2.dim() or largest != largest2 or ordered != ordered2:
             return f"top-k dim/largest/sorted differ from layer {source.layer}'s"
-        if not sizes.same_size(score.shape[dim], score2.shape[dim2]):
-            return f"scores {score.shape[dim]} keys wide, layer {source.layer}'s {score2.shape[dim2]}"
-        return None
+        return self.key_width_mismatch(source, sizes)
 
     def cache_writes(self) -> list[CacheWrite]:
         """Writes of our keys into a cache input that only our (now dead) scoring reads."""
@@ -133,12 +132,8 @@ def _only_feeds(node: fx.Node, sinks: set[fx.Node]) -> bool:
 def topk_arguments(node: fx.Node) -> tuple:
     """``(self, k, dim, largest, sorted)`` of an ``aten.topk`` call (its schema's names), defaults filled in."""
     names = ("self", "k", "dim", "largest", "sorted")
-    values = [None, None, -1, True, True]
-    for i, arg in enumerate(node.args):
-        values[i] = arg
-    for key, arg in node.kwargs.items():
-        values[names.index(key)] = arg
-    return tuple(values)
+    values = call_arguments(node, names, {"self": None, "k": None, "dim": -1, "largest": True, "sorted": True})
+    return tuple(values[name] for name in names)
 
 
 class _Role(enum.Enum):

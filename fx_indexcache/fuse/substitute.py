@@ -890,19 +890,16 @@ def _swap_sort_cut(graph: fx.Graph, sort: fx.Node) -> str | None:
     """Replace a descending sort over the last dim cut to its first k keys by ``fx_indexcache::topk_indices`` with
     sorted output: the same k keys in the same order (equal scores by ascending index, which a stable sort also
     gives), without sorting the whole row. Returns None when swapped, else why not."""
-    from ..detection.sort_topk import leading_cut, slice_arguments, sort_arguments
+    from ..detection.sort_topk import leading_cut, sort_arguments
 
     cut = leading_cut(sort)
     if isinstance(cut, str):
         return f"selection kept as aten.sort: {cut}"
     x, dim, descending, _ = sort_arguments(sort)
     xv = fake_value(x)
-    width = xv.shape[-1] if isinstance(xv, torch.Tensor) else None
-    end = slice_arguments(cut)[3]
-    if (not descending or not isinstance(width, int) or _norm_dim(dim, xv.dim()) != xv.dim() - 1
-            or not (end is None or isinstance(end, int))):
+    k = fake_value(cut).shape[-1]  # the keys the cut keeps (its end clamped to the row, as slicing does)
+    if not descending or not isinstance(k, int) or _norm_dim(dim, xv.dim()) != xv.dim() - 1:
         return "selection kept as aten.sort: not a descending sort over the last dim cut to a static k"
-    k = width if end is None else max(0, min(end if end >= 0 else width + end, width))
     mode = _fake_mode([xv])
     with graph.inserting_before(sort):
         idx = _topk_indices(graph, x, xv, k, True, mode)

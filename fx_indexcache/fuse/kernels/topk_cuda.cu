@@ -95,7 +95,6 @@ struct Shared {  // the block's reduction and scan slots (two of each: one barri
     u64 scan[2][2][NW];
     int last;
     u32 cluster_count[2];  // cluster rows: this block's candidates and ties (read by block 0 of the cluster)
-    u32 cluster_total[2];  // cluster rows, block 0: the row's
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
@@ -465,22 +464,35 @@ __device__ __forceinline__ int split_of(const u64 *off, int nsplit, u32 q, int h
     return lo;
 }
 
-// Split rows: the last block copies every split's candidates (in split order: index order) into ck / ci and
-// returns the counts; overflow when some split kept more than its region holds.
-template <int NT>
-__device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, u64 *off, u32 &n_gt, u32 &n_eq,
-                              bool &overflow, Shared<NT> &sh, int &buf) {
-    const u32 *cnt = p.counts + row * p.nsplit * 2;
+// Where split rows' candidates wait for the gather: per-split regions of p.reg entries in global memory, their
+// counts in p.counts (the row's last block to finish gathers them).
+struct GlobalRegions {
+    static const bool OWN_FIRST = false;  // the gathering block's own candidates are in a region like the others'
+    const Params &p;
+    long long reg0;  // the row's first region
+    __device__ __forceinline__ u32 capacity() const { return (u32)p.reg; }
+    __device__ __forceinline__ u32 count(int s, int half) const { return __ldcg(p.counts + (reg0 + s) * 2 + half); }
+    __device__ __forceinline__ u32 key(int s, u32 at) const { return __ldcg(p.reg_key + (reg0 + s) * p.reg + at); }
+    __device__ __forceinline__ int idx(int s, u32 at) const { return __ldcg(p.reg_idx + (reg0 + s) * p.reg + at); }
+};
+
+// Split rows, in the gathering block: every split's counts (capped at its region's capacity), their offsets in off
+// (low halves candidates, high halves ties), and every split's candidates copied into ck / ci in split order (index
+// order), from `regions` (GlobalRegions, or a cluster's shared memory); overflow when some split kept more than its
+// region holds.
+template <int NT, class Regions>
+__device__ void gather_splits(const Params &p, const Regions &regions, u32 *ck, int *ci, u64 *off, u32 &n_gt,
+                              u32 &n_eq, bool &overflow, Shared<NT> &sh, int &buf) {
     u64 run_g = 0, run_e = 0;
     int over = 0;
     for (int base = 0; base < p.nsplit; base += NT) {
         const int s = base + threadIdx.x;
         u64 g = 0, e = 0, tg, te;
         if (s < p.nsplit) {
-            g = __ldcg(cnt + 2 * s);
-            e = __ldcg(cnt + 2 * s + 1);
-            over |= g > (u64)p.reg;
-            g = min(g, (u64)p.reg);
+            g = regions.count(s, 0);
+            e = regions.count(s, 1);
+            over |= g > (u64)regions.capacity();
+            g = min(g, (u64)regions.capacity());
             e = min(e, (u64)p.treg);
         }
         block_scan2(g, e, tg, te, sh, buf);
@@ -493,8 +505,8 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
     n_gt = (u32)run_g;
     n_eq = (u32)run_e;
     if (overflow || n_gt > (u32)p.cap) return;
-    const long long reg0 = row * p.nsplit;
-    for (u32 q0 = threadIdx.x; q0 < n_gt; q0 += 4 * NT) {  // four loads in flight a thread
+    const u32 first = Regions::OWN_FIRST ? (u32)off[1] : 0u;  // (a cluster's block 0: its own sit at the front)
+    for (u32 q0 = first + threadIdx.x; q0 < n_gt; q0 += 4 * NT) {  // four loads in flight a thread
         u32 kv[4];
         int iv[4];
 #pragma unroll
@@ -502,9 +514,8 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
             const u32 q = q0 + u * NT;
             if (q < n_gt) {
                 const int s = split_of(off, p.nsplit, q, 0);
-                const long long at = (reg0 + s) * p.reg + (q - (u32)off[s]);
-                kv[u] = __ldcg(p.reg_key + at);
-                iv[u] = __ldcg(p.reg_idx + at);
+                kv[u] = regions.key(s, q - (u32)off[s]);
+                iv[u] = regions.idx(s, q - (u32)off[s]);
             }
         }
 #pragma unroll
@@ -520,54 +531,20 @@ __device__ void gather_splits(const Params &p, long long row, u32 *ck, int *ci, 
 }
 
 #if __CUDA_ARCH__ >= 900
-// Cluster rows, block 0: every block's counts (sh.cluster_count, read through the cluster), their offsets in off
-// (as gather_splits leaves them: low halves candidates, high halves ties), and the other blocks' candidates copied
-// after block 0's own in ck / ci, in block order (index order); overflow when a block kept more than it holds.
+// Cluster rows: each block's candidates in its own ck / ci (the same addresses in every block), its counts in
+// sh.cluster_count, read by block 0 through the cluster.
 template <int NT>
-__device__ void gather_cluster(const Params &p, u32 *ck, int *ci, u64 *off, u32 &n_gt, u32 &n_eq, bool &overflow,
-                               Shared<NT> &sh) {
-    static_assert(CLUSTER <= 32, "one warp scans the cluster's counts");
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        u32 g = 0, e = 0;
-        if (lane < p.nsplit) {
-            g = load_cluster(&sh.cluster_count[0], lane);
-            e = load_cluster(&sh.cluster_count[1], lane);
-        }
-        const bool over = __any_sync(FULL, g > (u32)p.cap);
-        g = min(g, (u32)p.cap);
-        e = min(e, (u32)p.treg);
-        u32 ig = g, ie = e;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u32 yg = __shfl_up_sync(FULL, ig, o), ye = __shfl_up_sync(FULL, ie, o);
-            if (lane >= o) {
-                ig += yg;
-                ie += ye;
-            }
-        }
-        if (lane < p.nsplit) off[lane] = (u64)(ig - g) | ((u64)(ie - e) << 32);
-        const u32 tg = __shfl_sync(FULL, ig, 31), te = __shfl_sync(FULL, ie, 31);
-        if (lane == 0) {
-            off[p.nsplit] = (u64)tg | ((u64)te << 32);
-            sh.cluster_total[0] = tg;
-            sh.cluster_total[1] = te;
-            sh.last = over;
-        }
-    }
-    __syncthreads();
-    n_gt = sh.cluster_total[0];
-    n_eq = sh.cluster_total[1];
-    overflow = sh.last != 0;
-    if (overflow || n_gt > (u32)p.cap) return;
-    for (u32 q = (u32)off[1] + threadIdx.x; q < n_gt; q += NT) {  // block 0's own already sit at the front
-        const int s = split_of(off, p.nsplit, q, 0);
-        const u32 at = q - (u32)off[s];
-        ck[q] = load_cluster(ck + at, s);
-        ci[q] = (int)load_cluster(ci + at, s);
-    }
-    __syncthreads();
-}
+struct ClusterRegions {
+    static const bool OWN_FIRST = true;  // block 0's own candidates already sit at the front of its ck / ci
+    const u32 *ck;
+    const int *ci;
+    const Shared<NT> &sh;
+    u32 cap;
+    __device__ __forceinline__ u32 capacity() const { return cap; }
+    __device__ __forceinline__ u32 count(int s, int half) const { return load_cluster(&sh.cluster_count[half], s); }
+    __device__ __forceinline__ u32 key(int s, u32 at) const { return load_cluster(ck + at, s); }
+    __device__ __forceinline__ int idx(int s, u32 at) const { return (int)load_cluster(ci + at, s); }
+};
 #endif
 
 // The first `need` ties in index order to out[n_gt ...]: from the row's tie region (one split) or from every
@@ -655,7 +632,8 @@ __device__ void topk_row(const Params &p) {
         }
         __threadfence();  // the ties went to global memory: ordered before the barrier's release
         cluster_sync();
-        if (split == 0) gather_cluster(p, ck, ci, off, n_gt, n_eq, overflow, sh);
+        if (split == 0)
+            gather_splits(p, ClusterRegions<NT>{ck, ci, sh, (u32)p.cap}, ck, ci, off, n_gt, n_eq, overflow, sh, buf);
         cluster_sync();  // the other blocks keep their shared memory until block 0 has read it
         if (split != 0) return;
         STAMP(3);
@@ -678,7 +656,7 @@ __device__ void topk_row(const Params &p) {
         }
         __syncthreads();
         if (!sh.last) return;
-        gather_splits(p, row, ck, ci, off, n_gt, n_eq, overflow, sh, buf);
+        gather_splits(p, GlobalRegions{p, row * p.nsplit}, ck, ci, off, n_gt, n_eq, overflow, sh, buf);
     }
 
     const u32 K = (u32)p.K;

@@ -118,10 +118,10 @@ def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
     return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
 
 
-def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cluster: bool = False) -> bool:
+def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) -> bool:
     """Whether a launch's shared memory fits the device (large capacities and k may not)."""
-    limit = (_cluster_kernels if cluster else _kernels)(device)[kernel_name(True, sorted, wide, cluster)].max_dynamic_smem
-    return smem_bytes(p, 1 if p["DIRECT"] else nsplit, sorted, wide) <= limit
+    limit = _kernels(device)[kernel_name(True, sorted, wide)].max_dynamic_smem
+    return smem_bytes(p, nsplit, sorted, wide) <= limit
 
 
 def cluster_split_plan(T: int) -> dict:
