@@ -34,6 +34,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,7 +53,8 @@ DECODE_SHAPES = [(1, 1, 32768), (16, 1, 32768), (64, 1, 32768), (4, 1, 131072)]
 SHAPES = ([("prefill", 1, 1024, 32768), ("prefill", 1, 1024, 131072)] + [("decode", *s) for s in DECODE_SHAPES]
           + [("paged", *s) for s in DECODE_SHAPES])
 KINDS = ("prefill", "decode", "paged")
-PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4))
+PREFILL_GRID = dict(block_s=(64, 128), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4),
+                    heads_per_step=(1, 2))
 #: Decode: one query a program; 1-8 key blocks a program (looped, the next block loading during this one's product).
 DECODE_GRID = dict(block_s=(1,), block_t=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3), key_blocks=(1, 2, 4, 8))
 #: The paged kernel (pages of ``PAGE`` keys in a shuffled block table): its blocks gather pages row by row; its
@@ -99,7 +101,22 @@ def paged_operands(q, k, w, scale, precision: str):
     return q, pool, w, table, lens, scales
 
 
-def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
+def parse_restrictions(items: list) -> dict:
+    """``["block_t=64,128", ...]`` as ``{"block_t": {64, 128}}``, each field a ``LogitsConfig`` field."""
+    fields = {f.name: f.type for f in dataclasses.fields(li.LogitsConfig)}
+    restrict: dict = {}
+    for item in items:
+        field, _, values = item.partition("=")
+        if field not in fields or not values:
+            raise ValueError(f"--restrict {item!r}: FIELD=V1,V2 with FIELD one of {', '.join(fields)}")
+        try:
+            restrict[field] = {v if field == "kind" else int(v) for v in values.split(",")}
+        except ValueError:
+            raise ValueError(f"--restrict {item!r}: {field} takes integers") from None
+    return restrict
+
+
+def sweep(precision: str, kind: str, B: int, S: int, T: int, log, restrict: Optional[dict] = None) -> dict:
     q, k, w = _inputs(B, S, T)
     scale = D**-0.5
     out = torch.empty(B, S, T, device="cuda")
@@ -125,7 +142,7 @@ def sweep(precision: str, kind: str, B: int, S: int, T: int, log) -> dict:
     want = out.clone()
     timed = [(default, graph_replay_us(run(default)))]
     for cfg in configs(kind):
-        if cfg == default:
+        if cfg == default or any(getattr(cfg, field) not in values for field, values in (restrict or {}).items()):
             continue
         try:
             run(cfg)()
@@ -184,6 +201,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the first prefill and decode shapes only")
     parser.add_argument("--precision", choices=("bf16", "fp8", "both"), default="both")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"shape kinds to sweep, of {', '.join(KINDS)}")
+    parser.add_argument("--restrict", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="time only configurations whose LogitsConfig FIELD is one of these values (repeatable; "
+                        "a grid's neighbourhood of a known best, e.g. block_t=128)")
     parser.add_argument("--merge-into", type=Path, default=None,
                         help="also merge each shape's row into this folder's card file (the package's configs/ "
                         "folder: later steps of the same run, and a commit of the file, use what was measured)")
@@ -205,9 +225,13 @@ def main() -> int:
     if not kinds <= set(KINDS):
         parser.error(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
     shapes = [shape for shape in ([SHAPES[0], SHAPES[2]] if args.quick else SHAPES) if shape[0] in kinds]
+    try:
+        restrict = parse_restrictions(args.restrict)
+    except ValueError as e:
+        parser.error(str(e))
     rows, started = [], time.time()
     for precision, (kind, B, S, T) in itertools.product(precisions, shapes):
-        rows.append(sweep(precision, kind, B, S, T, log))
+        rows.append(sweep(precision, kind, B, S, T, log, restrict))
         torch.cuda.empty_cache()
         write_files(args.out, env, rows, time.time() - started)  # after each shape: a run cut short keeps them
         if args.merge_into is not None:

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -112,6 +112,10 @@ case "$step" in
         sweep bf16 decode,paged ;;
     sweep-paged-fp8)    # fp8 paged decode only (both of its kinds of launch)
         sweep fp8 paged ;;
+    sweep-prefill-heads)  # the prefill kernel one head a step against two (the second product issued before the
+                          # first's epilogue), around the measured best tile (64 x 128 on 4 warps); not merged
+        timeout "$(limit 560)" python benchmarks/sweep_logits_configs.py --out "$OUT" --precision both --kinds prefill \
+            --restrict block_s=64 --restrict block_t=128 --restrict num_warps=4 ;;
     decode-default)  # issue 28 item 4: the default (S writes dropped where proven) against hand-written, CUDA graphs
         timeout "$(limit 560)" python benchmarks/bench_decode_cudagraphs.py --out "$OUT" --points 1@32768,16@32768 --prewarm \
             --variants inductor,hand_f4,ours_f4,ours_f4_keep --budget-s 400 ;;

@@ -29,6 +29,7 @@ def main() -> None:
     ops = quantised(q, k, w, 0.5)
     cases = 0
     configs = [(li.LogitsConfig("prefill", 16, 16, 4, 1), (True,)), (li.LogitsConfig("decode", 2, 16, 4, 1), (True,)),
+               (li.LogitsConfig("prefill", 16, 16, 4, 1, heads_per_step=2), (True, False)),
                (li.LogitsConfig("decode", 1, 16, 4, 1, key_blocks=2), (True, False)),
                (li.LogitsConfig("decode", 2, 8, 4, 1, key_blocks=3), (True,)),
                (li.LogitsConfig("key_rows", 1, 16, 4, 1), (True, False)),

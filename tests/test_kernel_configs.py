@@ -115,6 +115,24 @@ def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
     assert key_rows.name() == "key_rows-s64-t128-q2-w8-st3"
 
 
+def test_a_prefill_row_round_trips_with_its_heads_per_step(tmp_path):
+    paired = li.LogitsConfig("prefill", 64, 128, 4, 3, heads_per_step=2)
+    _write(tmp_path, [_row("fp8", "prefill", 1, 1024, 32768, paired)])
+    assert li.tuned_config("fp8", 1, 1024, 131072, 64, 128, CARD, tmp_path) == paired
+    assert paired.name() == "prefill-s64-t128-h2-w4-st3"
+
+
+def test_the_sweep_can_be_restricted_to_a_neighbourhood():
+    sweep = _sweep_module()
+    restrict = sweep.parse_restrictions(["block_t=128", "num_warps=4", "block_s=64"])
+    kept = [c for c in sweep.configs("prefill") if all(getattr(c, f) in v for f, v in restrict.items())]
+    assert {c.heads_per_step for c in kept} == {1, 2} and {c.block_t for c in kept} == {128}
+    with pytest.raises(ValueError, match="FIELD one of kind"):
+        sweep.parse_restrictions(["blocks=4"])
+    with pytest.raises(ValueError, match="block_t takes integers"):
+        sweep.parse_restrictions(["block_t=big"])
+
+
 @pytest.mark.parametrize("fields, named", [
     (dict(kind="rows"), "kind='rows'"),
     (dict(kind="key_rows", block_s=6, queries_per_dot=4), "queries_per_dot=4"),
@@ -123,6 +141,8 @@ def test_a_key_rows_row_round_trips_with_its_queries_per_dot(tmp_path):
     (dict(kind="prefill", key_blocks=2), "key_blocks=2"),
     (dict(kind="decode", key_blocks=0), "key_blocks=0"),
     (dict(kind="key_rows", block_s=4, key_blocks=2), "block_s=4 takes 1"),
+    (dict(kind="prefill", heads_per_step=4), "heads_per_step=4"),
+    (dict(kind="decode", heads_per_step=2), "heads_per_step=2: 1, or 2 for kind 'prefill'"),
 ])
 def test_a_bad_config_names_its_field(fields, named):
     with pytest.raises(ValueError, match=named):

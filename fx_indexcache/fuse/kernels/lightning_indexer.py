@@ -108,6 +108,7 @@ def _prefill_kernel(triton, tl):
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        HEADS_PER_STEP: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -140,11 +141,18 @@ def _prefill_kernel(triton, tl):
             q_ptrs = q_ptr + b * sqb + rs64[:, None] * sqs + rd[None, :] * sqd
             w_ptrs = w_ptr + b * swb + rs64 * sws
             acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
-            for h in range(0, H):
+            for h in range(0, H, HEADS_PER_STEP):
                 qh = tl.load(q_ptrs + h * sqh, mask=s_ok[:, None], other=0.0)
                 wh = tl.load(w_ptrs + h * swh, mask=s_ok, other=0.0).to(tl.float32) * scale
                 d = tl.dot(qh, kt_t)
-                acc += tl.maximum(d, 0.0) * wh[:, None]
+                if HEADS_PER_STEP == 2:  # both products issued before either epilogue: one can overlap the other
+                    qh2 = tl.load(q_ptrs + (h + 1) * sqh, mask=s_ok[:, None], other=0.0)
+                    wh2 = tl.load(w_ptrs + (h + 1) * swh, mask=s_ok, other=0.0).to(tl.float32) * scale
+                    d2 = tl.dot(qh2, kt_t)
+                    acc += tl.maximum(d, 0.0) * wh[:, None]
+                    acc += tl.maximum(d2, 0.0) * wh2[:, None]
+                else:
+                    acc += tl.maximum(d, 0.0) * wh[:, None]
             if KSCALE:  # fp8 keys: the per-key scale (> 0) commutes with ReLU and the head sum
                 acc = acc * tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)[None, :]
             valid = rt[None, :] < kv_len
@@ -387,7 +395,9 @@ CONFIG_KINDS = ("prefill", "decode", "key_rows")
 class LogitsConfig:
     """Launch shape of the logits kernel.
 
-    kind "prefill": programs own BLOCK_S queries x BLOCK_T keys, loop over heads.
+    kind "prefill": programs own BLOCK_S queries x BLOCK_T keys, loop over heads, ``heads_per_step`` at a time (2:
+    the second head's product is issued before the first's ReLU and weighted sum, so the matrix unit need not wait
+    for them; a head count it does not divide runs one at a time).
     kind "decode": programs own ``block_s`` queries (looped) x ``key_blocks`` blocks of BLOCK_T keys (looped: the
     next block loads while this one computes), heads on the M side.
     kind "key_rows": programs own ``block_s`` queries (looped, ``queries_per_dot`` at a time) x BLOCK_T keys, the
@@ -402,11 +412,13 @@ class LogitsConfig:
     num_stages: int = 3
     queries_per_dot: int = 1
     key_blocks: int = 1
+    heads_per_step: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in CONFIG_KINDS:
             raise ValueError(f"LogitsConfig.kind={self.kind!r}: allowed {', '.join(CONFIG_KINDS)}")
-        for field in ("block_s", "block_t", "num_warps", "num_stages", "queries_per_dot", "key_blocks"):
+        for field in ("block_s", "block_t", "num_warps", "num_stages", "queries_per_dot", "key_blocks",
+                      "heads_per_step"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LogitsConfig.{field}={value!r}: must be a positive int")
@@ -418,11 +430,15 @@ class LogitsConfig:
             raise ValueError(f"LogitsConfig.key_blocks={self.key_blocks}: kind 'decode', or 'key_rows' with one group "
                              f"of queries a program (block_s == queries_per_dot), loops over key blocks; kind="
                              f"{self.kind!r} with block_s={self.block_s} takes 1")
+        if self.heads_per_step not in (1, 2) or (self.heads_per_step > 1 and self.kind != "prefill"):
+            raise ValueError(f"LogitsConfig.heads_per_step={self.heads_per_step!r}: 1, or 2 for kind 'prefill' "
+                             f"(kind={self.kind!r})")
 
     def name(self) -> str:
         per_dot = f"-q{self.queries_per_dot}" if self.kind == "key_rows" else ""
         blocks = f"-k{self.key_blocks}" if self.key_blocks > 1 else ""
-        return (f"{self.kind}-s{self.block_s}-t{self.block_t}{per_dot}{blocks}-w{self.num_warps}"
+        heads = f"-h{self.heads_per_step}" if self.heads_per_step > 1 else ""
+        return (f"{self.kind}-s{self.block_s}-t{self.block_t}{per_dot}{blocks}{heads}-w{self.num_warps}"
                 f"-st{self.num_stages}")
 
 
@@ -692,6 +708,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_S=cfg.block_s, BLOCK_T=cfg.block_t,
+            HEADS_PER_STEP=cfg.heads_per_step if H % cfg.heads_per_step == 0 else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
