@@ -225,11 +225,17 @@ def _cell(column: Column, values: dict[tuple[str, str, str], dict[str, str]], sh
 
 
 def _provenance(rows: list[dict[str, str]]) -> str:
-    keys = sorted({(r["device"], r["torch"], r["triton"], r["date"], r["source"], r["commit"]) for r in rows})
+    """Where the figures shown come from: one stamp per machine, date and source, naming every commit behind them
+    (a table refreshed shape by shape over several commits lists them once, not once a commit)."""
+    commits: dict[tuple[str, ...], list[str]] = {}
+    for r in rows:
+        of = commits.setdefault((r["device"], r["torch"], r["triton"], r["date"], r["source"]), [])
+        if r["commit"] and r["commit"] not in of:
+            of.append(r["commit"])
     parts = []
-    for device, torch_version, triton, date, source, commit in keys:
+    for (device, torch_version, triton, date, source), of in sorted(commits.items()):
         versions = f"torch {torch_version}" + (f", Triton {triton}" if triton else "")
-        where = f"`{source}`" + (f" of commit {commit}" if commit else "")
+        where = f"`{source}`" + (f" of commit{'s' if len(of) > 1 else ''} {', '.join(of)}" if of else "")
         parts.append(f"{device}, {versions}, {date} ({where})")
     return "Measured on " + "; ".join(parts) + ". Data: `benchmarks/results/results.csv`."
 
@@ -245,7 +251,7 @@ def render(name: str, rows: list[dict[str, str]]) -> str:
     lines = [f"| {table.row_header} | " + " | ".join(c.header for c in table.columns) + " |",
              "|---" * (len(table.columns) + 1) + "|"]
     lines += [f"| {shape} | " + " | ".join(_cell(c, values, shape) for c in table.columns) + " |" for shape in shapes]
-    return "\n".join(lines) + "\n\n" + _provenance(mine) + "\n"
+    return "\n".join(lines) + "\n\n" + _provenance(list(values.values())) + "\n"
 
 
 def refreshed(text: str, rows: list[dict[str, str]]) -> str:
