@@ -162,6 +162,8 @@ def measure_decode(R, T, log) -> dict:
 STAMP_PHASES = ("sample loaded", "sample's k-th key", "filter", "candidates' k-th key", "count above", "output",
                 "sort")
 STAMP_SHAPES = [(1, 8192), (1, 32768), (1, 65536), (64, 32768)]
+#: ... and replay: also the long single rows where the default splits the row over 256-thread blocks ("cuda").
+REPLAY_SHAPES = STAMP_SHAPES + [(1, 131072), (1, 262144)]
 
 
 def stamp_slots() -> int:
@@ -242,10 +244,11 @@ def main() -> None:
                     help="folder for this run's files (default $OUT); nothing is written into the checkout unasked")
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
-                    "(DECODE_SHAPES, CUDA graphs), replay (STAMP_SHAPES: the wide CUDA block's graph replay time, "
+                    "(DECODE_SHAPES, CUDA graphs), replay (REPLAY_SHAPES: the CUDA top-k's graph replay time, "
                     "alone and after the logits), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
-    ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster"),
-                    help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block)")
+    ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster", "cuda", "auto"),
+                    help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block; "
+                    "auto: what row_topk picks for each shape)")
     args = ap.parse_args()
     if "stamps" in args.sections.split(","):  # before the CUDA top-k first compiles: every launch of it stamps
         if args.sections != "stamps":
@@ -264,7 +267,7 @@ def main() -> None:
     jobs = [(measure_shape, s) for s in (SHAPES[:QUICK] if args.quick else SHAPES) if "prefill" in sections]
     jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
-    jobs += [(measure_replay, s) for s in STAMP_SHAPES if "replay" in sections]
+    jobs += [(measure_replay, s) for s in REPLAY_SHAPES if "replay" in sections]
     launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm)}
     results = []
     for measure, (R, T) in jobs:

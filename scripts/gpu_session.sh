@@ -68,7 +68,7 @@ case "$step" in
     topk-cluster)    # the cluster rows (sm_90+: a row over a thread-block cluster of eight wide blocks) beside the
                      # wide block: replay alone and after the logits, then its exactness, race, graph and sanitizer
                      # tests, then its stamps (a -DTOPK_STAMPS build)
-        for algorithm in cuda_wide cuda_cluster; do
+        for algorithm in auto cuda_wide cuda_cluster; do
             timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay --algorithm "$algorithm" \
                 --out "$OUT/replay_$algorithm" | grep "^replay" || true
         done

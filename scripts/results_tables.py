@@ -135,7 +135,7 @@ TABLES: dict[str, Table] = {
         Column("fp8 ours, paged / + top-k µs", (("ours_fp8_paged_logits", "us"), ("ours_fp8_paged_logits_topk", "us")),
                ".1f"),
         Column("one op (bf16) µs", (("ours_fused_score_topk", "us"),), ".1f"),
-    ), commit="d6f6e16"),
+    ), commit="01f9cef"),
     "decode-default": Table("decode_cudagraphs_4_layers", "decode point", (
         _triple("ms: Inductor / hand-written f4 / ours f4 (default) / ours f4, S writes kept",
                 ("inductor", "hand_f4", "ours_f4", "ours_f4_keep"), "ms"),
@@ -190,7 +190,7 @@ ROW_KEY = ("benchmark", "shape", "variant", "pattern", "metric", "device", "comm
 
 def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)  # csv's own \r\n, as the table has
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")  # as committed: a diff shows rows added
         writer.writeheader()
         writer.writerows(rows)
 

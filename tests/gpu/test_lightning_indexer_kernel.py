@@ -111,6 +111,7 @@ CONFIGS = [
     LogitsConfig("prefill", 128, 128, 8, 3),
     LogitsConfig("prefill", 64, 256, 8, 4),
     LogitsConfig("prefill", 64, 128, 4, 3),
+    LogitsConfig("prefill", 64, 128, 4, 3, heads_per_step=2),
     LogitsConfig("prefill", 64, 256, 8, 3),
     LogitsConfig("prefill", 16, 64, 4, 2),
     LogitsConfig("decode", 1, 128, 4, 2),
@@ -127,7 +128,8 @@ CONFIGS = [
 
 @gpu
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name())
-@pytest.mark.parametrize("shape", [(2, 37, 1031, 64, 128), (1, 130, 130, 64, 128), (3, 5, 4100, 16, 128)],
+@pytest.mark.parametrize("shape", [(2, 37, 1031, 64, 128), (1, 130, 130, 64, 128), (3, 5, 4100, 16, 128),
+                                   (2, 70, 600, 3, 64)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_logits_every_config(config, shape):
     _check_logits(*shape, config=config, scale=0.5)
@@ -135,6 +137,7 @@ def test_logits_every_config(config, shape):
 
 @gpu
 @pytest.mark.parametrize("config", [None, LogitsConfig("prefill", 64, 128, 4, 3), LogitsConfig("decode", 2, 64, 4, 2),
+                                    LogitsConfig("prefill", 64, 128, 4, 3, heads_per_step=2),
                                     LogitsConfig("decode", 1, 64, 4, 3, key_blocks=4),
                                     LogitsConfig("key_rows", 1, 64, 4, 2, key_blocks=8),
                                     LogitsConfig("key_rows", 16, 64, 4, 2, queries_per_dot=2)],
