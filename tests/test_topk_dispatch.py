@@ -116,7 +116,7 @@ def _check_preferred_is_fastest(rows, modes) -> dict:
             times = {a: r[a + mode] for a in chosen if a + mode in r}
             if r["R"] >= tk.CUDA_MIN_ROWS or len(times) < len(chosen):
                 continue
-            pick = tk.preferred_algorithm(r["R"], r["T"], sorted_)
+            pick = tk.preferred_algorithm(r["R"], r["T"], sorted_, clusters=False)  # (runs without cluster rows)
             assert times[pick] <= 1.02 * min(times.values()), (r["R"], r["T"], mode, pick, times)
             chosen[pick] += 1
     return chosen
@@ -155,13 +155,73 @@ def test_wide_dispatch_only_where_it_measured_faster_than_torch(run9):
     assert chosen >= 12
 
 
-def test_cluster_rows_are_opt_in_and_refused_off_cuda_with_the_reason():
-    """The default never picks the cluster kernel (not yet measured faster); asked for off CUDA, it says why."""
+@pytest.fixture(scope="module")
+def cluster_long_rows():
+    """The H100's replay of the cluster rows beside the default before them, top-k alone, us by (R, T)."""
+    data = json.loads(RUN8.with_name("topk_cluster_long_rows_h28_h100_fc66ec8.json").read_text())
+    return {name: {(r["R"], r["T"]): 1e3 * r["topk_graph_ms"] for r in data[name]["results"]}
+            for name in ("auto", "cuda_cluster")}
+
+
+def test_the_cluster_rows_are_the_default_only_where_they_measured_faster(cluster_long_rows):
+    """One long unsorted row takes the cluster rows (on a card with clusters), and only there did they win: at every
+    measured shape, cluster_wins agrees with the replay, and the rule takes at least three shapes."""
+    before, cluster = cluster_long_rows["auto"], cluster_long_rows["cuda_cluster"]
+    taken = 0
+    for (R, T), us in cluster.items():
+        wins = tk.cluster_wins(R, T, False)
+        assert wins == (us < before[(R, T)]), (R, T, us, before[(R, T)])
+        assert (tk.preferred_algorithm(R, T, False) == "cuda_cluster") == wins
+        assert tk.preferred_algorithm(R, T, False, clusters=False) != "cuda_cluster"
+        taken += wins
+    assert taken >= 3
+    assert not tk.cluster_wins(1, 131072, True)  # sorted: the bitonic sort on one SM (unmeasured with clusters)
+    assert tk.faster_than_torch(1, 131072, 2048, False, in_cuda_graph=True, algorithm="cuda_cluster")
+    assert not tk.faster_than_torch(1, 131072, 2048, False, algorithm="cuda_cluster")  # eager: unmeasured
+
+
+def test_cluster_rows_fall_back_off_cuda_and_say_why_when_asked_for():
+    """Off CUDA the default for one long row is the Triton kernels (no cluster, no CUDA top-k); asked for by name,
+    the cluster rows say why they cannot run."""
     import torch
 
     assert "cuda_cluster" in tk.ALGORITHMS
-    for R, T in ((1, 32768), (4, 131072), (64, 32768), (1024, 8192)):
-        assert tk.preferred_algorithm(R, T, False) != "cuda_cluster"
+    long_row = torch.randn(1, 65536)
+    assert tk.preferred_algorithm(1, 65536, False) == "cuda_cluster"
+    assert tk.default_algorithm(long_row, 2048, False) == "split"
     x = torch.randn(2, 5000)
     with pytest.raises(ValueError, match="cuda_cluster.*not on a CUDA device"):
         tk._launch(x, torch.empty(2, 64, dtype=torch.int32), 64, algorithm="cuda_cluster")
+
+
+class _RowsOnACard:
+    """What the dispatch reads of a CUDA tensor (its shape and device), without one."""
+
+    is_cuda = True
+
+    def __init__(self, R: int, T: int):
+        import torch
+
+        self.shape = (R, T)
+        self.device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("cluster_why, cluster_fits, want", [
+    (None, True, "cuda_cluster"),
+    ("compute capability (8, 0) has no thread-block clusters (9.0+)", True, "cuda"),
+    (None, False, "cuda"),
+])
+def test_one_long_row_falls_back_from_the_cluster_rows_to_the_split_cuda_kernel(monkeypatch, cluster_why,
+                                                                                cluster_fits, want):
+    """On a card without clusters, or where the cluster launch's shared memory does not fit, one long row takes
+    the split CUDA kernel (the default before the cluster rows), not the Triton kernels."""
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    monkeypatch.setattr(tk, "_interpreted", lambda: False)
+    monkeypatch.setattr(topk_cuda, "available", lambda device: True)
+    monkeypatch.setattr(topk_cuda, "cluster_reason", lambda device: cluster_why)
+    monkeypatch.setattr(topk_cuda, "fits", lambda device, p, nsplit, sorted, wide=False, cluster=False:
+                        cluster_fits if cluster else True)
+    assert tk.default_algorithm(_RowsOnACard(1, 131072), 2048, False) == want
+    assert tk.default_algorithm(_RowsOnACard(1, 32768), 2048, False) == "cuda_wide"  # not a long row
+    assert tk.default_algorithm(_RowsOnACard(1, 131072), 2048, True) != "cuda_cluster"  # sorted

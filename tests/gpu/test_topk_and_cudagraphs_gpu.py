@@ -60,6 +60,21 @@ def test_row_topk_exact(R, T, k, kind, sorted_, algorithm):
         assert fallback <= 0.02, f"{fallback:.1%} of random rows took the exact fallback"
 
 
+@pytest.mark.parametrize("T", [65536, 131072, 262144, 300000])
+@pytest.mark.parametrize("kind", ["randn", "masked", "ties"])
+def test_the_default_for_one_long_row_is_the_rule_and_exact(T, kind):
+    """One long unsorted row: the default runs the cluster rows on a card with clusters where ``cluster_wins``
+    says, the split CUDA kernel where not, and the result is exact whichever runs."""
+    from fx_indexcache.fuse.kernels import topk as tk
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    g = _gen()
+    x = topk_cases.rows(kind, 1, T, g, device="cuda")
+    clusters = topk_cuda.cluster_reason(x.device) is None
+    assert (tk.default_algorithm(x, 2048, False) == "cuda_cluster") == (clusters and tk.cluster_wins(1, T, False))
+    topk_cases.check(x, 2048, False, f"T={T} {kind} default seed={g.initial_seed()}", algorithm="auto")
+
+
 LAUNCH_VARIANTS = [  # (R, T, k, launch options): every split count, both sorts, run 4's kernel, the tune options
     (1, 32768, 2048, dict(sort="rank")), (1, 32768, 2048, dict(sort="bitonic")), (64, 32768, 2048, dict(sort="rank")),
     (64, 32768, 2048, dict(splits=1)), (8, 131072, 2048, dict(splits=64, sort="rank")),
@@ -204,7 +219,8 @@ def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
 @pytest.mark.parametrize("R,T,sorted_,algorithm,splits", [
     (4, 32768, True, "cuda", None), (1, 131072, False, "cuda", None), (300, 32768, True, "cuda", None),
     (1, 32768, False, "cuda_wide", None), (16, 65536, True, "cuda_wide", None), (1, 32768, False, "cuda_wide", 8),
-    (2, 65536, True, "cuda_wide", 4), (1, 32768, False, "cuda_cluster", None), (4, 131072, True, "cuda_cluster", None)])
+    (2, 65536, True, "cuda_wide", 4), (1, 32768, False, "cuda_cluster", None), (4, 131072, True, "cuda_cluster", None),
+    (1, 131072, False, "auto", None)])
 def test_cuda_topk_replays_in_a_cuda_graph(R, T, sorted_, algorithm, splits):
     from fx_indexcache.fuse.kernels import topk as tk
 

@@ -139,12 +139,14 @@ CUDA_WIDE_SORTED_MIN_T = 32768
 
 def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph: bool = False,
                       algorithm: str = "split") -> bool:
-    """Whether ``algorithm`` ("cuda", "cuda_wide" or the Triton "split") measured faster than torch.topk here.
+    """Whether ``algorithm`` ("cuda", "cuda_wide", "cuda_cluster" or the Triton "split") measured faster than
+    torch.topk here.
 
     "cuda": from ``CUDA_MIN_ROWS`` rows of at least ``CUDA_MIN_T`` keys (run 8: 1024 x 32K 0.111 / 0.212 ms
     unsorted / sorted against torch's 0.494 / 0.551; 256-4096 rows of 8K-256K keys 2.4-5.2x unsorted, 1.2-4.3x
     sorted), or in a CUDA graph the one long row ``split_cuda_wins`` takes. "cuda_wide": rows of at least
-    ``CUDA_WIDE_MIN_T`` keys (``CUDA_WIDE_SORTED_MIN_T`` sorted).
+    ``CUDA_WIDE_MIN_T`` keys (``CUDA_WIDE_SORTED_MIN_T`` sorted). "cuda_cluster": in a CUDA graph, the one long
+    row ``cluster_wins`` takes (faster there than "cuda", which beat torch).
     "split" (H200, torch 2.11, Triton 3.6, run 5 of 2026-12-01: benchmarks/results/indexer_kernel_topk_run2.md):
 
     Replayed in a CUDA graph (``in_cuda_graph``: launch costs gone), decode batches of 1-64 rows of
@@ -157,6 +159,8 @@ def faster_than_torch(rows: int, T: int, k: int, sorted: bool, *, in_cuda_graph:
     """
     if algorithm == "cuda":  # one split row: measured in CUDA graphs only (split_cuda_wins)
         return (rows >= CUDA_MIN_ROWS and T >= CUDA_MIN_T) or (in_cuda_graph and split_cuda_wins(rows, T, sorted))
+    if algorithm == "cuda_cluster":  # faster than "cuda" where that beat torch, also measured in graphs only
+        return in_cuda_graph and cluster_wins(rows, T, sorted)
     if algorithm == "cuda_wide":  # sorted adds a bitonic sort (~20 us): measured ahead from 32K keys
         return T >= (CUDA_WIDE_SORTED_MIN_T if sorted else CUDA_WIDE_MIN_T)
     if in_cuda_graph and rows <= 64 and 32768 <= T <= 131072:
@@ -218,7 +222,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
     "cuda_wide" (the CUDA kernel with 1024-thread blocks, one a row unless ``splits`` cuts it: for few rows),
     "cuda_cluster" (sm_90+: a row over the eight 1024-thread blocks of a thread-block cluster, candidates gathered
-    through distributed shared memory; opt-in, for measuring; a direct plan runs "cuda_wide"),
+    through distributed shared memory; the default for one long row, ``cluster_wins``; a direct plan runs
+    "cuda_wide"),
     "split" (Triton: a filter launch, then the select; rows split over programs when few), "one_program"
     (run 4's single Triton kernel, one program a row; kept to measure against) or "auto" (the default:
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
@@ -267,15 +272,22 @@ def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[di
     Triton "split" kernels (also for fewer than ``CUDA_MIN_ROWS`` rows when the caller fixes the split count)."""
     p = p or plan(x2d.shape[-1], k)
     R, T = x2d.shape
-    choice = preferred_algorithm(R, T, sorted)
+    choice = preferred_algorithm(R, T, sorted, clusters=True)
     if choice == "split" or (R < CUDA_MIN_ROWS and splits is not None):
         return "split"
+    if choice == "cuda_cluster":
+        if cluster_applies(x2d, p, sorted):
+            return choice
+        choice = preferred_algorithm(R, T, sorted, clusters=False)
     return choice if cuda_applies(x2d, p, splits, sorted, wide=choice == "cuda_wide") else "split"
 
 
-def preferred_algorithm(R: int, T: int, sorted: bool) -> str:
+def preferred_algorithm(R: int, T: int, sorted: bool, *, clusters: bool = True) -> str:
     """The fastest of our kernels measured for ``R`` rows of ``T`` keys, where the CUDA kernel loads: "cuda" from
-    ``CUDA_MIN_ROWS`` rows; for fewer, "cuda_wide" (``wide_wins``), "cuda" (``split_cuda_wins``) or "split"."""
+    ``CUDA_MIN_ROWS`` rows; for fewer, "cuda_cluster" (``cluster_wins``, on a card with ``clusters``), "cuda"
+    (``split_cuda_wins``), "cuda_wide" (``wide_wins``) or "split"."""
+    if clusters and cluster_wins(R, T, sorted):
+        return "cuda_cluster"
     if R >= CUDA_MIN_ROWS or split_cuda_wins(R, T, sorted):
         return "cuda"
     return "cuda_wide" if wide_wins(R, T, sorted) else "split"
@@ -313,6 +325,30 @@ CUDA_SPLIT_MAX_T = 262144
 def split_cuda_wins(R: int, T: int, sorted: bool = False) -> bool:
     """Whether the 256-thread CUDA kernel, its row split over blocks, beats the Triton and wide kernels."""
     return R == 1 and not sorted and CUDA_WIDE_T < T <= CUDA_SPLIT_MAX_T
+
+
+#: One row longer than ``CUDA_WIDE_T`` keys, up to ``CUDA_SPLIT_MAX_T``, unsorted, on a card with thread-block
+#: clusters (sm_90+): the row over the eight 1024-thread blocks of a cluster. CUDA-graph replay on an H100 80GB
+#: (torch 2.11, CUDA 13.0; benchmarks/results/topk_cluster_h28_h100_b65d79e.json), top-k alone against the
+#: default before it (the split 256-thread kernel), us: 1 x 64K 20.3 / 23.2, 1 x 128K 19.3 / 25.8, 1 x 256K
+#: 21.7 / 28.4 (logits + top-k 28.8 / 32.1, 32.4 / 40.7, 52.8 / 62.0). Not at 1 x 8K-32K (19.5 against 15.4-17.4
+#: for the wide block) nor for many rows (64 x 32K: 74.7 against 18.6): the cluster's barrier and gather cost the
+#: same at every length.
+def cluster_wins(R: int, T: int, sorted: bool = False) -> bool:
+    """Whether a thread-block cluster a row beats the other kernels (where the card has clusters)."""
+    return split_cuda_wins(R, T, sorted)
+
+
+def cluster_applies(x2d: torch.Tensor, p: dict, sorted: bool) -> bool:
+    """Whether the cluster kernels take these rows: a CUDA device with clusters where they loaded, a sampled plan
+    (a direct one is the wide block's), and their shared memory within the device's limit."""
+    if not x2d.is_cuda or _interpreted() or p["DIRECT"]:
+        return False
+    from . import topk_cuda
+
+    if topk_cuda.cluster_reason(x2d.device) is not None:
+        return False
+    return topk_cuda.fits(x2d.device.index, p, topk_cuda.CLUSTER, sorted, cluster=True)
 
 
 def cuda_split_plan(R: int, T: int, splits: Optional[int], wide: bool) -> dict:

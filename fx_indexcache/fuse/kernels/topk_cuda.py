@@ -53,9 +53,14 @@ def has_clusters(device: int) -> bool:
 
 
 def cluster_reason(device: torch.device) -> Optional[str]:
-    """None where the cluster kernels run on ``device``; else why not."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    why = unavailable_reason(device)
+    """None where the cluster kernels run on ``device``; else why not (the first answer is kept for the process:
+    the default asks on every long single row, and a failed build is not retried)."""
+    return _cluster_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_reason(index: int) -> Optional[str]:
+    why = _reason(index)
     if why is None and not has_clusters(index):
         why = f"compute capability {torch.cuda.get_device_capability(index)} has no thread-block clusters (9.0+)"
     if why is None:
@@ -118,10 +123,11 @@ def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
     return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
 
 
-def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False) -> bool:
+def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cluster: bool = False) -> bool:
     """Whether a launch's shared memory fits the device (large capacities and k may not)."""
-    limit = _kernels(device)[kernel_name(True, sorted, wide)].max_dynamic_smem
-    return smem_bytes(p, nsplit, sorted, wide) <= limit
+    kernels = _cluster_kernels(device) if cluster else _kernels(device)
+    limit = kernels[kernel_name(True, sorted, wide or cluster, cluster)].max_dynamic_smem
+    return smem_bytes(p, nsplit, sorted, wide or cluster) <= limit
 
 
 def cluster_split_plan(T: int) -> dict:
