@@ -66,13 +66,15 @@ case "$step" in
         timeout "$(limit 240)" python benchmarks/bench_topk_cuda.py --decode-sweep --out "$OUT"
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cuda" ;;
     topk-cluster)    # the cluster rows (sm_90+: a row over a thread-block cluster of eight wide blocks) beside the
-                     # wide block: replay alone and after the logits, then its exactness, race, graph and sanitizer
-                     # tests, then its stamps (a -DTOPK_STAMPS build)
+                     # default launch and the wide block: replay alone and after the logits (long single rows too),
+                     # then the exactness, race, graph and sanitizer tests of the cluster rows and of the default
+                     # on long rows, then the cluster's stamps (a -DTOPK_STAMPS build)
         for algorithm in auto cuda_wide cuda_cluster; do
             timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay --algorithm "$algorithm" \
                 --out "$OUT/replay_$algorithm" | grep "^replay" || true
         done
-        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cluster or sanitizer" || true
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "cluster or sanitizer or default_for_one_long_row or auto" \
+            || true
         timeout "$(limit 120)" python benchmarks/bench_topk_phases.py --sections stamps --algorithm cuda_cluster \
             --out "$OUT/stamps" | grep "^stamps" || true ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
