@@ -175,9 +175,9 @@ def stamp_slots() -> int:
 
 
 def measure_stamps(R, T, log, algorithm="cuda_wide", reps=50) -> dict:
-    """Where one wide block's time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block 0's clock
-    at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's profiled
-    GPU time and its CUDA-graph replay time. Rows: the logits kernel's own (causal, V3.2's indexer)."""
+    """Where the launch ``algorithm``'s time goes (a process whose CUDA top-k was built with -DTOPK_STAMPS: block
+    0's clock at each phase boundary): median cycles per phase, the global timer's ns over the block, the kernel's
+    profiled GPU time and its CUDA-graph replay time. Rows: the logits kernel's own (causal, V3.2's indexer)."""
     x = causal_logits(1, R, T).reshape(R, T)
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
     slots = stamp_slots()
@@ -215,8 +215,9 @@ def measure_stamps(R, T, log, algorithm="cuda_wide", reps=50) -> dict:
 
 
 def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
-    """The wide block alone and after the logits kernel, replayed in a CUDA graph (a build without stamps: the
-    product's own timing, for comparing build variants), unsorted, on the logits kernel's own rows."""
+    """The CUDA top-k launch ``algorithm`` alone and after the logits kernel, replayed in a CUDA graph (a build
+    without stamps: the product's own timing, for comparing launches and build variants), unsorted, on the logits
+    kernel's own rows."""
     from bench_indexer_kernel import SCALE, make_inputs
 
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits

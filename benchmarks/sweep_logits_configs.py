@@ -103,7 +103,7 @@ def paged_operands(q, k, w, scale, precision: str):
 
 def parse_restrictions(items: list) -> dict:
     """``["block_t=64,128", ...]`` as ``{"block_t": {64, 128}}``, each field a ``LogitsConfig`` field."""
-    fields = {f.name: f.type for f in dataclasses.fields(li.LogitsConfig)}
+    fields = [f.name for f in dataclasses.fields(li.LogitsConfig)]
     restrict: dict = {}
     for item in items:
         field, _, values = item.partition("=")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Any, Callable
 
 from torch import fx
 
@@ -55,9 +56,9 @@ class IndexerSite(abc.ABC):
     def incompatibility(self, source: IndexerSite, sizes: SizeProver | None = None) -> str | None:
         """Why ``source``'s indices are not a drop-in replacement for ours, or None."""
         sizes = sizes or self.sizes()
-        if type(source) is not type(self):
-            return (f"layer {source.layer} selects with {source.kind}, this layer with {self.kind}: different "
-                    "selections never share (they may order equal scores differently)")
+        different = different_selections(self, source, f"layer {source.layer}")
+        if different is not None:
+            return different
         mine, theirs = fake_value(self.indices), fake_value(source.indices)
         if mine is None or theirs is None:
             return "indices carry no shape metadata to compare"
@@ -89,18 +90,30 @@ class IndexerSite(abc.ABC):
         do not (an opaque op, pooled key blocks)."""
         return None
 
-    def key_width_mismatch(self, source: IndexerSite, sizes: SizeProver) -> str | None:
+    def key_width_mismatch(self, source: IndexerSite, equal_sizes: Callable[[Any, Any], bool]) -> str | None:
         """For two sites that select from score tensors (``key_axis``): why their scores differ in the number of
-        keys they choose among, or None."""
+        keys they choose among, or None. ``equal_sizes``: the size equality that holds between their graphs (a
+        ``SizeProver``'s within one graph, ``graph_utils.same_size`` across graphs)."""
         mine, theirs = fake_value(self.anchor.args[0]), fake_value(source.anchor.args[0])
+        if mine is None or theirs is None:
+            return "scores carry no shape metadata to compare"
         width, width2 = mine.shape[self.key_axis()], theirs.shape[source.key_axis()]
-        if not sizes.same_size(width, width2):
+        if not equal_sizes(width, width2):
             return f"scores {width} keys wide, layer {source.layer}'s {width2}"
         return None
 
     def inserts_keys_itself(self) -> bool:
         """Whether the indexer call itself writes the layer's key cache, so sharing always drops that write."""
         return False
+
+
+def different_selections(site: IndexerSite, source: IndexerSite, source_name: str) -> str | None:
+    """Why ``site`` never takes the indices of ``source`` (called ``source_name`` in the message) for how the two
+    select, or None: sites of different kinds (a top-k, a sort cut to k, ...) may order equal scores differently."""
+    if type(source) is type(site):
+        return None
+    return (f"{source_name} selects with {source.kind}, this layer with {site.kind}: different selections never "
+            "share (they may order equal scores differently)")
 
 
 @dataclasses.dataclass

@@ -84,7 +84,7 @@ class SortIndexerSite(IndexerSite):
                 or bool(stable) != bool(stable2)):
             return f"sort dim/descending/stable differ from layer {source.layer}'s"
         # the cut's end is its k: the indices shapes (compared above) hold min(k, keys) on the cut axis
-        return self.key_width_mismatch(source, sizes)
+        return self.key_width_mismatch(source, sizes.same_size)
 
     def cache_writes(self) -> list[CacheWrite]:
         return cache_writes_feeding_only([self.anchor, *self.anchor.users])

@@ -76,7 +76,7 @@ class TopkIndexerSite(IndexerSite):
         ndim = score.dim()
         if dim % ndim != dim2 % score2.dim() or largest != largest2 or ordered != ordered2:
             return f"top-k dim/largest/sorted differ from layer {source.layer}'s"
-        return self.key_width_mismatch(source, sizes)
+        return self.key_width_mismatch(source, sizes.same_size)
 
     def cache_writes(self) -> list[CacheWrite]:
         """Writes of our keys into a cache input that only our (now dead) scoring reads."""

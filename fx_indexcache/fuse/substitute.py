@@ -965,8 +965,11 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16", *,
             no_fp8 = _check_leaves(match, fp8_refusal)
             applied = "fp8" if no_fp8 is None else "bf16"
         sort_cut = is_call(anchor, {aten.sort})
-        not_one_op = ("fuse_score_and_topk is off" if not score_and_topk else
-                      "the selection is a sort cut to k, which the one op does not take" if sort_cut else None)
+        not_one_op = None
+        if not score_and_topk:
+            not_one_op = "fuse_score_and_topk is off"
+        elif sort_cut:
+            not_one_op = "the selection is a sort cut to k, which the one op does not take"
         if why is None and not_one_op is None:
             not_one_op, removed = _fuse_score_and_topk(graph, match, anchor, applied)
             if not_one_op is None:

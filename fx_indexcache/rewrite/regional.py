@@ -23,6 +23,7 @@ from torch import fx
 from ..config import FULL, IndexCacheConfig
 from ..detection.layers import layer_index_from_path, module_path
 from ..detection.registry import detect
+from ..detection.sites import different_selections
 from ..graph_utils import copy_graph_module
 from ..graph_utils import comes_after, fake_value, same_shape, same_size
 from .indices_io import CallAction, with_indices_input, with_indices_output
@@ -132,15 +133,13 @@ def _refusal(call: _Call, source: _Call | None, published: dict) -> str | None:
     if comes_after(published[source.layer], call.node):  # the F call's indices (a live node) come later
         return "its F layer's call comes after this one"
     site, source_site = call.body.site, source.body.site
-    if type(site) is not type(source_site):  # e.g. a sort cut to k and a top-k: the order of equal scores may differ
-        return (f"it selects with {site.kind}, its F layer with {source_site.kind}: different selections never "
-                "share (they may order equal scores differently)")
+    different = different_selections(site, source_site, "its F layer")
+    if different is not None:
+        return different
     mine, theirs = fake_value(site.indices), fake_value(source_site.indices)
     if mine is None or theirs is None or mine.dtype != theirs.dtype or not same_shape(mine.shape, theirs.shape):
         return "its indices differ in shape or dtype from its F layer's"
-    score, score2 = fake_value(site.anchor.args[0]), fake_value(source_site.anchor.args[0])
-    if score is None or score2 is None or not same_size(score.shape[site.key_axis()],
-                                                        score2.shape[source_site.key_axis()]):
+    if site.key_width_mismatch(source_site, same_size) is not None:  # (two bodies: sizes compared across graphs)
         return "it scores another number of keys than its F layer"
     return None
 

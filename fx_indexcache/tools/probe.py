@@ -218,15 +218,13 @@ def _add_record_outputs(graph: fx.Graph, sites: list) -> tuple[int, list[int]]:
         for site in sites:
             extras.append(site.indices)
             anchor = site.anchor
+            values = None  # the selected keys' scores: a top-k's own, a sort cut's gathered; other kinds have none
             if anchor.target is torch.ops.aten.topk.default:
                 values = graph.call_function(operator.getitem, (anchor, 0))
-                extras.append(graph.call_function(_finite_mask, (values,)))
-            elif site.key_axis() is not None:  # a sort cut to k: its keys' scores, gathered
+            elif site.key_axis() is not None:
                 values = graph.call_function(torch.ops.aten.gather.default,
                                              (anchor.args[0], site.key_axis(), site.indices))
-                extras.append(graph.call_function(_finite_mask, (values,)))
-            else:  # other site kinds: no scores to read
-                extras.append(None)
+            extras.append(None if values is None else graph.call_function(_finite_mask, (values,)))
             layers.append(site.layer)
     output.args = ((*original, *extras),)
     return len(original), layers

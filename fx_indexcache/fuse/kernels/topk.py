@@ -272,13 +272,12 @@ def default_algorithm(x2d: torch.Tensor, k: int, sorted: bool, *, p: Optional[di
     Triton "split" kernels (also for fewer than ``CUDA_MIN_ROWS`` rows when the caller fixes the split count)."""
     p = p or plan(x2d.shape[-1], k)
     R, T = x2d.shape
-    choice = preferred_algorithm(R, T, sorted, clusters=True)
+    clusters = cluster_wins(R, T, sorted) and cluster_applies(x2d, p, sorted)  # (asked only where they would win)
+    choice = preferred_algorithm(R, T, sorted, clusters=clusters)
     if choice == "split" or (R < CUDA_MIN_ROWS and splits is not None):
         return "split"
     if choice == "cuda_cluster":
-        if cluster_applies(x2d, p, sorted):
-            return choice
-        choice = preferred_algorithm(R, T, sorted, clusters=False)
+        return choice
     return choice if cuda_applies(x2d, p, splits, sorted, wide=choice == "cuda_wide") else "split"
 
 
@@ -330,10 +329,10 @@ def split_cuda_wins(R: int, T: int, sorted: bool = False) -> bool:
 #: One row longer than ``CUDA_WIDE_T`` keys, up to ``CUDA_SPLIT_MAX_T``, unsorted, on a card with thread-block
 #: clusters (sm_90+): the row over the eight 1024-thread blocks of a cluster. CUDA-graph replay on an H100 80GB
 #: (torch 2.11, CUDA 13.0; benchmarks/results/topk_cluster_long_rows_h28_h100_fc66ec8.json), top-k alone
-#: against the default before it (the split 256-thread kernel), us: 1 x 64K 20.3 / 23.2, 1 x 128K 19.3 / 25.8, 1 x 256K
-#: 21.7 / 28.4 (logits + top-k 28.8 / 32.1, 32.4 / 40.7, 52.8 / 62.0). Not at 1 x 8K-32K (19.5 against 15.4-17.4
-#: for the wide block) nor for many rows (64 x 32K: 74.7 against 18.6): the cluster's barrier and gather cost the
-#: same at every length.
+#: against the default before it (the split 256-thread kernel), us: 1 x 64K 20.3 / 23.2, 1 x 128K 19.3 / 25.8,
+#: 1 x 256K 21.7 / 28.4 (logits + top-k 28.8 / 32.1, 32.4 / 40.7, 52.8 / 62.0). Not at 1 x 8K-32K (19.5 against
+#: 15.4-17.4 for the wide block) nor for many rows (64 x 32K: 74.7 against 18.6): the cluster's barrier and gather
+#: cost the same at every length.
 def cluster_wins(R: int, T: int, sorted: bool = False) -> bool:
     """Whether a thread-block cluster a row beats the other kernels (where the card has clusters)."""
     return split_cuda_wins(R, T, sorted)

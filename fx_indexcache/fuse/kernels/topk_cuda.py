@@ -81,15 +81,19 @@ class _Params(ctypes.Structure):
 
 @functools.lru_cache(maxsize=None)
 def _kernels(device: int):
-    # FX_INDEXCACHE_NVRTC_FLAGS: extra NVRTC options, e.g. "-lineinfo" for compute-sanitizer's reports
-    return nvrtc.load(str(SOURCE), KERNELS, device, tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
+    return nvrtc.load(str(SOURCE), KERNELS, device, _nvrtc_flags())
 
 
 @functools.lru_cache(maxsize=None)
 def _cluster_kernels(device: int):
     """The cluster kernels, loaded apart from the others: were they to fail, the rest of the CUDA top-k stays."""
-    return nvrtc.load(str(SOURCE), CLUSTER_KERNELS, device,
-                      tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split()))
+    return nvrtc.load(str(SOURCE), CLUSTER_KERNELS, device, _nvrtc_flags())
+
+
+def _nvrtc_flags() -> tuple[str, ...]:
+    """FX_INDEXCACHE_NVRTC_FLAGS: extra NVRTC options (e.g. "-lineinfo" for compute-sanitizer's reports, or a
+    build variant's -D macros)."""
+    return tuple(os.environ.get("FX_INDEXCACHE_NVRTC_FLAGS", "").split())
 
 
 #: Set to 0 / false / no / off to keep the top-k on the Triton kernels everywhere (read once a process, per device).
