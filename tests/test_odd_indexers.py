@@ -289,6 +289,21 @@ def test_sort_layer_never_takes_a_topk_layers_indices():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("style", ["sort", "argsort-stable"])
+def test_sort_cut_indexers_through_export(style):
+    """``torch.export`` keeps ``aten.argsort`` whole (compiled graphs decompose it into ``aten.sort``): a cut of
+    either is a site there too, and the exported stack shares as the compiled one does."""
+    model, x = _toy([style] * 4)
+    pattern = "FSSF"
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), strict=False)
+    report = fic.apply_index_cache_to_exported_program(
+        program, fic.IndexCacheConfig(use_index_cache=True, index_topk_pattern=pattern))
+    _assert_shares(report, pattern)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), run(model, x, pattern))
+
+
 def test_sort_cut_indexer_through_inductor():
     """The same sharing where Inductor compiles the graph (the pass runs on its post-grad graph)."""
     model, x = _toy(["sort"] * 4)

@@ -2,7 +2,8 @@
 
 ``scores.sort(dim, descending=True).indices[..., :k]`` and ``scores.argsort(dim, descending=True)[..., :k]`` pick
 the same keys as ``scores.topk(k, dim).indices`` (up to the order of equal scores), and trace to
-``getitem(aten.sort(score, ...), 1)`` followed by ``aten.slice(indices, dim, 0, k)``. What makes such a selection
+``getitem(aten.sort(score, ...), 1)`` followed by ``aten.slice(indices, dim, 0, k)`` (``torch.export`` keeps
+``aten.argsort(score, ...)``, whose one output is that order). What makes such a selection
 an indexer's is decided by the score, exactly as for ``aten.topk`` (``topk.classify_selection``). A site's
 indices are the cut; an S layer's cut is replaced by its F layer's. Only a cut that starts at 0 with step 1 on the
 sorted axis, where the sorted values and the whole order are read by nothing else, is a top-k: any other sort
@@ -26,10 +27,25 @@ from .topk import cache_writes_feeding_only, classify_selection
 aten = torch.ops.aten
 
 
+#: The sorts a cut can make a top-k: ``aten.sort`` (its order is output 1) and ``aten.argsort`` (its only output),
+#: each ``.default`` or ``.stable`` (whose arguments but ``self`` are keywords); not the out= or list overloads.
+_SORTS = {aten.sort.default: 1, aten.sort.stable: 1, aten.argsort.default: None, aten.argsort.stable: None}
+
+
+def is_sort(node: fx.Node) -> bool:
+    """Whether ``node`` sorts a tensor and outputs its order (``aten.sort`` or ``aten.argsort``)."""
+    return node.op == "call_function" and node.target in _SORTS
+
+
+def sort_order(node: fx.Node) -> list[fx.Node]:
+    """The nodes that are ``node``'s order: the argsort itself, or the sort's getitems of output 1."""
+    output = _SORTS[node.target]
+    return [node] if output is None else getitem_users(node, output)
+
+
 def sort_arguments(node: fx.Node) -> tuple:
-    """``(self, dim, descending, stable)`` of an ``aten.sort`` call (``.default`` or ``.stable``, whose arguments but
-    ``self`` are keywords), defaults filled."""
-    positional = ("self", "dim", "descending") if node.target is aten.sort.default else ("self",)
+    """``(self, dim, descending, stable)`` of a sort (``is_sort``), defaults filled."""
+    positional = ("self", "dim", "descending") if node.target in (aten.sort.default, aten.argsort.default) else ("self",)
     values = call_arguments(node, positional, {"self": None, "dim": -1, "descending": False, "stable": None})
     return values["self"], values["dim"], values["descending"], values["stable"]
 
@@ -47,9 +63,9 @@ def leading_cut(sort: fx.Node) -> fx.Node | str:
     value = fake_value(score)
     if not isinstance(value, torch.Tensor):
         return "sort input carries no shape metadata"
-    if any(v.users for v in getitem_users(sort, 0)):
+    if _SORTS[sort.target] is not None and any(v.users for v in getitem_users(sort, 0)):
         return "the sorted values are read"
-    orders = getitem_users(sort, 1)
+    orders = sort_order(sort)
     if len(orders) != 1 or len(orders[0].users) != 1:
         return "the order is read other than through one cut"
     (cut,) = orders[0].users
@@ -64,7 +80,8 @@ def leading_cut(sort: fx.Node) -> fx.Node | str:
 
 @dataclasses.dataclass(eq=False)
 class SortIndexerSite(IndexerSite):
-    """An indexer whose indices are ``aten.slice(getitem(aten.sort(score, dim, descending), 1), dim, 0, k)``."""
+    """An indexer whose indices are ``aten.slice(getitem(aten.sort(score, dim, descending), 1), dim, 0, k)`` (or the
+    same cut of ``aten.argsort``: the same selection, so the two share)."""
 
     kind = "aten.sort"
 
@@ -98,7 +115,7 @@ def find_sort_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list]:
     sites: list[IndexerSite] = []
     params = parameter_placeholders(graph)
     for node in graph.nodes:
-        if not is_call(node, {aten.sort}):
+        if not is_sort(node):
             continue
         cut = leading_cut(node)
         if isinstance(cut, str):

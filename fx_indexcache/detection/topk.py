@@ -44,7 +44,7 @@ _SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
 _CACHE_UPDATES = {aten.slice_scatter: 1, aten.select_scatter: 1, aten.index_put: 2, aten.index_copy: 3, aten.scatter: 3}
 _MAX_VISITS = 4000
 #: Ops that select keys (a score cone is never followed through another layer's selection).
-SELECTIONS = {aten.topk, aten.sort}
+SELECTIONS = {aten.topk, aten.sort, aten.argsort}
 
 
 @dataclasses.dataclass(eq=False)

@@ -68,6 +68,7 @@ import sympy
 import torch
 from torch import fx
 
+from ..detection.sort_topk import is_sort, leading_cut, sort_arguments
 from ..detection.topk import topk_arguments
 from ..graph_utils import (
     CASTS,
@@ -628,10 +629,10 @@ def _score_candidates(topk_input: fx.Node) -> list[fx.Node]:
 
 
 def match_indexer_score(site) -> ScoreMatch | str:
-    """The proven score under ``site``'s selection (a site, or an ``aten.topk`` / ``aten.sort`` node), or why not."""
+    """The proven score under ``site``'s selection (a site, or an ``aten.topk`` / sort node), or why not."""
     anchor = getattr(site, "anchor", site)
-    if not is_call(anchor, {aten.topk, aten.sort}):
-        return f"{anchor.name} is not an aten.topk or aten.sort"
+    if not (is_call(anchor, {aten.topk}) or is_sort(anchor)):
+        return f"{anchor.name} is not an aten.topk or a sort"
     reasons = []
     for cand in _score_candidates(anchor.args[0]):
         try:
@@ -890,8 +891,6 @@ def _swap_sort_cut(graph: fx.Graph, sort: fx.Node) -> str | None:
     """Replace a descending sort over the last dim cut to its first k keys by ``fx_indexcache::topk_indices`` with
     sorted output: the same k keys in the same order (equal scores by ascending index, which a stable sort also
     gives), without sorting the whole row. Returns None when swapped, else why not."""
-    from ..detection.sort_topk import leading_cut, sort_arguments
-
     cut = leading_cut(sort)
     if isinstance(cut, str):
         return f"selection kept as aten.sort: {cut}"
@@ -964,7 +963,7 @@ def substitute_fused_indexer(graph: fx.Graph, sites, precision: str = "bf16", *,
         if why is None and precision == "fp8":
             no_fp8 = _check_leaves(match, fp8_refusal)
             applied = "fp8" if no_fp8 is None else "bf16"
-        sort_cut = is_call(anchor, {aten.sort})
+        sort_cut = is_sort(anchor)
         not_one_op = None
         if not score_and_topk:
             not_one_op = "fuse_score_and_topk is off"
