@@ -28,6 +28,11 @@ typedef unsigned long long u64;
 #define BINS 256        // a histogram's bins (equal ranges of key values: kth_largest)
 #define FULL 0xffffffffu
 #define SAMPLE_COARSE (1u << 16)  // the key range at which the sampled threshold's search stops
+#ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
+#define FILTER_COUNTS false
+#else
+#define FILTER_COUNTS true
+#endif
 
 struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in this order)
     const float *x;
@@ -135,6 +140,20 @@ __device__ __forceinline__ u32 block_reduce(u32 a, Shared<NT> &sh, int &buf) {
     return MAX ? warp_max(a) : warp_sum(a);
 }
 
+// The block's largest of a and of b, in every thread (one barrier: the scan's slots, which alternate like the others).
+template <int NT>
+__device__ __forceinline__ void block_max2(u32 &a, u32 &b, Shared<NT> &sh, int &buf) {
+    const int lane = threadIdx.x & 31;
+    a = warp_max(a);
+    b = warp_max(b);
+    if (lane == 0) sh.scan[buf][0][threadIdx.x >> 5] = ((u64)a << 32) | b;
+    __syncthreads();
+    const u64 v = lane < Shared<NT>::NW ? sh.scan[buf][0][lane] : 0;
+    buf ^= 1;
+    a = warp_max((u32)(v >> 32));
+    b = warp_max((u32)v);
+}
+
 // Exclusive prefixes of two values over the block in thread order (in place), and the block's totals
 // (one barrier). Values may pack several counts in 16-bit fields: the fields add independently.
 template <int NT>
@@ -181,6 +200,7 @@ __device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g
 template <bool VEC, int NT>
 struct RowSrc {
     static const int GROUPS = ROW_GROUPS;
+    static const bool REREAD = false;
     const float *row;
     long long sxt;
     __device__ __forceinline__ u32 get(int i) const { return ukey(row[(long long)i * sxt]); }
@@ -210,6 +230,7 @@ struct RowSrc {
 template <int NT>
 struct SmemSrc {
     static const int GROUPS = 1;
+    static const bool REREAD = false;
     const u32 *key;
     const int *idx;
     __device__ __forceinline__ u32 get(int i) const { return key[i]; }
@@ -223,6 +244,67 @@ struct SmemSrc {
     }
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
+
+// A row staged whole in shared memory (stage_row: its float bits), read as RowSrc reads global memory. REREAD: a
+// kept key is read again by its index (a shared-memory load), so compact_chunk writes only the kept keys, in a loop
+// over their bits, where a row in registers takes every key's predicated write.
+template <int NT>
+struct StagedSrc {
+    static const int GROUPS = ROW_GROUPS;
+#ifdef TOPK_NO_REREAD
+    static const bool REREAD = false;
+#else
+    static const bool REREAD = true;
+#endif
+    const u32 *row;
+    __device__ __forceinline__ u32 get(int i) const { return ukey(__uint_as_float(row[i])); }
+    template <bool TAIL>
+    __device__ __forceinline__ void load(int base, int hi, u32 (&key)[GROUPS][4], int (&)[GROUPS][4]) const {
+#pragma unroll
+        for (int g = 0; g < GROUPS; ++g) {
+            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
+            if (!TAIL || first + 4 <= hi) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(row + first);
+                key[g][0] = ukey(__uint_as_float(v.x));
+                key[g][1] = ukey(__uint_as_float(v.y));
+                key[g][2] = ukey(__uint_as_float(v.z));
+                key[g][3] = ukey(__uint_as_float(v.w));
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) key[g][j] = first + j < hi ? get(first + j) : 0u;
+            }
+        }
+    }
+    __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
+        return base + g * 4 * NT + 4 * (int)threadIdx.x + j;
+    }
+};
+
+// The row's shared-memory copy (a float's bits a key), in 16-byte asynchronous copies (cp.async, sm_80+) that the
+// block issues and goes on: the sampled threshold's loads and search run while they land (stage_wait waits). A row
+// whose length is no multiple of four has its last keys copied one by one.
+template <int NT>
+__device__ __forceinline__ void stage_row(const float *row, int T, u32 *stage) {
+    const int T4 = T & ~3;
+#if __CUDA_ARCH__ >= 800
+    for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT) {
+        const u32 dst = (u32)__cvta_generic_to_shared(stage + i);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row + i) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT)
+        *reinterpret_cast<uint4 *>(stage + i) = *reinterpret_cast<const uint4 *>(row + i);
+#endif
+    for (int i = T4 + (int)threadIdx.x; i < T; i += NT) stage[i] = __float_as_uint(row[i]);
+}
+
+__device__ __forceinline__ void stage_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+    __syncthreads();
+}
 
 // The bin of a histogram holding the K-th largest of its keys (counting from the top bin), and the keys in the
 // bins above it. Every warp scans the whole histogram itself (BINS / 32 bins a lane, two 16-byte loads), so no
@@ -337,16 +419,40 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
     u64 tg, te;
     block_scan2(cg, ce, tg, te, sh, buf);
     STAMP_STEP();
+    if constexpr (Src::REREAD) {  // only the kept keys: a loop over their bits (bit 4g + j: key j of group g)
+        u32 mg = 0, me = 0;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-        u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if ((fg[g] >> j) & 1u) sink.gt(pg++, key[g][j], src.index(idx, base, g, j));
-            if ((fe[g] >> j) & 1u) sink.eq(pe++, src.index(idx, base, g, j));
+        for (int g = 0; g < G; ++g) {
+            mg |= fg[g] << (4 * g);
+            me |= fe[g] << (4 * g);
         }
-        n_gt += field16(tg, g);
-        n_eq += field16(te, g);
+        const int first = base + 4 * (int)threadIdx.x;
+        for (u32 rest = mg; rest != 0; rest &= rest - 1) {
+            const int b = __ffs(rest) - 1, g = b >> 2, i = first + g * 4 * NT + (b & 3);
+            sink.gt(n_gt + field16(cg, g) + __popc(mg & ((1u << b) - 1) & (0xfu << (4 * g))), src.get(i), i);
+        }
+        for (u32 rest = me; rest != 0; rest &= rest - 1) {
+            const int b = __ffs(rest) - 1, g = b >> 2;
+            sink.eq(n_eq + field16(ce, g) + __popc(me & ((1u << b) - 1) & (0xfu << (4 * g))),
+                    first + g * 4 * NT + (b & 3));
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            n_gt += field16(tg, g);
+            n_eq += field16(te, g);
+        }
+    } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            u32 pg = n_gt + field16(cg, g), pe = n_eq + field16(ce, g);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if ((fg[g] >> j) & 1u) sink.gt(pg++, key[g][j], src.index(idx, base, g, j));
+                if ((fe[g] >> j) & 1u) sink.eq(pe++, src.index(idx, base, g, j));
+            }
+            n_gt += field16(tg, g);
+            n_eq += field16(te, g);
+        }
     }
     STAMP_STEP();
 }
@@ -378,6 +484,18 @@ struct BufferSink {  // the filter's: candidates (key, index) up to cap, the fir
     }
 };
 
+// The filter's sink for one block a row: BufferSink, and each candidate counted in a histogram of BINS equal ranges
+// of key values from lo (the threshold + 1) up, bin (u - lo) >> shift, keys past the last bin in it: the select's
+// first histogram pass, built while the candidates are written (no pass over them, no reduction for their largest).
+struct CountingSink : BufferSink {
+    u32 *hist;
+    u32 lo, shift;
+    __device__ __forceinline__ void gt(u32 p, u32 k, int i) {
+        BufferSink::gt(p, k, i);
+        atomicAdd(&hist[min((k - lo) >> shift, (u32)BINS - 1)], 1u);
+    }
+};
+
 struct OutSink {  // the result's: every key above the k-th, then the first ties after them
     int *out;
     long long sok;
@@ -391,8 +509,10 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT>
-__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u32 *s, Shared<NT> &sh, int &buf) {
+__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u32 *s, Shared<NT> &sh, int &buf,
+                                 u32 &sample_top, u32 *stage = nullptr) {
     const int ns = p.nb * p.sb, log_sb = __ffs(p.sb) - 1, log_nb = __ffs(p.nb) - 1;
+    u32 most = 0, least = FULL;  // the sample's largest and smallest keys: the search's first range
     for (int i0 = threadIdx.x; i0 < ns; i0 += 4 * NT) {
         u32 v[4];
 #pragma unroll
@@ -400,11 +520,21 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
             const int i = i0 + u * NT;
             v[u] = i < ns ? row.get((int)((((long long)(i >> log_sb)) * p.T) >> log_nb) + (i & (p.sb - 1))) : 0u;
         }
+        // a staged row's copies are issued behind the sample's first loads, which need not wait for them
+        if (stage != nullptr && i0 == (int)threadIdx.x) stage_row<NT>(row.row, p.T, stage);
 #pragma unroll
         for (int u = 0; u < 4; ++u)
-            if (i0 + u * NT < ns) s[i0 + u * NT] = v[u];
+            if (i0 + u * NT < ns) {
+                s[i0 + u * NT] = v[u];
+                most = max(most, v[u]);
+                least = min(least, v[u]);
+            }
     }
-    __syncthreads();
+    if (stage != nullptr && (int)threadIdx.x >= ns) stage_row<NT>(row.row, p.T, stage);  // (no sampled key here)
+    least = ~least;
+    block_max2(most, least, sh, buf);  // (its barrier also hands the sample's slots to every thread)
+    least = ~least;
+    sample_top = most;
     STAMP(1);
     SmemSrc<NT> src{s, nullptr};
     // The threshold needs no exact key, so the search stops at a range of fewer than SAMPLE_COARSE key values (two
@@ -412,10 +542,15 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     // the sample has one value in that range (the ties path needs it), else one below the range (a few more
     // candidates).
     u32 hi;
-    const u32 lo = kth_largest(src, ns, (u32)p.r_sample, 0u, FULL, sh, nullptr, SAMPLE_COARSE, &hi);
+#ifdef TOPK_SAMPLE_FULL_RANGE  // (a build variant, for timing: the search starts from every key value)
+    least = 0;
+    most = FULL;
+#endif
+    const u32 lo = kth_largest(src, ns, (u32)p.r_sample, least, most, sh, nullptr, SAMPLE_COARSE, &hi);
     u32 L = lo;
     if (lo < hi) {
-        u32 least = FULL, most = 0;
+        least = FULL;
+        most = 0;
         for (int i = threadIdx.x; i < ns; i += NT) {
             const u32 u = src.get(i);
             if (u >= lo && u <= hi) {
@@ -423,8 +558,9 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
                 most = max(most, u);
             }
         }
-        most = block_reduce<true>(most, sh, buf);
-        least = ~block_reduce<true>(~least, sh, buf);
+        least = ~least;
+        block_max2(most, least, sh, buf);
+        least = ~least;
         L = least == most ? least : (lo > 0 ? lo - 1 : 0);
     }
     __syncthreads();  // the sample's slots are the candidates' next
@@ -563,6 +699,16 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
     }
 }
 
+// The top k of a whole row (src: in global memory, or staged in shared memory) in index order, the first ties last.
+template <int NT, class Src>
+__device__ void exact_search(const Params &p, const Src &src, int *o_row, Shared<NT> &sh, int &buf) {
+    const u32 K = (u32)p.K;
+    const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh);
+    OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, buf), K};
+    u32 a = 0, e = 0;
+    compact(src, 0, p.T, kth, sink, a, e, sh, buf);
+}
+
 // Sorted output: descending score, equal scores by ascending index (a bitonic sort of (key, ~index) pairs).
 template <int NT>
 __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int *o_row, u64 *sb) {
@@ -592,7 +738,7 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-template <int NT, bool VEC, bool SORTED, int CL = 0>
+template <int NT, bool VEC, bool SORTED, int CL = 0, bool STAGED = false>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared<NT> sh;
@@ -607,17 +753,45 @@ __device__ void topk_row(const Params &p) {
     int *ci = reinterpret_cast<int *>(ck + p.cap);
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
+    // a staged row (one split: topk_cuda.stage_offset places it) after the candidates and the sort's pairs
+    u32 *stage = STAGED ? reinterpret_cast<u32 *>(smem + ((base_bytes + (SORTED ? p.kp * 8 : 0) + 15) & ~15))
+                        : nullptr;
+    const StagedSrc<NT> staged{stage};
 
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);
-    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf);
+    if (STAGED && p.direct) stage_row<NT>(src.row, p.T, stage);
+    u32 sample_top = 0;
+    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf, sample_top, stage);
     STAMP(2);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
-    if (p.nsplit == 1) {
+    // One block a contiguous row, sampled: the filter histograms its candidates over (L, sample_top] (the select's
+    // first pass) in the histogram slot the select's own passes reach last. (Not on strided rows: their loads' registers
+    // and the count's would spill.)
+    const bool counted = FILTER_COUNTS && VEC && p.nsplit == 1 && !p.direct && sample_top > L;
+    const u32 count_shift = counted ? max(0, 32 - __clz(sample_top - L) - 8) : 0u;
+    u32 *filter_hist = sh.hist[2];
+    if (counted && threadIdx.x < BINS) filter_hist[threadIdx.x] = 0;  // (compact's first barrier precedes the counts)
+    if (counted) {
+        CountingSink sink{{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg}, filter_hist, L + 1, count_shift};
+        if constexpr (STAGED) {
+            stage_wait();
+            compact(staged, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
+        } else {
+            compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
+        }
+        __syncthreads();
+        STAMP(3);
+    } else if (p.nsplit == 1) {
         BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
-        compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
+        if constexpr (STAGED) {
+            stage_wait();
+            compact(staged, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
+        } else {
+            compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
+        }
         __syncthreads();
         STAMP(3);
     } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
@@ -663,10 +837,18 @@ __device__ void topk_row(const Params &p) {
     int path;
     if (!overflow && n_gt <= (u32)p.cap && n_gt >= K) {  // the k-th key lies among the candidates
         SmemSrc<NT> cand{ck, ci};
-        u32 top = 0;
-        for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
-        u32 above;  // the candidates above the k-th key: its search counts them (no count pass)
-        const u32 kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh, &above);
+        u32 above, kth;  // the candidates above the k-th key: its search counts them (no count pass)
+        u32 bin = BINS - 1, over = 0;
+        if (counted) find_bin(filter_hist, K, bin, over);  // (every warp: the filter's last barrier is behind)
+        if (bin < BINS - 1) {  // the k-th key lies in a bin below the sample's largest key: search it
+            const u32 lo = L + 1 + (bin << count_shift), width = (1u << count_shift) - 1u;
+            kth = kth_largest(cand, (int)n_gt, K - over, lo, FULL - lo > width ? lo + width : FULL, sh, &above);
+            above += over;
+        } else {
+            u32 top = 0;
+            for (u32 i = threadIdx.x; i < n_gt; i += NT) top = max(top, ck[i]);
+            kth = kth_largest(cand, (int)n_gt, K, L + 1, block_reduce<true>(top, sh, buf), sh, &above);
+        }
         STAMP(4);
         STAMP(5);
         OutSink sink{o_row, p.sok, above, K};
@@ -678,11 +860,11 @@ __device__ void topk_row(const Params &p) {
         for (u32 q = threadIdx.x; q < n_gt; q += NT) o_row[(long long)q * p.sok] = ci[q];
         write_ties<NT>(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
-    } else {  // the sample misled: the exact search over the row in memory
-        const u32 kth = kth_largest(src, p.T, K, 0u, 0xffffffffu, sh);
-        OutSink sink{o_row, p.sok, count_above(src, p.T, kth, sh, buf), K};
-        u32 a = 0, e = 0;
-        compact(src, 0, p.T, kth, sink, a, e, sh, buf);
+    } else if constexpr (STAGED) {  // the sample misled: the exact search over the row in memory
+        exact_search(p, staged, o_row, sh, buf);
+        path = 3;
+    } else {
+        exact_search(p, src, o_row, sh, buf);
         path = 3;
     }
 #ifndef TOPK_STAMPS
@@ -705,6 +887,17 @@ ENTRY(topk_wide_vec, WIDE, 1, true, false)
 ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
+// One contiguous row a wide block, staged in shared memory (TOPK_NO_STAGE: the same entries without the stage,
+// for timing the two side by side)
+#ifdef TOPK_NO_STAGE
+#define STAGE_ROWS false
+#else
+#define STAGE_ROWS true
+#endif
+#define STAGED_ENTRY(name, sorted) \
+    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, STAGE_ROWS>(p); }
+STAGED_ENTRY(topk_staged, false)
+STAGED_ENTRY(topk_staged_sorted, true)
 #if __CUDA_ARCH__ >= 900
 #define CLUSTER_ENTRY(name, vec, sorted)                                                             \
     extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WIDE, 1) name(const Params p) { \
