@@ -28,6 +28,12 @@ typedef unsigned long long u64;
 #define BINS 256        // a histogram's bins (equal ranges of key values: kth_largest)
 #define FULL 0xffffffffu
 #define SAMPLE_COARSE (1u << 16)  // the key range at which the sampled threshold's search stops
+#define BIN_RANK_MAX BINS  // rank_in_bin takes bins of at most this many keys (gathered into a histogram slot)
+#ifdef TOPK_NO_BIN_RANK  // (a build variant, for timing: a counted bin is always searched by histogram passes)
+#define BIN_RANK false
+#else
+#define BIN_RANK true
+#endif
 #ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
 #define FILTER_COUNTS false
 #else
@@ -100,6 +106,7 @@ struct Shared {  // the block's reduction and scan slots (two of each: one barri
     u64 scan[2][2][NW];
     int last;
     u32 cluster_count[2];  // cluster rows: this block's candidates and ties (read by block 0 of the cluster)
+    u32 bin_count, bin_kth, bin_above;  // rank_in_bin: the bin's keys gathered, its answer
 };
 
 __device__ __forceinline__ u32 ukey(float x) {
@@ -382,6 +389,37 @@ __device__ u32 kth_largest(const Src &src, int n, u32 K, u32 lo, u32 hi, Shared<
     if (n_above != nullptr) *n_above = K0 - K;
     if (range_hi != nullptr) *range_hi = hi;
     return lo;
+}
+
+// The Kb-th largest key of the m (<= BIN_RANK_MAX) candidates in [lo, hi] and how many of them lie above it, where
+// a histogram pass would need several more passes over every candidate to narrow [lo, hi] to one key: the m keys are
+// gathered into `list` (any order), and each ranks itself among them; the first of the k-th key's copies answers.
+// Two barriers. sh.bin_count must be zero on entry, with a barrier between.
+template <int NT>
+__device__ u32 rank_in_bin(const u32 *ck, u32 n, u32 lo, u32 hi, u32 m, u32 Kb, u32 *list, Shared<NT> &sh,
+                           u32 &above) {
+    for (u32 i = threadIdx.x; i < n; i += NT) {
+        const u32 u = ck[i];
+        if (u >= lo && u <= hi) list[atomicAdd(&sh.bin_count, 1u)] = u;
+    }
+    __syncthreads();
+    if (threadIdx.x < m) {
+        const u32 key = list[threadIdx.x];
+        u32 gt = 0, eq = 0, eq_before = 0;
+        for (u32 j = 0; j < m; ++j) {
+            const u32 v = list[j];
+            gt += v > key;
+            eq += v == key;
+            eq_before += v == key && j < threadIdx.x;
+        }
+        if (gt < Kb && Kb <= gt + eq && eq_before == 0) {
+            sh.bin_kth = key;
+            sh.bin_above = gt;
+        }
+    }
+    __syncthreads();
+    above = sh.bin_above;
+    return sh.bin_kth;
 }
 
 // Keys of src's first n above thr (block total).
@@ -774,6 +812,7 @@ __device__ void topk_row(const Params &p) {
     const u32 count_shift = counted ? max(0, 32 - __clz(sample_top - L) - 8) : 0u;
     u32 *filter_hist = sh.hist[2];
     if (counted && threadIdx.x < BINS) filter_hist[threadIdx.x] = 0;  // (compact's first barrier precedes the counts)
+    if (counted && threadIdx.x == 0) sh.bin_count = 0;
     if (counted) {
         CountingSink sink{{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg}, filter_hist, L + 1, count_shift};
         if constexpr (STAGED) {
@@ -842,7 +881,11 @@ __device__ void topk_row(const Params &p) {
         if (counted) find_bin(filter_hist, K, bin, over);  // (every warp: the filter's last barrier is behind)
         if (bin < BINS - 1) {  // the k-th key lies in a bin below the sample's largest key: search it
             const u32 lo = L + 1 + (bin << count_shift), width = (1u << count_shift) - 1u;
-            kth = kth_largest(cand, (int)n_gt, K - over, lo, FULL - lo > width ? lo + width : FULL, sh, &above);
+            const u32 hi = FULL - lo > width ? lo + width : FULL, m = filter_hist[bin];
+            if (BIN_RANK && m <= BIN_RANK_MAX)
+                kth = rank_in_bin(ck, n_gt, lo, hi, m, K - over, sh.hist[0], sh, above);
+            else
+                kth = kth_largest(cand, (int)n_gt, K - over, lo, hi, sh, &above);
             above += over;
         } else {
             u32 top = 0;
