@@ -41,12 +41,15 @@ K = 2048
 #: (rows, T, k, plan options, row kind): every path (0 direct, 1 candidates, 2 threshold ties, 3 fallback),
 #: one block a row and split rows, a tail that is not a multiple of 4.
 SMALL_CASES = [(3, 700, 50, {}, "randn"), (4, 8192, 2048, dict(splits=1), "randn"), (1, 32768, 2048, {}, "randn"),
-               (2, 65536, 40, dict(sample=64, cap=1024), "randn"), (4, 8192, 2048, dict(splits=1), "allmasked")]
+               (2, 65536, 40, dict(sample=64, cap=1024), "randn"), (4, 8192, 2048, dict(splits=1), "allmasked"),
+               (2, 8192, 2048, dict(splits=1), "quantized"), (2, 8192, 2048, dict(splits=1), "off_sample"),
+               (1, 32768, 40, dict(sample=8, cap=1024), "randn")]
 CASES = SMALL_CASES + [
     (300, 8192, 2048, {}, "randn"), (300, 8192, 2048, {}, "ties"), (300, 8192, 2048, {}, "allmasked"),
     (64, 32768, 2048, {}, "masked"), (64, 32768, 2048, {}, "ties"), (1024, 32768, 2048, {}, "randn"),
     (300, 65536, 40, dict(sample=64, cap=1024), "randn"), (1, 131072, 2048, {}, "randn"),
-    (4, 40000, 1000, dict(splits=5), "masked")]
+    (4, 40000, 1000, dict(splits=5), "masked"), (300, 8192, 2048, {}, "quantized"), (1, 32768, 2048, {}, "quantized"),
+    (64, 32768, 2048, {}, "off_sample"), (1, 32768, 2048, {}, "off_sample")]
 PREFILL = [(1024, 32768), (1024, 131072), (4096, 8192), (256, 262144), (256, 32768), (512, 65536)]
 DECODE = [(1, 32768), (4, 32768), (16, 32768), (64, 32768), (128, 32768), (1, 65536), (16, 65536), (1, 131072),
           (4, 131072), (16, 131072), (64, 131072), (1, 262144), (1, 8192), (64, 8192)]

@@ -70,7 +70,28 @@ def rows(kind: str, R: int, T: int, g: torch.Generator, device="cpu") -> torch.T
         x = 1000.0 + x
     elif kind == "wide":
         x = x * torch.exp2(torch.randint(-60, 60, (R, T), generator=g, device=device).float())
+    elif kind == "quantized":  # scores on a grid of 1/8: hundreds of keys share the k-th score's bin at T >= 8K
+        x = torch.round(x * 8.0) / 8.0
+    elif kind == "off_sample":  # the top 2100 keys where the sample of a k = 2048 plan does not look
+        x = _off_sample(x, g)
     return x
+
+
+def _off_sample(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Rows whose sampled blocks (``topk.plan(T, 2048)``'s) hold normal scores, 2100 other keys far above them and
+    the rest far below: the sample's largest key lies below the k-th, so a threshold from it keeps the top keys as
+    candidates while a histogram bounded by the sample's largest key piles them into its last bin."""
+    R, T = x.shape
+    p = tk.plan(T, 2048)
+    sampled = torch.zeros(T, dtype=torch.bool)
+    for b in range(p["NB"]):
+        start = b * T // p["NB"]
+        sampled[start:start + p["SB"]] = True
+    off = (~sampled).nonzero().flatten()
+    high = off[torch.randperm(len(off), generator=torch.Generator().manual_seed(int(g.initial_seed())))[:2100]]
+    out = torch.where(sampled.to(x.device), x, x * 0.1 - 1000.0)
+    out[:, high.to(x.device)] = 1000.0 + x[:, high.to(x.device)]
+    return out
 
 
 def check(x: torch.Tensor, k: int, sorted_: bool, where: str = "", **launch) -> torch.Tensor:

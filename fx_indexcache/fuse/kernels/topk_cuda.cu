@@ -16,7 +16,9 @@
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
-// candidate set, 1 the k-th key lies above L, 2 L is the k-th key (the ties fill up), 3 the exact fallback.
+// candidate set, 1 the k-th key lies above L, 2 L is the k-th key (the ties fill up), 3 the exact fallback; path 1
+// where the filter counted the candidates (one block a contiguous row) and the k-th key's bin lies below the sample's
+// largest key is recorded as 4 when that bin's keys were ranked among themselves, 5 when it was searched by passes.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -878,14 +880,18 @@ __device__ void topk_row(const Params &p) {
         SmemSrc<NT> cand{ck, ci};
         u32 above, kth;  // the candidates above the k-th key: its search counts them (no count pass)
         u32 bin = BINS - 1, over = 0;
+        path = p.direct ? 0 : 1;
         if (counted) find_bin(filter_hist, K, bin, over);  // (every warp: the filter's last barrier is behind)
         if (bin < BINS - 1) {  // the k-th key lies in a bin below the sample's largest key: search it
             const u32 lo = L + 1 + (bin << count_shift), width = (1u << count_shift) - 1u;
             const u32 hi = FULL - lo > width ? lo + width : FULL, m = filter_hist[bin];
-            if (BIN_RANK && m <= BIN_RANK_MAX)
+            if (BIN_RANK && m <= BIN_RANK_MAX) {
                 kth = rank_in_bin(ck, n_gt, lo, hi, m, K - over, sh.hist[0], sh, above);
-            else
+                path = 4;
+            } else {
                 kth = kth_largest(cand, (int)n_gt, K - over, lo, hi, sh, &above);
+                path = 5;
+            }
             above += over;
         } else {
             u32 top = 0;
@@ -898,7 +904,6 @@ __device__ void topk_row(const Params &p) {
         u32 a = 0, e = 0;
         compact(cand, 0, (int)n_gt, kth, sink, a, e, sh, buf);
         STAMP(6);
-        path = p.direct ? 0 : 1;
     } else if (!overflow && n_gt <= (u32)p.cap && n_gt + n_eq >= K) {  // L is the k-th key: the ties fill up
         for (u32 q = threadIdx.x; q < n_gt; q += NT) o_row[(long long)q * p.sok] = ci[q];
         write_ties<NT>(p, row, off, o_row, n_gt, K - n_gt);
