@@ -204,12 +204,15 @@ __device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Sh
 
 __device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g)) & 0xffffu; }
 
-// A row of the logits in global memory, read in chunks of GROUPS x 4NT keys: group g of a chunk is 4NT
-// contiguous keys, four a thread (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows).
-template <bool VEC, int NT>
+// A row of the logits, read in chunks of GROUPS x 4NT keys: group g of a chunk is 4NT contiguous keys, four a thread
+// (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows). The row lies in global memory, or staged
+// whole in shared memory (StagedSrc); REREAD: a kept key is read again by its index (cheap in shared memory), so
+// compact_chunk writes only the kept keys, in a loop over their bits, where a row in global memory takes every
+// key's predicated write from registers.
+template <bool VEC, int NT, bool REREAD_ = false>
 struct RowSrc {
     static const int GROUPS = ROW_GROUPS;
-    static const bool REREAD = false;
+    static const bool REREAD = REREAD_;
     const float *row;
     long long sxt;
     __device__ __forceinline__ u32 get(int i) const { return ukey(row[(long long)i * sxt]); }
@@ -235,6 +238,15 @@ struct RowSrc {
     }
 };
 
+// A contiguous row staged in shared memory (stage_row), 16-byte aligned.
+#ifdef TOPK_NO_REREAD
+template <int NT>
+using StagedSrc = RowSrc<true, NT, false>;
+#else
+template <int NT>
+using StagedSrc = RowSrc<true, NT, true>;
+#endif
+
 // Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 4NT.
 template <int NT>
 struct SmemSrc {
@@ -254,46 +266,11 @@ struct SmemSrc {
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
 
-// A row staged whole in shared memory (stage_row: its float bits), read as RowSrc reads global memory. REREAD: a
-// kept key is read again by its index (a shared-memory load), so compact_chunk writes only the kept keys, in a loop
-// over their bits, where a row in registers takes every key's predicated write.
-template <int NT>
-struct StagedSrc {
-    static const int GROUPS = ROW_GROUPS;
-#ifdef TOPK_NO_REREAD
-    static const bool REREAD = false;
-#else
-    static const bool REREAD = true;
-#endif
-    const u32 *row;
-    __device__ __forceinline__ u32 get(int i) const { return ukey(__uint_as_float(row[i])); }
-    template <bool TAIL>
-    __device__ __forceinline__ void load(int base, int hi, u32 (&key)[GROUPS][4], int (&)[GROUPS][4]) const {
-#pragma unroll
-        for (int g = 0; g < GROUPS; ++g) {
-            const int first = base + g * 4 * NT + 4 * (int)threadIdx.x;
-            if (!TAIL || first + 4 <= hi) {
-                const uint4 v = *reinterpret_cast<const uint4 *>(row + first);
-                key[g][0] = ukey(__uint_as_float(v.x));
-                key[g][1] = ukey(__uint_as_float(v.y));
-                key[g][2] = ukey(__uint_as_float(v.z));
-                key[g][3] = ukey(__uint_as_float(v.w));
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) key[g][j] = first + j < hi ? get(first + j) : 0u;
-            }
-        }
-    }
-    __device__ __forceinline__ int index(const int (&)[GROUPS][4], int base, int g, int j) const {
-        return base + g * 4 * NT + 4 * (int)threadIdx.x + j;
-    }
-};
-
 // The row's shared-memory copy (a float's bits a key), in 16-byte asynchronous copies (cp.async, sm_80+) that the
 // block issues and goes on: the sampled threshold's loads and search run while they land (stage_wait waits). A row
 // whose length is no multiple of four has its last keys copied one by one.
 template <int NT>
-__device__ __forceinline__ void stage_row(const float *row, int T, u32 *stage) {
+__device__ __forceinline__ void stage_row(const float *row, int T, float *stage) {
     const int T4 = T & ~3;
 #if __CUDA_ARCH__ >= 800
     for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT) {
@@ -303,9 +280,9 @@ __device__ __forceinline__ void stage_row(const float *row, int T, u32 *stage) {
     asm volatile("cp.async.commit_group;" ::: "memory");
 #else
     for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT)
-        *reinterpret_cast<uint4 *>(stage + i) = *reinterpret_cast<const uint4 *>(row + i);
+        *reinterpret_cast<float4 *>(stage + i) = *reinterpret_cast<const float4 *>(row + i);
 #endif
-    for (int i = T4 + (int)threadIdx.x; i < T; i += NT) stage[i] = __float_as_uint(row[i]);
+    for (int i = T4 + (int)threadIdx.x; i < T; i += NT) stage[i] = row[i];
 }
 
 __device__ __forceinline__ void stage_wait() {
@@ -550,7 +527,7 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT>
 __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u32 *s, Shared<NT> &sh, int &buf,
-                                 u32 &sample_top, u32 *stage = nullptr) {
+                                 u32 &sample_top, float *stage = nullptr) {
     const int ns = p.nb * p.sb, log_sb = __ffs(p.sb) - 1, log_nb = __ffs(p.nb) - 1;
     u32 most = 0, least = FULL;  // the sample's largest and smallest keys: the search's first range
     for (int i0 = threadIdx.x; i0 < ns; i0 += 4 * NT) {
@@ -794,9 +771,9 @@ __device__ void topk_row(const Params &p) {
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
     // a staged row (one split: topk_cuda.stage_offset places it) after the candidates and the sort's pairs
-    u32 *stage = STAGED ? reinterpret_cast<u32 *>(smem + ((base_bytes + (SORTED ? p.kp * 8 : 0) + 15) & ~15))
-                        : nullptr;
-    const StagedSrc<NT> staged{stage};
+    float *stage = STAGED ? reinterpret_cast<float *>(smem + ((base_bytes + (SORTED ? p.kp * 8 : 0) + 15) & ~15))
+                          : nullptr;
+    const StagedSrc<NT> staged{stage, 1};
 
 #if __CUDA_ARCH__ >= 900
     // A programmatic dependent launch (topk_cuda.programmatic) may start before the stream's previous kernel ends:
