@@ -716,6 +716,19 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
     }
 }
 
+// One block a row: the filter over the whole row, staged (once its copies have landed) or in global memory.
+template <bool STAGED, int NT, class Src, class Sink>
+__device__ __forceinline__ void filter_row(const Src &src, const StagedSrc<NT> &staged, int T, u32 L, Sink &&sink,
+                                           u32 &n_gt, u32 &n_eq, Shared<NT> &sh, int &buf) {
+    if constexpr (STAGED) {
+        stage_wait();
+        compact(staged, 0, T, L, sink, n_gt, n_eq, sh, buf);
+    } else {
+        compact(src, 0, T, L, sink, n_gt, n_eq, sh, buf);
+    }
+    __syncthreads();
+}
+
 // The top k of a whole row (src: in global memory, or staged in shared memory) in index order, the first ties last.
 template <int NT, class Src>
 __device__ void exact_search(const Params &p, const Src &src, int *o_row, Shared<NT> &sh, int &buf) {
@@ -797,25 +810,13 @@ __device__ void topk_row(const Params &p) {
     u32 *filter_hist = sh.hist[2];
     if (counted && threadIdx.x < BINS) filter_hist[threadIdx.x] = 0;  // (compact's first barrier precedes the counts)
     if (counted && threadIdx.x == 0) sh.bin_count = 0;
-    if (counted) {
-        CountingSink sink{{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg}, filter_hist, L + 1, count_shift};
-        if constexpr (STAGED) {
-            stage_wait();
-            compact(staged, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
-        } else {
-            compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
-        }
-        __syncthreads();
-        STAMP(3);
-    } else if (p.nsplit == 1) {
-        BufferSink sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
-        if constexpr (STAGED) {
-            stage_wait();
-            compact(staged, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
-        } else {
-            compact(src, 0, p.T, L, sink, n_gt, n_eq, sh, buf);
-        }
-        __syncthreads();
+    if (p.nsplit == 1) {
+        const BufferSink row_sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
+        if (counted)
+            filter_row<STAGED>(src, staged, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt,
+                               n_eq, sh, buf);
+        else
+            filter_row<STAGED>(src, staged, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf);
         STAMP(3);
     } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
 #if __CUDA_ARCH__ >= 900
