@@ -16,7 +16,6 @@ Writes topk_phases.{json,md} under --out.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -31,9 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from bench_indexer_kernel import bench, causal_logits, environment, graph_ms, topk_exact  # noqa: E402
 
-from fx_indexcache.envvars import TOPK_PDL  # noqa: E402
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
-from fx_indexcache.fuse.kernels import topk_cuda  # noqa: E402
 
 TOPK = 2048
 SHAPES = [(1024, 32768), (1024, 131072), (64, 32768), (4096, 8192), (1, 32768)]
@@ -238,25 +235,8 @@ def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
 
     res = dict(R=R, T=T, algorithm=algorithm, topk_graph_ms=round(graph_ms(topk), 4),
                logits_topk_graph_ms=round(graph_ms(logits_topk), 4), exact=topk_exact(x, out, TOPK))
-    if topk_cuda.programmatic(x.device.index):  # the same graphs with ordinary launches, for the difference
-        with _env(TOPK_PDL, "0"):
-            res.update(ordinary_topk_graph_ms=round(graph_ms(topk), 4),
-                       ordinary_logits_topk_graph_ms=round(graph_ms(logits_topk), 4))
     log(f"replay {R}x{T}: {res}")
     return res
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def main() -> None:

@@ -28,6 +28,3 @@ def env_flag(name: str, default: bool) -> bool:
 
 #: Whether the CUDA top-k kernels may run (off keeps the top-k on the Triton kernels everywhere).
 CUDA_TOPK = "FX_INDEXCACHE_CUDA_TOPK"
-#: Whether the CUDA top-k is launched as a programmatic dependent launch on sm_90+ (its blocks scheduled while the
-#: stream's previous kernel finishes; off: an ordinary launch). Read at each launch.
-TOPK_PDL = "FX_INDEXCACHE_TOPK_PDL"

@@ -23,19 +23,6 @@ import torch
 
 #: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED = 8
-#: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_PROGRAMMATIC_SERIALIZATION = 6
-
-
-class _LaunchAttribute(ctypes.Structure):
-    """CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value (here its first int)."""
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):
-    """CUlaunchConfig (cuLaunchKernelEx's)."""
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
 class CudaKernelUnavailable(RuntimeError):
@@ -72,8 +59,6 @@ def _driver() -> ctypes.CDLL:
     lib = _load_first(["libcuda.so.1", "libcuda.so"])
     vp, i, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
     lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, ctypes.POINTER(vp), ctypes.POINTER(vp)]
-    if hasattr(lib, "cuLaunchKernelEx"):  # (CUDA 12.0+ drivers)
-        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), vp, ctypes.POINTER(vp), ctypes.POINTER(vp)]
     lib.cuFuncSetAttribute.argtypes = [vp, i, i]
     lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
     lib.cuModuleLoadData.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p]
@@ -161,23 +146,10 @@ class Kernel:
             out[key] = v.value
         return out
 
-    def launch(self, grid: int, block: int, smem: int, params: ctypes.Structure, stream: int,
-               programmatic: bool = False) -> None:
-        """``programmatic``: a programmatic dependent launch (sm_90+): the kernel may be scheduled before the
-        stream's previous kernel has finished, so it must wait for it (``griddepcontrol.wait``) before it touches
-        memory; what it saves is the gap between the two kernels. In a CUDA graph capture it becomes a programmatic
-        edge."""
+    def launch(self, grid: int, block: int, smem: int, params: ctypes.Structure, stream: int) -> None:
         if smem > self.max_dynamic_smem:
             raise ValueError(f"{self.name}: smem={smem} bytes, at most {self.max_dynamic_smem} on this device")
         args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
-        if programmatic:
-            attr = _LaunchAttribute(id=_PROGRAMMATIC_SERIALIZATION)
-            attr.value[0] = 1
-            config = _LaunchConfig(grid=(ctypes.c_uint * 3)(grid, 1, 1), block=(ctypes.c_uint * 3)(block, 1, 1),
-                                   smem=smem, stream=ctypes.c_void_p(stream), attrs=ctypes.pointer(attr), num_attrs=1)
-            _check(_driver().cuLaunchKernelEx(ctypes.byref(config), self.func, args, None),
-                   f"programmatic launch {self.name}")
-            return
         _check(_driver().cuLaunchKernel(self.func, grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), args,
                                         None), f"launch {self.name}")
 

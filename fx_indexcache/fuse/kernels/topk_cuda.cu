@@ -788,11 +788,6 @@ __device__ void topk_row(const Params &p) {
                           : nullptr;
     const StagedSrc<NT> staged{stage, 1};
 
-#if __CUDA_ARCH__ >= 900
-    // A programmatic dependent launch (topk_cuda.programmatic) may start before the stream's previous kernel ends:
-    // nothing is read or written before it has (a no-op after an ordinary launch).
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);

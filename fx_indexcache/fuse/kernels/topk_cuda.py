@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ...envvars import CUDA_TOPK, TOPK_PDL, env_flag
+from ...envvars import CUDA_TOPK, env_flag
 from . import nvrtc
 
 log = logging.getLogger(__name__)
@@ -120,18 +120,6 @@ def _reason(device: int) -> Optional[str]:
         return str(e)
 
 
-def programmatic(device: int) -> bool:
-    """Whether launches on ``device`` are programmatic dependent launches (``nvrtc.Kernel.launch``): on sm_90+ with
-    a driver that has cuLaunchKernelEx, unless FX_INDEXCACHE_TOPK_PDL is off (read at each launch, so a benchmark can
-    time both in one process). Every kernel of the source waits for the previous grid before touching memory."""
-    return env_flag(TOPK_PDL, default=True) and _programmatic_capable(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _programmatic_capable(device: int) -> bool:
-    return has_clusters(device) and hasattr(nvrtc._driver(), "cuLaunchKernelEx")
-
-
 def available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
@@ -205,4 +193,4 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         reg=reg, treg=treg, direct=int(p["DIRECT"]))
     kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[kernel_name(vec, sorted, wide, cluster, staged)]
     kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide, T if staged else 0), prm,
-                  torch.cuda.current_stream(dev).cuda_stream, programmatic=programmatic(dev.index))
+                  torch.cuda.current_stream(dev).cuda_stream)
