@@ -443,14 +443,22 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
             mg |= fg[g] << (4 * g);
             me |= fe[g] << (4 * g);
         }
+        // group g's keys follow every thread's keys of the groups before it: field g of gs / es is this thread's
+        // first position in group g (its prefix there, plus the block's totals of groups 0 .. g-1; at most 4 G NT)
+        u64 gs = cg, es = ce;
+#pragma unroll
+        for (int g = 1; g < G; ++g) {
+            gs += tg << (16 * g);
+            es += te << (16 * g);
+        }
         const int first = base + 4 * (int)threadIdx.x;
         for (u32 rest = mg; rest != 0; rest &= rest - 1) {
             const int b = __ffs(rest) - 1, g = b >> 2, i = first + g * 4 * NT + (b & 3);
-            sink.gt(n_gt + field16(cg, g) + __popc(mg & ((1u << b) - 1) & (0xfu << (4 * g))), src.get(i), i);
+            sink.gt(n_gt + field16(gs, g) + __popc(mg & ((1u << b) - 1) & (0xfu << (4 * g))), src.get(i), i);
         }
         for (u32 rest = me; rest != 0; rest &= rest - 1) {
             const int b = __ffs(rest) - 1, g = b >> 2;
-            sink.eq(n_eq + field16(ce, g) + __popc(me & ((1u << b) - 1) & (0xfu << (4 * g))),
+            sink.eq(n_eq + field16(es, g) + __popc(me & ((1u << b) - 1) & (0xfu << (4 * g))),
                     first + g * 4 * NT + (b & 3));
         }
 #pragma unroll
