@@ -239,13 +239,8 @@ struct RowSrc {
 };
 
 // A contiguous row staged in shared memory (stage_row), 16-byte aligned.
-#ifdef TOPK_NO_REREAD
-template <int NT>
-using StagedSrc = RowSrc<true, NT, false>;
-#else
 template <int NT>
 using StagedSrc = RowSrc<true, NT, true>;
-#endif
 
 // Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 4NT.
 template <int NT>
@@ -567,10 +562,6 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u3
     // the sample has one value in that range (the ties path needs it), else one below the range (a few more
     // candidates).
     u32 hi;
-#ifdef TOPK_SAMPLE_FULL_RANGE  // (a build variant, for timing: the search starts from every key value)
-    least = 0;
-    most = FULL;
-#endif
     const u32 lo = kth_largest(src, ns, (u32)p.r_sample, least, most, sh, nullptr, SAMPLE_COARSE, &hi);
     u32 L = lo;
     if (lo < hi) {
@@ -921,15 +912,9 @@ ENTRY(topk_wide_vec, WIDE, 1, true, false)
 ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
-// One contiguous row a wide block, staged in shared memory (TOPK_NO_STAGE: the same entries without the stage,
-// for timing the two side by side)
-#ifdef TOPK_NO_STAGE
-#define STAGE_ROWS false
-#else
-#define STAGE_ROWS true
-#endif
+// One contiguous row a wide block, staged in shared memory (launched only where topk_cuda.stages says)
 #define STAGED_ENTRY(name, sorted) \
-    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, STAGE_ROWS>(p); }
+    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, true>(p); }
 STAGED_ENTRY(topk_staged, false)
 STAGED_ENTRY(topk_staged_sorted, true)
 #if __CUDA_ARCH__ >= 900

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ...envvars import CUDA_TOPK, env_flag
+from ...envvars import CUDA_TOPK, TOPK_STAGE, env_flag
 from . import nvrtc
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,9 @@ def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cl
 def stages(device: int, p: dict, T: int, sorted: bool) -> bool:
     """Whether a wide block's one sampled row of ``T`` keys is staged in shared memory (``topk_staged``): copied
     there while the sampled threshold is searched, so the filter reads shared memory, not the row in global
-    memory; only where the whole row fits beside the candidates."""
-    if p["DIRECT"]:  # (the whole row is the candidate set: nothing to overlap)
+    memory; only where the whole row fits beside the candidates. Off unless FX_INDEXCACHE_TOPK_STAGE is on: no GPU
+    has yet run the staged kernel as it stands (docs/kernels.md), and an unverified kernel is no default."""
+    if not env_flag(TOPK_STAGE, default=False) or p["DIRECT"]:  # (direct: the row is the candidate set already)
         return False
     limit = _kernels(device)[kernel_name(True, sorted, True, staged=True)].max_dynamic_smem
     return smem_bytes(p, 1, sorted, True, staged_keys=T) <= limit
