@@ -229,7 +229,9 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     ``default_algorithm``). With Triton, rows of at most the capacity always go to the
     single kernel's direct path. ``path`` (int32 ``[R]``), when
     given, receives the way each row went: 0 direct, 1 candidates above the sampled threshold, 2 the
-    threshold is the k-th key (ties fill up), 3 the exact fallback. ``sort`` (split algorithm, sorted
+    threshold is the k-th key (ties fill up), 3 the exact fallback; the CUDA kernel's one block a contiguous row
+    records its candidates' way as 4 (the k-th key ranked in the filter's counted bin) or 5 (that bin searched by
+    passes). ``sort`` (split algorithm, sorted
     output): "bitonic" (``tl.sort`` in the select program), "rank" (``K / RB`` programs a row place the
     selected at their ranks) or "auto" (``rank_sort_wins``). ``tune`` (split algorithm; benchmarks): launch
     overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
