@@ -12,7 +12,11 @@
 // for many rows (prefill), or split rows; 1024 threads, one block an SM ("wide", decode): a row of a few rows'
 // batch is read by one SM with 16K keys a step in flight, and nothing crosses blocks unless the caller asks for
 // splits. The sampled threshold's search stops short of an exact key (SAMPLE_COARSE) and the candidates' k-th
-// key search counts the keys above it: fewer dependent passes, which is what a decode row's time goes to.
+// key search counts the keys above it: fewer dependent passes, which is what a decode row's time goes to. For the
+// same reason one block a contiguous row counts its candidates into a histogram as the filter writes them
+// (CountingSink), and ranks the few keys of the k-th key's bin among themselves (rank_in_bin) instead of narrowing
+// the bin pass by pass. A wide block may stage its row in shared memory while it searches the sample (topk_staged;
+// opt-in: topk_cuda.stages).
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
