@@ -40,6 +40,11 @@ typedef unsigned long long u64;
 #else
 #define BIN_RANK true
 #endif
+#ifdef TOPK_REREAD_GLOBAL  // (a build variant, for timing: a wide block's filter rereads its kept keys from the row
+#define REREAD_GLOBAL true  // in global memory, L1 hits, instead of writing every key predicated from registers)
+#else
+#define REREAD_GLOBAL false
+#endif
 #ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
 #define FILTER_COUNTS false
 #else
@@ -532,8 +537,8 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
-template <bool VEC, int NT>
-__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT> &row, u32 *s, Shared<NT> &sh, int &buf,
+template <bool VEC, int NT, bool RR>
+__device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row, u32 *s, Shared<NT> &sh, int &buf,
                                  u32 &sample_top, float *stage = nullptr) {
     const int ns = p.nb * p.sb, log_sb = __ffs(p.sb) - 1, log_nb = __ffs(p.nb) - 1;
     u32 most = 0, least = FULL;  // the sample's largest and smallest keys: the search's first range
@@ -778,7 +783,7 @@ __device__ void topk_row(const Params &p) {
     int buf = 0;  // which of each pair of shared slots the next reduction or scan takes
     const long long row = blockIdx.x / p.nsplit;
     const int split = blockIdx.x % p.nsplit;
-    const RowSrc<VEC, NT> src{p.x + row * p.sxr, p.sxt};
+    const RowSrc<VEC, NT, REREAD_GLOBAL && VEC && NT == WIDE> src{p.x + row * p.sxr, p.sxt};
     int *o_row = p.out + row * p.sor;
     const int ns = p.nb * p.sb;
     const int base_bytes = max(p.cap * 8, ns * 4);
