@@ -158,18 +158,18 @@ __device__ __forceinline__ u32 block_reduce(u32 a, Shared<NT> &sh, int &buf) {
     return MAX ? warp_max(a) : warp_sum(a);
 }
 
-// The block's largest of a and of b, in every thread (one barrier: the scan's slots, which alternate like the others).
+// The block's smallest and largest of two values, in every thread (one barrier: the scan's slots, which alternate
+// like the others; the smallest as the largest of the complements).
 template <int NT>
-__device__ __forceinline__ void block_max2(u32 &a, u32 &b, Shared<NT> &sh, int &buf) {
+__device__ __forceinline__ void block_minmax(u32 &least, u32 &most, Shared<NT> &sh, int &buf) {
     const int lane = threadIdx.x & 31;
-    a = warp_max(a);
-    b = warp_max(b);
+    const u32 a = warp_max(most), b = warp_max(~least);
     if (lane == 0) sh.scan[buf][0][threadIdx.x >> 5] = ((u64)a << 32) | b;
     __syncthreads();
     const u64 v = lane < Shared<NT>::NW ? sh.scan[buf][0][lane] : 0;
     buf ^= 1;
-    a = warp_max((u32)(v >> 32));
-    b = warp_max((u32)v);
+    most = warp_max((u32)(v >> 32));
+    least = ~warp_max((u32)v);
 }
 
 // Exclusive prefixes of two values over the block in thread order (in place), and the block's totals
@@ -549,8 +549,6 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row
             const int i = i0 + u * NT;
             v[u] = i < ns ? row.get((int)((((long long)(i >> log_sb)) * p.T) >> log_nb) + (i & (p.sb - 1))) : 0u;
         }
-        // a staged row's copies are issued behind the sample's first loads, which need not wait for them
-        if (stage != nullptr && i0 == (int)threadIdx.x) stage_row<NT>(row.row, p.T, stage);
 #pragma unroll
         for (int u = 0; u < 4; ++u)
             if (i0 + u * NT < ns) {
@@ -559,10 +557,9 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row
                 least = min(least, v[u]);
             }
     }
-    if (stage != nullptr && (int)threadIdx.x >= ns) stage_row<NT>(row.row, p.T, stage);  // (no sampled key here)
-    least = ~least;
-    block_max2(most, least, sh, buf);  // (its barrier also hands the sample's slots to every thread)
-    least = ~least;
+    // a staged row's copies go out once the sample's loads are in (not ahead of them); they land during the search
+    if (stage != nullptr) stage_row<NT>(row.row, p.T, stage);
+    block_minmax(least, most, sh, buf);  // (its barrier also hands the sample's slots to every thread)
     sample_top = most;
     STAMP(1);
     SmemSrc<NT> src{s, nullptr};
@@ -583,9 +580,7 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row
                 most = max(most, u);
             }
         }
-        least = ~least;
-        block_max2(most, least, sh, buf);
-        least = ~least;
+        block_minmax(least, most, sh, buf);
         L = least == most ? least : (lo > 0 ? lo - 1 : 0);
     }
     __syncthreads();  // the sample's slots are the candidates' next
@@ -791,7 +786,7 @@ __device__ void topk_row(const Params &p) {
     int *ci = reinterpret_cast<int *>(ck + p.cap);
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
-    // a staged row (one split: topk_cuda.stage_offset places it) after the candidates and the sort's pairs
+    // a staged row (one split) after the candidates and the sort's pairs, as topk_cuda.smem_bytes sizes it
     float *stage = STAGED ? reinterpret_cast<float *>(smem + ((base_bytes + (SORTED ? p.kp * 8 : 0) + 15) & ~15))
                           : nullptr;
     const StagedSrc<NT> staged{stage, 1};
