@@ -28,6 +28,3 @@ def env_flag(name: str, default: bool) -> bool:
 
 #: Whether the CUDA top-k kernels may run (off keeps the top-k on the Triton kernels everywhere).
 CUDA_TOPK = "FX_INDEXCACHE_CUDA_TOPK"
-#: Whether a wide top-k block stages its row in shared memory (``topk_cuda.stages``; off by default until a GPU run
-#: has checked the staged kernel). Read at each launch.
-TOPK_STAGE = "FX_INDEXCACHE_TOPK_STAGE"

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-stage topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -79,21 +79,6 @@ case "$step" in
             --out "$OUT/stamps" | grep "^stamps" || true ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
-    topk-stage)      # the wide block's rows staged in shared memory (FX_INDEXCACHE_TOPK_STAGE, off by default until
-                     # this step passes): exactness on every check case, replay beside the unstaged default, the
-                     # staged tests (every row kind, the fallback, graph replay, both sanitizer tools), the stamps
-        mkdir -p "$OUT/default" "$OUT/staged"
-        timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay --out "$OUT/default" \
-            | grep "^replay" || true
-        export FX_INDEXCACHE_TOPK_STAGE=1
-        timeout "$(limit 150)" python benchmarks/bench_topk_cuda.py --checks --out "$OUT/staged" \
-            > "$OUT/staged/checks.txt" 2>&1 || true
-        tail -1 "$OUT/staged/checks.txt"
-        timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay --out "$OUT/staged" \
-            | grep "^replay" || true
-        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "staged" || true
-        timeout "$(limit 120)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT/staged" \
-            | grep "^stamps" || true ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time

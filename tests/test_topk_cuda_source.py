@@ -25,7 +25,7 @@ def test_host_parameters_match_the_kernel_struct():
 
 
 def test_launch_names_are_the_source_entry_points():
-    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^(?:STAGED_)?ENTRY\((\w+),", SOURCE, re.M))
+    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^ENTRY\((\w+),", SOURCE, re.M))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CI machine has CUDA 13's)")
@@ -40,7 +40,7 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
     consts = {n: int(v) for n, v in re.findall(r"^#define (\w+) (\d+)", SOURCE, re.M)}
     assert (consts["BLOCK"], consts["WIDE"], consts["CLUSTER"]) == (topk_cuda.BLOCK, topk_cuda.WIDE, topk_cuda.CLUSTER)
     entries = re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M)
-    entries += [(name, "WIDE", "1") for name in re.findall(r"^(?:CLUSTER|STAGED)_ENTRY\((\w+),", SOURCE, re.M)]
+    entries += [(name, "WIDE", "1") for name in re.findall(r"^CLUSTER_ENTRY\((\w+),", SOURCE, re.M)]
     assert sorted(name for name, _, _ in entries) == sorted(regs)
     for name, threads, blocks in entries:
         threads, blocks = (consts[v] if v in consts else int(v) for v in (threads, blocks))
@@ -118,20 +118,3 @@ def test_nvrtc_cubins_are_cached_on_disk_per_source_and_options(tmp_path, monkey
     assert nvrtc.cached_cubin(src, "sm_90") == first
     with pytest.raises(AssertionError, match="compiled again"):  # other options: another entry
         nvrtc.cached_cubin(src, "sm_90", ("-lineinfo",))
-
-
-def test_a_staged_row_sits_where_the_kernel_looks_and_is_off_unless_asked(monkeypatch):
-    """The host's shared-memory size for a staged row is the kernel's layout (candidates or sample, the sort's pairs,
-    then the row from the next 16-byte boundary), and no row is staged unless FX_INDEXCACHE_TOPK_STAGE asks: the
-    staged kernel is not the default until a GPU has checked it."""
-    from fx_indexcache.envvars import TOPK_STAGE
-    from fx_indexcache.fuse.kernels import topk as tk
-
-    assert re.search(r"smem \+ \(\(base_bytes \+ \(SORTED \? p\.kp \* 8 : 0\) \+ 15\) & ~15\)", SOURCE)
-    for T, sorted_ in ((32768, False), (32766, True), (8192, True)):
-        p = tk.plan(T, 2048)
-        head = max(max(p["CAP"], topk_cuda.min_cap(True)) * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted_ else 0)
-        assert topk_cuda.smem_bytes(p, 1, sorted_, True, staged_keys=T) == -(-head // 16) * 16 + 4 * T
-        assert topk_cuda.smem_bytes(p, 1, sorted_, True) == head
-    monkeypatch.delenv(TOPK_STAGE, raising=False)
-    assert not topk_cuda.stages(0, tk.plan(32768, 2048), 32768, False)  # (off: asks no device)

@@ -15,8 +15,8 @@
 // key search counts the keys above it: fewer dependent passes, which is what a decode row's time goes to. For the
 // same reason one block a contiguous row counts its candidates into a histogram as the filter writes them
 // (CountingSink), and ranks the few keys of the k-th key's bin among themselves (rank_in_bin) instead of narrowing
-// the bin pass by pass. A wide block may stage its row in shared memory while it searches the sample (topk_staged;
-// opt-in: topk_cuda.stages).
+// the bin pass by pass. A wide block's filter keeps no key in registers past its flags: it reads each kept key
+// again from the row (an L1 hit), where holding every key for a predicated write cost 1.1 us at 1 x 32K.
 //
 // Keys: the float's bits with the magnitude bits of negatives flipped, -0.0 as +0.0 (topk.py's int32 key),
 // here offset by 2^31 to compare as unsigned. Paths (recorded when `path` is given): 0 the whole row is the
@@ -40,10 +40,17 @@ typedef unsigned long long u64;
 #else
 #define BIN_RANK true
 #endif
-#ifdef TOPK_REREAD_GLOBAL  // (a build variant, for timing: a wide block's filter rereads its kept keys from the row
-#define REREAD_GLOBAL true  // in global memory, L1 hits, instead of writing every key predicated from registers)
+#ifdef TOPK_NO_REREAD_GLOBAL  // (a build variant, for timing: a wide block's filter writes every key predicated from
+#define REREAD_GLOBAL false  // the registers that loaded it, instead of reading its kept keys again from the row)
 #else
-#define REREAD_GLOBAL false
+#define REREAD_GLOBAL true
+#endif
+#ifdef TOPK_FILTER_AHEAD  // (a build variant, for timing: a rereading filter loads its next chunk before this one's
+#define FILTER_AHEAD true   // scan; =2: one block a row loads its first chunk too, before the sampled threshold's search)
+#define FILTER_AHEAD_FIRST (TOPK_FILTER_AHEAD >= 2)
+#else
+#define FILTER_AHEAD false
+#define FILTER_AHEAD_FIRST false
 #endif
 #ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
 #define FILTER_COUNTS false
@@ -214,10 +221,10 @@ __device__ __forceinline__ void block_scan2(u64 &a, u64 &b, u64 &ta, u64 &tb, Sh
 __device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g)) & 0xffffu; }
 
 // A row of the logits, read in chunks of GROUPS x 4NT keys: group g of a chunk is 4NT contiguous keys, four a thread
-// (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows). The row lies in global memory, or staged
-// whole in shared memory (StagedSrc); REREAD: a kept key is read again by its index (cheap in shared memory), so
-// compact_chunk writes only the kept keys, in a loop over their bits, where a row in global memory takes every
-// key's predicated write from registers.
+// (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows). REREAD: a kept key is read again by its
+// index (an L1 hit, the chunk's lines having just been loaded), so compact_chunk writes only the kept keys, in a loop
+// over their bits, and no key stays in a register past its flags; else every key's write is predicated from the
+// registers that loaded it.
 template <bool VEC, int NT, bool REREAD_ = false>
 struct RowSrc {
     static const int GROUPS = ROW_GROUPS;
@@ -247,10 +254,6 @@ struct RowSrc {
     }
 };
 
-// A contiguous row staged in shared memory (stage_row), 16-byte aligned.
-template <int NT>
-using StagedSrc = RowSrc<true, NT, true>;
-
 // Keys (and their row indices) in shared memory, 16-byte aligned, readable up to the next multiple of 4NT.
 template <int NT>
 struct SmemSrc {
@@ -269,32 +272,6 @@ struct SmemSrc {
     }
     __device__ __forceinline__ int index(const int (&ix)[1][4], int, int g, int j) const { return ix[g][j]; }
 };
-
-// The row's shared-memory copy (a float's bits a key), in 16-byte asynchronous copies (cp.async, sm_80+) that the
-// block issues and goes on: the sampled threshold's loads and search run while they land (stage_wait waits). A row
-// whose length is no multiple of four has its last keys copied one by one.
-template <int NT>
-__device__ __forceinline__ void stage_row(const float *row, int T, float *stage) {
-    const int T4 = T & ~3;
-#if __CUDA_ARCH__ >= 800
-    for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT) {
-        const u32 dst = (u32)__cvta_generic_to_shared(stage + i);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row + i) : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#else
-    for (int i = 4 * (int)threadIdx.x; i < T4; i += 4 * NT)
-        *reinterpret_cast<float4 *>(stage + i) = *reinterpret_cast<const float4 *>(row + i);
-#endif
-    for (int i = T4 + (int)threadIdx.x; i < T; i += NT) stage[i] = row[i];
-}
-
-__device__ __forceinline__ void stage_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-    __syncthreads();
-}
 
 // The bin of a histogram holding the K-th largest of its keys (counting from the top bin), and the keys in the
 // bins above it. Every warp scans the whole histogram itself (BINS / 32 bins a lane, two 16-byte loads), so no
@@ -413,17 +390,12 @@ __device__ u32 count_above(const Src &src, int n, u32 thr, Shared<NT> &sh, int &
     return block_reduce<false>(a, sh, buf);
 }
 
-// One chunk of compact (below) at base; TAIL: the chunk may end past hi (bounds checked key by key).
-template <bool TAIL, int NT, class Src, class Sink>
-__device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, u32 thr, Sink &sink, u32 &n_gt,
-                                              u32 &n_eq, Shared<NT> &sh, int &buf) {
-    const int G = Src::GROUPS;
-    u32 key[G][4];
-    int idx[G][4];
-    src.template load<TAIL>(base, hi, key, idx);
-    STAMP_STEP();  // (the loads are issued here; their first use below waits for them)
-    u32 fg[G], fe[G];  // bit j: key j of group g above / equal to thr
-    u64 cg = 0, ce = 0;  // this thread's counts, a 16-bit field a group
+// A chunk's flags (bit j of fg[g] / fe[g]: key j of group g above / equal to thr) and this thread's counts (a 16-bit
+// field a group); TAIL: the chunk may end past hi (bounds checked key by key).
+template <bool TAIL, int NT, int G>
+__device__ __forceinline__ void chunk_flags(const u32 (&key)[G][4], int base, int hi, u32 thr, u32 (&fg)[G],
+                                            u32 (&fe)[G], u64 &cg, u64 &ce) {
+    cg = ce = 0;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         fg[g] = fe[g] = 0;
@@ -437,6 +409,14 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
         cg |= (u64)__popc(fg[g]) << (16 * g);
         ce |= (u64)__popc(fe[g]) << (16 * g);
     }
+}
+
+// A chunk's kept keys to the sink at their ranks (the block's scan of the counts: one barrier); the counts grow by
+// the chunk's. A REREAD source's kept keys are read again by index (key unused), else taken from key / idx.
+template <int NT, int G, class Src, class Sink>
+__device__ __forceinline__ void chunk_place(const Src &src, const u32 (&key)[G][4], const int (&idx)[G][4], int base,
+                                            const u32 (&fg)[G], const u32 (&fe)[G], u64 cg, u64 ce, Sink &sink,
+                                            u32 &n_gt, u32 &n_eq, Shared<NT> &sh, int &buf) {
     u64 tg, te;
     block_scan2(cg, ce, tg, te, sh, buf);
     STAMP_STEP();
@@ -486,15 +466,51 @@ __device__ __forceinline__ void compact_chunk(const Src &src, int base, int hi, 
     STAMP_STEP();
 }
 
+// compact (below) for a REREAD source, its next chunk's loads out before this chunk's scan and writes (their latency
+// hidden behind them: no key is needed past its flags); key holds chunk lo's keys, loaded by the caller.
+template <int NT, class Src, class Sink>
+__device__ __forceinline__ void compact_ahead(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt,
+                                              u32 &n_eq, Shared<NT> &sh, int &buf, u32 (&key)[Src::GROUPS][4]) {
+    static_assert(Src::REREAD, "a chunk's keys are overwritten by the next chunk's before they are placed");
+    const int G = Src::GROUPS, step = G * 4 * NT;
+    u32 fg[G], fe[G];
+    int idx[G][4];
+    u64 cg, ce;
+    for (int base = lo; base < hi; base += step) {
+        STAMP_STEP();
+        chunk_flags<true, NT>(key, base, hi, thr, fg, fe, cg, ce);
+        if (base + step < hi) src.template load<true>(base + step, hi, key, idx);
+        chunk_place(src, key, idx, base, fg, fe, cg, ce, sink, n_gt, n_eq, sh, buf);
+    }
+}
+
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
 // (from n_gt on), each key equal to thr to sink.eq (from n_eq on); the counts grow by what was seen.
 template <int NT, class Src, class Sink>
 __device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt, u32 &n_eq, Shared<NT> &sh,
                         int &buf) {
-    const int step = Src::GROUPS * 4 * NT;
+    const int G = Src::GROUPS, step = G * 4 * NT;
+    u32 key[G][4], fg[G], fe[G];
+    int idx[G][4];
+    u64 cg, ce;
+    if constexpr (Src::REREAD && FILTER_AHEAD) {
+        src.template load<true>(lo, hi, key, idx);
+        compact_ahead(src, lo, hi, thr, sink, n_gt, n_eq, sh, buf, key);
+        return;
+    }
     int base = lo;
-    for (; base + step <= hi; base += step) compact_chunk<false>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
-    if (base < hi) compact_chunk<true>(src, base, hi, thr, sink, n_gt, n_eq, sh, buf);
+    for (; base + step <= hi; base += step) {
+        src.template load<false>(base, hi, key, idx);
+        STAMP_STEP();  // (the loads are issued here; their first use below waits for them)
+        chunk_flags<false, NT>(key, base, hi, thr, fg, fe, cg, ce);
+        chunk_place(src, key, idx, base, fg, fe, cg, ce, sink, n_gt, n_eq, sh, buf);
+    }
+    if (base < hi) {
+        src.template load<true>(base, hi, key, idx);
+        STAMP_STEP();
+        chunk_flags<true, NT>(key, base, hi, thr, fg, fe, cg, ce);
+        chunk_place(src, key, idx, base, fg, fe, cg, ce, sink, n_gt, n_eq, sh, buf);
+    }
 }
 
 struct BufferSink {  // the filter's: candidates (key, index) up to cap, the first tcap ties
@@ -539,7 +555,7 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT, bool RR>
 __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row, u32 *s, Shared<NT> &sh, int &buf,
-                                 u32 &sample_top, float *stage = nullptr) {
+                                 u32 &sample_top) {
     const int ns = p.nb * p.sb, log_sb = __ffs(p.sb) - 1, log_nb = __ffs(p.nb) - 1;
     u32 most = 0, least = FULL;  // the sample's largest and smallest keys: the search's first range
     for (int i0 = threadIdx.x; i0 < ns; i0 += 4 * NT) {
@@ -557,8 +573,6 @@ __device__ u32 sampled_threshold(const Params &p, const RowSrc<VEC, NT, RR> &row
                 least = min(least, v[u]);
             }
     }
-    // a staged row's copies go out once the sample's loads are in (not ahead of them); they land during the search
-    if (stage != nullptr) stage_row<NT>(row.row, p.T, stage);
     block_minmax(least, most, sh, buf);  // (its barrier also hands the sample's slots to every thread)
     sample_top = most;
     STAMP(1);
@@ -719,20 +733,19 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
     }
 }
 
-// One block a row: the filter over the whole row, staged (once its copies have landed) or in global memory.
-template <bool STAGED, int NT, class Src, class Sink>
-__device__ __forceinline__ void filter_row(const Src &src, const StagedSrc<NT> &staged, int T, u32 L, Sink &&sink,
-                                           u32 &n_gt, u32 &n_eq, Shared<NT> &sh, int &buf) {
-    if constexpr (STAGED) {
-        stage_wait();
-        compact(staged, 0, T, L, sink, n_gt, n_eq, sh, buf);
-    } else {
+// One block a row: the filter over the whole row (the sink a temporary: counting or not), its writes then visible;
+// first: the row's first chunk, loaded already where FILTER_AHEAD_FIRST has it loaded before the sample's search.
+template <int NT, class Src, class Sink>
+__device__ __forceinline__ void filter_row(const Src &src, int T, u32 L, Sink &&sink, u32 &n_gt, u32 &n_eq,
+                                           Shared<NT> &sh, int &buf, u32 (&first)[Src::GROUPS][4]) {
+    if constexpr (Src::REREAD && FILTER_AHEAD_FIRST)
+        compact_ahead(src, 0, T, L, sink, n_gt, n_eq, sh, buf, first);
+    else
         compact(src, 0, T, L, sink, n_gt, n_eq, sh, buf);
-    }
     __syncthreads();
 }
 
-// The top k of a whole row (src: in global memory, or staged in shared memory) in index order, the first ties last.
+// The top k of a whole row in index order, the first ties last.
 template <int NT, class Src>
 __device__ void exact_search(const Params &p, const Src &src, int *o_row, Shared<NT> &sh, int &buf) {
     const u32 K = (u32)p.K;
@@ -771,7 +784,7 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-template <int NT, bool VEC, bool SORTED, int CL = 0, bool STAGED = false>
+template <int NT, bool VEC, bool SORTED, int CL = 0>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared<NT> sh;
@@ -786,17 +799,17 @@ __device__ void topk_row(const Params &p) {
     int *ci = reinterpret_cast<int *>(ck + p.cap);
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
-    // a staged row (one split) after the candidates and the sort's pairs, as topk_cuda.smem_bytes sizes it
-    float *stage = STAGED ? reinterpret_cast<float *>(smem + ((base_bytes + (SORTED ? p.kp * 8 : 0) + 15) & ~15))
-                          : nullptr;
-    const StagedSrc<NT> staged{stage, 1};
 
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);
-    if (STAGED && p.direct) stage_row<NT>(src.row, p.T, stage);
+    u32 first[decltype(src)::GROUPS][4];  // the filter's first chunk, loaded ahead of the sample's search (or not)
+    if constexpr (decltype(src)::REREAD && FILTER_AHEAD_FIRST) {
+        int unused[decltype(src)::GROUPS][4];
+        if (p.nsplit == 1) src.template load<true>(0, p.T, first, unused);
+    }
     u32 sample_top = 0;
-    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf, sample_top, stage);
+    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
@@ -811,10 +824,9 @@ __device__ void topk_row(const Params &p) {
     if (p.nsplit == 1) {
         const BufferSink row_sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
         if (counted)
-            filter_row<STAGED>(src, staged, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt,
-                               n_eq, sh, buf);
+            filter_row(src, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt, n_eq, sh, buf, first);
         else
-            filter_row<STAGED>(src, staged, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf);
+            filter_row(src, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf, first);
         STAMP(3);
     } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
 #if __CUDA_ARCH__ >= 900
@@ -889,10 +901,7 @@ __device__ void topk_row(const Params &p) {
         for (u32 q = threadIdx.x; q < n_gt; q += NT) o_row[(long long)q * p.sok] = ci[q];
         write_ties<NT>(p, row, off, o_row, n_gt, K - n_gt);
         path = p.direct ? 0 : 2;
-    } else if constexpr (STAGED) {  // the sample misled: the exact search over the row in memory
-        exact_search(p, staged, o_row, sh, buf);
-        path = 3;
-    } else {
+    } else {  // the sample misled: the exact search over the row in memory
         exact_search(p, src, o_row, sh, buf);
         path = 3;
     }
@@ -916,11 +925,6 @@ ENTRY(topk_wide_vec, WIDE, 1, true, false)
 ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
-// One contiguous row a wide block, staged in shared memory (launched only where topk_cuda.stages says)
-#define STAGED_ENTRY(name, sorted) \
-    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, true>(p); }
-STAGED_ENTRY(topk_staged, false)
-STAGED_ENTRY(topk_staged_sorted, true)
 #if __CUDA_ARCH__ >= 900
 #define CLUSTER_ENTRY(name, vec, sorted)                                                             \
     extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WIDE, 1) name(const Params p) { \

@@ -18,15 +18,14 @@ from typing import Optional
 
 import torch
 
-from ...envvars import CUDA_TOPK, TOPK_STAGE, env_flag
+from ...envvars import CUDA_TOPK, env_flag
 from . import nvrtc
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
-           "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted",
-           "topk_staged", "topk_staged_sorted")
+           "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
 #: Compiled for sm_90 and later only (thread-block clusters): one row over the CLUSTER blocks of a cluster, each
 #: filtering a segment into its shared memory, block 0 gathering the candidates through distributed shared memory.
 CLUSTER_KERNELS = ("topk_cluster_vec", "topk_cluster_vec_sorted", "topk_cluster_any", "topk_cluster_any_sorted")
@@ -43,9 +42,7 @@ def min_cap(wide: bool) -> int:
     return 4 * (WIDE if wide else BLOCK)
 
 
-def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False, staged: bool = False) -> str:
-    if staged:  # (wide, contiguous rows only)
-        return "topk_staged" + ("_sorted" if sorted else "")
+def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False) -> str:
     shape = "cluster_" if cluster else "wide_" if wide else ""
     return "topk_" + shape + ("vec" if vec else "any") + ("_sorted" if sorted else "")
 
@@ -124,12 +121,10 @@ def available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
 
-def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False, staged_keys: int = 0) -> int:
-    """Dynamic shared memory of a launch: candidates (or the sample), the sort's pairs, the split offsets; then,
-    for a staged row, its ``staged_keys`` keys from the next 16-byte boundary (where the kernel places them)."""
+def smem_bytes(p: dict, nsplit: int, sorted: bool, wide: bool = False) -> int:
+    """Dynamic shared memory of a launch: candidates (or the sample), the sort's pairs, the split offsets."""
     cap = max(p["CAP"], min_cap(wide))
-    head = max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
-    return -(-head // 16) * 16 + 4 * staged_keys if staged_keys else head
+    return max(cap * 8, p["NB"] * p["SB"] * 4) + (p["KP"] * 8 if sorted else 0) + ((nsplit + 1) * 8 if nsplit > 1 else 0)
 
 
 def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cluster: bool = False) -> bool:
@@ -137,17 +132,6 @@ def fits(device: int, p: dict, nsplit: int, sorted: bool, wide: bool = False, cl
     kernels = _cluster_kernels(device) if cluster else _kernels(device)
     limit = kernels[kernel_name(True, sorted, wide or cluster, cluster)].max_dynamic_smem
     return smem_bytes(p, nsplit, sorted, wide or cluster) <= limit
-
-
-def stages(device: int, p: dict, T: int, sorted: bool) -> bool:
-    """Whether a wide block's one sampled row of ``T`` keys is staged in shared memory (``topk_staged``): copied
-    there while the sampled threshold is searched, so the filter reads shared memory, not the row in global
-    memory; only where the whole row fits beside the candidates. Off unless FX_INDEXCACHE_TOPK_STAGE is on: no GPU
-    has yet run the staged kernel as it stands (docs/kernels.md), and an unverified kernel is no default."""
-    if not env_flag(TOPK_STAGE, default=False) or p["DIRECT"]:  # (direct: the row is the candidate set already)
-        return False
-    limit = _kernels(device)[kernel_name(True, sorted, True, staged=True)].max_dynamic_smem
-    return smem_bytes(p, 1, sorted, True, staged_keys=T) <= limit
 
 
 def cluster_split_plan(T: int) -> dict:
@@ -183,7 +167,6 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
     base = scratch.data_ptr()
     done = torch.zeros(R if counted else 0, dtype=torch.int32, device=dev)
     vec = x2d.stride(1) == 1 and x2d.stride(0) % 4 == 0 and x2d.data_ptr() % 16 == 0
-    staged = wide and not cluster and nsplit == 1 and vec and stages(dev.index, p, T, sorted)
     prm = _Params(
         x=x2d.data_ptr(), out=out2d.data_ptr(), path=path.data_ptr() if path is not None else None,
         reg_key=base + 4 * n_reg * treg, reg_idx=base + 4 * n_reg * (treg + reg),
@@ -192,6 +175,6 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
         reg=reg, treg=treg, direct=int(p["DIRECT"]))
-    kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[kernel_name(vec, sorted, wide, cluster, staged)]
-    kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide, T if staged else 0), prm,
+    kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[kernel_name(vec, sorted, wide, cluster)]
+    kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
                   torch.cuda.current_stream(dev).cuda_stream)
