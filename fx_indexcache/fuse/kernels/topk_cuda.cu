@@ -45,13 +45,6 @@ typedef unsigned long long u64;
 #else
 #define REREAD_GLOBAL true
 #endif
-#ifdef TOPK_FILTER_AHEAD  // (a build variant, for timing: a rereading filter loads its next chunk before this one's
-#define FILTER_AHEAD true   // scan; =2: one block a row loads its first chunk too, before the sampled threshold's search)
-#define FILTER_AHEAD_FIRST (TOPK_FILTER_AHEAD >= 2)
-#else
-#define FILTER_AHEAD false
-#define FILTER_AHEAD_FIRST false
-#endif
 #ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
 #define FILTER_COUNTS false
 #else
@@ -466,24 +459,6 @@ __device__ __forceinline__ void chunk_place(const Src &src, const u32 (&key)[G][
     STAMP_STEP();
 }
 
-// compact (below) for a REREAD source, its next chunk's loads out before this chunk's scan and writes (their latency
-// hidden behind them: no key is needed past its flags); key holds chunk lo's keys, loaded by the caller.
-template <int NT, class Src, class Sink>
-__device__ __forceinline__ void compact_ahead(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32 &n_gt,
-                                              u32 &n_eq, Shared<NT> &sh, int &buf, u32 (&key)[Src::GROUPS][4]) {
-    static_assert(Src::REREAD, "a chunk's keys are overwritten by the next chunk's before they are placed");
-    const int G = Src::GROUPS, step = G * 4 * NT;
-    u32 fg[G], fe[G];
-    int idx[G][4];
-    u64 cg, ce;
-    for (int base = lo; base < hi; base += step) {
-        STAMP_STEP();
-        chunk_flags<true, NT>(key, base, hi, thr, fg, fe, cg, ce);
-        if (base + step < hi) src.template load<true>(base + step, hi, key, idx);
-        chunk_place(src, key, idx, base, fg, fe, cg, ce, sink, n_gt, n_eq, sh, buf);
-    }
-}
-
 // Entries [lo, hi) of src in index order: each key above thr goes to sink.gt at its rank among them
 // (from n_gt on), each key equal to thr to sink.eq (from n_eq on); the counts grow by what was seen.
 template <int NT, class Src, class Sink>
@@ -493,11 +468,6 @@ __device__ void compact(const Src &src, int lo, int hi, u32 thr, Sink &sink, u32
     u32 key[G][4], fg[G], fe[G];
     int idx[G][4];
     u64 cg, ce;
-    if constexpr (Src::REREAD && FILTER_AHEAD) {
-        src.template load<true>(lo, hi, key, idx);
-        compact_ahead(src, lo, hi, thr, sink, n_gt, n_eq, sh, buf, key);
-        return;
-    }
     int base = lo;
     for (; base + step <= hi; base += step) {
         src.template load<false>(base, hi, key, idx);
@@ -733,15 +703,11 @@ __device__ void write_ties(const Params &p, long long row, const u64 *off, int *
     }
 }
 
-// One block a row: the filter over the whole row (the sink a temporary: counting or not), its writes then visible;
-// first: the row's first chunk, loaded already where FILTER_AHEAD_FIRST has it loaded before the sample's search.
+// One block a row: the filter over the whole row (the sink a temporary: counting or not), its writes then visible.
 template <int NT, class Src, class Sink>
 __device__ __forceinline__ void filter_row(const Src &src, int T, u32 L, Sink &&sink, u32 &n_gt, u32 &n_eq,
-                                           Shared<NT> &sh, int &buf, u32 (&first)[Src::GROUPS][4]) {
-    if constexpr (Src::REREAD && FILTER_AHEAD_FIRST)
-        compact_ahead(src, 0, T, L, sink, n_gt, n_eq, sh, buf, first);
-    else
-        compact(src, 0, T, L, sink, n_gt, n_eq, sh, buf);
+                                           Shared<NT> &sh, int &buf) {
+    compact(src, 0, T, L, sink, n_gt, n_eq, sh, buf);
     __syncthreads();
 }
 
@@ -803,11 +769,6 @@ __device__ void topk_row(const Params &p) {
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);
-    u32 first[decltype(src)::GROUPS][4];  // the filter's first chunk, loaded ahead of the sample's search (or not)
-    if constexpr (decltype(src)::REREAD && FILTER_AHEAD_FIRST) {
-        int unused[decltype(src)::GROUPS][4];
-        if (p.nsplit == 1) src.template load<true>(0, p.T, first, unused);
-    }
     u32 sample_top = 0;
     const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
@@ -824,9 +785,9 @@ __device__ void topk_row(const Params &p) {
     if (p.nsplit == 1) {
         const BufferSink row_sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
         if (counted)
-            filter_row(src, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt, n_eq, sh, buf, first);
+            filter_row(src, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt, n_eq, sh, buf);
         else
-            filter_row(src, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf, first);
+            filter_row(src, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf);
         STAMP(3);
     } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
 #if __CUDA_ARCH__ >= 900
