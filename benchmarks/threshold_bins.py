@@ -33,8 +33,8 @@ MANTISSA_BITS = (2, 3, 4, 5, 6)
 
 
 def keys(x: torch.Tensor) -> torch.Tensor:
-    """topk.py's order-preserving key of fp32 scores, as unsigned values in int64."""
-    i = x.float().view(torch.int32).to(torch.int64)
+    """topk.py's order-preserving key of fp32 scores, as unsigned values in int64 (-0.0 as +0.0, as the kernels)."""
+    i = (x.float() + 0.0).view(torch.int32).to(torch.int64)
     return torch.where(i < 0, (~i) & 0x7FFFFFFF, i | 0x80000000) & 0xFFFFFFFF
 
 
