@@ -66,13 +66,18 @@ def cuda_algorithms() -> tuple:
 def check_cases(cases) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, cuda_algorithms(), (False, True)):
+    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, cuda_algorithms() + ("binned",), (False, True)):
         if alg == "cuda_cluster":
             opts = {key: v for key, v in opts.items() if key != "splits"}  # a cluster cuts its rows itself
+        if alg == "binned" and (opts.get("splits", 1) != 1 or tk.plan(T, k, cap=opts.get("cap"))["DIRECT"]):
+            continue  # (bins go to one wide block a sampled row)
         where = f"{alg} {R}x{T} k={k} {opts} {kind} sorted={sorted_}"
         try:
             x = topk_cases.rows(kind, R, T, g, device="cuda")
-            paths = topk_cases.check(x, k, sorted_, where, algorithm=alg, **opts)
+            launch = dict(opts, algorithm=alg)
+            if alg == "binned":  # the wide block, its threshold from the rows' counts (topk_cuda.row_bins)
+                launch.update(algorithm="cuda_wide", bins=topk_cuda.row_bins(x))
+            paths = topk_cases.check(x, k, sorted_, where, **launch)
             print("ok", where, torch.bincount(paths.long(), minlength=4).tolist(), flush=True)
         except AssertionError as e:
             bad += 1

@@ -239,6 +239,39 @@ def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
     return res
 
 
+def measure_binned(R, T, log) -> dict:
+    """The wide block with its threshold from the rows' binned counts (``topk_cuda.row_bins``, counted here outside
+    the graph, as a producer of the logits would count them) beside the sampled default: replayed alone and after
+    the logits kernel, unsorted, on the logits kernel's own rows. What sampling costs, and so what a logits
+    kernel that counts its keys could save (its own cost not included)."""
+    from bench_indexer_kernel import SCALE, make_inputs
+
+    from fx_indexcache.fuse.kernels import topk_cuda
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
+
+    q, k, w = make_inputs(R, 1, T, seed=R)
+    x = indexer_logits(q, k, w, scale=SCALE).reshape(R, T)
+    bins = topk_cuda.row_bins(x)
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+    res = dict(R=R, T=T)
+    for name, opts in (("sampled", {}), ("binned", dict(bins=bins))):
+        def topk(opts=opts):
+            tk._launch(x, out, TOPK, algorithm="cuda_wide", **opts)
+
+        def logits_topk(topk=topk):
+            indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
+            topk()
+
+        res[f"{name}_topk_graph_ms"] = round(graph_ms(topk), 4)
+        res[f"{name}_logits_topk_graph_ms"] = round(graph_ms(logits_topk), 4)
+        res[f"{name}_exact"] = topk_exact(x, out, TOPK)
+        path = torch.full((R,), -1, dtype=torch.int32, device="cuda")
+        tk._launch(x, out, TOPK, algorithm="cuda_wide", path=path, **opts)
+        res[f"{name}_paths"] = sorted(set(path.tolist()))
+    log(f"binned {R}x{T}: {res}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
@@ -246,7 +279,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} shapes only")
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
                     "(DECODE_SHAPES, CUDA graphs), replay (REPLAY_SHAPES: the CUDA top-k's graph replay time, "
-                    "alone and after the logits), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
+                    "alone and after the logits), binned (the wide block's threshold from the rows' binned counts against its "
+                    "sample), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
     ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster", "cuda", "auto"),
                     help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block; "
                     "auto: what row_topk picks for each shape)")
@@ -269,6 +303,7 @@ def main() -> None:
     jobs += [(measure_decode, s) for s in DECODE_SHAPES if "decode" in sections]
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
     jobs += [(measure_replay, s) for s in REPLAY_SHAPES if "replay" in sections]
+    jobs += [(measure_binned, s) for s in STAMP_SHAPES if "binned" in sections]
     launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm)}
     results = []
     for measure, (R, T) in jobs:

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -79,6 +79,12 @@ case "$step" in
             --out "$OUT/stamps" | grep "^stamps" || true ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
+    topk-binned)     # the wide block's threshold from the rows' binned counts (topk_cuda.row_bins: what a logits
+                     # kernel that counts its keys would hand it) against its sample: the binned tests, then replay
+                     # of both alone and after the logits
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "binned" || true
+        timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
+            | grep "^binned" || true ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time

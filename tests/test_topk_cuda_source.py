@@ -25,7 +25,7 @@ def test_host_parameters_match_the_kernel_struct():
 
 
 def test_launch_names_are_the_source_entry_points():
-    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^ENTRY\((\w+),", SOURCE, re.M))
+    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^(?:BINNED_)?ENTRY\((\w+),", SOURCE, re.M))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CI machine has CUDA 13's)")
@@ -40,7 +40,7 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
     consts = {n: int(v) for n, v in re.findall(r"^#define (\w+) (\d+)", SOURCE, re.M)}
     assert (consts["BLOCK"], consts["WIDE"], consts["CLUSTER"]) == (topk_cuda.BLOCK, topk_cuda.WIDE, topk_cuda.CLUSTER)
     entries = re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M)
-    entries += [(name, "WIDE", "1") for name in re.findall(r"^CLUSTER_ENTRY\((\w+),", SOURCE, re.M)]
+    entries += [(name, "WIDE", "1") for name in re.findall(r"^(?:CLUSTER|BINNED)_ENTRY\((\w+),", SOURCE, re.M)]
     assert sorted(name for name, _, _ in entries) == sorted(regs)
     for name, threads, blocks in entries:
         threads, blocks = (consts[v] if v in consts else int(v) for v in (threads, blocks))
@@ -118,3 +118,48 @@ def test_nvrtc_cubins_are_cached_on_disk_per_source_and_options(tmp_path, monkey
     assert nvrtc.cached_cubin(src, "sm_90") == first
     with pytest.raises(AssertionError, match="compiled again"):  # other options: another entry
         nvrtc.cached_cubin(src, "sm_90", ("-lineinfo",))
+
+
+def test_row_bins_count_each_rows_keys_in_the_kernels_key_ranges():
+    """The binned rows' counts (``row_bins``) use the kernel's bin constants and key: every key counted once in its
+    row, both zeros in one bin, bins rising with the scores (the bin of the k-th largest key is where the kernel
+    looks for it)."""
+    import torch
+
+    consts = {n: int(v) for n, v in re.findall(r"^#define (ROW_BINS|ROW_BIN_SHIFT) (\d+)", SOURCE, re.M)}
+    assert consts == {"ROW_BINS": topk_cuda.ROW_BINS, "ROW_BIN_SHIFT": topk_cuda.ROW_BIN_SHIFT}
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1e-3], [1.0], [1e3]])
+    x[0, :4] = torch.tensor([-0.0, 0.0, float("-inf"), float("inf")])
+    bins = topk_cuda.row_bins(x)
+    assert bins.dtype == torch.int32 and bins.shape == (3, topk_cuda.ROW_BINS)
+    assert bins.sum(1).tolist() == [1000, 1000, 1000]
+    zero = topk_cuda.row_bins(torch.tensor([[0.0, -0.0]]))
+    assert int(zero.max()) == 2  # one bin for both zeros
+    for r in range(3):
+        values = x[r].sort().values
+        b = [int(topk_cuda.row_bins(v.view(1, 1)).argmax()) for v in values[::37]]
+        assert b == sorted(b), r
+        kth = values[-200]  # the 200th largest lies in the bin where the counts from the top reach 200
+        from_top = bins[r].flip(0).cumsum(0)
+        assert topk_cuda.ROW_BINS - 1 - int((from_top < 200).sum()) == int(topk_cuda.row_bins(kth.view(1, 1)).argmax())
+
+
+def test_bins_are_refused_where_the_launch_would_not_read_them():
+    """Bins go to a wide launch of one block a contiguous sampled row, as int32 [R, ROW_BINS]: anything else is an
+    error naming what was given, before a launch (checked here without a GPU)."""
+    import torch
+
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    x, out = torch.randn(2, 4096), torch.empty(2, 64, dtype=torch.int32)
+    bins = topk_cuda.row_bins(x)
+    with pytest.raises(ValueError, match="algorithm='cuda_wide' only, got algorithm='split'"):
+        tk._launch(x, out, 64, algorithm="split", bins=bins)
+    dev = torch.device("cpu")
+    with pytest.raises(ValueError, match="wide launch of one block a contiguous"):
+        topk_cuda._check_bins(bins, 2, dev, wide=False)
+    with pytest.raises(ValueError, match=r"int32 \[2, 4096\].*got torch.int64 \[2, 4096\]"):
+        topk_cuda._check_bins(bins.long(), 2, dev, wide=True)
+    with pytest.raises(ValueError, match=r"got torch.int32 \[1, 4096\]"):
+        topk_cuda._check_bins(bins[:1], 2, dev, wide=True)
+    topk_cuda._check_bins(bins, 2, dev, wide=True)  # (what the launch takes)

@@ -216,6 +216,57 @@ def test_cuda_topk_takes_every_path(algorithm):
     assert seen == ({0, 1, 2, 3} if algorithm == "cuda_cluster" else {0, 1, 2, 3, 4, 5}), sorted(seen)
 
 
+#: Binned rows (the threshold from the rows' counts, ``topk_cuda.row_bins``): one, several, a length no multiple of 4
+#: in a padded buffer, the longest the wide capacity keeps.
+BINNED_CASES = [(1, 8192), (4, 32768), (2, 32766), (64, 32768), (1, 65536)]
+
+
+@pytest.mark.parametrize("R,T", BINNED_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["randn", "masked", "ties", "allmasked", "quantized", "negative", "zeros"])
+def test_binned_rows_are_exact_whatever_their_counts(R, T, kind):
+    """The wide block given its rows' binned counts takes its threshold from them (``topk_wide_vec_binned``, the
+    profiler's kernel names), exact sorted and not; and exact with counts that are not the rows' (another row's,
+    all zero: the sample then steers), since the counts only steer the filter."""
+    from fx_indexcache.fuse.kernels import topk as tk
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    g = _gen()
+    r = topk_cases.rows(kind, R, T, g, device="cuda").contiguous()
+    x = _padded(r, T) if T % 4 else r
+    own = topk_cuda.row_bins(x)
+    for name, bins in (("own", own), ("another row's", own.roll(1, 0) if R > 1 else own.flip(1).contiguous()),
+                       ("zero", torch.zeros_like(own))):
+        for sorted_ in (False, True):
+            where = f"binned ({name} counts) R={R} T={T} {kind} sorted={sorted_} seed={g.initial_seed()}"
+            topk_cases.check(x, 2048, sorted_, where, algorithm="cuda_wide", bins=bins)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        tk._launch(x, torch.empty(R, 2048, dtype=torch.int32, device="cuda"), 2048, algorithm="cuda_wide", bins=own)
+        torch.cuda.synchronize()
+    assert any("topk_wide_vec_binned" in e.name for e in prof.events()), sorted({e.name for e in prof.events()})
+
+
+def test_binned_rows_replay_in_a_cuda_graph():
+    """The binned launch captured once and replayed on new rows and their new counts gives a fresh launch's top-k."""
+    from fx_indexcache.fuse.kernels import topk as tk
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    g = _gen()
+    x = torch.randn(2, 32768, device="cuda", generator=g)
+    bins = topk_cuda.row_bins(x)
+    out = torch.empty(2, 2048, dtype=torch.int32, device="cuda")
+    tk._launch(x, out, 2048, algorithm="cuda_wide", bins=bins)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tk._launch(x, out, 2048, algorithm="cuda_wide", bins=bins)
+    for _ in range(2):
+        x.copy_(torch.randn(2, 32768, device="cuda", generator=g))
+        bins.copy_(topk_cuda.row_bins(x))
+        graph.replay()
+        want = torch.empty_like(out)
+        tk._launch(x, want, 2048, algorithm="cuda_wide")
+        assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
     """Every small check case (both block shapes, one block a row and split rows, every path) under the tool: no

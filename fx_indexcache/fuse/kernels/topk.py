@@ -216,7 +216,7 @@ ALGORITHMS = ("auto", "cuda", "cuda_wide", "cuda_cluster", "split", "one_program
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
             path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "auto",
-            sort: str = "auto", tune: Optional[dict] = None):
+            sort: str = "auto", tune: Optional[dict] = None, bins: Optional[torch.Tensor] = None):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
@@ -237,6 +237,8 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     overrides ``filter_warps``, ``select_warps``, ``chunk`` (the filter's keys a step), ``select_in_write``
     (split rows: whether the last split selects; default ``SELECT_IN_WRITE_ROWS``), ``prefix_skip`` (split
     rows: the k-th key's search skips the bits its known bounds share; off: run 8 measured it 0.3-1 us slower).
+    ``bins`` ("cuda_wide", one block a contiguous sampled row; ``topk_cuda.row_bins``): the rows' keys counted in
+    fixed key ranges, from which the threshold comes instead of a sample (a producer's counts; benchmarks).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected one of {ALGORITHMS}")
@@ -255,11 +257,13 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
             return topk_cuda.launch(x2d, out2d, k, p, topk_cuda.cluster_split_plan(x2d.shape[1]), sorted, path,
                                     cluster=True)
         algorithm = "cuda_wide"
+    if bins is not None and algorithm != "cuda_wide":
+        raise ValueError(f"_launch: bins are taken by algorithm='cuda_wide' only, got algorithm={algorithm!r}")
     if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 
         sp = cuda_split_plan(x2d.shape[0], x2d.shape[1], splits, wide=algorithm == "cuda_wide")
-        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide")
+        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide", bins=bins)
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))

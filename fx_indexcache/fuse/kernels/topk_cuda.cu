@@ -35,6 +35,8 @@ typedef unsigned long long u64;
 #define FULL 0xffffffffu
 #define SAMPLE_COARSE (1u << 16)  // the key range at which the sampled threshold's search stops
 #define BIN_RANK_MAX BINS  // rank_in_bin takes bins of at most this many keys (gathered into a histogram slot)
+#define ROW_BINS 4096   // binned rows: a row's keys counted by key >> ROW_BIN_SHIFT (sign, exponent, 3 mantissa bits)
+#define ROW_BIN_SHIFT 20
 #ifdef TOPK_NO_BIN_RANK  // (a build variant, for timing: a counted bin is always searched by histogram passes)
 #define BIN_RANK false
 #else
@@ -62,6 +64,7 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
     u32 *done;     // split rows: [rows] splits finished (zeroed before the launch)
     long long sxr, sxt, sor, sok;
     int T, K, nb, sb, r_sample, cap, kp, nsplit, seg, reg, treg, direct;
+    const u32 *bins;  // binned rows (topk_wide_vec_binned): [rows, ROW_BINS] counts of their keys; else null
 };
 
 // Phase stamps, for finding where a block's time goes (a build with -DTOPK_STAMPS, which
@@ -106,7 +109,7 @@ __device__ int stamp_next;
 #define STAMP_NS(i) do {} while (0)
 #endif
 
-static_assert(sizeof(Params) == 144, "Params: keep topk_cuda._Params in step");
+static_assert(sizeof(Params) == 152, "Params: keep topk_cuda._Params in step");
 static_assert(BLOCK >= BINS && WIDE >= BINS, "the k-th key's histogram has a bin a thread (the first BINS)");
 
 template <int NT>
@@ -521,6 +524,41 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
     }
 };
 
+// The threshold from a row's binned counts (made by whoever wrote the row), where the sample would have to be
+// loaded and searched: one below the lowest key of the bin holding the K-th largest key, so the keys above it are
+// that bin's and the bins' above it; top receives the bin's highest key (the counted filter's range). Each thread
+// holds four bins, thread 0 the top four; one scan finds the bin. False where no bin holds the K-th key (counts
+// that do not add up to the row) or the lowest one does (no key below its edge): the caller samples instead. The
+// counts only steer: the select counts the keys the filter keeps, so wrong counts cost time, never exactness.
+template <int NT>
+__device__ bool binned_threshold(const u32 *bins, u32 K, Shared<NT> &sh, int &buf, u32 &L, u32 &top) {
+    static_assert(ROW_BINS == 4 * NT, "four bins a thread");
+    const uint4 v = reinterpret_cast<const uint4 *>(bins)[NT - 1 - threadIdx.x];
+    const u32 c[4] = {v.w, v.z, v.y, v.x};  // this thread's bins from the top down
+    u64 above = (u64)c[0] + c[1] + c[2] + c[3], none = 0, total, unused;
+    if (threadIdx.x == 0) sh.bin_kth = FULL;  // (the scan's barrier orders it before the answer's write)
+    block_scan2(above, none, total, unused, sh, buf);  // above: the keys in the bins above this thread's
+    if (above < K && K <= above + c[0] + c[1] + c[2] + c[3]) {
+        u32 j = 0;
+        bool below = true;  // (a static index: c stays in registers)
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+            below = below && above + c[i] < K;
+            if (below) {
+                above += c[i];
+                ++j;
+            }
+        }
+        sh.bin_kth = ROW_BINS - 1 - 4 * threadIdx.x - j;
+    }
+    __syncthreads();
+    const u32 bin = sh.bin_kth;
+    if (bin == FULL || bin == 0) return false;
+    L = (bin << ROW_BIN_SHIFT) - 1u;
+    top = L + (1u << ROW_BIN_SHIFT);
+    return true;
+}
+
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT, bool RR>
@@ -750,7 +788,7 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
-template <int NT, bool VEC, bool SORTED, int CL = 0>
+template <int NT, bool VEC, bool SORTED, int CL = 0, bool BINNED = false>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared<NT> sh;
@@ -769,8 +807,11 @@ __device__ void topk_row(const Params &p) {
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);
-    u32 sample_top = 0;
-    const u32 L = p.direct ? 0u : sampled_threshold(p, src, ck, sh, buf, sample_top);
+    u32 sample_top = 0, L = 0;
+    bool binned = false;
+    if constexpr (BINNED) binned = binned_threshold<NT>(p.bins + row * ROW_BINS, (u32)p.K, sh, buf, L, sample_top);
+    if (binned) STAMP(1);  // (the stamps' "sample loaded": the bins read and searched; the sample's search takes none)
+    if (!binned && !p.direct) L = sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
@@ -886,6 +927,11 @@ ENTRY(topk_wide_vec, WIDE, 1, true, false)
 ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
+// One contiguous sampled row a wide block, its threshold from the row's binned counts (p.bins; topk_cuda.launch's bins)
+#define BINNED_ENTRY(name, sorted) \
+    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, true>(p); }
+BINNED_ENTRY(topk_wide_vec_binned, false)
+BINNED_ENTRY(topk_wide_vec_binned_sorted, true)
 #if __CUDA_ARCH__ >= 900
 #define CLUSTER_ENTRY(name, vec, sorted)                                                             \
     extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WIDE, 1) name(const Params p) { \

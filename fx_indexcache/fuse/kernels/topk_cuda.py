@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
-           "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted")
+           "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted",
+           "topk_wide_vec_binned", "topk_wide_vec_binned_sorted")
 #: Compiled for sm_90 and later only (thread-block clusters): one row over the CLUSTER blocks of a cluster, each
 #: filtering a segment into its shared memory, block 0 gathering the candidates through distributed shared memory.
 CLUSTER_KERNELS = ("topk_cluster_vec", "topk_cluster_vec_sorted", "topk_cluster_any", "topk_cluster_any_sorted")
@@ -42,7 +43,9 @@ def min_cap(wide: bool) -> int:
     return 4 * (WIDE if wide else BLOCK)
 
 
-def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False) -> str:
+def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False, binned: bool = False) -> str:
+    if binned:  # (wide, contiguous rows only)
+        return "topk_wide_vec_binned" + ("_sorted" if sorted else "")
     shape = "cluster_" if cluster else "wide_" if wide else ""
     return "topk_" + shape + ("vec" if vec else "any") + ("_sorted" if sorted else "")
 
@@ -77,6 +80,24 @@ class _Params(ctypes.Structure):
     _fields_ += [(n, ctypes.c_longlong) for n in ("sxr", "sxt", "sor", "sok")]
     _fields_ += [(n, ctypes.c_int) for n in ("T", "K", "nb", "sb", "r_sample", "cap", "kp", "nsplit", "seg", "reg",
                                             "treg", "direct")]
+    _fields_ += [("bins", ctypes.c_void_p)]
+
+
+#: Binned rows (``row_bins``): a row's keys counted in ROW_BINS bins of key >> ROW_BIN_SHIFT (the source's).
+ROW_BINS = 4096
+ROW_BIN_SHIFT = 20
+
+
+def row_bins(x2d: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, ROW_BINS]``: each row's keys (the kernels' order-preserving key of fp32 scores, -0.0 as +0.0)
+    counted by ``key >> ROW_BIN_SHIFT`` (sign, exponent and three mantissa bits: eight bins an octave). A launch
+    given them (``launch(bins=...)``) takes its threshold from them instead of sampling the row; a producer that
+    writes the rows could count them as it stores them."""
+    i = (x2d.float() + 0.0).view(torch.int32).to(torch.int64)
+    u = torch.where(i < 0, (~i) & 0x7FFFFFFF, i | 0x80000000) & 0xFFFFFFFF
+    rows = torch.arange(x2d.shape[0], device=x2d.device)[:, None] * ROW_BINS
+    flat = (rows + (u >> ROW_BIN_SHIFT)).reshape(-1)
+    return torch.bincount(flat, minlength=x2d.shape[0] * ROW_BINS).view(x2d.shape[0], ROW_BINS).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,10 +162,12 @@ def cluster_split_plan(T: int) -> dict:
 
 
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
-           path: Optional[torch.Tensor], wide: bool = False, cluster: bool = False) -> None:
+           path: Optional[torch.Tensor], wide: bool = False, cluster: bool = False,
+           bins: Optional[torch.Tensor] = None) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
     direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row; ``_launch`` hands ``wide`` launches one
-    split unless asked for more)."""
+    split unless asked for more). ``bins`` (``row_bins``; a wide launch of one block a contiguous sampled row):
+    the threshold comes from them, not from a sample; counts that do not match the rows cost time, not exactness."""
     R, T = x2d.shape
     dev = x2d.device
     for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
@@ -167,6 +190,8 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
     base = scratch.data_ptr()
     done = torch.zeros(R if counted else 0, dtype=torch.int32, device=dev)
     vec = x2d.stride(1) == 1 and x2d.stride(0) % 4 == 0 and x2d.data_ptr() % 16 == 0
+    if bins is not None:
+        _check_bins(bins, R, dev, wide=wide and not cluster and nsplit == 1 and vec and not p["DIRECT"])
     prm = _Params(
         x=x2d.data_ptr(), out=out2d.data_ptr(), path=path.data_ptr() if path is not None else None,
         reg_key=base + 4 * n_reg * treg, reg_idx=base + 4 * n_reg * (treg + reg),
@@ -174,7 +199,19 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         done=done.data_ptr() if counted else None,
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
-        reg=reg, treg=treg, direct=int(p["DIRECT"]))
-    kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[kernel_name(vec, sorted, wide, cluster)]
+        reg=reg, treg=treg, direct=int(p["DIRECT"]), bins=bins.data_ptr() if bins is not None else None)
+    name = kernel_name(vec, sorted, wide, cluster, binned=bins is not None)
+    kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[name]
     kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
                   torch.cuda.current_stream(dev).cuda_stream)
+
+
+def _check_bins(bins: torch.Tensor, R: int, device: torch.device, wide: bool) -> None:
+    """``launch``'s bins: int32 [R, ROW_BINS], contiguous, on the rows' device, for a launch that takes them."""
+    if not wide:
+        raise ValueError("topk_cuda.launch: bins are taken by a wide launch of one block a contiguous (16-byte "
+                         "aligned) sampled row only; this launch is split, a cluster's, strided or direct")
+    if bins.dtype != torch.int32 or tuple(bins.shape) != (R, ROW_BINS) or not bins.is_contiguous() \
+            or bins.device != device:
+        raise ValueError(f"topk_cuda.launch: bins must be contiguous int32 [{R}, {ROW_BINS}] on {device} "
+                         f"(row_bins), got {bins.dtype} {list(bins.shape)} on {bins.device}")
