@@ -27,15 +27,10 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
+from fx_indexcache.fuse.kernels.topk_cuda import ukeys as keys  # noqa: E402
 
 HEADS, DIM = 64, 128
 MANTISSA_BITS = (2, 3, 4, 5, 6)
-
-
-def keys(x: torch.Tensor) -> torch.Tensor:
-    """topk.py's order-preserving key of fp32 scores, as unsigned values in int64 (-0.0 as +0.0, as the kernels)."""
-    i = (x.float() + 0.0).view(torch.int32).to(torch.int64)
-    return torch.where(i < 0, (~i) & 0x7FFFFFFF, i | 0x80000000) & 0xFFFFFFFF
 
 
 def row(kind: str, T: int, g: torch.Generator) -> torch.Tensor:

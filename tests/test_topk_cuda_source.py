@@ -120,6 +120,17 @@ def test_nvrtc_cubins_are_cached_on_disk_per_source_and_options(tmp_path, monkey
         nvrtc.cached_cubin(src, "sm_90", ("-lineinfo",))
 
 
+def test_the_host_key_orders_scores_as_floats_do():
+    """``ukeys`` (row_bins' key, the source's ukey): the order of the scores, both zeros one key, in [0, 2^32)."""
+    import torch
+
+    x = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 7.0, float("inf")])
+    u = topk_cuda.ukeys(x)
+    assert torch.equal(u.argsort(stable=True), x.argsort(stable=True))
+    assert u[3] == u[4] == 2**31
+    assert bool((u >= 0).all()) and bool((u < 2**32).all())
+
+
 def test_row_bins_count_each_rows_keys_in_the_kernels_key_ranges():
     """The binned rows' counts (``row_bins``) use the kernel's bin constants and key: every key counted once in its
     row, both zeros in one bin, bins rising with the scores (the bin of the k-th largest key is where the kernel

@@ -88,13 +88,19 @@ ROW_BINS = 4096
 ROW_BIN_SHIFT = 20
 
 
+def ukeys(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' order-preserving key of fp32 scores (``ukey`` in the source: -0.0 as +0.0, the magnitude bits
+    of negatives flipped, offset by 2^31), as int64 values in [0, 2^32)."""
+    i = (x.float() + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(i < 0, (~i) & 0x7FFFFFFF, i | 0x80000000) & 0xFFFFFFFF
+
+
 def row_bins(x2d: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, ROW_BINS]``: each row's keys (the kernels' order-preserving key of fp32 scores, -0.0 as +0.0)
     counted by ``key >> ROW_BIN_SHIFT`` (sign, exponent and three mantissa bits: eight bins an octave). A launch
     given them (``launch(bins=...)``) takes its threshold from them instead of sampling the row; a producer that
     writes the rows could count them as it stores them."""
-    i = (x2d.float() + 0.0).view(torch.int32).to(torch.int64)
-    u = torch.where(i < 0, (~i) & 0x7FFFFFFF, i | 0x80000000) & 0xFFFFFFFF
+    u = ukeys(x2d)
     rows = torch.arange(x2d.shape[0], device=x2d.device)[:, None] * ROW_BINS
     flat = (rows + (u >> ROW_BIN_SHIFT)).reshape(-1)
     return torch.bincount(flat, minlength=x2d.shape[0] * ROW_BINS).view(x2d.shape[0], ROW_BINS).to(torch.int32)
