@@ -528,10 +528,12 @@ struct OutSink {  // the result's: every key above the k-th, then the first ties
 // loaded and searched: one below the lowest key of the bin holding the K-th largest key, so the keys above it are
 // that bin's and the bins' above it; top receives the bin's highest key (the counted filter's range). Each thread
 // holds four bins, thread 0 the top four; one scan finds the bin. False where no bin holds the K-th key (counts
-// that do not add up to the row) or the lowest one does (no key below its edge): the caller samples instead. The
-// counts only steer: the select counts the keys the filter keeps, so wrong counts cost time, never exactness.
+// that do not add up to the row), the lowest one does (no key below its edge), or the keys it would keep exceed the
+// capacity (a bin of many equal scores, which the sample's threshold would take as its ties): the caller samples
+// instead. The counts only steer: the select counts the keys the filter keeps, so wrong counts cost time, never
+// exactness.
 template <int NT>
-__device__ bool binned_threshold(const u32 *bins, u32 K, Shared<NT> &sh, int &buf, u32 &L, u32 &top) {
+__device__ bool binned_threshold(const u32 *bins, u32 K, u32 cap, Shared<NT> &sh, int &buf, u32 &L, u32 &top) {
     static_assert(ROW_BINS == 4 * NT, "four bins a thread");
     const uint4 v = reinterpret_cast<const uint4 *>(bins)[NT - 1 - threadIdx.x];
     const u32 c[4] = {v.w, v.z, v.y, v.x};  // this thread's bins from the top down
@@ -550,10 +552,11 @@ __device__ bool binned_threshold(const u32 *bins, u32 K, Shared<NT> &sh, int &bu
             }
         }
         sh.bin_kth = ROW_BINS - 1 - 4 * threadIdx.x - j;
+        sh.bin_above = (u32)above + (j == 0 ? c[0] : j == 1 ? c[1] : j == 2 ? c[2] : c[3]);  // the keys it keeps
     }
     __syncthreads();
     const u32 bin = sh.bin_kth;
-    if (bin == FULL || bin == 0) return false;
+    if (bin == FULL || bin == 0 || sh.bin_above > cap) return false;
     L = (bin << ROW_BIN_SHIFT) - 1u;
     top = L + (1u << ROW_BIN_SHIFT);
     return true;
@@ -809,7 +812,8 @@ __device__ void topk_row(const Params &p) {
     STAMP(0);
     u32 sample_top = 0, L = 0;
     bool binned = false;
-    if constexpr (BINNED) binned = binned_threshold<NT>(p.bins + row * ROW_BINS, (u32)p.K, sh, buf, L, sample_top);
+    if constexpr (BINNED) binned = binned_threshold<NT>(p.bins + row * ROW_BINS, (u32)p.K, (u32)p.cap, sh, buf, L,
+                                                    sample_top);
     if (binned) STAMP(1);  // (the stamps' "sample loaded": the bins read and searched; the sample's search takes none)
     if (!binned && !p.direct) L = sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
