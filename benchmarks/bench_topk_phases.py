@@ -240,31 +240,49 @@ def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
 
 
 def measure_binned(R, T, log) -> dict:
-    """The wide block with its threshold from the rows' binned counts (``topk_cuda.row_bins``, counted here outside
-    the graph, as a producer of the logits would count them) beside the sampled default: replayed alone and after
-    the logits kernel, unsorted, on the logits kernel's own rows. What sampling costs, and so what a logits
-    kernel that counts its keys could save (its own cost not included)."""
+    """The wide block with its threshold from the rows' binned counts beside its sample, replayed in CUDA graphs on
+    the logits kernel's own rows, unsorted: the top-k alone (counts made outside the graph by
+    ``topk_cuda.row_bins``: what sampling costs the top-k), and the whole step with the logits kernel counting its
+    keys (a key-rows launch: ``indexer_logits(bins=...)``, the counts zeroed first by a memset in the graph) against
+    the same logits launch without counts followed by the sampled top-k."""
     from bench_indexer_kernel import SCALE, make_inputs
 
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
     from fx_indexcache.fuse.kernels import topk_cuda
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
 
     q, k, w = make_inputs(R, 1, T, seed=R)
-    x = indexer_logits(q, k, w, scale=SCALE).reshape(R, T)
+    cfg = li.default_config(R, 1, T, q.shape[2], q.shape[3], q.device, "bf16")
+    if cfg.kind != "key_rows":  # (only key-rows launches count)
+        cfg = li.LogitsConfig("key_rows", 1, 128, 4, 1)
+    x = indexer_logits(q, k, w, scale=SCALE, config=cfg).reshape(R, T)
     bins = topk_cuda.row_bins(x)
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
-    res = dict(R=R, T=T)
+    res = dict(R=R, T=T, logits_config=cfg.name())
+
+    def sampled():
+        tk._launch(x, out, TOPK, algorithm="cuda_wide")
+
+    def binned():
+        tk._launch(x, out, TOPK, algorithm="cuda_wide", bins=bins)
+
+    def logits():
+        indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T), config=cfg)
+
+    def counted_logits():
+        bins.zero_()
+        indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T), config=cfg, bins=bins)
+
+    steps = dict(sampled_topk=sampled, binned_topk=binned, logits=logits, counted_logits=counted_logits,
+                 logits_sampled_topk=lambda: (logits(), sampled()),
+                 counted_logits_binned_topk=lambda: (counted_logits(), binned()))
+    for name, fn in steps.items():
+        res[f"{name}_graph_ms"] = round(graph_ms(fn), 4)
+        if name.endswith("topk"):
+            res[f"{name}_exact"] = topk_exact(x, out, TOPK)
+    counted_logits()
+    res["counts_match_the_logits"] = bool(torch.equal(bins, topk_cuda.row_bins(x)))
     for name, opts in (("sampled", {}), ("binned", dict(bins=bins))):
-        def topk(opts=opts):
-            tk._launch(x, out, TOPK, algorithm="cuda_wide", **opts)
-
-        def logits_topk(topk=topk):
-            indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
-            topk()
-
-        res[f"{name}_topk_graph_ms"] = round(graph_ms(topk), 4)
-        res[f"{name}_logits_topk_graph_ms"] = round(graph_ms(logits_topk), 4)
-        res[f"{name}_exact"] = topk_exact(x, out, TOPK)
         path = torch.full((R,), -1, dtype=torch.int32, device="cuda")
         tk._launch(x, out, TOPK, algorithm="cuda_wide", path=path, **opts)
         res[f"{name}_paths"] = sorted(set(path.tolist()))

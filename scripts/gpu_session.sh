@@ -79,9 +79,9 @@ case "$step" in
             --out "$OUT/stamps" | grep "^stamps" || true ;;
     topk-stamps)     # where the wide CUDA top-k block's time goes: its clock at each phase (a -DTOPK_STAMPS build)
         timeout "$(limit 300)" python benchmarks/bench_topk_phases.py --sections stamps --out "$OUT" ;;
-    topk-binned)     # the wide block's threshold from the rows' binned counts (topk_cuda.row_bins: what a logits
-                     # kernel that counts its keys would hand it) against its sample: the binned tests, then replay
-                     # of both alone and after the logits
+    topk-binned)     # the wide block's threshold from the rows' binned counts (topk_cuda.row_bins) against its
+                     # sample, and the key-rows logits kernel counting its keys (indexer_logits(bins=...)): the
+                     # binned tests, then replay of the top-k alone and of the whole step either way
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "binned" || true
         timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
             | grep "^binned" || true ;;

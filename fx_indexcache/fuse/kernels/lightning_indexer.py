@@ -268,7 +268,12 @@ def _key_rows_kernel(triton, tl):
 
     With ``KEY_BLOCKS > 1`` (one group of NQ queries a program: decode) a program loads its group's q and weights
     once and loops over its key blocks, so the next block's keys load while this one's product runs; keys past
-    the group's last visible one are not read."""
+    the group's last visible one are not read.
+
+    With ``COUNT_BINS`` each key it computes is also counted into its row's bin (``topk_cuda.row_bins``: the top-k's
+    key >> ROW_BIN_SHIFT, ROW_BINS a row, rows b * S + s), so a top-k can take its threshold from the counts
+    instead of a sample. Keys stored as -inf without a product (query groups or key blocks that see none) are not
+    counted: counts only steer the top-k, and those keys lie below every computed one."""
     @triton.jit
     def _logits_key_rows_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -278,6 +283,7 @@ def _key_rows_kernel(triton, tl):
         swb, sws, swh,
         sob, sos, sot,
         sksb,
+        bins_ptr,
         CAUSAL: tl.constexpr,
         HAS_KVLEN: tl.constexpr,
         KSCALE: tl.constexpr,
@@ -287,6 +293,9 @@ def _key_rows_kernel(triton, tl):
         SQ: tl.constexpr,
         NQ: tl.constexpr,
         KEY_BLOCKS: tl.constexpr,
+        COUNT_BINS: tl.constexpr,
+        ROW_BINS: tl.constexpr,
+        ROW_BIN_SHIFT: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -340,8 +349,15 @@ def _key_rows_kernel(triton, tl):
                 valid = rt[:, None] < kv_len
                 if CAUSAL:
                     valid = valid & (rt[:, None] <= s_rows[None, :] + off)
-                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.where(valid, logit, float("-inf")),
-                         mask=t_in & (s_rows[None, :] < S))
+                logit = tl.where(valid, logit, float("-inf"))
+                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, logit, mask=t_in & (s_rows[None, :] < S))
+                if COUNT_BINS:  # each stored key into its row's bin (topk_cuda.row_bins' key and bins)
+                    u = logit.to(tl.uint32, bitcast=True)
+                    u = tl.where(u == 0x80000000, 0, u)  # -0.0 as +0.0
+                    key = tl.where(u >= 0x80000000, ~u, u | 0x80000000)
+                    row = (b * S + s_rows.to(tl.int64))[None, :]
+                    tl.atomic_add(bins_ptr + row * ROW_BINS + (key >> ROW_BIN_SHIFT).to(tl.int64), tl.full([BLOCK_T, NQ], 1, tl.int32),
+                                  mask=t_in & (s_rows[None, :] < S))
 
         else:  # one group of NQ queries (decode): its q and weights once, then a loop over KEY_BLOCKS key blocks
             s0 = s_first  # SQ == NQ
@@ -376,8 +392,16 @@ def _key_rows_kernel(triton, tl):
                     valid = rt[:, None] < kv_len
                     if CAUSAL:
                         valid = valid & (rt[:, None] <= s_rows[None, :] + off)
-                    tl.store(o_ptr + b * sob + rt64[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos,
-                             tl.where(valid, logit, float("-inf")), mask=(rt[:, None] < T) & row_ok)
+                    logit = tl.where(valid, logit, float("-inf"))
+                    tl.store(o_ptr + b * sob + rt64[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos, logit,
+                             mask=(rt[:, None] < T) & row_ok)
+                    if COUNT_BINS:  # as above
+                        u = logit.to(tl.uint32, bitcast=True)
+                        u = tl.where(u == 0x80000000, 0, u)
+                        key = tl.where(u >= 0x80000000, ~u, u | 0x80000000)
+                        row = (b * S + s_rows.to(tl.int64))[None, :]
+                        tl.atomic_add(bins_ptr + row * ROW_BINS + (key >> ROW_BIN_SHIFT).to(tl.int64), tl.full([BLOCK_T, NQ], 1, tl.int32),
+                                      mask=(rt[:, None] < T) & row_ok)
 
     return _logits_key_rows_kernel
 
@@ -634,8 +658,13 @@ def indexer_logits(
     kv_lens: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     config: Optional[LogitsConfig] = None,
+    bins: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Masked indexer logits ``[B, S, T]`` fp32 through the fused Triton kernel (see module doc)."""
+    """Masked indexer logits ``[B, S, T]`` fp32 through the fused Triton kernel (see module doc).
+
+    ``bins`` (int32 ``[B * S, topk_cuda.ROW_BINS]``, contiguous, zeroed by the caller; a "key_rows" config): each
+    computed key is also counted into its row's bin, for a top-k that takes its threshold from the counts
+    (``topk_cuda.launch(bins=...)``) instead of sampling the row."""
     why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
     if why is not None:
         raise ValueError(f"indexer_logits: unsupported inputs: {why}")
@@ -644,10 +673,19 @@ def indexer_logits(
         raise ValueError(f"out must be fp32 [{B}, {S}, {T}] on {q.device}")
     if kv_lens is not None and kv_lens.shape[0] != B:
         raise ValueError("kv_lens must have one entry per batch row")
-    return launch_into(q, k, weights, out, causal, scale, kv_lens, config)
+    if bins is not None:
+        from .topk_cuda import ROW_BINS
+
+        if bins.dtype != torch.int32 or tuple(bins.shape) != (B * S, ROW_BINS) or not bins.is_contiguous() \
+                or bins.device != q.device:
+            raise ValueError(f"bins must be contiguous int32 [{B * S}, {ROW_BINS}] on {q.device}, got {bins.dtype} "
+                             f"{list(bins.shape)} on {bins.device}")
+        if config is None or config.kind != "key_rows":
+            raise ValueError(f"bins are counted by a config of kind 'key_rows' (pass config=), got config={config}")
+    return launch_into(q, k, weights, out, causal, scale, kv_lens, config, bins=bins)
 
 
-def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None) -> torch.Tensor:
+def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None, bins=None) -> torch.Tensor:
     """Logits ``[B, S, T]`` into ``out`` (allocated fp32 when None) on q's device, the config defaulted by shape;
     no checks (the bf16 and fp8 entry points check their own inputs first). An ``out`` of bf16 or fp16 gets
     the fp32 result rounded to nearest even by the kernel's store (Triton casts a stored value to the
@@ -660,19 +698,22 @@ def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None
         return out
     cfg = config or default_config(B, S, T, H, D, q.device, "bf16" if k_scale is None else "fp8")
     with torch.cuda.device(q.device):
-        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale)
+        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale, bins=bins)
     return out
 
 
-def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig, k_scale=None):
+def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig, k_scale=None, bins=None):
     """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET).
 
     ``k_scale`` (fp32 ``[B, T]``, unit stride over T): q and k are float8 e4m3 and each key's logit is
-    multiplied by its scale (``indexer_fp8``). Returns Triton's handle of the compiled kernel (registers,
-    spills, PTX: see the benchmark).
+    multiplied by its scale (``indexer_fp8``). ``bins`` (int32 ``[B * S, topk_cuda.ROW_BINS]``, contiguous; kind
+    "key_rows" only): the computed keys are counted into it (added: the caller zeroes it). Returns Triton's handle
+    of the compiled kernel (registers, spills, PTX: see the benchmark).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
+    if bins is not None and cfg.kind != "key_rows":
+        raise ValueError(f"bins are counted by kind 'key_rows' launches only, got LogitsConfig.kind={cfg.kind!r}")
     kern = _triton()
     kv_arg = kv_lens if kv_lens is not None else out  # dummy pointer when unused
     ks_arg = k_scale if k_scale is not None else out
@@ -693,13 +734,16 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "key_rows":
+        from .topk_cuda import ROW_BIN_SHIFT, ROW_BINS
+
         nq = cfg.queries_per_dot
         sq = max(nq, min(cfg.block_s, triton_cdiv(S, nq) * nq))
         grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
         return kern["key_rows"][grid](
-            *args,
+            *args, bins if bins is not None else out,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
+            COUNT_BINS=bins is not None, ROW_BINS=ROW_BINS, ROW_BIN_SHIFT=ROW_BIN_SHIFT,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "prefill":
