@@ -267,6 +267,37 @@ def test_binned_rows_replay_in_a_cuda_graph():
         assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("B,S,T,config", [(1, 1, 32768, ("key_rows", 1, 128, 4, 2)),
+                                           (4, 1, 32768, ("key_rows", 1, 64, 4, 2, 1, 4)),
+                                           (1, 64, 8192, ("key_rows", 16, 64, 4, 2, 2))], ids=str)
+def test_binned_counts_from_the_logits_kernel_are_the_rows(B, S, T, config):
+    """The key-rows logits kernel counting its keys (``indexer_logits(bins=...)``, bf16 on the card): the same logits
+    as without counts, counts equal to ``row_bins`` of them but in the -inf bin (uncomputed -inf keys are not
+    counted), and the binned top-k over them exact with path 4 or 5 (the counts found the k-th key's bin)."""
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    g = _gen()
+    H, D = 64, 128
+    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(B, S, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    cfg = li.LogitsConfig(*config)
+    plain = li.indexer_logits(q, k, w, scale=D**-0.5, config=cfg)
+    bins = torch.zeros(B * S, topk_cuda.ROW_BINS, dtype=torch.int32, device="cuda")
+    x = li.indexer_logits(q, k, w, scale=D**-0.5, config=cfg, bins=bins)
+    assert torch.equal(x, plain)
+    want = topk_cuda.row_bins(x.view(B * S, T))
+    ninf = int(topk_cuda.row_bins(torch.tensor([[float("-inf")]], device="cuda")).argmax())
+    other = torch.arange(topk_cuda.ROW_BINS, device="cuda") != ninf
+    assert torch.equal(bins[:, other], want[:, other])
+    assert bool((bins[:, ninf] <= want[:, ninf]).all())
+    if S == 1:
+        paths = topk_cases.check(x.view(B * S, T), 2048, False, f"counted B={B} T={T} seed={g.initial_seed()}",
+                                 algorithm="cuda_wide", bins=bins)
+        assert set(paths.tolist()) <= {4, 5}, paths
+
+
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
     """Every small check case (both block shapes, one block a row and split rows, every path) under the tool: no
