@@ -47,6 +47,11 @@ typedef unsigned long long u64;
 #else
 #define REREAD_GLOBAL true
 #endif
+#ifdef TOPK_REREAD_BLOCKS  // (a build variant, for timing: the 256-thread blocks' filter rereads its kept keys too)
+#define REREAD_BLOCKS true
+#else
+#define REREAD_BLOCKS false
+#endif
 #ifdef TOPK_NO_FILTER_COUNTS  // (a build variant, for timing: the select histograms its candidates itself)
 #define FILTER_COUNTS false
 #else
@@ -798,7 +803,7 @@ __device__ void topk_row(const Params &p) {
     int buf = 0;  // which of each pair of shared slots the next reduction or scan takes
     const long long row = blockIdx.x / p.nsplit;
     const int split = blockIdx.x % p.nsplit;
-    const RowSrc<VEC, NT, REREAD_GLOBAL && VEC && NT == WIDE> src{p.x + row * p.sxr, p.sxt};
+    const RowSrc<VEC, NT, REREAD_GLOBAL && VEC && (NT == WIDE || REREAD_BLOCKS)> src{p.x + row * p.sxr, p.sxt};
     int *o_row = p.out + row * p.sor;
     const int ns = p.nb * p.sb;
     const int base_bytes = max(p.cap * 8, ns * 4);
