@@ -12,6 +12,15 @@ def _key(x):
     return tl.where(x == 0.0, 0, key)  # -0.0 ties with +0.0, as the floats do
 
 @triton.jit
+def _count_bins(bins_ptr, rows, scores, mask, ROW_BINS: tl.constexpr, ROW_BIN_SHIFT: tl.constexpr):
+    """Each score where ``mask`` holds counted into its row's bin of the CUDA top-k's binned counts
+    (``topk_cuda.row_bins``: the key as the CUDA kernel's unsigned one, ``_key`` offset by 2^31, >> ROW_BIN_SHIFT;
+    ``rows`` broadcasts against ``scores``)."""
+    bins = (_key(scores).to(tl.uint32, bitcast=True) ^ 0x80000000) >> ROW_BIN_SHIFT
+    tl.atomic_add(bins_ptr + rows * ROW_BINS + bins.to(tl.int64), mask.to(tl.int32), mask=mask)
+
+
+@triton.jit
 def _write_selected(o_row, sok, keys, idxs, thr, K):
     """Store the indices of keys > thr (in the order given), then the first ties, K in all."""
     gt = keys > thr

@@ -85,8 +85,16 @@ def _triton():
     return _build_kernels(triton, tl)
 
 
+#: ``_topk_triton._count_bins``, which the key-rows kernel calls (its counts); bound by ``_build_kernels``: Triton
+#: looks up a jit function's callees among its module's globals, and this module imports Triton only when it runs.
+_count_bins = None
+
+
 def _build_kernels(triton, tl):
     """The logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
+    global _count_bins
+    from ._topk_triton import _count_bins
+
     return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl),
             "key_rows": _key_rows_kernel(triton, tl)}
 
@@ -350,14 +358,10 @@ def _key_rows_kernel(triton, tl):
                 if CAUSAL:
                     valid = valid & (rt[:, None] <= s_rows[None, :] + off)
                 logit = tl.where(valid, logit, float("-inf"))
-                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, logit, mask=t_in & (s_rows[None, :] < S))
-                if COUNT_BINS:  # each stored key into its row's bin (topk_cuda.row_bins' key and bins)
-                    u = logit.to(tl.uint32, bitcast=True)
-                    u = tl.where(u == 0x80000000, 0, u)  # -0.0 as +0.0
-                    key = tl.where(u >= 0x80000000, ~u, u | 0x80000000)
-                    row = (b * S + s_rows.to(tl.int64))[None, :]
-                    tl.atomic_add(bins_ptr + row * ROW_BINS + (key >> ROW_BIN_SHIFT).to(tl.int64), tl.full([BLOCK_T, NQ], 1, tl.int32),
-                                  mask=t_in & (s_rows[None, :] < S))
+                stored = t_in & (s_rows[None, :] < S)
+                tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, logit, mask=stored)
+                if COUNT_BINS:
+                    _count_bins(bins_ptr, (b * S + s_rows.to(tl.int64))[None, :], logit, stored, ROW_BINS, ROW_BIN_SHIFT)
 
         else:  # one group of NQ queries (decode): its q and weights once, then a loop over KEY_BLOCKS key blocks
             s0 = s_first  # SQ == NQ
@@ -393,15 +397,12 @@ def _key_rows_kernel(triton, tl):
                     if CAUSAL:
                         valid = valid & (rt[:, None] <= s_rows[None, :] + off)
                     logit = tl.where(valid, logit, float("-inf"))
+                    stored = (rt[:, None] < T) & row_ok
                     tl.store(o_ptr + b * sob + rt64[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos, logit,
-                             mask=(rt[:, None] < T) & row_ok)
-                    if COUNT_BINS:  # as above
-                        u = logit.to(tl.uint32, bitcast=True)
-                        u = tl.where(u == 0x80000000, 0, u)
-                        key = tl.where(u >= 0x80000000, ~u, u | 0x80000000)
-                        row = (b * S + s_rows.to(tl.int64))[None, :]
-                        tl.atomic_add(bins_ptr + row * ROW_BINS + (key >> ROW_BIN_SHIFT).to(tl.int64), tl.full([BLOCK_T, NQ], 1, tl.int32),
-                                      mask=(rt[:, None] < T) & row_ok)
+                             mask=stored)
+                    if COUNT_BINS:
+                        _count_bins(bins_ptr, (b * S + s_rows.to(tl.int64))[None, :], logit, stored, ROW_BINS,
+                                    ROW_BIN_SHIFT)
 
     return _logits_key_rows_kernel
 
@@ -674,12 +675,9 @@ def indexer_logits(
     if kv_lens is not None and kv_lens.shape[0] != B:
         raise ValueError("kv_lens must have one entry per batch row")
     if bins is not None:
-        from .topk_cuda import ROW_BINS
+        from .topk_cuda import check_bins
 
-        if bins.dtype != torch.int32 or tuple(bins.shape) != (B * S, ROW_BINS) or not bins.is_contiguous() \
-                or bins.device != q.device:
-            raise ValueError(f"bins must be contiguous int32 [{B * S}, {ROW_BINS}] on {q.device}, got {bins.dtype} "
-                             f"{list(bins.shape)} on {bins.device}")
+        check_bins(bins, B * S, q.device, "indexer_logits")
         if config is None or config.kind != "key_rows":
             raise ValueError(f"bins are counted by a config of kind 'key_rows' (pass config=), got config={config}")
     return launch_into(q, k, weights, out, causal, scale, kv_lens, config, bins=bins)

@@ -213,11 +213,17 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
 
 
 def _check_bins(bins: torch.Tensor, R: int, device: torch.device, wide: bool) -> None:
-    """``launch``'s bins: int32 [R, ROW_BINS], contiguous, on the rows' device, for a launch that takes them."""
+    """``launch``'s bins: for a launch that takes them (``wide``), as ``check_bins`` has them."""
     if not wide:
         raise ValueError("topk_cuda.launch: bins are taken by a wide launch of one block a contiguous (16-byte "
                          "aligned) sampled row only; this launch is split, a cluster's, strided or direct")
-    if bins.dtype != torch.int32 or tuple(bins.shape) != (R, ROW_BINS) or not bins.is_contiguous() \
+    check_bins(bins, R, device, "topk_cuda.launch")
+
+
+def check_bins(bins: torch.Tensor, rows: int, device: torch.device, caller: str) -> None:
+    """Binned counts as the kernels read and write them: int32 ``[rows, ROW_BINS]``, contiguous, on ``device``
+    (``row_bins`` makes them; the key-rows logits kernel adds to them); else an error naming what was given."""
+    if bins.dtype != torch.int32 or tuple(bins.shape) != (rows, ROW_BINS) or not bins.is_contiguous() \
             or bins.device != device:
-        raise ValueError(f"topk_cuda.launch: bins must be contiguous int32 [{R}, {ROW_BINS}] on {device} "
-                         f"(row_bins), got {bins.dtype} {list(bins.shape)} on {bins.device}")
+        raise ValueError(f"{caller}: bins must be contiguous int32 [{rows}, {ROW_BINS}] on {device} (row_bins), "
+                         f"got {bins.dtype} {list(bins.shape)} on {bins.device}")
