@@ -223,7 +223,7 @@ __device__ __forceinline__ u32 field16(u64 v, int g) { return (u32)(v >> (16 * g
 
 // A row of the logits, read in chunks of GROUPS x 4NT keys: group g of a chunk is 4NT contiguous keys, four a thread
 // (coalesced 16-byte loads when VEC: contiguous, 16-byte aligned rows). REREAD: a kept key is read again by its
-// index (an L1 hit, the chunk's lines having just been loaded), so compact_chunk writes only the kept keys, in a loop
+// index (an L1 hit, the chunk's lines having just been loaded), so chunk_place writes only the kept keys, in a loop
 // over their bits, and no key stays in a register past its flags; else every key's write is predicated from the
 // registers that loaded it.
 template <bool VEC, int NT, bool REREAD_ = false>
@@ -937,8 +937,10 @@ ENTRY(topk_wide_vec_sorted, WIDE, 1, true, true)
 ENTRY(topk_wide_any, WIDE, 1, false, false)
 ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
 // One contiguous sampled row a wide block, its threshold from the row's binned counts (p.bins; topk_cuda.launch's bins)
-#define BINNED_ENTRY(name, sorted) \
-    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { topk_row<WIDE, true, sorted, 0, true>(p); }
+#define BINNED_ENTRY(name, sorted)                                                 \
+    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { \
+        topk_row<WIDE, true, sorted, 0, true>(p);                                \
+    }
 BINNED_ENTRY(topk_wide_vec_binned, false)
 BINNED_ENTRY(topk_wide_vec_binned_sorted, true)
 #if __CUDA_ARCH__ >= 900
