@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from bench_indexer_kernel import bench, causal_logits, environment, graph_ms, topk_exact  # noqa: E402
 
+from fx_indexcache.fuse.kernels import programmatic_launch  # noqa: E402
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
 
 TOPK = 2048
@@ -233,8 +234,9 @@ def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
         indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T))
         topk()
 
-    res = dict(R=R, T=T, algorithm=algorithm, topk_graph_ms=round(graph_ms(topk), 4),
-               logits_topk_graph_ms=round(graph_ms(logits_topk), 4), exact=topk_exact(x, out, TOPK))
+    res = dict(R=R, T=T, algorithm=algorithm, programmatic_launch=programmatic_launch.allowed(x.device),
+               topk_graph_ms=round(graph_ms(topk), 4), logits_topk_graph_ms=round(graph_ms(logits_topk), 4),
+               exact=topk_exact(x, out, TOPK))
     log(f"replay {R}x{T}: {res}")
     return res
 
@@ -258,7 +260,7 @@ def measure_binned(R, T, log) -> dict:
     x = indexer_logits(q, k, w, scale=SCALE, config=cfg).reshape(R, T)
     bins = topk_cuda.row_bins(x)
     out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
-    res = dict(R=R, T=T, logits_config=cfg.name())
+    res = dict(R=R, T=T, logits_config=cfg.name(), programmatic_launch=programmatic_launch.allowed(x.device))
 
     def sampled():
         tk._launch(x, out, TOPK, algorithm="cuda_wide")

@@ -28,3 +28,7 @@ def env_flag(name: str, default: bool) -> bool:
 
 #: Whether the CUDA top-k kernels may run (off keeps the top-k on the Triton kernels everywhere).
 CUDA_TOPK = "FX_INDEXCACHE_CUDA_TOPK"
+
+#: Whether a kernel of ours that reads the output of the kernel before it (the CUDA top-k after the logits, the
+#: logits after the projections) is launched to overlap that kernel's tail (programmatic dependent launch, sm_90 on).
+PROGRAMMATIC_LAUNCH = "FX_INDEXCACHE_PDL"

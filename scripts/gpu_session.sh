@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned pdl paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -85,6 +85,15 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "binned" || true
         timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
             | grep "^binned" || true ;;
+    pdl)             # programmatic dependent launch off, then on (FX_INDEXCACHE_PDL): replay of the logits and the
+                     # top-k, sampled and binned; then the kernels' GPU tests with it on (the default)
+        for pdl in 0 1; do
+            FX_INDEXCACHE_PDL=$pdl timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay \
+                --out "$OUT/replay_pdl$pdl" | grep "^replay" || true
+            FX_INDEXCACHE_PDL=$pdl timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections binned \
+                --out "$OUT/binned_pdl$pdl" | grep "^binned" || true
+        done
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "programmatic or graph or binned" ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time

@@ -409,6 +409,54 @@ def test_fused_logits_and_topk_replay_in_a_cuda_graph():
         assert torch.equal(torch.gather(want_logits, -1, out_idx.long()), torch.topk(want_logits, 512, dim=-1).values)
 
 
+@pytest.mark.parametrize("B,T", [(1, 131072), (8, 32768)], ids=str)
+def test_programmatic_launches_read_their_producers_final_writes(B, T):
+    """With programmatic dependent launch (on by default from sm_90; ``programmatic_launch``) the logits kernel lets
+    the top-k be scheduled as soon as its own programs start, and the logits kernel itself may start under the
+    kernel before it. Each must still read its producer's final writes: the logits buffer is first filled with a
+    ramp whose top-k (its first keys) no real row has, by a fill kernel, then the logits kernel overwrites it and
+    the CUDA top-k selects; eagerly and replayed in a CUDA graph, twenty times each, the selection is the top-k of
+    the final logits. A top-k that read before the logits' writes landed would return ramp indices."""
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+    from fx_indexcache.fuse.kernels import programmatic_launch
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    why = programmatic_launch.reason_not(torch.device("cuda"))
+    if why is not None:
+        pytest.skip(why)
+    g = _gen()
+    H, D, K = 64, 128, 2048
+    q = torch.randn(B, 1, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(B, 1, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    x = torch.empty(B, 1, T, device="cuda")
+    ramp = torch.arange(T, 0, -1, device="cuda", dtype=torch.float32).expand(B, 1, T) * 1e30
+    out = torch.empty(B, K, dtype=torch.int32, device="cuda")
+
+    def step():
+        x.copy_(ramp)
+        li.indexer_logits(q, k, w, scale=D**-0.5, out=x)
+        tk._launch(x.view(B, T), out, K, algorithm="cuda_wide")
+
+    def check(what):
+        torch.cuda.synchronize()
+        want = torch.topk(x.view(B, T), K, dim=-1).values
+        got = torch.gather(x.view(B, T), 1, out.long()).sort(-1, descending=True).values
+        assert torch.equal(got, want), what
+        assert float(x.max()) < 1e29, what  # the ramp was overwritten
+
+    for i in range(20):
+        step()
+        check(f"eager {i}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(20):
+        q.copy_(torch.randn(B, 1, H, D, device="cuda", generator=g))
+        graph.replay()
+        check(f"replay {i}")
+
+
 def test_unbatched_stack_under_inductor_cudagraph_trees():
     """indexcache_backend + cudagraph trees: fused F layers replay the same indices as eager."""
     import fx_indexcache

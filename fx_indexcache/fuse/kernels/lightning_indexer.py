@@ -52,6 +52,8 @@ from typing import Optional
 
 import torch
 
+from . import programmatic_launch
+
 __all__ = [
     "LogitsConfig",
     "default_config",
@@ -88,15 +90,24 @@ def _triton():
 #: ``_topk_triton._count_bins``, which the key-rows kernel calls (its counts); bound by ``_build_kernels``: Triton
 #: looks up a jit function's callees among its module's globals, and this module imports Triton only when it runs.
 _count_bins = None
+#: Triton's grid-dependency controls, which a programmatic launch of the kernels calls (``programmatic_launch``);
+#: bound by ``_build_kernels`` like ``_count_bins``, None where this Triton has none.
+_gdc_wait = None
+_gdc_launch_dependents = None
 
 
 def _build_kernels(triton, tl):
     """The logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
-    global _count_bins
+    global _count_bins, _gdc_wait, _gdc_launch_dependents
     from ._topk_triton import _count_bins
 
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+        from triton.language.extra.cuda import gdc_wait as _gdc_wait
+    except ImportError:  # pragma: no cover - Triton before 3.4: launches stay plain
+        _gdc_wait = _gdc_launch_dependents = None
     return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl),
-            "key_rows": _key_rows_kernel(triton, tl)}
+            "key_rows": _key_rows_kernel(triton, tl), "programmatic": _gdc_wait is not None}
 
 
 def _prefill_kernel(triton, tl):
@@ -117,7 +128,11 @@ def _prefill_kernel(triton, tl):
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
         HEADS_PER_STEP: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
+            _gdc_wait()
+            _gdc_launch_dependents()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -195,7 +210,11 @@ def _decode_kernel(triton, tl):
         BLOCK_T: tl.constexpr,
         SQ: tl.constexpr,
         KEY_BLOCKS: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
+            _gdc_wait()
+            _gdc_launch_dependents()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -304,7 +323,11 @@ def _key_rows_kernel(triton, tl):
         COUNT_BINS: tl.constexpr,
         ROW_BINS: tl.constexpr,
         ROW_BIN_SHIFT: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
+            _gdc_wait()
+            _gdc_launch_dependents()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -722,6 +745,9 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         k_scale.stride(0) if k_scale is not None else 0,
     )
     block_h = head_tile(H)
+    # a programmatic launch (programmatic_launch: the kernels wait for the grid before them first thing)
+    programmatic = kern["programmatic"] and programmatic_launch.allowed(q.device)
+    pdl = dict(PDL=True, launch_pdl=True) if programmatic else dict(PDL=False)
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))
         grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
@@ -729,7 +755,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             *args,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, KEY_BLOCKS=cfg.key_blocks,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     elif cfg.kind == "key_rows":
         from .topk_cuda import ROW_BIN_SHIFT, ROW_BINS
@@ -742,7 +768,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
             COUNT_BINS=bins is not None, ROW_BINS=ROW_BINS, ROW_BIN_SHIFT=ROW_BIN_SHIFT,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     elif cfg.kind == "prefill":
         grid = (triton_cdiv(T, cfg.block_t), triton_cdiv(S, cfg.block_s), B)
@@ -751,7 +777,7 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_S=cfg.block_s, BLOCK_T=cfg.block_t,
             HEADS_PER_STEP=cfg.heads_per_step if H % cfg.heads_per_step == 0 else 1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     else:
         raise ValueError(f"unknown config kind {cfg.kind!r}")

@@ -23,6 +23,20 @@ import torch
 
 #: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED = 8
+#: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (programmatic_launch.py says what it buys)
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union (here its first int)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig: grid, block, dynamic shared memory, stream, attributes."""
+    _fields_ = [(n, ctypes.c_uint) for n in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "smem")]
+    _fields_ += [("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
 class CudaKernelUnavailable(RuntimeError):
@@ -59,6 +73,8 @@ def _driver() -> ctypes.CDLL:
     lib = _load_first(["libcuda.so.1", "libcuda.so"])
     vp, i, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
     lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, ctypes.POINTER(vp), ctypes.POINTER(vp)]
+    if hasattr(lib, "cuLaunchKernelEx"):  # CUDA 12.0 on; programmatic_launch refuses older drivers
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), vp, ctypes.POINTER(vp), ctypes.POINTER(vp)]
     lib.cuFuncSetAttribute.argtypes = [vp, i, i]
     lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
     lib.cuModuleLoadData.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p]
@@ -146,12 +162,22 @@ class Kernel:
             out[key] = v.value
         return out
 
-    def launch(self, grid: int, block: int, smem: int, params: ctypes.Structure, stream: int) -> None:
+    def launch(self, grid: int, block: int, smem: int, params: ctypes.Structure, stream: int,
+               programmatic: bool = False) -> None:
+        """``programmatic``: a programmatic dependent launch (``programmatic_launch``); the kernel must wait
+        for the grid before it (``griddepcontrol.wait``) before its first access to global memory."""
         if smem > self.max_dynamic_smem:
             raise ValueError(f"{self.name}: smem={smem} bytes, at most {self.max_dynamic_smem} on this device")
         args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
-        _check(_driver().cuLaunchKernel(self.func, grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), args,
-                                        None), f"launch {self.name}")
+        if not programmatic:
+            _check(_driver().cuLaunchKernel(self.func, grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), args,
+                                            None), f"launch {self.name}")
+            return
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        config = _LaunchConfig(grid_x=grid, grid_y=1, grid_z=1, block_x=block, block_y=1, block_z=1, smem=smem,
+                               stream=stream, attrs=ctypes.pointer(attr), num_attrs=1)
+        _check(_driver().cuLaunchKernelEx(ctypes.byref(config), self.func, args, None),
+               f"programmatic launch {self.name}")
 
 
 def _make_context_current(device: int) -> None:

@@ -796,6 +796,16 @@ __device__ void sort_selected(const Params &p, const RowSrc<false, NT> &row, int
     for (int i = threadIdx.x; i < p.K; i += NT) o_row[(long long)i * p.sok] = (int)(0xffffffffu - (u32)sb[i]);
 }
 
+// Programmatic dependent launch (sm_90 on): a launch that allows it (topk_cuda.launch on such a device) may be
+// scheduled while the kernel before it on the stream still runs, so the launch's latency hides under that kernel's
+// tail. The grid then waits here, before its first access to global memory, until that kernel has finished and its
+// writes are visible. Without the launch attribute the wait returns at once.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <int NT, bool VEC, bool SORTED, int CL = 0, bool BINNED = false>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -812,6 +822,7 @@ __device__ void topk_row(const Params &p) {
     u64 *sb = reinterpret_cast<u64 *>(smem + base_bytes);
     u64 *off = sb + (SORTED ? p.kp : 0);
 
+    wait_for_prior_grid();
     STAMP_BEGIN(p);
     STAMP_NS(15);
     STAMP(0);

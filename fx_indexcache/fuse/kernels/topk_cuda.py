@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ...envvars import CUDA_TOPK, env_flag
-from . import nvrtc
+from . import nvrtc, programmatic_launch
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
     name = kernel_name(vec, sorted, wide, cluster, binned=bins is not None)
     kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[name]
     kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
-                  torch.cuda.current_stream(dev).cuda_stream)
+                  torch.cuda.current_stream(dev).cuda_stream, programmatic=programmatic_launch.allowed(dev))
 
 
 def _check_bins(bins: torch.Tensor, R: int, device: torch.device, wide: bool) -> None:

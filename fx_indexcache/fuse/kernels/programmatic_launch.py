@@ -1,0 +1,64 @@
+"""Programmatic dependent launch: whether our kernels are launched to overlap the kernel before them.
+
+A kernel launched after another on a stream normally waits for that one to finish and its writes to drain before
+the driver even schedules it: a gap of a few microseconds between two dependent kernels, which in decode (a
+logits kernel of ~5 us, a top-k of ~14 us) is a tenth of the step. On sm_90 on, a launch with the
+programmatic-stream-serialization attribute may be scheduled as soon as every program of the kernel before it has
+signalled (``griddepcontrol.launch_dependents``) or exited; the new kernel then runs ``griddepcontrol.wait``, which
+returns once the kernel before has finished and its writes are visible. The contract that makes this exact on any
+stream, whatever kernel comes before: a kernel launched this way executes the wait before its first access to
+global memory (the CUDA top-k's ``wait_for_prior_grid``, the logits kernels' ``PDL`` branch). CUDA graphs capture
+the launch as a programmatic edge (CUDA 12.3 on).
+
+One decision per device and process: ``FX_INDEXCACHE_PDL`` (on unless 0/false/no/off), a device of compute
+capability 9.0 or more, and a driver of CUDA 12.3 or more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from ...envvars import PROGRAMMATIC_LAUNCH, env_flag
+
+#: The driver version (cuDriverGetVersion) from which stream capture keeps a programmatic launch's edge.
+MIN_DRIVER = 12030
+
+
+def allowed(device: torch.device) -> bool:
+    """Whether launches on ``device`` (a CUDA device) are programmatic: see the module's docstring."""
+    return reason_not(device) is None
+
+
+def reason_not(device: torch.device) -> "str | None":
+    """None where launches on ``device`` are programmatic; else why not."""
+    if device.type != "cuda":
+        return f"{device} is not a CUDA device"
+    return _reason_not(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _reason_not(device: int) -> "str | None":
+    if not env_flag(PROGRAMMATIC_LAUNCH, default=True):
+        return f"off by {PROGRAMMATIC_LAUNCH}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"compute capability {major}.{minor}: programmatic launch needs 9.0 or more"
+    version = _driver_version()
+    if version < MIN_DRIVER:
+        return f"CUDA driver {version}: programmatic launch under graph capture needs {MIN_DRIVER} or more"
+    return None
+
+
+def _driver_version() -> int:
+    from .nvrtc import CudaKernelUnavailable, _driver
+
+    version = ctypes.c_int()
+    try:
+        if _driver().cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return 0
+    except (CudaKernelUnavailable, OSError):
+        return 0
+    return version.value
