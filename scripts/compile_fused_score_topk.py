@@ -3,7 +3,7 @@ registers and spills (``cuobjdump --dump-resource-usage`` of the cubin Triton bu
 
     PYTHONPATH=. python scripts/compile_fused_score_topk.py
 
-A stand-in driver names the target (``GPUTarget("cuda", 90, 32)``) and every launch is turned into a warm-up
+``tests/sm90_compile.py`` names the target (``GPUTarget("cuda", 90, 32)``) and turns every launch into a warm-up
 (compile only, nothing runs), so the launch plans of ``fused_score_topk._launch`` for the issue's shapes compile
 exactly as on an H100 with this Triton -- the compile errors the CPU interpreter does not raise (globals that are
 not constexpr, layouts, register pressure) show here. Every launch plan of the GPU tests' cases compiles too.
@@ -19,9 +19,7 @@ adjusting for another Triton; exit 1 on a compile failure or a kernel of the tim
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -32,49 +30,23 @@ H, D, TOPK = 64, 128, 2048
 SHAPES = [(1, 1, 32768, False), (16, 1, 32768, True), (1, 1024, 32768, False), (1, 1024, 131072, True)]
 
 
-class _TargetOnlyDriver:
-    """The active driver, but naming an sm_90 target and device 0 (no GPU is touched)."""
-
-    def __init__(self, real) -> None:
-        self.real = real
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 def main() -> int:
-    import triton.backends.nvidia as nv
-    import triton.runtime.jit as jit
-    from triton.runtime import driver
+    from sm90_compile import compile_only_for_sm90, resource_usage
 
-    try:
-        real = driver.active
-    except Exception:  # no CUDA driver here: the stand-in answers everything compilation asks
-        real = None
-    driver.set_active(_TargetOnlyDriver(real))
-    built: list = []
-    run = jit.JITFunction.run
+    with compile_only_for_sm90() as built:
+        timed_plans = _compile_plans(built)
+    spills = 0
+    for i, (name, kernel) in enumerate(built):
+        usage = resource_usage(kernel)
+        spills += i < timed_plans and "STACK:0 " not in usage
+        print(f"  {name} ({kernel.metadata.num_warps} warps){'' if i < timed_plans else ' [test case]'}: {usage}")
+    print("ok" if not spills else f"{spills} kernels spill")
+    return 1 if spills else 0
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        built.append((self.__name__, kernel))
-        return kernel
 
-    jit.JITFunction.run = compile_only
+def _compile_plans(built: list) -> int:
+    """Launch the timed plans, then the GPU tests' plans (compile only); returns how many kernels the timed
+    plans built."""
     from fx_indexcache.fuse.kernels import fused_score_topk as fz
 
     for B, S, T, sorted_ in SHAPES:
@@ -101,18 +73,7 @@ def main() -> int:
             out = torch.empty(B, S, min(K, T), dtype=torch.int32)
             fz._launch(q, k, w, out, causal=causal, scale=1.0, kv_lens=kv_lens, sorted=sorted_, bias=bias,
                        drop=drop, path=torch.empty(B * S, dtype=torch.int32), **launch)
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    spills = 0
-    for i, (name, kernel) in enumerate(built):
-        with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-            f.write(kernel.asm["cubin"])
-        done = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-        os.unlink(f.name)
-        usage = " ".join(line.strip() for line in done.stdout.splitlines() if "REG" in line)
-        spills += i < timed_plans and "STACK:0 " not in usage
-        print(f"  {name} ({kernel.metadata.num_warps} warps){'' if i < timed_plans else ' [test case]'}: {usage}")
-    print("ok" if not spills else f"{spills} kernels spill")
-    return 1 if spills else 0
+    return timed_plans
 
 
 if __name__ == "__main__":

@@ -90,6 +90,16 @@ def _check(result: int, what: str) -> None:
 
 def compile_cubin(source: str, arch: str, options: Sequence[str] = (), *, library: Optional[str] = None) -> bytes:
     """The cubin of ``source`` for ``arch`` (e.g. "sm_90"); needs no GPU. Raises with NVRTC's log on error."""
+    return _compile(source, arch, options, library, "CUBIN")
+
+
+def compile_ptx(source: str, arch: str, options: Sequence[str] = ()) -> str:
+    """The PTX of ``source`` for the virtual ``arch`` (e.g. "compute_90"): what a check of the kernels' instruction
+    order reads (``tests/test_programmatic_launch.py``); needs no GPU."""
+    return _compile(source, arch, options, None, "PTX").rstrip(b"\0").decode()
+
+
+def _compile(source: str, arch: str, options: Sequence[str], library: Optional[str], output: str) -> bytes:
     lib = nvrtc_library(library)
     prog = ctypes.c_void_p()
 
@@ -109,10 +119,10 @@ def compile_cubin(source: str, arch: str, options: Sequence[str] = (), *, librar
             lib.nvrtcGetProgramLog(prog, log)
             raise CudaKernelUnavailable(f"NVRTC compile for {arch} failed:\n{log.value.decode(errors='replace')}")
         size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-        cubin = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-        return cubin.raw
+        check(getattr(lib, f"nvrtcGet{output}Size")(prog, ctypes.byref(size)), f"{output.lower()} size")
+        data = ctypes.create_string_buffer(size.value)
+        check(getattr(lib, f"nvrtcGet{output}")(prog, data), output.lower())
+        return data.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
