@@ -86,14 +86,12 @@ case "$step" in
         timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
             | grep "^binned" || true ;;
     pdl)             # programmatic dependent launch off, then on (FX_INDEXCACHE_PDL): replay of the logits and the
-                     # top-k, sampled and binned; then the kernels' GPU tests with it on (the default)
+                     # top-k; then the programmatic-launch and CUDA-graph GPU tests with it on (the default)
         for pdl in 0 1; do
             FX_INDEXCACHE_PDL=$pdl timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections replay \
                 --out "$OUT/replay_pdl$pdl" | grep "^replay" || true
-            FX_INDEXCACHE_PDL=$pdl timeout "$(limit 100)" python benchmarks/bench_topk_phases.py --sections binned \
-                --out "$OUT/binned_pdl$pdl" | grep "^binned" || true
         done
-        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "programmatic or graph or binned" ;;
+        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "programmatic or replay" ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time
