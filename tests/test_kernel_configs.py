@@ -93,6 +93,29 @@ def test_short_rows_get_fewer_key_blocks_a_program():
     assert li.fill_the_card(li.LogitsConfig("key_rows", 1, 64, 4, 2), 1, 64, 132).key_blocks == 1
 
 
+def test_a_launch_just_over_one_wave_leaves_the_top_k_its_sms(monkeypatch):
+    """Under programmatic launch the decode top-k's blocks need free SMs to start under the logits: a launch just
+    over one wave doubles its key blocks; one within a wave, one far over it, or one that cannot leave the rows
+    their SMs stays as it is; and only a programmatic launch's measured config changes."""
+    one = li.LogitsConfig("key_rows", 1, 128, 4, 2)
+    assert li.leave_the_top_k_its_sms(one, 1, 32768, 132).key_blocks == 2  # 256 programs -> 128 <= 131
+    assert li.leave_the_top_k_its_sms(one, 1, 8192, 132) == one  # 64 programs: SMs free already
+    assert li.leave_the_top_k_its_sms(one, 1, 65536, 132) == one  # 512 programs: halving is not enough
+    assert li.leave_the_top_k_its_sms(one, 64, 32768, 132) == one  # 64 rows x 256: far over
+    assert li.leave_the_top_k_its_sms(one, 2, 16384, 132).key_blocks == 2  # 2 x 128 = 256 -> 128 <= 130
+    assert li.leave_the_top_k_its_sms(one, 200, 128, 132) == one  # more rows than SMs
+    tuned = dict(kind="key_rows", block_s=1, block_t=128, num_warps=4, num_stages=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(li, "tuned_config", lambda *a, **k: li.LogitsConfig(**tuned))
+    monkeypatch.setattr(li, "device_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    for allowed, blocks in ((True, 2), (False, 1)):
+        monkeypatch.setattr(li.programmatic_launch, "allowed", lambda device, on=allowed: on)
+        assert li.measured_config("bf16", 1, 1, 32768, 64, 128, cuda).key_blocks == blocks
+        assert li.measured_config("bf16", 1, 1, 32768, 64, 128, cuda, kind="paged").key_blocks == 1
+
+
 def test_the_sweep_merges_its_rows_into_a_card_file(tmp_path):
     """``--merge-into``: a shape measured again replaces its row, other rows stay, each row keeps its machine."""
     sweep = _sweep_module()
