@@ -66,33 +66,35 @@ def test_every_cuda_topk_entry_waits_before_it_touches_global_memory():
 
 
 def test_every_logits_kernel_launched_programmatically_waits_first(monkeypatch):
-    """Each kind of logits launch compiled for sm_90 as a programmatic launch would run it: launched with the
-    attribute (``launch_pdl``) and its PTX waiting first; the plain launch has no wait."""
-    triton = pytest.importorskip("triton")
+    """Each kind of logits launch compiled for sm_90 as a programmatic launch would run it (decode: at most
+    ``DECODE_MAX_S`` queries): launched with the attribute (``launch_pdl``) and its PTX waiting first. With the
+    launch refused, and for prefill (more queries), the launch is plain and has no wait."""
+    pytest.importorskip("triton")
     from sm90_compile import compile_only_for_sm90
 
     from fx_indexcache.fuse.kernels import lightning_indexer as li
 
-    del triton
-    configs = [li.LogitsConfig("key_rows", 1, 128, 4, 2), li.LogitsConfig("decode", 1, 128, 4, 2),
-               li.LogitsConfig("prefill", 64, 64, 8, 2), li.LogitsConfig("key_rows", 64, 64, 4, 2, 2)]
+    S = li.DECODE_MAX_S
+    launches = [(li.LogitsConfig("key_rows", 1, 128, 4, 2), 1), (li.LogitsConfig("decode", 1, 128, 4, 2), 1),
+                (li.LogitsConfig("prefill", 16, 64, 8, 2), S), (li.LogitsConfig("key_rows", 16, 64, 4, 2, 2), S),
+                (li.LogitsConfig("key_rows", 64, 64, 4, 2, 2), 8 * S)]
     H, D, T = 16, 64, 1024
-    for programmatic in (True, False):
-        monkeypatch.setattr(li.programmatic_launch, "allowed", lambda device, on=programmatic: on)
+    for allowed in (True, False):
+        monkeypatch.setattr(li.programmatic_launch, "allowed", lambda device, on=allowed: on)
         with compile_only_for_sm90() as built:
-            for cfg in configs:
-                S = 1 if cfg.block_s == 1 else 128
-                q, k = torch.zeros(1, S, H, D, dtype=torch.bfloat16), torch.zeros(1, T, D, dtype=torch.bfloat16)
-                w, out = torch.zeros(1, S, H, dtype=torch.bfloat16), torch.empty(1, S, T)
-                li._launch(q, k, w, out, True, 0.1, None, cfg)
-        assert len(built) == len(configs)
-        for (name, kernel), cfg in zip(built, configs):
+            for cfg, queries in launches:
+                q = torch.zeros(1, queries, H, D, dtype=torch.bfloat16)
+                k, w = torch.zeros(1, T, D, dtype=torch.bfloat16), torch.zeros(1, queries, H, dtype=torch.bfloat16)
+                li._launch(q, k, w, torch.empty(1, queries, T), True, 0.1, None, cfg)
+        assert len(built) == len(launches)
+        for (name, kernel), (cfg, queries) in zip(built, launches):
             ptx = kernel.asm["ptx"]
-            assert bool(kernel.metadata.launch_pdl) == programmatic, (cfg, programmatic)
+            programmatic = allowed and queries <= S
+            assert bool(kernel.metadata.launch_pdl) == programmatic, (cfg, queries, allowed)
             if programmatic:
                 assert _before_the_wait(ptx.split(".entry", 1)[1]) == [], (name, cfg)
             else:
-                assert WAIT not in ptx, (name, cfg)
+                assert WAIT not in ptx, (name, cfg, queries)
 
 
 def test_the_switch_and_the_refusals_name_their_reason(monkeypatch):

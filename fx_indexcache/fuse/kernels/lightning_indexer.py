@@ -766,8 +766,9 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         k_scale.stride(0) if k_scale is not None else 0,
     )
     block_h = head_tile(H)
-    # a programmatic launch (programmatic_launch: the kernels wait for the grid before them first thing)
-    programmatic = kern["programmatic"] and programmatic_launch.allowed(q.device)
+    # a programmatic launch (programmatic_launch: the kernels wait for the grid before them first thing) in decode,
+    # where the launch gap is a measurable part of the step; prefill launches stay plain (not measured)
+    programmatic = kern["programmatic"] and S <= DECODE_MAX_S and programmatic_launch.allowed(q.device)
     pdl = dict(PDL=True, launch_pdl=True) if programmatic else dict(PDL=False)
     if cfg.kind == "decode":
         sq = max(1, min(cfg.block_s, S))

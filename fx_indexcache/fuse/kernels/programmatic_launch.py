@@ -11,7 +11,9 @@ global memory (the CUDA top-k's ``wait_for_prior_grid``, the logits kernels' ``P
 the launch as a programmatic edge (CUDA 12.3 on).
 
 One decision per device and process: ``FX_INDEXCACHE_PDL`` (on unless 0/false/no/off), a device of compute
-capability 9.0 or more, and a driver of CUDA 12.3 or more.
+capability 9.0 or more, and a driver of CUDA 12.3 or more. The callers take it in decode only, where the gap is a
+measurable part of the step: logits launches of at most ``DECODE_MAX_S`` queries, top-k launches of one wave of
+blocks at most. Prefill launches stay plain: there the gap is a thousandth of the kernels, and it is not measured.
 """
 
 from __future__ import annotations

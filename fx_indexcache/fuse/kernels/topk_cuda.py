@@ -20,6 +20,7 @@ import torch
 
 from ...envvars import CUDA_TOPK, env_flag
 from . import nvrtc, programmatic_launch
+from .lightning_indexer import device_sms
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,11 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         reg=reg, treg=treg, direct=int(p["DIRECT"]), bins=bins.data_ptr() if bins is not None else None)
     name = kernel_name(vec, sorted, wide, cluster, binned=bins is not None)
     kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[name]
+    # a programmatic launch (programmatic_launch) where the blocks are one wave at most (decode rows): there the
+    # launch gap is a measurable part of the step; many-row (prefill) launches stay plain (not measured)
+    programmatic = R * nsplit <= device_sms(dev) and programmatic_launch.allowed(dev)
     kernel.launch(R * nsplit, WIDE if wide else BLOCK, smem_bytes(p, nsplit, sorted, wide), prm,
-                  torch.cuda.current_stream(dev).cuda_stream, programmatic=programmatic_launch.allowed(dev))
+                  torch.cuda.current_stream(dev).cuda_stream, programmatic=programmatic)
 
 
 def _check_bins(bins: torch.Tensor, R: int, device: torch.device, wide: bool) -> None:
