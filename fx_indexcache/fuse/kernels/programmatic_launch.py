@@ -1,8 +1,8 @@
 """Programmatic dependent launch: whether our kernels are launched to overlap the kernel before them.
 
 A kernel launched after another on a stream normally waits for that one to finish and its writes to drain before
-the driver even schedules it: a gap of a few microseconds between two dependent kernels, which in decode (a
-logits kernel of ~5 us, a top-k of ~14 us) is a tenth of the step. On sm_90 on, a launch with the
+the driver even schedules it. In decode, where a logits kernel takes ~4 us and the top-k ~14 us, hiding that wait
+under the logits was worth 0.6-0.9 us of the step on an H100 (docs/kernels.md). On sm_90 on, a launch with the
 programmatic-stream-serialization attribute may be scheduled as soon as every program of the kernel before it has
 signalled (``griddepcontrol.launch_dependents``) or exited; the new kernel then runs ``griddepcontrol.wait``, which
 returns once the kernel before has finished and its writes are visible. The contract that makes this exact on any
