@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned pdl paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -85,6 +85,14 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "binned" || true
         timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
             | grep "^binned" || true ;;
+    topk-count-row)  # the binned entries counting their own row's bins in shared memory (-DTOPK_COUNT_ROW: no sample,
+                     # p.bins ignored): the binned tests under that build, then the binned section under each build
+                     # (its "binned" top-k is then the self-counting block, against the sampled one)
+        FX_INDEXCACHE_NVRTC_FLAGS=-DTOPK_COUNT_ROW gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k binned || true
+        for flags in "" "-DTOPK_COUNT_ROW"; do
+            FX_INDEXCACHE_NVRTC_FLAGS="$flags" timeout "$(limit 100)" python benchmarks/bench_topk_phases.py \
+                --sections binned --out "$OUT/binned${flags:+_count_row}" | grep "^binned" || true
+        done ;;
     pdl)             # programmatic dependent launch off, then on (FX_INDEXCACHE_PDL): replay of the logits and the
                      # top-k; then the programmatic-launch and CUDA-graph GPU tests with it on (the default)
         for pdl in 0 1; do

@@ -98,6 +98,37 @@ def test_the_stamps_build_compiles_and_changes_the_code():
     assert cubin[:4] == b"\x7fELF" and cubin != default
 
 
+def _text_sections(cubin: bytes) -> dict:
+    """``{section name: bytes}`` of a cubin's code sections (``.text.<kernel>``), from its ELF section headers."""
+    import struct
+
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names_at = struct.unpack_from("<HHH", cubin, 0x3A)
+
+    def header(i):
+        return struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize)
+
+    names = header(names_at)[4]
+    out = {}
+    for i in range(count):
+        name_at, _, _, _, offset, size, *_ = header(i)
+        name = cubin[names + name_at: cubin.index(b"\0", names + name_at)].decode()
+        if name.startswith(".text."):
+            out[name] = cubin[offset: offset + size]
+    return out
+
+
+def test_the_count_row_build_changes_only_the_binned_entries():
+    """-DTOPK_COUNT_ROW (the binned entries count their own row, for timing against the sample) reaches the binned
+    entries' code and leaves every other kernel's code byte for byte as the default build's."""
+    nvrtc = _nvrtc_or_skip()
+    default = _text_sections(nvrtc.compile_cubin(SOURCE, "sm_90"))
+    counting = _text_sections(nvrtc.compile_cubin(SOURCE, "sm_90", ("-DTOPK_COUNT_ROW",)))
+    assert set(default) == set(counting) and len(default) >= len(topk_cuda.KERNELS)
+    changed = {name for name in default if default[name] != counting[name]}
+    assert changed == {f".text.{name}" for name in topk_cuda.KERNELS if "binned" in name}
+
+
 def test_nvrtc_errors_carry_the_compiler_log():
     nvrtc = _nvrtc_or_skip()
     with pytest.raises(nvrtc.CudaKernelUnavailable, match=r"sm_90 failed:[\s\S]*undefined_thing"):

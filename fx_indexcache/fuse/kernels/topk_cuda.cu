@@ -47,6 +47,11 @@ typedef unsigned long long u64;
 #else
 #define REREAD_GLOBAL true
 #endif
+#ifdef TOPK_COUNT_ROW  // (a build variant, for timing: the binned entries count their row's bins themselves, in
+#define COUNT_ROW true    // shared memory, in place of a sample, and ignore p.bins)
+#else
+#define COUNT_ROW false
+#endif
 #ifdef TOPK_REREAD_BLOCKS  // (a build variant, for timing: the 256-thread blocks' filter rereads its kept keys too)
 #define REREAD_BLOCKS true
 #else
@@ -567,6 +572,28 @@ __device__ bool binned_threshold(const u32 *bins, u32 K, u32 cap, Shared<NT> &sh
     return true;
 }
 
+// The row's keys counted into hist[ROW_BINS] (shared memory) by key >> ROW_BIN_SHIFT, as topk_cuda.row_bins counts
+// them: one pass over a contiguous, 16-byte aligned row with shared-memory atomics (COUNT_ROW builds: the binned
+// threshold from the block's own counts, against a sample's search).
+template <int NT>
+__device__ void count_row(const float *row, int T, u32 *hist) {
+    for (int i = threadIdx.x; i < ROW_BINS; i += NT) hist[i] = 0;
+    __syncthreads();
+#pragma unroll 4
+    for (int i = 4 * (int)threadIdx.x; i < T; i += 4 * NT) {
+        if (i + 4 <= T) {
+            const float4 f = *reinterpret_cast<const float4 *>(row + i);
+            atomicAdd(&hist[ukey(f.x) >> ROW_BIN_SHIFT], 1u);
+            atomicAdd(&hist[ukey(f.y) >> ROW_BIN_SHIFT], 1u);
+            atomicAdd(&hist[ukey(f.z) >> ROW_BIN_SHIFT], 1u);
+            atomicAdd(&hist[ukey(f.w) >> ROW_BIN_SHIFT], 1u);
+        } else {
+            for (int j = i; j < T; ++j) atomicAdd(&hist[ukey(row[j]) >> ROW_BIN_SHIFT], 1u);
+        }
+    }
+    __syncthreads();
+}
+
 // The r-th largest key of nb blocks of sb contiguous keys spread evenly over the row (staged in s, four
 // loads in flight a thread). nb and sb are powers of two (topk.plan): block b starts at b T / nb, by shifts.
 template <bool VEC, int NT, bool RR>
@@ -828,8 +855,15 @@ __device__ void topk_row(const Params &p) {
     STAMP(0);
     u32 sample_top = 0, L = 0;
     bool binned = false;
-    if constexpr (BINNED) binned = binned_threshold<NT>(p.bins + row * ROW_BINS, (u32)p.K, (u32)p.cap, sh, buf, L,
-                                                    sample_top);
+    if constexpr (BINNED) {
+        const u32 *bins = p.bins + row * ROW_BINS;
+        if constexpr (COUNT_ROW) {
+            __shared__ __align__(16) u32 row_hist[ROW_BINS];
+            count_row<NT>(p.x + row * p.sxr, p.T, row_hist);
+            bins = row_hist;
+        }
+        binned = binned_threshold<NT>(bins, (u32)p.K, (u32)p.cap, sh, buf, L, sample_top);
+    }
     if (binned) STAMP(1);  // (the stamps' "sample loaded": the bins read and searched; the sample's search takes none)
     if (!binned && !p.direct) L = sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
