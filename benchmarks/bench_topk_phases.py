@@ -251,8 +251,8 @@ def measure_binned(R, T, log) -> dict:
 
     from fx_indexcache.fuse.kernels import lightning_indexer as li
     from fx_indexcache.fuse.kernels import topk_cuda
-    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits
 
+    indexer_logits = li.indexer_logits
     q, k, w = make_inputs(R, 1, T, seed=R)
     cfg = li.default_config(R, 1, T, q.shape[2], q.shape[3], q.device, "bf16")
     if cfg.kind != "key_rows":  # (only key-rows launches count)

@@ -3,6 +3,7 @@ test extra installs libnvrtc; no GPU needed), with its errors' log and its disk 
 machine) within its register budget; the launch parameters the host fills match the kernel's struct; the switch
 that keeps the top-k on Triton says so."""
 
+import functools
 import re
 import shutil
 import subprocess
@@ -52,7 +53,7 @@ def test_cluster_kernels_exist_only_where_clusters_do():
     """The cluster kernels compile for sm_90 (thread-block clusters) and are absent from an sm_80 build, whose
     other kernels still compile (the host loads CLUSTER_KERNELS only on 9.0+)."""
     nvrtc = _nvrtc_or_skip()
-    hopper, ampere = nvrtc.compile_cubin(SOURCE, "sm_90"), nvrtc.compile_cubin(SOURCE, "sm_80")
+    hopper, ampere = _default_sm90_cubin(), nvrtc.compile_cubin(SOURCE, "sm_80")
     for name in topk_cuda.CLUSTER_KERNELS:
         assert name.encode() in hopper and name.encode() not in ampere
     assert all(name.encode() in ampere for name in topk_cuda.KERNELS)
@@ -68,6 +69,12 @@ def test_the_switch_keeps_the_top_k_on_triton_and_says_why(monkeypatch):
         topk_cuda._reason.cache_clear()
 
 
+@functools.lru_cache(maxsize=None)
+def _default_sm90_cubin() -> bytes:
+    """The default build for sm_90, compiled once for the tests that compare against it or read it."""
+    return _nvrtc_or_skip().compile_cubin(SOURCE, "sm_90")
+
+
 def _nvrtc_or_skip():
     from fx_indexcache.fuse.kernels import nvrtc
 
@@ -81,8 +88,7 @@ def _nvrtc_or_skip():
 def test_nvrtc_compiles_the_source_as_users_get_it():
     """The path users take (NVRTC, no toolkit), on the CPU: a cubin for sm_90 and one with the debug flag."""
     nvrtc = _nvrtc_or_skip()
-    for options in ((), ("-lineinfo",)):
-        cubin = nvrtc.compile_cubin(SOURCE, "sm_90", options)
+    for cubin in (_default_sm90_cubin(), nvrtc.compile_cubin(SOURCE, "sm_90", ("-lineinfo",))):
         assert cubin[:4] == b"\x7fELF" and all(name.encode() in cubin for name in topk_cuda.KERNELS)
 
 
@@ -91,7 +97,7 @@ def test_the_stamps_build_compiles_and_changes_the_code():
     its cubin differs from the default's, where a flag the code ignores leaves it equal (a misspelt or unused macro
     would pass unnoticed otherwise)."""
     nvrtc = _nvrtc_or_skip()
-    default = nvrtc.compile_cubin(SOURCE, "sm_90")
+    default = _default_sm90_cubin()
     assert nvrtc.compile_cubin(SOURCE, "sm_90", ("-DTOPK_NOT_A_VARIANT=1",)) == default
     assert re.search(r"^#ifdef TOPK_STAMPS\b", SOURCE, re.M)
     cubin = nvrtc.compile_cubin(SOURCE, "sm_90", ("-DTOPK_STAMPS=1",))
@@ -122,7 +128,7 @@ def test_the_count_row_build_changes_only_the_binned_entries():
     """-DTOPK_COUNT_ROW (the binned entries count their own row, for timing against the sample) reaches the binned
     entries' code and leaves every other kernel's code byte for byte as the default build's."""
     nvrtc = _nvrtc_or_skip()
-    default = _text_sections(nvrtc.compile_cubin(SOURCE, "sm_90"))
+    default = _text_sections(_default_sm90_cubin())
     counting = _text_sections(nvrtc.compile_cubin(SOURCE, "sm_90", ("-DTOPK_COUNT_ROW",)))
     assert set(default) == set(counting) and len(default) >= len(topk_cuda.KERNELS)
     changed = {name for name in default if default[name] != counting[name]}

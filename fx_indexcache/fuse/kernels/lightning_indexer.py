@@ -90,24 +90,20 @@ def _triton():
 #: ``_topk_triton._count_bins``, which the key-rows kernel calls (its counts); bound by ``_build_kernels``: Triton
 #: looks up a jit function's callees among its module's globals, and this module imports Triton only when it runs.
 _count_bins = None
-#: Triton's grid-dependency controls, which a programmatic launch of the kernels calls (``programmatic_launch``);
-#: bound by ``_build_kernels`` like ``_count_bins``, None where this Triton has none.
-_gdc_wait = None
-_gdc_launch_dependents = None
+#: ``_programmatic_triton.programmatic_prologue``, which a programmatic launch of the kernels runs first; bound by
+#: ``_build_kernels`` like ``_count_bins``.
+_programmatic_prologue = None
 
 
 def _build_kernels(triton, tl):
     """The logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
-    global _count_bins, _gdc_wait, _gdc_launch_dependents
+    global _count_bins, _programmatic_prologue
+    from ._programmatic_triton import AVAILABLE
+    from ._programmatic_triton import programmatic_prologue as _programmatic_prologue
     from ._topk_triton import _count_bins
 
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
-        from triton.language.extra.cuda import gdc_wait as _gdc_wait
-    except ImportError:  # pragma: no cover - Triton before 3.4: launches stay plain
-        _gdc_wait = _gdc_launch_dependents = None
     return {"triton": triton, "prefill": _prefill_kernel(triton, tl), "decode": _decode_kernel(triton, tl),
-            "key_rows": _key_rows_kernel(triton, tl), "programmatic": _gdc_wait is not None}
+            "key_rows": _key_rows_kernel(triton, tl), "programmatic": AVAILABLE}
 
 
 def _prefill_kernel(triton, tl):
@@ -130,9 +126,8 @@ def _prefill_kernel(triton, tl):
         HEADS_PER_STEP: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
-            _gdc_wait()
-            _gdc_launch_dependents()
+        if PDL:  # a programmatic launch (programmatic_launch): wait for the kernel before, first thing
+            _programmatic_prologue()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -212,9 +207,8 @@ def _decode_kernel(triton, tl):
         KEY_BLOCKS: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
-            _gdc_wait()
-            _gdc_launch_dependents()
+        if PDL:  # a programmatic launch (programmatic_launch): wait for the kernel before, first thing
+            _programmatic_prologue()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -325,9 +319,8 @@ def _key_rows_kernel(triton, tl):
         ROW_BIN_SHIFT: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        if PDL:  # a programmatic launch: the kernel before has finished; the one after may be scheduled
-            _gdc_wait()
-            _gdc_launch_dependents()
+        if PDL:  # a programmatic launch (programmatic_launch): wait for the kernel before, first thing
+            _programmatic_prologue()
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -559,10 +552,10 @@ def measured_config(precision: str, B: int, S: int, T: int, H: int, D: int, devi
     tuned = None if name is None else tuned_config(precision, B, S, T, H, D, name, kind=kind)
     if tuned is None:
         return None
-    rows = B * math.ceil(S / max(1, min(tuned.block_s, S)))
-    fitted = fill_the_card(tuned, rows, T, device_sms(device))
+    sms = device_sms(device)
+    fitted = fill_the_card(tuned, B * math.ceil(S / max(1, min(tuned.block_s, S))), T, sms)
     if kind is None and S == 1 and device is not None and programmatic_launch.allowed(device):
-        fitted = leave_the_top_k_its_sms(fitted, B, T, device_sms(device))
+        fitted = leave_the_top_k_its_sms(fitted, B, T, sms)
     return fitted
 
 

@@ -859,7 +859,7 @@ __device__ void topk_row(const Params &p) {
         const u32 *bins = p.bins + row * ROW_BINS;
         if constexpr (COUNT_ROW) {
             __shared__ __align__(16) u32 row_hist[ROW_BINS];
-            count_row<NT>(p.x + row * p.sxr, p.T, row_hist);
+            count_row<NT>(src.row, p.T, row_hist);
             bins = row_hist;
         }
         binned = binned_threshold<NT>(bins, (u32)p.K, (u32)p.cap, sh, buf, L, sample_top);
