@@ -12,6 +12,7 @@ top-k replay under ``torch.cuda.CUDAGraph`` on new inputs, and a DSA stack compi
 Inductor's cudagraph trees (``triton.cudagraphs``, what mode="reduce-overhead" sets) replays correctly.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def test_cuda_topk_loads():
 #: ranked or, with hundreds of equal scores in it ("quantized"), searched; "off_sample" rows put the k-th key above
 #: the count's last bin: path 1), one block a row and split rows, on aligned, unaligned, strided and padded rows
 #: (32766 keys: a wide block's last chunk ends inside a 16-byte load; its filter rereads kept keys by index).
+#: The fallback's cases get as many rows as ``rows_that_overflow`` asks for.
 CUDA_PATH_CASES = [
     (3, 700, 50, {}, ("randn", "ties", "allmasked", "zeros")),
     (300, 8192, 2048, {}, ("randn", "masked", "ties", "allmasked", "quantized", "off_sample")),
@@ -150,16 +152,33 @@ CUDA_PATH_CASES = [
 ]
 #: The candidates' paths (above): 1, or 4 / 5 where the filter counted them.
 CANDIDATE_PATHS = {1, 4, 5}
-#: The wide kernel's: its capacity is at least 4096 (a step of its select), so the fallback needs an 8-key
-#: sample, whose 2nd key lies below the top 4096 keys in 9 rows of 10 at 65536 keys but only 3 of 4 at 32768: at
-#: least 16 rows (both sorted modes see the same rows), so that none overflowing has odds under 1e-9; split rows
-#: as asked for.
-WIDE_PATH_CASES = [(max(R, 16), T, k, dict(sample=8, cap=1024), kinds) if "sample" in o else (R, T, k, o, kinds)
+
+
+def rows_that_overflow(T: int, k: int, opts: dict, wide: bool, odds: float = 1e-9) -> int:
+    """Random rows enough that none of them taking the exact fallback (path 3, which the test asks to see) has
+    odds under ``odds``. A row of iid keys avoids the fallback when at least ``R_SAMPLE`` of the sample's keys lie
+    among its top ``cap`` keys (the threshold then keeps at most ``cap`` candidates): a binomial tail, the same for
+    every row and both sorted modes (they see the same rows). At 65536 keys a 64-key sample against a capacity of
+    1024 avoids it in 1 row of 4, so two rows missed it 7 % of the time."""
+    from fx_indexcache.fuse.kernels import topk as tk
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    plan = tk.plan(T, k, **{n: v for n, v in opts.items() if n in ("cap", "sample")})
+    n, r = plan["NB"] * plan["SB"], plan["R_SAMPLE"]
+    within = max(plan["CAP"], topk_cuda.min_cap(wide)) / T
+    avoids = 1.0 - sum(math.comb(n, i) * within ** i * (1.0 - within) ** (n - i) for i in range(r))
+    return 1 if avoids <= 0.0 else math.ceil(math.log(odds) / math.log(avoids))
+
+
+#: The wide kernel's: its capacity is at least 4096 (a step of its select), so the fallback needs an 8-key sample;
+#: split rows as asked for.
+WIDE_PATH_CASES = [(R, T, k, dict(sample=8, cap=1024), kinds) if "sample" in o else (R, T, k, o, kinds)
                    for R, T, k, o, kinds in CUDA_PATH_CASES]
 #: Cluster rows (sm_90+): the wide cases, the row cut in the cluster's eight blocks whatever ``splits`` says.
 CLUSTER_PATH_CASES = [(R, T, k, {n: v for n, v in o.items() if n != "splits"}, kinds) for R, T, k, o, kinds in WIDE_PATH_CASES]
-PATH_CASES = [(alg, *c) for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES),
-                                           ("cuda_cluster", CLUSTER_PATH_CASES)) for c in cases]
+PATH_CASES = [(alg, max(R, rows_that_overflow(T, k, o, alg != "cuda")) if "sample" in o else R, T, k, o, kinds)
+              for alg, cases in (("cuda", CUDA_PATH_CASES), ("cuda_wide", WIDE_PATH_CASES),
+                                 ("cuda_cluster", CLUSTER_PATH_CASES)) for R, T, k, o, kinds in cases]
 
 
 def _skip_without_clusters(algorithm: str) -> None:
