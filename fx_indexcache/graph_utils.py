@@ -40,21 +40,60 @@ def is_call(node: fx.Node, ops: Iterable) -> bool:
 
 
 def is_relu(node: fx.Node) -> bool:
-    """``relu(x)``, ``clamp_min(x, 0)`` or ``clamp(x, min=0)`` without a max (a max makes it another activation)."""
+    """Whether ``node`` computes ``max(x, 0)`` of one tensor ``x`` (``relu_input`` names it)."""
+    return relu_input(node) is not None
+
+
+def relu_input(node: fx.Node):
+    """``x`` where ``node`` computes ``max(x, 0)`` elementwise in x's shape and dtype, else None: ``relu(x)``,
+    ``clamp_min(x, 0)``, ``clamp(x, min=0)`` without a max (a max makes it another activation), or
+    ``maximum(x, Z)`` either way round with ``Z`` a tensor of zeros that neither widens x's shape nor its dtype
+    (so the result is x's ReLU, not a broadcast or a promotion of it). Detection and fusion both ask here, so
+    they agree on what a ReLU is."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
     if is_call(node, _RELU):
-        return True
+        return node.args[0]
     if is_call(node, {aten.clamp_min}):
         low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        return _is_zero(low)
+        return node.args[0] if _is_zero(low) else None
     if is_call(node, {aten.clamp}):
         low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
         high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-        return _is_zero(low) and high is None
+        return node.args[0] if _is_zero(low) and high is None else None
+    if is_call(node, {aten.maximum}) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        for x, zeros in (node.args, node.args[::-1]):
+            if _is_zeros_tensor(zeros) and _same_shape_and_dtype(node, x):
+                return x
+    return None
+
+
+#: Ops that make a tensor of one value, and where that value is among their arguments (None: zero by name).
+_FILLS = {aten.zeros: None, aten.zeros_like: None, aten.new_zeros: None, aten.full: 1, aten.full_like: 1,
+          aten.new_full: 2, aten.scalar_tensor: 0}
+
+
+def _is_zeros_tensor(node: fx.Node) -> bool:
+    """``node`` is a tensor of zeros made in the graph, re-viewed or expanded at most (a value it carries, not one
+    computed: a fill op whose value is the constant 0)."""
+    while is_call(node, RESHAPES | EXPANDS | IDENTITIES | PERMUTES) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    for op, at in _FILLS.items():
+        if is_call(node, {op}):
+            return at is None or (len(node.args) > at and _is_zero(node.args[at]))
     return False
 
 
 def _is_zero(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _same_shape_and_dtype(node: fx.Node, x: fx.Node) -> bool:
+    out, val = fake_value(node), fake_value(x)
+    if not isinstance(out, torch.Tensor) or not isinstance(val, torch.Tensor):
+        return False
+    return out.dtype == val.dtype and len(out.shape) == len(val.shape) and all(
+        same_size(a, b) for a, b in zip(out.shape, val.shape))
 
 
 def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:

@@ -4,8 +4,8 @@ Every layout computes ``score[s, t] = sum_h w[s, h] * relu(c * q[s, h] . k[t])``
 the future keys and returns ``(masked score, top-k indices)``. They differ in what the matcher must
 see through: unbatched 2-D scores, the head axis in every position, k as a whole buffer, a slice or a
 gather (with or without a singleton head axis), the scale in q, k, the score or the weights, the
-head sum as mul+sum, einsum, matmul or bmm, and the mask by ``masked_fill``, ``where`` or addition.
-``make_inputs`` gives each layout its own leaves from one set of canonical tensors.
+head sum as mul+sum, einsum, matmul or bmm, the ReLU as relu or a maximum with zero, and the mask by
+``masked_fill``, ``where`` or addition. ``make_inputs`` gives each layout its own leaves from one set of canonical tensors.
 """
 
 from __future__ import annotations
@@ -105,6 +105,17 @@ def batched_bhsd_scale_after_relu(q_bhsd, k_cache, w, T: int, topk: int):
     return _top(score.masked_fill(future(q_bhsd.shape[2], T, q_bhsd.device), NEG), topk)
 
 
+def unbatched_linear_maximum_triu(q, k_cache, w, T: int, topk: int):
+    """Products by ``F.linear``, the ReLU as a maximum with a zero scalar, a sum over the head axis of the weighted
+    products, the future masked by adding an upper-triangular matrix of -inf."""
+    k = k_cache[:T].float()
+    s = torch.nn.functional.linear(q.float(), k)  # [S, H, T]
+    s = torch.maximum(s, s.new_zeros(()))
+    score = torch.sum(s * w[:, :, None], dim=1)
+    S = q.shape[0]
+    return _top(score + torch.full((S, T), NEG, device=q.device).triu(T - S + 1), topk)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str
@@ -123,6 +134,7 @@ LAYOUTS = [
     Layout("batched_bhst_bmm", batched_bhst_bmm, True, "bshd", "slice"),
     Layout("batched_singleton_head_k_gather", batched_singleton_head_k_gather, True, "bshd", "gather"),
     Layout("batched_bhsd_scale_after_relu", batched_bhsd_scale_after_relu, True, "bhsd", "bhsd"),
+    Layout("unbatched_linear_maximum_triu", unbatched_linear_maximum_triu, False, "shd", "slice"),
 ]
 
 

@@ -380,6 +380,14 @@ _ACTIVATIONS = {
     "clamp(min=0)": (lambda s: torch.clamp(s, min=0), True),
     "clamp(min=0, max=6)": (lambda s: torch.clamp(s, min=0, max=6), False),  # ReLU6: another activation
     "clamp_min(0.5)": (lambda s: torch.clamp_min(s, 0.5), False),
+    "maximum(s, zeros_like)": (lambda s: torch.maximum(s, torch.zeros_like(s)), True),
+    "maximum(scalar zero, s)": (lambda s: torch.maximum(s.new_zeros(()), s), True),
+    "maximum(s, full 0)": (lambda s: torch.maximum(s, torch.full((s.shape[-1],), 0.0)), True),
+    "maximum(s, full 0.5)": (lambda s: torch.maximum(s, torch.full_like(s, 0.5)), False),
+    "maximum(s, 0-dim zero float64)": (lambda s: torch.maximum(s, torch.zeros((), dtype=torch.float64)), True),
+    "maximum(s, zeros float64)": (lambda s: torch.maximum(s, torch.zeros(s.shape[-1], dtype=torch.float64)), False),
+    "maximum(s, zeros of a wider shape)": (lambda s: torch.maximum(s, torch.zeros((2, *s.shape))), False),
+    "maximum(s, s)": (lambda s: torch.maximum(s, s.flip(-1)), False),
 }
 
 
@@ -399,7 +407,8 @@ class _ActivatedIndexer(torch.nn.Module):
 
 @pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
 def test_detection_and_fusion_agree_on_what_a_relu_is(name, kernel_ok):
-    """clamp(min=0) is a ReLU for the detector and for the fusion matcher alike; with a max it is not."""
+    """clamp(min=0) and the maximum with a tensor of zeros are a ReLU for the detector and for the fusion matcher
+    alike; with a max, another floor, or zeros that widen the shape or the dtype they are not."""
     activation, is_relu = _ACTIVATIONS[name]
     model = _ActivatedIndexer(activation)
     backend = GraphCapture(lambda graph: detect(graph, True).sites)

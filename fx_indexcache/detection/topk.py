@@ -27,6 +27,7 @@ from ..graph_utils import (
     getitem_users,
     is_call,
     is_relu,
+    relu_input,
     numel_hint,
     packet,
     same_size,
@@ -188,7 +189,7 @@ def _operand_role(node: fx.Node, params: frozenset[fx.Node] | None) -> _Role:
 
 def _product_under_relu(relu: fx.Node) -> fx.Node | None:
     """The contraction that the ReLU's input is a scaled/re-viewed copy of, if any."""
-    frontier, seen = [relu.args[0]], set()
+    frontier, seen = [relu_input(relu)], set()
     while frontier:
         node = frontier.pop()
         if node in seen or not isinstance(node, fx.Node):

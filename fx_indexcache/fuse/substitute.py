@@ -83,6 +83,7 @@ from ..graph_utils import (
     insertions_undone_on_error,
     is_call,
     is_relu,
+    relu_input,
     packet,
     same_size,
     take_provenance,
@@ -503,7 +504,7 @@ def _match_at(x: fx.Node) -> ScoreMatch:
         raise _NoMatch(f"the score comes from {outer.name} ({outer.target}), not a head-weighted sum")
     _require_float(outer, "the head-weighted sum")
     relu, relu_chain, w_leaf, w_chain, relu_first = _outer_sides(outer, outer_parts)
-    inner, pre_chain = _chain_back(relu.args[0], narrow_ok=True)
+    inner, pre_chain = _chain_back(relu_input(relu), narrow_ok=True)
     inner_parts = _product_parts(inner)
     if inner_parts is None:
         raise _NoMatch(f"the ReLU's input comes from {inner.name} ({inner.target}), not a q.k product")
