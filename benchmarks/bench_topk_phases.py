@@ -16,10 +16,12 @@ Writes topk_phases.{json,md} under --out.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -241,6 +243,72 @@ def measure_replay(R, T, log, algorithm="cuda_wide") -> dict:
     return res
 
 
+class _LaunchPlain:
+    """Stands in for ``programmatic_launch`` in one kernel module: its launches stay plain whatever the device."""
+
+    @staticmethod
+    def allowed(device) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _programmatic(logits: bool, topk: bool):
+    """Launches of the logits kernel and of the CUDA top-k programmatic or plain, each on its own (the device's
+    decision where asked for, plain otherwise)."""
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+    from fx_indexcache.fuse.kernels import topk_cuda
+
+    with contextlib.ExitStack() as stack:
+        for module, on in ((li, logits), (topk_cuda, topk)):
+            if not on:
+                stack.enter_context(mock.patch.object(module, "programmatic_launch", _LaunchPlain))
+        yield
+
+
+def measure_programmatic_parts(R, T, log, algorithm="cuda_wide", rounds=5) -> dict:
+    """Which launch programmatic launch helps or hurts: the logits kernel and the top-k after it, each plain or
+    programmatic (four combinations), with one logits config (the default's under programmatic launch), replayed in
+    CUDA graphs; the median of ``rounds`` medians for the logits alone and for logits + top-k, the rounds of the
+    four combinations interleaved so that a drift of the card's clock reaches all four alike."""
+    from bench_indexer_kernel import SCALE, make_inputs
+
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+
+    q, k, w = make_inputs(R, 1, T, seed=R)
+    cfg = li.default_config(R, 1, T, q.shape[2], q.shape[3], q.device, "bf16")
+    x = li.indexer_logits(q, k, w, scale=SCALE, config=cfg).reshape(R, T)
+    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
+
+    def logits():
+        li.indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T), config=cfg)
+
+    def logits_topk():
+        logits()
+        tk._launch(x, out, TOPK, algorithm=algorithm)
+
+    combos = [(lp, tp) for lp in (False, True) for tp in (False, True)]
+    times = {c: {"logits": [], "logits_topk": []} for c in combos}
+    exact = {}
+    for _ in range(rounds):
+        for combo in combos:
+            with _programmatic(*combo):
+                times[combo]["logits"].append(graph_ms(logits))
+                times[combo]["logits_topk"].append(graph_ms(logits_topk))
+                exact[combo] = topk_exact(x, out, TOPK)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    res = dict(R=R, T=T, algorithm=algorithm, logits_config=cfg.name(), rounds=rounds,
+               device_allows=programmatic_launch.allowed(x.device), combinations=[
+                   dict(logits_programmatic=lp, topk_programmatic=tp,
+                        logits_graph_us=round(1000 * med(times[(lp, tp)]["logits"]), 2),
+                        logits_topk_graph_us=round(1000 * med(times[(lp, tp)]["logits_topk"]), 2),
+                        logits_topk_rounds_us=[round(1000 * t, 2) for t in times[(lp, tp)]["logits_topk"]],
+                        exact=exact[(lp, tp)]) for lp, tp in combos])
+    log(f"programmatic parts {R}x{T} ({cfg.name()}): " + "; ".join(
+        f"logits {'P' if c['logits_programmatic'] else '-'} top-k {'P' if c['topk_programmatic'] else '-'}: "
+        f"{c['logits_graph_us']} / {c['logits_topk_graph_us']} us" for c in res["combinations"]))
+    return res
+
+
 def measure_binned(R, T, log) -> dict:
     """The wide block with its threshold from the rows' binned counts beside its sample, replayed in CUDA graphs on
     the logits kernel's own rows, unsorted: the top-k alone (counts made outside the graph by
@@ -300,7 +368,8 @@ def main() -> None:
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
                     "(DECODE_SHAPES, CUDA graphs), replay (REPLAY_SHAPES: the CUDA top-k's graph replay time, "
                     "alone and after the logits), binned (the wide block's threshold from the rows' binned counts against its "
-                    "sample), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
+                    "sample), programmatic_parts (REPLAY_SHAPES: the logits and the top-k each launched plain or "
+                    "programmatic, medians of five rounds), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
     ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster", "cuda", "auto"),
                     help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block; "
                     "auto: what row_topk picks for each shape)")
@@ -324,7 +393,9 @@ def main() -> None:
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
     jobs += [(measure_replay, s) for s in REPLAY_SHAPES if "replay" in sections]
     jobs += [(measure_binned, s) for s in STAMP_SHAPES if "binned" in sections]
-    launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm)}
+    jobs += [(measure_programmatic_parts, s) for s in REPLAY_SHAPES if "programmatic_parts" in sections]
+    launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm),
+              measure_programmatic_parts: dict(algorithm=args.algorithm)}
     results = []
     for measure, (R, T) in jobs:
         try:

@@ -34,7 +34,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 }
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -100,6 +100,10 @@ case "$step" in
                 --out "$OUT/replay_pdl$pdl" | grep "^replay" || true
         done
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "programmatic or replay" ;;
+    pdl-parts)       # which launch programmatic launch helps or hurts (1 x 256K measured slower with it): the logits
+                     # kernel and the top-k each plain or programmatic, medians of five interleaved rounds
+        timeout "$(limit 500)" python benchmarks/bench_topk_phases.py --sections programmatic_parts --out "$OUT" \
+            | grep "^programmatic" || true ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time

@@ -123,3 +123,24 @@ def test_the_launch_structures_are_the_drivers():
     assert nvrtc._LaunchAttribute.value.offset == 8
     assert (nvrtc._LaunchConfig.stream.offset, nvrtc._LaunchConfig.attrs.offset,
             nvrtc._LaunchConfig.num_attrs.offset, ctypes.sizeof(nvrtc._LaunchConfig)) == (32, 40, 48, 56)
+
+
+def test_the_benchmark_turns_each_kernels_programmatic_launch_off_on_its_own():
+    """``bench_topk_phases --sections programmatic_parts`` times the four plain/programmatic combinations of the
+    logits kernel and the top-k: the switch it uses reaches the name each kernel module asks at launch, one module
+    at a time, and puts it back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_topk_phases as bench
+
+    from fx_indexcache.fuse.kernels import lightning_indexer
+
+    cpu = torch.device("cpu")
+    for logits_on, topk_on in ((False, False), (False, True), (True, False), (True, True)):
+        with bench._programmatic(logits_on, topk_on):
+            for module, on in ((lightning_indexer, logits_on), (topk_cuda, topk_on)):
+                assert (module.programmatic_launch is programmatic_launch) == on
+                assert module.programmatic_launch.allowed(cpu) is False  # (never on a CPU device either way)
+    assert lightning_indexer.programmatic_launch is programmatic_launch is topk_cuda.programmatic_launch
