@@ -74,14 +74,37 @@ _FILLS = {aten.zeros: None, aten.zeros_like: None, aten.new_zeros: None, aten.fu
 
 
 def _is_zeros_tensor(node: fx.Node) -> bool:
-    """``node`` is a tensor of zeros made in the graph, re-viewed or expanded at most (a value it carries, not one
-    computed: a fill op whose value is the constant 0)."""
+    """``node`` is a tensor of zeros the graph holds, re-viewed or expanded at most: a fill op whose value is the
+    constant 0, or a constant of the graph's module (``torch.tensor(0.)`` in the model) whose values are all 0."""
     while is_call(node, RESHAPES | EXPANDS | IDENTITIES | PERMUTES) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
+    if node.op == "get_attr":
+        return _is_zero_constant(node)
     for op, at in _FILLS.items():
         if is_call(node, {op}):
             return at is None or (len(node.args) > at and _is_zero(node.args[at]))
     return False
+
+
+#: The largest graph constant whose values ``_is_zero_constant`` reads (a scalar or a short vector in practice).
+_MAX_CONSTANT_READ = 1 << 16
+
+
+def _is_zero_constant(node: fx.Node) -> bool:
+    """A ``get_attr`` of a real (not fake) tensor on the graph's module, small enough to read, all of whose values
+    are 0: the value the graph runs with, since a lifted constant is copied before any use."""
+    from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+
+    value = node.graph.owning_module
+    try:
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        return False
+    if not isinstance(value, torch.Tensor) or is_fake(value) or value.device.type == "meta":
+        return False
+    with unset_fake_temporarily():  # (passes run under the compile's fake mode; this value is real)
+        return value.numel() <= _MAX_CONSTANT_READ and not bool(value.any())
 
 
 def _is_zero(value) -> bool:

@@ -388,6 +388,8 @@ _ACTIVATIONS = {
     "maximum(s, zeros float64)": (lambda s: torch.maximum(s, torch.zeros(s.shape[-1], dtype=torch.float64)), False),
     "maximum(s, zeros of a wider shape)": (lambda s: torch.maximum(s, torch.zeros((2, *s.shape))), False),
     "maximum(s, s)": (lambda s: torch.maximum(s, s.flip(-1)), False),
+    "maximum(s, tensor(0.))": (lambda s: torch.maximum(s, torch.tensor(0.0)), True),  # a constant of the graph
+    "maximum(s, tensor([0., 1., 0., ...]))": (lambda s: torch.maximum(s, torch.tensor([0.0, 1.0] + [0.0] * 6)), False),
 }
 
 
