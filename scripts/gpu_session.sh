@@ -100,10 +100,14 @@ case "$step" in
                 --out "$OUT/replay_pdl$pdl" | grep "^replay" || true
         done
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "programmatic or replay" ;;
-    pdl-parts)       # which launch programmatic launch helps or hurts (1 x 256K measured slower with it): the logits
-                     # kernel and the top-k each plain or programmatic, medians of five interleaved rounds
-        timeout "$(limit 500)" python benchmarks/bench_topk_phases.py --sections programmatic_parts --out "$OUT" \
-            | grep "^programmatic" || true ;;
+    pdl-parts)       # which launch programmatic launch helps or hurts (1 x 256K measured slower with it, after the
+                     # wide block): the logits kernel and the top-k each plain or programmatic, medians of five
+                     # interleaved rounds; the wide block, then the launch the product picks (auto: the cluster
+                     # rows from 64K on)
+        for algorithm in cuda_wide auto; do
+            timeout "$(limit 280)" python benchmarks/bench_topk_phases.py --sections programmatic_parts \
+                --algorithm "$algorithm" --out "$OUT/$algorithm" | grep "^programmatic" || true
+        done ;;
     topk-variants)   # build variants of the CUDA top-k (TOPK_VARIANTS: flag sets for FX_INDEXCACHE_NVRTC_FLAGS,
                      # separated by "|"; an empty set is the default build) side by side: exactness on every check
                      # case, then the wide block's stamps and replay time
