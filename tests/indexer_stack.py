@@ -10,7 +10,8 @@ of the F layer before it. Used by the GPU tests and ``benchmarks/bench_kernel_in
 ``indexer=`` picks how each layer's score is written: ``"fp32"`` (above: q, k and w upcast, the products
 in fp32), or in the model's own dtype as most people write it (issue 28: no upcasts, every op bf16/fp16):
 ``"native_einsum"`` (``torch.einsum("shd,td->sht", q, kcache).relu()``) or ``"native_matmul"``
-(``torch.matmul(q, kcache.T).relu()``), then the head-weighted ``mul`` + ``sum`` and ``masked_fill``.
+(``torch.matmul(q, kcache.T).relu()``) or ``"native_linear_maximum"`` (``torch.maximum(F.linear(q, kcache),
+torch.tensor(0.))``), then the head-weighted ``mul`` + ``sum`` and ``masked_fill``.
 ``"contract"`` is the oracle of the fused path on a native stack: the same score computed in fp32 and
 rounded once to the model's dtype (what ``indexer_logits_rounded`` returns). ``BatchedDSAStack`` is a
 native batched one: ``x [B, S, hidden]``, a broadcasting ``matmul`` over ``[B, H, S, T]``, the head sum as
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 
-INDEXERS = ("fp32", "native_einsum", "native_matmul", "contract")
+INDEXERS = ("fp32", "native_einsum", "native_matmul", "native_linear_maximum", "contract")
 
 
 class UnbatchedDSALayer(nn.Module):
@@ -60,6 +61,8 @@ class UnbatchedDSALayer(nn.Module):
                 score = (torch.einsum("shd,td->sht", q, k).relu() * w[:, :, None]).sum(1)
             elif self.indexer == "native_matmul":
                 score = (torch.matmul(q, k.T).relu() * w[:, :, None]).sum(1)
+            elif self.indexer == "native_linear_maximum":  # a ReLU spelt as a maximum with a constant zero
+                score = torch.sum(torch.maximum(nn.functional.linear(q, k), torch.tensor(0.0)) * w[:, :, None], dim=1)
             else:  # contract: fp32 inside, rounded once where the score is stored
                 scores = torch.einsum("shd,td->sht", q.float(), k.float()).relu()
                 score = (scores * w.float()[:, :, None]).sum(1).to(x.dtype)

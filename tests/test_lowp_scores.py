@@ -115,7 +115,7 @@ def _stack(kind: str, dtype):
 
 
 @pytest.mark.parametrize("kind, dtype", [("native_einsum", torch.bfloat16), ("native_matmul", torch.float16),
-                                         ("batched", torch.bfloat16)])
+                                         ("native_linear_maximum", torch.bfloat16), ("batched", torch.bfloat16)])
 def test_native_stack_fuses_every_f_layer_and_equals_the_contract(kind, dtype, kernel_ok, sites_on_cuda):
     """The default pass (IndexCache's default pattern) on a stack written in the model's dtype: the S layers
     are removed, every F layer is fused under ``fp32_inside``, and the stack equals the same weights run

@@ -174,7 +174,8 @@ def test_topk_agreement_on_the_trained_checkpoint_is_at_inductor_level():
 
 
 @pytest.mark.parametrize("kind, dtype", [("native_einsum", torch.bfloat16), ("native_matmul", torch.float16),
-                                         ("batched", torch.bfloat16), ("native_einsum+sort", torch.bfloat16)])
+                                         ("native_linear_maximum", torch.bfloat16), ("batched", torch.bfloat16),
+                                         ("native_einsum+sort", torch.bfloat16)])
 def test_backend_default_fuses_every_f_layer_of_a_native_stack(kind, dtype):
     import fx_indexcache
     from fx_indexcache import indexcache_backend
