@@ -44,7 +44,7 @@ def is_relu(node: fx.Node) -> bool:
     return relu_input(node) is not None
 
 
-def relu_input(node: fx.Node):
+def relu_input(node: fx.Node) -> "fx.Node | None":
     """``x`` where ``node`` computes ``max(x, 0)`` elementwise in x's shape and dtype, else None: ``relu(x)``,
     ``clamp_min(x, 0)``, ``clamp(x, min=0)`` without a max (a max makes it another activation), or
     ``maximum(x, Z)`` either way round with ``Z`` a tensor of zeros that neither widens x's shape nor its dtype

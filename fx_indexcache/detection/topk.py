@@ -27,9 +27,9 @@ from ..graph_utils import (
     getitem_users,
     is_call,
     is_relu,
-    relu_input,
     numel_hint,
     packet,
+    relu_input,
     same_size,
 )
 from .graph_inputs import parameter_placeholders

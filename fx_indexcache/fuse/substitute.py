@@ -83,8 +83,8 @@ from ..graph_utils import (
     insertions_undone_on_error,
     is_call,
     is_relu,
-    relu_input,
     packet,
+    relu_input,
     same_size,
     take_provenance,
 )
