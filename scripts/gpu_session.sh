@@ -19,8 +19,9 @@ machine() {
 # `timeout` runs in a process group of its own, so only its own limit stops what it started).
 limit() { local own=$1; echo $(( ${STEP_LIMIT_S:-$own} < own ? ${STEP_LIMIT_S:-$own} : own )); }
 
-gpu_tests() {  # the files given, then a compute-sanitizer pass of the ones that ask for it (-k sanitizer)
-    timeout "$(limit 540)" python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
+gpu_tests() {  # the files given; each failure's report goes to $OUT/failures.txt as it happens (tests/failure_log.py)
+    FX_INDEXCACHE_TEST_FAILURES="$OUT/failures.txt" timeout "$(limit 540)" python -m pytest -q -p no:cacheprovider "$@" \
+        2>&1 | tee -a "$OUT/tests.txt"
 }
 
 CONFIGS=fx_indexcache/fuse/kernels/configs

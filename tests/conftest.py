@@ -17,6 +17,7 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from capture import GraphCapture  # noqa: E402
+from failure_log import pytest_runtest_logreport  # noqa: E402,F401  (a hook: failures written as they happen)
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402

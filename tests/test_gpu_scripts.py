@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -77,3 +78,20 @@ def test_build_deepgemm_names_what_a_copy_of_the_sources_lacks(tmp_path, missing
     done = subprocess.run(["bash", str(ROOT / "scripts" / "build_deepgemm.sh"), str(src)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 1 and named in done.stderr, done.stderr
+
+
+def test_a_failure_is_written_down_the_moment_it_happens(tmp_path):
+    """gpu_session's tests write each failure to $OUT/failures.txt as it happens (tests/failure_log.py): a run the
+    deadline kills before pytest's summary still says which test failed and why."""
+    (tmp_path / "test_probe.py").write_text(
+        "def test_passes():\n    assert True\n\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'the reason'\n\n"
+        "def test_hangs():\n    import time\n    time.sleep(600)\n")
+    failures = tmp_path / "failures.txt"
+    env = dict(os.environ, FX_INDEXCACHE_TEST_FAILURES=str(failures), PYTHONPATH=str(ROOT / "tests"))
+    with pytest.raises(subprocess.TimeoutExpired):  # killed in the last test, as a deadline would
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "failure_log",
+                        str(tmp_path / "test_probe.py")], env=env, cwd=tmp_path, capture_output=True, timeout=15)
+    written = failures.read_text()
+    assert "FAILED test_probe.py::test_fails (in call)" in written and "the reason" in written, written
+    assert "test_passes" not in written and "test_hangs" not in written
