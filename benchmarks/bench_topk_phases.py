@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+from statistics import median_high
 from unittest import mock
 
 import torch
@@ -198,19 +199,18 @@ def measure_stamps(R, T, log, algorithm="cuda_wide", reps=50) -> dict:
             launch(stamps)
             torch.cuda.synchronize()
             runs.append(stamps.view(torch.int64).cpu().tolist())
-        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         phases = {}
         for i, name in enumerate(STAMP_PHASES, start=1):
             if all(r[i] and r[i - 1] for r in runs):
-                phases[name] = med([r[i] - r[i - 1] for r in runs])
+                phases[name] = median_high([r[i] - r[i - 1] for r in runs])
         done = [r for r in runs if r[7] and r[0]]
         # the steps inside the phases (STAMP_STEP: histogram passes, compaction chunks; the first follows the sample's
         # loads), cycles since the step before
-        steps = [med([r[i] - (r[i - 1] if i > 16 else r[1]) for r in runs])
+        steps = [median_high([r[i] - (r[i - 1] if i > 16 else r[1]) for r in runs])
                  for i in range(16, slots) if all(r[i] for r in runs)]
         res[tag] = dict(
-            cycles=phases, steps_after_sample=steps, total_cycles=med([r[7] - r[0] for r in done]) if done else None,
-            block_ns=med([r[14] - r[15] for r in runs]),
+            cycles=phases, steps_after_sample=steps, total_cycles=median_high([r[7] - r[0] for r in done]) if done else None,
+            block_ns=median_high([r[14] - r[15] for r in runs]),
             kernel_ms=kernel_times(launch), graph_ms=round(graph_ms(launch), 4),
             exact=topk_exact(x, out, TOPK))
         log(f"stamps {R}x{T} {tag}: {res[tag]}")
@@ -295,12 +295,11 @@ def measure_programmatic_parts(R, T, log, algorithm="cuda_wide", rounds=5) -> di
                 times[combo]["logits"].append(graph_ms(logits))
                 times[combo]["logits_topk"].append(graph_ms(logits_topk))
                 exact[combo] = topk_exact(x, out, TOPK)
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     res = dict(R=R, T=T, algorithm=algorithm, logits_config=cfg.name(), rounds=rounds,
                device_allows=programmatic_launch.allowed(x.device), combinations=[
                    dict(logits_programmatic=lp, topk_programmatic=tp,
-                        logits_graph_us=round(1000 * med(times[(lp, tp)]["logits"]), 2),
-                        logits_topk_graph_us=round(1000 * med(times[(lp, tp)]["logits_topk"]), 2),
+                        logits_graph_us=round(1000 * median_high(times[(lp, tp)]["logits"]), 2),
+                        logits_topk_graph_us=round(1000 * median_high(times[(lp, tp)]["logits_topk"]), 2),
                         logits_topk_rounds_us=[round(1000 * t, 2) for t in times[(lp, tp)]["logits_topk"]],
                         exact=exact[(lp, tp)]) for lp, tp in combos])
     log(f"programmatic parts {R}x{T} ({cfg.name()}): " + "; ".join(
