@@ -13,8 +13,9 @@ from torch import fx
 
 aten = torch.ops.aten
 
-#: Ops that multiply two operands and reduce over a shared axis (post-grad ATen spellings).
-CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm}
+#: Ops that multiply two operands and reduce over a shared axis. Compiled graphs decompose ``linear`` into ``t`` +
+#: ``mm``; ``torch.export`` keeps ``aten.linear(input, weight, bias)`` whole, its operands first as in ``mm``.
+CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm, aten.linear}
 
 #: Ops that keep every value of one tensor, by how they move it (fusion replays each kind on index labels).
 RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.flatten}

@@ -357,10 +357,15 @@ def test_different_k_per_layer_is_left_alone():
 
 
 # ----------------------------------------------------------------------------- no module stack
-def lightning_indexer(x, wq, wk, ww, k):
+def lightning_indexer(x, wq, wk, ww, k, product: str = "matmul"):
+    """``product``: how q·k is written. ``torch.export`` keeps ``F.linear`` as ``aten.linear`` (compiled graphs
+    decompose it into ``t`` + ``mm``), so a detector that knows only matmul-family products misses it there."""
     q = (x @ wq).view(B, S, H, HD)
     key = x @ wk
-    logits = F.relu(torch.matmul(q, key.transpose(-1, -2).unsqueeze(1)) * HD**-0.5)
+    if product == "linear":
+        logits = F.relu(F.linear(q, key[0]) * HD**-0.5)  # B == 1: F.linear takes a 2-D weight
+    else:
+        logits = F.relu(torch.matmul(q, key.transpose(-1, -2).unsqueeze(1)) * HD**-0.5)
     score = torch.matmul((x @ ww).unsqueeze(-2) * H**-0.5, logits).squeeze(-2) + _causal(S)
     return score.topk(k, dim=-1).indices
 
@@ -374,18 +379,18 @@ def sparse_mix(x, indices, wv, wo):
 class Functional(nn.Module):
     """All weights in one flat list, the layers a plain loop of functions: no per-layer modules."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, product: str = "matmul") -> None:
         super().__init__()
         torch.manual_seed(0)
         shapes = [(D, H * HD), (D, HD), (D, H), (D, D), (D, D)]
         self.weights = nn.ParameterList(nn.Parameter(torch.randn(*s) * 0.5) for _ in range(n) for s in shapes)
-        self.n = n
+        self.n, self.product = n, product
 
     def forward(self, x, pattern: str | None = None):
         source = None
         for i in range(self.n):
             wq, wk, ww, wv, wo = list(self.weights)[5 * i: 5 * i + 5]
-            own = lightning_indexer(x, wq, wk, ww, K)
+            own = lightning_indexer(x, wq, wk, ww, K, self.product)
             indices = source if pattern and pattern[i] == "S" else own
             if not pattern or pattern[i] == "F":
                 source = own
@@ -393,9 +398,10 @@ class Functional(nn.Module):
         return x
 
 
+@pytest.mark.parametrize("product", ["matmul", "linear"])
 @pytest.mark.parametrize("strip_metadata", [False, True])
-def test_functional_indexer_through_export(strip_metadata):
-    model = Functional(4).eval()
+def test_functional_indexer_through_export(strip_metadata, product):
+    model = Functional(4, product).eval()
     x = torch.randn(B, S, D)
     with torch.no_grad():
         program = torch.export.export(model, (x,), strict=False)
@@ -415,8 +421,9 @@ def test_functional_indexer_through_export(strip_metadata):
         torch.testing.assert_close(program.module()(x), expected)
 
 
-def test_functional_indexer_through_compile():
-    model = Functional(3).eval()
+@pytest.mark.parametrize("product", ["matmul", "linear"])
+def test_functional_indexer_through_compile(product):
+    model = Functional(3, product).eval()
     x = torch.randn(B, S, D)
     out, report = _compile(model, x, "FSF")
     _assert_shares(report, "FSF")
