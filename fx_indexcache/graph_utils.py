@@ -11,11 +11,13 @@ import sympy
 import torch
 from torch import fx
 
+from .composite_ops import decomposes_into, op_name
+
 aten = torch.ops.aten
 
-#: Ops that multiply two operands and reduce over a shared axis. Compiled graphs decompose ``linear`` into ``t`` +
-#: ``mm``; ``torch.export`` keeps ``aten.linear(input, weight, bias)`` whole, its operands first as in ``mm``.
-CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm, aten.linear}
+#: Ops that multiply two operands and reduce over a shared axis. Composite ones an export keeps whole
+#: (``linear``, ``tensordot``) are contractions by their definition (``is_call``).
+CONTRACTIONS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.einsum, aten._scaled_mm}
 
 #: Ops that keep every value of one tensor, by how they move it (fusion replays each kind on index labels).
 RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.flatten}
@@ -30,6 +32,10 @@ VIEW_LIKE = VALUE_PRESERVING | {aten.slice, aten.select}
 
 _RELU = {aten.relu, aten.relu_}
 
+#: What a composite op may run besides the op it stands for (a view or cast on the way in or out).
+_GLUE = frozenset(op_name(op) for op in VALUE_PRESERVING)
+_CONTRACTION_NAMES = frozenset(op_name(op) for op in CONTRACTIONS)
+
 
 def packet(node: fx.Node):
     """The overload packet of an ATen call (``aten.mm`` for ``aten.mm.default``), else the target."""
@@ -37,7 +43,26 @@ def packet(node: fx.Node):
 
 
 def is_call(node: fx.Node, ops: Iterable) -> bool:
-    return node.op == "call_function" and packet(node) in ops
+    """Whether ``node`` calls one of ``ops``.
+
+    A composite op (``composite_ops``: one an export keeps whole) is read by its definition, in one of two classes
+    whose readers take only its tensor inputs: one that only re-views, casts or copies its input (``to``,
+    ``movedim``, ``numpy_T``) is each value-preserving op it runs; one that runs contractions besides those
+    (``tensordot``, ``linear``) is each contraction it runs, its first two inputs the operands. Any other composite
+    op matches nothing, so a walk stops there and the indexer behind it is left alone.
+    """
+    if node.op != "call_function":
+        return False
+    if packet(node) in ops:
+        return True
+    parts = decomposes_into(node)
+    if not parts:
+        return False
+    names = {op_name(op) for op in ops}
+    beyond_glue = set(parts) - _GLUE
+    if not beyond_glue:
+        return any(part in names for part in parts)
+    return beyond_glue <= _CONTRACTION_NAMES and any(part in names for part in beyond_glue)
 
 
 def is_relu(node: fx.Node) -> bool:

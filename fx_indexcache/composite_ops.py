@@ -1,0 +1,104 @@
+"""What a composite ATen op is made of, so that every stage reads one dialect whatever produced the graph.
+
+Compiled graphs reach the pass after AOTAutograd has decomposed every ``CompositeImplicitAutograd`` op
+(``aten.to``, ``movedim``, ``tensordot``, ``numpy_T``, ``linear``, ...) into the ops it is defined by.
+``torch.export``'s graphs keep many of them whole. A stage that asks "is this node a permute?" or "is this a
+contraction?" by op name would then see an unknown op where a compiled graph of the same model holds a permute or
+an ``mm``, and leave the indexer alone. Listing those ops one by one is a race with the exporter; reading them by
+their own definition is not.
+
+``decomposes_into(node)`` traces the op's composite kernel once, on meta tensors shaped like the node's inputs,
+and names the ops it runs (an identity, such as ``to`` of a tensor's own dtype, runs ``aten.alias``). The answer
+is kept in the node's ``meta`` under ``META_KEY``: the graph owns it, and it goes with the node.
+``graph_utils.is_call`` asks a composite node whether it is one of the ops a stage names, up to re-views.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+#: The node-meta key under which a composite node's decomposition (op names, sorted) is kept.
+META_KEY = "fx_indexcache_decomposes_into"
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_IDENTITY = ("aten::alias",)
+
+
+@functools.lru_cache(maxsize=None)
+def is_composite(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` is defined by other ops (compiled graphs never hold it; an export may)."""
+    return op.has_kernel_for_dispatch_key(_COMPOSITE)
+
+
+def op_name(op) -> str:
+    """``aten::permute`` for the packet ``aten.permute`` or any of its overloads; ``str(op)`` for others."""
+    packet = getattr(op, "_overloadpacket", op)
+    return getattr(packet, "_qualified_op_name", str(packet))
+
+
+def decomposes_into(node: fx.Node) -> tuple[str, ...] | None:
+    """The names of the ops ``node``'s composite op runs on its inputs, or None: not a composite ATen call with one
+    tensor out (``sym_size`` is composite too, and a size is no re-view of its tensor), or its inputs' values are
+    unknown, or its kernel could not be traced (then no stage reads it as anything)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not is_composite(target):
+        return None
+    if not isinstance(node.meta.get("val", node.meta.get("example_value")), torch.Tensor):
+        return None
+    if META_KEY not in node.meta:
+        node.meta[META_KEY] = _trace(target, node.args, node.kwargs)
+    return node.meta[META_KEY]
+
+
+def _meta_tensor(value):
+    """A meta tensor of ``value``'s shape (size hints for symbolic sizes), dtype and strides' order."""
+    shape = [_hint(size) for size in value.shape]
+    return torch.empty(shape, dtype=value.dtype, device="meta")
+
+
+def _hint(size) -> int:
+    if isinstance(size, torch.SymInt):
+        return size.node.hint if size.node.has_hint() else 2
+    return int(size)
+
+
+class _Untraceable(Exception):
+    pass
+
+
+def _trace(op: torch._ops.OpOverload, args, kwargs) -> tuple[str, ...] | None:
+    def concrete(arg):
+        if isinstance(arg, fx.Node):
+            value = arg.meta.get("val", arg.meta.get("example_value"))
+            if isinstance(value, torch.Tensor):
+                return _meta_tensor(value)
+            if isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat)):
+                return _hint(value) if isinstance(value, torch.SymInt) else value
+            raise _Untraceable
+        if isinstance(arg, torch.SymInt):
+            return _hint(arg)
+        return arg
+
+    try:
+        args, kwargs = tree_map(concrete, (args, kwargs))
+        tensors, spec = tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(tensors) if isinstance(leaf, torch.Tensor)]
+
+        def run(*inputs):
+            leaves = list(tensors)
+            for i, tensor in zip(positions, inputs):
+                leaves[i] = tensor
+            call_args, call_kwargs = spec.unflatten(leaves)
+            return op.decompose(*call_args, **call_kwargs)
+
+        graph = make_fx(run, tracing_mode="real")(*[tensors[i] for i in positions]).graph
+    except Exception:  # a kernel that meta tensors cannot run: the op stays unknown, which is safe
+        return None
+    names = sorted({op_name(n.target) for n in graph.nodes
+                    if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)})
+    return tuple(names) or _IDENTITY
