@@ -151,3 +151,15 @@ def test_each_composite_is_read_as_the_class_its_definition_belongs_to():
     assert decomposes_into(_call(aten.mm.default, (2, 3), (3, 4))) is None  # not composite: read by its name
     size = _call(aten.sym_size.int, (4, 4), args=(0,))
     assert decomposes_into(size) is None and not is_call(size, IDENTITIES)  # composite, but a size, not a view
+
+
+@pytest.mark.parametrize("style", ["float_cast", "linear_type_as"])
+def test_core_aten_export_is_rewritten_too(style):
+    """``run_decompositions()`` (core ATen, what export backends lower) holds no composites: the same sharing."""
+    model, x = FlatStack(style, torch.bfloat16).eval(), torch.randn(S, D).to(torch.bfloat16)
+    program = _export(model, x).run_decompositions()
+    assert not any(decomposes_into(n) for n in program.graph.nodes)
+    report = fic.apply_index_cache_to_exported_program(program, index_topk_pattern="FSFS")
+    assert [d.action.value for d in report.decisions] == ["computed", "shared", "computed", "shared"]
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x, "FSFS"), rtol=0, atol=0)
