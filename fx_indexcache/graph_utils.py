@@ -62,7 +62,9 @@ def is_call(node: fx.Node, ops: Iterable) -> bool:
     beyond_glue = set(parts) - _GLUE
     if not beyond_glue:
         return any(part in names for part in parts)
-    return beyond_glue <= _CONTRACTION_NAMES and any(part in names for part in beyond_glue)
+    operands = node.args[:2]
+    return (beyond_glue <= _CONTRACTION_NAMES and any(part in names for part in beyond_glue)
+            and len(operands) == 2 and all(isinstance(arg, fx.Node) for arg in operands))
 
 
 def is_relu(node: fx.Node) -> bool:

@@ -144,6 +144,10 @@ def test_each_composite_is_read_as_the_class_its_definition_belongs_to():
     assert is_call(moved, PERMUTES) and not is_call(moved, CONTRACTIONS)
     product = _call(aten.tensordot.default, (2, 3, 4), (5, 4), args=([2], [1]))
     assert is_call(product, CONTRACTIONS) and not is_call(product, VIEW_LIKE)
+    square = _call(aten.mm.default, (3, 3), (3, 3))
+    chained = square.graph.call_function(aten.chain_matmul.default, ([square] * 3,))  # operands in a list
+    chained.meta["val"] = torch.empty(3, 3, device="meta")
+    assert decomposes_into(chained) is not None and not is_call(chained, CONTRACTIONS)
     # narrow runs a slice whose arguments (dim, start, length) are not slice's (dim, start, end): a reader of
     # slice's arguments would misread it, so it is neither class and matches nothing.
     narrowed = _call(aten.narrow.default, (6, 4), args=(0, 1, 3))
