@@ -19,6 +19,7 @@ import functools
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -96,7 +97,8 @@ def _trace(op: torch._ops.OpOverload, args, kwargs) -> tuple[str, ...] | None:
             call_args, call_kwargs = spec.unflatten(leaves)
             return op.decompose(*call_args, **call_kwargs)
 
-        graph = make_fx(run, tracing_mode="real")(*[tensors[i] for i in positions]).graph
+        with unset_fake_temporarily():  # a post-grad pass runs under the compile's fake mode; these are meta
+            graph = make_fx(run, tracing_mode="real")(*[tensors[i] for i in positions]).graph
     except Exception:  # a kernel that meta tensors cannot run: the op stays unknown, which is safe
         return None
     names = sorted({op_name(n.target) for n in graph.nodes

@@ -167,3 +167,12 @@ def test_core_aten_export_is_rewritten_too(style):
     assert [d.action.value for d in report.decisions] == ["computed", "shared", "computed", "shared"]
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x, "FSFS"), rtol=0, atol=0)
+
+
+def test_a_composite_is_read_under_an_active_fake_mode():
+    """Post-grad passes run under the compile's fake mode; the trace on meta tensors must not mix with it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    moved = _call(torch.ops.aten.movedim.int, (2, 3, 4), args=(2, 0))
+    with FakeTensorMode():
+        assert decomposes_into(moved) == ("aten::permute",)
