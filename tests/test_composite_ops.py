@@ -176,3 +176,14 @@ def test_a_composite_is_read_under_an_active_fake_mode():
     moved = _call(torch.ops.aten.movedim.int, (2, 3, 4), args=(2, 0))
     with FakeTensorMode():
         assert decomposes_into(moved) == ("aten::permute",)
+
+
+def test_rewritten_export_saves_and_loads(tmp_path):
+    """What the reading leaves in node.meta does not stop ``torch.export.save``; the loaded program still shares."""
+    model, x = FlatStack("tensordot_movedim", torch.float32).eval(), torch.randn(S, D)
+    program = _export(model, x)
+    fic.apply_index_cache_to_exported_program(program, index_topk_pattern="FSFS")
+    torch.export.save(program, tmp_path / "program.pt2")
+    loaded = torch.export.load(tmp_path / "program.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x), model(x, "FSFS"), rtol=0, atol=0)
