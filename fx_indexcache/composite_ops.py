@@ -52,12 +52,21 @@ def decomposes_into(node: fx.Node) -> tuple[str, ...] | None:
     if not isinstance(node.meta.get("val", node.meta.get("example_value")), torch.Tensor):
         return None
     if META_KEY not in node.meta:
-        node.meta[META_KEY] = _trace(target, node.args, node.kwargs)
+        node.meta[META_KEY] = _trace(target, node.args, node.kwargs, _memo(node.graph))
     return node.meta[META_KEY]
 
 
+def _memo(graph: fx.Graph) -> dict:
+    """The graph's own table of traced signatures: a 61-layer export repeats each layer's composites, and a trace
+    costs milliseconds. It lives and dies with the graph."""
+    return graph.__dict__.setdefault(_MEMO_ATTRIBUTE, {})
+
+
+_MEMO_ATTRIBUTE = "_fx_indexcache_composite_traces"
+
+
 def _meta_tensor(value):
-    """A meta tensor of ``value``'s shape (size hints for symbolic sizes), dtype and strides' order."""
+    """A meta tensor of ``value``'s shape (size hints for symbolic sizes) and dtype."""
     shape = [_hint(size) for size in value.shape]
     return torch.empty(shape, dtype=value.dtype, device="meta")
 
@@ -72,7 +81,18 @@ class _Untraceable(Exception):
     pass
 
 
-def _trace(op: torch._ops.OpOverload, args, kwargs) -> tuple[str, ...] | None:
+def _signature(leaves) -> tuple | None:
+    """What the trace depends on: each tensor's shape and dtype, every other argument as it is (None: unhashable)."""
+    key = tuple(("tensor", tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else leaf
+                for leaf in leaves)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _trace(op: torch._ops.OpOverload, args, kwargs, memo: dict) -> tuple[str, ...] | None:
     def concrete(arg):
         if isinstance(arg, fx.Node):
             value = arg.meta.get("val", arg.meta.get("example_value"))
@@ -89,6 +109,10 @@ def _trace(op: torch._ops.OpOverload, args, kwargs) -> tuple[str, ...] | None:
         args, kwargs = tree_map(concrete, (args, kwargs))
         tensors, spec = tree_flatten((args, kwargs))
         positions = [i for i, leaf in enumerate(tensors) if isinstance(leaf, torch.Tensor)]
+        signature = _signature(tensors)
+        key = None if signature is None else (op, str(spec), signature)
+        if key is not None and key in memo:
+            return memo[key]
 
         def run(*inputs):
             leaves = list(tensors)
@@ -101,6 +125,8 @@ def _trace(op: torch._ops.OpOverload, args, kwargs) -> tuple[str, ...] | None:
             graph = make_fx(run, tracing_mode="real")(*[tensors[i] for i in positions]).graph
     except Exception:  # a kernel that meta tensors cannot run: the op stays unknown, which is safe
         return None
-    names = sorted({op_name(n.target) for n in graph.nodes
-                    if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)})
-    return tuple(names) or _IDENTITY
+    names = tuple(sorted({op_name(n.target) for n in graph.nodes
+                          if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)})) or _IDENTITY
+    if key is not None:
+        memo[key] = names
+    return names

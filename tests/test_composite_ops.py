@@ -187,3 +187,13 @@ def test_rewritten_export_saves_and_loads(tmp_path):
     loaded = torch.export.load(tmp_path / "program.pt2")
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(x), model(x, "FSFS"), rtol=0, atol=0)
+
+
+def test_layers_of_one_shape_trace_each_composite_once():
+    """The graph's memo: the four layers' composites are traced once per op and input signature."""
+    from fx_indexcache.composite_ops import _MEMO_ATTRIBUTE
+
+    program = _export(FlatStack("linear_type_as", torch.float32).eval(), torch.randn(S, D))
+    read = [n for n in program.graph.nodes if decomposes_into(n) is not None]
+    traces = program.graph.__dict__[_MEMO_ATTRIBUTE]
+    assert len(read) >= 4 * len(traces) > 0, (len(read), len(traces))
