@@ -48,8 +48,9 @@ def is_call(node: fx.Node, ops: Iterable) -> bool:
     A composite op (``composite_ops``: one an export keeps whole) is read by its definition, in one of two classes
     whose readers take only its tensor inputs: one that only re-views, casts or copies its input (``to``,
     ``movedim``, ``numpy_T``) is each value-preserving op it runs; one that runs contractions besides those
-    (``tensordot``, ``linear``) is each contraction it runs, its first two inputs the operands. Any other composite
-    op matches nothing, so a walk stops there and the indexer behind it is left alone.
+    (``tensordot``, ``linear``) is a contraction (to a caller asking for all of ``CONTRACTIONS``), its first two
+    inputs the operands. Any other composite op matches nothing, so a proof that needs it to be one of ``ops``
+    does not go through and the indexer behind it is left alone.
     """
     if node.op != "call_function":
         return False
@@ -62,8 +63,10 @@ def is_call(node: fx.Node, ops: Iterable) -> bool:
     beyond_glue = set(parts) - _GLUE
     if not beyond_glue:
         return any(part in names for part in parts)
+    # A contraction only to a caller asking for any contraction: one asking for addmm reads addmm's arguments,
+    # and linear(input, weight, bias), which runs an addmm, does not have them.
     operands = node.args[:2]
-    return (beyond_glue <= _CONTRACTION_NAMES and any(part in names for part in beyond_glue)
+    return (beyond_glue <= _CONTRACTION_NAMES and _CONTRACTION_NAMES <= names
             and len(operands) == 2 and all(isinstance(arg, fx.Node) for arg in operands))
 
 

@@ -144,6 +144,9 @@ def test_each_composite_is_read_as_the_class_its_definition_belongs_to():
     assert is_call(moved, PERMUTES) and not is_call(moved, CONTRACTIONS)
     product = _call(aten.tensordot.default, (2, 3, 4), (5, 4), args=([2], [1]))
     assert is_call(product, CONTRACTIONS) and not is_call(product, VIEW_LIKE)
+    biased = _call(aten.linear.default, (2, 4), (5, 4), (5,))  # runs an addmm, without addmm's arguments
+    assert "aten::addmm" in decomposes_into(biased)
+    assert is_call(biased, CONTRACTIONS) and not is_call(biased, {aten.addmm, aten.baddbmm})
     square = _call(aten.mm.default, (3, 3), (3, 3))
     chained = square.graph.call_function(aten.chain_matmul.default, ([square] * 3,))  # operands in a list
     chained.meta["val"] = torch.empty(3, 3, device="meta")
