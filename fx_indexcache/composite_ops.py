@@ -49,10 +49,8 @@ def decomposes_into(node: fx.Node) -> tuple[str, ...] | None:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not is_composite(target):
         return None
-    if not isinstance(node.meta.get("val", node.meta.get("example_value")), torch.Tensor):
-        return None
     if META_KEY not in node.meta:
-        node.meta[META_KEY] = _trace(target, node.args, node.kwargs, _memo(node.graph))
+        node.meta[META_KEY] = _trace(node, target, _memo(node.graph))
     return node.meta[META_KEY]
 
 
@@ -63,22 +61,6 @@ def _memo(graph: fx.Graph) -> dict:
 
 
 _MEMO_ATTRIBUTE = "_fx_indexcache_composite_traces"
-
-
-def _meta_tensor(value):
-    """A meta tensor of ``value``'s shape (size hints for symbolic sizes) and dtype."""
-    shape = [_hint(size) for size in value.shape]
-    return torch.empty(shape, dtype=value.dtype, device="meta")
-
-
-def _hint(size) -> int:
-    if isinstance(size, torch.SymInt):
-        return size.node.hint if size.node.has_hint() else 2
-    return int(size)
-
-
-class _Untraceable(Exception):
-    pass
 
 
 def _signature(leaves) -> tuple | None:
@@ -92,21 +74,24 @@ def _signature(leaves) -> tuple | None:
     return key
 
 
-def _trace(op: torch._ops.OpOverload, args, kwargs, memo: dict) -> tuple[str, ...] | None:
-    def concrete(arg):
-        if isinstance(arg, fx.Node):
-            value = arg.meta.get("val", arg.meta.get("example_value"))
-            if isinstance(value, torch.Tensor):
-                return _meta_tensor(value)
-            if isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat)):
-                return _hint(value) if isinstance(value, torch.SymInt) else value
-            raise _Untraceable
-        if isinstance(arg, torch.SymInt):
-            return _hint(arg)
-        return arg
+def _trace(node: fx.Node, op: torch._ops.OpOverload, memo: dict) -> tuple[str, ...] | None:
+    from .graph_utils import fake_value, size_hint  # graph_utils imports this module: is_call reads composites
 
+    def concrete(arg):
+        """A meta tensor for a tensor input (size hints for symbolic sizes), a hint for a size, else as it is."""
+        if isinstance(arg, fx.Node):
+            value = fake_value(arg)
+            if isinstance(value, torch.Tensor):
+                return torch.empty([size_hint(size) for size in value.shape], dtype=value.dtype, device="meta")
+            if isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat)):
+                return size_hint(value) if isinstance(value, torch.SymInt) else value
+            raise ValueError(f"{arg} holds no value to trace with")
+        return size_hint(arg) if isinstance(arg, torch.SymInt) else arg
+
+    if not isinstance(fake_value(node), torch.Tensor):
+        return None
     try:
-        args, kwargs = tree_map(concrete, (args, kwargs))
+        args, kwargs = tree_map(concrete, (node.args, node.kwargs))
         tensors, spec = tree_flatten((args, kwargs))
         positions = [i for i, leaf in enumerate(tensors) if isinstance(leaf, torch.Tensor)]
         signature = _signature(tensors)

@@ -55,7 +55,7 @@ case "$step" in
             tests/gpu/test_indexer_layouts_gpu.py ;;
     fp8)             # fp8 scoring and the logits kernel itself
         gpu_tests tests/gpu/test_indexer_fp8_gpu.py tests/gpu/test_lightning_indexer_kernel.py ;;
-    topk-exact)      # the top-k kernels' exactness over rows, launches, paths and layouts (about 380 cases: one call)
+    topk-exact)      # the top-k kernels' exactness over rows, launches, paths and layouts (about 400 cases: one call)
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "$TOPK_EXACT" ;;
     graphs)          # the rest of the top-k file (binned, replay, sanitizer, cudagraph trees), CUDA-graph trees
                      # across graphs, transformers' generate under CUDA graphs
