@@ -251,17 +251,23 @@ def classify_block_topk(node: fx.Node, params: frozenset[fx.Node] | None = None)
     operands = _product_operands(product)
     roles = [_operand_role(op, params) for op in operands]
     evidence = [f"top-k over blocks of {block_size} keys max-pooled from {product.name}"]
+    if _Role.WEIGHT in roles:
+        return TopkVerdict(node, False, tuple(evidence), "block score multiplies a weight: not q·k")
+    # From here on the score is a pooled product the structure cannot call a projection: a rejection leaves it
+    # undecided (a block indexer the pass cannot rewire, or keys of unknown role).
     if _Role.ACTIVATION not in roles or any(role is not _Role.ACTIVATION for role in roles):
-        return TopkVerdict(node, False, tuple(evidence), "block score multiplies a weight or graph input: not q·k")
+        return TopkVerdict(node, False, tuple(evidence), "block score multiplies a graph input of unknown role",
+                           undecided=True)
     if len(operands) != 2 or not _share_an_input(*operands):
-        reason = "block score multiplies tensors from disjoint inputs: not q·k"
-        return TopkVerdict(node, False, tuple(evidence), reason)
+        reason = "block score multiplies tensors from disjoint inputs: not provably q·k"
+        return TopkVerdict(node, False, tuple(evidence), reason, undecided=True)
     evidence.append("score is a product of two activations (q·k)")
     selection = _selection(node)
     if isinstance(selection, str):
-        return TopkVerdict(node, False, tuple(evidence), f"block top-k left alone: {selection}")
+        return TopkVerdict(node, False, tuple(evidence), f"block top-k left alone: {selection}", undecided=True)
     if not _feeds_attention(selection[0]):
-        return TopkVerdict(node, False, tuple(evidence), "block top-k whose indices do not reach attention's softmax")
+        return TopkVerdict(node, False, tuple(evidence), "block top-k whose indices do not reach attention's softmax",
+                           undecided=True)
     evidence.append("the block indices mask attention (reach a softmax through mask-building ops only)")
     return TopkVerdict(node, True, tuple(evidence), "")
 
@@ -288,11 +294,6 @@ def find_block_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[Topk
                           block_size=block_size, values_tag=tag)
         )
     return sites, []
-
-
-def is_block_indexer(node: fx.Node, params: frozenset[fx.Node] | None) -> bool:
-    """For ``topk.py``: a top-k this module reports as a site (so it is not also counted as left alone)."""
-    return classify_block_topk(node, params).is_indexer
 
 
 register_site_finder("aten.topk over key blocks", find_block_topk_sites)

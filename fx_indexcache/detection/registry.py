@@ -19,8 +19,9 @@ from collections.abc import Callable
 from torch import fx
 
 from ..graph_utils import CONTRACTIONS, VIEW_LIKE, is_call, node_order
+from .hidden import HiddenSelection, hidden_selections
 from .layer_records import LayerRecord, read_record
-from .layers import consumer_slots, layer_slot, module_path
+from .layers import consumer_slots, layer_key, layer_slot, module_path
 from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
@@ -67,6 +68,10 @@ class UnknownLayerIndex(str, enum.Enum):
     TWO_SITES_ONE_INPUT = (
         "no module path with a layer number, and two indexers score the same hidden states, so they sit in one "
         "layer: the indexer count only matches the layer count by chance, and graph order proves nothing"
+    )
+    HIDDEN_SELECTION = (
+        "no module path with a layer number, and the graph holds a selection no finder reads (a top-k inside a "
+        "subgraph, or an opaque op that outputs indices): it may be one more indexer, so graph order proves nothing"
     )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
     STAGE_NUMBERED_FROM_ZERO = (
@@ -128,6 +133,9 @@ class Detection:
     layers_present: frozenset[int] = frozenset()
     container: str | None = None  # the layer container the module paths name (``model.layers``), when they do
     stage_shift: int = 0  # added to the module paths' numbers: a pipeline stage's list numbered from 0
+    #: Selections no finder reads (``hidden.py``), each placed in its layer where its node's module path names one
+    #: of the sites' container; a layer holding one is never a source, nor skipped as one without an indexer.
+    hidden: list[HiddenSelection] = dataclasses.field(default_factory=list)
 
     @property
     def unknown_text(self) -> str:
@@ -178,9 +186,38 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")
     detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
+    detection.hidden = hidden_selections(graph, sites, ignored, _find_all)
     if sites:
         _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count)
+        _place_hidden(detection)
     return detection
+
+
+def _place_hidden(detection: Detection) -> None:
+    """Give each hidden selection its layer where its module path names the sites' container; a visible site in
+    such a layer is set aside (the layer holds two selections, and which one its attention reads is not known).
+    Graph order cannot number a graph that hides one: it may be one more indexer, in any layer."""
+    if not detection.hidden or detection.unknown_reason is not None:
+        return
+    if detection.layer_source is LayerSource.WHOLE_GRAPH_ORDER:
+        _unknown(detection, UnknownLayerIndex.HIDDEN_SELECTION, detection.hidden[0].what)
+        return
+    container = detection.container or _sites_container(detection.sites)
+    for hidden in detection.hidden:
+        slot = layer_slot(module_path(hidden.node))
+        if container is not None and slot is not None and slot[0] == container:
+            hidden.layer = slot[1]
+    layers = {hidden.layer: hidden for hidden in detection.hidden if hidden.layer is not None}
+    detection.unplaced += [(site, f"layer {site.layer} also holds {layers[site.layer].what}, which the pass cannot "
+                                  "read: which selection its attention reads is not known")
+                           for site in detection.sites if site.layer in layers]
+    detection.sites = [site for site in detection.sites if site.layer not in layers]
+
+
+def _sites_container(sites: list[IndexerSite]) -> str | None:
+    """The one layer container the sites' module paths name, else None."""
+    names = {key[0] for site in sites if (key := layer_key(site.module_path or "")) is not None}
+    return next(iter(names)) if len(names) == 1 else None
 
 
 def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_layer: bool | None,
@@ -319,6 +356,9 @@ def shift_to_global(detection: Detection, first_layer: int) -> None:
             site.layer += first_layer
             site.readers = tuple(layer + first_layer for layer in site.readers)
     detection.layers_present = frozenset(layer + first_layer for layer in detection.layers_present)
+    for hidden in detection.hidden:
+        if hidden.layer is not None:
+            hidden.layer += first_layer
     detection.stage_shift = first_layer
 
 

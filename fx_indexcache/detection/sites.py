@@ -124,6 +124,9 @@ class TopkVerdict:
     is_indexer: bool
     evidence: tuple[str, ...]
     reason: str  # for rejected top-k: what it is taken for
+    #: A rejection the structure does not settle (keys of unknown role, no shape metadata, an indexer nobody
+    #: reads): the top-k may be a layer's indexer, so its layer is neither a source nor skipped (``hidden.py``).
+    undecided: bool = False
 
 
 def same_arguments(a: object, b: object) -> bool:

@@ -264,14 +264,14 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
     if score_value is None:
-        return TopkVerdict(node, False, (), "top-k input carries no shape metadata")
+        return TopkVerdict(node, False, (), "top-k input carries no shape metadata", undecided=True)
     found = _relu_product(node, score, score_value.shape[dim])
     evidence = [f"module path {path!r}"] if named else []
     if found is None:
         reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
         if named:
             reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
-        return TopkVerdict(node, False, tuple(evidence), reason)
+        return TopkVerdict(node, False, tuple(evidence), reason, undecided=named)
     evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
     operands = _product_operands(found)
     roles = [_operand_role(op, params) for op in operands]
@@ -287,7 +287,7 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
         tie = ("ReLU score multiplies two tensors computed from disjoint inputs (a derived weight): "
                "a projection, not q·k, unless a module path says indexer")
     if not named:
-        return TopkVerdict(node, False, tuple(evidence), tie)
+        return TopkVerdict(node, False, tuple(evidence), tie, undecided=True)
     evidence.append(f"the module path settles what the structure leaves open: {tie.split(':')[0]}")
     return TopkVerdict(node, True, tuple(evidence), "")
 
@@ -318,7 +318,7 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
     """Every indexer top-k in ``graph``, and the verdicts on the top-k left alone."""
-    from .block_topk import is_block_indexer  # block_topk builds on this module's structure tests
+    from .block_topk import classify_block_topk  # block_topk builds on this module's structure tests
 
     sites: list[IndexerSite] = []
     ignored: list[TopkVerdict] = []
@@ -327,11 +327,16 @@ def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdic
         if not is_call(node, {aten.topk}):
             continue
         verdict = classify_topk(node, params)
-        if not verdict.is_indexer and is_block_indexer(node, params):
-            continue  # a block indexer's top-k: block_topk reports it as a site
+        if not verdict.is_indexer:
+            block = classify_block_topk(node, params)
+            if block.is_indexer:
+                continue  # a block indexer's top-k: block_topk reports it as a site
+            if block.undecided:  # a pooled q·k the block finder could not settle says more than "no ReLU product"
+                verdict = block
         readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
-            verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads")
+            verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads",
+                                  undecided=True)
         if not verdict.is_indexer:
             ignored.append(verdict)
             continue

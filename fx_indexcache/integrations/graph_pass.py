@@ -262,6 +262,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
         handled = {call.region for call in regional}  # their calls are reported one by one instead
         detection.nested_regions = [n for n in detection.nested_regions if n.split(" ")[0] not in handled]
+        detection.hidden = [hidden for hidden in detection.hidden if not handled.intersection(hidden.subgraphs)]
         with trace.stage("shard rows"):
             row_shards = self._shard_rows(graph, detection)
         with trace.stage("fuse"):

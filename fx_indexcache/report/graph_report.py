@@ -117,10 +117,7 @@ class IndexCacheReport:
         row-sharding records, the ``nested_compile_region`` calls, and what the entry point decided (``context``)."""
         lines = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
-        lines += [f"indexer inside a subgraph {name} (a nested_compile_region body or a higher-order-op "
-                  "block such as export's set_grad_enabled wrapper): left alone; export under "
-                  "torch.no_grad() or compile whole layers to let the pass see it"
-                  for name in detection.nested_regions]
+        lines += [_hidden_line(hidden) for hidden in detection.hidden]
         ambiguous = [v for v in detection.ignored if v.evidence]
         lines += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
         earlier = tuple(sorted(layer for record in detection.records.values() for layer in record.serves))
@@ -161,3 +158,15 @@ def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> Lay
         return dataclasses.replace(decision, note=decision.note + f"; reads layer {plan.source}'s indices from an "
                                                                    "earlier graph when the run-time check passes")
     return decision
+
+
+def _hidden_line(hidden) -> str:
+    """One report line for a selection the detector cannot read (``detection/hidden.py``)."""
+    where = f"layer {hidden.layer}" if hidden.layer is not None else f"node {hidden.node.name} (its layer unknown)"
+    line = (f"{where} holds {hidden.what}: left alone; the pass cannot read it, so no layer takes its indices and it "
+            "is not skipped as a layer without an indexer")
+    if hidden.subgraphs:
+        line += ("; export under torch.no_grad() (set_grad_enabled bodies) or compile whole layers to let the pass "
+                 "see it")
+    return line
+

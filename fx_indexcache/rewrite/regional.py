@@ -69,8 +69,10 @@ def _bodies(gm: fx.GraphModule) -> dict[str, _Body | None]:
         if name in found:
             continue
         module = getattr(gm, name)
-        sites = detect(module.graph).sites  # layer unknown inside a body: only the site itself matters here
-        ok = len(sites) == 1 and sites[0].key_axis() is not None and sites[0].refusal() is None
+        detection = detect(module.graph)  # layer unknown inside a body: only the site itself matters here
+        sites = detection.sites
+        ok = (len(sites) == 1 and not detection.hidden and sites[0].key_axis() is not None
+              and sites[0].refusal() is None)
         found[name] = _Body(name, module, sites[0]) if ok else None
     return found
 

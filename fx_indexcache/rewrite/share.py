@@ -8,6 +8,10 @@ Which indices an S layer takes is the engines' one-buffer rule (``IndexCacheConf
 the nearest preceding *indexed* layer that computes, whatever the layers between are marked, so a
 hybrid stack (dense, sliding-window or linear-attention layers between DSA layers) pairs as vLLM and
 SGLang pair it.
+
+That rule needs every indexed layer to be seen: a layer holding a selection no finder reads
+(``detection/hidden.py``) is neither a source nor skipped, and where such a selection's layer is not
+known, no S layer takes a source from before it in graph order.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..config import FULL, IndexCacheConfig, Mark
 from ..detection.layer_records import LayerRecord, write_record
 from ..detection.registry import Detection
 from ..detection.sites import IndexerSite
-from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, numel_hint
+from ..graph_utils import CONTRACTIONS, dead_if_removed, erase_dead, fake_value, is_call, node_order, numel_hint
 from .cache_ledger import CacheWriteConflict, CacheWriteLedger, WriteChoice
 
 
@@ -283,7 +287,10 @@ def apply_index_cache(
               for record in detection.records.values() for layer in record.serves}
     absent.update({site.layer: "it holds more than one indexer" for site, _ in detection.unplaced
                    if site.layer is not None and site.layer not in {s.layer for s in detection.sites}})
+    absent.update({hidden.layer: f"it holds {hidden.what}, which the pass cannot read"
+                   for hidden in detection.hidden if hidden.layer is not None})
     sources = sources_in_graph(detection.sites, config, detection.layers_present, absent, stage_first_layer)
+    _blind_spots(graph, detection, config, sources)
     decisions = [_decide(graph, site, sources[site.layer], config, writes, stage_first_layer)
                  for site in detection.sites]
     if any(decision.action == SHARED for decision in decisions):  # otherwise the graph stays as it came
@@ -291,6 +298,37 @@ def apply_index_cache(
         graph.lint()
     _record_layers(detection.sites, decisions, detection.records)
     return decisions
+
+
+def _blind_spots(graph: fx.Graph, detection: Detection, config: IndexCacheConfig,
+                 sources: dict[int, IndexerSite | str]) -> None:
+    """Refuse, in ``sources``, every S layer whose source was chosen across a hidden selection of unknown layer.
+
+    Such a selection may be an indexed layer that computed after the chosen source (the engines' buffer would
+    hold its indices), or before a source that is marked S and only computes for want of an earlier one.
+    """
+    blind = [hidden for hidden in detection.hidden if hidden.layer is None]
+    if not blind:
+        return
+    order = node_order(graph)
+    for site in detection.sites:
+        source = sources.get(site.layer)
+        if not isinstance(source, IndexerSite) or source is site:
+            continue
+        own_source = config.layer_kind(source.layer) == FULL
+        for hidden in blind:
+            if order[hidden.node] > order[site.anchor]:
+                continue
+            if order[hidden.node] > order[source.anchor]:
+                where = f"between it and its source layer {source.layer}"
+            elif not own_source:
+                where = (f"before its source layer {source.layer}, which is marked S and computes only as the first "
+                         "indexed layer the graph shows")
+            else:
+                continue
+            sources[site.layer] = (f"{hidden.what} (node {hidden.node.name}, its layer unknown) runs {where}: it may "
+                                   "be an indexed layer whose indices the engines would hand this one")
+            break
 
 
 def _decide(graph: fx.Graph, site: IndexerSite, source: IndexerSite | str, config: IndexCacheConfig,
