@@ -52,6 +52,7 @@ class HiddenSelection:
     what: str  # for reports: "a top-k inside the subgraph true_graph_0 of cond"
     subgraphs: tuple[str, ...] = ()  # the subgraphs it calls (empty for an opaque op)
     layer: int | None = None  # its decoder layer, when the node's module path places it
+    remedy: str = ""  # what lets the pass see it, for reports
 
 
 def op_label(target: object) -> str:
@@ -86,12 +87,15 @@ def hidden_selections(graph: fx.Graph, sites: list, ignored: list, find_all: Fin
 def _unsettled(verdict) -> HiddenSelection | None:
     """A rejected top-k that may still be an indexer: undecided, or scoring what an opaque node computed."""
     if verdict.undecided:
-        return HiddenSelection(verdict.node, f"a top-k the detector could not settle ({verdict.reason})")
+        return HiddenSelection(verdict.node, f"a top-k the detector could not settle ({verdict.reason})",
+                               remedy="a module path naming an indexer (self.indexer = ...) settles keys of "
+                                      "unknown role")
     score = verdict.node.args[0] if verdict.node.args else None
     producer = _opaque_producer(score) if isinstance(score, fx.Node) else None
     if producer is None:
         return None
-    return HiddenSelection(verdict.node, f"a top-k of a score computed by {_opaque_label(producer)} ({producer.name})")
+    return HiddenSelection(verdict.node, f"a top-k of a score computed by {_opaque_label(producer)} ({producer.name})",
+                           remedy=_REMEDIES.get(op_label(producer.target), _OPAQUE_REMEDY))
 
 
 def _opaque_producer(score: fx.Node) -> fx.Node | None:
@@ -116,10 +120,12 @@ def _hidden(node: fx.Node, graph: fx.Graph, find_all: Finder, depth: int) -> Hid
             inside = _selection_inside(module, find_all, depth + 1)
             if inside is not None:
                 return HiddenSelection(node, f"{inside} inside the subgraph {name} of {_hop_label(node.target)}",
-                                       tuple(name for name, _ in subgraphs))
+                                       tuple(name for name, _ in subgraphs),
+                                       remedy=_REMEDIES.get(op_label(node.target), _CONTROL_FLOW_REMEDY))
         return None
     if _opaque(node) and any(_is_index_tensor(value) for value in _output_values(node)):
-        return HiddenSelection(node, f"an opaque op {_opaque_label(node)} that outputs integer tensors")
+        return HiddenSelection(node, f"an opaque op {_opaque_label(node)} that outputs integer tensors",
+                               remedy=_OPAQUE_REMEDY)
     return None
 
 
@@ -128,6 +134,17 @@ _WRITTEN_AS = {"invoke_subgraph": "a nested_compile_region body", "wrap_with_set
                "block (export)", "wrap_with_autocast": "an autocast block (export)", "cond": "torch.cond",
                "while_loop": "torch.while_loop", "map_impl": "torch.map", "tag_activation_checkpoint":
                "activation checkpointing"}
+
+
+_OPAQUE_REMEDY = ("write the selection in torch ops, or register a site finder for the op "
+                  "(fx_indexcache.register_site_finder)")
+_CONTROL_FLOW_REMEDY = "the pass does not rewrite inside control flow: select outside the branch or loop"
+_REMEDIES = {
+    "wrap_with_set_grad_enabled": "export under torch.no_grad()",
+    "wrap_with_autocast": "cast explicitly instead of an autocast block, or compile instead of exporting",
+    "invoke_subgraph": "a body with one indexer gets F and S versions; compile whole layers otherwise",
+    "tag_activation_checkpoint": "run under torch.no_grad() or torch.inference_mode()",
+}
 
 
 def _hop_label(target: object) -> str:

@@ -165,8 +165,5 @@ def _hidden_line(hidden) -> str:
     where = f"layer {hidden.layer}" if hidden.layer is not None else f"node {hidden.node.name} (its layer unknown)"
     line = (f"{where} holds {hidden.what}: left alone; the pass cannot read it, so no layer takes its indices and it "
             "is not skipped as a layer without an indexer")
-    if hidden.subgraphs:
-        line += ("; export under torch.no_grad() (set_grad_enabled bodies) or compile whole layers to let the pass "
-                 "see it")
-    return line
+    return f"{line}; {hidden.remedy}" if hidden.remedy else line
 
