@@ -47,6 +47,9 @@ class GraphContext:
     #: Split each computing indexer's query rows across the default process group's ranks (``rewrite.shard_rows``);
     #: effective only where a group of more than one rank is initialised when the graph is rewritten.
     shard_indexer_rows: bool = False
+    #: The compiled frame's module locals, by name, held weakly: what module paths rooted at a frame local
+    #: (``L['tail'][0]``) name, resolved by identity against the model (``integrations/frame_locals.py``).
+    frame_modules: tuple[tuple[str, weakref.ref], ...] = ()
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

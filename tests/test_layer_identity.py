@@ -133,3 +133,81 @@ def test_pattern_of_the_wrong_length_names_the_model_layer_count():
     model = HybridDSA("iiii")
     with pytest.raises(Exception, match=r"index_topk_pattern='FSF' has 3 entries but the model has at least 4"):
         _compile(model, index_topk_pattern="FSF")
+
+
+class AliasedTail(HybridDSA):
+    """After its graph break the model runs a local slice of its layer list (``tail = self.layers[2:]``): the
+    resume function's module paths are ``L['tail'][j]``, positions in the slice, not the model's layers."""
+
+    def forward(self, x, uses=None):
+        cache: dict = {}
+        start, tail = self.break_at, self.layers[self.break_at:]
+        x = self.span(x, 0, start, uses, cache)
+        torch._dynamo.graph_break()
+        for offset, block in enumerate(tail):
+            x = block(x, None, cache, start + offset, uses)
+        return x
+
+
+@pytest.mark.parametrize("pattern, uses", [("FSSF", [0, 0, 0, 3]), ("FSFS", [0, 0, 2, 2])])
+def test_module_paths_of_a_frame_local_are_numbered_by_identity(pattern, uses):
+    """The tail's blocks are the model's layers 2 and 3. Read by their positions in the slice they took the
+    characters of layers 0 and 1: under FSSF, layer 3 read layer 2's indices and layer 2 computed. They are found
+    in the model's list by identity; under FSSF layer 2 then reads layer 0's indices across the break."""
+    model = AliasedTail("iiii", break_at=2)
+    out, reports = _compile(model, index_topk_pattern=pattern)
+    head, tail = reports
+    assert _pairs([head]) == {1: 0}
+    assert [d.layer for d in tail.decisions] == [2, 3] and tail.layer_source is LayerSource.MODULE_PATH
+    torch.testing.assert_close(out, _run(model, uses), rtol=0, atol=0)
+    if pattern == "FSSF":
+        assert not torch.equal(out, _run(model, [0, 0, 2, 2]))  # what the slice's numbering ran
+
+
+class SecondList(HybridDSA):
+    """The model loops over a second list of its DSA blocks (``self.dsa_layers``, ``self.dense_layers``): the
+    traced paths are ``dsa_layers.j``, the j-th DSA layer, not the decoder layer 2j + 1."""
+
+    def __init__(self, kinds: str) -> None:
+        super().__init__(kinds)
+        self.dsa_layers = torch.nn.ModuleList(self.layers[i] for i, kind in enumerate(kinds) if kind != "d")
+        self.dense_layers = torch.nn.ModuleList(self.layers[i] for i, kind in enumerate(kinds) if kind == "d")
+
+    def forward(self, x, uses=None):
+        cache: dict = {}
+        lists = {"d": iter(self.dense_layers), "i": iter(self.dsa_layers)}
+        for layer, kind in enumerate(self.kinds):
+            x = next(lists[kind])(x, None, cache, layer, uses)
+        return x
+
+
+@pytest.mark.parametrize("path", ["compile", "export"])
+def test_a_second_list_of_the_blocks_is_numbered_by_the_list_that_owns_them(path):
+    """freq 4 over DSA layers 1, 3, 5, 7: by ``dsa_layers`` positions the pass paired 2<-1 and 3<-1."""
+    model = SecondList(HYBRID)
+    if path == "compile":
+        out, (report,) = _compile(model, index_topk_freq=4)
+    else:
+        with torch.no_grad():
+            program = torch.export.export(model, (inputs(),))
+            report = fic.apply_index_cache_to_exported_program(program, index_topk_freq=4)
+            out = program.module()(inputs())
+    assert report.layer_source is LayerSource.MODULE_PATH
+    assert [d.layer for d in report.decisions] == [1, 3, 5, 7] and _pairs([report]) == {3: 1, 7: 5}
+    torch.testing.assert_close(out, _run(model, engine_uses(fic.IndexCacheConfig(index_topk_freq=4), HYBRID)),
+                               rtol=0, atol=0)
+
+
+def test_a_layer_compiled_alone_does_not_number_its_own_indexers_as_layers():
+    """One decoder layer with two indexers in its own list, compiled on its own: ``indexers.0`` and ``indexers.1``
+    read as layers 0 and 1 made the second indexer take the first one's indices. Both score the layer's input, so
+    they sit in one layer: the numbers are refused and both compute."""
+    model = HybridDSA("2", seed=3).layers[0]
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FS")
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(inputs(), None, {}, 0, None)
+        want = model(inputs(), None, {}, 0, None)
+    (report,) = backend.reports
+    assert report.layer_index_unknown is UnknownLayerIndex.PATHS_SPLIT_ONE_LAYER
+    assert all(d.action == "computed" for d in report.decisions)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -57,6 +57,8 @@ def _readers(config: IndexCacheConfig, layers: tuple[int, ...], stage_first_laye
 
 def _container(detection: Detection) -> str | None | bool:
     """The layer container the sites' module paths name; None: no path names one; False: several do."""
+    if detection.model_container is not None:  # the paths named it through a frame local
+        return detection.model_container
     names = {key[0] for site in detection.sites if (key := layer_key(site.module_path or "")) is not None}
     return False if len(names) > 1 else next(iter(names), None)
 

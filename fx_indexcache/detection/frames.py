@@ -69,6 +69,20 @@ def compiled_frame_values() -> list:
         return []
 
 
+def compiled_frame_modules() -> dict[str, object]:
+    """The modules among the locals of the frame dynamo is compiling now, by name ({} outside a compile): what a
+    module path rooted at a frame local (``L['tail'][0]``) names."""
+    callback = _outermost_convert_frame()
+    frame = None if callback is None else callback.f_locals.get("frame")
+    try:
+        values = dict(getattr(frame, "f_locals", None) or {})
+    except Exception:  # a frame object whose locals cannot be read: nothing is known
+        return {}
+    import torch.nn as nn
+
+    return {name: value for name, value in values.items() if isinstance(value, nn.Module)}
+
+
 def dynamo_graph_starts_at_first_layer() -> bool | None:
     """True when the graph dynamo is compiling is the compiled callable's own frame; None outside dynamo.
 

@@ -6,6 +6,11 @@ to ``model.layers.3`` and read a *slot* from it: the first all-digit component (
 repeated-block list: ``layers.N``, ``h.N``, ``blocks.N``, but also ``indexers.N``) and the
 container before it. Which slot is the decoder layer is decided by the detector from where a
 site's indices are *consumed* (``consumer_slots``), not from the top-k's own list position.
+
+A path rooted at a frame local or global other than ``self`` (``L['tail'][0]``: a resume function after a graph
+break reading ``tail = self.layers[2:]``; ``L['model'].layers[3]``: a compiled function holding its model) numbers
+the local's positions, which need not be the model's: the backend resolves such a container by identity
+(``integrations/frame_locals.py``), and ``layer_index_from_path`` gives it no number.
 """
 
 from __future__ import annotations
@@ -46,9 +51,17 @@ def module_types(node: fx.Node) -> list[str]:
     return [getattr(t, "__name__", str(t)) for _, t in stack.values()]
 
 
+_FRAME_LOCAL = re.compile(r"^[LG](\.|__)")
+
+
+def rooted_elsewhere(path: str) -> bool:
+    """Whether a normalised path starts at a frame local or global other than ``self`` (``L.rest.0``)."""
+    return bool(_FRAME_LOCAL.match(path))
+
+
 def layer_index_from_path(path: str | None) -> int | None:
     """The first all-digit component of a module path: the decoder-layer index."""
-    if not path:
+    if not path or rooted_elsewhere(path):
         return None
     for part in re.split(r"[._]", path):
         if part.isdigit():

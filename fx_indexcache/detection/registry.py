@@ -73,6 +73,14 @@ class UnknownLayerIndex(str, enum.Enum):
         "no module path with a layer number, and the graph holds a selection no finder reads (a top-k inside a "
         "subgraph, or an opaque op that outputs indices): it may be one more indexer, so graph order proves nothing"
     )
+    UNPROVEN_CONTAINER = (
+        "the module paths number a list that is not proven to be the model's layer list (a slice or alias of it in "
+        "a frame local, another list of the same blocks): its positions need not be the model's layers"
+    )
+    PATHS_SPLIT_ONE_LAYER = (
+        "the module paths number two indexers as different layers, but both score the same hidden states, so they "
+        "sit in one layer (a layer's own list of indexers, compiled alone): the numbers are not decoder layers"
+    )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
     STAGE_NUMBERED_FROM_ZERO = (
         "the module paths number a layer list that holds fewer blocks than the model has decoder layers: a "
@@ -133,6 +141,8 @@ class Detection:
     layers_present: frozenset[int] = frozenset()
     container: str | None = None  # the layer container the module paths name (``model.layers``), when they do
     stage_shift: int = 0  # added to the module paths' numbers: a pipeline stage's list numbered from 0
+    #: The model's own name for the layer list, where the module paths reached it through a frame local.
+    model_container: str | None = None
     #: Selections no finder reads (``hidden.py``), each placed in its layer where its node's module path names one
     #: of the sites' container; a layer holding one is never a source, nor skipped as one without an indexer.
     hidden: list[HiddenSelection] = dataclasses.field(default_factory=list)
@@ -246,6 +256,14 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
     if all(slot is not None for slot in slots):
         main = detection.container = _place_by_slots(detection, slots)
         detection.layers_present = frozenset(_layers_in(graph, main))
+        # Numbered by their own list, not by a layer consuming their indices: that list may be one layer's own
+        # (its indexers, compiled alone). Two such sites scoring one input sit in one layer.
+        apart = [site for site in detection.sites if site.layer is not None and not site.names_its_layer
+                 and not consumer_slots(site.indices)]
+        if (pair := _sites_scoring_one_input(apart)) is not None:
+            first, second = apart[pair[0]], apart[pair[1]]
+            _unknown(detection, UnknownLayerIndex.PATHS_SPLIT_ONE_LAYER,
+                     f"{first.module_path} and {second.module_path}, numbered {first.layer} and {second.layer}")
     elif graph_starts_at_first_layer is not True:
         reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH
         _unknown(detection, reason)
@@ -347,6 +365,29 @@ def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> str:
         (site, f"its indices serve {slot[0]}.{slot[1]}, outside the layer container {main!r} that holds the "
                "other indexers: no one decoder-layer numbering covers both") for site, slot in others]
     return main
+
+
+def renumber(detection: Detection, numbers: dict[int, int], container: str, model_container: str) -> None:
+    """Module-path numbers made the model's: ``numbers`` maps each (a frame local's positions, say) to the model's
+    layer in its list ``model_container`` (``container``: the same, spelled as ``layer_slot`` spells it)."""
+    for site in detection.sites:
+        if site.layer is not None:
+            site.layer = numbers[site.layer]
+            site.readers = tuple(numbers[layer] for layer in site.readers)
+    for site, _ in detection.unplaced:
+        if site.layer is not None and site.layer in numbers:
+            site.layer = numbers[site.layer]
+    detection.layers_present = frozenset(numbers[layer] for layer in detection.layers_present if layer in numbers)
+    for hidden in detection.hidden:
+        if hidden.layer is not None:
+            hidden.layer = numbers[hidden.layer]
+    detection.sites.sort(key=lambda site: site.layer)
+    detection.container, detection.model_container = container, model_container
+
+
+def refuse_container(detection: Detection, why: str) -> None:
+    """Leave the sites unnumbered: their module paths' container is not proven to be the model's layer list."""
+    _unknown(detection, UnknownLayerIndex.UNPROVEN_CONTAINER, why)
 
 
 def shift_to_global(detection: Detection, first_layer: int) -> None:

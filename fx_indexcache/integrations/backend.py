@@ -30,7 +30,7 @@ from ..config import CONFIG_KEYS, PATTERN_KEYS, IndexCacheConfig, check_keys, re
 from ..context import GraphContext, model_layer_count
 from ..crossgraph import build as crossgraph_build
 from ..crossgraph.runtime import LayerCall, modules_on_stack
-from ..detection.frames import compiled_frame_values, dynamo_graph_starts_at_first_layer
+from ..detection.frames import compiled_frame_modules, compiled_frame_values, dynamo_graph_starts_at_first_layer
 from ..detection.registry import Detection, LayerSource
 from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
@@ -305,7 +305,8 @@ class IndexCacheBackend:
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
             model=None if model is None else weakref.ref(model), notes=() if decode_only is None else (decode_only,),
             stage_first_layer=stage, shard_indexer_rows=shard_rows,
-            eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly")
+            eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly",
+            frame_modules=tuple((name, weakref.ref(module)) for name, module in compiled_frame_modules().items()))
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)

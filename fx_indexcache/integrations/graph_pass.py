@@ -27,6 +27,7 @@ from ..rewrite.regional import share_across_regions
 from ..rewrite.shard_rows import RowShardRecord, ShardGroup, shard_indexer_rows
 from ..rewrite.share import COMPUTED, UNMARKED, DropProof, LayerDecision, apply_index_cache
 from ..session import IndexCacheSession, default_session
+from .frame_locals import prove_container_numbers
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,9 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         when the model's layer count shows the layer list is shorter than the model (never read as global
         numbers)."""
         detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
+        if detection.layer_source is not LayerSource.MODULE_PATH:
+            return detection
+        prove_container_numbers(detection, self.context)  # L['tail'][0], dsa_layers.0: the model's numbers, or none
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
         first, count, model = self.context.stage_first_layer, self.layer_count(), self.context.model_object()

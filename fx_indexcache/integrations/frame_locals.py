@@ -1,0 +1,135 @@
+"""Module-path numbers proven by the identity of the blocks they name.
+
+dynamo writes a module's path from the variable the compiled frame reached it through, and an export from the
+attribute the forward read. That path is the model's decoder-layer number only when it names the model's own layer
+list. It need not: a resume function after a graph break that runs ``tail = self.layers[2:]`` traces
+``L['tail'][0]`` for layer 2; a model that loops over a second list of the same blocks (``self.dsa_layers``, the DSA
+layers of a hybrid stack) traces ``dsa_layers.0`` for layer 1; a compiled function holding its model traces
+``L['model'].layers[3]``.
+
+The rule: a numbered block's layer is its position in the list that owns it, the list its canonical name (the
+model's first name for it, as ``state_dict`` and the engines' weight names spell it) runs through. In a backend the
+compiled frame's locals (its ``self`` too) name the objects: the container is walked to and each numbered block is
+looked up in the model by identity. An export lists a block reached through two lists under both names, one
+tensor each: there the canonical name of a numbered block's state (its first key in the program's ``state_dict``)
+gives its list and position. Where neither proves the numbers, the layers are unknown and compute.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Union
+
+from torch import nn
+from torch.export import ExportedProgram
+
+from ..context import GraphContext
+from ..detection.layers import layer_key, layer_slot, rooted_elsewhere
+from ..detection.registry import Detection, refuse_container, renumber
+
+Blocks = Union[nn.ModuleList, nn.Sequential]
+
+
+def _spelled(name: str) -> str:
+    """A name as ``layer_slot`` spells containers: dots and underscores both read as dots."""
+    return re.sub(r"[._]", ".", name)
+
+
+def _module_lists(root: nn.Module) -> dict[str, Blocks]:
+    return {_spelled(name): module for name, module in root.named_modules()
+            if isinstance(module, (nn.ModuleList, nn.Sequential))}
+
+
+def _named_container(container: str, frame_modules: dict[str, Any]) -> tuple[str, Blocks] | None:
+    """``(local name, module list)`` that ``container`` names from the compiled frame (``L.tail``,
+    ``L.model.layers``; a path without a local root starts at the frame's ``self``), or None."""
+    if not rooted_elsewhere(container):
+        owner = frame_modules.get("self")
+        found = _module_lists(owner).get(container) if isinstance(owner, nn.Module) else None
+        return None if found is None else ("self", found)
+    for name, local in frame_modules.items():
+        root = f"L.{_spelled(name)}"
+        if container == root:
+            return (name, local) if isinstance(local, (nn.ModuleList, nn.Sequential)) else None
+        if container.startswith(root + ".") and isinstance(local, nn.Module):
+            found = _module_lists(local).get(container[len(root) + 1:])
+            return None if found is None else (name, found)
+    return None
+
+
+def _canonical_positions(blocks: Blocks, numbers: set[int], model: nn.Module) -> tuple[str, dict[int, int]] | str:
+    """The list owning every numbered block of ``blocks`` (its canonical name's container, the real name) and each
+    block's position there, or why not."""
+    canonical = {id(module): name for name, module in model.named_modules()}  # first name of each module
+    owners, positions = set(), {}
+    for number in sorted(numbers):
+        if number >= len(blocks):
+            return f"it holds no block {number}"
+        name = canonical.get(id(blocks[number]))
+        key = None if name is None else layer_key(name)
+        if key is None:
+            return f"its block {number} is no numbered block of {type(model).__name__}"
+        owners.add(key[0])
+        positions[number] = key[1]
+    if len(owners) > 1:
+        return f"its blocks belong to several lists of {type(model).__name__} ({', '.join(sorted(owners))})"
+    return (owners.pop() if owners else ""), positions
+
+
+def _numbers(detection: Detection) -> set[int]:
+    found = {site.layer for site in detection.sites if site.layer is not None}
+    found |= set(detection.layers_present) | {h.layer for h in detection.hidden if h.layer is not None}
+    return found | {site.layer for site, _ in detection.unplaced if site.layer is not None}
+
+
+def _program_positions(program: ExportedProgram, container: str, numbers: set[int]) -> tuple[str, dict[int, int]] | str:
+    """``_canonical_positions`` from an export's names: a tensor's canonical name is its first key in the program's
+    ``state_dict`` (an export lists a block reached through two lists under both names, one tensor)."""
+    first: dict[int, str] = {}
+    for key, value in program.state_dict.items():
+        first.setdefault(id(value), key)
+    owners, positions = set(), {}
+    for number in sorted(numbers):
+        prefix = f"{container}.{number}."
+        homes = {layer_slot(first[id(value)]) for key, value in program.state_dict.items()
+                 if _spelled(key).startswith(prefix)}  # (layer_slot spells containers as the detector does)
+        if len(homes) != 1 or None in homes:
+            return f"its block {number} has {'no state' if not homes else 'state of several blocks'}"
+        ((owner, position),) = homes  # type: ignore[misc]
+        owners.add(owner)
+        positions[number] = position
+    if len(owners) > 1:
+        return f"its blocks belong to several lists ({', '.join(sorted(owners))})"
+    return (owners.pop() if owners else ""), positions
+
+
+def prove_container_numbers(detection: Detection, context: GraphContext) -> None:
+    """Make ``detection``'s module-path numbers the model's layers, or refuse them (see the module docstring)."""
+    container = detection.container
+    if not container:
+        return
+    numbers = _numbers(detection)
+    model = context.model_object()
+    if isinstance(model, ExportedProgram):
+        _settle(detection, container, _program_positions(model, container, numbers))
+        return
+    frame_modules = {name: ref() for name, ref in context.frame_modules}
+    named = _named_container(container, {k: v for k, v in frame_modules.items() if v is not None})
+    if named is None:
+        if rooted_elsewhere(container):
+            refuse_container(detection, f"{container}, which names no module list among the compiled frame's locals")
+        return  # a plain pass, or a frame whose self holds no such list: the paths are the model's own names
+    local, blocks = named
+    owner = model if isinstance(model, nn.Module) else frame_modules.get(local)
+    if not isinstance(owner, nn.Module):
+        return
+    _settle(detection, f"{container} (local {local!r})", _canonical_positions(blocks, numbers, owner))
+
+
+def _settle(detection: Detection, where: str, found: tuple[str, dict[int, int]] | str) -> None:
+    if isinstance(found, str):
+        refuse_container(detection, f"{where}: {found}")
+        return
+    real, positions = found
+    if _spelled(real) != detection.container or any(number != position for number, position in positions.items()):
+        renumber(detection, positions, _spelled(real), real)
