@@ -211,3 +211,42 @@ def test_a_layer_compiled_alone_does_not_number_its_own_indexers_as_layers():
     assert report.layer_index_unknown is UnknownLayerIndex.PATHS_SPLIT_ONE_LAYER
     assert all(d.action == "computed" for d in report.decisions)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+class Pair(torch.nn.Module):
+    def __init__(self, first, second) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([first, second])
+
+    def forward(self, x, cache, at, uses):
+        for offset, block in enumerate(self.layers):
+            x = block(x, None, cache, at + offset, uses)
+        return x
+
+
+class Pairs(HybridDSA):
+    """Decoder layers grouped in pairs, a graph break after each: one compiled pair graph whose module paths number
+    its own two blocks ``layers.0`` and ``layers.1``, whichever pair it runs as."""
+
+    def __init__(self, kinds: str) -> None:
+        super().__init__(kinds)
+        blocks = list(self.layers)
+        del self.layers
+        self.pairs = torch.nn.ModuleList(Pair(blocks[i], blocks[i + 1]) for i in range(0, len(blocks), 2))
+
+    def forward(self, x, uses=None):
+        cache: dict = {}
+        for number, pair in enumerate(self.pairs):
+            x = pair(x, cache, 2 * number, uses)
+            torch._dynamo.graph_break()
+        return x
+
+
+def test_blocks_nested_in_numbered_groups_are_not_numbered_by_the_group_list():
+    """freq 3 marks F S S F; the pair graph, numbered 0 and 1 by its own list, ran F S for both pairs. The blocks
+    are one numbered group each in the model (``pairs.0``): the numbers are refused and every layer computes."""
+    model = Pairs("iiii")
+    out, reports = _compile(model, index_topk_freq=3, index_skip_topk_offset=1)
+    assert reports and all(r.layer_index_unknown is UnknownLayerIndex.UNPROVEN_CONTAINER for r in reports)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(inputs()), rtol=0, atol=0)

@@ -127,6 +127,8 @@ def prove_container_numbers(detection: Detection, context: GraphContext) -> None
 
 
 def _settle(detection: Detection, where: str, found: tuple[str, dict[int, int]] | str) -> None:
+    if not isinstance(found, str) and len(set(found[1].values())) != len(found[1]):
+        found = f"two of its numbered blocks sit at one position of {found[0]} (blocks nested in numbered groups)"
     if isinstance(found, str):
         refuse_container(detection, f"{where}: {found}")
         return
