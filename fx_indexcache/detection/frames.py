@@ -56,31 +56,30 @@ def _compiled_code(callback: FrameType):
     return code
 
 
-def compiled_frame_values() -> list:
-    """The values of the frame dynamo is compiling now (its arguments, locals and closure cells), or [] outside a
-    dynamo compile: where a compiled function (``torch.compile(step)`` with ``step`` calling ``model``) holds the
-    model it runs, which is on no Python stack at compile time."""
+def _compiled_frame_locals() -> dict:
+    """The locals (arguments, closure cells) of the frame dynamo is compiling now, by name; {} outside a compile or
+    where a frame object's locals cannot be read."""
     callback = _outermost_convert_frame()
     frame = None if callback is None else callback.f_locals.get("frame")
     try:
-        values = getattr(frame, "f_locals", None) or {}
-        return list(values.values())
+        return dict(getattr(frame, "f_locals", None) or {})
     except Exception:  # a frame object whose locals cannot be read: nothing is known
-        return []
+        return {}
+
+
+def compiled_frame_values() -> list:
+    """The values of the frame dynamo is compiling now, or [] outside a dynamo compile: where a compiled function
+    (``torch.compile(step)`` with ``step`` calling ``model``) holds the model it runs, which is on no Python stack
+    at compile time."""
+    return list(_compiled_frame_locals().values())
 
 
 def compiled_frame_modules() -> dict[str, object]:
     """The modules among the locals of the frame dynamo is compiling now, by name ({} outside a compile): what a
     module path rooted at a frame local (``L['tail'][0]``) names."""
-    callback = _outermost_convert_frame()
-    frame = None if callback is None else callback.f_locals.get("frame")
-    try:
-        values = dict(getattr(frame, "f_locals", None) or {})
-    except Exception:  # a frame object whose locals cannot be read: nothing is known
-        return {}
     import torch.nn as nn
 
-    return {name: value for name, value in values.items() if isinstance(value, nn.Module)}
+    return {name: value for name, value in _compiled_frame_locals().items() if isinstance(value, nn.Module)}
 
 
 def dynamo_graph_starts_at_first_layer() -> bool | None:

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import fx
 from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
+from torch.utils._pytree import tree_leaves
 
-from ..graph_utils import CONTRACTIONS, is_call
+from ..graph_utils import CONTRACTIONS, is_call, op_name
 
 #: Op namespaces whose every op the detector reads as what it is: a selection among them is a top-k or sort that
 #: a finder examines.
@@ -53,15 +54,6 @@ class HiddenSelection:
     subgraphs: tuple[str, ...] = ()  # the subgraphs it calls (empty for an opaque op)
     layer: int | None = None  # its decoder layer, when the node's module path places it
     remedy: str = ""  # what lets the pass see it, for reports
-
-
-def op_label(target: object) -> str:
-    """A readable name for a call target: ``mylib::fused_topk``, ``cond``."""
-    if isinstance(target, OpOverload):
-        return target._schema.name + ("" if target._overloadname == "default" else f".{target._overloadname}")
-    if isinstance(target, OpOverloadPacket):
-        return target._qualified_op_name
-    return getattr(target, "__name__", None) or str(target)
 
 
 #: How many nodes up from a rejected top-k's score the walk looks for an opaque producer.
@@ -95,7 +87,7 @@ def _unsettled(verdict) -> HiddenSelection | None:
     if producer is None:
         return None
     return HiddenSelection(verdict.node, f"a top-k of a score computed by {_opaque_label(producer)} ({producer.name})",
-                           remedy=_REMEDIES.get(op_label(producer.target), _OPAQUE_REMEDY))
+                           remedy=_REMEDIES.get(op_name(producer.target), _OPAQUE_REMEDY))
 
 
 def _opaque_producer(score: fx.Node) -> fx.Node | None:
@@ -119,9 +111,9 @@ def _hidden(node: fx.Node, graph: fx.Graph, find_all: Finder, depth: int) -> Hid
         for name, module in subgraphs:
             inside = _selection_inside(module, find_all, depth + 1)
             if inside is not None:
-                return HiddenSelection(node, f"{inside} inside the subgraph {name} of {_hop_label(node.target)}",
+                return HiddenSelection(node, f"{inside} inside the subgraph {name} of {_hop_name(node.target)}",
                                        tuple(name for name, _ in subgraphs),
-                                       remedy=_REMEDIES.get(op_label(node.target), _CONTROL_FLOW_REMEDY))
+                                       remedy=_REMEDIES.get(op_name(node.target), _CONTROL_FLOW_REMEDY))
         return None
     if _opaque(node) and any(_is_index_tensor(value) for value in _output_values(node)):
         return HiddenSelection(node, f"an opaque op {_opaque_label(node)} that outputs integer tensors",
@@ -147,8 +139,8 @@ _REMEDIES = {
 }
 
 
-def _hop_label(target: object) -> str:
-    label = op_label(target)
+def _hop_name(target: object) -> str:
+    label = op_name(target)
     written = _WRITTEN_AS.get(label)
     return label if written is None else f"{label} ({written})"
 
@@ -175,32 +167,15 @@ def _called_subgraphs(node: fx.Node, graph: fx.Graph) -> Iterator[tuple[str, fx.
     if owner is None:
         return
     seen = set()
-    for arg in _flatten((node.args, node.kwargs)):
+    for arg in tree_leaves((node.args, node.kwargs)):
         if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target not in seen:
             seen.add(arg.target)
-            module = _attribute(owner, str(arg.target))
+            try:
+                module = owner.get_submodule(str(arg.target))
+            except AttributeError:  # a parameter or constant, not a subgraph
+                continue
             if isinstance(module, fx.GraphModule):
                 yield str(arg.target), module
-
-
-def _attribute(owner: torch.nn.Module, target: str):
-    value = owner
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
-
-
-def _flatten(value) -> Iterator[object]:
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _flatten(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _flatten(item)
-    else:
-        yield value
 
 
 def _inner_op(node: fx.Node) -> object:
@@ -223,13 +198,13 @@ def _opaque(node: fx.Node) -> bool:
 def _opaque_label(node: fx.Node) -> str:
     inner = _inner_op(node)
     if inner is node.target:
-        return op_label(node.target)
-    return f"{op_label(inner)} (in {op_label(node.target)})"
+        return op_name(node.target)
+    return f"{op_name(inner)} (in {op_name(node.target)})"
 
 
 def _output_values(node: fx.Node) -> Iterator[object]:
     meta = node.meta
-    yield from _flatten(meta["val"] if "val" in meta else meta.get("example_value"))
+    yield from tree_leaves(meta["val"] if "val" in meta else meta.get("example_value"))
 
 
 def _is_index_tensor(value: object) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import fx
 from ..graph_utils import CONTRACTIONS, VIEW_LIKE, is_call, node_order
 from .hidden import HiddenSelection, hidden_selections
 from .layer_records import LayerRecord, read_record
-from .layers import consumer_slots, layer_key, layer_slot, module_path
+from .layers import consumer_slots, layer_slot, module_path
 from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
@@ -190,13 +191,14 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
     holds exactly that many, one a layer.
     """
     sites, ignored = _find_all(graph)
+    found = functools.lru_cache(maxsize=None)(_find_all)  # each subgraph read once, for both uses below
     nested = []
     for name, module in _subgraph_modules(graph):
-        inner, _ = _find_all(module.graph)
+        inner, _ = found(module.graph)
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")
     detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
-    detection.hidden = hidden_selections(graph, sites, ignored, _find_all)
+    detection.hidden = hidden_selections(graph, sites, ignored, found)
     if sites:
         _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count)
         _place_hidden(detection)
@@ -225,8 +227,9 @@ def _place_hidden(detection: Detection) -> None:
 
 
 def _sites_container(sites: list[IndexerSite]) -> str | None:
-    """The one layer container the sites' module paths name, else None."""
-    names = {key[0] for site in sites if (key := layer_key(site.module_path or "")) is not None}
+    """The one layer container the sites' module paths name (spelled as ``layer_slot`` spells it, as the hidden
+    selections' slots are), else None."""
+    names = {slot[0] for site in sites if (slot := layer_slot(site.module_path)) is not None}
     return next(iter(names)) if len(names) == 1 else None
 
 

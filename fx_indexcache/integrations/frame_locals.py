@@ -57,23 +57,31 @@ def _named_container(container: str, frame_modules: dict[str, Any]) -> tuple[str
     return None
 
 
+def _one_list(homes: dict[int, tuple[str, int] | str], what: str) -> tuple[str, dict[int, int]] | str:
+    """The one list every numbered block's home (its list, its position there) names, and the positions; or why
+    not: a block without a numbered home, or blocks of several lists."""
+    for reason in homes.values():
+        if isinstance(reason, str):
+            return reason
+    owners = {home[0] for home in homes.values() if not isinstance(home, str)}
+    if len(owners) > 1:
+        return f"its blocks belong to several lists of {what} ({', '.join(sorted(owners))})"
+    positions = {number: home[1] for number, home in homes.items() if not isinstance(home, str)}
+    return (owners.pop() if owners else ""), positions
+
+
 def _canonical_positions(blocks: Blocks, numbers: set[int], model: nn.Module) -> tuple[str, dict[int, int]] | str:
-    """The list owning every numbered block of ``blocks`` (its canonical name's container, the real name) and each
-    block's position there, or why not."""
+    """Each numbered block of ``blocks`` found in ``model`` by identity: its canonical (first) name's list and
+    position."""
     canonical = {id(module): name for name, module in model.named_modules()}  # first name of each module
-    owners, positions = set(), {}
-    for number in sorted(numbers):
+
+    def home(number: int) -> tuple[str, int] | str:
         if number >= len(blocks):
             return f"it holds no block {number}"
-        name = canonical.get(id(blocks[number]))
-        key = None if name is None else layer_key(name)
-        if key is None:
-            return f"its block {number} is no numbered block of {type(model).__name__}"
-        owners.add(key[0])
-        positions[number] = key[1]
-    if len(owners) > 1:
-        return f"its blocks belong to several lists of {type(model).__name__} ({', '.join(sorted(owners))})"
-    return (owners.pop() if owners else ""), positions
+        key = layer_key(canonical.get(id(blocks[number]), ""))
+        return key if key is not None else f"its block {number} is no numbered block of {type(model).__name__}"
+
+    return _one_list({number: home(number) for number in sorted(numbers)}, type(model).__name__)
 
 
 def _numbers(detection: Detection) -> set[int]:
@@ -88,19 +96,16 @@ def _program_positions(program: ExportedProgram, container: str, numbers: set[in
     first: dict[int, str] = {}
     for key, value in program.state_dict.items():
         first.setdefault(id(value), key)
-    owners, positions = set(), {}
-    for number in sorted(numbers):
-        prefix = f"{container}.{number}."
+
+    def home(number: int) -> tuple[str, int] | str:
         homes = {layer_slot(first[id(value)]) for key, value in program.state_dict.items()
-                 if _spelled(key).startswith(prefix)}  # (layer_slot spells containers as the detector does)
+                 if _spelled(key).startswith(f"{container}.{number}.")}  # (layer_slot spells as the detector does)
         if len(homes) != 1 or None in homes:
             return f"its block {number} has {'no state' if not homes else 'state of several blocks'}"
-        ((owner, position),) = homes  # type: ignore[misc]
-        owners.add(owner)
-        positions[number] = position
-    if len(owners) > 1:
-        return f"its blocks belong to several lists ({', '.join(sorted(owners))})"
-    return (owners.pop() if owners else ""), positions
+        (found,) = homes
+        return found if found is not None else f"its block {number} has no numbered state"
+
+    return _one_list({number: home(number) for number in sorted(numbers)}, "the program")
 
 
 def prove_container_numbers(detection: Detection, context: GraphContext) -> None:
@@ -113,8 +118,8 @@ def prove_container_numbers(detection: Detection, context: GraphContext) -> None
     if isinstance(model, ExportedProgram):
         _settle(detection, container, _program_positions(model, container, numbers))
         return
-    frame_modules = {name: ref() for name, ref in context.frame_modules}
-    named = _named_container(container, {k: v for k, v in frame_modules.items() if v is not None})
+    frame_modules = {name: module for name, ref in context.frame_modules if (module := ref()) is not None}
+    named = _named_container(container, frame_modules)
     if named is None:
         if rooted_elsewhere(container):
             refuse_container(detection, f"{container}, which names no module list among the compiled frame's locals")
