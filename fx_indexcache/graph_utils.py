@@ -168,6 +168,14 @@ def fake_value(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def fake_mode_of(values):
+    """The fake mode ``values`` (nodes' fake values) live in: a context for computing a new node's value like theirs;
+    a no-op context where there is none."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(list(values)) or contextlib.nullcontext()
+
+
 def _expr(size):
     if isinstance(size, torch.SymInt):
         return size.node.expr

@@ -61,8 +61,8 @@ case "$step" in
                      # across graphs, transformers' generate under CUDA graphs
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "not ($TOPK_EXACT)" \
             tests/gpu/test_cross_graph_cudagraphs_gpu.py tests/gpu/test_generate_cudagraphs_gpu.py ;;
-    generate-cold)   # generate() under CUDA graphs with every compile cache empty, twice (three of its tests failed
-                     # once on a fresh machine and passed on the next three runs: its first compile is the suspect)
+    generate-cold)   # generate() under CUDA graphs with every compile cache empty, twice: an empty cache makes
+                     # Inductor time pad_mm afresh, and a padded q·k once hid every indexer (padded_products.py)
         for run in 1 2; do
             cold=$(mktemp -d)
             TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton FX_INDEXCACHE_CACHE=$cold/ours \

@@ -2,9 +2,14 @@
 
 The engines' one-buffer rule skips layers without an indexer, so the pass must know which layers are indexed. An
 indexer run inside a higher-order op's subgraph (``torch.cond``), by an opaque op that outputs indices, on a score
-an opaque op computed, or on keys of unknown role is one the finders do not report as a site. Before this rule, an
+an opaque op computed, on keys of unknown role, or on a q·k through another activation than ReLU is one the
+finders do not report as a site. Before this rule, an
 F layer hidden that way was taken for a dense layer, and the next S layer was handed an earlier layer's indices:
 neither the model nor the pattern asked for that.
+
+A score computed over more keys than the top-k chooses from and cut after the product (a static buffer's empty
+slots, a hand-made alignment padding) is hidden too: its top-k axis is none of the product's axes, so nothing proves
+it is not a layer's indexer (before, an unnamed one was taken for a router and the same skip followed).
 
 The stack here keeps its decoder layers in ``blocks`` (one ``Block`` each, the indexer a method of the block) and
 ``hide`` picks, per layer, how its indexer is hidden. The oracle runs the pattern the decisions say was executed;
@@ -54,7 +59,12 @@ def _(x, wq, wk, ww):
     return x.new_empty((x.shape[0], x.shape[0]))
 
 
-HIDERS = ["cond", "opaque_topk", "opaque_score", "keys_as_input"]
+HIDERS = ["cond", "opaque_topk", "opaque_score", "keys_as_input", "sigmoid_score"]
+#: Scores cut after their product; an exported einsum keeps the query axis, whose size matches the top-k axis, so
+#: the export reads them as sites (rightly: they are indexers) where a compiled bmm hides them.
+CUT_SCORES = ["sliced_score", "padded_score"]
+#: Slots of a fixed-size key buffer (``sliced_score``) and the alignment ``padded_score`` pads the keys to.
+SLOTS, ALIGN = 12, 16
 
 
 class Block(nn.Module):
@@ -74,6 +84,20 @@ class Block(nn.Module):
         if self.hide == "keys_as_input":  # keys handed in whole: a graph input of unknown role
             q, w = (x @ self.wq).view(S, H, HD), x @ self.ww
             score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", q, keys_in).relu(), w)
+            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+        if self.hide == "sigmoid_score":  # another activation over q·k: nothing proves it is not the layer's indexer
+            score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD),
+                                                            x @ self.wk).sigmoid(), x @ self.ww)
+            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+        if self.hide == "sliced_score":  # scored over every slot of a static buffer, the empty ones cut after
+            key = torch.cat([x @ self.wk, keys_in[: SLOTS - S]])
+            score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD), key).relu(),
+                                 x @ self.ww)[:, :S]
+            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+        if self.hide == "padded_score":  # keys zero-padded to an aligned count by hand, the padding cut after
+            key = F.pad(x @ self.wk, (0, 0, 0, ALIGN - S))
+            score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD), key).relu(),
+                                 x @ self.ww)[:, :S]
             return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
         return self._own_topk(x)
 
@@ -158,6 +182,22 @@ def test_a_hidden_f_layer_is_neither_source_nor_skipped(hide, path):
     assert 2 not in decisions
 
 
+@pytest.mark.parametrize("hide", CUT_SCORES)
+@pytest.mark.parametrize("path", ["compile", "export"])
+def test_a_score_cut_after_its_product_never_hands_on_an_earlier_layers_indices(hide, path):
+    """Layer 2 (F) scores more keys than its top-k chooses from. Before, a compile took its top-k for a router's,
+    and layer 3 got layer 0's indices; now layer 3 takes layer 2's, or computes its own where layer 2 is hidden."""
+    model, (x, keys) = Stack({2: hide}).eval(), _inputs()
+    out, report = (_compile if path == "compile" else _export)(model, x, keys)
+    _check(model, x, keys, out, report)  # a share from layer 0 fails here
+    third = {d.layer: d for d in report.decisions}[3]
+    if path == "compile":
+        assert third.action == "left as is" and "layer 2 cannot serve it" in third.note, third
+        assert "top-k axis is none of that product's axes" in report.format()
+    else:
+        assert third.action == "shared" and third.source_layer == 2, third
+
+
 @pytest.mark.parametrize("path", ["compile", "export"])
 def test_without_a_hidden_layer_every_s_layer_shares(path):
     """The control: the same stack with nothing hidden shares both S layers (the tests above are not vacuous)."""
@@ -169,7 +209,7 @@ def test_without_a_hidden_layer_every_s_layer_shares(path):
         assert not torch.equal(out, model(x, keys))
 
 
-@pytest.mark.parametrize("hide", HIDERS)
+@pytest.mark.parametrize("hide", [*HIDERS, *CUT_SCORES])
 def test_a_hidden_s_layer_costs_no_other_layer_its_share(hide):
     """A hidden layer marked S serves no one under the pattern: layer 3 still takes layer 2's indices."""
     model, (x, keys) = Stack({1: hide}).eval(), _inputs()

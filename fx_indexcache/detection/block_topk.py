@@ -167,6 +167,9 @@ def _block_axis(pool: fx.Node, axis: int) -> tuple[fx.Node, object] | None:
     return source, value.shape[reduced]
 
 
+#: What lets the pass rewire a block top-k it found but left alone.
+_MASK_ONLY = "the pass rewires a block top-k whose indices (and an empty-block tag) only build attention's mask"
+
 def _product_under_pool(source: fx.Node) -> fx.Node | None:
     """The q·k contraction the pooled scores are an edited, re-viewed copy of."""
     frontier, seen = [source], set()
@@ -264,10 +267,11 @@ def classify_block_topk(node: fx.Node, params: frozenset[fx.Node] | None = None)
     evidence.append("score is a product of two activations (q·k)")
     selection = _selection(node)
     if isinstance(selection, str):
-        return TopkVerdict(node, False, tuple(evidence), f"block top-k left alone: {selection}", undecided=True)
+        return TopkVerdict(node, False, tuple(evidence), f"block top-k left alone: {selection}", undecided=True,
+                           remedy=_MASK_ONLY)
     if not _feeds_attention(selection[0]):
         return TopkVerdict(node, False, tuple(evidence), "block top-k whose indices do not reach attention's softmax",
-                           undecided=True)
+                           undecided=True, remedy=_MASK_ONLY)
     evidence.append("the block indices mask attention (reach a softmax through mask-building ops only)")
     return TopkVerdict(node, True, tuple(evidence), "")
 

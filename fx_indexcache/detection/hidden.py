@@ -80,8 +80,7 @@ def _unsettled(verdict) -> HiddenSelection | None:
     """A rejected top-k that may still be an indexer: undecided, or scoring what an opaque node computed."""
     if verdict.undecided:
         return HiddenSelection(verdict.node, f"a top-k the detector could not settle ({verdict.reason})",
-                               remedy="a module path naming an indexer (self.indexer = ...) settles keys of "
-                                      "unknown role")
+                               remedy=verdict.remedy)
     score = verdict.node.args[0] if verdict.node.args else None
     producer = _opaque_producer(score) if isinstance(score, fx.Node) else None
     if producer is None:

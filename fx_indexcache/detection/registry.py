@@ -23,6 +23,7 @@ from ..graph_utils import CONTRACTIONS, VIEW_LIKE, is_call, node_order
 from .hidden import HiddenSelection, hidden_selections
 from .layer_records import LayerRecord, read_record
 from .layers import consumer_slots, layer_slot, module_path
+from .padded_products import restore_padded_products
 from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
@@ -147,6 +148,8 @@ class Detection:
     #: Selections no finder reads (``hidden.py``), each placed in its layer where its node's module path names one
     #: of the sites' container; a layer holding one is never a source, nor skipped as one without an indexer.
     hidden: list[HiddenSelection] = dataclasses.field(default_factory=list)
+    #: Products in selections' scores that Inductor had padded for alignment, restored before reading
+    padded_products_restored: int = 0
 
     @property
     def unknown_text(self) -> str:
@@ -189,7 +192,11 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
     exported program, a backend tells it for a dynamo graph; None: not known). ``layer_count`` is the model's
     decoder-layer count where a config or the keys state it: graph order numbers sites only when the graph
     holds exactly that many, one a layer.
+
+    Products Inductor padded for alignment are restored first, in ``graph`` and its subgraphs
+    (``padded_products.py``): every reader of a score sees the plain product, whichever form the card's timing chose.
     """
+    restored = sum(restore_padded_products(g) for g in (graph, *(m.graph for _, m in _subgraph_modules(graph))))
     sites, ignored = _find_all(graph)
     found = functools.lru_cache(maxsize=None)(_find_all)  # each subgraph read once, for both uses below
     nested = []
@@ -197,7 +204,7 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
         inner, _ = found(module.graph)
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")
-    detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES)
+    detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES, padded_products_restored=restored)
     detection.hidden = hidden_selections(graph, sites, ignored, found)
     if sites:
         _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count)

@@ -127,6 +127,8 @@ class TopkVerdict:
     #: A rejection the structure does not settle (keys of unknown role, no shape metadata, an indexer nobody
     #: reads): the top-k may be a layer's indexer, so its layer is neither a source nor skipped (``hidden.py``).
     undecided: bool = False
+    #: For an undecided rejection: what would let the pass read it (reports show it beside the layer left alone).
+    remedy: str = "a module path naming an indexer (self.indexer = ...) settles keys of unknown role"
 
 
 def same_arguments(a: object, b: object) -> bool:

@@ -7,6 +7,10 @@ matrix), reached from the top-k through at most one more contraction (the per-he
 sum). Module paths that say "indexer" are recorded as evidence but never admit a top-k the
 structure rejects, so graphs traced without ``nn_module_stack`` (functional code, export) are
 handled the same way as named ones.
+
+A rejection is settled only where the score's product multiplies a weight (a router, a sampler). A top-k read from
+a product of two activations that is not a readable ReLU(q·k) over the top-k axis (another activation, the scores
+cut after the product) is undecided: it may be a layer's indexer, so ``hidden.py`` keeps its layer out of sharing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .sites import CacheWrite, IndexerSite, TopkVerdict
 aten = torch.ops.aten
 
 #: Ops allowed between the q·k product and the ReLU (scaling, casting, re-viewing).
-_SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
+SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
 #: Functional cache updates whose result is written back into a graph input by ``copy_``,
 #: with the position of the argument that holds the written rows.
 _CACHE_UPDATES = {aten.slice_scatter: 1, aten.select_scatter: 1, aten.index_put: 2, aten.index_copy: 3, aten.scatter: 3}
@@ -197,7 +201,7 @@ def _product_under_relu(relu: fx.Node) -> fx.Node | None:
         seen.add(node)
         if is_call(node, CONTRACTIONS):
             return node
-        if is_call(node, _SCORE_SCALING) and len(seen) < 16:
+        if is_call(node, SCORE_SCALING) and len(seen) < 16:
             frontier.extend(node.all_input_nodes)
     return None
 
@@ -264,14 +268,31 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
     path = module_path(node)
     named = "indexer" in (path or "").lower() or any("indexer" in t.lower() for t in module_types(node))
     if score_value is None:
-        return TopkVerdict(node, False, (), "top-k input carries no shape metadata", undecided=True)
-    found = _relu_product(node, score, score_value.shape[dim])
+        return TopkVerdict(node, False, (), "top-k input carries no shape metadata", undecided=True,
+                           remedy="run the pass on a graph with fake values (torch.compile, torch.export and make_fx "
+                                  "record them)")
+    found, off_axis, first = _relu_product(node, score, score_value.shape[dim])
     evidence = [f"module path {path!r}"] if named else []
     if found is None:
+        if off_axis is not None and _two_activations(off_axis, params):
+            return TopkVerdict(node, False, tuple(evidence), (
+                f"its score is read from ReLU({off_axis.name}), a product of two activations, but the top-k axis "
+                "is none of that product's axes (sliced or padded between them): not settled"), undecided=True,
+                remedy="score only the keys the top-k chooses from: cut or pad the keys before the q·k product, "
+                       "not the scores after it")
+        unread = next((product for product in first if _two_activations(product, params)), None)
+        if unread is not None:  # a router or sampler scores with a weight; this one does not
+            return TopkVerdict(node, False, tuple(evidence), (
+                f"its score is read from {unread.name}, a product of two activations, through no ReLU: a selection "
+                "scored another way (another activation, softmax probabilities) is not ruled out as a layer's "
+                "indexer"), undecided=True,
+                remedy="the pass reads an indexer whose score is the sum over heads of w·ReLU(q·k)")
         reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
         if named:
             reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
-        return TopkVerdict(node, False, tuple(evidence), reason, undecided=named)
+        return TopkVerdict(node, False, tuple(evidence), reason, undecided=named,
+                           remedy="write the score as sum over heads of w·ReLU(q·k) over the keys the top-k chooses "
+                                  "from")
     evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
     operands = _product_operands(found)
     roles = [_operand_role(op, params) for op in operands]
@@ -292,10 +313,21 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
     return TopkVerdict(node, True, tuple(evidence), "")
 
 
-def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
-    """The contraction under a ReLU that the top-k's score is reached from, with a dim of the key axis."""
+def _two_activations(product: fx.Node, params: frozenset[fx.Node] | None) -> bool:
+    """Whether ``product`` multiplies two activations computed from a common input (what q·k is)."""
+    operands = _product_operands(product)
+    return (len(operands) == 2 and all(_operand_role(op, params) is _Role.ACTIVATION for op in operands)
+            and _share_an_input(*operands))
+
+
+def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, fx.Node | None, list[fx.Node]]:
+    """``(product, None, first)``: the contraction under a ReLU that the top-k's score is reached from, with a dim
+    of the key axis; else ``(None, the first such contraction met without that dim, or None, first)``. ``first``:
+    the contractions met before any other, the products the score is read from whatever lies between."""
     frontier = [(score, 0)]
     seen: set[tuple[fx.Node, int]] = set()
+    off_axis = None
+    first: list[fx.Node] = []
     while frontier and len(seen) < _MAX_VISITS:
         current, crossed = frontier.pop()
         if (current, crossed) in seen or current.op != "call_function":
@@ -305,15 +337,17 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> fx.Node | None:
             product = _product_under_relu(current)
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):
-                return product
+                return product, None, first
+            off_axis = off_axis or product
         if is_call(current, SELECTIONS) and current is not node:
             continue
         if is_call(current, CONTRACTIONS):
             if crossed >= 1:
                 continue
+            first.append(current)
             crossed += 1
         frontier.extend((arg, crossed) for arg in current.all_input_nodes)
-    return None
+    return None, off_axis, first
 
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
@@ -336,7 +370,7 @@ def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdic
         readers = getitem_users(node, 1)
         if verdict.is_indexer and not readers:
             verdict = TopkVerdict(node, False, verdict.evidence, "indexer top-k whose indices nothing reads",
-                                  undecided=True)
+                                  undecided=True, remedy="read the indices in the graph that computes them")
         if not verdict.is_indexer:
             ignored.append(verdict)
             continue

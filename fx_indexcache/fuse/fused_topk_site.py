@@ -35,7 +35,16 @@ import torch
 from torch import fx
 
 from ..detection.topk import topk_arguments
-from ..graph_utils import dead_if_removed, erase_dead, fake_value, insertions_undone_on_error, is_call, packet, take_provenance
+from ..graph_utils import (
+    dead_if_removed,
+    erase_dead,
+    fake_mode_of,
+    fake_value,
+    insertions_undone_on_error,
+    is_call,
+    packet,
+    take_provenance,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -162,7 +171,7 @@ def rewrite_site(graph: fx.Graph, match, plan: FusedTopkPlan) -> int:
     from .kernels import fused_score_topk  # noqa: F401  (registers the op)
 
     x = match.score
-    mode = sub._fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
+    mode = fake_mode_of([fake_value(n) for n in (match.q, match.k, match.w)])
     with insertions_undone_on_error(graph):
         with graph.inserting_before(plan.topk):
             q, k, w = (sub._insert_steps(graph, leaf, st, mode)

@@ -57,7 +57,6 @@ changes the scores by e4m3's rounding (~4 %), so it is never chosen unless asked
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -79,6 +78,7 @@ from ..graph_utils import (
     VALUE_PRESERVING,
     dead_if_removed,
     erase_dead,
+    fake_mode_of,
     fake_value,
     insertions_undone_on_error,
     is_call,
@@ -690,13 +690,6 @@ _NUMERICS_NOTE = {
 }
 
 
-def _fake_mode(values):
-    """The fake mode the leaves' values live in (a no-op context where there is none)."""
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode(values) or contextlib.nullcontext()
-
-
 def _call(graph: fx.Graph, target, args: tuple, fake_args: tuple, mode) -> fx.Node:
     node = graph.call_function(target, args)
     with mode:
@@ -794,7 +787,7 @@ def _leaf_steps(match: ScoreMatch) -> list[list[tuple]]:
 def _check_leaves(match: ScoreMatch, check) -> str | None:
     """``check(q, k, w, scale=...)`` on the fake canonical leaves; a failing check is a refusal."""
     values = [fake_value(n) for n in (match.q, match.k, match.w)]
-    mode = _fake_mode(values)
+    mode = fake_mode_of(values)
     try:
         views = [_apply_fake(v, st, mode) for v, st in zip(values, _leaf_steps(match))]
         return check(*views, scale=match.scale)
@@ -825,7 +818,7 @@ def _rewrite(graph: fx.Graph, match: ScoreMatch, precision: str = "bf16") -> int
     """Replace ``match.score`` by the fused op of ``precision`` (re-viewed to the score's layout); returns
     nodes removed."""
     x = match.score
-    mode = _fake_mode([fake_value(n) for n in (match.q, match.k, match.w)])
+    mode = fake_mode_of([fake_value(n) for n in (match.q, match.k, match.w)])
     with insertions_undone_on_error(graph):
         with graph.inserting_before(x):
             q, k, w = (_insert_steps(graph, leaf, st, mode) for leaf, st in zip((match.q, match.k, match.w), _leaf_steps(match)))
@@ -875,7 +868,7 @@ def _swap_topk(graph: fx.Graph, topk: fx.Node) -> str | None:
     users = list(topk.users)
     if any(u.target is not operator.getitem for u in users):
         return "top-k kept as aten.topk: its pair is read whole"
-    mode = _fake_mode([xv])
+    mode = fake_mode_of([xv])
     with graph.inserting_before(topk):
         idx = _topk_indices(graph, x, xv, k, bool(keep_sorted), mode)
         vals = None
@@ -900,7 +893,7 @@ def _swap_sort_cut(graph: fx.Graph, sort: fx.Node) -> str | None:
     k = fake_value(cut).shape[-1]  # the keys the cut keeps (its end clamped to the row, as slicing does)
     if not descending or not isinstance(k, int) or _norm_dim(dim, xv.dim()) != xv.dim() - 1:
         return "selection kept as aten.sort: not a descending sort over the last dim cut to a static k"
-    mode = _fake_mode([xv])
+    mode = fake_mode_of([xv])
     with graph.inserting_before(sort):
         idx = _topk_indices(graph, x, xv, k, True, mode)
     cut.replace_all_uses_with(idx)

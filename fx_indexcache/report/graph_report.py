@@ -41,6 +41,8 @@ class IndexCacheReport:
     precision: list[PrecisionRecord] = dataclasses.field(default_factory=list)  # per F site, when not bf16
     #: per computing site under ``shard_indexer_rows``: the query rows this rank scored, or why it ran whole
     row_shards: list[RowShardRecord] = dataclasses.field(default_factory=list)
+    #: products in top-k scores that Inductor had padded for alignment, restored before the graph was read
+    padded_products_restored: int = 0
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -118,6 +120,9 @@ class IndexCacheReport:
         lines = [f"left alone, not rewritten: {site.kind} site at {site.module_path}: {why}"
                  for site, why in detection.unplaced]
         lines += [_hidden_line(hidden) for hidden in detection.hidden]
+        if detection.padded_products_restored:
+            lines.append(f"{detection.padded_products_restored} product(s) in top-k scores that Inductor had padded "
+                         "for alignment (pad_mm) were restored to the plain product before the graph was read")
         ambiguous = [v for v in detection.ignored if v.evidence]
         lines += [f"top-k {v.node.name} not rewritten: {v.reason}" for v in ambiguous]
         earlier = tuple(sorted(layer for record in detection.records.values() for layer in record.serves))
@@ -135,7 +140,7 @@ class IndexCacheReport:
             decisions = [_with_cross_graph_note(d, plan) for d in decisions]
         return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
                    detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision),
-                   list(row_shards))
+                   list(row_shards), detection.padded_products_restored)
 
 
 def _stage_line(first: int, decisions: list[LayerDecision]) -> str:
@@ -165,5 +170,5 @@ def _hidden_line(hidden) -> str:
     where = f"layer {hidden.layer}" if hidden.layer is not None else f"node {hidden.node.name} (its layer unknown)"
     line = (f"{where} holds {hidden.what}: left alone; the pass cannot read it, so no layer takes its indices and it "
             "is not skipped as a layer without an indexer")
-    return f"{line}; {hidden.remedy}" if hidden.remedy else line
+    return f"{line}; what lets the pass read it: {hidden.remedy}" if hidden.remedy else line
 

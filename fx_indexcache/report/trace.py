@@ -47,6 +47,7 @@ def report_record(report: IndexCacheReport) -> dict:
         "indexers_removed": report.indexers_removed,
         "indexers_fused": report.indexers_fused,
         "router_topk": report.router_topk,
+        "padded_products_restored": report.padded_products_restored,
         "layers": [dataclasses.asdict(decision) for decision in report.decisions],
         "table": report.format(),
     }

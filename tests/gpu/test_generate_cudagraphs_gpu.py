@@ -59,7 +59,7 @@ def test_static_cache_recipe_under_cuda_graphs(name):
     counters.clear()
     got = _runs(model, prompts, cache, disable_compile=True)
     removed = [r.indexers_removed for r in backend.reports]
-    assert len(removed) == 3 and set(removed) == {2}, removed
+    assert len(removed) == 3 and set(removed) == {2}, [r.format() for r in backend.reports]
     for (tokens, logits), (want_tokens, want_logits) in zip(got, expected):
         assert torch.equal(tokens, want_tokens), (tokens.tolist(), want_tokens.tolist())
         torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)
@@ -88,7 +88,8 @@ def test_transformers_own_decode_compile_around_ours():
     with torch._inductor.config.patch(fx_graph_cache=False):  # the first test's graphs would come from the cache
         got = _runs(model, prompts, cache)
     assert hasattr(model, "_compiled_call")  # transformers did compile its decode step
-    assert backend.reports and all(r.indexers_removed == 2 for r in backend.reports), backend.reports
+    assert backend.reports and all(r.indexers_removed == 2 for r in backend.reports), [
+        r.format() for r in backend.reports]
     for (tokens, logits), (want_tokens, want_logits) in zip(got, expected):
         assert torch.equal(tokens, want_tokens), (tokens.tolist(), want_tokens.tolist())
         torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)

@@ -137,3 +137,34 @@ def test_backend_default_fuses_f_layers_and_drops_s_layers():
         assert torch.equal(got_idx[layer], got_idx[layer - 1])
     for layer in (0, 2):
         assert _overlap(got_idx[layer], want_idx[layer]) > 0.98
+
+
+def test_backend_under_inductors_shape_padding_still_shares_and_fuses():
+    """Inductor's ``pad_mm`` may pad the indexer's products on a card (whether is decided by timing them): forced
+    here, the pass restores them, so S layers still go and F layers still reach the fused kernel."""
+    import fx_indexcache
+    from fx_indexcache import indexcache_backend
+
+    cfg = DSAModelConfig.tiny(
+        num_layers=4, first_k_dense_layers=4, index_n_heads=16, index_head_dim=64, index_topk=64, max_seq_len=512
+    )
+    model = ReferenceDSAModel(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (2, 190), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        base, _ = _compile(model, False, "FSFS")
+        want_logits, want_idx = base(ids, None, 0, True)
+        torch._dynamo.reset()
+        fx_indexcache.clear_reports()
+        options = {"index_topk_pattern": "FSFS", "fx_graph_cache": False, "force_shape_pad": True}
+        fused = torch.compile(model, backend=indexcache_backend, options=options, dynamic=False)
+        got_logits, got_idx = fused(ids, None, 0, True)
+    (report,) = fx_indexcache.reports()
+    assert report.padded_products_restored >= 4, report.format()  # two products per computing layer were padded
+    assert report.pattern == "FSFS" and report.indexers_removed == 2, report.format()
+    assert report.indexers_fused == 2, report.format()
+    rel = (got_logits.double() - want_logits.double()).norm() / want_logits.double().norm()
+    assert rel < 2e-2, rel
+    for layer in (1, 3):
+        assert torch.equal(got_idx[layer], got_idx[layer - 1])
+    for layer in (0, 2):
+        assert _overlap(got_idx[layer], want_idx[layer]) > 0.98
