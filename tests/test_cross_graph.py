@@ -286,3 +286,43 @@ def test_threads_never_read_each_others_indices():
     assert b_done.is_set()
     with torch.no_grad():
         torch.testing.assert_close(out["A"], model.oracle(x, [0, 0, 2, 3], None, [0, 1]), rtol=0, atol=0)
+
+
+class AliasedLoopDecoder(LoopDecoder):
+    """The loop runs a second list that holds the same blocks (as hybrid models keep their DSA blocks), a graph
+    break after each: a call's parameters name the block twice (``layers.i``, ``sparse.i``)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(n, seed)
+        self.sparse = torch.nn.ModuleList(self.layers[i] for i in range(n))
+
+    def forward(self, x, past=None, order=None):
+        for i in range(len(self.sparse)) if order is None else order:
+            x, _ = self.sparse[i](x, None if past is None else past[i])
+            torch._dynamo.graph_break()
+        return x
+
+
+@pytest.mark.parametrize("pattern", ["FSFS", "FSSF"])
+def test_a_block_two_lists_hold_is_numbered_by_the_list_that_owns_it(pattern):
+    """Before, a parameter reached under two names mapped to no layer (as a tied weight does): safe, but nothing
+    shared. Each module now counts once, under its first name."""
+    model = AliasedLoopDecoder(N)
+    _check_steps(model, _compile(model, pattern), pattern)
+    assert {call.container for call in fic.layer_calls(model)} == {"layers"}
+
+
+def test_a_weight_two_layers_tie_makes_neither_a_layer_call():
+    """One parameter held by layers 1 and 2 (tied): the run time cannot tell which layer those calls are, so they
+    run as compiled, their own indexers included, and layer 3 does not read across them (the module-once index
+    must not merge two modules' names for one parameter)."""
+    model = LoopDecoder(N)
+    model.layers[2].indexer.wq = model.layers[1].indexer.wq
+    compiled, x = _compile(model, "FSSS"), _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        compiled(x)
+        out = compiled(x)
+    calls = {call.layer: call for call in fic.layer_calls(model)}
+    assert sorted(calls) == [0, 3], calls
+    assert calls[3].action is CallAction.COMPUTED and calls[3].fallback is Fallback.NOT_CONSECUTIVE, calls[3]
+    torch.testing.assert_close(out, _untouched(model, x), rtol=0, atol=0)

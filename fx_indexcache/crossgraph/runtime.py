@@ -203,8 +203,16 @@ class LayerMap:
 
     @staticmethod
     def _index(root: nn.Module) -> dict[int, tuple[torch.Tensor, tuple[str, int] | None]]:
+        """Per parameter storage, the parameter and its (container, layer), None when two layers hold it.
+
+        Each module counts once, under its first name (``named_modules``): a block that a second list also holds
+        (a hybrid model's ``dsa_layers``) keeps its place in the list that owns it, as layer numbers do in the
+        graphs (``frame_locals.py``). A parameter two modules hold (tied weights) gets each module's name, and
+        two layers' names make it no layer's."""
         found: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
-        for path, param in root.named_parameters(remove_duplicate=False):
+        named = ((f"{prefix}.{name}" if prefix else name, param) for prefix, module in root.named_modules()
+                 for name, param in module.named_parameters(recurse=False))
+        for path, param in named:
             key = layer_key(path)
             if key is None or param.numel() == 0 or param.device.type == "meta":
                 continue
