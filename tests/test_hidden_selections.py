@@ -2,8 +2,9 @@
 
 The engines' one-buffer rule skips layers without an indexer, so the pass must know which layers are indexed. An
 indexer run inside a higher-order op's subgraph (``torch.cond``), by an opaque op that outputs indices, on a score
-an opaque op computed, on keys of unknown role, or on a q·k through another activation than ReLU is one the
-finders do not report as a site. Before this rule, an
+an opaque op computed, on keys of unknown role, on a q·k through another activation than ReLU, or on a q·k
+written as a broadcast multiply and sum is one the finders do not report as a site. A top-k is taken for a router
+only where its score is read from one projection (a weight's product), as a router's or a sampler's is. Before this rule, an
 F layer hidden that way was taken for a dense layer, and the next S layer was handed an earlier layer's indices:
 neither the model nor the pattern asked for that.
 
@@ -59,7 +60,7 @@ def _(x, wq, wk, ww):
     return x.new_empty((x.shape[0], x.shape[0]))
 
 
-HIDERS = ["cond", "opaque_topk", "opaque_score", "keys_as_input", "sigmoid_score"]
+HIDERS = ["cond", "opaque_topk", "opaque_score", "keys_as_input", "sigmoid_score", "broadcast_score"]
 #: Scores cut after their product; an exported einsum keeps the query axis, whose size matches the top-k axis, so
 #: the export reads them as sites (rightly: they are indexers) where a compiled bmm hides them.
 CUT_SCORES = ["sliced_score", "padded_score"]
@@ -88,6 +89,11 @@ class Block(nn.Module):
         if self.hide == "sigmoid_score":  # another activation over q·k: nothing proves it is not the layer's indexer
             score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD),
                                                             x @ self.wk).sigmoid(), x @ self.ww)
+            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+        if self.hide == "broadcast_score":  # q·k as a broadcast multiply and sum: no product op under the ReLU
+            q, key, w = (x @ self.wq).view(S, H, HD), x @ self.wk, x @ self.ww
+            logits = (q[:, :, None, :] * key[None, None, :, :]).sum(-1).relu()
+            score = (logits * w[:, :, None]).sum(1)
             return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
         if self.hide == "sliced_score":  # scored over every slot of a static buffer, the empty ones cut after
             key = torch.cat([x @ self.wk, keys_in[: SLOTS - S]])
@@ -339,3 +345,44 @@ def test_graph_order_does_not_number_a_graph_that_hides_a_selection():
     control = Stack({}).eval()  # the same export with nothing hidden is numbered by graph order
     _, numbered = _export(control, x, keys, strip_paths=True)
     assert numbered.layer_source == LayerSource.WHOLE_GRAPH_ORDER
+
+
+def _router(x, w_gate, bias):  # DeepSeek's group-limited routing: groups ranked by their top experts' scores
+    scores = torch.sigmoid(x @ w_gate) + bias
+    groups = scores.view(x.shape[0], 2, -1).topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(groups).scatter(1, groups.topk(1, dim=-1).indices, 1.0)
+    masked = scores.masked_fill(keep.repeat_interleave(scores.shape[1] // 2, 1) == 0, 0.0)
+    return masked.topk(2, dim=-1).indices
+
+
+SCORES = {
+    "router": (_router, False),
+    "sampler": (lambda x, w_head, _: (x @ w_head / 0.7).topk(3, dim=-1).indices, False),
+    "softmax_probabilities": (lambda x, wq, wk: torch.softmax((x @ wq) @ (x @ wk).T, -1).topk(3, dim=-1).indices, True),
+    "token_norms": (lambda x, wq, _: x.norm(dim=-1).topk(3).indices, True),  # no product: nothing settles it
+    "broadcast_qk": (lambda x, wq, wk: ((x @ wq)[:, None] * (x @ wk)[None]).sum(-1).relu().topk(3, dim=-1).indices,
+                     True),
+}
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_only_one_projection_settles_a_top_k_as_not_an_indexer(name):
+    """A router's gate and a sampler's head are one product with a weight; any other score the finders cannot read
+    (softmax probabilities, no product at all, q·k without a product op) leaves its top-k undecided, never a
+    router."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fx_indexcache.detection.graph_inputs import mark_parameters
+    from fx_indexcache.detection.topk import classify_topk
+
+    fn, undecided = SCORES[name]
+    torch.manual_seed(0)
+    x, a, b = torch.randn(6, 8), torch.randn(8, 8), torch.randn(8)
+    b = b if name == "router" else torch.randn(8, 8)
+    module = make_fx(fn, tracing_mode="fake")(x, a, b)
+    placeholders = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    mark_parameters(module.graph, placeholders[1:])  # x is the activation; the rest are the model's parameters
+    params = frozenset(n for n in module.graph.nodes if n.op == "placeholder" and n.name != placeholders[0])
+    last = [n for n in module.graph.nodes if n.target is torch.ops.aten.topk.default][-1]
+    verdict = classify_topk(last, params)
+    assert not verdict.is_indexer and verdict.undecided is undecided, verdict.reason

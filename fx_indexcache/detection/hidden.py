@@ -77,16 +77,17 @@ def hidden_selections(graph: fx.Graph, sites: list, ignored: list, find_all: Fin
 
 
 def _unsettled(verdict) -> HiddenSelection | None:
-    """A rejected top-k that may still be an indexer: undecided, or scoring what an opaque node computed."""
+    """A rejected top-k that may still be an indexer: scoring what an opaque node computed (said first: it names
+    what hides the score), or undecided."""
+    score = verdict.node.args[0] if verdict.node.args else None
+    producer = _opaque_producer(score) if isinstance(score, fx.Node) else None
+    if producer is not None:
+        return HiddenSelection(verdict.node, f"a top-k of a score computed by {_opaque_label(producer)} "
+                               f"({producer.name})", remedy=_REMEDIES.get(op_name(producer.target), _OPAQUE_REMEDY))
     if verdict.undecided:
         return HiddenSelection(verdict.node, f"a top-k the detector could not settle ({verdict.reason})",
                                remedy=verdict.remedy)
-    score = verdict.node.args[0] if verdict.node.args else None
-    producer = _opaque_producer(score) if isinstance(score, fx.Node) else None
-    if producer is None:
-        return None
-    return HiddenSelection(verdict.node, f"a top-k of a score computed by {_opaque_label(producer)} ({producer.name})",
-                           remedy=_REMEDIES.get(op_name(producer.target), _OPAQUE_REMEDY))
+    return None
 
 
 def _opaque_producer(score: fx.Node) -> fx.Node | None:

@@ -8,9 +8,10 @@ sum). Module paths that say "indexer" are recorded as evidence but never admit a
 structure rejects, so graphs traced without ``nn_module_stack`` (functional code, export) are
 handled the same way as named ones.
 
-A rejection is settled only where the score's product multiplies a weight (a router, a sampler). A top-k read from
-a product of two activations that is not a readable ReLU(q·k) over the top-k axis (another activation, the scores
-cut after the product) is undecided: it may be a layer's indexer, so ``hidden.py`` keeps its layer out of sharing.
+A rejection is settled only where the score is read from one projection, a product with a weight, as a router's
+gate or a sampler's head is. Any other top-k without a readable ReLU(q·k) over its axis (another activation, the
+scores cut after the product, q·k as a broadcast multiply and sum) is undecided: it may be a layer's indexer, so
+``hidden.py`` keeps its layer out of sharing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import operator
 
 import torch
 from torch import fx
@@ -271,7 +273,7 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
         return TopkVerdict(node, False, (), "top-k input carries no shape metadata", undecided=True,
                            remedy="run the pass on a graph with fake values (torch.compile, torch.export and make_fx "
                                   "record them)")
-    found, off_axis, first = _relu_product(node, score, score_value.shape[dim])
+    found, off_axis = _relu_product(node, score, score_value.shape[dim])
     evidence = [f"module path {path!r}"] if named else []
     if found is None:
         if off_axis is not None and _two_activations(off_axis, params):
@@ -280,19 +282,20 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
                 "is none of that product's axes (sliced or padded between them): not settled"), undecided=True,
                 remedy="score only the keys the top-k chooses from: cut or pad the keys before the q·k product, "
                        "not the scores after it")
-        unread = next((product for product in first if _two_activations(product, params)), None)
-        if unread is not None:  # a router or sampler scores with a weight; this one does not
+        first = _first_products(score)
+        if len(first) == 1 and _projects(first[0], params) and not named:
             return TopkVerdict(node, False, tuple(evidence), (
-                f"its score is read from {unread.name}, a product of two activations, through no ReLU: a selection "
-                "scored another way (another activation, softmax probabilities) is not ruled out as a layer's "
-                "indexer"), undecided=True,
-                remedy="the pass reads an indexer whose score is the sum over heads of w·ReLU(q·k)")
-        reason = "router or other top-k: no ReLU(q·k) score over the top-k axis"
+                f"router or other top-k: its score is read from one projection ({first[0].name}), as a router's or a "
+                "sampler's is, and from no ReLU(q·k) over the top-k axis"))
+        read_from = f"{len(first)} products ({', '.join(p.name for p in first[:4])})" if first else "no product"
+        reason = (f"no ReLU(q·k) score over the top-k axis; its score is read from {read_from}, not from one "
+                  "projection as a router's or a sampler's is: an indexer written another way (another activation "
+                  "than ReLU, q·k as a broadcast multiply and sum) is not ruled out")
         if named:
-            reason = "module path says indexer, but no ReLU(q·k) score over the top-k axis was found"
-        return TopkVerdict(node, False, tuple(evidence), reason, undecided=named,
-                           remedy="write the score as sum over heads of w·ReLU(q·k) over the keys the top-k chooses "
-                                  "from")
+            reason = f"module path says indexer, but {reason}"
+        return TopkVerdict(node, False, tuple(evidence), reason, undecided=True,
+                           remedy="write the score as the sum over heads of w·ReLU(q·k) over the keys the top-k "
+                                  "chooses from, q·k as a product (matmul, einsum)")
     evidence.insert(0, f"top-k over the key axis of ReLU({found.name})")
     operands = _product_operands(found)
     roles = [_operand_role(op, params) for op in operands]
@@ -320,14 +323,18 @@ def _two_activations(product: fx.Node, params: frozenset[fx.Node] | None) -> boo
             and _share_an_input(*operands))
 
 
-def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, fx.Node | None, list[fx.Node]]:
-    """``(product, None, first)``: the contraction under a ReLU that the top-k's score is reached from, with a dim
-    of the key axis; else ``(None, the first such contraction met without that dim, or None, first)``. ``first``:
-    the contractions met before any other, the products the score is read from whatever lies between."""
+def _projects(product: fx.Node, params: frozenset[fx.Node] | None) -> bool:
+    """Whether ``product`` multiplies by a weight (or a graph input of unknown role, where parameters are not
+    known): a projection, as a router's gate or a sampler's head."""
+    return any(_operand_role(op, params) is not _Role.ACTIVATION for op in _product_operands(product))
+
+
+def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, fx.Node | None]:
+    """The contraction under a ReLU that the top-k's score is reached from, with a dim of the key axis; else
+    ``(None, the first such contraction met without that dim)`` (``(None, None)``: no ReLU product at all)."""
     frontier = [(score, 0)]
     seen: set[tuple[fx.Node, int]] = set()
     off_axis = None
-    first: list[fx.Node] = []
     while frontier and len(seen) < _MAX_VISITS:
         current, crossed = frontier.pop()
         if (current, crossed) in seen or current.op != "call_function":
@@ -337,17 +344,40 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, 
             product = _product_under_relu(current)
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):
-                return product, None, first
+                return product, None
             off_axis = off_axis or product
         if is_call(current, SELECTIONS) and current is not node:
             continue
         if is_call(current, CONTRACTIONS):
             if crossed >= 1:
                 continue
-            first.append(current)
             crossed += 1
         frontier.extend((arg, crossed) for arg in current.all_input_nodes)
-    return None, off_axis, first
+    return None, off_axis
+
+
+def _first_products(score: fx.Node) -> list[fx.Node]:
+    """The contractions met first on the paths up from ``score``: the products it is read from, whatever lies
+    between. Another selection's values are followed to that selection's score (a group-limited router ranks
+    groups by their top experts' scores); its indices are not (they lead into another layer's attention)."""
+    found: dict[fx.Node, None] = {}
+    frontier, seen = [score], set()
+    while frontier and len(seen) < _MAX_VISITS:
+        current = frontier.pop()
+        if current in seen or current.op != "call_function":
+            continue
+        seen.add(current)
+        if is_call(current, CONTRACTIONS):
+            found[current] = None
+            continue
+        if current.target is operator.getitem and is_call(current.args[0], SELECTIONS):
+            if current.args[1] == 0:
+                frontier.append(current.args[0].args[0])
+            continue
+        if is_call(current, SELECTIONS):
+            continue
+        frontier.extend(current.all_input_nodes)
+    return list(found)
 
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
