@@ -283,11 +283,12 @@ def classify_selection(node: fx.Node, score: fx.Node, dim: int, params: frozense
                 remedy="score only the keys the top-k chooses from: cut or pad the keys before the q·k product, "
                        "not the scores after it")
         first = _first_products(score)
-        if len(first) == 1 and _projects(first[0], params) and not named:
+        if first is not None and len(first) == 1 and _projects(first[0], params) and not named:
             return TopkVerdict(node, False, tuple(evidence), (
                 f"router or other top-k: its score is read from one projection ({first[0].name}), as a router's or a "
                 "sampler's is, and from no ReLU(q·k) over the top-k axis"))
-        read_from = f"{len(first)} products ({', '.join(p.name for p in first[:4])})" if first else "no product"
+        read_from = ("more nodes than the walk reads" if first is None else "no product" if not first else
+                     f"{len(first)} products ({', '.join(p.name for p in first[:4])})")
         reason = (f"no ReLU(q·k) score over the top-k axis; its score is read from {read_from}, not from one "
                   "projection as a router's or a sampler's is: an indexer written another way (another activation "
                   "than ReLU, q·k as a broadcast multiply and sum) is not ruled out")
@@ -356,10 +357,11 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, 
     return None, off_axis
 
 
-def _first_products(score: fx.Node) -> list[fx.Node]:
+def _first_products(score: fx.Node) -> list[fx.Node] | None:
     """The contractions met first on the paths up from ``score``: the products it is read from, whatever lies
-    between. Another selection's values are followed to that selection's score (a group-limited router ranks
-    groups by their top experts' scores); its indices are not (they lead into another layer's attention)."""
+    between; None where the walk ran out before reaching them all. Another selection's values are followed to that
+    selection's score (a group-limited router ranks groups by their top experts' scores); its indices are not
+    (they lead into another layer's attention)."""
     found: dict[fx.Node, None] = {}
     frontier, seen = [score], set()
     while frontier and len(seen) < _MAX_VISITS:
@@ -377,7 +379,7 @@ def _first_products(score: fx.Node) -> list[fx.Node]:
         if is_call(current, SELECTIONS):
             continue
         frontier.extend(current.all_input_nodes)
-    return list(found)
+    return None if frontier else list(found)
 
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
