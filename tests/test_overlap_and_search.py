@@ -267,3 +267,18 @@ def test_hf_model_switched_graph_equals_the_indexer_patching_oracle():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, scorer.reference[0])  # sharing changed the output: the switch acted
     assert scorer("FS") > 0 and len(scorer.probe.graphs) == 1
+
+
+def test_hf_model_without_transformers_names_the_flag_and_the_extra(monkeypatch, capsys):
+    """A package installed without its ``hf`` extra: ``--hf-model`` says what is missing, not a traceback from
+    inside the builder (which imports transformers only when it runs)."""
+    import importlib.util
+
+    from fx_indexcache.tools import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["overlap", "--hf-model", "deepseek_v32", "--random-weights", "--batches", "1"])
+    message = str(raised.value)
+    assert "--hf-model 'deepseek_v32'" in message and "fx-indexcache[hf]" in message, message

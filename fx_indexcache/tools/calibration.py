@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -101,10 +102,10 @@ def build_target(args: argparse.Namespace) -> ProbeTarget:
         return _file_target(args)
     if args.hf_model:
         args.seq_len = args.seq_len or RANDOM_SEQ_LEN
-        try:
-            from ..models import tiny_transformers
-        except ImportError as error:  # transformers missing
-            raise SystemExit(f"--hf-model needs transformers and fx_indexcache.models.tiny_transformers: {error}") from error
+        if importlib.util.find_spec("transformers") is None:  # the builders import it only when they run
+            raise SystemExit(f"--hf-model {args.hf_model!r} builds a model from transformers, which is not installed "
+                             "here: pip install 'fx-indexcache[hf]' (or run without --hf-model: the built-in model)")
+        from ..models import tiny_transformers
         if args.hf_model not in tiny_transformers.TINY_DSA_MODELS:
             raise SystemExit(f"--hf-model {args.hf_model!r}: choose from {sorted(tiny_transformers.TINY_DSA_MODELS)}")
         tiny = tiny_transformers.TINY_DSA_MODELS[args.hf_model](seed=args.seed)
