@@ -4,9 +4,9 @@ The engines' one-buffer rule skips layers without an indexer, so the pass must k
 indexer run inside a higher-order op's subgraph (``torch.cond``), by an opaque op that outputs indices, on a score
 an opaque op computed, on keys of unknown role, on a q·k through another activation than ReLU, or on a q·k
 written as a broadcast multiply and sum is one the finders do not report as a site. A top-k is taken for a router
-only where its score is read from one projection (a weight's product), as a router's or a sampler's is. Before this rule, an
-F layer hidden that way was taken for a dense layer, and the next S layer was handed an earlier layer's indices:
-neither the model nor the pattern asked for that.
+only where its score is read from one projection (a weight's product), as a router's or a sampler's is. Before
+this rule, an F layer hidden that way was taken for a dense layer, and the next S layer was handed an earlier
+layer's indices: neither the model nor the pattern asked for that.
 
 A score computed over more keys than the top-k chooses from and cut after the product (a static buffer's empty
 slots, a hand-made alignment padding) is hidden too: its top-k axis is none of the product's axes, so nothing proves
@@ -29,6 +29,11 @@ from fx_indexcache.detection.registry import LayerSource, UnknownLayerIndex
 
 S, D, H, HD, K, LAYERS = 8, 16, 2, 8, 3, 4
 PATTERN = "FSFS"
+
+
+def _causal_topk(score):
+    """The K best keys of each query row of an [S, T] score, later keys masked."""
+    return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
 
 
 def _scores(x, wq, wk, ww):
@@ -85,26 +90,25 @@ class Block(nn.Module):
         if self.hide == "keys_as_input":  # keys handed in whole: a graph input of unknown role
             q, w = (x @ self.wq).view(S, H, HD), x @ self.ww
             score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", q, keys_in).relu(), w)
-            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+            return _causal_topk(score)
         if self.hide == "sigmoid_score":  # another activation over q·k: nothing proves it is not the layer's indexer
             score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD),
                                                             x @ self.wk).sigmoid(), x @ self.ww)
-            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+            return _causal_topk(score)
         if self.hide == "broadcast_score":  # q·k as a broadcast multiply and sum: no product op under the ReLU
             q, key, w = (x @ self.wq).view(S, H, HD), x @ self.wk, x @ self.ww
             logits = (q[:, :, None, :] * key[None, None, :, :]).sum(-1).relu()
             score = (logits * w[:, :, None]).sum(1)
-            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
-        if self.hide == "sliced_score":  # scored over every slot of a static buffer, the empty ones cut after
-            key = torch.cat([x @ self.wk, keys_in[: SLOTS - S]])
+            return _causal_topk(score)
+        if self.hide in CUT_SCORES:  # more keys scored than chosen from, the extra ones cut after the product
+            key = x @ self.wk
+            if self.hide == "sliced_score":  # every slot of a static buffer, the empty ones too
+                key = torch.cat([key, keys_in[: SLOTS - S]])
+            else:  # keys zero-padded by hand to an aligned count
+                key = F.pad(key, (0, 0, 0, ALIGN - S))
             score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD), key).relu(),
                                  x @ self.ww)[:, :S]
-            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
-        if self.hide == "padded_score":  # keys zero-padded to an aligned count by hand, the padding cut after
-            key = F.pad(x @ self.wk, (0, 0, 0, ALIGN - S))
-            score = torch.einsum("sht,sh->st", torch.einsum("shd,td->sht", (x @ self.wq).view(S, H, HD), key).relu(),
-                                 x @ self.ww)[:, :S]
-            return (score + torch.full((S, S), float("-inf")).triu(1)).topk(K, dim=-1).indices
+            return _causal_topk(score)
         return self._own_topk(x)
 
     def _own_topk(self, x):
@@ -372,7 +376,7 @@ def test_only_one_projection_settles_a_top_k_as_not_an_indexer(name):
     router."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fx_indexcache.detection.graph_inputs import mark_parameters
+    from fx_indexcache.detection.graph_inputs import mark_parameters, parameter_placeholders
     from fx_indexcache.detection.topk import classify_topk
 
     fn, undecided = SCORES[name]
@@ -382,7 +386,6 @@ def test_only_one_projection_settles_a_top_k_as_not_an_indexer(name):
     module = make_fx(fn, tracing_mode="fake")(x, a, b)
     placeholders = [n.name for n in module.graph.nodes if n.op == "placeholder"]
     mark_parameters(module.graph, placeholders[1:])  # x is the activation; the rest are the model's parameters
-    params = frozenset(n for n in module.graph.nodes if n.op == "placeholder" and n.name != placeholders[0])
     last = [n for n in module.graph.nodes if n.target is torch.ops.aten.topk.default][-1]
-    verdict = classify_topk(last, params)
+    verdict = classify_topk(last, parameter_placeholders(module.graph))
     assert not verdict.is_indexer and verdict.undecided is undecided, verdict.reason

@@ -38,9 +38,9 @@ def _scores(x, wq, wk, ww, heads, op, pads, form):
     fill = 1.0 if form == "nonzero_fill" else 0.0
     batch = [] if op == "mm" else [0, 0]
     a_pads = [0, k_pad, m_pad, 0] if form == "left_pad" else [0, k_pad, 0, m_pad]
-    product = torch.ops.aten.constant_pad_nd(a, a_pads + batch, fill)
-    product = aten.mm(product, aten.constant_pad_nd(b, [0, n_pad, 0, k_pad] + batch, fill)) if op == "mm" else (
-        aten.bmm(product, aten.constant_pad_nd(b, [0, n_pad, 0, k_pad] + batch, fill)))
+    multiply = aten.mm if op == "mm" else aten.bmm
+    product = multiply(aten.constant_pad_nd(a, a_pads + batch, fill),
+                       aten.constant_pad_nd(b, [0, n_pad, 0, k_pad] + batch, fill))
     rows, cols = product.dim() - 2, product.dim() - 1
     start = 1 if form == "slice_from_one" else 0
     kept = aten.slice(aten.slice(product, rows, start, start + a.shape[-2]), cols, 0, b.shape[-1])

@@ -26,25 +26,24 @@ from torch._dynamo.utils import counters
 
 from ..graph_utils import (
     CONTRACTIONS,
+    call_arguments,
+    dead_if_removed,
+    erase_dead,
     fake_mode_of,
     fake_value,
     is_call,
     is_relu,
-    relu_input,
     same_shape,
     take_provenance,
 )
-from .topk import SCORE_SCALING
+from .topk import SELECTIONS, product_under_relu
 
 aten = torch.ops.aten
 
 #: The products ``pad_mm`` pads, by the position of their two operands' summed axis (``a``'s last, ``b``'s
 #: second to last).
 _PADDED_PRODUCTS = {aten.mm, aten.bmm}
-_SELECTIONS = {aten.topk, aten.sort, aten.argsort}
 _MAX_VISITS = 4000
-#: How far the walk from a ReLU to the q·k under it goes (the finder's own limit).
-_SCALING_WALK = 16
 
 
 def _pads(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
@@ -55,10 +54,10 @@ def _pads(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
         return None
     if not is_call(node, {aten.constant_pad_nd}):
         return node, [0] * value.dim()
-    x, pad = node.args[0], list(node.args[1])
-    fill = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    args = call_arguments(node, ("input", "pad", "value"), {"value": 0})
+    x, pad = args["input"], list(args["pad"])
     inner = fake_value(x) if isinstance(x, fx.Node) else None
-    if inner is None or fill != 0 or len(pad) % 2 or len(pad) > 2 * inner.dim():
+    if inner is None or args["value"] != 0 or len(pad) % 2 or len(pad) > 2 * inner.dim():
         return None
     right = [0] * inner.dim()
     for i in range(len(pad) // 2):  # pairs from the last dim backwards: (left, right)
@@ -69,32 +68,24 @@ def _pads(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
     return x, right
 
 
-def _slice_chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """``(product, slices)`` when ``node`` is the last of slices from 0 with step 1 over a padded-product candidate,
-    each intermediate read by nothing else; None otherwise."""
-    slices = []
-    current = node
+def _sliced_product(node: fx.Node) -> fx.Node | None:
+    """The padded-product candidate under ``node`` when ``node`` is the last of slices from 0 with step 1 over it,
+    each intermediate (the product too) read by nothing else; None otherwise."""
+    current, depth = node, 0
     while is_call(current, {aten.slice}):
-        start = current.args[2] if len(current.args) > 2 else current.kwargs.get("start", 0)
-        step = current.args[4] if len(current.args) > 4 else current.kwargs.get("step", 1)
-        if start not in (0, None) or step != 1:
+        args = call_arguments(current, ("input", "dim", "start", "end", "step"), {"start": None, "step": 1})
+        if args["start"] not in (0, None) or args["step"] != 1 or (depth and len(current.users) != 1):
             return None
-        if slices and len(current.users) != 1:
-            return None
-        slices.append(current)
-        current = current.args[0]
-    if not slices or not is_call(current, _PADDED_PRODUCTS) or len(current.users) != 1:
+        current, depth = current.args[0], depth + 1
+    if not depth or not is_call(current, _PADDED_PRODUCTS) or len(current.users) != 1:
         return None
-    return current, slices
+    return current
 
 
-def _restored(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, list[fx.Node]] | None:
-    """``(product, a, b, slices)`` for the padded form ending at ``node``: ``slices[0]`` is ``node``."""
-    chain = _slice_chain(node)
-    if chain is None:
-        return None
-    product, slices = chain
-    if len(product.args) != 2 or product.kwargs:
+def _restored(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(padded product, a, b)`` for the padded form ending at ``node``: the plain product is ``product(a, b)``."""
+    product = _sliced_product(node)
+    if product is None or len(product.args) != 2 or product.kwargs:
         return None
     padded = [_pads(arg) if isinstance(arg, fx.Node) else None for arg in product.args]
     if padded[0] is None or padded[1] is None:
@@ -112,22 +103,15 @@ def _restored(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, list[fx.Node]] 
     expected = (*a_value.shape[:-1], b_value.shape[-1])
     if not same_shape(tuple(out.shape), expected):
         return None
-    return product, a, b, slices
+    return product, a, b
 
 
-def _under_relu(relu: fx.Node) -> fx.Node | None:
-    """The padded form the ReLU's input is a scaled, re-viewed copy of (q·k under the ReLU), if any."""
-    frontier, seen = [relu_input(relu)], set()
-    while frontier and len(seen) < _SCALING_WALK:
-        node = frontier.pop()
-        if not isinstance(node, fx.Node) or node in seen:
-            continue
-        seen.add(node)
-        if _restored(node) is not None:
-            return node
-        if is_call(node, SCORE_SCALING):
-            frontier.extend(node.all_input_nodes)
-    return None
+def _form_over(product: fx.Node) -> fx.Node | None:
+    """The last slice of the padded form ``product`` heads (its chain of sole-user slices), or None."""
+    chain, node = [], product
+    while len(node.users) == 1 and is_call(user := next(iter(node.users)), {aten.slice}):
+        chain.append(node := user)
+    return next((last for last in reversed(chain) if _restored(last) is not None), None)
 
 
 def _score_cone_products(graph: fx.Graph) -> list[fx.Node]:
@@ -136,18 +120,17 @@ def _score_cone_products(graph: fx.Graph) -> list[fx.Node]:
     product under a ReLU at most one product up (q·k). Products further up (projections) keep their padding."""
     found: dict[fx.Node, None] = {}
     for selection in graph.nodes:
-        if not is_call(selection, _SELECTIONS) or not isinstance(selection.args[0], fx.Node):
+        if not is_call(selection, SELECTIONS) or not isinstance(selection.args[0], fx.Node):
             continue
         frontier, seen = [(selection.args[0], 0)], set()
         while frontier and len(seen) < _MAX_VISITS:
             node, crossed = frontier.pop()
-            if (node, crossed) in seen or node.op != "call_function" or is_call(node, _SELECTIONS):
+            if (node, crossed) in seen or node.op != "call_function" or is_call(node, SELECTIONS):
                 continue  # another selection's score is its own walk
             seen.add((node, crossed))
-            if is_relu(node):
-                under = _under_relu(node)
-                if under is not None:
-                    found[under] = None
+            if is_relu(node) and (product := product_under_relu(node)) is not None:
+                if (last := _form_over(product)) is not None:
+                    found[last] = None
             form = _restored(node)
             if form is not None or is_call(node, CONTRACTIONS):
                 if crossed >= 1:
@@ -168,7 +151,7 @@ def restore_padded_products(graph: fx.Graph) -> int:
         form = _restored(last)
         if form is None:  # an earlier restore in this graph changed it
             continue
-        product, a, b, slices = form
+        product, a, b = form
         with graph.inserting_before(last):
             plain = graph.call_function(product.target, (a, b))
         plain.meta = {key: value for key, value in product.meta.items() if key != "val"}
@@ -176,9 +159,7 @@ def restore_padded_products(graph: fx.Graph) -> int:
         with fake_mode_of([fake_value(a), fake_value(b)]):
             plain.meta["val"] = product.target(fake_value(a), fake_value(b))
         last.replace_all_uses_with(plain)
-        for node in [*slices, product, *product.all_input_nodes]:
-            if not node.users and node.op == "call_function":
-                graph.erase_node(node)
+        erase_dead(graph, dead_if_removed([last]))  # the slices, the padded product, its pads
         restored += 1
     if restored:
         counters["fx_indexcache"]["padded_products_restored"] += restored

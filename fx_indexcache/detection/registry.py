@@ -196,11 +196,12 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
     Products Inductor padded for alignment are restored first, in ``graph`` and its subgraphs
     (``padded_products.py``): every reader of a score sees the plain product, whichever form the card's timing chose.
     """
-    restored = sum(restore_padded_products(g) for g in (graph, *(m.graph for _, m in _subgraph_modules(graph))))
+    subgraphs = _subgraph_modules(graph)
+    restored = sum(restore_padded_products(g) for g in (graph, *(module.graph for _, module in subgraphs)))
     sites, ignored = _find_all(graph)
     found = functools.lru_cache(maxsize=None)(_find_all)  # each subgraph read once, for both uses below
     nested = []
-    for name, module in _subgraph_modules(graph):
+    for name, module in subgraphs:
         inner, _ = found(module.graph)
         if inner:
             nested.append(f"{name} ({len(inner)} indexer top-k)")

@@ -193,7 +193,7 @@ def _operand_role(node: fx.Node, params: frozenset[fx.Node] | None) -> _Role:
     return _Role.ACTIVATION
 
 
-def _product_under_relu(relu: fx.Node) -> fx.Node | None:
+def product_under_relu(relu: fx.Node) -> fx.Node | None:
     """The contraction that the ReLU's input is a scaled/re-viewed copy of, if any."""
     frontier, seen = [relu_input(relu)], set()
     while frontier:
@@ -342,7 +342,7 @@ def _relu_product(node: fx.Node, score: fx.Node, axis) -> tuple[fx.Node | None, 
             continue
         seen.add((current, crossed))
         if is_relu(current):
-            product = _product_under_relu(current)
+            product = product_under_relu(current)
             value = fake_value(product) if product is not None else None
             if value is not None and any(same_size(axis, s) for s in value.shape):
                 return product, None
