@@ -317,6 +317,128 @@ def test_binned_counts_from_the_logits_kernel_are_the_rows(B, S, T, config):
         assert set(paths.tolist()) <= {4, 5}, paths
 
 
+#: Bounded rows (the threshold from the rows' block bounds, ``block_bounds``): one, several, a length no multiple of 4
+#: in a padded buffer, 512 blocks of 128 keys, the widest (1024 blocks).
+BOUNDED_CASES = [(1, 8192, 64), (4, 32768, 128), (2, 32766, 128), (64, 32768, 256), (1, 65536, 128), (1, 131072, 128)]
+
+
+def _bounds_cases(x, p):
+    """Bounds for rows ``x``: their own, another row's, none (every floor -inf: the sample steers), floors far too
+    high (fewer than k keys reach them: the exact search), and floors far too low (more candidates than the buffers:
+    the block samples and filters again)."""
+    from fx_indexcache.fuse.kernels import block_bounds
+
+    own = block_bounds.reference(x, p)
+    high, low = own.clone(), own.clone()
+    high[..., 0] = 3e38
+    low[..., 0] = -3e38
+    return (("own", own), ("another row's", own.roll(1, 0) if x.shape[0] > 1 else own.flip(1).contiguous()),
+            ("none", torch.full_like(own, float("-inf"))), ("too high", high), ("too low", low))
+
+
+@pytest.mark.parametrize("R,T,span", BOUNDED_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["randn", "masked", "ties", "allmasked", "quantized", "negative", "zeros"])
+def test_bounded_rows_are_exact_whatever_their_bounds(R, T, span, kind):
+    """The wide block given its rows' block bounds takes its threshold from them (``topk_wide_vec_bounded``, the
+    profiler's kernel names), exact sorted and not, and exact with bounds that are not the rows' (the bounds only
+    steer the filter); with their own bounds a random row never needs the exact search."""
+    from fx_indexcache.fuse.kernels import block_bounds
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    g = _gen()
+    r = topk_cases.rows(kind, R, T, g, device="cuda").contiguous()
+    x = _padded(r, T) if T % 4 else r
+    p = block_bounds.plan(T, 2048, span, 1)
+    assert p is not None
+    for name, bounds in _bounds_cases(x, p):
+        for sorted_ in (False, True):
+            where = f"bounded ({name} bounds) R={R} T={T} {kind} sorted={sorted_} seed={g.initial_seed()}"
+            paths = topk_cases.check(x, 2048, sorted_, where, algorithm="cuda_wide", bounds=(bounds, p))
+            if name == "own" and kind == "randn":
+                assert set(paths.tolist()) <= {1, 4, 5}, (where, paths)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        tk._launch(x, torch.empty(R, 2048, dtype=torch.int32, device="cuda"), 2048, algorithm="cuda_wide",
+                   bounds=(block_bounds.reference(x, p), p))
+        torch.cuda.synchronize()
+    assert any("topk_wide_vec_bounded" in e.name for e in prof.events()), sorted({e.name for e in prof.events()})
+
+
+def test_bounded_rows_replay_in_a_cuda_graph():
+    """The bounded launch captured once and replayed on new rows and their new bounds gives a fresh launch's top-k."""
+    from fx_indexcache.fuse.kernels import block_bounds
+    from fx_indexcache.fuse.kernels import topk as tk
+
+    g = _gen()
+    x = torch.randn(2, 32768, device="cuda", generator=g)
+    p = block_bounds.plan(32768, 2048, 128, 2)
+    bounds = block_bounds.reference(x, p)
+    out = torch.empty(2, 2048, dtype=torch.int32, device="cuda")
+    tk._launch(x, out, 2048, algorithm="cuda_wide", bounds=(bounds, p))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tk._launch(x, out, 2048, algorithm="cuda_wide", bounds=(bounds, p))
+    for _ in range(2):
+        x.copy_(torch.randn(2, 32768, device="cuda", generator=g))
+        bounds.copy_(block_bounds.reference(x, p))
+        graph.replay()
+        want = torch.empty_like(out)
+        tk._launch(x, want, 2048, algorithm="cuda_wide")
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("B,S,T,config", [(1, 1, 32768, ("key_rows", 1, 128, 4, 2)),
+                                           (1, 1, 32768, ("key_rows", 1, 128, 4, 2, 1, 2)),
+                                           (4, 1, 32768, ("key_rows", 1, 64, 4, 2, 1, 4)),
+                                           (1, 1, 8000, ("key_rows", 1, 64, 4, 2)),
+                                           (1, 64, 8192, ("key_rows", 16, 64, 4, 2, 2))], ids=str)
+def test_bounds_from_the_logits_kernel_are_the_rows(B, S, T, config):
+    """The key-rows logits kernel writing its block bounds (``indexer_logits(bounds=...)``, bf16 on the card): the
+    same logits as without, bounds equal to ``block_bounds.reference`` of them, and for decode rows the bounded
+    top-k over them exact without the exact search."""
+    from fx_indexcache.fuse.kernels import block_bounds
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+
+    g = _gen()
+    H, D = 64, 128
+    q = torch.randn(B, S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(B, S, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    cfg = li.LogitsConfig(*config)
+    kv_lens = torch.tensor([T - 37 * b for b in range(B)], device="cuda")
+    plain = li.indexer_logits(q, k, w, scale=D**-0.5, config=cfg, kv_lens=kv_lens)
+    p = block_bounds.plan(T, 2048, cfg.block_t, cfg.key_blocks)
+    assert p is not None
+    bounds = block_bounds.empty(B * S, p, "cuda")
+    x = li.indexer_logits(q, k, w, scale=D**-0.5, config=cfg, kv_lens=kv_lens, bounds=(bounds, p))
+    assert torch.equal(x, plain)
+    assert torch.equal(bounds, block_bounds.reference(x.view(B * S, T), p))
+    if S == 1:
+        paths = topk_cases.check(x.view(B * S, T), 2048, False, f"bounded B={B} T={T} seed={g.initial_seed()}",
+                                 algorithm="cuda_wide", bounds=(bounds, p))
+        assert set(paths.tolist()) <= {1, 2, 4, 5}, paths
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_the_decode_indexer_takes_its_threshold_from_the_logits_kernels_bounds(B):
+    """``lightning_indexer`` at decode with a key-rows launch: the logits kernel writes bounds, the top-k launched is
+    the bounded block, and the indices equal those of the logits alone through the sampled top-k."""
+    from fx_indexcache.fuse.kernels import lightning_indexer as li
+
+    g = _gen()
+    T, H, D = 32768, 64, 128
+    q = torch.randn(B, 1, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(B, 1, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    cfg = li.LogitsConfig("key_rows", 1, 128, 4, 2, 1, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        idx, logits = li.lightning_indexer(q, k, w, 2048, scale=D**-0.5, sorted=True, config=cfg, return_logits=True,
+                                           topk_method="triton")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any("topk_wide_vec_bounded" in n for n in names), sorted(names)
+    assert torch.equal(idx, li.indexer_topk(logits, 2048, sorted=True, method="triton"))
+
+
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_cuda_topk_under_compute_sanitizer(tool, tmp_path):
     """Every small check case (both block shapes, one block a row and split rows, every path) under the tool: no
