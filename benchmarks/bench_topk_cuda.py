@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 import topk_cases  # noqa: E402
 from bench_indexer_kernel import bench, graph_ms  # noqa: E402
 
-from fx_indexcache.fuse.kernels import block_bounds  # noqa: E402
 from fx_indexcache.fuse.kernels import topk as tk  # noqa: E402
 from fx_indexcache.fuse.kernels import topk_cuda  # noqa: E402
 
@@ -67,22 +66,17 @@ def cuda_algorithms() -> tuple:
 def check_cases(cases) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, cuda_algorithms() + ("binned", "bounded"),
-                                                                 (False, True)):
+    for (R, T, k, opts, kind), alg, sorted_ in itertools.product(cases, cuda_algorithms() + ("binned",), (False, True)):
         if alg == "cuda_cluster":
             opts = {key: v for key, v in opts.items() if key != "splits"}  # a cluster cuts its rows itself
-        bounds_plan = block_bounds.plan(T, k, 128, 1)
-        if alg in ("binned", "bounded") and (opts.get("splits", 1) != 1 or tk.plan(T, k, cap=opts.get("cap"))["DIRECT"]
-                                             or (alg == "bounded" and bounds_plan is None)):
-            continue  # (bins and bounds go to one wide block a sampled row)
+        if alg == "binned" and (opts.get("splits", 1) != 1 or tk.plan(T, k, cap=opts.get("cap"))["DIRECT"]):
+            continue  # (bins go to one wide block a sampled row)
         where = f"{alg} {R}x{T} k={k} {opts} {kind} sorted={sorted_}"
         try:
             x = topk_cases.rows(kind, R, T, g, device="cuda")
             launch = dict(opts, algorithm=alg)
             if alg == "binned":  # the wide block, its threshold from the rows' counts (topk_cuda.row_bins)
                 launch.update(algorithm="cuda_wide", bins=topk_cuda.row_bins(x))
-            if alg == "bounded":  # the wide block, its threshold from the rows' block bounds (block_bounds)
-                launch.update(algorithm="cuda_wide", bounds=(block_bounds.reference(x, bounds_plan), bounds_plan))
             paths = topk_cases.check(x, k, sorted_, where, **launch)
             print("ok", where, torch.bincount(paths.long(), minlength=4).tolist(), flush=True)
         except AssertionError as e:

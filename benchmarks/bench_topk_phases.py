@@ -17,7 +17,6 @@ Writes topk_phases.{json,md} under --out.
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -360,77 +359,6 @@ def measure_binned(R, T, log) -> dict:
     return res
 
 
-def measure_bounded(R, T, log, rounds=5) -> dict:
-    """The wide block with its threshold from the rows' block bounds beside its sample, replayed in CUDA graphs on
-    the logits kernel's own rows, unsorted; medians of ``rounds`` interleaved rounds. The top-k alone (bounds made
-    outside the graph by the logits kernel), the logits kernel with and without its bounds, the whole step each way
-    (the default launch config where it is a key-rows one), and ``lightning_indexer`` with that config, with the
-    bounds (its default) and without (``decode_bounds`` answering None: the path before bounds). Also the candidates
-    the bounds' threshold keeps (keys at or above it) and each launch's paths."""
-    from bench_indexer_kernel import SCALE, make_inputs
-
-    from fx_indexcache.fuse.kernels import block_bounds
-    from fx_indexcache.fuse.kernels import lightning_indexer as li
-
-    q, k, w = make_inputs(R, 1, T, seed=R)
-    cfg = li.default_config(R, 1, T, q.shape[2], q.shape[3], q.device, "bf16")
-    if cfg.kind != "key_rows":  # (only key-rows launches write bounds)
-        cfg = li.LogitsConfig("key_rows", 1, 128, 4, 2)
-    p = block_bounds.plan(T, TOPK, cfg.block_t, cfg.key_blocks)
-    if p is None:
-        raise ValueError(f"no bounds plan for {R}x{T} with {cfg.name()}")
-    bounds = block_bounds.empty(R, p, "cuda")
-    x = li.indexer_logits(q, k, w, scale=SCALE, config=cfg, bounds=(bounds, p)).reshape(R, T)
-    out = torch.empty(R, TOPK, dtype=torch.int32, device="cuda")
-
-    def sampled():
-        tk._launch(x, out, TOPK, algorithm="cuda_wide")
-
-    def bounded():
-        tk._launch(x, out, TOPK, algorithm="cuda_wide", bounds=(bounds, p))
-
-    def logits():
-        li.indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T), config=cfg)
-
-    def logits_bounds():
-        li.indexer_logits(q, k, w, scale=SCALE, out=x.view(R, 1, T), config=cfg, bounds=(bounds, p))
-
-    def indexer():
-        li.lightning_indexer(q, k, w, TOPK, scale=SCALE, sorted=False, config=cfg)
-
-    def indexer_sampled():
-        with mock.patch.object(li, "decode_bounds", lambda *a, **kw: None):
-            li.lightning_indexer(q, k, w, TOPK, scale=SCALE, sorted=False, config=cfg)
-
-    steps = dict(sampled_topk=sampled, bounded_topk=bounded, logits=logits, logits_bounds=logits_bounds,
-                 logits_sampled_topk=lambda: (logits(), sampled()),
-                 logits_bounds_bounded_topk=lambda: (logits_bounds(), bounded()),
-                 lightning_indexer=indexer, lightning_indexer_sampled=indexer_sampled)
-    times = {name: [] for name in steps}
-    res = dict(R=R, T=T, logits_config=cfg.name(), plan=dataclasses.asdict(p), rounds=rounds,
-               programmatic_launch=programmatic_launch.allowed(x.device),
-               default_takes_bounds=li.decode_bounds(x.view(R, 1, T), li.default_config(
-                   R, 1, T, q.shape[2], q.shape[3], q.device), TOPK, False) is not None)
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            times[name].append(graph_ms(fn))
-    for name, fn in steps.items():
-        res[f"{name}_graph_us"] = round(1000 * median_high(times[name]), 2)
-        if name.endswith("topk"):
-            fn()
-            res[f"{name}_exact"] = topk_exact(x, out, TOPK)
-    logits_bounds()
-    res["bounds_match_the_logits"] = bool(torch.equal(bounds, block_bounds.reference(x, p)))
-    thr = block_bounds.threshold(bounds, p, TOPK)
-    res["bounded_candidates"] = (x >= thr[:, None]).sum(1).tolist()[:8]
-    for name, opts in (("sampled", {}), ("bounded", dict(bounds=(bounds, p)))):
-        path = torch.full((R,), -1, dtype=torch.int32, device="cuda")
-        tk._launch(x, out, TOPK, algorithm="cuda_wide", path=path, **opts)
-        res[f"{name}_paths"] = sorted(set(path.tolist()))
-    log(f"bounded {R}x{T}: {res}")
-    return res
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"), required="OUT" not in os.environ,
@@ -439,7 +367,7 @@ def main() -> None:
     ap.add_argument("--sections", default="prefill,decode", help="prefill (SHAPES, eager) and / or decode "
                     "(DECODE_SHAPES, CUDA graphs), replay (REPLAY_SHAPES: the CUDA top-k's graph replay time, "
                     "alone and after the logits), binned (the wide block's threshold from the rows' binned counts against its "
-                    "sample), bounded (the same against the rows' block bounds, and lightning_indexer with and without them), programmatic_parts (REPLAY_SHAPES: the logits and the top-k each launched plain or "
+                    "sample), programmatic_parts (REPLAY_SHAPES: the logits and the top-k each launched plain or "
                     "programmatic, medians of five rounds), or stamps alone (its phases, from a build with -DTOPK_STAMPS)")
     ap.add_argument("--algorithm", default="cuda_wide", choices=("cuda_wide", "cuda_cluster", "cuda", "auto"),
                     help="the CUDA top-k launch that --sections stamps / replay time (default: the wide block; "
@@ -464,7 +392,6 @@ def main() -> None:
     jobs += [(measure_stamps, s) for s in STAMP_SHAPES if "stamps" in sections]
     jobs += [(measure_replay, s) for s in REPLAY_SHAPES if "replay" in sections]
     jobs += [(measure_binned, s) for s in STAMP_SHAPES if "binned" in sections]
-    jobs += [(measure_bounded, s) for s in STAMP_SHAPES if "bounded" in sections]
     jobs += [(measure_programmatic_parts, s) for s in REPLAY_SHAPES if "programmatic_parts" in sections]
     launch = {measure_stamps: dict(algorithm=args.algorithm), measure_replay: dict(algorithm=args.algorithm),
               measure_programmatic_parts: dict(algorithm=args.algorithm)}

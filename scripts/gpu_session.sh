@@ -38,7 +38,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 TOPK_EXACT="test_row_topk_exact or test_the_default_for_one_long_row or test_row_topk_launch_variants or test_last_split_is_race_free or test_cuda_topk_every_path_and_layout or test_cuda_topk_takes_every_path or test_cuda_topk_loads"
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-bounded topk-count-row pdl pdl-parts paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -92,12 +92,6 @@ case "$step" in
         gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "binned" || true
         timeout "$(limit 150)" python benchmarks/bench_topk_phases.py --sections binned --out "$OUT" \
             | grep "^binned" || true ;;
-    topk-bounded)    # the wide block's threshold from the rows' block bounds (block_bounds) against its sample, and
-                     # the key-rows logits kernel writing them: the bounded tests, then replay of each part, the
-                     # whole step either way and lightning_indexer with and without the bounds
-        gpu_tests tests/gpu/test_topk_and_cudagraphs_gpu.py -k "bounded or bounds" || true
-        timeout "$(limit 200)" python benchmarks/bench_topk_phases.py --sections bounded --out "$OUT" \
-            | grep "^bounded" || true ;;
     topk-count-row)  # the binned entries counting their own row's bins in shared memory (-DTOPK_COUNT_ROW: no sample,
                      # p.bins ignored): the binned tests under that build, then the binned section under each build
                      # (its "binned" top-k is then the self-counting block, against the sampled one)

@@ -26,7 +26,7 @@ def test_host_parameters_match_the_kernel_struct():
 
 
 def test_launch_names_are_the_source_entry_points():
-    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^(?:BINNED_|BOUNDED_)?ENTRY\((\w+),", SOURCE, re.M))
+    assert sorted(topk_cuda.KERNELS) == sorted(re.findall(r"^(?:BINNED_)?ENTRY\((\w+),", SOURCE, re.M))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CI machine has CUDA 13's)")
@@ -41,7 +41,7 @@ def test_source_compiles_for_sm90_within_its_register_budget(tmp_path):
     consts = {n: int(v) for n, v in re.findall(r"^#define (\w+) (\d+)", SOURCE, re.M)}
     assert (consts["BLOCK"], consts["WIDE"], consts["CLUSTER"]) == (topk_cuda.BLOCK, topk_cuda.WIDE, topk_cuda.CLUSTER)
     entries = re.findall(r"^ENTRY\((\w+), (\w+), (\w+),", SOURCE, re.M)
-    entries += [(name, "WIDE", "1") for name in re.findall(r"^(?:CLUSTER|BINNED|BOUNDED)_ENTRY\((\w+),", SOURCE, re.M)]
+    entries += [(name, "WIDE", "1") for name in re.findall(r"^(?:CLUSTER|BINNED)_ENTRY\((\w+),", SOURCE, re.M)]
     assert sorted(name for name, _, _ in entries) == sorted(regs)
     for name, threads, blocks in entries:
         threads, blocks = (consts[v] if v in consts else int(v) for v in (threads, blocks))

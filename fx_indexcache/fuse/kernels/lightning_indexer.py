@@ -93,15 +93,11 @@ _count_bins = None
 #: ``_programmatic_triton.programmatic_prologue``, which a programmatic launch of the kernels runs first; bound by
 #: ``_build_kernels`` like ``_count_bins``.
 _programmatic_prologue = None
-#: ``_block_bounds_triton``'s functions, which the key-rows kernel calls for its bounds; bound by ``_build_kernels``.
-_group_maxima = None
-_store_bounds = None
 
 
 def _build_kernels(triton, tl):
     """The logits kernels, jit-compiled on first launch (Triton is imported only when one runs)."""
-    global _count_bins, _programmatic_prologue, _group_maxima, _store_bounds
-    from ._block_bounds_triton import _group_maxima, _store_bounds
+    global _count_bins, _programmatic_prologue
     from ._programmatic_triton import AVAILABLE
     from ._programmatic_triton import programmatic_prologue as _programmatic_prologue
     from ._topk_triton import _count_bins
@@ -298,11 +294,7 @@ def _key_rows_kernel(triton, tl):
     With ``COUNT_BINS`` each key it computes is also counted into its row's bin (``topk_cuda.row_bins``: the top-k's
     key >> ROW_BIN_SHIFT, ROW_BINS a row, rows b * S + s), so a top-k can take its threshold from the counts
     instead of a sample. Keys stored as -inf without a product (query groups or key blocks that see none) are not
-    counted: counts only steer the top-k, and those keys lie below every computed one.
-
-    With ``BOUNDS`` each program also writes, for each of its query rows, its keys' bound pair (``block_bounds``):
-    a floor that at least ``BOUND_RANK`` of them reach, and their largest; -inf for keys it stores without a
-    product."""
+    counted: counts only steer the top-k, and those keys lie below every computed one."""
     @triton.jit
     def _logits_key_rows_kernel(
         q_ptr, k_ptr, w_ptr, o_ptr, kvlen_ptr, ks_ptr,
@@ -313,7 +305,6 @@ def _key_rows_kernel(triton, tl):
         sob, sos, sot,
         sksb,
         bins_ptr,
-        bounds_ptr,
         CAUSAL: tl.constexpr,
         HAS_KVLEN: tl.constexpr,
         KSCALE: tl.constexpr,
@@ -326,9 +317,6 @@ def _key_rows_kernel(triton, tl):
         COUNT_BINS: tl.constexpr,
         ROW_BINS: tl.constexpr,
         ROW_BIN_SHIFT: tl.constexpr,
-        BOUNDS: tl.constexpr,
-        BOUND_GROUPS: tl.constexpr,
-        BOUND_RANK: tl.constexpr,
         PDL: tl.constexpr,
     ):
         if PDL:  # a programmatic launch (programmatic_launch): wait for the kernel before, first thing
@@ -336,8 +324,6 @@ def _key_rows_kernel(triton, tl):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        nblk = tl.num_programs(0)  # bound pairs a row: one a program along the keys
-        no_key = tl.full([BOUND_GROUPS, NQ], float("-inf"), tl.float32)
         rd = tl.arange(0, D)
         rn = tl.arange(0, NQ * BLOCK_H)  # product column: query rn // BLOCK_H of the group, head rn % BLOCK_H
         n_q = rn // BLOCK_H
@@ -368,9 +354,6 @@ def _key_rows_kernel(triton, tl):
                 s_rows = s0 + rq
                 tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, tl.full([BLOCK_T, NQ], float("-inf"), tl.float32),
                          mask=t_in & (s_rows[None, :] < S))
-                if BOUNDS:
-                    _store_bounds(bounds_ptr, b * S + s_rows, nblk, pid_t, no_key, s_rows < S, BOUND_GROUPS,
-                                  BOUND_RANK)
             kt = tl.load(k_ptr + b * skb + rt64[:, None] * skt + rd[None, :] * skd, mask=rt[:, None] < T, other=0.0)
             if KSCALE:
                 k_scale = tl.load(ks_ptr + b * sksb + rt, mask=rt < T, other=0.0)
@@ -395,9 +378,6 @@ def _key_rows_kernel(triton, tl):
                 tl.store(o_keys + s_rows.to(tl.int64)[None, :] * sos, logit, mask=stored)
                 if COUNT_BINS:
                     _count_bins(bins_ptr, (b * S + s_rows.to(tl.int64))[None, :], logit, stored, ROW_BINS, ROW_BIN_SHIFT)
-                if BOUNDS:
-                    _store_bounds(bounds_ptr, b * S + s_rows, nblk, pid_t,
-                                  _group_maxima(logit, BLOCK_T, NQ, BOUND_GROUPS), s_rows < S, BOUND_GROUPS, BOUND_RANK)
 
         else:  # one group of NQ queries (decode): its q and weights once, then a loop over KEY_BLOCKS key blocks
             s0 = s_first  # SQ == NQ
@@ -412,11 +392,7 @@ def _key_rows_kernel(triton, tl):
                     rt = t_first + j * BLOCK_T + tl.arange(0, BLOCK_T)
                     tl.store(o_ptr + b * sob + rt.to(tl.int64)[:, None] * sot + s_rows.to(tl.int64)[None, :] * sos,
                              tl.full([BLOCK_T, NQ], float("-inf"), tl.float32), mask=(rt[:, None] < T) & row_ok)
-                if BOUNDS:
-                    _store_bounds(bounds_ptr, b * S + s_rows, nblk, pid_t, no_key, s_rows < S, BOUND_GROUPS,
-                                  BOUND_RANK)
             else:
-                gm = no_key
                 s_col = tl.minimum(s0 + n_q, S - 1).to(tl.int64)  # a valid row for columns past S
                 col_ok = (n_h < H) & (s0 + n_q < S)
                 qg = tl.load(q_ptr + b * sqb + s_col[:, None] * sqs + n_h[:, None] * sqh + rd[None, :] * sqd,
@@ -443,10 +419,6 @@ def _key_rows_kernel(triton, tl):
                     if COUNT_BINS:
                         _count_bins(bins_ptr, (b * S + s_rows.to(tl.int64))[None, :], logit, stored, ROW_BINS,
                                     ROW_BIN_SHIFT)
-                    if BOUNDS:
-                        gm = tl.maximum(gm, _group_maxima(logit, BLOCK_T, NQ, BOUND_GROUPS))
-                if BOUNDS:
-                    _store_bounds(bounds_ptr, b * S + s_rows, nblk, pid_t, gm, s_rows < S, BOUND_GROUPS, BOUND_RANK)
 
     return _logits_key_rows_kernel
 
@@ -725,15 +697,12 @@ def indexer_logits(
     out: Optional[torch.Tensor] = None,
     config: Optional[LogitsConfig] = None,
     bins: Optional[torch.Tensor] = None,
-    bounds=None,
 ) -> torch.Tensor:
     """Masked indexer logits ``[B, S, T]`` fp32 through the fused Triton kernel (see module doc).
 
     ``bins`` (int32 ``[B * S, topk_cuda.ROW_BINS]``, contiguous, zeroed by the caller; a "key_rows" config): each
     computed key is also counted into its row's bin, for a top-k that takes its threshold from the counts
-    (``topk_cuda.launch(bins=...)``) instead of sampling the row. ``bounds`` (``(tensor, plan)``: fp32
-    ``[B * S, blocks, 2]`` and its ``block_bounds.plan`` for this launch; a "key_rows" config): each program also
-    writes its rows' block bounds, from which the top-k takes its threshold (``block_bounds``)."""
+    (``topk_cuda.launch(bins=...)``) instead of sampling the row."""
     why = unsupported_reason(q, k, weights, kv_lens, scale=scale)
     if why is not None:
         raise ValueError(f"indexer_logits: unsupported inputs: {why}")
@@ -748,17 +717,10 @@ def indexer_logits(
         check_bins(bins, B * S, q.device, "indexer_logits")
         if config is None or config.kind != "key_rows":
             raise ValueError(f"bins are counted by a config of kind 'key_rows' (pass config=), got config={config}")
-    if bounds is not None:
-        from . import block_bounds
-
-        if config is None or config.kind != "key_rows":
-            raise ValueError(f"bounds are written by a config of kind 'key_rows' (pass config=), got config={config}")
-        block_bounds.check(bounds[0], B * S, bounds[1], q.device, "indexer_logits")
-    return launch_into(q, k, weights, out, causal, scale, kv_lens, config, bins=bins, bounds=bounds)
+    return launch_into(q, k, weights, out, causal, scale, kv_lens, config, bins=bins)
 
 
-def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None, bins=None,
-                bounds=None) -> torch.Tensor:
+def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None, bins=None) -> torch.Tensor:
     """Logits ``[B, S, T]`` into ``out`` (allocated fp32 when None) on q's device, the config defaulted by shape;
     no checks (the bf16 and fp8 entry points check their own inputs first). An ``out`` of bf16 or fp16 gets
     the fp32 result rounded to nearest even by the kernel's store (Triton casts a stored value to the
@@ -771,28 +733,22 @@ def launch_into(q, k, weights, out, causal, scale, kv_lens, config, k_scale=None
         return out
     cfg = config or default_config(B, S, T, H, D, q.device, "bf16" if k_scale is None else "fp8")
     with torch.cuda.device(q.device):
-        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale, bins=bins,
-                bounds=bounds)
+        _launch(q, k, weights, out, bool(causal), float(scale), kv_lens, cfg, k_scale=k_scale, bins=bins)
     return out
 
 
-def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig, k_scale=None, bins=None,
-            bounds=None):
+def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: LogitsConfig, k_scale=None, bins=None):
     """Launch the logits kernel (no input checks: callers check; also used under TRITON_INTERPRET).
 
     ``k_scale`` (fp32 ``[B, T]``, unit stride over T): q and k are float8 e4m3 and each key's logit is
     multiplied by its scale (``indexer_fp8``). ``bins`` (int32 ``[B * S, topk_cuda.ROW_BINS]``, contiguous; kind
-    "key_rows" only): the computed keys are counted into it (added: the caller zeroes it). ``bounds`` (kind
-    "key_rows" only): ``(tensor, block_bounds.BoundsPlan)``, the plan of this launch's shape, into whose fp32
-    ``[B * S, blocks, 2]`` tensor each program writes its rows' bound pairs. Returns Triton's handle
+    "key_rows" only): the computed keys are counted into it (added: the caller zeroes it). Returns Triton's handle
     of the compiled kernel (registers, spills, PTX: see the benchmark).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     if bins is not None and cfg.kind != "key_rows":
         raise ValueError(f"bins are counted by kind 'key_rows' launches only, got LogitsConfig.kind={cfg.kind!r}")
-    if bounds is not None and cfg.kind != "key_rows":
-        raise ValueError(f"bounds are written by kind 'key_rows' launches only, got LogitsConfig.kind={cfg.kind!r}")
     kern = _triton()
     kv_arg = kv_lens if kv_lens is not None else out  # dummy pointer when unused
     ks_arg = k_scale if k_scale is not None else out
@@ -822,17 +778,11 @@ def _launch(q, k, weights, out, causal: bool, scale: float, kv_lens, cfg: Logits
         nq = cfg.queries_per_dot
         sq = max(nq, min(cfg.block_s, triton_cdiv(S, nq) * nq))
         grid = (triton_cdiv(T, cfg.block_t * cfg.key_blocks), triton_cdiv(S, sq), B)
-        bounds_out, bp = bounds if bounds is not None else (out, None)
-        if bp is not None and (bp.blocks != grid[0] or bp.span != cfg.block_t * cfg.key_blocks
-                               or cfg.block_t % bp.groups):
-            raise ValueError(f"bounds: plan {bp} is not this launch's ({grid[0]} programs of "
-                             f"{cfg.block_t} x {cfg.key_blocks} keys): make it with block_bounds.plan")
         return kern["key_rows"][grid](
-            *args, bins if bins is not None else out, bounds_out,
+            *args, bins if bins is not None else out,
             CAUSAL=causal, HAS_KVLEN=kv_lens is not None, KSCALE=k_scale is not None, D=D,
             BLOCK_H=block_h, BLOCK_T=cfg.block_t, SQ=sq, NQ=nq, KEY_BLOCKS=cfg.key_blocks,
             COUNT_BINS=bins is not None, ROW_BINS=ROW_BINS, ROW_BIN_SHIFT=ROW_BIN_SHIFT,
-            BOUNDS=bp is not None, BOUND_GROUPS=bp.groups if bp else 1, BOUND_RANK=bp.rank if bp else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     elif cfg.kind == "prefill":
@@ -915,7 +865,6 @@ def indexer_topk(
     sorted: bool = True,
     invalid_index: Optional[int] = None,
     method: str = "auto",
-    bounds=None,
 ) -> torch.Tensor:
     """int32 indices ``[..., min(topk, T)]`` of the largest logits along the last dim.
 
@@ -929,8 +878,7 @@ def indexer_topk(
     (-inf) keys come after all visible ones. Unsorted: with "triton", keys above the k-th score in index
     order, then the threshold ties; with "torch", torch's order. Ties at the k-th score: "triton" takes
     the lowest indices; "torch" is unspecified. ``invalid_index`` (e.g. -1), when given, replaces the index of every selected key whose
-    logit is -inf. ``bounds``: the block bounds the logits kernel wrote for these rows (``decode_bounds``), which our
-    one-block-a-row kernel takes its threshold from; other launches do not read them.
+    logit is -inf.
     """
     from . import topk as _tk
 
@@ -940,15 +888,14 @@ def indexer_topk(
         raise ValueError(f"unknown top-k method {method!r}")
     rows = logits.numel() // max(1, T)
     algorithm = None  # which of our kernels "auto" would run, where one applies
-    if method != "torch" and _tk.supported(logits, kk):
+    if method == "auto" and _tk.supported(logits, kk):
         algorithm = _tk.default_algorithm(logits.reshape(-1, T), kk, sorted)
     use_triton = method == "triton" or (
         algorithm is not None
         and _tk.faster_than_torch(rows, T, kk, sorted, in_cuda_graph=torch.cuda.is_current_stream_capturing(),
                                   algorithm=algorithm))
     if use_triton:
-        idx = _tk.row_topk(logits, kk, sorted=sorted, algorithm=algorithm or "auto",
-                           bounds=bounds if algorithm == "cuda_wide" else None)
+        idx = _tk.row_topk(logits, kk, sorted=sorted, algorithm=algorithm or "auto")
         if invalid_index is not None:
             vals = torch.gather(logits, -1, idx.long())
             idx = idx.masked_fill_(torch.isneginf(vals), int(invalid_index))
@@ -977,43 +924,11 @@ def lightning_indexer(
 ):
     """Indexer top-k indices (int32 ``[B, S, min(topk, T)]``) through the fused logits kernel.
 
-    With ``return_logits=True`` returns ``(indices, logits)``. See ``indexer_topk`` for order and ties. Where the
-    top-k runs one block a row after a "key_rows" launch (decode), the logits kernel also writes block bounds and
-    the top-k takes its threshold from them instead of sampling the rows (``decode_bounds``).
+    With ``return_logits=True`` returns ``(indices, logits)``. See ``indexer_topk`` for order and ties.
     """
-    out = bounds = None
-    if q.is_cuda and unsupported_reason(q, k, weights, kv_lens, scale=scale) is None:
-        B, S, H, D = q.shape
-        T = k.shape[1]
-        config = config or default_config(B, S, T, H, D, q.device)
-        out = torch.empty((B, S, T), dtype=torch.float32, device=q.device)
-        bounds = decode_bounds(out, config, topk, sorted, topk_method)
-    logits = indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, out=out, config=config,
-                            bounds=bounds)
-    idx = indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index, method=topk_method, bounds=bounds)
+    logits = indexer_logits(q, k, weights, causal=causal, scale=scale, kv_lens=kv_lens, config=config)
+    idx = indexer_topk(logits, topk, sorted=sorted, invalid_index=invalid_index, method=topk_method)
     return (idx, logits) if return_logits else idx
-
-
-def decode_bounds(logits: torch.Tensor, config: LogitsConfig, topk: int, sorted: bool, method: str = "auto"):
-    """``(tensor, plan)`` for the logits kernel to write block bounds into (``block_bounds``), where the top-k of
-    ``logits [B, S, T]`` (not yet written) will run one CUDA block a row (``indexer_topk``'s choice, "cuda_wide")
-    after a "key_rows" launch ``config`` whose bounds can give a threshold (``block_bounds.plan``); else None."""
-    from . import block_bounds
-    from . import topk as _tk
-
-    T = logits.shape[-1]
-    kk = min(int(topk), T)
-    if config.kind != "key_rows" or method == "torch" or not _tk.supported(logits, kk):
-        return None
-    x2d = logits.view(-1, T)
-    p = _tk.plan(T, kk)
-    if p["DIRECT"] or _tk.default_algorithm(x2d, kk, sorted, p=p) != "cuda_wide":
-        return None
-    if method == "auto" and not _tk.faster_than_torch(x2d.shape[0], T, kk, sorted, algorithm="cuda_wide",
-                                                      in_cuda_graph=torch.cuda.is_current_stream_capturing()):
-        return None
-    bp = block_bounds.plan(T, kk, config.block_t, config.key_blocks)
-    return None if bp is None else (block_bounds.empty(x2d.shape[0], bp, logits.device), bp)
 
 
 def lightning_indexer_reference(

@@ -216,7 +216,7 @@ ALGORITHMS = ("auto", "cuda", "cuda_wide", "cuda_cluster", "split", "one_program
 def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[int] = None, *,
             sorted: bool = False, cap: Optional[int] = None, sample: Optional[int] = None,
             path: Optional[torch.Tensor] = None, splits: Optional[int] = None, algorithm: str = "auto",
-            sort: str = "auto", tune: Optional[dict] = None, bins: Optional[torch.Tensor] = None, bounds=None):
+            sort: str = "auto", tune: Optional[dict] = None, bins: Optional[torch.Tensor] = None):
     """Launch on ``[R, T]`` rows into ``out2d [R, k]`` (no input checks; runs under TRITON_INTERPRET too).
 
     ``algorithm``: "cuda" (``topk_cuda``: the same plan in one CUDA C++ launch, compiled by NVRTC),
@@ -239,8 +239,6 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
     rows: the k-th key's search skips the bits its known bounds share; off: run 8 measured it 0.3-1 us slower).
     ``bins`` ("cuda_wide", one block a contiguous sampled row; ``topk_cuda.row_bins``): the rows' keys counted in
     fixed key ranges, from which the threshold comes instead of a sample (a producer's counts; benchmarks).
-    ``bounds`` ("cuda_wide", the same rows; ``(tensor, block_bounds.BoundsPlan)``): the rows' block bounds, which
-    the key-rows logits kernel writes, from which the threshold comes instead of a sample (``block_bounds``).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"_launch: algorithm={algorithm!r}, expected one of {ALGORITHMS}")
@@ -259,15 +257,13 @@ def _launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, num_warps: Optional[
             return topk_cuda.launch(x2d, out2d, k, p, topk_cuda.cluster_split_plan(x2d.shape[1]), sorted, path,
                                     cluster=True)
         algorithm = "cuda_wide"
-    for name, hint in (("bins", bins), ("bounds", bounds)):
-        if hint is not None and algorithm != "cuda_wide":
-            raise ValueError(f"_launch: {name} are taken by algorithm='cuda_wide' only, got algorithm={algorithm!r}")
+    if bins is not None and algorithm != "cuda_wide":
+        raise ValueError(f"_launch: bins are taken by algorithm='cuda_wide' only, got algorithm={algorithm!r}")
     if algorithm in ("cuda", "cuda_wide"):
         from . import topk_cuda
 
         sp = cuda_split_plan(x2d.shape[0], x2d.shape[1], splits, wide=algorithm == "cuda_wide")
-        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide", bins=bins,
-                                bounds=bounds)
+        return topk_cuda.launch(x2d, out2d, k, p, sp, sorted, path, wide=algorithm == "cuda_wide", bins=bins)
     if p["DIRECT"] or algorithm == "one_program":
         return _launch_one_program(x2d, out2d, k, p, num_warps, sorted, path)
     rank = sorted and (sort == "rank" or (sort == "auto" and rank_sort_wins(x2d.shape[0], k)))
@@ -447,10 +443,9 @@ def _launch_split(x2d, out2d, k, p, sp, sorted, path, rank_sort, tune):
 
 
 def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: Optional[int] = None,
-             algorithm: str = "auto", bounds=None) -> torch.Tensor:
+             algorithm: str = "auto") -> torch.Tensor:
     """int32 indices ``[..., k]`` of the k largest entries of each row (see module doc for order and ties);
-    ``algorithm`` and ``bounds`` as in ``_launch`` (a caller that already asked ``default_algorithm`` passes its
-    answer)."""
+    ``algorithm`` as in ``_launch`` (a caller that already asked ``default_algorithm`` passes its answer)."""
     if not supported(logits, k):
         raise ValueError(f"row_topk: needs a CUDA fp32 tensor with 1 <= k <= min(row length, {MAX_K}), "
                          f"rows of at most {MAX_ROW} (got {tuple(logits.shape)} {logits.dtype} k={k})")
@@ -460,5 +455,5 @@ def row_topk(logits: torch.Tensor, k: int, *, sorted: bool = False, num_warps: O
     out = torch.empty((x2d.shape[0], k), dtype=torch.int32, device=logits.device)
     if x2d.shape[0]:
         with torch.cuda.device(logits.device):
-            _launch(x2d, out, k, num_warps, sorted=sorted, algorithm=algorithm, bounds=bounds)
+            _launch(x2d, out, k, num_warps, sorted=sorted, algorithm=algorithm)
     return out.reshape(*lead, k)

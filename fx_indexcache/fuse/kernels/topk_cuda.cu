@@ -75,8 +75,6 @@ struct Params {  // one launch's shapes (topk_cuda.py fills the same fields in t
     long long sxr, sxt, sor, sok;
     int T, K, nb, sb, r_sample, cap, kp, nsplit, seg, reg, treg, direct;
     const u32 *bins;  // binned rows (topk_wide_vec_binned): [rows, ROW_BINS] counts of their keys; else null
-    const float *bounds;  // bounded rows (topk_wide_vec_bounded): [rows, nblk, 2] (floor, top) a block; else null
-    int nblk, bound_rank;  // bounded rows: blocks a row; keys of a block at or above its floor, at least
 };
 
 // Phase stamps, for finding where a block's time goes (a build with -DTOPK_STAMPS, which
@@ -121,7 +119,7 @@ __device__ int stamp_next;
 #define STAMP_NS(i) do {} while (0)
 #endif
 
-static_assert(sizeof(Params) == 168, "Params: keep topk_cuda._Params in step");
+static_assert(sizeof(Params) == 152, "Params: keep topk_cuda._Params in step");
 static_assert(BLOCK >= BINS && WIDE >= BINS, "the k-th key's histogram has a bin a thread (the first BINS)");
 
 template <int NT>
@@ -574,44 +572,6 @@ __device__ bool binned_threshold(const u32 *bins, u32 K, u32 cap, Shared<NT> &sh
     return true;
 }
 
-// Bounded rows: the producer of the row (the key-rows logits kernel, block_bounds.py) wrote a (floor, top) pair for
-// each of its nblk blocks of keys: at least bound_rank keys of the block are at or above the floor, and top is the
-// block's largest key. Of the m = ceil(K / bound_rank) blocks whose floors reach the m-th largest floor, each holds
-// bound_rank keys at or above it, so at least K keys of the row are: that floor is the threshold, and the largest
-// top the filter's upper edge, with no sample. The floors go to s (the candidates' slots); each is ranked by `per`
-// adjacent lanes (interleaved reads: no bank conflicts), equal floors by their block. Two barriers. False where the
-// row has fewer than m blocks, more than NT, or the m-th floor is the key of -inf (a row mostly hidden): the caller
-// samples. Like the bins, the bounds only steer: the select counts the keys the filter keeps.
-template <int NT>
-__device__ bool bounded_threshold(const Params &p, long long row, u32 *s, Shared<NT> &sh, int &buf, u32 &L, u32 &top) {
-    const int n = p.nblk;
-    const u32 m = ((u32)p.K + (u32)p.bound_rank - 1u) / (u32)p.bound_rank;
-    if (n < 1 || n > NT || p.bound_rank < 1 || m > (u32)n) return false;
-    int n2 = 1;
-    while (n2 < n) n2 <<= 1;
-    const int per = min(32, NT / n2), i = threadIdx.x / per, part = threadIdx.x % per;
-    u32 most = 0;
-    if (threadIdx.x < n) {
-        const float2 v = reinterpret_cast<const float2 *>(p.bounds)[row * n + threadIdx.x];
-        s[threadIdx.x] = ukey(v.x);
-        most = ukey(v.y);
-    }
-    if (threadIdx.x == 0) sh.bin_kth = FULL;  // (the reduction's barrier orders it before the answer's write)
-    top = block_reduce<true>(most, sh, buf);  // (its barrier also hands the floors to every thread)
-    const u32 key = i < n ? s[i] : 0u;
-    u32 rank = 0;  // floors above this one, and equal ones of earlier blocks
-    for (int j = part; j < n; j += per) {
-        const u32 v = s[j];
-        rank += (v > key) + (v == key && j < i);
-    }
-    for (int o = 1; o < per; o <<= 1) rank += __shfl_xor_sync(FULL, rank, o);
-    if (part == 0 && i < n && rank == m - 1) sh.bin_kth = key;
-    __syncthreads();
-    L = sh.bin_kth;
-    __syncthreads();  // the floors' slots are the candidates' next; bin_kth is rank_in_bin's
-    return L != FULL && L > 0x007fffffu;  // (0x007fffff: the key of -inf)
-}
-
 // The row's keys counted into hist[ROW_BINS] (shared memory) by key >> ROW_BIN_SHIFT, as topk_cuda.row_bins counts
 // them: one pass over a contiguous, 16-byte aligned row with shared-memory atomics (COUNT_ROW builds: the binned
 // threshold from the block's own counts, against a sample's search).
@@ -873,10 +833,7 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #endif
 }
 
-#define HINT_NONE 0    // the threshold from a sample of the row
-#define HINT_BINS 1    // from the row's binned counts (p.bins)
-#define HINT_BOUNDS 2  // from the row's block bounds (p.bounds)
-template <int NT, bool VEC, bool SORTED, int CL = 0, int HINT = HINT_NONE>
+template <int NT, bool VEC, bool SORTED, int CL = 0, bool BINNED = false>
 __device__ void topk_row(const Params &p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ Shared<NT> sh;
@@ -897,9 +854,8 @@ __device__ void topk_row(const Params &p) {
     STAMP_NS(15);
     STAMP(0);
     u32 sample_top = 0, L = 0;
-    bool binned = false, bounded = false;
-    if constexpr (HINT == HINT_BOUNDS) bounded = bounded_threshold<NT>(p, row, ck, sh, buf, L, sample_top);
-    if constexpr (HINT == HINT_BINS) {
+    bool binned = false;
+    if constexpr (BINNED) {
         const u32 *bins = p.bins + row * ROW_BINS;
         if constexpr (COUNT_ROW) {
             __shared__ __align__(16) u32 row_hist[ROW_BINS];
@@ -908,33 +864,26 @@ __device__ void topk_row(const Params &p) {
         }
         binned = binned_threshold<NT>(bins, (u32)p.K, (u32)p.cap, sh, buf, L, sample_top);
     }
-    if (binned || bounded) STAMP(1);  // (the stamps' "sample loaded": the hint read and searched; no sample)
-    if (!binned && !bounded && !p.direct) L = sampled_threshold(p, src, ck, sh, buf, sample_top);
+    if (binned) STAMP(1);  // (the stamps' "sample loaded": the bins read and searched; the sample's search takes none)
+    if (!binned && !p.direct) L = sampled_threshold(p, src, ck, sh, buf, sample_top);
     STAMP(2);
     u32 n_gt = 0, n_eq = 0;
     bool overflow = false;
     // One block a contiguous row, sampled: the filter histograms its candidates over (L, sample_top] (the select's
     // first pass) in the histogram slot the select's own passes reach last. (Not on strided rows: their loads' registers
     // and the count's would spill.)
-    bool counted = false;
-    u32 count_shift = 0u, *filter_hist = sh.hist[2];
+    const bool counted = FILTER_COUNTS && VEC && p.nsplit == 1 && !p.direct && sample_top > L;
+    const u32 count_shift = counted ? max(0, 32 - __clz(sample_top - L) - 8) : 0u;
+    u32 *filter_hist = sh.hist[2];
+    if (counted && threadIdx.x < BINS) filter_hist[threadIdx.x] = 0;  // (compact's first barrier precedes the counts)
+    if (counted && threadIdx.x == 0) sh.bin_count = 0;
     if (p.nsplit == 1) {
-        for (;;) {  // (twice at most: bounds that kept more keys than the buffers hold give way to the sample)
-            n_gt = n_eq = 0;
-            counted = FILTER_COUNTS && VEC && !p.direct && sample_top > L;
-            count_shift = counted ? max(0, 32 - __clz(sample_top - L) - 8) : 0u;
-            if (counted && threadIdx.x < BINS) filter_hist[threadIdx.x] = 0;  // (compact's first barrier precedes the counts)
-            if (counted && threadIdx.x == 0) sh.bin_count = 0;
-            const BufferSink row_sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
-            if (counted)
-                filter_row(src, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt, n_eq, sh, buf);
-            else
-                filter_row(src, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf);
-            STAMP(3);
-            if (!bounded || n_gt <= (u32)p.cap) break;
-            bounded = false;  // keys crowded in fewer blocks than the bounds assume: sample the row, filter again
-            L = sampled_threshold(p, src, ck, sh, buf, sample_top);
-        }
+        const BufferSink row_sink{ck, ci, p.reg_tie + row * p.treg, (u32)p.cap, (u32)p.treg};
+        if (counted)
+            filter_row(src, p.T, L, CountingSink{row_sink, filter_hist, L + 1, count_shift}, n_gt, n_eq, sh, buf);
+        else
+            filter_row(src, p.T, L, BufferSink{row_sink}, n_gt, n_eq, sh, buf);
+        STAMP(3);
     } else if (CL > 0) {  // a cluster's row: p.nsplit == CL blocks, block s filtering segment s
 #if __CUDA_ARCH__ >= 900
         const long long reg = row * p.nsplit + split;
@@ -1035,18 +984,10 @@ ENTRY(topk_wide_any_sorted, WIDE, 1, false, true)
 // One contiguous sampled row a wide block, its threshold from the row's binned counts (p.bins; topk_cuda.launch's bins)
 #define BINNED_ENTRY(name, sorted)                                                 \
     extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { \
-        topk_row<WIDE, true, sorted, 0, HINT_BINS>(p);                           \
+        topk_row<WIDE, true, sorted, 0, true>(p);                                \
     }
 BINNED_ENTRY(topk_wide_vec_binned, false)
 BINNED_ENTRY(topk_wide_vec_binned_sorted, true)
-// One contiguous sampled row a wide block, its threshold from the row's block bounds (p.bounds; topk_cuda.launch's
-// bounds), the sample where they cannot give one
-#define BOUNDED_ENTRY(name, sorted)                                                \
-    extern "C" __global__ void __launch_bounds__(WIDE, 1) name(const Params p) { \
-        topk_row<WIDE, true, sorted, 0, HINT_BOUNDS>(p);                         \
-    }
-BOUNDED_ENTRY(topk_wide_vec_bounded, false)
-BOUNDED_ENTRY(topk_wide_vec_bounded_sorted, true)
 #if __CUDA_ARCH__ >= 900
 #define CLUSTER_ENTRY(name, vec, sorted)                                                             \
     extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WIDE, 1) name(const Params p) { \

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("topk_cuda.cu")
 KERNELS = ("topk_vec", "topk_vec_sorted", "topk_any", "topk_any_sorted",
            "topk_wide_vec", "topk_wide_vec_sorted", "topk_wide_any", "topk_wide_any_sorted",
-           "topk_wide_vec_binned", "topk_wide_vec_binned_sorted", "topk_wide_vec_bounded", "topk_wide_vec_bounded_sorted")
+           "topk_wide_vec_binned", "topk_wide_vec_binned_sorted")
 #: Compiled for sm_90 and later only (thread-block clusters): one row over the CLUSTER blocks of a cluster, each
 #: filtering a segment into its shared memory, block 0 gathering the candidates through distributed shared memory.
 CLUSTER_KERNELS = ("topk_cluster_vec", "topk_cluster_vec_sorted", "topk_cluster_any", "topk_cluster_any_sorted")
@@ -44,10 +44,9 @@ def min_cap(wide: bool) -> int:
     return 4 * (WIDE if wide else BLOCK)
 
 
-def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False, binned: bool = False,
-                bounded: bool = False) -> str:
-    if binned or bounded:  # (wide, contiguous rows only)
-        return ("topk_wide_vec_binned" if binned else "topk_wide_vec_bounded") + ("_sorted" if sorted else "")
+def kernel_name(vec: bool, sorted: bool, wide: bool, cluster: bool = False, binned: bool = False) -> str:
+    if binned:  # (wide, contiguous rows only)
+        return "topk_wide_vec_binned" + ("_sorted" if sorted else "")
     shape = "cluster_" if cluster else "wide_" if wide else ""
     return "topk_" + shape + ("vec" if vec else "any") + ("_sorted" if sorted else "")
 
@@ -82,8 +81,7 @@ class _Params(ctypes.Structure):
     _fields_ += [(n, ctypes.c_longlong) for n in ("sxr", "sxt", "sor", "sok")]
     _fields_ += [(n, ctypes.c_int) for n in ("T", "K", "nb", "sb", "r_sample", "cap", "kp", "nsplit", "seg", "reg",
                                             "treg", "direct")]
-    _fields_ += [("bins", ctypes.c_void_p), ("bounds", ctypes.c_void_p), ("nblk", ctypes.c_int),
-                 ("bound_rank", ctypes.c_int)]
+    _fields_ += [("bins", ctypes.c_void_p)]
 
 
 #: Binned rows (``row_bins``): a row's keys counted in ROW_BINS bins of key >> ROW_BIN_SHIFT (the source's).
@@ -172,14 +170,11 @@ def cluster_split_plan(T: int) -> dict:
 
 def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, sorted: bool,
            path: Optional[torch.Tensor], wide: bool = False, cluster: bool = False,
-           bins: Optional[torch.Tensor] = None, bounds=None) -> None:
+           bins: Optional[torch.Tensor] = None) -> None:
     """Top-k of the rows ``x2d [R, T]`` into ``out2d [R, k]`` (``p`` = ``topk.plan``, ``sp`` = ``topk.split_plan``;
     direct rows and rows of >= ``ONE_SPLIT_ROWS`` are one block a row; ``_launch`` hands ``wide`` launches one
     split unless asked for more). ``bins`` (``row_bins``; a wide launch of one block a contiguous sampled row):
-    the threshold comes from them, not from a sample; counts that do not match the rows cost time, not exactness.
-    ``bounds`` (``(tensor, block_bounds.BoundsPlan)``, what the key-rows logits kernel wrote for these rows; the same
-    launches as ``bins``): the threshold comes from the rows' block bounds, the sample where they give none; bounds
-    that are not the rows' cost time, not exactness."""
+    the threshold comes from them, not from a sample; counts that do not match the rows cost time, not exactness."""
     R, T = x2d.shape
     dev = x2d.device
     for name in ("NB", "SB"):  # the kernel places the sampled blocks by shifts
@@ -202,18 +197,8 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
     base = scratch.data_ptr()
     done = torch.zeros(R if counted else 0, dtype=torch.int32, device=dev)
     vec = x2d.stride(1) == 1 and x2d.stride(0) % 4 == 0 and x2d.data_ptr() % 16 == 0
-    one_block_a_row = wide and not cluster and nsplit == 1 and vec and not p["DIRECT"]
     if bins is not None:
-        _check_bins(bins, R, dev, wide=one_block_a_row)
-    bounds_t, bounds_plan = bounds if bounds is not None else (None, None)
-    if bounds is not None:
-        if bins is not None or not one_block_a_row:
-            raise ValueError("topk_cuda.launch: bounds are taken by a wide launch of one block a contiguous (16-byte "
-                             "aligned) sampled row, without bins; this launch is split, a cluster's, strided, direct "
-                             "or binned")
-        from .block_bounds import check
-
-        check(bounds_t, R, bounds_plan, dev, "topk_cuda.launch")
+        _check_bins(bins, R, dev, wide=wide and not cluster and nsplit == 1 and vec and not p["DIRECT"])
     prm = _Params(
         x=x2d.data_ptr(), out=out2d.data_ptr(), path=path.data_ptr() if path is not None else None,
         reg_key=base + 4 * n_reg * treg, reg_idx=base + 4 * n_reg * (treg + reg),
@@ -221,10 +206,8 @@ def launch(x2d: torch.Tensor, out2d: torch.Tensor, k: int, p: dict, sp: dict, so
         done=done.data_ptr() if counted else None,
         sxr=x2d.stride(0), sxt=x2d.stride(1), sor=out2d.stride(0), sok=out2d.stride(1),
         T=T, K=k, nb=p["NB"], sb=p["SB"], r_sample=p["R_SAMPLE"], cap=cap, kp=p["KP"], nsplit=nsplit, seg=seg,
-        reg=reg, treg=treg, direct=int(p["DIRECT"]), bins=bins.data_ptr() if bins is not None else None,
-        bounds=bounds_t.data_ptr() if bounds_t is not None else None,
-        nblk=bounds_plan.blocks if bounds_plan else 0, bound_rank=bounds_plan.rank if bounds_plan else 0)
-    name = kernel_name(vec, sorted, wide, cluster, binned=bins is not None, bounded=bounds is not None)
+        reg=reg, treg=treg, direct=int(p["DIRECT"]), bins=bins.data_ptr() if bins is not None else None)
+    name = kernel_name(vec, sorted, wide, cluster, binned=bins is not None)
     kernel = (_cluster_kernels if cluster else _kernels)(dev.index)[name]
     # a programmatic launch (programmatic_launch) where the blocks are one wave at most (decode rows): there the
     # launch gap is a measurable part of the step; many-row (prefill) launches stay plain (not measured)
