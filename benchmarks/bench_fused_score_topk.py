@@ -51,15 +51,28 @@ QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
 SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
 
 
-def compare(q, k, w, topk: int, sorted_: bool = False) -> tuple[int, int, float]:
-    """(rows, rows whose fused set differs from the two-kernel path's, the largest |score - k-th score| over the
-    keys only one of them picked, relative to the row's k-th score): differences must be near-ties only."""
+def atomic_config(kind: str, B: int, S: int, T: int):
+    """The fused op's launch with the atomic filter (``FusedTopkConfig.filter``): prefill tiles as wide as the
+    logits kernel's (64 x 256 on 8 warps), decode the default's tiles."""
+    import dataclasses
+
+    from fx_indexcache.fuse.kernels import fused_score_topk as fz
+
+    if kind == "prefill":
+        return fz.FusedTopkConfig("prefill", 64, 256, 128, 8, 3, 8, filter="atomic")
+    return dataclasses.replace(fz.default_fused_config(B, S, T, H, D), filter="atomic")
+
+
+def compare(q, k, w, topk: int, sorted_: bool = False, config=None) -> tuple[int, int, float]:
+    """(rows, rows whose fused set (of the launch ``config``, else the default's) differs from the two-kernel path's,
+    the largest |score - k-th score| over the keys only one of them picked, relative to the row's k-th score):
+    differences must be near-ties only."""
     from fx_indexcache.fuse.kernels.fused_score_topk import indexer_topk_fused
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
 
     logits = indexer_logits(q, k, w, causal=True, scale=SCALE)
     two = indexer_topk(logits, topk, sorted=sorted_)
-    one = indexer_topk_fused(q, k, w, topk, causal=True, scale=SCALE, sorted=sorted_)
+    one = indexer_topk_fused(q, k, w, topk, causal=True, scale=SCALE, sorted=sorted_, config=config)
     kk = two.shape[-1]
     x = logits.reshape(-1, logits.shape[-1])
     a, b = two.reshape(-1, kk).long(), one.reshape(-1, kk).long()
@@ -86,11 +99,15 @@ def time_shape(kind, B, S, T) -> dict:
     row: dict = dict(kind=kind, shape=f"{B}x{S}x{T // 1024}K")
     n, differ, gap = compare(q, k, w, TOPK)
     row.update(rows=n, rows_differ=differ, max_rel_gap=gap)
+    atomic = atomic_config(kind, B, S, T)
+    _, row["atomic_rows_differ"], row["atomic_max_rel_gap"] = compare(q, k, w, TOPK, config=atomic)
     for name, fn in (
         ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
         ("logits_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
         ("fused", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False)),
         ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
+        ("fused_atomic", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
+                                                    config=atomic)),
     ):
         try:
             row[name] = graph_replay_us(fn)
@@ -106,17 +123,21 @@ def markdown(env: dict, rows: list[dict]) -> str:
     head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
             f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
             "CUDA-graph replay medians (us), unsorted unless said")
-    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | speed-up vs logits + top-k | "
-             "rows differing (max rel. gap) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | fused, atomic filter | speed-up vs "
+             "logits + top-k (scan / atomic) | rows differing (max rel. gap; atomic) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
+    def up(variant):
+        return "-" if not (r.get("logits_topk") and r.get(variant)) else f"{r['logits_topk'] / r[variant]:.2f}x"
+
     for r in rows:
-        up = r["logits_topk"] / r["fused"] if r.get("logits_topk") and r.get("fused") else None
         lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r['fused'])} | "
-                     f"{f(r['fused_sorted'])} | {'-' if up is None else f'{up:.2f}x'} | "
-                     f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}) |")
+                     f"{f(r['fused_sorted'])} | {f(r.get('fused_atomic'))} | {up('fused')} / {up('fused_atomic')} | "
+                     f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}; {r['atomic_rows_differ']}, "
+                     f"{r['atomic_max_rel_gap']:.1e}) |")
     return "\n".join(lines)
 
 
@@ -125,8 +146,10 @@ def result_values(rows: list[dict]) -> list[tuple]:
     values = []
     for r in rows:
         values += [(r["shape"], variant, "us", r.get(variant), "us")
-                   for variant in ("logits", "logits_topk", "fused", "fused_sorted")]
+                   for variant in ("logits", "logits_topk", "fused", "fused_sorted", "fused_atomic")]
         values.append((r["shape"], "fused", "rows_differing", r["rows_differ"] / max(1, r["rows"]), "fraction"))
+        values.append((r["shape"], "fused_atomic", "rows_differing", r["atomic_rows_differ"] / max(1, r["rows"]),
+                       "fraction"))
     return values
 
 

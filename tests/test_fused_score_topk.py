@@ -22,13 +22,16 @@ from fx_indexcache.fuse.kernels import fused_score_topk as fz
 HERE = Path(__file__).resolve().parent
 
 
-def test_every_path_under_the_interpreter():
+@pytest.mark.parametrize("filter_", fz.FILTERS)
+def test_every_path_under_the_interpreter(filter_):
+    """Every path, exact integer scores, both scoring layouts, with either way of placing kept keys."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
+               FUSED_TOPK_FILTER=filter_)
     done = subprocess.run([sys.executable, str(HERE / "fused_score_topk_cases.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ok [0, 1, 2, 3, 4]" in done.stdout
+    assert "ok [0, 1, 2, 3, 4]" in done.stdout and f"filter {filter_}" in done.stdout
 
 
 def _inputs(B=2, S=3, T=40, H=4, D=16, seed=0):
@@ -72,3 +75,9 @@ def test_off_cuda_the_kernel_entry_point_refuses_with_the_reason():
     assert "CUDA" in fz.fused_unsupported_reason(q, k, w, 8)
     with pytest.raises(ValueError, match="indexer_topk_fused: unsupported inputs: inputs must all be on one CUDA"):
         fz.indexer_topk_fused(q, k, w, 8)
+
+
+def test_a_filter_the_kernel_does_not_have_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"FusedTopkConfig.filter='prefix': allowed scan, atomic"):
+        fz.FusedTopkConfig("prefill", filter="prefix")
+    assert fz.FusedTopkConfig("prefill", filter="atomic").name().endswith("-atomic")

@@ -10,6 +10,7 @@ copied into the captured buffers. compute-sanitizer memcheck and racecheck over 
 ``benchmarks/bench_fused_score_topk.py --sanitize`` (skipped where compute-sanitizer is not installed).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -73,14 +74,26 @@ SHAPES = [  # (B, S, T): V3.2 prefill and decode
 ]
 
 
+def _config(filter_: str, B: int, S: int, T: int):
+    """The default launch, or with the atomic filter (prefill tiles then 64 x 256, as benchmarked)."""
+    if filter_ == "scan":
+        return None
+    cfg = fz.default_fused_config(B, S, T, H, D)
+    if cfg.kind == "prefill":
+        cfg = dataclasses.replace(cfg, block_t=256)
+    return dataclasses.replace(cfg, filter=filter_)
+
+
 @pytest.mark.parametrize("B,S,T", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
-def test_matches_the_two_kernel_path_at_v32_sizes(B, S, T, sorted_):
+@pytest.mark.parametrize("filter_", fz.FILTERS)
+def test_matches_the_two_kernel_path_at_v32_sizes(B, S, T, sorted_, filter_):
     g = _gen()
     q, k, w = _inputs(B, S, T, g)
-    got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_)
+    got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_,
+                                config=_config(filter_, B, S, T))
     assert got.shape == (B, S, min(TOPK, T)) and got.dtype == torch.int32
-    _assert_near_two_kernel(q, k, w, got, sorted_=sorted_, where=f"{B}x{S}x{T} seed={g.initial_seed()}")
+    _assert_near_two_kernel(q, k, w, got, sorted_=sorted_, where=f"{B}x{S}x{T} {filter_} seed={g.initial_seed()}")
 
 
 @pytest.mark.parametrize("B,S,T", [(1, 1, 32768), (16, 1, 32768), (1, 256, 32768)], ids=lambda v: str(v))
@@ -113,9 +126,12 @@ def test_kv_lens_and_masks_at_card_sizes():
 
 
 @pytest.mark.parametrize("case", cases.CASES, ids=lambda c: c[0])
-def test_every_path_on_exact_scores_on_the_card(case):
-    """The interpreter cases on the GPU: bf16 integer inputs (exact scores), set, tie rule and order."""
+@pytest.mark.parametrize("filter_", fz.FILTERS)
+def test_every_path_on_exact_scores_on_the_card(case, filter_):
+    """The interpreter cases on the GPU: bf16 integer inputs (exact scores), set, tie rule and order; with either
+    filter."""
     name, B, S, T, Hc, Dc, K, kind, causal, extra, launch, expect = case
+    launch = dict(launch, config=dataclasses.replace(launch["config"], filter=filter_))
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     q, k, w = (t.cuda() for t in cases.integer_inputs(kind, B, S, T, Hc, Dc, g, dtype=torch.bfloat16))
     kv_lens, bias, drop = (None if m is None else m.cuda() for m in cases.masks_for(extra, B, S, T, g))

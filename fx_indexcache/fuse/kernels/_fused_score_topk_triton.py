@@ -162,6 +162,28 @@ def _filter_row(score, row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, 
             tie_idx_ptr, CAP, TCAP)
 
 
+@triton.jit
+def _filter_tile_atomic(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
+                        CAP: tl.constexpr, TCAP: tl.constexpr):
+    """``_filter_tile`` with no prefix sum: each flagged key takes its place from an atomic of its own on its row's
+    counter, the candidates' half (low 32 bits) or the ties' half (high 32 bits). Past its flags a tile holds
+    only its keys and their places, where the scan's packed flags, running sums and places hold three more
+    values a key: the registers that cap the scan filter's tiles at 64 keys (``default_fused_config``). The
+    places are in atomic order, as the scan filter's are across tiles: the select does not depend on it.
+    ``score [BS, BT]``, ``rows [BS]`` (int64), ``thr [BS]``."""
+    keys = _key(score)
+    ok = s_ok[:, None] & t_ok[None, :]
+    gt = ok & (keys > thr[:, None])
+    eq = ok & (keys == thr[:, None])
+    halves = cnt_ptr.to(tl.pointer_type(tl.int32))  # (little-endian: a row's candidates at 2 row, its ties at 2 row + 1)
+    row64 = rows.to(tl.int64)[:, None]
+    place = tl.atomic_add(halves + 2 * row64 + eq.to(tl.int64), 1, mask=gt | eq, sem="relaxed")
+    idx = rt[None, :] + 0 * place
+    tl.store(cand_key_ptr + row64 * CAP + place, keys, mask=gt & (place < CAP))
+    tl.store(cand_idx_ptr + row64 * CAP + place, idx, mask=gt & (place < CAP))
+    tl.store(tie_idx_ptr + row64 * TCAP + place, idx, mask=eq & (place < TCAP))
+
+
 # ----------------------------------------------------------------------------------------------
 # Select (one row, from its buffers)
 # ----------------------------------------------------------------------------------------------
@@ -403,10 +425,11 @@ def _score_filter_kernel(
     D: tl.constexpr, DECODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     DIRECT: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr,
     FB_BLOCK_T: tl.constexpr, SORTED: tl.constexpr, RECORD_PATH: tl.constexpr,
-    SELECT_LAST: tl.constexpr, FENCE: tl.constexpr,
+    SELECT_LAST: tl.constexpr, FENCE: tl.constexpr, ATOMIC_FILTER: tl.constexpr,
 ):
     """Score a (key block, query block) tile and keep, of each row, only the keys at or above its threshold
-    (no logits written); with ``SELECT_LAST`` (one query row) the last program to finish selects."""
+    (no logits written); with ``SELECT_LAST`` (one query row) the last program to finish selects. ``ATOMIC_FILTER``:
+    places from an atomic a kept key (``_filter_tile_atomic``), not from the tile's prefix sum."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -437,8 +460,13 @@ def _score_filter_kernel(
                     thr = INT_MIN
                 else:
                     thr = tl.load(thr_ptr + row)
-                _filter_row(tl.max(score, axis=0), row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr,
-                            tie_idx_ptr, CAP, TCAP)
+                if ATOMIC_FILTER:
+                    _filter_tile_atomic(score, row + tl.zeros([1], tl.int64), rt, one, t_ok,
+                                        thr + tl.zeros([1], tl.int32), cnt_ptr, cand_key_ptr, cand_idx_ptr,
+                                        tie_idx_ptr, CAP, TCAP)
+                else:
+                    _filter_row(tl.max(score, axis=0), row, rt, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr,
+                                tie_idx_ptr, CAP, TCAP)
     else:
         rs = s0 + tl.arange(0, BLOCK_S)
         s_ok = rs < S
@@ -454,7 +482,12 @@ def _score_filter_kernel(
             thr = tl.full([BLOCK_S], INT_MIN, tl.int32)
         else:
             thr = tl.load(thr_ptr + rows, mask=s_ok, other=0)
-        _filter_tile(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, CAP, TCAP)
+        if ATOMIC_FILTER:
+            _filter_tile_atomic(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr,
+                                CAP, TCAP)
+        else:
+            _filter_tile(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr, cand_idx_ptr, tie_idx_ptr, CAP,
+                         TCAP)
     if SELECT_LAST:
         if FENCE:
             _release_writes(pid_t)

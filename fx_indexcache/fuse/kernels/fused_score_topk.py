@@ -85,12 +85,19 @@ FALLBACK_BLOCK_T = 64
 PATHS = {0: "direct", 1: "candidates", 2: "threshold ties", 3: "fallback", 4: "masked tail"}
 
 
+#: How the scoring kernel places a tile's kept keys (``FusedTopkConfig.filter``).
+FILTERS = ("scan", "atomic")
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedTopkConfig:
     """Launch shape: the scoring layout and tiles (as ``LogitsConfig``) and the sample kernel's key block.
 
     kind "prefill": programs own ``block_s`` queries x ``block_t`` keys and loop over the heads.
     kind "decode": programs own ``block_s`` queries (looped) x ``block_t`` keys, heads on the M side.
+    ``filter``: how a scored tile's kept keys find their places in the row's buffers: "scan" (a prefix sum over the
+    tile, one atomic a row and tile) or "atomic" (an atomic a kept key: fewer registers, so prefill tiles as wide
+    as the logits kernel's 256 keys; compiled for sm_90, not yet timed).
     """
 
     kind: str = "prefill"
@@ -100,10 +107,15 @@ class FusedTopkConfig:
     num_warps: int = 8
     num_stages: int = 2
     select_warps: int = 8
+    filter: str = "scan"
+
+    def __post_init__(self) -> None:
+        if self.filter not in FILTERS:
+            raise ValueError(f"FusedTopkConfig.filter={self.filter!r}: allowed {', '.join(FILTERS)}")
 
     def name(self) -> str:
         return (f"fused-{self.kind}-s{self.block_s}-t{self.block_t}-st{self.sample_block_t}-w{self.num_warps}"
-                f"-sel{self.select_warps}")
+                f"-sel{self.select_warps}" + ("-atomic" if self.filter == "atomic" else ""))
 
 
 def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> FusedTopkConfig:
@@ -311,7 +323,7 @@ def _launch(q, k, weights, out, *, causal: bool, scale: float, kv_lens=None, sor
         q, k, weights, kv_arg, bias_arg, drop_arg, out2d, cnt, thr, cand_key, cand_idx, ties, sel, fb, fb_cnt,
         path_arg, filter_done, *common,
         **consts, DECODE=decode, BLOCK_S=block_s, BLOCK_T=cfg.block_t, SELECT_LAST=bool(select_last), FENCE=fence,
-        num_warps=(cfg.select_warps if select_last else cfg.num_warps), num_stages=cfg.num_stages)
+        ATOMIC_FILTER=cfg.filter == "atomic", num_warps=(cfg.select_warps if select_last else cfg.num_warps), num_stages=cfg.num_stages)
     if select_last:
         return
     kern._select_kernel[(R,)](
