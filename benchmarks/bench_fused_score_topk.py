@@ -51,15 +51,20 @@ QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
 SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
 
 
-def atomic_config(kind: str, B: int, S: int, T: int):
-    """The fused op's launch with the atomic filter (``FusedTopkConfig.filter``): prefill tiles as wide as the
-    logits kernel's (64 x 256 on 8 warps), decode the default's tiles."""
+#: Prefill tiles (queries, keys) the atomic filter is timed at, on 8 warps: the logits kernel's 64 x 256 (compiled for
+#: sm_90 by Triton 3.6: 255 registers, 80 bytes of spill) and 32 x 256 (196 registers, none).
+ATOMIC_PREFILL_TILES = ((64, 256), (32, 256))
+
+
+def atomic_config(kind: str, B: int, S: int, T: int, tile: tuple[int, int] = ATOMIC_PREFILL_TILES[0]):
+    """The fused op's launch with the atomic filter (``FusedTopkConfig.filter``): prefill tiles ``tile`` on 8 warps,
+    decode the default's tiles."""
     import dataclasses
 
     from fx_indexcache.fuse.kernels import fused_score_topk as fz
 
     if kind == "prefill":
-        return fz.FusedTopkConfig("prefill", 64, 256, 128, 8, 3, 8, filter="atomic")
+        return fz.FusedTopkConfig("prefill", tile[0], tile[1], 128, 8, 3, 8, filter="atomic")
     return dataclasses.replace(fz.default_fused_config(B, S, T, H, D), filter="atomic")
 
 
@@ -101,6 +106,9 @@ def time_shape(kind, B, S, T) -> dict:
     row.update(rows=n, rows_differ=differ, max_rel_gap=gap)
     atomic = atomic_config(kind, B, S, T)
     _, row["atomic_rows_differ"], row["atomic_max_rel_gap"] = compare(q, k, w, TOPK, config=atomic)
+    narrow = atomic_config(kind, B, S, T, ATOMIC_PREFILL_TILES[1])
+    if kind == "prefill":
+        _, row["atomic_s32_rows_differ"], _ = compare(q, k, w, TOPK, config=narrow)
     for name, fn in (
         ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
         ("logits_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
@@ -108,7 +116,11 @@ def time_shape(kind, B, S, T) -> dict:
         ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
         ("fused_atomic", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
                                                     config=atomic)),
+        ("fused_atomic_s32", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
+                                                        config=narrow)),
     ):
+        if name == "fused_atomic_s32" and kind != "prefill":
+            continue
         try:
             row[name] = graph_replay_us(fn)
         except Exception as e:  # reported, not fatal: the other figures still count
@@ -123,8 +135,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
             f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
             "CUDA-graph replay medians (us), unsorted unless said")
-    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | fused, atomic filter | speed-up vs "
-             "logits + top-k (scan / atomic) | rows differing (max rel. gap; atomic) |",
+    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | fused, atomic filter: 64 (32) queries a "
+             "tile | speed-up vs logits + top-k (scan / atomic) | rows differing (max rel. gap; atomic) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v):
@@ -135,7 +147,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
     for r in rows:
         lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r['fused'])} | "
-                     f"{f(r['fused_sorted'])} | {f(r.get('fused_atomic'))} | {up('fused')} / {up('fused_atomic')} | "
+                     f"{f(r['fused_sorted'])} | {f(r.get('fused_atomic'))} ({f(r.get('fused_atomic_s32'))}) | "
+                     f"{up('fused')} / {up('fused_atomic')} | "
                      f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}; {r['atomic_rows_differ']}, "
                      f"{r['atomic_max_rel_gap']:.1e}) |")
     return "\n".join(lines)
@@ -146,10 +159,14 @@ def result_values(rows: list[dict]) -> list[tuple]:
     values = []
     for r in rows:
         values += [(r["shape"], variant, "us", r.get(variant), "us")
-                   for variant in ("logits", "logits_topk", "fused", "fused_sorted", "fused_atomic")]
+                   for variant in ("logits", "logits_topk", "fused", "fused_sorted", "fused_atomic", "fused_atomic_s32")
+                   if variant in r]
         values.append((r["shape"], "fused", "rows_differing", r["rows_differ"] / max(1, r["rows"]), "fraction"))
         values.append((r["shape"], "fused_atomic", "rows_differing", r["atomic_rows_differ"] / max(1, r["rows"]),
                        "fraction"))
+        if "atomic_s32_rows_differ" in r:
+            values.append((r["shape"], "fused_atomic_s32", "rows_differing",
+                           r["atomic_s32_rows_differ"] / max(1, r["rows"]), "fraction"))
     return values
 
 

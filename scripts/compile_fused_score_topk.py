@@ -66,10 +66,11 @@ def _compile_plans(built: list) -> int:
             q = torch.zeros(B, S, H, D, dtype=torch.bfloat16)
             k = torch.zeros(B, T, D, dtype=torch.bfloat16)
             w = torch.zeros(B, S, H, dtype=torch.bfloat16)
-            cfg = fz.FusedTopkConfig("prefill", 64, 256, 128, 8, 3, 8, filter="atomic")
-            print(f"{B}x{S}x{T} sorted={sorted_}: {cfg.name()} [atomic filter, not yet timed]", flush=True)
-            fz._launch(q, k, w, torch.empty(B, S, TOPK, dtype=torch.int32), causal=True, scale=0.1, sorted=sorted_,
-                       config=cfg)
+            for block_s in (64, 32):
+                cfg = fz.FusedTopkConfig("prefill", block_s, 256, 128, 8, 3, 8, filter="atomic")
+                print(f"{B}x{S}x{T} sorted={sorted_}: {cfg.name()} [atomic filter, not yet timed]", flush=True)
+                fz._launch(q, k, w, torch.empty(B, S, TOPK, dtype=torch.int32), causal=True, scale=0.1,
+                           sorted=sorted_, config=cfg)
     # the launch plans the GPU tests run (tests/fused_score_topk_cases.py), each sorted and unsorted
     import fused_score_topk_cases as cases
 
