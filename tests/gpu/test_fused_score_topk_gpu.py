@@ -89,6 +89,8 @@ def _config(launch: str, B: int, S: int, T: int):
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
 @pytest.mark.parametrize("filter_", ["scan", "atomic", "atomic-s32"])
 def test_matches_the_two_kernel_path_at_v32_sizes(B, S, T, sorted_, filter_):
+    if filter_ == "atomic-s32" and fz.default_fused_config(B, S, T, H, D).kind != "prefill":
+        pytest.skip("decode launches keep their tiles: the same launch as 'atomic'")
     g = _gen()
     q, k, w = _inputs(B, S, T, g)
     got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_,
