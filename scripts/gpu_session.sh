@@ -46,8 +46,9 @@ case " $STEPS " in
 esac
 machine | tee "$OUT/machine.txt"
 case "$step" in
-    new-kernels)     # this round's kernels: fused score + top-k, paged decode (correctness, CUDA graphs, sanitizer)
-        gpu_tests tests/gpu/test_fused_score_topk_gpu.py tests/gpu/test_paged_decode_gpu.py ;;
+    new-kernels)     # fused score + top-k, both filters (correctness, CUDA graphs, sanitizer); the paged decode
+                     # tests are decode-kernels' (with both filters this file alone is most of a call)
+        gpu_tests tests/gpu/test_fused_score_topk_gpu.py ;;
     decode-kernels)  # the logits kernels' launches (decode: key blocks a program) and the paged decode kernel
         gpu_tests tests/gpu/test_lightning_indexer_kernel.py tests/gpu/test_paged_decode_gpu.py ;;
     kernels)         # the substitution, low-precision scores, every layout the matcher knows
