@@ -106,21 +106,21 @@ def time_shape(kind, B, S, T) -> dict:
     row.update(rows=n, rows_differ=differ, max_rel_gap=gap)
     atomic = atomic_config(kind, B, S, T)
     _, row["atomic_rows_differ"], row["atomic_max_rel_gap"] = compare(q, k, w, TOPK, config=atomic)
-    narrow = atomic_config(kind, B, S, T, ATOMIC_PREFILL_TILES[1])
     if kind == "prefill":
+        narrow = atomic_config(kind, B, S, T, ATOMIC_PREFILL_TILES[1])
         _, row["atomic_s32_rows_differ"], _ = compare(q, k, w, TOPK, config=narrow)
-    for name, fn in (
+    variants = [
         ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
         ("logits_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
         ("fused", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False)),
         ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
         ("fused_atomic", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
                                                     config=atomic)),
-        ("fused_atomic_s32", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
-                                                        config=narrow)),
-    ):
-        if name == "fused_atomic_s32" and kind != "prefill":
-            continue
+    ]
+    if kind == "prefill":
+        variants.append(("fused_atomic_s32", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE,
+                                                                        sorted=False, config=narrow)))
+    for name, fn in variants:
         try:
             row[name] = graph_replay_us(fn)
         except Exception as e:  # reported, not fatal: the other figures still count
@@ -142,13 +142,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
-    def up(variant):
+    def up(r, variant):
         return "-" if not (r.get("logits_topk") and r.get(variant)) else f"{r['logits_topk'] / r[variant]:.2f}x"
 
     for r in rows:
         lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r['fused'])} | "
                      f"{f(r['fused_sorted'])} | {f(r.get('fused_atomic'))} ({f(r.get('fused_atomic_s32'))}) | "
-                     f"{up('fused')} / {up('fused_atomic')} | "
+                     f"{up(r, 'fused')} / {up(r, 'fused_atomic')} | "
                      f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}; {r['atomic_rows_differ']}, "
                      f"{r['atomic_max_rel_gap']:.1e}) |")
     return "\n".join(lines)

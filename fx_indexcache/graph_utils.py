@@ -155,6 +155,32 @@ def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
     return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
 
 
+class CallWalk:
+    """A bounded walk over call nodes, each visited once: iterate it for the nodes in turn, and ``extend`` it with the
+    nodes to go on to (a walk up a score adds inputs). Stops after ``limit`` visits; ``finished`` says whether it
+    reached every node it was given (False: it ran out of visits first)."""
+
+    def __init__(self, starts: Iterable[fx.Node], limit: int) -> None:
+        self.frontier = list(starts)
+        self.seen: set[fx.Node] = set()
+        self.limit = limit
+
+    def __iter__(self):
+        while self.frontier and len(self.seen) < self.limit:
+            node = self.frontier.pop()
+            if not isinstance(node, fx.Node) or node in self.seen or node.op != "call_function":
+                continue
+            self.seen.add(node)
+            yield node
+
+    def extend(self, nodes: Iterable[fx.Node]) -> None:
+        self.frontier.extend(nodes)
+
+    @property
+    def finished(self) -> bool:
+        return not self.frontier
+
+
 def call_arguments(node: fx.Node, positional: tuple[str, ...], defaults: dict) -> dict:
     """A call's arguments by name: ``positional`` names its positional ones in order, keyword ones overlay them,
     ``defaults`` fills what neither gives (an op's schema defaults the graph leaves out)."""

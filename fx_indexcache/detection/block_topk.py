@@ -30,7 +30,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from ..graph_utils import CONTRACTIONS, VIEW_LIKE, fake_value, getitem_users, is_call
+from ..graph_utils import CONTRACTIONS, VIEW_LIKE, CallWalk, fake_value, getitem_users, is_call
 from .graph_inputs import parameter_placeholders
 from .layers import module_path
 from .registry import register_site_finder
@@ -123,12 +123,8 @@ def _shown(k) -> str:
 
 def _pool_under(score: fx.Node, axis: int) -> tuple[fx.Node, object] | None:
     """The max-pool the top-k's score edits, reducing the axis after ``axis``: (pool input, block size)."""
-    frontier, seen = [score], set()
-    while frontier and len(seen) < _MAX_WALK:
-        node = frontier.pop()
-        if node in seen or node.op != "call_function":
-            continue
-        seen.add(node)
+    walk = CallWalk([score], _MAX_WALK)
+    for node in walk:
         if is_call(node, _POOLS):
             found = _block_axis(node, axis)
             if found is not None:
@@ -137,9 +133,9 @@ def _pool_under(score: fx.Node, axis: int) -> tuple[fx.Node, object] | None:
         if is_call(node, _SCORE_EDITS):
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if first is not None:  # the edited tensor; masks and boosts are the other operands
-                frontier.append(first)
+                walk.extend([first])
             if is_call(node, {aten.where}) and len(node.args) > 2:
-                frontier.extend(a for a in node.args[1:] if isinstance(a, fx.Node))
+                walk.extend(a for a in node.args[1:] if isinstance(a, fx.Node))
     return None
 
 
@@ -170,20 +166,17 @@ def _block_axis(pool: fx.Node, axis: int) -> tuple[fx.Node, object] | None:
 #: What lets the pass rewire a block top-k it found but left alone.
 _MASK_ONLY = "the pass rewires a block top-k whose indices (and an empty-block tag) only build attention's mask"
 
+
 def _product_under_pool(source: fx.Node) -> fx.Node | None:
     """The q·k contraction the pooled scores are an edited, re-viewed copy of."""
-    frontier, seen = [source], set()
-    while frontier and len(seen) < _MAX_WALK:
-        node = frontier.pop()
-        if node in seen or node.op != "call_function":
-            continue
-        seen.add(node)
+    walk = CallWalk([source], _MAX_WALK)
+    for node in walk:
         if is_call(node, CONTRACTIONS):
             return node
         if is_call(node, {aten.where}):  # where(mask, fill, scores): the edited tensor is a value branch
-            frontier.extend(a for a in node.args[1:] if isinstance(a, fx.Node))
+            walk.extend(a for a in node.args[1:] if isinstance(a, fx.Node))
         elif is_call(node, _PRODUCT_EDITS) and node.args and isinstance(node.args[0], fx.Node):
-            frontier.append(node.args[0])
+            walk.extend([node.args[0]])
     return None
 
 

@@ -30,7 +30,7 @@ from torch import fx
 from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
 from torch.utils._pytree import tree_leaves
 
-from ..graph_utils import CONTRACTIONS, is_call, op_name
+from ..graph_utils import CONTRACTIONS, CallWalk, is_call, op_name
 
 #: Op namespaces whose every op the detector reads as what it is: a selection among them is a top-k or sort that
 #: a finder examines.
@@ -92,16 +92,12 @@ def _unsettled(verdict) -> HiddenSelection | None:
 
 def _opaque_producer(score: fx.Node) -> fx.Node | None:
     """The first opaque or higher-order node a short walk up from ``score`` meets before any contraction."""
-    frontier, seen = [score], set()
-    while frontier and len(seen) < SCORE_WALK:
-        node = frontier.pop()
-        if node in seen or node.op != "call_function":
-            continue
-        seen.add(node)
+    walk = CallWalk([score], SCORE_WALK)
+    for node in walk:
         if _opaque(node):
             return node
         if not is_call(node, CONTRACTIONS):
-            frontier.extend(node.all_input_nodes)
+            walk.extend(node.all_input_nodes)
     return None
 
 

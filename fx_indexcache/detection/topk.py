@@ -27,6 +27,7 @@ from torch import fx
 from ..graph_utils import (
     CONTRACTIONS,
     VIEW_LIKE,
+    CallWalk,
     call_arguments,
     dead_if_removed,
     fake_value,
@@ -45,7 +46,7 @@ from .sites import CacheWrite, IndexerSite, TopkVerdict
 aten = torch.ops.aten
 
 #: Ops allowed between the q·k product and the ReLU (scaling, casting, re-viewing).
-SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
+_SCORE_SCALING = VIEW_LIKE | {aten.mul, aten.div, aten.add}
 #: Functional cache updates whose result is written back into a graph input by ``copy_``,
 #: with the position of the argument that holds the written rows.
 _CACHE_UPDATES = {aten.slice_scatter: 1, aten.select_scatter: 1, aten.index_put: 2, aten.index_copy: 3, aten.scatter: 3}
@@ -203,7 +204,7 @@ def product_under_relu(relu: fx.Node) -> fx.Node | None:
         seen.add(node)
         if is_call(node, CONTRACTIONS):
             return node
-        if is_call(node, SCORE_SCALING) and len(seen) < 16:
+        if is_call(node, _SCORE_SCALING) and len(seen) < 16:
             frontier.extend(node.all_input_nodes)
     return None
 
@@ -363,23 +364,19 @@ def _first_products(score: fx.Node) -> list[fx.Node] | None:
     selection's score (a group-limited router ranks groups by their top experts' scores); its indices are not
     (they lead into another layer's attention)."""
     found: dict[fx.Node, None] = {}
-    frontier, seen = [score], set()
-    while frontier and len(seen) < _MAX_VISITS:
-        current = frontier.pop()
-        if current in seen or current.op != "call_function":
-            continue
-        seen.add(current)
+    walk = CallWalk([score], _MAX_VISITS)
+    for current in walk:
         if is_call(current, CONTRACTIONS):
             found[current] = None
             continue
         if current.target is operator.getitem and is_call(current.args[0], SELECTIONS):
             if current.args[1] == 0:
-                frontier.append(current.args[0].args[0])
+                walk.extend([current.args[0].args[0]])
             continue
         if is_call(current, SELECTIONS):
             continue
-        frontier.extend(current.all_input_nodes)
-    return None if frontier else list(found)
+        walk.extend(current.all_input_nodes)
+    return list(found) if walk.finished else None
 
 
 def find_topk_sites(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:

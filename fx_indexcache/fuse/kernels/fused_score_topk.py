@@ -323,7 +323,8 @@ def _launch(q, k, weights, out, *, causal: bool, scale: float, kv_lens=None, sor
         q, k, weights, kv_arg, bias_arg, drop_arg, out2d, cnt, thr, cand_key, cand_idx, ties, sel, fb, fb_cnt,
         path_arg, filter_done, *common,
         **consts, DECODE=decode, BLOCK_S=block_s, BLOCK_T=cfg.block_t, SELECT_LAST=bool(select_last), FENCE=fence,
-        ATOMIC_FILTER=cfg.filter == "atomic", num_warps=(cfg.select_warps if select_last else cfg.num_warps), num_stages=cfg.num_stages)
+        ATOMIC_FILTER=cfg.filter == "atomic", num_warps=(cfg.select_warps if select_last else cfg.num_warps),
+        num_stages=cfg.num_stages)
     if select_last:
         return
     kern._select_kernel[(R,)](
