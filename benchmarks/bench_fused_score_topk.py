@@ -51,21 +51,26 @@ QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
 SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
 
 
-#: Prefill tiles (queries, keys) the atomic filter is timed at, on 8 warps: the logits kernel's 64 x 256 (compiled for
-#: sm_90 by Triton 3.6: 255 registers, 80 bytes of spill) and 32 x 256 (196 registers, none).
-ATOMIC_PREFILL_TILES = ((64, 256), (32, 256))
+#: The fused op's launches timed, by the variant name their figures carry in the results table: the default
+#: (the atomic filter; prefill 64 queries x 256 keys on 8 warps: compiled for sm_90 by Triton 3.6, 255 registers and
+#: 80 bytes of spill), the same with 32-query prefill tiles (196 registers, none; decode keeps its tiles, so prefill
+#: only) and the scan filter's default (64-key prefill tiles). Until commit b7c448f the variant "fused" was the scan
+#: filter's launch, then the default.
+LAUNCHES = ("fused_atomic", "fused_atomic_s32", "fused_scan")
 
 
-def atomic_config(kind: str, B: int, S: int, T: int, tile: tuple[int, int] = ATOMIC_PREFILL_TILES[0]):
-    """The fused op's launch with the atomic filter (``FusedTopkConfig.filter``): prefill tiles ``tile`` on 8 warps,
-    decode the default's tiles."""
+def launch_config(launch: str, B: int, S: int, T: int):
+    """The ``FusedTopkConfig`` of ``launch`` (one of ``LAUNCHES``) at a shape; None where it is not timed there."""
     import dataclasses
 
     from fx_indexcache.fuse.kernels import fused_score_topk as fz
 
-    if kind == "prefill":
-        return fz.FusedTopkConfig("prefill", tile[0], tile[1], 128, 8, 3, 8, filter="atomic")
-    return dataclasses.replace(fz.default_fused_config(B, S, T, H, D), filter="atomic")
+    if launch == "fused_scan":
+        return fz.default_fused_config(B, S, T, H, D, filter="scan")
+    cfg = fz.default_fused_config(B, S, T, H, D)
+    if launch == "fused_atomic_s32":
+        return dataclasses.replace(cfg, block_s=32) if cfg.kind == "prefill" else None
+    return cfg
 
 
 def compare(q, k, w, topk: int, sorted_: bool = False, config=None) -> tuple[int, int, float]:
@@ -101,25 +106,23 @@ def time_shape(kind, B, S, T) -> dict:
 
     q, k, w = make_inputs(B, S, T, seed=B + S + T)
     out = torch.empty(B, S, T, device="cuda")
-    row: dict = dict(kind=kind, shape=f"{B}x{S}x{T // 1024}K")
-    n, differ, gap = compare(q, k, w, TOPK)
-    row.update(rows=n, rows_differ=differ, max_rel_gap=gap)
-    atomic = atomic_config(kind, B, S, T)
-    _, row["atomic_rows_differ"], row["atomic_max_rel_gap"] = compare(q, k, w, TOPK, config=atomic)
-    if kind == "prefill":
-        narrow = atomic_config(kind, B, S, T, ATOMIC_PREFILL_TILES[1])
-        _, row["atomic_s32_rows_differ"], _ = compare(q, k, w, TOPK, config=narrow)
+    row: dict = dict(kind=kind, shape=f"{B}x{S}x{T // 1024}K", differ={}, gap={})
+    configs = {launch: launch_config(launch, B, S, T) for launch in LAUNCHES}
+    configs = {launch: cfg for launch, cfg in configs.items() if cfg is not None}
+    for launch, cfg in configs.items():
+        row["rows"], row["differ"][launch], row["gap"][launch] = compare(q, k, w, TOPK, config=cfg)
+
+    def fused(cfg, sorted_):
+        return lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_, config=cfg)
+
     variants = [
         ("logits", lambda: indexer_logits(q, k, w, scale=SCALE, out=out)),
         ("logits_topk", lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False)),
-        ("fused", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False)),
-        ("fused_sorted", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=True)),
-        ("fused_atomic", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=False,
-                                                    config=atomic)),
     ]
-    if kind == "prefill":
-        variants.append(("fused_atomic_s32", lambda: indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE,
-                                                                        sorted=False, config=narrow)))
+    for launch, cfg in configs.items():
+        variants.append((launch, fused(cfg, False)))
+        if launch != "fused_atomic_s32":
+            variants.append((f"{launch}_sorted", fused(cfg, True)))
     for name, fn in variants:
         try:
             row[name] = graph_replay_us(fn)
@@ -135,8 +138,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
     head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
             f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
             "CUDA-graph replay medians (us), unsorted unless said")
-    lines = [head, "", "| shape | logits | logits + top-k | fused | fused sorted | fused, atomic filter: 64 (32) queries a "
-             "tile | speed-up vs logits + top-k (scan / atomic) | rows differing (max rel. gap; atomic) |",
+    lines = [head, "", "| shape | logits | logits + top-k | one op, atomic filter (default): unsorted / sorted | "
+             "atomic, 32 queries a prefill tile | scan filter: unsorted / sorted | speed-up vs logits + top-k "
+             "(atomic / scan) | rows differing: atomic, atomic 32, scan (max rel. gap) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v):
@@ -146,41 +150,41 @@ def markdown(env: dict, rows: list[dict]) -> str:
         return "-" if not (r.get("logits_topk") and r.get(variant)) else f"{r['logits_topk'] / r[variant]:.2f}x"
 
     for r in rows:
-        lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r['fused'])} | "
-                     f"{f(r['fused_sorted'])} | {f(r.get('fused_atomic'))} ({f(r.get('fused_atomic_s32'))}) | "
-                     f"{up(r, 'fused')} / {up(r, 'fused_atomic')} | "
-                     f"{r['rows_differ']}/{r['rows']} ({r['max_rel_gap']:.1e}; {r['atomic_rows_differ']}, "
-                     f"{r['atomic_max_rel_gap']:.1e}) |")
+        differ = ", ".join(f"{r['differ'][n]}" if n in r["differ"] else "-" for n in LAUNCHES)
+        gap = max(r["gap"].values())
+        lines.append(f"| {r['shape']} | {f(r['logits'])} | {f(r['logits_topk'])} | {f(r.get('fused_atomic'))} / "
+                     f"{f(r.get('fused_atomic_sorted'))} | {f(r.get('fused_atomic_s32'))} | {f(r.get('fused_scan'))} / "
+                     f"{f(r.get('fused_scan_sorted'))} | {up(r, 'fused_atomic')} / {up(r, 'fused_scan')} | "
+                     f"{differ} of {r['rows']} ({gap:.1e}) |")
     return "\n".join(lines)
 
 
 def result_values(rows: list[dict]) -> list[tuple]:
     """``(shape, variant, metric, value, unit)`` of every figure (a failed timing holds none)."""
     values = []
+    timed = ("logits", "logits_topk") + tuple(v for n in LAUNCHES for v in (n, f"{n}_sorted"))
     for r in rows:
-        values += [(r["shape"], variant, "us", r.get(variant), "us")
-                   for variant in ("logits", "logits_topk", "fused", "fused_sorted", "fused_atomic", "fused_atomic_s32")
-                   if variant in r]
-        values.append((r["shape"], "fused", "rows_differing", r["rows_differ"] / max(1, r["rows"]), "fraction"))
-        values.append((r["shape"], "fused_atomic", "rows_differing", r["atomic_rows_differ"] / max(1, r["rows"]),
-                       "fraction"))
-        if "atomic_s32_rows_differ" in r:
-            values.append((r["shape"], "fused_atomic_s32", "rows_differing",
-                           r["atomic_s32_rows_differ"] / max(1, r["rows"]), "fraction"))
+        values += [(r["shape"], variant, "us", r.get(variant), "us") for variant in timed if variant in r]
+        values += [(r["shape"], launch, "rows_differing", differ / max(1, r["rows"]), "fraction")
+                   for launch, differ in r["differ"].items()]
     return values
 
 
 def sanitize() -> int:
     """Small shapes through every launch plan, checked against the two-kernel path; no timing."""
+    from fx_indexcache.fuse.kernels import fused_score_topk as fz
+
     bad = 0
     for B, S, T, k in SANITIZE_SHAPES:
         q, k_, w = make_inputs(B, S, T, seed=T)
-        for sorted_ in (False, True):
-            n, differ, gap = compare(q, k_, w, k, sorted_)
-            ok = gap < 1e-3
-            bad += not ok
-            print(f"sanitize {B}x{S}x{T} k={k} sorted={sorted_}: {differ}/{n} rows differ (gap {gap:.1e})"
-                  f"{'' if ok else '  FAIL'}", flush=True)
+        for filter_ in fz.FILTERS:
+            cfg = fz.default_fused_config(B, S, T, H, D, filter=filter_)
+            for sorted_ in (False, True):
+                n, differ, gap = compare(q, k_, w, k, sorted_, config=cfg)
+                ok = gap < 1e-3
+                bad += not ok
+                print(f"sanitize {B}x{S}x{T} k={k} {filter_} sorted={sorted_}: {differ}/{n} rows differ "
+                      f"(gap {gap:.1e}){'' if ok else '  FAIL'}", flush=True)
     torch.cuda.synchronize()
     return 1 if bad else 0
 

@@ -121,9 +121,12 @@ TABLES: dict[str, Table] = {
     "fused-score-topk": Table("fused_score_topk", "B × S × T", (
         Column("logits µs", (("logits", "us"),), ".1f"),
         Column("logits + top-k µs", (("logits_topk", "us"),), ".1f"),
-        Column("one op unsorted / sorted µs", (("fused", "us"), ("fused_sorted", "us")), ".1f"),
-        Column("rows whose set differs", (("fused", "rows_differing"),), ".0f"),
-    )),
+        Column("one op, scan filter: unsorted / sorted µs", (("fused", "us"), ("fused_sorted", "us")), ".1f"),
+        Column("one op, atomic filter: 64 (32) queries × 256 keys µs", (("fused_atomic", "us"),
+                                                                          ("fused_atomic_s32", "us")), ".1f"),
+        Column("share of rows whose set differs: scan / atomic", (("fused", "rows_differing"),
+                                                          ("fused_atomic", "rows_differing")), ".4g"),
+    ), commit="b7c448f"),
     "logits-configs": Table("logits_launch_configs", "shape", (
         Column("bf16: rule's config / measured best µs", (("bf16_default", "us"), ("bf16_best", "us")), ".1f"),
         Column("fp8: rule's config / measured best µs", (("fp8_default", "us"), ("fp8_best", "us")), ".1f"),

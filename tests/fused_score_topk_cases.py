@@ -8,7 +8,7 @@ kernel's and the reference's agree bit for bit, ties included); sorted output mu
 scores by ascending index. Run as a script under ``TRITON_INTERPRET=1`` it runs every path of the fused kernels
 (direct, candidates, threshold ties, fallback inline and pooled, masked tail), in both scoring layouts and with
 the select in the scoring kernel's last program, on small shapes, and asserts each path ran.
-``FUSED_TOPK_FILTER=atomic`` runs them all with the atomic filter (``FusedTopkConfig.filter``).
+``FUSED_TOPK_FILTER=scan`` (or ``atomic``, the default) chooses the filter they all run (``FusedTopkConfig.filter``).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> None:
     seed = int(os.environ.get("FUSED_TOPK_CASES_SEED", "0"))  # fixed in the suite; set it to explore others
     print(f"seed {seed} (FUSED_TOPK_CASES_SEED chooses another)", flush=True)
     g = torch.Generator().manual_seed(seed)
-    placing = os.environ.get("FUSED_TOPK_FILTER", "scan")
+    placing = os.environ.get("FUSED_TOPK_FILTER", fz.FusedTopkConfig().filter)
     print(f"filter {placing}", flush=True)
     seen: set[int] = set()
     for i, (name, B, S, T, H, D, K, kind, causal, extra, launch, expect) in enumerate(CASES):

@@ -75,14 +75,13 @@ SHAPES = [  # (B, S, T): V3.2 prefill and decode
 
 
 def _config(launch: str, B: int, S: int, T: int):
-    """The default launch ("scan"), or with the atomic filter, prefill tiles then 64 or 32 queries x 256 keys on 8
-    warps ("atomic", "atomic-s32": the benchmark's)."""
+    """The default launch ("atomic": prefill tiles of 64 queries x 256 keys), that launch with 32-query prefill
+    tiles ("atomic-s32"), or the scan filter's default launch ("scan": 64 x 64 prefill tiles)."""
     if launch == "scan":
-        return None
+        return fz.default_fused_config(B, S, T, H, D, filter="scan")
     cfg = fz.default_fused_config(B, S, T, H, D)
-    if cfg.kind == "prefill":
-        cfg = dataclasses.replace(cfg, block_s=32 if launch == "atomic-s32" else 64, block_t=256, num_warps=8)
-    return dataclasses.replace(cfg, filter="atomic")
+    assert cfg.filter == "atomic"
+    return dataclasses.replace(cfg, block_s=32) if launch == "atomic-s32" else cfg
 
 
 @pytest.mark.parametrize("B,S,T", SHAPES, ids=lambda v: str(v))

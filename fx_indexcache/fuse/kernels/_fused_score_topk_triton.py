@@ -168,7 +168,7 @@ def _filter_tile_atomic(score, rows, rt, s_ok, t_ok, thr, cnt_ptr, cand_key_ptr,
     """``_filter_tile`` with no prefix sum: each flagged key takes its place from an atomic of its own on its row's
     counter, the candidates' half (low 32 bits) or the ties' half (high 32 bits). Past its flags a tile holds
     only its keys and their places, where the scan's packed flags, running sums and places hold three more
-    values a key: the registers that cap the scan filter's tiles at 64 keys (``default_fused_config``). The
+    values a key: the registers that cap the scan filter's prefill tiles at 64 keys, where this one's take 256. The
     places are in atomic order, as the scan filter's are across tiles: the select does not depend on it.
     ``score [BS, BT]``, ``rows [BS]`` (int64), ``thr [BS]``."""
     keys = _key(score)

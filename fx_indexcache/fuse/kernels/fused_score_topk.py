@@ -16,8 +16,9 @@ How (``_fused_score_topk_triton.py``; the plan of ``topk.py``'s row top-k, with 
    below the expected k-th key). Rows of at most ``CAP`` keys take every key (``L`` = the lowest key).
 2. **Score and filter.** The scoring kernel (the logits kernel's tiles, prefill or decode layout) keeps
    each scored tile in registers and appends only each row's keys above ``L`` (key and index) to a per-row
-   candidate buffer and the indices of keys equal to ``L`` to a tie buffer, places reserved by one atomic a
-   (row, tile). Nothing else is stored.
+   candidate buffer and the indices of keys equal to ``L`` to a tie buffer, each kept key's place from an
+   atomic of its own on its row's counter (``filter="atomic"``, the default) or one atomic a (row, tile) after
+   a prefix sum over the tile (``"scan"``). Nothing else is stored.
 3. **Select** (a program a row; at batch 1 in decode, the scoring kernel's last program to finish, so no
    launch of its own): the exact k-th key among the candidates (``_kth_key``'s bitwise search), every key
    above it, then the lowest-indexed keys equal to it (a second bitwise search, over the indices: the
@@ -95,9 +96,10 @@ class FusedTopkConfig:
 
     kind "prefill": programs own ``block_s`` queries x ``block_t`` keys and loop over the heads.
     kind "decode": programs own ``block_s`` queries (looped) x ``block_t`` keys, heads on the M side.
-    ``filter``: how a scored tile's kept keys find their places in the row's buffers: "scan" (a prefix sum over the
-    tile, one atomic a row and tile) or "atomic" (an atomic a kept key: fewer registers, so prefill tiles as wide
-    as the logits kernel's 256 keys; compiled for sm_90, not yet timed).
+    ``filter``: how a scored tile's kept keys find their places in the row's buffers: "atomic" (an atomic a kept
+    key: past its flags a tile holds only its keys and places, so prefill tiles are as wide as the logits kernel's
+    256 keys) or "scan" (a prefix sum over the tile, one atomic a row and tile: three more values a key, which cap
+    its prefill tiles at 64 keys; 1.7x the atomic filter's time at 1 x 1024 x 128K on an H100, docs/kernels.md).
     """
 
     kind: str = "prefill"
@@ -107,7 +109,7 @@ class FusedTopkConfig:
     num_warps: int = 8
     num_stages: int = 2
     select_warps: int = 8
-    filter: str = "scan"
+    filter: str = "atomic"
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
@@ -115,18 +117,23 @@ class FusedTopkConfig:
 
     def name(self) -> str:
         return (f"fused-{self.kind}-s{self.block_s}-t{self.block_t}-st{self.sample_block_t}-w{self.num_warps}"
-                f"-sel{self.select_warps}" + ("-atomic" if self.filter == "atomic" else ""))
+                f"-sel{self.select_warps}-{self.filter}")
 
 
-def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None) -> FusedTopkConfig:
-    """The logits kernel's rule tiles (``rule_config``), with the filter's registers in mind: prefill key
-    blocks of at most 64 (the filter holds keys, a packed prefix sum and places per tile element: compiled for
-    sm_90 by Triton 3.9, 64 x 128 tiles with 8 warps spill, 64 x 64 take 184 registers and do not). Not timed:
-    see docs/kernels.md."""
-    c = rule_config(B, S, T, H, D, device)  # a card's measured configs time the logits kernels, not this one
+def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
+                         filter: str = "atomic") -> FusedTopkConfig:
+    """The logits kernel's rule tiles (``rule_config``) with ``filter``: prefill 64 queries x the rule's keys (256
+    at V3.2's head shape) on 8 warps with the atomic filter, at most 64 keys with the scan filter (its registers:
+    64 x 256 spills 1472 bytes a thread on sm_90); decode the rule's decode tiles. The atomic launch timed fastest
+    on an H100 at 1 x 1024 x 32K and 128K (docs/kernels.md); a card's measured configs time the logits kernels,
+    not this one."""
+    if filter not in FILTERS:
+        raise ValueError(f"default_fused_config: filter={filter!r}: allowed {', '.join(FILTERS)}")
+    c = rule_config(B, S, T, H, D, device)
     if c.kind == "decode":
-        return FusedTopkConfig("decode", c.block_s, c.block_t, 64, c.num_warps, c.num_stages, 4)
-    return FusedTopkConfig("prefill", c.block_s, min(c.block_t, 64), 128, 8, min(c.num_stages, 3), 8)
+        return FusedTopkConfig("decode", c.block_s, c.block_t, 64, c.num_warps, c.num_stages, 4, filter=filter)
+    block_t = c.block_t if filter == "atomic" else min(c.block_t, 64)
+    return FusedTopkConfig("prefill", 64, block_t, 128, 8, 3, 8, filter=filter)
 
 
 def _interpreted() -> bool:
