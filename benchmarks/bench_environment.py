@@ -78,6 +78,13 @@ def _results_tables():
     return module
 
 
+def short_commit(commit: str) -> str:
+    """The 7-character form of ``commit``, keeping its "-dirty" mark (a cut to 7 characters dropped it, and a dirty
+    tree's figures were filed under the clean commit)."""
+    head, dirty, _ = commit.partition("-dirty")
+    return head[:7] + dirty
+
+
 def write_result_rows(path, benchmark: str, env: dict, source: str, values) -> int:
     """Write one run's figures as rows of the results table (``values``: ``(shape, variant, metric, value, unit)``
     tuples, a None value skipped) to ``path``; ``scripts/results_tables.py --add path`` merges them. Returns how
@@ -86,7 +93,7 @@ def write_result_rows(path, benchmark: str, env: dict, source: str, values) -> i
     device = env["device"] + (f", driver {env['driver']}" if env.get("driver") not in (None, "", "-") else "")
     rows = [dict(benchmark=benchmark, shape=shape, variant=variant, pattern="", metric=metric, value=f"{value:.4g}",
                  unit=unit, device=device, torch=env["torch"], triton=env["triton"], date=env["date"][:10],
-                 commit=env["commit"][:7], source=source)
+                 commit=short_commit(env["commit"]), source=source)
             for shape, variant, metric, value, unit in values if value is not None]
     tables.write_rows(path, rows)
     return len(rows)

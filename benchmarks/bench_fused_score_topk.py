@@ -2,7 +2,7 @@
 
 Run from the repository root on a CUDA machine (no internet needed)::
 
-    python benchmarks/bench_fused_score_topk.py [--out DIR] [--quick] [--no-record] [--sanitize]
+    python benchmarks/bench_fused_score_topk.py [--out DIR] [--quick] [--no-record] [--sanitize] [--prefill-launches]
 
 For the issue's shapes (bf16, DeepSeek-V3.2 indexer: H = 64, D = 128, k = 2048, causal), each replayed in a
 CUDA graph (``triton.testing.do_bench_cudagraph`` medians, us): the logits alone, logits + our top-k (the
@@ -15,8 +15,9 @@ differing keys' scores are). Prints a markdown table headed by the card, driver,
 rows into this checkout's ``benchmarks/results/results.csv`` (``scripts/results_tables.add_rows``; ``--no-record``
 skips that; on the device machine, whose copy of the checkout does not come back, merge the returned file with
 ``python scripts/results_tables.py --add OUT/results_rows.csv``). ``--sanitize``: small checks only, no timing,
-for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so). Without CUDA it
-says so and exits 0.
+for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so).
+``--prefill-launches``: the atomic filter's prefill launches (``PREFILL_CANDIDATES``) side by side, and where the
+default's time goes kernel by kernel (``fused_score_topk_launches.md``). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24
 #: only) and the scan filter's default (64-key prefill tiles). Until commit b7c448f the variant "fused" was the scan
 #: filter's launch, then the default.
 LAUNCHES = ("fused_atomic", "fused_atomic_s32", "fused_scan")
+
+
+#: Prefill launches of the atomic filter ``--prefill-launches`` times beside the default: (queries, keys, warps, stages).
+PREFILL_CANDIDATES = ((64, 256, 8, 3), (64, 256, 8, 4), (64, 256, 8, 2), (128, 128, 8, 3), (64, 128, 8, 3))
 
 
 def launch_config(launch: str, B: int, S: int, T: int):
@@ -134,6 +139,76 @@ def time_shape(kind, B, S, T) -> dict:
     return row
 
 
+def kernel_times_us(fn, calls: int = 5) -> dict[str, float]:
+    """Each CUDA kernel's mean time a call of ``fn``, in µs, from ``torch.profiler``: where the op's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name.split("(")[0][:48]
+            times[name] = times.get(name, 0.0) + event.device_time / calls
+    return times
+
+
+def time_prefill_launches(B: int, S: int, T: int) -> dict:
+    """``PREFILL_CANDIDATES`` at one prefill shape: each launch's set check and time, the two kernels' times, and
+    the default launch's time by kernel."""
+    from fx_indexcache.fuse.kernels import fused_score_topk as fz
+    from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
+
+    q, k, w = make_inputs(B, S, T, seed=B + S + T)
+    out = torch.empty(B, S, T, device="cuda")
+    row: dict = dict(shape=f"{B}x{S}x{T // 1024}K", launches={}, differ={})
+    row["logits"] = graph_replay_us(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
+    row["logits_topk"] = graph_replay_us(
+        lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
+    default = fz.default_fused_config(B, S, T, H, D)
+    for block_s, block_t, warps, stages in PREFILL_CANDIDATES:
+        cfg = fz.FusedTopkConfig("prefill", block_s, block_t, 128, warps, stages, 8, filter="atomic")
+        try:
+            _, row["differ"][cfg.name()], _ = compare(q, k, w, TOPK, config=cfg)
+            fn = (lambda c: lambda: fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, config=c))(cfg)
+            row["launches"][cfg.name()] = graph_replay_us(fn)
+            if cfg == default:
+                row["default"], row["kernels"] = cfg.name(), kernel_times_us(fn)
+        except Exception as e:  # reported, not fatal: the other launches still count
+            print(f"{row['shape']} {cfg.name()}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    del q, k, w, out
+    torch.cuda.empty_cache()
+    return row
+
+
+def launches_markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, Triton {env['triton']}, commit "
+             f"{env['commit']}, {env['date']}; the atomic filter's prefill launches, CUDA-graph replay medians (us)",
+             "", "| shape | launch | us | vs logits + top-k | rows differing |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | logits / logits + top-k | {r['logits']:.1f} / {r['logits_topk']:.1f} | | |")
+        for name, us in r["launches"].items():
+            mark = " (default)" if name == r.get("default") else ""
+            lines.append(f"| {r['shape']} | {name}{mark} | {us:.1f} | {r['logits_topk'] / us:.2f}x | "
+                         f"{r['differ'][name]} |")
+        for kernel, us in r.get("kernels", {}).items():
+            lines.append(f"| {r['shape']} | default's kernel {kernel} | {us:.1f} | | |")
+    return "\n".join(lines)
+
+
+def launch_values(rows: list[dict]) -> list[tuple]:
+    values = []
+    for r in rows:
+        values += [(r["shape"], "logits", "us", r["logits"], "us"), (r["shape"], "logits_topk", "us", r["logits_topk"], "us")]
+        values += [(r["shape"], name, "us", us, "us") for name, us in r["launches"].items()]
+        values += [(r["shape"], f"default kernel {kernel}", "us", us, "us") for kernel, us in r.get("kernels", {}).items()]
+    return values
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
     head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
             f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
@@ -196,6 +271,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="three shapes only")
     ap.add_argument("--no-record", action="store_true", help="print only; leave results.csv as it is")
     ap.add_argument("--sanitize", action="store_true", help="small checks only, for compute-sanitizer")
+    ap.add_argument("--prefill-launches", action="store_true",
+                    help="the atomic filter's prefill launches (PREFILL_CANDIDATES) at the prefill shapes, and the "
+                         "default's time by kernel, instead of the main table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_fused_score_topk: no CUDA device here; nothing to measure")
@@ -206,24 +284,31 @@ def main() -> int:
 
     env = describe_machine()
     rows = []
-    for kind, B, S, T in QUICK if args.quick else SHAPES:
-        t0 = time.time()
-        rows.append(time_shape(kind, B, S, T))
-        print(f"{rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
-    table = markdown(env, rows)
+    if args.prefill_launches:
+        shapes = [(B, S, T) for kind, B, S, T in SHAPES if kind == "prefill"]
+        for B, S, T in shapes[:1] if args.quick else shapes:
+            rows.append(time_prefill_launches(B, S, T))
+            print(rows[-1], flush=True)
+        benchmark, name, table, values = ("fused_score_topk_launches", "fused_score_topk_launches.md",
+                                          launches_markdown(env, rows), launch_values(rows))
+    else:
+        for kind, B, S, T in QUICK if args.quick else SHAPES:
+            t0 = time.time()
+            rows.append(time_shape(kind, B, S, T))
+            print(f"{rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
+        benchmark, name, table, values = ("fused_score_topk", "fused_score_topk.md", markdown(env, rows),
+                                          result_values(rows))
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fused_score_topk.md").write_text(table + "\n")
+    (args.out / name).write_text(table + "\n")
     fragment = args.out / "results_rows.csv"
-    n = write_result_rows(fragment, "fused_score_topk", env, "benchmarks/bench_fused_score_topk.py",
-                          result_values(rows))
+    n = write_result_rows(fragment, benchmark, env, "benchmarks/bench_fused_score_topk.py", values)
     print(f"{n} rows in {fragment}")
     if not args.no_record:
         added = _results_tables().add_rows([fragment])
         print(f"benchmarks/results/results.csv: {added} new row(s) (elsewhere: python scripts/results_tables.py "
               f"--add {fragment})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,9 @@
 # does not). Run from the repository root on the GPU machine; every step writes under $OUT (its output comes back).
 #   scripts/gpu_session.sh STEP          STEP: one of the names below; `scripts/gpu_session.sh list` lists them
 # Name the card, driver, torch and Triton with every figure: each step prints them first. Benchmark steps write
-# results_rows.csv; merge it here with `python scripts/results_tables.py --add <returned>/results_rows.csv`.
+# results_rows.csv; merge it here with `python scripts/results_tables.py --add <returned>/results_rows.csv`. The
+# device's copy of .git can name an older commit: put the commit into the device command from here,
+# `BENCH_COMMIT=<git rev-parse --short HEAD> scripts/gpu_session.sh STEP`, or the rows say <old>-dirty and are refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,7 +40,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 TOPK_EXACT="test_row_topk_exact or test_the_default_for_one_long_row or test_row_topk_launch_variants or test_last_split_is_race_free or test_cuda_topk_every_path_and_layout or test_cuda_topk_takes_every_path or test_cuda_topk_loads"
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench fused-launches sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -140,6 +142,8 @@ case "$step" in
         timeout "$(limit 560)" python benchmarks/bench_deepgemm.py --out "$OUT" ;;
     fused-bench)     # logits, logits + top-k and the fused score + top-k, side by side
         timeout "$(limit 560)" python benchmarks/bench_fused_score_topk.py --out "$OUT" ;;
+    fused-launches)  # the atomic filter's prefill launches side by side, the default's time by kernel
+        timeout "$(limit 560)" python benchmarks/bench_fused_score_topk.py --prefill-launches --out "$OUT" ;;
     sweep-fp8)       # fp8 prefill launch configurations, both logits kernels; each shape's best merged into the
                      # package's card file (later steps of the call use it; $OUT/configs/ brings it back to commit)
         sweep fp8 prefill ;;

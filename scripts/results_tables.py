@@ -121,12 +121,13 @@ TABLES: dict[str, Table] = {
     "fused-score-topk": Table("fused_score_topk", "B × S × T", (
         Column("logits µs", (("logits", "us"),), ".1f"),
         Column("logits + top-k µs", (("logits_topk", "us"),), ".1f"),
-        Column("one op, scan filter: unsorted / sorted µs", (("fused", "us"), ("fused_sorted", "us")), ".1f"),
-        Column("one op, atomic filter: 64 (32) queries × 256 keys µs", (("fused_atomic", "us"),
-                                                                          ("fused_atomic_s32", "us")), ".1f"),
-        Column("share of rows whose set differs: scan / atomic", (("fused", "rows_differing"),
-                                                          ("fused_atomic", "rows_differing")), ".4g"),
-    ), commit="b7c448f"),
+        Column("one op, atomic filter (default): unsorted / sorted µs", (("fused_atomic", "us"),
+                                                                         ("fused_atomic_sorted", "us")), ".1f"),
+        Column("atomic, 32-query prefill tiles µs", (("fused_atomic_s32", "us"),), ".1f"),
+        Column("scan filter: unsorted / sorted µs", (("fused_scan", "us"), ("fused_scan_sorted", "us")), ".1f"),
+        Column("share of rows whose set differs: atomic / scan", (("fused_atomic", "rows_differing"),
+                                                                   ("fused_scan", "rows_differing")), ".4g"),
+    ), commit="fae7415"),
     "logits-configs": Table("logits_launch_configs", "shape", (
         Column("bf16: rule's config / measured best µs", (("bf16_default", "us"), ("bf16_best", "us")), ".1f"),
         Column("fp8: rule's config / measured best µs", (("fp8_default", "us"), ("fp8_best", "us")), ".1f"),
@@ -205,7 +206,12 @@ def add_rows(fragments: list[Path], results: Path = RESULTS) -> int:
     at = {tuple(row[k] for k in ROW_KEY): i for i, row in enumerate(rows)}
     added = 0
     for fragment in fragments:
-        for row in read_results(fragment):
+        for number, row in enumerate(read_results(fragment), start=2):
+            if row["commit"].endswith("-dirty"):
+                raise ValueError(
+                    f"{fragment} line {number}: commit {row['commit']!r}: the figures of a tree that differs from "
+                    "its commit name no commit; allowed: a commit whose tree ran (run again with BENCH_COMMIT set "
+                    "to it, or commit first)")
             key = tuple(row[k] for k in ROW_KEY)
             if key in at:
                 rows[at[key]] = row

@@ -105,3 +105,26 @@ def test_a_benchmark_run_s_rows_merge_into_the_table_replacing_the_same_measurem
     rows = results_tables.read_results(table)
     assert len(rows) == 4 and rows[-1]["value"] == "16" and rows[-1]["device"].endswith("driver 580.159.04")
     assert rows[-1]["commit"] == "0123456" and rows[-1]["date"] == "2026-12-05"
+
+
+def test_a_dirty_tree_s_figures_keep_their_mark_and_are_refused_by_the_table(tmp_path):
+    """A run on a tree that differs from its ``HEAD`` (the device machine's copy with a stale ``.git``) is written
+    as ``<HEAD>-dirty``, and merging it is refused naming the line and the value: filed under the clean commit it
+    would replace that commit's own figures."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_environment import short_commit, write_result_rows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert short_commit("b7c448f46c3a5ed6cdb865559ddd8b84079b2fae-dirty") == "b7c448f-dirty"
+    assert short_commit("b7c448f46c3a5ed6cdb865559ddd8b84079b2fae") == "b7c448f"
+    env = dict(device="NVIDIA H100 80GB HBM3", driver="580.159.04", torch="2.11.0+cu130", triton="3.6.0",
+               commit="0123456789ab-dirty", date="2026-12-05 21:00 UTC")
+    run, table = tmp_path / "run.csv", tmp_path / "results.csv"
+    results_tables.write_rows(table, results_tables.read_results()[:3])
+    write_result_rows(run, "fused_score_topk", env, "benchmarks/bench_fused_score_topk.py",
+                      [("1x1024x32K", "logits", "us", 943.0, "us")])
+    assert results_tables.read_results(run)[0]["commit"] == "0123456-dirty"
+    with pytest.raises(ValueError, match=r"run.csv line 2: commit '0123456-dirty'.*BENCH_COMMIT"):
+        results_tables.add_rows([run], table)
+    assert len(results_tables.read_results(table)) == 3

@@ -9,6 +9,7 @@ and sorted order against the reference scores. Here also: the op's fake shape, i
 refusals, each naming what it refuses.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -81,3 +82,16 @@ def test_a_filter_the_kernel_does_not_have_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"FusedTopkConfig.filter='prefix': allowed scan, atomic"):
         fz.FusedTopkConfig("prefill", filter="prefix")
     assert fz.FusedTopkConfig("prefill", filter="atomic").name().endswith("-atomic")
+
+
+def test_every_field_of_a_launch_shows_in_its_name():
+    """Records and benchmark rows name a launch by ``name()``: two launches that differ in any field have two names
+    (the pipeline depth was once missing, and three sweeps of it read as one launch timed three times)."""
+    base = fz.FusedTopkConfig("prefill")
+    names = {base.name()}
+    for field in dataclasses.fields(base):
+        other = {"kind": "decode", "filter": "scan"}.get(field.name)
+        if other is None:
+            other = getattr(base, field.name) * 2
+        names.add(dataclasses.replace(base, **{field.name: other}).name())
+    assert len(names) == 1 + len(dataclasses.fields(base))

@@ -117,7 +117,7 @@ class FusedTopkConfig:
 
     def name(self) -> str:
         return (f"fused-{self.kind}-s{self.block_s}-t{self.block_t}-st{self.sample_block_t}-w{self.num_warps}"
-                f"-sel{self.select_warps}-{self.filter}")
+                f"-ns{self.num_stages}-sel{self.select_warps}-{self.filter}")
 
 
 def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
