@@ -245,6 +245,52 @@ def test_another_instance_and_replaced_parameters_are_found_again():
     assert _actions(second) == _expected_actions("FSFS")
 
 
+def _swap_storages(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Exchange two blocks' weights by ``.data`` (no allocation: each storage keeps its address under the other)."""
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pa.data, pb.data = pb.data, pa.data
+
+
+@pytest.mark.parametrize("order", [(1, 0, 2, 3), (3, 1, 2, 0), (2, 3, 0, 1), (1, 2, 3, 0)], ids=str)
+def test_weights_moved_between_layers_are_found_under_their_new_layer(order):
+    """The layer map found layers by storage address: weights exchanged by ``.data`` keep their addresses, so
+    position 0 was taken for the layer whose weights it now holds (an S layer with nothing published: FSFS ran
+    as F, F, F, S). Every lookup now checks the parameter still holds the address it was indexed under and
+    re-indexes the model where one does not: the layers are their positions again, and sharing follows the
+    pattern."""
+    model = LoopDecoder(N, seed=3)
+    x = _randn(2, 5, D, seed=1)
+    compiled = _compile(model, "FSFS")
+    with torch.no_grad():
+        compiled(x)
+        moved = [[p.data for p in model.layers[i].parameters()] for i in order]
+        for layer, data in zip(model.layers, moved):
+            for param, new in zip(layer.parameters(), data):
+                param.data = new
+        out = compiled(x)
+    torch.testing.assert_close(out, model.oracle(x, _uses("FSFS")), rtol=0, atol=0)
+    assert _actions(model) == _expected_actions("FSFS")
+    assert fic.default_session().layer_map(model).stale_reindexed >= 1
+
+
+def test_weights_moved_from_another_model_are_never_its_layers():
+    """Dynamo runs ``first``'s layer graphs as ``second``'s layers, so the callables know both models' maps, first's
+    first. A storage moved from ``first``'s layer 0 into ``second``'s layer 2 was found in first's map as first's
+    layer 0: second's call ran on first's timeline. It is second's layer 2, and first's timeline sees nothing."""
+    first, second = LoopDecoder(N, seed=0), LoopDecoder(N, seed=1)
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        _compile(first, "FSFS")(x)
+        compiled = _compile(second, "FSFS")
+        compiled(x)
+        first_calls = fic.layer_calls(first)
+        _swap_storages(first.layers[0], second.layers[2])
+        out = compiled(x)
+    torch.testing.assert_close(out, second.oracle(x, _uses("FSFS")), rtol=0, atol=0)
+    assert _actions(second) == _expected_actions("FSFS")
+    assert fic.layer_calls(first) == first_calls
+
+
 def test_indices_published_by_one_graph_are_read_by_another():
     from cross_graph_programs import DenseFirstDecoder
 

@@ -215,3 +215,23 @@ def test_the_graph_that_runs_has_the_fused_kernel(backend, layer_count_known, si
     assert counters["fx_indexcache"]["indexers_fused"] == 2
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a.sort(-1).values, b.sort(-1).values) for a, b in zip(idx, want_idx))
+
+
+@pytest.mark.parametrize("swap", [(0, 1), (1, 2), (0, 3)], ids=str)
+def test_weights_exchanged_across_the_break_still_share(swap):
+    """Numbered graphs find their span's layers by parameter storage too, and weights exchanged by ``.data`` keep
+    their addresses under other layers. The lookup finds the stale entries (the parameter no longer holds the
+    address), re-indexes the model, and the leading S layers read their F layer's indices, exactly."""
+    model, segments = SegmentDecoder(N, seed=5), _segments((2,))
+    compiled, backend = _compile(model, "FSSS")
+    leading = _leading("FSSS", segments)
+    x = _randn(2, 5, D, seed=1)
+    with torch.no_grad():
+        compiled(x, None, segments)
+        a, b = (model.layers[i] for i in swap)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            pa.data, pb.data = pb.data, pa.data
+        out = compiled(x, None, segments)
+    torch.testing.assert_close(out, model.oracle_segments(x, _uses("FSSS"), None, segments), rtol=0, atol=0)
+    assert _reads(model, backend) == {i: 0 for i in leading}
+    assert backend.session.layer_map(model).stale_reindexed >= 1

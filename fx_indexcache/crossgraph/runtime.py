@@ -180,6 +180,10 @@ class Timeline:
         self.in_forward = False
 
 
+#: A lookup's answer when an entry's parameter no longer holds the address it was indexed under.
+_STALE = object()
+
+
 class LayerMap:
     """A model's parameters by storage: ``data_ptr`` → the (container, layer) that owns it, per model.
 
@@ -190,9 +194,16 @@ class LayerMap:
     its forward: reads are proven only inside one such call, so a span of layers run through another method,
     or a stage called on its own, computes rather than read another input's indices.
     Owned by an ``IndexCacheSession`` (one per model there).
+
+    An entry vouches for a storage only while its parameter still holds it: ``param.data = other`` (a swap of
+    two layers' weights, a reload by assignment) leaves the old address to another layer's parameter or to an
+    activation, so every lookup checks the entry's parameter against the address and re-indexes the model
+    before it answers, where one no longer matches (``stale_reindexed`` counts those lookups).
     """
 
     def __init__(self, root: nn.Module) -> None:
+        self._root = weakref.ref(root)
+        self.stale_reindexed = 0
         self.by_storage: dict[int, tuple[torch.Tensor, tuple[str, int] | None]] = {}
         self.timelines: dict[tuple[str, int], Timeline] = {}
         self.hooked = False
@@ -260,15 +271,31 @@ class LayerMap:
 
     def layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None:
         """Per layer container, the layers whose parameters are among ``args``; None if a parameter is tied to
-        two layers or arrives with another shape or dtype than the model's."""
+        two layers or arrives with another shape or dtype than the model's. Read from current entries only: where
+        an entry's parameter has left its address since the model was indexed, the model is indexed again first
+        (and None where it is gone)."""
+        found = self._layers_in(args)
+        if found is _STALE:
+            self.stale_reindexed += 1
+            root = self._root()
+            if root is None:
+                return None
+            self.refresh(root)
+            found = self._layers_in(args)
+        return None if found is _STALE else found  # type: ignore[return-value]
+
+    def _layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None | object:
         found: dict[str, set[int]] = {}
         for arg in args:
             if not isinstance(arg, torch.Tensor):
                 continue
-            entry = self.by_storage.get(arg.data_ptr())
+            ptr = arg.data_ptr()
+            entry = self.by_storage.get(ptr)
             if entry is None:
                 continue
             param, key = entry
+            if param is not arg and param.data_ptr() != ptr:
+                return _STALE
             if key is None or arg.shape != param.shape or arg.dtype != param.dtype:
                 return None
             found.setdefault(key[0], set()).add(key[1])
