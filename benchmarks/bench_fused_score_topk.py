@@ -17,7 +17,7 @@ skips that; on the device machine, whose copy of the checkout does not come back
 ``python scripts/results_tables.py --add OUT/results_rows.csv``). ``--sanitize``: small checks only, no timing,
 for a run under ``compute-sanitizer`` (``tests/gpu/test_fused_score_topk_gpu.py`` runs it so).
 ``--prefill-launches``: the atomic filter's prefill launches (``PREFILL_CANDIDATES``) side by side, and where the
-default's time goes kernel by kernel (``fused_score_topk_launches.md``). Without CUDA it says so and exits 0.
+atomic launch's time goes kernel by kernel (``fused_score_topk_launches.md``). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -52,15 +52,14 @@ QUICK = [SHAPES[0], SHAPES[2], SHAPES[3]]
 SANITIZE_SHAPES = [(1, 1, 5000, 64), (3, 1, 3000, 64), (1, 40, 3000, 64), (2, 24, 1500, 2048)]
 
 
-#: The fused op's launches timed, by the variant name their figures carry in the results table: the default
-#: (the atomic filter; prefill 64 queries x 256 keys on 8 warps: compiled for sm_90 by Triton 3.6, 255 registers and
-#: 80 bytes of spill), the same with 32-query prefill tiles (196 registers, none; decode keeps its tiles, so prefill
-#: only) and the scan filter's default (64-key prefill tiles). Until commit b7c448f the variant "fused" was the scan
-#: filter's launch, then the default.
+#: The fused op's launches timed, by the variant name their figures carry in the results table: the atomic filter's
+#: (prefill 64 queries x 256 keys on 8 warps: compiled for sm_90 by Triton 3.6, 255 registers and 80 bytes of
+#: spill), the same with 32-query prefill tiles (196 registers, none; decode keeps its tiles, so prefill only) and
+#: the scan filter's, the default (64-key prefill tiles). Until commit b7c448f the variant "fused" was the default.
 LAUNCHES = ("fused_atomic", "fused_atomic_s32", "fused_scan")
 
 
-#: Prefill launches of the atomic filter ``--prefill-launches`` times beside the default: (queries, keys, warps, stages).
+#: Prefill launches of the atomic filter ``--prefill-launches`` times side by side: (queries, keys, warps, stages).
 PREFILL_CANDIDATES = ((64, 256, 8, 3), (64, 256, 8, 4), (64, 256, 8, 2), (128, 128, 8, 3), (64, 128, 8, 3))
 
 
@@ -72,7 +71,7 @@ def launch_config(launch: str, B: int, S: int, T: int):
 
     if launch == "fused_scan":
         return fz.default_fused_config(B, S, T, H, D, filter="scan")
-    cfg = fz.default_fused_config(B, S, T, H, D)
+    cfg = fz.default_fused_config(B, S, T, H, D, filter="atomic")
     if launch == "fused_atomic_s32":
         return dataclasses.replace(cfg, block_s=32) if cfg.kind == "prefill" else None
     return cfg
@@ -159,7 +158,7 @@ def kernel_times_us(fn, calls: int = 5) -> dict[str, float]:
 
 def time_prefill_launches(B: int, S: int, T: int) -> dict:
     """``PREFILL_CANDIDATES`` at one prefill shape: each launch's set check and time, the two kernels' times, and
-    the default launch's time by kernel."""
+    the atomic filter's launch (``default_fused_config(..., filter="atomic")``) time by kernel."""
     from fx_indexcache.fuse.kernels import fused_score_topk as fz
     from fx_indexcache.fuse.kernels.lightning_indexer import indexer_logits, indexer_topk
 
@@ -169,7 +168,7 @@ def time_prefill_launches(B: int, S: int, T: int) -> dict:
     row["logits"] = graph_replay_us(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
     row["logits_topk"] = graph_replay_us(
         lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
-    default = fz.default_fused_config(B, S, T, H, D)
+    default = fz.default_fused_config(B, S, T, H, D, filter="atomic")
     for block_s, block_t, warps, stages in PREFILL_CANDIDATES:
         cfg = fz.FusedTopkConfig("prefill", block_s, block_t, 128, warps, stages, 8, filter="atomic")
         try:
@@ -192,11 +191,11 @@ def launches_markdown(env: dict, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['shape']} | logits / logits + top-k | {r['logits']:.1f} / {r['logits_topk']:.1f} | | |")
         for name, us in r["launches"].items():
-            mark = " (default)" if name == r.get("default") else ""
+            mark = " (default_fused_config's)" if name == r.get("default") else ""
             lines.append(f"| {r['shape']} | {name}{mark} | {us:.1f} | {r['logits_topk'] / us:.2f}x | "
                          f"{r['differ'][name]} |")
         for kernel, us in r.get("kernels", {}).items():
-            lines.append(f"| {r['shape']} | default's kernel {kernel} | {us:.1f} | | |")
+            lines.append(f"| {r['shape']} | its kernel {kernel} | {us:.1f} | | |")
     return "\n".join(lines)
 
 
@@ -205,7 +204,8 @@ def launch_values(rows: list[dict]) -> list[tuple]:
     for r in rows:
         values += [(r["shape"], "logits", "us", r["logits"], "us"), (r["shape"], "logits_topk", "us", r["logits_topk"], "us")]
         values += [(r["shape"], name, "us", us, "us") for name, us in r["launches"].items()]
-        values += [(r["shape"], f"default kernel {kernel}", "us", us, "us") for kernel, us in r.get("kernels", {}).items()]
+        values += [(r["shape"], f"{r['default']} kernel {kernel}", "us", us, "us")
+                   for kernel, us in r.get("kernels", {}).items()]
     return values
 
 
@@ -213,8 +213,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     head = (f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
             f"{env['triton']}, commit {env['commit']}, {env['date']}; bf16, H={H}, D={D}, k={TOPK}, causal, "
             "CUDA-graph replay medians (us), unsorted unless said")
-    lines = [head, "", "| shape | logits | logits + top-k | one op, atomic filter (default): unsorted / sorted | "
-             "atomic, 32 queries a prefill tile | scan filter: unsorted / sorted | speed-up vs logits + top-k "
+    lines = [head, "", "| shape | logits | logits + top-k | one op, atomic filter: unsorted / sorted | "
+             "atomic, 32 queries a prefill tile | scan filter (default): unsorted / sorted | speed-up vs logits + top-k "
              "(atomic / scan) | rows differing: atomic, atomic 32, scan (max rel. gap) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -273,7 +273,7 @@ def main() -> int:
     ap.add_argument("--sanitize", action="store_true", help="small checks only, for compute-sanitizer")
     ap.add_argument("--prefill-launches", action="store_true",
                     help="the atomic filter's prefill launches (PREFILL_CANDIDATES) at the prefill shapes, and the "
-                         "default's time by kernel, instead of the main table")
+                         "atomic launch's time by kernel, instead of the main table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_fused_score_topk: no CUDA device here; nothing to measure")

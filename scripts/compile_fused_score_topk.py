@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 H, D, TOPK = 64, 128, 2048
 SHAPES = [(1, 1, 32768, False), (16, 1, 32768, True), (1, 1024, 32768, False), (1, 1024, 131072, True)]
-#: The stack a default plan's kernel may use: the default prefill launch (atomic filter, 64 x 256 tiles on 8
-#: warps) spills 80 bytes a thread under Triton 3.6 and is still the fastest launch timed (docs/kernels.md); a
-#: change that spills more fails here before it reaches a card.
-DEFAULT_STACK_BYTES = 128
+#: The stack a default plan's kernel may use: none (the scan filter's launches hold their registers). The atomic
+#: filter's 64 x 256 prefill launch spills 80 bytes a thread under Triton 3.6 and is still the fastest timed
+#: (docs/kernels.md): it is compiled and printed, not held to this.
+DEFAULT_STACK_BYTES = 0
 
 
 def main() -> int:
@@ -69,13 +69,12 @@ def _compile_plans(built: list) -> int:
                      drop=torch.zeros(B, 1, T, dtype=torch.bool))
         fz._launch(q, k, w, out, causal=True, scale=0.1, sorted=sorted_, config=cfg, **masks)
     default_plans = len(built)  # the default's plans: a spill past DEFAULT_STACK_BYTES there fails the script
-    for B, S, T, sorted_ in SHAPES:  # the other launches the benchmark times: the scan filter's, 32-query tiles
+    for B, S, T, sorted_ in SHAPES:  # the other launches the benchmark times: the atomic filter's, 32-query tiles
         q = torch.zeros(B, S, H, D, dtype=torch.bfloat16)
         k = torch.zeros(B, T, D, dtype=torch.bfloat16)
         w = torch.zeros(B, S, H, dtype=torch.bfloat16)
-        scan = fz.default_fused_config(B, S, T, H, D, filter="scan")
-        others = [scan] + ([dataclasses.replace(fz.default_fused_config(B, S, T, H, D), block_s=32)]
-                           if scan.kind == "prefill" else [])
+        atomic = fz.default_fused_config(B, S, T, H, D, filter="atomic")
+        others = [atomic] + ([dataclasses.replace(atomic, block_s=32)] if atomic.kind == "prefill" else [])
         for cfg in others:
             print(f"{B}x{S}x{T} sorted={sorted_}: {cfg.name()} [benchmarked beside the default]", flush=True)
             fz._launch(q, k, w, torch.empty(B, S, TOPK, dtype=torch.int32), causal=True, scale=0.1,

@@ -8,7 +8,7 @@ kernel's and the reference's agree bit for bit, ties included); sorted output mu
 scores by ascending index. Run as a script under ``TRITON_INTERPRET=1`` it runs every path of the fused kernels
 (direct, candidates, threshold ties, fallback inline and pooled, masked tail), in both scoring layouts and with
 the select in the scoring kernel's last program, on small shapes, and asserts each path ran.
-``FUSED_TOPK_FILTER=scan`` (or ``atomic``, the default) chooses the filter they all run (``FusedTopkConfig.filter``).
+``FUSED_TOPK_FILTER=atomic`` (or ``scan``, the default) chooses the filter they all run (``FusedTopkConfig.filter``).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def test_every_field_of_a_launch_shows_in_its_name():
     base = fz.FusedTopkConfig("prefill")
     names = {base.name()}
     for field in dataclasses.fields(base):
-        other = {"kind": "decode", "filter": "scan"}.get(field.name)
+        other = {"kind": "decode", "filter": next(f for f in fz.FILTERS if f != base.filter)}.get(field.name)
         if other is None:
             other = getattr(base, field.name) * 2
         names.add(dataclasses.replace(base, **{field.name: other}).name())

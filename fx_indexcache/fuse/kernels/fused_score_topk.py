@@ -16,9 +16,9 @@ How (``_fused_score_topk_triton.py``; the plan of ``topk.py``'s row top-k, with 
    below the expected k-th key). Rows of at most ``CAP`` keys take every key (``L`` = the lowest key).
 2. **Score and filter.** The scoring kernel (the logits kernel's tiles, prefill or decode layout) keeps
    each scored tile in registers and appends only each row's keys above ``L`` (key and index) to a per-row
-   candidate buffer and the indices of keys equal to ``L`` to a tie buffer, each kept key's place from an
-   atomic of its own on its row's counter (``filter="atomic"``, the default) or one atomic a (row, tile) after
-   a prefix sum over the tile (``"scan"``). Nothing else is stored.
+   candidate buffer and the indices of keys equal to ``L`` to a tie buffer, places reserved by one atomic a
+   (row, tile) after a prefix sum over the tile (``filter="scan"``, the default) or each kept key's from an
+   atomic of its own on its row's counter (``"atomic"``). Nothing else is stored.
 3. **Select** (a program a row; at batch 1 in decode, the scoring kernel's last program to finish, so no
    launch of its own): the exact k-th key among the candidates (``_kth_key``'s bitwise search), every key
    above it, then the lowest-indexed keys equal to it (a second bitwise search, over the indices: the
@@ -96,10 +96,11 @@ class FusedTopkConfig:
 
     kind "prefill": programs own ``block_s`` queries x ``block_t`` keys and loop over the heads.
     kind "decode": programs own ``block_s`` queries (looped) x ``block_t`` keys, heads on the M side.
-    ``filter``: how a scored tile's kept keys find their places in the row's buffers: "atomic" (an atomic a kept
-    key: past its flags a tile holds only its keys and places, so prefill tiles are as wide as the logits kernel's
-    256 keys) or "scan" (a prefix sum over the tile, one atomic a row and tile: three more values a key, which cap
-    its prefill tiles at 64 keys; 1.7x the atomic filter's time at 1 x 1024 x 128K on an H100, docs/kernels.md).
+    ``filter``: how a scored tile's kept keys find their places in the row's buffers: "scan" (a prefix sum over the
+    tile, one atomic a row and tile: three more values a key, which cap its prefill tiles at 64 keys) or "atomic"
+    (an atomic a kept key: past its flags a tile holds only its keys and places, so prefill tiles are as wide as
+    the logits kernel's 256 keys; 0.59x the scan filter's time at 1 x 1024 x 128K on an H100, but not the default
+    while a CUDA-graph replay test of it failed once on the card, unexplained: docs/kernels.md).
     """
 
     kind: str = "prefill"
@@ -109,7 +110,7 @@ class FusedTopkConfig:
     num_warps: int = 8
     num_stages: int = 2
     select_warps: int = 8
-    filter: str = "atomic"
+    filter: str = "scan"
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
@@ -121,12 +122,11 @@ class FusedTopkConfig:
 
 
 def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
-                         filter: str = "atomic") -> FusedTopkConfig:
-    """The logits kernel's rule tiles (``rule_config``) with ``filter``: prefill 64 queries x the rule's keys (256
-    at V3.2's head shape) on 8 warps with the atomic filter, at most 64 keys with the scan filter (its registers:
-    64 x 256 spills 1472 bytes a thread on sm_90); decode the rule's decode tiles. The atomic launch timed fastest
-    on an H100 at 1 x 1024 x 32K and 128K (docs/kernels.md); a card's measured configs time the logits kernels,
-    not this one."""
+                         filter: str = "scan") -> FusedTopkConfig:
+    """The logits kernel's rule tiles (``rule_config``) with ``filter``: prefill 64 queries x at most 64 keys on 8
+    warps with the scan filter (its registers: 64 x 256 spills 1472 bytes a thread on sm_90), 64 x the rule's keys
+    (256 at V3.2's head shape) with the atomic filter; decode the rule's decode tiles. The atomic launch is the
+    faster (docs/kernels.md); a card's measured configs time the logits kernels, not this one."""
     if filter not in FILTERS:
         raise ValueError(f"default_fused_config: filter={filter!r}: allowed {', '.join(FILTERS)}")
     c = rule_config(B, S, T, H, D, device)
