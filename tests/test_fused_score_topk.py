@@ -84,6 +84,19 @@ def test_a_filter_the_kernel_does_not_have_is_refused_naming_the_field():
     assert fz.FusedTopkConfig("prefill", filter="atomic").name().endswith("-atomic")
 
 
+def test_the_default_launch_of_each_filter():
+    """The scan filter's prefill tiles stay at 64 keys (its registers); the atomic filter's take the logits kernel's
+    keys; decode keeps the logits kernel's tiles; another filter is refused naming the argument."""
+    scan = fz.default_fused_config(1, 1024, 32768, 64, 128)
+    atomic = fz.default_fused_config(1, 1024, 32768, 64, 128, filter="atomic")
+    assert (scan.filter, scan.block_s, scan.block_t) == ("scan", 64, 64)
+    assert (atomic.filter, atomic.block_s, atomic.block_t, atomic.num_warps) == ("atomic", 64, 256, 8)
+    decode = [fz.default_fused_config(1, 1, 32768, 64, 128, filter=f) for f in fz.FILTERS]
+    assert {dataclasses.replace(d, filter="scan") for d in decode} == {decode[0]}
+    with pytest.raises(ValueError, match=r"default_fused_config: filter='prefix': allowed scan, atomic"):
+        fz.default_fused_config(1, 1024, 32768, 64, 128, filter="prefix")
+
+
 def test_every_field_of_a_launch_shows_in_its_name():
     """Records and benchmark rows name a launch by ``name()``: two launches that differ in any field have two names
     (the pipeline depth was once missing, and three sweeps of it read as one launch timed three times)."""

@@ -133,7 +133,7 @@ def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optiona
     if c.kind == "decode":
         return FusedTopkConfig("decode", c.block_s, c.block_t, 64, c.num_warps, c.num_stages, 4, filter=filter)
     block_t = c.block_t if filter == "atomic" else min(c.block_t, 64)
-    return FusedTopkConfig("prefill", 64, block_t, 128, 8, 3, 8, filter=filter)
+    return FusedTopkConfig("prefill", c.block_s, block_t, 128, 8, min(c.num_stages, 3), 8, filter=filter)
 
 
 def _interpreted() -> bool:
