@@ -97,3 +97,22 @@ def write_result_rows(path, benchmark: str, env: dict, source: str, values) -> i
             for shape, variant, metric, value, unit in values if value is not None]
     tables.write_rows(path, rows)
     return len(rows)
+
+
+def kernel_times(fn, reps=20) -> dict:
+    """Mean GPU time per call of each kernel ``fn`` launches (ms), from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)  # the name moved in torch 2.x
+        if t:
+            out[ev.key[:40]] = round(t / reps / 1e3, 4)
+    return out

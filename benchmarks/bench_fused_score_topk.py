@@ -34,7 +34,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_environment import graph_replay_us  # noqa: E402
+from bench_environment import graph_replay_us, kernel_times  # noqa: E402
 from bench_indexer_kernel import D, H, TOPK, make_inputs  # noqa: E402  (V3.2's indexer, bf16 inputs)
 
 SCALE = D**-0.5
@@ -138,24 +138,6 @@ def time_shape(kind, B, S, T) -> dict:
     return row
 
 
-def kernel_times_us(fn, calls: int = 5) -> dict[str, float]:
-    """Each CUDA kernel's mean time a call of ``fn``, in µs, from ``torch.profiler``: where the op's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name.split("(")[0][:48]
-            times[name] = times.get(name, 0.0) + event.device_time / calls
-    return times
-
-
 def time_prefill_launches(B: int, S: int, T: int) -> dict:
     """``PREFILL_CANDIDATES`` at one prefill shape: each launch's set check and time, the two kernels' times, and
     the atomic filter's launch (``default_fused_config(..., filter="atomic")``) time by kernel."""
@@ -168,15 +150,16 @@ def time_prefill_launches(B: int, S: int, T: int) -> dict:
     row["logits"] = graph_replay_us(lambda: indexer_logits(q, k, w, scale=SCALE, out=out))
     row["logits_topk"] = graph_replay_us(
         lambda: indexer_topk(indexer_logits(q, k, w, scale=SCALE, out=out), TOPK, sorted=False))
-    default = fz.default_fused_config(B, S, T, H, D, filter="atomic")
+    atomic = fz.default_fused_config(B, S, T, H, D, filter="atomic")
     for block_s, block_t, warps, stages in PREFILL_CANDIDATES:
         cfg = fz.FusedTopkConfig("prefill", block_s, block_t, 128, warps, stages, 8, filter="atomic")
         try:
             _, row["differ"][cfg.name()], _ = compare(q, k, w, TOPK, config=cfg)
             fn = (lambda c: lambda: fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, config=c))(cfg)
             row["launches"][cfg.name()] = graph_replay_us(fn)
-            if cfg == default:
-                row["default"], row["kernels"] = cfg.name(), kernel_times_us(fn)
+            if cfg == atomic:
+                kernels_ms = kernel_times(fn, reps=5)
+                row["profiled"], row["kernels"] = cfg.name(), {name: 1e3 * ms for name, ms in kernels_ms.items()}
         except Exception as e:  # reported, not fatal: the other launches still count
             print(f"{row['shape']} {cfg.name()}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     del q, k, w, out
@@ -185,13 +168,14 @@ def time_prefill_launches(B: int, S: int, T: int) -> dict:
 
 
 def launches_markdown(env: dict, rows: list[dict]) -> str:
+    """The ``--prefill-launches`` table: each launch against the two kernels, then the profiled launch's kernels."""
     lines = [f"card {env['device']}, driver {env['driver']}, torch {env['torch']}, Triton {env['triton']}, commit "
              f"{env['commit']}, {env['date']}; the atomic filter's prefill launches, CUDA-graph replay medians (us)",
              "", "| shape | launch | us | vs logits + top-k | rows differing |", "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['shape']} | logits / logits + top-k | {r['logits']:.1f} / {r['logits_topk']:.1f} | | |")
         for name, us in r["launches"].items():
-            mark = " (default_fused_config's)" if name == r.get("default") else ""
+            mark = " (default_fused_config's, profiled)" if name == r.get("profiled") else ""
             lines.append(f"| {r['shape']} | {name}{mark} | {us:.1f} | {r['logits_topk'] / us:.2f}x | "
                          f"{r['differ'][name]} |")
         for kernel, us in r.get("kernels", {}).items():
@@ -200,11 +184,12 @@ def launches_markdown(env: dict, rows: list[dict]) -> str:
 
 
 def launch_values(rows: list[dict]) -> list[tuple]:
+    """``(shape, variant, metric, value, unit)`` of every ``--prefill-launches`` figure."""
     values = []
     for r in rows:
         values += [(r["shape"], "logits", "us", r["logits"], "us"), (r["shape"], "logits_topk", "us", r["logits_topk"], "us")]
         values += [(r["shape"], name, "us", us, "us") for name, us in r["launches"].items()]
-        values += [(r["shape"], f"{r['default']} kernel {kernel}", "us", us, "us")
+        values += [(r["shape"], f"{r['profiled']} kernel {kernel}", "us", us, "us")
                    for kernel, us in r.get("kernels", {}).items()]
     return values
 
@@ -309,6 +294,7 @@ def main() -> int:
         print(f"benchmarks/results/results.csv: {added} new row(s) (elsewhere: python scripts/results_tables.py "
               f"--add {fragment})")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from bench_environment import kernel_times  # noqa: E402
 from bench_indexer_kernel import bench, causal_logits, environment, graph_ms, topk_exact  # noqa: E402
 
 from fx_indexcache.fuse.kernels import programmatic_launch  # noqa: E402
@@ -68,24 +69,6 @@ def _stream_probe(x_ptr, out_ptr, L, T, sxr, CHUNK: tl.constexpr, MODE: tl.const
             tl.store(o_row + pos, co, mask=hit)
         n += tl.sum(gt.to(tl.int32), axis=0)
     tl.store(out_ptr + row * 8192, n)
-
-
-def kernel_times(fn, reps=20) -> dict:
-    """Mean GPU time per call of each kernel ``fn`` launches (ms), from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)  # the name moved in torch 2.x
-        if t:
-            out[ev.key[:40]] = round(t / reps / 1e3, 4)
-    return out
 
 
 def compiled_info() -> dict:

@@ -19,7 +19,6 @@ adjusting for another Triton; exit 1 on a compile failure or a kernel of the def
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "tests")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks")))
 
 H, D, TOPK = 64, 128, 2048
 SHAPES = [(1, 1, 32768, False), (16, 1, 32768, True), (1, 1024, 32768, False), (1, 1024, 131072, True)]
@@ -69,13 +69,15 @@ def _compile_plans(built: list) -> int:
                      drop=torch.zeros(B, 1, T, dtype=torch.bool))
         fz._launch(q, k, w, out, causal=True, scale=0.1, sorted=sorted_, config=cfg, **masks)
     default_plans = len(built)  # the default's plans: a spill past DEFAULT_STACK_BYTES there fails the script
-    for B, S, T, sorted_ in SHAPES:  # the other launches the benchmark times: the atomic filter's, 32-query tiles
+    from bench_fused_score_topk import LAUNCHES, launch_config
+
+    for B, S, T, sorted_ in SHAPES:  # every launch the benchmark times that is not the default
         q = torch.zeros(B, S, H, D, dtype=torch.bfloat16)
         k = torch.zeros(B, T, D, dtype=torch.bfloat16)
         w = torch.zeros(B, S, H, dtype=torch.bfloat16)
-        atomic = fz.default_fused_config(B, S, T, H, D, filter="atomic")
-        others = [atomic] + ([dataclasses.replace(atomic, block_s=32)] if atomic.kind == "prefill" else [])
-        for cfg in others:
+        default = fz.default_fused_config(B, S, T, H, D)
+        others = dict.fromkeys(launch_config(launch, B, S, T) for launch in LAUNCHES)
+        for cfg in [cfg for cfg in others if cfg not in (None, default)]:
             print(f"{B}x{S}x{T} sorted={sorted_}: {cfg.name()} [benchmarked beside the default]", flush=True)
             fz._launch(q, k, w, torch.empty(B, S, TOPK, dtype=torch.int32), causal=True, scale=0.1,
                        sorted=sorted_, config=cfg)

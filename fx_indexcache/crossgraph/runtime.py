@@ -180,10 +180,6 @@ class Timeline:
         self.in_forward = False
 
 
-#: A lookup's answer when an entry's parameter no longer holds the address it was indexed under.
-_STALE = object()
-
-
 class LayerMap:
     """A model's parameters by storage: ``data_ptr`` → the (container, layer) that owns it, per model.
 
@@ -269,22 +265,11 @@ class LayerMap:
         ((container, layers),) = found.items()
         return (container, next(iter(layers))) if len(layers) == 1 else None
 
-    def layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None:
+    def layers_in(self, args: Sequence[object], *, reindexed: bool = False) -> dict[str, set[int]] | None:
         """Per layer container, the layers whose parameters are among ``args``; None if a parameter is tied to
         two layers or arrives with another shape or dtype than the model's. Read from current entries only: where
         an entry's parameter has left its address since the model was indexed, the model is indexed again first
-        (and None where it is gone)."""
-        found = self._layers_in(args)
-        if found is _STALE:
-            self.stale_reindexed += 1
-            root = self._root()
-            if root is None:
-                return None
-            self.refresh(root)
-            found = self._layers_in(args)
-        return None if found is _STALE else found  # type: ignore[return-value]
-
-    def _layers_in(self, args: Sequence[object]) -> dict[str, set[int]] | None | object:
+        (and None where it is gone, or still stale after that)."""
         found: dict[str, set[int]] = {}
         for arg in args:
             if not isinstance(arg, torch.Tensor):
@@ -295,7 +280,14 @@ class LayerMap:
                 continue
             param, key = entry
             if param is not arg and param.data_ptr() != ptr:
-                return _STALE
+                if reindexed:
+                    return None
+                self.stale_reindexed += 1
+                root = self._root()
+                if root is None:
+                    return None
+                self.refresh(root)
+                return self.layers_in(args, reindexed=True)
             if key is None or arg.shape != param.shape or arg.dtype != param.dtype:
                 return None
             found.setdefault(key[0], set()).add(key[1])

@@ -21,8 +21,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent / "benchmarks"))
 
 import fused_score_topk_cases as cases  # noqa: E402
+from bench_fused_score_topk import LAUNCHES, launch_config  # noqa: E402
 from gpu_marks import needs_gpu, sanitizer_path  # noqa: E402
 
 from fx_indexcache.fuse.kernels import fused_score_topk as fz  # noqa: E402
@@ -76,27 +78,19 @@ SHAPES = [  # (B, S, T): V3.2 prefill and decode
 ]
 
 
-def _config(launch: str, B: int, S: int, T: int):
-    """The scan filter's launch ("scan": 64 x 64 prefill tiles), the atomic filter's ("atomic": 64 x 256), or that
-    with 32-query prefill tiles ("atomic-s32")."""
-    if launch == "scan":
-        return fz.default_fused_config(B, S, T, H, D, filter="scan")
-    cfg = fz.default_fused_config(B, S, T, H, D, filter="atomic")
-    return dataclasses.replace(cfg, block_s=32) if launch == "atomic-s32" else cfg
-
-
 @pytest.mark.parametrize("B,S,T", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("sorted_", [False, True], ids=["unsorted", "sorted"])
-@pytest.mark.parametrize("filter_", ["scan", "atomic", "atomic-s32"])
-def test_matches_the_two_kernel_path_at_v32_sizes(B, S, T, sorted_, filter_):
-    if filter_ == "atomic-s32" and fz.default_fused_config(B, S, T, H, D).kind != "prefill":
-        pytest.skip("decode launches keep their tiles: the same launch as 'atomic'")
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_matches_the_two_kernel_path_at_v32_sizes(B, S, T, sorted_, launch):
+    """Every launch the benchmark times (``bench_fused_score_topk.LAUNCHES``) against the two kernels."""
+    cfg = launch_config(launch, B, S, T)
+    if cfg is None:
+        pytest.skip("decode launches keep their tiles: the same launch as 'fused_atomic'")
     g = _gen()
     q, k, w = _inputs(B, S, T, g)
-    got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_,
-                                config=_config(filter_, B, S, T))
+    got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, sorted=sorted_, config=cfg)
     assert got.shape == (B, S, min(TOPK, T)) and got.dtype == torch.int32
-    _assert_near_two_kernel(q, k, w, got, sorted_=sorted_, where=f"{B}x{S}x{T} {filter_} seed={g.initial_seed()}")
+    _assert_near_two_kernel(q, k, w, got, sorted_=sorted_, where=f"{B}x{S}x{T} {launch} seed={g.initial_seed()}")
 
 
 @pytest.mark.parametrize("B,S,T", [(1, 1, 32768), (16, 1, 32768), (1, 256, 32768)], ids=lambda v: str(v))
@@ -106,7 +100,8 @@ def test_random_rows_take_the_fast_paths(B, S, T, filter_):
     q, k, w = _inputs(B, S, T, g)
     out = torch.empty(B, S, TOPK, dtype=torch.int32, device="cuda")
     path = torch.full((B * S,), -1, dtype=torch.int32, device="cuda")
-    fz._launch(q, k, w, out, causal=True, scale=SCALE, path=path, config=_config(filter_, B, S, T))
+    cfg = fz.default_fused_config(B, S, T, H, D, filter=filter_)
+    fz._launch(q, k, w, out, causal=True, scale=SCALE, path=path, config=cfg)
     paths = path.cpu()
     assert bool((paths >= 0).all()), "a row recorded no path"
     assert float((paths == 3).float().mean()) <= 0.02, f"fallback share {float((paths == 3).float().mean()):.1%}"
@@ -119,7 +114,7 @@ def test_kv_lens_and_masks_at_card_sizes(filter_):
     B, S, T = 3, 8, 32768
     q, k, w = _inputs(B, S, T, g)
     kv_lens = torch.tensor([T, 1000, 0], dtype=torch.int32, device="cuda")
-    cfg = _config(filter_, B, S, T)
+    cfg = fz.default_fused_config(B, S, T, H, D, filter=filter_)
     got = fz.indexer_topk_fused(q, k, w, TOPK, causal=True, scale=SCALE, kv_lens=kv_lens, sorted=True, config=cfg)
     _assert_near_two_kernel(q, k, w, got, kv_lens=kv_lens, sorted_=True, where="kv_lens")
     bias = torch.randn(S, T, device="cuda", generator=g)
@@ -156,7 +151,7 @@ def test_cuda_graph_capture_and_replay_on_new_inputs(B, S, T, filter_):
     failure says which path the differing rows took."""
     g = _gen()
     q, k, w = _inputs(B, S, T, g)
-    cfg = _config(filter_, B, S, T)
+    cfg = fz.default_fused_config(B, S, T, H, D, filter=filter_)
     path = torch.full((B * S,), -1, dtype=torch.int32, device="cuda")
     out = torch.empty(B, S, TOPK, dtype=torch.int32, device="cuda")
     fn = lambda: fz._launch(q, k, w, out, causal=True, scale=SCALE, sorted=True, config=cfg, path=path)  # noqa: E731
