@@ -16,7 +16,7 @@ import torch
 
 import fx_indexcache as fic
 from fx_indexcache.detection.registry import LayerSource, UnknownLayerIndex
-from hybrid_programs import HybridDSA, engine_uses, inputs
+from hybrid_programs import D, H, HD, K, HybridDSA, engine_uses, inputs, read, score_topk
 
 HYBRID = "didididi"  # DSA at layers 1, 3, 5, 7 of 8: the issue's example
 
@@ -250,3 +250,64 @@ def test_blocks_nested_in_numbered_groups_are_not_numbered_by_the_group_list():
     assert reports and all(r.layer_index_unknown is UnknownLayerIndex.UNPROVEN_CONTAINER for r in reports)
     with torch.no_grad():
         torch.testing.assert_close(out, model(inputs()), rtol=0, atol=0)
+
+
+class TiedIndexerStack(torch.nn.Module):
+    """No module path names a layer: every layer scores its own hidden states with one indexer whose weights are
+    tied across layers (``wq``, ``wk``, ``ww``), each after a projection of its own; ``chunks=2`` scores each
+    layer's queries in two halves instead (two selections a layer, on one input)."""
+
+    def __init__(self, layers: int, chunks: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.wq, self.wk, self.ww = (torch.nn.Parameter(torch.randn(*s, generator=gen) / 2)
+                                     for s in [(D, H * HD), (D, HD), (D, H)])
+        self.mix = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(D, D, generator=gen) / 2)
+                                          for _ in range(2 * layers))
+        self.layers, self.chunks = layers, chunks
+
+    def select(self, x):
+        if self.chunks == 1:
+            return score_topk(x, self.wq, self.wk, self.ww)
+        half = x.shape[0] // 2
+        keys = x @ self.wk
+        parts = []
+        for lo, hi in ((0, half), (half, x.shape[0])):
+            q = (x[lo:hi] @ self.wq).unflatten(-1, (H, HD))
+            score = (torch.relu(torch.einsum("shd,td->sht", q, keys)) * (x[lo:hi] @ self.ww).unsqueeze(-1)).sum(1)
+            future = torch.arange(x.shape[0])[None, :] > torch.arange(lo, hi)[:, None]
+            parts.append(score.masked_fill(future, float("-inf")).topk(K, dim=-1).indices)
+        return torch.cat(parts)
+
+    def forward(self, x, uses=None):
+        cache: dict = {}
+        for layer in range(self.layers):
+            cache[layer] = self.select(torch.tanh(x @ self.mix[2 * layer]))
+            x = read(x, cache[uses[layer]] if uses is not None else cache[layer], self.mix[2 * layer + 1])
+        return x
+
+
+def test_an_indexer_tied_across_layers_is_refused_as_a_shared_weight_not_shared_hidden_states():
+    """Four indexer calls in a stated four-layer model, no module path: graph order would number them, but all four
+    project with one weight, which one layer calling its indexer twice also shows. Refused, and the reason names
+    the weight (an earlier message said the indexers scored the same hidden states, which they do not here)."""
+    model = TiedIndexerStack(4)
+    out, (report,) = _compile(model, index_topk_pattern="FSFS")
+    assert report.layer_index_unknown is UnknownLayerIndex.TWO_SITES_ONE_WEIGHT
+    assert "same weight" in report.format() and "_parameters['w" in report.format()
+    assert "hidden states" not in report.format()
+    assert all(d.action == "computed" for d in report.decisions) and report.indexers_removed == 0
+    torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+    assert not torch.equal(out, _run(model, [0, 0, 2, 2]))  # sharing would have shown
+
+
+def test_one_layer_selecting_twice_from_its_input_is_refused_as_shared_hidden_states():
+    """Two layers, each selecting for two halves of its queries: four selections in a stated four-layer model. The
+    halves share the layer's hidden states and the tied weights; the hidden states are the stronger evidence (they
+    change from layer to layer) and the reason names them."""
+    model = TiedIndexerStack(2, chunks=2)
+    out, (report,) = _compile(model, num_layers=4, index_topk_freq=2)
+    assert report.layer_index_unknown is UnknownLayerIndex.TWO_SITES_ONE_INPUT
+    assert "hidden states" in report.format() and "_parameters" not in report.format().split("both read")[1][:40]
+    assert report.indexers_removed == 0
+    torch.testing.assert_close(out, _run(model), rtol=0, atol=0)

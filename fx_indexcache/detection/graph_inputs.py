@@ -35,8 +35,21 @@ def parameter_placeholders(graph: fx.Graph) -> frozenset[fx.Node] | None:
     return _from_dynamo(placeholders)
 
 
-def _from_dynamo(placeholders: list[fx.Node]) -> frozenset[fx.Node] | None:
-    """Match the graph's inputs to the frame dynamo is compiling; None unless they line up one to one."""
+def input_name(graph: fx.Graph, node: fx.Node) -> str:
+    """A placeholder as the user wrote it (dynamo's source, ``L['self'].layers[0].wq``), where the graph's inputs
+    line up with the frame dynamo is compiling; else the node's own name."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    graphargs = _dynamo_graphargs(placeholders)
+    if graphargs is not None and node in placeholders:
+        source = getattr(graphargs[placeholders.index(node)], "source", None)
+        if source is not None and hasattr(source, "name"):
+            name = source.name
+            return name() if callable(name) else str(name)
+    return node.name
+
+
+def _dynamo_graphargs(placeholders: list[fx.Node]) -> list | None:
+    """The graph arguments of the frame dynamo is compiling, one to one with ``placeholders``, else None."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -46,7 +59,6 @@ def _from_dynamo(placeholders: list[fx.Node]) -> frozenset[fx.Node] | None:
         return None
     if len(graphargs) != len(placeholders):
         return None
-    found = set()
     for node, arg in zip(placeholders, graphargs):
         example = getattr(arg, "example", None)
         value = node.meta.get("val")
@@ -54,6 +66,13 @@ def _from_dynamo(placeholders: list[fx.Node]) -> frozenset[fx.Node] | None:
             return None
         if isinstance(example, torch.Tensor) and example.dim() != value.dim():
             return None
-        if isinstance(example, torch.nn.Parameter):
-            found.add(node)
-    return frozenset(found)
+    return graphargs
+
+
+def _from_dynamo(placeholders: list[fx.Node]) -> frozenset[fx.Node] | None:
+    """Match the graph's inputs to the frame dynamo is compiling; None unless they line up one to one."""
+    graphargs = _dynamo_graphargs(placeholders)
+    if graphargs is None:
+        return None
+    return frozenset(node for node, arg in zip(placeholders, graphargs)
+                     if isinstance(getattr(arg, "example", None), torch.nn.Parameter))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from torch import fx
 
 from ..graph_utils import CONTRACTIONS, VIEW_LIKE, is_call, node_order
+from .graph_inputs import input_name, parameter_placeholders
 from .hidden import HiddenSelection, hidden_selections
 from .layer_records import LayerRecord, read_record
 from .layers import consumer_slots, layer_slot, module_path
@@ -71,6 +72,10 @@ class UnknownLayerIndex(str, enum.Enum):
         "no module path with a layer number, and two indexers score the same hidden states, so they sit in one "
         "layer: the indexer count only matches the layer count by chance, and graph order proves nothing"
     )
+    TWO_SITES_ONE_WEIGHT = (
+        "no module path with a layer number, and two indexers project with the same weight: one indexer tied "
+        "across layers and one layer's indexer called twice look alike, so graph order proves nothing"
+    )
     HIDDEN_SELECTION = (
         "no module path with a layer number, and the graph holds a selection no finder reads (a top-k inside a "
         "subgraph, or an opaque op that outputs indices): it may be one more indexer, so graph order proves nothing"
@@ -82,6 +87,10 @@ class UnknownLayerIndex(str, enum.Enum):
     PATHS_SPLIT_ONE_LAYER = (
         "the module paths number two indexers as different layers, but both score the same hidden states, so they "
         "sit in one layer (a layer's own list of indexers, compiled alone): the numbers are not decoder layers"
+    )
+    PATHS_SPLIT_ONE_WEIGHT = (
+        "the module paths number two indexers as different layers, but both project with the same weight (one "
+        "indexer tied across the list, or one indexer called twice): the numbers need not be decoder layers"
     )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
     STAGE_NUMBERED_FROM_ZERO = (
@@ -271,10 +280,12 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
         # (its indexers, compiled alone). Two such sites scoring one input sit in one layer.
         apart = [site for site in detection.sites if site.layer is not None and not site.names_its_layer
                  and not consumer_slots(site.indices)]
-        if (pair := _sites_scoring_one_input(apart)) is not None:
-            first, second = apart[pair[0]], apart[pair[1]]
-            _unknown(detection, UnknownLayerIndex.PATHS_SPLIT_ONE_LAYER,
-                     f"{first.module_path} and {second.module_path}, numbered {first.layer} and {second.layer}")
+        if (shared := _sites_scoring_one_input(apart, graph)) is not None:
+            first, second = apart[shared.first], apart[shared.second]
+            _unknown(detection, UnknownLayerIndex.PATHS_SPLIT_ONE_WEIGHT if shared.is_weight
+                     else UnknownLayerIndex.PATHS_SPLIT_ONE_LAYER,
+                     f"{first.module_path} and {second.module_path}, numbered {first.layer} and {second.layer}, "
+                     f"both read {input_name(graph, shared.node)}")
     elif graph_starts_at_first_layer is not True:
         reason = UnknownLayerIndex.NO_PROOF if graph_starts_at_first_layer is None else UnknownLayerIndex.NOT_WHOLE_GRAPH
         _unknown(detection, reason)
@@ -285,9 +296,11 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
                  f"{len(sites)} indexers, {layer_count} decoder layers")
     elif any(slot is not None and slot[1] != order for order, slot in enumerate(slots)):
         _unknown(detection, UnknownLayerIndex.ORDER_CONTRADICTS_PATHS)
-    elif (pair := _sites_scoring_one_input(sites)) is not None:
-        _unknown(detection, UnknownLayerIndex.TWO_SITES_ONE_INPUT, f"the indexers at graph positions {pair[0]} and "
-                 f"{pair[1]} score the same hidden states")
+    elif (shared := _sites_scoring_one_input(sites, graph)) is not None:
+        _unknown(detection, UnknownLayerIndex.TWO_SITES_ONE_WEIGHT if shared.is_weight
+                 else UnknownLayerIndex.TWO_SITES_ONE_INPUT,
+                 f"the indexers at graph positions {shared.first} and {shared.second} both read "
+                 f"{input_name(graph, shared.node)}")
     else:
         _place(detection, list(range(len(sites))), LayerSource.WHOLE_GRAPH_ORDER)
         detection.layers_present = frozenset(range(len(sites)))
@@ -321,16 +334,33 @@ def _through_views(node: fx.Node) -> fx.Node:
     return node
 
 
-def _sites_scoring_one_input(sites: list[IndexerSite]) -> tuple[int, int] | None:
-    """Two graph positions whose sites' projections read the same node (one layer holds both: a layer's hidden
-    states change from one layer to the next), else None."""
+@dataclasses.dataclass(frozen=True)
+class SharedInput:
+    """Two sites (positions in the list searched) whose projections read one node, and whether it is a
+    parameter: hidden states change from one layer to the next, so a shared activation puts both in one layer,
+    while a shared weight may as well be one indexer tied across layers. Either way graph order proves nothing;
+    the refusal says which was seen."""
+
+    first: int
+    second: int
+    node: fx.Node
+    is_weight: bool
+
+
+def _sites_scoring_one_input(sites: list[IndexerSite], graph: fx.Graph) -> SharedInput | None:
+    """The first two sites whose projections read the same node (activations before weights: a shared
+    activation is the stronger evidence), else None."""
+    weights = parameter_placeholders(graph) or frozenset()
     owner: dict[fx.Node, int] = {}
+    found: SharedInput | None = None
     for position, site in enumerate(sites):
-        for node in _projected_inputs(site):
+        for node in sorted(_projected_inputs(site), key=lambda n: n.name):
             earlier = owner.setdefault(node, position)
-            if earlier != position:
-                return earlier, position
-    return None
+            if earlier != position and (found is None or (found.is_weight and node not in weights)):
+                found = SharedInput(earlier, position, node, node in weights)
+                if not found.is_weight:
+                    return found
+    return found
 
 
 def _layers_in(graph: fx.Graph, container: str) -> set[int]:
