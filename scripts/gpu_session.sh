@@ -40,7 +40,7 @@ sweep() {  # PRECISION KINDS: sweep, merge each shape's row into the card file, 
 TOPK_EXACT="test_row_topk_exact or test_the_default_for_one_long_row or test_row_topk_launch_variants or test_last_split_is_race_free or test_cuda_topk_every_path_and_layout or test_cuda_topk_takes_every_path or test_cuda_topk_loads"
 
 step=${1:?usage: gpu_session.sh STEP (gpu_session.sh list)}
-STEPS="new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench fused-launches sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
+STEPS="fused-replay new-kernels decode-kernels kernels fp8 topk-exact graphs generate-cold topk topk-cluster topk-stamps topk-variants topk-binned topk-count-row pdl pdl-parts paged deepgemm fused-bench fused-launches sweep-fp8 sweep-bf16 sweep-decode-fp8 sweep-decode-bf16 sweep-paged-fp8 sweep-prefill-heads decode-default"
 if [ "$step" = list ]; then echo "$STEPS"; exit 0; fi
 case " $STEPS " in
     *" $step "*) ;;
@@ -48,9 +48,12 @@ case " $STEPS " in
 esac
 machine | tee "$OUT/machine.txt"
 case "$step" in
-    new-kernels)     # fused score + top-k, both filters (correctness, CUDA graphs, sanitizer); the paged decode
-                     # tests are decode-kernels' (with both filters this file alone is most of a call)
-        gpu_tests tests/gpu/test_fused_score_topk_gpu.py ;;
+    fused-replay)    # fused score + top-k, both filters: CUDA-graph replay and compute-sanitizer (about 3 min;
+                     # the tests a filter must pass to be the default, first, since new-kernels' rest fills a call)
+        gpu_tests tests/gpu/test_fused_score_topk_gpu.py -k "cuda_graph or sanitizer" ;;
+    new-kernels)     # fused score + top-k, both filters: against the two-kernel path, every path, masks (about 6.5
+                     # min on an H200); the paged decode tests are decode-kernels'
+        gpu_tests tests/gpu/test_fused_score_topk_gpu.py -k "not cuda_graph and not sanitizer" ;;
     decode-kernels)  # the logits kernels' launches (decode: key blocks a program) and the paged decode kernel
         gpu_tests tests/gpu/test_lightning_indexer_kernel.py tests/gpu/test_paged_decode_gpu.py ;;
     kernels)         # the substitution, low-precision scores, every layout the matcher knows
