@@ -21,8 +21,9 @@ machine() {
 # `timeout` runs in a process group of its own, so only its own limit stops what it started).
 limit() { local own=$1; echo $(( ${STEP_LIMIT_S:-$own} < own ? ${STEP_LIMIT_S:-$own} : own )); }
 
-gpu_tests() {  # the files given; each failure's report goes to $OUT/failures.txt as it happens (tests/failure_log.py)
-    FX_INDEXCACHE_TEST_FAILURES="$OUT/failures.txt" timeout "$(limit 540)" python -m pytest -q -p no:cacheprovider "$@" \
+gpu_tests() {  # the files given; each failure's report goes to $OUT/failures.txt as it happens (tests/failure_log.py);
+               # a line a test (-v), so a run the deadline cuts says which tests it reached
+    FX_INDEXCACHE_TEST_FAILURES="$OUT/failures.txt" timeout "$(limit 540)" python -m pytest -v -p no:cacheprovider "$@" \
         2>&1 | tee -a "$OUT/tests.txt"
 }
 
