@@ -14,7 +14,7 @@ Run it under the GPU image's Triton as well (3.6: a scan layout it cannot lower 
 
 It leans on Triton's internals (``driver.set_active``, ``JITFunction.run``'s ``warmup``), so it may need
 adjusting for another Triton; exit 1 on a compile failure or a kernel of the default plans spilling more than
-``DEFAULT_STACK_BYTES``.
+``STACK_BYTES_ALLOWED`` for the default filter.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 H, D, TOPK = 64, 128, 2048
 SHAPES = [(1, 1, 32768, False), (16, 1, 32768, True), (1, 1024, 32768, False), (1, 1024, 131072, True)]
-#: The stack a default plan's kernel may use: none (the scan filter's launches hold their registers). The atomic
-#: filter's 64 x 256 prefill launch spills 80 bytes a thread under Triton 3.6 and is still the fastest timed
-#: (docs/kernels.md): it is compiled and printed, not held to this.
-DEFAULT_STACK_BYTES = 0
+#: The stack a default plan's kernel may use, by filter: none for the scan filter (its launches hold their
+#: registers); the atomic filter's 64 x 256 prefill launch spills 80 bytes a thread under Triton 3.6 (72 under 3.9)
+#: and is still the fastest timed (docs/kernels.md). The other filter's plans are compiled and printed, not held.
+STACK_BYTES_ALLOWED = {"scan": 0, "atomic": 128}
+
+
+def _default_stack_bytes() -> int:
+    from fx_indexcache.fuse.kernels.fused_score_topk import DEFAULT_FILTER
+
+    return STACK_BYTES_ALLOWED[DEFAULT_FILTER]
 
 
 def main() -> int:
@@ -42,13 +48,14 @@ def main() -> int:
 
     with compile_only_for_sm90() as built:
         default_plans = _compile_plans(built)
+    allowed = _default_stack_bytes()
     spills = 0
     for i, (name, kernel) in enumerate(built):
         usage = resource_usage(kernel)
         stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-        spills += i < default_plans and stack > DEFAULT_STACK_BYTES
+        spills += i < default_plans and stack > allowed
         print(f"  {name} ({kernel.metadata.num_warps} warps){'' if i < default_plans else ' [not a default plan]'}: {usage}")
-    print("ok" if not spills else f"{spills} kernels of the default plans spill more than {DEFAULT_STACK_BYTES} bytes")
+    print("ok" if not spills else f"{spills} kernels of the default plans spill more than {allowed} bytes")
     return 1 if spills else 0
 
 
@@ -68,7 +75,7 @@ def _compile_plans(built: list) -> int:
         masks = dict(kv_lens=torch.full((B,), T, dtype=torch.int32), bias=torch.zeros(S, T),
                      drop=torch.zeros(B, 1, T, dtype=torch.bool))
         fz._launch(q, k, w, out, causal=True, scale=0.1, sorted=sorted_, config=cfg, **masks)
-    default_plans = len(built)  # the default's plans: a spill past DEFAULT_STACK_BYTES there fails the script
+    default_plans = len(built)  # the default's plans: a spill past the allowance there fails the script
     from bench_fused_score_topk import LAUNCHES, launch_config
 
     for B, S, T, sorted_ in SHAPES:  # every launch the benchmark times that is not the default

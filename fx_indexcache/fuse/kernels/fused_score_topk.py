@@ -88,6 +88,9 @@ PATHS = {0: "direct", 1: "candidates", 2: "threshold ties", 3: "fallback", 4: "m
 
 #: How the scoring kernel places a tile's kept keys (``FusedTopkConfig.filter``).
 FILTERS = ("scan", "atomic")
+#: The filter of a config that names none, and of ``default_fused_config``: the one whose GPU tests, CUDA-graph
+#: replay included, have all passed on a card (the atomic one is faster and waits for that: docs/kernels.md).
+DEFAULT_FILTER = "scan"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +102,8 @@ class FusedTopkConfig:
     ``filter``: how a scored tile's kept keys find their places in the row's buffers: "scan" (a prefix sum over the
     tile, one atomic a row and tile: three more values a key, which cap its prefill tiles at 64 keys) or "atomic"
     (an atomic a kept key: past its flags a tile holds only its keys and places, so prefill tiles are as wide as
-    the logits kernel's 256 keys; 0.59x the scan filter's time at 1 x 1024 x 128K on an H100, but not the default
-    while a CUDA-graph replay test of it failed once on the card, unexplained: docs/kernels.md).
+    the logits kernel's 256 keys; 0.59x the scan filter's time at 1 x 1024 x 128K on an H100, but not the default,
+    ``DEFAULT_FILTER``, while a CUDA-graph replay test of it failed once on the card, unexplained: docs/kernels.md).
     """
 
     kind: str = "prefill"
@@ -110,7 +113,7 @@ class FusedTopkConfig:
     num_warps: int = 8
     num_stages: int = 2
     select_warps: int = 8
-    filter: str = "scan"
+    filter: str = DEFAULT_FILTER
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
@@ -122,7 +125,7 @@ class FusedTopkConfig:
 
 
 def default_fused_config(B: int, S: int, T: int, H: int, D: int, device: Optional[torch.device] = None,
-                         filter: str = "scan") -> FusedTopkConfig:
+                         filter: str = DEFAULT_FILTER) -> FusedTopkConfig:
     """The logits kernel's rule tiles (``rule_config``) with ``filter``: prefill 64 queries x at most 64 keys on 8
     warps with the scan filter (its registers: 64 x 256 spills 1472 bytes a thread on sm_90), 64 x the rule's keys
     (256 at V3.2's head shape) with the atomic filter; decode the rule's decode tiles. The atomic launch is the
