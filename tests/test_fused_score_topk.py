@@ -87,8 +87,9 @@ def test_a_filter_the_kernel_does_not_have_is_refused_naming_the_field():
 def test_the_default_launch_of_each_filter():
     """The scan filter's prefill tiles stay at 64 keys (its registers); the atomic filter's take the logits kernel's
     keys; decode keeps the logits kernel's tiles; another filter is refused naming the argument."""
-    scan = fz.default_fused_config(1, 1024, 32768, 64, 128)
+    scan = fz.default_fused_config(1, 1024, 32768, 64, 128, filter="scan")
     atomic = fz.default_fused_config(1, 1024, 32768, 64, 128, filter="atomic")
+    assert fz.default_fused_config(1, 1024, 32768, 64, 128).filter == fz.FusedTopkConfig().filter == fz.DEFAULT_FILTER
     assert (scan.filter, scan.block_s, scan.block_t) == ("scan", 64, 64)
     assert (atomic.filter, atomic.block_s, atomic.block_t, atomic.num_warps) == ("atomic", 64, 256, 8)
     decode = [fz.default_fused_config(1, 1, 32768, 64, 128, filter=f) for f in fz.FILTERS]
