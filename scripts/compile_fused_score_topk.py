@@ -37,18 +37,14 @@ SHAPES = [(1, 1, 32768, False), (16, 1, 32768, True), (1, 1024, 32768, False), (
 STACK_BYTES_ALLOWED = {"scan": 0, "atomic": 128}
 
 
-def _default_stack_bytes() -> int:
-    from fx_indexcache.fuse.kernels.fused_score_topk import DEFAULT_FILTER
-
-    return STACK_BYTES_ALLOWED[DEFAULT_FILTER]
-
-
 def main() -> int:
     from sm90_compile import compile_only_for_sm90, resource_usage
 
+    from fx_indexcache.fuse.kernels.fused_score_topk import DEFAULT_FILTER
+
     with compile_only_for_sm90() as built:
         default_plans = _compile_plans(built)
-    allowed = _default_stack_bytes()
+    allowed = STACK_BYTES_ALLOWED[DEFAULT_FILTER]
     spills = 0
     for i, (name, kernel) in enumerate(built):
         usage = resource_usage(kernel)

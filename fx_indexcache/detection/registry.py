@@ -352,15 +352,16 @@ def _sites_scoring_one_input(sites: list[IndexerSite], graph: fx.Graph) -> Share
     activation is the stronger evidence), else None."""
     weights = parameter_placeholders(graph) or frozenset()
     owner: dict[fx.Node, int] = {}
-    found: SharedInput | None = None
+    shared_weight: SharedInput | None = None
     for position, site in enumerate(sites):
         for node in sorted(_projected_inputs(site), key=lambda n: n.name):
             earlier = owner.setdefault(node, position)
-            if earlier != position and (found is None or (found.is_weight and node not in weights)):
-                found = SharedInput(earlier, position, node, node in weights)
-                if not found.is_weight:
-                    return found
-    return found
+            if earlier == position:
+                continue
+            if node not in weights:
+                return SharedInput(earlier, position, node, is_weight=False)
+            shared_weight = shared_weight or SharedInput(earlier, position, node, is_weight=True)
+    return shared_weight
 
 
 def _layers_in(graph: fx.Graph, container: str) -> set[int]:
