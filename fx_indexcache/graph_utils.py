@@ -79,8 +79,8 @@ def relu_input(node: fx.Node) -> "fx.Node | None":
     """``x`` where ``node`` computes ``max(x, 0)`` elementwise in x's shape and dtype, else None: ``relu(x)``,
     ``clamp_min(x, 0)``, ``clamp(x, min=0)`` without a max (a max makes it another activation), or
     ``maximum(x, Z)`` either way round with ``Z`` a tensor of zeros that neither widens x's shape nor its dtype
-    (so the result is x's ReLU, not a broadcast or a promotion of it). Detection and fusion both ask here, so
-    they agree on what a ReLU is."""
+    (so the result is x's ReLU, not a broadcast or a promotion of it), or a select between x and zero by x's sign
+    (``_sign_select_input``). Detection and fusion both ask here, so they agree on what a ReLU is."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if is_call(node, _RELU):
@@ -96,7 +96,61 @@ def relu_input(node: fx.Node) -> "fx.Node | None":
         for x, zeros in (node.args, node.args[::-1]):
             if _is_zeros_tensor(zeros) and _same_shape_and_dtype(node, x):
                 return x
+    return _sign_select_input(node)
+
+
+def _sign_select_input(node: fx.Node) -> "fx.Node | None":
+    """``x`` where ``node`` keeps x where x > 0 and zero where x < 0, in x's shape and dtype: the one class that
+    ``where(x > 0, x, 0)``, ``where(x < 0, 0, x)``, ``x.masked_fill(x < 0, 0)``, ``x * (x > 0)`` and
+    ``threshold(x, 0, 0)`` belong to, with ``>=``/``<=`` alike (at x = 0 both branches are zero) and the zero a
+    number or a tensor of zeros. Each equals ``relu(x)`` for every finite x; at NaN a select gives 0 where relu
+    gives NaN, which no top-k of a finite score meets."""
+    args = node.args
+    if is_call(node, {aten.where}) and len(args) == 3:
+        predicate, kept, other = args
+        for x, zero, sign in ((kept, other, _POSITIVE), (other, kept, _NEGATIVE)):
+            if _is_zero_value(zero) and _sign_test(predicate, x) == sign and _same_shape_and_dtype(node, x):
+                return x
+    if is_call(node, {aten.masked_fill}) and len(args) == 3:
+        x, predicate, value = args
+        if _is_zero_value(value) and _sign_test(predicate, x) == _NEGATIVE and _same_shape_and_dtype(node, x):
+            return x
+    if is_call(node, {aten.mul}) and len(args) == 2:
+        for x, predicate in (args, args[::-1]):
+            # (x > 0).to(x.dtype) is the same predicate; a cast that widens x is caught by the dtype check
+            while isinstance(predicate, fx.Node) and is_call(predicate, CASTS):
+                predicate = predicate.args[0]
+            if _sign_test(predicate, x) == _POSITIVE and _same_shape_and_dtype(node, x):
+                return x
+    if is_call(node, {aten.threshold}) and len(args) == 3 and _is_zero(args[1]) and _is_zero(args[2]):
+        return args[0] if _same_shape_and_dtype(node, args[0]) else None
     return None
+
+
+_POSITIVE, _NEGATIVE = "true where x > 0", "true where x < 0"
+
+#: Comparisons with zero, by which sign of ``x`` makes them true when ``x`` is their first operand.
+_SIGN_TESTS = {aten.gt: _POSITIVE, aten.ge: _POSITIVE, aten.lt: _NEGATIVE, aten.le: _NEGATIVE}
+
+
+def _sign_test(predicate, x) -> "str | None":
+    """``_POSITIVE`` or ``_NEGATIVE`` where ``predicate`` compares the tensor ``x`` itself with zero (either operand
+    order), else None."""
+    if not isinstance(predicate, fx.Node) or not isinstance(x, fx.Node) or len(predicate.args) != 2:
+        return None
+    sign = next((s for op, s in _SIGN_TESTS.items() if is_call(predicate, {op})), None)
+    first, second = predicate.args
+    if sign is None or x not in (first, second):
+        return None
+    if first is x:
+        return sign if _is_zero_value(second) else None
+    flipped = _NEGATIVE if sign == _POSITIVE else _POSITIVE  # 0 < x is x > 0
+    return flipped if _is_zero_value(first) else None
+
+
+def _is_zero_value(value) -> bool:
+    """The number 0 or a tensor of zeros the graph holds."""
+    return _is_zero(value) or (isinstance(value, fx.Node) and _is_zeros_tensor(value))
 
 
 #: Ops that make a tensor of one value, and where that value is among their arguments (None: zero by name).

@@ -204,6 +204,22 @@ def fp32_math_rounded_score(q, k_cache, w, T: int, topk: int):
     return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
 
 
+def head_sum_accumulates_in_fp32(q, k_cache, w, T: int, topk: int):
+    """All bf16, but the head sum asks for fp32 accumulation (``sum(..., dtype=torch.float32)``): an fp32 score."""
+    k = k_cache[:T]
+    score = (torch.einsum("shd,td->sht", q, k).relu() * w[:, :, None]).sum(1, dtype=torch.float32)
+    return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
+
+
+def dot_as_mul_sum_in_fp32(q, k_cache, w, T: int, topk: int):
+    """q.k as a broadcast bf16 mul summed in fp32: each product is rounded to bf16 before the fp32 sum, so the
+    products' rounding (not the sum's dtype) decides the contract."""
+    k = k_cache[:T]
+    qk = (q[:, :, None, :] * k[None, None]).sum(-1, dtype=torch.float32)  # [S, H, T]
+    score = (qk.relu() * w.float()[:, :, None]).sum(1)
+    return _top(score.masked_fill(future(q.shape[0], T, q.device), NEG), topk)
+
+
 def q_rounded_in_graph(q_fp32, k_cache, w, T: int, topk: int):
     """q arrives in fp32 and the model rounds it to the cache's dtype: the rounded q is the kernel's leaf."""
     return native_einsum_unbatched(q_fp32.to(k_cache.dtype), k_cache, w, T, topk)
@@ -226,6 +242,9 @@ NATIVE_LAYOUTS = [
     NativeLayout("bf16_product_fp32_head_sum", bf16_product_fp32_head_sum, False, torch.bfloat16, "fp32_inside"),
     NativeLayout("fp32_math_rounded_score_bf16", fp32_math_rounded_score, False, torch.bfloat16, "exact"),
     NativeLayout("q_rounded_in_graph_bf16", q_rounded_in_graph, False, torch.bfloat16, "fp32_inside", q_fp32=True),
+    NativeLayout("head_sum_accumulates_in_fp32_bf16", head_sum_accumulates_in_fp32, False, torch.bfloat16,
+                 "fp32_inside"),
+    NativeLayout("dot_as_mul_sum_in_fp32_bf16", dot_as_mul_sum_in_fp32, False, torch.bfloat16, "fp32_inside"),
 ]
 
 

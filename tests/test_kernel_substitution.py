@@ -390,6 +390,24 @@ _ACTIVATIONS = {
     "maximum(s, s)": (lambda s: torch.maximum(s, s.flip(-1)), False),
     "maximum(s, tensor(0.))": (lambda s: torch.maximum(s, torch.tensor(0.0)), True),  # a constant of the graph
     "maximum(s, tensor([0., 1., 0., ...]))": (lambda s: torch.maximum(s, torch.tensor([0.0, 1.0] + [0.0] * 6)), False),
+    # a select between s and zero by s's sign (one class however it is spelt); other selects are not a ReLU
+    "where(s > 0, s, 0)": (lambda s: torch.where(s > 0, s, 0.0), True),
+    "where(s >= 0, s, zeros_like)": (lambda s: torch.where(s >= 0, s, torch.zeros_like(s)), True),
+    "where(s < 0, 0, s)": (lambda s: torch.where(s < 0, 0.0, s), True),
+    "where(0 >= s, 0, s)": (lambda s: torch.where(torch.zeros_like(s) >= s, 0.0, s), True),
+    "where(s > 0, 0, s)": (lambda s: torch.where(s > 0, 0.0, s), False),  # the negative part
+    "where(s > 0.5, s, 0)": (lambda s: torch.where(s > 0.5, s, 0.0), False),
+    "where(s > 0, s, 1)": (lambda s: torch.where(s > 0, s, 1.0), False),
+    "where(flip(s) > 0, s, 0)": (lambda s: torch.where(s.flip(-1) > 0, s, 0.0), False),
+    "where(s > 0, s, zeros of a wider shape)": (lambda s: torch.where(s > 0, s, torch.zeros((2, *s.shape))), False),
+    "s * (s > 0)": (lambda s: s * (s > 0), True),
+    "(s >= 0).float() * s": (lambda s: (s >= 0).float() * s, True),
+    "s * (s < 0)": (lambda s: s * (s < 0), False),
+    "s.masked_fill(s < 0, 0)": (lambda s: s.masked_fill(s < 0, 0.0), True),
+    "s.masked_fill(s > 0, 0)": (lambda s: s.masked_fill(s > 0, 0.0), False),
+    "s.masked_fill(s < 0, -1)": (lambda s: s.masked_fill(s < 0, -1.0), False),
+    "threshold(s, 0, 0)": (lambda s: F.threshold(s, 0.0, 0.0), True),
+    "threshold(s, 0.1, 0)": (lambda s: F.threshold(s, 0.1, 0.0), False),
 }
 
 
@@ -409,8 +427,9 @@ class _ActivatedIndexer(torch.nn.Module):
 
 @pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
 def test_detection_and_fusion_agree_on_what_a_relu_is(name, kernel_ok):
-    """clamp(min=0) and the maximum with a tensor of zeros are a ReLU for the detector and for the fusion matcher
-    alike; with a max, another floor, or zeros that widen the shape or the dtype they are not."""
+    """clamp(min=0), the maximum with a tensor of zeros and a select of s or zero by s's sign are a ReLU for the
+    detector and for the fusion matcher alike; with a max, another floor, another branch or predicate, or zeros
+    that widen the shape or the dtype they are not."""
     activation, is_relu = _ACTIVATIONS[name]
     model = _ActivatedIndexer(activation)
     backend = GraphCapture(lambda graph: detect(graph, True).sites)
@@ -422,6 +441,11 @@ def test_detection_and_fusion_agree_on_what_a_relu_is(name, kernel_ok):
     assert len(sites) == int(is_relu) and backend.count_after(torch.ops.aten.topk.default) == [1]
     match = match_indexer_score(sites[0] if sites else next(n for n in gm.graph.nodes if n.target == torch.ops.aten.topk.default))
     assert isinstance(match, str) != is_relu, match
+    if is_relu:  # the fused op replaces the whole activation, a select's sign test included
+        (record,) = substitute_fused_indexer(gm.graph, sites)
+        assert record.fused, record
+        sign_tests = {getattr(torch.ops.aten, op) for op in ("gt", "ge", "lt", "le", "where", "threshold")}
+        assert not any(getattr(n.target, "_overloadpacket", None) in sign_tests for n in gm.graph.nodes)
 
 
 def test_a_fused_site_that_falls_back_at_run_time_says_so(caplog):

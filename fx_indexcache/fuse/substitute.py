@@ -328,13 +328,15 @@ def _chain_back(node: fx.Node, narrow_ok: bool = False) -> tuple[fx.Node, list[f
 
 
 def _product_parts(node: fx.Node):
-    """``(kind, a, b, reduced_dims, keepdim, mul)`` for bmm/mm or sum(mul(a, b)); None otherwise."""
+    """``(kind, a, b, reduced_dims, keepdim, mul)`` for bmm/mm or sum(mul(a, b)); None otherwise. A sum may
+    accumulate in float32 (``dtype=torch.float32``: what the kernel does anyway); any other ``dtype`` casts each
+    product before the sum, so it is not read as one."""
     if is_call(node, {aten.bmm, aten.mm}):
         return ("bmm" if packet(node) is aten.bmm else "mm", node.args[0], node.args[1], None, False, None)
     if is_call(node, {aten.sum}) and node.target is not aten.sum.default:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if node.kwargs.get("dtype") is not None or not dims:
+        if node.kwargs.get("dtype") not in (None, torch.float32) or not dims:
             return None
         mul = node.args[0]
         if is_call(mul, {aten.mul}) and len(mul.args) == 2 and all(isinstance(a, fx.Node) for a in mul.args):
@@ -485,15 +487,24 @@ def _computes(node: fx.Node) -> bool:
     return _scalar_factor(node, narrow_ok=True) is not None or is_call(node, CASTS)
 
 
-def _numerics(x: fx.Node, inner: fx.Node, pre_chain, relu_chain, outer: fx.Node, x_chain) -> str:
+def _numerics(x: fx.Node, inner: fx.Node, inner_parts, pre_chain, relu_chain, outer: fx.Node, outer_parts,
+              x_chain) -> str:
     """EXACT when the graph rounds nothing between the q.k product and the score but, at most, the score
-    itself (its last computing node, to the score's dtype: the rounded op rounds there too); else FP32_INSIDE."""
-    computing = [inner, *filter(_computes, pre_chain), *filter(_computes, relu_chain), outer,
+    itself (its last computing node, to the score's dtype: the rounded op rounds there too); else FP32_INSIDE.
+    A sum that widens as it accumulates (``dtype=torch.float32``) counts its products' rounding too."""
+    computing = [*_product_nodes(inner, inner_parts), *filter(_computes, pre_chain), *filter(_computes, relu_chain),
+                 *_product_nodes(outer, outer_parts),
                  *filter(_computes, x_chain)]
     rounding = [n for n in computing if _dtype(n) in _NARROW]
     if not rounding or (rounding == [computing[-1]] and _dtype(computing[-1]) == _dtype(x)):
         return EXACT
     return FP32_INSIDE
+
+
+def _product_nodes(product: fx.Node, parts) -> list[fx.Node]:
+    """The nodes that round a product's values: the product, and its mul too where its sum widens the dtype."""
+    mul = parts[5]
+    return [mul, product] if mul is not None and _dtype(mul) != _dtype(product) else [product]
 
 
 def _match_at(x: fx.Node) -> ScoreMatch:
@@ -530,7 +541,7 @@ def _match_at(x: fx.Node) -> ScoreMatch:
     swap = roles.pop("swap")
     q_node, k_node = (kb, qa) if swap else (qa, kb)
     return ScoreMatch(x, q_node, k_node, w_leaf, roles["q"], roles["k"], roles["w"], roles["score"], scale.total(),
-                      _dtype(x), _numerics(x, inner, pre_chain, relu_chain, outer, x_chain))
+                      _dtype(x), _numerics(x, inner, inner_parts, pre_chain, relu_chain, outer, outer_parts, x_chain))
 
 
 def _prove_roles(labels: _Labels, inner_sum, outer_sum, score: _Tracked, leaf_dims) -> dict:
