@@ -116,6 +116,16 @@ def unbatched_linear_maximum_triu(q, k_cache, w, T: int, topk: int):
     return _top(score + torch.full((S, T), NEG, device=q.device).triu(T - S + 1), topk)
 
 
+def batched_select_relu_head_mean(q, k_cache, w, T: int, topk: int):
+    """The ReLU as ``where(s > 0, s, 0)``, the heads averaged (``mean``: the sum and a factor 1/H), q.k as a
+    broadcast multiply averaged over d (a factor 1/D before the ReLU), a ``where`` mask."""
+    k = k_cache[:, :T].float()
+    s = (q.float()[:, :, :, None, :] * k[:, None, None]).mean(-1)  # [B, S, H, T]
+    s = torch.where(s > 0, s, 0.0)
+    score = (s * w[..., None]).mean(2)
+    return _top(torch.where(future(q.shape[1], T, q.device), NEG, score), topk)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str
@@ -135,6 +145,7 @@ LAYOUTS = [
     Layout("batched_singleton_head_k_gather", batched_singleton_head_k_gather, True, "bshd", "gather"),
     Layout("batched_bhsd_scale_after_relu", batched_bhsd_scale_after_relu, True, "bhsd", "bhsd"),
     Layout("unbatched_linear_maximum_triu", unbatched_linear_maximum_triu, False, "shd", "slice"),
+    Layout("batched_select_relu_head_mean", batched_select_relu_head_mean, True, "bshd", "slice"),
 ]
 
 

@@ -35,14 +35,15 @@ def test_layout_is_proven_fused_and_exact(layout, S, kernel_ok):
     want_roles = layout.q_roles if S > 1 else layout.q_roles.replace("s", "")  # S=1: the query axis is a unit
     assert q_roles == want_roles, match
     assert fake_dtype(match.q) == fake_dtype(match.k) == torch.bfloat16  # the leaves ahead of the upcasts
-    products = _ops(gm, aten.bmm.default, aten.mm.default, aten.sum.dim_IntList)
+    reductions = (aten.bmm.default, aten.mm.default, aten.sum.dim_IntList, aten.mean.dim)
+    products = _ops(gm, *reductions)
     (record,) = substitute_fused_indexer(gm.graph, [topk])
     assert record.fused, record
     gm.recompile()
     assert _ops(gm, torch.ops.fx_indexcache.indexer_logits.default) == 1
     assert _ops(gm, aten.relu.default) == 0
     assert _ops(gm, aten.topk.default) == 0 and _ops(gm, torch.ops.fx_indexcache.topk_indices.default) == 1
-    assert _ops(gm, aten.bmm.default, aten.mm.default, aten.sum.dim_IntList) < products
+    assert _ops(gm, *reductions) < products
     got_score, got_idx = gm(*args)
     want_score, want_idx = layout.fn(*args)
     assert got_score.shape == want_score.shape and got_score.dtype == torch.float32

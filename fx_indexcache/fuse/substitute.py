@@ -328,20 +328,37 @@ def _chain_back(node: fx.Node, narrow_ok: bool = False) -> tuple[fx.Node, list[f
 
 
 def _product_parts(node: fx.Node):
-    """``(kind, a, b, reduced_dims, keepdim, mul)`` for bmm/mm or sum(mul(a, b)); None otherwise. A sum may
+    """``(kind, a, b, reduced_dims, keepdim, mul)`` for bmm/mm or sum/mean(mul(a, b)); None otherwise. A sum may
     accumulate in float32 (``dtype=torch.float32``: what the kernel does anyway); any other ``dtype`` casts each
-    product before the sum, so it is not read as one."""
+    product before the sum, so it is not read as one. A mean is the sum and a positive factor (``_mean_factor``)."""
     if is_call(node, {aten.bmm, aten.mm}):
         return ("bmm" if packet(node) is aten.bmm else "mm", node.args[0], node.args[1], None, False, None)
-    if is_call(node, {aten.sum}) and node.target is not aten.sum.default:
+    if is_call(node, {aten.sum, aten.mean}) and node.target not in (aten.sum.default, aten.mean.default):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if node.kwargs.get("dtype") not in (None, torch.float32) or not dims:
             return None
         mul = node.args[0]
         if is_call(mul, {aten.mul}) and len(mul.args) == 2 and all(isinstance(a, fx.Node) for a in mul.args):
-            return ("sum", mul.args[0], mul.args[1], list(dims), bool(keepdim), mul)
+            kind = "mean" if is_call(node, {aten.mean}) else "sum"
+            return (kind, mul.args[0], mul.args[1], list(dims), bool(keepdim), mul)
     return None
+
+
+def _mean_factor(parts) -> float:
+    """1 / (the number of values a mean averages), 1.0 for any other product; refused where that number is not
+    known at compile time (the kernel folds the factor into its scale)."""
+    kind, _, _, dims, _, mul = parts
+    if kind != "mean":
+        return 1.0
+    shape = _shape(mul)
+    count = 1
+    for d in dims:
+        size = shape[_norm_dim(d, len(shape))]
+        if not isinstance(size, (int, sympy.Integer)) or int(size) < 1:
+            raise _NoMatch(f"{mul.name}: a mean over an axis of size {size}, not a known count")
+        count *= int(size)
+    return 1.0 / count
 
 
 def _combine(labels: _Labels, parts, ta: _Tracked, tb: _Tracked, out: fx.Node) -> tuple[_Tracked, list[int]]:
@@ -531,6 +548,8 @@ def _match_at(x: fx.Node) -> ScoreMatch:
     leaf_dims = [list(t.dims) for t in (t_a, t_b, t_w)]
     t_a = _replay_chain(labels, qa_chain, t_a, scale, post=False)
     t_b = _replay_chain(labels, kb_chain, t_b, scale, post=False)
+    scale.pre *= _mean_factor(inner_parts)
+    scale.post *= _mean_factor(outer_parts)
     prod, inner_sum = _combine(labels, inner_parts, t_a, t_b, inner)
     prod = _replay_chain(labels, pre_chain, prod, scale, post=False, narrow_ok=True)
     r = _replay_chain(labels, relu_chain, _Tracked(prod.dims, _shape(relu)), scale, post=True, narrow_ok=True)
