@@ -184,7 +184,36 @@ def sources_in_graph(sites: list[IndexerSite], config: IndexCacheConfig, present
                 f"its F layer {config.source_layer(layer)} has no indexer site in this graph "
                 "(graph break, pipeline stage, compiled region, or a layer without an indexer)"
             )
+    _refuse_out_of_order(found, by_layer)
     return found
+
+
+def _refuse_out_of_order(found: dict[int, IndexerSite | str], by_layer: Mapping[int, IndexerSite]) -> None:
+    """Replace by a reason each source that is not also the last computing site before its S layer in the graph.
+
+    The rule above reads "nearest preceding" by layer number; the engines' buffer holds whatever layer computed
+    last as the model runs. The two agree only where the layers run in their numbered order, which the graph's
+    order (the order the model ran in) shows: a site that computes between the source and the S layer there has
+    a number outside that span (else it would be the source), so the model runs its layers out of order and the
+    S layer keeps its own indices. A source that runs after the S layer is refused by ``incompatibility``."""
+    if not by_layer:
+        return
+    position = node_order(next(iter(by_layer.values())).anchor.graph)
+    computing = sorted((site for layer, site in by_layer.items() if found.get(layer) is site),
+                       key=lambda site: position[site.anchor])
+    for layer, source in found.items():
+        site = by_layer[layer]
+        if isinstance(source, str) or source is site:
+            continue
+        start, end = position[source.anchor], position[site.anchor]
+        between = [other for other in computing if start < position[other.anchor] < end]
+        if between:
+            last = between[-1]
+            found[layer] = (
+                f"the model runs its layers out of their numbered order: layer {last.layer} computes after layer "
+                f"{source.layer} and before this layer, so the engines' buffer would hold layer {last.layer}'s "
+                f"indices, not layer {source.layer}'s"
+            )
 
 
 def _refusal(site: IndexerSite, source: IndexerSite | str) -> str | None:
