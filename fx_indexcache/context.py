@@ -47,9 +47,13 @@ class GraphContext:
     #: Split each computing indexer's query rows across the default process group's ranks (``rewrite.shard_rows``);
     #: effective only where a group of more than one rank is initialised when the graph is rewritten.
     shard_indexer_rows: bool = False
-    #: The compiled frame's module locals, by name, held weakly: what module paths rooted at a frame local
-    #: (``L['tail'][0]``) name, resolved by identity against the model (``integrations/frame_locals.py``).
+    #: The modules the compiled frame reaches by name (its locals, the globals its code reads), keyed by root
+    #: (``L.tail``, ``G.model``), held weakly: what module paths rooted there (``L['tail'][0]``) name, resolved by
+    #: identity against the model (``integrations/frame_locals.py``).
     frame_modules: tuple[tuple[str, weakref.ref], ...] = ()
+    #: The parameters whose identity dynamo guards for this graph (``integrations/block_guards.py``): blocks reached
+    #: through a module list the compiled frame holds; the compile then skips Inductor's FX graph cache.
+    pinned_blocks: tuple[str, ...] = ()
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

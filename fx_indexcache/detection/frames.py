@@ -56,30 +56,41 @@ def _compiled_code(callback: FrameType):
     return code
 
 
-def _compiled_frame_locals() -> dict:
-    """The locals (arguments, closure cells) of the frame dynamo is compiling now, by name; {} outside a compile or
-    where a frame object's locals cannot be read."""
+def _compiled_frame() -> FrameType | None:
+    """The frame dynamo is compiling now, or None outside a compile."""
     callback = _outermost_convert_frame()
-    frame = None if callback is None else callback.f_locals.get("frame")
+    return None if callback is None else callback.f_locals.get("frame")
+
+
+def _compiled_frame_names() -> dict[str, dict]:
+    """What the frame dynamo is compiling now reaches by name, by the root dynamo writes into a path that starts
+    there: ``"L"``, its locals (arguments, closure cells); ``"G"``, the module globals its code reads (a compiled
+    ``step`` that calls a global ``model``). Empty outside a compile or where a frame's names cannot be read."""
+    frame = _compiled_frame()
     try:
-        return dict(getattr(frame, "f_locals", None) or {})
-    except Exception:  # a frame object whose locals cannot be read: nothing is known
-        return {}
+        local_names = dict(getattr(frame, "f_locals", None) or {})
+        code, global_names = getattr(frame, "f_code", None), getattr(frame, "f_globals", None) or {}
+        read = set(getattr(code, "co_names", ()))
+        return {"L": local_names, "G": {name: value for name, value in global_names.items() if name in read}}
+    except Exception:  # a frame object whose names cannot be read: nothing is known
+        return {"L": {}, "G": {}}
 
 
 def compiled_frame_values() -> list:
     """The values of the frame dynamo is compiling now, or [] outside a dynamo compile: where a compiled function
     (``torch.compile(step)`` with ``step`` calling ``model``) holds the model it runs, which is on no Python stack
-    at compile time."""
-    return list(_compiled_frame_locals().values())
+    at compile time: an argument, a closure cell or a global its code reads."""
+    return [value for names in _compiled_frame_names().values() for value in names.values()]
 
 
 def compiled_frame_modules() -> dict[str, object]:
-    """The modules among the locals of the frame dynamo is compiling now, by name ({} outside a compile): what a
-    module path rooted at a frame local (``L['tail'][0]``) names."""
+    """The modules the frame dynamo is compiling now reaches by name, keyed by the root dynamo writes into a module
+    path that starts at them (``L.tail`` for the local ``tail``, ``G.model`` for a global its code reads; {} outside
+    a compile): what a path rooted there (``L['tail'][0]``, ``G['model'].layers[3]``) names."""
     import torch.nn as nn
 
-    return {name: value for name, value in _compiled_frame_locals().items() if isinstance(value, nn.Module)}
+    return {f"{root}.{name}": value for root, names in _compiled_frame_names().items()
+            for name, value in names.items() if isinstance(value, nn.Module)}
 
 
 def dynamo_graph_starts_at_first_layer() -> bool | None:

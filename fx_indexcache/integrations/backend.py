@@ -35,6 +35,7 @@ from ..detection.registry import Detection, LayerSource
 from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
 from ..rewrite.shard_rows import SHARD_ROWS_KEY
+from .block_guards import pin_listed_blocks, without_graph_cache
 from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
 
 log = logging.getLogger(__name__)
@@ -301,12 +302,14 @@ class IndexCacheBackend:
             _refuse_contradicting(shipped, given, model, model_layers)
         config, inductor_options = IndexCacheConfig.from_options(given)
         decode_only = self._decode_only_note()
+        frame_modules = compiled_frame_modules()
         context = GraphContext(
             starts_at_first_layer=dynamo_graph_starts_at_first_layer(), model_layers=model_layers,
             model=None if model is None else weakref.ref(model), notes=() if decode_only is None else (decode_only,),
             stage_first_layer=stage, shard_indexer_rows=shard_rows,
             eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly",
-            frame_modules=tuple((name, weakref.ref(module)) for name, module in compiled_frame_modules().items()))
+            frame_modules=tuple((name, weakref.ref(module)) for name, module in frame_modules.items()),
+            pinned_blocks=pin_listed_blocks(frame_modules))
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
@@ -328,7 +331,8 @@ class IndexCacheBackend:
     def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options, plans):
         from torch._inductor.compile_fx import compile_fx
 
-        patches = install_pass(graph_pass, {**mode_options(mode), **inductor_options})
+        patches = without_graph_cache(install_pass(graph_pass, {**mode_options(mode), **inductor_options}),
+                                      graph_pass.context.pinned_blocks)
         self._used_cudagraphs |= bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
         variants = variant_pass(graph_pass, patches["post_grad_custom_post_pass"])
         inner = crossgraph_build.inductor_inner_compile(

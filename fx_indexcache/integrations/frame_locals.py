@@ -9,7 +9,7 @@ layers of a hybrid stack) traces ``dsa_layers.0`` for layer 1; a compiled functi
 
 The rule: a numbered block's layer is its position in the list that owns it, the list its canonical name (the
 model's first name for it, as ``state_dict`` and the engines' weight names spell it) runs through. In a backend the
-compiled frame's locals (its ``self`` too) name the objects: the container is walked to and each numbered block is
+compiled frame's locals (its ``self`` too) and the globals its code reads name the objects: the container is walked to and each numbered block is
 looked up in the model by identity. An export lists a block reached through two lists under both names, one
 tensor each: there the canonical name of a numbered block's state (its first key in the program's ``state_dict``)
 gives its list and position. Where neither proves the numbers, the layers are unknown and compute.
@@ -41,20 +41,25 @@ def _module_lists(root: nn.Module) -> dict[str, Blocks]:
 
 
 def _named_container(container: str, frame_modules: dict[str, Any]) -> tuple[str, Blocks] | None:
-    """``(local name, module list)`` that ``container`` names from the compiled frame (``L.tail``,
-    ``L.model.layers``; a path without a local root starts at the frame's ``self``), or None."""
+    """``(root, module list)`` that ``container`` names from the compiled frame (``L.tail``, ``L.model.layers``,
+    ``G.model.layers``; a path without a root starts at the frame's ``self``), or None. ``frame_modules`` is keyed
+    by root (``frames.compiled_frame_modules``)."""
     if not rooted_elsewhere(container):
-        owner = frame_modules.get("self")
+        owner = frame_modules.get(_SELF)
         found = _module_lists(owner).get(container) if isinstance(owner, nn.Module) else None
-        return None if found is None else ("self", found)
+        return None if found is None else (_SELF, found)
     for name, local in frame_modules.items():
-        root = f"L.{_spelled(name)}"
+        root = _spelled(name)
         if container == root:
             return (name, local) if isinstance(local, (nn.ModuleList, nn.Sequential)) else None
         if container.startswith(root + ".") and isinstance(local, nn.Module):
             found = _module_lists(local).get(container[len(root) + 1:])
             return None if found is None else (name, found)
     return None
+
+
+#: The frame's ``self`` as ``frame_modules`` keys it.
+_SELF = "L.self"
 
 
 def _one_list(homes: dict[int, tuple[str, int] | str], what: str) -> tuple[str, dict[int, int]] | str:
@@ -122,13 +127,30 @@ def prove_container_numbers(detection: Detection, context: GraphContext) -> None
     named = _named_container(container, frame_modules)
     if named is None:
         if rooted_elsewhere(container):
-            refuse_container(detection, f"{container}, which names no module list among the compiled frame's locals")
+            refuse_container(detection, f"{container}, which names no module list among the compiled frame's "
+                                        "locals or the globals it reads")
         return  # a plain pass, or a frame whose self holds no such list: the paths are the model's own names
     local, blocks = named
-    owner = model if isinstance(model, nn.Module) else frame_modules.get(local)
-    if not isinstance(owner, nn.Module):
+    owner = model if isinstance(model, nn.Module) else _owning_module(blocks, numbers, frame_modules)
+    if isinstance(owner, str):
+        refuse_container(detection, f"{container} (through {local!r}): {owner}")
         return
-    _settle(detection, f"{container} (local {local!r})", _canonical_positions(blocks, numbers, owner))
+    _settle(detection, f"{container} (through {local!r})", _canonical_positions(blocks, numbers, owner))
+
+
+def _owning_module(blocks: Blocks, numbers: set[int], frame_modules: dict[str, Any]) -> nn.Module | str:
+    """For a compiled function (no model on the stack): the module the frame reaches that holds every numbered
+    block of ``blocks``, where their positions are proven; or why there is none. A module list is no owner: a
+    list the function is handed (``run(model.layers[2:4], x)``) numbers its blocks from 0 whichever layers they
+    are; the model it was cut from must be in reach (``run(model, blocks, x)``) to number them."""
+    wanted = {id(blocks[number]) for number in numbers if number < len(blocks)}
+    owners = [module for module in frame_modules.values()
+              if isinstance(module, nn.Module) and not isinstance(module, (nn.ModuleList, nn.Sequential))
+              and wanted <= {id(sub) for sub in module.modules()}]
+    if not owners:
+        return ("no model the compiled function reaches holds these blocks, so their positions in the list it "
+                "was handed need not be the model's layers; pass the model to the function (or compile the model)")
+    return owners[0]
 
 
 def _settle(detection: Detection, where: str, found: tuple[str, dict[int, int]] | str) -> None:

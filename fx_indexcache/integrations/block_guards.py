@@ -1,0 +1,66 @@
+"""A graph whose layer numbers rest on which blocks a compiled function holds runs only for those blocks.
+
+dynamo guards a module list by its length and its blocks' types, not by identity: a compiled function that loops
+over a list it holds (an argument, a closure cell, a global: ``run(model, model.layers[1:3], x)``) runs the graph it
+compiled for one list on any other list of that length, and the closures of one code object share their graphs.
+The layer numbers the pass proved for the first list's blocks (their positions in the model, ``frame_locals``)
+would then be applied to other layers: layers 1 and 2 would run as the graph decided for layers 0 and 1.
+
+The rule: wherever the blocks behind a graph's module paths are reached through a module list the compiled frame
+holds, the backend asks dynamo to guard the identity of one parameter of each of those blocks, so another list
+recompiles and its numbers are proven again; and that compile skips Inductor's FX graph cache, whose key covers the
+graph's code but not which layers its blocks are. Paths through a module's own lists (``L['model'].layers[3]``)
+are structural, the same for every model of that class, and are not pinned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..detection.layers import normalise_module_path
+
+
+#: The dicts a dynamo source reads a submodule or tensor through (``L['blocks']._modules['0']``).
+_MODULE_DICTS = re.compile(r"\._(modules|parameters|buffers)(?=\.)")
+
+
+def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
+    """Guard the identity of one parameter of each numbered block reached through a module list among
+    ``frame_modules`` (keyed by root: ``frames.compiled_frame_modules``). Returns the guarded parameters' names as
+    dynamo spells them; () where no list is held, its blocks' parameters are no graph inputs (dynamo then guards the
+    modules themselves), or no dynamo compile is in progress."""
+    lists = [root for root, module in frame_modules.items() if isinstance(module, (nn.ModuleList, nn.Sequential))]
+    if not lists:
+        return ()
+    try:
+        from torch._dynamo.guards import GuardBuilder
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._guards import TracingContext
+
+        graphargs = list(InstructionTranslator.current_tx().output.graphargs)
+        guards = TracingContext.get().guards_context.dynamo_guards
+    except Exception:  # noqa: BLE001 - not inside a dynamo compile, or a torch without these internals
+        return ()
+    numbered = [re.compile(re.escape(root) + r"\.(\d+)\.") for root in lists]
+    pinned: dict[tuple[int, str], str] = {}
+    for arg in graphargs:
+        source = getattr(arg, "source", None)
+        if source is None or not isinstance(getattr(arg, "example", None), nn.Parameter):
+            continue
+        name = source.name() if callable(source.name) else str(source.name)
+        path = _MODULE_DICTS.sub("", normalise_module_path(name))  # L.blocks._modules.0 -> L.blocks.0
+        for which, pattern in enumerate(numbered):
+            block = pattern.match(path)
+            if block is not None and (which, block.group(1)) not in pinned:
+                guards.add(source.make_guard(GuardBuilder.ID_MATCH))
+                pinned[(which, block.group(1))] = name
+    return tuple(pinned.values())
+
+
+def without_graph_cache(patches: dict, pinned: tuple[str, ...]) -> dict:
+    """Inductor's config patches, with its FX graph cache (and so AOTAutograd's) off where blocks were pinned."""
+    return {**patches, "fx_graph_cache": False} if pinned else patches
+
