@@ -54,6 +54,10 @@ class GraphContext:
     #: The parameters whose identity dynamo guards for this graph (``integrations/block_guards.py``): blocks reached
     #: through a module list the compiled frame holds; the compile then skips Inductor's FX graph cache.
     pinned_blocks: tuple[str, ...] = ()
+    #: What the graph's layer numbers rest on (its module paths and layer records, ``integrations/cache_key.py``),
+    #: as a digest the pass's ``uuid`` covers: the FX graph cache key covers the code, not the numbers. None: not
+    #: known (a pass installed by hand), and the pass's ``uuid`` is None.
+    numbering_digest: str | None = None
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the

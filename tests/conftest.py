@@ -21,7 +21,12 @@ from failure_log import pytest_runtest_logreport  # noqa: E402,F401  (a hook: fa
 from fx_indexcache import IndexCacheConfig, IndexCachePass, clear_reports  # noqa: E402
 from fx_indexcache.fuse import substitute as kernel_substitution  # noqa: E402
 from fx_indexcache.models.reference import DSAModelConfig, ReferenceDSAModel  # noqa: E402
+from fx_indexcache.context import GraphContext  # noqa: E402
 from fx_indexcache.session import default_session  # noqa: E402
+
+#: The context a backend gives a pass whose graph holds no module paths: its layer numbers are known to rest on
+#: nothing outside the graph's code, so its ``uuid()`` is a key (a pass installed by hand has none).
+KEYED = GraphContext(numbering_digest="")
 
 # Tiny models: one intra-op thread is faster than two, and steady on a shared 2-core machine.
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from torch._inductor import list_mode_options
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import fx_indexcache
-from conftest import model_pair
+from conftest import KEYED, model_pair
 from fx_indexcache import IndexCacheBackend, IndexCacheEagerBackend, reports
 from fx_indexcache.integrations.backend import _Chain
 from fx_indexcache.models.reference import DSAModelConfig
@@ -94,7 +94,7 @@ def test_backend_object_copies_as_itself_pickles_and_reads_well():
 
 def test_chain_uuid_joins_every_pass_and_is_none_when_one_has_none():
     log: list = []
-    ours = fx_indexcache.IndexCachePass(index_topk_freq=2)
+    ours = fx_indexcache.IndexCachePass(index_topk_freq=2, context=KEYED)
     chain = _Chain(ours, [RecordingPass("a", log), (RecordingPass("b", log),)])
     assert len(chain.passes) == 3 and chain.uuid() == repr([ours.uuid(), "recording-a", "recording-b"])
     assert _Chain(ours, [lambda graph: None]).uuid() is None  # Inductor then bypasses its FX graph cache

@@ -4,6 +4,7 @@ graph breaks and regional compilation. Every path is either IndexCache or the or
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from conftest import CapturingBackend, model_pair
+from conftest import KEYED, CapturingBackend, model_pair
 from fx_indexcache import IndexCacheConfig, indexcache_backend, reports
 from fx_indexcache.models.reference import DSAModelConfig
 
@@ -243,13 +244,73 @@ def test_fx_graph_cache_never_serves_a_graph_rewritten_under_another_pattern(tmp
     assert again["cached"] and not first["cached"]  # ... and the report says so
 
 
+SPAN_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch import nn
+    from dsa_programs import Block, inputs
+    from fx_indexcache import indexcache_backend, reports
+
+    class Span(nn.Module):  # one class, run over layers [start, end): two pipeline stages, say
+        def __init__(self, start, end):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.layers = nn.ModuleList(Block(gen) for _ in range(4))
+            self.start, self.end = start, end
+
+        def forward(self, x, pattern=None):
+            last = None
+            for i in range(self.start, self.end):
+                if pattern is None or pattern[i] == "F" or last is None:
+                    last = self.layers[i].indexer(x)
+                x = self.layers[i](x, last)
+            return x
+
+    start, end = int(sys.argv[1]), int(sys.argv[2])
+    pattern = "FSFF"
+    span = Span(start, end).eval()
+    with torch.no_grad():
+        got = torch.compile(span, backend=indexcache_backend, options={"index_topk_pattern": pattern})(inputs())
+        diff = (got - span(inputs(), pattern)).abs().max().item()
+    counters = torch._dynamo.utils.counters["inductor"]
+    rewritten = sum(1 for r in reports() if r.decisions)
+    print(json.dumps({"diff": diff, "pass_ran": rewritten, "hits": counters["fxgraph_cache_hit"]}))
+    """
+)
+
+
+def test_fx_graph_cache_never_serves_one_span_of_layers_for_another(tmp_path):
+    """Two spans of one model class compile to the same code; only the module paths say which layers run. Layers
+    2 and 3 are both F under FSFF: served layers 0 and 1's rewrite (FS), layer 3 would read layer 2's indices."""
+    env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    script = tmp_path / "span.py"
+    script.write_text(SPAN_CACHE_SCRIPT)
+
+    def run(start, end):
+        out = subprocess.run([sys.executable, str(script), str(start), str(end)], env=env, capture_output=True,
+                             text=True, timeout=600, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, other, again = run(0, 2), run(2, 4), run(0, 2)
+    for result in (first, other, again):
+        assert result["diff"] < 1e-4, result
+    assert first["pass_ran"] == 1 and other["pass_ran"] == 1  # another span is a cache miss
+    assert again["hits"] >= 1 and again["pass_ran"] == 0  # the same span may be served from cache
+
+
 def test_uuid_covers_the_config():
     from fx_indexcache import IndexCachePass
 
-    a = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4)).uuid()
-    b = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=2)).uuid()
-    c = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4)).uuid()
+    a = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4), context=KEYED).uuid()
+    b = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=2), context=KEYED).uuid()
+    c = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4), context=KEYED).uuid()
     assert a != b and a == c
+    # the graph's numbers: another span of layers is another key; a pass installed by hand cannot tell, so it has none
+    other_span = IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4),
+                                context=dataclasses.replace(KEYED, numbering_digest="0123abcd")).uuid()
+    assert other_span not in (a, None)
+    assert IndexCachePass(IndexCacheConfig(use_index_cache=True, index_topk_freq=4)).uuid() is None
 
 
 def test_backend_is_registered_by_name_after_install():

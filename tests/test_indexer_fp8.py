@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import trace_one_topk
+from conftest import KEYED, trace_one_topk
 
 from fx_indexcache import IndexCacheConfig, IndexCachePass
 from fx_indexcache.fuse import substitute as kernel_substitution
@@ -78,10 +78,10 @@ def test_bad_precision_is_refused_naming_field_value_and_choices(bad):
 
 
 def test_precision_is_part_of_the_pass_uuid():
-    bf16, fp8 = (IndexCachePass(index_topk_freq=4, indexer_precision=p) for p in ("bf16", "fp8"))
+    bf16, fp8 = (IndexCachePass(index_topk_freq=4, indexer_precision=p, context=KEYED) for p in ("bf16", "fp8"))
     assert bf16.config.fingerprint() != fp8.config.fingerprint()
     assert bf16.uuid() != fp8.uuid()
-    assert IndexCachePass(index_topk_freq=4).uuid() == bf16.uuid()  # bf16 is the default
+    assert IndexCachePass(index_topk_freq=4, context=KEYED).uuid() == bf16.uuid()  # bf16 is the default
 
 
 # ------------------------------------------------------------------------------------ quantisation

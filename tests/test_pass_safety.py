@@ -5,6 +5,7 @@ and a module name never admits a top-k the structure rejects."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import shutil
 
@@ -14,6 +15,7 @@ from torch import nn
 
 import fx_indexcache as fic
 from dsa_programs import D, H, HD, K, T, FunctionalDSA, inputs, uses_for
+from conftest import KEYED
 from fx_indexcache.detection import registry as detection
 from fx_indexcache.integrations import graph_pass
 
@@ -84,17 +86,17 @@ def test_uuid_covers_registered_finders():
     def finder_b(graph):
         return [[]][0], []
 
-    base = fic.IndexCachePass(index_topk_freq=2).uuid()
+    base = fic.IndexCachePass(index_topk_freq=2, context=KEYED).uuid()
     try:
         fic.register_site_finder("test.finder", finder_a)
-        with_a = fic.IndexCachePass(index_topk_freq=2).uuid()
+        with_a = fic.IndexCachePass(index_topk_freq=2, context=KEYED).uuid()
         fic.register_site_finder("test.finder", finder_b)
-        with_b = fic.IndexCachePass(index_topk_freq=2).uuid()
+        with_b = fic.IndexCachePass(index_topk_freq=2, context=KEYED).uuid()
     finally:
         detection.SITE_FINDERS.pop("test.finder", None)
         detection._FINDER_FINGERPRINTS.pop("test.finder", None)
     assert len({base, with_a, with_b}) == 3
-    assert fic.IndexCachePass(index_topk_freq=2).uuid() == base
+    assert fic.IndexCachePass(index_topk_freq=2, context=KEYED).uuid() == base
 
 
 def test_a_finder_the_uuid_cannot_cover_is_refused():
@@ -105,7 +107,8 @@ def test_a_finder_the_uuid_cannot_cover_is_refused():
 
 def test_uuid_covers_whether_the_graph_starts_at_the_first_layer():
     config = fic.IndexCacheConfig(use_index_cache=True, index_topk_freq=2)
-    uuids = {fic.IndexCachePass(config, graph_starts_at_first_layer=s).uuid() for s in (None, True, False)}
+    uuids = {fic.IndexCachePass(config, context=dataclasses.replace(KEYED, starts_at_first_layer=s)).uuid()
+             for s in (None, True, False)}
     assert len(uuids) == 3
 
 

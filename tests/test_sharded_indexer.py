@@ -18,6 +18,7 @@ import torch
 
 import fx_indexcache as fic
 from fx_indexcache.rewrite import shard_rows
+from conftest import KEYED
 from fx_indexcache.rewrite.shard_rows import ShardGroup
 from gloo_job import parallel_results, skip_without_gloo
 from parallel_programs import MaskedDSA, masked_inputs
@@ -134,8 +135,8 @@ def test_each_rank_compiles_its_own_graph(monkeypatch):
     uuids = set()
     for rank in (0, 1):
         monkeypatch.setattr(ShardGroup, "current", classmethod(lambda cls, rank=rank: cls(rank, 2, "0")))
-        uuids.add(fic.IndexCachePass(index_topk_freq=4, shard_indexer_rows=True).uuid())
-    uuids.add(fic.IndexCachePass(index_topk_freq=4).uuid())
+        uuids.add(fic.IndexCachePass(index_topk_freq=4, shard_indexer_rows=True, context=KEYED).uuid())
+    uuids.add(fic.IndexCachePass(index_topk_freq=4, context=KEYED).uuid())
     assert len(uuids) == 3
 
 

@@ -36,6 +36,7 @@ from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
 from ..rewrite.shard_rows import SHARD_ROWS_KEY
 from .block_guards import pin_listed_blocks, without_graph_cache
+from .cache_key import numbering_digest
 from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ class IndexCacheBackend:
             stage_first_layer=stage, shard_indexer_rows=shard_rows,
             eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly",
             frame_modules=tuple((name, weakref.ref(module)) for name, module in frame_modules.items()),
-            pinned_blocks=pin_listed_blocks(frame_modules))
+            pinned_blocks=pin_listed_blocks(frame_modules), numbering_digest=numbering_digest(gm.graph))
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)

@@ -93,9 +93,10 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     """Rewrites a post-grad ATen graph in place so S layers reuse their F layer's indices.
 
     Use it as Inductor's ``post_grad_custom_post_pass`` (``indexcache_backend`` does that),
-    or call it on any ``fx.Graph``. ``uuid()`` covers the config, this package's source and the
-    registered site finders, so the FX graph cache never serves a graph rewritten under another
-    pattern. The config is an ``IndexCacheConfig``, a dict of keys or keyword keys; keys given
+    or call it on any ``fx.Graph``. ``uuid()`` covers the config, this package's source, the
+    registered site finders and what the graph's layer numbers rest on, so the FX graph cache never
+    serves a graph rewritten under another pattern or for other layers; installed by hand (no backend
+    to read the graph's module paths first) it is None and Inductor bypasses that cache. The config is an ``IndexCacheConfig``, a dict of keys or keyword keys; keys given
     switch ``use_index_cache`` on unless it is given too, as everywhere else.
 
     ``graph_starts_at_first_layer``: whether the graph begins at the model's first layer (True for a
@@ -350,11 +351,16 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         group = ShardGroup.current()
         return group.key() if isinstance(group, ShardGroup) else "no group"
 
-    def uuid(self) -> str:
+    def uuid(self) -> str | None:
+        """None (Inductor then bypasses its FX graph cache) where the context does not say what the graph's layer
+        numbers rest on: a pass installed by hand, whose graphs' module paths the key would not cover."""
+        if self.context.numbering_digest is None:
+            return None
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
                  f"eager_calls={self.context.eager_calls is not None}|"
-                 f"inference={self.context.inference}|shard={self._shard_key()}|{_source_digest()}")
+                 f"inference={self.context.inference}|shard={self._shard_key()}|"
+                 f"numbering={self.context.numbering_digest}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 
 
