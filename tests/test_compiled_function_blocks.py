@@ -10,6 +10,7 @@ Each call here is checked against the hand-written IndexCache of the blocks it r
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dsa_programs import ModuleDSA, inputs
 
@@ -44,8 +45,21 @@ def _numbered_layers() -> list[list[int]]:
     return [[d.layer for d in report.decisions] for report in reports()]
 
 
-def test_a_function_handed_slices_runs_each_slice_as_its_own_layers():
+def _weights_as_buffers(model: ModuleDSA) -> ModuleDSA:
+    """Every weight a buffer, as a quantized checkpoint may keep them: no parameter to pin."""
+    for module in model.modules():
+        for name, value in list(module.named_parameters(recurse=False)):
+            delattr(module, name)
+            module.register_buffer(name, value.detach())
+    return model
+
+
+@pytest.mark.parametrize("weights", ["parameters", "buffers"])
+def test_a_function_handed_slices_runs_each_slice_as_its_own_layers(weights):
     model = ModuleDSA(4).eval()
+    if weights == "buffers":
+        _weights_as_buffers(model)
+        assert not list(model.parameters())
     compiled = torch.compile(_run, backend=indexcache_eager_backend, options=OPTIONS)
     clear_reports()
     with torch.no_grad():

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..detection.layers import normalise_module_path
@@ -28,10 +30,11 @@ _MODULE_DICTS = re.compile(r"\._(modules|parameters|buffers)(?=\.)")
 
 
 def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
-    """Guard the identity of one parameter of each numbered block reached through a module list among
-    ``frame_modules`` (keyed by root: ``frames.compiled_frame_modules``). Returns the guarded parameters' names as
-    dynamo spells them; () where no list is held, its blocks' parameters are no graph inputs (dynamo then guards the
-    modules themselves), or no dynamo compile is in progress."""
+    """Guard the identity of one tensor of each numbered block reached through a module list among
+    ``frame_modules`` (keyed by root: ``frames.compiled_frame_modules``): a parameter where the block's parameters
+    are graph inputs, else a buffer (weights a quantized checkpoint keeps as buffers). Returns the guarded
+    tensors' names as dynamo spells them; () where no list is held, no tensor of its blocks is a graph input
+    (dynamo then guards the modules themselves), or no dynamo compile is in progress."""
     lists = [root for root, module in frame_modules.items() if isinstance(module, (nn.ModuleList, nn.Sequential))]
     if not lists:
         return ()
@@ -45,22 +48,25 @@ def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
     except Exception:  # noqa: BLE001 - not inside a dynamo compile, or a torch without these internals
         return ()
     numbered = [re.compile(re.escape(root) + r"\.(\d+)\.") for root in lists]
-    pinned: dict[tuple[int, str], str] = {}
+    chosen: dict[tuple[int, str], tuple[bool, str, Any]] = {}  # block -> (is a parameter, name, dynamo source)
     for arg in graphargs:
-        source = getattr(arg, "source", None)
-        if source is None or not isinstance(getattr(arg, "example", None), nn.Parameter):
+        source, example = getattr(arg, "source", None), getattr(arg, "example", None)
+        if source is None or not isinstance(example, torch.Tensor):
             continue
         name = source.name() if callable(source.name) else str(source.name)
         path = _MODULE_DICTS.sub("", normalise_module_path(name))  # L.blocks._modules.0 -> L.blocks.0
         for which, pattern in enumerate(numbered):
             block = pattern.match(path)
-            if block is not None and (which, block.group(1)) not in pinned:
-                guards.add(source.make_guard(GuardBuilder.ID_MATCH))
-                pinned[(which, block.group(1))] = name
-    return tuple(pinned.values())
+            if block is None:
+                continue
+            key, is_parameter = (which, block.group(1)), isinstance(example, nn.Parameter)
+            if key not in chosen or (is_parameter and not chosen[key][0]):
+                chosen[key] = (is_parameter, name, source)
+    for _, _, source in chosen.values():
+        guards.add(source.make_guard(GuardBuilder.ID_MATCH))
+    return tuple(name for _, name, _ in chosen.values())
 
 
 def without_graph_cache(patches: dict, pinned: tuple[str, ...]) -> dict:
     """Inductor's config patches, with its FX graph cache (and so AOTAutograd's) off where blocks were pinned."""
     return {**patches, "fx_graph_cache": False} if pinned else patches
-
