@@ -470,7 +470,7 @@ def _report_cache_hit(graph_pass: IndexCachePass, plan) -> None:
     """Inductor served the graph from its FX graph cache, so the pass did not run: say so."""
     note = (
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
-        f"same config and code (uuid {graph_pass.uuid()[:12]}); no per-layer detail this time"
+        f"same config and code (uuid {(graph_pass.uuid() or 'none')[:12]}); no per-layer detail this time"
     )
     detection = Detection([], [], [], [], LayerSource.FX_GRAPH_CACHE)
     context = dataclasses.replace(graph_pass.context, graph_name="cached graph", cross_graph=plan)
