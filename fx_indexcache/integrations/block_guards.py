@@ -7,9 +7,10 @@ The layer numbers the pass proved for the first list's blocks (their positions i
 would then be applied to other layers: layers 1 and 2 would run as the graph decided for layers 0 and 1.
 
 The rule: wherever the blocks behind a graph's module paths are reached through a module list the compiled frame
-holds, the backend asks dynamo to guard the identity of one parameter of each of those blocks, so another list
-recompiles and its numbers are proven again; and that compile skips Inductor's FX graph cache, whose key covers the
-graph's code but not which layers its blocks are. Paths through a module's own lists (``L['model'].layers[3]``)
+holds, the backend asks dynamo to guard the identity of one tensor of each of those blocks (a parameter, else a
+buffer), so another list recompiles and its numbers are proven again; and that compile skips Inductor's FX graph
+cache, whose key covers the graph's code and module paths (``L.blocks.0`` for any slice) but not which layers the
+blocks are. Paths through a module's own lists (``L['model'].layers[3]``)
 are structural, the same for every model of that class, and are not pinned.
 """
 
