@@ -51,8 +51,8 @@ class GraphContext:
     #: (``L.tail``, ``G.model``), held weakly: what module paths rooted there (``L['tail'][0]``) name, resolved by
     #: identity against the model (``integrations/frame_locals.py``).
     frame_modules: tuple[tuple[str, weakref.ref], ...] = ()
-    #: The parameters whose identity dynamo guards for this graph (``integrations/block_guards.py``): blocks reached
-    #: through a module list the compiled frame holds; the compile then skips Inductor's FX graph cache.
+    #: The tensors whose identity dynamo guards for this graph (``integrations/block_guards.py``): blocks reached
+    #: through a module list the compiled frame holds; the pass's ``uuid`` is then None (no FX graph cache).
     pinned_blocks: tuple[str, ...] = ()
     #: What the graph's layer numbers rest on (its module paths and layer records, ``integrations/cache_key.py``),
     #: as a digest the pass's ``uuid`` covers: the FX graph cache key covers the code, not the numbers. None: not

@@ -41,23 +41,35 @@ def input_name(graph: fx.Graph, node: fx.Node) -> str:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     graphargs = _dynamo_graphargs(placeholders)
     if graphargs is not None and node in placeholders:
-        source = getattr(graphargs[placeholders.index(node)], "source", None)
-        if source is not None and hasattr(source, "name"):
-            name = source.name
-            return name() if callable(name) else str(name)
+        name = source_name(getattr(graphargs[placeholders.index(node)], "source", None))
+        if name is not None:
+            return name
     return node.name
+
+
+def source_name(source) -> str | None:
+    """A dynamo source as the user wrote it (``L['self'].layers[0].wq``; a method in some torch versions, an
+    attribute in others), or None."""
+    name = getattr(source, "name", None)
+    if name is None:
+        return None
+    return name() if callable(name) else str(name)
+
+
+def current_graphargs() -> list | None:
+    """The graph arguments (real tensors and their sources) of the frame dynamo is compiling now, else None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return list(InstructionTranslator.current_tx().output.graphargs)
+    except Exception:  # noqa: BLE001 - not inside a dynamo compile, or a torch without these internals
+        return None
 
 
 def _dynamo_graphargs(placeholders: list[fx.Node]) -> list | None:
     """The graph arguments of the frame dynamo is compiling, one to one with ``placeholders``, else None."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        graphargs = list(tx.output.graphargs)
-    except Exception:  # noqa: BLE001 - not inside a dynamo compile, or a torch without these internals
-        return None
-    if len(graphargs) != len(placeholders):
+    graphargs = current_graphargs()
+    if graphargs is None or len(graphargs) != len(placeholders):
         return None
     for node, arg in zip(placeholders, graphargs):
         example = getattr(arg, "example", None)

@@ -510,8 +510,7 @@ def _numerics(x: fx.Node, inner: fx.Node, inner_parts, pre_chain, relu_chain, ou
     itself (its last computing node, to the score's dtype: the rounded op rounds there too); else FP32_INSIDE.
     A sum that widens as it accumulates (``dtype=torch.float32``) counts its products' rounding too."""
     computing = [*_product_nodes(inner, inner_parts), *filter(_computes, pre_chain), *filter(_computes, relu_chain),
-                 *_product_nodes(outer, outer_parts),
-                 *filter(_computes, x_chain)]
+                 *_product_nodes(outer, outer_parts), *filter(_computes, x_chain)]
     rounding = [n for n in computing if _dtype(n) in _NARROW]
     if not rounding or (rounding == [computing[-1]] and _dtype(computing[-1]) == _dtype(x)):
         return EXACT
@@ -520,7 +519,7 @@ def _numerics(x: fx.Node, inner: fx.Node, inner_parts, pre_chain, relu_chain, ou
 
 def _product_nodes(product: fx.Node, parts) -> list[fx.Node]:
     """The nodes that round a product's values: the product, and its mul too where its sum widens the dtype."""
-    mul = parts[5]
+    *_, mul = parts
     return [mul, product] if mul is not None and _dtype(mul) != _dtype(product) else [product]
 
 

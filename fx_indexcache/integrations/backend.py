@@ -35,7 +35,7 @@ from ..detection.registry import Detection, LayerSource
 from ..report.graph_report import IndexCacheReport
 from ..session import IndexCacheSession, default_session
 from ..rewrite.shard_rows import SHARD_ROWS_KEY
-from .block_guards import pin_listed_blocks, without_graph_cache
+from .block_guards import pin_listed_blocks
 from .cache_key import numbering_digest
 from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
 
@@ -332,8 +332,7 @@ class IndexCacheBackend:
     def _compile(self, gm, example_inputs, graph_pass: IndexCachePass, mode: str | None, inductor_options, plans):
         from torch._inductor.compile_fx import compile_fx
 
-        patches = without_graph_cache(install_pass(graph_pass, {**mode_options(mode), **inductor_options}),
-                                      graph_pass.context.pinned_blocks)
+        patches = install_pass(graph_pass, {**mode_options(mode), **inductor_options})
         self._used_cudagraphs |= bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
         variants = variant_pass(graph_pass, patches["post_grad_custom_post_pass"])
         inner = crossgraph_build.inductor_inner_compile(

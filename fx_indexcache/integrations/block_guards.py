@@ -8,10 +8,10 @@ would then be applied to other layers: layers 1 and 2 would run as the graph dec
 
 The rule: wherever the blocks behind a graph's module paths are reached through a module list the compiled frame
 holds, the backend asks dynamo to guard the identity of one tensor of each of those blocks (a parameter, else a
-buffer), so another list recompiles and its numbers are proven again; and that compile skips Inductor's FX graph
-cache, whose key covers the graph's code and module paths (``L.blocks.0`` for any slice) but not which layers the
-blocks are. Paths through a module's own lists (``L['model'].layers[3]``)
-are structural, the same for every model of that class, and are not pinned.
+buffer), so another list recompiles and its numbers are proven again. The pass's ``uuid()`` is then None, so
+Inductor's FX graph cache is bypassed: its key covers the graph's code and module paths (``L.blocks.0`` for any
+slice) but not which layers the blocks are. Paths through a module's own lists (``L['model'].layers[3]``) are
+structural, the same for every model of that class, and are not pinned.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..detection.graph_inputs import current_graphargs, source_name
 from ..detection.layers import normalise_module_path
 
 
@@ -37,14 +38,13 @@ def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
     tensors' names as dynamo spells them; () where no list is held, no tensor of its blocks is a graph input
     (dynamo then guards the modules themselves), or no dynamo compile is in progress."""
     lists = [root for root, module in frame_modules.items() if isinstance(module, (nn.ModuleList, nn.Sequential))]
-    if not lists:
+    graphargs = current_graphargs() if lists else None
+    if graphargs is None:
         return ()
     try:
         from torch._dynamo.guards import GuardBuilder
-        from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch._guards import TracingContext
 
-        graphargs = list(InstructionTranslator.current_tx().output.graphargs)
         guards = TracingContext.get().guards_context.dynamo_guards
     except Exception:  # noqa: BLE001 - not inside a dynamo compile, or a torch without these internals
         return ()
@@ -52,9 +52,9 @@ def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
     chosen: dict[tuple[int, str], tuple[bool, str, Any]] = {}  # block -> (is a parameter, name, dynamo source)
     for arg in graphargs:
         source, example = getattr(arg, "source", None), getattr(arg, "example", None)
-        if source is None or not isinstance(example, torch.Tensor):
+        name = source_name(source)
+        if name is None or not isinstance(example, torch.Tensor):
             continue
-        name = source.name() if callable(source.name) else str(source.name)
         path = _MODULE_DICTS.sub("", normalise_module_path(name))  # L.blocks._modules.0 -> L.blocks.0
         for which, pattern in enumerate(numbered):
             block = pattern.match(path)
@@ -67,7 +67,3 @@ def pin_listed_blocks(frame_modules: Mapping[str, object]) -> tuple[str, ...]:
         guards.add(source.make_guard(GuardBuilder.ID_MATCH))
     return tuple(name for _, name, _ in chosen.values())
 
-
-def without_graph_cache(patches: dict, pinned: tuple[str, ...]) -> dict:
-    """Inductor's config patches, with its FX graph cache (and so AOTAutograd's) off where blocks were pinned."""
-    return {**patches, "fx_graph_cache": False} if pinned else patches

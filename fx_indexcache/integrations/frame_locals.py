@@ -9,8 +9,8 @@ layers of a hybrid stack) traces ``dsa_layers.0`` for layer 1; a compiled functi
 
 The rule: a numbered block's layer is its position in the list that owns it, the list its canonical name (the
 model's first name for it, as ``state_dict`` and the engines' weight names spell it) runs through. In a backend the
-compiled frame's locals (its ``self`` too) and the globals its code reads name the objects: the container is walked to and each numbered block is
-looked up in the model by identity. An export lists a block reached through two lists under both names, one
+compiled frame's locals (its ``self`` too) and the globals its code reads name the objects: the container is walked
+to and each numbered block is looked up in the model by identity. An export lists a block reached through two lists under both names, one
 tensor each: there the canonical name of a numbered block's state (its first key in the program's ``state_dict``)
 gives its list and position. Where neither proves the numbers, the layers are unknown and compute.
 """

@@ -96,8 +96,9 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
     or call it on any ``fx.Graph``. ``uuid()`` covers the config, this package's source, the
     registered site finders and what the graph's layer numbers rest on, so the FX graph cache never
     serves a graph rewritten under another pattern or for other layers; installed by hand (no backend
-    to read the graph's module paths first) it is None and Inductor bypasses that cache. The config is an ``IndexCacheConfig``, a dict of keys or keyword keys; keys given
-    switch ``use_index_cache`` on unless it is given too, as everywhere else.
+    to read the graph's module paths first) it is None and Inductor bypasses that cache. The config is
+    an ``IndexCacheConfig``, a dict of keys or keyword keys; keys given switch ``use_index_cache`` on
+    unless it is given too, as everywhere else.
 
     ``graph_starts_at_first_layer``: whether the graph begins at the model's first layer (True for a
     whole exported program; the backends tell it for each dynamo graph; None: not known). Only then
@@ -352,9 +353,10 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         return group.key() if isinstance(group, ShardGroup) else "no group"
 
     def uuid(self) -> str | None:
-        """None (Inductor then bypasses its FX graph cache) where the context does not say what the graph's layer
-        numbers rest on: a pass installed by hand, whose graphs' module paths the key would not cover."""
-        if self.context.numbering_digest is None:
+        """None (Inductor then bypasses its FX graph cache) where no key can cover what the graph's layer numbers
+        rest on: a pass installed by hand, which does not see the graph's module paths before it, and a graph whose
+        numbers rest on which blocks a compiled function was handed (``context.pinned_blocks``)."""
+        if self.context.numbering_digest is None or self.context.pinned_blocks:
             return None
         state = (f"{self.config.fingerprint()}|starts={self.context.starts_at_first_layer}|"
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
