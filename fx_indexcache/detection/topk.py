@@ -124,13 +124,17 @@ def cache_writes_feeding_only(roots: list[fx.Node]) -> list[CacheWrite]:
 
 
 def _only_feeds(node: fx.Node, sinks: set[fx.Node]) -> bool:
-    """Whether every path from ``node`` through its users ends in ``sinks`` (the write's own operands do)."""
+    """Whether every path from ``node`` through its users ends in ``sinks`` (the write's own operands do). A pure
+    node nothing reads is dead code (Inductor's post-grad graph keeps the view a functionalized ``keys[a:b] = v``
+    took of the cache before writing it): it reads nothing that survives."""
     seen, stack = set(), [node]
     while stack:
         current = stack.pop()
         if current in sinks or current in seen:
             continue
         if not current.users:
+            if current.op == "call_function" and not current.is_impure():
+                continue
             return False
         seen.add(current)
         stack.extend(current.users)

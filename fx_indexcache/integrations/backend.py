@@ -38,6 +38,7 @@ from ..rewrite.shard_rows import SHARD_ROWS_KEY
 from .block_guards import pin_listed_blocks
 from .cache_key import numbering_digest
 from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
+from .ledger_effects import LedgerEffectsStore, compile_caches_off, effects_key, new_entries
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,8 @@ class IndexCacheBackend:
     def _init_state(self, session: IndexCacheSession | None = None) -> None:
         self.session = IndexCacheSession(repr(self)) if session is None else session
         self._used_cudagraphs = False
+        #: the cache-write choices of each compile, for the graphs Inductor's caches serve later
+        self.ledger_effects = LedgerEffectsStore()
 
     @property
     def reports(self) -> list[IndexCacheReport]:
@@ -312,10 +315,31 @@ class IndexCacheBackend:
             frame_modules=tuple((name, weakref.ref(module)) for name, module in frame_modules.items()),
             pinned_blocks=pin_listed_blocks(frame_modules), numbering_digest=numbering_digest(gm.graph))
         graph_pass = IndexCachePass(config, session=self.session, context=context)
+        return self._compile_keeping_ledger(gm, example_inputs, graph_pass, mode, inductor_options)
+
+    def _compile_keeping_ledger(self, gm, example_inputs, graph_pass: IndexCachePass, mode, inductor_options):
+        """Compile; a graph Inductor's caches serve (the pass did not run) replays the cache-write choices its
+        entry's compile made, or is compiled again with the caches off where they were not kept
+        (``ledger_effects``)."""
+        uuid, ledger = graph_pass.uuid(), graph_pass.ledger()
+        key = None if uuid is None else effects_key(uuid, gm, example_inputs, f"{mode}|{sorted(inductor_options.items())}")
+        before = ledger.entries()
         plans: list = []
         compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
-        if not graph_pass.reports:
-            _report_cache_hit(graph_pass, plans[-1] if plans else None)
+        if graph_pass.reports:
+            if key is not None:
+                self.ledger_effects.save(key, new_entries(before, ledger.entries()))
+            return compiled
+        replayed = None if key is None else self.ledger_effects.load(key)
+        if replayed is None:
+            ledger.restore(before)
+            with compile_caches_off():
+                compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
+            if graph_pass.reports:
+                return compiled
+            replayed = []
+        ledger.replay(replayed)
+        _report_cache_hit(graph_pass, plans[-1] if plans else None, replayed)
         return compiled
 
     def resolve_mode(self, call_mode: str | None) -> str | None:
@@ -465,11 +489,14 @@ def _in_default_session(cls: type[IndexCacheBackend]) -> IndexCacheBackend:
     return backend
 
 
-def _report_cache_hit(graph_pass: IndexCachePass, plan) -> None:
-    """Inductor served the graph from its FX graph cache, so the pass did not run: say so."""
+def _report_cache_hit(graph_pass: IndexCachePass, plan, replayed: list[tuple[str, str, str]]) -> None:
+    """Inductor served the graph from its caches, so the pass did not run: say so, and which cache-write choices
+    of the entry's compile were replayed into the model's ledger."""
+    choices = ", ".join(f"{layer} {choice}" for _, layer, choice in replayed) or "none"
     note = (
         "served from Inductor's FX graph cache: the pass ran when the entry was made, under this "
-        f"same config and code (uuid {(graph_pass.uuid() or 'none')[:12]}); no per-layer detail this time"
+        f"same config, code and cache-write ledger (uuid {(graph_pass.uuid() or 'none')[:12]}); no per-layer "
+        f"detail this time; its key-cache write choices replayed: {choices}"
     )
     detection = Detection([], [], [], [], LayerSource.FX_GRAPH_CACHE)
     context = dataclasses.replace(graph_pass.context, graph_name="cached graph", cross_graph=plan)

@@ -353,7 +353,11 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         return group.key() if isinstance(group, ShardGroup) else "no group"
 
     def uuid(self) -> str | None:
-        """None (Inductor then bypasses its FX graph cache) where no key can cover what the graph's layer numbers
+        """The key of the rewrite: config, source, what the layer numbers rest on, and the model's cache-write
+        ledger as it stands (the decisions depend on what earlier graphs chose; a graph served from a cache then
+        replays its entry's choices: ``integrations/ledger_effects.py``).
+
+        None (Inductor then bypasses its FX graph cache) where no key can cover what the graph's layer numbers
         rest on: a pass installed by hand, which does not see the graph's module paths before it, and a graph whose
         numbers rest on which blocks a compiled function was handed (``context.pinned_blocks``)."""
         if self.context.numbering_digest is None or self.context.pinned_blocks:
@@ -362,7 +366,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
                  f"layers={self.context.model_layers}|stage={self.context.stage_first_layer}|"
                  f"eager_calls={self.context.eager_calls is not None}|"
                  f"inference={self.context.inference}|shard={self._shard_key()}|"
-                 f"numbering={self.context.numbering_digest}|{_source_digest()}")
+                 f"numbering={self.context.numbering_digest}|"
+                 f"ledger={self.ledger().state(self.config.fingerprint())}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 
 

@@ -43,6 +43,26 @@ class CacheWriteLedger:
         with self._lock:
             self._choices.setdefault((scope, key), choice)
 
+    def state(self, scope: str) -> str:
+        """The choices under ``scope`` as text (the pass's ``uuid`` covers it: decisions depend on it)."""
+        with self._lock:
+            return ";".join(sorted(f"{key}={choice.value}" for (s, key), choice in self._choices.items() if s == scope))
+
+    def entries(self) -> list[tuple[str, str, str]]:
+        """Every choice as ``(scope, layer key, choice)``, in the order they were made."""
+        with self._lock:
+            return [(scope, key, choice.value) for (scope, key), choice in self._choices.items()]
+
+    def replay(self, entries: list[tuple[str, str, str]]) -> None:
+        """Make the choices ``entries`` lists, as a compile served from a cache would have made them."""
+        for scope, key, choice in entries:
+            self.record(scope, key, WriteChoice(choice))
+
+    def restore(self, entries: list[tuple[str, str, str]]) -> None:
+        """Back to the choices ``entries`` (an earlier ``entries()``) lists."""
+        with self._lock:
+            self._choices = {(scope, key): WriteChoice(choice) for scope, key, choice in entries}
+
     def clear(self) -> None:
         with self._lock:
             self._choices.clear()
