@@ -38,7 +38,7 @@ from ..rewrite.shard_rows import SHARD_ROWS_KEY
 from .block_guards import pin_listed_blocks
 from .cache_key import numbering_digest
 from .graph_pass import FusionOnlyPass, IndexCachePass, check_shard_rows
-from .ledger_effects import LedgerEffectsStore, compile_caches_off, effects_key, new_entries
+from .ledger_effects import LedgerEffectsStore, effects_key, new_entries
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,8 @@ class IndexCacheBackend:
 
     def _compile_keeping_ledger(self, gm, example_inputs, graph_pass: IndexCachePass, mode, inductor_options):
         """Compile; a graph Inductor's caches serve (the pass did not run) replays the cache-write choices its
-        entry's compile made, or is compiled again with the caches off where they were not kept
-        (``ledger_effects``)."""
+        entry's compile made, or, where they were not kept, is compiled again under a pass with no uuid, which no
+        cache serves (``ledger_effects``)."""
         uuid, ledger = graph_pass.uuid(), graph_pass.ledger()
         key = None if uuid is None else effects_key(uuid, gm, example_inputs, f"{mode}|{sorted(inductor_options.items())}")
         before = ledger.entries()
@@ -332,9 +332,9 @@ class IndexCacheBackend:
             return compiled
         replayed = None if key is None else self.ledger_effects.load(key)
         if replayed is None:
-            ledger.restore(before)
-            with compile_caches_off():
-                compiled = self._compile(gm, example_inputs, graph_pass, mode, inductor_options, plans)
+            ledger.restore(before)  # a pass with no uuid: Inductor's and AOTAutograd's caches both step aside
+            compiled = self._compile(gm, example_inputs, graph_pass.with_context(numbering_digest=None), mode,
+                                     inductor_options, plans)
             if graph_pass.reports:
                 return compiled
             replayed = []

@@ -10,17 +10,16 @@ The rule: a served graph replays the choices its entry's compile made. The pass'
 it stood, so a served entry was made from the same ledger and its choices are the ones a compile would make now.
 The choices are stored under a key of that uuid, the dynamo graph's code and its inputs' metadata (what the
 entry's own key rests on). A served graph whose choices are not stored (the store was cleared) is compiled again
-with both caches off, so the pass runs: slower, never silently wrong.
+under a pass with no uuid, which both caches step aside for, so the pass runs: slower, never silently wrong.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +92,3 @@ def new_entries(before: Entries, after: Entries) -> Entries:
     known = set(before)
     return [entry for entry in after if entry not in known]
 
-
-@contextlib.contextmanager
-def compile_caches_off() -> Iterator[None]:
-    """Inductor's FX graph cache and AOTAutograd's cache off for one compile, so that the post-grad passes run."""
-    with torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
