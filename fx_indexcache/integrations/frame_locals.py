@@ -95,6 +95,23 @@ def _numbers(detection: Detection) -> set[int]:
     return found | {site.layer for site, _ in detection.unplaced if site.layer is not None}
 
 
+def _program_attribute_names(program: ExportedProgram, container: str) -> str | None:
+    """``_not_positions`` for an export, whose state names are all it keeps of the modules: blocks held as
+    attributes (``block_1.wq``) must be numbered 0, 1, 2, ... in the order the state lists them."""
+    numbered: dict[str, int] = {}  # attribute path -> its number, in state order
+    for key in program.state_dict:
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            slot = layer_slot(".".join(parts[:depth + 1]))
+            if slot is not None and slot[0] == container and _numbered_attribute(part):
+                numbered.setdefault(".".join(parts[:depth + 1]), slot[1])
+                break
+    numbers = list(numbered.values())
+    if not numbered or numbers == list(range(len(numbers))):
+        return None
+    return _names_not_positions("the program names its blocks", list(numbered))
+
+
 def _program_positions(program: ExportedProgram, container: str, numbers: set[int]) -> tuple[str, dict[int, int]] | str:
     """``_canonical_positions`` from an export's names: a tensor's canonical name is its first key in the program's
     ``state_dict`` (an export lists a block reached through two lists under both names, one tensor)."""
@@ -121,6 +138,10 @@ def prove_container_numbers(detection: Detection, context: GraphContext) -> None
     numbers = _numbers(detection)
     model = context.model_object()
     if isinstance(model, ExportedProgram):
+        named_by_number = _program_attribute_names(model, container)
+        if named_by_number is not None:
+            refuse_container(detection, named_by_number)
+            return
         _settle(detection, container, _program_positions(model, container, numbers))
         return
     frame_modules = {name: module for name, ref in context.frame_modules if (module := ref()) is not None}
@@ -129,13 +150,49 @@ def prove_container_numbers(detection: Detection, context: GraphContext) -> None
         if rooted_elsewhere(container):
             refuse_container(detection, f"{container}, which names no module list among the compiled frame's "
                                         "locals or the globals it reads")
-        return  # a plain pass, or a frame whose self holds no such list: the paths are the model's own names
+            return
+        owner = frame_modules.get(_SELF)
+        named_by_number = _not_positions(owner, container) if isinstance(owner, nn.Module) else None
+        if named_by_number is not None:
+            refuse_container(detection, named_by_number)
+        return  # a plain pass, or blocks named 0, 1, 2, ... in the order they are registered: their positions
     local, blocks = named
     owner = model if isinstance(model, nn.Module) else _owning_module(blocks, numbers, frame_modules)
     if isinstance(owner, str):
         refuse_container(detection, f"{container} (through {local!r}): {owner}")
         return
     _settle(detection, f"{container} (through {local!r})", _canonical_positions(blocks, numbers, owner))
+
+
+def _not_positions(owner: nn.Module, container: str) -> str | None:
+    """Why the numbers ``container`` gives ``owner``'s blocks are names, not positions; None where they are
+    positions or name no attribute of ``owner``.
+
+    Blocks held as attributes (``self.block_1``) carry the numbers their author wrote, which may count from 1 or
+    skip; a pattern numbers decoder layers by position. Such numbers are positions only where the blocks, in the
+    order the module registers them, are numbered 0, 1, 2, ... (A ``ModuleDict``'s keys are read as the layers'
+    global numbers, as torchtitan's pipeline stages key them.)
+    """
+    numbered = [(name, slot[1]) for name, _ in owner.named_modules()
+                if _numbered_attribute(name.rsplit(".", 1)[-1]) and (slot := layer_slot(name)) is not None
+                and slot[0] == container and _spelled(name) == f"{container}.{slot[1]}".lstrip(".")]
+    numbers = [number for _, number in numbered]
+    if not numbered or numbers == list(range(len(numbers))):
+        return None
+    return _names_not_positions(f"{type(owner).__name__} names its blocks", [name for name, _ in numbered])
+
+
+def _numbered_attribute(name: str) -> bool:
+    """``block_1``: a number joined to an attribute's name by an underscore (a module list's or dict's child is
+    named by its number alone)."""
+    return any(piece.isdigit() for piece in name.split("_")[1:])
+
+
+def _names_not_positions(who: str, names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"{who} {shown}: numbers written in their names, not positions counted from 0 in the order they are "
+            "registered, so they need not be the decoder layers' positions (keep the layers in an nn.ModuleList, "
+            "or name them 0, 1, 2, ... in order)")
 
 
 def _owning_module(blocks: Blocks, numbers: set[int], frame_modules: dict[str, Any]) -> nn.Module | str:
