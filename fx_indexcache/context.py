@@ -58,6 +58,10 @@ class GraphContext:
     #: as a digest the pass's ``uuid`` covers: the FX graph cache key covers the code, not the numbers. None: not
     #: known (a pass installed by hand), and the pass's ``uuid`` is None.
     numbering_digest: str | None = None
+    #: For a compiled function (no model on the stack): the one module its frame reaches that holds the others
+    #: (``run(model, x)``'s model), held weakly. Only the cache-write ledger reads it: the graph's writes go to that
+    #: model's caches, so its choices bind the model's other graphs (cross-graph hooks still need ``model``).
+    cache_owner: weakref.ref | None = None
 
     def layer_count(self, config: IndexCacheConfig) -> int | None:
         """The decoder-layer count a proof may rely on: the keys' ``num_layers``, the model's config, or the
@@ -70,6 +74,13 @@ class GraphContext:
 
     def model_object(self) -> Any:
         return None if self.model is None else self.model()
+
+    def ledger_owner(self) -> Any:
+        """Whose cache-write ledger binds this graph: its model, else the module its compiled function holds."""
+        model = self.model_object()
+        if model is not None or self.cache_owner is None:
+            return model
+        return self.cache_owner()
 
 
 def layer_count_of(config: Any) -> int | None:

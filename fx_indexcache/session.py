@@ -107,6 +107,13 @@ class IndexCacheSession:
                 found = self._ledgers[key] = CacheWriteLedger()
             return found
 
+    def any_dropped(self, scope: str) -> list[str]:
+        """The layers whose key-cache writes a graph of any model of this session dropped under ``scope``: what an
+        indexer of unknown layer and unknown model might be."""
+        with self._lock:
+            ledgers = [*self._ledgers.values(), self._unowned_ledger]
+        return sorted({key for ledger in ledgers for key in ledger.any_dropped(scope)})
+
     def layer_map(self, root: nn.Module) -> LayerMap:
         """``root``'s parameters by storage and its cross-graph timelines, built once (re-indexed when they moved)."""
         from .crossgraph.runtime import LayerMap

@@ -80,7 +80,7 @@ def test_a_served_graph_binds_later_graphs_as_a_compiled_one_does(tmp_path):
     assert uncached["served"] == 0 and uncached["pass_ran"] >= 1
     # served: the pass did not run, and the report names the replayed choices
     assert served["served"] >= 1 and served["pass_ran"] == 0, served
-    assert any("layers.1.indexer dropped" in note and "layers.3.indexer dropped" in note for note in served["notes"])
+    assert any("layer 1 dropped" in note and "layer 3 dropped" in note for note in served["notes"])
     # nothing stored to replay: compiled again with the caches off, so the pass ran
     assert cleared["pass_ran"] >= 1 and not cleared["notes"], cleared
 
@@ -93,7 +93,7 @@ def test_the_uuid_covers_the_ledger():
     context = dataclasses.replace(KEYED, model=weakref.ref(model))
     graph_pass = fic.IndexCachePass(index_topk_pattern="FSFS", session=session, context=context)
     empty = graph_pass.uuid()
-    session.ledger(model).record(graph_pass.config.fingerprint(), "layers.1.indexer", WriteChoice.DROPPED)
+    session.ledger(model).record(graph_pass.config.fingerprint(), "layer 1", WriteChoice.DROPPED)
     dropped = graph_pass.uuid()
     other_scope = fic.IndexCachePass(index_topk_pattern="FFSS", session=session, context=context)
     assert empty not in (None, dropped)

@@ -234,3 +234,46 @@ def test_a_compiled_function_finds_the_layer_count_of_the_model_it_holds():
     deeper.config = SimpleNamespace(num_hidden_layers=6)
     shared = compile_step(model, deeper)
     assert shared and all(d.cache_bytes_saved == 0 and "count is not known" in d.note for d in shared), shared
+
+
+def _tail(model, x, pos, layer):
+    """A compiled helper that runs one layer of the model it is handed, computing that layer's indexer."""
+    block = model.layers[layer]
+    return block(x, pos, block.indexer(x, pos))
+
+
+def _one_block(block, x, pos):
+    return block(x, pos, block.indexer(x, pos))
+
+
+@pytest.mark.parametrize("layer, fails", [(1, True), (0, False)])
+def test_a_compiled_function_is_bound_by_the_models_choices(layer, fails):
+    """The ledger names a layer by its number, not the path a graph reached it by (``layers.1.indexer`` from the
+    model, ``L.model.layers.1.indexer`` from a function), and a function's writes go to the model it holds."""
+    model = CachedModel()
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    _steps(_compiled(model, backend))  # whole-model graphs: layers 1 and 3 drop their writes
+    x = torch.randn(1, D)
+    helper = torch.compile(_tail, backend=backend)
+    with torch.no_grad():
+        if fails:
+            with pytest.raises(Exception, match=r"CacheWriteConflict: .*layer 1 .* dropped its indexer key-cache"):
+                helper(model, x, 7, layer)
+        else:
+            torch.testing.assert_close(helper(model, x, 7, layer), _tail(model, x, 7, layer))
+
+
+def test_a_block_handed_alone_is_checked_against_every_models_drops():
+    """A block compiled alone has no layer number and no model: it may be any model's dropped layer, so it fails
+    where some model of the session dropped writes, and runs where none did."""
+    model = CachedModel()
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    _steps(_compiled(model, backend))
+    x = torch.randn(1, D)
+    with torch.no_grad(), pytest.raises(Exception, match=r"CacheWriteConflict: .*layer is unknown"):
+        torch.compile(_one_block, backend=backend)(model.layers[1], x, 7)
+    torch._dynamo.reset()
+    fresh = fic.IndexCacheEagerBackend(index_topk_pattern="FSFS")
+    with torch.no_grad():
+        torch.compile(_one_block, backend=fresh)(model.layers[1], x, 7)
+    assert [d.action.value for report in fresh.reports for d in report.decisions] == ["computed"]

@@ -200,6 +200,15 @@ def _compiled_model() -> tuple[Any, int | None]:
     return (modules[0] if modules else None), (counts[0] if counts else None)
 
 
+def _frame_owner(frame_modules: Mapping[str, Any]) -> weakref.ref | None:
+    """The one module a compiled function's frame reaches that is no list and holds every other module it reaches
+    (``run(model, blocks, x)``: the model), held weakly; None where there is not exactly one."""
+    modules = [m for m in frame_modules.values() if isinstance(m, torch.nn.Module)]
+    roots = [m for m in modules if not isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))
+             and {id(other) for other in modules} <= {id(sub) for sub in m.modules()}]
+    return weakref.ref(roots[0]) if len(roots) == 1 else None
+
+
 def _model_config_keys(model: Any) -> dict[str, Any]:
     """The IndexCache pattern keys a model's own config ships (GLM-5.2's ``index_topk_freq`` / offset,
     ``indexer_types``): they are that model's default, as the engines apply them."""
@@ -313,7 +322,8 @@ class IndexCacheBackend:
             stage_first_layer=stage, shard_indexer_rows=shard_rows,
             eager_calls=None if decode_only is None else "transformers' generate() runs the prefill eagerly",
             frame_modules=tuple((name, weakref.ref(module)) for name, module in frame_modules.items()),
-            pinned_blocks=pin_listed_blocks(frame_modules), numbering_digest=numbering_digest(gm.graph))
+            pinned_blocks=pin_listed_blocks(frame_modules), numbering_digest=numbering_digest(gm.graph),
+            cache_owner=None if model is not None else _frame_owner(frame_modules))
         graph_pass = IndexCachePass(config, session=self.session, context=context)
         return self._compile_keeping_ledger(gm, example_inputs, graph_pass, mode, inductor_options)
 

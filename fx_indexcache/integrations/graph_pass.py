@@ -219,7 +219,18 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         return None if blocks is None else blocks + detection.stage_shift
 
     def ledger(self):
-        return self.session.ledger(self.context.model_object())
+        return self.session.ledger(self.context.ledger_owner())
+
+    def _ledger_state(self) -> str:
+        """The ledger the decisions read: the owner's, and every model's drops where the owner is unknown."""
+        scope = self.config.fingerprint()
+        elsewhere = self.session.any_dropped(scope) if self._dropped_elsewhere() is not None else []
+        return f"{self.ledger().state(scope)}|elsewhere={','.join(elsewhere)}"
+
+    def _dropped_elsewhere(self):
+        """Where the graph's model is unknown (a compiled function), an indexer of unknown layer is checked against
+        every model's drops: a block handed alone may be any model's layer."""
+        return self.session.any_dropped if self.context.model_object() is None else None
 
     def drop_proof(self, detection) -> DropProof:
         """Whether nothing but this graph computes its S layers, so their key-cache writes are never read, and why.
@@ -246,7 +257,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         """Detect and share inside ``graph`` (no fusion, no report): the cross-graph variants start from this."""
         detection = self.detect(graph)
         apply_index_cache(graph, detection, self.config, self.ledger(), self.drop_proof(detection),
-                          self.context.stage_first_layer)
+                          self.context.stage_first_layer, self._dropped_elsewhere())
         return detection
 
     def run(self, graph: fx.Graph, graph_name: str = "") -> IndexCacheReport:
@@ -262,7 +273,8 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self._check_pattern_length(detection)
         with trace.stage("share"):
             decisions = apply_index_cache(graph, detection, self.config, self.ledger(),  # all F when off
-                                          self.drop_proof(detection), self.context.stage_first_layer)
+                                          self.drop_proof(detection), self.context.stage_first_layer,
+                                          self._dropped_elsewhere())
         with trace.stage("regions"):
             regional = share_across_regions(graph.owning_module, self.config) if (
                 detection.nested_regions and isinstance(graph.owning_module, fx.GraphModule)) else []
@@ -367,7 +379,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
                  f"eager_calls={self.context.eager_calls is not None}|"
                  f"inference={self.context.inference}|shard={self._shard_key()}|"
                  f"numbering={self.context.numbering_digest}|"
-                 f"ledger={self.ledger().state(self.config.fingerprint())}|{_source_digest()}")
+                 f"ledger={self._ledger_state()}|{_source_digest()}")
         return hashlib.sha256(state.encode()).hexdigest()
 
 

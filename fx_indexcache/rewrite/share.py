@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -245,8 +245,10 @@ class _Writes:
     graph's drop binds every later graph.
     """
 
-    def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger, proof: DropProof) -> None:
+    def __init__(self, config: IndexCacheConfig, ledger: CacheWriteLedger, proof: DropProof,
+                 dropped_elsewhere: Callable[[str], list[str]] | None = None) -> None:
         self.config, self.ledger, self.scope = config, ledger, config.fingerprint()
+        self.dropped_elsewhere = dropped_elsewhere
         chosen = config.drop_shared_indexer_cache_writes
         self.drops = chosen if chosen is not None else proof.proven
         #: Why the writes go (shown with each dropped layer), or why they stay.
@@ -262,7 +264,9 @@ class _Writes:
 
     @staticmethod
     def key(site: IndexerSite) -> str:
-        return site.module_path or f"layer {site.layer}"
+        """The layer's global number: every graph of the model names it so, whatever path it was reached by
+        (``layers.1.indexer`` from the model, ``L.model.layers.1.indexer`` from a compiled function)."""
+        return f"layer {site.layer}" if site.layer is not None else (site.module_path or "layer unknown")
 
     def earlier(self, site: IndexerSite) -> WriteChoice | None:
         return self.ledger.earlier(self.scope, self.key(site))
@@ -276,6 +280,8 @@ class _Writes:
             return
         if site.layer is None:
             dropped = self.ledger.any_dropped(self.scope)
+            if self.dropped_elsewhere is not None:
+                dropped += [key for key in self.dropped_elsewhere(self.scope) if key not in dropped]
             if dropped:
                 raise CacheWriteConflict(
                     f"IndexCache: this graph computes an indexer whose layer is unknown ({why}), and an earlier graph "
@@ -285,7 +291,7 @@ class _Writes:
             return
         if self.earlier(site) is WriteChoice.DROPPED:
             raise CacheWriteConflict(
-                f"IndexCache: layer {site.layer} ({self.key(site)}) computes its indices in this graph ({why}), but an "
+                f"IndexCache: layer {site.layer} ({site.module_path}) computes its indices in this graph ({why}), but an "
                 "earlier graph of the same model dropped its indexer key-cache writes; it would read cache rows "
                 "nobody wrote. Set drop_shared_indexer_cache_writes=False (or, for vLLM's op, let every graph of "
                 "the model see the layer's F layer)."
@@ -297,6 +303,7 @@ def apply_index_cache(
     graph: fx.Graph, detection: Detection, config: IndexCacheConfig, ledger: CacheWriteLedger,
     drop_proof: DropProof = NOT_PROVEN,
     stage_first_layer: int | None = None,
+    dropped_elsewhere: Callable[[str], list[str]] | None = None,
 ) -> list[LayerDecision]:
     """Rewrite ``graph`` in place; one decision per detected site, in layer order.
 
@@ -304,9 +311,11 @@ def apply_index_cache(
     writes kept", or raise ``CacheWriteConflict``. ``drop_proof``: whether no other graph or eager call of the model
     computes this graph's S layers (``IndexCachePass.drop_proof``), which lets the default
     ``drop_shared_indexer_cache_writes=None`` drop their key-cache writes. ``stage_first_layer``: the graph is part
-    of a pipeline stage that starts there (``sources_in_graph``).
+    of a pipeline stage that starts there (``sources_in_graph``). ``dropped_elsewhere(scope)``: for a graph whose
+    model is not known (a compiled function handed a block), the layers whose writes any model of the session
+    dropped: an indexer of unknown layer there may be one of them.
     """
-    writes = _Writes(config, ledger, drop_proof)
+    writes = _Writes(config, ledger, drop_proof, dropped_elsewhere)
     if detection.unknown_reason is not None:
         for site in detection.sites:
             writes.check_computing(site, "layer index unknown")
