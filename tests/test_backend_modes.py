@@ -4,6 +4,7 @@ user's post-grad pass list chained after ours."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -90,6 +91,19 @@ def test_backend_object_copies_as_itself_pickles_and_reads_well():
     assert restored.reports == [] and restored.mode == "reduce-overhead"
     assert backend != IndexCacheEagerBackend(index_topk_freq=2, mode="reduce-overhead")
     assert backend != IndexCacheBackend(index_topk_freq=4, mode="reduce-overhead")
+
+
+def test_a_pass_holding_weak_references_pickles_without_them():
+    """Inductor may pickle its config, the pass among it: the model, the frame's modules and the cache owner are
+    weak references of this process, left out of the copy."""
+    import weakref
+
+    model = torch.nn.Linear(2, 2)
+    context = dataclasses.replace(KEYED, model=weakref.ref(model), cache_owner=weakref.ref(model),
+                                  frame_modules=(("L.self", weakref.ref(model)),))
+    restored = pickle.loads(pickle.dumps(fx_indexcache.IndexCachePass(index_topk_freq=2, context=context)))
+    assert restored.context.model is None and restored.context.cache_owner is None
+    assert restored.context.frame_modules == () and restored.config.index_topk_freq == 2
 
 
 def test_chain_uuid_joins_every_pass_and_is_none_when_one_has_none():

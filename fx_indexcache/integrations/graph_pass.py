@@ -150,10 +150,12 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         self.reports: list[IndexCacheReport] = []
 
     def __getstate__(self) -> dict:
-        """Picklable (Inductor pickles its config, this pass among it, for compile workers): the model reference
-        and the plan stay in this process; the copy reports into a session of its own."""
+        """Picklable (Inductor pickles its config, this pass among it, for compile workers): the weak references
+        (model, frame modules, cache owner) and the plan stay in this process; the copy reports into a session of
+        its own."""
         state = dict(self.__dict__)
-        state["context"] = dataclasses.replace(self.context, model=None, cross_graph=None)
+        state["context"] = dataclasses.replace(self.context, model=None, cross_graph=None, frame_modules=(),
+                                               cache_owner=None)
         state["reports"] = []
         return state
 
