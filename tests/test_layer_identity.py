@@ -62,6 +62,32 @@ def test_s_layer_reads_the_nearest_computing_layer_when_its_f_layer_is_dense():
     torch.testing.assert_close(out, _run(model, [0, 1, 2, 3, 2, 5, 2]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("style", ["in_layer", "indexer_list"])
+@pytest.mark.parametrize("kinds, pattern, break_at", [
+    ("ididii", "FFSFFS", 2),  # layer 1 (dense) marked F between layer 0 and its reader 2, the break before 2
+    ("iddiii", "FFFSFS", 3),  # two dense layers between, both marked F
+    ("didiid", "FFSSFS", 3),  # the break inside a run of S layers, a dense first layer
+])
+def test_across_a_graph_break_an_s_layer_reads_the_last_f_layer_that_ran(style, kinds, pattern, break_at):
+    """The engines' one buffer across graphs: an S layer reads the last indexer layer that computed, whatever
+    dense layers (marked F or not) lie between. By number, layer 2 of ididii would read dense layer 1, which
+    publishes nothing, and computed where the engines share."""
+    model = HybridDSA(kinds, style, break_at=break_at)
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern=pattern)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend)
+        compiled(inputs())
+        out = compiled(inputs())
+    reads = {call.layer: call.source_layer for call in backend.layer_calls(model) if call.action.name == "READ"}
+    uses = engine_uses(fic.IndexCacheConfig(index_topk_pattern=pattern), kinds)
+    torch.testing.assert_close(out, _run(model, uses), rtol=0, atol=0)  # (an eager call: the calls are read first)
+    crossing = {layer: uses[layer] for layer in range(break_at, len(kinds))
+                if kinds[layer] != "d" and uses[layer] != layer and uses[layer] < break_at
+                and not any(kinds[i] != "d" and uses[i] == i for i in range(break_at, layer))}
+    assert crossing and reads == crossing, (reads, crossing)
+
+
 @pytest.mark.parametrize("keys", [{"index_topk_freq": 4}, {"index_topk_freq": 4, "num_layers": 8},
                                   {"index_topk_pattern": "FFFSFFFS"}])
 def test_functional_hybrid_is_never_numbered_by_site_order(keys, caplog):

@@ -79,7 +79,7 @@ def plan_numbered(module: fx.GraphModule, inputs: Sequence, graph_pass, detectio
     variant = numbered.build_variant(module, inputs, graph_pass, span)
     if variant is None:
         return CrossGraphPlan(graph, False, CrossGraphOff.INDEXER_STILL_NEEDED, numbered=True), None
-    plan = CrossGraphPlan(graph, True, s_nodes_removed=variant.nodes_removed, numbered=True, source=span.source,
+    plan = CrossGraphPlan(graph, True, s_nodes_removed=variant.nodes_removed, numbered=True,
                           reads=tuple(layer for layer, _ in span.reads),
                           publishes=None if span.publishes is None else span.publishes[0])
     return plan, (span, variant)

@@ -5,10 +5,15 @@ in the next; module paths or the first graph's order give the numbers). The pass
 graph; an S layer whose F layer is in an earlier graph is left computing there. This module finds, for
 one such graph before the pass edits it:
 
-* its **leading S layers** (their F layer comes before the graph's first layer): they can read indices
-  an earlier graph published;
-* its **publishing F layer**: the last F layer, when the layer right after the graph is an S layer that
-  reads it;
+* its **leading S layers** (before its first F indexer layer): they read the engines' one buffer, which an
+  earlier graph wrote, so they can read indices that graph published;
+* its **publishing F layer**: the last F layer, when the layer right after the graph is an S layer, which reads
+  the buffer that layer wrote last.
+
+Both follow the engines' one-buffer rule: an S layer reads the last indexer layer that computed, whatever layers
+without an indexer (dense, sliding-window) lie between. The graph's span therefore covers the layers its module
+paths show without an indexer too, and at run time the read is of the last F layer that ran (``Timeline.writer``),
+never of a layer chosen by number.
 
 and builds the one variant the wrapper (``runtime.NumberedGraphCallable``) runs when the host check
 passes: the graph with the pass's in-graph sharing applied, the leading S layers fed from one more
@@ -39,26 +44,48 @@ class NumberedVariant:
     nodes_removed: int  # nodes the leading S layers no longer run
 
 
-def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], horizon: int) -> int | None:
-    """The graph's F layer that the layer right after the graph reads, if that layer is an S layer."""
-    after = layers[-1] + 1
+def _covers(detection: Detection, layers: tuple[int, ...]) -> tuple[int, int]:
+    """The layers the graph runs, first and last: its indexer layers and the layers its module paths show without
+    one (a dense layer), where they make one unbroken run; else its indexer layers' span."""
+    present = set(detection.layers_present) | set(layers)
+    low, high = min(present), max(present)
+    return (low, high) if present == set(range(low, high + 1)) else (layers[0], layers[-1])
+
+
+def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], covers: tuple[int, int], horizon: int) -> int | None:
+    """The graph's last F layer, which the engines' one buffer holds when the graph ends, if the layer right after
+    the graph is an S layer (which reads that buffer, whatever layers without an indexer lie between)."""
+    after = covers[1] + 1
     if after >= horizon or config.layer_kind(after) != SHARED:
         return None
-    source = config.source_layer(after)
-    return source if source in layers and config.layer_kind(source) == FULL else None
+    return _writer(config, layers)
+
+
+def _writer(config: IndexCacheConfig, layers: tuple[int, ...]) -> int | None:
+    """The graph's last indexer layer marked F: the one that writes the buffer last."""
+    marked = [layer for layer in layers if config.layer_kind(layer) == FULL]
+    return marked[-1] if marked else None
 
 
 def _readers(config: IndexCacheConfig, layers: tuple[int, ...], stage_first_layer: int = 0) -> list[int]:
-    """The graph's S layers whose F layer comes before the graph, in this process: a pipeline stage's layers never
-    read a layer of an earlier stage (it runs elsewhere and publishes nothing here)."""
-    return [layer for layer in layers if config.layer_kind(layer) == SHARED
-            and (source := config.source_layer(layer)) is not None and stage_first_layer <= source < layers[0]]
+    """The graph's S layers that come before its first F indexer layer: the buffer they read was written by an
+    earlier graph, in this process (a pipeline stage's layers never read a layer of an earlier stage, which runs
+    elsewhere and publishes nothing here)."""
+    first_f = _first_f(config, layers)
+    return [layer for layer in layers if config.layer_kind(layer) == SHARED and (first_f is None or layer < first_f)
+            and (source := config.source_layer(layer)) is not None and stage_first_layer <= source]
+
+
+def _first_f(config: IndexCacheConfig, layers: tuple[int, ...]) -> int | None:
+    return next((layer for layer in layers if config.layer_kind(layer) == FULL), None)
 
 
 def _container(detection: Detection) -> str | None | bool:
     """The layer container the sites' module paths name; None: no path names one; False: several do."""
     if detection.model_container is not None:  # the paths named it through a frame local
         return detection.model_container
+    if detection.container:  # the container the layer numbers come from (the layers that read an indexer list's
+        return detection.container  # indices), as layer_slot spells it
     names = {key[0] for site in detection.sites if (key := layer_key(site.module_path or "")) is not None}
     return False if len(names) > 1 else next(iter(names), None)
 
@@ -74,15 +101,17 @@ def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers:
     layers = tuple(sorted(site.layer for site in detection.sites))
     if len(set(layers)) != len(layers):
         return None
-    readers, publisher = _readers(config, layers, stage_first_layer or 0), _publisher(config, layers, layer_horizon(config, model_layers))
+    covers = _covers(detection, layers)
+    readers = _readers(config, layers, stage_first_layer or 0)
+    publisher = _publisher(config, layers, covers, layer_horizon(config, model_layers))
     if not readers and publisher is None:
         return None
-    return layers, readers, publisher
+    return layers, readers, publisher, covers
 
 
 def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheConfig, needs) -> NumberedSpan | str:
     """The ``NumberedSpan`` of a graph that needs one, or why (str) its layers must compute as they are."""
-    layers, readers, publisher = needs
+    layers, readers, publisher, covers = needs
     container = _container(detection)
     if container is False:
         return "its indexers' module paths name more than one layer container"
@@ -102,10 +131,10 @@ def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheCo
     shapes = {expected[layer].sizes[:-1] for layer in readers}  # symbolic: equal for every call, or not proven
     if len(shapes) > 1:
         return f"the leading S layers {readers} make indices of different shapes"
-    source = config.source_layer(readers[0]) if readers else None
-    return NumberedSpan(layers, container if isinstance(container, str) else None, source,
+    return NumberedSpan(layers, container if isinstance(container, str) else None,
                         tuple((layer, expected[layer]) for layer in readers),
-                        None if publisher is None else (publisher, expected[publisher]))
+                        None if publisher is None else (publisher, expected[publisher]),
+                        covers=covers, writes=_writer(config, layers))
 
 
 def build_variant(module: fx.GraphModule, inputs: Sequence, graph_pass, span: NumberedSpan) -> NumberedVariant | None:

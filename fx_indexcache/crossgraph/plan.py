@@ -36,7 +36,7 @@ class CrossGraphPlan:
     """What the backend does for one graph that shares with the model's other graphs at run time.
 
     Either a graph whose layer is known only at call time (``numbered`` False), or a numbered graph whose
-    leading S layers read an earlier graph's indices (``reads``, from ``source``) or whose last F layer
+    leading S layers read an earlier graph's indices (``reads``: the last F layer that ran before them) or whose last F layer
     publishes them for a later graph (``publishes``).
     """
 
@@ -46,7 +46,6 @@ class CrossGraphPlan:
     detail: str = ""
     s_nodes_removed: int = 0  # nodes the S variant does not run
     numbered: bool = False
-    source: int | None = None
     reads: tuple[int, ...] = ()
     publishes: int | None = None
 
@@ -54,9 +53,9 @@ class CrossGraphPlan:
         if self.active and self.numbered:
             parts = []
             if self.reads:
-                parts.append(f"layers {', '.join(map(str, self.reads))} read layer {self.source}'s indices published "
-                             f"by an earlier graph ({self.s_nodes_removed} nodes not run) when the host check passes, "
-                             "else the graph runs as it is")
+                parts.append(f"layers {', '.join(map(str, self.reads))} read the indices of the last F layer that ran "
+                             f"before them, published by an earlier graph ({self.s_nodes_removed} nodes not run) when "
+                             "the host check passes, else the graph runs as it is")
             if self.publishes is not None:
                 parts.append(f"layer {self.publishes} publishes its indices for later graphs")
             return f"cross-graph: graph {self.graph}: " + "; ".join(parts) + "; see fx_indexcache.layer_calls(model)"

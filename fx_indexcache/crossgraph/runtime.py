@@ -42,6 +42,7 @@ through another compile) between an F layer and its S layers (docs/limits.md say
 from __future__ import annotations
 
 import dataclasses
+import re
 import enum
 import sys
 import threading
@@ -120,6 +121,7 @@ class Timeline:
     buffers: dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)  # kept across calls
     in_forward: bool = False  # the model's forward is running (its pre-hook ran, its post-hook not yet)
     second_pass: bool = False  # a layer at or below the last one ran again within this forward call
+    writer: int | None = None  # the last F layer that computed in this pass: what the engines' buffer holds
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                avoid: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +167,7 @@ class Timeline:
 
     def restart(self) -> None:
         """Nothing published before may be read any more."""
-        self.last = self.run_from = None
+        self.last = self.run_from = self.writer = None
         self.published.clear()
 
     def new_forward(self) -> None:
@@ -473,16 +475,26 @@ class CrossGraphCallable(_ModelLookup):
 class NumberedSpan:
     """What a graph whose layers the pass numbered exchanges with the model's other graphs.
 
-    ``layers``: its indexer layers, in order (the span it runs). ``reads``: its leading S layers, whose F layer
-    ``source`` is in an earlier graph, with the indices each expects; ``publishes``: its last F layer, which an
-    S layer past this graph needs, with the indices it makes.
+    ``layers``: its indexer layers, in order. ``covers``: the first and last layer it runs (layers without an
+    indexer included). ``reads``: its leading S layers, which read the buffer an earlier graph's F layer wrote,
+    with the indices each expects; ``publishes``: its last F layer, which an S layer past this graph needs, with
+    the indices it makes. ``writes``: its last F layer (the buffer's writer once it ran), published or not.
     """
 
     layers: tuple[int, ...]
     container: str | None  # from the module paths; None: found from the parameters alone
-    source: int | None = None
     reads: tuple[tuple[int, ExpectedIndices], ...] = ()
     publishes: tuple[int, ExpectedIndices] | None = None
+    covers: tuple[int, int] | None = None
+    writes: int | None = None
+
+    def span(self) -> tuple[int, int]:
+        return self.covers if self.covers is not None else (self.layers[0], self.layers[-1])
+
+
+def _spelled(container: str) -> str:
+    """A container name as ``layer_slot`` spells it (dots and underscores alike), as a span may name it."""
+    return re.sub(r"[._]", ".", container)
 
 
 class NumberedGraphCallable(_ModelLookup):
@@ -507,10 +519,11 @@ class NumberedGraphCallable(_ModelLookup):
         found = layer_map_.layers_in(args)
         if not found:
             return None
-        low, high = self.span.layers[0] - 1, self.span.layers[-1] + 1
+        first, last = self.span.span()
+        low, high = first - 1, last + 1
         fits = [name for name, layers in found.items() if set(self.span.layers) <= layers
                 and all(low <= layer <= high for layer in layers)
-                and self.span.container in (None, name)]
+                and self.span.container in (None, _spelled(name))]
         return fits[0] if len(fits) == 1 else None
 
     def __call__(self, args: list) -> object:
@@ -527,7 +540,9 @@ class NumberedGraphCallable(_ModelLookup):
 
     def _readable(self, timeline: Timeline, args) -> _Published | Fallback:
         span = self.span
-        why = timeline.readable(span.source, span.layers[0])
+        if timeline.writer is None:
+            return Fallback.NOT_PUBLISHED
+        why = timeline.readable(timeline.writer, span.span()[0])
         if isinstance(why, _Published) and not all(expected.accepts(why, args) for _, expected in span.reads):
             return Fallback.MISMATCH
         return why
@@ -535,23 +550,28 @@ class NumberedGraphCallable(_ModelLookup):
     def _run(self, args: list, timeline: Timeline, container: str):
         span, extra = self.span, []
         read = self._readable(timeline, args) if span.reads else None
+        source = timeline.writer
         if isinstance(read, Fallback):
-            timeline.begin(span.layers[0], span.layers[-1])
+            timeline.begin(*span.span())
             for layer, _ in span.reads:
                 timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.COMPUTED, self.graph,
                                                   fallback=read)
+            computed = [layer for layer in (*(layer for layer, _ in span.reads), span.writes) if layer is not None]
+            timeline.writer = max(computed) if computed else timeline.writer  # the leading S layers computed
             return self.as_is(args)
         if read is not None:
             extra.append(read.indices)
-        timeline.begin(span.layers[0], span.layers[-1])
+        timeline.begin(*span.span())
         if span.publishes is not None:
             avoid = None if read is None else read.indices
             buffer, key_width = publish_buffer(timeline, span.publishes[1], args, avoid)
             extra.append(buffer)
         result = self.variant([*args, *extra])
         for layer, _ in span.reads:
-            timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.READ, self.graph, span.source,
+            timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.READ, self.graph, source,
                                               read.graph)
+        if span.writes is not None:
+            timeline.writer = span.writes
         if span.publishes is not None:
             layer = span.publishes[0]
             timeline.published[layer] = _Published(buffer, key_width, self.graph)

@@ -160,8 +160,8 @@ def _with_cross_graph_note(decision: LayerDecision, plan: CrossGraphPlan) -> Lay
         return dataclasses.replace(decision, note="layer index unknown at compile time: found per call "
                                                   "(see the cross-graph line)")
     if decision.layer in plan.reads:
-        return dataclasses.replace(decision, note=decision.note + f"; reads layer {plan.source}'s indices from an "
-                                                                   "earlier graph when the run-time check passes")
+        return dataclasses.replace(decision, note=decision.note + "; reads the indices of the last F layer that "
+                                   "ran before it, from an earlier graph, when the run-time check passes")
     return decision
 
 
