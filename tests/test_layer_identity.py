@@ -88,6 +88,49 @@ def test_across_a_graph_break_an_s_layer_reads_the_last_f_layer_that_ran(style, 
     assert crossing and reads == crossing, (reads, crossing)
 
 
+class SplitLayerModel(torch.nn.Module):
+    """Four DSA layers run from the top frame, a graph break inside layer 2: its first op (``layers.2.pre``) in the
+    first graph, its indexer in the second (the first graph shows layer 2 without an indexer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = HybridDSA("iiii", "in_layer").layers
+        gen = torch.Generator().manual_seed(1)
+        for layer in self.layers:
+            layer.pre = torch.nn.Linear(D, D, bias=False)
+            torch.nn.init.normal_(layer.pre.weight, std=D**-0.5, generator=gen)
+
+    def step(self, layer, x, uses, cache):
+        if uses is None or uses[layer] == layer:
+            cache[layer] = self.layers[layer].indexers[0](x)
+        return read(x, cache[uses[layer] if uses else layer], self.layers[layer].wv)
+
+    def forward(self, x, uses=None):
+        cache: dict = {}
+        x = self.step(0, self.layers[0].pre(x), uses, cache)
+        x = self.step(1, self.layers[1].pre(x), uses, cache)
+        x = self.layers[2].pre(x)
+        torch._dynamo.graph_break()
+        x = self.step(2, x, uses, cache)
+        return self.step(3, self.layers[3].pre(x), uses, cache)
+
+
+@pytest.mark.parametrize("pattern, uses", [("FSSF", [0, 0, 0, 3]), ("FFSS", [0, 1, 1, 1])])
+def test_a_layer_split_by_a_graph_break_still_reads_across_it(pattern, uses):
+    """The first graph shows layer 2 (its first ops) without an indexer; the second holds layer 2's indexer. The
+    span of the first covers layer 2, the second goes on with it: one pass, and layer 2 reads."""
+    model = SplitLayerModel()
+    backend = fic.IndexCacheEagerBackend(index_topk_pattern=pattern)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend)
+        compiled(inputs())
+        out = compiled(inputs())
+    reads = {call.layer for call in backend.layer_calls(model) if call.action.name == "READ"}
+    torch.testing.assert_close(out, _run(model, uses), rtol=0, atol=0)
+    assert reads == {layer for layer in range(2, 4) if uses[layer] < 2}, reads
+
+
 @pytest.mark.parametrize("keys", [{"index_topk_freq": 4}, {"index_topk_freq": 4, "num_layers": 8},
                                   {"index_topk_pattern": "FFFSFFFS"}])
 def test_functional_hybrid_is_never_numbered_by_site_order(keys, caplog):

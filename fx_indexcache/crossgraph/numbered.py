@@ -53,10 +53,11 @@ def _covers(detection: Detection, layers: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], covers: tuple[int, int], horizon: int) -> int | None:
-    """The graph's last F layer, which the engines' one buffer holds when the graph ends, if the layer right after
-    the graph is an S layer (which reads that buffer, whatever layers without an indexer lie between)."""
-    after = covers[1] + 1
-    if after >= horizon or config.layer_kind(after) != SHARED:
+    """The graph's last F layer, which the engines' one buffer holds when the graph ends, if an S layer may read
+    that buffer from a later graph: one after its last indexer layer, up to the layer right after the graph (the
+    layers it shows without an indexer may be dense, or the first ops of a layer whose indexer a break moved)."""
+    after = range(layers[-1] + 1, min(covers[1] + 2, horizon))
+    if not any(config.layer_kind(layer) == SHARED for layer in after):
         return None
     return _writer(config, layers)
 

@@ -122,6 +122,7 @@ class Timeline:
     in_forward: bool = False  # the model's forward is running (its pre-hook ran, its post-hook not yet)
     second_pass: bool = False  # a layer at or below the last one ran again within this forward call
     writer: int | None = None  # the last F layer that computed in this pass: what the engines' buffer holds
+    tail_open: bool = False  # the last graph ended in a layer it ran without an indexer (see ``begin``)
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                avoid: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,6 +142,11 @@ class Timeline:
         self.buffers[key] = found  # most recently used last
         return found
 
+    def _continues(self, layer: int) -> bool:
+        """Whether ``layer`` goes on with the layer the last graph ended in: one it ran without an indexer, which
+        a graph break may have split (its first ops there, its indexer here)."""
+        return self.tail_open and self.last == layer
+
     def readable(self, source: int, layer: int) -> _Published | Fallback:
         """What layer ``layer`` (not yet begun) may read from ``source``, or why it may not.
 
@@ -148,26 +154,31 @@ class Timeline:
         an F layer that published in that pass with every layer since run consecutively."""
         if not self.in_forward:
             return Fallback.NO_FORWARD_CALL
-        if self.second_pass or (self.last is not None and self.last >= layer):
+        behind = self.last is not None and self.last >= layer and not self._continues(layer)
+        if self.second_pass or behind:
             return Fallback.SECOND_PASS
-        if self.last is None or self.last >= layer or source not in self.published:
-            return Fallback.NOT_PUBLISHED  # at or below the last layer: a new forward call begins
-        if self.last != layer - 1 or self.run_from > source:
+        if self.last is None or source not in self.published:
+            return Fallback.NOT_PUBLISHED
+        if (self.last != layer - 1 and not self._continues(layer)) or self.run_from > source:
             return Fallback.NOT_CONSECUTIVE
         return self.published[source]
 
-    def begin(self, layer: int, through: int | None = None) -> None:
-        """Layers ``layer..through`` (one graph's span; ``through`` defaults to ``layer``) run now."""
-        if self.last is not None and layer <= self.last:  # a lower layer again: a new pass over the layers
+    def begin(self, layer: int, through: int | None = None, open_end: bool = False) -> None:
+        """Layers ``layer..through`` (one graph's span; ``through`` defaults to ``layer``) run now; ``open_end``:
+        the graph ran its last layer without an indexer (the next graph may hold the rest of that layer)."""
+        continues = self._continues(layer)
+        if self.last is not None and layer <= self.last and not continues:  # a lower layer again: a new pass
             self.restart()
             self.second_pass = True
-        if self.last is None or layer != self.last + 1:
+        if self.last is None or (layer != self.last + 1 and not continues):
             self.run_from = layer
         self.last = layer if through is None else through
+        self.tail_open = open_end
 
     def restart(self) -> None:
         """Nothing published before may be read any more."""
         self.last = self.run_from = self.writer = None
+        self.tail_open = False
         self.published.clear()
 
     def new_forward(self) -> None:
@@ -491,6 +502,10 @@ class NumberedSpan:
     def span(self) -> tuple[int, int]:
         return self.covers if self.covers is not None else (self.layers[0], self.layers[-1])
 
+    def open_end(self) -> bool:
+        """Whether the span ends in a layer the graph runs without an indexer."""
+        return self.span()[1] > self.layers[-1]
+
 
 def _spelled(container: str) -> str:
     """A container name as ``layer_slot`` spells it (dots and underscores alike), as a span may name it."""
@@ -552,7 +567,7 @@ class NumberedGraphCallable(_ModelLookup):
         read = self._readable(timeline, args) if span.reads else None
         source = timeline.writer
         if isinstance(read, Fallback):
-            timeline.begin(*span.span())
+            timeline.begin(*span.span(), span.open_end())
             for layer, _ in span.reads:
                 timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.COMPUTED, self.graph,
                                                   fallback=read)
@@ -561,7 +576,7 @@ class NumberedGraphCallable(_ModelLookup):
             return self.as_is(args)
         if read is not None:
             extra.append(read.indices)
-        timeline.begin(*span.span())
+        timeline.begin(*span.span(), span.open_end())
         if span.publishes is not None:
             avoid = None if read is None else read.indices
             buffer, key_width = publish_buffer(timeline, span.publishes[1], args, avoid)
