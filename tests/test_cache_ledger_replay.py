@@ -114,6 +114,10 @@ def test_stored_choices_round_trip_and_a_bad_file_reads_as_none(tmp_path):
     assert store.load("missing") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert store.load("bad") is None
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    LedgerEffectsStore(blocked / "below").save("k", [])  # cannot be written: no error, nothing stored
+    assert LedgerEffectsStore(blocked / "below").load("k") is None
 
 
 def test_the_key_tells_graphs_inputs_and_grad_mode_apart():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Entries = list[tuple[str, str, str]]  # (scope, layer key, choice), as CacheWriteLedger.entries() gives them
 
@@ -68,13 +71,17 @@ class LedgerEffectsStore:
         return Path(cache_dir()) / "fx_indexcache" / "ledger_effects"
 
     def save(self, key: str, entries: Entries) -> None:
-        """Store ``entries`` atomically (two processes compiling one graph write the same content)."""
-        folder = self.folder()
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}")
-        with os.fdopen(handle, "w") as file:
-            json.dump([list(entry) for entry in entries], file)
-        os.replace(temporary, folder / f"{key}.json")
+        """Store ``entries`` atomically (two processes compiling one graph write the same content). A folder that
+        cannot be written costs only speed: a graph served later finds nothing and is compiled again."""
+        try:
+            folder = self.folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}")
+            with os.fdopen(handle, "w") as file:
+                json.dump([list(entry) for entry in entries], file)
+            os.replace(temporary, folder / f"{key}.json")
+        except OSError as error:
+            log.debug("fx_indexcache: cache-write choices not stored (%s)", error)
 
     def load(self, key: str) -> Entries | None:
         """The stored entries, or None where none are stored (or the file cannot be read)."""
