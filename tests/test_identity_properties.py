@@ -110,6 +110,8 @@ def _run(program, model):
                   "keys": {"index_topk_pattern": "FSFS"}}, seed=1)
 @example(program={"kinds": "iiiiii", "style": "in_layer", "break_at": 3, "route": "compile",
                   "keys": {"index_topk_pattern": "FSSSSF"}}, seed=2)
+@example(program={"kinds": "i2ddddi", "style": "in_layer", "break_at": 2, "route": "compile",  # a two-indexer F
+                  "keys": {"index_topk_freq": 2, "index_skip_topk_offset": 2}}, seed=0)  # layer writes the buffer
 def test_every_claim_is_the_engines_and_the_output_follows_the_claims(program, seed):
     torch._dynamo.reset()
     kinds = program["kinds"]

@@ -52,33 +52,41 @@ def _covers(detection: Detection, layers: tuple[int, ...]) -> tuple[int, int]:
     return (low, high) if present == set(range(low, high + 1)) else (layers[0], layers[-1])
 
 
-def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], covers: tuple[int, int], horizon: int) -> int | None:
-    """The graph's last F layer, which the engines' one buffer holds when the graph ends, if an S layer may read
-    that buffer from a later graph: one after its last indexer layer, up to the layer right after the graph (the
-    layers it shows without an indexer may be dense, or the first ops of a layer whose indexer a break moved)."""
-    after = range(layers[-1] + 1, min(covers[1] + 2, horizon))
-    if not any(config.layer_kind(layer) == SHARED for layer in after):
+def _publisher(config: IndexCacheConfig, layers: tuple[int, ...], writer: int | None, covers: tuple[int, int],
+               horizon: int) -> int | None:
+    """The graph's last F layer (``writer``), which the engines' one buffer holds when the graph ends, where it is
+    one of the graph's indexer sites and an S layer may read that buffer from a later graph: one after the graph's
+    last indexer layer, up to the layer right after the graph (the layers it shows without an indexer may be
+    dense, or the first ops of a layer whose indexer a break moved)."""
+    after = range(max(layers[-1], writer or 0) + 1, min(covers[1] + 2, horizon))
+    if writer not in layers or not any(config.layer_kind(layer) == SHARED for layer in after):
         return None
-    return _writer(config, layers)
+    return writer
 
 
-def _writer(config: IndexCacheConfig, layers: tuple[int, ...]) -> int | None:
-    """The graph's last indexer layer marked F: the one that writes the buffer last."""
-    marked = [layer for layer in layers if config.layer_kind(layer) == FULL]
+def _indexed_layers(detection: Detection) -> tuple[int, ...]:
+    """Every layer of the graph that selects indices: its sites, and the layers the pass leaves computing (two
+    indexers, a selection it cannot read). The engines' buffer is written by all of them alike."""
+    found = {site.layer for site in detection.sites}
+    found |= {site.layer for site, _ in detection.unplaced if site.layer is not None}
+    found |= {hidden.layer for hidden in detection.hidden if hidden.layer is not None}
+    return tuple(sorted(found))
+
+
+def _writer(config: IndexCacheConfig, indexed: tuple[int, ...]) -> int | None:
+    """The graph's last indexed layer marked F: the one that writes the buffer last."""
+    marked = [layer for layer in indexed if config.layer_kind(layer) == FULL]
     return marked[-1] if marked else None
 
 
-def _readers(config: IndexCacheConfig, layers: tuple[int, ...], stage_first_layer: int = 0) -> list[int]:
-    """The graph's S layers that come before its first F indexer layer: the buffer they read was written by an
-    earlier graph, in this process (a pipeline stage's layers never read a layer of an earlier stage, which runs
+def _readers(config: IndexCacheConfig, layers: tuple[int, ...], indexed: tuple[int, ...],
+             stage_first_layer: int = 0) -> list[int]:
+    """The graph's S sites that come before its first indexed layer marked F: the buffer they read was written by
+    an earlier graph, in this process (a pipeline stage's layers never read a layer of an earlier stage, which runs
     elsewhere and publishes nothing here)."""
-    first_f = _first_f(config, layers)
+    first_f = next((layer for layer in indexed if config.layer_kind(layer) == FULL), None)
     return [layer for layer in layers if config.layer_kind(layer) == SHARED and (first_f is None or layer < first_f)
             and (source := config.source_layer(layer)) is not None and stage_first_layer <= source]
-
-
-def _first_f(config: IndexCacheConfig, layers: tuple[int, ...]) -> int | None:
-    return next((layer for layer in layers if config.layer_kind(layer) == FULL), None)
 
 
 def _container(detection: Detection) -> str | None | bool:
@@ -102,17 +110,18 @@ def numbered_needs(detection: Detection, config: IndexCacheConfig, model_layers:
     layers = tuple(sorted(site.layer for site in detection.sites))
     if len(set(layers)) != len(layers):
         return None
-    covers = _covers(detection, layers)
-    readers = _readers(config, layers, stage_first_layer or 0)
-    publisher = _publisher(config, layers, covers, layer_horizon(config, model_layers))
+    covers, indexed = _covers(detection, layers), _indexed_layers(detection)
+    writer = _writer(config, indexed)
+    readers = _readers(config, layers, indexed, stage_first_layer or 0)
+    publisher = _publisher(config, layers, writer, covers, layer_horizon(config, model_layers))
     if not readers and publisher is None:
         return None
-    return layers, readers, publisher, covers
+    return layers, readers, publisher, covers, writer
 
 
 def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheConfig, needs) -> NumberedSpan | str:
     """The ``NumberedSpan`` of a graph that needs one, or why (str) its layers must compute as they are."""
-    layers, readers, publisher, covers = needs
+    layers, readers, publisher, covers, writer = needs
     container = _container(detection)
     if container is False:
         return "its indexers' module paths name more than one layer container"
@@ -135,7 +144,7 @@ def plan_span(module: fx.GraphModule, detection: Detection, config: IndexCacheCo
     return NumberedSpan(layers, container if isinstance(container, str) else None,
                         tuple((layer, expected[layer]) for layer in readers),
                         None if publisher is None else (publisher, expected[publisher]),
-                        covers=covers, writes=_writer(config, layers))
+                        covers=covers, writes=writer)
 
 
 def build_variant(module: fx.GraphModule, inputs: Sequence, graph_pass, span: NumberedSpan) -> NumberedVariant | None:
