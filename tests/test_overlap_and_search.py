@@ -282,3 +282,18 @@ def test_hf_model_without_transformers_names_the_flag_and_the_extra(monkeypatch,
         cli.main(["overlap", "--hf-model", "deepseek_v32", "--random-weights", "--batches", "1"])
     message = str(raised.value)
     assert "--hf-model 'deepseek_v32'" in message and "fx-indexcache[hf]" in message, message
+
+
+@pytest.mark.parametrize("argv, option, value", [
+    (["demo", "--layers", "0"], "--layers", "0"),
+    (["demo", "--prompt", "-4"], "--prompt", "-4"),
+    (["search", "--batches", "two"], "--batches", "'two'"),
+    (["overlap", "--seq-len", "0"], "--seq-len", "0"),
+])
+def test_a_count_option_below_one_is_refused_by_name(argv, option, value, capsys):
+    """Counts (layers, batches, tokens) must be >= 1; 0 used to fall back to the default silently (``--layers 0``
+    ran the demo's default depth)."""
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    assert raised.value.code == 2
+    assert f"argument {option}: {value} is not allowed; it must be an int >= 1" in capsys.readouterr().err

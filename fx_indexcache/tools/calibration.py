@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .cli import count
 from .probe import IndexProbe, LayerRecord
 
 
@@ -43,7 +44,7 @@ def add_reference_arguments(parser: argparse.ArgumentParser, layers_help: str) -
                         help="the random-weight reference model (tiny MoE) instead of the trained checkpoint")
     parser.add_argument("--checkpoint", default=None,
                         help="a reference-model safetensors checkpoint (default: the one shipped in the package)")
-    parser.add_argument("--layers", type=int, default=None,
+    parser.add_argument("--layers", type=count, default=None,
                         help="DSA layers; of a checkpoint, its first N (they select exactly the keys they select in "
                              f"the whole model). {layers_help}")
 
@@ -84,13 +85,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs (default cpu; e.g. cuda)")
     add_reference_arguments(parser, "Default: the whole checkpoint, or 8 with --random-weights")
     parser.add_argument("--hf-model", default=None, help="a tiny transformers DSA model from models.tiny_transformers.TINY_DSA_MODELS")
-    parser.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--batches", type=count, default=2, help="calibration batches (default 2)")
+    parser.add_argument("--batch-size", type=count, default=2)
+    parser.add_argument("--seq-len", type=count, default=None,
                         help=f"tokens per sequence (default {TRAINED_SEQ_LEN} for the trained checkpoint, top-k 64; "
                              f"{RANDOM_SEQ_LEN} otherwise, top-k 16)")
     parser.add_argument("--seed", type=int, default=0, help="weights and calibration tokens (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=count, default=1,
                         help="torch intra-op threads (default 1: fastest for tiny models on a shared CPU; 0 keeps torch's)")
 
 

@@ -15,6 +15,18 @@ SUBCOMMANDS = {
 }
 
 
+def count(text: str) -> int:
+    """An argparse type for how many of something (layers, batches, tokens): an int >= 1. argparse names the option
+    and the value with the message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be an int >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an int >= 1")
+    return value
+
+
 def version_line() -> str:
     """What ``--version`` prints: this package's version and the torch it runs on (bug reports need both)."""
     import torch

@@ -27,6 +27,7 @@ from ..models.reference import ReferenceDSAModel, corpus
 from ..models.reference.training import next_byte_loss
 from ..session import clear_reports, reports
 from .calibration import add_reference_arguments, reference_model
+from .cli import count
 
 DEMO_LAYERS = 6
 PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)
@@ -48,11 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pattern", default=None, help="index_topk_pattern, one F/S per layer")
     add_reference_arguments(parser, f"Default {DEMO_LAYERS} (Inductor takes minutes on 2 cores for all 16 of the "
                                     "checkpoint: --layers 16 for the whole model)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=None,
+    parser.add_argument("--batch", type=count, default=2)
+    parser.add_argument("--prompt", type=count, default=None,
                         help=f"prefill length, longer than top-k (default {PROMPT['trained']} bytes for the trained "
                              f"checkpoint, {PROMPT['random']} tokens for random weights)")
-    parser.add_argument("--decode-steps", type=int, default=3)
+    parser.add_argument("--decode-steps", type=count, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
