@@ -289,6 +289,7 @@ def test_hf_model_without_transformers_names_the_flag_and_the_extra(monkeypatch,
     (["demo", "--prompt", "-4"], "--prompt", "-4"),
     (["search", "--batches", "two"], "--batches", "'two'"),
     (["overlap", "--seq-len", "0"], "--seq-len", "0"),
+    (["demo", "--decode-steps", "-1"], "--decode-steps", "-1"),  # 0 steps is allowed: the prefill alone
 ])
 def test_a_count_option_below_one_is_refused_by_name(argv, option, value, capsys):
     """Counts (layers, batches, tokens) must be >= 1; 0 used to fall back to the default silently (``--layers 0``
@@ -296,4 +297,4 @@ def test_a_count_option_below_one_is_refused_by_name(argv, option, value, capsys
     with pytest.raises(SystemExit) as raised:
         cli.main(argv)
     assert raised.value.code == 2
-    assert f"argument {option}: {value} is not allowed; it must be an int >= 1" in capsys.readouterr().err
+    assert f"argument {option}: {value} is not allowed; it must be an int >= " in capsys.readouterr().err

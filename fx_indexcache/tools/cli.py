@@ -15,16 +15,25 @@ SUBCOMMANDS = {
 }
 
 
-def count(text: str) -> int:
-    """An argparse type for how many of something (layers, batches, tokens): an int >= 1. argparse names the option
-    and the value with the message."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be an int >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an int >= 1")
-    return value
+def at_least(minimum: int):
+    """An argparse type for an int >= ``minimum`` (how many layers, batches, tokens, steps); argparse names the
+    option and the value with the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an int >= {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+#: how many of something that must exist at least once (layers, batches, tokens)
+count = at_least(1)
 
 
 def version_line() -> str:

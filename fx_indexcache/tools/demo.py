@@ -27,7 +27,7 @@ from ..models.reference import ReferenceDSAModel, corpus
 from ..models.reference.training import next_byte_loss
 from ..session import clear_reports, reports
 from .calibration import add_reference_arguments, reference_model
-from .cli import count
+from .cli import at_least, count
 
 DEMO_LAYERS = 6
 PROMPT = {"random": 40, "trained": 96}  # prefill lengths, both longer than the model's top-k (16 / 64)
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=count, default=None,
                         help=f"prefill length, longer than top-k (default {PROMPT['trained']} bytes for the trained "
                              f"checkpoint, {PROMPT['random']} tokens for random weights)")
-    parser.add_argument("--decode-steps", type=count, default=3)
+    parser.add_argument("--decode-steps", type=at_least(0), default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
