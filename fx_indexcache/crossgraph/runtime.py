@@ -42,7 +42,6 @@ through another compile) between an F layer and its S layers (docs/limits.md say
 from __future__ import annotations
 
 import dataclasses
-import re
 import enum
 import sys
 import threading
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from ..config import FULL, IndexCacheConfig
-from ..detection.layers import layer_key
+from ..detection.layers import layer_key, spelled_container
 from ..rewrite.indices_io import CallAction
 
 __all__ = ["CallAction", "Fallback", "LayerCall", "LayerMap", "Timeline", "CrossGraphCallable", "NumberedGraphCallable"]
@@ -507,11 +506,6 @@ class NumberedSpan:
         return self.span()[1] > self.layers[-1]
 
 
-def _spelled(container: str) -> str:
-    """A container name as ``layer_slot`` spells it (dots and underscores alike), as a span may name it."""
-    return re.sub(r"[._]", ".", container)
-
-
 class NumberedGraphCallable(_ModelLookup):
     """The boxed callable for a numbered graph that reads or publishes indices across a graph break.
 
@@ -538,7 +532,7 @@ class NumberedGraphCallable(_ModelLookup):
         low, high = first - 1, last + 1
         fits = [name for name, layers in found.items() if set(self.span.layers) <= layers
                 and all(low <= layer <= high for layer in layers)
-                and self.span.container in (None, _spelled(name))]
+                and self.span.container in (None, spelled_container(name))]
         return fits[0] if len(fits) == 1 else None
 
     def __call__(self, args: list) -> object:
@@ -571,8 +565,8 @@ class NumberedGraphCallable(_ModelLookup):
             for layer, _ in span.reads:
                 timeline.calls[layer] = LayerCall(layer, container, "S", CallAction.COMPUTED, self.graph,
                                                   fallback=read)
-            computed = [layer for layer in (*(layer for layer, _ in span.reads), span.writes) if layer is not None]
-            timeline.writer = max(computed) if computed else timeline.writer  # the leading S layers computed
+            # the leading S layers computed: the last of them writes the buffer, unless an F layer after them does
+            timeline.writer = span.writes if span.writes is not None else span.reads[-1][0]
             return self.as_is(args)
         if read is not None:
             extra.append(read.indices)

@@ -82,6 +82,11 @@ def layer_key(path: str) -> tuple[str, int] | None:
     return None
 
 
+def spelled_container(name: str) -> str:
+    """A container name as ``layer_slot`` spells it: dots and underscores both read as dots."""
+    return re.sub(r"[._]", ".", name)
+
+
 def layer_slot(path: str | None) -> tuple[str, int] | None:
     """``model.layers.3.attn`` → ``("model.layers", 3)``: the container and index of the first all-digit component.
 

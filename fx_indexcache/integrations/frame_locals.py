@@ -17,26 +17,20 @@ gives its list and position. Where neither proves the numbers, the layers are un
 
 from __future__ import annotations
 
-import re
 from typing import Any, Union
 
 from torch import nn
 from torch.export import ExportedProgram
 
 from ..context import GraphContext
-from ..detection.layers import layer_key, layer_slot, rooted_elsewhere
+from ..detection.layers import layer_key, layer_slot, rooted_elsewhere, spelled_container
 from ..detection.registry import Detection, refuse_container, renumber
 
 Blocks = Union[nn.ModuleList, nn.Sequential]
 
 
-def _spelled(name: str) -> str:
-    """A name as ``layer_slot`` spells containers: dots and underscores both read as dots."""
-    return re.sub(r"[._]", ".", name)
-
-
 def _module_lists(root: nn.Module) -> dict[str, Blocks]:
-    return {_spelled(name): module for name, module in root.named_modules()
+    return {spelled_container(name): module for name, module in root.named_modules()
             if isinstance(module, (nn.ModuleList, nn.Sequential))}
 
 
@@ -49,7 +43,7 @@ def _named_container(container: str, frame_modules: dict[str, Any]) -> tuple[str
         found = _module_lists(owner).get(container) if isinstance(owner, nn.Module) else None
         return None if found is None else (_SELF, found)
     for name, local in frame_modules.items():
-        root = _spelled(name)
+        root = spelled_container(name)
         if container == root:
             return (name, local) if isinstance(local, (nn.ModuleList, nn.Sequential)) else None
         if container.startswith(root + ".") and isinstance(local, nn.Module):
@@ -106,10 +100,7 @@ def _program_attribute_names(program: ExportedProgram, container: str) -> str | 
             if slot is not None and slot[0] == container and _numbered_attribute(part):
                 numbered.setdefault(".".join(parts[:depth + 1]), slot[1])
                 break
-    numbers = list(numbered.values())
-    if not numbered or numbers == list(range(len(numbers))):
-        return None
-    return _names_not_positions("the program names its blocks", list(numbered))
+    return _names_not_positions("the program names its blocks", list(numbered.items()))
 
 
 def _program_positions(program: ExportedProgram, container: str, numbers: set[int]) -> tuple[str, dict[int, int]] | str:
@@ -121,7 +112,7 @@ def _program_positions(program: ExportedProgram, container: str, numbers: set[in
 
     def home(number: int) -> tuple[str, int] | str:
         homes = {layer_slot(first[id(value)]) for key, value in program.state_dict.items()
-                 if _spelled(key).startswith(f"{container}.{number}.")}  # (layer_slot spells as the detector does)
+                 if spelled_container(key).startswith(f"{container}.{number}.")}  # (layer_slot spells as the detector does)
         if len(homes) != 1 or None in homes:
             return f"its block {number} has {'no state' if not homes else 'state of several blocks'}"
         (found,) = homes
@@ -175,11 +166,8 @@ def _not_positions(owner: nn.Module, container: str) -> str | None:
     """
     numbered = [(name, slot[1]) for name, _ in owner.named_modules()
                 if _numbered_attribute(name.rsplit(".", 1)[-1]) and (slot := layer_slot(name)) is not None
-                and slot[0] == container and _spelled(name) == f"{container}.{slot[1]}".lstrip(".")]
-    numbers = [number for _, number in numbered]
-    if not numbered or numbers == list(range(len(numbers))):
-        return None
-    return _names_not_positions(f"{type(owner).__name__} names its blocks", [name for name, _ in numbered])
+                and slot[0] == container and spelled_container(name) == f"{container}.{slot[1]}".lstrip(".")]
+    return _names_not_positions(f"{type(owner).__name__} names its blocks", numbered)
 
 
 def _numbered_attribute(name: str) -> bool:
@@ -188,7 +176,12 @@ def _numbered_attribute(name: str) -> bool:
     return any(piece.isdigit() for piece in name.split("_")[1:])
 
 
-def _names_not_positions(who: str, names: list[str]) -> str:
+def _names_not_positions(who: str, numbered: list[tuple[str, int]]) -> str | None:
+    """Why blocks named with numbers (``(name, number)`` in registration order) are not at those positions, or None
+    where they are numbered 0, 1, 2, ... (or there are none)."""
+    if [number for _, number in numbered] == list(range(len(numbered))):
+        return None
+    names = [name for name, _ in numbered]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     return (f"{who} {shown}: numbers written in their names, not positions counted from 0 in the order they are "
             "registered, so they need not be the decoder layers' positions (keep the layers in an nn.ModuleList, "
@@ -217,5 +210,5 @@ def _settle(detection: Detection, where: str, found: tuple[str, dict[int, int]] 
         refuse_container(detection, f"{where}: {found}")
         return
     real, positions = found
-    if _spelled(real) != detection.container or any(number != position for number, position in positions.items()):
-        renumber(detection, positions, _spelled(real), real)
+    if spelled_container(real) != detection.container or any(number != position for number, position in positions.items()):
+        renumber(detection, positions, spelled_container(real), real)
