@@ -331,8 +331,11 @@ def test_decode_recompiles_once_then_start_pos_is_symbolic(ids):
 
 
 @pytest.mark.slow  # ~10 s with a warm Inductor cache, 1-2 min cold on 2 busy cores
-def test_inductor_prefill_and_decode_match_eager(model, ids):
+def test_inductor_prefill_and_decode_match_eager(ids):
+    """Plain Inductor compiles the reference model's prefill and decode as eager runs them (a dense layer and a
+    DSA layer: two layers keep the compile short)."""
     torch._dynamo.reset()
+    model = ReferenceDSAModel(small_config(num_layers=2), seed=0)
     prompt = 20
 
     def prefill_then_decode(prompt_ids, next_ids, cache):
