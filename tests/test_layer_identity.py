@@ -10,6 +10,7 @@ the engines' semantics, or with the untouched model where the pass cannot prove 
 from __future__ import annotations
 
 import logging
+import types
 
 import pytest
 import torch
@@ -380,3 +381,60 @@ def test_one_layer_selecting_twice_from_its_input_is_refused_as_shared_hidden_st
     assert "hidden states" in report.format() and "_parameters" not in report.format().split("both read")[1][:40]
     assert report.indexers_removed == 0
     torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+
+
+class TowerAndDecoder(torch.nn.Module):
+    """A vision tower with indexers of its own before the language model (both ``layers.N`` lists, in the given
+    styles); ``config`` states the decoder's layer count in its ``text_config``, as multimodal configs do."""
+
+    def __init__(self, tower: str, decoder: str, style: str = "in_layer", stated: bool = False) -> None:
+        super().__init__()
+        self.vision = HybridDSA(tower, style, seed=1)
+        self.language_model = HybridDSA(decoder, style, seed=2)
+        if stated:
+            self.config = types.SimpleNamespace(text_config=types.SimpleNamespace(num_hidden_layers=len(decoder)))
+
+    def forward(self, x, uses=None):
+        return self.language_model(self.vision(x), uses)
+
+
+@pytest.mark.parametrize("style", ["in_layer", "indexer_list"])
+@pytest.mark.parametrize("tower, keys", [
+    ("iiiiii", {"index_topk_pattern": "FSFS"}),  # the tower holds more indexers than the decoder
+    ("ii", {"index_topk_pattern": "FSFS"}),
+    ("iii", {"index_topk_freq": 2, "stated": True}),  # as many indexers: only the config's count tells them apart
+])
+def test_the_pattern_numbers_the_decoder_stack_not_a_tower_beside_it(style, tower, keys):
+    """The decoder stack is the layer list of the model's decoder-layer count, never the one with most indexers;
+    the tower's indexers are left as they are."""
+    keys = dict(keys)  # the parameter's dict is shared by the style cases
+    stated = keys.pop("stated", False)
+    model = TowerAndDecoder(tower, "idii", style, stated)
+    out, (report,) = _compile(model, **keys)
+    config = fic.IndexCacheConfig(**keys)
+    assert _pairs([report]) == {layer: source for layer, source in enumerate(engine_uses(config, "idii"))
+                                if layer != source}
+    assert sum("vision.layers" in note for note in report.other_notes) == len(tower)
+    torch.testing.assert_close(out, _run(model, engine_uses(config, "idii")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keys", [{"index_topk_pattern": "FSFS"}, {"index_topk_freq": 2}])
+def test_a_tower_the_layer_count_cannot_tell_from_the_decoder_leaves_every_layer_computing(keys, caplog):
+    """Four blocks each, and a count of four (or none): which list the pattern numbers is not proven."""
+    model = TowerAndDecoder("iiii", "iiii")
+    with caplog.at_level(logging.WARNING, logger="fx_indexcache"):
+        out, (report,) = _compile(model, **keys)
+    assert report.layer_index_unknown is UnknownLayerIndex.RIVAL_CONTAINERS and report.indexers_removed == 0
+    assert report.format().count("layers (4 blocks)") == 2
+    assert "more than one layer list" in caplog.text
+    torch.testing.assert_close(out, _run(model), rtol=0, atol=0)
+
+
+def test_an_exported_tower_and_decoder_number_the_decoder_by_the_pattern_length():
+    model = TowerAndDecoder("iiiiii", "iiii")
+    with torch.no_grad():
+        program = torch.export.export(model, (inputs(),), strict=False)
+    report = fic.apply_index_cache_to_exported_program(program, index_topk_pattern="FSSF")
+    assert _pairs([report]) == {1: 0, 2: 0}
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(inputs()), _run(model, [0, 0, 0, 3]), rtol=0, atol=0)

@@ -98,3 +98,19 @@ def test_a_layer_run_out_of_order_outside_the_span_does_not_stop_sharing():
 @given(st.permutations(range(5)), st.lists(st.sampled_from("FS"), min_size=4, max_size=4))
 def test_every_shared_layer_reads_what_the_engines_buffer_holds(order, tail):
     _check(list(order), "F" + "".join(tail))
+
+
+def test_a_stack_run_twice_is_left_as_it_is(caplog):
+    """A recurrent stack (the blocks run again, 0 1 2 0 1 2) traces each indexer twice under one module path. Each
+    run selects for another input, so neither is the layer's one selection: sharing across runs by number would read
+    the first round's indices in the second. Every site computes and the report says the indexer runs twice."""
+    torch._dynamo.reset()
+    model = OrderedDSA(3, [0, 1, 2, 0, 1, 2]).eval()
+    with caplog.at_level("WARNING", logger="fx_indexcache"):
+        out, report = _compile_and_report(model, "FSS")
+    assert report.decisions == [] and report.indexers_removed == 0
+    left = [note for note in report.other_notes if note.startswith("left alone")]
+    assert len(left) == 6 and all("runs 2 times" in note for note in left), left
+    assert "all left as they are" in caplog.text and "holds no DSA lightning indexer" not in caplog.text
+    with torch.no_grad():
+        assert torch.equal(out, model(inputs()))

@@ -9,7 +9,6 @@ model's first DSA layer. Otherwise it is unknown, and no layer may be marked S o
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import functools
@@ -29,6 +28,8 @@ from .sites import IndexerSite, TopkVerdict
 from .topk import find_topk_sites
 
 SiteFinder = Callable[[fx.Graph], tuple[list[IndexerSite], list[TopkVerdict]]]
+#: How many blocks a layer list of the graph's model holds (its path as ``layer_slot`` spells it), None: not known.
+ContainerBlocks = Callable[[str], "int | None"]
 
 SITE_FINDERS: dict[str, SiteFinder] = {"aten.topk": find_topk_sites}
 
@@ -91,6 +92,11 @@ class UnknownLayerIndex(str, enum.Enum):
     PATHS_SPLIT_ONE_WEIGHT = (
         "the module paths number two indexers as different layers, but both project with the same weight (one "
         "indexer tied across the list, or one indexer called twice): the numbers need not be decoder layers"
+    )
+    RIVAL_CONTAINERS = (
+        "the indexers serve layers of more than one layer list (a vision tower's and the language model's, say), "
+        "and the model's decoder-layer count names none or several of them: which list the pattern numbers is not "
+        "proven (give num_layers, compile a model whose config has num_hidden_layers, or compile the decoder stack alone)"
     )
     PARTIAL_RECORD = "some sites carry an earlier rewrite's layer record and others do not"
     STAGE_NUMBERED_FROM_ZERO = (
@@ -194,13 +200,15 @@ def _find_all(graph: fx.Graph) -> tuple[list[IndexerSite], list[TopkVerdict]]:
 
 
 def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
-           layer_count: int | None = None) -> Detection:
+           layer_count: int | None = None, container_blocks: ContainerBlocks | None = None) -> Detection:
     """Find the sites and give each its decoder-layer index, or none (see ``_assign_layers``).
 
     ``graph_starts_at_first_layer`` says whether the graph begins at the model's first layer (True for an
     exported program, a backend tells it for a dynamo graph; None: not known). ``layer_count`` is the model's
     decoder-layer count where a config or the keys state it: graph order numbers sites only when the graph
-    holds exactly that many, one a layer.
+    holds exactly that many, one a layer, and where indexers serve layers of several lists, the one list of that
+    many blocks is the decoder stack. ``container_blocks`` tells how many blocks a list (as ``layer_slot`` spells
+    it) of the graph's model holds (None: not known; then the layers the graph holds of it are counted).
 
     Products Inductor padded for alignment are restored first, in ``graph`` and its subgraphs
     (``padded_products.py``): every reader of a score sees the plain product, whichever form the card's timing chose.
@@ -217,7 +225,7 @@ def detect(graph: fx.Graph, graph_starts_at_first_layer: bool | None = None,
     detection = Detection(sites, ignored, [], nested, LayerSource.NO_SITES, padded_products_restored=restored)
     detection.hidden = hidden_selections(graph, sites, ignored, found)
     if sites:
-        _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count)
+        _assign_layers(detection, graph, graph_starts_at_first_layer, layer_count, container_blocks)
         _place_hidden(detection)
     return detection
 
@@ -251,13 +259,15 @@ def _sites_container(sites: list[IndexerSite]) -> str | None:
 
 
 def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_layer: bool | None,
-                   layer_count: int | None) -> None:
+                   layer_count: int | None, container_blocks: ContainerBlocks | None = None) -> None:
     """The rule: a layer index is proven or absent.
 
     1. An earlier rewrite's record (a second application never renumbers).
     2. Module paths: the decoder layer whose attention *consumes* a site's indices, else the numbered module
-       that holds its top-k; every site must land in one layer container (the repeated block of the model's
-       layer list), and a site read by several layers is the model's own sharing (``IndexerSite.readers``).
+       that holds its top-k; the sites are numbered in one layer container (the repeated block of the model's
+       layer list), the only one they serve or the only one of the model's decoder-layer count (a vision tower's
+       indexers beside the language model's are set aside; with no such proof, none is numbered), and a site read
+       by several layers is the model's own sharing (``IndexerSite.readers``).
     3. Graph order, only for a graph that starts at the model's first layer and holds exactly one indexer per
        decoder layer of a model whose layer count is known. Dense or sliding layers between DSA layers, two
        indexers a layer or part of a model would otherwise shift every index after them.
@@ -274,7 +284,11 @@ def _assign_layers(detection: Detection, graph: fx.Graph, graph_starts_at_first_
         return
     slots = [_site_slot(site) for site in sites]
     if all(slot is not None for slot in slots):
-        main = detection.container = _place_by_slots(detection, slots)
+        main, rivalry = _decoder_container(slots, graph, layer_count, container_blocks)
+        if main is None:
+            _unknown(detection, UnknownLayerIndex.RIVAL_CONTAINERS, rivalry)
+            return
+        detection.container = _place_by_slots(detection, slots, main)
         detection.layers_present = frozenset(_layers_in(graph, main))
         # Numbered by their own list, not by a layer consuming their indices: that list may be one layer's own
         # (its indexers, compiled alone). Two such sites scoring one input sit in one layer.
@@ -394,11 +408,39 @@ def _site_slot(site: IndexerSite) -> tuple[str, int] | None:
     return container, read_by[0]
 
 
-def _place_by_slots(detection: Detection, slots: list[tuple[str, int]]) -> str:
-    """Place sites by their slots; sites in a container other than the one most sites are in (returned) are set
+def _decoder_container(slots: list[tuple[str, int]], graph: fx.Graph, layer_count: int | None,
+                       container_blocks: ContainerBlocks | None) -> tuple[str | None, str]:
+    """The layer container the pattern numbers, or None and why no container is proven to be it.
+
+    The only container the sites serve is it. Among several (a vision tower's indexers and the language model's),
+    it is the one whose block count is the model's decoder-layer count; site counts prove nothing (a tower may hold
+    as many indexers as the decoder, or more)."""
+    served = list(dict.fromkeys(container for container, _ in slots))
+    if len(served) == 1:
+        return served[0], ""
+    blocks = {container: _container_size(graph, container, container_blocks) for container in served}
+    sizes = ", ".join(f"{container} ({'?' if n is None else n} blocks)" for container, n in blocks.items())
+    if layer_count is None:
+        return None, f"indexers serve {sizes}; the model's decoder-layer count is not known"
+    matching = [container for container, n in blocks.items() if n == layer_count]
+    if len(matching) == 1:
+        return matching[0], ""
+    return None, f"indexers serve {sizes}; the model has {layer_count} decoder layers"
+
+
+def _container_size(graph: fx.Graph, container: str, container_blocks: ContainerBlocks | None) -> int | None:
+    """Blocks in ``container``: the model's list where it is known, else the layers of it the graph holds where they
+    are 0..n-1 (a whole graph)."""
+    known = container_blocks(container) if container_blocks is not None else None
+    if known is not None:
+        return known
+    present = _layers_in(graph, container)
+    return len(present) if present == set(range(len(present))) else None
+
+
+def _place_by_slots(detection: Detection, slots: list[tuple[str, int]], main: str) -> str:
+    """Place sites by their slots; sites serving a container other than ``main`` (the decoder stack) are set
     aside."""
-    counts = collections.Counter(container for container, _ in slots)
-    main, _ = counts.most_common(1)[0]
     others = [(site, slot) for site, slot in zip(detection.sites, slots) if slot[0] != main]
     kept = [(site, slot) for site, slot in zip(detection.sites, slots) if slot[0] == main]
     detection.sites = [site for site, _ in kept]
@@ -458,6 +500,18 @@ def _unknown(detection: Detection, reason: UnknownLayerIndex, detail: str = "") 
         site.layer, site.layer_source = None, LayerSource.UNKNOWN
 
 
+def _doubled_reason(site: IndexerSite, paths_in_layer: list[str | None]) -> str:
+    """Why a layer's sites are set aside: one indexer module run more than once (a recurrent stack runs its blocks
+    again) is told apart from a layer with several indexers, though both are refused for one reason: no site of the
+    layer is *the* layer's selection."""
+    if site.module_path is not None and paths_in_layer.count(site.module_path) > 1:
+        return (f"layer {site.layer}'s indexer ({site.module_path}) runs {paths_in_layer.count(site.module_path)} "
+                "times in this graph: each run selects for another input, so none is the layer's one selection; "
+                "they are left as they are")
+    return (f"layer {site.layer} holds more than one indexer: they are left as they are, never paired with "
+            "another layer's indexers by position")
+
+
 def _place(detection: Detection, layers: list[int], source: LayerSource) -> None:
     """Give each site its layer; several sites in one layer are all set aside (unplaced): pairing them with
     another layer's sites by position would be a guess."""
@@ -469,9 +523,10 @@ def _place(detection: Detection, layers: list[int], source: LayerSource) -> None
         if layer in seen:
             doubled.add(layer)
         seen.setdefault(layer, site)
-    detection.unplaced = [
-        (site, f"layer {site.layer} holds more than one indexer: they are left as they are, never paired with "
-               "another layer's indexers by position") for site in detection.sites if site.layer in doubled
-    ]
+    paths: dict[int, list[str | None]] = {}
+    for site in detection.sites:
+        paths.setdefault(site.layer, []).append(site.module_path)
+    detection.unplaced = [(site, _doubled_reason(site, paths[site.layer]))
+                          for site in detection.sites if site.layer in doubled]
     placed = [site for site in detection.sites if site.layer not in doubled]
     detection.sites = sorted(placed, key=lambda site: site.layer)

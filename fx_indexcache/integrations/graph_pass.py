@@ -193,7 +193,9 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         first layer when the context gives it (unless they are global already: ``detection/stage.py``), and refused
         when the model's layer count shows the layer list is shorter than the model (never read as global
         numbers)."""
-        detection = detect(graph, self.context.starts_at_first_layer, self.layer_count())
+        model = self.context.model_object()
+        list_length = functools.partial(container_length, model) if isinstance(model, nn.Module) else None
+        detection = detect(graph, self.context.starts_at_first_layer, self.layer_count(), list_length)
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
         prove_container_numbers(detection, self.context)  # L['tail'][0], dsa_layers.0: the model's numbers, or none
@@ -335,7 +337,12 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
                 "fx_indexcache: %s: the layer index of its %d indexer(s) is unknown (%s); every layer in it computes, "
                 "the configured pattern is not applied there", name, len(report.decisions), detection.unknown_text,
             )
-        if not detection.sites and self.config.use_index_cache and context.starts_at_first_layer:
+        if not detection.sites and detection.unplaced and self.config.use_index_cache:
+            log.warning(
+                "fx_indexcache: %s: its %d indexer(s) are all left as they are; the first: %s",
+                name, len(detection.unplaced), detection.unplaced[0][1],
+            )
+        elif not detection.sites and self.config.use_index_cache and context.starts_at_first_layer:
             self.session.warn_once(
                 "no-sites", "fx_indexcache: %s holds no DSA lightning indexer, so IndexCache changes nothing there. "
                 "The detector looks for a top-k over the key axis of sum_h w[t,h]*ReLU(q[t,h].k[s]) with q and k "
