@@ -106,7 +106,7 @@ def expected_indices(graph: fx.Graph, site) -> ExpectedIndices | None:
     if needed - set(bound):
         return None
     sizes = tuple(int(s) if not getattr(s, "free_symbols", None) else s for s in sizes)
-    return ExpectedIndices(sizes, tuple(bound.values()), indices.dtype, indices.device)
+    return ExpectedIndices(sizes, tuple(bound.values()), indices.dtype, indices.device, site.frame().portable())
 
 
 def layer_horizon(config: IndexCacheConfig, model_layers: int | None) -> int:

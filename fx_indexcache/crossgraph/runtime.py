@@ -69,6 +69,11 @@ class Fallback(str, enum.Enum):
     NOT_PUBLISHED = "its F layer did not publish in this forward call"
     NOT_CONSECUTIVE = "the layers since its F layer's publish did not run consecutively up to this one"
     MISMATCH = "the published indices' shape, dtype, device or layout differ from what this graph expects"
+    OTHER_FRAME = (
+        "the published indices name other tokens than this layer's would: its score's keys or rows, or the positions "
+        "it maps its indices to, come from its tokens otherwise (detection/index_frame.py), or depend on a graph "
+        "input whose value may differ per layer"
+    )
     NO_FORWARD_CALL = (
         "the model's forward is not running (the compiled callable is another method, or a stage called on its "
         "own): no call boundary ties an F layer's publish to this call, so another input's indices could be read"
@@ -101,6 +106,7 @@ class _Published:
     indices: torch.Tensor
     key_width: int  # the width of the key axis the F layer's top-k ran over
     graph: str
+    frame: str | None = None  # the F layer's ``IndexFrame.portable()``: what its indices name
 
 
 #: Static index buffers kept per timeline (one per indices shape): bounded, so dynamic prefill lengths
@@ -373,6 +379,9 @@ class ExpectedIndices:
     bindings: tuple[tuple[sympy.Symbol, int, int | None], ...]  # symbol, argument, dim (None: a SymInt arg)
     dtype: torch.dtype
     device: torch.device
+    #: What the indices name, comparable across graphs (``IndexFrame.portable``); None: it depends on a graph input
+    #: (a position table), so no published indices are taken.
+    frame: str | None = ""
 
     def sizes_for(self, args: Sequence[object]) -> tuple[int, ...]:
         if not self.bindings:
@@ -382,6 +391,13 @@ class ExpectedIndices:
             arg: Any = args[position]  # a SymInt-bound int, or a tensor whose dim ``dim`` is bound
             values[symbol] = int(arg if dim is None else arg.shape[dim])
         return tuple(size if isinstance(size, int) else int(size.xreplace(values)) for size in self.sizes)
+
+    def refusal(self, published: _Published, args: Sequence[object]) -> Fallback | None:
+        """Why ``published`` may not stand in for what this call would compute: another frame, or another shape,
+        dtype, device or layout; None where it may."""
+        if self.frame is None or published.frame != self.frame:
+            return Fallback.OTHER_FRAME
+        return None if self.accepts(published, args) else Fallback.MISMATCH
 
     def accepts(self, published: _Published, args: Sequence[object]) -> bool:
         """Whether ``published`` is exactly what this call would have computed the shape of."""
@@ -465,17 +481,18 @@ class CrossGraphCallable(_ModelLookup):
             timeline.begin(layer)
             buffer, key_width = publish_buffer(timeline, self.expected, args)
             result = self.f_variant([*args, buffer])
-            timeline.published[layer] = _Published(buffer, key_width, self.graph)
+            timeline.published[layer] = _Published(buffer, key_width, self.graph, self.expected.frame)
             timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.PUBLISHED, self.graph)
             return result
         why = timeline.readable(source, layer)
         if isinstance(why, _Published):
-            if self.expected.accepts(why, args):
+            refusal = self.expected.refusal(why, args)
+            if refusal is None:
                 timeline.begin(layer)
                 call = LayerCall(layer, container, marked, CallAction.READ, self.graph, source, why.graph)
                 timeline.calls[layer] = call
                 return self.s_variant([*args, why.indices])
-            why = Fallback.MISMATCH
+            why = refusal
         timeline.begin(layer)
         timeline.calls[layer] = LayerCall(layer, container, marked, CallAction.COMPUTED, self.graph, fallback=why)
         return self.as_is(args)
@@ -552,8 +569,9 @@ class NumberedGraphCallable(_ModelLookup):
         if timeline.writer is None:
             return Fallback.NOT_PUBLISHED
         why = timeline.readable(timeline.writer, span.span()[0])
-        if isinstance(why, _Published) and not all(expected.accepts(why, args) for _, expected in span.reads):
-            return Fallback.MISMATCH
+        if isinstance(why, _Published):
+            refusal = next((found for _, expected in span.reads if (found := expected.refusal(why, args))), None)
+            return refusal if refusal is not None else why
         return why
 
     def _run(self, args: list, timeline: Timeline, container: str):
@@ -583,6 +601,6 @@ class NumberedGraphCallable(_ModelLookup):
             timeline.writer = span.writes
         if span.publishes is not None:
             layer = span.publishes[0]
-            timeline.published[layer] = _Published(buffer, key_width, self.graph)
+            timeline.published[layer] = _Published(buffer, key_width, self.graph, span.publishes[1].frame)
             timeline.calls[layer] = LayerCall(layer, container, "F", CallAction.PUBLISHED, self.graph)
         return result

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from torch import fx
 
 from ..graph_utils import comes_after, fake_value, same_size
+from .index_frame import IndexFrame, index_frame
 from .symbolic import SizeProver
 
 
@@ -74,7 +75,14 @@ class IndexerSite(abc.ABC):
             return f"indices live on {mine.device}, layer {source.layer}'s on {theirs.device}"
         if any(comes_after(source.indices, user) for user in self.indices.users):
             return f"layer {source.layer}'s indices are computed after this layer first uses its own"
-        return None
+        return self.frame().difference(source.frame(), f"layer {source.layer}")
+
+    def frame(self) -> IndexFrame:
+        """The token positions this site's indices stand for (``index_frame.py``), read once."""
+        found = self.__dict__.get("_frame")
+        if found is None:
+            found = self.__dict__["_frame"] = index_frame(self.anchor, self.indices)
+        return found
 
     def reuse(self, source: IndexerSite) -> None:
         """Point every consumer of our indices at ``source``'s; our indexer becomes dead code."""
