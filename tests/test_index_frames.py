@@ -119,20 +119,18 @@ def test_a_layer_shares_exactly_where_its_frame_is_its_sources(offsets, pattern)
 
 
 class PositionTableStack(WindowStack):
-    """Each layer gathers its keys through a position table: its own buffer (``own``), or one the model passes
-    every layer (a shared ``positions`` input)."""
+    """Each layer gathers its keys through a position table: its own, built in the layer from constants (rolled by
+    one in every other layer: ``own``), or one the model builds once and hands every layer."""
 
     def __init__(self, own: bool) -> None:
         super().__init__([0, 0, 0, 0], window=False, absolute=False)
         self.own = own
         for i, layer in enumerate(self.layers):
-            layer.indexer.register_buffer("table", torch.arange(T).roll(i % 2))
-        for layer in self.layers:
-            layer.indexer.forward = self._scores_through_table(layer.indexer)
+            layer.indexer.forward = self._scores_through_table(layer.indexer, i % 2)
 
-    def _scores_through_table(self, indexer):
+    def _scores_through_table(self, indexer, shift: int):
         def forward(x, positions=None):
-            table = indexer.table if positions is None else positions
+            table = torch.arange(x.shape[0]).roll(shift) if positions is None else positions
             q = (x @ indexer.wq).unflatten(-1, (H, HD))
             keys = x[table] @ indexer.wk
             score = (torch.einsum("shd,td->sht", q, keys).relu() * (x @ indexer.ww)[..., None]).sum(1)
@@ -150,12 +148,13 @@ class PositionTableStack(WindowStack):
 
 @pytest.mark.parametrize("own", [True, False])
 def test_a_position_table_counts_by_what_it_is(own):
-    """Each layer's own table (rolled by one in every other layer) may map positions otherwise: those layers
-    compute. One table the model hands every layer is one frame: they share."""
+    """Tables rolled by one in every other layer map positions otherwise: those layers compute. One table the
+    model hands every layer is one frame: they share."""
     model = PositionTableStack(own).eval()
     x, out, report = _compiled(model, "FSFS")
     with torch.no_grad():
         if own:
+            assert not torch.equal(model(x), model(x, [0, 0, 2, 2]))  # sharing would have shown
             assert report.indexers_removed == 0 and torch.equal(out, model(x))
         else:
             assert report.indexers_removed == 2 and torch.equal(out, model(x, [0, 0, 2, 2]))

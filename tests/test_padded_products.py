@@ -135,7 +135,7 @@ def test_transformers_v32_under_inductors_padding_shares_prefill_and_decode(indu
     backend = IndexCacheBackend(index_topk_pattern="FSS")
     model.forward = torch.compile(model.forward, backend=backend)
     tokens, logits = generate()
-    assert [r.indexers_removed for r in backend.reports] == [2, 2], [r.format() for r in backend.reports]
+    assert [r.indexers_removed for r in backend.reports] == [2, 2], "\n".join(r.format() for r in backend.reports)
     # the padded form was there (the test is not vacuous): each graph restored its indexers' products
     assert all(r.padded_products_restored >= 3 for r in backend.reports), [r.format() for r in backend.reports]
     assert torch.equal(tokens, want_tokens)

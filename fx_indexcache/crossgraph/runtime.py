@@ -71,8 +71,8 @@ class Fallback(str, enum.Enum):
     MISMATCH = "the published indices' shape, dtype, device or layout differ from what this graph expects"
     OTHER_FRAME = (
         "the published indices name other tokens than this layer's would: its score's keys or rows, or the positions "
-        "it maps its indices to, come from its tokens otherwise (detection/index_frame.py), or depend on a graph "
-        "input whose value may differ per layer"
+        "it maps its indices to, come from its tokens otherwise (detection/index_frame.py), or rest on an attribute "
+        "of the graph that chooses positions"
     )
     NO_FORWARD_CALL = (
         "the model's forward is not running (the compiled callable is another method, or a stage called on its "
@@ -379,8 +379,8 @@ class ExpectedIndices:
     bindings: tuple[tuple[sympy.Symbol, int, int | None], ...]  # symbol, argument, dim (None: a SymInt arg)
     dtype: torch.dtype
     device: torch.device
-    #: What the indices name, comparable across graphs (``IndexFrame.portable``); None: it depends on a graph input
-    #: (a position table), so no published indices are taken.
+    #: What the indices name, comparable across graphs (``IndexFrame.portable``); None: it rests on an attribute of
+    #: this graph that chooses positions, so no published indices are taken.
     frame: str | None = ""
 
     def sizes_for(self, args: Sequence[object]) -> tuple[int, ...]:

@@ -13,8 +13,10 @@ The walk from a score stops at the layer's own data: a projection (a contraction
 or ``_WALK`` nodes. Only the positional steps count (slices, gathers, concatenations, shifts, pads; a reshape keeps the
 order of what it views, and a slice of a whole axis is no step);
 values (a per-layer weight, a scale, a mask) may differ, and data tensors count only by their shapes. A tensor that
-*chooses positions* (an index, a gather's index) counts by the computation that makes it, with graph inputs by
-name, so each layer's own offset buffer differs where a shared ``position_ids`` does not.
+*chooses positions* (an index, a gather's index) counts by the computation that makes it: constants by value, so
+each layer's own offsets differ; a graph input as an input, since each layer's cache positions arrive as inputs of
+their own that hold equal values (transformers' static cache), which the graph cannot tell from a per-layer
+position table handed in.
 """
 
 from __future__ import annotations
@@ -67,10 +69,10 @@ class IndexFrame:
 
     def portable(self) -> str | None:
         """The frame as text that compares across graphs (a layer graph run as several layers, graphs split by a
-        break): sizes' symbols, which each graph names for itself, as ``s?``. None where a position-choosing
-        tensor is a graph input (a layer's position table): per call it may hold other positions."""
+        break): sizes' symbols, which each graph names for itself, as ``s?``; None where an attribute of the graph
+        chooses positions (its name is this graph's own)."""
         text = repr((self.score, self.indices))
-        if re.search(r"<(?!data-dependent>)[^<>]*>", text):
+        if re.search(r"<(?!data-dependent>|input>)[^<>]*>", text):
             return None
         return re.sub(r"\b(?:s|u|zuf|zf|ps|c)\d+\b", "s?", text)
 
@@ -281,13 +283,16 @@ def _index_argument(arg) -> str:
 
 
 def _chosen(arg, depth: int = _INDEX_DEPTH) -> str:
-    """A position-choosing argument by the computation that makes it: graph inputs and attributes by name,
-    constants by value (``_INDEX_DEPTH`` nodes, then ``…``)."""
+    """A position-choosing argument by the computation that makes it: constants by value, attributes by name, a
+    graph input as an input (each layer's cache position is its own input, equal in value; ``_INDEX_DEPTH`` nodes,
+    then ``…``)."""
     if isinstance(arg, (list, tuple)):
         return "[" + ", ".join(_chosen(item, depth) for item in arg) + "]"
     if not isinstance(arg, fx.Node):
         return repr(arg)
-    if arg.op in ("placeholder", "get_attr"):
+    if arg.op == "placeholder":  # positions handed in (a cache position per layer, equal in value): a role
+        return "<input>"
+    if arg.op == "get_attr":
         return f"<{arg.target}>"
     if depth <= 0:
         return "…"
