@@ -233,3 +233,17 @@ def test_across_graphs_a_layer_reads_only_indices_of_its_own_frame(offsets, uses
             assert calls[layer].source_layer == uses[layer], calls
         else:
             assert calls[layer].fallback is Fallback.OTHER_FRAME, calls
+
+
+def test_a_frame_the_reader_cannot_read_refuses_instead_of_crashing(monkeypatch):
+    from fx_indexcache.detection import index_frame
+
+    def unknown_op(anchor):
+        raise NotImplementedError("an op the frame reader does not know")
+
+    monkeypatch.setattr(index_frame, "_score_steps", unknown_op)
+    model = WindowStack([0, 0, 0, 0]).eval()
+    x, out, report = _compiled(model, "FSFS")
+    assert report.indexers_removed == 0 and all("unreadable at" in d.note for d in report.decisions[1::2])
+    with torch.no_grad():
+        assert torch.equal(out, model(x))

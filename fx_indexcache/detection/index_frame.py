@@ -99,8 +99,11 @@ def _first_difference(mine: tuple[str, ...], theirs: tuple[str, ...]) -> str:
 def index_frame(anchor: fx.Node, indices: fx.Node) -> IndexFrame:
     """The frame of the selection ``anchor`` (a top-k, a sort, an op computing indices) whose indices are
     ``indices``."""
-    steps, bounded = _score_steps(anchor)
-    return IndexFrame(steps, _index_chain(indices), bounded)
+    try:
+        steps, bounded = _score_steps(anchor)
+        return IndexFrame(steps, _index_chain(indices), bounded)
+    except Exception as error:  # noqa: BLE001 - an op this reader does not know: no proof, never a crash
+        return IndexFrame((f"unreadable at {anchor.name}#{id(anchor)} ({type(error).__name__})",), (), False)
 
 
 def _token_sizes(anchor: fx.Node) -> list:
