@@ -108,7 +108,8 @@ def test_a_stack_run_twice_is_left_as_it_is(caplog):
     model = OrderedDSA(3, [0, 1, 2, 0, 1, 2]).eval()
     with caplog.at_level("WARNING", logger="fx_indexcache"):
         out, report = _compile_and_report(model, "FSS")
-    assert report.decisions == [] and report.indexers_removed == 0
+    assert report.decisions == [] and report.indexers_removed == 0 and report.indexers_left_alone == 6
+    assert "6 more indexer(s) left as they are" in report.format().splitlines()[0]
     left = [note for note in report.other_notes if note.startswith("left alone")]
     assert len(left) == 6 and all("runs 2 times" in note for note in left), left
     assert "all left as they are" in caplog.text and "holds no DSA lightning indexer" not in caplog.text

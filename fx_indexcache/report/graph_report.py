@@ -43,6 +43,9 @@ class IndexCacheReport:
     row_shards: list[RowShardRecord] = dataclasses.field(default_factory=list)
     #: products in top-k scores that Inductor had padded for alignment, restored before the graph was read
     padded_products_restored: int = 0
+    #: indexers found but left as they are with no row of their own (two in a layer, a run repeated, another layer
+    #: list's); each has a "left alone" line
+    indexers_left_alone: int = 0
 
     @property
     def pattern_source(self) -> PatternSource:
@@ -85,7 +88,9 @@ class IndexCacheReport:
             f"layer index from {self.layer_source.value}")
         lines = [
             f"IndexCache report{' for ' + self.graph_name if self.graph_name else ''}: "
-            f"{len(self.decisions)} DSA layers ({index}), {self.router_topk} other top-k left alone; "
+            f"{len(self.decisions)} DSA layers ({index}), "
+            + (f"{self.indexers_left_alone} more indexer(s) left as they are, " if self.indexers_left_alone else "")
+            + f"{self.router_topk} other top-k left alone; "
             f"pattern from {self.pattern_source.value} ({self.config.switch.value})",
             f"{'layer':>5}  {'F/S':>3}  {'indices from layer':>18}  {'FX nodes removed':>16}  note",
         ]
@@ -140,7 +145,7 @@ class IndexCacheReport:
             decisions = [_with_cross_graph_note(d, plan) for d in decisions]
         return cls(config, list(decisions), detection.layer_source, len(detection.ignored), lines, context.graph_name,
                    detection.unknown_reason, earlier, list(fusions), plan, list(regional), list(precision),
-                   list(row_shards), detection.padded_products_restored)
+                   list(row_shards), detection.padded_products_restored, len(detection.unplaced))
 
 
 def _stage_line(first: int, decisions: list[LayerDecision]) -> str:

@@ -48,6 +48,7 @@ def report_record(report: IndexCacheReport) -> dict:
         "indexers_fused": report.indexers_fused,
         "router_topk": report.router_topk,
         "padded_products_restored": report.padded_products_restored,
+        "indexers_left_alone": report.indexers_left_alone,
         "layers": [dataclasses.asdict(decision) for decision in report.decisions],
         "table": report.format(),
     }
