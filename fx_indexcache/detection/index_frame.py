@@ -10,13 +10,14 @@ nothing: index 0 is token 2 in one and token 0 in the other, and sharing would s
 
 ``IndexFrame`` records those steps as a comparable value, and two sites share only where their frames are equal.
 The walk from a score stops at the layer's own data: a projection (a contraction with a weight), a graph input,
-or ``_WALK`` nodes. Only the positional steps count (slices, gathers, concatenations, shifts, pads; a reshape keeps the
-order of what it views, and a slice of a whole axis is no step);
-values (a per-layer weight, a scale, a mask) may differ, and data tensors count only by their shapes. A tensor that
-*chooses positions* (an index, a gather's index) counts by the computation that makes it: constants by value, so
-each layer's own offsets differ; a graph input as an input, since each layer's cache positions arrive as inputs of
-their own that hold equal values (transformers' static cache), which the graph cannot tell from a per-layer
-position table handed in.
+or ``_WALK`` nodes. Only positional steps on axes of a token count's size count (slices, gathers,
+concatenations, shifts, pads): a reshape keeps the order of what it views, a slice of a whole axis is no step, and
+a split of a head's features moves no token. Values (a per-layer weight, a scale, a mask) may differ, and data
+tensors count only by their shapes. A tensor that *chooses positions* (an index, a gather's index) counts by the
+computation that makes it: constants by value, so each layer's own offsets differ; a graph input as an input,
+since each layer's cache positions arrive as inputs of their own that hold equal values (transformers' static
+cache), which the graph cannot tell from a per-layer position table handed in; a computation from the layer's
+activations (data-dependent pooling) as data, the layer's own choice as its top-k is.
 """
 
 from __future__ import annotations
