@@ -9,6 +9,7 @@ the engines' semantics, or with the untouched model where the pass cannot prove 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import types
 
@@ -438,3 +439,29 @@ def test_an_exported_tower_and_decoder_number_the_decoder_by_the_pattern_length(
     assert _pairs([report]) == {1: 0, 2: 0}
     with torch.no_grad():
         torch.testing.assert_close(program.module()(inputs()), _run(model, [0, 0, 0, 3]), rtol=0, atol=0)
+
+
+class TowerAndBrokenDecoder(TowerAndDecoder):
+    """The decoder's forward breaks the graph, so dynamo compiles the model's frame up to the decoder call: a graph
+    that holds the tower alone, its list the only one in sight."""
+
+    def __init__(self, tower: str, decoder: str) -> None:
+        super().__init__(tower, decoder)
+        self.language_model.break_at = 2
+
+
+@pytest.mark.parametrize("tower", ["iiii", "iii"])
+def test_a_graph_holding_only_a_tower_never_takes_the_decoders_pattern(tower):
+    """Four tower blocks beside four decoder layers: the tower's graph is refused (another list as long is in the
+    model); three: the layer count refuses it. Either way the tower runs untouched, and every decoder layer runs as
+    configured (sharing layer 0's indices) or as it is."""
+    model = TowerAndBrokenDecoder(tower, "iiii")
+    out, reports = _compile(model, index_topk_pattern="FSSS")
+    first = reports[0]  # the model's own frame up to the decoder call: the tower alone
+    assert len(first.decisions) == len(tower) and first.indexers_removed == 0, first.format()
+    assert first.layer_index_unknown is (UnknownLayerIndex.RIVAL_CONTAINERS if tower == "iiii"
+                                         else UnknownLayerIndex.STAGE_NUMBERED_FROM_ZERO), first.format()
+    candidates = [[0] + [0 if share else layer for layer, share in zip((1, 2, 3), choice)]
+                  for choice in itertools.product([True, False], repeat=3)]
+    assert any(torch.equal(out, _run(model, uses)) for uses in candidates)
+    assert not torch.equal(_run(model, [0, 0, 0, 0]), _run(model))  # sharing shows in the output

@@ -469,6 +469,12 @@ def renumber(detection: Detection, numbers: dict[int, int], container: str, mode
     detection.container, detection.model_container = container, model_container
 
 
+def refuse_rival_lists(detection: Detection, detail: str) -> None:
+    """Leave the sites unnumbered: the model holds another list of blocks as long as theirs, and this graph cannot
+    tell which one is the decoder stack."""
+    _unknown(detection, UnknownLayerIndex.RIVAL_CONTAINERS, detail)
+
+
 def refuse_container(detection: Detection, why: str) -> None:
     """Leave the sites unnumbered: their module paths' container is not proven to be the model's layer list."""
     _unknown(detection, UnknownLayerIndex.UNPROVEN_CONTAINER, why)

@@ -16,7 +16,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import IndexCacheConfig
 from ..context import GraphContext
-from ..detection.registry import LayerSource, detect, finders_fingerprint, refuse_stage_numbering, shift_to_global
+from ..detection.registry import (LayerSource, detect, finders_fingerprint, refuse_rival_lists, refuse_stage_numbering,
+                                  shift_to_global)
 from ..detection.stage import stage_paths_are_global
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
@@ -76,6 +77,23 @@ def container_length(model: nn.Module, container: str) -> int | None:
         if re.sub(r"[._]", ".", name) == container and isinstance(module, (nn.ModuleList, nn.Sequential)):
             return len(module)
     return None
+
+
+def rival_lists(model: nn.Module, container: str) -> list[str]:
+    """Other lists of blocks in ``model`` as long as ``container`` (its path as ``layer_slot`` spells it), outside
+    it and holding none of its blocks: a vision tower beside the language model, say. A graph that holds only one of
+    them (a break inside the other's forward) cannot tell which one the pattern numbers. Lists of leaves (per-layer
+    norms) are no rivals."""
+    lists = {re.sub(r"[._]", ".", name): module for name, module in model.named_modules()
+             if name and isinstance(module, (nn.ModuleList, nn.Sequential))}
+    own = lists.get(container)
+    if own is None:
+        return []
+    blocks = {id(block) for block in own}
+    return [name for name, module in lists.items()
+            if name != container and not name.startswith(container + ".") and not container.startswith(name + ".")
+            and len(module) == len(own) and not any(id(block) in blocks for block in module)
+            and all(next(block.children(), None) is not None for block in module)]
 
 
 def _spans(layers: list[int]) -> str:
@@ -209,6 +227,12 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
             blocks = container_length(model, detection.container)
             if blocks is not None and blocks < count:
                 refuse_stage_numbering(detection, blocks, count)
+        if first is None and detection.layer_source is LayerSource.MODULE_PATH and isinstance(model, nn.Module):
+            container = detection.model_container or detection.container
+            rivals = rival_lists(model, container) if container else []
+            if rivals:
+                refuse_rival_lists(detection, f"this graph numbers {container}; the model also holds "
+                                              f"{', '.join(rivals)}, as long")
         return detection
 
     def model_layers(self, detection) -> int | None:
