@@ -106,7 +106,7 @@ class _Published:
     indices: torch.Tensor
     key_width: int  # the width of the key axis the F layer's top-k ran over
     graph: str
-    frame: str | None = None  # the F layer's ``IndexFrame.portable()``: what its indices name
+    frame: str | None  # the F layer's ``IndexFrame.portable()``: what its indices name
 
 
 #: Static index buffers kept per timeline (one per indices shape): bounded, so dynamic prefill lengths
@@ -381,7 +381,7 @@ class ExpectedIndices:
     device: torch.device
     #: What the indices name, comparable across graphs (``IndexFrame.portable``); None: it rests on an attribute of
     #: this graph that chooses positions, so no published indices are taken.
-    frame: str | None = ""
+    frame: str | None
 
     def sizes_for(self, args: Sequence[object]) -> tuple[int, ...]:
         if not self.bindings:

@@ -60,13 +60,12 @@ _CHAIN = 16  # ops followed from the indices towards their readers
 
 @dataclasses.dataclass(frozen=True)
 class IndexFrame:
-    """The positional steps from a layer's tokens to its score (``score``), and from its indices to what its
-    attention reads (``indices``), each sorted; ``bounded``: the walk up from the score ended at the layer's own
-    data (else it stopped after ``_WALK`` nodes, which for layers written alike covers alike steps)."""
+    """The positional steps from a layer's tokens to its score (``score``; a walk cut at ``_WALK`` nodes covers
+    alike steps of layers written alike), and from its indices to what its attention reads (``indices``), each
+    sorted."""
 
     score: tuple[str, ...]
     indices: tuple[str, ...]
-    bounded: bool
 
     def portable(self) -> str | None:
         """The frame as text that compares across graphs (a layer graph run as several layers, graphs split by a
@@ -82,10 +81,9 @@ class IndexFrame:
         if self.indices != source.indices:
             return (f"this layer maps its indices to positions otherwise than {source_name} "
                     f"({_first_difference(self.indices, source.indices)}): shared, they would name other tokens")
-        mine, theirs = self.score, source.score  # walks cut at _WALK nodes saw alike much of alike layers
-        if mine != theirs:
+        if self.score != source.score:
             return (f"its score's rows or keys come from the layer's tokens otherwise than {source_name}'s "
-                    f"({_first_difference(mine, theirs)}): the same index names another token")
+                    f"({_first_difference(self.score, source.score)}): the same index names another token")
         return None
 
 
@@ -101,10 +99,9 @@ def index_frame(anchor: fx.Node, indices: fx.Node) -> IndexFrame:
     """The frame of the selection ``anchor`` (a top-k, a sort, an op computing indices) whose indices are
     ``indices``."""
     try:
-        steps, bounded = _score_steps(anchor)
-        return IndexFrame(steps, _index_chain(indices), bounded)
+        return IndexFrame(_score_steps(anchor), _index_chain(indices))
     except Exception as error:  # noqa: BLE001 - an op this reader does not know: no proof, never a crash
-        return IndexFrame((f"unreadable at {anchor.name}#{id(anchor)} ({type(error).__name__})",), (), False)
+        return IndexFrame((f"unreadable at {anchor.name}#{id(anchor)} ({type(error).__name__})",), ())
 
 
 def _token_sizes(anchor: fx.Node) -> list:
@@ -114,7 +111,7 @@ def _token_sizes(anchor: fx.Node) -> list:
     return [size for size in score.shape if not same_size(size, 1)] if isinstance(score, torch.Tensor) else []
 
 
-def _score_steps(anchor: fx.Node) -> tuple[tuple[str, ...], bool]:
+def _score_steps(anchor: fx.Node) -> tuple[str, ...]:
     seen: set[fx.Node] = set()
     frontier = list(anchor.all_input_nodes)
     positional: list[fx.Node] = []
@@ -124,7 +121,7 @@ def _score_steps(anchor: fx.Node) -> tuple[tuple[str, ...], bool]:
         if node in seen:
             continue
         if len(seen) >= _WALK:
-            return _described(positional), False
+            break
         seen.add(node)
         if node.op != "call_function":
             continue
@@ -134,7 +131,7 @@ def _score_steps(anchor: fx.Node) -> tuple[tuple[str, ...], bool]:
         if is_call(node, POSITIONAL) and _moves_tokens(node, tokens):
             positional.append(node)
         frontier.extend(node.all_input_nodes)
-    return _described(positional), True
+    return _described(positional)
 
 
 def _is_projection(node: fx.Node) -> bool:

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ..config import IndexCacheConfig
 from ..context import GraphContext
 from ..detection.registry import (LayerSource, detect, finders_fingerprint, refuse_rival_lists, refuse_stage_numbering,
                                   shift_to_global)
+from ..detection.layers import spelled_container
 from ..detection.stage import stage_paths_are_global
 from ..fuse.precision import PrecisionRecord, precision_records
 from ..fuse.substitute import FusionRecord, substitute_fused_indexer
@@ -74,7 +74,7 @@ _TRAINING_NOTE = (
 def container_length(model: nn.Module, container: str) -> int | None:
     """How many blocks the module list ``container`` of ``model`` holds (its path as ``layer_slot`` spells it)."""
     for name, module in model.named_modules():
-        if re.sub(r"[._]", ".", name) == container and isinstance(module, (nn.ModuleList, nn.Sequential)):
+        if spelled_container(name) == container and isinstance(module, (nn.ModuleList, nn.Sequential)):
             return len(module)
     return None
 
@@ -84,7 +84,7 @@ def rival_lists(model: nn.Module, container: str) -> list[str]:
     it and holding none of its blocks: a vision tower beside the language model, say. A graph that holds only one of
     them (a break inside the other's forward) cannot tell which one the pattern numbers. Lists of leaves (per-layer
     norms) are no rivals."""
-    lists = {re.sub(r"[._]", ".", name): module for name, module in model.named_modules()
+    lists = {spelled_container(name): module for name, module in model.named_modules()
              if name and isinstance(module, (nn.ModuleList, nn.Sequential))}
     own = lists.get(container)
     if own is None:
@@ -219,7 +219,7 @@ class IndexCachePass(_pass_base()):  # type: ignore[misc]
         prove_container_numbers(detection, self.context)  # L['tail'][0], dsa_layers.0: the model's numbers, or none
         if detection.layer_source is not LayerSource.MODULE_PATH:
             return detection
-        first, count, model = self.context.stage_first_layer, self.layer_count(), self.context.model_object()
+        first, count = self.context.stage_first_layer, self.layer_count()
         if first is not None:  # told where the stage starts: its paths are global, or global once shifted
             if not stage_paths_are_global(model, detection.container, first, count):
                 shift_to_global(detection, first)
